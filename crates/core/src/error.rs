@@ -1,0 +1,60 @@
+//! Error types of the core; every variant says what was wrong with which value.
+
+use thiserror::Error;
+
+/// A layout that cannot describe a flat parameter buffer.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("tensor name is empty")]
+    EmptyName,
+    #[error("tensor `{0}` appears twice in the layout")]
+    DuplicateName(String),
+    #[error("tensor `{name}` has shape {shape:?} with a zero dimension")]
+    ZeroDimension { name: String, shape: Vec<usize> },
+    #[error("tensor `{name}` is too large to address")]
+    TooLarge { name: String },
+}
+
+/// A configuration value out of its valid range.
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{field} must be {requirement}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        requirement: &'static str,
+        value: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn out_of_range(
+        field: &'static str,
+        requirement: &'static str,
+        value: impl ToString,
+    ) -> Self {
+        ConfigError::OutOfRange {
+            field,
+            requirement,
+            value: value.to_string(),
+        }
+    }
+}
+
+/// Why the server refused a gradient. The server's state is unchanged by a refused push.
+#[derive(Debug, Error, PartialEq)]
+pub enum PushError {
+    #[error("gradient has {got} values, the server expects {expected}")]
+    WrongLength { expected: usize, got: usize },
+    #[error("gradient contains {count} non-finite values (NaN or Inf); not applied")]
+    NonFinite { count: usize },
+    #[error("worker rank {rank} is out of range for {workers} workers")]
+    UnknownWorker { rank: usize, workers: usize },
+    #[error("worker {rank} already pushed a gradient for step {version}")]
+    DuplicatePush { rank: usize, version: u64 },
+    #[error("worker {rank} has left the quorum")]
+    NotInQuorum { rank: usize },
+    #[error("gradient computed from version {base} but the server is only at version {current}")]
+    FromTheFuture { base: u64, current: u64 },
+    #[error("batch of 0 samples")]
+    EmptyBatch,
+}
