@@ -1,0 +1,4 @@
+//! Data sets: the IDX container format and MNIST-style folders of IDX files.
+
+pub mod idx;
+pub mod mnist;

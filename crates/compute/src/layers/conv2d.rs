@@ -1,0 +1,207 @@
+//! 2-D convolution, stride 1, no padding, as im2col + GEMM per sample.
+
+use super::{init_fan_in, Layer, Pass, Shape};
+use crate::linalg::{matmul, MatRef};
+use pstrain_core::Rng;
+
+pub struct Conv2d {
+    input: Shape,
+    out_channels: usize,
+    kernel: usize,
+    /// One sample's im2col matrix: (in_channels * k * k) rows x (out_h * out_w) columns.
+    cols: Vec<f32>,
+}
+
+impl Conv2d {
+    /// Panics if the kernel does not fit the input: layer shapes are fixed by model code.
+    pub fn new(input: Shape, out_channels: usize, kernel: usize) -> Self {
+        assert!(kernel >= 1 && kernel <= input.h && kernel <= input.w);
+        let out = Shape::new(out_channels, input.h - kernel + 1, input.w - kernel + 1);
+        Conv2d {
+            input,
+            out_channels,
+            kernel,
+            cols: vec![0.0; input.c * kernel * kernel * out.h * out.w],
+        }
+    }
+
+    fn patch_len(&self) -> usize {
+        self.input.c * self.kernel * self.kernel
+    }
+
+    fn im2col(&mut self, x: &[f32]) {
+        let (k, out) = (self.kernel, self.output_shape());
+        let plane = out.h * out.w;
+        for ci in 0..self.input.c {
+            let channel = &x[ci * self.input.h * self.input.w..];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = (ci * k + ky) * k + kx;
+                    let dst = &mut self.cols[row * plane..(row + 1) * plane];
+                    for oy in 0..out.h {
+                        let src = &channel[(oy + ky) * self.input.w + kx..][..out.w];
+                        dst[oy * out.w..(oy + 1) * out.w].copy_from_slice(src);
+                    }
+                }
+            }
+        }
+    }
+
+    fn col2im_add(&self, dx: &mut [f32]) {
+        let (k, out) = (self.kernel, self.output_shape());
+        let plane = out.h * out.w;
+        for ci in 0..self.input.c {
+            let channel = &mut dx[ci * self.input.h * self.input.w..];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = (ci * k + ky) * k + kx;
+                    let src = &self.cols[row * plane..(row + 1) * plane];
+                    for oy in 0..out.h {
+                        let dst = &mut channel[(oy + ky) * self.input.w + kx..][..out.w];
+                        for (d, s) in dst.iter_mut().zip(&src[oy * out.w..(oy + 1) * out.w]) {
+                            *d += s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Layer for Conv2d {
+    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let k = self.kernel;
+        vec![
+            ("weight", vec![self.out_channels, self.input.c, k, k]),
+            ("bias", vec![self.out_channels]),
+        ]
+    }
+
+    fn input_shape(&self) -> Shape {
+        self.input
+    }
+
+    fn output_shape(&self) -> Shape {
+        let k = self.kernel;
+        Shape::new(self.out_channels, self.input.h - k + 1, self.input.w - k + 1)
+    }
+
+    fn init(&self, params: &mut [f32], rng: &mut Rng) {
+        init_fan_in(params, self.patch_len(), rng);
+    }
+
+    fn forward(&mut self, params: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>) {
+        let (in_len, out) = (self.input.len(), self.output_shape());
+        let (plane, patch) = (out.h * out.w, self.patch_len());
+        let (weight, bias) = params.split_at(self.out_channels * patch);
+        for b in 0..pass.batch {
+            self.im2col(&x[b * in_len..(b + 1) * in_len]);
+            let yb = &mut y[b * out.len()..(b + 1) * out.len()];
+            for (co, &bv) in bias.iter().enumerate() {
+                yb[co * plane..(co + 1) * plane].fill(bv);
+            }
+            matmul(
+                yb,
+                MatRef::new(weight, self.out_channels, patch),
+                MatRef::new(&self.cols, patch, plane),
+                true,
+                pass.threads,
+            );
+        }
+    }
+
+    fn backward(
+        &mut self,
+        params: &[f32],
+        x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        mut dx: Option<&mut [f32]>,
+        grads: &mut [f32],
+        pass: &mut Pass<'_>,
+    ) {
+        let (in_len, out) = (self.input.len(), self.output_shape());
+        let (plane, patch) = (out.h * out.w, self.patch_len());
+        let weight = &params[..self.out_channels * patch];
+        let (dweight, dbias) = grads.split_at_mut(self.out_channels * patch);
+        dbias.fill(0.0);
+        for b in 0..pass.batch {
+            let dyb = &dy[b * out.len()..(b + 1) * out.len()];
+            for (co, db) in dbias.iter_mut().enumerate() {
+                *db += dyb[co * plane..(co + 1) * plane].iter().sum::<f32>();
+            }
+            self.im2col(&x[b * in_len..(b + 1) * in_len]);
+            // dW (+)= dY_b [C_out x plane] * cols^T [plane x patch]
+            matmul(
+                dweight,
+                MatRef::new(dyb, self.out_channels, plane),
+                MatRef::new(&self.cols, patch, plane).t(),
+                b > 0,
+                pass.threads,
+            );
+            if let Some(dx) = dx.as_deref_mut() {
+                // dcols = W^T [patch x C_out] * dY_b [C_out x plane], then scatter-add.
+                matmul(
+                    &mut self.cols,
+                    MatRef::new(weight, self.out_channels, patch).t(),
+                    MatRef::new(dyb, self.out_channels, plane),
+                    false,
+                    pass.threads,
+                );
+                let dxb = &mut dx[b * in_len..(b + 1) * in_len];
+                dxb.fill(0.0);
+                self.col2im_add(dxb);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::gradcheck;
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        gradcheck::check(&mut Conv2d::new(Shape::new(2, 5, 6), 3, 3), 2, 1);
+        gradcheck::check(&mut Conv2d::new(Shape::new(1, 4, 4), 2, 2), 3, 2);
+    }
+
+    #[test]
+    fn forward_matches_direct_convolution() {
+        let input = Shape::new(2, 4, 5);
+        let mut conv = Conv2d::new(input, 3, 3);
+        let mut rng = Rng::new(5);
+        let mut params = vec![0.0; 3 * 2 * 9 + 3];
+        conv.init(&mut params, &mut rng);
+        let x: Vec<f32> = (0..2 * input.len()).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let out = conv.output_shape();
+        let mut y = vec![0.0; 2 * out.len()];
+        let mut pass = Pass {
+            batch: 2,
+            train: false,
+            rng: &mut rng,
+            threads: 1,
+        };
+        conv.forward(&params, &x, &mut y, &mut pass);
+        for b in 0..2 {
+            for co in 0..3 {
+                for oy in 0..out.h {
+                    for ox in 0..out.w {
+                        let mut acc = params[54 + co];
+                        for ci in 0..2 {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    acc += params[((co * 2 + ci) * 3 + ky) * 3 + kx]
+                                        * x[b * input.len() + (ci * 4 + oy + ky) * 5 + ox + kx];
+                                }
+                            }
+                        }
+                        let got = y[b * out.len() + (co * out.h + oy) * out.w + ox];
+                        assert!((got - acc).abs() < 1e-5, "{got} vs {acc}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The layer interface and the layers the models are built from.
+//!
+//! A layer works on a batch in NCHW order, reads its parameters from and writes its gradients
+//! to its own slice of the model's flat buffers, and keeps whatever it needs between forward
+//! and backward (pooling indices, dropout masks) in its own scratch space.
+
+pub mod conv2d;
+pub mod dropout;
+pub mod linear;
+pub mod loss;
+pub mod maxpool;
+pub mod relu;
+
+pub use conv2d::Conv2d;
+pub use dropout::Dropout;
+pub use linear::Linear;
+pub use maxpool::MaxPool2d;
+pub use relu::Relu;
+
+use pstrain_core::Rng;
+
+/// Per-sample activation shape (channels, height, width); a flat vector is (n, 1, 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Shape {
+    pub const fn new(c: usize, h: usize, w: usize) -> Self {
+        Shape { c, h, w }
+    }
+
+    pub const fn len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a forward or backward pass needs besides the tensors.
+pub struct Pass<'a> {
+    pub batch: usize,
+    pub train: bool,
+    pub rng: &'a mut Rng,
+    pub threads: usize,
+}
+
+pub trait Layer: Send {
+    /// Parameter tensors relative to this layer, in the order they sit in its slice.
+    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)>;
+    fn input_shape(&self) -> Shape;
+    fn output_shape(&self) -> Shape;
+    /// PyTorch's default initialisation for this layer.
+    fn init(&self, params: &mut [f32], rng: &mut Rng);
+    /// `y = f(x)` for `pass.batch` samples.
+    fn forward(&mut self, params: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>);
+    /// Writes (does not accumulate) this layer's parameter gradients into `grads`, and the
+    /// input gradient into `dx` when asked for (the first layer is not).
+    fn backward(
+        &mut self,
+        params: &[f32],
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        grads: &mut [f32],
+        pass: &mut Pass<'_>,
+    );
+}
+
+/// PyTorch's default for conv and linear layers: kaiming_uniform(a = sqrt(5)) for the weight
+/// and U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias, which is the same bound for both.
+pub(crate) fn init_fan_in(params: &mut [f32], fan_in: usize, rng: &mut Rng) {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    for p in params {
+        *p = rng.uniform(-bound, bound);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod gradcheck {
+    //! Central finite differences in f64 around the f32 layers, for the per-layer tests.
+    use super::*;
+
+    /// Loss L = sum(y * r) for a fixed random r, so dL/dy = r.
+    fn loss(layer: &mut dyn Layer, params: &[f32], x: &[f32], r: &[f32], batch: usize) -> f64 {
+        let mut y = vec![0.0; layer.output_shape().len() * batch];
+        let mut rng = Rng::new(99);
+        let mut pass = Pass {
+            batch,
+            train: true,
+            rng: &mut rng,
+            threads: 1,
+        };
+        layer.forward(params, x, &mut y, &mut pass);
+        y.iter().zip(r).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
+    }
+
+    /// Checks analytic gradients of `layer` (params and input) against finite differences.
+    /// Layers with randomness must draw the same mask for the same rng seed.
+    pub fn check(layer: &mut dyn Layer, batch: usize, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let n_params: usize = layer
+            .param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        let mut params = vec![0.0f32; n_params];
+        layer.init(&mut params, &mut rng);
+        let x: Vec<f32> = (0..layer.input_shape().len() * batch)
+            .map(|_| rng.uniform(-1.0, 1.0))
+            .collect();
+        let r: Vec<f32> = (0..layer.output_shape().len() * batch)
+            .map(|_| rng.uniform(-1.0, 1.0))
+            .collect();
+
+        let mut y = vec![0.0; r.len()];
+        let mut grads = vec![0.0; n_params];
+        let mut dx = vec![0.0; x.len()];
+        let mut mask_rng = Rng::new(99);
+        let mut pass = Pass {
+            batch,
+            train: true,
+            rng: &mut mask_rng,
+            threads: 1,
+        };
+        layer.forward(&params, &x, &mut y, &mut pass);
+        layer.backward(&params, &x, &y, &r, Some(&mut dx), &mut grads, &mut pass);
+
+        // Points within eps of a kink (ReLU at 0, a max-pool tie) have no derivative there;
+        // they show up as one-sided differences that disagree, and are skipped, but only a few
+        // may be, so a wrong gradient cannot hide behind the rule.
+        let eps = 1e-2f32;
+        let base = loss(layer, &params, &x, &r, batch);
+        let mut checked = 0usize;
+        let mut skipped = 0usize;
+        let mut compare = |analytic: f32, plus: f64, minus: f64, what: &str, i: usize| {
+            let (fwd, bwd) = ((plus - base) / f64::from(eps), (base - minus) / f64::from(eps));
+            if (fwd - bwd).abs() > 1e-2 * (1.0 + fwd.abs()) {
+                skipped += 1;
+                return;
+            }
+            checked += 1;
+            let numeric = (plus - minus) / (2.0 * f64::from(eps));
+            let err = (numeric - f64::from(analytic)).abs() / (1.0 + numeric.abs());
+            assert!(
+                err < 2e-3,
+                "{what}[{i}]: analytic {analytic}, numeric {numeric}"
+            );
+        };
+        for i in 0..n_params {
+            let mut p = params.clone();
+            p[i] += eps;
+            let plus = loss(layer, &p, &x, &r, batch);
+            p[i] -= 2.0 * eps;
+            let minus = loss(layer, &p, &x, &r, batch);
+            compare(grads[i], plus, minus, "param", i);
+        }
+        for i in 0..x.len() {
+            let mut xp = x.clone();
+            xp[i] += eps;
+            let plus = loss(layer, &params, &xp, &r, batch);
+            xp[i] -= 2.0 * eps;
+            let minus = loss(layer, &params, &xp, &r, batch);
+            compare(dx[i], plus, minus, "input", i);
+        }
+        assert!(
+            skipped * 20 <= checked + skipped,
+            "{skipped} of {} points sat on kinks",
+            checked + skipped
+        );
+    }
+}

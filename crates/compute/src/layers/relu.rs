@@ -1,0 +1,66 @@
+//! Rectified linear unit.
+
+use super::{Layer, Pass, Shape};
+use pstrain_core::Rng;
+
+pub struct Relu {
+    shape: Shape,
+}
+
+impl Relu {
+    pub fn new(shape: Shape) -> Self {
+        Relu { shape }
+    }
+}
+
+impl Layer for Relu {
+    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        Vec::new()
+    }
+
+    fn input_shape(&self) -> Shape {
+        self.shape
+    }
+
+    fn output_shape(&self) -> Shape {
+        self.shape
+    }
+
+    fn init(&self, _: &mut [f32], _: &mut Rng) {}
+
+    fn forward(&mut self, _: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>) {
+        let n = self.shape.len() * pass.batch;
+        for (o, &i) in y[..n].iter_mut().zip(&x[..n]) {
+            *o = i.max(0.0);
+        }
+    }
+
+    fn backward(
+        &mut self,
+        _: &[f32],
+        _x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        _: &mut [f32],
+        pass: &mut Pass<'_>,
+    ) {
+        let n = self.shape.len() * pass.batch;
+        if let Some(dx) = dx {
+            for ((d, &g), &o) in dx[..n].iter_mut().zip(&dy[..n]).zip(&y[..n]) {
+                *d = if o > 0.0 { g } else { 0.0 };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::gradcheck;
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        gradcheck::check(&mut Relu::new(Shape::new(3, 4, 4)), 2, 3);
+    }
+}

@@ -1,0 +1,16 @@
+//! The compute layer of pstrain: models as sequences of hand-written layers on the `gemm`
+//! crate, working directly on the flat parameter and gradient buffers that go over the wire,
+//! and the IDX/MNIST data loading they train on.
+
+pub mod data;
+pub mod error;
+pub mod layers;
+pub mod linalg;
+pub mod model;
+pub mod models;
+pub mod sequential;
+
+pub use data::{idx, mnist};
+pub use error::{ComputeError, DataError};
+pub use model::{EvalStats, Model, ModelKind, ModelOptions, StepStats};
+pub use sequential::Sequential;

@@ -1,0 +1,85 @@
+//! The two shipped architectures, with PyTorch's parameter names.
+
+use crate::layers::{Conv2d, Dropout, Layer, Linear, MaxPool2d, Relu, Shape};
+use crate::model::ModelOptions;
+use crate::sequential::Sequential;
+
+const MNIST: Shape = Shape::new(1, 28, 28);
+
+fn boxed(layer: impl Layer + 'static) -> Box<dyn Layer> {
+    Box::new(layer)
+}
+
+/// The PyTorch MNIST example: conv(1->32, 3) ReLU conv(32->64, 3) ReLU maxpool(2)
+/// dropout(0.25) fc(9216->128) ReLU dropout(0.5) fc(128->10) log-softmax.
+pub fn cnn(options: ModelOptions) -> Sequential {
+    let drop = |p: f32| if options.dropout { p } else { 0.0 };
+    let s1 = Shape::new(32, 26, 26);
+    let s2 = Shape::new(64, 24, 24);
+    let s3 = Shape::new(64, 12, 12);
+    let h = Shape::new(128, 1, 1);
+    Sequential::new(
+        MNIST,
+        vec![
+            ("conv1", boxed(Conv2d::new(MNIST, 32, 3))),
+            ("relu1", boxed(Relu::new(s1))),
+            ("conv2", boxed(Conv2d::new(s1, 64, 3))),
+            ("relu2", boxed(Relu::new(s2))),
+            ("pool", boxed(MaxPool2d::new(s2, 2))),
+            ("dropout1", boxed(Dropout::new(s3, drop(0.25)))),
+            ("fc1", boxed(Linear::new(s3, 128))),
+            ("relu3", boxed(Relu::new(h))),
+            ("dropout2", boxed(Dropout::new(h, drop(0.5)))),
+            ("fc2", boxed(Linear::new(h, 10))),
+        ],
+        options.threads,
+    )
+}
+
+/// The original Ray parameter-server example: conv(1->3, 3) maxpool(3) ReLU fc(192->10)
+/// log-softmax.
+pub fn convnet(options: ModelOptions) -> Sequential {
+    let s1 = Shape::new(3, 26, 26);
+    let s2 = Shape::new(3, 8, 8);
+    Sequential::new(
+        MNIST,
+        vec![
+            ("conv1", boxed(Conv2d::new(MNIST, 3, 3))),
+            ("pool", boxed(MaxPool2d::new(s1, 3))),
+            ("relu", boxed(Relu::new(s2))),
+            ("fc", boxed(Linear::new(s2, 10))),
+        ],
+        options.threads,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+
+    #[test]
+    fn parameter_counts_and_names_match_pytorch() {
+        let cnn = cnn(ModelOptions::default());
+        assert_eq!(cnn.layout().len(), 1_199_882);
+        let names: Vec<&str> = cnn.layout().tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "conv1.weight",
+                "conv1.bias",
+                "conv2.weight",
+                "conv2.bias",
+                "fc1.weight",
+                "fc1.bias",
+                "fc2.weight",
+                "fc2.bias"
+            ]
+        );
+        assert_eq!(cnn.layout().get("fc1.weight").unwrap().shape, vec![128, 9216]);
+        let small = convnet(ModelOptions::default());
+        assert_eq!(small.layout().len(), 1_960);
+        assert_eq!(small.layout().get("fc.weight").unwrap().shape, vec![10, 192]);
+        assert_eq!((small.input_len(), small.classes()), (784, 10));
+    }
+}
