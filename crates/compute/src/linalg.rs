@@ -44,13 +44,7 @@ impl<'a> MatRef<'a> {
 /// `dst (rows x cols, row-major) = a * b`, or `+= a * b` when `accumulate`.
 ///
 /// Panics if a view reaches outside its slice: shapes are fixed by the model, never by input.
-pub fn matmul(
-    dst: &mut [f32],
-    a: MatRef<'_>,
-    b: MatRef<'_>,
-    accumulate: bool,
-    threads: usize,
-) {
+pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, threads: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
     assert!(dst.len() >= m * n, "matmul: destination too small");

@@ -62,7 +62,12 @@ mod tests {
     fn parameter_counts_and_names_match_pytorch() {
         let cnn = cnn(ModelOptions::default());
         assert_eq!(cnn.layout().len(), 1_199_882);
-        let names: Vec<&str> = cnn.layout().tensors().iter().map(|t| t.name.as_str()).collect();
+        let names: Vec<&str> = cnn
+            .layout()
+            .tensors()
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
         assert_eq!(
             names,
             [
@@ -76,10 +81,16 @@ mod tests {
                 "fc2.bias"
             ]
         );
-        assert_eq!(cnn.layout().get("fc1.weight").unwrap().shape, vec![128, 9216]);
+        assert_eq!(
+            cnn.layout().get("fc1.weight").unwrap().shape,
+            vec![128, 9216]
+        );
         let small = convnet(ModelOptions::default());
         assert_eq!(small.layout().len(), 1_960);
-        assert_eq!(small.layout().get("fc.weight").unwrap().shape, vec![10, 192]);
+        assert_eq!(
+            small.layout().get("fc.weight").unwrap().shape,
+            vec![10, 192]
+        );
         assert_eq!((small.input_len(), small.classes()), (784, 10));
     }
 }

@@ -1,7 +1,7 @@
 //! A model as a chain of layers over a flat parameter buffer, ending in log-softmax + NLL.
 
 use crate::error::ComputeError;
-use crate::layers::{loss::log_softmax_nll, Layer, Pass, Shape};
+use crate::layers::{loss::log_softmax_nll, Backward, Layer, Pass, Shape};
 use crate::model::{EvalStats, Model, StepStats};
 use pstrain_core::{Layout, Rng};
 use std::ops::Range;
@@ -95,7 +95,14 @@ impl Sequential {
     }
 
     /// Runs the chain on `images`; the logits end up in the last activation buffer.
-    fn forward(&mut self, params: &[f32], images: &[f32], batch: usize, pass_train: bool, rng: &mut Rng) {
+    fn forward(
+        &mut self,
+        params: &[f32],
+        images: &[f32],
+        batch: usize,
+        pass_train: bool,
+        rng: &mut Rng,
+    ) {
         let n = self.layers.len();
         self.acts.resize_with(n + 1, Vec::new);
         self.acts[0].clear();
@@ -165,12 +172,15 @@ impl Model for Sequential {
             } else {
                 None
             };
+            let io = Backward {
+                x: &self.acts[i],
+                y: &self.acts[i + 1],
+                dy: d_out,
+                dx,
+            };
             self.layers[i].backward(
                 &params[self.ranges[i].clone()],
-                &self.acts[i],
-                &self.acts[i + 1],
-                d_out,
-                dx,
+                io,
                 &mut grads[self.ranges[i].clone()],
                 &mut pass,
             );
@@ -198,7 +208,10 @@ impl Model for Sequential {
             samples: 0,
         };
         let per = self.input.len();
-        for (imgs, labs) in images.chunks(EVAL_CHUNK * per).zip(labels.chunks(EVAL_CHUNK)) {
+        for (imgs, labs) in images
+            .chunks(EVAL_CHUNK * per)
+            .zip(labels.chunks(EVAL_CHUNK))
+        {
             self.forward(params, imgs, labs.len(), false, &mut rng);
             let logits = &self.acts[self.layers.len()];
             let (loss, correct) = log_softmax_nll(logits, labs, self.classes, None);

@@ -1,7 +1,7 @@
 //! Server configuration: `ServerConfig { .., ..Default::default() }` then `validate()`.
 
 use crate::error::ConfigError;
-use crate::optimizer::OptimizerConfig;
+use crate::optimizer::{LrSchedule, OptimizerConfig};
 
 /// How the server turns pushed gradients into updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +27,27 @@ impl Mode {
     }
 }
 
+/// How a sync step combines its gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregate {
+    /// The mean over all samples of the step (each worker weighted by its batch size): the
+    /// same update as one worker with the combined batch.
+    #[default]
+    Mean,
+    /// The sum of the workers' (per-batch mean) gradients, as the original Ray example did;
+    /// equivalent to `Mean` with the learning rate multiplied by the number of workers.
+    Sum,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub mode: Mode,
     /// Number of worker ranks (0..workers) that may push.
     pub workers: usize,
     pub optimizer: OptimizerConfig,
+    pub schedule: LrSchedule,
+    /// Sync mode only.
+    pub aggregate: Aggregate,
     /// Stop accepting gradients after this many updates.
     pub max_updates: Option<u64>,
 }
@@ -45,6 +60,8 @@ impl Default for ServerConfig {
             },
             workers: 2,
             optimizer: OptimizerConfig::adam(1e-3),
+            schedule: LrSchedule::Constant,
+            aggregate: Aggregate::Mean,
             max_updates: None,
         }
     }
@@ -67,6 +84,7 @@ impl ServerConfig {
         if self.max_updates == Some(0) {
             return Err(ConfigError::out_of_range("max_updates", ">= 1", 0));
         }
+        self.schedule.validate()?;
         self.optimizer.validate()
     }
 }

@@ -12,10 +12,10 @@ pub mod rng;
 pub mod server;
 pub mod shard;
 
-pub use config::{Mode, ServerConfig};
+pub use config::{Aggregate, Mode, ServerConfig};
 pub use error::{ConfigError, LayoutError, PushError};
 pub use layout::{Layout, TensorSpec};
-pub use optimizer::{Optimizer, OptimizerConfig};
+pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig};
 pub use rng::Rng;
 pub use server::{PushMeta, PushOutcome, ServerCore, ServerStats};
 pub use shard::shard_ranges;

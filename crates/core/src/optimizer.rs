@@ -116,10 +116,58 @@ impl OptimizerConfig {
     }
 }
 
+/// How the learning rate changes over the run, as a factor on the configured rate.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    /// Half a cosine from 1 down to 0 over `total_updates` (then stays at 0): the final
+    /// weights average out the noise of the last steps, which is worth tenths of a percent.
+    Cosine { total_updates: u64 },
+    /// Multiply by `gamma` every `every` updates (PyTorch's StepLR).
+    Step { every: u64, gamma: f32 },
+}
+
+impl LrSchedule {
+    /// The factor for the update numbered `step` (0 for the first).
+    pub fn factor(&self, step: u64) -> f32 {
+        match *self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine { total_updates } => {
+                let t = step.min(total_updates) as f64 / total_updates.max(1) as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * t).cos())) as f32
+            }
+            LrSchedule::Step { every, gamma } => gamma.powi((step / every.max(1)) as i32),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match *self {
+            LrSchedule::Constant => Ok(()),
+            LrSchedule::Cosine { total_updates } if total_updates > 0 => Ok(()),
+            LrSchedule::Cosine { total_updates } => Err(ConfigError::out_of_range(
+                "cosine total_updates",
+                ">= 1",
+                total_updates,
+            )),
+            LrSchedule::Step { every, gamma } => {
+                if every == 0 {
+                    Err(ConfigError::out_of_range("step every", ">= 1", every))
+                } else if !(gamma > 0.0 && gamma <= 1.0) {
+                    Err(ConfigError::out_of_range("step gamma", "in (0, 1]", gamma))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
 /// An optimizer bound to a slice length, with its state (momentum buffer or Adam moments).
 #[derive(Debug, Clone)]
 pub struct Optimizer {
     config: OptimizerConfig,
+    schedule: LrSchedule,
     /// Momentum buffer (SGD) or first moment (Adam); empty for plain SGD.
     first: Vec<f32>,
     /// Second moment (Adam only).
@@ -129,6 +177,10 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(config: OptimizerConfig, len: usize) -> Self {
+        Self::with_schedule(config, LrSchedule::Constant, len)
+    }
+
+    pub fn with_schedule(config: OptimizerConfig, schedule: LrSchedule, len: usize) -> Self {
         let (first, second) = match config {
             OptimizerConfig::Sgd { momentum, .. } if momentum > 0.0 => (vec![0.0; len], Vec::new()),
             OptimizerConfig::Sgd { .. } => (Vec::new(), Vec::new()),
@@ -136,6 +188,7 @@ impl Optimizer {
         };
         Optimizer {
             config,
+            schedule,
             first,
             second,
             step: 0,
@@ -169,7 +222,12 @@ impl Optimizer {
 
     /// `params -= update(grad)`. Both slices must have the optimizer's length.
     pub fn apply(&mut self, params: &mut [f32], grad: &[f32]) {
-        assert_eq!(params.len(), grad.len(), "optimizer: slices differ in length");
+        assert_eq!(
+            params.len(),
+            grad.len(),
+            "optimizer: slices differ in length"
+        );
+        let factor = self.schedule.factor(self.step);
         self.step += 1;
         match self.config {
             OptimizerConfig::Sgd {
@@ -178,6 +236,7 @@ impl Optimizer {
                 weight_decay,
                 nesterov,
             } => {
+                let lr = lr * factor;
                 if self.first.is_empty() {
                     for (p, &g) in params.iter_mut().zip(grad) {
                         *p -= lr * (g + weight_decay * *p);
@@ -204,7 +263,7 @@ impl Optimizer {
                 let t = self.step as i32;
                 let bias1 = 1.0 - beta1.powi(t);
                 let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-                let step_size = lr / bias1;
+                let step_size = lr * factor / bias1;
                 for (((p, &g), m), v) in params
                     .iter_mut()
                     .zip(grad)
@@ -294,6 +353,29 @@ mod tests {
             opt.apply(&mut q, &[g as f32]);
         }
         assert!((f64::from(q[0]) - p).abs() < 1e-6, "{} vs {p}", q[0]);
+    }
+
+    #[test]
+    fn schedules_scale_the_rate() {
+        let cos = LrSchedule::Cosine { total_updates: 4 };
+        let f: Vec<f32> = (0..6).map(|t| cos.factor(t)).collect();
+        assert!((f[0] - 1.0).abs() < 1e-6 && (f[2] - 0.5).abs() < 1e-6);
+        assert!(f[4].abs() < 1e-6 && f[5].abs() < 1e-6);
+        let step = LrSchedule::Step {
+            every: 2,
+            gamma: 0.5,
+        };
+        assert_eq!(
+            [step.factor(0), step.factor(1), step.factor(2)],
+            [1.0, 1.0, 0.5]
+        );
+        let mut opt = Optimizer::with_schedule(OptimizerConfig::sgd(1.0), step, 1);
+        let mut p = [0.0];
+        for _ in 0..3 {
+            opt.apply(&mut p, &[1.0]);
+        }
+        assert_eq!(p, [-2.5]);
+        assert!(LrSchedule::Cosine { total_updates: 0 }.validate().is_err());
     }
 
     #[test]

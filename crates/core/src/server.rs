@@ -1,7 +1,7 @@
 //! The parameter server's state machine for one shard: parameters, optimizer, version and the
 //! consistency rules. The caller owns IO, waiting and clocks; this only decides.
 
-use crate::config::{Mode, ServerConfig};
+use crate::config::{Aggregate, Mode, ServerConfig};
 use crate::error::{ConfigError, PushError};
 use crate::optimizer::Optimizer;
 
@@ -64,9 +64,10 @@ pub struct ServerCore {
     params: Vec<f32>,
     optimizer: Optimizer,
     version: u64,
-    /// Sync: sum over this step's gradients of `gradient * samples`.
+    /// Sync: this step's gradients, each times its weight (samples for `Mean`, 1 for `Sum`).
     accum: Vec<f32>,
-    accum_samples: u64,
+    /// Sync: the weights' total; the update is `accum / accum_weight`.
+    accum_weight: f64,
     /// Sync: which ranks have been heard from in this step (applied or skipped).
     heard: Vec<bool>,
     /// Ranks still taking part; a rank that left does not hold up the barrier.
@@ -85,14 +86,14 @@ impl ServerCore {
             Vec::new()
         };
         Ok(ServerCore {
-            optimizer: Optimizer::new(config.optimizer, len),
+            optimizer: Optimizer::with_schedule(config.optimizer, config.schedule, len),
             heard: vec![false; config.workers],
             active: vec![true; config.workers],
             config,
             params,
             version: 0,
             accum,
-            accum_samples: 0,
+            accum_weight: 0.0,
             stats: ServerStats::default(),
         })
     }
@@ -121,7 +122,9 @@ impl ServerCore {
     }
 
     pub fn is_done(&self) -> bool {
-        self.config.max_updates.is_some_and(|max| self.version >= max)
+        self.config
+            .max_updates
+            .is_some_and(|max| self.version >= max)
     }
 
     /// Ranks still in the quorum.
@@ -195,11 +198,14 @@ impl ServerCore {
                     self.try_complete_step();
                     return Err(e);
                 }
-                let weight = meta.samples as f32;
+                let weight = match self.config.aggregate {
+                    Aggregate::Mean => meta.samples as f32,
+                    Aggregate::Sum => 1.0,
+                };
                 for (a, &g) in self.accum.iter_mut().zip(grad) {
                     *a += weight * g;
                 }
-                self.accum_samples += u64::from(meta.samples);
+                self.accum_weight += f64::from(weight);
                 self.record_applied(meta, 0);
                 match self.try_complete_step() {
                     Some(version) => Ok(PushOutcome::Applied {
@@ -288,16 +294,21 @@ impl ServerCore {
         if heard == 0 || heard < self.quorum() {
             return None;
         }
-        if self.accum_samples > 0 {
-            let scale = 1.0 / self.accum_samples as f32;
-            for a in &mut self.accum {
-                *a *= scale;
+        if self.accum_weight > 0.0 {
+            let scale = match self.config.aggregate {
+                Aggregate::Mean => (1.0 / self.accum_weight) as f32,
+                Aggregate::Sum => 1.0,
+            };
+            if scale != 1.0 {
+                for a in &mut self.accum {
+                    *a *= scale;
+                }
             }
             self.optimizer.apply(&mut self.params, &self.accum);
         }
         // A step whose every gradient was rejected still ends, so no worker waits forever.
         self.accum.fill(0.0);
-        self.accum_samples = 0;
+        self.accum_weight = 0.0;
         self.heard.fill(false);
         self.version += 1;
         Some(self.version)
@@ -359,12 +370,34 @@ mod tests {
     }
 
     #[test]
+    fn sync_sum_adds_the_workers_gradients() {
+        let cfg = ServerConfig {
+            mode: SYNC,
+            workers: 2,
+            optimizer: OptimizerConfig::sgd(1.0),
+            aggregate: Aggregate::Sum,
+            ..Default::default()
+        };
+        let mut s = ServerCore::new(cfg, vec![0.0; 2]).unwrap();
+        let m1 = PushMeta {
+            samples: 3,
+            ..meta(1, 0)
+        };
+        s.push(meta(0, 0), &[4.0, 0.0]).unwrap();
+        s.push(m1, &[0.0, 4.0]).unwrap();
+        assert_eq!(s.params(), &[-4.0, -4.0]);
+    }
+
+    #[test]
     fn sync_refuses_duplicates_and_drops_late_gradients() {
         let mut s = server(SYNC, 2);
         s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
         assert_eq!(
             s.push(meta(0, 0), &[1.0, 1.0]),
-            Err(PushError::DuplicatePush { rank: 0, version: 0 })
+            Err(PushError::DuplicatePush {
+                rank: 0,
+                version: 0
+            })
         );
         s.push(meta(1, 0), &[1.0, 1.0]).unwrap();
         assert_eq!(
@@ -425,7 +458,12 @@ mod tests {
         assert_eq!(s.params(), &[-1.0, -1.0]);
         assert_eq!(s.stats().rejected_nonfinite, 1);
 
-        let mut a = server(Mode::Async { max_staleness: None }, 1);
+        let mut a = server(
+            Mode::Async {
+                max_staleness: None,
+            },
+            1,
+        );
         assert!(a.push(meta(0, 0), &[1.0, f32::NEG_INFINITY]).is_err());
         assert_eq!(a.params(), &[0.0, 0.0]);
         assert_eq!(a.version(), 0);
@@ -465,7 +503,12 @@ mod tests {
 
     #[test]
     fn bad_pushes_are_refused_without_changing_state() {
-        let mut s = server(Mode::Async { max_staleness: None }, 2);
+        let mut s = server(
+            Mode::Async {
+                max_staleness: None,
+            },
+            2,
+        );
         assert_eq!(
             s.push(meta(5, 0), &[1.0, 1.0]),
             Err(PushError::UnknownWorker {
@@ -505,6 +548,7 @@ mod tests {
             workers: 1,
             optimizer: OptimizerConfig::sgd(1.0),
             max_updates: Some(2),
+            ..Default::default()
         };
         let mut s = ServerCore::new(cfg, vec![0.0]).unwrap();
         s.push(meta(0, 0), &[1.0]).unwrap();

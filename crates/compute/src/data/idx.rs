@@ -3,6 +3,7 @@
 
 use crate::error::DataError;
 use flate2::read::MultiGzDecoder;
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -29,29 +30,38 @@ pub fn read_maybe_gzipped(path: &Path) -> Result<Vec<u8>, DataError> {
         path: path.to_owned(),
         source,
     })?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        MultiGzDecoder::new(&raw[..])
-            .take(MAX_DECOMPRESSED + 1)
-            .read_to_end(&mut out)
-            .map_err(|source| DataError::Gzip {
-                path: path.to_owned(),
-                source,
-            })?;
-        if out.len() as u64 > MAX_DECOMPRESSED {
-            return Err(DataError::TooLarge {
-                path: path.to_owned(),
-                limit: MAX_DECOMPRESSED,
-            });
-        }
-        Ok(out)
-    } else {
-        Ok(raw)
+    Ok(gunzip_if_gzipped(&raw, path)?.into_owned())
+}
+
+/// Decompresses `raw` if it starts with the gzip magic, else borrows it as it is; `path` only
+/// names the source in errors.
+pub fn gunzip_if_gzipped<'a>(raw: &'a [u8], path: &Path) -> Result<Cow<'a, [u8]>, DataError> {
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(Cow::Borrowed(raw));
     }
+    let mut out = Vec::new();
+    MultiGzDecoder::new(raw)
+        .take(MAX_DECOMPRESSED + 1)
+        .read_to_end(&mut out)
+        .map_err(|source| DataError::Gzip {
+            path: path.to_owned(),
+            source,
+        })?;
+    if out.len() as u64 > MAX_DECOMPRESSED {
+        return Err(DataError::TooLarge {
+            path: path.to_owned(),
+            limit: MAX_DECOMPRESSED,
+        });
+    }
+    Ok(Cow::Owned(out))
 }
 
 /// Reads and validates an IDX file whose magic must be `expected_magic`.
-pub fn read_idx(path: &Path, expected_magic: u32, what: &'static str) -> Result<IdxArray, DataError> {
+pub fn read_idx(
+    path: &Path,
+    expected_magic: u32,
+    what: &'static str,
+) -> Result<IdxArray, DataError> {
     let bytes = read_maybe_gzipped(path)?;
     parse_idx(&bytes, path, expected_magic, what)
 }
@@ -68,7 +78,10 @@ pub fn parse_idx(
         reason,
     };
     if bytes.len() < 4 {
-        return Err(bad(format!("{} bytes, shorter than the 4-byte magic", bytes.len())));
+        return Err(bad(format!(
+            "{} bytes, shorter than the 4-byte magic",
+            bytes.len()
+        )));
     }
     let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     if magic != expected_magic {
@@ -147,7 +160,10 @@ mod tests {
         let err = parse_idx(&long, p(), IMAGES_MAGIC, "images").unwrap_err();
         assert!(err.to_string().contains("trailing"), "{err}");
         let err = parse_idx(&bytes, p(), LABELS_MAGIC, "labels").unwrap_err();
-        assert!(matches!(err, DataError::WrongMagic { found: 2051, .. }), "{err}");
+        assert!(
+            matches!(err, DataError::WrongMagic { found: 2051, .. }),
+            "{err}"
+        );
         let err = parse_idx(&bytes[..6], p(), IMAGES_MAGIC, "images").unwrap_err();
         assert!(matches!(err, DataError::BadHeader { .. }), "{err}");
         let err = parse_idx(&[0, 0], p(), IMAGES_MAGIC, "images").unwrap_err();
@@ -158,6 +174,9 @@ mod tests {
     fn huge_dimensions_are_an_error_not_an_allocation() {
         let bytes = encode_idx(&[u32::MAX, u32::MAX, u32::MAX], &[]);
         let err = parse_idx(&bytes, p(), IMAGES_MAGIC, "images").unwrap_err();
-        assert!(matches!(err, DataError::BadHeader { .. } | DataError::WrongSize { .. }));
+        assert!(matches!(
+            err,
+            DataError::BadHeader { .. } | DataError::WrongSize { .. }
+        ));
     }
 }

@@ -1,6 +1,6 @@
 //! 2-D convolution, stride 1, no padding, as im2col + GEMM per sample.
 
-use super::{init_fan_in, Layer, Pass, Shape};
+use super::{init_fan_in, Backward, Layer, Pass, Shape};
 use crate::linalg::{matmul, MatRef};
 use pstrain_core::Rng;
 
@@ -83,7 +83,11 @@ impl Layer for Conv2d {
 
     fn output_shape(&self) -> Shape {
         let k = self.kernel;
-        Shape::new(self.out_channels, self.input.h - k + 1, self.input.w - k + 1)
+        Shape::new(
+            self.out_channels,
+            self.input.h - k + 1,
+            self.input.w - k + 1,
+        )
     }
 
     fn init(&self, params: &mut [f32], rng: &mut Rng) {
@@ -113,13 +117,11 @@ impl Layer for Conv2d {
     fn backward(
         &mut self,
         params: &[f32],
-        x: &[f32],
-        _y: &[f32],
-        dy: &[f32],
-        mut dx: Option<&mut [f32]>,
+        io: Backward<'_>,
         grads: &mut [f32],
         pass: &mut Pass<'_>,
     ) {
+        let Backward { x, dy, mut dx, .. } = io;
         let (in_len, out) = (self.input.len(), self.output_shape());
         let (plane, patch) = (out.h * out.w, self.patch_len());
         let weight = &params[..self.out_channels * patch];
@@ -174,7 +176,9 @@ mod tests {
         let mut rng = Rng::new(5);
         let mut params = vec![0.0; 3 * 2 * 9 + 3];
         conv.init(&mut params, &mut rng);
-        let x: Vec<f32> = (0..2 * input.len()).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let x: Vec<f32> = (0..2 * input.len())
+            .map(|_| rng.uniform(-1.0, 1.0))
+            .collect();
         let out = conv.output_shape();
         let mut y = vec![0.0; 2 * out.len()];
         let mut pass = Pass {

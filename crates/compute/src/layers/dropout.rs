@@ -1,7 +1,7 @@
 //! Inverted dropout: in training each element is zeroed with probability p and the rest are
 //! scaled by 1/(1-p); in evaluation it is the identity.
 
-use super::{Layer, Pass, Shape};
+use super::{Backward, Layer, Pass, Shape};
 use pstrain_core::Rng;
 
 pub struct Dropout {
@@ -56,16 +56,8 @@ impl Layer for Dropout {
         }
     }
 
-    fn backward(
-        &mut self,
-        _: &[f32],
-        _x: &[f32],
-        _y: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-        _: &mut [f32],
-        pass: &mut Pass<'_>,
-    ) {
+    fn backward(&mut self, _: &[f32], io: Backward<'_>, _: &mut [f32], pass: &mut Pass<'_>) {
+        let Backward { dy, dx, .. } = io;
         let n = self.shape.len() * pass.batch;
         let Some(dx) = dx else { return };
         if self.mask.is_empty() {

@@ -1,6 +1,6 @@
 //! Fully connected layer `y = x W^T + b`, with W stored (out, in) as in PyTorch.
 
-use super::{init_fan_in, Layer, Pass, Shape};
+use super::{init_fan_in, Backward, Layer, Pass, Shape};
 use crate::linalg::{matmul, MatRef};
 use pstrain_core::Rng;
 
@@ -57,13 +57,11 @@ impl Layer for Linear {
     fn backward(
         &mut self,
         params: &[f32],
-        x: &[f32],
-        _y: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
+        io: Backward<'_>,
         grads: &mut [f32],
         pass: &mut Pass<'_>,
     ) {
+        let Backward { x, dy, dx, .. } = io;
         let (n_in, n_out, batch) = (self.input.len(), self.out_features, pass.batch);
         let (dweight, dbias) = grads.split_at_mut(n_out * n_in);
         let dy = MatRef::new(&dy[..batch * n_out], batch, n_out);

@@ -1,7 +1,7 @@
 //! Max pooling with a square window and stride equal to the window (PyTorch's default),
 //! dropping the ragged edge as PyTorch's floor mode does.
 
-use super::{Layer, Pass, Shape};
+use super::{Backward, Layer, Pass, Shape};
 use pstrain_core::Rng;
 
 pub struct MaxPool2d {
@@ -72,16 +72,8 @@ impl Layer for MaxPool2d {
         }
     }
 
-    fn backward(
-        &mut self,
-        _: &[f32],
-        _x: &[f32],
-        _y: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-        _: &mut [f32],
-        pass: &mut Pass<'_>,
-    ) {
+    fn backward(&mut self, _: &[f32], io: Backward<'_>, _: &mut [f32], pass: &mut Pass<'_>) {
+        let Backward { dy, dx, .. } = io;
         let Some(dx) = dx else { return };
         let (in_len, out_len) = (self.input.len(), self.output_shape().len());
         dx[..in_len * pass.batch].fill(0.0);

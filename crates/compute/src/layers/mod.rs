@@ -49,6 +49,15 @@ pub struct Pass<'a> {
     pub threads: usize,
 }
 
+/// The tensors of a backward pass: the forward input and output, the output's gradient, and
+/// where to write the input's gradient (`None` when nobody needs it).
+pub struct Backward<'a> {
+    pub x: &'a [f32],
+    pub y: &'a [f32],
+    pub dy: &'a [f32],
+    pub dx: Option<&'a mut [f32]>,
+}
+
 pub trait Layer: Send {
     /// Parameter tensors relative to this layer, in the order they sit in its slice.
     fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)>;
@@ -59,14 +68,11 @@ pub trait Layer: Send {
     /// `y = f(x)` for `pass.batch` samples.
     fn forward(&mut self, params: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>);
     /// Writes (does not accumulate) this layer's parameter gradients into `grads`, and the
-    /// input gradient into `dx` when asked for (the first layer is not).
+    /// input gradient into `io.dx` when asked for (the first layer is not).
     fn backward(
         &mut self,
         params: &[f32],
-        x: &[f32],
-        y: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
+        io: Backward<'_>,
         grads: &mut [f32],
         pass: &mut Pass<'_>,
     );
@@ -97,7 +103,10 @@ pub(crate) mod gradcheck {
             threads: 1,
         };
         layer.forward(params, x, &mut y, &mut pass);
-        y.iter().zip(r).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
+        y.iter()
+            .zip(r)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum()
     }
 
     /// Checks analytic gradients of `layer` (params and input) against finite differences.
@@ -129,7 +138,13 @@ pub(crate) mod gradcheck {
             threads: 1,
         };
         layer.forward(&params, &x, &mut y, &mut pass);
-        layer.backward(&params, &x, &y, &r, Some(&mut dx), &mut grads, &mut pass);
+        let io = Backward {
+            x: &x,
+            y: &y,
+            dy: &r,
+            dx: Some(&mut dx),
+        };
+        layer.backward(&params, io, &mut grads, &mut pass);
 
         // Points within eps of a kink (ReLU at 0, a max-pool tie) have no derivative there;
         // they show up as one-sided differences that disagree, and are skipped, but only a few
@@ -139,7 +154,10 @@ pub(crate) mod gradcheck {
         let mut checked = 0usize;
         let mut skipped = 0usize;
         let mut compare = |analytic: f32, plus: f64, minus: f64, what: &str, i: usize| {
-            let (fwd, bwd) = ((plus - base) / f64::from(eps), (base - minus) / f64::from(eps));
+            let (fwd, bwd) = (
+                (plus - base) / f64::from(eps),
+                (base - minus) / f64::from(eps),
+            );
             if (fwd - bwd).abs() > 1e-2 * (1.0 + fwd.abs()) {
                 skipped += 1;
                 return;

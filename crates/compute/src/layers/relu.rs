@@ -1,6 +1,6 @@
 //! Rectified linear unit.
 
-use super::{Layer, Pass, Shape};
+use super::{Backward, Layer, Pass, Shape};
 use pstrain_core::Rng;
 
 pub struct Relu {
@@ -35,16 +35,8 @@ impl Layer for Relu {
         }
     }
 
-    fn backward(
-        &mut self,
-        _: &[f32],
-        _x: &[f32],
-        y: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-        _: &mut [f32],
-        pass: &mut Pass<'_>,
-    ) {
+    fn backward(&mut self, _: &[f32], io: Backward<'_>, _: &mut [f32], pass: &mut Pass<'_>) {
+        let Backward { y, dy, dx, .. } = io;
         let n = self.shape.len() * pass.batch;
         if let Some(dx) = dx {
             for ((d, &g), &o) in dx[..n].iter_mut().zip(&dy[..n]).zip(&y[..n]) {

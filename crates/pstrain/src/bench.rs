@@ -1,0 +1,176 @@
+//! `pstrain bench`: compute-only throughput per model and thread count, and training
+//! throughput with 1 and 2 workers in each mode, so the parameter server's overhead reads as a
+//! fraction of what the same cores compute alone. Every number comes from one run.
+
+use crate::train::{train, Quiet, TrainConfig, TrainError};
+use pstrain_compute::mnist::Mnist;
+use pstrain_compute::{ModelKind, ModelOptions};
+use pstrain_core::{Mode, Rng};
+use serde::Serialize;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub batch_size: usize,
+    /// Seconds spent measuring each compute-only point.
+    pub seconds: f64,
+    pub models: Vec<ModelKind>,
+    pub threads: Vec<usize>,
+    pub workers: Vec<usize>,
+    /// Server updates per training point (multiplied by the workers in async mode, so every
+    /// point processes about the same number of samples per worker).
+    pub train_updates: u64,
+    pub seed: u64,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            batch_size: 64,
+            seconds: 3.0,
+            models: ModelKind::ALL.to_vec(),
+            threads: vec![1, 2],
+            workers: vec![1, 2],
+            train_updates: 150,
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ComputePoint {
+    pub model: &'static str,
+    pub threads: usize,
+    pub batch_size: usize,
+    pub samples_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingPoint {
+    pub model: &'static str,
+    pub mode: &'static str,
+    pub workers: usize,
+    pub batch_size: usize,
+    pub updates: u64,
+    pub samples_per_s: f64,
+    /// What `workers` single-threaded compute-only loops would do: the ceiling.
+    pub compute_only_samples_per_s: f64,
+    pub fraction_of_compute: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub cores: usize,
+    pub compute: Vec<ComputePoint>,
+    pub training: Vec<TrainingPoint>,
+}
+
+/// Samples per second of forward + backward for one model on random inputs.
+pub fn compute_throughput(kind: ModelKind, threads: usize, batch: usize, seconds: f64) -> f64 {
+    let mut model = kind.build(ModelOptions {
+        dropout: true,
+        threads,
+    });
+    let mut rng = Rng::new(7);
+    let mut params = vec![0.0; model.layout().len()];
+    model.init_params(&mut params, &mut rng);
+    let mut grads = vec![0.0; params.len()];
+    let images: Vec<f32> = (0..batch * model.input_len())
+        .map(|_| rng.uniform(-0.42, 2.8))
+        .collect();
+    let labels: Vec<u8> = (0..batch).map(|i| (i % 10) as u8).collect();
+    let mut step = |rng: &mut Rng| {
+        model
+            .train_step(&params, &images, &labels, &mut grads, rng)
+            .expect("shapes are built to fit")
+    };
+    for _ in 0..2 {
+        step(&mut rng);
+    }
+    let start = Instant::now();
+    let mut samples = 0usize;
+    while samples == 0 || start.elapsed().as_secs_f64() < seconds {
+        samples += step(&mut rng).samples;
+    }
+    samples as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Runs every point; `progress` hears a line per finished point.
+pub fn run_bench(
+    cfg: &BenchConfig,
+    data: &Mnist,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, TrainError> {
+    let mut compute = Vec::new();
+    for &model in &cfg.models {
+        for &threads in &cfg.threads {
+            let sps = compute_throughput(model, threads, cfg.batch_size, cfg.seconds);
+            progress(&format!(
+                "compute {model} threads={threads}: {sps:.0} samples/s"
+            ));
+            compute.push(ComputePoint {
+                model: model.name(),
+                threads,
+                batch_size: cfg.batch_size,
+                samples_per_s: sps,
+            });
+        }
+    }
+    let mut training = Vec::new();
+    for &model in &cfg.models {
+        let single = compute
+            .iter()
+            .find(|p| p.model == model.name() && p.threads == 1)
+            .map(|p| p.samples_per_s)
+            .unwrap_or_else(|| compute_throughput(model, 1, cfg.batch_size, cfg.seconds));
+        for mode in [
+            Mode::Sync { backup_workers: 0 },
+            Mode::Async {
+                max_staleness: None,
+            },
+        ] {
+            for &workers in &cfg.workers {
+                let updates = if mode.is_sync() {
+                    cfg.train_updates
+                } else {
+                    cfg.train_updates * workers as u64
+                };
+                let tc = TrainConfig {
+                    mode,
+                    workers,
+                    model,
+                    iterations: Some(updates),
+                    batch_size: cfg.batch_size,
+                    seed: cfg.seed,
+                    eval_every: Some(0),
+                    ..TrainConfig::default()
+                };
+                let outcome = train(&tc, data, &mut Quiet, &AtomicBool::new(false))?;
+                let s = outcome.summary;
+                let ceiling = single * workers as f64;
+                progress(&format!(
+                    "train {model} {} workers={workers}: {:.0} samples/s ({:.2} of compute-only)",
+                    mode.name(),
+                    s.samples_per_s,
+                    s.samples_per_s / ceiling
+                ));
+                training.push(TrainingPoint {
+                    model: model.name(),
+                    mode: mode.name(),
+                    workers,
+                    batch_size: cfg.batch_size,
+                    updates: s.updates,
+                    samples_per_s: s.samples_per_s,
+                    compute_only_samples_per_s: ceiling,
+                    fraction_of_compute: s.samples_per_s / ceiling,
+                });
+            }
+        }
+    }
+    Ok(BenchReport {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        compute,
+        training,
+    })
+}

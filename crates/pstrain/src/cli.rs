@@ -1,0 +1,443 @@
+//! Argument parsing and the glue from flags to the engine; errors become `anyhow` here.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use pstrain::bench::{run_bench, BenchConfig};
+use pstrain::download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
+use pstrain::metrics::{EvalRecord, MetricsWriter, ProgressRecord};
+use pstrain::{train, Observer, Schedule, TrainConfig};
+use pstrain_compute::mnist::{self, Mnist};
+use pstrain_compute::ModelKind;
+use pstrain_core::{Aggregate, Mode, OptimizerConfig};
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The data folder used when neither --data-dir nor PSTRAIN_DATA_DIR names one.
+const DEFAULT_DATA_DIR: &str = "data/mnist";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pstrain",
+    version,
+    about = "Parameter-server training of CNNs on MNIST"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train with an embedded parameter server and worker threads, all in this process.
+    Train(TrainArgs),
+    /// Download the four MNIST files and verify their checksums.
+    Download(DownloadArgs),
+    /// Measure compute and training throughput; writes JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct DataArgs {
+    /// Folder with the IDX files [default: ./data/mnist, downloaded there if missing]
+    #[arg(long, env = "PSTRAIN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Mirror base URLs to download from, tried in order (repeat or comma-separate)
+    #[arg(long = "mirror", env = "PSTRAIN_MNIST_MIRRORS", value_delimiter = ',')]
+    mirrors: Vec<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Sync,
+    Async,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum OptimizerArg {
+    Sgd,
+    Momentum,
+    Adam,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum AggregateArg {
+    /// Average over the step's samples (one worker with the combined batch)
+    Mean,
+    /// Sum of the workers' gradients (the original Ray example's rule)
+    Sum,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ScheduleArg {
+    /// The same rate throughout
+    Constant,
+    /// Cosine decay to zero over the planned updates
+    Cosine,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ModelArg {
+    Cnn,
+    Convnet,
+}
+
+impl From<ModelArg> for ModelKind {
+    fn from(m: ModelArg) -> Self {
+        match m {
+            ModelArg::Cnn => ModelKind::Cnn,
+            ModelArg::Convnet => ModelKind::Convnet,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// sync: one averaged update per step from every worker; async: apply on arrival
+    #[arg(long, value_enum, default_value = "async")]
+    mode: ModeArg,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[arg(long, value_enum, default_value = "cnn")]
+    model: ModelArg,
+    /// Passes over the training set
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Stop after this many server updates (overrides --epochs)
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// Samples per worker per step
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value = "adam")]
+    optimizer: OptimizerArg,
+    /// Learning rate [default: 0.001 for adam, 0.01 for sgd and momentum]
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Learning-rate schedule over the planned updates
+    #[arg(long, value_enum, default_value = "cosine")]
+    lr_schedule: ScheduleArg,
+    /// Momentum factor for --optimizer momentum
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// L2 weight decay
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Async: drop gradients computed from weights more than this many updates old (0: no bound)
+    #[arg(long, default_value_t = 32)]
+    max_staleness: u64,
+    /// Sync: each step aggregates the first workers-b gradients and drops the late ones
+    #[arg(long, default_value_t = 0)]
+    backup_workers: usize,
+    /// Sync: how a step combines its gradients
+    #[arg(long, value_enum, default_value = "mean")]
+    aggregate: AggregateArg,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Evaluate on the test set every N server updates [default: once per epoch; 0: at the end]
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Compute threads per worker
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Write progress, evaluations and the summary as JSON lines to this file
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
+struct DownloadArgs {
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Where to write the JSON report
+    #[arg(long, default_value = "bench.json")]
+    out: PathBuf,
+    /// Seconds per compute-only measurement
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Server updates per training measurement (times the workers in async mode)
+    #[arg(long, default_value_t = 150)]
+    train_updates: u64,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => run_train(args),
+        Command::Download(args) => {
+            let dir = data_dir(&args.data);
+            download(&dir, &args.data.mirrors)
+        }
+        Command::Bench(args) => run_bench_cmd(args),
+    }
+}
+
+fn data_dir(args: &DataArgs) -> PathBuf {
+    args.data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+}
+
+fn download(dir: &Path, mirrors: &[String]) -> Result<()> {
+    let mirrors: Vec<String> = if mirrors.is_empty() {
+        DEFAULT_MIRRORS.iter().map(|m| m.to_string()).collect()
+    } else {
+        mirrors.to_vec()
+    };
+    let progress = std::io::stderr().is_terminal();
+    for status in download_mnist(dir, &mirrors, progress)? {
+        match status {
+            FileStatus::Present(p) => eprintln!("present, checksum ok: {}", p.display()),
+            FileStatus::Downloaded { path, mirror } => {
+                eprintln!(
+                    "downloaded, checksum ok: {} (from {mirror})",
+                    path.display()
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads the data set; the default folder is filled by a download first when files are
+/// missing, as torchvision does, so that a fresh machine needs no extra step.
+fn load_data(args: &DataArgs) -> Result<Mnist> {
+    let dir = data_dir(args);
+    if args.data_dir.is_none() && !mnist::missing_files(&dir).is_empty() {
+        eprintln!("MNIST not found in {}; downloading", dir.display());
+        download(&dir, &args.mirrors)?;
+    }
+    let started = Instant::now();
+    let data = mnist::load_dir(&dir)?;
+    eprintln!(
+        "loaded {} training and {} test images from {} in {:.1} s",
+        data.train.len(),
+        data.test.len(),
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(data)
+}
+
+fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let lr = args.lr.unwrap_or(match args.optimizer {
+        OptimizerArg::Adam => 1e-3,
+        OptimizerArg::Sgd | OptimizerArg::Momentum => 0.01,
+    });
+    let optimizer = match args.optimizer {
+        OptimizerArg::Sgd => OptimizerConfig::Sgd {
+            lr,
+            momentum: 0.0,
+            weight_decay: args.weight_decay,
+            nesterov: false,
+        },
+        OptimizerArg::Momentum => OptimizerConfig::Sgd {
+            lr,
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+            nesterov: false,
+        },
+        OptimizerArg::Adam => OptimizerConfig::Adam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: args.weight_decay,
+        },
+    };
+    let mode = match args.mode {
+        ModeArg::Sync => Mode::Sync {
+            backup_workers: args.backup_workers,
+        },
+        ModeArg::Async => {
+            if args.backup_workers > 0 {
+                bail!("--backup-workers applies to --mode sync only");
+            }
+            Mode::Async {
+                max_staleness: (args.max_staleness > 0).then_some(args.max_staleness),
+            }
+        }
+    };
+    let cfg = TrainConfig {
+        mode,
+        workers: args.workers,
+        model: args.model.into(),
+        epochs: args.epochs,
+        iterations: args.iterations,
+        batch_size: args.batch_size,
+        optimizer,
+        schedule: match args.lr_schedule {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::Cosine => Schedule::Cosine,
+        },
+        aggregate: match args.aggregate {
+            AggregateArg::Mean => Aggregate::Mean,
+            AggregateArg::Sum => Aggregate::Sum,
+        },
+        seed: args.seed,
+        eval_every: args.eval_every,
+        threads: args.threads,
+    };
+    cfg.validate().context("invalid training flags")?;
+    Ok(cfg)
+}
+
+/// Shows progress as a bar on a terminal and as plain log lines elsewhere, and mirrors every
+/// record into the metrics file.
+struct Reporter {
+    bar: Option<ProgressBar>,
+    metrics: Option<MetricsWriter<BufWriter<File>>>,
+    metrics_error: Option<std::io::Error>,
+    last_line: Instant,
+    last_accuracy: Option<f64>,
+    total_samples: u64,
+}
+
+impl Reporter {
+    fn new(total_samples: u64, metrics: Option<&Path>) -> Result<Self> {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = ProgressBar::new(total_samples);
+            if let Ok(style) = ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30.cyan/blue} {percent:>3}% {msg}",
+            ) {
+                bar.set_style(style.progress_chars("##-"));
+            }
+            bar
+        });
+        let metrics = metrics
+            .map(|p| {
+                File::create(p)
+                    .with_context(|| format!("cannot create metrics file {}", p.display()))
+                    .map(|f| MetricsWriter::new(BufWriter::new(f)))
+            })
+            .transpose()?;
+        Ok(Reporter {
+            bar,
+            metrics,
+            metrics_error: None,
+            last_line: Instant::now(),
+            last_accuracy: None,
+            total_samples,
+        })
+    }
+
+    fn record<T: serde::Serialize>(&mut self, record: &T) {
+        if let Some(m) = &mut self.metrics {
+            if let Err(e) = m.write(record) {
+                // Keep training; report the metrics failure once at the end.
+                self.metrics_error.get_or_insert(e);
+                self.metrics = None;
+            }
+        }
+    }
+
+    fn line(&self, r: &ProgressRecord) -> String {
+        let secs = r.time_s.max(1e-9);
+        format!(
+            "epoch {:.2} | {} updates ({:.1}/s) | {:.0} samples/s | loss {} | test acc {}",
+            r.epoch,
+            r.updates,
+            r.updates as f64 / secs,
+            r.samples as f64 / secs,
+            r.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            self.last_accuracy
+                .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+        )
+    }
+}
+
+impl Observer for Reporter {
+    fn progress(&mut self, r: &ProgressRecord) {
+        let line = self.line(r);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(r.samples.min(self.total_samples));
+                bar.set_message(line);
+            }
+            None if self.last_line.elapsed() >= Duration::from_secs(5) => {
+                println!("{line}");
+                self.last_line = Instant::now();
+            }
+            None => {}
+        }
+        self.record(r);
+    }
+
+    fn eval(&mut self, r: &EvalRecord) {
+        self.last_accuracy = Some(r.test_accuracy);
+        let line = format!(
+            "eval: {} updates, epoch {:.2}: test accuracy {:.2}%, test loss {:.4}",
+            r.updates,
+            r.epoch,
+            r.test_accuracy * 100.0,
+            r.test_loss
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+        self.record(r);
+    }
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    let cfg = train_config(&args)?;
+    let data = load_data(&args.data)?;
+    let per_update = if cfg.mode.is_sync() { cfg.workers } else { 1 } * cfg.batch_size;
+    let total_samples = cfg.planned_updates(data.train.len()) * per_update as u64;
+    let mut reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_stop = Arc::clone(&stop);
+    // Ctrl-C ends the run cleanly: workers stop, the weights reached are evaluated.
+    if let Err(e) = ctrlc::set_handler(move || handler_stop.store(true, Ordering::Relaxed)) {
+        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
+    }
+    println!(
+        "training {} ({} parameters), {} mode, {} workers, batch {}, {:?}",
+        cfg.model,
+        cfg.model.build(Default::default()).layout().len(),
+        cfg.mode.name(),
+        cfg.workers,
+        cfg.batch_size,
+        cfg.optimizer
+    );
+    let outcome = train(&cfg, &data, &mut reporter, &stop)?;
+    if let Some(bar) = &reporter.bar {
+        bar.finish_and_clear();
+    }
+    reporter.record(&outcome.summary);
+    println!("{}", outcome.summary.render());
+    if let Some(e) = reporter.metrics_error {
+        bail!("training finished but writing the metrics file failed: {e}");
+    }
+    Ok(())
+}
+
+fn run_bench_cmd(args: BenchArgs) -> Result<()> {
+    let data = load_data(&args.data)?;
+    let cfg = BenchConfig {
+        batch_size: args.batch_size,
+        seconds: args.seconds,
+        train_updates: args.train_updates,
+        ..BenchConfig::default()
+    };
+    let report = run_bench(&cfg, &data, &mut |line| println!("{line}"))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&args.out, json + "\n")
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! How a worker talks to the parameter server, whatever carries the bytes: the ps-lite
+//! style pull / push / leave, implemented in-process today and over TCP by the network layer.
+
+use pstrain_core::{PushError, PushMeta, PushOutcome};
+use thiserror::Error;
+
+/// What a pull returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PullReply {
+    /// The server version of the weights now in the caller's buffer.
+    pub version: u64,
+    /// False when the server had nothing newer than asked for and the buffer is unchanged.
+    pub updated: bool,
+    /// The run is over (update budget reached or server shutting down).
+    pub done: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("server refused the gradient: {0}")]
+    Refused(#[from] PushError),
+    #[error("buffer has {got} values, the model layout has {expected}")]
+    Shape { expected: usize, got: usize },
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub trait ParameterClient: Send {
+    /// Copies the server's weights into `params`. With `newer_than = Some(v)` it copies only
+    /// weights newer than version `v`; with `wait` it blocks until there are some (the sync
+    /// barrier) or the run is done.
+    fn pull(
+        &mut self,
+        params: &mut [f32],
+        newer_than: Option<u64>,
+        wait: bool,
+    ) -> Result<PullReply, ClientError>;
+
+    /// Offers a gradient computed from `meta.base_version`.
+    fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, ClientError>;
+
+    /// Says goodbye: this worker will push no more, so sync steps stop waiting for it.
+    fn leave(&mut self) -> Result<(), ClientError>;
+}

@@ -1,0 +1,14 @@
+//! pstrain's engine: workers, the embedded parameter server, the training driver, MNIST
+//! download and the benchmark. The `pstrain` binary is a thin clap front over this crate.
+
+pub mod bench;
+pub mod client;
+pub mod download;
+pub mod inproc;
+pub mod metrics;
+pub mod sampler;
+pub mod train;
+pub mod worker;
+
+pub use client::{ClientError, ParameterClient, PullReply};
+pub use train::{train, Observer, Quiet, Schedule, TrainConfig, TrainError, TrainOutcome};

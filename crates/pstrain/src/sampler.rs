@@ -1,0 +1,104 @@
+//! Which training samples a worker sees, in which order: a disjoint shard per worker,
+//! reshuffled every epoch with a seeded RNG, cut into equally many full batches.
+
+use pstrain_core::{shard_ranges, Rng};
+
+/// Rank `rank`'s shard of `0..n`: a contiguous block of one seeded permutation, so shards are
+/// disjoint, cover every sample, and differ in size by at most one.
+pub fn shard_indices(n: usize, workers: usize, rank: usize, seed: u64) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..n).collect();
+    Rng::new(seed).fork(0x5a4d).shuffle(&mut all);
+    let range = shard_ranges(n, workers)
+        .into_iter()
+        .nth(rank)
+        .unwrap_or(0..0);
+    all[range].to_vec()
+}
+
+/// Batches per epoch, the same for every worker: enough to cover the largest shard once.
+/// Equal counts keep sync workers in lockstep to the end of each epoch, whatever the shard
+/// sizes; a smaller shard wraps around and repeats a few samples.
+pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> usize {
+    n.div_ceil(workers.max(1)).div_ceil(batch.max(1)).max(1)
+}
+
+pub struct EpochSampler {
+    shard: Vec<usize>,
+    batch: usize,
+    steps: usize,
+    rng: Rng,
+}
+
+impl EpochSampler {
+    pub fn new(n: usize, workers: usize, rank: usize, batch: usize, seed: u64) -> Self {
+        EpochSampler {
+            shard: shard_indices(n, workers, rank, seed),
+            batch,
+            steps: steps_per_epoch(n, workers, batch),
+            rng: Rng::new(seed).fork(1 + rank as u64),
+        }
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.steps
+    }
+
+    pub fn shard(&self) -> &[usize] {
+        &self.shard
+    }
+
+    /// Reshuffles the shard for a new epoch.
+    pub fn start_epoch(&mut self) {
+        self.rng.shuffle(&mut self.shard);
+    }
+
+    /// The sample indices of batch `step` (< steps_per_epoch) of the current epoch.
+    pub fn batch(&self, step: usize) -> impl Iterator<Item = usize> + '_ {
+        let len = self.shard.len();
+        (0..self.batch).map(move |j| self.shard[(step * self.batch + j) % len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_disjoint_and_cover_everything() {
+        let n = 1003;
+        let mut seen = vec![0u8; n];
+        for rank in 0..4 {
+            for i in shard_indices(n, 4, rank, 9) {
+                seen[i] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1));
+    }
+
+    #[test]
+    fn uneven_shards_get_equal_step_counts_and_full_batches() {
+        // 7 workers over 100 samples: shards of 15 and 14.
+        let steps = steps_per_epoch(100, 7, 4);
+        assert_eq!(steps, 4);
+        for rank in 0..7 {
+            let mut s = EpochSampler::new(100, 7, rank, 4, 1);
+            s.start_epoch();
+            assert_eq!(s.steps_per_epoch(), steps);
+            let mut covered: Vec<usize> = (0..steps).flat_map(|k| s.batch(k)).collect();
+            assert_eq!(covered.len(), steps * 4);
+            covered.sort_unstable();
+            covered.dedup();
+            assert_eq!(covered.len(), s.shard().len(), "every shard sample is used");
+        }
+    }
+
+    #[test]
+    fn epochs_are_reshuffled() {
+        let mut s = EpochSampler::new(1000, 2, 0, 10, 3);
+        s.start_epoch();
+        let first: Vec<usize> = s.batch(0).collect();
+        s.start_epoch();
+        let second: Vec<usize> = s.batch(0).collect();
+        assert_ne!(first, second);
+    }
+}

@@ -1,0 +1,286 @@
+//! `pstrain train` in one process: the embedded server and N worker threads, a monitor that
+//! evaluates the server's weights on the test set, and the run's summary.
+
+use crate::inproc::InProcServer;
+use crate::metrics::{EvalRecord, ProgressRecord, Summary};
+use crate::sampler::steps_per_epoch;
+use crate::worker::{run_worker, WorkerConfig, WorkerError, WorkerReport};
+use pstrain_compute::mnist::Mnist;
+use pstrain_compute::{ComputeError, ModelKind, ModelOptions};
+use pstrain_core::{
+    Aggregate, ConfigError, LrSchedule, Mode, OptimizerConfig, Rng, ServerConfig, ServerCore,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How often the monitor samples the server's counters.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The learning-rate schedule, resolved against the run's planned number of updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay to zero over the planned updates.
+    #[default]
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub mode: Mode,
+    pub workers: usize,
+    pub model: ModelKind,
+    /// Passes over the training set (each worker passes over its shard this many times).
+    pub epochs: usize,
+    /// Stop after this many server updates instead (workers loop over epochs until then).
+    pub iterations: Option<u64>,
+    pub batch_size: usize,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    /// How a sync step combines its gradients.
+    pub aggregate: Aggregate,
+    pub seed: u64,
+    /// Evaluate every this many updates; `None` picks about once per epoch; `Some(0)` only at
+    /// the end.
+    pub eval_every: Option<u64>,
+    /// Compute threads per worker (GEMM parallelism).
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            mode: Mode::Async {
+                max_staleness: Some(32),
+            },
+            workers: 2,
+            model: ModelKind::Cnn,
+            epochs: 3,
+            iterations: None,
+            batch_size: 64,
+            optimizer: OptimizerConfig::adam(1e-3),
+            schedule: Schedule::Cosine,
+            aggregate: Aggregate::Mean,
+            seed: 42,
+            eval_every: None,
+            threads: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The server's configuration for a training set of `train_len` samples.
+    pub fn server_config(&self, train_len: usize) -> ServerConfig {
+        let schedule = match self.schedule {
+            Schedule::Constant => LrSchedule::Constant,
+            Schedule::Cosine => LrSchedule::Cosine {
+                total_updates: self.planned_updates(train_len).max(1),
+            },
+        };
+        ServerConfig {
+            mode: self.mode,
+            workers: self.workers,
+            optimizer: self.optimizer,
+            schedule,
+            aggregate: self.aggregate,
+            max_updates: self.iterations,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, requirement, value: usize| {
+            Err(ConfigError::OutOfRange {
+                field,
+                requirement,
+                value: value.to_string(),
+            })
+        };
+        if self.batch_size == 0 || self.batch_size > u32::MAX as usize {
+            return bad("batch_size", ">= 1", self.batch_size);
+        }
+        if self.epochs == 0 && self.iterations.is_none() {
+            return bad("epochs", ">= 1 (or give iterations)", 0);
+        }
+        if self.threads == 0 {
+            return bad("threads", ">= 1", 0);
+        }
+        self.server_config(1).validate()
+    }
+
+    /// Updates the run will make: `iterations`, or the epochs' worth.
+    pub fn planned_updates(&self, train_len: usize) -> u64 {
+        self.iterations
+            .unwrap_or_else(|| self.updates_per_epoch(train_len) * self.epochs as u64)
+    }
+
+    /// Server updates that make one pass over `train_len` samples.
+    pub fn updates_per_epoch(&self, train_len: usize) -> u64 {
+        let steps = steps_per_epoch(train_len, self.workers, self.batch_size) as u64;
+        if self.mode.is_sync() {
+            steps
+        } else {
+            steps * self.workers as u64
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("evaluation failed: {0}")]
+    Eval(#[from] ComputeError),
+    #[error("a worker thread panicked: {0}")]
+    Panicked(String),
+}
+
+/// Receives what the run reports as it goes (progress bar, metrics file, tests).
+pub trait Observer {
+    fn progress(&mut self, _record: &ProgressRecord) {}
+    fn eval(&mut self, _record: &EvalRecord) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// The run's summary and the server's final weights.
+pub struct TrainOutcome {
+    pub summary: Summary,
+    pub params: Vec<f32>,
+}
+
+/// Trains `cfg.model` on `data` with an embedded server and `cfg.workers` worker threads.
+/// `stop` ends the run early (Ctrl-C); the summary then describes the weights reached.
+pub fn train(
+    cfg: &TrainConfig,
+    data: &Mnist,
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome, TrainError> {
+    cfg.validate()?;
+    let options = ModelOptions {
+        dropout: true,
+        threads: cfg.threads,
+    };
+    let mut eval_model = cfg.model.build(options);
+    let mut params = vec![0.0; eval_model.layout().len()];
+    eval_model.init_params(&mut params, &mut Rng::new(cfg.seed));
+    let server = InProcServer::new(ServerCore::new(
+        cfg.server_config(data.train.len()),
+        params,
+    )?);
+
+    let train_len = data.train.len();
+    let eval_every = cfg
+        .eval_every
+        .unwrap_or_else(|| cfg.updates_per_epoch(train_len));
+    let start = Instant::now();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let test = &data.test;
+    let mut last_eval: Option<EvalRecord> = None;
+    let mut evaluate = |server: &InProcServer| -> Result<EvalRecord, ComputeError> {
+        let (stats, weights) = server.snapshot();
+        let eval = eval_model.evaluate(&weights, &test.images, &test.labels)?;
+        Ok(EvalRecord::new(start, &stats, &eval, train_len))
+    };
+
+    let (reports, eval_failed) = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..cfg.workers)
+            .map(|rank| {
+                let mut client = server.client(rank);
+                let done_tx = done_tx.clone();
+                let wcfg = WorkerConfig {
+                    rank,
+                    workers: cfg.workers,
+                    batch_size: cfg.batch_size,
+                    epochs: cfg.iterations.is_none().then_some(cfg.epochs),
+                    seed: cfg.seed,
+                    sync: cfg.mode.is_sync(),
+                };
+                let server = &server;
+                scope.spawn(move || {
+                    let mut model = cfg.model.build(options);
+                    let result = run_worker(&mut client, model.as_mut(), &data.train, &wcfg, stop);
+                    if result.is_err() {
+                        // Nobody may wait on a worker that is gone for good.
+                        server.close();
+                    }
+                    let _ = done_tx.send(());
+                    result
+                })
+            })
+            .collect();
+        drop(done_tx);
+
+        let mut next_eval = if eval_every > 0 { eval_every } else { u64::MAX };
+        let mut finished = 0;
+        let mut eval_failed = None;
+        while finished < cfg.workers {
+            match done_rx.recv_timeout(TICK) {
+                Ok(()) => finished += 1,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let stats = server.stats();
+            observer.progress(&ProgressRecord::new(start, &stats, train_len));
+            if stats.version >= next_eval && eval_failed.is_none() {
+                match evaluate(&server) {
+                    Ok(record) => {
+                        observer.eval(&record);
+                        last_eval = Some(record);
+                    }
+                    Err(e) => {
+                        eval_failed = Some(e);
+                        server.close();
+                    }
+                }
+                while next_eval <= stats.version {
+                    next_eval = next_eval.saturating_add(eval_every);
+                }
+            }
+        }
+        let reports: Vec<Result<WorkerReport, TrainError>> = handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(r) => r.map_err(TrainError::from),
+                Err(panic) => Err(TrainError::Panicked(panic_message(&panic))),
+            })
+            .collect();
+        (reports, eval_failed)
+    });
+    let wall = start.elapsed();
+    if let Some(e) = eval_failed {
+        return Err(e.into());
+    }
+    let reports: Vec<WorkerReport> = reports.into_iter().collect::<Result<_, _>>()?;
+    let stopped = stop.load(Ordering::Relaxed);
+    let stats = server.stats();
+    // The last periodic evaluation may already be of the final weights.
+    let record = match last_eval {
+        Some(record) if record.updates == stats.version => record,
+        _ => {
+            let record = evaluate(&server)?;
+            observer.eval(&record);
+            record
+        }
+    };
+    let summary = Summary::new(cfg, &stats, &record, wall, stopped, &reports);
+    let weights = server.snapshot().1;
+    Ok(TrainOutcome {
+        summary,
+        params: weights,
+    })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -1,0 +1,126 @@
+//! The worker loop: pull weights, compute a gradient on the next batch of its shard, push.
+
+use crate::client::{ClientError, ParameterClient};
+use crate::sampler::EpochSampler;
+use pstrain_compute::mnist::Split;
+use pstrain_compute::{ComputeError, Model};
+use pstrain_core::{PushError, PushMeta, PushOutcome, Rng};
+use std::sync::atomic::{AtomicBool, Ordering};
+use thiserror::Error;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub rank: usize,
+    pub workers: usize,
+    pub batch_size: usize,
+    /// Passes over the shard; `None` runs until the server says the run is done.
+    pub epochs: Option<usize>,
+    pub seed: u64,
+    /// Sync mode: after each push, wait for the step's update before computing again.
+    pub sync: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerReport {
+    pub steps: u64,
+    pub samples: u64,
+    /// Gradients the server did not apply (stale, late or non-finite).
+    pub not_applied: u64,
+    pub last_loss: f32,
+}
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("worker {rank}: {source}")]
+    Client { rank: usize, source: ClientError },
+    #[error("worker {rank}: {source}")]
+    Compute { rank: usize, source: ComputeError },
+}
+
+/// Runs until the epochs are done, the server says the run is over, or `stop` is set; then
+/// leaves the quorum so that no sync step waits for this worker.
+pub fn run_worker(
+    client: &mut dyn ParameterClient,
+    model: &mut dyn Model,
+    data: &Split,
+    cfg: &WorkerConfig,
+    stop: &AtomicBool,
+) -> Result<WorkerReport, WorkerError> {
+    let result = train_loop(client, model, data, cfg, stop);
+    let left = client.leave();
+    let report = result?;
+    left.map_err(|source| WorkerError::Client {
+        rank: cfg.rank,
+        source,
+    })?;
+    Ok(report)
+}
+
+fn train_loop(
+    client: &mut dyn ParameterClient,
+    model: &mut dyn Model,
+    data: &Split,
+    cfg: &WorkerConfig,
+    stop: &AtomicBool,
+) -> Result<WorkerReport, WorkerError> {
+    let rank = cfg.rank;
+    let client_err = |source| WorkerError::Client { rank, source };
+    let len = model.layout().len();
+    let per = model.input_len();
+    let mut params = vec![0.0f32; len];
+    let mut grads = vec![0.0f32; len];
+    let mut images = vec![0.0f32; cfg.batch_size * per];
+    let mut labels = vec![0u8; cfg.batch_size];
+    let mut sampler = EpochSampler::new(data.len(), cfg.workers, rank, cfg.batch_size, cfg.seed);
+    let mut rng = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
+    let mut report = WorkerReport::default();
+
+    let first = client.pull(&mut params, None, false).map_err(client_err)?;
+    let mut version = first.version;
+    if first.done {
+        return Ok(report);
+    }
+    let mut epoch = 0usize;
+    while cfg.epochs.is_none_or(|e| epoch < e) {
+        sampler.start_epoch();
+        for step in 0..sampler.steps_per_epoch() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(report);
+            }
+            for (j, i) in sampler.batch(step).enumerate() {
+                images[j * per..(j + 1) * per]
+                    .copy_from_slice(&data.images[i * per..(i + 1) * per]);
+                labels[j] = data.labels[i];
+            }
+            let stats = model
+                .train_step(&params, &images, &labels, &mut grads, &mut rng)
+                .map_err(|source| WorkerError::Compute { rank, source })?;
+            report.steps += 1;
+            report.samples += cfg.batch_size as u64;
+            report.last_loss = stats.loss;
+            let meta = PushMeta {
+                rank,
+                base_version: version,
+                samples: cfg.batch_size as u32,
+                loss: stats.loss,
+            };
+            match client.push(meta, &grads) {
+                Ok(PushOutcome::Done) => return Ok(report),
+                Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => {}
+                Ok(PushOutcome::Dropped { .. }) => report.not_applied += 1,
+                // Our own gradient overflowed: the server skipped it; carry on from fresh weights.
+                Err(ClientError::Refused(PushError::NonFinite { .. })) => report.not_applied += 1,
+                Err(e) => return Err(client_err(e)),
+            }
+            let reply = client
+                .pull(&mut params, Some(version), cfg.sync)
+                .map_err(client_err)?;
+            version = reply.version;
+            if reply.done {
+                return Ok(report);
+            }
+        }
+        epoch += 1;
+    }
+    Ok(report)
+}

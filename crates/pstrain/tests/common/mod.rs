@@ -1,0 +1,72 @@
+//! Shared helpers for the integration tests: where real MNIST is, one training run at a time,
+//! and small IDX data sets made on the spot.
+#![allow(dead_code)]
+
+use pstrain_compute::idx::encode_idx;
+use pstrain_compute::mnist::{self, Mnist};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// Real MNIST: `PSTRAIN_DATA_DIR`, else the shared folder beside the checkout, else
+/// `./data/mnist` at the workspace root (where `pstrain train` downloads it).
+pub fn mnist_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let candidates = std::env::var_os("PSTRAIN_DATA_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([root.join("../shared/data/mnist"), root.join("data/mnist")]);
+    for dir in candidates {
+        if mnist::missing_files(&dir).is_empty() {
+            return dir;
+        }
+    }
+    panic!(
+        "real MNIST not found: set PSTRAIN_DATA_DIR to a folder with the four IDX files, \
+         or run `pstrain download` at the workspace root"
+    );
+}
+
+pub fn mnist() -> &'static Mnist {
+    static DATA: OnceLock<Mnist> = OnceLock::new();
+    DATA.get_or_init(|| mnist::load_dir(&mnist_dir()).expect("real MNIST loads"))
+}
+
+/// Training runs use both cores; running two at once would only make each slower.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes an IDX data set of `train` and `test` 28x28 images in 10 classes into `dir`,
+/// where each class is a distinct bright square, so that a model can learn it.
+pub fn write_synthetic_set(dir: &Path, train: usize, test: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut pixels = vec![0u8; n * 784];
+        let mut labels = vec![0u8; n];
+        for i in 0..n {
+            let class = (i * 7 + 3) % 10;
+            labels[i] = class as u8;
+            let (r0, c0) = (2 + (class / 5) * 12, 1 + (class % 5) * 5);
+            for r in r0..r0 + 10 {
+                for c in c0..c0 + 5 {
+                    pixels[i * 784 + r * 28 + c] = 200 + (i % 50) as u8;
+                }
+            }
+        }
+        std::fs::write(
+            dir.join(format!("{prefix}-images-idx3-ubyte")),
+            encode_idx(&[n as u32, 28, 28], &pixels),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            encode_idx(&[n as u32], &labels),
+        )
+        .unwrap();
+    }
+}
+
+pub fn pstrain_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pstrain")
+}

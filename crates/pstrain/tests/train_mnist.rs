@@ -1,0 +1,119 @@
+//! Training claims on real MNIST, asserted on the full 10,000-image test set.
+
+mod common;
+
+use pstrain::{train, Quiet, Schedule, TrainConfig};
+use pstrain_compute::ModelKind;
+use pstrain_core::{Aggregate, Mode, OptimizerConfig};
+use std::sync::atomic::AtomicBool;
+
+fn run(cfg: TrainConfig) -> pstrain::metrics::Summary {
+    let _guard = common::one_at_a_time();
+    let outcome = train(&cfg, common::mnist(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    let s = outcome.summary;
+    println!("{}", s.render());
+    assert_eq!(s.test_samples, 10_000);
+    s
+}
+
+const SYNC: Mode = Mode::Sync { backup_workers: 0 };
+const ASYNC: Mode = Mode::Async {
+    max_staleness: Some(32),
+};
+
+/// One epoch's worth of samples, 2 workers: each pushes 16-sample gradients.
+fn cnn_one_epoch(mode: Mode) -> TrainConfig {
+    TrainConfig {
+        mode,
+        workers: 2,
+        model: ModelKind::Cnn,
+        epochs: 1,
+        batch_size: 16,
+        eval_every: Some(0),
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn cnn_sync_two_workers_one_epoch_reaches_98_5() {
+    let s = run(cnn_one_epoch(SYNC));
+    assert!(s.samples >= 60_000 && s.samples < 61_000, "{}", s.samples);
+    assert_eq!(s.staleness_max, 0);
+    assert!(s.test_accuracy >= 0.985, "{}", s.test_accuracy);
+}
+
+#[test]
+fn cnn_async_two_workers_one_epoch_reaches_98_5() {
+    let s = run(cnn_one_epoch(ASYNC));
+    assert!(s.samples >= 60_000 && s.samples < 61_000, "{}", s.samples);
+    assert!(
+        s.staleness_mean > 0.0,
+        "two async workers see stale weights"
+    );
+    assert!(s.test_accuracy >= 0.985, "{}", s.test_accuracy);
+}
+
+/// The original Ray example: plain SGD lr 0.01, batch 128, 200 iterations, 2 workers; its sync
+/// server summed the workers' gradients.
+fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
+    TrainConfig {
+        mode,
+        workers: 2,
+        model: ModelKind::Convnet,
+        iterations: Some(iterations),
+        batch_size: 128,
+        optimizer: OptimizerConfig::sgd(0.01),
+        schedule: Schedule::Constant,
+        aggregate: Aggregate::Sum,
+        eval_every: Some(0),
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn convnet_sync_200_iterations_reaches_85() {
+    let s = run(convnet_as_original(SYNC, 200));
+    assert_eq!(s.updates, 200);
+    assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
+}
+
+#[test]
+fn convnet_async_200_iterations_per_worker_reaches_85() {
+    let s = run(convnet_as_original(ASYNC, 400));
+    assert_eq!(s.updates, 400);
+    assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
+}
+
+#[test]
+fn cli_defaults_reach_99() {
+    let _guard = common::one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.jsonl");
+    let out = std::process::Command::new(common::pstrain_bin())
+        .args(["train", "--metrics"])
+        .arg(&metrics)
+        .env("PSTRAIN_DATA_DIR", common::mnist_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    assert!(stdout.contains("test accuracy"));
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = records.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["model"], "cnn");
+    assert_eq!(summary["mode"], "async");
+    assert_eq!(summary["workers"], 2);
+    assert_eq!(summary["test_samples"], 10_000);
+    let acc = summary["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.99, "default run reached {acc}");
+    // One evaluation per epoch plus the final one, and progress samples in between.
+    let evals = records.iter().filter(|r| r["event"] == "eval").count();
+    assert!(evals >= 3, "{evals} evaluations");
+    assert!(records.iter().any(|r| r["event"] == "progress"));
+}
