@@ -105,7 +105,7 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value = "cnn")]
     model: ModelArg,
     /// Passes over the training set
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     epochs: usize,
     /// Stop after this many server updates (overrides --epochs)
     #[arg(long)]

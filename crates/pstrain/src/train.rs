@@ -57,7 +57,7 @@ impl Default for TrainConfig {
             },
             workers: 2,
             model: ModelKind::Cnn,
-            epochs: 3,
+            epochs: 5,
             iterations: None,
             batch_size: 64,
             optimizer: OptimizerConfig::adam(1e-3),
