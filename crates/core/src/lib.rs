@@ -4,6 +4,7 @@
 //! Everything here is deterministic and driven by its caller, so the same logic serves the
 //! in-process engine, the TCP server and the simulated-network tests.
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod layout;
@@ -12,6 +13,7 @@ pub mod rng;
 pub mod server;
 pub mod shard;
 
+pub use client::{ClientError, ParameterClient, PullReply};
 pub use config::{Aggregate, Mode, ServerConfig};
 pub use error::{ConfigError, LayoutError, PushError};
 pub use layout::{Layout, TensorSpec};

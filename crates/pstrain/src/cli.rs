@@ -4,14 +4,17 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pstrain::bench::{run_bench, BenchConfig};
+use pstrain::cluster::{train_tcp, ClusterConfig};
 use pstrain::download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
 use pstrain::metrics::{EvalRecord, MetricsWriter, ProgressRecord};
 use pstrain::{train, Observer, Schedule, TrainConfig};
 use pstrain_compute::mnist::{self, Mnist};
 use pstrain_compute::ModelKind;
+use pstrain_compute::ModelOptions;
 use pstrain_core::{Aggregate, Mode, OptimizerConfig};
+use pstrain_net::{ClientConfig, Role, ShardConfig, ShardServer, TcpClient};
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal};
+use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +42,10 @@ enum Command {
     Download(DownloadArgs),
     /// Measure compute and training throughput; writes JSON.
     Bench(BenchArgs),
+    /// Serve one parameter shard over TCP.
+    Server(ServerArgs),
+    /// Train as one worker against TCP servers.
+    Worker(WorkerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -95,8 +102,10 @@ impl From<ModelArg> for ModelKind {
     }
 }
 
+/// The flags that define a run; `train`, `server` and `worker` share them, and every
+/// process of one run must be given the same values.
 #[derive(Args, Debug)]
-struct TrainArgs {
+struct RunArgs {
     /// sync: one averaged update per step from every worker; async: apply on arrival
     #[arg(long, value_enum, default_value = "async")]
     mode: ModeArg,
@@ -138,6 +147,26 @@ struct TrainArgs {
     aggregate: AggregateArg,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    /// Server and workers as threads of this process
+    Inproc,
+    /// Server shards and workers as separate local processes talking TCP on 127.0.0.1
+    Tcp,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// inproc: threads in this process; tcp: local processes over TCP
+    #[arg(long, value_enum, default_value = "inproc")]
+    transport: TransportArg,
+    /// Server shards (with --transport tcp)
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
     /// Evaluate on the test set every N server updates [default: once per epoch; 0: at the end]
     #[arg(long)]
     eval_every: Option<u64>,
@@ -147,6 +176,53 @@ struct TrainArgs {
     /// Write progress, evaluations and the summary as JSON lines to this file
     #[arg(long)]
     metrics: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed)
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// This shard's index, 0-based
+    #[arg(long, default_value_t = 0)]
+    shard: usize,
+    /// Number of shards the parameters are split over
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Training-set size, to plan the learning-rate schedule over the run's updates
+    #[arg(long, default_value_t = 60_000)]
+    train_samples: usize,
+    /// Seconds a read or write may take once a frame is under way
+    #[arg(long, default_value_t = 30)]
+    io_timeout: u64,
+    /// Seconds a peer may stay silent (or a sync step may wait) before it is dropped
+    #[arg(long, default_value_t = 600)]
+    idle_timeout: u64,
+    /// Keep serving after every worker has left
+    #[arg(long)]
+    keep_running: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    /// Shard addresses in shard order, comma-separated
+    #[arg(long, value_delimiter = ',', required = true)]
+    servers: Vec<String>,
+    /// This worker's rank, 0-based
+    #[arg(long)]
+    rank: usize,
+    /// Compute threads
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Seconds to keep retrying the connection while servers start
+    #[arg(long, default_value_t = 60)]
+    connect_timeout: u64,
+    #[command(flatten)]
+    run: RunArgs,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -182,6 +258,8 @@ pub fn run(cli: Cli) -> Result<()> {
             download(&dir, &args.data.mirrors)
         }
         Command::Bench(args) => run_bench_cmd(args),
+        Command::Server(args) => run_server(args),
+        Command::Worker(args) => run_worker_cmd(args),
     }
 }
 
@@ -232,7 +310,7 @@ fn load_data(args: &DataArgs) -> Result<Mnist> {
     Ok(data)
 }
 
-fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
+fn train_config(args: &RunArgs, eval_every: Option<u64>, threads: usize) -> Result<TrainConfig> {
     let lr = args.lr.unwrap_or(match args.optimizer {
         OptimizerArg::Adam => 1e-3,
         OptimizerArg::Sgd | OptimizerArg::Momentum => 0.01,
@@ -288,8 +366,8 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
             AggregateArg::Sum => Aggregate::Sum,
         },
         seed: args.seed,
-        eval_every: args.eval_every,
-        threads: args.threads,
+        eval_every,
+        threads,
     };
     cfg.validate().context("invalid training flags")?;
     Ok(cfg)
@@ -394,7 +472,7 @@ impl Observer for Reporter {
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
-    let cfg = train_config(&args)?;
+    let cfg = train_config(&args.run, args.eval_every, args.threads)?;
     let data = load_data(&args.data)?;
     let per_update = if cfg.mode.is_sync() { cfg.workers } else { 1 } * cfg.batch_size;
     let total_samples = cfg.planned_updates(data.train.len()) * per_update as u64;
@@ -414,7 +492,22 @@ fn run_train(args: TrainArgs) -> Result<()> {
         cfg.batch_size,
         cfg.optimizer
     );
-    let outcome = train(&cfg, &data, &mut reporter, &stop)?;
+    let outcome = match args.transport {
+        TransportArg::Inproc => {
+            if args.shards != 1 {
+                bail!("--shards applies to --transport tcp");
+            }
+            train(&cfg, &data, &mut reporter, &stop)?
+        }
+        TransportArg::Tcp => {
+            let cluster = ClusterConfig {
+                exe: std::env::current_exe().context("cannot find the pstrain executable")?,
+                shards: args.shards,
+                data_dir: std::fs::canonicalize(data_dir(&args.data))?,
+            };
+            train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
+        }
+    };
     if let Some(bar) = &reporter.bar {
         bar.finish_and_clear();
     }
@@ -439,5 +532,96 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
     std::fs::write(&args.out, json + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn run_server(args: ServerArgs) -> Result<()> {
+    let cfg = train_config(&args.run, Some(0), 1)?;
+    let model = cfg.model.build(Default::default());
+    let shard_cfg = ShardConfig {
+        shard: args.shard,
+        shards: args.shards,
+        layout: model.layout().clone(),
+        server: cfg.server_config(args.train_samples),
+        io_timeout: Duration::from_secs(args.io_timeout.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        exit_when_finished: !args.keep_running,
+    };
+    if args.shard >= args.shards {
+        bail!(
+            "--shard {} is out of range for --shards {}",
+            args.shard,
+            args.shards
+        );
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let server = ShardServer::bind(&args.listen, shard_cfg, &cfg.initial_params())
+            .await
+            .with_context(|| format!("cannot serve on {}", args.listen))?;
+        // The launcher (and people) read the bound address from this line.
+        println!("listening on {}", server.local_addr()?);
+        std::io::stdout().flush()?;
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        anyhow::Ok(server.run(stop).await)
+    })?;
+    let s = report.stats;
+    eprintln!(
+        "[shard {}] done: version {}, {} gradients applied, {} dropped stale, {} non-finite, \
+         {} other refusals; {} connections, {} refused handshakes, {} protocol errors, \
+         {} workers vanished",
+        args.shard,
+        s.version,
+        s.gradients_applied,
+        s.dropped_stale,
+        s.rejected_nonfinite,
+        s.rejected_other,
+        report.events.accepted,
+        report.events.refused_handshakes,
+        report.events.protocol_errors,
+        report.events.vanished_workers
+    );
+    Ok(())
+}
+
+fn run_worker_cmd(args: WorkerArgs) -> Result<()> {
+    let cfg = train_config(&args.run, Some(0), args.threads)?;
+    let data = load_data(&args.data)?;
+    let mut model = cfg.model.build(ModelOptions {
+        dropout: true,
+        threads: args.threads,
+    });
+    let mut client_cfg = ClientConfig::new(
+        args.servers.clone(),
+        Role::Worker,
+        args.rank,
+        cfg.workers,
+        cfg.mode,
+        model.layout().clone(),
+    );
+    client_cfg.connect_timeout = Duration::from_secs(args.connect_timeout);
+    let mut client = TcpClient::connect(&client_cfg).with_context(|| {
+        format!(
+            "worker {} cannot join {}",
+            args.rank,
+            args.servers.join(",")
+        )
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_stop = Arc::clone(&stop);
+    if let Err(e) = ctrlc::set_handler(move || handler_stop.store(true, Ordering::Relaxed)) {
+        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
+    }
+    let report = pstrain::worker::run_worker(
+        &mut client,
+        model.as_mut(),
+        &data.train,
+        &cfg.worker_config(args.rank),
+        &stop,
+    )?;
+    // One JSON line on stdout: the launcher of a local cluster collects these.
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The embedded parameter server: one `ServerCore` behind a mutex, with a condition variable
 //! for the sync barrier, shared by worker threads in one process.
 
-use crate::client::{ClientError, ParameterClient, PullReply};
+use pstrain_core::client::{ClientError, ParameterClient, PullReply};
 use pstrain_core::{PushMeta, PushOutcome, ServerCore, ServerStats};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 

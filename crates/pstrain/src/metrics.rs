@@ -2,7 +2,6 @@
 //! object per line in the `--metrics` file.
 
 use crate::train::TrainConfig;
-use crate::worker::WorkerReport;
 use pstrain_compute::EvalStats;
 use pstrain_core::ServerStats;
 use serde::Serialize;
@@ -104,7 +103,7 @@ impl Summary {
         eval: &EvalRecord,
         wall: Duration,
         stopped_early: bool,
-        reports: &[WorkerReport],
+        not_applied: u64,
     ) -> Self {
         let secs = wall.as_secs_f64().max(1e-9);
         Summary {
@@ -124,7 +123,7 @@ impl Summary {
             staleness_max: stats.staleness_max,
             dropped_stale: stats.dropped_stale,
             rejected_nonfinite: stats.rejected_nonfinite,
-            not_applied: reports.iter().map(|r| r.not_applied).sum(),
+            not_applied,
             stopped_early,
         }
     }

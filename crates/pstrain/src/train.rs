@@ -3,10 +3,12 @@
 
 use crate::inproc::InProcServer;
 use crate::metrics::{EvalRecord, ProgressRecord, Summary};
+use crate::monitor::{Monitor, ServerView};
 use crate::sampler::steps_per_epoch;
 use crate::worker::{run_worker, WorkerConfig, WorkerError, WorkerReport};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::{ComputeError, ModelKind, ModelOptions};
+use pstrain_core::ServerStats;
 use pstrain_core::{
     Aggregate, ConfigError, LrSchedule, Mode, OptimizerConfig, Rng, ServerConfig, ServerCore,
 };
@@ -109,6 +111,26 @@ impl TrainConfig {
         self.server_config(1).validate()
     }
 
+    /// The initial weights every server (or shard) starts from, from the seed.
+    pub fn initial_params(&self) -> Vec<f32> {
+        let model = self.model.build(ModelOptions::default());
+        let mut params = vec![0.0; model.layout().len()];
+        model.init_params(&mut params, &mut Rng::new(self.seed));
+        params
+    }
+
+    /// What worker `rank` of this run does.
+    pub fn worker_config(&self, rank: usize) -> WorkerConfig {
+        WorkerConfig {
+            rank,
+            workers: self.workers,
+            batch_size: self.batch_size,
+            epochs: self.iterations.is_none().then_some(self.epochs),
+            seed: self.seed,
+            sync: self.mode.is_sync(),
+        }
+    }
+
     /// Updates the run will make: `iterations`, or the epochs' worth.
     pub fn planned_updates(&self, train_len: usize) -> u64 {
         self.iterations
@@ -136,6 +158,10 @@ pub enum TrainError {
     Eval(#[from] ComputeError),
     #[error("a worker thread panicked: {0}")]
     Panicked(String),
+    #[error("network: {0}")]
+    Net(#[from] pstrain_net::NetError),
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// Receives what the run reports as it goes (progress bar, metrics file, tests).
@@ -163,45 +189,25 @@ pub fn train(
     stop: &AtomicBool,
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
+    let train_len = data.train.len();
+    let server = InProcServer::new(ServerCore::new(
+        cfg.server_config(train_len),
+        cfg.initial_params(),
+    )?);
     let options = ModelOptions {
         dropout: true,
         threads: cfg.threads,
     };
-    let mut eval_model = cfg.model.build(options);
-    let mut params = vec![0.0; eval_model.layout().len()];
-    eval_model.init_params(&mut params, &mut Rng::new(cfg.seed));
-    let server = InProcServer::new(ServerCore::new(
-        cfg.server_config(data.train.len()),
-        params,
-    )?);
-
-    let train_len = data.train.len();
-    let eval_every = cfg
-        .eval_every
-        .unwrap_or_else(|| cfg.updates_per_epoch(train_len));
-    let start = Instant::now();
+    let mut monitor = Monitor::new(cfg, &data.test, train_len, Instant::now());
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let test = &data.test;
-    let mut last_eval: Option<EvalRecord> = None;
-    let mut evaluate = |server: &InProcServer| -> Result<EvalRecord, ComputeError> {
-        let (stats, weights) = server.snapshot();
-        let eval = eval_model.evaluate(&weights, &test.images, &test.labels)?;
-        Ok(EvalRecord::new(start, &stats, &eval, train_len))
-    };
+    let mut view = &*server;
 
-    let (reports, eval_failed) = std::thread::scope(|scope| {
+    let (reports, monitor_failed) = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..cfg.workers)
             .map(|rank| {
                 let mut client = server.client(rank);
                 let done_tx = done_tx.clone();
-                let wcfg = WorkerConfig {
-                    rank,
-                    workers: cfg.workers,
-                    batch_size: cfg.batch_size,
-                    epochs: cfg.iterations.is_none().then_some(cfg.epochs),
-                    seed: cfg.seed,
-                    sync: cfg.mode.is_sync(),
-                };
+                let wcfg = cfg.worker_config(rank);
                 let server = &server;
                 scope.spawn(move || {
                     let mut model = cfg.model.build(options);
@@ -217,30 +223,18 @@ pub fn train(
             .collect();
         drop(done_tx);
 
-        let mut next_eval = if eval_every > 0 { eval_every } else { u64::MAX };
         let mut finished = 0;
-        let mut eval_failed = None;
+        let mut monitor_failed = None;
         while finished < cfg.workers {
             match done_rx.recv_timeout(TICK) {
                 Ok(()) => finished += 1,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            let stats = server.stats();
-            observer.progress(&ProgressRecord::new(start, &stats, train_len));
-            if stats.version >= next_eval && eval_failed.is_none() {
-                match evaluate(&server) {
-                    Ok(record) => {
-                        observer.eval(&record);
-                        last_eval = Some(record);
-                    }
-                    Err(e) => {
-                        eval_failed = Some(e);
-                        server.close();
-                    }
-                }
-                while next_eval <= stats.version {
-                    next_eval = next_eval.saturating_add(eval_every);
+            if monitor_failed.is_none() {
+                if let Err(e) = monitor.tick(&mut view, observer) {
+                    monitor_failed = Some(e);
+                    server.close();
                 }
             }
         }
@@ -251,33 +245,33 @@ pub fn train(
                 Err(panic) => Err(TrainError::Panicked(panic_message(&panic))),
             })
             .collect();
-        (reports, eval_failed)
+        (reports, monitor_failed)
     });
-    let wall = start.elapsed();
-    if let Some(e) = eval_failed {
-        return Err(e.into());
+    let wall = monitor.start().elapsed();
+    if let Some(e) = monitor_failed {
+        return Err(e);
     }
     let reports: Vec<WorkerReport> = reports.into_iter().collect::<Result<_, _>>()?;
+    let not_applied = reports.iter().map(|r| r.not_applied).sum();
+    let (stats, record, params) = monitor.finish(&mut view, observer)?;
     let stopped = stop.load(Ordering::Relaxed);
-    let stats = server.stats();
-    // The last periodic evaluation may already be of the final weights.
-    let record = match last_eval {
-        Some(record) if record.updates == stats.version => record,
-        _ => {
-            let record = evaluate(&server)?;
-            observer.eval(&record);
-            record
-        }
-    };
-    let summary = Summary::new(cfg, &stats, &record, wall, stopped, &reports);
-    let weights = server.snapshot().1;
     Ok(TrainOutcome {
-        summary,
-        params: weights,
+        summary: Summary::new(cfg, &stats, &record, wall, stopped, not_applied),
+        params,
     })
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+impl ServerView for &InProcServer {
+    fn stats(&mut self) -> Result<ServerStats, TrainError> {
+        Ok(InProcServer::stats(self))
+    }
+
+    fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError> {
+        Ok(InProcServer::snapshot(self))
+    }
+}
+
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -1,9 +1,9 @@
 //! The worker loop: pull weights, compute a gradient on the next batch of its shard, push.
 
-use crate::client::{ClientError, ParameterClient};
 use crate::sampler::EpochSampler;
 use pstrain_compute::mnist::Split;
 use pstrain_compute::{ComputeError, Model};
+use pstrain_core::client::{ClientError, ParameterClient};
 use pstrain_core::{PushError, PushMeta, PushOutcome, Rng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
@@ -20,7 +20,7 @@ pub struct WorkerConfig {
     pub sync: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerReport {
     pub steps: u64,
     pub samples: u64,

@@ -1,9 +1,9 @@
 //! The sync invariant: N workers of batch b on the same samples give the same weights (within
 //! float tolerance) as one worker with batch N*b, through the real server and clients.
 
-use pstrain::client::ParameterClient;
 use pstrain::inproc::InProcServer;
 use pstrain_compute::{Model, ModelKind, ModelOptions};
+use pstrain_core::ParameterClient;
 use pstrain_core::{Mode, OptimizerConfig, PushMeta, Rng, ServerConfig, ServerCore};
 
 fn server(

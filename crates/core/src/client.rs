@@ -1,7 +1,8 @@
 //! How a worker talks to the parameter server, whatever carries the bytes: the ps-lite
-//! style pull / push / leave, implemented in-process today and over TCP by the network layer.
+//! style pull / push / leave. The transport is injected: in-process threads or TCP.
 
-use pstrain_core::{PushError, PushMeta, PushOutcome};
+use crate::error::PushError;
+use crate::server::{PushMeta, PushOutcome};
 use thiserror::Error;
 
 /// What a pull returned.
@@ -23,6 +24,8 @@ pub enum ClientError {
     Shape { expected: usize, got: usize },
     #[error("server unavailable: {0}")]
     Unavailable(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
 }
 
 pub trait ParameterClient: Send {

@@ -1,0 +1,383 @@
+//! The worker's side over TCP: one connection per shard, every pull and push sent to all
+//! shards at once, each shard's slice read straight into its part of the flat buffer.
+
+use crate::connection::Connection;
+use crate::error::NetError;
+use crate::protocol::{
+    code, decode_error, encode_pull, kind, outcome, Hello, HelloOk, Reader, Role, ShardStats,
+    Writer, PULL_REPLY_HEAD_LEN,
+};
+use futures_util::future::try_join_all;
+use pstrain_core::{
+    shard_ranges, ClientError, Layout, Mode, ParameterClient, PullReply, PushError, PushMeta,
+    PushOutcome,
+};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// One address per shard, in shard order.
+    pub servers: Vec<String>,
+    pub role: Role,
+    pub rank: usize,
+    pub workers: usize,
+    pub mode: Mode,
+    pub layout: Layout,
+    /// Deadline for each read or write of a frame.
+    pub io_timeout: Duration,
+    /// How long a sync pull may wait for the rest of the workers.
+    pub wait_timeout: Duration,
+    /// Keep retrying the first connection (with backoff) this long, for servers still starting.
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(
+        servers: Vec<String>,
+        role: Role,
+        rank: usize,
+        workers: usize,
+        mode: Mode,
+        layout: Layout,
+    ) -> Self {
+        ClientConfig {
+            servers,
+            role,
+            rank,
+            workers,
+            mode,
+            layout,
+            io_timeout: Duration::from_secs(30),
+            wait_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Shard {
+    conn: Connection,
+    range: Range<usize>,
+    /// The version of this shard's slice in the caller's buffer.
+    version: u64,
+}
+
+pub struct TcpClient {
+    rt: Runtime,
+    shards: Vec<Shard>,
+    wait_timeout: Duration,
+    left: bool,
+}
+
+impl TcpClient {
+    /// Connects to every shard (retrying until `connect_timeout`) and shakes hands.
+    pub fn connect(cfg: &ClientConfig) -> Result<Self, NetError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let n = cfg.servers.len();
+        if n == 0 {
+            return Err(NetError::Handshake("no server addresses given".into()));
+        }
+        let ranges = shard_ranges(cfg.layout.len(), n);
+        let shards = rt.block_on(try_join_all(
+            cfg.servers
+                .iter()
+                .zip(ranges)
+                .enumerate()
+                .map(|(i, (addr, range))| connect_shard(cfg, i, addr, range)),
+        ))?;
+        Ok(TcpClient {
+            rt,
+            shards,
+            wait_timeout: cfg.wait_timeout,
+            left: false,
+        })
+    }
+
+    /// Each shard's counters (shard order).
+    pub fn stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
+        let io = self
+            .shards
+            .first()
+            .map_or(Duration::from_secs(30), |s| s.conn.io_timeout());
+        self.rt
+            .block_on(try_join_all(self.shards.iter_mut().map(|s| async move {
+                s.conn.write_frame(kind::STATS, &[], &[]).await?;
+                let bytes = s
+                    .conn
+                    .read_reply(kind::STATS_REPLY, "stats reply", io, 1 << 16)
+                    .await?;
+                ShardStats::decode(&bytes)
+            })))
+    }
+
+    pub fn pull_all(
+        &mut self,
+        params: &mut [f32],
+        newer_than: Option<u64>,
+        wait: bool,
+    ) -> Result<PullReply, NetError> {
+        let total: usize = self.shards.iter().map(|s| s.range.len()).sum();
+        if params.len() != total {
+            return Err(NetError::Handshake(format!(
+                "buffer has {} values, the layout has {total}",
+                params.len()
+            )));
+        }
+        let wait_timeout = self.wait_timeout;
+        let slices = split_by_ranges(params, self.shards.iter().map(|s| s.range.len()));
+        let replies = self
+            .rt
+            .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
+                |(shard, slice)| async move {
+                    // With several shards each keeps its own version; "newer than" means newer
+                    // than what this client last got from that shard.
+                    let newer = newer_than.map(|_| shard.version);
+                    shard
+                        .conn
+                        .write_frame(kind::PULL, &encode_pull(newer, wait), &[])
+                        .await?;
+                    let idle = if wait {
+                        wait_timeout
+                    } else {
+                        shard.conn.io_timeout()
+                    };
+                    let limit = (PULL_REPLY_HEAD_LEN + 4 * slice.len()) as u64;
+                    let header = shard
+                        .conn
+                        .read_header(idle, limit.max(1 << 16))
+                        .await?
+                        .ok_or(NetError::Closed("before replying to a pull"))?;
+                    if header.kind == kind::ERROR {
+                        return Err(decode_error(
+                            &shard.conn.read_bytes(header.len as usize).await?,
+                        ));
+                    }
+                    if header.kind != kind::PULL_REPLY {
+                        return Err(NetError::Unexpected {
+                            got: header.kind,
+                            expected: "pull reply",
+                        });
+                    }
+                    let head = shard.conn.read_bytes(PULL_REPLY_HEAD_LEN).await?;
+                    let mut r = Reader::new(&head, "pull reply");
+                    let (version, flags) = (r.u64()?, r.u8()?);
+                    let updated = flags & 1 != 0;
+                    let body = header.len - PULL_REPLY_HEAD_LEN as u64;
+                    let expected = if updated { 4 * slice.len() as u64 } else { 0 };
+                    if body != expected {
+                        return Err(NetError::Malformed {
+                            what: "pull reply",
+                            why: format!("{body} tensor bytes, expected {expected}"),
+                        });
+                    }
+                    if updated {
+                        shard.conn.read_f32s(slice).await?;
+                        shard.version = version;
+                    }
+                    Ok(PullReply {
+                        version,
+                        updated,
+                        done: flags & 2 != 0,
+                    })
+                },
+            )))?;
+        Ok(PullReply {
+            version: replies.iter().map(|r| r.version).min().unwrap_or(0),
+            updated: replies.iter().any(|r| r.updated),
+            done: replies.iter().any(|r| r.done),
+        })
+    }
+
+    pub fn push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
+        let slices = split_by_ranges_ref(grad, self.shards.iter().map(|s| s.range.len()));
+        let outcomes = self
+            .rt
+            .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
+                |(shard, slice)| async move {
+                    let mut head = Writer::default();
+                    // Each shard judges staleness against the version its slice came from.
+                    head.u64(shard.version).u32(meta.samples).f32(meta.loss);
+                    shard.conn.write_frame(kind::PUSH, &head.0, slice).await?;
+                    let io = shard.conn.io_timeout();
+                    let bytes = shard
+                        .conn
+                        .read_reply(kind::PUSH_REPLY, "push reply", io, 1 << 16)
+                        .await?;
+                    let mut r = Reader::new(&bytes, "push reply");
+                    let (code, version, staleness, waiting) =
+                        (r.u8()?, r.u64()?, r.u64()?, r.u32()?);
+                    r.finish()?;
+                    Ok::<_, NetError>(match code {
+                        outcome::APPLIED => PushOutcome::Applied { version, staleness },
+                        outcome::BUFFERED => PushOutcome::Buffered {
+                            waiting_for: waiting as usize,
+                        },
+                        outcome::DROPPED => PushOutcome::Dropped { staleness },
+                        outcome::DONE => PushOutcome::Done,
+                        other => {
+                            return Err(NetError::Malformed {
+                                what: "push reply",
+                                why: format!("unknown outcome {other}"),
+                            })
+                        }
+                    })
+                },
+            )))?;
+        // Report the most conservative outcome across shards.
+        let rank = |o: &PushOutcome| match o {
+            PushOutcome::Done => 0,
+            PushOutcome::Dropped { .. } => 1,
+            PushOutcome::Buffered { .. } => 2,
+            PushOutcome::Applied { .. } => 3,
+        };
+        Ok(outcomes
+            .into_iter()
+            .min_by_key(rank)
+            .unwrap_or(PushOutcome::Done))
+    }
+
+    /// Says goodbye to every shard (once).
+    pub fn goodbye(&mut self) -> Result<(), NetError> {
+        if std::mem::replace(&mut self.left, true) {
+            return Ok(());
+        }
+        self.rt
+            .block_on(try_join_all(self.shards.iter_mut().map(|s| async move {
+                s.conn.write_frame(kind::GOODBYE, &[], &[]).await?;
+                let io = s.conn.io_timeout();
+                s.conn
+                    .read_reply(kind::GOODBYE_OK, "goodbye reply", io, 1 << 16)
+                    .await?;
+                s.conn.shutdown().await;
+                Ok::<_, NetError>(())
+            })))?;
+        Ok(())
+    }
+}
+
+async fn connect_shard(
+    cfg: &ClientConfig,
+    shard: usize,
+    addr: &str,
+    range: Range<usize>,
+) -> Result<Shard, NetError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    let stream = loop {
+        match tokio::time::timeout(cfg.io_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => break s,
+            result => {
+                if started.elapsed() + backoff > cfg.connect_timeout {
+                    let why = match result {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".into(),
+                    };
+                    return Err(NetError::Handshake(format!(
+                        "cannot reach shard {shard} at {addr} after {:.0} s: {why}",
+                        started.elapsed().as_secs_f64()
+                    )));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let mut conn = Connection::new(stream, cfg.io_timeout);
+    let n = cfg.servers.len();
+    let hello = Hello::new(
+        cfg.role,
+        cfg.rank,
+        cfg.workers,
+        &cfg.mode,
+        shard,
+        n,
+        &cfg.layout,
+    );
+    conn.write_frame(kind::HELLO, &hello.encode(), &[]).await?;
+    let reply = conn
+        .read_reply(kind::HELLO_OK, "hello reply", cfg.io_timeout, 1 << 16)
+        .await
+        .map_err(|e| match e {
+            NetError::Remote {
+                code: code::HANDSHAKE,
+                message,
+            } => NetError::Handshake(format!("shard {shard} at {addr}: {message}")),
+            other => other,
+        })?;
+    let ok = HelloOk::decode(&reply)?;
+    if (ok.start as usize, ok.end as usize) != (range.start, range.end) {
+        return Err(NetError::Handshake(format!(
+            "shard {shard} at {addr} owns {}..{}, expected {range:?}",
+            ok.start, ok.end
+        )));
+    }
+    Ok(Shard {
+        conn,
+        range,
+        version: ok.version,
+    })
+}
+
+fn split_by_ranges(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+    let mut out = Vec::new();
+    for len in lens {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(len);
+        out.push(head);
+        buf = rest;
+    }
+    out
+}
+
+fn split_by_ranges_ref(mut buf: &[f32], lens: impl Iterator<Item = usize>) -> Vec<&[f32]> {
+    let mut out = Vec::new();
+    for len in lens {
+        let (head, rest) = buf.split_at(len);
+        out.push(head);
+        buf = rest;
+    }
+    out
+}
+
+fn to_client_error(e: NetError) -> ClientError {
+    match e {
+        NetError::Remote {
+            code: code::PUSH_NONFINITE,
+            message,
+        } => {
+            let count = message
+                .split_whitespace()
+                .find_map(|w| w.parse().ok())
+                .unwrap_or(0);
+            ClientError::Refused(PushError::NonFinite { count })
+        }
+        NetError::Remote { message, .. } => ClientError::Protocol(message),
+        NetError::Malformed { .. } | NetError::Unexpected { .. } | NetError::Frame(_) => {
+            ClientError::Protocol(e.to_string())
+        }
+        other => ClientError::Unavailable(other.to_string()),
+    }
+}
+
+impl ParameterClient for TcpClient {
+    fn pull(
+        &mut self,
+        params: &mut [f32],
+        newer_than: Option<u64>,
+        wait: bool,
+    ) -> Result<PullReply, ClientError> {
+        self.pull_all(params, newer_than, wait)
+            .map_err(to_client_error)
+    }
+
+    fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, ClientError> {
+        self.push_all(meta, grad).map_err(to_client_error)
+    }
+
+    fn leave(&mut self) -> Result<(), ClientError> {
+        self.goodbye().map_err(to_client_error)
+    }
+}

@@ -1,0 +1,181 @@
+//! One peer's TCP stream: reads and writes frames, each step under a deadline, and moves
+//! tensor payloads straight between the socket and `f32` buffers (no per-element conversion
+//! on little-endian hosts).
+
+use crate::error::NetError;
+use crate::frame::{Header, HEADER_LEN};
+use crate::protocol::{decode_error, kind};
+use std::future::Future;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+pub struct Connection {
+    reader: BufReader<OwnedReadHalf>,
+    writer: BufWriter<OwnedWriteHalf>,
+    /// Deadline for any one read or write once a frame is under way.
+    io_timeout: Duration,
+    peer: String,
+}
+
+async fn deadline<T>(
+    limit: Duration,
+    what: &'static str,
+    fut: impl Future<Output = std::io::Result<T>>,
+) -> Result<T, NetError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(NetError::Closed(what)),
+        Ok(Err(e)) => Err(NetError::Io(e)),
+        Err(_) => Err(NetError::Timeout(what)),
+    }
+}
+
+/// Tensors travel as little-endian `f32`; on a big-endian host the bytes are swapped in place.
+fn to_wire_order(values: &mut [f32]) {
+    if cfg!(target_endian = "big") {
+        for v in values {
+            *v = f32::from_bits(v.to_bits().swap_bytes());
+        }
+    }
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, io_timeout: Duration) -> Self {
+        // Frames are written whole and answered at once: do not wait to coalesce.
+        let _ = stream.set_nodelay(true);
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "unknown peer".into());
+        let (r, w) = stream.into_split();
+        Connection {
+            reader: BufReader::with_capacity(64 << 10, r),
+            writer: BufWriter::with_capacity(64 << 10, w),
+            io_timeout,
+            peer,
+        }
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout
+    }
+
+    /// Waits up to `idle` for the next frame's header. `Ok(None)` is a clean close between
+    /// frames; a close inside the header is an error.
+    pub async fn read_header(
+        &mut self,
+        idle: Duration,
+        limit: u64,
+    ) -> Result<Option<Header>, NetError> {
+        let mut buf = [0u8; HEADER_LEN];
+        let first = deadline(idle, "waiting for a frame", self.reader.read(&mut buf[..1])).await?;
+        if first == 0 {
+            return Ok(None);
+        }
+        deadline(
+            self.io_timeout,
+            "reading a frame header",
+            self.reader.read_exact(&mut buf[1..]),
+        )
+        .await?;
+        Ok(Some(Header::decode(&buf, limit)?))
+    }
+
+    pub async fn read_bytes(&mut self, n: usize) -> Result<Vec<u8>, NetError> {
+        let mut buf = vec![0u8; n];
+        deadline(
+            self.io_timeout,
+            "reading a payload",
+            self.reader.read_exact(&mut buf),
+        )
+        .await?;
+        Ok(buf)
+    }
+
+    /// Reads `out.len()` little-endian `f32`s directly into `out`.
+    pub async fn read_f32s(&mut self, out: &mut [f32]) -> Result<(), NetError> {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+        deadline(
+            self.io_timeout,
+            "reading a tensor",
+            self.reader.read_exact(bytes),
+        )
+        .await?;
+        to_wire_order(out);
+        Ok(())
+    }
+
+    /// Reads and drops `n` bytes (the rest of a frame that is refused but well-formed).
+    pub async fn discard(&mut self, mut n: u64) -> Result<(), NetError> {
+        let mut sink = vec![0u8; 64 << 10];
+        while n > 0 {
+            let take = n.min(sink.len() as u64) as usize;
+            deadline(
+                self.io_timeout,
+                "reading a refused payload",
+                self.reader.read_exact(&mut sink[..take]),
+            )
+            .await?;
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes one frame: header, fixed part, then the tensor's bytes, and flushes.
+    pub async fn write_frame(
+        &mut self,
+        kind: u16,
+        head: &[u8],
+        tensor: &[f32],
+    ) -> Result<(), NetError> {
+        let len = (head.len() + std::mem::size_of_val(tensor)) as u64;
+        let header = Header { kind, len }.encode();
+        let io = self.io_timeout;
+        deadline(io, "writing a frame", self.writer.write_all(&header)).await?;
+        deadline(io, "writing a frame", self.writer.write_all(head)).await?;
+        if cfg!(target_endian = "big") {
+            let mut swapped = tensor.to_vec();
+            to_wire_order(&mut swapped);
+            let bytes: &[u8] = bytemuck::cast_slice(&swapped);
+            deadline(io, "writing a tensor", self.writer.write_all(bytes)).await?;
+        } else {
+            let bytes: &[u8] = bytemuck::cast_slice(tensor);
+            deadline(io, "writing a tensor", self.writer.write_all(bytes)).await?;
+        }
+        deadline(io, "flushing a frame", self.writer.flush()).await
+    }
+
+    /// Reads a whole small reply of kind `expected` (or turns an `ERROR` frame into an error).
+    pub async fn read_reply(
+        &mut self,
+        expected: u16,
+        name: &'static str,
+        wait: Duration,
+        limit: u64,
+    ) -> Result<Vec<u8>, NetError> {
+        let header = self
+            .read_header(wait, limit)
+            .await?
+            .ok_or(NetError::Closed("before replying"))?;
+        let payload = self.read_bytes(header.len as usize).await?;
+        match header.kind {
+            k if k == expected => Ok(payload),
+            kind::ERROR => Err(decode_error(&payload)),
+            got => Err(NetError::Unexpected {
+                got,
+                expected: name,
+            }),
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.writer.flush().await;
+        let _ = self.writer.shutdown().await;
+    }
+}

@@ -1,0 +1,24 @@
+//! Everything that can go wrong on a connection, each with what and where.
+
+use crate::frame::FrameError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("peer closed the connection {0}")]
+    Closed(&'static str),
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("malformed {what}: {why}")]
+    Malformed { what: &'static str, why: String },
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    #[error("server error {code}: {message}")]
+    Remote { code: u16, message: String },
+    #[error("unexpected message kind {got:#x} (expected {expected})")]
+    Unexpected { got: u16, expected: &'static str },
+}

@@ -1,0 +1,436 @@
+//! The messages: their kind codes and the byte layout of their fixed parts. Tensor payloads
+//! follow the fixed part as raw little-endian `f32` and are handled by `connection`.
+
+use crate::error::NetError;
+use pstrain_core::{Layout, Mode, ServerStats};
+
+pub mod kind {
+    pub const HELLO: u16 = 0x01;
+    pub const PULL: u16 = 0x02;
+    pub const PUSH: u16 = 0x03;
+    pub const STATS: u16 = 0x04;
+    pub const GOODBYE: u16 = 0x05;
+    pub const HELLO_OK: u16 = 0x81;
+    pub const PULL_REPLY: u16 = 0x82;
+    pub const PUSH_REPLY: u16 = 0x83;
+    pub const STATS_REPLY: u16 = 0x84;
+    pub const GOODBYE_OK: u16 = 0x85;
+    pub const ERROR: u16 = 0xff;
+}
+
+/// Error codes carried by an `ERROR` frame.
+pub mod code {
+    pub const BAD_FRAME: u16 = 1;
+    pub const HANDSHAKE: u16 = 2;
+    pub const PUSH_REFUSED: u16 = 3;
+    pub const UNEXPECTED: u16 = 4;
+    pub const PUSH_NONFINITE: u16 = 5;
+}
+
+/// The largest handshake accepted (names and shapes of every tensor).
+pub const HELLO_LIMIT: u64 = 1 << 20;
+/// Fixed part of a push: base version, samples, loss.
+pub const PUSH_HEAD_LEN: usize = 16;
+/// Fixed part of a pull reply: version, flags.
+pub const PULL_REPLY_HEAD_LEN: usize = 9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Pushes gradients as rank `rank`.
+    Worker,
+    /// Only pulls weights and reads stats (evaluators, monitors).
+    Observer,
+}
+
+/// Appends little-endian fields.
+#[derive(Default)]
+pub struct Writer(pub Vec<u8>);
+
+impl Writer {
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn f32(&mut self, v: f32) -> &mut Self {
+        self.u32(v.to_bits())
+    }
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        self.u32(s.len() as u32);
+        self.0.extend_from_slice(s.as_bytes());
+        self
+    }
+}
+
+/// Reads little-endian fields, refusing to read past the end.
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Reader { bytes, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], NetError> {
+        if self.bytes.len() < n {
+            return Err(NetError::Malformed {
+                what: self.what,
+                why: format!("needs {n} more bytes, has {}", self.bytes.len()),
+            });
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+    pub fn u8(&mut self) -> Result<u8, NetError> {
+        Ok(self.take(1)?[0])
+    }
+    pub fn u16(&mut self) -> Result<u16, NetError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    pub fn u32(&mut self) -> Result<u32, NetError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    pub fn u64(&mut self) -> Result<u64, NetError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    pub fn f32(&mut self) -> Result<f32, NetError> {
+        Ok(f32::from_bits(self.u32()?))
+    }
+    pub fn str(&mut self) -> Result<String, NetError> {
+        let n = self.u32()? as usize;
+        let what = self.what;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| NetError::Malformed {
+            what,
+            why: "string is not UTF-8".into(),
+        })
+    }
+    /// Fails if bytes are left over: every message has an exact size.
+    pub fn finish(&self) -> Result<(), NetError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(NetError::Malformed {
+                what: self.what,
+                why: format!("{} trailing bytes", self.bytes.len()),
+            })
+        }
+    }
+}
+
+/// The first message of every connection: who is calling and what it believes about the run,
+/// so that a mismatched peer is refused before any tensor moves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub role: Role,
+    pub rank: u32,
+    pub workers: u32,
+    pub sync: bool,
+    pub shard: u32,
+    pub shards: u32,
+    pub fingerprint: u64,
+    pub tensors: Vec<(String, Vec<u64>)>,
+}
+
+impl Hello {
+    pub fn new(
+        role: Role,
+        rank: usize,
+        workers: usize,
+        mode: &Mode,
+        shard: usize,
+        shards: usize,
+        layout: &Layout,
+    ) -> Self {
+        Hello {
+            role,
+            rank: rank as u32,
+            workers: workers as u32,
+            sync: mode.is_sync(),
+            shard: shard as u32,
+            shards: shards as u32,
+            fingerprint: layout.fingerprint(),
+            tensors: layout
+                .tensors()
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as u64).collect()))
+                .collect(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(match self.role {
+            Role::Worker => 1,
+            Role::Observer => 2,
+        })
+        .u32(self.rank)
+        .u32(self.workers)
+        .u8(u8::from(self.sync))
+        .u32(self.shard)
+        .u32(self.shards)
+        .u64(self.fingerprint)
+        .u32(self.tensors.len() as u32);
+        for (name, shape) in &self.tensors {
+            w.str(name).u32(shape.len() as u32);
+            for &d in shape {
+                w.u64(d);
+            }
+        }
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, NetError> {
+        let mut r = Reader::new(bytes, "hello");
+        let role = match r.u8()? {
+            1 => Role::Worker,
+            2 => Role::Observer,
+            other => {
+                return Err(NetError::Malformed {
+                    what: "hello",
+                    why: format!("unknown role {other}"),
+                })
+            }
+        };
+        let (rank, workers, sync) = (r.u32()?, r.u32()?, r.u8()? != 0);
+        let (shard, shards, fingerprint) = (r.u32()?, r.u32()?, r.u64()?);
+        let count = r.u32()? as usize;
+        // Each tensor needs at least 8 bytes, so the count cannot promise more than is there.
+        if count > bytes.len() / 8 {
+            return Err(NetError::Malformed {
+                what: "hello",
+                why: format!("{count} tensors in {} bytes", bytes.len()),
+            });
+        }
+        let mut tensors = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name = r.str()?;
+            let dims = r.u32()? as usize;
+            if dims > 16 {
+                return Err(NetError::Malformed {
+                    what: "hello",
+                    why: format!("tensor `{name}` has {dims} dimensions"),
+                });
+            }
+            let shape = (0..dims).map(|_| r.u64()).collect::<Result<_, _>>()?;
+            tensors.push((name, shape));
+        }
+        r.finish()?;
+        Ok(Hello {
+            role,
+            rank,
+            workers,
+            sync,
+            shard,
+            shards,
+            fingerprint,
+            tensors,
+        })
+    }
+
+    /// The layout the peer described, if it is a valid one.
+    pub fn layout(&self) -> Result<Layout, String> {
+        let shapes: Vec<(String, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(n, s)| (n.clone(), s.iter().map(|&d| d as usize).collect()))
+            .collect();
+        Layout::new(shapes.iter().map(|(n, s)| (n.clone(), &s[..]))).map_err(|e| e.to_string())
+    }
+}
+
+/// The server's answer to a good hello: the key range this shard owns and its version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloOk {
+    pub start: u64,
+    pub end: u64,
+    pub version: u64,
+}
+
+impl HelloOk {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.start).u64(self.end).u64(self.version);
+        w.0
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, NetError> {
+        let mut r = Reader::new(bytes, "hello reply");
+        let v = HelloOk {
+            start: r.u64()?,
+            end: r.u64()?,
+            version: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+/// Pull: `newer_than` (u64::MAX for none) and whether to wait for newer weights.
+pub fn encode_pull(newer_than: Option<u64>, wait: bool) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u64(newer_than.unwrap_or(u64::MAX)).u8(u8::from(wait));
+    w.0
+}
+
+pub fn decode_pull(bytes: &[u8]) -> Result<(Option<u64>, bool), NetError> {
+    let mut r = Reader::new(bytes, "pull");
+    let v = r.u64()?;
+    let wait = r.u8()? != 0;
+    r.finish()?;
+    Ok(((v != u64::MAX).then_some(v), wait))
+}
+
+/// Outcome codes of a push reply.
+pub mod outcome {
+    pub const APPLIED: u8 = 0;
+    pub const BUFFERED: u8 = 1;
+    pub const DROPPED: u8 = 2;
+    pub const DONE: u8 = 3;
+}
+
+/// Stats reply: the shard's counters plus its quorum and whether the run is over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShardStats {
+    pub stats: ServerStats,
+    pub active_workers: u32,
+    pub done: bool,
+}
+
+impl ShardStats {
+    pub fn encode(&self) -> Vec<u8> {
+        let s = &self.stats;
+        let mut w = Writer::default();
+        w.u64(s.version)
+            .u64(s.gradients_applied)
+            .u64(s.samples_applied)
+            .u64(s.dropped_stale)
+            .u64(s.rejected_nonfinite)
+            .u64(s.rejected_other)
+            .u64(s.staleness_sum)
+            .u64(s.staleness_max)
+            .f32(s.loss_ema.unwrap_or(f32::NAN))
+            .u32(self.active_workers)
+            .u8(u8::from(self.done));
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, NetError> {
+        let mut r = Reader::new(bytes, "stats");
+        let stats = ServerStats {
+            version: r.u64()?,
+            gradients_applied: r.u64()?,
+            samples_applied: r.u64()?,
+            dropped_stale: r.u64()?,
+            rejected_nonfinite: r.u64()?,
+            rejected_other: r.u64()?,
+            staleness_sum: r.u64()?,
+            staleness_max: r.u64()?,
+            loss_ema: Some(r.f32()?).filter(|l| !l.is_nan()),
+        };
+        let v = ShardStats {
+            stats,
+            active_workers: r.u32()?,
+            done: r.u8()? != 0,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+pub fn encode_error(code: u16, message: &str) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u16(code).str(message);
+    w.0
+}
+
+pub fn decode_error(bytes: &[u8]) -> NetError {
+    let mut r = Reader::new(bytes, "error");
+    match (r.u16(), r.str()) {
+        (Ok(code), Ok(message)) => NetError::Remote { code, message },
+        _ => NetError::Malformed {
+            what: "error",
+            why: "unreadable error frame".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips_and_rejects_garbage() {
+        let layout = Layout::new([("w", &[3usize, 2][..]), ("b", &[3][..])]).unwrap();
+        let hello = Hello::new(
+            Role::Worker,
+            1,
+            2,
+            &Mode::Sync { backup_workers: 0 },
+            0,
+            2,
+            &layout,
+        );
+        let bytes = hello.encode();
+        let back = Hello::decode(&bytes).unwrap();
+        assert_eq!(back, hello);
+        assert_eq!(back.layout().unwrap(), layout);
+        for cut in [0, 5, bytes.len() - 1] {
+            assert!(Hello::decode(&bytes[..cut]).is_err());
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(Hello::decode(&long).is_err());
+        let mut huge_count = bytes.clone();
+        huge_count[26..30].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Hello::decode(&huge_count).is_err());
+    }
+
+    #[test]
+    fn small_messages_round_trip() {
+        assert_eq!(
+            decode_pull(&encode_pull(Some(7), true)).unwrap(),
+            (Some(7), true)
+        );
+        assert_eq!(
+            decode_pull(&encode_pull(None, false)).unwrap(),
+            (None, false)
+        );
+        let ok = HelloOk {
+            start: 1,
+            end: 9,
+            version: 4,
+        };
+        assert_eq!(HelloOk::decode(&ok.encode()).unwrap(), ok);
+        let st = ShardStats {
+            stats: ServerStats {
+                version: 3,
+                loss_ema: Some(0.5),
+                ..Default::default()
+            },
+            active_workers: 2,
+            done: true,
+        };
+        assert_eq!(ShardStats::decode(&st.encode()).unwrap(), st);
+        assert!(matches!(
+            decode_error(&encode_error(3, "nope")),
+            NetError::Remote { code: 3, .. }
+        ));
+    }
+}

@@ -1,0 +1,482 @@
+//! The shard server: accepts connections, checks each peer's handshake, and applies its
+//! pulls and pushes to this shard's `ServerCore`. A bad peer loses its connection; everyone
+//! else keeps training.
+
+use crate::connection::Connection;
+use crate::error::NetError;
+use crate::protocol::{
+    code, decode_pull, encode_error, kind, outcome, Hello, HelloOk, Reader, Role, ShardStats,
+    Writer, HELLO_LIMIT, PULL_REPLY_HEAD_LEN, PUSH_HEAD_LEN,
+};
+use pstrain_core::{
+    shard_ranges, Layout, PushError, PushMeta, PushOutcome, ServerConfig, ServerCore, ServerStats,
+};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub shard: usize,
+    pub shards: usize,
+    /// The whole model's layout; this shard owns `shard_ranges(len, shards)[shard]`.
+    pub layout: Layout,
+    pub server: ServerConfig,
+    /// Deadline for each read or write once a frame is under way.
+    pub io_timeout: Duration,
+    /// A peer silent this long between frames (or a sync wait this long) is dropped.
+    pub idle_timeout: Duration,
+    /// Stop once every worker rank has joined and left and no connection is open.
+    pub exit_when_finished: bool,
+}
+
+impl ShardConfig {
+    pub fn range(&self) -> Range<usize> {
+        shard_ranges(self.layout.len(), self.shards)
+            .get(self.shard)
+            .cloned()
+            .unwrap_or(0..0)
+    }
+}
+
+/// What happened on the shard's connections, besides the core's own counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionEvents {
+    pub accepted: u64,
+    pub refused_handshakes: u64,
+    /// Connections closed for a malformed, oversized or unexpected frame or a timeout.
+    pub protocol_errors: u64,
+    /// Workers that went away without a goodbye.
+    pub vanished_workers: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardReport {
+    pub stats: ServerStats,
+    pub events: ConnectionEvents,
+    pub params: Vec<f32>,
+}
+
+struct State {
+    core: ServerCore,
+    connected: Vec<bool>,
+    joined: Vec<bool>,
+    open: usize,
+    events: ConnectionEvents,
+}
+
+struct Shared {
+    cfg: ShardConfig,
+    range: Range<usize>,
+    state: Mutex<State>,
+    /// (version, done) after every change, for sync pulls waiting on the next step.
+    version: watch::Sender<(u64, bool)>,
+    finished: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, state: &State) {
+        self.version
+            .send_replace((state.core.version(), state.core.is_done()));
+    }
+
+    fn log(&self, msg: &str) {
+        eprintln!("[shard {}] {msg}", self.cfg.shard);
+    }
+
+    fn check_finished(&self, state: &State) {
+        let all_left = state.joined.iter().all(|&j| j) && !state.connected.iter().any(|&c| c);
+        if self.cfg.exit_when_finished && all_left && state.open == 0 {
+            self.finished.notify_one();
+        }
+    }
+}
+
+pub struct ShardServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl ShardServer {
+    /// Binds `addr` and sets up the shard with its slice of `initial` (the whole model).
+    pub async fn bind(addr: &str, cfg: ShardConfig, initial: &[f32]) -> Result<Self, NetError> {
+        if initial.len() != cfg.layout.len() || cfg.shard >= cfg.shards {
+            return Err(NetError::Handshake(format!(
+                "shard {} of {} over {} initial values for a layout of {}",
+                cfg.shard,
+                cfg.shards,
+                initial.len(),
+                cfg.layout.len()
+            )));
+        }
+        let range = cfg.range();
+        let core = ServerCore::new(cfg.server.clone(), initial[range.clone()].to_vec())
+            .map_err(|e| NetError::Handshake(e.to_string()))?;
+        let listener = TcpListener::bind(addr).await?;
+        let workers = cfg.server.workers;
+        let (version, _) = watch::channel((0, false));
+        Ok(ShardServer {
+            listener,
+            shared: Arc::new(Shared {
+                cfg,
+                range,
+                state: Mutex::new(State {
+                    core,
+                    connected: vec![false; workers],
+                    joined: vec![false; workers],
+                    open: 0,
+                    events: ConnectionEvents::default(),
+                }),
+                version,
+                finished: Notify::new(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes or, with `exit_when_finished`, the run is over.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShardReport {
+        tokio::pin!(shutdown);
+        let shared = self.shared;
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let shared = Arc::clone(&shared);
+                        shared.lock().events.accepted += 1;
+                        tokio::spawn(handle(shared, stream));
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        shared.log(&format!("accept failed: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = &mut shutdown => break,
+                _ = shared.finished.notified() => break,
+            }
+        }
+        // Waiting pulls see `done` and return; later requests find the listener gone.
+        let state = shared.lock();
+        shared.version.send_replace((state.core.version(), true));
+        ShardReport {
+            stats: state.core.stats(),
+            events: state.events,
+            params: state.core.params().to_vec(),
+        }
+    }
+}
+
+/// Who is on the other end, once the handshake is done.
+#[derive(Clone, Copy)]
+struct Session {
+    role: Role,
+    rank: usize,
+    said_goodbye: bool,
+}
+
+async fn handle(shared: Arc<Shared>, stream: TcpStream) {
+    shared.lock().open += 1;
+    let mut conn = Connection::new(stream, shared.cfg.io_timeout);
+    let mut session = None;
+    let result = serve(&shared, &mut conn, &mut session).await;
+    if let Err(e) = &result {
+        shared.log(&format!("closing connection from {}: {e}", conn.peer()));
+        let (code, counted) = match e {
+            NetError::Handshake(_) => (code::HANDSHAKE, false),
+            _ => (code::BAD_FRAME, true),
+        };
+        // Best effort: tell the peer why, unless the socket itself is what failed.
+        if !matches!(
+            e,
+            NetError::Io(_) | NetError::Closed(_) | NetError::Timeout(_)
+        ) {
+            let _ = conn
+                .write_frame(kind::ERROR, &encode_error(code, &e.to_string()), &[])
+                .await;
+        }
+        let mut state = shared.lock();
+        if counted {
+            state.events.protocol_errors += 1;
+        } else {
+            state.events.refused_handshakes += 1;
+        }
+    }
+    conn.shutdown().await;
+    let mut state = shared.lock();
+    state.open -= 1;
+    if let Some(s) = session.filter(|s| s.role == Role::Worker) {
+        state.connected[s.rank] = false;
+        if !s.said_goodbye {
+            state.events.vanished_workers += 1;
+            drop(state);
+            shared.log(&format!(
+                "worker {} disconnected without a goodbye; it leaves the quorum",
+                s.rank
+            ));
+            state = shared.lock();
+            state.core.leave(s.rank);
+            shared.publish(&state);
+        }
+    }
+    shared.check_finished(&state);
+}
+
+async fn serve(
+    shared: &Shared,
+    conn: &mut Connection,
+    session: &mut Option<Session>,
+) -> Result<(), NetError> {
+    let cfg = &shared.cfg;
+    let header = match conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? {
+        Some(h) => h,
+        None => return Ok(()),
+    };
+    if header.kind != kind::HELLO {
+        return Err(NetError::Unexpected {
+            got: header.kind,
+            expected: "hello",
+        });
+    }
+    let hello = Hello::decode(&conn.read_bytes(header.len as usize).await?)?;
+    let accepted = accept_hello(shared, &hello)?;
+    *session = Some(accepted);
+    let reply = {
+        let state = shared.lock();
+        HelloOk {
+            start: shared.range.start as u64,
+            end: shared.range.end as u64,
+            version: state.core.version(),
+        }
+    };
+    conn.write_frame(kind::HELLO_OK, &reply.encode(), &[])
+        .await?;
+
+    let shard_len = shared.range.len();
+    // The largest legitimate frame is a push of this shard's gradient.
+    let limit = (PUSH_HEAD_LEN + 4 * shard_len).max(64) as u64;
+    let mut buf: Vec<f32> = vec![0.0; shard_len];
+    loop {
+        let header = match conn.read_header(cfg.idle_timeout, limit).await? {
+            Some(h) => h,
+            None => return Ok(()),
+        };
+        match header.kind {
+            kind::PULL => {
+                let (newer_than, wait) = decode_pull(&conn.read_bytes(header.len as usize).await?)?;
+                pull(shared, conn, &mut buf, newer_than, wait).await?;
+            }
+            kind::PUSH if accepted.role == Role::Worker => {
+                push(shared, conn, &mut buf, header.len, accepted.rank).await?;
+            }
+            kind::STATS => {
+                conn.read_bytes(header.len as usize).await?;
+                let stats = {
+                    let state = shared.lock();
+                    ShardStats {
+                        stats: state.core.stats(),
+                        active_workers: state.core.active_workers() as u32,
+                        done: state.core.is_done(),
+                    }
+                };
+                conn.write_frame(kind::STATS_REPLY, &stats.encode(), &[])
+                    .await?;
+            }
+            kind::GOODBYE => {
+                conn.read_bytes(header.len as usize).await?;
+                if accepted.role == Role::Worker {
+                    let mut state = shared.lock();
+                    state.core.leave(accepted.rank);
+                    shared.publish(&state);
+                }
+                if let Some(s) = session.as_mut() {
+                    s.said_goodbye = true;
+                }
+                conn.write_frame(kind::GOODBYE_OK, &[], &[]).await?;
+                return Ok(());
+            }
+            other => {
+                return Err(NetError::Unexpected {
+                    got: other,
+                    expected: "pull, push, stats or goodbye",
+                })
+            }
+        }
+    }
+}
+
+fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
+    let cfg = &shared.cfg;
+    let refuse = |why: String| Err(NetError::Handshake(why));
+    if (hello.shard as usize, hello.shards as usize) != (cfg.shard, cfg.shards) {
+        return refuse(format!(
+            "peer expects shard {} of {}, this is shard {} of {}",
+            hello.shard, hello.shards, cfg.shard, cfg.shards
+        ));
+    }
+    let theirs = hello
+        .layout()
+        .map_err(|e| NetError::Handshake(format!("peer layout: {e}")))?;
+    if hello.fingerprint != cfg.layout.fingerprint() || theirs != cfg.layout {
+        return refuse(format!(
+            "model layout mismatch: peer has {} tensors / {} values (hash {:016x}), \
+             server has {} tensors / {} values (hash {:016x})",
+            theirs.tensors().len(),
+            theirs.len(),
+            hello.fingerprint,
+            cfg.layout.tensors().len(),
+            cfg.layout.len(),
+            cfg.layout.fingerprint()
+        ));
+    }
+    if hello.sync != cfg.server.mode.is_sync() {
+        return refuse(format!(
+            "mode mismatch: peer runs {}, server runs {}",
+            if hello.sync { "sync" } else { "async" },
+            cfg.server.mode.name()
+        ));
+    }
+    let rank = hello.rank as usize;
+    if hello.role == Role::Worker {
+        if hello.workers as usize != cfg.server.workers {
+            return refuse(format!(
+                "peer expects {} workers, server is set up for {}",
+                hello.workers, cfg.server.workers
+            ));
+        }
+        if rank >= cfg.server.workers {
+            return refuse(format!(
+                "rank {rank} is out of range for {} workers",
+                cfg.server.workers
+            ));
+        }
+        let mut state = shared.lock();
+        if state.connected[rank] {
+            return refuse(format!("worker rank {rank} is already connected"));
+        }
+        if state.joined[rank] {
+            state.core.rejoin(rank);
+        }
+        state.connected[rank] = true;
+        state.joined[rank] = true;
+    }
+    Ok(Session {
+        role: hello.role,
+        rank,
+        said_goodbye: false,
+    })
+}
+
+async fn pull(
+    shared: &Shared,
+    conn: &mut Connection,
+    buf: &mut [f32],
+    newer_than: Option<u64>,
+    wait: bool,
+) -> Result<(), NetError> {
+    let newer = |v: u64| newer_than.is_none_or(|n| v > n);
+    if wait {
+        let mut rx = shared.version.subscribe();
+        loop {
+            let (version, done) = *rx.borrow_and_update();
+            if newer(version) || done {
+                break;
+            }
+            match tokio::time::timeout(shared.cfg.idle_timeout, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => return Err(NetError::Timeout("waiting for the next sync step")),
+            }
+        }
+    }
+    let (version, done, updated) = {
+        let state = shared.lock();
+        let version = state.core.version();
+        let updated = newer(version);
+        if updated {
+            buf.copy_from_slice(state.core.params());
+        }
+        (version, state.core.is_done(), updated)
+    };
+    let mut head = Writer::default();
+    head.u64(version)
+        .u8(u8::from(updated) | (u8::from(done) << 1));
+    debug_assert_eq!(head.0.len(), PULL_REPLY_HEAD_LEN);
+    let tensor: &[f32] = if updated { buf } else { &[] };
+    conn.write_frame(kind::PULL_REPLY, &head.0, tensor).await
+}
+
+async fn push(
+    shared: &Shared,
+    conn: &mut Connection,
+    buf: &mut Vec<f32>,
+    len: u64,
+    rank: usize,
+) -> Result<(), NetError> {
+    let body = len
+        .checked_sub(PUSH_HEAD_LEN as u64)
+        .filter(|b| b % 4 == 0)
+        .ok_or_else(|| NetError::Malformed {
+            what: "push",
+            why: format!("payload of {len} bytes is not a push header plus f32 values"),
+        })?;
+    let head = conn.read_bytes(PUSH_HEAD_LEN).await?;
+    let mut r = Reader::new(&head, "push");
+    let (base_version, samples, loss) = (r.u64()?, r.u32()?, r.f32()?);
+    // The frame limit already bounds `body` by this shard's size.
+    let n = (body / 4) as usize;
+    buf.resize(n.max(shared.range.len()), 0.0);
+    conn.read_f32s(&mut buf[..n]).await?;
+    let meta = PushMeta {
+        rank,
+        base_version,
+        samples,
+        loss,
+    };
+    let result = {
+        let mut state = shared.lock();
+        let before = state.core.version();
+        let result = state.core.push(meta, &buf[..n]);
+        if state.core.version() != before || state.core.is_done() {
+            shared.publish(&state);
+        }
+        result
+    };
+    buf.truncate(shared.range.len());
+    let mut w = Writer::default();
+    match result {
+        Ok(outcome) => {
+            let (code, version, staleness, waiting) = match outcome {
+                PushOutcome::Applied { version, staleness } => {
+                    (outcome::APPLIED, version, staleness, 0)
+                }
+                PushOutcome::Buffered { waiting_for } => {
+                    (outcome::BUFFERED, 0, 0, waiting_for as u32)
+                }
+                PushOutcome::Dropped { staleness } => (outcome::DROPPED, 0, staleness, 0),
+                PushOutcome::Done => (outcome::DONE, 0, 0, 0),
+            };
+            w.u8(code).u64(version).u64(staleness).u32(waiting);
+            conn.write_frame(kind::PUSH_REPLY, &w.0, &[]).await
+        }
+        Err(e) => {
+            let code = match e {
+                PushError::NonFinite { .. } => code::PUSH_NONFINITE,
+                _ => code::PUSH_REFUSED,
+            };
+            conn.write_frame(kind::ERROR, &encode_error(code, &e.to_string()), &[])
+                .await
+        }
+    }
+}

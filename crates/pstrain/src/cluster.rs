@@ -1,0 +1,318 @@
+//! `pstrain train --transport tcp`: the same run as separate local processes, S server shards
+//! and N workers on 127.0.0.1, with this process as the monitor (an observer client).
+
+use crate::metrics::Summary;
+use crate::monitor::{Monitor, ServerView};
+use crate::train::{Observer, Schedule, TrainConfig, TrainError, TrainOutcome};
+use crate::worker::WorkerReport;
+use pstrain_compute::mnist::Mnist;
+use pstrain_core::{Aggregate, Mode, OptimizerConfig, ServerStats};
+use pstrain_net::{ClientConfig, Role, TcpClient};
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const TICK: Duration = Duration::from_millis(200);
+/// How long a shard may take to print its address, and to exit once the run is over.
+const SERVER_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The `pstrain` executable to launch.
+    pub exe: PathBuf,
+    pub shards: usize,
+    /// The data folder the workers load (the monitor gets the data set from the caller).
+    pub data_dir: PathBuf,
+}
+
+/// The command-line flags that reproduce `cfg`'s run in a `server` or `worker` process.
+pub fn run_args(cfg: &TrainConfig) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut flag = |name: &str, value: String| {
+        a.push(format!("--{name}"));
+        a.push(value);
+    };
+    match cfg.mode {
+        Mode::Sync { backup_workers } => {
+            flag("mode", "sync".into());
+            flag("backup-workers", backup_workers.to_string());
+        }
+        Mode::Async { max_staleness } => {
+            flag("mode", "async".into());
+            flag("max-staleness", max_staleness.unwrap_or(0).to_string());
+        }
+    }
+    flag("workers", cfg.workers.to_string());
+    flag("model", cfg.model.name().into());
+    flag("epochs", cfg.epochs.to_string());
+    if let Some(n) = cfg.iterations {
+        flag("iterations", n.to_string());
+    }
+    flag("batch-size", cfg.batch_size.to_string());
+    match cfg.optimizer {
+        OptimizerConfig::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            ..
+        } => {
+            if momentum > 0.0 {
+                flag("optimizer", "momentum".into());
+                flag("momentum", momentum.to_string());
+            } else {
+                flag("optimizer", "sgd".into());
+            }
+            flag("lr", lr.to_string());
+            flag("weight-decay", weight_decay.to_string());
+        }
+        OptimizerConfig::Adam {
+            lr, weight_decay, ..
+        } => {
+            flag("optimizer", "adam".into());
+            flag("lr", lr.to_string());
+            flag("weight-decay", weight_decay.to_string());
+        }
+    }
+    flag(
+        "lr-schedule",
+        match cfg.schedule {
+            Schedule::Constant => "constant",
+            Schedule::Cosine => "cosine",
+        }
+        .into(),
+    );
+    flag(
+        "aggregate",
+        match cfg.aggregate {
+            Aggregate::Mean => "mean",
+            Aggregate::Sum => "sum",
+        }
+        .into(),
+    );
+    flag("seed", cfg.seed.to_string());
+    a
+}
+
+/// A child process that is killed if it is still running when this guard drops.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn spawn(name: String, cmd: &mut Command) -> Result<Proc, TrainError> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| TrainError::Cluster(format!("cannot start {name}: {e}")))?;
+    Ok(Proc { name, child })
+}
+
+/// Reads the "listening on ADDR" line a shard prints once bound.
+fn read_address(name: &str, stdout: ChildStdout) -> Result<String, TrainError> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = tx.send(reader.read_line(&mut line).map(|_| line));
+        // Keep draining so the shard never blocks on a full pipe.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let line = rx
+        .recv_timeout(SERVER_GRACE)
+        .map_err(|_| TrainError::Cluster(format!("{name} did not report its address")))?
+        .map_err(|e| TrainError::Cluster(format!("{name}: {e}")))?;
+    line.trim()
+        .strip_prefix("listening on ")
+        .map(str::to_string)
+        .ok_or_else(|| TrainError::Cluster(format!("{name} failed to start (said {line:?})")))
+}
+
+/// The monitor's window on the shards: an observer connection to each.
+struct RemoteView {
+    client: TcpClient,
+    buf: Vec<f32>,
+}
+
+impl ServerView for RemoteView {
+    fn stats(&mut self) -> Result<ServerStats, TrainError> {
+        let shards = self.client.stats()?;
+        // Every gradient goes to every shard: shard 0 counts updates and samples for all;
+        // refusals can differ by shard (a NaN may sit in one slice), so take the largest.
+        let mut stats = shards.first().map(|s| s.stats).unwrap_or_default();
+        for s in &shards[1..] {
+            stats.version = stats.version.min(s.stats.version);
+            stats.dropped_stale = stats.dropped_stale.max(s.stats.dropped_stale);
+            stats.rejected_nonfinite = stats.rejected_nonfinite.max(s.stats.rejected_nonfinite);
+            stats.rejected_other = stats.rejected_other.max(s.stats.rejected_other);
+        }
+        Ok(stats)
+    }
+
+    fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError> {
+        self.client.pull_all(&mut self.buf, None, false)?;
+        let stats = self.stats()?;
+        Ok((stats, self.buf.clone()))
+    }
+}
+
+/// Runs `cfg` as local processes; `data` is the same data set the workers load.
+pub fn train_tcp(
+    cfg: &TrainConfig,
+    cluster: &ClusterConfig,
+    data: &Mnist,
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome, TrainError> {
+    cfg.validate()?;
+    if cluster.shards == 0 {
+        return Err(TrainError::Cluster("at least one shard is needed".into()));
+    }
+    let args = run_args(cfg);
+    let mut servers = Vec::new();
+    let mut addresses = Vec::new();
+    for shard in 0..cluster.shards {
+        let name = format!("shard {shard}");
+        let mut proc = spawn(
+            name.clone(),
+            Command::new(&cluster.exe)
+                .arg("server")
+                .args(["--listen", "127.0.0.1:0"])
+                .args([
+                    "--shard",
+                    &shard.to_string(),
+                    "--shards",
+                    &cluster.shards.to_string(),
+                ])
+                .args(["--train-samples", &data.train.len().to_string()])
+                .args(&args),
+        )?;
+        let stdout = proc
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| TrainError::Cluster(format!("{name}: no stdout")))?;
+        addresses.push(read_address(&name, stdout)?);
+        servers.push(proc);
+    }
+
+    let layout = cfg.model.build(Default::default()).layout().clone();
+    let observer_cfg = ClientConfig::new(
+        addresses.clone(),
+        Role::Observer,
+        0,
+        cfg.workers,
+        cfg.mode,
+        layout.clone(),
+    );
+    let mut view = RemoteView {
+        client: TcpClient::connect(&observer_cfg)?,
+        buf: vec![0.0; layout.len()],
+    };
+
+    let mut monitor = Monitor::new(cfg, &data.test, data.train.len(), Instant::now());
+    let mut workers = Vec::new();
+    for rank in 0..cfg.workers {
+        workers.push(spawn(
+            format!("worker {rank}"),
+            Command::new(&cluster.exe)
+                .arg("worker")
+                .args(["--servers", &addresses.join(",")])
+                .args([
+                    "--rank",
+                    &rank.to_string(),
+                    "--threads",
+                    &cfg.threads.to_string(),
+                ])
+                .arg("--data-dir")
+                .arg(&cluster.data_dir)
+                .args(&args),
+        )?);
+    }
+    // Collect each worker's stdout (its JSON report) without letting a pipe fill up.
+    let outputs: Vec<_> = workers
+        .iter_mut()
+        .map(|w| {
+            let mut out = w.child.stdout.take();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(o) = out.as_mut() {
+                    let _ = o.read_to_string(&mut text);
+                }
+                text
+            })
+        })
+        .collect();
+
+    let mut running = cfg.workers;
+    let mut stopped = false;
+    while running > 0 {
+        std::thread::sleep(TICK);
+        if stop.load(Ordering::Relaxed) && !stopped {
+            stopped = true;
+            for w in &mut workers {
+                let _ = w.child.kill();
+            }
+        }
+        running = 0;
+        for w in &mut workers {
+            match w.child.try_wait() {
+                Ok(None) => running += 1,
+                Ok(Some(status)) if status.success() || stopped => {}
+                Ok(Some(status)) => {
+                    return Err(TrainError::Cluster(format!(
+                        "{} exited with {status}",
+                        w.name
+                    )))
+                }
+                Err(e) => return Err(TrainError::Cluster(format!("{}: {e}", w.name))),
+            }
+        }
+        monitor.tick(&mut view, observer)?;
+    }
+    let wall = monitor.start().elapsed();
+    let (stats, record, params) = monitor.finish(&mut view, observer)?;
+    drop(view);
+
+    let mut not_applied = 0;
+    for (rank, out) in outputs.into_iter().enumerate() {
+        let text = out.join().unwrap_or_default();
+        let report: Option<WorkerReport> = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok());
+        match report {
+            Some(r) => not_applied += r.not_applied,
+            None if stopped => {}
+            None => {
+                return Err(TrainError::Cluster(format!(
+                    "worker {rank} printed no report"
+                )))
+            }
+        }
+    }
+    // Shards exit by themselves once every worker and the monitor have left.
+    let deadline = Instant::now() + SERVER_GRACE;
+    for s in &mut servers {
+        while matches!(s.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(TrainOutcome {
+        summary: Summary::new(cfg, &stats, &record, wall, stopped, not_applied),
+        params,
+    })
+}

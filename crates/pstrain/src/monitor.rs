@@ -1,0 +1,98 @@
+//! The run's observer side, whatever the transport: samples the server's counters, evaluates
+//! its weights on the test set every so many updates, and reports both.
+
+use crate::metrics::{EvalRecord, ProgressRecord};
+use crate::train::{Observer, TrainConfig, TrainError};
+use pstrain_compute::mnist::Split;
+use pstrain_compute::{Model, ModelOptions};
+use pstrain_core::ServerStats;
+use std::time::Instant;
+
+/// Read access to the parameter server, in-process or over the network.
+pub trait ServerView {
+    fn stats(&mut self) -> Result<ServerStats, TrainError>;
+    /// The counters and the whole weight vector, taken together.
+    fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError>;
+}
+
+pub struct Monitor<'a> {
+    eval_model: Box<dyn Model>,
+    test: &'a Split,
+    train_len: usize,
+    start: Instant,
+    eval_every: u64,
+    next_eval: u64,
+    last_eval: Option<EvalRecord>,
+}
+
+impl<'a> Monitor<'a> {
+    pub fn new(cfg: &TrainConfig, test: &'a Split, train_len: usize, start: Instant) -> Self {
+        let eval_every = cfg
+            .eval_every
+            .unwrap_or_else(|| cfg.updates_per_epoch(train_len));
+        Monitor {
+            eval_model: cfg.model.build(ModelOptions {
+                dropout: true,
+                threads: cfg.threads,
+            }),
+            test,
+            train_len,
+            start,
+            eval_every,
+            next_eval: if eval_every > 0 { eval_every } else { u64::MAX },
+            last_eval: None,
+        }
+    }
+
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// One progress sample, and an evaluation when the next one is due.
+    pub fn tick(
+        &mut self,
+        view: &mut dyn ServerView,
+        observer: &mut dyn Observer,
+    ) -> Result<(), TrainError> {
+        let stats = view.stats()?;
+        observer.progress(&ProgressRecord::new(self.start, &stats, self.train_len));
+        if stats.version >= self.next_eval {
+            let record = self.evaluate(view)?;
+            observer.eval(&record);
+            self.last_eval = Some(record);
+            while self.next_eval <= stats.version {
+                self.next_eval = self.next_eval.saturating_add(self.eval_every);
+            }
+        }
+        Ok(())
+    }
+
+    /// The evaluation of the final weights (reusing the last one if nothing changed since).
+    pub fn finish(
+        mut self,
+        view: &mut dyn ServerView,
+        observer: &mut dyn Observer,
+    ) -> Result<(ServerStats, EvalRecord, Vec<f32>), TrainError> {
+        let (stats, weights) = view.snapshot()?;
+        let record = match self.last_eval.take() {
+            Some(record) if record.updates == stats.version => record,
+            _ => {
+                let eval =
+                    self.eval_model
+                        .evaluate(&weights, &self.test.images, &self.test.labels)?;
+                let record = EvalRecord::new(self.start, &stats, &eval, self.train_len);
+                observer.eval(&record);
+                record
+            }
+        };
+        Ok((stats, record, weights))
+    }
+
+    fn evaluate(&mut self, view: &mut dyn ServerView) -> Result<EvalRecord, TrainError> {
+        let (stats, weights) = view.snapshot()?;
+        let eval = self
+            .eval_model
+            .evaluate(&weights, &self.test.images, &self.test.labels)?;
+        Ok(EvalRecord::new(self.start, &stats, &eval, self.train_len))
+    }
+}
