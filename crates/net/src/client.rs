@@ -120,13 +120,7 @@ impl TcpClient {
         newer_than: Option<u64>,
         wait: bool,
     ) -> Result<PullReply, NetError> {
-        let total: usize = self.shards.iter().map(|s| s.range.len()).sum();
-        if params.len() != total {
-            return Err(NetError::Handshake(format!(
-                "buffer has {} values, the layout has {total}",
-                params.len()
-            )));
-        }
+        self.check_len(params.len())?;
         let wait_timeout = self.wait_timeout;
         let slices = split_by_ranges(params, self.shards.iter().map(|s| s.range.len()));
         let replies = self
@@ -192,7 +186,17 @@ impl TcpClient {
         })
     }
 
+    fn check_len(&self, got: usize) -> Result<(), NetError> {
+        let expected: usize = self.shards.iter().map(|s| s.range.len()).sum();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(NetError::Shape { expected, got })
+        }
+    }
+
     pub fn push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
+        self.check_len(grad.len())?;
         let slices = split_by_ranges_ref(grad, self.shards.iter().map(|s| s.range.len()));
         let outcomes = self
             .rt
@@ -355,6 +359,7 @@ fn to_client_error(e: NetError) -> ClientError {
             ClientError::Refused(PushError::NonFinite { count })
         }
         NetError::Remote { message, .. } => ClientError::Protocol(message),
+        NetError::Shape { expected, got } => ClientError::Shape { expected, got },
         NetError::Malformed { .. } | NetError::Unexpected { .. } | NetError::Frame(_) => {
             ClientError::Protocol(e.to_string())
         }

@@ -19,6 +19,8 @@ pub enum NetError {
     Handshake(String),
     #[error("server error {code}: {message}")]
     Remote { code: u16, message: String },
+    #[error("buffer has {got} values, the layout has {expected}")]
+    Shape { expected: usize, got: usize },
     #[error("unexpected message kind {got:#x} (expected {expected})")]
     Unexpected { got: u16, expected: &'static str },
 }

@@ -1,0 +1,329 @@
+//! Black-box tests against a live shard server on 127.0.0.1:0: hostile and broken peers get
+//! their error and lose their connection, while a well-behaved worker trains to completion.
+
+use pstrain_core::{
+    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, ServerConfig,
+};
+use pstrain_net::frame::{Header, HEADER_LEN, MAGIC};
+use pstrain_net::protocol::{kind, Hello, Role};
+use pstrain_net::server::ShardReport;
+use pstrain_net::{ClientConfig, ShardConfig, ShardServer, TcpClient};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+const N: usize = 1000;
+
+fn layout() -> Layout {
+    Layout::new([("w", &[N - 10][..]), ("b", &[10][..])]).unwrap()
+}
+
+struct Running {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<ShardReport>>,
+}
+
+impl Running {
+    fn finish(mut self) -> ShardReport {
+        let _ = self.stop.take().unwrap().send(());
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+fn start(mode: Mode, workers: usize) -> Running {
+    let cfg = ShardConfig {
+        shard: 0,
+        shards: 1,
+        layout: layout(),
+        server: ServerConfig {
+            mode,
+            workers,
+            optimizer: OptimizerConfig::sgd(0.1),
+            ..Default::default()
+        },
+        io_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(10),
+        exit_when_finished: false,
+    };
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let server = ShardServer::bind("127.0.0.1:0", cfg, &vec![0.0; N])
+                .await
+                .unwrap();
+            addr_tx.send(server.local_addr().unwrap()).unwrap();
+            server
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        })
+    });
+    Running {
+        addr: addr_rx.recv().unwrap(),
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+fn client(addr: SocketAddr, rank: usize, workers: usize, mode: Mode) -> TcpClient {
+    let cfg = ClientConfig::new(
+        vec![addr.to_string()],
+        Role::Worker,
+        rank,
+        workers,
+        mode,
+        layout(),
+    );
+    TcpClient::connect(&cfg).unwrap()
+}
+
+fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Header {
+        kind,
+        len: payload.len() as u64,
+    }
+    .encode()
+    .to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Sends `bytes` and returns everything the server sends back before it closes.
+fn attack(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    reply
+}
+
+fn error_text(reply: &[u8]) -> String {
+    assert!(
+        reply.len() >= HEADER_LEN,
+        "expected an error frame, got {} bytes",
+        reply.len()
+    );
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(&reply[..HEADER_LEN]);
+    let header = Header::decode(&h, 1 << 20).unwrap();
+    assert_eq!(header.kind, kind::ERROR);
+    String::from_utf8_lossy(&reply[HEADER_LEN + 6..]).into_owned()
+}
+
+fn hello(layout: &Layout, mode: Mode, rank: usize) -> Vec<u8> {
+    frame(
+        kind::HELLO,
+        &Hello::new(Role::Worker, rank, 2, &mode, 0, 1, layout).encode(),
+    )
+}
+
+fn push_frame(values: usize) -> Vec<u8> {
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&0u64.to_le_bytes());
+    payload.extend_from_slice(&1u32.to_le_bytes());
+    payload.extend_from_slice(&0f32.to_le_bytes());
+    for _ in 0..values {
+        payload.extend_from_slice(&0.25f32.to_le_bytes());
+    }
+    frame(kind::PUSH, &payload)
+}
+
+fn read_frame(s: &mut TcpStream) -> (u16, Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let header = Header::decode(&h, 1 << 20).unwrap();
+    let mut payload = vec![0u8; header.len as usize];
+    s.read_exact(&mut payload).unwrap();
+    (header.kind, payload)
+}
+
+const ASYNC: Mode = Mode::Async {
+    max_staleness: None,
+};
+
+#[test]
+fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
+    let server = start(ASYNC, 2);
+    let addr = server.addr;
+    let good = std::thread::spawn(move || {
+        let mut c = client(addr, 0, 2, ASYNC);
+        let mut params = vec![0.0; N];
+        let mut applied = 0;
+        for _ in 0..200 {
+            let reply = c.pull(&mut params, None, false).unwrap();
+            let meta = PushMeta {
+                rank: 0,
+                base_version: reply.version,
+                samples: 1,
+                loss: 0.0,
+            };
+            if let PushOutcome::Applied { .. } = c.push(meta, &vec![1.0; N]).unwrap() {
+                applied += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        c.leave().unwrap();
+        (applied, params)
+    });
+
+    // Random bytes: not a pstrain peer.
+    let reply = attack(
+        addr,
+        &[
+            0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+        ],
+    );
+    assert!(
+        error_text(&reply).contains("magic"),
+        "{}",
+        error_text(&reply)
+    );
+
+    // A wrong protocol version.
+    let mut old = frame(kind::HELLO, &[]);
+    old[4] = 99;
+    assert!(error_text(&attack(addr, &old)).contains("protocol version 99"));
+
+    // An oversized length, refused before any allocation.
+    let mut huge = Header {
+        kind: kind::HELLO,
+        len: 1 << 40,
+    }
+    .encode()
+    .to_vec();
+    huge.extend_from_slice(&[0; 32]);
+    assert!(error_text(&attack(addr, &huge)).contains("exceeds"));
+
+    // A truncated frame: the header promises more than ever arrives; the peer then vanishes.
+    let mut cut = Header {
+        kind: kind::HELLO,
+        len: 100,
+    }
+    .encode()
+    .to_vec();
+    cut.extend_from_slice(&[1; 10]);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&cut).unwrap();
+    drop(s);
+
+    // A peer that stalls inside a header is timed out.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    slow.write_all(&MAGIC.to_le_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+
+    // A layout mismatch is refused at the handshake.
+    let other = Layout::new([("w", &[N][..])]).unwrap();
+    let text = error_text(&attack(addr, &hello(&other, ASYNC, 1)));
+    assert!(text.contains("layout mismatch"), "{text}");
+    // So is a mode mismatch, and a rank out of range.
+    let text = error_text(&attack(
+        addr,
+        &hello(&layout(), Mode::Sync { backup_workers: 0 }, 1),
+    ));
+    assert!(text.contains("mode mismatch"), "{text}");
+    assert!(error_text(&attack(addr, &hello(&layout(), ASYNC, 7))).contains("out of range"));
+
+    // A worker with the right handshake but bad pushes: wrong length, NaN, Inf. Each gets its
+    // error and the connection stays usable.
+    let cfg = ClientConfig::new(vec![addr.to_string()], Role::Worker, 1, 2, ASYNC, layout());
+    let mut bad = TcpClient::connect(&cfg).unwrap();
+    let meta = PushMeta {
+        rank: 1,
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+    };
+    let mut params = vec![0.0; N];
+    bad.pull(&mut params, None, false).unwrap();
+    let mut nan = vec![0.5; N];
+    nan[17] = f32::NAN;
+    let err = bad.push(meta, &nan).unwrap_err().to_string();
+    assert!(err.contains("non-finite"), "{err}");
+    let mut inf = vec![0.5; N];
+    inf[3] = f32::INFINITY;
+    inf[4] = f32::NEG_INFINITY;
+    assert!(bad.push(meta, &inf).is_err());
+    assert!(
+        bad.push_all(meta, &vec![0.5; N - 1]).is_err(),
+        "the client checks lengths"
+    );
+    bad.leave().unwrap();
+
+    // Raw pushes of the wrong length from a peer that skips the client's checks: a short one
+    // gets an error and the connection stays; a longer one exceeds the frame limit and closes it.
+    let mut raw = TcpStream::connect(addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(&hello(&layout(), ASYNC, 1)).unwrap();
+    let reply = read_frame(&mut raw);
+    assert_eq!(reply.0, kind::HELLO_OK);
+    raw.write_all(&push_frame(N - 1)).unwrap();
+    let (k, payload) = read_frame(&mut raw);
+    assert_eq!(k, kind::ERROR);
+    assert!(String::from_utf8_lossy(&payload).contains("expects 1000"));
+    raw.write_all(&push_frame(N + 1)).unwrap();
+    let (k, payload) = read_frame(&mut raw);
+    assert_eq!(k, kind::ERROR);
+    assert!(String::from_utf8_lossy(&payload).contains("exceeds"));
+    let mut rest = Vec::new();
+    assert_eq!(
+        raw.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "closed after an oversized frame"
+    );
+
+    let (applied, params) = good.join().unwrap();
+    assert_eq!(applied, 200);
+    // Only the good worker's 200 unit gradients moved the weights: 200 * lr 0.1.
+    assert!(
+        params
+            .iter()
+            .all(|&p| (p + 19.9).abs() < 1e-3 || (p + 20.0).abs() < 1e-3),
+        "{}",
+        params[0]
+    );
+
+    let report = server.finish();
+    assert_eq!(report.stats.gradients_applied, 200);
+    assert_eq!(report.stats.rejected_nonfinite, 2);
+    assert!(report.stats.rejected_other >= 1, "short push counted");
+    assert!(report.events.refused_handshakes >= 3, "{:?}", report.events);
+    assert!(report.events.protocol_errors >= 5, "{:?}", report.events);
+    assert!(report.params.iter().all(|p| p.is_finite()));
+}
+
+#[test]
+fn a_sync_worker_that_vanishes_does_not_hang_the_barrier() {
+    let mode = Mode::Sync { backup_workers: 0 };
+    let server = start(mode, 2);
+    let mut a = client(server.addr, 0, 2, mode);
+    let b = client(server.addr, 1, 2, mode);
+    let mut params = vec![0.0; N];
+    a.pull(&mut params, None, false).unwrap();
+    let meta = PushMeta {
+        rank: 0,
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+    };
+    assert!(matches!(
+        a.push(meta, &vec![1.0; N]).unwrap(),
+        PushOutcome::Buffered { .. }
+    ));
+    // Worker 1 dies without a goodbye; worker 0's wait for the step must end.
+    drop(b);
+    let started = std::time::Instant::now();
+    let reply = a.pull(&mut params, Some(0), true).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(reply.version, 1);
+    assert!(params.iter().all(|&p| (p + 0.1).abs() < 1e-6));
+    a.leave().unwrap();
+    let report = server.finish();
+    assert_eq!(report.events.vanished_workers, 1);
+}
