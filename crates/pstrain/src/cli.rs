@@ -500,11 +500,11 @@ fn run_train(args: TrainArgs) -> Result<()> {
             train(&cfg, &data, &mut reporter, &stop)?
         }
         TransportArg::Tcp => {
-            let cluster = ClusterConfig {
-                exe: std::env::current_exe().context("cannot find the pstrain executable")?,
-                shards: args.shards,
-                data_dir: std::fs::canonicalize(data_dir(&args.data))?,
-            };
+            let cluster = ClusterConfig::local(
+                std::env::current_exe().context("cannot find the pstrain executable")?,
+                args.shards,
+                std::fs::canonicalize(data_dir(&args.data))?,
+            );
             train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
         }
     };

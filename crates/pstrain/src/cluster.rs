@@ -13,19 +13,43 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TICK: Duration = Duration::from_millis(200);
 /// How long a shard may take to print its address, and to exit once the run is over.
 const SERVER_GRACE: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone)]
+/// Maps a shard's bound address to the address workers dial.
+pub type Relay = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+#[derive(Clone)]
 pub struct ClusterConfig {
     /// The `pstrain` executable to launch.
     pub exe: PathBuf,
     pub shards: usize,
     /// The data folder the workers load (the monitor gets the data set from the caller).
     pub data_dir: PathBuf,
+    /// The host the shards listen on, each on a free port.
+    pub listen_host: String,
+    /// Prepended to each worker's command line (e.g. `ip netns exec NAME`).
+    pub worker_wrapper: Vec<String>,
+    /// Where workers should dial a shard, if not its own address (a proxy, a NAT).
+    pub relay: Option<Relay>,
+}
+
+impl ClusterConfig {
+    /// Everything on 127.0.0.1, workers dialing the shards directly.
+    pub fn local(exe: PathBuf, shards: usize, data_dir: PathBuf) -> Self {
+        ClusterConfig {
+            exe,
+            shards,
+            data_dir,
+            listen_host: "127.0.0.1".into(),
+            worker_wrapper: Vec::new(),
+            relay: None,
+        }
+    }
 }
 
 /// The command-line flags that reproduce `cfg`'s run in a `server` or `worker` process.
@@ -190,7 +214,7 @@ pub fn train_tcp(
             name.clone(),
             Command::new(&cluster.exe)
                 .arg("server")
-                .args(["--listen", "127.0.0.1:0"])
+                .args(["--listen", &format!("{}:0", cluster.listen_host)])
                 .args([
                     "--shard",
                     &shard.to_string(),
@@ -223,14 +247,25 @@ pub fn train_tcp(
         buf: vec![0.0; layout.len()],
     };
 
+    let dial: Vec<String> = match &cluster.relay {
+        Some(relay) => addresses.iter().map(|a| relay(a)).collect(),
+        None => addresses.clone(),
+    };
     let mut monitor = Monitor::new(cfg, &data.test, data.train.len(), Instant::now());
     let mut workers = Vec::new();
     for rank in 0..cfg.workers {
+        let mut cmd = match cluster.worker_wrapper.split_first() {
+            Some((program, prefix)) => {
+                let mut c = Command::new(program);
+                c.args(prefix).arg(&cluster.exe);
+                c
+            }
+            None => Command::new(&cluster.exe),
+        };
         workers.push(spawn(
             format!("worker {rank}"),
-            Command::new(&cluster.exe)
-                .arg("worker")
-                .args(["--servers", &addresses.join(",")])
+            cmd.arg("worker")
+                .args(["--servers", &dial.join(",")])
                 .args([
                     "--rank",
                     &rank.to_string(),

@@ -7,22 +7,30 @@ use pstrain::cluster::{train_tcp, ClusterConfig};
 use pstrain::{train, Quiet, Schedule, TrainConfig, TrainOutcome};
 use pstrain_compute::ModelKind;
 use pstrain_core::{Aggregate, Mode, OptimizerConfig};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn cluster(shards: usize) -> ClusterConfig {
-    ClusterConfig {
-        exe: PathBuf::from(common::pstrain_bin()),
+    ClusterConfig::local(
+        PathBuf::from(common::pstrain_bin()),
         shards,
-        data_dir: common::mnist_dir(),
-    }
+        common::mnist_dir(),
+    )
 }
 
 fn run_tcp(cfg: &TrainConfig, shards: usize) -> TrainOutcome {
+    run_on(cfg, &cluster(shards))
+}
+
+fn run_on(cfg: &TrainConfig, cluster: &ClusterConfig) -> TrainOutcome {
     let _guard = common::one_at_a_time();
     let outcome = train_tcp(
         cfg,
-        &cluster(shards),
+        cluster,
         common::mnist(),
         &mut Quiet,
         &AtomicBool::new(false),
@@ -119,4 +127,145 @@ fn sync_over_tcp_gives_the_in_process_weights() {
             );
         }
     }
+}
+
+/// A constant-latency link: every chunk read on one side is written on the other `delay`
+/// after it arrived, in order, so latency grows and bandwidth does not collapse.
+fn delay_proxy(target: String, delay: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            for (from, to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+                let mut from = from;
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut to = to;
+                std::thread::spawn(move || {
+                    for (at, chunk) in rx {
+                        let due = at + delay;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        if to.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn trains_through_a_delaying_proxy() {
+    let mut c = cluster(2);
+    let delay = Duration::from_millis(3);
+    c.relay = Some(Arc::new(move |addr: &str| {
+        delay_proxy(addr.to_string(), delay)
+    }));
+    let out = run_on(&convnet_as_original(ASYNC, 400), &c);
+    let s = out.summary;
+    assert_eq!(s.updates, 400);
+    assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
+    // Each worker's step costs at least a pull and a push round trip through the proxy.
+    assert!(
+        s.wall_time_s >= 200.0 * 4.0 * delay.as_secs_f64(),
+        "{}",
+        s.wall_time_s
+    );
+}
+
+/// Runs `ip` with `args`; false if it failed.
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A network namespace for the workers, joined to this one by a veth pair; removed on drop.
+struct Netns {
+    name: String,
+    veth: String,
+}
+
+impl Netns {
+    fn create(name: &str, veth: &str, host_addr: &str, ns_addr: &str) -> Result<Self, String> {
+        let _ = ip(&["link", "del", veth]);
+        let _ = ip(&["netns", "del", name]);
+        if !ip(&["netns", "add", name]) {
+            return Err(format!(
+                "`ip netns add {name}` failed (not root, or no netns support)"
+            ));
+        }
+        let ns = Netns {
+            name: name.into(),
+            veth: veth.into(),
+        };
+        let peer = format!("{veth}p");
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["link", "add", veth, "type", "veth", "peer", "name", &peer],
+            vec!["link", "set", &peer, "netns", name],
+            vec!["addr", "add", host_addr, "dev", veth],
+            vec!["link", "set", veth, "up"],
+            vec!["-n", name, "addr", "add", ns_addr, "dev", &peer],
+            vec!["-n", name, "link", "set", &peer, "up"],
+            vec!["-n", name, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            if !ip(&step) {
+                return Err(format!("`ip {}` failed", step.join(" ")));
+            }
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.veth]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[test]
+fn trains_across_network_namespaces() {
+    let ns = match Netns::create("pstrain-test-w", "pstv0", "10.231.7.1/30", "10.231.7.2/30") {
+        Ok(ns) => ns,
+        Err(why) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI runs as root and must run the namespace test: {why}");
+            }
+            println!("SKIPPED trains_across_network_namespaces: {why}");
+            return;
+        }
+    };
+    // Shards listen on this namespace's end of the veth; workers run in the other namespace
+    // with their own address and reach the shards across the link.
+    let mut c = cluster(2);
+    c.listen_host = "10.231.7.1".into();
+    c.worker_wrapper = vec!["ip".into(), "netns".into(), "exec".into(), ns.name.clone()];
+    let s = run_on(&convnet_as_original(SYNC, 200), &c).summary;
+    assert_eq!(s.updates, 200);
+    assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
+    drop(ns);
 }
