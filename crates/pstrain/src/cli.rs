@@ -42,6 +42,8 @@ enum Command {
     Download(DownloadArgs),
     /// Measure compute and training throughput; writes JSON.
     Bench(BenchArgs),
+    /// Measure the TCP transport: push/pull throughput and latency, and training over TCP.
+    BenchNet(BenchNetArgs),
     /// Serve one parameter shard over TCP.
     Server(ServerArgs),
     /// Train as one worker against TCP servers.
@@ -181,6 +183,24 @@ struct TrainArgs {
 }
 
 #[derive(Args, Debug)]
+struct BenchNetArgs {
+    /// Where to write the JSON report
+    #[arg(long, default_value = "bench-net.json")]
+    out: PathBuf,
+    /// Values of the synthetic layout
+    #[arg(long, default_value_t = 100_000_000)]
+    synthetic_values: usize,
+    /// Shard counts to measure transfers over, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    shards: Vec<usize>,
+    /// Shards of the TCP training comparison
+    #[arg(long, default_value_t = 2)]
+    train_shards: usize,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
 struct ServerArgs {
     /// Address to listen on (port 0 picks a free port; the bound address is printed)
     #[arg(long, default_value = "127.0.0.1:7000")]
@@ -258,6 +278,7 @@ pub fn run(cli: Cli) -> Result<()> {
             download(&dir, &args.data.mirrors)
         }
         Command::Bench(args) => run_bench_cmd(args),
+        Command::BenchNet(args) => run_bench_net(args),
         Command::Server(args) => run_server(args),
         Command::Worker(args) => run_worker_cmd(args),
     }
@@ -623,5 +644,24 @@ fn run_worker_cmd(args: WorkerArgs) -> Result<()> {
     )?;
     // One JSON line on stdout: the launcher of a local cluster collects these.
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn run_bench_net(args: BenchNetArgs) -> Result<()> {
+    let data = load_data(&args.data)?;
+    let cluster = ClusterConfig::local(
+        std::env::current_exe().context("cannot find the pstrain executable")?,
+        args.train_shards,
+        std::fs::canonicalize(data_dir(&args.data))?,
+    );
+    let cfg = pstrain::netbench::NetBenchConfig {
+        shard_counts: args.shards,
+        synthetic_values: args.synthetic_values,
+        ..Default::default()
+    };
+    let report = pstrain::netbench::run_net_bench(&cfg, &cluster, &data, &mut |l| println!("{l}"))?;
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("wrote {}", args.out.display());
     Ok(())
 }

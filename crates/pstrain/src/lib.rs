@@ -7,6 +7,7 @@ pub mod download;
 pub mod inproc;
 pub mod metrics;
 pub mod monitor;
+pub mod netbench;
 pub mod sampler;
 pub mod train;
 pub mod worker;

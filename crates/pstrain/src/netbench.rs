@@ -1,0 +1,307 @@
+//! `pstrain bench-net`: what the TCP transport costs. Push and pull throughput and round trip
+//! for a layout over 1 and S shards on loopback, next to a plain memcpy of the same bytes, and
+//! training samples/s over TCP as a fraction of the in-process run, all from one run.
+
+use crate::cluster::{train_tcp, ClusterConfig};
+use crate::train::{train, Quiet, TrainConfig, TrainError};
+use pstrain_compute::mnist::Mnist;
+use pstrain_compute::ModelKind;
+use pstrain_core::{Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, ServerConfig};
+use pstrain_net::server::ShardReport;
+use pstrain_net::{ClientConfig, NetError, Role, ShardConfig, ShardServer, TcpClient};
+use serde::Serialize;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TransferPoint {
+    pub layout: String,
+    pub values: usize,
+    pub shards: usize,
+    pub reps: usize,
+    /// Median seconds of one pull of every shard.
+    pub pull_s: f64,
+    /// Median seconds of one push to every shard, including the server's SGD apply.
+    pub push_s: f64,
+    /// Median pull + push round trip.
+    pub round_trip_s: f64,
+    pub pull_gb_per_s: f64,
+    pub push_gb_per_s: f64,
+    /// Bytes of one pull plus one push over the median round trip.
+    pub push_pull_gb_per_s: f64,
+    /// A plain copy of the same bytes (one pull's worth plus one push's worth), same run.
+    pub memcpy_gb_per_s: f64,
+    /// Median round trip of a stats request (no tensor): the protocol's floor.
+    pub small_message_rtt_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpTrainingPoint {
+    pub model: &'static str,
+    pub mode: &'static str,
+    pub workers: usize,
+    pub shards: usize,
+    pub inproc_samples_per_s: f64,
+    pub tcp_samples_per_s: f64,
+    pub tcp_fraction_of_inproc: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NetBenchReport {
+    pub transfer: Vec<TransferPoint>,
+    pub training: Vec<TcpTrainingPoint>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Starts `shards` servers for `layout` on 127.0.0.1 in a background runtime.
+struct Servers {
+    addrs: Vec<String>,
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    thread: std::thread::JoinHandle<Vec<ShardReport>>,
+}
+
+fn start_servers(layout: &Layout, shards: usize) -> Result<Servers, NetError> {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let mut stop = Vec::new();
+    let mut stop_rx = Vec::new();
+    for _ in 0..shards {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        stop.push(tx);
+        stop_rx.push(rx);
+    }
+    let layout = layout.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = addr_tx.send(Err(NetError::Io(e)));
+                return Vec::new();
+            }
+        };
+        let initial = vec![0.0f32; layout.len()];
+        rt.block_on(async {
+            let mut running = Vec::new();
+            for (shard, rx) in stop_rx.into_iter().enumerate() {
+                let cfg = ShardConfig {
+                    shard,
+                    shards,
+                    layout: layout.clone(),
+                    server: ServerConfig {
+                        mode: Mode::Async {
+                            max_staleness: None,
+                        },
+                        workers: 1,
+                        optimizer: OptimizerConfig::sgd(1e-6),
+                        ..Default::default()
+                    },
+                    io_timeout: Duration::from_secs(120),
+                    idle_timeout: Duration::from_secs(600),
+                    exit_when_finished: false,
+                };
+                match ShardServer::bind("127.0.0.1:0", cfg, &initial).await {
+                    Ok(server) => {
+                        let addr = server.local_addr().map(|a| a.to_string());
+                        let _ = addr_tx.send(addr.map_err(NetError::Io));
+                        running.push(tokio::spawn(server.run(async {
+                            let _ = rx.await;
+                        })));
+                    }
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(e));
+                    }
+                }
+            }
+            let mut reports = Vec::new();
+            for r in running {
+                if let Ok(report) = r.await {
+                    reports.push(report);
+                }
+            }
+            reports
+        })
+    });
+    let addrs = (0..shards)
+        .map(|_| {
+            addr_rx
+                .recv()
+                .map_err(|_| NetError::Closed("while starting bench servers"))?
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Servers {
+        addrs,
+        stop,
+        thread,
+    })
+}
+
+pub fn transfer_point(
+    name: &str,
+    layout: &Layout,
+    shards: usize,
+    reps: usize,
+) -> Result<TransferPoint, NetError> {
+    let servers = start_servers(layout, shards)?;
+    let cfg = ClientConfig::new(
+        servers.addrs.clone(),
+        Role::Worker,
+        0,
+        1,
+        Mode::Async {
+            max_staleness: None,
+        },
+        layout.clone(),
+    );
+    let mut client = TcpClient::connect(&cfg)?;
+    let n = layout.len();
+    let mut params = vec![0.0f32; n];
+    let grad = vec![1e-3f32; n];
+    let (mut pulls, mut pushes, mut trips, mut smalls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps + 1 {
+        let t0 = Instant::now();
+        let reply = client.pull_all(&mut params, None, false)?;
+        let t1 = Instant::now();
+        let meta = PushMeta {
+            rank: 0,
+            base_version: reply.version,
+            samples: 1,
+            loss: 0.0,
+        };
+        client.push_all(meta, &grad)?;
+        let t2 = Instant::now();
+        client.stats()?;
+        let t3 = Instant::now();
+        if rep > 0 {
+            // The first round trip pays for allocations on both sides; it is not kept.
+            pulls.push((t1 - t0).as_secs_f64());
+            pushes.push((t2 - t1).as_secs_f64());
+            trips.push((t2 - t0).as_secs_f64());
+            smalls.push((t3 - t2).as_secs_f64());
+        }
+    }
+    client
+        .leave()
+        .map_err(|e| NetError::Handshake(e.to_string()))?;
+    for tx in servers.stop {
+        let _ = tx.send(());
+    }
+    let _ = servers.thread.join();
+
+    // The same bytes copied in memory: a pull's worth and a push's worth per repetition.
+    let src = vec![0.5f32; n];
+    let mut dst = vec![0.0f32; n];
+    let mut copies = Vec::new();
+    for _ in 0..reps.max(3) {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+        dst.copy_from_slice(&grad);
+        std::hint::black_box(&dst);
+        copies.push(t.elapsed().as_secs_f64());
+    }
+    let bytes = 4.0 * n as f64;
+    let (pull_s, push_s, round_trip_s) = (median(pulls), median(pushes), median(trips));
+    Ok(TransferPoint {
+        layout: name.into(),
+        values: n,
+        shards,
+        reps,
+        pull_s,
+        push_s,
+        round_trip_s,
+        pull_gb_per_s: bytes / pull_s / 1e9,
+        push_gb_per_s: bytes / push_s / 1e9,
+        push_pull_gb_per_s: 2.0 * bytes / round_trip_s / 1e9,
+        memcpy_gb_per_s: 2.0 * bytes / median(copies) / 1e9,
+        small_message_rtt_us: median(smalls) * 1e6,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct NetBenchConfig {
+    pub shard_counts: Vec<usize>,
+    /// Values of the synthetic layout (100M in the issue's benchmark).
+    pub synthetic_values: usize,
+    pub train_updates: u64,
+}
+
+impl Default for NetBenchConfig {
+    fn default() -> Self {
+        NetBenchConfig {
+            shard_counts: vec![1, 4],
+            synthetic_values: 100_000_000,
+            train_updates: 300,
+        }
+    }
+}
+
+pub fn run_net_bench(
+    cfg: &NetBenchConfig,
+    cluster: &ClusterConfig,
+    data: &Mnist,
+    progress: &mut dyn FnMut(&str),
+) -> Result<NetBenchReport, TrainError> {
+    let cnn = ModelKind::Cnn.build(Default::default()).layout().clone();
+    let synthetic = Layout::new([("synthetic", &[cfg.synthetic_values][..])])
+        .map_err(|e| TrainError::Cluster(e.to_string()))?;
+    let mut transfer = Vec::new();
+    for (name, layout, reps) in [("cnn", &cnn, 50), ("synthetic", &synthetic, 5)] {
+        for &shards in &cfg.shard_counts {
+            let p = transfer_point(name, layout, shards, reps)?;
+            progress(&format!(
+                "{name} ({:.1} MB) over {shards} shard(s): push+pull {:.2} GB/s, round trip {:.2} ms; \
+                 memcpy {:.2} GB/s; small message {:.0} us",
+                4.0 * layout.len() as f64 / 1e6,
+                p.push_pull_gb_per_s,
+                p.round_trip_s * 1e3,
+                p.memcpy_gb_per_s,
+                p.small_message_rtt_us
+            ));
+            transfer.push(p);
+        }
+    }
+    let mut training = Vec::new();
+    for mode in [
+        Mode::Sync { backup_workers: 0 },
+        Mode::Async {
+            max_staleness: None,
+        },
+    ] {
+        let updates = if mode.is_sync() {
+            cfg.train_updates
+        } else {
+            2 * cfg.train_updates
+        };
+        let tc = TrainConfig {
+            mode,
+            workers: 2,
+            iterations: Some(updates),
+            eval_every: Some(0),
+            ..TrainConfig::default()
+        };
+        let inproc = train(&tc, data, &mut Quiet, &AtomicBool::new(false))?.summary;
+        let tcp = train_tcp(&tc, cluster, data, &mut Quiet, &AtomicBool::new(false))?.summary;
+        progress(&format!(
+            "train cnn {} 2 workers, {} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2})",
+            mode.name(),
+            cluster.shards,
+            inproc.samples_per_s,
+            tcp.samples_per_s,
+            tcp.samples_per_s / inproc.samples_per_s
+        ));
+        training.push(TcpTrainingPoint {
+            model: "cnn",
+            mode: mode.name(),
+            workers: 2,
+            shards: cluster.shards,
+            inproc_samples_per_s: inproc.samples_per_s,
+            tcp_samples_per_s: tcp.samples_per_s,
+            tcp_fraction_of_inproc: tcp.samples_per_s / inproc.samples_per_s,
+        });
+    }
+    Ok(NetBenchReport { transfer, training })
+}
