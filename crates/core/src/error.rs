@@ -58,3 +58,18 @@ pub enum PushError {
     #[error("batch of 0 samples")]
     EmptyBatch,
 }
+
+/// A saved state that does not fit the server it is restored into.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RestoreError {
+    #[error("{what}: saved {got} values, this server needs {expected}")]
+    Length {
+        what: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("optimizer state `{0}` is missing from the saved state")]
+    Missing(String),
+    #[error("saved optimizer state `{0}` is not used by this optimizer")]
+    Unexpected(String),
+}

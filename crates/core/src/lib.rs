@@ -15,9 +15,9 @@ pub mod shard;
 
 pub use client::{ClientError, ParameterClient, PullReply};
 pub use config::{Aggregate, Mode, ServerConfig};
-pub use error::{ConfigError, LayoutError, PushError};
+pub use error::{ConfigError, LayoutError, PushError, RestoreError};
 pub use layout::{Layout, TensorSpec};
 pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig};
 pub use rng::Rng;
-pub use server::{PushMeta, PushOutcome, ServerCore, ServerStats};
+pub use server::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
 pub use shard::shard_ranges;

@@ -3,7 +3,7 @@
 //! Every rule is element-wise, so a shard that owns a sub-range of the parameters runs the same
 //! optimizer on its slice and the union of shards behaves like one server.
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, RestoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum OptimizerConfig {
@@ -220,6 +220,34 @@ impl Optimizer {
         out
     }
 
+    /// Puts back state saved by `state()` and the step count, checking names and lengths.
+    pub fn restore(&mut self, saved: &[(String, Vec<f32>)], step: u64) -> Result<(), RestoreError> {
+        let names: Vec<&'static str> = self.state().iter().map(|(n, _)| *n).collect();
+        if let Some((extra, _)) = saved.iter().find(|(n, _)| !names.contains(&n.as_str())) {
+            return Err(RestoreError::Unexpected(extra.clone()));
+        }
+        for name in names {
+            let (_, values) = saved
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| RestoreError::Missing(name.into()))?;
+            let target = match name {
+                "exp_avg_sq" => &mut self.second,
+                _ => &mut self.first,
+            };
+            if values.len() != target.len() {
+                return Err(RestoreError::Length {
+                    what: format!("optimizer state `{name}`"),
+                    expected: target.len(),
+                    got: values.len(),
+                });
+            }
+            target.copy_from_slice(values);
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// `params -= update(grad)`. Both slices must have the optimizer's length.
     pub fn apply(&mut self, params: &mut [f32], grad: &[f32]) {
         assert_eq!(
@@ -376,6 +404,39 @@ mod tests {
         }
         assert_eq!(p, [-2.5]);
         assert!(LrSchedule::Cosine { total_updates: 0 }.validate().is_err());
+    }
+
+    #[test]
+    fn restored_state_continues_identically() {
+        let grads = [[0.3f32, -0.2], [0.1, 0.4], [-0.5, 0.2], [0.05, 0.05]];
+        let mut a = Optimizer::new(OptimizerConfig::adam(0.01), 2);
+        let mut pa = [1.0f32, 2.0];
+        for g in &grads[..2] {
+            a.apply(&mut pa, g);
+        }
+        let saved: Vec<(String, Vec<f32>)> = a
+            .state()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .collect();
+        let mut b = Optimizer::new(OptimizerConfig::adam(0.01), 2);
+        b.restore(&saved, a.step()).unwrap();
+        let mut pb = pa;
+        for g in &grads[2..] {
+            a.apply(&mut pa, g);
+            b.apply(&mut pb, g);
+        }
+        assert_eq!(pa, pb);
+        let mut c = Optimizer::new(OptimizerConfig::momentum(0.1, 0.9), 2);
+        assert!(matches!(
+            c.restore(&saved, 2),
+            Err(RestoreError::Unexpected(_))
+        ));
+        let mut d = Optimizer::new(OptimizerConfig::adam(0.01), 3);
+        assert!(matches!(
+            d.restore(&saved, 2),
+            Err(RestoreError::Length { .. })
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! consistency rules. The caller owns IO, waiting and clocks; this only decides.
 
 use crate::config::{Aggregate, Mode, ServerConfig};
-use crate::error::{ConfigError, PushError};
+use crate::error::{ConfigError, PushError, RestoreError};
 use crate::optimizer::Optimizer;
 
 /// What came with a gradient besides its values.
@@ -56,6 +56,16 @@ impl ServerStats {
             self.staleness_sum as f64 / self.gradients_applied as f64
         }
     }
+}
+
+/// A shard's complete state, as `ServerCore::state` takes it and `restore` puts it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreState {
+    pub params: Vec<f32>,
+    pub optimizer: Vec<(String, Vec<f32>)>,
+    pub optimizer_step: u64,
+    pub version: u64,
+    pub stats: ServerStats,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +142,43 @@ impl ServerCore {
         self.active.iter().filter(|&&a| a).count()
     }
 
+    /// Everything needed to continue this shard elsewhere: weights, optimizer state, version
+    /// and counters. Taken between steps it is complete (a sync step's partial sum is not kept).
+    pub fn state(&self) -> CoreState {
+        CoreState {
+            params: self.params.clone(),
+            optimizer: self
+                .optimizer
+                .state()
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+            optimizer_step: self.optimizer.step(),
+            version: self.version,
+            stats: self.stats(),
+        }
+    }
+
+    /// Continues from `state`; any partial sync step in progress is discarded.
+    pub fn restore(&mut self, state: &CoreState) -> Result<(), RestoreError> {
+        if state.params.len() != self.params.len() {
+            return Err(RestoreError::Length {
+                what: "parameters".into(),
+                expected: self.params.len(),
+                got: state.params.len(),
+            });
+        }
+        self.optimizer
+            .restore(&state.optimizer, state.optimizer_step)?;
+        self.params.copy_from_slice(&state.params);
+        self.version = state.version;
+        self.stats = state.stats;
+        self.accum.fill(0.0);
+        self.accum_weight = 0.0;
+        self.heard.fill(false);
+        Ok(())
+    }
+
     /// Offers one gradient. On `Err` nothing changed except counters, and in sync mode the
     /// worker counts as heard from for this step (so a bad gradient cannot stall the barrier).
     pub fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, PushError> {
@@ -181,11 +228,17 @@ impl ServerCore {
                     self.stats.rejected_other += 1;
                     return Err(PushError::NotInQuorum { rank: meta.rank });
                 }
-                if staleness > 0 {
-                    // A straggler's gradient for a step that completed without it.
+                let backups =
+                    matches!(self.config.mode, Mode::Sync { backup_workers } if backup_workers > 0);
+                if staleness > 0 && backups {
+                    // A straggler's gradient for a step that completed without it: backup
+                    // workers exist precisely so that it can be dropped.
                     self.stats.dropped_stale += 1;
                     return Ok(PushOutcome::Dropped { staleness });
                 }
+                // Without backups a gradient from behind (a worker that rejoined after a
+                // failure) counts toward the current step: every active worker contributes
+                // once per step to every shard, so no two shards can wait on each other.
                 if self.heard[meta.rank] {
                     self.stats.rejected_other += 1;
                     return Err(PushError::DuplicatePush {
@@ -206,12 +259,9 @@ impl ServerCore {
                     *a += weight * g;
                 }
                 self.accum_weight += f64::from(weight);
-                self.record_applied(meta, 0);
+                self.record_applied(meta, staleness);
                 match self.try_complete_step() {
-                    Some(version) => Ok(PushOutcome::Applied {
-                        version,
-                        staleness: 0,
-                    }),
+                    Some(version) => Ok(PushOutcome::Applied { version, staleness }),
                     None => Ok(PushOutcome::Buffered {
                         waiting_for: self.quorum().saturating_sub(self.heard_count()),
                     }),
@@ -389,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn sync_refuses_duplicates_and_drops_late_gradients() {
+    fn sync_refuses_duplicates_and_counts_late_gradients_toward_the_current_step() {
         let mut s = server(SYNC, 2);
         s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
         assert_eq!(
@@ -400,11 +450,19 @@ mod tests {
             })
         );
         s.push(meta(1, 0), &[1.0, 1.0]).unwrap();
+        // Rank 1 pushes again from version 0 (say it rejoined and pulled before the step ended):
+        // without backup workers it is part of step 1, not dropped.
         assert_eq!(
-            s.push(meta(1, 0), &[1.0, 1.0]),
-            Ok(PushOutcome::Dropped { staleness: 1 })
+            s.push(meta(1, 0), &[3.0, 3.0]),
+            Ok(PushOutcome::Buffered { waiting_for: 1 })
         );
-        assert_eq!(s.stats().dropped_stale, 1);
+        assert!(matches!(
+            s.push(meta(0, 1), &[1.0, 1.0]),
+            Ok(PushOutcome::Applied { version: 2, .. })
+        ));
+        assert_eq!(s.params(), &[-3.0, -3.0]);
+        assert_eq!(s.stats().dropped_stale, 0);
+        assert_eq!(s.stats().staleness_max, 1);
     }
 
     #[test]
@@ -556,6 +614,29 @@ mod tests {
         assert!(s.is_done());
         assert_eq!(s.push(meta(0, 2), &[1.0]), Ok(PushOutcome::Done));
         assert_eq!(s.params(), &[-2.0]);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_fresh_core() {
+        let cfg = ServerConfig {
+            mode: Mode::Async {
+                max_staleness: None,
+            },
+            workers: 1,
+            optimizer: OptimizerConfig::adam(0.1),
+            ..Default::default()
+        };
+        let mut a = ServerCore::new(cfg.clone(), vec![0.0; 2]).unwrap();
+        a.push(meta(0, 0), &[1.0, -1.0]).unwrap();
+        let saved = a.state();
+        let mut b = ServerCore::new(cfg.clone(), vec![9.0; 2]).unwrap();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        a.push(meta(0, 1), &[0.5, 0.5]).unwrap();
+        b.push(meta(0, 1), &[0.5, 0.5]).unwrap();
+        assert_eq!(a.params(), b.params());
+        let mut small = ServerCore::new(cfg, vec![0.0; 3]).unwrap();
+        assert!(small.restore(&saved).is_err());
     }
 
     #[test]

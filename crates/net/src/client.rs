@@ -62,13 +62,17 @@ struct Shard {
     range: Range<usize>,
     /// The version of this shard's slice in the caller's buffer.
     version: u64,
+    /// The last push here is buffered for a sync step that has not completed: a waiting pull
+    /// waits only on such shards (never for a step this client has not pushed to).
+    pending: bool,
 }
 
 pub struct TcpClient {
     rt: Runtime,
+    cfg: ClientConfig,
     shards: Vec<Shard>,
-    wait_timeout: Duration,
     left: bool,
+    reconnects: u64,
 }
 
 impl TcpClient {
@@ -77,28 +81,45 @@ impl TcpClient {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let n = cfg.servers.len();
-        if n == 0 {
+        if cfg.servers.is_empty() {
             return Err(NetError::Handshake("no server addresses given".into()));
         }
-        let ranges = shard_ranges(cfg.layout.len(), n);
-        let shards = rt.block_on(try_join_all(
-            cfg.servers
-                .iter()
-                .zip(ranges)
-                .enumerate()
-                .map(|(i, (addr, range))| connect_shard(cfg, i, addr, range)),
-        ))?;
+        let shards = rt.block_on(connect_all(cfg))?;
         Ok(TcpClient {
             rt,
+            cfg: cfg.clone(),
             shards,
-            wait_timeout: cfg.wait_timeout,
             left: false,
+            reconnects: 0,
         })
     }
 
-    /// Each shard's counters (shard order).
+    /// How many times the connections were re-established after a failure.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Drops every connection and connects again (retrying while a restarted shard comes
+    /// back). Healthy shards see this worker leave and rejoin.
+    fn reconnect(&mut self) -> Result<(), NetError> {
+        self.shards.clear();
+        self.reconnects += 1;
+        self.shards = self.rt.block_on(connect_all(&self.cfg))?;
+        Ok(())
+    }
+
+    /// Each shard's counters (shard order), reconnecting once if a connection failed.
     pub fn stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
+        match self.try_stats() {
+            Err(e) if e.is_transport() => {
+                self.reconnect()?;
+                self.try_stats()
+            }
+            r => r,
+        }
+    }
+
+    fn try_stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
         let io = self
             .shards
             .first()
@@ -114,14 +135,31 @@ impl TcpClient {
             })))
     }
 
+    /// Pulls every shard. If a connection failed, reconnects and pulls everything afresh
+    /// (without waiting), so the caller continues from whatever the shards hold now.
     pub fn pull_all(
         &mut self,
         params: &mut [f32],
         newer_than: Option<u64>,
         wait: bool,
     ) -> Result<PullReply, NetError> {
+        match self.try_pull_all(params, newer_than, wait) {
+            Err(e) if e.is_transport() => {
+                self.reconnect()?;
+                self.try_pull_all(params, None, false)
+            }
+            r => r,
+        }
+    }
+
+    fn try_pull_all(
+        &mut self,
+        params: &mut [f32],
+        newer_than: Option<u64>,
+        wait: bool,
+    ) -> Result<PullReply, NetError> {
         self.check_len(params.len())?;
-        let wait_timeout = self.wait_timeout;
+        let wait_timeout = self.cfg.wait_timeout;
         let slices = split_by_ranges(params, self.shards.iter().map(|s| s.range.len()));
         let replies = self
             .rt
@@ -130,6 +168,7 @@ impl TcpClient {
                     // With several shards each keeps its own version; "newer than" means newer
                     // than what this client last got from that shard.
                     let newer = newer_than.map(|_| shard.version);
+                    let wait = wait && std::mem::take(&mut shard.pending);
                     shard
                         .conn
                         .write_frame(kind::PULL, &encode_pull(newer, wait), &[])
@@ -195,7 +234,19 @@ impl TcpClient {
         }
     }
 
+    /// Pushes to every shard. If a connection failed the gradient is given up (a shard may
+    /// or may not have applied it) and the connections are re-established: `Dropped`.
     pub fn push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
+        match self.try_push_all(meta, grad) {
+            Err(e) if e.is_transport() => {
+                self.reconnect()?;
+                Ok(PushOutcome::Dropped { staleness: 0 })
+            }
+            r => r,
+        }
+    }
+
+    fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
         self.check_len(grad.len())?;
         let slices = split_by_ranges_ref(grad, self.shards.iter().map(|s| s.range.len()));
         let outcomes = self
@@ -215,6 +266,7 @@ impl TcpClient {
                     let (code, version, staleness, waiting) =
                         (r.u8()?, r.u64()?, r.u64()?, r.u32()?);
                     r.finish()?;
+                    shard.pending = code == outcome::BUFFERED;
                     Ok::<_, NetError>(match code {
                         outcome::APPLIED => PushOutcome::Applied { version, staleness },
                         outcome::BUFFERED => PushOutcome::Buffered {
@@ -263,7 +315,43 @@ impl TcpClient {
     }
 }
 
+async fn connect_all(cfg: &ClientConfig) -> Result<Vec<Shard>, NetError> {
+    let ranges = shard_ranges(cfg.layout.len(), cfg.servers.len());
+    try_join_all(
+        cfg.servers
+            .iter()
+            .zip(ranges)
+            .enumerate()
+            .map(|(i, (addr, range))| connect_shard(cfg, i, addr, range)),
+    )
+    .await
+}
+
+/// Connects and shakes hands, retrying with backoff while the shard is not up yet or still
+/// holds this rank's previous connection.
 async fn connect_shard(
+    cfg: &ClientConfig,
+    shard: usize,
+    addr: &str,
+    range: Range<usize>,
+) -> Result<Shard, NetError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match try_connect_shard(cfg, shard, addr, range.clone()).await {
+            Err(NetError::Remote {
+                code: code::RANK_BUSY,
+                ..
+            }) if started.elapsed() + backoff < cfg.connect_timeout => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_connect_shard(
     cfg: &ClientConfig,
     shard: usize,
     addr: &str,
@@ -323,6 +411,7 @@ async fn connect_shard(
         conn,
         range,
         version: ok.version,
+        pending: false,
     })
 }
 

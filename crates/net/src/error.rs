@@ -19,8 +19,21 @@ pub enum NetError {
     Handshake(String),
     #[error("server error {code}: {message}")]
     Remote { code: u16, message: String },
+    #[error("worker rank {0} is already connected")]
+    RankBusy(usize),
     #[error("buffer has {got} values, the layout has {expected}")]
     Shape { expected: usize, got: usize },
     #[error("unexpected message kind {got:#x} (expected {expected})")]
     Unexpected { got: u16, expected: &'static str },
+}
+
+impl NetError {
+    /// The connection itself failed (as opposed to the peer refusing something): worth a
+    /// reconnect.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            NetError::Io(_) | NetError::Closed(_) | NetError::Timeout(_)
+        )
+    }
 }

@@ -25,6 +25,8 @@ pub mod code {
     pub const PUSH_REFUSED: u16 = 3;
     pub const UNEXPECTED: u16 = 4;
     pub const PUSH_NONFINITE: u16 = 5;
+    /// The rank is still connected (an old connection not yet noticed gone): retry shortly.
+    pub const RANK_BUSY: u16 = 6;
 }
 
 /// The largest handshake accepted (names and shapes of every tensor).

@@ -11,6 +11,7 @@ use crate::protocol::{
 use pstrain_core::{
     shard_ranges, Layout, PushError, PushMeta, PushOutcome, ServerConfig, ServerCore, ServerStats,
 };
+use pstrain_store::{CheckpointPolicy, ResumeError, Saver, ShardIdentity};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -32,9 +33,31 @@ pub struct ShardConfig {
     pub idle_timeout: Duration,
     /// Stop once every worker rank has joined and left and no connection is open.
     pub exit_when_finished: bool,
+    /// Checkpoint this shard (and restore its newest valid checkpoint at start).
+    pub checkpoint: Option<CheckpointPolicy>,
+    /// The model's name and the run's description, stored in checkpoints.
+    pub model: String,
+    pub run_description: String,
 }
 
 impl ShardConfig {
+    /// Shard `shard` of `shards` with the default deadlines, exiting when the run is over,
+    /// without checkpoints.
+    pub fn new(shard: usize, shards: usize, layout: Layout, server: ServerConfig) -> Self {
+        ShardConfig {
+            shard,
+            shards,
+            layout,
+            server,
+            io_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            exit_when_finished: true,
+            checkpoint: None,
+            model: String::new(),
+            run_description: String::new(),
+        }
+    }
+
     pub fn range(&self) -> Range<usize> {
         shard_ranges(self.layout.len(), self.shards)
             .get(self.shard)
@@ -103,7 +126,11 @@ impl Shared {
 pub struct ShardServer {
     listener: TcpListener,
     shared: Arc<Shared>,
+    saver: Option<Saver>,
 }
+
+/// How often the server looks at its checkpoint schedule.
+const CHECKPOINT_TICK: Duration = Duration::from_millis(100);
 
 impl ShardServer {
     /// Binds `addr` and sets up the shard with its slice of `initial` (the whole model).
@@ -118,11 +145,40 @@ impl ShardServer {
             )));
         }
         let range = cfg.range();
-        let core = ServerCore::new(cfg.server.clone(), initial[range.clone()].to_vec())
+        let mut core = ServerCore::new(cfg.server.clone(), initial[range.clone()].to_vec())
             .map_err(|e| NetError::Handshake(e.to_string()))?;
+        let log = |msg: String| eprintln!("[shard {}] {msg}", cfg.shard);
+        let saver = cfg.checkpoint.as_ref().map(|policy| {
+            let identity = ShardIdentity {
+                shard: cfg.shard,
+                shards: cfg.shards,
+                range: range.clone(),
+                fingerprint: cfg.layout.fingerprint(),
+            };
+            let mut saver = Saver::new(policy, identity, &cfg.model, cfg.run_description.clone());
+            match saver.restore_into(&mut core) {
+                Ok(r) => {
+                    for s in &r.skipped {
+                        log(format!("skipping checkpoint: {s}"));
+                    }
+                    log(format!(
+                        "restored {} (version {})",
+                        r.path.display(),
+                        r.version
+                    ));
+                }
+                Err(ResumeError::NothingValid { skipped, .. }) if skipped.is_empty() => {
+                    log("no checkpoint yet; starting from the initial weights".into());
+                }
+                Err(e) => log(format!(
+                    "cannot restore ({e}); starting from the initial weights"
+                )),
+            }
+            saver
+        });
         let listener = TcpListener::bind(addr).await?;
         let workers = cfg.server.workers;
-        let (version, _) = watch::channel((0, false));
+        let (version, _) = watch::channel((core.version(), core.is_done()));
         Ok(ShardServer {
             listener,
             shared: Arc::new(Shared {
@@ -138,6 +194,7 @@ impl ShardServer {
                 version,
                 finished: Notify::new(),
             }),
+            saver,
         })
     }
 
@@ -149,8 +206,32 @@ impl ShardServer {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShardReport {
         tokio::pin!(shutdown);
         let shared = self.shared;
+        let mut saver = self.saver;
+        let mut ticker = tokio::time::interval(CHECKPOINT_TICK);
         loop {
             tokio::select! {
+                _ = ticker.tick(), if saver.is_some() => {
+                    let due = saver.as_ref().is_some_and(|s| s.due(shared.lock().core.version()));
+                    // Only take the saver out when a save is due; it comes back with the result.
+                    if let Some(mut s) = saver.take_if(|_| due) {
+                        let state = shared.lock().core.state();
+                        // File IO off the reactor.
+                        let joined = tokio::task::spawn_blocking(move || {
+                            let result = s.save(&state);
+                            (s, result)
+                        })
+                        .await;
+                        match joined {
+                            Ok((s, result)) => {
+                                if let Err(e) = result {
+                                    shared.log(&format!("checkpoint failed: {e}"));
+                                }
+                                saver = Some(s);
+                            }
+                            Err(e) => shared.log(&format!("checkpoint task failed: {e}")),
+                        }
+                    }
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let shared = Arc::clone(&shared);
@@ -170,6 +251,13 @@ impl ShardServer {
         // Waiting pulls see `done` and return; later requests find the listener gone.
         let state = shared.lock();
         shared.version.send_replace((state.core.version(), true));
+        if let Some(mut s) = saver {
+            match s.save(&state.core.state()) {
+                Ok(Some(path)) => shared.log(&format!("checkpoint {}", path.display())),
+                Ok(None) => {}
+                Err(e) => shared.log(&format!("final checkpoint failed: {e}")),
+            }
+        }
         ShardReport {
             stats: state.core.stats(),
             events: state.events,
@@ -195,6 +283,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) {
         shared.log(&format!("closing connection from {}: {e}", conn.peer()));
         let (code, counted) = match e {
             NetError::Handshake(_) => (code::HANDSHAKE, false),
+            NetError::RankBusy(_) => (code::RANK_BUSY, false),
             _ => (code::BAD_FRAME, true),
         };
         // Best effort: tell the peer why, unless the socket itself is what failed.
@@ -363,7 +452,7 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
         }
         let mut state = shared.lock();
         if state.connected[rank] {
-            return refuse(format!("worker rank {rank} is already connected"));
+            return Err(NetError::RankBusy(rank));
         }
         if state.joined[rank] {
             state.core.rejoin(rank);
@@ -393,10 +482,10 @@ async fn pull(
             if newer(version) || done {
                 break;
             }
-            match tokio::time::timeout(shared.cfg.idle_timeout, rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
-                Err(_) => return Err(NetError::Timeout("waiting for the next sync step")),
+            // No deadline here: this worker is healthy and waiting for the others; a peer
+            // that stalls is dropped by its own idle deadline, which moves the step on.
+            if rx.changed().await.is_err() {
+                break;
             }
         }
     }

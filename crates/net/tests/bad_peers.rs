@@ -32,20 +32,16 @@ impl Running {
 }
 
 fn start(mode: Mode, workers: usize) -> Running {
-    let cfg = ShardConfig {
-        shard: 0,
-        shards: 1,
-        layout: layout(),
-        server: ServerConfig {
-            mode,
-            workers,
-            optimizer: OptimizerConfig::sgd(0.1),
-            ..Default::default()
-        },
-        io_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(10),
-        exit_when_finished: false,
+    let server = ServerConfig {
+        mode,
+        workers,
+        optimizer: OptimizerConfig::sgd(0.1),
+        ..Default::default()
     };
+    let mut cfg = ShardConfig::new(0, 1, layout(), server);
+    cfg.io_timeout = Duration::from_secs(1);
+    cfg.idle_timeout = Duration::from_secs(10);
+    cfg.exit_when_finished = false;
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {

@@ -48,6 +48,10 @@ enum Command {
     Server(ServerArgs),
     /// Train as one worker against TCP servers.
     Worker(WorkerArgs),
+    /// Test accuracy of the newest checkpoint in a folder.
+    Eval(EvalArgs),
+    /// Write the newest checkpoint as one safetensors file with the model's tensor names.
+    Export(ExportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -151,6 +155,41 @@ struct RunArgs {
     seed: u64,
 }
 
+#[derive(Args, Debug)]
+struct CheckpointArgs {
+    /// Write checkpoints (weights, optimizer state, version) under this folder
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N server updates
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Checkpoint every S seconds [default: 60 when --checkpoint-dir is given]
+    #[arg(long)]
+    checkpoint_secs: Option<f64>,
+    /// Checkpoints kept per shard
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+}
+
+impl CheckpointArgs {
+    fn policy(&self, dir: Option<&Path>, resume: bool) -> Option<pstrain::train::CheckpointPolicy> {
+        let dir = dir.or(self.checkpoint_dir.as_deref())?;
+        let every_secs = match (self.checkpoint_every, self.checkpoint_secs) {
+            (None, None) => Some(60.0),
+            (_, secs) => secs,
+        };
+        Some(pstrain::train::CheckpointPolicy {
+            dir: dir.to_owned(),
+            every_updates: self.checkpoint_every,
+            every: every_secs
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64),
+            keep: self.keep_checkpoints.max(1),
+            resume,
+        })
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum TransportArg {
     /// Server and workers as threads of this process
@@ -178,6 +217,11 @@ struct TrainArgs {
     /// Write progress, evaluations and the summary as JSON lines to this file
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Continue from the newest valid checkpoint in this folder (and keep checkpointing there)
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -217,12 +261,15 @@ struct ServerArgs {
     /// Seconds a read or write may take once a frame is under way
     #[arg(long, default_value_t = 30)]
     io_timeout: u64,
-    /// Seconds a peer may stay silent (or a sync step may wait) before it is dropped
-    #[arg(long, default_value_t = 600)]
+    /// Seconds a peer may stay silent between requests before it is declared gone (a worker
+    /// then leaves the quorum)
+    #[arg(long, default_value_t = 120)]
     idle_timeout: u64,
     /// Keep serving after every worker has left
     #[arg(long)]
     keep_running: bool,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -245,6 +292,25 @@ struct WorkerArgs {
     run: RunArgs,
     #[command(flatten)]
     data: DataArgs,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// Checkpoint folder (holding shard-I-of-S folders)
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Checkpoint folder (holding shard-I-of-S folders)
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The safetensors file to write
+    #[arg(long, default_value = "model.safetensors")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -281,6 +347,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchNet(args) => run_bench_net(args),
         Command::Server(args) => run_server(args),
         Command::Worker(args) => run_worker_cmd(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Export(args) => run_export(args),
     }
 }
 
@@ -389,6 +457,7 @@ fn train_config(args: &RunArgs, eval_every: Option<u64>, threads: usize) -> Resu
         seed: args.seed,
         eval_every,
         threads,
+        checkpoint: None,
     };
     cfg.validate().context("invalid training flags")?;
     Ok(cfg)
@@ -475,6 +544,13 @@ impl Observer for Reporter {
         self.record(r);
     }
 
+    fn note(&mut self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(message),
+            None => eprintln!("{message}"),
+        }
+    }
+
     fn eval(&mut self, r: &EvalRecord) {
         self.last_accuracy = Some(r.test_accuracy);
         let line = format!(
@@ -493,7 +569,10 @@ impl Observer for Reporter {
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
-    let cfg = train_config(&args.run, args.eval_every, args.threads)?;
+    let mut cfg = train_config(&args.run, args.eval_every, args.threads)?;
+    cfg.checkpoint = args
+        .checkpoints
+        .policy(args.resume.as_deref(), args.resume.is_some());
     let data = load_data(&args.data)?;
     let per_update = if cfg.mode.is_sync() { cfg.workers } else { 1 } * cfg.batch_size;
     let total_samples = cfg.planned_updates(data.train.len()) * per_update as u64;
@@ -521,11 +600,13 @@ fn run_train(args: TrainArgs) -> Result<()> {
             train(&cfg, &data, &mut reporter, &stop)?
         }
         TransportArg::Tcp => {
-            let cluster = ClusterConfig::local(
+            let mut cluster = ClusterConfig::local(
                 std::env::current_exe().context("cannot find the pstrain executable")?,
                 args.shards,
                 std::fs::canonicalize(data_dir(&args.data))?,
             );
+            // The shards checkpoint, and restore what they find, themselves.
+            cluster.checkpoint = cfg.checkpoint.clone();
             train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
         }
     };
@@ -559,15 +640,18 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
 fn run_server(args: ServerArgs) -> Result<()> {
     let cfg = train_config(&args.run, Some(0), 1)?;
     let model = cfg.model.build(Default::default());
-    let shard_cfg = ShardConfig {
-        shard: args.shard,
-        shards: args.shards,
-        layout: model.layout().clone(),
-        server: cfg.server_config(args.train_samples),
-        io_timeout: Duration::from_secs(args.io_timeout.max(1)),
-        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
-        exit_when_finished: !args.keep_running,
-    };
+    let mut shard_cfg = ShardConfig::new(
+        args.shard,
+        args.shards,
+        model.layout().clone(),
+        cfg.server_config(args.train_samples),
+    );
+    shard_cfg.io_timeout = Duration::from_secs(args.io_timeout.max(1));
+    shard_cfg.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
+    shard_cfg.exit_when_finished = !args.keep_running;
+    shard_cfg.checkpoint = args.checkpoints.policy(None, true);
+    shard_cfg.model = cfg.model.name().into();
+    shard_cfg.run_description = cfg.describe();
     if args.shard >= args.shards {
         bail!(
             "--shard {} is out of range for --shards {}",
@@ -583,8 +667,27 @@ fn run_server(args: ServerArgs) -> Result<()> {
         // The launcher (and people) read the bound address from this line.
         println!("listening on {}", server.local_addr()?);
         std::io::stdout().flush()?;
+        // SIGINT or SIGTERM: stop serving, write a final checkpoint, exit.
         let stop = async {
-            let _ = tokio::signal::ctrl_c().await;
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         };
         anyhow::Ok(server.run(stop).await)
     })?;
@@ -663,5 +766,77 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// The model named in a checkpoint folder, with its weights joined from every shard.
+fn load_checkpoint_model(dir: &Path) -> Result<(ModelKind, pstrain_store::Assembled)> {
+    let assembled = pstrain_store::assemble(dir)?;
+    for p in &assembled.problems {
+        eprintln!("skipping checkpoint: {p}");
+    }
+    let kind: ModelKind = assembled
+        .model
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let layout = kind.build(Default::default()).layout().clone();
+    if layout.fingerprint() != assembled.fingerprint || layout.len() != assembled.params.len() {
+        bail!(
+            "{}: the checkpoint's layout does not match this build's `{kind}` model",
+            dir.display()
+        );
+    }
+    Ok((kind, assembled))
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    let (kind, assembled) = load_checkpoint_model(&args.checkpoint)?;
+    let data = load_data(&args.data)?;
+    let mut model = kind.build(Default::default());
+    let e = model.evaluate(&assembled.params, &data.test.images, &data.test.labels)?;
+    println!(
+        "{kind} at version {:?}: test accuracy {:.2}% ({} of {}), test loss {:.4}",
+        assembled.versions,
+        e.accuracy() * 100.0,
+        e.correct,
+        e.samples,
+        e.loss
+    );
+    Ok(())
+}
+
+fn run_export(args: ExportArgs) -> Result<()> {
+    let (kind, assembled) = load_checkpoint_model(&args.checkpoint)?;
+    let layout = kind.build(Default::default()).layout().clone();
+    let tensors: Vec<pstrain_store::safetensors::TensorRef<'_>> = layout
+        .tensors()
+        .iter()
+        .map(|t| pstrain_store::safetensors::TensorRef {
+            name: &t.name,
+            shape: t.shape.clone(),
+            data: &assembled.params[t.range()],
+        })
+        .collect();
+    let metadata = [
+        ("format".to_string(), "pt".to_string()),
+        ("pstrain.model".to_string(), kind.name().to_string()),
+        (
+            "pstrain.versions".to_string(),
+            format!("{:?}", assembled.versions),
+        ),
+    ]
+    .into();
+    pstrain_store::atomic::write_atomically(&args.out, |f| {
+        let mut w = std::io::BufWriter::new(f);
+        pstrain_store::safetensors::write(&mut w, &tensors, &metadata)?;
+        w.flush()
+    })
+    .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!(
+        "wrote {} ({kind}, {} tensors, {} values)",
+        args.out.display(),
+        tensors.len(),
+        assembled.params.len()
+    );
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use crate::metrics::Summary;
 use crate::monitor::{Monitor, ServerView};
-use crate::train::{Observer, Schedule, TrainConfig, TrainError, TrainOutcome};
+use crate::train::{CheckpointPolicy, Observer, Schedule, TrainConfig, TrainError, TrainOutcome};
 use crate::worker::WorkerReport;
 use pstrain_compute::mnist::Mnist;
 use pstrain_core::{Aggregate, Mode, OptimizerConfig, ServerStats};
@@ -19,6 +19,20 @@ use std::time::{Duration, Instant};
 const TICK: Duration = Duration::from_millis(200);
 /// How long a shard may take to print its address, and to exit once the run is over.
 const SERVER_GRACE: Duration = Duration::from_secs(30);
+
+/// A failure injected into a local cluster, for testing recovery with real processes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// `kill -9` worker `rank` once the servers reach `at_update` updates.
+    KillWorker { rank: usize, at_update: u64 },
+    /// `kill -9` shard `shard` at `at_update`, and start it again on the same address after
+    /// `down_for` (it reloads its newest checkpoint).
+    KillShard {
+        shard: usize,
+        at_update: u64,
+        down_for: Duration,
+    },
+}
 
 /// Maps a shard's bound address to the address workers dial.
 pub type Relay = Arc<dyn Fn(&str) -> String + Send + Sync>;
@@ -36,6 +50,10 @@ pub struct ClusterConfig {
     pub worker_wrapper: Vec<String>,
     /// Where workers should dial a shard, if not its own address (a proxy, a NAT).
     pub relay: Option<Relay>,
+    /// Shard checkpoints (restored when a shard restarts).
+    pub checkpoint: Option<CheckpointPolicy>,
+    /// Failures to inject, in order of `at_update`.
+    pub faults: Vec<Fault>,
 }
 
 impl ClusterConfig {
@@ -48,6 +66,8 @@ impl ClusterConfig {
             listen_host: "127.0.0.1".into(),
             worker_wrapper: Vec::new(),
             relay: None,
+            checkpoint: None,
+            faults: Vec::new(),
         }
     }
 }
@@ -206,31 +226,40 @@ pub fn train_tcp(
         return Err(TrainError::Cluster("at least one shard is needed".into()));
     }
     let args = run_args(cfg);
-    let mut servers = Vec::new();
-    let mut addresses = Vec::new();
-    for shard in 0..cluster.shards {
+    let launch_shard = |shard: usize, listen: &str| -> Result<(Proc, String), TrainError> {
         let name = format!("shard {shard}");
-        let mut proc = spawn(
-            name.clone(),
-            Command::new(&cluster.exe)
-                .arg("server")
-                .args(["--listen", &format!("{}:0", cluster.listen_host)])
-                .args([
-                    "--shard",
-                    &shard.to_string(),
-                    "--shards",
-                    &cluster.shards.to_string(),
-                ])
-                .args(["--train-samples", &data.train.len().to_string()])
-                .args(&args),
-        )?;
+        let mut cmd = Command::new(&cluster.exe);
+        cmd.arg("server")
+            .args(["--listen", listen])
+            .args(["--shard", &shard.to_string()])
+            .args(["--shards", &cluster.shards.to_string()])
+            .args(["--train-samples", &data.train.len().to_string()])
+            .args(&args);
+        if let Some(p) = &cluster.checkpoint {
+            cmd.arg("--checkpoint-dir").arg(&p.dir);
+            cmd.args(["--keep-checkpoints", &p.keep.to_string()]);
+            if let Some(n) = p.every_updates {
+                cmd.args(["--checkpoint-every", &n.to_string()]);
+            }
+            if let Some(d) = p.every {
+                cmd.args(["--checkpoint-secs", &d.as_secs_f64().to_string()]);
+            }
+        }
+        let mut proc = spawn(name.clone(), &mut cmd)?;
         let stdout = proc
             .child
             .stdout
             .take()
             .ok_or_else(|| TrainError::Cluster(format!("{name}: no stdout")))?;
-        addresses.push(read_address(&name, stdout)?);
+        let addr = read_address(&name, stdout)?;
+        Ok((proc, addr))
+    };
+    let mut servers = Vec::new();
+    let mut addresses = Vec::new();
+    for shard in 0..cluster.shards {
+        let (proc, addr) = launch_shard(shard, &format!("{}:0", cluster.listen_host))?;
         servers.push(proc);
+        addresses.push(addr);
     }
 
     let layout = cfg.model.build(Default::default()).layout().clone();
@@ -294,6 +323,8 @@ pub fn train_tcp(
 
     let mut running = cfg.workers;
     let mut stopped = false;
+    let mut faults = cluster.faults.clone();
+    let mut killed = vec![false; cfg.workers];
     while running > 0 {
         std::thread::sleep(TICK);
         if stop.load(Ordering::Relaxed) && !stopped {
@@ -302,11 +333,41 @@ pub fn train_tcp(
                 let _ = w.child.kill();
             }
         }
+        if !faults.is_empty() {
+            let version = view.stats()?.version;
+            let (now, later): (Vec<Fault>, Vec<Fault>) =
+                faults.into_iter().partition(|f| match f {
+                    Fault::KillWorker { at_update, .. } | Fault::KillShard { at_update, .. } => {
+                        version >= *at_update
+                    }
+                });
+            faults = later;
+            for fault in now {
+                match fault {
+                    Fault::KillWorker { rank, .. } => {
+                        if let Some(w) = workers.get_mut(rank) {
+                            let _ = w.child.kill();
+                            killed[rank] = true;
+                        }
+                    }
+                    Fault::KillShard {
+                        shard, down_for, ..
+                    } if shard < servers.len() => {
+                        let _ = servers[shard].child.kill();
+                        let _ = servers[shard].child.wait();
+                        std::thread::sleep(down_for);
+                        let (proc, _) = launch_shard(shard, &addresses[shard])?;
+                        servers[shard] = proc;
+                    }
+                    Fault::KillShard { .. } => {}
+                }
+            }
+        }
         running = 0;
-        for w in &mut workers {
+        for (rank, w) in workers.iter_mut().enumerate() {
             match w.child.try_wait() {
                 Ok(None) => running += 1,
-                Ok(Some(status)) if status.success() || stopped => {}
+                Ok(Some(status)) if status.success() || stopped || killed[rank] => {}
                 Ok(Some(status)) => {
                     return Err(TrainError::Cluster(format!(
                         "{} exited with {status}",
@@ -331,7 +392,7 @@ pub fn train_tcp(
             .find_map(|l| serde_json::from_str(l).ok());
         match report {
             Some(r) => not_applied += r.not_applied,
-            None if stopped => {}
+            None if stopped || killed[rank] => {}
             None => {
                 return Err(TrainError::Cluster(format!(
                     "worker {rank} printed no report"

@@ -2,7 +2,7 @@
 //! for the sync barrier, shared by worker threads in one process.
 
 use pstrain_core::client::{ClientError, ParameterClient, PullReply};
-use pstrain_core::{PushMeta, PushOutcome, ServerCore, ServerStats};
+use pstrain_core::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub struct InProcServer {
@@ -47,6 +47,11 @@ impl InProcServer {
     pub fn snapshot(&self) -> (ServerStats, Vec<f32>) {
         let state = self.lock();
         (state.core.stats(), state.core.params().to_vec())
+    }
+
+    /// The core's complete state, for checkpoints.
+    pub fn state(&self) -> CoreState {
+        self.lock().core.state()
     }
 
     /// Ends the run: waiting pulls return `done`, pushes are no longer applied.

@@ -86,22 +86,17 @@ fn start_servers(layout: &Layout, shards: usize) -> Result<Servers, NetError> {
         rt.block_on(async {
             let mut running = Vec::new();
             for (shard, rx) in stop_rx.into_iter().enumerate() {
-                let cfg = ShardConfig {
-                    shard,
-                    shards,
-                    layout: layout.clone(),
-                    server: ServerConfig {
-                        mode: Mode::Async {
-                            max_staleness: None,
-                        },
-                        workers: 1,
-                        optimizer: OptimizerConfig::sgd(1e-6),
-                        ..Default::default()
+                let server = ServerConfig {
+                    mode: Mode::Async {
+                        max_staleness: None,
                     },
-                    io_timeout: Duration::from_secs(120),
-                    idle_timeout: Duration::from_secs(600),
-                    exit_when_finished: false,
+                    workers: 1,
+                    optimizer: OptimizerConfig::sgd(1e-6),
+                    ..Default::default()
                 };
+                let mut cfg = ShardConfig::new(shard, shards, layout.clone(), server);
+                cfg.io_timeout = Duration::from_secs(120);
+                cfg.exit_when_finished = false;
                 match ShardServer::bind("127.0.0.1:0", cfg, &initial).await {
                     Ok(server) => {
                         let addr = server.local_addr().map(|a| a.to_string());

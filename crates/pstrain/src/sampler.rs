@@ -22,8 +22,13 @@ pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> usize {
     n.div_ceil(workers.max(1)).div_ceil(batch.max(1)).max(1)
 }
 
+/// The batches of one worker, addressed by step number, so that a restarted worker can take
+/// up exactly where the run is: epoch `e` is the shard in an order drawn from
+/// (seed, rank, e), and step `k` is the k-th batch of that sequence.
 pub struct EpochSampler {
-    shard: Vec<usize>,
+    base: Vec<usize>,
+    order: Vec<usize>,
+    epoch: Option<u64>,
     batch: usize,
     steps: usize,
     rng: Rng,
@@ -31,8 +36,11 @@ pub struct EpochSampler {
 
 impl EpochSampler {
     pub fn new(n: usize, workers: usize, rank: usize, batch: usize, seed: u64) -> Self {
+        let base = shard_indices(n, workers, rank, seed);
         EpochSampler {
-            shard: shard_indices(n, workers, rank, seed),
+            order: base.clone(),
+            base,
+            epoch: None,
             batch,
             steps: steps_per_epoch(n, workers, batch),
             rng: Rng::new(seed).fork(1 + rank as u64),
@@ -44,18 +52,21 @@ impl EpochSampler {
     }
 
     pub fn shard(&self) -> &[usize] {
-        &self.shard
+        &self.base
     }
 
-    /// Reshuffles the shard for a new epoch.
-    pub fn start_epoch(&mut self) {
-        self.rng.shuffle(&mut self.shard);
-    }
-
-    /// The sample indices of batch `step` (< steps_per_epoch) of the current epoch.
-    pub fn batch(&self, step: usize) -> impl Iterator<Item = usize> + '_ {
-        let len = self.shard.len();
-        (0..self.batch).map(move |j| self.shard[(step * self.batch + j) % len])
+    /// The sample indices of global step `step` (counting from the run's first step).
+    pub fn batch_at(&mut self, step: u64) -> impl Iterator<Item = usize> + '_ {
+        let epoch = step / self.steps as u64;
+        if self.epoch != Some(epoch) {
+            self.order.copy_from_slice(&self.base);
+            self.rng.fork(epoch).shuffle(&mut self.order);
+            self.epoch = Some(epoch);
+        }
+        let k = (step % self.steps as u64) as usize;
+        let (len, batch) = (self.order.len(), self.batch);
+        let order = &self.order;
+        (0..batch).map(move |j| order[(k * batch + j) % len])
     }
 }
 
@@ -82,9 +93,10 @@ mod tests {
         assert_eq!(steps, 4);
         for rank in 0..7 {
             let mut s = EpochSampler::new(100, 7, rank, 4, 1);
-            s.start_epoch();
             assert_eq!(s.steps_per_epoch(), steps);
-            let mut covered: Vec<usize> = (0..steps).flat_map(|k| s.batch(k)).collect();
+            let mut covered: Vec<usize> = (0..steps as u64)
+                .flat_map(|k| s.batch_at(k).collect::<Vec<_>>())
+                .collect();
             assert_eq!(covered.len(), steps * 4);
             covered.sort_unstable();
             covered.dedup();
@@ -93,12 +105,19 @@ mod tests {
     }
 
     #[test]
-    fn epochs_are_reshuffled() {
+    fn epochs_are_reshuffled_and_any_step_can_be_revisited() {
         let mut s = EpochSampler::new(1000, 2, 0, 10, 3);
-        s.start_epoch();
-        let first: Vec<usize> = s.batch(0).collect();
-        s.start_epoch();
-        let second: Vec<usize> = s.batch(0).collect();
+        let steps = s.steps_per_epoch() as u64;
+        let first: Vec<usize> = s.batch_at(0).collect();
+        let second: Vec<usize> = s.batch_at(steps).collect();
         assert_ne!(first, second);
+        let later: Vec<usize> = s.batch_at(steps + 7).collect();
+        let mut fresh = EpochSampler::new(1000, 2, 0, 10, 3);
+        assert_eq!(
+            fresh.batch_at(steps + 7).collect::<Vec<_>>(),
+            later,
+            "a restart sees the same batch"
+        );
+        assert_eq!(s.batch_at(0).collect::<Vec<_>>(), first);
     }
 }

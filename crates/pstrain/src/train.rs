@@ -12,6 +12,8 @@ use pstrain_core::ServerStats;
 use pstrain_core::{
     Aggregate, ConfigError, LrSchedule, Mode, OptimizerConfig, Rng, ServerConfig, ServerCore,
 };
+use pstrain_core::{CoreState, Layout};
+use pstrain_store::{Saver, ShardIdentity};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -49,7 +51,11 @@ pub struct TrainConfig {
     pub eval_every: Option<u64>,
     /// Compute threads per worker (GEMM parallelism).
     pub threads: usize,
+    /// Where and how often to checkpoint the server, and whether to resume from there.
+    pub checkpoint: Option<CheckpointPolicy>,
 }
+
+pub use pstrain_store::CheckpointPolicy;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -68,6 +74,7 @@ impl Default for TrainConfig {
             seed: 42,
             eval_every: None,
             threads: 1,
+            checkpoint: None,
         }
     }
 }
@@ -131,6 +138,17 @@ impl TrainConfig {
         }
     }
 
+    /// The run's configuration in words, stored in checkpoints.
+    pub fn describe(&self) -> String {
+        format!(
+            "{:?}",
+            TrainConfig {
+                checkpoint: None,
+                ..self.clone()
+            }
+        )
+    }
+
     /// Updates the run will make: `iterations`, or the epochs' worth.
     pub fn planned_updates(&self, train_len: usize) -> u64 {
         self.iterations
@@ -162,12 +180,18 @@ pub enum TrainError {
     Net(#[from] pstrain_net::NetError),
     #[error("{0}")]
     Cluster(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] pstrain_store::StoreError),
+    #[error("cannot resume: {0}")]
+    Resume(String),
 }
 
 /// Receives what the run reports as it goes (progress bar, metrics file, tests).
 pub trait Observer {
     fn progress(&mut self, _record: &ProgressRecord) {}
     fn eval(&mut self, _record: &EvalRecord) {}
+    /// Something worth a line in the log (checkpoints written, files skipped).
+    fn note(&mut self, _message: &str) {}
 }
 
 /// An observer that ignores everything.
@@ -190,10 +214,23 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     let train_len = data.train.len();
-    let server = InProcServer::new(ServerCore::new(
-        cfg.server_config(train_len),
-        cfg.initial_params(),
-    )?);
+    let mut core = ServerCore::new(cfg.server_config(train_len), cfg.initial_params())?;
+    let layout = cfg.model.build(ModelOptions::default()).layout().clone();
+    let mut saver = cfg.checkpoint.as_ref().map(|p| saver_for(p, cfg, &layout));
+    if let Some(saver) = saver.as_mut().filter(|s| s.policy().resume) {
+        let restored = saver
+            .restore_into(&mut core)
+            .map_err(|e| TrainError::Resume(e.to_string()))?;
+        for p in &restored.skipped {
+            observer.note(&format!("skipping checkpoint: {p}"));
+        }
+        observer.note(&format!(
+            "resumed from {} (version {})",
+            restored.path.display(),
+            restored.version
+        ));
+    }
+    let server = InProcServer::new(core);
     let options = ModelOptions {
         dropout: true,
         threads: cfg.threads,
@@ -232,7 +269,15 @@ pub fn train(
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             if monitor_failed.is_none() {
-                if let Err(e) = monitor.tick(&mut view, observer) {
+                let result = monitor
+                    .tick(&mut view, observer)
+                    .and_then(|()| match &mut saver {
+                        Some(s) if s.due(server.stats().version) => {
+                            save(s, &server.state(), observer)
+                        }
+                        _ => Ok(()),
+                    });
+                if let Err(e) = result {
                     monitor_failed = Some(e);
                     server.close();
                 }
@@ -253,6 +298,10 @@ pub fn train(
     }
     let reports: Vec<WorkerReport> = reports.into_iter().collect::<Result<_, _>>()?;
     let not_applied = reports.iter().map(|r| r.not_applied).sum();
+    if let Some(s) = &mut saver {
+        // Also on Ctrl-C: the run can be resumed from exactly here.
+        save(s, &server.state(), observer)?;
+    }
     let (stats, record, params) = monitor.finish(&mut view, observer)?;
     let stopped = stop.load(Ordering::Relaxed);
     Ok(TrainOutcome {
@@ -269,6 +318,28 @@ impl ServerView for &InProcServer {
     fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError> {
         Ok(InProcServer::snapshot(self))
     }
+}
+
+/// The in-process server's checkpoint saver (one shard holding everything).
+fn saver_for(policy: &CheckpointPolicy, cfg: &TrainConfig, layout: &Layout) -> Saver {
+    let identity = ShardIdentity {
+        shard: 0,
+        shards: 1,
+        range: 0..layout.len(),
+        fingerprint: layout.fingerprint(),
+    };
+    Saver::new(policy, identity, cfg.model.name(), cfg.describe())
+}
+
+fn save(
+    saver: &mut Saver,
+    state: &CoreState,
+    observer: &mut dyn Observer,
+) -> Result<(), TrainError> {
+    if let Some(path) = saver.save(state)? {
+        observer.note(&format!("checkpoint {}", path.display()));
+    }
+    Ok(())
 }
 
 pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

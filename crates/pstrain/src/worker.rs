@@ -72,7 +72,7 @@ fn train_loop(
     let mut images = vec![0.0f32; cfg.batch_size * per];
     let mut labels = vec![0u8; cfg.batch_size];
     let mut sampler = EpochSampler::new(data.len(), cfg.workers, rank, cfg.batch_size, cfg.seed);
-    let mut rng = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
+    let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport::default();
 
     let first = client.pull(&mut params, None, false).map_err(client_err)?;
@@ -80,47 +80,53 @@ fn train_loop(
     if first.done {
         return Ok(report);
     }
-    let mut epoch = 0usize;
-    while cfg.epochs.is_none_or(|e| epoch < e) {
-        sampler.start_epoch();
-        for step in 0..sampler.steps_per_epoch() {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(report);
-            }
-            for (j, i) in sampler.batch(step).enumerate() {
-                images[j * per..(j + 1) * per]
-                    .copy_from_slice(&data.images[i * per..(i + 1) * per]);
-                labels[j] = data.labels[i];
-            }
-            let stats = model
-                .train_step(&params, &images, &labels, &mut grads, &mut rng)
-                .map_err(|source| WorkerError::Compute { rank, source })?;
-            report.steps += 1;
-            report.samples += cfg.batch_size as u64;
-            report.last_loss = stats.loss;
-            let meta = PushMeta {
-                rank,
-                base_version: version,
-                samples: cfg.batch_size as u32,
-                loss: stats.loss,
-            };
-            match client.push(meta, &grads) {
-                Ok(PushOutcome::Done) => return Ok(report),
-                Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => {}
-                Ok(PushOutcome::Dropped { .. }) => report.not_applied += 1,
-                // Our own gradient overflowed: the server skipped it; carry on from fresh weights.
-                Err(ClientError::Refused(PushError::NonFinite { .. })) => report.not_applied += 1,
-                Err(e) => return Err(client_err(e)),
-            }
-            let reply = client
-                .pull(&mut params, Some(version), cfg.sync)
-                .map_err(client_err)?;
-            version = reply.version;
-            if reply.done {
-                return Ok(report);
-            }
+    // Where the run is: in sync mode every update is one step of every worker, so a worker
+    // (re)joining at version v computes exactly what it would have at step v.
+    let steps_per_epoch = sampler.steps_per_epoch() as u64;
+    let total = cfg.epochs.map(|e| e as u64 * steps_per_epoch);
+    let mut step = if cfg.sync {
+        version
+    } else {
+        version / cfg.workers as u64
+    };
+    while total.is_none_or(|t| step < t) {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(report);
         }
-        epoch += 1;
+        for (j, i) in sampler.batch_at(step).enumerate() {
+            images[j * per..(j + 1) * per].copy_from_slice(&data.images[i * per..(i + 1) * per]);
+            labels[j] = data.labels[i];
+        }
+        let mut rng = dropout_seed.fork(step);
+        let stats = model
+            .train_step(&params, &images, &labels, &mut grads, &mut rng)
+            .map_err(|source| WorkerError::Compute { rank, source })?;
+        report.steps += 1;
+        report.samples += cfg.batch_size as u64;
+        report.last_loss = stats.loss;
+        let meta = PushMeta {
+            rank,
+            base_version: version,
+            samples: cfg.batch_size as u32,
+            loss: stats.loss,
+        };
+        match client.push(meta, &grads) {
+            Ok(PushOutcome::Done) => return Ok(report),
+            Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => {}
+            Ok(PushOutcome::Dropped { .. }) => report.not_applied += 1,
+            // Our own gradient overflowed: the server skipped it; carry on from fresh weights.
+            Err(ClientError::Refused(PushError::NonFinite { .. })) => report.not_applied += 1,
+            Err(e) => return Err(client_err(e)),
+        }
+        let reply = client
+            .pull(&mut params, Some(version), cfg.sync)
+            .map_err(client_err)?;
+        version = reply.version;
+        if reply.done {
+            return Ok(report);
+        }
+        // A sync worker follows the server's step (it may have been skipped as a straggler).
+        step = if cfg.sync { version } else { step + 1 };
     }
     Ok(report)
 }

@@ -1,0 +1,182 @@
+//! Real processes killed with SIGKILL mid-training: a worker in async mode, a worker in sync
+//! mode with and without backup workers, and a server shard restarted from its checkpoint.
+//! Every run must finish within its time bound and still reach the accuracy threshold.
+
+mod common;
+
+use pstrain::cluster::{train_tcp, ClusterConfig, Fault};
+use pstrain::train::CheckpointPolicy;
+use pstrain::{Quiet, Schedule, TrainConfig, TrainOutcome};
+use pstrain_compute::ModelKind;
+use pstrain_core::{Mode, OptimizerConfig};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Runs the cluster on another thread and fails the test if it takes longer than `bound`.
+fn run_bounded(cfg: TrainConfig, cluster: ClusterConfig, bound: Duration) -> TrainOutcome {
+    let _guard = common::one_at_a_time();
+    let data = common::mnist();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(train_tcp(
+            &cfg,
+            &cluster,
+            data,
+            &mut Quiet,
+            &AtomicBool::new(false),
+        ));
+    });
+    let outcome = rx
+        .recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("the run did not finish within {bound:?}"))
+        .unwrap();
+    println!("{}", outcome.summary.render());
+    outcome
+}
+
+fn cluster(shards: usize, faults: Vec<Fault>) -> ClusterConfig {
+    let mut c = ClusterConfig::local(
+        PathBuf::from(common::pstrain_bin()),
+        shards,
+        common::mnist_dir(),
+    );
+    c.faults = faults;
+    c
+}
+
+/// The small model for long enough (a few seconds over TCP) that faults land mid-run.
+fn convnet(mode: Mode, workers: usize, iterations: u64) -> TrainConfig {
+    TrainConfig {
+        mode,
+        workers,
+        model: ModelKind::Convnet,
+        iterations: Some(iterations),
+        batch_size: 128,
+        optimizer: OptimizerConfig::sgd(0.01),
+        schedule: Schedule::Constant,
+        eval_every: Some(0),
+        ..TrainConfig::default()
+    }
+}
+
+const BOUND: Duration = Duration::from_secs(120);
+
+#[test]
+fn async_run_survives_a_killed_worker() {
+    let cfg = convnet(
+        Mode::Async {
+            max_staleness: Some(32),
+        },
+        2,
+        3000,
+    );
+    let out = run_bounded(
+        cfg,
+        cluster(
+            2,
+            vec![Fault::KillWorker {
+                rank: 1,
+                at_update: 400,
+            }],
+        ),
+        BOUND,
+    );
+    assert_eq!(
+        out.summary.updates, 3000,
+        "the survivor carries the run to its budget"
+    );
+    assert!(
+        out.summary.test_accuracy >= 0.85,
+        "{}",
+        out.summary.test_accuracy
+    );
+}
+
+#[test]
+fn sync_run_without_backups_survives_a_killed_worker() {
+    let cfg = convnet(Mode::Sync { backup_workers: 0 }, 2, 1500);
+    let out = run_bounded(
+        cfg,
+        cluster(
+            2,
+            vec![Fault::KillWorker {
+                rank: 0,
+                at_update: 300,
+            }],
+        ),
+        BOUND,
+    );
+    assert_eq!(
+        out.summary.updates, 1500,
+        "the barrier moved on without the dead worker"
+    );
+    assert!(
+        out.summary.test_accuracy >= 0.85,
+        "{}",
+        out.summary.test_accuracy
+    );
+}
+
+#[test]
+fn sync_run_with_a_backup_worker_survives_a_killed_worker() {
+    let cfg = convnet(Mode::Sync { backup_workers: 1 }, 3, 1500);
+    let out = run_bounded(
+        cfg,
+        cluster(
+            2,
+            vec![Fault::KillWorker {
+                rank: 2,
+                at_update: 300,
+            }],
+        ),
+        BOUND,
+    );
+    // Each shard picks its own first N-b gradients, so shards can end a few steps apart;
+    // the run stops when the first reaches its budget (the summary shows the lowest).
+    assert!(out.summary.updates >= 1490, "{}", out.summary.updates);
+    assert!(
+        out.summary.test_accuracy >= 0.85,
+        "{}",
+        out.summary.test_accuracy
+    );
+}
+
+#[test]
+fn a_killed_shard_restarts_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(
+        2,
+        vec![Fault::KillShard {
+            shard: 1,
+            at_update: 400,
+            down_for: Duration::from_millis(500),
+        }],
+    );
+    c.checkpoint = Some(CheckpointPolicy {
+        dir: dir.path().to_owned(),
+        every_updates: Some(50),
+        every: None,
+        keep: 3,
+        resume: true,
+    });
+    let cfg = convnet(Mode::Sync { backup_workers: 0 }, 2, 1500);
+    let out = run_bounded(cfg, c, BOUND);
+    assert!(
+        out.summary.test_accuracy >= 0.85,
+        "{}",
+        out.summary.test_accuracy
+    );
+    // Both shards checkpointed their final state. The restarted shard went back to its last
+    // checkpoint and then stepped in lockstep with the other, so the gap between them is the
+    // updates it lost: at most the checkpoint interval (50), plus the steps in flight.
+    let assembled = pstrain_store::assemble(dir.path()).unwrap();
+    let v = &assembled.versions;
+    assert_eq!(v.len(), 2);
+    assert_eq!(v.iter().max(), Some(&1500), "{v:?}");
+    assert!(
+        v[0].abs_diff(v[1]) <= 50 + 2,
+        "lost updates beyond the checkpoint interval: {v:?}"
+    );
+}

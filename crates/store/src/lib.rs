@@ -1,0 +1,10 @@
+//! Storage: the safetensors format (so Python tools can open what pstrain writes), atomic
+//! file replacement, and checkpoints of a server shard with its optimizer state.
+
+pub mod atomic;
+pub mod checkpoint;
+pub mod safetensors;
+pub mod saver;
+
+pub use checkpoint::{assemble, Assembled, Checkpoint, CheckpointDir, ShardIdentity, StoreError};
+pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};

@@ -1,0 +1,229 @@
+//! The safetensors format: an 8-byte little-endian header length, a JSON header naming each
+//! tensor's dtype, shape and byte range (plus a `__metadata__` map of strings), then the data.
+//! Only `F32` tensors are written and read here.
+
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use thiserror::Error;
+
+/// A header larger than this is refused before it is read.
+pub const MAX_HEADER: u64 = 100 << 20;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("file of {0} bytes is too short for a safetensors header")]
+    TooShort(usize),
+    #[error("header of {len} bytes does not fit ({why})")]
+    HeaderSize { len: u64, why: &'static str },
+    #[error("header is not valid JSON: {0}")]
+    Json(String),
+    #[error("tensor `{name}`: {why}")]
+    Tensor { name: String, why: String },
+    #[error("metadata: {0}")]
+    Metadata(String),
+}
+
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub shape: Vec<usize>,
+    pub data: &'a [f32],
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafeTensors {
+    pub metadata: BTreeMap<String, String>,
+    /// In file order.
+    pub tensors: Vec<Tensor>,
+}
+
+impl SafeTensors {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// Writes the tensors back to back in the given order.
+pub fn write<W: Write>(
+    out: &mut W,
+    tensors: &[TensorRef<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    let mut header = Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), json!(metadata));
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        let bytes = std::mem::size_of_val(t.data);
+        header.insert(
+            t.name.to_string(),
+            json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::to_string(&Value::Object(header)).map_err(std::io::Error::other)?;
+    // Pad so the data starts 8-byte aligned, as the reference implementation does.
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    out.write_all(&(text.len() as u64).to_le_bytes())?;
+    out.write_all(text.as_bytes())?;
+    for t in tensors {
+        if cfg!(target_endian = "big") {
+            for v in t.data {
+                out.write_all(&v.to_le_bytes())?;
+            }
+        } else {
+            out.write_all(bytemuck::cast_slice(t.data))?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses a whole file's bytes, checking every offset against the data actually present.
+pub fn parse(bytes: &[u8]) -> Result<SafeTensors, FormatError> {
+    if bytes.len() < 8 {
+        return Err(FormatError::TooShort(bytes.len()));
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&bytes[..8]);
+    let len = u64::from_le_bytes(n);
+    if len > MAX_HEADER {
+        return Err(FormatError::HeaderSize {
+            len,
+            why: "over the limit",
+        });
+    }
+    if 8 + len > bytes.len() as u64 {
+        return Err(FormatError::HeaderSize {
+            len,
+            why: "file is shorter",
+        });
+    }
+    let header: Value = serde_json::from_slice(&bytes[8..8 + len as usize])
+        .map_err(|e| FormatError::Json(e.to_string()))?;
+    let data = &bytes[8 + len as usize..];
+    let Value::Object(map) = header else {
+        return Err(FormatError::Json("header is not an object".into()));
+    };
+    let mut metadata = BTreeMap::new();
+    let mut tensors = Vec::new();
+    for (name, entry) in map {
+        if name == "__metadata__" {
+            let Value::Object(m) = entry else {
+                return Err(FormatError::Metadata("not an object".into()));
+            };
+            for (k, v) in m {
+                let Value::String(v) = v else {
+                    return Err(FormatError::Metadata(format!(
+                        "value of `{k}` is not a string"
+                    )));
+                };
+                metadata.insert(k, v);
+            }
+            continue;
+        }
+        let bad = |why: String| FormatError::Tensor {
+            name: name.clone(),
+            why,
+        };
+        if entry["dtype"] != "F32" {
+            return Err(bad(format!(
+                "dtype {} (only F32 is supported)",
+                entry["dtype"]
+            )));
+        }
+        let shape: Vec<usize> = entry["shape"]
+            .as_array()
+            .ok_or_else(|| bad("no shape".into()))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("shape is not a list of sizes".into()))?;
+        let offsets = entry["data_offsets"]
+            .as_array()
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()? as usize, o[1].as_u64()? as usize)))
+            .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
+        let count = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("shape overflows".into()))?;
+        let (begin, end) = offsets;
+        if begin > end || end > data.len() || end - begin != count.saturating_mul(4) {
+            return Err(bad(format!(
+                "byte range {begin}..{end} does not hold {count} f32 values in {} data bytes",
+                data.len()
+            )));
+        }
+        let values = data[begin..end]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.push((
+            begin,
+            Tensor {
+                name,
+                shape,
+                data: values,
+            },
+        ));
+    }
+    tensors.sort_by_key(|(begin, _)| *begin);
+    Ok(SafeTensors {
+        metadata,
+        tensors: tensors.into_iter().map(|(_, t)| t).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let a = [1.0f32, -2.5, 3.25];
+        let b = [0.5f32; 4];
+        let meta: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        let mut bytes = Vec::new();
+        write(
+            &mut bytes,
+            &[
+                TensorRef {
+                    name: "a",
+                    shape: vec![3],
+                    data: &a,
+                },
+                TensorRef {
+                    name: "b",
+                    shape: vec![2, 2],
+                    data: &b,
+                },
+            ],
+            &meta,
+        )
+        .unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header_len) % 8, 0);
+        let st = parse(&bytes).unwrap();
+        assert_eq!(st.metadata, meta);
+        assert_eq!(st.get("a").unwrap().data, a.to_vec());
+        assert_eq!(st.get("b").unwrap().shape, vec![2, 2]);
+        assert!(parse(&bytes[..bytes.len() - 1]).is_err(), "truncated data");
+        assert!(parse(&bytes[..20]).is_err(), "truncated header");
+        let mut garbage = bytes.clone();
+        garbage[10] = b'{';
+        assert!(parse(&garbage).is_err());
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse(&huge).is_err());
+    }
+}
