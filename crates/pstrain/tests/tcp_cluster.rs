@@ -3,10 +3,12 @@
 
 mod common;
 
+use common::{cnn_one_epoch, convnet_as_original};
+
 use pstrain::cluster::{train_tcp, ClusterConfig};
-use pstrain::{train, Quiet, Schedule, TrainConfig, TrainOutcome};
+use pstrain::{train, Quiet, TrainConfig, TrainOutcome};
 use pstrain_compute::ModelKind;
-use pstrain_core::{Aggregate, Mode, OptimizerConfig};
+use pstrain_core::Mode;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -45,33 +47,6 @@ const SYNC: Mode = Mode::Sync { backup_workers: 0 };
 const ASYNC: Mode = Mode::Async {
     max_staleness: Some(32),
 };
-
-fn cnn_one_epoch(mode: Mode) -> TrainConfig {
-    TrainConfig {
-        mode,
-        workers: 2,
-        model: ModelKind::Cnn,
-        epochs: 1,
-        batch_size: 16,
-        eval_every: Some(0),
-        ..TrainConfig::default()
-    }
-}
-
-fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
-    TrainConfig {
-        mode,
-        workers: 2,
-        model: ModelKind::Convnet,
-        iterations: Some(iterations),
-        batch_size: 128,
-        optimizer: OptimizerConfig::sgd(0.01),
-        schedule: Schedule::Constant,
-        aggregate: Aggregate::Sum,
-        eval_every: Some(0),
-        ..TrainConfig::default()
-    }
-}
 
 #[test]
 fn cnn_sync_two_shards_two_workers_reaches_98_5() {

@@ -2,9 +2,10 @@
 
 mod common;
 
-use pstrain::{train, Quiet, Schedule, TrainConfig};
-use pstrain_compute::ModelKind;
-use pstrain_core::{Aggregate, Mode, OptimizerConfig};
+use common::{cnn_one_epoch, convnet_as_original};
+
+use pstrain::{train, Quiet, TrainConfig};
+use pstrain_core::Mode;
 use std::sync::atomic::AtomicBool;
 
 fn run(cfg: TrainConfig) -> pstrain::metrics::Summary {
@@ -20,19 +21,6 @@ const SYNC: Mode = Mode::Sync { backup_workers: 0 };
 const ASYNC: Mode = Mode::Async {
     max_staleness: Some(32),
 };
-
-/// One epoch's worth of samples, 2 workers: each pushes 16-sample gradients.
-fn cnn_one_epoch(mode: Mode) -> TrainConfig {
-    TrainConfig {
-        mode,
-        workers: 2,
-        model: ModelKind::Cnn,
-        epochs: 1,
-        batch_size: 16,
-        eval_every: Some(0),
-        ..TrainConfig::default()
-    }
-}
 
 #[test]
 fn cnn_sync_two_workers_one_epoch_reaches_98_5() {
@@ -51,23 +39,6 @@ fn cnn_async_two_workers_one_epoch_reaches_98_5() {
         "two async workers see stale weights"
     );
     assert!(s.test_accuracy >= 0.985, "{}", s.test_accuracy);
-}
-
-/// The original Ray example: plain SGD lr 0.01, batch 128, 200 iterations, 2 workers; its sync
-/// server summed the workers' gradients.
-fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
-    TrainConfig {
-        mode,
-        workers: 2,
-        model: ModelKind::Convnet,
-        iterations: Some(iterations),
-        batch_size: 128,
-        optimizer: OptimizerConfig::sgd(0.01),
-        schedule: Schedule::Constant,
-        aggregate: Aggregate::Sum,
-        eval_every: Some(0),
-        ..TrainConfig::default()
-    }
 }
 
 #[test]

@@ -2,8 +2,11 @@
 //! and small IDX data sets made on the spot.
 #![allow(dead_code)]
 
+use pstrain::{Schedule, TrainConfig};
 use pstrain_compute::idx::encode_idx;
 use pstrain_compute::mnist::{self, Mnist};
+use pstrain_compute::ModelKind;
+use pstrain_core::{Aggregate, Mode, OptimizerConfig};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -69,4 +72,34 @@ pub fn write_synthetic_set(dir: &Path, train: usize, test: usize) {
 
 pub fn pstrain_bin() -> &'static str {
     env!("CARGO_BIN_EXE_pstrain")
+}
+
+/// One epoch's worth of samples for `cnn`, 2 workers pushing 16-sample gradients.
+pub fn cnn_one_epoch(mode: Mode) -> TrainConfig {
+    TrainConfig {
+        mode,
+        workers: 2,
+        model: ModelKind::Cnn,
+        epochs: 1,
+        batch_size: 16,
+        eval_every: Some(0),
+        ..TrainConfig::default()
+    }
+}
+
+/// The original Ray example: plain SGD lr 0.01, batch 128, 2 workers; its sync server summed
+/// the workers' gradients.
+pub fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
+    TrainConfig {
+        mode,
+        workers: 2,
+        model: ModelKind::Convnet,
+        iterations: Some(iterations),
+        batch_size: 128,
+        optimizer: OptimizerConfig::sgd(0.01),
+        schedule: Schedule::Constant,
+        aggregate: Aggregate::Sum,
+        eval_every: Some(0),
+        ..TrainConfig::default()
+    }
 }
