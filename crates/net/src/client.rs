@@ -296,8 +296,16 @@ impl TcpClient {
             .unwrap_or(PushOutcome::Done))
     }
 
-    /// Says goodbye to every shard (once).
+    /// Says goodbye to every shard (once). A shard that cannot be reached counts as told: it
+    /// takes a vanished connection out of the quorum the same way.
     pub fn goodbye(&mut self) -> Result<(), NetError> {
+        match self.try_goodbye() {
+            Err(e) if e.is_transport() => Ok(()),
+            r => r,
+        }
+    }
+
+    fn try_goodbye(&mut self) -> Result<(), NetError> {
         if std::mem::replace(&mut self.left, true) {
             return Ok(());
         }
@@ -339,10 +347,19 @@ async fn connect_shard(
     let mut backoff = Duration::from_millis(50);
     loop {
         match try_connect_shard(cfg, shard, addr, range.clone()).await {
-            Err(NetError::Remote {
-                code: code::RANK_BUSY,
-                ..
-            }) if started.elapsed() + backoff < cfg.connect_timeout => {
+            // The rank's old connection is not gone yet, or the shard died or restarted in
+            // the middle of the handshake: both pass.
+            Err(e)
+                if (e.is_transport()
+                    || matches!(
+                        e,
+                        NetError::Remote {
+                            code: code::RANK_BUSY,
+                            ..
+                        }
+                    ))
+                    && started.elapsed() + backoff < cfg.connect_timeout =>
+            {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

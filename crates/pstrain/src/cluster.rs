@@ -23,8 +23,14 @@ const SERVER_GRACE: Duration = Duration::from_secs(30);
 /// A failure injected into a local cluster, for testing recovery with real processes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fault {
-    /// `kill -9` worker `rank` once the servers reach `at_update` updates.
-    KillWorker { rank: usize, at_update: u64 },
+    /// `kill -9` worker `rank` once the servers reach `at_update` updates; with
+    /// `restart_after`, start a new process with the same rank that long after (it pulls the
+    /// latest weights and rejoins).
+    KillWorker {
+        rank: usize,
+        at_update: u64,
+        restart_after: Option<Duration>,
+    },
     /// `kill -9` shard `shard` at `at_update`, and start it again on the same address after
     /// `down_for` (it reloads its newest checkpoint).
     KillShard {
@@ -281,45 +287,42 @@ pub fn train_tcp(
         None => addresses.clone(),
     };
     let mut monitor = Monitor::new(cfg, &data.test, data.train.len(), Instant::now());
-    let mut workers = Vec::new();
-    for rank in 0..cfg.workers {
-        let mut cmd = match cluster.worker_wrapper.split_first() {
-            Some((program, prefix)) => {
-                let mut c = Command::new(program);
-                c.args(prefix).arg(&cluster.exe);
-                c
-            }
-            None => Command::new(&cluster.exe),
-        };
-        workers.push(spawn(
-            format!("worker {rank}"),
+    // Each worker's stdout (its JSON report) is collected on a thread so no pipe fills up.
+    let launch_worker =
+        |rank: usize| -> Result<(Proc, std::thread::JoinHandle<String>), TrainError> {
+            let mut cmd = match cluster.worker_wrapper.split_first() {
+                Some((program, prefix)) => {
+                    let mut c = Command::new(program);
+                    c.args(prefix).arg(&cluster.exe);
+                    c
+                }
+                None => Command::new(&cluster.exe),
+            };
             cmd.arg("worker")
                 .args(["--servers", &dial.join(",")])
-                .args([
-                    "--rank",
-                    &rank.to_string(),
-                    "--threads",
-                    &cfg.threads.to_string(),
-                ])
+                .args(["--rank", &rank.to_string()])
+                .args(["--threads", &cfg.threads.to_string()])
                 .arg("--data-dir")
                 .arg(&cluster.data_dir)
-                .args(&args),
-        )?);
-    }
-    // Collect each worker's stdout (its JSON report) without letting a pipe fill up.
-    let outputs: Vec<_> = workers
-        .iter_mut()
-        .map(|w| {
-            let mut out = w.child.stdout.take();
-            std::thread::spawn(move || {
+                .args(&args);
+            let mut proc = spawn(format!("worker {rank}"), &mut cmd)?;
+            let mut out = proc.child.stdout.take();
+            let reader = std::thread::spawn(move || {
                 let mut text = String::new();
                 if let Some(o) = out.as_mut() {
                     let _ = o.read_to_string(&mut text);
                 }
                 text
-            })
-        })
-        .collect();
+            });
+            Ok((proc, reader))
+        };
+    let mut workers = Vec::new();
+    let mut outputs = Vec::new();
+    for rank in 0..cfg.workers {
+        let (proc, reader) = launch_worker(rank)?;
+        workers.push(proc);
+        outputs.push(reader);
+    }
 
     let mut running = cfg.workers;
     let mut stopped = false;
@@ -344,12 +347,23 @@ pub fn train_tcp(
             faults = later;
             for fault in now {
                 match fault {
-                    Fault::KillWorker { rank, .. } => {
-                        if let Some(w) = workers.get_mut(rank) {
-                            let _ = w.child.kill();
-                            killed[rank] = true;
+                    Fault::KillWorker {
+                        rank,
+                        restart_after,
+                        ..
+                    } if rank < workers.len() => {
+                        let _ = workers[rank].child.kill();
+                        let _ = workers[rank].child.wait();
+                        killed[rank] = true;
+                        if let Some(pause) = restart_after {
+                            std::thread::sleep(pause);
+                            let (proc, reader) = launch_worker(rank)?;
+                            workers[rank] = proc;
+                            outputs[rank] = reader;
+                            killed[rank] = false;
                         }
                     }
+                    Fault::KillWorker { .. } => {}
                     Fault::KillShard {
                         shard, down_for, ..
                     } if shard < servers.len() => {

@@ -79,6 +79,7 @@ fn async_run_survives_a_killed_worker() {
             vec![Fault::KillWorker {
                 rank: 1,
                 at_update: 400,
+                restart_after: None,
             }],
         ),
         BOUND,
@@ -104,6 +105,7 @@ fn sync_run_without_backups_survives_a_killed_worker() {
             vec![Fault::KillWorker {
                 rank: 0,
                 at_update: 300,
+                restart_after: None,
             }],
         ),
         BOUND,
@@ -125,17 +127,35 @@ fn sync_run_with_a_backup_worker_survives_a_killed_worker() {
     let out = run_bounded(
         cfg,
         cluster(
-            2,
+            1,
             vec![Fault::KillWorker {
                 rank: 2,
                 at_update: 300,
+                restart_after: None,
             }],
         ),
         BOUND,
     );
-    // Each shard picks its own first N-b gradients, so shards can end a few steps apart;
-    // the run stops when the first reaches its budget (the summary shows the lowest).
-    assert!(out.summary.updates >= 1490, "{}", out.summary.updates);
+    // One shard: with several, each shard picks its own first N-b gradients and their
+    // versions drift apart (a known limitation, see ARCHITECTURE.md).
+    assert_eq!(out.summary.updates, 1500);
+    assert!(
+        out.summary.test_accuracy >= 0.85,
+        "{}",
+        out.summary.test_accuracy
+    );
+}
+
+#[test]
+fn a_restarted_sync_worker_rejoins_with_its_rank() {
+    let cfg = convnet(Mode::Sync { backup_workers: 0 }, 2, 1500);
+    let fault = Fault::KillWorker {
+        rank: 1,
+        at_update: 300,
+        restart_after: Some(Duration::from_millis(300)),
+    };
+    let out = run_bounded(cfg, cluster(2, vec![fault]), BOUND);
+    assert_eq!(out.summary.updates, 1500);
     assert!(
         out.summary.test_accuracy >= 0.85,
         "{}",
