@@ -74,14 +74,17 @@ pub fn pstrain_bin() -> &'static str {
     env!("CARGO_BIN_EXE_pstrain")
 }
 
-/// One epoch's worth of samples for `cnn`, 2 workers pushing 16-sample gradients.
+/// One epoch's worth of samples for `cnn`, 2 workers pushing 16-sample gradients. A sync
+/// update averages both workers' 32 samples, so it takes twice the rate (linear scaling).
 pub fn cnn_one_epoch(mode: Mode) -> TrainConfig {
+    let lr = if mode.is_sync() { 2e-3 } else { 1e-3 };
     TrainConfig {
         mode,
         workers: 2,
         model: ModelKind::Cnn,
         epochs: 1,
         batch_size: 16,
+        optimizer: OptimizerConfig::adam(lr),
         eval_every: Some(0),
         ..TrainConfig::default()
     }
