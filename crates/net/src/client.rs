@@ -492,3 +492,66 @@ impl ParameterClient for TcpClient {
         self.goodbye().map_err(to_client_error)
     }
 }
+
+/// Heartbeats for one worker rank, sent to every shard from a thread of its own every
+/// `every`, until this guard is dropped. They tell a shard that the worker process is alive
+/// even while its compute thread is busy; a frozen or stopped process falls silent.
+pub struct Heartbeat {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    pub fn start(cfg: &ClientConfig, every: Duration) -> Result<Self, NetError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let cfg = ClientConfig {
+            role: Role::Heartbeat,
+            ..cfg.clone()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::spawn(move || {
+            let ranges = shard_ranges(cfg.layout.len(), cfg.servers.len());
+            // One loop per shard, so a shard that is down does not silence the others.
+            let loops = cfg
+                .servers
+                .iter()
+                .zip(ranges)
+                .enumerate()
+                .map(|(i, (addr, range))| {
+                    let (cfg, flag) = (&cfg, &flag);
+                    async move {
+                        let mut conn: Option<Shard> = None;
+                        while !flag.load(Ordering::Relaxed) {
+                            if conn.is_none() {
+                                conn = try_connect_shard(cfg, i, addr, range.clone()).await.ok();
+                            }
+                            if let Some(s) = conn.as_mut() {
+                                if s.conn.write_frame(kind::HEARTBEAT, &[], &[]).await.is_err() {
+                                    conn = None;
+                                }
+                            }
+                            tokio::time::sleep(every).await;
+                        }
+                    }
+                });
+            rt.block_on(futures_util::future::join_all(loops));
+        });
+        Ok(Heartbeat {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -10,6 +10,8 @@ pub mod kind {
     pub const PUSH: u16 = 0x03;
     pub const STATS: u16 = 0x04;
     pub const GOODBYE: u16 = 0x05;
+    /// A worker process's sign of life, on its own connection (no payload, no reply).
+    pub const HEARTBEAT: u16 = 0x06;
     pub const HELLO_OK: u16 = 0x81;
     pub const PULL_REPLY: u16 = 0x82;
     pub const PUSH_REPLY: u16 = 0x83;
@@ -42,6 +44,9 @@ pub enum Role {
     Worker,
     /// Only pulls weights and reads stats (evaluators, monitors).
     Observer,
+    /// Sends heartbeats for worker `rank` from a thread of its own, so that a frozen or
+    /// stopped worker process is told apart from one that is busy computing.
+    Heartbeat,
 }
 
 /// Appends little-endian fields.
@@ -182,6 +187,7 @@ impl Hello {
         w.u8(match self.role {
             Role::Worker => 1,
             Role::Observer => 2,
+            Role::Heartbeat => 3,
         })
         .u32(self.rank)
         .u32(self.workers)
@@ -204,6 +210,7 @@ impl Hello {
         let role = match r.u8()? {
             1 => Role::Worker,
             2 => Role::Observer,
+            3 => Role::Heartbeat,
             other => {
                 return Err(NetError::Malformed {
                     what: "hello",

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
@@ -29,8 +29,10 @@ pub struct ShardConfig {
     pub server: ServerConfig,
     /// Deadline for each read or write once a frame is under way.
     pub io_timeout: Duration,
-    /// A peer silent this long between frames (or a sync wait this long) is dropped.
+    /// A peer silent this long between frames is dropped.
     pub idle_timeout: Duration,
+    /// A worker whose heartbeats (once started) stop for this long leaves the quorum.
+    pub heartbeat_timeout: Duration,
     /// Stop once every worker rank has joined and left and no connection is open.
     pub exit_when_finished: bool,
     /// Checkpoint this shard (and restore its newest valid checkpoint at start).
@@ -51,6 +53,7 @@ impl ShardConfig {
             server,
             io_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
+            heartbeat_timeout: Duration::from_secs(10),
             exit_when_finished: true,
             checkpoint: None,
             model: String::new(),
@@ -88,6 +91,11 @@ struct State {
     core: ServerCore,
     connected: Vec<bool>,
     joined: Vec<bool>,
+    /// Bumped whenever a rank's main connection is replaced or evicted, so that a stale
+    /// handler for an old connection cannot touch the rank's quorum membership.
+    generation: Vec<u64>,
+    /// The last heartbeat per rank, once its heartbeats started.
+    last_beat: Vec<Option<Instant>>,
     open: usize,
     events: ConnectionEvents,
 }
@@ -131,6 +139,30 @@ pub struct ShardServer {
 
 /// How often the server looks at its checkpoint schedule.
 const CHECKPOINT_TICK: Duration = Duration::from_millis(100);
+/// How often the server looks for workers whose heartbeats stopped.
+const HEARTBEAT_CHECK: Duration = Duration::from_millis(250);
+
+/// Takes out of the quorum every connected worker whose heartbeats stopped.
+fn evict_silent_workers(shared: &Shared) {
+    let limit = shared.cfg.heartbeat_timeout;
+    let mut state = shared.lock();
+    for rank in 0..state.connected.len() {
+        let silent = state.last_beat[rank].is_some_and(|t| t.elapsed() > limit);
+        if state.connected[rank] && silent {
+            state.connected[rank] = false;
+            state.generation[rank] += 1;
+            state.last_beat[rank] = None;
+            state.events.vanished_workers += 1;
+            state.core.leave(rank);
+            shared.publish(&state);
+            shared.log(&format!(
+                "worker {rank} sent no heartbeat for {:.1} s; it leaves the quorum",
+                limit.as_secs_f64()
+            ));
+        }
+    }
+    shared.check_finished(&state);
+}
 
 impl ShardServer {
     /// Binds `addr` and sets up the shard with its slice of `initial` (the whole model).
@@ -188,6 +220,8 @@ impl ShardServer {
                     core,
                     connected: vec![false; workers],
                     joined: vec![false; workers],
+                    generation: vec![0; workers],
+                    last_beat: vec![None; workers],
                     open: 0,
                     events: ConnectionEvents::default(),
                 }),
@@ -208,8 +242,10 @@ impl ShardServer {
         let shared = self.shared;
         let mut saver = self.saver;
         let mut ticker = tokio::time::interval(CHECKPOINT_TICK);
+        let mut beat_check = tokio::time::interval(HEARTBEAT_CHECK);
         loop {
             tokio::select! {
+                _ = beat_check.tick() => evict_silent_workers(&shared),
                 _ = ticker.tick(), if saver.is_some() => {
                     let due = saver.as_ref().is_some_and(|s| s.due(shared.lock().core.version()));
                     // Only take the saver out when a save is due; it comes back with the result.
@@ -272,6 +308,8 @@ struct Session {
     role: Role,
     rank: usize,
     said_goodbye: bool,
+    /// The rank's generation when this connection was accepted.
+    generation: u64,
 }
 
 async fn handle(shared: Arc<Shared>, stream: TcpStream) {
@@ -305,7 +343,10 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) {
     conn.shutdown().await;
     let mut state = shared.lock();
     state.open -= 1;
-    if let Some(s) = session.filter(|s| s.role == Role::Worker) {
+    // A worker connection that was evicted or replaced no longer speaks for its rank.
+    if let Some(s) =
+        session.filter(|s| s.role == Role::Worker && state.generation[s.rank] == s.generation)
+    {
         state.connected[s.rank] = false;
         if !s.said_goodbye {
             state.events.vanished_workers += 1;
@@ -362,6 +403,14 @@ async fn serve(
             None => return Ok(()),
         };
         match header.kind {
+            _ if accepted.role == Role::Worker
+                && shared.lock().generation[accepted.rank] != accepted.generation =>
+            {
+                return Err(NetError::Handshake(format!(
+                    "worker {} was evicted (missed heartbeats); reconnect to rejoin",
+                    accepted.rank
+                )));
+            }
             kind::PULL => {
                 let (newer_than, wait) = decode_pull(&conn.read_bytes(header.len as usize).await?)?;
                 pull(shared, conn, &mut buf, newer_than, wait).await?;
@@ -381,6 +430,10 @@ async fn serve(
                 };
                 conn.write_frame(kind::STATS_REPLY, &stats.encode(), &[])
                     .await?;
+            }
+            kind::HEARTBEAT if accepted.role == Role::Heartbeat => {
+                conn.read_bytes(header.len as usize).await?;
+                shared.lock().last_beat[accepted.rank] = Some(Instant::now());
             }
             kind::GOODBYE => {
                 conn.read_bytes(header.len as usize).await?;
@@ -459,11 +512,25 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
         }
         state.connected[rank] = true;
         state.joined[rank] = true;
+        state.generation[rank] += 1;
+        return Ok(Session {
+            role: hello.role,
+            rank,
+            said_goodbye: false,
+            generation: state.generation[rank],
+        });
+    }
+    if hello.role == Role::Heartbeat && rank >= cfg.server.workers {
+        return refuse(format!(
+            "rank {rank} is out of range for {} workers",
+            cfg.server.workers
+        ));
     }
     Ok(Session {
         role: hello.role,
         rank,
         said_goodbye: false,
+        generation: 0,
     })
 }
 

@@ -12,7 +12,7 @@ use pstrain_compute::mnist::{self, Mnist};
 use pstrain_compute::ModelKind;
 use pstrain_compute::ModelOptions;
 use pstrain_core::{Aggregate, Mode, OptimizerConfig};
-use pstrain_net::{ClientConfig, Role, ShardConfig, ShardServer, TcpClient};
+use pstrain_net::{ClientConfig, Heartbeat, Role, ShardConfig, ShardServer, TcpClient};
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -265,6 +265,9 @@ struct ServerArgs {
     /// then leaves the quorum)
     #[arg(long, default_value_t = 120)]
     idle_timeout: u64,
+    /// Seconds without a heartbeat after which a worker leaves the quorum
+    #[arg(long, default_value_t = 10.0)]
+    heartbeat_timeout: f64,
     /// Keep serving after every worker has left
     #[arg(long)]
     keep_running: bool,
@@ -288,6 +291,9 @@ struct WorkerArgs {
     /// Seconds to keep retrying the connection while servers start
     #[arg(long, default_value_t = 60)]
     connect_timeout: u64,
+    /// Seconds between heartbeats to every shard (0: none)
+    #[arg(long, default_value_t = 1.0)]
+    heartbeat_secs: f64,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -649,6 +655,10 @@ fn run_server(args: ServerArgs) -> Result<()> {
     shard_cfg.io_timeout = Duration::from_secs(args.io_timeout.max(1));
     shard_cfg.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
     shard_cfg.exit_when_finished = !args.keep_running;
+    if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
+        bail!("--heartbeat-timeout must be a positive number of seconds");
+    }
+    shard_cfg.heartbeat_timeout = Duration::from_secs_f64(args.heartbeat_timeout);
     shard_cfg.checkpoint = args.checkpoints.policy(None, true);
     shard_cfg.model = cfg.model.name().into();
     shard_cfg.run_description = cfg.describe();
@@ -733,6 +743,15 @@ fn run_worker_cmd(args: WorkerArgs) -> Result<()> {
             args.servers.join(",")
         )
     })?;
+    // Alive-signal from its own thread, so a busy worker is not taken for a frozen one.
+    let _heartbeat = if args.heartbeat_secs > 0.0 && args.heartbeat_secs.is_finite() {
+        Some(Heartbeat::start(
+            &client_cfg,
+            Duration::from_secs_f64(args.heartbeat_secs),
+        )?)
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_stop = Arc::clone(&stop);
     if let Err(e) = ctrlc::set_handler(move || handler_stop.store(true, Ordering::Relaxed)) {

@@ -38,6 +38,9 @@ pub enum Fault {
         at_update: u64,
         down_for: Duration,
     },
+    /// `kill -STOP` worker `rank` at `at_update`: alive but silent, as a hung host is. It is
+    /// killed when the run ends.
+    FreezeWorker { rank: usize, at_update: u64 },
 }
 
 /// Maps a shard's bound address to the address workers dial.
@@ -60,6 +63,8 @@ pub struct ClusterConfig {
     pub checkpoint: Option<CheckpointPolicy>,
     /// Failures to inject, in order of `at_update`.
     pub faults: Vec<Fault>,
+    /// The shards' `--heartbeat-timeout`, if not their default.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 impl ClusterConfig {
@@ -74,6 +79,7 @@ impl ClusterConfig {
             relay: None,
             checkpoint: None,
             faults: Vec::new(),
+            heartbeat_timeout: None,
         }
     }
 }
@@ -241,6 +247,9 @@ pub fn train_tcp(
             .args(["--shards", &cluster.shards.to_string()])
             .args(["--train-samples", &data.train.len().to_string()])
             .args(&args);
+        if let Some(t) = cluster.heartbeat_timeout {
+            cmd.args(["--heartbeat-timeout", &t.as_secs_f64().to_string()]);
+        }
         if let Some(p) = &cluster.checkpoint {
             cmd.arg("--checkpoint-dir").arg(&p.dir);
             cmd.args(["--keep-checkpoints", &p.keep.to_string()]);
@@ -328,6 +337,7 @@ pub fn train_tcp(
     let mut stopped = false;
     let mut faults = cluster.faults.clone();
     let mut killed = vec![false; cfg.workers];
+    let mut frozen = vec![false; cfg.workers];
     while running > 0 {
         std::thread::sleep(TICK);
         if stop.load(Ordering::Relaxed) && !stopped {
@@ -340,9 +350,9 @@ pub fn train_tcp(
             let version = view.stats()?.version;
             let (now, later): (Vec<Fault>, Vec<Fault>) =
                 faults.into_iter().partition(|f| match f {
-                    Fault::KillWorker { at_update, .. } | Fault::KillShard { at_update, .. } => {
-                        version >= *at_update
-                    }
+                    Fault::KillWorker { at_update, .. }
+                    | Fault::KillShard { at_update, .. }
+                    | Fault::FreezeWorker { at_update, .. } => version >= *at_update,
                 });
             faults = later;
             for fault in now {
@@ -364,6 +374,19 @@ pub fn train_tcp(
                         }
                     }
                     Fault::KillWorker { .. } => {}
+                    Fault::FreezeWorker { rank, .. } if rank < workers.len() => {
+                        let pid = workers[rank].child.id().to_string();
+                        let stopped = Command::new("kill")
+                            .args(["-STOP", &pid])
+                            .status()
+                            .is_ok_and(|s| s.success());
+                        if !stopped {
+                            return Err(TrainError::Cluster(format!("cannot stop worker {rank}")));
+                        }
+                        frozen[rank] = true;
+                        killed[rank] = true;
+                    }
+                    Fault::FreezeWorker { .. } => {}
                     Fault::KillShard {
                         shard, down_for, ..
                     } if shard < servers.len() => {
@@ -379,6 +402,9 @@ pub fn train_tcp(
         }
         running = 0;
         for (rank, w) in workers.iter_mut().enumerate() {
+            if frozen[rank] {
+                continue;
+            }
             match w.child.try_wait() {
                 Ok(None) => running += 1,
                 Ok(Some(status)) if status.success() || stopped || killed[rank] => {}
@@ -397,6 +423,13 @@ pub fn train_tcp(
     let (stats, record, params) = monitor.finish(&mut view, observer)?;
     drop(view);
 
+    // A frozen worker never ends by itself (and holds its output pipe open).
+    for (rank, w) in workers.iter_mut().enumerate() {
+        if frozen[rank] {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
+    }
     let mut not_applied = 0;
     for (rank, out) in outputs.into_iter().enumerate() {
         let text = out.join().unwrap_or_default();

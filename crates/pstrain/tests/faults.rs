@@ -164,6 +164,29 @@ fn a_restarted_sync_worker_rejoins_with_its_rank() {
 }
 
 #[test]
+fn a_frozen_sync_worker_is_dropped_when_its_heartbeats_stop() {
+    // SIGSTOP keeps the sockets open: only the missing heartbeats (2 s here) tell the shards.
+    let cfg = convnet(Mode::Sync { backup_workers: 0 }, 2, 1500);
+    let mut c = cluster(
+        2,
+        vec![Fault::FreezeWorker {
+            rank: 1,
+            at_update: 300,
+        }],
+    );
+    c.heartbeat_timeout = Some(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let out = run_bounded(cfg, c, Duration::from_secs(60));
+    assert_eq!(out.summary.updates, 1500);
+    assert!(
+        out.summary.test_accuracy >= 0.85,
+        "{}",
+        out.summary.test_accuracy
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
 fn a_killed_shard_restarts_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(
