@@ -248,7 +248,7 @@ impl TcpClient {
 
     fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
         self.check_len(grad.len())?;
-        let slices = split_by_ranges_ref(grad, self.shards.iter().map(|s| s.range.len()));
+        let slices: Vec<&[f32]> = self.shards.iter().map(|s| &grad[s.range.clone()]).collect();
         let outcomes = self
             .rt
             .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
@@ -436,16 +436,6 @@ fn split_by_ranges(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Ve
     let mut out = Vec::new();
     for len in lens {
         let (head, rest) = std::mem::take(&mut buf).split_at_mut(len);
-        out.push(head);
-        buf = rest;
-    }
-    out
-}
-
-fn split_by_ranges_ref(mut buf: &[f32], lens: impl Iterator<Item = usize>) -> Vec<&[f32]> {
-    let mut out = Vec::new();
-    for len in lens {
-        let (head, rest) = buf.split_at(len);
         out.push(head);
         buf = rest;
     }

@@ -574,6 +574,16 @@ impl Observer for Reporter {
     }
 }
 
+/// A flag set by Ctrl-C or SIGTERM, for a clean stop (final checkpoint, summary).
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)) {
+        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
+    }
+    stop
+}
+
 fn run_train(args: TrainArgs) -> Result<()> {
     let mut cfg = train_config(&args.run, args.eval_every, args.threads)?;
     cfg.checkpoint = args
@@ -583,12 +593,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let per_update = if cfg.mode.is_sync() { cfg.workers } else { 1 } * cfg.batch_size;
     let total_samples = cfg.planned_updates(data.train.len()) * per_update as u64;
     let mut reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler_stop = Arc::clone(&stop);
     // Ctrl-C ends the run cleanly: workers stop, the weights reached are evaluated.
-    if let Err(e) = ctrlc::set_handler(move || handler_stop.store(true, Ordering::Relaxed)) {
-        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
-    }
+    let stop = stop_on_signal();
     println!(
         "training {} ({} parameters), {} mode, {} workers, batch {}, {:?}",
         cfg.model,
@@ -752,11 +758,7 @@ fn run_worker_cmd(args: WorkerArgs) -> Result<()> {
     } else {
         None
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler_stop = Arc::clone(&stop);
-    if let Err(e) = ctrlc::set_handler(move || handler_stop.store(true, Ordering::Relaxed)) {
-        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
-    }
+    let stop = stop_on_signal();
     let report = pstrain::worker::run_worker(
         &mut client,
         model.as_mut(),

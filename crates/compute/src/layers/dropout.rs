@@ -2,7 +2,6 @@
 //! scaled by 1/(1-p); in evaluation it is the identity.
 
 use super::{Backward, Layer, Pass, Shape};
-use pstrain_core::Rng;
 
 pub struct Dropout {
     shape: Shape,
@@ -23,10 +22,6 @@ impl Dropout {
 }
 
 impl Layer for Dropout {
-    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
-        Vec::new()
-    }
-
     fn input_shape(&self) -> Shape {
         self.shape
     }
@@ -34,8 +29,6 @@ impl Layer for Dropout {
     fn output_shape(&self) -> Shape {
         self.shape
     }
-
-    fn init(&self, _: &mut [f32], _: &mut Rng) {}
 
     fn forward(&mut self, _: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>) {
         let n = self.shape.len() * pass.batch;
@@ -74,6 +67,7 @@ impl Layer for Dropout {
 mod tests {
     use super::*;
     use crate::layers::gradcheck;
+    use pstrain_core::Rng;
 
     #[test]
     fn gradients_match_finite_differences() {

@@ -2,7 +2,6 @@
 //! dropping the ragged edge as PyTorch's floor mode does.
 
 use super::{Backward, Layer, Pass, Shape};
-use pstrain_core::Rng;
 
 pub struct MaxPool2d {
     input: Shape,
@@ -24,10 +23,6 @@ impl MaxPool2d {
 }
 
 impl Layer for MaxPool2d {
-    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
-        Vec::new()
-    }
-
     fn input_shape(&self) -> Shape {
         self.input
     }
@@ -39,8 +34,6 @@ impl Layer for MaxPool2d {
             self.input.w / self.window,
         )
     }
-
-    fn init(&self, _: &mut [f32], _: &mut Rng) {}
 
     fn forward(&mut self, _: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>) {
         let (inp, out, k) = (self.input, self.output_shape(), self.window);
@@ -91,6 +84,7 @@ impl Layer for MaxPool2d {
 mod tests {
     use super::*;
     use crate::layers::gradcheck;
+    use pstrain_core::Rng;
 
     #[test]
     fn gradients_match_finite_differences() {

@@ -59,12 +59,15 @@ pub struct Backward<'a> {
 }
 
 pub trait Layer: Send {
-    /// Parameter tensors relative to this layer, in the order they sit in its slice.
-    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)>;
+    /// Parameter tensors relative to this layer, in the order they sit in its slice (none by
+    /// default).
+    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        Vec::new()
+    }
     fn input_shape(&self) -> Shape;
     fn output_shape(&self) -> Shape;
-    /// PyTorch's default initialisation for this layer.
-    fn init(&self, params: &mut [f32], rng: &mut Rng);
+    /// PyTorch's default initialisation for this layer (nothing to do without parameters).
+    fn init(&self, _params: &mut [f32], _rng: &mut Rng) {}
     /// `y = f(x)` for `pass.batch` samples.
     fn forward(&mut self, params: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>);
     /// Writes (does not accumulate) this layer's parameter gradients into `grads`, and the

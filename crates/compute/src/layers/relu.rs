@@ -1,7 +1,6 @@
 //! Rectified linear unit.
 
 use super::{Backward, Layer, Pass, Shape};
-use pstrain_core::Rng;
 
 pub struct Relu {
     shape: Shape,
@@ -14,10 +13,6 @@ impl Relu {
 }
 
 impl Layer for Relu {
-    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
-        Vec::new()
-    }
-
     fn input_shape(&self) -> Shape {
         self.shape
     }
@@ -25,8 +20,6 @@ impl Layer for Relu {
     fn output_shape(&self) -> Shape {
         self.shape
     }
-
-    fn init(&self, _: &mut [f32], _: &mut Rng) {}
 
     fn forward(&mut self, _: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>) {
         let n = self.shape.len() * pass.batch;
