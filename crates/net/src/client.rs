@@ -5,7 +5,7 @@ use crate::connection::Connection;
 use crate::error::NetError;
 use crate::protocol::{
     code, decode_error, encode_pull, kind, outcome, Hello, HelloOk, Reader, Role, ShardStats,
-    Writer, PULL_REPLY_HEAD_LEN,
+    Writer, HELLO_LIMIT, PULL_REPLY_HEAD_LEN,
 };
 use futures_util::future::try_join_all;
 use pstrain_core::{
@@ -55,6 +55,81 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// What a set of shards serves, in their own words: for clients that bring no model of their
+/// own and adopt the servers' (the Python client).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub layout: Layout,
+    pub workers: usize,
+    pub sync: bool,
+}
+
+impl Served {
+    /// A mode that says hello as this run's mode does (only sync/async is checked).
+    pub fn mode(&self) -> Mode {
+        if self.sync {
+            Mode::Sync { backup_workers: 0 }
+        } else {
+            Mode::Async {
+                max_staleness: None,
+            }
+        }
+    }
+}
+
+/// Asks every shard what it serves, and checks that they agree and sit in the given order.
+pub fn describe(
+    servers: &[String],
+    io_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<Served, NetError> {
+    if servers.is_empty() {
+        return Err(NetError::Handshake("no server addresses given".into()));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let replies = rt.block_on(try_join_all(servers.iter().enumerate().map(
+        |(i, addr)| async move {
+            let mut conn = dial(i, addr, io_timeout, connect_timeout).await?;
+            conn.write_frame(kind::DESCRIBE, &[], &[]).await?;
+            let bytes = conn
+                .read_reply(
+                    kind::DESCRIBE_REPLY,
+                    "describe reply",
+                    io_timeout,
+                    HELLO_LIMIT,
+                )
+                .await?;
+            conn.shutdown().await;
+            let me = Hello::decode(&bytes)?;
+            if (me.shard as usize, me.shards as usize) != (i, servers.len()) {
+                return Err(NetError::Handshake(format!(
+                    "{addr} is shard {} of {}, but was given as shard {i} of {}",
+                    me.shard,
+                    me.shards,
+                    servers.len()
+                )));
+            }
+            let layout = me
+                .layout()
+                .map_err(|e| NetError::Handshake(format!("{addr} serves a bad layout: {e}")))?;
+            Ok(Served {
+                layout,
+                workers: me.workers as usize,
+                sync: me.sync,
+            })
+        },
+    )))?;
+    let first = replies[0].clone();
+    if let Some((i, _)) = replies.iter().enumerate().find(|(_, r)| **r != first) {
+        return Err(NetError::Handshake(format!(
+            "shards 0 and {i} serve different runs (layout, worker count or mode)"
+        )));
+    }
+    Ok(first)
 }
 
 struct Shard {
@@ -166,9 +241,11 @@ impl TcpClient {
             .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
                 |(shard, slice)| async move {
                     // With several shards each keeps its own version; "newer than" means newer
-                    // than what this client last got from that shard.
-                    let newer = newer_than.map(|_| shard.version);
+                    // than what this client last got from that shard. A waiting pull waits only
+                    // where this client's push is pending (then for the step after the slice
+                    // it holds); without `newer_than` every slice is sent.
                     let wait = wait && std::mem::take(&mut shard.pending);
+                    let newer = (newer_than.is_some() || wait).then_some(shard.version);
                     shard
                         .conn
                         .write_frame(kind::PULL, &encode_pull(newer, wait), &[])
@@ -368,19 +445,20 @@ async fn connect_shard(
     }
 }
 
-async fn try_connect_shard(
-    cfg: &ClientConfig,
+/// Opens a TCP connection to a shard, retrying with backoff until `connect_timeout`.
+async fn dial(
     shard: usize,
     addr: &str,
-    range: Range<usize>,
-) -> Result<Shard, NetError> {
+    io_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<Connection, NetError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
-    let stream = loop {
-        match tokio::time::timeout(cfg.io_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => break s,
+    loop {
+        match tokio::time::timeout(io_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(Connection::new(s, io_timeout)),
             result => {
-                if started.elapsed() + backoff > cfg.connect_timeout {
+                if started.elapsed() + backoff > connect_timeout {
                     let why = match result {
                         Ok(Err(e)) => e.to_string(),
                         _ => "connect timed out".into(),
@@ -394,8 +472,16 @@ async fn try_connect_shard(
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
-    };
-    let mut conn = Connection::new(stream, cfg.io_timeout);
+    }
+}
+
+async fn try_connect_shard(
+    cfg: &ClientConfig,
+    shard: usize,
+    addr: &str,
+    range: Range<usize>,
+) -> Result<Shard, NetError> {
+    let mut conn = dial(shard, addr, cfg.io_timeout, cfg.connect_timeout).await?;
     let n = cfg.servers.len();
     let hello = Hello::new(
         cfg.role,

@@ -12,11 +12,15 @@ pub mod kind {
     pub const GOODBYE: u16 = 0x05;
     /// A worker process's sign of life, on its own connection (no payload, no reply).
     pub const HEARTBEAT: u16 = 0x06;
+    /// "What do you serve?": allowed instead of a hello, answered with the shard's own
+    /// description (a `Hello` from the server's side), for clients that adopt the layout.
+    pub const DESCRIBE: u16 = 0x07;
     pub const HELLO_OK: u16 = 0x81;
     pub const PULL_REPLY: u16 = 0x82;
     pub const PUSH_REPLY: u16 = 0x83;
     pub const STATS_REPLY: u16 = 0x84;
     pub const GOODBYE_OK: u16 = 0x85;
+    pub const DESCRIBE_REPLY: u16 = 0x87;
     pub const ERROR: u16 = 0xff;
 }
 

@@ -9,7 +9,8 @@ use crate::protocol::{
     Writer, HELLO_LIMIT, PULL_REPLY_HEAD_LEN, PUSH_HEAD_LEN,
 };
 use pstrain_core::{
-    shard_ranges, Layout, PushError, PushMeta, PushOutcome, ServerConfig, ServerCore, ServerStats,
+    shard_ranges, CoreState, Layout, PushError, PushMeta, PushOutcome, ServerConfig, ServerCore,
+    ServerStats,
 };
 use pstrain_store::{CheckpointPolicy, ResumeError, Saver, ShardIdentity};
 use std::future::Future;
@@ -18,7 +19,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -98,6 +99,8 @@ struct State {
     last_beat: Vec<Option<Instant>>,
     open: usize,
     events: ConnectionEvents,
+    /// The version of the newest snapshot handed to the checkpoint writer.
+    last_snapshot: u64,
 }
 
 struct Shared {
@@ -107,6 +110,10 @@ struct Shared {
     /// (version, done) after every change, for sync pulls waiting on the next step.
     version: watch::Sender<(u64, bool)>,
     finished: Notify,
+    /// With `--checkpoint-every N`: the writer's queue (one snapshot deep) and N. The state
+    /// is snapshotted in the push that reaches the update count, not by polling, so the
+    /// updates a crash can lose are N plus those made while that snapshot is being written.
+    snapshots: Option<(mpsc::Sender<CoreState>, u64)>,
 }
 
 impl Shared {
@@ -135,6 +142,7 @@ pub struct ShardServer {
     listener: TcpListener,
     shared: Arc<Shared>,
     saver: Option<Saver>,
+    snapshot_rx: Option<mpsc::Receiver<CoreState>>,
 }
 
 /// How often the server looks at its checkpoint schedule.
@@ -211,6 +219,15 @@ impl ShardServer {
         let listener = TcpListener::bind(addr).await?;
         let workers = cfg.server.workers;
         let (version, _) = watch::channel((core.version(), core.is_done()));
+        let every_updates = saver.as_ref().and_then(|s| s.policy().every_updates);
+        let (snapshots, snapshot_rx) = match every_updates {
+            Some(n) if n > 0 => {
+                let (tx, rx) = mpsc::channel(1);
+                (Some((tx, n)), Some(rx))
+            }
+            _ => (None, None),
+        };
+        let last_snapshot = core.version();
         Ok(ShardServer {
             listener,
             shared: Arc::new(Shared {
@@ -224,11 +241,14 @@ impl ShardServer {
                     last_beat: vec![None; workers],
                     open: 0,
                     events: ConnectionEvents::default(),
+                    last_snapshot,
                 }),
                 version,
                 finished: Notify::new(),
+                snapshots,
             }),
             saver,
+            snapshot_rx,
         })
     }
 
@@ -241,31 +261,25 @@ impl ShardServer {
         tokio::pin!(shutdown);
         let shared = self.shared;
         let mut saver = self.saver;
+        let mut snapshot_rx = self.snapshot_rx;
         let mut ticker = tokio::time::interval(CHECKPOINT_TICK);
         let mut beat_check = tokio::time::interval(HEARTBEAT_CHECK);
         loop {
             tokio::select! {
                 _ = beat_check.tick() => evict_silent_workers(&shared),
+                Some(state) = next_snapshot(&mut snapshot_rx), if saver.is_some() => {
+                    saver = save_off_reactor(&shared, saver, state).await;
+                }
                 _ = ticker.tick(), if saver.is_some() => {
+                    // The time-based schedule (`--checkpoint-secs`).
                     let due = saver.as_ref().is_some_and(|s| s.due(shared.lock().core.version()));
-                    // Only take the saver out when a save is due; it comes back with the result.
-                    if let Some(mut s) = saver.take_if(|_| due) {
-                        let state = shared.lock().core.state();
-                        // File IO off the reactor.
-                        let joined = tokio::task::spawn_blocking(move || {
-                            let result = s.save(&state);
-                            (s, result)
-                        })
-                        .await;
-                        match joined {
-                            Ok((s, result)) => {
-                                if let Err(e) = result {
-                                    shared.log(&format!("checkpoint failed: {e}"));
-                                }
-                                saver = Some(s);
-                            }
-                            Err(e) => shared.log(&format!("checkpoint task failed: {e}")),
-                        }
+                    if due {
+                        let state = {
+                            let mut st = shared.lock();
+                            st.last_snapshot = st.core.version();
+                            st.core.state()
+                        };
+                        saver = save_off_reactor(&shared, saver, state).await;
                     }
                 }
                 accepted = self.listener.accept() => match accepted {
@@ -298,6 +312,39 @@ impl ShardServer {
             stats: state.core.stats(),
             events: state.events,
             params: state.core.params().to_vec(),
+        }
+    }
+}
+
+async fn next_snapshot(rx: &mut Option<mpsc::Receiver<CoreState>>) -> Option<CoreState> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes `state` with file IO off the reactor; the saver comes back with the result.
+async fn save_off_reactor(
+    shared: &Shared,
+    saver: Option<Saver>,
+    state: CoreState,
+) -> Option<Saver> {
+    let mut s = saver?;
+    let joined = tokio::task::spawn_blocking(move || {
+        let result = s.save(&state);
+        (s, result)
+    })
+    .await;
+    match joined {
+        Ok((s, result)) => {
+            if let Err(e) = result {
+                shared.log(&format!("checkpoint failed: {e}"));
+            }
+            Some(s)
+        }
+        Err(e) => {
+            shared.log(&format!("checkpoint task failed: {e}"));
+            None
         }
     }
 }
@@ -369,10 +416,29 @@ async fn serve(
     session: &mut Option<Session>,
 ) -> Result<(), NetError> {
     let cfg = &shared.cfg;
-    let header = match conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? {
+    let mut header = match conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? {
         Some(h) => h,
         None => return Ok(()),
     };
+    if header.kind == kind::DESCRIBE {
+        // A client that adopts the server's layout asks first, then says hello (or leaves).
+        conn.read_bytes(header.len as usize).await?;
+        let me = Hello::new(
+            Role::Observer,
+            0,
+            cfg.server.workers,
+            &cfg.server.mode,
+            cfg.shard,
+            cfg.shards,
+            &cfg.layout,
+        );
+        conn.write_frame(kind::DESCRIBE_REPLY, &me.encode(), &[])
+            .await?;
+        header = match conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? {
+            Some(h) => h,
+            None => return Ok(()),
+        };
+    }
     if header.kind != kind::HELLO {
         return Err(NetError::Unexpected {
             got: header.kind,
@@ -600,15 +666,28 @@ async fn push(
         samples,
         loss,
     };
-    let result = {
+    let (result, snapshot) = {
         let mut state = shared.lock();
         let before = state.core.version();
         let result = state.core.push(meta, &buf[..n]);
-        if state.core.version() != before || state.core.is_done() {
+        let version = state.core.version();
+        if version != before || state.core.is_done() {
             shared.publish(&state);
         }
-        result
+        let snapshot = match &shared.snapshots {
+            Some((_, every)) if version >= state.last_snapshot + every => {
+                state.last_snapshot = version;
+                Some(state.core.state())
+            }
+            _ => None,
+        };
+        (result, snapshot)
     };
+    if let (Some(state), Some((tx, _))) = (snapshot, &shared.snapshots) {
+        // Waits while the writer is still busy with the previous snapshot and one more is
+        // queued: checkpoints cannot fall further behind than that.
+        let _ = tx.send(state).await;
+    }
     buf.truncate(shared.range.len());
     let mut w = Writer::default();
     match result {

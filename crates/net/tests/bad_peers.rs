@@ -323,3 +323,51 @@ fn a_sync_worker_that_vanishes_does_not_hang_the_barrier() {
     let report = server.finish();
     assert_eq!(report.events.vanished_workers, 1);
 }
+
+#[test]
+fn describe_tells_a_client_what_the_shard_serves() {
+    let mode = Mode::Sync { backup_workers: 0 };
+    let running = start(mode, 3);
+    let addr = running.addr.to_string();
+    let served = pstrain_net::describe(
+        std::slice::from_ref(&addr),
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(served.layout, layout());
+    assert_eq!((served.workers, served.sync), (3, true));
+    // A client that adopts what it was told is accepted, and can push.
+    let cfg = ClientConfig::new(
+        vec![addr.clone()],
+        Role::Worker,
+        2,
+        served.workers,
+        served.mode(),
+        served.layout.clone(),
+    );
+    let mut c = TcpClient::connect(&cfg).unwrap();
+    let mut params = vec![0.0; N];
+    c.pull(&mut params, None, false).unwrap();
+    // The same shard named twice (as shards 0 and 1) is refused by name.
+    let err = pstrain_net::describe(
+        &[addr.clone(), addr.clone()],
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("shard 0 of 1"), "{err}");
+    // A describe followed by garbage gets an error, not a crash; the server goes on.
+    let mut s = TcpStream::connect(running.addr).unwrap();
+    s.write_all(&frame(kind::DESCRIBE, &[])).unwrap();
+    let (k, _) = read_frame(&mut s);
+    assert_eq!(k, kind::DESCRIBE_REPLY);
+    s.write_all(&frame(kind::PUSH, &[0; 8])).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(error_text(&rest).contains("hello"), "{}", error_text(&rest));
+    c.leave().unwrap();
+    let report = running.finish();
+    assert_eq!(report.events.protocol_errors, 1);
+}

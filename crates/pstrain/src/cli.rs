@@ -1,13 +1,18 @@
-//! Argument parsing and the glue from flags to the engine; errors become `anyhow` here.
+//! The command line: argument parsing and the glue from flags to the engine; errors become
+//! `anyhow` here. In the library so that other front ends (the Python package) take the very
+//! same flags.
 
+use crate::bench::{run_bench, BenchConfig};
+use crate::cluster::RemoteView;
+use crate::cluster::{train_tcp, ClusterConfig};
+use crate::download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
+use crate::metrics::{EvalRecord, MetricsWriter, ProgressRecord, Summary};
+use crate::monitor::Monitor;
+use crate::worker::WorkerReport;
+use crate::{train, Observer, Schedule, TrainConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use pstrain::bench::{run_bench, BenchConfig};
-use pstrain::cluster::{train_tcp, ClusterConfig};
-use pstrain::download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
-use pstrain::metrics::{EvalRecord, MetricsWriter, ProgressRecord};
-use pstrain::{train, Observer, Schedule, TrainConfig};
 use pstrain_compute::mnist::{self, Mnist};
 use pstrain_compute::ModelKind;
 use pstrain_compute::ModelOptions;
@@ -172,13 +177,13 @@ struct CheckpointArgs {
 }
 
 impl CheckpointArgs {
-    fn policy(&self, dir: Option<&Path>, resume: bool) -> Option<pstrain::train::CheckpointPolicy> {
+    fn policy(&self, dir: Option<&Path>, resume: bool) -> Option<crate::train::CheckpointPolicy> {
         let dir = dir.or(self.checkpoint_dir.as_deref())?;
         let every_secs = match (self.checkpoint_every, self.checkpoint_secs) {
             (None, None) => Some(60.0),
             (_, secs) => secs,
         };
-        Some(pstrain::train::CheckpointPolicy {
+        Some(crate::train::CheckpointPolicy {
             dir: dir.to_owned(),
             every_updates: self.checkpoint_every,
             every: every_secs
@@ -356,6 +361,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Export(args) => run_export(args),
     }
+}
+
+/// Parses one subcommand's flags as if `pstrain NAME ARGV...` had been typed; the error
+/// carries clap's message (with usage).
+fn parse_command(name: &str, argv: &[String]) -> Result<Command> {
+    let words = ["pstrain", name]
+        .into_iter()
+        .map(String::from)
+        .chain(argv.iter().cloned());
+    Cli::try_parse_from(words)
+        .map(|cli| cli.command)
+        .map_err(|e| anyhow::anyhow!("{}", e.render()))
 }
 
 fn data_dir(args: &DataArgs) -> PathBuf {
@@ -584,6 +601,139 @@ fn stop_on_signal() -> Arc<AtomicBool> {
     stop
 }
 
+fn announce(cfg: &TrainConfig) {
+    println!(
+        "training {} ({} parameters), {} mode, {} workers, batch {}, {:?}",
+        cfg.model,
+        cfg.model.build(Default::default()).layout().len(),
+        cfg.mode.name(),
+        cfg.workers,
+        cfg.batch_size,
+        cfg.optimizer
+    );
+}
+
+/// A `pstrain train` run whose shards and workers another launcher starts (the Ray driver):
+/// it gives the flags for them, watches the shards as an observer, evaluates and reports
+/// exactly as `--transport tcp` does for local processes.
+pub struct RemoteRun {
+    cfg: TrainConfig,
+    args: TrainArgs,
+    data: Mnist,
+    reporter: Reporter,
+    watch: Option<(Monitor, RemoteView)>,
+}
+
+impl RemoteRun {
+    /// Checks the `pstrain train` flags in `argv` and loads the data set (the test set is
+    /// evaluated here, the training set's size plans the schedule).
+    pub fn new(argv: &[String]) -> Result<Self> {
+        let args = match parse_command("train", argv)? {
+            Command::Train(args) => args,
+            _ => bail!("not a train command line"),
+        };
+        if args.transport != TransportArg::Inproc {
+            bail!("--transport does not apply here: the launcher places the processes");
+        }
+        if args.shards == 0 {
+            bail!("--shards must be at least 1");
+        }
+        let mut cfg = train_config(&args.run, args.eval_every, args.threads)?;
+        cfg.checkpoint = args
+            .checkpoints
+            .policy(args.resume.as_deref(), args.resume.is_some());
+        let data = load_data(&args.data)?;
+        let per_update = if cfg.mode.is_sync() { cfg.workers } else { 1 } * cfg.batch_size;
+        let total_samples = cfg.planned_updates(data.train.len()) * per_update as u64;
+        let reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
+        announce(&cfg);
+        Ok(RemoteRun {
+            cfg,
+            args,
+            data,
+            reporter,
+            watch: None,
+        })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.cfg.workers
+    }
+
+    pub fn shards(&self) -> usize {
+        self.args.shards
+    }
+
+    /// Compute threads per worker.
+    pub fn threads(&self) -> usize {
+        self.cfg.threads
+    }
+
+    /// Flags for every shard's `pstrain server`; the launcher adds `--listen` and `--shard`.
+    pub fn server_args(&self) -> Vec<String> {
+        let mut a = crate::cluster::run_args(&self.cfg);
+        a.extend([
+            "--shards".into(),
+            self.args.shards.to_string(),
+            "--train-samples".into(),
+            self.data.train.len().to_string(),
+        ]);
+        if let Some(p) = &self.cfg.checkpoint {
+            a.extend(crate::cluster::checkpoint_args(p));
+        }
+        a
+    }
+
+    /// Flags for every `pstrain worker`; the launcher adds `--servers` and `--rank`.
+    pub fn worker_args(&self) -> Vec<String> {
+        let mut a = crate::cluster::run_args(&self.cfg);
+        a.extend(["--threads".into(), self.cfg.threads.to_string()]);
+        if let Some(dir) = &self.args.data.data_dir {
+            a.extend(["--data-dir".into(), dir.display().to_string()]);
+        }
+        a
+    }
+
+    /// Joins the shards (in shard order) as an observer; the clock starts here.
+    pub fn connect(&mut self, servers: Vec<String>) -> Result<()> {
+        if servers.len() != self.args.shards {
+            bail!(
+                "{} shard addresses given for --shards {}",
+                servers.len(),
+                self.args.shards
+            );
+        }
+        let view = RemoteView::connect(&self.cfg, servers)?;
+        let monitor = Monitor::new(&self.cfg, self.data.train.len(), Instant::now());
+        self.watch = Some((monitor, view));
+        Ok(())
+    }
+
+    /// One progress sample, and an evaluation when one is due.
+    pub fn tick(&mut self) -> Result<()> {
+        let (monitor, view) = self.watch.as_mut().context("not connected to the shards")?;
+        monitor.tick(view, &mut self.reporter, &self.data.test)?;
+        Ok(())
+    }
+
+    /// The final evaluation and summary, printed and returned; `reports` are the workers'
+    /// JSON reports, `stopped` says the run was cut short.
+    pub fn finish(&mut self, reports: &[String], stopped: bool) -> Result<Summary> {
+        let (monitor, mut view) = self.watch.take().context("not connected to the shards")?;
+        let wall = monitor.start().elapsed();
+        let (stats, record, _) = monitor.finish(&mut view, &mut self.reporter, &self.data.test)?;
+        let unapplied = crate::cluster::not_applied(reports.iter().map(String::as_str))
+            .context("a worker report is unreadable")?;
+        let summary = Summary::new(&self.cfg, &stats, &record, wall, stopped, unapplied);
+        self.reporter.record(&summary);
+        println!("{}", summary.render());
+        if let Some(e) = self.reporter.metrics_error.take() {
+            bail!("training finished but writing the metrics file failed: {e}");
+        }
+        Ok(summary)
+    }
+}
+
 fn run_train(args: TrainArgs) -> Result<()> {
     let mut cfg = train_config(&args.run, args.eval_every, args.threads)?;
     cfg.checkpoint = args
@@ -595,15 +745,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let mut reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
     // Ctrl-C ends the run cleanly: workers stop, the weights reached are evaluated.
     let stop = stop_on_signal();
-    println!(
-        "training {} ({} parameters), {} mode, {} workers, batch {}, {:?}",
-        cfg.model,
-        cfg.model.build(Default::default()).layout().len(),
-        cfg.mode.name(),
-        cfg.workers,
-        cfg.batch_size,
-        cfg.optimizer
-    );
+    announce(&cfg);
     let outcome = match args.transport {
         TransportArg::Inproc => {
             if args.shards != 1 {
@@ -649,13 +791,63 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_server(args: ServerArgs) -> Result<()> {
+/// Weights of a model that is not built in (the Python API's own models): the layout and the
+/// values every shard starts from.
+pub struct CustomModel {
+    pub layout: pstrain_core::Layout,
+    pub initial: Vec<f32>,
+}
+
+/// One shard as `pstrain server` flags define it, ready to bind.
+pub struct ShardSetup {
+    pub listen: String,
+    pub shard: usize,
+    pub config: ShardConfig,
+    pub initial: Vec<f32>,
+}
+
+/// The shard that `pstrain server ARGV...` would serve, with `custom` weights in place of
+/// `--model`'s if given.
+pub fn shard_setup(argv: &[String], custom: Option<CustomModel>) -> Result<ShardSetup> {
+    match parse_command("server", argv)? {
+        Command::Server(args) => server_setup(&args, custom),
+        _ => bail!("not a server command line"),
+    }
+}
+
+fn server_setup(args: &ServerArgs, custom: Option<CustomModel>) -> Result<ShardSetup> {
     let cfg = train_config(&args.run, Some(0), 1)?;
-    let model = cfg.model.build(Default::default());
+    if args.shard >= args.shards {
+        bail!(
+            "--shard {} is out of range for --shards {}",
+            args.shard,
+            args.shards
+        );
+    }
+    let (layout, initial, model_name) = match custom {
+        Some(c) => {
+            if c.layout.is_empty() {
+                bail!("the model has no parameters");
+            }
+            if c.initial.len() != c.layout.len() {
+                bail!(
+                    "initial values: {} given for a layout of {}",
+                    c.initial.len(),
+                    c.layout.len()
+                );
+            }
+            (c.layout, c.initial, "custom".to_string())
+        }
+        None => (
+            cfg.model.build(Default::default()).layout().clone(),
+            cfg.initial_params(),
+            cfg.model.name().to_string(),
+        ),
+    };
     let mut shard_cfg = ShardConfig::new(
         args.shard,
         args.shards,
-        model.layout().clone(),
+        layout,
         cfg.server_config(args.train_samples),
     );
     shard_cfg.io_timeout = Duration::from_secs(args.io_timeout.max(1));
@@ -666,20 +858,42 @@ fn run_server(args: ServerArgs) -> Result<()> {
     }
     shard_cfg.heartbeat_timeout = Duration::from_secs_f64(args.heartbeat_timeout);
     shard_cfg.checkpoint = args.checkpoints.policy(None, true);
-    shard_cfg.model = cfg.model.name().into();
+    shard_cfg.model = model_name;
     shard_cfg.run_description = cfg.describe();
-    if args.shard >= args.shards {
-        bail!(
-            "--shard {} is out of range for --shards {}",
-            args.shard,
-            args.shards
-        );
-    }
+    Ok(ShardSetup {
+        listen: args.listen.clone(),
+        shard: args.shard,
+        config: shard_cfg,
+        initial,
+    })
+}
+
+/// Prints what a shard did over the run, to stderr.
+pub fn log_shard_report(shard: usize, report: &pstrain_net::server::ShardReport) {
+    let s = report.stats;
+    eprintln!(
+        "[shard {shard}] done: version {}, {} gradients applied, {} dropped stale, {} non-finite, \
+         {} other refusals; {} connections, {} refused handshakes, {} protocol errors, \
+         {} workers vanished",
+        s.version,
+        s.gradients_applied,
+        s.dropped_stale,
+        s.rejected_nonfinite,
+        s.rejected_other,
+        report.events.accepted,
+        report.events.refused_handshakes,
+        report.events.protocol_errors,
+        report.events.vanished_workers
+    );
+}
+
+fn run_server(args: ServerArgs) -> Result<()> {
+    let setup = server_setup(&args, None)?;
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {
-        let server = ShardServer::bind(&args.listen, shard_cfg, &cfg.initial_params())
+        let server = ShardServer::bind(&setup.listen, setup.config, &setup.initial)
             .await
-            .with_context(|| format!("cannot serve on {}", args.listen))?;
+            .with_context(|| format!("cannot serve on {}", setup.listen))?;
         // The launcher (and people) read the bound address from this line.
         println!("listening on {}", server.local_addr()?);
         std::io::stdout().flush()?;
@@ -707,26 +921,19 @@ fn run_server(args: ServerArgs) -> Result<()> {
         };
         anyhow::Ok(server.run(stop).await)
     })?;
-    let s = report.stats;
-    eprintln!(
-        "[shard {}] done: version {}, {} gradients applied, {} dropped stale, {} non-finite, \
-         {} other refusals; {} connections, {} refused handshakes, {} protocol errors, \
-         {} workers vanished",
-        args.shard,
-        s.version,
-        s.gradients_applied,
-        s.dropped_stale,
-        s.rejected_nonfinite,
-        s.rejected_other,
-        report.events.accepted,
-        report.events.refused_handshakes,
-        report.events.protocol_errors,
-        report.events.vanished_workers
-    );
+    log_shard_report(setup.shard, &report);
     Ok(())
 }
 
-fn run_worker_cmd(args: WorkerArgs) -> Result<()> {
+/// Runs one worker as `pstrain worker ARGV...` would, until its work is done or `stop` is set.
+pub fn run_worker_from(argv: &[String], stop: &AtomicBool) -> Result<WorkerReport> {
+    match parse_command("worker", argv)? {
+        Command::Worker(args) => worker(&args, stop),
+        _ => bail!("not a worker command line"),
+    }
+}
+
+fn worker(args: &WorkerArgs, stop: &AtomicBool) -> Result<WorkerReport> {
     let cfg = train_config(&args.run, Some(0), args.threads)?;
     let data = load_data(&args.data)?;
     let mut model = cfg.model.build(ModelOptions {
@@ -758,14 +965,18 @@ fn run_worker_cmd(args: WorkerArgs) -> Result<()> {
     } else {
         None
     };
-    let stop = stop_on_signal();
-    let report = pstrain::worker::run_worker(
+    Ok(crate::worker::run_worker(
         &mut client,
         model.as_mut(),
         &data.train,
         &cfg.worker_config(args.rank),
-        &stop,
-    )?;
+        stop,
+    )?)
+}
+
+fn run_worker_cmd(args: WorkerArgs) -> Result<()> {
+    let stop = stop_on_signal();
+    let report = worker(&args, &stop)?;
     // One JSON line on stdout: the launcher of a local cluster collects these.
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -778,12 +989,12 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
         args.train_shards,
         std::fs::canonicalize(data_dir(&args.data))?,
     );
-    let cfg = pstrain::netbench::NetBenchConfig {
+    let cfg = crate::netbench::NetBenchConfig {
         shard_counts: args.shards,
         synthetic_values: args.synthetic_values,
         ..Default::default()
     };
-    let report = pstrain::netbench::run_net_bench(&cfg, &cluster, &data, &mut |l| println!("{l}"))?;
+    let report = crate::netbench::run_net_bench(&cfg, &cluster, &data, &mut |l| println!("{l}"))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());

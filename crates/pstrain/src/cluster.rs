@@ -197,10 +197,54 @@ fn read_address(name: &str, stdout: ChildStdout) -> Result<String, TrainError> {
         .ok_or_else(|| TrainError::Cluster(format!("{name} failed to start (said {line:?})")))
 }
 
+/// The `pstrain server` flags that make a shard checkpoint (and restore) as `policy` says.
+pub fn checkpoint_args(policy: &CheckpointPolicy) -> Vec<String> {
+    let mut a = vec![
+        "--checkpoint-dir".to_string(),
+        policy.dir.display().to_string(),
+        "--keep-checkpoints".into(),
+        policy.keep.to_string(),
+    ];
+    if let Some(n) = policy.every_updates {
+        a.extend(["--checkpoint-every".into(), n.to_string()]);
+    }
+    if let Some(d) = policy.every {
+        a.extend(["--checkpoint-secs".into(), d.as_secs_f64().to_string()]);
+    }
+    a
+}
+
 /// The monitor's window on the shards: an observer connection to each.
-struct RemoteView {
+pub struct RemoteView {
     client: TcpClient,
     buf: Vec<f32>,
+}
+
+impl RemoteView {
+    /// Joins every shard of `cfg`'s run as an observer.
+    pub fn connect(cfg: &TrainConfig, servers: Vec<String>) -> Result<Self, TrainError> {
+        let layout = cfg.model.build(Default::default()).layout().clone();
+        let observer_cfg =
+            ClientConfig::new(servers, Role::Observer, 0, cfg.workers, cfg.mode, layout);
+        Ok(RemoteView {
+            client: TcpClient::connect(&observer_cfg)?,
+            buf: vec![0.0; observer_cfg.layout.len()],
+        })
+    }
+}
+
+/// Gradients the workers say went unapplied, from their JSON reports; `None` if a report is
+/// unreadable.
+pub fn not_applied<'a>(reports: impl IntoIterator<Item = &'a str>) -> Option<u64> {
+    reports
+        .into_iter()
+        .map(|text| {
+            text.lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<WorkerReport>(l).ok())
+                .map(|r| r.not_applied)
+        })
+        .sum()
 }
 
 impl ServerView for RemoteView {
@@ -251,14 +295,7 @@ pub fn train_tcp(
             cmd.args(["--heartbeat-timeout", &t.as_secs_f64().to_string()]);
         }
         if let Some(p) = &cluster.checkpoint {
-            cmd.arg("--checkpoint-dir").arg(&p.dir);
-            cmd.args(["--keep-checkpoints", &p.keep.to_string()]);
-            if let Some(n) = p.every_updates {
-                cmd.args(["--checkpoint-every", &n.to_string()]);
-            }
-            if let Some(d) = p.every {
-                cmd.args(["--checkpoint-secs", &d.as_secs_f64().to_string()]);
-            }
+            cmd.args(checkpoint_args(p));
         }
         let mut proc = spawn(name.clone(), &mut cmd)?;
         let stdout = proc
@@ -277,25 +314,13 @@ pub fn train_tcp(
         addresses.push(addr);
     }
 
-    let layout = cfg.model.build(Default::default()).layout().clone();
-    let observer_cfg = ClientConfig::new(
-        addresses.clone(),
-        Role::Observer,
-        0,
-        cfg.workers,
-        cfg.mode,
-        layout.clone(),
-    );
-    let mut view = RemoteView {
-        client: TcpClient::connect(&observer_cfg)?,
-        buf: vec![0.0; layout.len()],
-    };
+    let mut view = RemoteView::connect(cfg, addresses.clone())?;
 
     let dial: Vec<String> = match &cluster.relay {
         Some(relay) => addresses.iter().map(|a| relay(a)).collect(),
         None => addresses.clone(),
     };
-    let mut monitor = Monitor::new(cfg, &data.test, data.train.len(), Instant::now());
+    let mut monitor = Monitor::new(cfg, data.train.len(), Instant::now());
     // Each worker's stdout (its JSON report) is collected on a thread so no pipe fills up.
     let launch_worker =
         |rank: usize| -> Result<(Proc, std::thread::JoinHandle<String>), TrainError> {
@@ -417,10 +442,10 @@ pub fn train_tcp(
                 Err(e) => return Err(TrainError::Cluster(format!("{}: {e}", w.name))),
             }
         }
-        monitor.tick(&mut view, observer)?;
+        monitor.tick(&mut view, observer, &data.test)?;
     }
     let wall = monitor.start().elapsed();
-    let (stats, record, params) = monitor.finish(&mut view, observer)?;
+    let (stats, record, params) = monitor.finish(&mut view, observer, &data.test)?;
     drop(view);
 
     // A frozen worker never ends by itself (and holds its output pipe open).
@@ -430,15 +455,11 @@ pub fn train_tcp(
             let _ = w.child.wait();
         }
     }
-    let mut not_applied = 0;
+    let mut unapplied = 0;
     for (rank, out) in outputs.into_iter().enumerate() {
         let text = out.join().unwrap_or_default();
-        let report: Option<WorkerReport> = text
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str(l).ok());
-        match report {
-            Some(r) => not_applied += r.not_applied,
+        match not_applied([text.as_str()]) {
+            Some(n) => unapplied += n,
             None if stopped || killed[rank] => {}
             None => {
                 return Err(TrainError::Cluster(format!(
@@ -455,7 +476,7 @@ pub fn train_tcp(
         }
     }
     Ok(TrainOutcome {
-        summary: Summary::new(cfg, &stats, &record, wall, stopped, not_applied),
+        summary: Summary::new(cfg, &stats, &record, wall, stopped, unapplied),
         params,
     })
 }

@@ -1,7 +1,9 @@
 //! pstrain's engine: workers, the embedded parameter server, the training driver, MNIST
-//! download and the benchmark. The `pstrain` binary is a thin clap front over this crate.
+//! download, the benchmark and the command line itself (`cli`), which the `pstrain` binary and
+//! the Python package share.
 
 pub mod bench;
+pub mod cli;
 pub mod cluster;
 pub mod download;
 pub mod inproc;

@@ -1,11 +1,9 @@
-//! The `pstrain` command line: train, download, bench.
-
-mod cli;
+//! The `pstrain` command line (defined in the library's `cli` module).
 
 use anyhow::Result;
 use clap::Parser;
+use pstrain::cli;
 
 fn main() -> Result<()> {
-    let args = cli::Cli::parse();
-    cli::run(args)
+    cli::run(cli::Cli::parse())
 }

@@ -15,9 +15,8 @@ pub trait ServerView {
     fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError>;
 }
 
-pub struct Monitor<'a> {
+pub struct Monitor {
     eval_model: Box<dyn Model>,
-    test: &'a Split,
     train_len: usize,
     start: Instant,
     eval_every: u64,
@@ -25,8 +24,8 @@ pub struct Monitor<'a> {
     last_eval: Option<EvalRecord>,
 }
 
-impl<'a> Monitor<'a> {
-    pub fn new(cfg: &TrainConfig, test: &'a Split, train_len: usize, start: Instant) -> Self {
+impl Monitor {
+    pub fn new(cfg: &TrainConfig, train_len: usize, start: Instant) -> Self {
         let eval_every = cfg
             .eval_every
             .unwrap_or_else(|| cfg.updates_per_epoch(train_len));
@@ -35,7 +34,6 @@ impl<'a> Monitor<'a> {
                 dropout: true,
                 threads: cfg.threads,
             }),
-            test,
             train_len,
             start,
             eval_every,
@@ -53,11 +51,12 @@ impl<'a> Monitor<'a> {
         &mut self,
         view: &mut dyn ServerView,
         observer: &mut dyn Observer,
+        test: &Split,
     ) -> Result<(), TrainError> {
         let stats = view.stats()?;
         observer.progress(&ProgressRecord::new(self.start, &stats, self.train_len));
         if stats.version >= self.next_eval {
-            let record = self.evaluate(view)?;
+            let record = self.evaluate(view, test)?;
             observer.eval(&record);
             self.last_eval = Some(record);
             while self.next_eval <= stats.version {
@@ -72,14 +71,15 @@ impl<'a> Monitor<'a> {
         mut self,
         view: &mut dyn ServerView,
         observer: &mut dyn Observer,
+        test: &Split,
     ) -> Result<(ServerStats, EvalRecord, Vec<f32>), TrainError> {
         let (stats, weights) = view.snapshot()?;
         let record = match self.last_eval.take() {
             Some(record) if record.updates == stats.version => record,
             _ => {
-                let eval =
-                    self.eval_model
-                        .evaluate(&weights, &self.test.images, &self.test.labels)?;
+                let eval = self
+                    .eval_model
+                    .evaluate(&weights, &test.images, &test.labels)?;
                 let record = EvalRecord::new(self.start, &stats, &eval, self.train_len);
                 observer.eval(&record);
                 record
@@ -88,11 +88,15 @@ impl<'a> Monitor<'a> {
         Ok((stats, record, weights))
     }
 
-    fn evaluate(&mut self, view: &mut dyn ServerView) -> Result<EvalRecord, TrainError> {
+    fn evaluate(
+        &mut self,
+        view: &mut dyn ServerView,
+        test: &Split,
+    ) -> Result<EvalRecord, TrainError> {
         let (stats, weights) = view.snapshot()?;
         let eval = self
             .eval_model
-            .evaluate(&weights, &self.test.images, &self.test.labels)?;
+            .evaluate(&weights, &test.images, &test.labels)?;
         Ok(EvalRecord::new(self.start, &stats, &eval, self.train_len))
     }
 }

@@ -235,7 +235,7 @@ pub fn train(
         dropout: true,
         threads: cfg.threads,
     };
-    let mut monitor = Monitor::new(cfg, &data.test, train_len, Instant::now());
+    let mut monitor = Monitor::new(cfg, train_len, Instant::now());
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut view = &*server;
 
@@ -270,7 +270,7 @@ pub fn train(
             }
             if monitor_failed.is_none() {
                 let result = monitor
-                    .tick(&mut view, observer)
+                    .tick(&mut view, observer, &data.test)
                     .and_then(|()| match &mut saver {
                         Some(s) if s.due(server.stats().version) => {
                             save(s, &server.state(), observer)
@@ -302,7 +302,7 @@ pub fn train(
         // Also on Ctrl-C: the run can be resumed from exactly here.
         save(s, &server.state(), observer)?;
     }
-    let (stats, record, params) = monitor.finish(&mut view, observer)?;
+    let (stats, record, params) = monitor.finish(&mut view, observer, &data.test)?;
     let stopped = stop.load(Ordering::Relaxed);
     Ok(TrainOutcome {
         summary: Summary::new(cfg, &stats, &record, wall, stopped, not_applied),

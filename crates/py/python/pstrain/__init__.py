@@ -1,0 +1,240 @@
+"""pstrain: parameter-server training, from Python.
+
+The server shards and workers are pstrain's Rust ones, run inside this process with the GIL
+released; tensors move Rust-to-Rust over pstrain's TCP protocol.
+
+- ``Client(servers)``: pull weights and push gradients as named numpy arrays, for workers
+  written in Python (numpy, PyTorch, JAX) against pstrain's servers.
+- ``Server(params, ...)``: serve a model of your own (a dict of float32 arrays) from this process.
+- ``python -m pstrain.ray``: run ``pstrain train`` on a Ray cluster (see ``pstrain.ray``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._pstrain import PstrainError, RawClient, RemoteRun, ShardServer, run_worker
+
+__all__ = [
+    "Client",
+    "Server",
+    "PstrainError",
+    "ShardServer",
+    "RemoteRun",
+    "RawClient",
+    "run_worker",
+]
+
+
+def _addresses(servers: Union[str, Sequence[str]]) -> List[str]:
+    if isinstance(servers, str):
+        servers = servers.split(",")
+    out = [s.strip() for s in servers if s.strip()]
+    if not out:
+        raise ValueError("no server addresses given")
+    return out
+
+
+class Client:
+    """A worker (or observer) connected to every shard of a pstrain run.
+
+    The client adopts what the servers serve: tensor names and shapes, the number of
+    workers and the mode. ``pull()`` returns ``{name: array}`` views into one new flat float32
+    array that the weights were read into straight from the sockets; ``push(grads)`` takes the
+    same names and shapes (a flat float32 array from ``flat_zeros()``/``flatten()`` is sent
+    from its own memory, with no copy).
+
+    In sync mode a pull after a push waits until the step's update is applied.
+
+    >>> c = Client(["10.0.0.1:7000", "10.0.0.2:7000"], rank=0)   # doctest: +SKIP
+    >>> w = c.pull()                                              # doctest: +SKIP
+    >>> c.push({"w": grad_w, "b": grad_b}, samples=64)            # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        servers: Union[str, Sequence[str]],
+        rank: int = 0,
+        role: str = "worker",
+        *,
+        connect_timeout: float = 60.0,
+        io_timeout: float = 30.0,
+        heartbeat: float = 1.0,
+    ) -> None:
+        self._raw = RawClient(
+            _addresses(servers), rank, role, connect_timeout, io_timeout, heartbeat
+        )
+        self.layout: Dict[str, Tuple[int, ...]] = {
+            name: tuple(shape) for name, shape in self._raw.layout
+        }
+        self._slices: Dict[str, Tuple[int, int]] = {}
+        offset = 0
+        for name, shape in self.layout.items():
+            n = int(math.prod(shape))
+            self._slices[name] = (offset, offset + n)
+            offset += n
+        self.size = offset
+        self.done = False
+
+    @property
+    def workers(self) -> int:
+        return self._raw.workers
+
+    @property
+    def mode(self) -> str:
+        return self._raw.mode
+
+    @property
+    def version(self) -> int:
+        """The server version of the weights last pulled (what the next push is based on)."""
+        return self._raw.version
+
+    def unflatten(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
+        """Named views (no copies) into a flat array in the layout's order."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat array has shape {flat.shape}, expected ({self.size},)")
+        return {
+            name: flat[a:b].reshape(self.layout[name]) for name, (a, b) in self._slices.items()
+        }
+
+    def flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One flat float32 array from named tensors, checking names and shapes."""
+        missing = [n for n in self.layout if n not in tensors]
+        extra = [n for n in tensors if n not in self.layout]
+        if missing or extra:
+            raise ValueError(
+                f"tensor names do not match the servers' model: missing {missing}, unknown {extra}"
+            )
+        flat = np.empty(self.size, dtype=np.float32)
+        for name, (a, b) in self._slices.items():
+            t = np.asarray(tensors[name])
+            if t.shape != self.layout[name]:
+                raise ValueError(
+                    f"`{name}` has shape {t.shape}, the servers' model has {self.layout[name]}"
+                )
+            flat[a:b] = t.reshape(-1)
+        return flat
+
+    def flat_zeros(self) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """A zeroed flat float32 buffer and named views into it: write gradients into the
+        views, then ``push(flat)`` sends the buffer without a copy."""
+        flat = np.zeros(self.size, dtype=np.float32)
+        return flat, self.unflatten(flat)
+
+    def pull(self, wait: bool = True) -> Dict[str, np.ndarray]:
+        """The current weights as named arrays. Sets ``done`` when the run is over."""
+        flat, _version, done = self._raw.pull(wait)
+        self.done = done
+        return self.unflatten(flat)
+
+    def pull_flat(self, wait: bool = True) -> np.ndarray:
+        flat, _version, done = self._raw.pull(wait)
+        self.done = done
+        return flat
+
+    def push(
+        self,
+        grads: Union[Mapping[str, np.ndarray], np.ndarray],
+        samples: int,
+        loss: float = float("nan"),
+    ) -> dict:
+        """Sends a gradient computed from the last pulled weights, averaged over ``samples``
+        samples (its weight in a sync step). Returns the server's verdict:
+        ``{"outcome": "applied" | "buffered" | "dropped" | "done", ...}``. A gradient with
+        NaN or Inf values is refused with ``PstrainError``."""
+        if isinstance(grads, np.ndarray):
+            flat = grads
+            if flat.dtype != np.float32 or flat.ndim != 1 or not flat.flags.c_contiguous:
+                flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
+        else:
+            flat = self.flatten(grads)
+        result = self._raw.push(flat, int(samples), float(loss))
+        if result.get("outcome") == "done":
+            self.done = True
+        return result
+
+    def stats(self) -> List[dict]:
+        """Each shard's counters, in shard order."""
+        return self._raw.stats()
+
+    def leave(self) -> None:
+        """Leaves the run, so that no sync step waits for this worker."""
+        self._raw.leave()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.leave()
+
+
+class Server:
+    """A parameter-server shard for a model of your own, served from this process.
+
+    ``params`` maps names to float32 arrays (their initial values; dict order is the flat
+    layout's order). The other arguments are ``pstrain server`` flags; ``extra_args`` passes
+    any flag not listed here. The run ends when every worker has left (or ``iterations``
+    updates are made); ``wait()`` then returns the shard's counters.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, np.ndarray],
+        *,
+        workers: int = 1,
+        mode: str = "sync",
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        max_staleness: int = 32,
+        backup_workers: int = 0,
+        aggregate: str = "mean",
+        iterations: Optional[int] = None,
+        listen: str = "127.0.0.1:0",
+        shard: int = 0,
+        shards: int = 1,
+        extra_args: Iterable[str] = (),
+    ) -> None:
+        arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in params.items()}
+        argv = [
+            "--listen", listen,
+            "--shard", str(shard),
+            "--shards", str(shards),
+            "--mode", mode,
+            "--workers", str(workers),
+            "--optimizer", optimizer,
+            "--lr", repr(float(lr)),
+            "--momentum", repr(float(momentum)),
+            "--weight-decay", repr(float(weight_decay)),
+            "--lr-schedule", "constant",
+            "--aggregate", aggregate,
+        ]
+        if mode == "sync":
+            argv += ["--backup-workers", str(backup_workers)]
+        else:
+            argv += ["--max-staleness", str(max_staleness)]
+        if iterations is not None:
+            argv += ["--iterations", str(iterations)]
+        argv += list(extra_args)
+        self._shard = ShardServer(argv, arrays)
+
+    @property
+    def address(self) -> str:
+        return self._shard.address
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[dict]:
+        return self._shard.wait(timeout)
+
+    def stop(self) -> None:
+        self._shard.stop()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.wait()

@@ -1,0 +1,192 @@
+"""``python -m pstrain.ray``: run ``pstrain train`` on a Ray cluster.
+
+Ray places and starts the processes; pstrain does the training. The driver reserves one
+placement-group bundle per server shard and per worker (``--placement``), starts a Ray actor
+in each that hosts pstrain's Rust shard or worker (the GIL released), learns each shard's
+bound address from its actor (every shard binds port 0: no fixed ports), connects to the
+shards as an observer to stream progress and test-set evaluations to the job log, and tears
+everything down at the end. Tensors travel Rust-to-Rust over pstrain's TCP protocol, never
+through Ray's object store.
+
+Every flag that is not listed under "Ray" below is a ``pstrain train`` flag, with the same
+meaning and defaults (``--mode``, ``--workers``, ``--shards``, ``--model``, ``--epochs``,
+``--data-dir``, ...). The data folder must exist on every node (or leave ``--data-dir`` out:
+each process then downloads MNIST into ``./data/mnist`` of its working directory).
+
+    ray job submit --working-dir . -- python -m pstrain.ray --placement spread \\
+        --shards 2 --workers 2 --mode sync --data-dir /data/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from . import _pstrain
+
+#: ``--placement`` choices and the Ray strategies they stand for.
+STRATEGIES = {
+    # As few nodes as possible (everything on one node if it fits): the fastest network.
+    "pack": "PACK",
+    # Over as many nodes as possible, several per node allowed when nodes run out.
+    "spread": "SPREAD",
+    # Every shard and worker on a node of its own; fails if the cluster has too few nodes.
+    "strict-spread": "STRICT_SPREAD",
+}
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    p = argparse.ArgumentParser(
+        prog="python -m pstrain.ray",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("Ray")
+    g.add_argument("--address", help="Ray cluster to join (default: the job's cluster, "
+                   "RAY_ADDRESS, or a new local one)")
+    g.add_argument("--placement", choices=sorted(STRATEGIES), default="pack",
+                   help="how shards and workers are spread over nodes (default: pack)")
+    g.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs reserved per worker (default: its --threads)")
+    g.add_argument("--cpus-per-shard", type=float, default=1.0,
+                   help="CPUs reserved per server shard (default: 1)")
+    g.add_argument("--placement-timeout", type=float, default=120.0,
+                   help="seconds to wait for the cluster to grant the placement group")
+    return p.parse_known_args(argv)
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(max_restarts=0)
+class ShardActor:
+    """Hosts one Rust server shard; it serves from threads of its own."""
+
+    def __init__(self, argv: List[str]) -> None:
+        self.server = _pstrain.ShardServer(argv)
+
+    def where(self) -> dict:
+        host, port = self.server.address.rsplit(":", 1)
+        if host in ("0.0.0.0", "[::]", "::"):
+            host = ray.util.get_node_ip_address()
+        return {"address": f"{host}:{port}", "node": _node_id()}
+
+    def wait(self, timeout: float) -> Optional[dict]:
+        return self.server.wait(timeout)
+
+
+@ray.remote(max_restarts=0)
+class WorkerActor:
+    """Hosts one Rust worker: it loads its data and trains until the run is done."""
+
+    def where(self) -> dict:
+        return {"node": _node_id()}
+
+    def run(self, argv: List[str]) -> str:
+        return _pstrain.run_worker(argv)
+
+
+def _log(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts, train_argv = parse_args(argv)
+    # Parses the training flags and loads the data first: a typo fails before Ray starts.
+    run = _pstrain.RemoteRun(list(train_argv))
+    cpus_worker = opts.cpus_per_worker if opts.cpus_per_worker is not None else float(run.threads)
+
+    started = time.time()
+    ray.init(address=opts.address, log_to_driver=True)
+    bundles = [{"CPU": opts.cpus_per_shard}] * run.shards + [{"CPU": cpus_worker}] * run.workers
+    pg = placement_group(bundles, strategy=STRATEGIES[opts.placement])
+    actors = []
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=opts.placement_timeout)
+        if not ready:
+            raise RuntimeError(
+                f"the cluster did not grant {len(bundles)} bundles ({run.shards} shards x "
+                f"{opts.cpus_per_shard} CPU, {run.workers} workers x {cpus_worker} CPU) with "
+                f"--placement {opts.placement} within {opts.placement_timeout:.0f} s; "
+                f"cluster resources: {ray.cluster_resources()}"
+            )
+
+        def in_bundle(actor_class, index: int, cpus: float):
+            return actor_class.options(
+                num_cpus=cpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=index
+                ),
+            )
+
+        shards = [
+            in_bundle(ShardActor, i, opts.cpus_per_shard).remote(
+                run.server_args() + ["--listen", "0.0.0.0:0", "--shard", str(i)]
+            )
+            for i in range(run.shards)
+        ]
+        actors += shards
+        # Rendezvous through Ray: each shard reports the address it bound.
+        shard_places = ray.get([s.where.remote() for s in shards])
+        servers = [p["address"] for p in shard_places]
+        workers = [
+            in_bundle(WorkerActor, run.shards + r, cpus_worker).remote()
+            for r in range(run.workers)
+        ]
+        actors += workers
+        worker_places = ray.get([w.where.remote() for w in workers])
+        startup = time.time() - started
+        nodes = {p["node"] for p in shard_places + worker_places}
+        _log({
+            "event": "placement",
+            "placement": opts.placement,
+            "startup_s": round(startup, 3),
+            "nodes": len(nodes),
+            "shards": [{"shard": i, **p} for i, p in enumerate(shard_places)],
+            "workers": [{"rank": r, **p} for r, p in enumerate(worker_places)],
+        })
+
+        run.connect(servers)
+        worker_argv = run.worker_args() + ["--servers", ",".join(servers)]
+        pending = {
+            w.run.remote(worker_argv + ["--rank", str(r)]): r for r, w in enumerate(workers)
+        }
+        reports = [""] * run.workers
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            for ref in done:
+                rank = pending.pop(ref)
+                try:
+                    reports[rank] = ray.get(ref)
+                except Exception as e:
+                    raise RuntimeError(f"worker {rank} failed: {e}") from e
+            run.tick()
+        sys.stdout.flush()
+        summary = json.loads(run.finish(reports))
+        shard_stats = ray.get([s.wait.remote(30.0) for s in shards])
+        _log({
+            "event": "ray_summary",
+            "test_accuracy": summary["test_accuracy"],
+            "wall_time_s": round(time.time() - started, 3),
+            "startup_s": round(startup, 3),
+            "training_s": summary["wall_time_s"],
+            "nodes": len(nodes),
+            "shards": shard_stats,
+        })
+        return 0
+    finally:
+        for a in actors:
+            ray.kill(a)
+        remove_placement_group(pg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The Python client and server against real MNIST: the numpy example trains to >= 90%, and
+bad input from Python gets a clear error while the server keeps serving."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+import pstrain
+from conftest import REPO
+
+
+def load_example():
+    path = REPO / "examples" / "numpy_logreg.py"
+    spec = importlib.util.spec_from_file_location("numpy_logreg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode,workers", [("sync", 2), ("async", 3)])
+def test_numpy_logistic_regression_reaches_90_percent(data_dir, mode, workers):
+    example = load_example()
+    result = example.train(str(data_dir), workers=workers, mode=mode, steps=300)
+    print(f"\nlogistic regression {mode} x{workers}: {result}")
+    assert result["test_accuracy"] >= 0.90
+    server = result["server"]
+    if mode == "sync":
+        assert server["version"] == 300
+    else:
+        # Every push was either applied or dropped as too stale (bound 32).
+        assert server["version"] + server["dropped_stale"] == 300 * workers
+    assert result["server"]["rejected_nonfinite"] == 0
+
+
+def small_params():
+    return {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+
+
+def test_client_adopts_layout_and_round_trips_values():
+    with pstrain.Server(small_params(), workers=1, mode="async", lr=0.5) as server:
+        client = pstrain.Client([server.address])
+        assert client.layout == {"w": (2, 3), "b": (3,)}
+        assert (client.workers, client.mode) == (1, "async")
+        w = client.pull()
+        np.testing.assert_array_equal(w["w"], small_params()["w"])
+        np.testing.assert_array_equal(w["b"], np.ones(3))
+        grads = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+        assert client.push(grads, samples=4)["outcome"] == "applied"
+        w = client.pull()
+        np.testing.assert_allclose(w["w"], small_params()["w"] - 0.5)
+        # A flat buffer goes out as it is.
+        flat, views = client.flat_zeros()
+        views["b"][...] = 2.0
+        client.push(flat, samples=4)
+        np.testing.assert_allclose(client.pull()["b"], 1.0 - 1.0)
+        assert client.version == 2
+        client.leave()
+
+
+def test_bad_gradients_are_refused_and_the_server_keeps_serving():
+    with pstrain.Server(small_params(), workers=2, mode="async", lr=0.1) as server:
+        bad = pstrain.Client([server.address], rank=0)
+        good = pstrain.Client([server.address], rank=1)
+        bad.pull()
+        with pytest.raises(ValueError, match="missing"):
+            bad.push({"w": np.zeros((2, 3), np.float32)}, samples=1)
+        with pytest.raises(ValueError, match="shape"):
+            bad.push({"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}, samples=1)
+        with pytest.raises(ValueError, match="values"):
+            bad.push(np.zeros(5, np.float32), samples=1)
+        nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}
+        with pytest.raises(pstrain.PstrainError, match="non-finite"):
+            bad.push(nan, samples=1)
+        inf = {"w": np.zeros((2, 3), np.float32), "b": np.array([0, math.inf, 0], np.float32)}
+        with pytest.raises(pstrain.PstrainError, match="non-finite"):
+            bad.push(inf, samples=1)
+        # The other worker (and the refused one) carry on; the weights were not touched.
+        good.pull()
+        zero = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+        assert good.push(zero, samples=1)["outcome"] == "applied"
+        assert bad.push(zero, samples=1)["outcome"] in ("applied", "dropped")
+        np.testing.assert_array_equal(good.pull()["w"], small_params()["w"])
+        stats = good.stats()[0]
+        assert stats["rejected_nonfinite"] == 2
+        bad.leave()
+        good.leave()
+
+
+def test_clear_errors_for_bad_flags_addresses_and_params():
+    with pytest.raises(pstrain.PstrainError, match="--mode"):
+        pstrain.ShardServer(["--mode", "sideways"])
+    with pytest.raises(ValueError, match="float32"):
+        pstrain.ShardServer(["--listen", "127.0.0.1:0"], {"w": np.zeros(3, np.float64)})
+    with pytest.raises(pstrain.PstrainError, match="no parameters"):
+        pstrain.ShardServer(["--listen", "127.0.0.1:0"], {})
+    with pytest.raises(pstrain.PstrainError, match="cannot reach"):
+        pstrain.Client(["127.0.0.1:1"], connect_timeout=0.3)
+    with pytest.raises(ValueError, match="role"):
+        pstrain.Client(["127.0.0.1:1"], role="boss")
+    with pstrain.Server(small_params(), workers=1) as server:
+        with pytest.raises(pstrain.PstrainError, match="out of range"):
+            pstrain.Client([server.address], rank=5)
+        # Two shards named where there is one: refused before any tensor moves.
+        with pytest.raises(pstrain.PstrainError, match="shard"):
+            pstrain.Client([server.address, server.address], connect_timeout=1)
+
+
+def test_two_shards_split_the_parameters():
+    params = {"w": np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32),
+              "b": np.zeros(40, np.float32)}
+    servers = [pstrain.Server(params, workers=1, mode="sync", lr=1.0, shard=i, shards=2)
+               for i in range(2)]
+    try:
+        client = pstrain.Client([s.address for s in servers])
+        w = client.pull()
+        np.testing.assert_array_equal(w["w"], params["w"])
+        grads = {"w": np.full((50, 40), 0.25, np.float32), "b": np.ones(40, np.float32)}
+        client.push(grads, samples=8)
+        w = client.pull()  # waits for the step on both shards
+        np.testing.assert_allclose(w["w"], params["w"] - 0.25, rtol=1e-6)
+        np.testing.assert_allclose(w["b"], -1.0)
+        assert [s["version"] for s in client.stats()] == [1, 1]
+        client.leave()
+    finally:
+        for s in servers:
+            s.stop()
+            s.wait()

@@ -1,0 +1,143 @@
+"""A real two-node Ray cluster on this machine (a head and a second `ray start --address`
+node), with `python -m pstrain.ray` submitted by `ray job submit`: the job succeeds, the convnet
+reaches the in-process test's threshold, and `--placement spread` puts actors on both nodes."""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import REPO
+
+# The same run as the in-process and TCP convnet tests (tests/common: convnet_as_original).
+CONVNET = [
+    "--model", "convnet", "--optimizer", "sgd", "--lr", "0.01", "--lr-schedule", "constant",
+    "--batch-size", "128", "--iterations", "400", "--mode", "async", "--workers", "2",
+]
+CONVNET_THRESHOLD = 0.85
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, timeout=300, check=True, **kw):
+    started = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    elapsed = time.time() - started
+    if check and p.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
+        )
+    return p, elapsed
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    ray = shutil.which("ray")
+    if ray is None:
+        if os.environ.get("CI"):
+            pytest.fail("the `ray` command is not installed")
+        pytest.skip("the `ray` command is not installed")
+    port, dashboard = free_port(), free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+              "--object-store-memory", str(256 * 2**20), "--disable-usage-stats"]
+    _, head_s = run([ray, "start", "--head", "--port", str(port), "--include-dashboard", "true",
+                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
+                    + common, env=env)
+    try:
+        _, node_s = run([ray, "start", "--address", f"127.0.0.1:{port}"] + common, env=env)
+        # The job server answers once the dashboard is up; both nodes must be registered.
+        url = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/version", timeout=2).read()
+                status, _ = run([ray, "status", "--address", f"127.0.0.1:{port}"], check=False,
+                                env=env)
+                if status.stdout.count("node_") >= 2:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError("the two-node Ray cluster did not come up in 60 s")
+            time.sleep(0.5)
+        startup = time.time()
+        print(f"\nray start --head: {head_s:.1f} s; second node: {node_s:.1f} s")
+        yield {"ray": ray, "url": url, "env": env, "head_s": head_s, "node_s": node_s,
+               "workdir": tmp_path_factory.mktemp("job"), "ready_at": startup}
+    finally:
+        run([ray, "stop", "--force"], check=False, env=env)
+
+
+def submit(cluster, args, timeout=600):
+    job = f"pstrain-test-{uuid.uuid4().hex[:8]}"
+    cmd = [cluster["ray"], "job", "submit", "--address", cluster["url"], "--submission-id", job,
+           "--working-dir", str(cluster["workdir"]), "--", sys.executable, "-m", "pstrain.ray",
+           *args]
+    p, elapsed = run(cmd, timeout=timeout, check=False, env=cluster["env"])
+    status, _ = run([cluster["ray"], "job", "status", "--address", cluster["url"], job],
+                    check=False, env=cluster["env"])
+    return p, elapsed, status.stdout + status.stderr
+
+
+def events(output: str, name: str):
+    found = []
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("{") and f'"event": "{name}"' in line:
+            found.append(json.loads(line))
+    return found
+
+
+def test_ray_job_trains_convnet_spread_over_two_nodes(cluster, data_dir):
+    p, elapsed, status = submit(cluster, ["--placement", "spread", "--shards", "1", *CONVNET,
+                                          "--data-dir", str(data_dir)])
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "succeeded" in status.lower(), status
+    [placement] = events(out, "placement")
+    [summary] = events(out, "ray_summary")
+    nodes = {a["node"] for a in placement["shards"] + placement["workers"]}
+    print(f"\nplacement: {json.dumps(placement)}\nsummary: {json.dumps(summary)}")
+    print(f"ray job submit wall time: {elapsed:.1f} s (driver: {summary['wall_time_s']:.1f} s, "
+          f"of which actors up in {summary['startup_s']:.1f} s, training "
+          f"{summary['training_s']:.1f} s)")
+    assert len(nodes) == 2, placement
+    assert summary["nodes"] == 2
+    assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary
+    assert summary["shards"][0]["version"] == 400  # --iterations
+
+    # The same work without Ray, for the record (not asserted: a timing).
+    exe = pathlib.Path(os.environ.get("PSTRAIN_BIN", REPO / "target" / "release" / "pstrain"))
+    if exe.exists():
+        plain, plain_s = run([str(exe), "train", "--transport", "tcp", "--shards", "1",
+                              *CONVNET, "--data-dir", str(data_dir)])
+        print(f"pstrain train --transport tcp, same flags: {plain_s:.1f} s\n{plain.stdout[-400:]}")
+
+
+def test_strict_spread_that_cannot_fit_fails_with_a_clear_error(cluster, data_dir):
+    # Three actors on two nodes cannot each have a node of their own.
+    p, _, status = submit(cluster, ["--placement", "strict-spread", "--placement-timeout", "5",
+                                    *CONVNET, "--data-dir", str(data_dir)])
+    out = p.stdout + p.stderr
+    assert "failed" in status.lower(), status
+    assert "did not grant 3 bundles" in out, out
+
+
+def test_bad_training_flags_fail_before_ray_starts(cluster, data_dir):
+    p, _, status = submit(cluster, ["--mode", "sideways", "--data-dir", str(data_dir)])
+    out = p.stdout + p.stderr
+    assert "failed" in status.lower(), status
+    assert "invalid value 'sideways'" in out, out
