@@ -57,6 +57,10 @@ pub enum PushError {
     FromTheFuture { base: u64, current: u64 },
     #[error("batch of 0 samples")]
     EmptyBatch,
+    #[error("worker {rank} is not a member of step {step} (as shard 0 decided it)")]
+    NotAMember { rank: usize, step: u64 },
+    #[error("step members are given for {got} workers, the server has {expected}")]
+    WrongMembers { expected: usize, got: usize },
 }
 
 /// A saved state that does not fit the server it is restored into.

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod follower;
 pub mod layout;
 pub mod optimizer;
 pub mod rng;
@@ -16,6 +17,7 @@ pub mod shard;
 pub use client::{ClientError, ParameterClient, PullReply};
 pub use config::{Aggregate, Mode, ServerConfig};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};
+pub use follower::StepFollower;
 pub use layout::{Layout, TensorSpec};
 pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig};
 pub use rng::Rng;

@@ -4,6 +4,7 @@
 use crate::config::{Aggregate, Mode, ServerConfig};
 use crate::error::{ConfigError, PushError, RestoreError};
 use crate::optimizer::Optimizer;
+use std::collections::VecDeque;
 
 /// What came with a gradient besides its values.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,8 +83,16 @@ pub struct ServerCore {
     heard: Vec<bool>,
     /// Ranks still taking part; a rank that left does not hold up the barrier.
     active: Vec<bool>,
+    /// Sync: which ranks' gradients went into this step (heard, and not refused).
+    contributed: Vec<bool>,
+    /// Sync: the members of the most recent completed steps, oldest first, for a coordinating
+    /// shard 0 to tell the other shards which gradients make up each step.
+    history: VecDeque<(u64, Vec<bool>)>,
     stats: ServerStats,
 }
+
+/// Completed steps whose members a coordinating shard remembers.
+const MEMBER_HISTORY: usize = 64;
 
 impl ServerCore {
     /// A shard holding `params` (its slice of the model) under `config`.
@@ -99,6 +108,8 @@ impl ServerCore {
             optimizer: Optimizer::with_schedule(config.optimizer, config.schedule, len),
             heard: vec![false; config.workers],
             active: vec![true; config.workers],
+            contributed: vec![false; config.workers],
+            history: VecDeque::new(),
             config,
             params,
             version: 0,
@@ -176,7 +187,39 @@ impl ServerCore {
         self.accum.fill(0.0);
         self.accum_weight = 0.0;
         self.heard.fill(false);
+        self.contributed.fill(false);
+        self.history.clear();
         Ok(())
+    }
+
+    /// Which ranks' gradients made up completed sync step `step` (the update from version
+    /// `step` to `step + 1`), while it is among the most recent ones.
+    pub fn members_of(&self, step: u64) -> Option<&[bool]> {
+        self.history
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == step)
+            .map(|(_, m)| &m[..])
+    }
+
+    /// Applies one step that was combined elsewhere (a follower shard's step `step`, as shard
+    /// 0 decided it): `accum` holds the weighted sum of its gradients, `weight` their total
+    /// weight. The version becomes `step + 1`, which keeps a follower numbered as shard 0 is
+    /// even after it lost updates to a restart.
+    pub fn apply_step(&mut self, step: u64, accum: &mut [f32], weight: f64) {
+        if weight > 0.0 {
+            let scale = match self.config.aggregate {
+                Aggregate::Mean => (1.0 / weight) as f32,
+                Aggregate::Sum => 1.0,
+            };
+            if scale != 1.0 {
+                for a in accum.iter_mut() {
+                    *a *= scale;
+                }
+            }
+            self.optimizer.apply(&mut self.params, accum);
+        }
+        self.version = self.version.max(step + 1);
     }
 
     /// Offers one gradient. On `Err` nothing changed except counters, and in sync mode the
@@ -259,6 +302,7 @@ impl ServerCore {
                     *a += weight * g;
                 }
                 self.accum_weight += f64::from(weight);
+                self.contributed[meta.rank] = true;
                 self.record_applied(meta, staleness);
                 match self.try_complete_step() {
                     Some(version) => Ok(PushOutcome::Applied { version, staleness }),
@@ -295,7 +339,7 @@ impl ServerCore {
         }
     }
 
-    fn check_gradient(&mut self, meta: PushMeta, grad: &[f32]) -> Result<(), PushError> {
+    pub(crate) fn check_gradient(&mut self, meta: PushMeta, grad: &[f32]) -> Result<(), PushError> {
         if meta.samples == 0 {
             self.stats.rejected_other += 1;
             return Err(PushError::EmptyBatch);
@@ -308,7 +352,7 @@ impl ServerCore {
         Ok(())
     }
 
-    fn record_applied(&mut self, meta: PushMeta, staleness: u64) {
+    pub(crate) fn record_applied(&mut self, meta: PushMeta, staleness: u64) {
         let s = &mut self.stats;
         s.gradients_applied += 1;
         s.samples_applied += u64::from(meta.samples);
@@ -360,6 +404,13 @@ impl ServerCore {
         self.accum.fill(0.0);
         self.accum_weight = 0.0;
         self.heard.fill(false);
+        if self.history.len() == MEMBER_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back((
+            self.version,
+            std::mem::replace(&mut self.contributed, vec![false; self.config.workers]),
+        ));
         self.version += 1;
         Some(self.version)
     }
@@ -390,6 +441,24 @@ mod tests {
     }
 
     const SYNC: Mode = Mode::Sync { backup_workers: 0 };
+
+    #[test]
+    fn a_completed_step_remembers_its_members() {
+        let mut s = server(Mode::Sync { backup_workers: 1 }, 3);
+        s.push(meta(2, 0), &[1.0, 1.0]).unwrap();
+        assert_eq!(s.members_of(0), None, "step 0 is still open");
+        s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
+        assert_eq!(s.members_of(0), Some(&[true, false, true][..]));
+        // The straggler's gradient is dropped, and step 1 starts empty.
+        assert!(matches!(
+            s.push(meta(1, 0), &[1.0, 1.0]),
+            Ok(PushOutcome::Dropped { .. })
+        ));
+        s.push(meta(1, 1), &[1.0, 1.0]).unwrap();
+        s.push(meta(0, 1), &[1.0, 1.0]).unwrap();
+        assert_eq!(s.members_of(1), Some(&[true, true, false][..]));
+        assert_eq!(s.members_of(0), Some(&[true, false, true][..]));
+    }
 
     #[test]
     fn sync_waits_for_every_worker_then_applies_the_sample_weighted_mean() {

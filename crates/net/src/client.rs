@@ -4,8 +4,8 @@
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::protocol::{
-    code, decode_error, encode_pull, kind, outcome, Hello, HelloOk, Reader, Role, ShardStats,
-    Writer, HELLO_LIMIT, PULL_REPLY_HEAD_LEN,
+    code, decode_describe, decode_error, encode_pull, kind, outcome, Hello, HelloOk, PushHead,
+    PushReply, Reader, Role, ShardStats, HELLO_LIMIT, NO_STEP, PULL_REPLY_HEAD_LEN,
 };
 use futures_util::future::try_join_all;
 use pstrain_core::{
@@ -64,13 +64,17 @@ pub struct Served {
     pub layout: Layout,
     pub workers: usize,
     pub sync: bool,
+    /// Sync: backup workers (with several shards, shard 0 then coordinates the steps).
+    pub backup_workers: usize,
 }
 
 impl Served {
-    /// A mode that says hello as this run's mode does (only sync/async is checked).
+    /// The run's mode as far as a client needs it (the staleness bound is the server's).
     pub fn mode(&self) -> Mode {
         if self.sync {
-            Mode::Sync { backup_workers: 0 }
+            Mode::Sync {
+                backup_workers: self.backup_workers,
+            }
         } else {
             Mode::Async {
                 max_staleness: None,
@@ -104,7 +108,7 @@ pub fn describe(
                 )
                 .await?;
             conn.shutdown().await;
-            let me = Hello::decode(&bytes)?;
+            let (me, backup_workers) = decode_describe(&bytes)?;
             if (me.shard as usize, me.shards as usize) != (i, servers.len()) {
                 return Err(NetError::Handshake(format!(
                     "{addr} is shard {} of {}, but was given as shard {i} of {}",
@@ -120,6 +124,7 @@ pub fn describe(
                 layout,
                 workers: me.workers as usize,
                 sync: me.sync,
+                backup_workers,
             })
         },
     )))?;
@@ -140,7 +145,13 @@ struct Shard {
     /// The last push here is buffered for a sync step that has not completed: a waiting pull
     /// waits only on such shards (never for a step this client has not pushed to).
     pending: bool,
+    /// The rank this shard took the worker as.
+    rank: usize,
 }
+
+/// `ClientConfig::rank` of a worker that takes any free rank (a replacement for one that
+/// died): shard 0 assigns one, preferring a rank whose worker left or vanished.
+pub const ANY_RANK: usize = usize::MAX;
 
 pub struct TcpClient {
     rt: Runtime,
@@ -159,14 +170,24 @@ impl TcpClient {
         if cfg.servers.is_empty() {
             return Err(NetError::Handshake("no server addresses given".into()));
         }
-        let shards = rt.block_on(connect_all(cfg))?;
+        let mut cfg = cfg.clone();
+        let shards = rt.block_on(connect_all(&mut cfg))?;
         Ok(TcpClient {
             rt,
-            cfg: cfg.clone(),
+            cfg,
             shards,
             left: false,
             reconnects: 0,
         })
+    }
+
+    /// The configuration in use, with the rank the shards assigned if `ANY_RANK` was asked.
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    pub fn rank(&self) -> usize {
+        self.cfg.rank
     }
 
     /// How many times the connections were re-established after a failure.
@@ -179,7 +200,7 @@ impl TcpClient {
     fn reconnect(&mut self) -> Result<(), NetError> {
         self.shards.clear();
         self.reconnects += 1;
-        self.shards = self.rt.block_on(connect_all(&self.cfg))?;
+        self.shards = self.rt.block_on(connect_all(&mut self.cfg))?;
         Ok(())
     }
 
@@ -325,52 +346,42 @@ impl TcpClient {
 
     fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
         self.check_len(grad.len())?;
-        let slices: Vec<&[f32]> = self.shards.iter().map(|s| &grad[s.range.clone()]).collect();
-        let outcomes = self
-            .rt
-            .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
-                |(shard, slice)| async move {
-                    let mut head = Writer::default();
-                    // Each shard judges staleness against the version its slice came from.
-                    head.u64(shard.version).u32(meta.samples).f32(meta.loss);
-                    shard.conn.write_frame(kind::PUSH, &head.0, slice).await?;
-                    let io = shard.conn.io_timeout();
-                    let bytes = shard
-                        .conn
-                        .read_reply(kind::PUSH_REPLY, "push reply", io, 1 << 16)
-                        .await?;
-                    let mut r = Reader::new(&bytes, "push reply");
-                    let (code, version, staleness, waiting) =
-                        (r.u8()?, r.u64()?, r.u64()?, r.u32()?);
-                    r.finish()?;
-                    shard.pending = code == outcome::BUFFERED;
-                    Ok::<_, NetError>(match code {
-                        outcome::APPLIED => PushOutcome::Applied { version, staleness },
-                        outcome::BUFFERED => PushOutcome::Buffered {
-                            waiting_for: waiting as usize,
+        let workers = self.cfg.workers;
+        let none = vec![false; workers];
+        let coordinated = self.shards.len() > 1
+            && matches!(self.cfg.mode, Mode::Sync { backup_workers } if backup_workers > 0);
+        if !coordinated {
+            let slices: Vec<&[f32]> = self.shards.iter().map(|s| &grad[s.range.clone()]).collect();
+            let outcomes =
+                self.rt
+                    .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
+                        |(shard, slice)| {
+                            let io = shard.conn.io_timeout();
+                            push_one(shard, meta, slice, NO_STEP, &none, io)
                         },
-                        outcome::DROPPED => PushOutcome::Dropped { staleness },
-                        outcome::DONE => PushOutcome::Done,
-                        other => {
-                            return Err(NetError::Malformed {
-                                what: "push reply",
-                                why: format!("unknown outcome {other}"),
-                            })
-                        }
-                    })
-                },
-            )))?;
-        // Report the most conservative outcome across shards.
-        let rank = |o: &PushOutcome| match o {
-            PushOutcome::Done => 0,
-            PushOutcome::Dropped { .. } => 1,
-            PushOutcome::Buffered { .. } => 2,
-            PushOutcome::Applied { .. } => 3,
-        };
-        Ok(outcomes
-            .into_iter()
-            .min_by_key(rank)
-            .unwrap_or(PushOutcome::Done))
+                    )))?;
+            return Ok(most_conservative(outcomes.into_iter().map(|(o, _)| o)));
+        }
+        // Coordinated: shard 0 admits the gradient into a step (or drops it as late) and
+        // answers once that step is complete, with its members; the other shards then get
+        // the slices tagged with that step, so every shard applies the same gradients.
+        let (first, rest) = self.shards.split_at_mut(1);
+        let wait = self.cfg.wait_timeout;
+        let slice0 = &grad[first[0].range.clone()];
+        let (outcome, reply) =
+            self.rt
+                .block_on(push_one(&mut first[0], meta, slice0, NO_STEP, &none, wait))?;
+        if reply.code != outcome::APPLIED || reply.step == NO_STEP {
+            return Ok(outcome);
+        }
+        let outcomes = self.rt.block_on(try_join_all(rest.iter_mut().map(|shard| {
+            let slice = &grad[shard.range.clone()];
+            let io = shard.conn.io_timeout();
+            push_one(shard, meta, slice, reply.step, &reply.members, io)
+        })))?;
+        Ok(most_conservative(
+            std::iter::once(outcome).chain(outcomes.into_iter().map(|(o, _)| o)),
+        ))
     }
 
     /// Says goodbye to every shard (once). A shard that cannot be reached counts as told: it
@@ -400,16 +411,90 @@ impl TcpClient {
     }
 }
 
-async fn connect_all(cfg: &ClientConfig) -> Result<Vec<Shard>, NetError> {
-    let ranges = shard_ranges(cfg.layout.len(), cfg.servers.len());
-    try_join_all(
+/// Pushes one shard's slice and reads its answer (waiting up to `reply_timeout`).
+async fn push_one(
+    shard: &mut Shard,
+    meta: PushMeta,
+    slice: &[f32],
+    step: u64,
+    members: &[bool],
+    reply_timeout: Duration,
+) -> Result<(PushOutcome, PushReply), NetError> {
+    let head = PushHead {
+        // Each shard judges staleness against the version its slice came from.
+        base_version: shard.version,
+        samples: meta.samples,
+        loss: meta.loss,
+        step,
+        members: members.to_vec(),
+    };
+    shard
+        .conn
+        .write_frame(kind::PUSH, &head.encode(), slice)
+        .await?;
+    let bytes = shard
+        .conn
+        .read_reply(kind::PUSH_REPLY, "push reply", reply_timeout, 1 << 16)
+        .await?;
+    let reply = PushReply::decode(&bytes, members.len())?;
+    shard.pending = reply.code == outcome::BUFFERED;
+    let outcome = match reply.code {
+        outcome::APPLIED => PushOutcome::Applied {
+            version: reply.version,
+            staleness: reply.staleness,
+        },
+        outcome::BUFFERED => PushOutcome::Buffered {
+            waiting_for: reply.waiting as usize,
+        },
+        outcome::DROPPED => PushOutcome::Dropped {
+            staleness: reply.staleness,
+        },
+        outcome::DONE => PushOutcome::Done,
+        other => {
+            return Err(NetError::Malformed {
+                what: "push reply",
+                why: format!("unknown outcome {other}"),
+            })
+        }
+    };
+    Ok((outcome, reply))
+}
+
+/// The most conservative of the shards' outcomes: done, then dropped, buffered, applied.
+fn most_conservative(outcomes: impl Iterator<Item = PushOutcome>) -> PushOutcome {
+    let rank = |o: &PushOutcome| match o {
+        PushOutcome::Done => 0,
+        PushOutcome::Dropped { .. } => 1,
+        PushOutcome::Buffered { .. } => 2,
+        PushOutcome::Applied { .. } => 3,
+    };
+    outcomes.min_by_key(rank).unwrap_or(PushOutcome::Done)
+}
+
+/// Connects to every shard. A worker asking for `ANY_RANK` gets its rank from shard 0 first
+/// and then joins the others with it; `cfg.rank` is updated to the rank in use.
+async fn connect_all(cfg: &mut ClientConfig) -> Result<Vec<Shard>, NetError> {
+    let mut ranges = shard_ranges(cfg.layout.len(), cfg.servers.len()).into_iter();
+    let mut shards = Vec::with_capacity(cfg.servers.len());
+    if cfg.role == Role::Worker && cfg.rank == ANY_RANK {
+        let (addr, range) = (&cfg.servers[0], ranges.next().unwrap_or_default());
+        let first = connect_shard(cfg, 0, addr, range).await?;
+        cfg.rank = first.rank;
+        shards.push(first);
+    }
+    let skip = shards.len();
+    let cfg = &*cfg;
+    let rest = try_join_all(
         cfg.servers
             .iter()
-            .zip(ranges)
             .enumerate()
-            .map(|(i, (addr, range))| connect_shard(cfg, i, addr, range)),
+            .skip(skip)
+            .zip(ranges)
+            .map(|((i, addr), range)| connect_shard(cfg, i, addr, range)),
     )
-    .await
+    .await?;
+    shards.extend(rest);
+    Ok(shards)
 }
 
 /// Connects and shakes hands, retrying with backoff while the shard is not up yet or still
@@ -510,11 +595,18 @@ async fn try_connect_shard(
             ok.start, ok.end
         )));
     }
+    if cfg.role == Role::Worker && cfg.rank != ANY_RANK && ok.rank as usize != cfg.rank {
+        return Err(NetError::Handshake(format!(
+            "shard {shard} at {addr} took this worker as rank {}, not {}",
+            ok.rank, cfg.rank
+        )));
+    }
     Ok(Shard {
         conn,
         range,
         version: ok.version,
         pending: false,
+        rank: ok.rank as usize,
     })
 }
 

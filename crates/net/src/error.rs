@@ -21,6 +21,10 @@ pub enum NetError {
     Remote { code: u16, message: String },
     #[error("worker rank {0} is already connected")]
     RankBusy(usize),
+    /// A worker asked for any free rank and every one is connected (one may free up soon:
+    /// the caller retries as for `RankBusy`).
+    #[error("all {0} worker ranks are taken")]
+    NoFreeRank(usize),
     #[error("buffer has {got} values, the layout has {expected}")]
     Shape { expected: usize, got: usize },
     #[error("unexpected message kind {got:#x} (expected {expected})")]

@@ -11,7 +11,7 @@ pub mod frame;
 pub mod protocol;
 pub mod server;
 
-pub use client::{describe, ClientConfig, Heartbeat, Served, TcpClient};
+pub use client::{describe, ClientConfig, Heartbeat, Served, TcpClient, ANY_RANK};
 pub use error::NetError;
 pub use protocol::Role;
 pub use server::{ShardConfig, ShardServer};

@@ -37,8 +37,112 @@ pub mod code {
 
 /// The largest handshake accepted (names and shapes of every tensor).
 pub const HELLO_LIMIT: u64 = 1 << 20;
-/// Fixed part of a push: base version, samples, loss.
-pub const PUSH_HEAD_LEN: usize = 16;
+/// A push's head: base version, samples, loss, step, then the step's members as a bitmask
+/// (one bit per worker). Step and members matter only in coordinated mode (sync with backup
+/// workers over several shards): shard 0 decides each step's members and the other shards
+/// apply exactly those; elsewhere the step is `NO_STEP` and the mask zero.
+pub fn push_head_len(workers: usize) -> usize {
+    24 + mask_len(workers)
+}
+
+/// "Not a coordinated step."
+pub const NO_STEP: u64 = u64::MAX;
+
+/// Bytes of a member bitmask for `workers` workers.
+pub fn mask_len(workers: usize) -> usize {
+    workers.div_ceil(8)
+}
+
+pub fn encode_mask(members: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; mask_len(members.len())];
+    for (i, _) in members.iter().enumerate().filter(|(_, &m)| m) {
+        out[i / 8] |= 1 << (i % 8);
+    }
+    out
+}
+
+pub fn decode_mask(bytes: &[u8], workers: usize) -> Vec<bool> {
+    (0..workers)
+        .map(|i| bytes.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+        .collect()
+}
+
+/// The push head's fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushHead {
+    pub base_version: u64,
+    pub samples: u32,
+    pub loss: f32,
+    pub step: u64,
+    pub members: Vec<bool>,
+}
+
+impl PushHead {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.base_version)
+            .u32(self.samples)
+            .f32(self.loss)
+            .u64(self.step);
+        w.0.extend_from_slice(&encode_mask(&self.members));
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8], workers: usize) -> Result<Self, NetError> {
+        let mut r = Reader::new(bytes, "push");
+        let (base_version, samples, loss, step) = (r.u64()?, r.u32()?, r.f32()?, r.u64()?);
+        let mask = r.take(mask_len(workers))?;
+        r.finish()?;
+        Ok(PushHead {
+            base_version,
+            samples,
+            loss,
+            step,
+            members: decode_mask(mask, workers),
+        })
+    }
+}
+
+/// A push's answer: the outcome code, version (applied), staleness, how many gradients the
+/// step still waits for (buffered), and in coordinated mode the step and its members.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushReply {
+    pub code: u8,
+    pub version: u64,
+    pub staleness: u64,
+    pub waiting: u32,
+    pub step: u64,
+    pub members: Vec<bool>,
+}
+
+impl PushReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(self.code)
+            .u64(self.version)
+            .u64(self.staleness)
+            .u32(self.waiting)
+            .u64(self.step);
+        w.0.extend_from_slice(&encode_mask(&self.members));
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8], workers: usize) -> Result<Self, NetError> {
+        let mut r = Reader::new(bytes, "push reply");
+        let (code, version, staleness, waiting, step) =
+            (r.u8()?, r.u64()?, r.u64()?, r.u32()?, r.u64()?);
+        let mask = r.take(mask_len(workers))?;
+        r.finish()?;
+        Ok(PushReply {
+            code,
+            version,
+            staleness,
+            waiting,
+            step,
+            members: decode_mask(mask, workers),
+        })
+    }
+}
 /// Fixed part of a pull reply: version, flags.
 pub const PULL_REPLY_HEAD_LEN: usize = 9;
 
@@ -95,7 +199,7 @@ impl<'a> Reader<'a> {
         Reader { bytes, what }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], NetError> {
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], NetError> {
         if self.bytes.len() < n {
             return Err(NetError::Malformed {
                 what: self.what,
@@ -172,7 +276,8 @@ impl Hello {
     ) -> Self {
         Hello {
             role,
-            rank: rank as u32,
+            // usize::MAX (the client's "any rank") becomes ANY_RANK on the wire.
+            rank: u32::try_from(rank).unwrap_or(ANY_RANK),
             workers: workers as u32,
             sync: mode.is_sync(),
             shard: shard as u32,
@@ -269,18 +374,42 @@ impl Hello {
     }
 }
 
+/// The answer to `DESCRIBE`: the shard's own hello (role, workers, mode, shard, layout) plus
+/// its backup-worker count, which decides whether shard 0 coordinates the steps.
+pub fn encode_describe(me: &Hello, backup_workers: usize) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u32(backup_workers as u32);
+    w.0.extend_from_slice(&me.encode());
+    w.0
+}
+
+pub fn decode_describe(bytes: &[u8]) -> Result<(Hello, usize), NetError> {
+    let mut r = Reader::new(bytes, "describe reply");
+    let backups = r.u32()? as usize;
+    let hello = Hello::decode(&bytes[4..])?;
+    Ok((hello, backups))
+}
+
 /// The server's answer to a good hello: the key range this shard owns and its version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HelloOk {
     pub start: u64,
     pub end: u64,
     pub version: u64,
+    /// The worker's rank: the one it asked for, or the one assigned for `ANY_RANK`.
+    pub rank: u32,
 }
+
+/// A worker's hello for "any free rank": the shard assigns one (a vacated rank first).
+pub const ANY_RANK: u32 = u32::MAX;
 
 impl HelloOk {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u64(self.start).u64(self.end).u64(self.version);
+        w.u64(self.start)
+            .u64(self.end)
+            .u64(self.version)
+            .u32(self.rank);
         w.0
     }
     pub fn decode(bytes: &[u8]) -> Result<Self, NetError> {
@@ -289,6 +418,7 @@ impl HelloOk {
             start: r.u64()?,
             end: r.u64()?,
             version: r.u64()?,
+            rank: r.u32()?,
         };
         r.finish()?;
         Ok(v)
@@ -429,6 +559,7 @@ mod tests {
             start: 1,
             end: 9,
             version: 4,
+            rank: 2,
         };
         assert_eq!(HelloOk::decode(&ok.encode()).unwrap(), ok);
         let st = ShardStats {
@@ -441,6 +572,27 @@ mod tests {
             done: true,
         };
         assert_eq!(ShardStats::decode(&st.encode()).unwrap(), st);
+        let members = vec![true, false, false, true, false, false, false, false, true];
+        let head = PushHead {
+            base_version: 3,
+            samples: 16,
+            loss: 0.25,
+            step: 7,
+            members: members.clone(),
+        };
+        let bytes = head.encode();
+        assert_eq!(bytes.len(), push_head_len(9));
+        assert_eq!(PushHead::decode(&bytes, 9).unwrap(), head);
+        assert!(PushHead::decode(&bytes[..bytes.len() - 1], 9).is_err());
+        let reply = PushReply {
+            code: outcome::APPLIED,
+            version: 8,
+            staleness: 0,
+            waiting: 0,
+            step: 7,
+            members,
+        };
+        assert_eq!(PushReply::decode(&reply.encode(), 9).unwrap(), reply);
         assert!(matches!(
             decode_error(&encode_error(3, "nope")),
             NetError::Remote { code: 3, .. }

@@ -5,12 +5,13 @@
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::protocol::{
-    code, decode_pull, encode_error, kind, outcome, Hello, HelloOk, Reader, Role, ShardStats,
-    Writer, HELLO_LIMIT, PULL_REPLY_HEAD_LEN, PUSH_HEAD_LEN,
+    code, decode_pull, encode_describe, encode_error, kind, outcome, push_head_len, Hello, HelloOk,
+    PushHead, PushReply, Role, ShardStats, Writer, ANY_RANK, HELLO_LIMIT, NO_STEP,
+    PULL_REPLY_HEAD_LEN,
 };
 use pstrain_core::{
-    shard_ranges, CoreState, Layout, PushError, PushMeta, PushOutcome, ServerConfig, ServerCore,
-    ServerStats,
+    shard_ranges, CoreState, Layout, Mode, PushError, PushMeta, PushOutcome, ServerConfig,
+    ServerCore, ServerStats, StepFollower,
 };
 use pstrain_store::{CheckpointPolicy, ResumeError, Saver, ShardIdentity};
 use std::future::Future;
@@ -101,6 +102,18 @@ struct State {
     events: ConnectionEvents,
     /// The version of the newest snapshot handed to the checkpoint writer.
     last_snapshot: u64,
+    /// Shards 1.. in coordinated mode: the steps shard 0 decided, being collected.
+    follower: Option<StepFollower>,
+}
+
+impl State {
+    /// `rank` leaves the quorum (and, on a follower, no open step waits for it).
+    fn leave(&mut self, rank: usize) {
+        self.core.leave(rank);
+        if let Some(f) = self.follower.as_mut() {
+            f.leave(&mut self.core, rank);
+        }
+    }
 }
 
 struct Shared {
@@ -114,6 +127,8 @@ struct Shared {
     /// is snapshotted in the push that reaches the update count, not by polling, so the
     /// updates a crash can lose are N plus those made while that snapshot is being written.
     snapshots: Option<(mpsc::Sender<CoreState>, u64)>,
+    /// Sync with backup workers over several shards: shard 0 decides each step's members.
+    coordinated: bool,
 }
 
 impl Shared {
@@ -161,7 +176,7 @@ fn evict_silent_workers(shared: &Shared) {
             state.generation[rank] += 1;
             state.last_beat[rank] = None;
             state.events.vanished_workers += 1;
-            state.core.leave(rank);
+            state.leave(rank);
             shared.publish(&state);
             shared.log(&format!(
                 "worker {rank} sent no heartbeat for {:.1} s; it leaves the quorum",
@@ -228,6 +243,9 @@ impl ShardServer {
             _ => (None, None),
         };
         let last_snapshot = core.version();
+        let coordinated = cfg.shards > 1
+            && matches!(cfg.server.mode, Mode::Sync { backup_workers } if backup_workers > 0);
+        let follower = (coordinated && cfg.shard > 0).then(StepFollower::new);
         Ok(ShardServer {
             listener,
             shared: Arc::new(Shared {
@@ -242,10 +260,12 @@ impl ShardServer {
                     open: 0,
                     events: ConnectionEvents::default(),
                     last_snapshot,
+                    follower,
                 }),
                 version,
                 finished: Notify::new(),
                 snapshots,
+                coordinated,
             }),
             saver,
             snapshot_rx,
@@ -368,7 +388,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) {
         shared.log(&format!("closing connection from {}: {e}", conn.peer()));
         let (code, counted) = match e {
             NetError::Handshake(_) => (code::HANDSHAKE, false),
-            NetError::RankBusy(_) => (code::RANK_BUSY, false),
+            NetError::RankBusy(_) | NetError::NoFreeRank(_) => (code::RANK_BUSY, false),
             _ => (code::BAD_FRAME, true),
         };
         // Best effort: tell the peer why, unless the socket itself is what failed.
@@ -403,7 +423,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) {
                 s.rank
             ));
             state = shared.lock();
-            state.core.leave(s.rank);
+            state.leave(s.rank);
             shared.publish(&state);
         }
     }
@@ -432,7 +452,11 @@ async fn serve(
             cfg.shards,
             &cfg.layout,
         );
-        conn.write_frame(kind::DESCRIBE_REPLY, &me.encode(), &[])
+        let backups = match cfg.server.mode {
+            Mode::Sync { backup_workers } => backup_workers,
+            Mode::Async { .. } => 0,
+        };
+        conn.write_frame(kind::DESCRIBE_REPLY, &encode_describe(&me, backups), &[])
             .await?;
         header = match conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? {
             Some(h) => h,
@@ -454,6 +478,7 @@ async fn serve(
             start: shared.range.start as u64,
             end: shared.range.end as u64,
             version: state.core.version(),
+            rank: accepted.rank as u32,
         }
     };
     conn.write_frame(kind::HELLO_OK, &reply.encode(), &[])
@@ -461,7 +486,7 @@ async fn serve(
 
     let shard_len = shared.range.len();
     // The largest legitimate frame is a push of this shard's gradient.
-    let limit = (PUSH_HEAD_LEN + 4 * shard_len).max(64) as u64;
+    let limit = (push_head_len(cfg.server.workers) + 4 * shard_len).max(64) as u64;
     let mut buf: Vec<f32> = vec![0.0; shard_len];
     loop {
         let header = match conn.read_header(cfg.idle_timeout, limit).await? {
@@ -505,7 +530,11 @@ async fn serve(
                 conn.read_bytes(header.len as usize).await?;
                 if accepted.role == Role::Worker {
                     let mut state = shared.lock();
-                    state.core.leave(accepted.rank);
+                    state.leave(accepted.rank);
+                    // The rank is free from now on (for a replacement asking for any rank).
+                    if state.generation[accepted.rank] == accepted.generation {
+                        state.connected[accepted.rank] = false;
+                    }
                     shared.publish(&state);
                 }
                 if let Some(s) = session.as_mut() {
@@ -555,7 +584,24 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
             cfg.server.mode.name()
         ));
     }
-    let rank = hello.rank as usize;
+    let mut rank = hello.rank as usize;
+    if hello.role == Role::Worker && hello.rank == ANY_RANK {
+        if hello.workers as usize != cfg.server.workers {
+            return refuse(format!(
+                "peer expects {} workers, server is set up for {}",
+                hello.workers, cfg.server.workers
+            ));
+        }
+        // A replacement worker: take a rank whose worker left or vanished, else one that has
+        // not joined yet.
+        let state = shared.lock();
+        let free = |joined: bool| {
+            (0..cfg.server.workers).find(|&r| !state.connected[r] && state.joined[r] == joined)
+        };
+        rank = free(true)
+            .or_else(|| free(false))
+            .ok_or(NetError::NoFreeRank(cfg.server.workers))?;
+    }
     if hello.role == Role::Worker {
         if hello.workers as usize != cfg.server.workers {
             return refuse(format!(
@@ -646,33 +692,41 @@ async fn push(
     len: u64,
     rank: usize,
 ) -> Result<(), NetError> {
+    let workers = shared.cfg.server.workers;
+    let head_len = push_head_len(workers);
     let body = len
-        .checked_sub(PUSH_HEAD_LEN as u64)
+        .checked_sub(head_len as u64)
         .filter(|b| b % 4 == 0)
         .ok_or_else(|| NetError::Malformed {
             what: "push",
             why: format!("payload of {len} bytes is not a push header plus f32 values"),
         })?;
-    let head = conn.read_bytes(PUSH_HEAD_LEN).await?;
-    let mut r = Reader::new(&head, "push");
-    let (base_version, samples, loss) = (r.u64()?, r.u32()?, r.f32()?);
+    let head = PushHead::decode(&conn.read_bytes(head_len).await?, workers)?;
     // The frame limit already bounds `body` by this shard's size.
     let n = (body / 4) as usize;
     buf.resize(n.max(shared.range.len()), 0.0);
     conn.read_f32s(&mut buf[..n]).await?;
     let meta = PushMeta {
         rank,
-        base_version,
-        samples,
-        loss,
+        base_version: head.base_version,
+        samples: head.samples,
+        loss: head.loss,
     };
-    let (result, snapshot) = {
+    let (result, snapshot, step) = {
         let mut state = shared.lock();
+        let state = &mut *state;
         let before = state.core.version();
-        let result = state.core.push(meta, &buf[..n]);
+        let result = match state.follower.as_mut() {
+            Some(_) if head.step == NO_STEP => Err(PushError::NotAMember {
+                rank,
+                step: NO_STEP,
+            }),
+            Some(f) => f.push(&mut state.core, meta, &buf[..n], head.step, &head.members),
+            None => state.core.push(meta, &buf[..n]),
+        };
         let version = state.core.version();
         if version != before || state.core.is_done() {
-            shared.publish(&state);
+            shared.publish(state);
         }
         let snapshot = match &shared.snapshots {
             Some((_, every)) if version >= state.last_snapshot + every => {
@@ -681,7 +735,19 @@ async fn push(
             }
             _ => None,
         };
-        (result, snapshot)
+        // Shard 0 in coordinated mode: the step this gradient was admitted into.
+        let step = match result {
+            Ok(PushOutcome::Buffered { .. }) if shared.coordinated && state.follower.is_none() => {
+                Some(version)
+            }
+            Ok(PushOutcome::Applied { version, .. })
+                if shared.coordinated && state.follower.is_none() =>
+            {
+                Some(version - 1)
+            }
+            _ => None,
+        };
+        (result, snapshot, step)
     };
     if let (Some(state), Some((tx, _))) = (snapshot, &shared.snapshots) {
         // Waits while the writer is still busy with the previous snapshot and one more is
@@ -689,23 +755,60 @@ async fn push(
         let _ = tx.send(state).await;
     }
     buf.truncate(shared.range.len());
-    let mut w = Writer::default();
-    match result {
-        Ok(outcome) => {
-            let (code, version, staleness, waiting) = match outcome {
+    let mut reply = PushReply {
+        code: outcome::DONE,
+        version: 0,
+        staleness: 0,
+        waiting: 0,
+        step: NO_STEP,
+        members: vec![false; workers],
+    };
+    match (result, step) {
+        (Ok(_), Some(step)) => {
+            // The other shards need the step's members, known once it is complete: answer
+            // then (the worker would wait for the step before its next pull anyway).
+            let mut rx = shared.version.subscribe();
+            loop {
+                let (version, done) = *rx.borrow_and_update();
+                if version > step || done || rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            {
+                let state = shared.lock();
+                if let Some(members) = state.core.members_of(step) {
+                    reply.code = outcome::APPLIED;
+                    reply.version = step + 1;
+                    reply.step = step;
+                    reply.members = members.to_vec();
+                } else if !state.core.is_done() {
+                    reply.code = outcome::DROPPED;
+                }
+            }
+            conn.write_frame(kind::PUSH_REPLY, &reply.encode(), &[])
+                .await
+        }
+        (Ok(outcome), None) => {
+            match outcome {
                 PushOutcome::Applied { version, staleness } => {
-                    (outcome::APPLIED, version, staleness, 0)
+                    reply.code = outcome::APPLIED;
+                    reply.version = version;
+                    reply.staleness = staleness;
                 }
                 PushOutcome::Buffered { waiting_for } => {
-                    (outcome::BUFFERED, 0, 0, waiting_for as u32)
+                    reply.code = outcome::BUFFERED;
+                    reply.waiting = waiting_for as u32;
                 }
-                PushOutcome::Dropped { staleness } => (outcome::DROPPED, 0, staleness, 0),
-                PushOutcome::Done => (outcome::DONE, 0, 0, 0),
-            };
-            w.u8(code).u64(version).u64(staleness).u32(waiting);
-            conn.write_frame(kind::PUSH_REPLY, &w.0, &[]).await
+                PushOutcome::Dropped { staleness } => {
+                    reply.code = outcome::DROPPED;
+                    reply.staleness = staleness;
+                }
+                PushOutcome::Done => {}
+            }
+            conn.write_frame(kind::PUSH_REPLY, &reply.encode(), &[])
+                .await
         }
-        Err(e) => {
+        (Err(e), _) => {
             let code = match e {
                 PushError::NonFinite { .. } => code::PUSH_NONFINITE,
                 _ => code::PUSH_REFUSED,

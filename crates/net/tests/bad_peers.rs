@@ -5,7 +5,7 @@ use pstrain_core::{
     Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, ServerConfig,
 };
 use pstrain_net::frame::{Header, HEADER_LEN, MAGIC};
-use pstrain_net::protocol::{kind, Hello, Role};
+use pstrain_net::protocol::{kind, Hello, PushHead, Role, NO_STEP};
 use pstrain_net::server::ShardReport;
 use pstrain_net::{ClientConfig, ShardConfig, ShardServer, TcpClient};
 use std::io::{Read, Write};
@@ -118,11 +118,16 @@ fn hello(layout: &Layout, mode: Mode, rank: usize) -> Vec<u8> {
     )
 }
 
+/// A push from a worker of a 2-worker run, with `values` gradient values.
 fn push_frame(values: usize) -> Vec<u8> {
-    let mut payload = Vec::new();
-    payload.extend_from_slice(&0u64.to_le_bytes());
-    payload.extend_from_slice(&1u32.to_le_bytes());
-    payload.extend_from_slice(&0f32.to_le_bytes());
+    let mut payload = PushHead {
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+        step: NO_STEP,
+        members: vec![false; 2],
+    }
+    .encode();
     for _ in 0..values {
         payload.extend_from_slice(&0.25f32.to_le_bytes());
     }
@@ -370,4 +375,124 @@ fn describe_tells_a_client_what_the_shard_serves() {
     c.leave().unwrap();
     let report = running.finish();
     assert_eq!(report.events.protocol_errors, 1);
+}
+
+/// Starts shard `shard` of `shards` on 127.0.0.1:0.
+fn start_shard(shard: usize, shards: usize, mode: Mode, workers: usize) -> Running {
+    let server = ServerConfig {
+        mode,
+        workers,
+        optimizer: OptimizerConfig::sgd(0.1),
+        ..Default::default()
+    };
+    let mut cfg = ShardConfig::new(shard, shards, layout(), server);
+    cfg.io_timeout = Duration::from_secs(1);
+    cfg.idle_timeout = Duration::from_secs(10);
+    cfg.exit_when_finished = false;
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let server = ShardServer::bind("127.0.0.1:0", cfg, &vec![0.0; N])
+                .await
+                .unwrap();
+            addr_tx.send(server.local_addr().unwrap()).unwrap();
+            server
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        })
+    });
+    Running {
+        addr: addr_rx.recv().unwrap(),
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+#[test]
+fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
+    let mode = Mode::Sync { backup_workers: 1 };
+    let shards = [start_shard(0, 2, mode, 3), start_shard(1, 2, mode, 3)];
+    let servers: Vec<String> = shards.iter().map(|s| s.addr.to_string()).collect();
+    let connect = |rank: usize| {
+        let cfg = ClientConfig::new(servers.clone(), Role::Worker, rank, 3, mode, layout());
+        TcpClient::connect(&cfg).unwrap()
+    };
+    let mut clients: Vec<TcpClient> = (0..3).map(connect).collect();
+    let mut params = vec![0.0; N];
+    for c in &mut clients {
+        c.pull(&mut params, None, false).unwrap();
+    }
+    let meta = |rank| PushMeta {
+        rank,
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+    };
+    // Workers 2 and 0 make step 0 (shard 0 answers them once it is complete); worker 1 is
+    // late and dropped everywhere.
+    let mut c2 = clients.pop().unwrap();
+    let early = std::thread::spawn(move || {
+        let out = c2.push(meta(2), &vec![1.0; N]).unwrap();
+        (c2, out)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let out0 = clients[0].push(meta(0), &vec![1.0; N]).unwrap();
+    let (mut c2, out2) = early.join().unwrap();
+    // Applied on shard 0; on shard 1 whichever member came second completed the step.
+    for out in [out0, out2] {
+        assert!(
+            matches!(
+                out,
+                PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }
+            ),
+            "{out:?}"
+        );
+    }
+    let late = clients[1].push(meta(1), &vec![5.0; N]).unwrap();
+    assert!(matches!(late, PushOutcome::Dropped { .. }), "{late:?}");
+    // Both shards applied the same step: mean gradient 1, lr 0.1.
+    c2.pull(&mut params, Some(0), true).unwrap();
+    assert!(
+        params.iter().all(|&p| (p + 0.1).abs() < 1e-6),
+        "{:?}",
+        &params[..3]
+    );
+    let versions: Vec<u64> = c2
+        .stats()
+        .unwrap()
+        .iter()
+        .map(|s| s.stats.version)
+        .collect();
+    assert_eq!(versions, [1, 1]);
+    // A follower refuses a push that shard 0 did not admit into a step.
+    clients[1].leave().unwrap();
+    let mut raw = TcpStream::connect(shards[1].addr).unwrap();
+    let hello = Hello::new(Role::Worker, 1, 3, &mode, 1, 2, &layout());
+    raw.write_all(&frame(kind::HELLO, &hello.encode())).unwrap();
+    let (k, _) = read_frame(&mut raw);
+    assert_eq!(k, kind::HELLO_OK);
+    let mut push = PushHead {
+        base_version: 1,
+        samples: 1,
+        loss: 0.0,
+        step: NO_STEP,
+        members: vec![false; 3],
+    }
+    .encode();
+    push.extend(std::iter::repeat_n(0u8, 4 * (N / 2)));
+    raw.write_all(&frame(kind::PUSH, &push)).unwrap();
+    let (k, body) = read_frame(&mut raw);
+    assert_eq!(k, kind::ERROR);
+    assert!(String::from_utf8_lossy(&body).contains("not a member"));
+    drop(raw);
+    clients[0].leave().unwrap();
+    c2.leave().unwrap();
+    for s in shards {
+        let report = s.finish();
+        assert_eq!(report.stats.version, 1);
+    }
 }

@@ -287,8 +287,9 @@ struct WorkerArgs {
     /// Shard addresses in shard order, comma-separated
     #[arg(long, value_delimiter = ',', required = true)]
     servers: Vec<String>,
-    /// This worker's rank, 0-based
-    #[arg(long)]
+    /// This worker's rank, 0-based, or `auto`: take a free rank (a vacated one first), as a
+    /// replacement for a worker that died
+    #[arg(long, value_parser = parse_rank)]
     rank: usize,
     /// Compute threads
     #[arg(long, default_value_t = 1)]
@@ -933,6 +934,17 @@ pub fn run_worker_from(argv: &[String], stop: &AtomicBool) -> Result<WorkerRepor
     }
 }
 
+/// A rank, or `auto` (`ANY_RANK`).
+fn parse_rank(s: &str) -> Result<usize, String> {
+    if s == "auto" {
+        return Ok(pstrain_net::ANY_RANK);
+    }
+    match s.parse::<usize>() {
+        Ok(r) if r != pstrain_net::ANY_RANK => Ok(r),
+        _ => Err(format!("`{s}` is not a rank (a number from 0, or `auto`)")),
+    }
+}
+
 fn worker(args: &WorkerArgs, stop: &AtomicBool) -> Result<WorkerReport> {
     let cfg = train_config(&args.run, Some(0), args.threads)?;
     let data = load_data(&args.data)?;
@@ -949,17 +961,21 @@ fn worker(args: &WorkerArgs, stop: &AtomicBool) -> Result<WorkerReport> {
         model.layout().clone(),
     );
     client_cfg.connect_timeout = Duration::from_secs(args.connect_timeout);
-    let mut client = TcpClient::connect(&client_cfg).with_context(|| {
-        format!(
-            "worker {} cannot join {}",
-            args.rank,
-            args.servers.join(",")
-        )
-    })?;
+    let who = if args.rank == pstrain_net::ANY_RANK {
+        "a worker (any free rank)".to_string()
+    } else {
+        format!("worker {}", args.rank)
+    };
+    let mut client = TcpClient::connect(&client_cfg)
+        .with_context(|| format!("{who} cannot join {}", args.servers.join(",")))?;
+    let rank = client.rank();
+    if args.rank == pstrain_net::ANY_RANK {
+        eprintln!("joined as worker {rank}");
+    }
     // Alive-signal from its own thread, so a busy worker is not taken for a frozen one.
     let _heartbeat = if args.heartbeat_secs > 0.0 && args.heartbeat_secs.is_finite() {
         Some(Heartbeat::start(
-            &client_cfg,
+            client.config(),
             Duration::from_secs_f64(args.heartbeat_secs),
         )?)
     } else {
@@ -969,7 +985,7 @@ fn worker(args: &WorkerArgs, stop: &AtomicBool) -> Result<WorkerReport> {
         &mut client,
         model.as_mut(),
         &data.train,
-        &cfg.worker_config(args.rank),
+        &cfg.worker_config(rank),
         stop,
     )?)
 }

@@ -41,6 +41,13 @@ pub enum Fault {
     /// `kill -STOP` worker `rank` at `at_update`: alive but silent, as a hung host is. It is
     /// killed when the run ends.
     FreezeWorker { rank: usize, at_update: u64 },
+    /// `kill -9` worker `rank` at `at_update` and start a replacement with `--rank auto`
+    /// `after` later: it must take the vacated rank.
+    ReplaceWorker {
+        rank: usize,
+        at_update: u64,
+        after: Duration,
+    },
 }
 
 /// Maps a shard's bound address to the address workers dial.
@@ -233,17 +240,19 @@ impl RemoteView {
     }
 }
 
+/// A worker's JSON report: the last line of its output that parses as one.
+pub fn parse_report(text: &str) -> Option<WorkerReport> {
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<WorkerReport>(l).ok())
+}
+
 /// Gradients the workers say went unapplied, from their JSON reports; `None` if a report is
 /// unreadable.
 pub fn not_applied<'a>(reports: impl IntoIterator<Item = &'a str>) -> Option<u64> {
     reports
         .into_iter()
-        .map(|text| {
-            text.lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<WorkerReport>(l).ok())
-                .map(|r| r.not_applied)
-        })
+        .map(|text| parse_report(text).map(|r| r.not_applied))
         .sum()
 }
 
@@ -322,8 +331,9 @@ pub fn train_tcp(
     };
     let mut monitor = Monitor::new(cfg, data.train.len(), Instant::now());
     // Each worker's stdout (its JSON report) is collected on a thread so no pipe fills up.
+    // `None`: a replacement that asks the shards for any free rank.
     let launch_worker =
-        |rank: usize| -> Result<(Proc, std::thread::JoinHandle<String>), TrainError> {
+        |rank: Option<usize>| -> Result<(Proc, std::thread::JoinHandle<String>), TrainError> {
             let mut cmd = match cluster.worker_wrapper.split_first() {
                 Some((program, prefix)) => {
                     let mut c = Command::new(program);
@@ -332,14 +342,15 @@ pub fn train_tcp(
                 }
                 None => Command::new(&cluster.exe),
             };
+            let rank_arg = rank.map_or("auto".to_string(), |r| r.to_string());
             cmd.arg("worker")
                 .args(["--servers", &dial.join(",")])
-                .args(["--rank", &rank.to_string()])
+                .args(["--rank", &rank_arg])
                 .args(["--threads", &cfg.threads.to_string()])
                 .arg("--data-dir")
                 .arg(&cluster.data_dir)
                 .args(&args);
-            let mut proc = spawn(format!("worker {rank}"), &mut cmd)?;
+            let mut proc = spawn(format!("worker {rank_arg}"), &mut cmd)?;
             let mut out = proc.child.stdout.take();
             let reader = std::thread::spawn(move || {
                 let mut text = String::new();
@@ -353,7 +364,7 @@ pub fn train_tcp(
     let mut workers = Vec::new();
     let mut outputs = Vec::new();
     for rank in 0..cfg.workers {
-        let (proc, reader) = launch_worker(rank)?;
+        let (proc, reader) = launch_worker(Some(rank))?;
         workers.push(proc);
         outputs.push(reader);
     }
@@ -377,7 +388,8 @@ pub fn train_tcp(
                 faults.into_iter().partition(|f| match f {
                     Fault::KillWorker { at_update, .. }
                     | Fault::KillShard { at_update, .. }
-                    | Fault::FreezeWorker { at_update, .. } => version >= *at_update,
+                    | Fault::FreezeWorker { at_update, .. }
+                    | Fault::ReplaceWorker { at_update, .. } => version >= *at_update,
                 });
             faults = later;
             for fault in now {
@@ -392,13 +404,23 @@ pub fn train_tcp(
                         killed[rank] = true;
                         if let Some(pause) = restart_after {
                             std::thread::sleep(pause);
-                            let (proc, reader) = launch_worker(rank)?;
+                            let (proc, reader) = launch_worker(Some(rank))?;
                             workers[rank] = proc;
                             outputs[rank] = reader;
                             killed[rank] = false;
                         }
                     }
                     Fault::KillWorker { .. } => {}
+                    Fault::ReplaceWorker { rank, after, .. } if rank < workers.len() => {
+                        let _ = workers[rank].child.kill();
+                        let _ = workers[rank].child.wait();
+                        std::thread::sleep(after);
+                        // Its slot is the vacated rank's: the report must say it took that rank.
+                        let (proc, reader) = launch_worker(None)?;
+                        workers[rank] = proc;
+                        outputs[rank] = reader;
+                    }
+                    Fault::ReplaceWorker { .. } => {}
                     Fault::FreezeWorker { rank, .. } if rank < workers.len() => {
                         let pid = workers[rank].child.id().to_string();
                         let stopped = Command::new("kill")
@@ -458,8 +480,14 @@ pub fn train_tcp(
     let mut unapplied = 0;
     for (rank, out) in outputs.into_iter().enumerate() {
         let text = out.join().unwrap_or_default();
-        match not_applied([text.as_str()]) {
-            Some(n) => unapplied += n,
+        match parse_report(&text) {
+            Some(r) if r.rank != rank => {
+                return Err(TrainError::Cluster(format!(
+                    "the worker started for rank {rank} ran as rank {}",
+                    r.rank
+                )))
+            }
+            Some(r) => unapplied += r.not_applied,
             None if stopped || killed[rank] => {}
             None => {
                 return Err(TrainError::Cluster(format!(

@@ -22,6 +22,9 @@ pub struct WorkerConfig {
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerReport {
+    /// The rank the worker ran as (assigned by the shards for `--rank auto`).
+    #[serde(default)]
+    pub rank: usize,
     pub steps: u64,
     pub samples: u64,
     /// Gradients the server did not apply (stale, late or non-finite).
@@ -73,7 +76,10 @@ fn train_loop(
     let mut labels = vec![0u8; cfg.batch_size];
     let mut sampler = EpochSampler::new(data.len(), cfg.workers, rank, cfg.batch_size, cfg.seed);
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
-    let mut report = WorkerReport::default();
+    let mut report = WorkerReport {
+        rank: cfg.rank,
+        ..WorkerReport::default()
+    };
 
     let first = client.pull(&mut params, None, false).map_err(client_err)?;
     let mut version = first.version;

@@ -121,14 +121,25 @@ fn sync_run_without_backups_survives_a_killed_worker() {
 
 #[test]
 fn sync_run_with_a_backup_worker_survives_a_killed_worker() {
-    // One shard: with several, each shard picks its own first N-b gradients and their
-    // versions drift apart (a known limitation, see ARCHITECTURE.md).
+    // Two shards: shard 0 decides each step's members and shard 1 applies exactly those, so
+    // the shards stay in lockstep (their final checkpoints hold the same version).
+    let dir = tempfile::tempdir().unwrap();
     survives(
         convnet(Mode::Sync { backup_workers: 1 }, 3, 1500),
-        1,
+        2,
         kill(2, 300, None),
-        |_| {},
+        |c| {
+            c.checkpoint = Some(CheckpointPolicy {
+                dir: dir.path().to_owned(),
+                every_updates: None,
+                every: None,
+                keep: 1,
+                resume: false,
+            })
+        },
     );
+    let versions = pstrain_store::assemble(dir.path()).unwrap().versions;
+    assert_eq!(versions, vec![1500, 1500], "the shards drifted apart");
 }
 
 #[test]
@@ -138,6 +149,23 @@ fn a_restarted_sync_worker_rejoins_with_its_rank() {
         convnet(Mode::Sync { backup_workers: 0 }, 2, 1500),
         2,
         kill(1, 300, restart),
+        |_| {},
+    );
+}
+
+#[test]
+fn a_replacement_worker_started_with_rank_auto_takes_the_vacated_rank() {
+    // The new process does not know which worker died: `--rank auto`. The launcher checks
+    // that its report says it ran as rank 1.
+    let replace = Fault::ReplaceWorker {
+        rank: 1,
+        at_update: 300,
+        after: Duration::from_millis(300),
+    };
+    survives(
+        convnet(Mode::Sync { backup_workers: 0 }, 2, 1500),
+        2,
+        replace,
         |_| {},
     );
 }

@@ -317,7 +317,7 @@ impl RawClient {
     fn new(
         py: Python<'_>,
         servers: Vec<String>,
-        rank: usize,
+        rank: Option<usize>,
         role: &str,
         connect_timeout: f64,
         io_timeout: f64,
@@ -351,7 +351,7 @@ impl RawClient {
                 let mut cfg = ClientConfig::new(
                     servers,
                     role,
-                    rank,
+                    rank.unwrap_or(pstrain_net::ANY_RANK),
                     served.workers,
                     served.mode(),
                     served.layout.clone(),
@@ -359,6 +359,8 @@ impl RawClient {
                 cfg.io_timeout = io;
                 cfg.connect_timeout = connect;
                 let client = TcpClient::connect(&cfg)?;
+                // With rank None the shards assigned one.
+                let cfg = client.config().clone();
                 Ok::<_, pstrain_net::NetError>((client, served, cfg))
             })
             .map_err(|e| PstrainError::new_err(e.to_string()))?;
@@ -375,7 +377,7 @@ impl RawClient {
             state: Mutex::new(ClientState {
                 client,
                 version: 0,
-                rank,
+                rank: cfg.rank,
             }),
             layout: served.layout,
             workers: served.workers,
@@ -392,6 +394,12 @@ impl RawClient {
             .iter()
             .map(|t| (t.name.clone(), t.shape.clone()))
             .collect()
+    }
+
+    /// The worker rank in use (assigned by the shards when None was given).
+    #[getter]
+    fn rank(&self) -> usize {
+        lock(&self.state).rank
     }
 
     #[getter]

@@ -127,3 +127,18 @@ def test_two_shards_split_the_parameters():
         for s in servers:
             s.stop()
             s.wait()
+
+
+def test_rank_none_takes_a_free_rank_vacated_ones_first():
+    with pstrain.Server(small_params(), workers=3, mode="async") as server:
+        a = pstrain.Client([server.address], rank=0)
+        b = pstrain.Client([server.address], rank=None)
+        assert b.rank == 1  # no rank vacated yet: the first one not taken
+        c = pstrain.Client([server.address], rank=2)
+        with pytest.raises(pstrain.PstrainError, match="taken"):
+            pstrain.Client([server.address], rank=None, connect_timeout=1)
+        a.leave()
+        replacement = pstrain.Client([server.address], rank=None)
+        assert replacement.rank == 0  # the rank its worker left
+        for client in (b, c, replacement):
+            client.leave()

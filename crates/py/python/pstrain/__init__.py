@@ -57,7 +57,7 @@ class Client:
     def __init__(
         self,
         servers: Union[str, Sequence[str]],
-        rank: int = 0,
+        rank: Optional[int] = 0,
         role: str = "worker",
         *,
         connect_timeout: float = 60.0,
@@ -78,6 +78,12 @@ class Client:
             offset += n
         self.size = offset
         self.done = False
+
+    @property
+    def rank(self) -> int:
+        """This worker's rank (assigned by the servers when ``rank=None`` was given: a
+        replacement takes the rank of a worker that left or died)."""
+        return self._raw.rank
 
     @property
     def workers(self) -> int:
