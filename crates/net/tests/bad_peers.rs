@@ -32,37 +32,7 @@ impl Running {
 }
 
 fn start(mode: Mode, workers: usize) -> Running {
-    let server = ServerConfig {
-        mode,
-        workers,
-        optimizer: OptimizerConfig::sgd(0.1),
-        ..Default::default()
-    };
-    let mut cfg = ShardConfig::new(0, 1, layout(), server);
-    cfg.io_timeout = Duration::from_secs(1);
-    cfg.idle_timeout = Duration::from_secs(10);
-    cfg.exit_when_finished = false;
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let server = ShardServer::bind("127.0.0.1:0", cfg, &vec![0.0; N])
-                .await
-                .unwrap();
-            addr_tx.send(server.local_addr().unwrap()).unwrap();
-            server
-                .run(async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        })
-    });
-    Running {
-        addr: addr_rx.recv().unwrap(),
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    }
+    start_shard(0, 1, mode, workers)
 }
 
 fn client(addr: SocketAddr, rank: usize, workers: usize, mode: Mode) -> TcpClient {

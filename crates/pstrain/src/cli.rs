@@ -639,14 +639,7 @@ impl RemoteRun {
         if args.shards == 0 {
             bail!("--shards must be at least 1");
         }
-        let mut cfg = train_config(&args.run, args.eval_every, args.threads)?;
-        cfg.checkpoint = args
-            .checkpoints
-            .policy(args.resume.as_deref(), args.resume.is_some());
-        let data = load_data(&args.data)?;
-        let per_update = if cfg.mode.is_sync() { cfg.workers } else { 1 } * cfg.batch_size;
-        let total_samples = cfg.planned_updates(data.train.len()) * per_update as u64;
-        let reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
+        let (cfg, data, reporter) = prepare_train(&args)?;
         announce(&cfg);
         Ok(RemoteRun {
             cfg,
@@ -735,7 +728,8 @@ impl RemoteRun {
     }
 }
 
-fn run_train(args: TrainArgs) -> Result<()> {
+/// The run's configuration, its data set and a reporter sized for its planned samples.
+fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)> {
     let mut cfg = train_config(&args.run, args.eval_every, args.threads)?;
     cfg.checkpoint = args
         .checkpoints
@@ -743,7 +737,12 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let data = load_data(&args.data)?;
     let per_update = if cfg.mode.is_sync() { cfg.workers } else { 1 } * cfg.batch_size;
     let total_samples = cfg.planned_updates(data.train.len()) * per_update as u64;
-    let mut reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
+    let reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
+    Ok((cfg, data, reporter))
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    let (cfg, data, mut reporter) = prepare_train(&args)?;
     // Ctrl-C ends the run cleanly: workers stop, the weights reached are evaluated.
     let stop = stop_on_signal();
     announce(&cfg);
