@@ -6,14 +6,18 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 
 import pytest
+
+import pstrain
 
 from conftest import REPO
 
@@ -141,3 +145,48 @@ def test_bad_training_flags_fail_before_ray_starts(cluster, data_dir):
     out = p.stdout + p.stderr
     assert "failed" in status.lower(), status
     assert "invalid value 'sideways'" in out, out
+
+
+def test_a_killed_worker_actor_is_restarted_by_ray_and_rejoins(cluster, data_dir):
+    # Long enough (6,000 async updates, several seconds) that the kill lands mid-run.
+    args = [a if a != "400" else "6000" for a in CONVNET]
+    job = f"pstrain-test-{uuid.uuid4().hex[:8]}"
+    cmd = [cluster["ray"], "job", "submit", "--address", cluster["url"], "--submission-id", job,
+           "--working-dir", str(cluster["workdir"]), "--", sys.executable, "-m", "pstrain.ray",
+           "--placement", "spread", *args, "--data-dir", str(data_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=cluster["env"])
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    lines, placement, victim, killed_at = [], None, None, None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if placement is None and '"event": "placement"' in line:
+                placement = json.loads(line[line.index("{"):])
+                # Watch the shard directly (job logs arrive late): once training is well
+                # under way, SIGKILL worker 1's actor process.
+                watcher = pstrain.Client([placement["shards"][0]["address"]], role="observer")
+                while (killed_at := watcher.stats()[0]["version"]) < 1000:
+                    time.sleep(0.02)
+                victim = placement["workers"][1]["pid"]
+                os.kill(victim, signal.SIGKILL)
+                watcher.leave()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert victim is not None, out
+    [summary] = events(out, "ray_summary")
+    print(f"\nkilled worker 1 (pid {victim}) at update {killed_at}; "
+          f"summary: {json.dumps(summary)}")
+    assert killed_at < 6000, "the run was over before the kill"
+    shard = summary["shards"][0]
+    assert shard["vanished_workers"] >= 1, "the kill did not land mid-run"
+    assert summary["worker_pids"][1] != victim, "worker 1 was not restarted"
+    assert summary["worker_pids"][0] == placement["workers"][0]["pid"]
+    assert shard["version"] == 6000
+    # The retried task of the restarted actor reported as rank 1.
+    assert summary["workers"][1]["rank"] == 1, summary["workers"]
+    assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -59,6 +60,9 @@ def parse_args(argv: Optional[Sequence[str]]):
                    help="CPUs reserved per server shard (default: 1)")
     g.add_argument("--placement-timeout", type=float, default=120.0,
                    help="seconds to wait for the cluster to grant the placement group")
+    g.add_argument("--max-restarts", type=int, default=3,
+                   help="times Ray restarts a worker actor that died (it rejoins with its rank "
+                        "and pulls the latest weights); shards are not restarted (default: 3)")
     return p.parse_known_args(argv)
 
 
@@ -77,18 +81,19 @@ class ShardActor:
         host, port = self.server.address.rsplit(":", 1)
         if host in ("0.0.0.0", "[::]", "::"):
             host = ray.util.get_node_ip_address()
-        return {"address": f"{host}:{port}", "node": _node_id()}
+        return {"address": f"{host}:{port}", "node": _node_id(), "pid": os.getpid()}
 
     def wait(self, timeout: float) -> Optional[dict]:
         return self.server.wait(timeout)
 
 
-@ray.remote(max_restarts=0)
+@ray.remote
 class WorkerActor:
-    """Hosts one Rust worker: it loads its data and trains until the run is done."""
+    """Hosts one Rust worker: it loads its data and trains until the run is done. If its
+    process dies, Ray restarts it and retries ``run``: the worker rejoins with its rank."""
 
     def where(self) -> dict:
-        return {"node": _node_id()}
+        return {"node": _node_id(), "pid": os.getpid()}
 
     def run(self, argv: List[str]) -> str:
         return _pstrain.run_worker(argv)
@@ -119,9 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"cluster resources: {ray.cluster_resources()}"
             )
 
-        def in_bundle(actor_class, index: int, cpus: float):
+        def in_bundle(actor_class, index: int, cpus: float, restarts: int = 0):
             return actor_class.options(
                 num_cpus=cpus,
+                max_restarts=restarts,
+                max_task_retries=restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=index
                 ),
@@ -138,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shard_places = ray.get([s.where.remote() for s in shards])
         servers = [p["address"] for p in shard_places]
         workers = [
-            in_bundle(WorkerActor, run.shards + r, cpus_worker).remote()
+            in_bundle(WorkerActor, run.shards + r, cpus_worker, opts.max_restarts).remote()
             for r in range(run.workers)
         ]
         actors += workers
@@ -172,6 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()
         summary = json.loads(run.finish(reports))
         shard_stats = ray.get([s.wait.remote(30.0) for s in shards])
+        # A worker restarted by Ray runs in a new process.
+        final_pids = [p["pid"] for p in ray.get([w.where.remote() for w in workers])]
         _log({
             "event": "ray_summary",
             "test_accuracy": summary["test_accuracy"],
@@ -179,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "startup_s": round(startup, 3),
             "training_s": summary["wall_time_s"],
             "nodes": len(nodes),
+            "worker_pids": final_pids,
+            "workers": [json.loads(r.strip().splitlines()[-1]) for r in reports],
             "shards": shard_stats,
         })
         return 0
