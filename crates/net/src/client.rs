@@ -4,8 +4,8 @@
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::protocol::{
-    code, decode_describe, decode_error, encode_pull, kind, outcome, Hello, HelloOk, PushHead,
-    PushReply, Reader, Role, ShardStats, HELLO_LIMIT, NO_STEP, PULL_REPLY_HEAD_LEN,
+    code, decode_error, encode_pull, kind, outcome, Hello, HelloOk, PushHead, PushReply, Reader,
+    Role, ShardStats, HELLO_LIMIT, NO_STEP, PULL_REPLY_HEAD_LEN,
 };
 use futures_util::future::try_join_all;
 use pstrain_core::{
@@ -108,7 +108,7 @@ pub fn describe(
                 )
                 .await?;
             conn.shutdown().await;
-            let (me, backup_workers) = decode_describe(&bytes)?;
+            let me = Hello::decode(&bytes)?;
             if (me.shard as usize, me.shards as usize) != (i, servers.len()) {
                 return Err(NetError::Handshake(format!(
                     "{addr} is shard {} of {}, but was given as shard {i} of {}",
@@ -124,7 +124,7 @@ pub fn describe(
                 layout,
                 workers: me.workers as usize,
                 sync: me.sync,
-                backup_workers,
+                backup_workers: me.backup_workers as usize,
             })
         },
     )))?;

@@ -13,7 +13,8 @@ pub mod kind {
     /// A worker process's sign of life, on its own connection (no payload, no reply).
     pub const HEARTBEAT: u16 = 0x06;
     /// "What do you serve?": allowed instead of a hello, answered with the shard's own
-    /// description (a `Hello` from the server's side), for clients that adopt the layout.
+    /// description (a `Hello` from the server's side: workers, mode with its backup workers,
+    /// shard, layout), for clients that adopt the layout.
     pub const DESCRIBE: u16 = 0x07;
     pub const HELLO_OK: u16 = 0x81;
     pub const PULL_REPLY: u16 = 0x82;
@@ -258,6 +259,9 @@ pub struct Hello {
     pub rank: u32,
     pub workers: u32,
     pub sync: bool,
+    /// Sync: backup workers (with several shards they make shard 0 coordinate the steps, so
+    /// every worker must agree on them).
+    pub backup_workers: u32,
     pub shard: u32,
     pub shards: u32,
     pub fingerprint: u64,
@@ -280,6 +284,10 @@ impl Hello {
             rank: u32::try_from(rank).unwrap_or(ANY_RANK),
             workers: workers as u32,
             sync: mode.is_sync(),
+            backup_workers: match mode {
+                Mode::Sync { backup_workers } => *backup_workers as u32,
+                Mode::Async { .. } => 0,
+            },
             shard: shard as u32,
             shards: shards as u32,
             fingerprint: layout.fingerprint(),
@@ -301,6 +309,7 @@ impl Hello {
         .u32(self.rank)
         .u32(self.workers)
         .u8(u8::from(self.sync))
+        .u32(self.backup_workers)
         .u32(self.shard)
         .u32(self.shards)
         .u64(self.fingerprint)
@@ -327,7 +336,7 @@ impl Hello {
                 })
             }
         };
-        let (rank, workers, sync) = (r.u32()?, r.u32()?, r.u8()? != 0);
+        let (rank, workers, sync, backup_workers) = (r.u32()?, r.u32()?, r.u8()? != 0, r.u32()?);
         let (shard, shards, fingerprint) = (r.u32()?, r.u32()?, r.u64()?);
         let count = r.u32()? as usize;
         // Each tensor needs at least 8 bytes, so the count cannot promise more than is there.
@@ -356,6 +365,7 @@ impl Hello {
             rank,
             workers,
             sync,
+            backup_workers,
             shard,
             shards,
             fingerprint,
@@ -372,22 +382,6 @@ impl Hello {
             .collect();
         Layout::new(shapes.iter().map(|(n, s)| (n.clone(), &s[..]))).map_err(|e| e.to_string())
     }
-}
-
-/// The answer to `DESCRIBE`: the shard's own hello (role, workers, mode, shard, layout) plus
-/// its backup-worker count, which decides whether shard 0 coordinates the steps.
-pub fn encode_describe(me: &Hello, backup_workers: usize) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.u32(backup_workers as u32);
-    w.0.extend_from_slice(&me.encode());
-    w.0
-}
-
-pub fn decode_describe(bytes: &[u8]) -> Result<(Hello, usize), NetError> {
-    let mut r = Reader::new(bytes, "describe reply");
-    let backups = r.u32()? as usize;
-    let hello = Hello::decode(&bytes[4..])?;
-    Ok((hello, backups))
 }
 
 /// The server's answer to a good hello: the key range this shard owns and its version.
@@ -541,7 +535,7 @@ mod tests {
         long.push(0);
         assert!(Hello::decode(&long).is_err());
         let mut huge_count = bytes.clone();
-        huge_count[26..30].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge_count[30..34].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Hello::decode(&huge_count).is_err());
     }
 

@@ -5,9 +5,8 @@
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::protocol::{
-    code, decode_pull, encode_describe, encode_error, kind, outcome, push_head_len, Hello, HelloOk,
-    PushHead, PushReply, Role, ShardStats, Writer, ANY_RANK, HELLO_LIMIT, NO_STEP,
-    PULL_REPLY_HEAD_LEN,
+    code, decode_pull, encode_error, kind, outcome, push_head_len, Hello, HelloOk, PushHead,
+    PushReply, Role, ShardStats, Writer, ANY_RANK, HELLO_LIMIT, NO_STEP, PULL_REPLY_HEAD_LEN,
 };
 use pstrain_core::{
     shard_ranges, CoreState, Layout, Mode, PushError, PushMeta, PushOutcome, ServerConfig,
@@ -452,11 +451,7 @@ async fn serve(
             cfg.shards,
             &cfg.layout,
         );
-        let backups = match cfg.server.mode {
-            Mode::Sync { backup_workers } => backup_workers,
-            Mode::Async { .. } => 0,
-        };
-        conn.write_frame(kind::DESCRIBE_REPLY, &encode_describe(&me, backups), &[])
+        conn.write_frame(kind::DESCRIBE_REPLY, &me.encode(), &[])
             .await?;
         header = match conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? {
             Some(h) => h,
@@ -582,6 +577,16 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
             "mode mismatch: peer runs {}, server runs {}",
             if hello.sync { "sync" } else { "async" },
             cfg.server.mode.name()
+        ));
+    }
+    let backups = match cfg.server.mode {
+        Mode::Sync { backup_workers } => backup_workers,
+        Mode::Async { .. } => 0,
+    };
+    if hello.role != Role::Observer && hello.backup_workers as usize != backups {
+        return refuse(format!(
+            "peer expects {} backup workers, server is set up for {backups}",
+            hello.backup_workers
         ));
     }
     let mut rank = hello.rank as usize;

@@ -391,6 +391,18 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         let cfg = ClientConfig::new(servers.clone(), Role::Worker, rank, 3, mode, layout());
         TcpClient::connect(&cfg).unwrap()
     };
+    // A worker that believes in another number of backup workers is refused up front.
+    let mut wrong = ClientConfig::new(
+        servers.clone(),
+        Role::Worker,
+        0,
+        3,
+        Mode::Sync { backup_workers: 0 },
+        layout(),
+    );
+    wrong.connect_timeout = Duration::from_secs(1);
+    let err = TcpClient::connect(&wrong).err().expect("refused");
+    assert!(err.to_string().contains("backup workers"), "{err}");
     let mut clients: Vec<TcpClient> = (0..3).map(connect).collect();
     let mut params = vec![0.0; N];
     for c in &mut clients {

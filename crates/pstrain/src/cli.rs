@@ -364,6 +364,14 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The help text of one subcommand (`pstrain NAME --help`), for front ends that take its flags.
+pub fn help(name: &str) -> Option<String> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let sub = cmd.find_subcommand_mut(name)?;
+    Some(sub.render_help().to_string())
+}
+
 /// Parses one subcommand's flags as if `pstrain NAME ARGV...` had been typed; the error
 /// carries clap's message (with usage).
 fn parse_command(name: &str, argv: &[String]) -> Result<Command> {

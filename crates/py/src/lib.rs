@@ -520,6 +520,14 @@ impl RawClient {
     }
 }
 
+/// The help text of a `pstrain` subcommand (`train`, `server`, `worker`): the flags the
+/// Python front ends take.
+#[pyfunction]
+fn help(command: &str) -> PyResult<String> {
+    cli::help(command)
+        .ok_or_else(|| PyValueError::new_err(format!("no pstrain subcommand `{command}`")))
+}
+
 #[pymodule]
 fn _pstrain(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PstrainError", m.py().get_type::<PstrainError>())?;
@@ -527,5 +535,6 @@ fn _pstrain(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RemoteRun>()?;
     m.add_class::<RawClient>()?;
     m.add_function(wrap_pyfunction!(run_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(help, m)?)?;
     Ok(())
 }

@@ -190,3 +190,9 @@ def test_a_killed_worker_actor_is_restarted_by_ray_and_rejoins(cluster, data_dir
     # The retried task of the restarted actor reported as rank 1.
     assert summary["workers"][1]["rank"] == 1, summary["workers"]
     assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary
+
+
+def test_driver_help_lists_the_ray_and_the_train_flags():
+    p, _ = run([sys.executable, "-m", "pstrain.ray", "--help"], timeout=60)
+    for flag in ("--placement", "--max-restarts", "--backup-workers", "--data-dir", "--shards"):
+        assert flag in p.stdout, p.stdout

@@ -43,11 +43,12 @@ STRATEGIES = {
 }
 
 
-def parse_args(argv: Optional[Sequence[str]]):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pstrain.ray",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
     g = p.add_argument_group("Ray")
     g.add_argument("--address", help="Ray cluster to join (default: the job's cluster, "
@@ -63,7 +64,12 @@ def parse_args(argv: Optional[Sequence[str]]):
     g.add_argument("--max-restarts", type=int, default=3,
                    help="times Ray restarts a worker actor that died (it rejoins with its rank "
                         "and pulls the latest weights); shards are not restarted (default: 3)")
-    return p.parse_known_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str]):
+    """The Ray flags, and everything else (the `pstrain train` flags)."""
+    return _parser().parse_known_args(list(argv))
 
 
 def _node_id() -> str:
@@ -104,7 +110,13 @@ def _log(record: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts, train_argv = parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        _parser().print_help()
+        print("\n`pstrain train` flags (all accepted here):\n")
+        print(_pstrain.help("train"))
+        return 0
+    opts, train_argv = parse_args(args)
     # Parses the training flags and loads the data first: a typo fails before Ray starts.
     run = _pstrain.RemoteRun(list(train_argv))
     cpus_worker = opts.cpus_per_worker if opts.cpus_per_worker is not None else float(run.threads)
