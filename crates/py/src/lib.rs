@@ -427,31 +427,47 @@ impl RawClient {
         lock(&self.state).version
     }
 
-    /// All weights as a new flat float32 array, written straight from the sockets. In sync
-    /// mode, after a push, waits (`wait=True`) until that step's update is applied. Returns
-    /// `(array, version, done)`; `done` says the run is over.
-    #[pyo3(signature = (wait=true))]
+    /// All weights as a flat float32 array, written straight from the sockets: a new array,
+    /// or `out` (a C-contiguous float32 array of the model's size, reused with no allocation).
+    /// In sync mode, after a push, waits (`wait=True`) until that step's update is applied.
+    /// Returns `(array, version, done)`; `done` says the run is over.
+    #[pyo3(signature = (wait=true, out=None))]
     fn pull<'py>(
         &self,
         py: Python<'py>,
         wait: bool,
+        out: Option<Bound<'py, PyArray1<f32>>>,
     ) -> PyResult<(Bound<'py, PyArray1<f32>>, u64, bool)> {
-        let array = PyArray1::<f32>::zeros(py, self.layout.len(), false);
-        // SAFETY: the array was just created here and no other reference to it exists.
-        let out =
-            unsafe { array.as_slice_mut() }.map_err(|e| PstrainError::new_err(e.to_string()))?;
+        let array = match out {
+            Some(a) => a,
+            None => PyArray1::<f32>::zeros(py, self.layout.len(), false),
+        };
+        let mut guard = array
+            .try_readwrite()
+            .map_err(|_| PyValueError::new_err("`out` is borrowed elsewhere or not writable"))?;
+        let buf = guard
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("`out` must be a C-contiguous float32 array"))?;
+        if buf.len() != self.layout.len() {
+            return Err(PyValueError::new_err(format!(
+                "`out` has {} values, the model has {}",
+                buf.len(),
+                self.layout.len()
+            )));
+        }
         let reply = py
             .detach(|| {
                 let mut st = lock(&self.state);
-                let mut reply = st.client.pull_all(out, None, wait)?;
+                let mut reply = st.client.pull_all(buf, None, wait)?;
                 if reply.done && !reply.updated {
                     // The run ended while waiting: take the final weights as they are.
-                    reply = st.client.pull_all(out, None, false)?;
+                    reply = st.client.pull_all(buf, None, false)?;
                 }
                 st.version = reply.version;
                 Ok::<_, pstrain_net::NetError>(reply)
             })
             .map_err(|e| PstrainError::new_err(e.to_string()))?;
+        drop(guard);
         Ok((array, reply.version, reply.done))
     }
 

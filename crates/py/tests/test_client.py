@@ -56,6 +56,15 @@ def test_client_adopts_layout_and_round_trips_values():
         client.push(flat, samples=4)
         np.testing.assert_allclose(client.pull()["b"], 1.0 - 1.0)
         assert client.version == 2
+        # Pulling into an array of one's own: no new allocation, same values.
+        buf, _ = client.flat_zeros()
+        w = client.pull(out=buf)
+        assert np.shares_memory(w["w"], buf)
+        np.testing.assert_allclose(w["w"], small_params()["w"] - 0.5)
+        with pytest.raises(ValueError, match="values"):
+            client.pull(out=np.zeros(3, np.float32))
+        with pytest.raises(TypeError):
+            client.pull(out=np.zeros(client.size, np.float64))
         client.leave()
 
 
@@ -142,3 +151,12 @@ def test_rank_none_takes_a_free_rank_vacated_ones_first():
         assert replacement.rank == 0  # the rank its worker left
         for client in (b, c, replacement):
             client.leave()
+
+
+def test_the_client_benchmark_runs_over_two_shards():
+    from pstrain.bench import measure
+
+    r = measure(values=10_000, shards=2, rounds=2)
+    assert r["shards"] == 2 and r["values"] == 10_000
+    for key in ("flat_gb_per_s", "reused_gb_per_s", "dict_gb_per_s", "numpy_copy_gb_per_s"):
+        assert math.isfinite(r[key]) and r[key] > 0, r

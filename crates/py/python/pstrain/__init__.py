@@ -130,14 +130,14 @@ class Client:
         flat = np.zeros(self.size, dtype=np.float32)
         return flat, self.unflatten(flat)
 
-    def pull(self, wait: bool = True) -> Dict[str, np.ndarray]:
-        """The current weights as named arrays. Sets ``done`` when the run is over."""
-        flat, _version, done = self._raw.pull(wait)
-        self.done = done
-        return self.unflatten(flat)
+    def pull(self, wait: bool = True, out: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+        """The current weights as named arrays (views into one flat array: a new one, or
+        ``out``, a flat float32 array from ``flat_zeros()`` reused with no allocation). Sets
+        ``done`` when the run is over."""
+        return self.unflatten(self.pull_flat(wait, out))
 
-    def pull_flat(self, wait: bool = True) -> np.ndarray:
-        flat, _version, done = self._raw.pull(wait)
+    def pull_flat(self, wait: bool = True, out: Optional[np.ndarray] = None) -> np.ndarray:
+        flat, _version, done = self._raw.pull(wait, out)
         self.done = done
         return flat
 
