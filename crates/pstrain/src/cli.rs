@@ -671,6 +671,11 @@ impl RemoteRun {
         self.cfg.threads
     }
 
+    /// Whether the shards write checkpoints (so a restarted shard can resume).
+    pub fn checkpointing(&self) -> bool {
+        self.cfg.checkpoint.is_some()
+    }
+
     /// Flags for every shard's `pstrain server`; the launcher adds `--listen` and `--shard`.
     pub fn server_args(&self) -> Vec<String> {
         let mut a = crate::cluster::run_args(&self.cfg);

@@ -239,6 +239,12 @@ impl RemoteRun {
         lock(&self.inner).threads()
     }
 
+    /// Whether the shards write checkpoints (so a restarted shard can resume).
+    #[getter]
+    fn checkpointing(&self) -> bool {
+        lock(&self.inner).checkpointing()
+    }
+
     /// Flags for each shard's server; add `--listen` and `--shard`.
     fn server_args(&self) -> Vec<String> {
         lock(&self.inner).server_args()

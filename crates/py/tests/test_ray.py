@@ -150,30 +150,34 @@ def test_bad_training_flags_fail_before_ray_starts(cluster, data_dir):
     assert "invalid value 'sideways'" in out, out
 
 
-def test_a_killed_worker_actor_is_restarted_by_ray_and_rejoins(cluster, data_dir):
-    # Long enough (20,000 async updates, about 15 s) that the kill lands mid-run even when
-    # the job log (where the actors' pids come from) arrives seconds late.
-    args = [a if a != "400" else "20000" for a in CONVNET]
+# Long enough (20,000 async updates, about 15 s) that a kill lands mid-run even when the job
+# log (where the actors' pids come from) arrives seconds late.
+LONG_CONVNET = [a if a != "400" else "20000" for a in CONVNET]
+
+
+def submit_and_kill(cluster, args, victim_of):
+    """Submits a job and SIGKILLs the actor process `victim_of(placement)` once the shards
+    are past update 1,000; returns the job's output, the victim's pid, the update it was
+    killed at and the job's summary."""
     job = f"pstrain-test-{uuid.uuid4().hex[:8]}"
     cmd = [cluster["ray"], "job", "submit", "--address", cluster["url"], "--submission-id", job,
            "--working-dir", str(cluster["workdir"]), "--", sys.executable, "-m", "pstrain.ray",
-           "--placement", "spread", *args, "--data-dir", str(data_dir)]
+           "--placement", "spread", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=cluster["env"])
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
-    lines, placement, victim, killed_at = [], None, None, None
+    lines, victim, killed_at = [], None, None
     try:
         for line in proc.stdout:
             lines.append(line)
-            if placement is None and '"event": "placement"' in line:
+            if victim is None and '"event": "placement"' in line:
                 placement = json.loads(line[line.index("{"):])
-                # Watch the shard directly (job logs arrive late): once training is well
-                # under way, SIGKILL worker 1's actor process.
+                # Watch the shard directly (the job log arrives late).
                 watcher = pstrain.Client([placement["shards"][0]["address"]], role="observer")
                 while (killed_at := watcher.stats()[0]["version"]) < 1000:
                     time.sleep(0.02)
-                victim = placement["workers"][1]["pid"]
+                victim = victim_of(placement)
                 os.kill(victim, signal.SIGKILL)
                 watcher.leave()
         proc.wait()
@@ -183,17 +187,38 @@ def test_a_killed_worker_actor_is_restarted_by_ray_and_rejoins(cluster, data_dir
     assert proc.returncode == 0, out
     assert victim is not None, out
     [summary] = events(out, "ray_summary")
-    print(f"\nkilled worker 1 (pid {victim}) at update {killed_at}; "
-          f"summary: {json.dumps(summary)}")
+    print(f"\nkilled pid {victim} at update {killed_at}; summary: {json.dumps(summary)}")
     assert killed_at < 20000, "the run was over before the kill"
+    assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary
+    return out, victim, killed_at, summary
+
+
+def test_a_killed_worker_actor_is_restarted_by_ray_and_rejoins(cluster, data_dir):
+    _, victim, _, summary = submit_and_kill(
+        cluster, [*LONG_CONVNET, "--data-dir", str(data_dir)],
+        lambda placement: placement["workers"][1]["pid"])
     shard = summary["shards"][0]
     assert shard["vanished_workers"] >= 1, "the kill did not land mid-run"
     assert summary["worker_pids"][1] != victim, "worker 1 was not restarted"
-    assert summary["worker_pids"][0] == placement["workers"][0]["pid"]
     assert shard["version"] == 20000
     # The retried task of the restarted actor reported as rank 1.
     assert summary["workers"][1]["rank"] == 1, summary["workers"]
-    assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary
+
+
+def test_a_killed_shard_actor_is_restarted_on_its_port_from_its_checkpoint(
+        cluster, data_dir, tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    out, victim, killed_at, summary = submit_and_kill(
+        cluster, [*LONG_CONVNET, "--data-dir", str(data_dir), "--checkpoint-dir", str(ckpt),
+                  "--checkpoint-every", "200"],
+        lambda placement: placement["shards"][0]["pid"])
+    assert summary["shard_pids"][0] != victim, "the shard was not restarted"
+    # The new shard process restored a checkpoint taken before the kill and carried the run
+    # to its end.
+    restored = [line for line in out.splitlines() if "restored" in line and "version" in line]
+    assert restored, out
+    print(restored[-1])
+    assert summary["shards"][0]["version"] == 20000
 
 
 def test_driver_help_lists_the_ray_and_the_train_flags():

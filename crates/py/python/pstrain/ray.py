@@ -24,9 +24,11 @@ import json
 import os
 import sys
 import time
+import uuid
 from typing import List, Optional, Sequence
 
 import ray
+from ray.experimental import internal_kv
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -62,8 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--placement-timeout", type=float, default=120.0,
                    help="seconds to wait for the cluster to grant the placement group")
     g.add_argument("--max-restarts", type=int, default=3,
-                   help="times Ray restarts a worker actor that died (it rejoins with its rank "
-                        "and pulls the latest weights); shards are not restarted (default: 3)")
+                   help="times Ray restarts an actor that died (default: 3): a worker rejoins "
+                        "with its rank and pulls the latest weights; a shard is restarted only "
+                        "when the run writes checkpoints (--checkpoint-dir on storage every "
+                        "node sees), on its old port, from its newest checkpoint")
     return p
 
 
@@ -76,12 +80,22 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-@ray.remote(max_restarts=0)
+@ray.remote
 class ShardActor:
-    """Hosts one Rust server shard; it serves from threads of its own."""
+    """Hosts one Rust server shard; it serves from threads of its own.
 
-    def __init__(self, argv: List[str]) -> None:
-        self.server = _pstrain.ShardServer(argv)
+    When the run writes checkpoints, Ray restarts a shard whose process died: the new one
+    binds the port the first one got (kept in Ray's key-value store under `port_key`, so the
+    workers find it where they left it), restores its newest checkpoint, and the workers
+    reconnect with backoff."""
+
+    def __init__(self, argv: List[str], port_key: str) -> None:
+        known = internal_kv._internal_kv_get(port_key)
+        listen = f"0.0.0.0:{int(known)}" if known else "0.0.0.0:0"
+        self.server = _pstrain.ShardServer(argv + ["--listen", listen])
+        if known is None:
+            port = self.server.address.rsplit(":", 1)[1]
+            internal_kv._internal_kv_put(port_key, port.encode())
 
     def where(self) -> dict:
         host, port = self.server.address.rsplit(":", 1)
@@ -126,6 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bundles = [{"CPU": opts.cpus_per_shard}] * run.shards + [{"CPU": cpus_worker}] * run.workers
     pg = placement_group(bundles, strategy=STRATEGIES[opts.placement])
     actors = []
+    port_keys = [f"pstrain-{uuid.uuid4().hex}-shard-{i}" for i in range(run.shards)]
     try:
         ready, _ = ray.wait([pg.ready()], timeout=opts.placement_timeout)
         if not ready:
@@ -146,9 +161,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ),
             )
 
+        # Without checkpoints a restarted shard would start from the initial weights.
+        shard_restarts = opts.max_restarts if run.checkpointing else 0
         shards = [
-            in_bundle(ShardActor, i, opts.cpus_per_shard).remote(
-                run.server_args() + ["--listen", "0.0.0.0:0", "--shard", str(i)]
+            in_bundle(ShardActor, i, opts.cpus_per_shard, shard_restarts).remote(
+                run.server_args() + ["--shard", str(i)], port_keys[i]
             )
             for i in range(run.shards)
         ]
@@ -191,8 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()
         summary = json.loads(run.finish(reports))
         shard_stats = ray.get([s.wait.remote(30.0) for s in shards])
-        # A worker restarted by Ray runs in a new process.
+        # An actor restarted by Ray runs in a new process.
         final_pids = [p["pid"] for p in ray.get([w.where.remote() for w in workers])]
+        shard_pids = [p["pid"] for p in ray.get([s.where.remote() for s in shards])]
         _log({
             "event": "ray_summary",
             "test_accuracy": summary["test_accuracy"],
@@ -201,6 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "training_s": summary["wall_time_s"],
             "nodes": len(nodes),
             "worker_pids": final_pids,
+            "shard_pids": shard_pids,
             "workers": [json.loads(r.strip().splitlines()[-1]) for r in reports],
             "shards": shard_stats,
         })
@@ -209,6 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for a in actors:
             ray.kill(a)
         remove_placement_group(pg)
+        for key in port_keys:
+            internal_kv._internal_kv_del(key)
 
 
 if __name__ == "__main__":
