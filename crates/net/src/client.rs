@@ -145,8 +145,6 @@ struct Shard {
     /// The last push here is buffered for a sync step that has not completed: a waiting pull
     /// waits only on such shards (never for a step this client has not pushed to).
     pending: bool,
-    /// The rank this shard took the worker as.
-    rank: usize,
 }
 
 /// `ClientConfig::rank` of a worker that takes any free rank (a replacement for one that
@@ -190,6 +188,11 @@ impl TcpClient {
         self.cfg.rank
     }
 
+    /// The oldest version among the slices this client holds (all equal between failures).
+    pub fn version(&self) -> u64 {
+        self.shards.iter().map(|s| s.version).min().unwrap_or(0)
+    }
+
     /// How many times the connections were re-established after a failure.
     pub fn reconnects(&self) -> u64 {
         self.reconnects
@@ -231,8 +234,11 @@ impl TcpClient {
             })))
     }
 
-    /// Pulls every shard. If a connection failed, reconnects and pulls everything afresh
-    /// (without waiting), so the caller continues from whatever the shards hold now.
+    /// Pulls every shard. With `newer_than`, a shard sends its slice only if it is newer than
+    /// the one this client holds; without, every slice is sent. `wait` waits on the shards
+    /// where this client's last push is pending. If a connection failed, reconnects and pulls
+    /// everything afresh (without waiting), so the caller continues from whatever the shards
+    /// hold now.
     pub fn pull_all(
         &mut self,
         params: &mut [f32],
@@ -264,56 +270,16 @@ impl TcpClient {
                     // With several shards each keeps its own version; "newer than" means newer
                     // than what this client last got from that shard. A waiting pull waits only
                     // where this client's push is pending (then for the step after the slice
-                    // it holds); without `newer_than` every slice is sent.
+                    // it holds).
                     let wait = wait && std::mem::take(&mut shard.pending);
                     let newer = (newer_than.is_some() || wait).then_some(shard.version);
-                    shard
-                        .conn
-                        .write_frame(kind::PULL, &encode_pull(newer, wait), &[])
-                        .await?;
-                    let idle = if wait {
-                        wait_timeout
-                    } else {
-                        shard.conn.io_timeout()
-                    };
-                    let limit = (PULL_REPLY_HEAD_LEN + 4 * slice.len()) as u64;
-                    let header = shard
-                        .conn
-                        .read_header(idle, limit.max(1 << 16))
-                        .await?
-                        .ok_or(NetError::Closed("before replying to a pull"))?;
-                    if header.kind == kind::ERROR {
-                        return Err(decode_error(
-                            &shard.conn.read_bytes(header.len as usize).await?,
-                        ));
+                    let reply = pull_one(shard, slice, newer, wait, wait_timeout).await?;
+                    if newer_than.is_none() && !reply.updated {
+                        // The run ended during the wait: without `newer_than` every slice is
+                        // sent, as it is now.
+                        return pull_one(shard, slice, None, false, wait_timeout).await;
                     }
-                    if header.kind != kind::PULL_REPLY {
-                        return Err(NetError::Unexpected {
-                            got: header.kind,
-                            expected: "pull reply",
-                        });
-                    }
-                    let head = shard.conn.read_bytes(PULL_REPLY_HEAD_LEN).await?;
-                    let mut r = Reader::new(&head, "pull reply");
-                    let (version, flags) = (r.u64()?, r.u8()?);
-                    let updated = flags & 1 != 0;
-                    let body = header.len - PULL_REPLY_HEAD_LEN as u64;
-                    let expected = if updated { 4 * slice.len() as u64 } else { 0 };
-                    if body != expected {
-                        return Err(NetError::Malformed {
-                            what: "pull reply",
-                            why: format!("{body} tensor bytes, expected {expected}"),
-                        });
-                    }
-                    if updated {
-                        shard.conn.read_f32s(slice).await?;
-                        shard.version = version;
-                    }
-                    Ok(PullReply {
-                        version,
-                        updated,
-                        done: flags & 2 != 0,
-                    })
+                    Ok(reply)
                 },
             )))?;
         Ok(PullReply {
@@ -411,6 +377,63 @@ impl TcpClient {
     }
 }
 
+/// Pulls one shard's slice into `slice` (when the shard sends it: see `encode_pull`).
+async fn pull_one(
+    shard: &mut Shard,
+    slice: &mut [f32],
+    newer: Option<u64>,
+    wait: bool,
+    wait_timeout: Duration,
+) -> Result<PullReply, NetError> {
+    shard
+        .conn
+        .write_frame(kind::PULL, &encode_pull(newer, wait), &[])
+        .await?;
+    let idle = if wait {
+        wait_timeout
+    } else {
+        shard.conn.io_timeout()
+    };
+    let limit = (PULL_REPLY_HEAD_LEN + 4 * slice.len()) as u64;
+    let header = shard
+        .conn
+        .read_header(idle, limit.max(1 << 16))
+        .await?
+        .ok_or(NetError::Closed("before replying to a pull"))?;
+    if header.kind == kind::ERROR {
+        return Err(decode_error(
+            &shard.conn.read_bytes(header.len as usize).await?,
+        ));
+    }
+    if header.kind != kind::PULL_REPLY {
+        return Err(NetError::Unexpected {
+            got: header.kind,
+            expected: "pull reply",
+        });
+    }
+    let head = shard.conn.read_bytes(PULL_REPLY_HEAD_LEN).await?;
+    let mut r = Reader::new(&head, "pull reply");
+    let (version, flags) = (r.u64()?, r.u8()?);
+    let updated = flags & 1 != 0;
+    let body = header.len - PULL_REPLY_HEAD_LEN as u64;
+    let expected = if updated { 4 * slice.len() as u64 } else { 0 };
+    if body != expected {
+        return Err(NetError::Malformed {
+            what: "pull reply",
+            why: format!("{body} tensor bytes, expected {expected}"),
+        });
+    }
+    if updated {
+        shard.conn.read_f32s(slice).await?;
+        shard.version = version;
+    }
+    Ok(PullReply {
+        version,
+        updated,
+        done: flags & 2 != 0,
+    })
+}
+
 /// Pushes one shard's slice and reads its answer (waiting up to `reply_timeout`).
 async fn push_one(
     shard: &mut Shard,
@@ -420,18 +443,9 @@ async fn push_one(
     members: &[bool],
     reply_timeout: Duration,
 ) -> Result<(PushOutcome, PushReply), NetError> {
-    let head = PushHead {
-        // Each shard judges staleness against the version its slice came from.
-        base_version: shard.version,
-        samples: meta.samples,
-        loss: meta.loss,
-        step,
-        members: members.to_vec(),
-    };
-    shard
-        .conn
-        .write_frame(kind::PUSH, &head.encode(), slice)
-        .await?;
+    // Each shard judges staleness against the version its slice came from.
+    let head = PushHead::encode_parts(shard.version, meta.samples, meta.loss, step, members);
+    shard.conn.write_frame(kind::PUSH, &head, slice).await?;
     let bytes = shard
         .conn
         .read_reply(kind::PUSH_REPLY, "push reply", reply_timeout, 1 << 16)
@@ -478,8 +492,8 @@ async fn connect_all(cfg: &mut ClientConfig) -> Result<Vec<Shard>, NetError> {
     let mut shards = Vec::with_capacity(cfg.servers.len());
     if cfg.role == Role::Worker && cfg.rank == ANY_RANK {
         let (addr, range) = (&cfg.servers[0], ranges.next().unwrap_or_default());
-        let first = connect_shard(cfg, 0, addr, range).await?;
-        cfg.rank = first.rank;
+        let (first, rank) = connect_shard(cfg, 0, addr, range).await?;
+        cfg.rank = rank;
         shards.push(first);
     }
     let skip = shards.len();
@@ -493,18 +507,18 @@ async fn connect_all(cfg: &mut ClientConfig) -> Result<Vec<Shard>, NetError> {
             .map(|((i, addr), range)| connect_shard(cfg, i, addr, range)),
     )
     .await?;
-    shards.extend(rest);
+    shards.extend(rest.into_iter().map(|(shard, _)| shard));
     Ok(shards)
 }
 
 /// Connects and shakes hands, retrying with backoff while the shard is not up yet or still
-/// holds this rank's previous connection.
+/// holds this rank's previous connection. Returns the shard and the rank it took the worker as.
 async fn connect_shard(
     cfg: &ClientConfig,
     shard: usize,
     addr: &str,
     range: Range<usize>,
-) -> Result<Shard, NetError> {
+) -> Result<(Shard, usize), NetError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -565,7 +579,7 @@ async fn try_connect_shard(
     shard: usize,
     addr: &str,
     range: Range<usize>,
-) -> Result<Shard, NetError> {
+) -> Result<(Shard, usize), NetError> {
     let mut conn = dial(shard, addr, cfg.io_timeout, cfg.connect_timeout).await?;
     let n = cfg.servers.len();
     let hello = Hello::new(
@@ -601,13 +615,13 @@ async fn try_connect_shard(
             ok.rank, cfg.rank
         )));
     }
-    Ok(Shard {
+    let shard = Shard {
         conn,
         range,
         version: ok.version,
         pending: false,
-        rank: ok.rank as usize,
-    })
+    };
+    Ok((shard, ok.rank as usize))
 }
 
 fn split_by_ranges(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
@@ -695,7 +709,10 @@ impl Heartbeat {
                         let mut conn: Option<Shard> = None;
                         while !flag.load(Ordering::Relaxed) {
                             if conn.is_none() {
-                                conn = try_connect_shard(cfg, i, addr, range.clone()).await.ok();
+                                conn = try_connect_shard(cfg, i, addr, range.clone())
+                                    .await
+                                    .ok()
+                                    .map(|(shard, _)| shard);
                             }
                             if let Some(s) = conn.as_mut() {
                                 if s.conn.write_frame(kind::HEARTBEAT, &[], &[]).await.is_err() {

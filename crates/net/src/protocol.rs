@@ -80,12 +80,26 @@ pub struct PushHead {
 
 impl PushHead {
     pub fn encode(&self) -> Vec<u8> {
+        Self::encode_parts(
+            self.base_version,
+            self.samples,
+            self.loss,
+            self.step,
+            &self.members,
+        )
+    }
+
+    /// The encoding of a head with these fields, without building one (a push's hot path).
+    pub fn encode_parts(
+        base_version: u64,
+        samples: u32,
+        loss: f32,
+        step: u64,
+        members: &[bool],
+    ) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u64(self.base_version)
-            .u32(self.samples)
-            .f32(self.loss)
-            .u64(self.step);
-        w.0.extend_from_slice(&encode_mask(&self.members));
+        w.u64(base_version).u32(samples).f32(loss).u64(step);
+        w.0.extend_from_slice(&encode_mask(members));
         w.0
     }
 

@@ -126,8 +126,10 @@ struct Shared {
     /// is snapshotted in the push that reaches the update count, not by polling, so the
     /// updates a crash can lose are N plus those made while that snapshot is being written.
     snapshots: Option<(mpsc::Sender<CoreState>, u64)>,
-    /// Sync with backup workers over several shards: shard 0 decides each step's members.
-    coordinated: bool,
+    /// This is shard 0 of a sync run with backup workers over several shards: it decides
+    /// each step's members and tells them in the push replies (the others hold a
+    /// `StepFollower`).
+    coordinator: bool,
 }
 
 impl Shared {
@@ -245,6 +247,7 @@ impl ShardServer {
         let coordinated = cfg.shards > 1
             && matches!(cfg.server.mode, Mode::Sync { backup_workers } if backup_workers > 0);
         let follower = (coordinated && cfg.shard > 0).then(StepFollower::new);
+        let coordinator = coordinated && cfg.shard == 0;
         Ok(ShardServer {
             listener,
             shared: Arc::new(Shared {
@@ -264,7 +267,7 @@ impl ShardServer {
                 version,
                 finished: Notify::new(),
                 snapshots,
-                coordinated,
+                coordinator,
             }),
             saver,
             snapshot_rx,
@@ -589,24 +592,7 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
             hello.backup_workers
         ));
     }
-    let mut rank = hello.rank as usize;
-    if hello.role == Role::Worker && hello.rank == ANY_RANK {
-        if hello.workers as usize != cfg.server.workers {
-            return refuse(format!(
-                "peer expects {} workers, server is set up for {}",
-                hello.workers, cfg.server.workers
-            ));
-        }
-        // A replacement worker: take a rank whose worker left or vanished, else one that has
-        // not joined yet.
-        let state = shared.lock();
-        let free = |joined: bool| {
-            (0..cfg.server.workers).find(|&r| !state.connected[r] && state.joined[r] == joined)
-        };
-        rank = free(true)
-            .or_else(|| free(false))
-            .ok_or(NetError::NoFreeRank(cfg.server.workers))?;
-    }
+    let rank = hello.rank as usize;
     if hello.role == Role::Worker {
         if hello.workers as usize != cfg.server.workers {
             return refuse(format!(
@@ -614,16 +600,26 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
                 hello.workers, cfg.server.workers
             ));
         }
-        if rank >= cfg.server.workers {
+        let mut state = shared.lock();
+        let rank = if hello.rank == ANY_RANK {
+            // A replacement worker: a rank whose worker left or vanished, else one that has
+            // not joined yet; picked and taken under one lock.
+            let free = |joined: bool| {
+                (0..cfg.server.workers).find(|&r| !state.connected[r] && state.joined[r] == joined)
+            };
+            free(true)
+                .or_else(|| free(false))
+                .ok_or(NetError::NoFreeRank(cfg.server.workers))?
+        } else if rank >= cfg.server.workers {
             return refuse(format!(
                 "rank {rank} is out of range for {} workers",
                 cfg.server.workers
             ));
-        }
-        let mut state = shared.lock();
-        if state.connected[rank] {
+        } else if state.connected[rank] {
             return Err(NetError::RankBusy(rank));
-        }
+        } else {
+            rank
+        };
         if state.joined[rank] {
             state.core.rejoin(rank);
         }
@@ -742,14 +738,8 @@ async fn push(
         };
         // Shard 0 in coordinated mode: the step this gradient was admitted into.
         let step = match result {
-            Ok(PushOutcome::Buffered { .. }) if shared.coordinated && state.follower.is_none() => {
-                Some(version)
-            }
-            Ok(PushOutcome::Applied { version, .. })
-                if shared.coordinated && state.follower.is_none() =>
-            {
-                Some(version - 1)
-            }
+            Ok(PushOutcome::Buffered { .. }) if shared.coordinator => Some(version),
+            Ok(PushOutcome::Applied { version, .. }) if shared.coordinator => Some(version - 1),
             _ => None,
         };
         (result, snapshot, step)

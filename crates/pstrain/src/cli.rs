@@ -678,27 +678,17 @@ impl RemoteRun {
 
     /// Flags for every shard's `pstrain server`; the launcher adds `--listen` and `--shard`.
     pub fn server_args(&self) -> Vec<String> {
-        let mut a = crate::cluster::run_args(&self.cfg);
-        a.extend([
-            "--shards".into(),
-            self.args.shards.to_string(),
-            "--train-samples".into(),
-            self.data.train.len().to_string(),
-        ]);
-        if let Some(p) = &self.cfg.checkpoint {
-            a.extend(crate::cluster::checkpoint_args(p));
-        }
-        a
+        crate::cluster::server_args(
+            &self.cfg,
+            self.args.shards,
+            self.data.train.len(),
+            self.cfg.checkpoint.as_ref(),
+        )
     }
 
     /// Flags for every `pstrain worker`; the launcher adds `--servers` and `--rank`.
     pub fn worker_args(&self) -> Vec<String> {
-        let mut a = crate::cluster::run_args(&self.cfg);
-        a.extend(["--threads".into(), self.cfg.threads.to_string()]);
-        if let Some(dir) = &self.args.data.data_dir {
-            a.extend(["--data-dir".into(), dir.display().to_string()]);
-        }
-        a
+        crate::cluster::worker_args(&self.cfg, self.args.data.data_dir.as_deref())
     }
 
     /// Joins the shards (in shard order) as an observer; the clock starts here.

@@ -91,8 +91,40 @@ impl ClusterConfig {
     }
 }
 
+/// The `pstrain server` flags for every shard of `cfg`'s run over `shards` shards and a
+/// training set of `train_len` samples; the launcher adds `--listen` and `--shard`.
+pub fn server_args(
+    cfg: &TrainConfig,
+    shards: usize,
+    train_len: usize,
+    checkpoint: Option<&CheckpointPolicy>,
+) -> Vec<String> {
+    let mut a = run_args(cfg);
+    a.extend([
+        "--shards".into(),
+        shards.to_string(),
+        "--train-samples".into(),
+        train_len.to_string(),
+    ]);
+    if let Some(p) = checkpoint {
+        a.extend(checkpoint_args(p));
+    }
+    a
+}
+
+/// The `pstrain worker` flags for every worker of `cfg`'s run; the launcher adds `--servers`
+/// and `--rank`.
+pub fn worker_args(cfg: &TrainConfig, data_dir: Option<&std::path::Path>) -> Vec<String> {
+    let mut a = run_args(cfg);
+    a.extend(["--threads".into(), cfg.threads.to_string()]);
+    if let Some(dir) = data_dir {
+        a.extend(["--data-dir".into(), dir.display().to_string()]);
+    }
+    a
+}
+
 /// The command-line flags that reproduce `cfg`'s run in a `server` or `worker` process.
-pub fn run_args(cfg: &TrainConfig) -> Vec<String> {
+fn run_args(cfg: &TrainConfig) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut flag = |name: &str, value: String| {
         a.push(format!("--{name}"));
@@ -205,7 +237,7 @@ fn read_address(name: &str, stdout: ChildStdout) -> Result<String, TrainError> {
 }
 
 /// The `pstrain server` flags that make a shard checkpoint (and restore) as `policy` says.
-pub fn checkpoint_args(policy: &CheckpointPolicy) -> Vec<String> {
+fn checkpoint_args(policy: &CheckpointPolicy) -> Vec<String> {
     let mut a = vec![
         "--checkpoint-dir".to_string(),
         policy.dir.display().to_string(),
@@ -290,21 +322,22 @@ pub fn train_tcp(
     if cluster.shards == 0 {
         return Err(TrainError::Cluster("at least one shard is needed".into()));
     }
-    let args = run_args(cfg);
+    let shard_args = server_args(
+        cfg,
+        cluster.shards,
+        data.train.len(),
+        cluster.checkpoint.as_ref(),
+    );
+    let worker_flags = worker_args(cfg, Some(&cluster.data_dir));
     let launch_shard = |shard: usize, listen: &str| -> Result<(Proc, String), TrainError> {
         let name = format!("shard {shard}");
         let mut cmd = Command::new(&cluster.exe);
         cmd.arg("server")
             .args(["--listen", listen])
             .args(["--shard", &shard.to_string()])
-            .args(["--shards", &cluster.shards.to_string()])
-            .args(["--train-samples", &data.train.len().to_string()])
-            .args(&args);
+            .args(&shard_args);
         if let Some(t) = cluster.heartbeat_timeout {
             cmd.args(["--heartbeat-timeout", &t.as_secs_f64().to_string()]);
-        }
-        if let Some(p) = &cluster.checkpoint {
-            cmd.args(checkpoint_args(p));
         }
         let mut proc = spawn(name.clone(), &mut cmd)?;
         let stdout = proc
@@ -346,10 +379,7 @@ pub fn train_tcp(
             cmd.arg("worker")
                 .args(["--servers", &dial.join(",")])
                 .args(["--rank", &rank_arg])
-                .args(["--threads", &cfg.threads.to_string()])
-                .arg("--data-dir")
-                .arg(&cluster.data_dir)
-                .args(&args);
+                .args(&worker_flags);
             let mut proc = spawn(format!("worker {rank_arg}"), &mut cmd)?;
             let mut out = proc.child.stdout.take();
             let reader = std::thread::spawn(move || {

@@ -6,8 +6,9 @@
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pstrain::cli::{self, CustomModel};
+use pstrain_core::ServerStats;
 use pstrain_core::{Layout, PushMeta, PushOutcome};
-use pstrain_net::server::ShardReport;
+use pstrain_net::server::{ConnectionEvents, ShardReport};
 use pstrain_net::{ClientConfig, Heartbeat, Role, ShardServer as RustShardServer, TcpClient};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -36,8 +37,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The shard's counters at the end of its run, as a dict.
-fn report_dict<'py>(py: Python<'py>, r: &ShardReport) -> PyResult<Bound<'py, PyDict>> {
+/// A shard's counters at the end of its run (its final weights are not kept here).
+#[derive(Clone, Copy)]
+struct FinalCounts {
+    stats: ServerStats,
+    events: ConnectionEvents,
+}
+
+fn report_dict<'py>(py: Python<'py>, r: &FinalCounts) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let s = &r.stats;
     d.set_item("version", s.version)?;
@@ -84,7 +91,7 @@ struct ShardServer {
     rt: tokio::runtime::Runtime,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<JoinHandle<ShardReport>>>,
-    report: Mutex<Option<ShardReport>>,
+    report: Mutex<Option<FinalCounts>>,
 }
 
 #[pymethods]
@@ -176,8 +183,12 @@ impl ShardServer {
             }
             Some(Ok(report)) => {
                 cli::log_shard_report(self.shard, &report);
-                let d = report_dict(py, &report)?;
-                *lock(&self.report) = Some(report);
+                let counts = FinalCounts {
+                    stats: report.stats,
+                    events: report.events,
+                };
+                *lock(&self.report) = Some(counts);
+                let d = report_dict(py, &counts)?;
                 Ok(Some(d))
             }
             Some(Err(e)) => Err(PstrainError::new_err(format!(
@@ -298,18 +309,11 @@ fn outcome_dict<'py>(py: Python<'py>, o: PushOutcome) -> PyResult<Bound<'py, PyD
     Ok(d)
 }
 
-struct ClientState {
-    client: TcpClient,
-    /// The server version of the weights last pulled (what a push is based on).
-    version: u64,
-    rank: usize,
-}
-
 /// A connection to every shard of a run, adopting the servers' layout, worker count and mode.
 /// Flat float32 arrays in and out; `pstrain.Client` wraps this with named tensors.
 #[pyclass(frozen, module = "pstrain._pstrain")]
 struct RawClient {
-    state: Mutex<ClientState>,
+    client: Mutex<TcpClient>,
     layout: Layout,
     workers: usize,
     sync: bool,
@@ -351,7 +355,7 @@ impl RawClient {
             seconds("connect_timeout", connect_timeout)?,
             seconds("io_timeout", io_timeout)?,
         );
-        let (client, served, cfg) = py
+        let (client, served) = py
             .detach(|| {
                 let served = pstrain_net::describe(&servers, io, connect)?;
                 let mut cfg = ClientConfig::new(
@@ -365,26 +369,21 @@ impl RawClient {
                 cfg.io_timeout = io;
                 cfg.connect_timeout = connect;
                 let client = TcpClient::connect(&cfg)?;
-                // With rank None the shards assigned one.
-                let cfg = client.config().clone();
-                Ok::<_, pstrain_net::NetError>((client, served, cfg))
+                Ok::<_, pstrain_net::NetError>((client, served))
             })
             .map_err(|e| PstrainError::new_err(e.to_string()))?;
         let heartbeat = if role == Role::Worker && heartbeat > 0.0 {
             let every = seconds("heartbeat", heartbeat)?;
             Some(
-                py.detach(|| Heartbeat::start(&cfg, every))
+                // The client's configuration carries the rank the shards assigned.
+                py.detach(|| Heartbeat::start(client.config(), every))
                     .map_err(|e| PstrainError::new_err(e.to_string()))?,
             )
         } else {
             None
         };
         Ok(RawClient {
-            state: Mutex::new(ClientState {
-                client,
-                version: 0,
-                rank: cfg.rank,
-            }),
+            client: Mutex::new(client),
             layout: served.layout,
             workers: served.workers,
             sync: served.sync,
@@ -405,7 +404,7 @@ impl RawClient {
     /// The worker rank in use (assigned by the shards when None was given).
     #[getter]
     fn rank(&self) -> usize {
-        lock(&self.state).rank
+        lock(&self.client).rank()
     }
 
     #[getter]
@@ -430,7 +429,7 @@ impl RawClient {
     /// The server version of the weights last pulled.
     #[getter]
     fn version(&self) -> u64 {
-        lock(&self.state).version
+        lock(&self.client).version()
     }
 
     /// All weights as a flat float32 array, written straight from the sockets: a new array,
@@ -463,14 +462,8 @@ impl RawClient {
         }
         let reply = py
             .detach(|| {
-                let mut st = lock(&self.state);
-                let mut reply = st.client.pull_all(buf, None, wait)?;
-                if reply.done && !reply.updated {
-                    // The run ended while waiting: take the final weights as they are.
-                    reply = st.client.pull_all(buf, None, false)?;
-                }
-                st.version = reply.version;
-                Ok::<_, pstrain_net::NetError>(reply)
+                // Without `newer_than` every slice is sent, so `buf` is wholly written.
+                lock(&self.client).pull_all(buf, None, wait)
             })
             .map_err(|e| PstrainError::new_err(e.to_string()))?;
         drop(guard);
@@ -502,14 +495,14 @@ impl RawClient {
         }
         let outcome = py
             .detach(|| {
-                let mut st = lock(&self.state);
+                let mut client = lock(&self.client);
                 let meta = PushMeta {
-                    rank: st.rank,
-                    base_version: st.version,
+                    rank: client.rank(),
+                    base_version: client.version(),
                     samples,
                     loss,
                 };
-                st.client.push_all(meta, slice)
+                client.push_all(meta, slice)
             })
             .map_err(|e| PstrainError::new_err(e.to_string()))?;
         outcome_dict(py, outcome)
@@ -518,7 +511,7 @@ impl RawClient {
     /// Each shard's counters: a list of dicts in shard order.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let shards = py
-            .detach(|| lock(&self.state).client.stats())
+            .detach(|| lock(&self.client).stats())
             .map_err(|e| PstrainError::new_err(e.to_string()))?;
         let list = PyList::empty(py);
         for s in shards {
@@ -537,7 +530,7 @@ impl RawClient {
 
     /// Leaves the run (a sync step no longer waits for this worker). Idempotent.
     fn leave(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| lock(&self.state).client.goodbye())
+        py.detach(|| lock(&self.client).goodbye())
             .map_err(|e| PstrainError::new_err(e.to_string()))
     }
 }

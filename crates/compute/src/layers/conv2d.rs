@@ -291,24 +291,7 @@ mod tests {
         let out_len = conv.output_shape().len() * batch;
         let dy: Vec<f32> = (0..out_len).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let mut run = |threads: usize| {
-            let mut y = vec![0.0; out_len];
-            let mut dx = vec![0.0; x.len()];
-            let mut grads = vec![0.0; params.len()];
-            let mut pass = Pass {
-                batch,
-                train: true,
-                rng: &mut rng,
-                threads,
-            };
-            conv.forward(&params, &x, &mut y, &mut pass);
-            let io = Backward {
-                x: &x,
-                y: &y,
-                dy: &dy,
-                dx: Some(&mut dx),
-            };
-            conv.backward(&params, io, &mut grads, &mut pass);
-            (y, dx, grads)
+            gradcheck::forward_backward(&mut conv, &params, &x, &dy, batch, threads)
         };
         let one = run(1);
         for threads in [2, 3, 8] {

@@ -112,6 +112,37 @@ pub(crate) mod gradcheck {
             .sum()
     }
 
+    /// One training pass forward and backward with upstream gradient `dy`: the output, the
+    /// input gradient and the parameter gradients. Masks come from the same seed `loss` uses.
+    pub fn forward_backward(
+        layer: &mut dyn Layer,
+        params: &[f32],
+        x: &[f32],
+        dy: &[f32],
+        batch: usize,
+        threads: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut y = vec![0.0; layer.output_shape().len() * batch];
+        let mut dx = vec![0.0; x.len()];
+        let mut grads = vec![0.0; params.len()];
+        let mut mask_rng = Rng::new(99);
+        let mut pass = Pass {
+            batch,
+            train: true,
+            rng: &mut mask_rng,
+            threads,
+        };
+        layer.forward(params, x, &mut y, &mut pass);
+        let io = Backward {
+            x,
+            y: &y,
+            dy,
+            dx: Some(&mut dx),
+        };
+        layer.backward(params, io, &mut grads, &mut pass);
+        (y, dx, grads)
+    }
+
     /// Checks analytic gradients of `layer` (params and input) against finite differences.
     /// Layers with randomness must draw the same mask for the same rng seed.
     pub fn check(layer: &mut dyn Layer, batch: usize, seed: u64) {
@@ -130,24 +161,7 @@ pub(crate) mod gradcheck {
             .map(|_| rng.uniform(-1.0, 1.0))
             .collect();
 
-        let mut y = vec![0.0; r.len()];
-        let mut grads = vec![0.0; n_params];
-        let mut dx = vec![0.0; x.len()];
-        let mut mask_rng = Rng::new(99);
-        let mut pass = Pass {
-            batch,
-            train: true,
-            rng: &mut mask_rng,
-            threads: 1,
-        };
-        layer.forward(&params, &x, &mut y, &mut pass);
-        let io = Backward {
-            x: &x,
-            y: &y,
-            dy: &r,
-            dx: Some(&mut dx),
-        };
-        layer.backward(&params, io, &mut grads, &mut pass);
+        let (_, dx, grads) = forward_backward(layer, &params, &x, &r, batch, 1);
 
         // Points within eps of a kink (ReLU at 0, a max-pool tie) have no derivative there;
         // they show up as one-sided differences that disagree, and are skipped, but only a few
