@@ -148,7 +148,7 @@ struct Shard {
 }
 
 /// `ClientConfig::rank` of a worker that takes any free rank (a replacement for one that
-/// died): shard 0 assigns one, preferring a rank whose worker left or vanished.
+/// died): shard 0 assigns one, preferring the rank of a worker that died.
 pub const ANY_RANK: usize = usize::MAX;
 
 pub struct TcpClient {

@@ -408,7 +408,7 @@ pub struct HelloOk {
     pub rank: u32,
 }
 
-/// A worker's hello for "any free rank": the shard assigns one (a vacated rank first).
+/// A worker's hello for "any free rank": the shard assigns one (a dead worker's first).
 pub const ANY_RANK: u32 = u32::MAX;
 
 impl HelloOk {

@@ -92,6 +92,9 @@ struct State {
     core: ServerCore,
     connected: Vec<bool>,
     joined: Vec<bool>,
+    /// The rank's worker died or froze (no goodbye) and nobody has taken the rank since: the
+    /// first choice for a replacement asking for any rank.
+    vanished: Vec<bool>,
     /// Bumped whenever a rank's main connection is replaced or evicted, so that a stale
     /// handler for an old connection cannot touch the rank's quorum membership.
     generation: Vec<u64>,
@@ -177,6 +180,7 @@ fn evict_silent_workers(shared: &Shared) {
             state.generation[rank] += 1;
             state.last_beat[rank] = None;
             state.events.vanished_workers += 1;
+            state.vanished[rank] = true;
             state.leave(rank);
             shared.publish(&state);
             shared.log(&format!(
@@ -257,6 +261,7 @@ impl ShardServer {
                     core,
                     connected: vec![false; workers],
                     joined: vec![false; workers],
+                    vanished: vec![false; workers],
                     generation: vec![0; workers],
                     last_beat: vec![None; workers],
                     open: 0,
@@ -419,6 +424,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) {
         state.connected[s.rank] = false;
         if !s.said_goodbye {
             state.events.vanished_workers += 1;
+            state.vanished[s.rank] = true;
             drop(state);
             shared.log(&format!(
                 "worker {} disconnected without a goodbye; it leaves the quorum",
@@ -602,13 +608,16 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
         }
         let mut state = shared.lock();
         let rank = if hello.rank == ANY_RANK {
-            // A replacement worker: a rank whose worker left or vanished, else one that has
-            // not joined yet; picked and taken under one lock.
-            let free = |joined: bool| {
-                (0..cfg.server.workers).find(|&r| !state.connected[r] && state.joined[r] == joined)
-            };
-            free(true)
-                .or_else(|| free(false))
+            // A replacement worker: the rank of a worker that died, else one that has not
+            // joined yet, else one whose worker finished; picked and taken under one lock.
+            let free = |r: &usize| !state.connected[*r];
+            let mut ranks = 0..cfg.server.workers;
+            ranks
+                .clone()
+                .filter(free)
+                .find(|&r| state.vanished[r])
+                .or_else(|| ranks.clone().filter(free).find(|&r| !state.joined[r]))
+                .or_else(|| ranks.find(free))
                 .ok_or(NetError::NoFreeRank(cfg.server.workers))?
         } else if rank >= cfg.server.workers {
             return refuse(format!(
@@ -625,6 +634,7 @@ fn accept_hello(shared: &Shared, hello: &Hello) -> Result<Session, NetError> {
         }
         state.connected[rank] = true;
         state.joined[rank] = true;
+        state.vanished[rank] = false;
         state.generation[rank] += 1;
         return Ok(Session {
             role: hello.role,

@@ -287,7 +287,7 @@ struct WorkerArgs {
     /// Shard addresses in shard order, comma-separated
     #[arg(long, value_delimiter = ',', required = true)]
     servers: Vec<String>,
-    /// This worker's rank, 0-based, or `auto`: take a free rank (a vacated one first), as a
+    /// This worker's rank, 0-based, or `auto`: take a free rank (a dead worker's first), as a
     /// replacement for a worker that died
     #[arg(long, value_parser = parse_rank)]
     rank: usize,

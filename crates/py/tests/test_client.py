@@ -3,6 +3,7 @@ bad input from Python gets a clear error while the server keeps serving."""
 
 import importlib.util
 import math
+import time
 
 import numpy as np
 import pytest
@@ -160,3 +161,22 @@ def test_the_client_benchmark_runs_over_two_shards():
     assert r["shards"] == 2 and r["values"] == 10_000
     for key in ("flat_gb_per_s", "reused_gb_per_s", "dict_gb_per_s", "numpy_copy_gb_per_s"):
         assert math.isfinite(r[key]) and r[key] > 0, r
+
+
+def test_rank_none_prefers_a_dead_workers_rank_to_a_finished_ones():
+    with pstrain.Server(small_params(), workers=2, mode="async") as server:
+        finished = pstrain.Client([server.address], rank=0)
+        dead = pstrain.Client([server.address], rank=1)
+        dead._raw = None  # its connections close with no goodbye, as when a process dies
+        del dead
+        finished.leave()  # a clean goodbye: its worker is done
+        # Both ranks are free once the shard has seen both go.
+        observer = pstrain.Client([server.address], role="observer")
+        deadline = time.time() + 5
+        while observer.stats()[0]["active_workers"] > 0:
+            assert time.time() < deadline, observer.stats()
+            time.sleep(0.01)
+        replacement = pstrain.Client([server.address], rank=None)
+        assert replacement.rank == 1
+        observer.leave()
+        replacement.leave()

@@ -82,7 +82,7 @@ class Client:
     @property
     def rank(self) -> int:
         """This worker's rank (assigned by the servers when ``rank=None`` was given: a
-        replacement takes the rank of a worker that left or died)."""
+        replacement takes the rank of a worker that died first, else a free one)."""
         return self._raw.rank
 
     @property
