@@ -99,7 +99,8 @@ def train(
     server = None
     if servers is None:
         params = {"w": np.zeros((784, 10), np.float32), "b": np.zeros(10, np.float32)}
-        server = pstrain.Server(params, workers=workers, mode=mode, optimizer="sgd", lr=lr)
+        server = pstrain.Server(params, workers=workers, mode=mode, optimizer="sgd", lr=lr,
+                                lr_schedule="constant")
         servers = [server.address]
     # The observer holds the servers open until the final weights are read.
     observer = pstrain.Client(servers, role="observer")

@@ -15,14 +15,71 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn is_sync(&self) -> bool {
-        matches!(self, Mode::Sync { .. })
-    }
-
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Sync { .. } => "sync",
             Mode::Async { .. } => "async",
+        }
+    }
+
+    /// Every update is one step of every worker: a worker's step number is the server's
+    /// version, and one update consumes every worker's batch.
+    pub fn lockstep(&self) -> bool {
+        matches!(self, Mode::Sync { .. })
+    }
+
+    /// A worker's pull after a push waits for the shard's consistency gate (the step's update
+    /// in sync mode) instead of taking whatever the shard holds.
+    pub fn pull_waits(&self) -> bool {
+        matches!(self, Mode::Sync { .. })
+    }
+
+    /// Sync: gradients a step may do without.
+    pub fn backup_workers(&self) -> usize {
+        match self {
+            Mode::Sync { backup_workers } => *backup_workers,
+            Mode::Async { .. } => 0,
+        }
+    }
+
+    /// Shard 0 decides each step's members and the other shards apply exactly those (sync
+    /// with backup workers over several shards; see `consistency::follower`).
+    pub fn coordinated(&self, shards: usize) -> bool {
+        shards > 1 && self.backup_workers() > 0
+    }
+
+    /// The mode as a tag and one parameter, for the wire and for checkpoints.
+    pub fn to_wire(&self) -> (u8, u64) {
+        match *self {
+            Mode::Sync { backup_workers } => (1, backup_workers as u64),
+            Mode::Async { max_staleness } => (2, max_staleness.unwrap_or(0)),
+        }
+    }
+
+    pub fn from_wire(tag: u8, param: u64) -> Option<Mode> {
+        match tag {
+            1 => Some(Mode::Sync {
+                backup_workers: usize::try_from(param).ok()?,
+            }),
+            2 => Some(Mode::Async {
+                max_staleness: (param > 0).then_some(param),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Sync { backup_workers: 0 } => write!(f, "sync"),
+            Mode::Sync { backup_workers } => write!(f, "sync ({backup_workers} backup workers)"),
+            Mode::Async {
+                max_staleness: None,
+            } => write!(f, "async (no staleness bound)"),
+            Mode::Async {
+                max_staleness: Some(s),
+            } => write!(f, "async (max staleness {s})"),
         }
     }
 }

@@ -41,7 +41,7 @@ impl ConfigError {
 }
 
 /// Why the server refused a gradient. The server's state is unchanged by a refused push.
-#[derive(Debug, Error, PartialEq)]
+#[derive(Debug, Clone, Error, PartialEq)]
 pub enum PushError {
     #[error("gradient has {got} values, the server expects {expected}")]
     WrongLength { expected: usize, got: usize },
@@ -57,8 +57,10 @@ pub enum PushError {
     FromTheFuture { base: u64, current: u64 },
     #[error("batch of 0 samples")]
     EmptyBatch,
-    #[error("worker {rank} is not a member of step {step} (as shard 0 decided it)")]
-    NotAMember { rank: usize, step: u64 },
+    #[error("worker {rank} is not a member of step {} (as shard 0 decided it)", step.map_or("(none given)".to_string(), |s| s.to_string()))]
+    NotAMember { rank: usize, step: Option<u64> },
+    #[error("a coordinated step was given to a shard that decides its own steps")]
+    UnexpectedStep,
     #[error("step members are given for {got} workers, the server has {expected}")]
     WrongMembers { expected: usize, got: usize },
 }

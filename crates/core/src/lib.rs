@@ -1,25 +1,34 @@
-//! The pure core of pstrain: parameter layouts, key-range sharding, server optimizers and the
-//! sync / async / bounded-staleness rules, with no IO, no threads and no clocks.
+//! The pure core of pstrain: parameter layouts, key-range sharding, server optimizers, the
+//! consistency rules, membership, checkpoint timing and the run plan, with no IO, no threads
+//! and no clocks.
 //!
 //! Everything here is deterministic and driven by its caller, so the same logic serves the
-//! in-process engine, the TCP server and the simulated-network tests.
+//! in-process engine, the TCP server and the simulated-network tests (`tests/engine_sim.rs`).
 
+pub mod checkpoint_schedule;
 pub mod client;
 pub mod config;
+pub mod consistency;
+pub mod engine;
 pub mod error;
-pub mod follower;
 pub mod layout;
+pub mod membership;
 pub mod optimizer;
+pub mod plan;
 pub mod rng;
 pub mod server;
 pub mod shard;
+pub mod shard_state;
 
+pub use checkpoint_schedule::CheckpointSchedule;
 pub use client::{ClientError, ParameterClient, PullReply};
 pub use config::{Aggregate, Mode, ServerConfig};
+pub use engine::{EngineConfig, PushReport, ShardEngine};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};
-pub use follower::StepFollower;
 pub use layout::{Layout, TensorSpec};
+pub use membership::{Departure, JoinError, Membership, RankRequest, Seat};
 pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig};
+pub use plan::{RunPlan, Schedule};
 pub use rng::Rng;
 pub use server::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
 pub use shard::shard_ranges;

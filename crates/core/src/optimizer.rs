@@ -53,6 +53,66 @@ impl OptimizerConfig {
         }
     }
 
+    /// The same optimizer with L2 weight decay `weight_decay`.
+    pub fn with_weight_decay(self, weight_decay: f32) -> Self {
+        match self {
+            OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                nesterov,
+                ..
+            } => OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+                nesterov,
+            },
+            OptimizerConfig::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                ..
+            } => OptimizerConfig::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            },
+        }
+    }
+
+    /// The same optimizer at learning rate `lr`.
+    pub fn with_lr(self, lr: f32) -> Self {
+        match self {
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+                nesterov,
+                ..
+            } => OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+                nesterov,
+            },
+            OptimizerConfig::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                ..
+            } => OptimizerConfig::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            },
+        }
+    }
+
     pub fn lr(&self) -> f32 {
         match *self {
             OptimizerConfig::Sgd { lr, .. } | OptimizerConfig::Adam { lr, .. } => lr,

@@ -4,7 +4,7 @@
 
 use crate::error::NetError;
 use crate::frame::{Header, HEADER_LEN};
-use crate::protocol::{decode_error, kind};
+use crate::message::{Reply, Request};
 use std::future::Future;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -151,26 +151,44 @@ impl Connection {
         deadline(io, "flushing a frame", self.writer.flush()).await
     }
 
-    /// Reads a whole small reply of kind `expected` (or turns an `ERROR` frame into an error).
+    /// Sends a request's fixed part followed by `tensor` (a push's gradient slice).
+    pub async fn send_request(
+        &mut self,
+        request: &Request,
+        workers: usize,
+        tensor: &[f32],
+    ) -> Result<(), NetError> {
+        self.write_frame(request.kind(), &request.encode(workers), tensor)
+            .await
+    }
+
+    /// Sends a reply's fixed part followed by `tensor` (a pull's slice).
+    pub async fn send_reply(
+        &mut self,
+        reply: &Reply,
+        workers: usize,
+        tensor: &[f32],
+    ) -> Result<(), NetError> {
+        self.write_frame(reply.kind(), &reply.encode(workers), tensor)
+            .await
+    }
+
+    /// Reads a whole reply that carries no tensor, waiting up to `wait` for it; an error
+    /// frame becomes `NetError::Remote`.
     pub async fn read_reply(
         &mut self,
-        expected: u16,
-        name: &'static str,
         wait: Duration,
         limit: u64,
-    ) -> Result<Vec<u8>, NetError> {
+        workers: usize,
+    ) -> Result<Reply, NetError> {
         let header = self
             .read_header(wait, limit)
             .await?
             .ok_or(NetError::Closed("before replying"))?;
         let payload = self.read_bytes(header.len as usize).await?;
-        match header.kind {
-            k if k == expected => Ok(payload),
-            kind::ERROR => Err(decode_error(&payload)),
-            got => Err(NetError::Unexpected {
-                got,
-                expected: name,
-            }),
+        match Reply::decode(header.kind, &payload, workers)? {
+            Reply::Error(f) => Err(NetError::Remote(f)),
+            reply => Ok(reply),
         }
     }
 

@@ -1,6 +1,8 @@
 //! Everything that can go wrong on a connection, each with what and where.
 
 use crate::frame::FrameError;
+use crate::message::{ErrorCode, Failure};
+use pstrain_core::JoinError;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -17,14 +19,12 @@ pub enum NetError {
     Malformed { what: &'static str, why: String },
     #[error("handshake refused: {0}")]
     Handshake(String),
-    #[error("server error {code}: {message}")]
-    Remote { code: u16, message: String },
-    #[error("worker rank {0} is already connected")]
-    RankBusy(usize),
-    /// A worker asked for any free rank and every one is connected (one may free up soon:
-    /// the caller retries as for `RankBusy`).
-    #[error("all {0} worker ranks are taken")]
-    NoFreeRank(usize),
+    /// A worker could not take the rank it asked for (held, out of range, none free).
+    #[error("{0}")]
+    Join(#[from] JoinError),
+    /// The peer answered with an error frame.
+    #[error("server refused: {0}")]
+    Remote(Failure),
     #[error("buffer has {got} values, the layout has {expected}")]
     Shape { expected: usize, got: usize },
     #[error("unexpected message kind {got:#x} (expected {expected})")]
@@ -39,5 +39,28 @@ impl NetError {
             self,
             NetError::Io(_) | NetError::Closed(_) | NetError::Timeout(_)
         )
+    }
+
+    /// The shard asked to retry shortly (the rank is still held by an old connection).
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            NetError::Remote(Failure {
+                code: ErrorCode::RankBusy,
+                ..
+            })
+        )
+    }
+
+    /// What the shard tells the peer before closing the connection over this error.
+    pub fn failure(&self) -> Failure {
+        let code = match self {
+            NetError::Handshake(_) | NetError::Join(JoinError::OutOfRange { .. }) => {
+                ErrorCode::Handshake
+            }
+            NetError::Join(_) => ErrorCode::RankBusy,
+            _ => ErrorCode::BadFrame,
+        };
+        Failure::new(code, self.to_string())
     }
 }

@@ -2,12 +2,11 @@
 //! their error and lose their connection, while a well-behaved worker trains to completion.
 
 use pstrain_core::{
-    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, ServerConfig,
+    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, RunPlan, Schedule,
 };
 use pstrain_net::frame::{Header, HEADER_LEN, MAGIC};
-use pstrain_net::protocol::{kind, Hello, PushHead, Role, NO_STEP};
-use pstrain_net::server::ShardReport;
-use pstrain_net::{ClientConfig, ShardConfig, ShardServer, TcpClient};
+use pstrain_net::message::{kind, Hello, PushHead, Role};
+use pstrain_net::{ClientConfig, ShardConfig, ShardHandle, TcpClient};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -18,20 +17,19 @@ fn layout() -> Layout {
     Layout::new([("w", &[N - 10][..]), ("b", &[10][..])]).unwrap()
 }
 
-struct Running {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<ShardReport>>,
-}
-
-impl Running {
-    fn finish(mut self) -> ShardReport {
-        let _ = self.stop.take().unwrap().send(());
-        self.thread.take().unwrap().join().unwrap()
+/// The run every test shard serves: SGD lr 0.1, constant rate.
+fn plan(mode: Mode, workers: usize) -> RunPlan {
+    RunPlan {
+        model: "test".into(),
+        mode,
+        workers,
+        optimizer: OptimizerConfig::sgd(0.1),
+        schedule: Schedule::Constant,
+        ..RunPlan::default()
     }
 }
 
-fn start(mode: Mode, workers: usize) -> Running {
+fn start(mode: Mode, workers: usize) -> ShardHandle {
     start_shard(0, 1, mode, workers)
 }
 
@@ -40,8 +38,7 @@ fn client(addr: SocketAddr, rank: usize, workers: usize, mode: Mode) -> TcpClien
         vec![addr.to_string()],
         Role::Worker,
         rank,
-        workers,
-        mode,
+        plan(mode, workers),
         layout(),
     );
     TcpClient::connect(&cfg).unwrap()
@@ -78,13 +75,14 @@ fn error_text(reply: &[u8]) -> String {
     h.copy_from_slice(&reply[..HEADER_LEN]);
     let header = Header::decode(&h, 1 << 20).unwrap();
     assert_eq!(header.kind, kind::ERROR);
-    String::from_utf8_lossy(&reply[HEADER_LEN + 6..]).into_owned()
+    // Code (u16), count (u64), then the message's length (u32) and text.
+    String::from_utf8_lossy(&reply[HEADER_LEN + 14..]).into_owned()
 }
 
 fn hello(layout: &Layout, mode: Mode, rank: usize) -> Vec<u8> {
     frame(
         kind::HELLO,
-        &Hello::new(Role::Worker, rank, 2, &mode, 0, 1, layout).encode(),
+        &Hello::new(Role::Worker, rank, 0, 1, &plan(mode, 2), layout).encode(),
     )
 }
 
@@ -94,10 +92,9 @@ fn push_frame(values: usize) -> Vec<u8> {
         base_version: 0,
         samples: 1,
         loss: 0.0,
-        step: NO_STEP,
-        members: vec![false; 2],
+        step: None,
     }
-    .encode();
+    .encode(2);
     for _ in 0..values {
         payload.extend_from_slice(&0.25f32.to_le_bytes());
     }
@@ -120,7 +117,7 @@ const ASYNC: Mode = Mode::Async {
 #[test]
 fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
     let server = start(ASYNC, 2);
-    let addr = server.addr;
+    let addr = server.address();
     let good = std::thread::spawn(move || {
         let mut c = client(addr, 0, 2, ASYNC);
         let mut params = vec![0.0; N];
@@ -198,12 +195,18 @@ fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
         addr,
         &hello(&layout(), Mode::Sync { backup_workers: 0 }, 1),
     ));
-    assert!(text.contains("mode mismatch"), "{text}");
+    assert!(text.contains("mode: server async"), "{text}");
     assert!(error_text(&attack(addr, &hello(&layout(), ASYNC, 7))).contains("out of range"));
 
     // A worker with the right handshake but bad pushes: wrong length, NaN, Inf. Each gets its
     // error and the connection stays usable.
-    let cfg = ClientConfig::new(vec![addr.to_string()], Role::Worker, 1, 2, ASYNC, layout());
+    let cfg = ClientConfig::new(
+        vec![addr.to_string()],
+        Role::Worker,
+        1,
+        plan(ASYNC, 2),
+        layout(),
+    );
     let mut bad = TcpClient::connect(&cfg).unwrap();
     let meta = PushMeta {
         rank: 1,
@@ -260,7 +263,7 @@ fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
         params[0]
     );
 
-    let report = server.finish();
+    let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 200);
     assert_eq!(report.stats.rejected_nonfinite, 2);
     assert!(report.stats.rejected_other >= 1, "short push counted");
@@ -273,8 +276,8 @@ fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
 fn a_sync_worker_that_vanishes_does_not_hang_the_barrier() {
     let mode = Mode::Sync { backup_workers: 0 };
     let server = start(mode, 2);
-    let mut a = client(server.addr, 0, 2, mode);
-    let b = client(server.addr, 1, 2, mode);
+    let mut a = client(server.address(), 0, 2, mode);
+    let b = client(server.address(), 1, 2, mode);
     let mut params = vec![0.0; N];
     a.pull(&mut params, None, false).unwrap();
     let meta = PushMeta {
@@ -295,7 +298,7 @@ fn a_sync_worker_that_vanishes_does_not_hang_the_barrier() {
     assert_eq!(reply.version, 1);
     assert!(params.iter().all(|&p| (p + 0.1).abs() < 1e-6));
     a.leave().unwrap();
-    let report = server.finish();
+    let report = server.finish().unwrap();
     assert_eq!(report.events.vanished_workers, 1);
 }
 
@@ -303,7 +306,7 @@ fn a_sync_worker_that_vanishes_does_not_hang_the_barrier() {
 fn describe_tells_a_client_what_the_shard_serves() {
     let mode = Mode::Sync { backup_workers: 0 };
     let running = start(mode, 3);
-    let addr = running.addr.to_string();
+    let addr = running.address().to_string();
     let served = pstrain_net::describe(
         std::slice::from_ref(&addr),
         Duration::from_secs(2),
@@ -311,14 +314,13 @@ fn describe_tells_a_client_what_the_shard_serves() {
     )
     .unwrap();
     assert_eq!(served.layout, layout());
-    assert_eq!((served.workers, served.sync), (3, true));
+    assert_eq!(served.plan, plan(mode, 3));
     // A client that adopts what it was told is accepted, and can push.
     let cfg = ClientConfig::new(
         vec![addr.clone()],
         Role::Worker,
         2,
-        served.workers,
-        served.mode(),
+        served.plan.clone(),
         served.layout.clone(),
     );
     let mut c = TcpClient::connect(&cfg).unwrap();
@@ -333,7 +335,7 @@ fn describe_tells_a_client_what_the_shard_serves() {
     .unwrap_err();
     assert!(err.to_string().contains("shard 0 of 1"), "{err}");
     // A describe followed by garbage gets an error, not a crash; the server goes on.
-    let mut s = TcpStream::connect(running.addr).unwrap();
+    let mut s = TcpStream::connect(running.address()).unwrap();
     s.write_all(&frame(kind::DESCRIBE, &[])).unwrap();
     let (k, _) = read_frame(&mut s);
     assert_eq!(k, kind::DESCRIBE_REPLY);
@@ -343,52 +345,26 @@ fn describe_tells_a_client_what_the_shard_serves() {
     let _ = s.read_to_end(&mut rest);
     assert!(error_text(&rest).contains("hello"), "{}", error_text(&rest));
     c.leave().unwrap();
-    let report = running.finish();
+    let report = running.finish().unwrap();
     assert_eq!(report.events.protocol_errors, 1);
 }
 
 /// Starts shard `shard` of `shards` on 127.0.0.1:0.
-fn start_shard(shard: usize, shards: usize, mode: Mode, workers: usize) -> Running {
-    let server = ServerConfig {
-        mode,
-        workers,
-        optimizer: OptimizerConfig::sgd(0.1),
-        ..Default::default()
-    };
-    let mut cfg = ShardConfig::new(shard, shards, layout(), server);
+fn start_shard(shard: usize, shards: usize, mode: Mode, workers: usize) -> ShardHandle {
+    let mut cfg = ShardConfig::new(shard, shards, layout(), plan(mode, workers));
     cfg.io_timeout = Duration::from_secs(1);
     cfg.idle_timeout = Duration::from_secs(10);
     cfg.exit_when_finished = false;
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let server = ShardServer::bind("127.0.0.1:0", cfg, &vec![0.0; N])
-                .await
-                .unwrap();
-            addr_tx.send(server.local_addr().unwrap()).unwrap();
-            server
-                .run(async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        })
-    });
-    Running {
-        addr: addr_rx.recv().unwrap(),
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    }
+    ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 2).unwrap()
 }
 
 #[test]
 fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
     let mode = Mode::Sync { backup_workers: 1 };
     let shards = [start_shard(0, 2, mode, 3), start_shard(1, 2, mode, 3)];
-    let servers: Vec<String> = shards.iter().map(|s| s.addr.to_string()).collect();
+    let servers: Vec<String> = shards.iter().map(|s| s.address().to_string()).collect();
     let connect = |rank: usize| {
-        let cfg = ClientConfig::new(servers.clone(), Role::Worker, rank, 3, mode, layout());
+        let cfg = ClientConfig::new(servers.clone(), Role::Worker, rank, plan(mode, 3), layout());
         TcpClient::connect(&cfg).unwrap()
     };
     // A worker that believes in another number of backup workers is refused up front.
@@ -396,8 +372,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         servers.clone(),
         Role::Worker,
         0,
-        3,
-        Mode::Sync { backup_workers: 0 },
+        plan(Mode::Sync { backup_workers: 0 }, 3),
         layout(),
     );
     wrong.connect_timeout = Duration::from_secs(1);
@@ -452,8 +427,8 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
     assert_eq!(versions, [1, 1]);
     // A follower refuses a push that shard 0 did not admit into a step.
     clients[1].leave().unwrap();
-    let mut raw = TcpStream::connect(shards[1].addr).unwrap();
-    let hello = Hello::new(Role::Worker, 1, 3, &mode, 1, 2, &layout());
+    let mut raw = TcpStream::connect(shards[1].address()).unwrap();
+    let hello = Hello::new(Role::Worker, 1, 1, 2, &plan(mode, 3), &layout());
     raw.write_all(&frame(kind::HELLO, &hello.encode())).unwrap();
     let (k, _) = read_frame(&mut raw);
     assert_eq!(k, kind::HELLO_OK);
@@ -461,10 +436,9 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         base_version: 1,
         samples: 1,
         loss: 0.0,
-        step: NO_STEP,
-        members: vec![false; 3],
+        step: None,
     }
-    .encode();
+    .encode(3);
     push.extend(std::iter::repeat_n(0u8, 4 * (N / 2)));
     raw.write_all(&frame(kind::PUSH, &push)).unwrap();
     let (k, body) = read_frame(&mut raw);
@@ -474,7 +448,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
     clients[0].leave().unwrap();
     c2.leave().unwrap();
     for s in shards {
-        let report = s.finish();
+        let report = s.finish().unwrap();
         assert_eq!(report.stats.version, 1);
     }
 }

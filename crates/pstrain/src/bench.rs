@@ -5,6 +5,7 @@
 use crate::train::{train, Quiet, TrainConfig, TrainError};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::{ModelKind, ModelOptions};
+use pstrain_core::RunPlan;
 use pstrain_core::{Mode, Rng};
 use serde::Serialize;
 use std::sync::atomic::AtomicBool;
@@ -131,18 +132,22 @@ pub fn run_bench(
             },
         ] {
             for &workers in &cfg.workers {
-                let updates = if mode.is_sync() {
+                let updates = if mode.lockstep() {
                     cfg.train_updates
                 } else {
                     cfg.train_updates * workers as u64
                 };
                 let tc = TrainConfig {
-                    mode,
-                    workers,
-                    model,
-                    iterations: Some(updates),
-                    batch_size: cfg.batch_size,
-                    seed: cfg.seed,
+                    plan: RunPlan {
+                        mode,
+                        workers,
+                        model: model.name().into(),
+                        iterations: Some(updates),
+                        batch_size: cfg.batch_size,
+                        seed: cfg.seed,
+                        train_samples: data.train.len(),
+                        ..RunPlan::default()
+                    },
                     eval_every: Some(0),
                     ..TrainConfig::default()
                 };

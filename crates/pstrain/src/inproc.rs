@@ -1,57 +1,84 @@
-//! The embedded parameter server: one `ServerCore` behind a mutex, with a condition variable
-//! for the sync barrier, shared by worker threads in one process.
+//! The embedded parameter server: one `ShardEngine` behind a mutex, with a condition variable
+//! for the consistency gate, shared by worker threads in one process. Every decision is the
+//! engine's; this only waits and wakes.
 
 use pstrain_core::client::{ClientError, ParameterClient, PullReply};
-use pstrain_core::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
+use pstrain_core::{
+    CoreState, Departure, JoinError, PushMeta, PushOutcome, RankRequest, Seat, ServerStats,
+    ShardEngine,
+};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 pub struct InProcServer {
     state: Mutex<State>,
     changed: Condvar,
+    started: Instant,
 }
 
 struct State {
-    core: ServerCore,
+    engine: ShardEngine,
     closed: bool,
+    /// A snapshot taken inside the update that reached the checkpoint interval, waiting for
+    /// the trainer's loop to write it.
+    snapshot: Option<CoreState>,
 }
 
 impl InProcServer {
-    pub fn new(core: ServerCore) -> Arc<Self> {
+    pub fn new(engine: ShardEngine) -> Arc<Self> {
         Arc::new(InProcServer {
             state: Mutex::new(State {
-                core,
+                engine,
                 closed: false,
+                snapshot: None,
             }),
             changed: Condvar::new(),
+            started: Instant::now(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A worker thread that panicked while holding the lock leaves the core consistent
+        // A worker thread that panicked while holding the lock leaves the engine consistent
         // (every mutation completes before unlock or is refused first), so carry on.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn client(self: &Arc<Self>, rank: usize) -> InProcClient {
-        InProcClient {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// A worker's connection as rank `rank` (it takes the rank in the engine's membership).
+    pub fn client(self: &Arc<Self>, rank: usize) -> Result<InProcClient, JoinError> {
+        let seat = self.lock().engine.join(RankRequest::Exact(rank))?;
+        Ok(InProcClient {
             server: Arc::clone(self),
-            rank,
-        }
+            seat,
+        })
     }
 
     pub fn stats(&self) -> ServerStats {
-        self.lock().core.stats()
+        self.lock().engine.stats()
     }
 
     /// The counters and a copy of the weights, taken together (for evaluation, checkpoints).
     pub fn snapshot(&self) -> (ServerStats, Vec<f32>) {
         let state = self.lock();
-        (state.core.stats(), state.core.params().to_vec())
+        (state.engine.stats(), state.engine.params().to_vec())
     }
 
-    /// The core's complete state, for checkpoints.
+    /// The engine's complete state, for checkpoints.
     pub fn state(&self) -> CoreState {
-        self.lock().core.state()
+        self.lock().engine.state()
+    }
+
+    /// A checkpoint due now: one the interval of updates produced, or the time-based one.
+    pub fn take_snapshot(&self) -> Option<CoreState> {
+        let now = self.now();
+        let mut state = self.lock();
+        state
+            .snapshot
+            .take()
+            .or_else(|| state.engine.checkpoint_due(now))
     }
 
     /// Ends the run: waiting pulls return `done`, pushes are no longer applied.
@@ -59,18 +86,11 @@ impl InProcServer {
         self.lock().closed = true;
         self.changed.notify_all();
     }
-
-    fn leave(&self, rank: usize) {
-        let mut state = self.lock();
-        if state.core.leave(rank).is_some() {
-            self.changed.notify_all();
-        }
-    }
 }
 
 pub struct InProcClient {
     server: Arc<InProcServer>,
-    rank: usize,
+    seat: Seat,
 }
 
 impl ParameterClient for InProcClient {
@@ -81,17 +101,16 @@ impl ParameterClient for InProcClient {
         wait: bool,
     ) -> Result<PullReply, ClientError> {
         let mut state = self.server.lock();
-        let expected = state.core.params().len();
+        let expected = state.engine.params().len();
         if params.len() != expected {
             return Err(ClientError::Shape {
                 expected,
                 got: params.len(),
             });
         }
-        let newer = |s: &State| newer_than.is_none_or(|v| s.core.version() > v);
-        let finished = |s: &State| s.closed || s.core.is_done();
+        let rank = Some(self.seat.rank);
         if wait {
-            while !newer(&state) && !finished(&state) {
+            while !state.closed && !state.engine.pull_ready(rank, newer_than) {
                 state = self
                     .server
                     .changed
@@ -99,36 +118,43 @@ impl ParameterClient for InProcClient {
                     .unwrap_or_else(|e| e.into_inner());
             }
         }
-        let updated = newer(&state);
+        let version = state.engine.version();
+        let updated = newer_than.is_none_or(|v| version > v);
         if updated {
-            params.copy_from_slice(state.core.params());
+            params.copy_from_slice(state.engine.params());
         }
         Ok(PullReply {
-            version: state.core.version(),
+            version,
             updated,
-            done: finished(&state),
+            done: state.closed || state.engine.is_done(),
         })
     }
 
     fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, ClientError> {
         let meta = PushMeta {
-            rank: self.rank,
+            rank: self.seat.rank,
             ..meta
         };
+        let now = self.server.now();
         let mut state = self.server.lock();
         if state.closed {
             return Ok(PushOutcome::Done);
         }
-        let before = state.core.version();
-        let result = state.core.push(meta, grad);
-        if state.core.version() != before || state.core.is_done() {
+        let report = state.engine.push(meta, grad, None, now);
+        if let Some(snapshot) = report.snapshot {
+            state.snapshot = Some(snapshot);
+        }
+        if report.changed {
             self.server.changed.notify_all();
         }
-        Ok(result?)
+        Ok(report.outcome?)
     }
 
     fn leave(&mut self) -> Result<(), ClientError> {
-        self.server.leave(self.rank);
+        let mut state = self.server.lock();
+        if state.engine.leave(self.seat, Departure::Goodbye) {
+            self.server.changed.notify_all();
+        }
         Ok(())
     }
 }
@@ -136,7 +162,7 @@ impl ParameterClient for InProcClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pstrain_core::{Mode, OptimizerConfig, ServerConfig};
+    use pstrain_core::{EngineConfig, Mode, OptimizerConfig, ServerConfig};
     use std::thread;
 
     fn meta(v: u64) -> PushMeta {
@@ -150,19 +176,20 @@ mod tests {
 
     #[test]
     fn sync_pull_waits_for_the_step_and_leave_releases_it() {
-        let core = ServerCore::new(
-            ServerConfig {
+        let engine = ShardEngine::new(
+            EngineConfig::single(ServerConfig {
                 mode: Mode::Sync { backup_workers: 0 },
                 workers: 2,
                 optimizer: OptimizerConfig::sgd(1.0),
                 ..Default::default()
-            },
+            }),
             vec![0.0; 3],
+            Duration::ZERO,
         )
         .unwrap();
-        let server = InProcServer::new(core);
-        let mut c0 = server.client(0);
-        let mut c1 = server.client(1);
+        let server = InProcServer::new(engine);
+        let mut c0 = server.client(0).unwrap();
+        let mut c1 = server.client(1).unwrap();
         c0.push(meta(0), &[1.0; 3]).unwrap();
         let waiter = thread::spawn(move || {
             let mut p = vec![9.0; 3];
@@ -184,9 +211,15 @@ mod tests {
 
     #[test]
     fn pull_newer_than_leaves_buffer_alone_and_close_ends_waits() {
-        let core = ServerCore::new(ServerConfig::default(), vec![1.0; 2]).unwrap();
-        let server = InProcServer::new(core);
-        let mut c = server.client(0);
+        let engine = ShardEngine::new(
+            EngineConfig::single(ServerConfig::default()),
+            vec![1.0; 2],
+            Duration::ZERO,
+        )
+        .unwrap();
+        let server = InProcServer::new(engine);
+        let mut c = server.client(0).unwrap();
+        assert!(server.client(0).is_err(), "a rank is held once");
         let mut p = vec![5.0; 2];
         let r = c.pull(&mut p, Some(0), false).unwrap();
         assert!(!r.updated && !r.done);

@@ -75,7 +75,7 @@ impl EvalRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub event: &'static str,
-    pub model: &'static str,
+    pub model: String,
     pub mode: &'static str,
     pub workers: usize,
     pub test_accuracy: f64,
@@ -108,9 +108,9 @@ impl Summary {
         let secs = wall.as_secs_f64().max(1e-9);
         Summary {
             event: "summary",
-            model: cfg.model.name(),
-            mode: cfg.mode.name(),
-            workers: cfg.workers,
+            model: cfg.plan.model.clone(),
+            mode: cfg.plan.mode.name(),
+            workers: cfg.plan.workers,
             test_accuracy: eval.test_accuracy,
             test_loss: eval.test_loss,
             test_samples: eval.test_samples,

@@ -4,7 +4,7 @@
 use crate::metrics::{EvalRecord, ProgressRecord};
 use crate::train::{Observer, TrainConfig, TrainError};
 use pstrain_compute::mnist::Split;
-use pstrain_compute::{Model, ModelOptions};
+use pstrain_compute::{Model, ModelKind, ModelOptions};
 use pstrain_core::ServerStats;
 use std::time::Instant;
 
@@ -25,12 +25,14 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn new(cfg: &TrainConfig, train_len: usize, start: Instant) -> Self {
+    /// A monitor for `cfg`'s run, whose model is `model`.
+    pub fn new(cfg: &TrainConfig, model: ModelKind, start: Instant) -> Self {
+        let train_len = cfg.plan.train_samples;
         let eval_every = cfg
             .eval_every
-            .unwrap_or_else(|| cfg.updates_per_epoch(train_len));
+            .unwrap_or_else(|| cfg.plan.updates_per_epoch());
         Monitor {
-            eval_model: cfg.model.build(ModelOptions {
+            eval_model: model.build(ModelOptions {
                 dropout: true,
                 threads: cfg.threads,
             }),

@@ -6,9 +6,8 @@ use crate::cluster::{train_tcp, ClusterConfig};
 use crate::train::{train, Quiet, TrainConfig, TrainError};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::ModelKind;
-use pstrain_core::{Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, ServerConfig};
-use pstrain_net::server::ShardReport;
-use pstrain_net::{ClientConfig, NetError, Role, ShardConfig, ShardServer, TcpClient};
+use pstrain_core::{Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, RunPlan, Schedule};
+use pstrain_net::{ClientConfig, NetError, Role, ShardConfig, ShardHandle, TcpClient};
 use serde::Serialize;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -57,80 +56,32 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Starts `shards` servers for `layout` on 127.0.0.1 in a background runtime.
-struct Servers {
-    addrs: Vec<String>,
-    stop: Vec<tokio::sync::oneshot::Sender<()>>,
-    thread: std::thread::JoinHandle<Vec<ShardReport>>,
+/// The run the benchmark's shards serve: async, one worker, a tiny SGD step.
+fn bench_plan() -> RunPlan {
+    RunPlan {
+        model: "bench".into(),
+        mode: Mode::Async {
+            max_staleness: None,
+        },
+        workers: 1,
+        optimizer: OptimizerConfig::sgd(1e-6),
+        schedule: Schedule::Constant,
+        ..RunPlan::default()
+    }
 }
 
-fn start_servers(layout: &Layout, shards: usize) -> Result<Servers, NetError> {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let mut stop = Vec::new();
-    let mut stop_rx = Vec::new();
-    for _ in 0..shards {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        stop.push(tx);
-        stop_rx.push(rx);
-    }
-    let layout = layout.clone();
-    let thread = std::thread::spawn(move || {
-        let rt = match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = addr_tx.send(Err(NetError::Io(e)));
-                return Vec::new();
-            }
-        };
-        let initial = vec![0.0f32; layout.len()];
-        rt.block_on(async {
-            let mut running = Vec::new();
-            for (shard, rx) in stop_rx.into_iter().enumerate() {
-                let server = ServerConfig {
-                    mode: Mode::Async {
-                        max_staleness: None,
-                    },
-                    workers: 1,
-                    optimizer: OptimizerConfig::sgd(1e-6),
-                    ..Default::default()
-                };
-                let mut cfg = ShardConfig::new(shard, shards, layout.clone(), server);
-                cfg.io_timeout = Duration::from_secs(120);
-                cfg.exit_when_finished = false;
-                match ShardServer::bind("127.0.0.1:0", cfg, &initial).await {
-                    Ok(server) => {
-                        let addr = server.local_addr().map(|a| a.to_string());
-                        let _ = addr_tx.send(addr.map_err(NetError::Io));
-                        running.push(tokio::spawn(server.run(async {
-                            let _ = rx.await;
-                        })));
-                    }
-                    Err(e) => {
-                        let _ = addr_tx.send(Err(e));
-                    }
-                }
-            }
-            let mut reports = Vec::new();
-            for r in running {
-                if let Ok(report) = r.await {
-                    reports.push(report);
-                }
-            }
-            reports
+/// Starts `shards` shards for `layout` on 127.0.0.1, sharing this machine's cores.
+fn start_servers(layout: &Layout, shards: usize) -> Result<Vec<ShardHandle>, NetError> {
+    let initial = vec![0.0f32; layout.len()];
+    let threads = (2 / shards.max(1)).max(1);
+    (0..shards)
+        .map(|shard| {
+            let mut cfg = ShardConfig::new(shard, shards, layout.clone(), bench_plan());
+            cfg.io_timeout = Duration::from_secs(120);
+            cfg.exit_when_finished = false;
+            ShardHandle::start("127.0.0.1:0", cfg, &initial, threads)
         })
-    });
-    let addrs = (0..shards)
-        .map(|_| {
-            addr_rx
-                .recv()
-                .map_err(|_| NetError::Closed("while starting bench servers"))?
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Servers {
-        addrs,
-        stop,
-        thread,
-    })
+        .collect()
 }
 
 pub fn transfer_point(
@@ -140,16 +91,8 @@ pub fn transfer_point(
     reps: usize,
 ) -> Result<TransferPoint, NetError> {
     let servers = start_servers(layout, shards)?;
-    let cfg = ClientConfig::new(
-        servers.addrs.clone(),
-        Role::Worker,
-        0,
-        1,
-        Mode::Async {
-            max_staleness: None,
-        },
-        layout.clone(),
-    );
+    let addrs = servers.iter().map(|s| s.address().to_string()).collect();
+    let cfg = ClientConfig::new(addrs, Role::Worker, 0, bench_plan(), layout.clone());
     let mut client = TcpClient::connect(&cfg)?;
     let n = layout.len();
     let mut params = vec![0.0f32; n];
@@ -181,10 +124,9 @@ pub fn transfer_point(
     client
         .leave()
         .map_err(|e| NetError::Handshake(e.to_string()))?;
-    for tx in servers.stop {
-        let _ = tx.send(());
+    for server in servers {
+        server.finish()?;
     }
-    let _ = servers.thread.join();
 
     // The same bytes copied in memory: a pull's worth and a push's worth per repetition.
     let src = vec![0.5f32; n];
@@ -266,15 +208,19 @@ pub fn run_net_bench(
             max_staleness: None,
         },
     ] {
-        let updates = if mode.is_sync() {
+        let updates = if mode.lockstep() {
             cfg.train_updates
         } else {
             2 * cfg.train_updates
         };
         let tc = TrainConfig {
-            mode,
-            workers: 2,
-            iterations: Some(updates),
+            plan: RunPlan {
+                mode,
+                workers: 2,
+                iterations: Some(updates),
+                train_samples: data.train.len(),
+                ..RunPlan::default()
+            },
             eval_every: Some(0),
             ..TrainConfig::default()
         };

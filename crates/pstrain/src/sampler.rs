@@ -18,9 +18,7 @@ pub fn shard_indices(n: usize, workers: usize, rank: usize, seed: u64) -> Vec<us
 /// Batches per epoch, the same for every worker: enough to cover the largest shard once.
 /// Equal counts keep sync workers in lockstep to the end of each epoch, whatever the shard
 /// sizes; a smaller shard wraps around and repeats a few samples.
-pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> usize {
-    n.div_ceil(workers.max(1)).div_ceil(batch.max(1)).max(1)
-}
+pub use pstrain_core::plan::steps_per_epoch;
 
 /// The batches of one worker, addressed by step number, so that a restarted worker can take
 /// up exactly where the run is: epoch `e` is the shard in an order drawn from

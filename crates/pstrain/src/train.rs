@@ -4,15 +4,12 @@
 use crate::inproc::InProcServer;
 use crate::metrics::{EvalRecord, ProgressRecord, Summary};
 use crate::monitor::{Monitor, ServerView};
-use crate::sampler::steps_per_epoch;
 use crate::worker::{run_worker, WorkerConfig, WorkerError, WorkerReport};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::{ComputeError, ModelKind, ModelOptions};
-use pstrain_core::ServerStats;
 use pstrain_core::{
-    Aggregate, ConfigError, LrSchedule, Mode, OptimizerConfig, Rng, ServerConfig, ServerCore,
+    ConfigError, CoreState, EngineConfig, Layout, Rng, RunPlan, ServerStats, ShardEngine,
 };
-use pstrain_core::{CoreState, Layout};
 use pstrain_store::{Saver, ShardIdentity};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -22,30 +19,11 @@ use thiserror::Error;
 /// How often the monitor samples the server's counters.
 const TICK: Duration = Duration::from_millis(200);
 
-/// The learning-rate schedule, resolved against the run's planned number of updates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Schedule {
-    Constant,
-    /// Cosine decay to zero over the planned updates.
-    #[default]
-    Cosine,
-}
-
+/// A run as this process carries it out: the run plan every process shares, plus what is
+/// this process's own business (evaluation, compute threads, checkpoints).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
-    pub mode: Mode,
-    pub workers: usize,
-    pub model: ModelKind,
-    /// Passes over the training set (each worker passes over its shard this many times).
-    pub epochs: usize,
-    /// Stop after this many server updates instead (workers loop over epochs until then).
-    pub iterations: Option<u64>,
-    pub batch_size: usize,
-    pub optimizer: OptimizerConfig,
-    pub schedule: Schedule,
-    /// How a sync step combines its gradients.
-    pub aggregate: Aggregate,
-    pub seed: u64,
+    pub plan: RunPlan,
     /// Evaluate every this many updates; `None` picks about once per epoch; `Some(0)` only at
     /// the end.
     pub eval_every: Option<u64>,
@@ -60,18 +38,7 @@ pub use pstrain_store::CheckpointPolicy;
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            mode: Mode::Async {
-                max_staleness: Some(32),
-            },
-            workers: 2,
-            model: ModelKind::Cnn,
-            epochs: 5,
-            iterations: None,
-            batch_size: 64,
-            optimizer: OptimizerConfig::adam(1e-3),
-            schedule: Schedule::Cosine,
-            aggregate: Aggregate::Mean,
-            seed: 42,
+            plan: RunPlan::default(),
             eval_every: None,
             threads: 1,
             checkpoint: None,
@@ -80,89 +47,60 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The server's configuration for a training set of `train_len` samples.
-    pub fn server_config(&self, train_len: usize) -> ServerConfig {
-        let schedule = match self.schedule {
-            Schedule::Constant => LrSchedule::Constant,
-            Schedule::Cosine => LrSchedule::Cosine {
-                total_updates: self.planned_updates(train_len).max(1),
-            },
-        };
-        ServerConfig {
-            mode: self.mode,
-            workers: self.workers,
-            optimizer: self.optimizer,
-            schedule,
-            aggregate: self.aggregate,
-            max_updates: self.iterations,
-        }
+    /// The built-in model the plan names.
+    pub fn model(&self) -> Result<ModelKind, TrainError> {
+        self.plan.model.parse().map_err(|e: String| {
+            TrainError::Config(ConfigError::OutOfRange {
+                field: "model",
+                requirement: "cnn or convnet",
+                value: e,
+            })
+        })
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, requirement, value: usize| {
-            Err(ConfigError::OutOfRange {
-                field,
-                requirement,
-                value: value.to_string(),
-            })
-        };
-        if self.batch_size == 0 || self.batch_size > u32::MAX as usize {
-            return bad("batch_size", ">= 1", self.batch_size);
-        }
-        if self.epochs == 0 && self.iterations.is_none() {
-            return bad("epochs", ">= 1 (or give iterations)", 0);
-        }
+    pub fn validate(&self) -> Result<(), TrainError> {
         if self.threads == 0 {
-            return bad("threads", ">= 1", 0);
+            return Err(TrainError::Config(ConfigError::OutOfRange {
+                field: "threads",
+                requirement: ">= 1",
+                value: "0".into(),
+            }));
         }
-        self.server_config(1).validate()
+        self.model()?;
+        Ok(self.plan.validate()?)
     }
 
     /// The initial weights every server (or shard) starts from, from the seed.
-    pub fn initial_params(&self) -> Vec<f32> {
-        let model = self.model.build(ModelOptions::default());
+    pub fn initial_params(&self) -> Result<Vec<f32>, TrainError> {
+        let model = self.model()?.build(ModelOptions::default());
         let mut params = vec![0.0; model.layout().len()];
-        model.init_params(&mut params, &mut Rng::new(self.seed));
-        params
+        model.init_params(&mut params, &mut Rng::new(self.plan.seed));
+        Ok(params)
     }
 
     /// What worker `rank` of this run does.
     pub fn worker_config(&self, rank: usize) -> WorkerConfig {
+        let p = &self.plan;
         WorkerConfig {
             rank,
-            workers: self.workers,
-            batch_size: self.batch_size,
-            epochs: self.iterations.is_none().then_some(self.epochs),
-            seed: self.seed,
-            sync: self.mode.is_sync(),
+            workers: p.workers,
+            batch_size: p.batch_size,
+            epochs: p.iterations.is_none().then_some(p.epochs),
+            seed: p.seed,
+            lockstep: p.mode.lockstep(),
+            pull_waits: p.mode.pull_waits(),
         }
     }
 
-    /// The run's configuration in words, stored in checkpoints.
-    pub fn describe(&self) -> String {
-        format!(
-            "{:?}",
-            TrainConfig {
-                checkpoint: None,
-                ..self.clone()
-            }
-        )
-    }
-
-    /// Updates the run will make: `iterations`, or the epochs' worth.
-    pub fn planned_updates(&self, train_len: usize) -> u64 {
-        self.iterations
-            .unwrap_or_else(|| self.updates_per_epoch(train_len) * self.epochs as u64)
-    }
-
-    /// Server updates that make one pass over `train_len` samples.
-    pub fn updates_per_epoch(&self, train_len: usize) -> u64 {
-        let steps = steps_per_epoch(train_len, self.workers, self.batch_size) as u64;
-        if self.mode.is_sync() {
-            steps
-        } else {
-            steps * self.workers as u64
+    /// Checks that `data` is what the plan was made for.
+    pub fn check_data(&self, train_len: usize) -> Result<(), TrainError> {
+        if train_len != self.plan.train_samples {
+            return Err(TrainError::Cluster(format!(
+                "the run is planned for {} training samples, the data set has {train_len}",
+                self.plan.train_samples
+            )));
         }
+        Ok(())
     }
 }
 
@@ -184,6 +122,8 @@ pub enum TrainError {
     Checkpoint(#[from] pstrain_store::StoreError),
     #[error("cannot resume: {0}")]
     Resume(String),
+    #[error("{0}")]
+    Join(#[from] pstrain_core::JoinError),
 }
 
 /// Receives what the run reports as it goes (progress bar, metrics file, tests).
@@ -214,12 +154,20 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     let train_len = data.train.len();
-    let mut core = ServerCore::new(cfg.server_config(train_len), cfg.initial_params())?;
-    let layout = cfg.model.build(ModelOptions::default()).layout().clone();
-    let mut saver = cfg.checkpoint.as_ref().map(|p| saver_for(p, cfg, &layout));
+    cfg.check_data(train_len)?;
+    let model = cfg.model()?;
+    let policy = cfg.checkpoint.as_ref();
+    let engine_cfg = EngineConfig {
+        checkpoint_every_updates: policy.and_then(|p| p.every_updates),
+        checkpoint_every: policy.and_then(|p| p.every),
+        ..EngineConfig::single(cfg.plan.server_config())
+    };
+    let mut engine = ShardEngine::new(engine_cfg, cfg.initial_params()?, Duration::ZERO)?;
+    let layout = model.build(ModelOptions::default()).layout().clone();
+    let mut saver = policy.map(|p| saver_for(p, cfg, &layout));
     if let Some(saver) = saver.as_mut().filter(|s| s.policy().resume) {
         let restored = saver
-            .restore_into(&mut core)
+            .restore_into(|state| engine.restore(state, Duration::ZERO))
             .map_err(|e| TrainError::Resume(e.to_string()))?;
         for p in &restored.skipped {
             observer.note(&format!("skipping checkpoint: {p}"));
@@ -230,25 +178,28 @@ pub fn train(
             restored.version
         ));
     }
-    let server = InProcServer::new(core);
+    let server = InProcServer::new(engine);
     let options = ModelOptions {
         dropout: true,
         threads: cfg.threads,
     };
-    let mut monitor = Monitor::new(cfg, train_len, Instant::now());
+    let mut monitor = Monitor::new(cfg, model, Instant::now());
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut view = &*server;
 
     let (reports, monitor_failed) = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..cfg.workers)
+        let handles: Vec<_> = (0..cfg.plan.workers)
             .map(|rank| {
-                let mut client = server.client(rank);
+                let client = server.client(rank).map_err(TrainError::from);
                 let done_tx = done_tx.clone();
                 let wcfg = cfg.worker_config(rank);
                 let server = &server;
                 scope.spawn(move || {
-                    let mut model = cfg.model.build(options);
-                    let result = run_worker(&mut client, model.as_mut(), &data.train, &wcfg, stop);
+                    let result = client.and_then(|mut client| {
+                        let mut model = model.build(options);
+                        run_worker(&mut client, model.as_mut(), &data.train, &wcfg, stop)
+                            .map_err(TrainError::from)
+                    });
                     if result.is_err() {
                         // Nobody may wait on a worker that is gone for good.
                         server.close();
@@ -262,7 +213,7 @@ pub fn train(
 
         let mut finished = 0;
         let mut monitor_failed = None;
-        while finished < cfg.workers {
+        while finished < cfg.plan.workers {
             match done_rx.recv_timeout(TICK) {
                 Ok(()) => finished += 1,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -272,10 +223,11 @@ pub fn train(
                 let result = monitor
                     .tick(&mut view, observer, &data.test)
                     .and_then(|()| match &mut saver {
-                        Some(s) if s.due(server.stats().version) => {
-                            save(s, &server.state(), observer)
-                        }
-                        _ => Ok(()),
+                        Some(s) => match server.take_snapshot() {
+                            Some(state) => save(s, &state, observer),
+                            None => Ok(()),
+                        },
+                        None => Ok(()),
                     });
                 if let Err(e) = result {
                     monitor_failed = Some(e);
@@ -286,7 +238,7 @@ pub fn train(
         let reports: Vec<Result<WorkerReport, TrainError>> = handles
             .into_iter()
             .map(|h| match h.join() {
-                Ok(r) => r.map_err(TrainError::from),
+                Ok(r) => r,
                 Err(panic) => Err(TrainError::Panicked(panic_message(&panic))),
             })
             .collect();
@@ -328,7 +280,7 @@ fn saver_for(policy: &CheckpointPolicy, cfg: &TrainConfig, layout: &Layout) -> S
         range: 0..layout.len(),
         fingerprint: layout.fingerprint(),
     };
-    Saver::new(policy, identity, cfg.model.name(), cfg.describe())
+    Saver::new(policy, identity, &cfg.plan.model, format!("{:?}", cfg.plan))
 }
 
 fn save(

@@ -16,8 +16,10 @@ pub struct WorkerConfig {
     /// Passes over the shard; `None` runs until the server says the run is done.
     pub epochs: Option<usize>,
     pub seed: u64,
-    /// Sync mode: after each push, wait for the step's update before computing again.
-    pub sync: bool,
+    /// Every update is one step of every worker: the worker's step number is the version.
+    pub lockstep: bool,
+    /// After each push, the next pull waits at the shard's consistency gate.
+    pub pull_waits: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -90,7 +92,7 @@ fn train_loop(
     // (re)joining at version v computes exactly what it would have at step v.
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
     let total = cfg.epochs.map(|e| e as u64 * steps_per_epoch);
-    let mut step = if cfg.sync {
+    let mut step = if cfg.lockstep {
         version
     } else {
         version / cfg.workers as u64
@@ -125,14 +127,14 @@ fn train_loop(
             Err(e) => return Err(client_err(e)),
         }
         let reply = client
-            .pull(&mut params, Some(version), cfg.sync)
+            .pull(&mut params, Some(version), cfg.pull_waits)
             .map_err(client_err)?;
         version = reply.version;
         if reply.done {
             return Ok(report);
         }
         // A sync worker follows the server's step (it may have been skipped as a straggler).
-        step = if cfg.sync { version } else { step + 1 };
+        step = if cfg.lockstep { version } else { step + 1 };
     }
     Ok(report)
 }

@@ -6,7 +6,7 @@ mod common;
 
 use pstrain::metrics::ProgressRecord;
 use pstrain::train::CheckpointPolicy;
-use pstrain::{train, Observer, Quiet, TrainConfig};
+use pstrain::{train, Observer, Quiet, RunPlan, TrainConfig};
 use pstrain_compute::ModelKind;
 use pstrain_core::Mode;
 use std::process::Command;
@@ -34,11 +34,14 @@ fn resumed_sync_run_matches_the_uninterrupted_one() {
     // The big model with dropout, Adam (moments + step) and a cosine schedule: everything a
     // resume has to get right.
     let cfg = TrainConfig {
-        mode: Mode::Sync { backup_workers: 0 },
-        workers: 2,
-        model: ModelKind::Cnn,
-        iterations: Some(120),
-        batch_size: 16,
+        plan: RunPlan {
+            mode: Mode::Sync { backup_workers: 0 },
+            workers: 2,
+            model: ModelKind::Cnn.name().into(),
+            iterations: Some(120),
+            batch_size: 16,
+            ..RunPlan::default()
+        },
         eval_every: Some(0),
         ..TrainConfig::default()
     };

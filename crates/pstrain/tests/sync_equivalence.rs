@@ -4,7 +4,8 @@
 use pstrain::inproc::InProcServer;
 use pstrain_compute::{Model, ModelKind, ModelOptions};
 use pstrain_core::ParameterClient;
-use pstrain_core::{Mode, OptimizerConfig, PushMeta, Rng, ServerConfig, ServerCore};
+use pstrain_core::{EngineConfig, Mode, OptimizerConfig, PushMeta, Rng, ServerConfig, ShardEngine};
+use std::time::Duration;
 
 fn server(
     workers: usize,
@@ -17,7 +18,8 @@ fn server(
         optimizer,
         ..Default::default()
     };
-    InProcServer::new(ServerCore::new(cfg, init.to_vec()).unwrap())
+    let engine = ShardEngine::new(EngineConfig::single(cfg), init.to_vec(), Duration::ZERO);
+    InProcServer::new(engine.unwrap())
 }
 
 /// Runs `steps` sync steps where worker w of `workers` takes its contiguous slice of each
@@ -30,7 +32,7 @@ fn train_steps(
     batches: &[(Vec<f32>, Vec<u8>)],
 ) -> Vec<f32> {
     let server = server(workers, optimizer, init);
-    let mut clients: Vec<_> = (0..workers).map(|r| server.client(r)).collect();
+    let mut clients: Vec<_> = (0..workers).map(|r| server.client(r).unwrap()).collect();
     let mut params = vec![0.0; init.len()];
     let mut grads = vec![0.0; init.len()];
     let per = model.input_len();

@@ -71,10 +71,9 @@ fn convnet_async_over_tcp_reaches_85() {
 fn sync_over_tcp_gives_the_in_process_weights() {
     for cfg in [convnet_as_original(SYNC, 200), {
         // A few steps of the big model with Adam and dropout: sharding splits fc1.weight.
-        TrainConfig {
-            iterations: Some(20),
-            ..cnn_one_epoch(SYNC)
-        }
+        let mut cfg = cnn_one_epoch(SYNC);
+        cfg.plan.iterations = Some(20);
+        cfg
     }] {
         let tcp = run_tcp(&cfg, 2);
         let local = {
@@ -91,10 +90,10 @@ fn sync_over_tcp_gives_the_in_process_weights() {
         assert!(
             worst <= 1e-6,
             "{}: largest weight difference {worst}",
-            cfg.model
+            cfg.plan.model
         );
         assert!(local.summary.test_accuracy == tcp.summary.test_accuracy);
-        if cfg.model == ModelKind::Convnet {
+        if cfg.model().unwrap() == ModelKind::Convnet {
             assert!(
                 tcp.summary.test_accuracy >= 0.85,
                 "{}",

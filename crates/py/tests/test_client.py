@@ -40,7 +40,8 @@ def small_params():
 
 
 def test_client_adopts_layout_and_round_trips_values():
-    with pstrain.Server(small_params(), workers=1, mode="async", lr=0.5) as server:
+    with pstrain.Server(small_params(), workers=1, mode="async", optimizer="sgd", lr=0.5,
+                        lr_schedule="constant") as server:
         client = pstrain.Client([server.address])
         assert client.layout == {"w": (2, 3), "b": (3,)}
         assert (client.workers, client.mode) == (1, "async")
@@ -70,7 +71,7 @@ def test_client_adopts_layout_and_round_trips_values():
 
 
 def test_bad_gradients_are_refused_and_the_server_keeps_serving():
-    with pstrain.Server(small_params(), workers=2, mode="async", lr=0.1) as server:
+    with pstrain.Server(small_params(), workers=2, mode="async", optimizer="sgd", lr=0.1) as server:
         bad = pstrain.Client([server.address], rank=0)
         good = pstrain.Client([server.address], rank=1)
         bad.pull()
@@ -120,7 +121,8 @@ def test_clear_errors_for_bad_flags_addresses_and_params():
 def test_two_shards_split_the_parameters():
     params = {"w": np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32),
               "b": np.zeros(40, np.float32)}
-    servers = [pstrain.Server(params, workers=1, mode="sync", lr=1.0, shard=i, shards=2)
+    servers = [pstrain.Server(params, workers=1, mode="sync", optimizer="sgd", lr=1.0,
+                              lr_schedule="constant", shard=i, shards=2)
                for i in range(2)]
     try:
         client = pstrain.Client([s.address for s in servers])

@@ -137,45 +137,22 @@ impl Checkpoint {
             path: path.to_owned(),
             source,
         })?;
-        let invalid = |why: String| StoreError::Invalid {
-            path: path.to_owned(),
-            why,
+        check_crc(path, &st)?;
+        let meta = Meta {
+            path,
+            map: &st.metadata,
         };
-        let for_crc: Vec<(&str, &[usize], &[f32])> = st
-            .tensors
-            .iter()
-            .map(|t| (t.name.as_str(), &t.shape[..], &t.data[..]))
-            .collect();
-        let computed = crc_of(&st.metadata, &for_crc);
-        let stored = st.metadata.get(CRC_KEY).cloned().unwrap_or_default();
-        if stored != computed {
-            return Err(StoreError::Checksum {
-                path: path.to_owned(),
-                stored,
-                computed,
-            });
-        }
-        let meta = |key: &str| -> Result<&String, StoreError> {
-            st.metadata
-                .get(key)
-                .ok_or_else(|| invalid(format!("metadata `{key}` is missing")))
-        };
-        let num = |key: &str| -> Result<u64, StoreError> {
-            meta(key)?
-                .parse()
-                .map_err(|_| invalid(format!("metadata `{key}` is not a number")))
-        };
-        if meta("format")? != FORMAT {
-            return Err(invalid(format!(
+        if meta.get("format")? != FORMAT {
+            return Err(meta.invalid(format!(
                 "format `{}`, expected `{FORMAT}`",
-                meta("format")?
+                meta.get("format")?
             )));
         }
-        let fingerprint = u64::from_str_radix(meta("layout_fingerprint")?, 16)
-            .map_err(|_| invalid("bad layout_fingerprint".into()))?;
+        let fingerprint = u64::from_str_radix(meta.get("layout_fingerprint")?, 16)
+            .map_err(|_| meta.invalid("bad layout_fingerprint".into()))?;
         let params = st
             .get(PARAMS)
-            .ok_or_else(|| invalid("no `params` tensor".into()))?
+            .ok_or_else(|| meta.invalid("no `params` tensor".into()))?
             .data
             .clone();
         let optimizer = st
@@ -188,13 +165,13 @@ impl Checkpoint {
             })
             .collect();
         let identity = ShardIdentity {
-            shard: num("shard")? as usize,
-            shards: num("shards")? as usize,
-            range: num("range_start")? as usize..num("range_end")? as usize,
+            shard: meta.index("shard")?,
+            shards: meta.index("shards")?,
+            range: meta.index("range_start")?..meta.index("range_end")?,
             fingerprint,
         };
         if identity.range.len() != params.len() {
-            return Err(invalid(format!(
+            return Err(meta.invalid(format!(
                 "range {:?} but {} parameters",
                 identity.range,
                 params.len()
@@ -205,18 +182,69 @@ impl Checkpoint {
             state: CoreState {
                 params,
                 optimizer,
-                optimizer_step: num("optimizer_step")?,
-                version: num("version")?,
+                optimizer_step: meta.num("optimizer_step")?,
+                version: meta.num("version")?,
                 stats: ServerStats {
-                    version: num("version")?,
-                    gradients_applied: num("gradients_applied")?,
-                    samples_applied: num("samples_applied")?,
+                    version: meta.num("version")?,
+                    gradients_applied: meta.num("gradients_applied")?,
+                    samples_applied: meta.num("samples_applied")?,
                     ..Default::default()
                 },
             },
-            model: meta("model")?.clone(),
-            config: meta("config")?.clone(),
+            model: meta.get("model")?.clone(),
+            config: meta.get("config")?.clone(),
         })
+    }
+}
+
+/// The CRC-32 over everything must match the one stored in the metadata.
+fn check_crc(path: &Path, st: &safetensors::SafeTensors) -> Result<(), StoreError> {
+    let for_crc: Vec<(&str, &[usize], &[f32])> = st
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), &t.shape[..], &t.data[..]))
+        .collect();
+    let computed = crc_of(&st.metadata, &for_crc);
+    let stored = st.metadata.get(CRC_KEY).cloned().unwrap_or_default();
+    if stored != computed {
+        return Err(StoreError::Checksum {
+            path: path.to_owned(),
+            stored,
+            computed,
+        });
+    }
+    Ok(())
+}
+
+/// A checkpoint's metadata, with errors that name the file.
+struct Meta<'a> {
+    path: &'a Path,
+    map: &'a BTreeMap<String, String>,
+}
+
+impl Meta<'_> {
+    fn invalid(&self, why: String) -> StoreError {
+        StoreError::Invalid {
+            path: self.path.to_owned(),
+            why,
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<&String, StoreError> {
+        self.map
+            .get(key)
+            .ok_or_else(|| self.invalid(format!("metadata `{key}` is missing")))
+    }
+
+    fn num(&self, key: &str) -> Result<u64, StoreError> {
+        self.get(key)?
+            .parse()
+            .map_err(|_| self.invalid(format!("metadata `{key}` is not a number")))
+    }
+
+    fn index(&self, key: &str) -> Result<usize, StoreError> {
+        usize::try_from(self.num(key)?)
+            .map_err(|_| self.invalid(format!("metadata `{key}` is too large")))
     }
 }
 

@@ -90,6 +90,25 @@ pub fn write<W: Write>(
 
 /// Parses a whole file's bytes, checking every offset against the data actually present.
 pub fn parse(bytes: &[u8]) -> Result<SafeTensors, FormatError> {
+    let (header, data) = split_header(bytes)?;
+    let mut metadata = BTreeMap::new();
+    let mut tensors = Vec::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            metadata = parse_metadata(entry)?;
+        } else {
+            tensors.push(parse_tensor(name, &entry, data)?);
+        }
+    }
+    tensors.sort_by_key(|(begin, _)| *begin);
+    Ok(SafeTensors {
+        metadata,
+        tensors: tensors.into_iter().map(|(_, t)| t).collect(),
+    })
+}
+
+/// The JSON header (checked for size before it is read) and the data bytes after it.
+fn split_header(bytes: &[u8]) -> Result<(serde_json::Map<String, Value>, &[u8]), FormatError> {
     if bytes.len() < 8 {
         return Err(FormatError::TooShort(bytes.len()));
     }
@@ -110,78 +129,73 @@ pub fn parse(bytes: &[u8]) -> Result<SafeTensors, FormatError> {
     }
     let header: Value = serde_json::from_slice(&bytes[8..8 + len as usize])
         .map_err(|e| FormatError::Json(e.to_string()))?;
-    let data = &bytes[8 + len as usize..];
     let Value::Object(map) = header else {
         return Err(FormatError::Json("header is not an object".into()));
     };
-    let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::new();
-    for (name, entry) in map {
-        if name == "__metadata__" {
-            let Value::Object(m) = entry else {
-                return Err(FormatError::Metadata("not an object".into()));
-            };
-            for (k, v) in m {
-                let Value::String(v) = v else {
-                    return Err(FormatError::Metadata(format!(
-                        "value of `{k}` is not a string"
-                    )));
-                };
-                metadata.insert(k, v);
-            }
-            continue;
-        }
-        let bad = |why: String| FormatError::Tensor {
-            name: name.clone(),
-            why,
-        };
-        if entry["dtype"] != "F32" {
-            return Err(bad(format!(
-                "dtype {} (only F32 is supported)",
-                entry["dtype"]
-            )));
-        }
-        let shape: Vec<usize> = entry["shape"]
-            .as_array()
-            .ok_or_else(|| bad("no shape".into()))?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("shape is not a list of sizes".into()))?;
-        let offsets = entry["data_offsets"]
-            .as_array()
-            .filter(|o| o.len() == 2)
-            .and_then(|o| Some((o[0].as_u64()? as usize, o[1].as_u64()? as usize)))
-            .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
-        let count = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad("shape overflows".into()))?;
-        let (begin, end) = offsets;
-        if begin > end || end > data.len() || end - begin != count.saturating_mul(4) {
-            return Err(bad(format!(
-                "byte range {begin}..{end} does not hold {count} f32 values in {} data bytes",
-                data.len()
-            )));
-        }
-        let values = data[begin..end]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        tensors.push((
-            begin,
-            Tensor {
-                name,
-                shape,
-                data: values,
-            },
-        ));
+    Ok((map, &bytes[8 + len as usize..]))
+}
+
+fn parse_metadata(entry: Value) -> Result<BTreeMap<String, String>, FormatError> {
+    let Value::Object(m) = entry else {
+        return Err(FormatError::Metadata("not an object".into()));
+    };
+    m.into_iter()
+        .map(|(k, v)| match v {
+            Value::String(v) => Ok((k, v)),
+            _ => Err(FormatError::Metadata(format!(
+                "value of `{k}` is not a string"
+            ))),
+        })
+        .collect()
+}
+
+/// One tensor entry, with its values read from `data`; returns its first byte for ordering.
+fn parse_tensor(name: String, entry: &Value, data: &[u8]) -> Result<(usize, Tensor), FormatError> {
+    let bad = |why: String| FormatError::Tensor {
+        name: name.clone(),
+        why,
+    };
+    if entry["dtype"] != "F32" {
+        return Err(bad(format!(
+            "dtype {} (only F32 is supported)",
+            entry["dtype"]
+        )));
     }
-    tensors.sort_by_key(|(begin, _)| *begin);
-    Ok(SafeTensors {
-        metadata,
-        tensors: tensors.into_iter().map(|(_, t)| t).collect(),
-    })
+    let shape: Vec<usize> = entry["shape"]
+        .as_array()
+        .ok_or_else(|| bad("no shape".into()))?
+        .iter()
+        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("shape is not a list of sizes".into()))?;
+    let (begin, end) = entry["data_offsets"]
+        .as_array()
+        .filter(|o| o.len() == 2)
+        .and_then(|o| {
+            let at = |i: usize| o[i].as_u64().and_then(|v| usize::try_from(v).ok());
+            Some((at(0)?, at(1)?))
+        })
+        .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    if begin > end || end > data.len() || end - begin != count.saturating_mul(4) {
+        return Err(bad(format!(
+            "byte range {begin}..{end} does not hold {count} f32 values in {} data bytes",
+            data.len()
+        )));
+    }
+    let values = data[begin..end]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let tensor = Tensor {
+        name,
+        shape,
+        data: values,
+    };
+    Ok((begin, tensor))
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
-//! When to checkpoint a shard and how to come back: the policy (every N updates and/or every
-//! T), the newest-valid-checkpoint restore, and the "changed since the last save" rule.
+//! Writing a shard's checkpoints and coming back from them: the policy's files (when to save
+//! is `pstrain_core::CheckpointSchedule`'s call), the newest-valid-checkpoint restore, and
+//! the "changed since the last save" rule.
 
 use crate::checkpoint::{Checkpoint, CheckpointDir, ShardIdentity, StoreError};
-use pstrain_core::{CoreState, RestoreError, ServerCore};
+use pstrain_core::{CoreState, RestoreError};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointPolicy {
@@ -66,7 +67,6 @@ pub struct Saver {
     model: String,
     config: String,
     last_version: u64,
-    last_time: Instant,
 }
 
 impl Saver {
@@ -88,7 +88,6 @@ impl Saver {
             model: model.into(),
             config,
             last_version: 0,
-            last_time: Instant::now(),
         }
     }
 
@@ -96,8 +95,12 @@ impl Saver {
         &self.policy
     }
 
-    /// Loads the newest valid checkpoint of this shard into `core`.
-    pub fn restore_into(&mut self, core: &mut ServerCore) -> Result<Restored, ResumeError> {
+    /// Hands the newest valid checkpoint of this shard to `restore` (which puts it into the
+    /// shard's engine or core).
+    pub fn restore_into(
+        &mut self,
+        restore: impl FnOnce(&CoreState) -> Result<(), RestoreError>,
+    ) -> Result<Restored, ResumeError> {
         let (found, skipped) = self.dir.load_newest(&self.identity);
         let Some((path, ckpt)) = found else {
             return Err(ResumeError::NothingValid {
@@ -105,31 +108,16 @@ impl Saver {
                 skipped,
             });
         };
-        core.restore(&ckpt.state)
-            .map_err(|source| ResumeError::Restore {
-                path: path.clone(),
-                source,
-            })?;
+        restore(&ckpt.state).map_err(|source| ResumeError::Restore {
+            path: path.clone(),
+            source,
+        })?;
         self.last_version = ckpt.state.version;
-        self.last_time = Instant::now();
         Ok(Restored {
             path,
             version: ckpt.state.version,
             skipped,
         })
-    }
-
-    /// Whether a save is due for a shard now at `version`.
-    pub fn due(&self, version: u64) -> bool {
-        version > self.last_version
-            && (self
-                .policy
-                .every_updates
-                .is_some_and(|n| version >= self.last_version + n)
-                || self
-                    .policy
-                    .every
-                    .is_some_and(|d| self.last_time.elapsed() >= d))
     }
 
     /// Saves `state` unless nothing changed since the last save; returns the file written.
@@ -144,7 +132,6 @@ impl Saver {
             config: self.config.clone(),
         })?;
         self.last_version = state.version;
-        self.last_time = Instant::now();
         Ok(Some(path))
     }
 }

@@ -2,7 +2,7 @@
 //! and small IDX data sets made on the spot.
 #![allow(dead_code)]
 
-use pstrain::{Schedule, TrainConfig};
+use pstrain::{RunPlan, Schedule, TrainConfig};
 use pstrain_compute::idx::encode_idx;
 use pstrain_compute::mnist::{self, Mnist};
 use pstrain_compute::ModelKind;
@@ -77,14 +77,17 @@ pub fn pstrain_bin() -> &'static str {
 /// One epoch's worth of samples for `cnn`, 2 workers pushing 16-sample gradients. A sync
 /// update averages both workers' 32 samples, so it takes twice the rate (linear scaling).
 pub fn cnn_one_epoch(mode: Mode) -> TrainConfig {
-    let lr = if mode.is_sync() { 2e-3 } else { 1e-3 };
+    let lr = if mode.lockstep() { 2e-3 } else { 1e-3 };
     TrainConfig {
-        mode,
-        workers: 2,
-        model: ModelKind::Cnn,
-        epochs: 1,
-        batch_size: 16,
-        optimizer: OptimizerConfig::adam(lr),
+        plan: RunPlan {
+            mode,
+            workers: 2,
+            model: ModelKind::Cnn.name().into(),
+            epochs: 1,
+            batch_size: 16,
+            optimizer: OptimizerConfig::adam(lr),
+            ..RunPlan::default()
+        },
         eval_every: Some(0),
         ..TrainConfig::default()
     }
@@ -94,14 +97,17 @@ pub fn cnn_one_epoch(mode: Mode) -> TrainConfig {
 /// the workers' gradients.
 pub fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
     TrainConfig {
-        mode,
-        workers: 2,
-        model: ModelKind::Convnet,
-        iterations: Some(iterations),
-        batch_size: 128,
-        optimizer: OptimizerConfig::sgd(0.01),
-        schedule: Schedule::Constant,
-        aggregate: Aggregate::Sum,
+        plan: RunPlan {
+            mode,
+            workers: 2,
+            model: ModelKind::Convnet.name().into(),
+            iterations: Some(iterations),
+            batch_size: 128,
+            optimizer: OptimizerConfig::sgd(0.01),
+            schedule: Schedule::Constant,
+            aggregate: Aggregate::Sum,
+            ..RunPlan::default()
+        },
         eval_every: Some(0),
         ..TrainConfig::default()
     }

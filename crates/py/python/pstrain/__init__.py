@@ -177,55 +177,48 @@ class Client:
         self.leave()
 
 
+def _flags(values: Mapping[str, object]) -> List[str]:
+    """``pstrain server`` flags from keyword arguments: ``lr_schedule="constant"`` becomes
+    ``--lr-schedule constant``; ``True`` is a bare switch, ``False`` and ``None`` are left out."""
+    argv: List[str] = []
+    for key, value in values.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, float):
+            argv += [flag, repr(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 class Server:
     """A parameter-server shard for a model of your own, served from this process.
 
     ``params`` maps names to float32 arrays (their initial values; dict order is the flat
-    layout's order). The other arguments are ``pstrain server`` flags; ``extra_args`` passes
-    any flag not listed here. The run ends when every worker has left (or ``iterations``
-    updates are made); ``wait()`` then returns the shard's counters.
+    layout's order). Every other keyword is a ``pstrain server`` flag with the same meaning
+    and default (``mode``, ``workers``, ``optimizer``, ``lr``, ``lr_schedule``,
+    ``iterations``, ``max_staleness``, ``backup_workers``, ``checkpoint_dir``, ...; see
+    ``pstrain server --help``); ``extra_args`` passes raw flags. Workers adopt this shard's
+    run plan. The run ends when every worker has left (or ``iterations`` updates are made);
+    ``wait()`` then returns the shard's counters.
     """
 
     def __init__(
         self,
         params: Mapping[str, np.ndarray],
         *,
-        workers: int = 1,
-        mode: str = "sync",
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        max_staleness: int = 32,
-        backup_workers: int = 0,
-        aggregate: str = "mean",
-        iterations: Optional[int] = None,
         listen: str = "127.0.0.1:0",
         shard: int = 0,
         shards: int = 1,
         extra_args: Iterable[str] = (),
+        **flags: object,
     ) -> None:
         arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in params.items()}
-        argv = [
-            "--listen", listen,
-            "--shard", str(shard),
-            "--shards", str(shards),
-            "--mode", mode,
-            "--workers", str(workers),
-            "--optimizer", optimizer,
-            "--lr", repr(float(lr)),
-            "--momentum", repr(float(momentum)),
-            "--weight-decay", repr(float(weight_decay)),
-            "--lr-schedule", "constant",
-            "--aggregate", aggregate,
-        ]
-        if mode == "sync":
-            argv += ["--backup-workers", str(backup_workers)]
-        else:
-            argv += ["--max-staleness", str(max_staleness)]
-        if iterations is not None:
-            argv += ["--iterations", str(iterations)]
-        argv += list(extra_args)
+        argv = ["--listen", listen, "--shard", str(shard), "--shards", str(shards)]
+        argv += _flags(flags) + list(extra_args)
         self._shard = ShardServer(argv, arrays)
 
     @property

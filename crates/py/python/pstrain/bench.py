@@ -29,7 +29,8 @@ def measure(values: int, shards: int, rounds: int) -> dict:
     half = values // 2
     params = {"a": np.zeros(half, np.float32), "b": np.zeros(values - half, np.float32)}
     servers = [
-        pstrain.Server(params, workers=1, mode="async", lr=1e-9, shard=i, shards=shards)
+        pstrain.Server(params, workers=1, mode="async", optimizer="sgd", lr=1e-9,
+                       lr_schedule="constant", shard=i, shards=shards)
         for i in range(shards)
     ]
     try:

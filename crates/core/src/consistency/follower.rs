@@ -7,27 +7,21 @@
 //! applies steps in order as they complete. A member that can no longer send (it left, or it
 //! already pushed a later step) is no longer waited for.
 
+use super::{Consistency, Gradient, StepSum};
 use crate::config::Aggregate;
 use crate::error::PushError;
-use crate::server::{PushMeta, PushOutcome, ServerCore};
+use crate::shard_state::{PushOutcome, ShardState};
 use std::collections::BTreeMap;
 
+#[derive(Debug, Clone)]
 struct OpenStep {
-    accum: Vec<f32>,
-    weight: f64,
+    sum: StepSum,
     /// Members (as shard 0 decided) this shard still expects a gradient from.
     expected: Vec<bool>,
     heard: Vec<bool>,
 }
 
 impl OpenStep {
-    fn complete(&self) -> bool {
-        self.expected
-            .iter()
-            .zip(&self.heard)
-            .all(|(&e, &h)| !e || h)
-    }
-
     fn missing(&self) -> usize {
         self.expected
             .iter()
@@ -37,15 +31,22 @@ impl OpenStep {
     }
 }
 
-/// The open steps of a follower shard; drives its `ServerCore` through `apply_step`.
-#[derive(Default)]
-pub struct StepFollower {
+#[derive(Debug, Clone)]
+pub struct CoordinatedFollower {
+    workers: usize,
+    aggregate: Aggregate,
+    len: usize,
     open: BTreeMap<u64, OpenStep>,
 }
 
-impl StepFollower {
-    pub fn new() -> Self {
-        StepFollower::default()
+impl CoordinatedFollower {
+    pub fn new(workers: usize, aggregate: Aggregate, len: usize) -> Self {
+        CoordinatedFollower {
+            workers,
+            aggregate,
+            len,
+            open: BTreeMap::new(),
+        }
     }
 
     /// Steps still waiting for gradients.
@@ -53,41 +54,48 @@ impl StepFollower {
         self.open.len()
     }
 
-    /// Offers `meta.rank`'s gradient for shard 0's step `step`, whose members are `members`
-    /// (one flag per worker). On `Err` nothing is accumulated, but the rank no longer holds
-    /// the step up.
-    pub fn push(
-        &mut self,
-        core: &mut ServerCore,
-        meta: PushMeta,
-        grad: &[f32],
-        step: u64,
-        members: &[bool],
-    ) -> Result<PushOutcome, PushError> {
-        let workers = core.config().workers;
-        let rank = meta.rank;
-        if rank >= workers {
-            return Err(PushError::UnknownWorker { rank, workers });
+    /// Applies complete steps in order, stopping at the first incomplete one.
+    fn apply_complete(&mut self, state: &mut ShardState) {
+        while let Some(entry) = self.open.first_entry() {
+            if entry.get().missing() > 0 {
+                break;
+            }
+            let (step, mut s) = entry.remove_entry();
+            if step >= state.version() {
+                state.apply_step(step, s.sum.combined());
+            }
         }
-        if members.len() != workers {
+    }
+}
+
+impl Consistency for CoordinatedFollower {
+    fn push(
+        &mut self,
+        state: &mut ShardState,
+        _active: &[bool],
+        grad: Gradient<'_>,
+    ) -> Result<PushOutcome, PushError> {
+        let (meta, rank) = (grad.meta, grad.meta.rank);
+        let Some(tag) = grad.tag else {
+            state.count_refusal();
+            return Err(PushError::NotAMember { rank, step: None });
+        };
+        let (step, members) = (tag.step, tag.members);
+        if members.len() != self.workers {
+            state.count_refusal();
             return Err(PushError::WrongMembers {
-                expected: workers,
+                expected: self.workers,
                 got: members.len(),
             });
         }
         if !members[rank] {
-            return Err(PushError::NotAMember { rank, step });
-        }
-        if grad.len() != core.params().len() {
-            return Err(PushError::WrongLength {
-                expected: core.params().len(),
-                got: grad.len(),
+            state.count_refusal();
+            return Err(PushError::NotAMember {
+                rank,
+                step: Some(step),
             });
         }
-        if core.is_done() {
-            return Ok(PushOutcome::Done);
-        }
-        let version = core.version();
+        let version = state.version();
         if step < version {
             // Already applied, or lost to a restart from an older checkpoint.
             return Ok(PushOutcome::Dropped {
@@ -98,78 +106,64 @@ impl StepFollower {
         for (_, s) in self.open.range_mut(..step) {
             s.expected[rank] = false;
         }
-        let len = core.params().len();
+        let (workers, aggregate, len) = (self.workers, self.aggregate, self.len);
         let open = self.open.entry(step).or_insert_with(|| OpenStep {
-            accum: vec![0.0; len],
-            weight: 0.0,
+            sum: StepSum::new(len, aggregate),
             expected: members.to_vec(),
             heard: vec![false; workers],
         });
         if open.heard[rank] {
+            state.count_refusal();
             return Err(PushError::DuplicatePush {
                 rank,
                 version: step,
             });
         }
         open.heard[rank] = true;
-        let checked = core.check_gradient(meta, grad);
+        let staleness = version.saturating_sub(meta.base_version);
+        let checked = state.check_gradient(meta, grad.values);
         if checked.is_ok() {
-            let weight = match core.config().aggregate {
-                Aggregate::Mean => meta.samples as f32,
-                Aggregate::Sum => 1.0,
-            };
-            for (a, &g) in open.accum.iter_mut().zip(grad) {
-                *a += weight * g;
-            }
-            open.weight += f64::from(weight);
-            core.record_applied(meta, version.saturating_sub(meta.base_version));
+            open.sum.add(meta.samples, grad.values);
+            state.record_applied(meta, staleness);
         }
         let waiting_for = open.missing();
-        self.apply_complete(core);
+        self.apply_complete(state);
         checked?;
-        Ok(if core.version() > step {
+        Ok(if state.version() > step {
             PushOutcome::Applied {
-                version: core.version(),
-                staleness: version.saturating_sub(meta.base_version),
+                version: state.version(),
+                staleness,
             }
         } else {
             PushOutcome::Buffered { waiting_for }
         })
     }
 
-    /// `rank` left: no open step waits for it any more. Returns the new version if steps
-    /// were applied.
-    pub fn leave(&mut self, core: &mut ServerCore, rank: usize) -> Option<u64> {
+    fn leave(&mut self, state: &mut ShardState, _active: &[bool], rank: usize) -> bool {
         for s in self.open.values_mut() {
             if let Some(e) = s.expected.get_mut(rank) {
                 *e = false;
             }
         }
-        let before = core.version();
-        self.apply_complete(core);
-        (core.version() != before).then_some(core.version())
+        let before = state.version();
+        self.apply_complete(state);
+        state.version() != before
     }
 
-    /// Applies complete steps in order, stopping at the first incomplete one.
-    fn apply_complete(&mut self, core: &mut ServerCore) {
-        while let Some(entry) = self.open.first_entry() {
-            if !entry.get().complete() {
-                break;
-            }
-            let (step, mut s) = entry.remove_entry();
-            if step >= core.version() && !core.is_done() {
-                core.apply_step(step, &mut s.accum, s.weight);
-            }
-        }
+    fn reset(&mut self) {
+        self.open.clear();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::{Mode, ServerConfig};
+    use crate::error::PushError;
     use crate::optimizer::OptimizerConfig;
+    use crate::server::ServerCore;
+    use crate::shard_state::{PushMeta, PushOutcome};
 
+    /// Shard 1 of 2 in sync mode with a backup worker: a follower.
     fn follower_core(workers: usize) -> ServerCore {
         let cfg = ServerConfig {
             mode: Mode::Sync { backup_workers: 1 },
@@ -177,7 +171,7 @@ mod tests {
             optimizer: OptimizerConfig::sgd(1.0),
             ..Default::default()
         };
-        ServerCore::new(cfg, vec![0.0; 2]).unwrap()
+        ServerCore::for_shard(cfg, vec![0.0; 2], 1, 2).unwrap()
     }
 
     fn meta(rank: usize, base_version: u64) -> PushMeta {
@@ -194,25 +188,27 @@ mod tests {
     #[test]
     fn applies_exactly_the_members_of_each_step_in_order() {
         let mut core = follower_core(3);
-        let mut f = StepFollower::new();
         assert_eq!(
-            f.push(&mut core, meta(0, 0), &[2.0, 0.0], 0, &M01),
+            core.push_step(meta(0, 0), &[2.0, 0.0], 0, &M01),
             Ok(PushOutcome::Buffered { waiting_for: 1 })
         );
         // Worker 2 was not a member of step 0: refused, nothing changes.
         assert_eq!(
-            f.push(&mut core, meta(2, 0), &[9.0, 9.0], 0, &M01),
-            Err(PushError::NotAMember { rank: 2, step: 0 })
+            core.push_step(meta(2, 0), &[9.0, 9.0], 0, &M01),
+            Err(PushError::NotAMember {
+                rank: 2,
+                step: Some(0)
+            })
         );
         // Step 1 arrives before step 0 is complete: kept, not applied out of order.
         let m12 = [false, true, true];
         assert_eq!(
-            f.push(&mut core, meta(2, 0), &[0.0, 4.0], 1, &m12),
+            core.push_step(meta(2, 0), &[0.0, 4.0], 1, &m12),
             Ok(PushOutcome::Buffered { waiting_for: 1 })
         );
         assert_eq!(core.version(), 0);
         assert_eq!(
-            f.push(&mut core, meta(1, 0), &[0.0, 2.0], 0, &M01),
+            core.push_step(meta(1, 0), &[0.0, 2.0], 0, &M01),
             Ok(PushOutcome::Applied {
                 version: 1,
                 staleness: 0
@@ -221,34 +217,41 @@ mod tests {
         // mean of [2,0] and [0,2], lr 1.
         assert_eq!(core.params(), &[-1.0, -1.0]);
         assert_eq!(
-            f.push(&mut core, meta(1, 1), &[0.0, 0.0], 1, &m12),
+            core.push_step(meta(1, 1), &[0.0, 0.0], 1, &m12),
             Ok(PushOutcome::Applied {
                 version: 2,
                 staleness: 0
             })
         );
         assert_eq!(core.params(), &[-1.0, -3.0]);
-        assert_eq!(f.open_steps(), 0);
         // A late copy of a step already applied is dropped.
         assert_eq!(
-            f.push(&mut core, meta(0, 0), &[1.0, 1.0], 0, &M01),
+            core.push_step(meta(0, 0), &[1.0, 1.0], 0, &M01),
             Ok(PushOutcome::Dropped { staleness: 2 })
+        );
+        // A push without a step is refused by a follower.
+        assert_eq!(
+            core.push(meta(0, 2), &[1.0, 1.0]),
+            Err(PushError::NotAMember {
+                rank: 0,
+                step: None
+            })
         );
     }
 
     #[test]
     fn a_member_that_leaves_or_moves_on_is_not_waited_for() {
         let mut core = follower_core(3);
-        let mut f = StepFollower::new();
-        f.push(&mut core, meta(0, 0), &[2.0, 2.0], 0, &M01).unwrap();
-        assert_eq!(f.leave(&mut core, 1), Some(1));
+        core.push_step(meta(0, 0), &[2.0, 2.0], 0, &M01).unwrap();
+        assert_eq!(core.leave(1), Some(1));
         assert_eq!(core.params(), &[-2.0, -2.0]);
         // Rank 0 pushes step 2 while step 1 waits for it and rank 1: it will never send
         // step 1, so only rank 1 is waited for there.
-        f.push(&mut core, meta(1, 1), &[1.0, 1.0], 1, &[true, true, false])
+        core.rejoin(1);
+        core.push_step(meta(1, 1), &[1.0, 1.0], 1, &[true, true, false])
             .unwrap();
         assert_eq!(core.version(), 1);
-        f.push(&mut core, meta(0, 1), &[1.0, 1.0], 2, &[true, false, true])
+        core.push_step(meta(0, 1), &[1.0, 1.0], 2, &[true, false, true])
             .unwrap();
         assert_eq!(core.version(), 2, "step 1 applied with rank 1 alone");
     }
@@ -256,39 +259,35 @@ mod tests {
     #[test]
     fn after_a_restart_the_follower_takes_up_shard_0s_numbering() {
         let mut core = follower_core(2);
-        let mut f = StepFollower::new();
         // Restored at version 3, shard 0 is at step 7: the follower jumps to 8.
         let mut state = core.state();
         state.version = 3;
         core.restore(&state).unwrap();
         let both = [true, true];
-        f.push(&mut core, meta(0, 3), &[1.0, 0.0], 7, &both)
-            .unwrap();
-        f.push(&mut core, meta(1, 3), &[1.0, 0.0], 7, &both)
-            .unwrap();
+        core.push_step(meta(0, 3), &[1.0, 0.0], 7, &both).unwrap();
+        core.push_step(meta(1, 3), &[1.0, 0.0], 7, &both).unwrap();
         assert_eq!(core.version(), 8);
     }
 
     #[test]
     fn bad_gradients_are_refused_without_stalling_the_step() {
         let mut core = follower_core(3);
-        let mut f = StepFollower::new();
         assert!(matches!(
-            f.push(&mut core, meta(0, 0), &[f32::NAN, 0.0], 0, &M01),
+            core.push_step(meta(0, 0), &[f32::NAN, 0.0], 0, &M01),
             Err(PushError::NonFinite { .. })
         ));
-        f.push(&mut core, meta(1, 0), &[0.0, 3.0], 0, &M01).unwrap();
+        core.push_step(meta(1, 0), &[0.0, 3.0], 0, &M01).unwrap();
         assert_eq!(core.version(), 1);
         assert_eq!(core.params(), &[0.0, -3.0]);
         assert_eq!(
-            f.push(&mut core, meta(0, 1), &[1.0], 1, &M01),
+            core.push_step(meta(0, 1), &[1.0], 1, &M01),
             Err(PushError::WrongLength {
                 expected: 2,
                 got: 1
             })
         );
         assert_eq!(
-            f.push(&mut core, meta(0, 1), &[1.0, 1.0], 1, &[true]),
+            core.push_step(meta(0, 1), &[1.0, 1.0], 1, &[true]),
             Err(PushError::WrongMembers {
                 expected: 3,
                 got: 1

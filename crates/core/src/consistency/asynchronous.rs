@@ -1,0 +1,47 @@
+//! Async: every gradient is applied on arrival; one computed from weights more than
+//! `max_staleness` updates old is dropped (the worker then pulls fresh weights).
+
+use super::{Consistency, Gradient};
+use crate::error::PushError;
+use crate::shard_state::{PushOutcome, ShardState};
+
+#[derive(Debug, Clone)]
+pub struct AsyncApply {
+    max_staleness: Option<u64>,
+}
+
+impl AsyncApply {
+    pub fn new(max_staleness: Option<u64>) -> Self {
+        AsyncApply { max_staleness }
+    }
+}
+
+impl Consistency for AsyncApply {
+    fn push(
+        &mut self,
+        state: &mut ShardState,
+        _active: &[bool],
+        grad: Gradient<'_>,
+    ) -> Result<PushOutcome, PushError> {
+        if grad.tag.is_some() {
+            state.count_refusal();
+            return Err(PushError::UnexpectedStep);
+        }
+        let staleness = state.version() - grad.meta.base_version;
+        if self.max_staleness.is_some_and(|bound| staleness > bound) {
+            state.count_stale();
+            return Ok(PushOutcome::Dropped { staleness });
+        }
+        state.check_gradient(grad.meta, grad.values)?;
+        state.apply(grad.values);
+        state.record_applied(grad.meta, staleness);
+        Ok(PushOutcome::Applied {
+            version: state.version(),
+            staleness,
+        })
+    }
+
+    fn leave(&mut self, _state: &mut ShardState, _active: &[bool], _rank: usize) -> bool {
+        false
+    }
+}

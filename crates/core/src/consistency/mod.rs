@@ -1,0 +1,95 @@
+//! The consistency rules behind one interface: when a gradient is admitted, when a step is
+//! complete, how it is combined, and when a waiting pull may return. A shard holds one
+//! `Consistency`, chosen from its `Mode` by `for_mode`; adding a mode is one more module here
+//! plus its arm in `for_mode` (and the mode's flag).
+
+mod asynchronous;
+mod follower;
+mod step_sum;
+mod sync;
+
+pub use asynchronous::AsyncApply;
+pub use follower::CoordinatedFollower;
+pub use step_sum::StepSum;
+pub use sync::SyncSteps;
+
+use crate::config::{Aggregate, Mode};
+use crate::error::PushError;
+use crate::shard_state::{PushMeta, PushOutcome, ShardState};
+
+/// In coordinated mode: the step shard 0 admitted a gradient into, and that step's members.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTag<'a> {
+    pub step: u64,
+    pub members: &'a [bool],
+}
+
+/// One gradient offered to a shard.
+#[derive(Debug, Clone, Copy)]
+pub struct Gradient<'a> {
+    pub meta: PushMeta,
+    pub values: &'a [f32],
+    /// Set on pushes to a follower shard in coordinated mode.
+    pub tag: Option<StepTag<'a>>,
+}
+
+/// A consistency rule. The caller (`ServerCore`) has already checked the rank, the length,
+/// that the base version is not from the future and that the run is not over; `active` says
+/// which ranks are in the quorum.
+pub trait Consistency: Send + std::fmt::Debug {
+    /// Admits, buffers or drops a gradient; applies the updates it completes. On `Err` the
+    /// weights are unchanged (a rule may still count the rank as heard from for this step, so
+    /// that a bad gradient cannot stall a barrier).
+    fn push(
+        &mut self,
+        state: &mut ShardState,
+        active: &[bool],
+        grad: Gradient<'_>,
+    ) -> Result<PushOutcome, PushError>;
+
+    /// `rank` has left the quorum (`active` already says so); returns whether that completed
+    /// an update.
+    fn leave(&mut self, state: &mut ShardState, active: &[bool], rank: usize) -> bool;
+
+    /// `rank` is back in the quorum.
+    fn rejoin(&mut self, _rank: usize) {}
+
+    /// Whether a waiting pull by `rank` for weights newer than `newer_than` may return now
+    /// (the caller also releases it when the run is over).
+    fn pull_ready(
+        &self,
+        state: &ShardState,
+        _rank: Option<usize>,
+        newer_than: Option<u64>,
+    ) -> bool {
+        newer_than.is_none_or(|v| state.version() > v)
+    }
+
+    /// The members of completed step `step`, for a shard that decides steps for the others.
+    fn members_of(&self, _step: u64) -> Option<&[bool]> {
+        None
+    }
+
+    /// Forgets any partial step (after the state was restored from a checkpoint).
+    fn reset(&mut self) {}
+}
+
+/// The rule for shard `shard` of `shards` under `mode`.
+pub fn for_mode(
+    mode: Mode,
+    workers: usize,
+    aggregate: Aggregate,
+    len: usize,
+    shard: usize,
+    shards: usize,
+) -> Box<dyn Consistency> {
+    match mode {
+        Mode::Async { max_staleness } => Box::new(AsyncApply::new(max_staleness)),
+        Mode::Sync { .. } if mode.coordinated(shards) && shard > 0 => {
+            Box::new(CoordinatedFollower::new(workers, aggregate, len))
+        }
+        Mode::Sync { backup_workers } => {
+            Box::new(SyncSteps::new(workers, backup_workers, aggregate, len))
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! `ShardEngine`: everything a parameter-server shard decides, for every transport. It holds
+//! the shard's `ServerCore` (state + consistency rule), the workers' `Membership` and the
+//! `CheckpointSchedule`; the in-process engine and the TCP server only move bytes, wait and
+//! keep the clock, then ask it. Time comes in as `now`, a `Duration` since the shard started.
+
+use crate::checkpoint_schedule::CheckpointSchedule;
+use crate::config::ServerConfig;
+use crate::error::{ConfigError, PushError, RestoreError};
+use crate::membership::{Departure, JoinError, Membership, RankRequest, Seat};
+use crate::server::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    pub shard: usize,
+    pub shards: usize,
+    pub server: ServerConfig,
+    /// A worker whose heartbeats (once started) stop for this long leaves the quorum.
+    pub heartbeat_timeout: Duration,
+    /// Snapshot the state inside the update that reaches every N updates.
+    pub checkpoint_every_updates: Option<u64>,
+    /// Snapshot the state when this long has passed (and something changed).
+    pub checkpoint_every: Option<Duration>,
+}
+
+impl EngineConfig {
+    /// A single shard (the whole model) with no checkpoints and a 10 s heartbeat deadline.
+    pub fn single(server: ServerConfig) -> Self {
+        EngineConfig {
+            shard: 0,
+            shards: 1,
+            server,
+            heartbeat_timeout: Duration::from_secs(10),
+            checkpoint_every_updates: None,
+            checkpoint_every: None,
+        }
+    }
+}
+
+/// What a push did, and what the caller must do about it.
+#[derive(Debug)]
+pub struct PushReport {
+    pub outcome: Result<PushOutcome, PushError>,
+    /// The version moved or the run ended: wake waiting pulls.
+    pub changed: bool,
+    /// This update reached the checkpoint interval: hand this state to the writer.
+    pub snapshot: Option<CoreState>,
+    /// Shard 0 in coordinated mode: the step the gradient was admitted into; once it is
+    /// complete, `step_members` says who made it up (the other shards need that).
+    pub admitted_step: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct ShardEngine {
+    core: ServerCore,
+    members: Membership,
+    checkpoints: CheckpointSchedule,
+    heartbeat_timeout: Duration,
+    coordinator: bool,
+}
+
+impl ShardEngine {
+    /// Shard `cfg.shard` holding `params` (its slice), starting at `now`.
+    pub fn new(cfg: EngineConfig, params: Vec<f32>, now: Duration) -> Result<Self, ConfigError> {
+        let workers = cfg.server.workers;
+        let coordinator = cfg.server.mode.coordinated(cfg.shards) && cfg.shard == 0;
+        let core = ServerCore::for_shard(cfg.server, params, cfg.shard, cfg.shards)?;
+        Ok(ShardEngine {
+            checkpoints: CheckpointSchedule::new(
+                cfg.checkpoint_every_updates,
+                cfg.checkpoint_every,
+                core.version(),
+                now,
+            ),
+            members: Membership::new(workers),
+            heartbeat_timeout: cfg.heartbeat_timeout,
+            coordinator,
+            core,
+        })
+    }
+
+    pub fn core(&self) -> &ServerCore {
+        &self.core
+    }
+
+    /// Continues from a checkpoint's state.
+    pub fn restore(&mut self, state: &CoreState, now: Duration) -> Result<(), RestoreError> {
+        self.core.restore(state)?;
+        self.checkpoints.mark(state.version, now);
+        Ok(())
+    }
+
+    pub fn version(&self) -> u64 {
+        self.core.version()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.core.is_done()
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        self.core.stats()
+    }
+
+    pub fn params(&self) -> &[f32] {
+        self.core.params()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.members.workers()
+    }
+
+    /// Ranks in the quorum.
+    pub fn active_workers(&self) -> usize {
+        self.core.active_workers()
+    }
+
+    /// Ranks held by a connection now.
+    pub fn connected_workers(&self) -> usize {
+        self.members.held()
+    }
+
+    /// Every worker rank has joined and gone: the run's work is over.
+    pub fn all_departed(&self) -> bool {
+        self.members.all_departed()
+    }
+
+    /// A worker takes a rank; one that held it before comes back into the quorum.
+    pub fn join(&mut self, request: RankRequest) -> Result<Seat, JoinError> {
+        let seat = self.members.join(request)?;
+        if seat.rejoined {
+            self.core.rejoin(seat.rank);
+        }
+        Ok(seat)
+    }
+
+    /// Whether `seat` still holds its rank (it was not evicted or replaced).
+    pub fn holds(&self, seat: Seat) -> bool {
+        self.members.holds(seat)
+    }
+
+    /// `seat` lets go of its rank and leaves the quorum. Returns whether waiting pulls must
+    /// be woken (a step completed). A seat that no longer holds its rank changes nothing.
+    pub fn leave(&mut self, seat: Seat, how: Departure) -> bool {
+        self.members.leave(seat, how) && self.core.leave(seat.rank).is_some()
+    }
+
+    pub fn heartbeat(&mut self, rank: usize, now: Duration) {
+        self.members.beat(rank, now);
+    }
+
+    /// Evicts workers whose heartbeats stopped; returns their ranks.
+    pub fn evict_silent(&mut self, now: Duration) -> Vec<usize> {
+        let evicted = self.members.evict_silent(now, self.heartbeat_timeout);
+        for &rank in &evicted {
+            self.core.leave(rank);
+        }
+        evicted
+    }
+
+    /// Offers a gradient from `meta.rank` (tagged with shard 0's step and members on a
+    /// follower shard in coordinated mode).
+    pub fn push(
+        &mut self,
+        meta: PushMeta,
+        grad: &[f32],
+        tag: Option<(u64, &[bool])>,
+        now: Duration,
+    ) -> PushReport {
+        let before = self.core.version();
+        let outcome = match tag {
+            Some((step, members)) => self.core.push_step(meta, grad, step, members),
+            None => self.core.push(meta, grad),
+        };
+        let version = self.core.version();
+        let changed = version != before || self.core.is_done();
+        let snapshot = (version != before && self.checkpoints.due_after_update(version, now))
+            .then(|| self.core.state());
+        let admitted_step = match outcome {
+            Ok(PushOutcome::Buffered { .. }) if self.coordinator => Some(version),
+            Ok(PushOutcome::Applied { version, .. }) if self.coordinator => Some(version - 1),
+            _ => None,
+        };
+        PushReport {
+            outcome,
+            changed,
+            snapshot,
+            admitted_step,
+        }
+    }
+
+    /// The members of completed step `step` (shard 0 in coordinated mode).
+    pub fn step_members(&self, step: u64) -> Option<&[bool]> {
+        self.core.members_of(step)
+    }
+
+    /// Whether a waiting pull by `rank` for weights newer than `newer_than` may return.
+    pub fn pull_ready(&self, rank: Option<usize>, newer_than: Option<u64>) -> bool {
+        self.core.pull_ready(rank, newer_than)
+    }
+
+    /// The state to write if the time-based checkpoint interval has passed.
+    pub fn checkpoint_due(&mut self, now: Duration) -> Option<CoreState> {
+        self.checkpoints
+            .due_by_time(self.core.version(), now)
+            .then(|| self.core.state())
+    }
+
+    /// The time-based checkpoint interval, for the caller's timer.
+    pub fn checkpoint_every(&self) -> Option<Duration> {
+        self.checkpoints.every()
+    }
+
+    /// The complete state now (final checkpoints, snapshots).
+    pub fn state(&self) -> CoreState {
+        self.core.state()
+    }
+}

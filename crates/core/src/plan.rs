@@ -1,0 +1,254 @@
+//! The run plan: a typed description of one training run that every process of the run
+//! shares. The shards own it; workers and observers receive it in the handshake, so a worker
+//! needs only the shards' addresses, its rank and its data.
+
+use crate::config::{Aggregate, Mode, ServerConfig};
+use crate::error::ConfigError;
+use crate::optimizer::{LrSchedule, OptimizerConfig};
+
+/// The learning-rate schedule, resolved against the run's planned number of updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay to zero over the planned updates.
+    #[default]
+    Cosine,
+}
+
+impl Schedule {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Schedule::Constant => "constant",
+            Schedule::Cosine => "cosine",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPlan {
+    /// The model's name (`cnn`, `convnet`, or `custom` for a layout given by the caller).
+    pub model: String,
+    pub mode: Mode,
+    /// Worker ranks 0..workers.
+    pub workers: usize,
+    /// Samples per worker per step.
+    pub batch_size: usize,
+    /// Passes over the training set (each worker passes over its shard this many times).
+    pub epochs: usize,
+    /// Stop after this many server updates instead (workers loop over epochs until then).
+    pub iterations: Option<u64>,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    /// How a sync step combines its gradients.
+    pub aggregate: Aggregate,
+    /// Initial weights, data shards, shuffles and dropout masks all derive from it.
+    pub seed: u64,
+    /// The training-set size the run is planned for (epochs, the schedule's length); every
+    /// worker's data must have this many samples.
+    pub train_samples: usize,
+}
+
+impl Default for RunPlan {
+    fn default() -> Self {
+        RunPlan {
+            model: "cnn".into(),
+            mode: Mode::Async {
+                max_staleness: Some(32),
+            },
+            workers: 2,
+            batch_size: 64,
+            epochs: 5,
+            iterations: None,
+            optimizer: OptimizerConfig::adam(1e-3),
+            schedule: Schedule::Cosine,
+            aggregate: Aggregate::Mean,
+            seed: 42,
+            train_samples: 60_000,
+        }
+    }
+}
+
+/// Steps each worker runs per epoch when `n` samples are split over `workers`: the largest
+/// shard's count, so that every worker runs the same number (a sync barrier never waits for
+/// a worker that ran out of data).
+pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> usize {
+    n.div_ceil(workers.max(1)).div_ceil(batch.max(1)).max(1)
+}
+
+impl RunPlan {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.batch_size == 0 || self.batch_size > u32::MAX as usize {
+            return Err(ConfigError::out_of_range(
+                "batch_size",
+                "in 1..=4294967295",
+                self.batch_size,
+            ));
+        }
+        if self.epochs == 0 && self.iterations.is_none() {
+            return Err(ConfigError::out_of_range(
+                "epochs",
+                ">= 1 (or give iterations)",
+                0,
+            ));
+        }
+        if self.train_samples == 0 {
+            return Err(ConfigError::out_of_range("train_samples", ">= 1", 0));
+        }
+        if self.model.is_empty() {
+            return Err(ConfigError::out_of_range("model", "a name", "\"\""));
+        }
+        self.server_config().validate()
+    }
+
+    /// A shard's configuration for this run.
+    pub fn server_config(&self) -> ServerConfig {
+        let schedule = match self.schedule {
+            Schedule::Constant => LrSchedule::Constant,
+            Schedule::Cosine => LrSchedule::Cosine {
+                total_updates: self.planned_updates().max(1),
+            },
+        };
+        ServerConfig {
+            mode: self.mode,
+            workers: self.workers,
+            optimizer: self.optimizer,
+            schedule,
+            aggregate: self.aggregate,
+            max_updates: self.iterations,
+        }
+    }
+
+    /// Steps each worker runs per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        steps_per_epoch(self.train_samples, self.workers, self.batch_size) as u64
+    }
+
+    /// Server updates that make one pass over the training set.
+    pub fn updates_per_epoch(&self) -> u64 {
+        let steps = self.steps_per_epoch();
+        if self.mode.lockstep() {
+            steps
+        } else {
+            steps.saturating_mul(self.workers as u64)
+        }
+    }
+
+    /// Updates the run will make: `iterations`, or the epochs' worth.
+    pub fn planned_updates(&self) -> u64 {
+        self.iterations
+            .unwrap_or_else(|| self.updates_per_epoch().saturating_mul(self.epochs as u64))
+    }
+
+    /// Samples behind one server update.
+    pub fn samples_per_update(&self) -> u64 {
+        let workers = if self.mode.lockstep() {
+            self.workers
+        } else {
+            1
+        };
+        (workers * self.batch_size) as u64
+    }
+
+    /// The fields where `other` differs from this plan: (field, this value, other value).
+    pub fn differences(&self, other: &RunPlan) -> Vec<(&'static str, String, String)> {
+        let mut out = Vec::new();
+        let mut check = |field: &'static str, a: String, b: String| {
+            if a != b {
+                out.push((field, a, b));
+            }
+        };
+        check("model", self.model.clone(), other.model.clone());
+        check("mode", self.mode.to_string(), other.mode.to_string());
+        check(
+            "workers",
+            self.workers.to_string(),
+            other.workers.to_string(),
+        );
+        check(
+            "batch_size",
+            self.batch_size.to_string(),
+            other.batch_size.to_string(),
+        );
+        check("epochs", self.epochs.to_string(), other.epochs.to_string());
+        check(
+            "iterations",
+            format!("{:?}", self.iterations),
+            format!("{:?}", other.iterations),
+        );
+        check(
+            "optimizer",
+            format!("{:?}", self.optimizer),
+            format!("{:?}", other.optimizer),
+        );
+        check(
+            "lr_schedule",
+            self.schedule.name().into(),
+            other.schedule.name().into(),
+        );
+        check(
+            "aggregate",
+            format!("{:?}", self.aggregate),
+            format!("{:?}", other.aggregate),
+        );
+        check("seed", self.seed.to_string(), other.seed.to_string());
+        check(
+            "train_samples",
+            self.train_samples.to_string(),
+            other.train_samples.to_string(),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planning_counts_updates_by_mode() {
+        let sync = RunPlan {
+            mode: Mode::Sync { backup_workers: 0 },
+            workers: 2,
+            batch_size: 64,
+            epochs: 3,
+            ..RunPlan::default()
+        };
+        // 60,000 / 2 workers / 64 = 468.75 -> 469 steps each.
+        assert_eq!(sync.steps_per_epoch(), 469);
+        assert_eq!(sync.planned_updates(), 3 * 469);
+        assert_eq!(sync.samples_per_update(), 128);
+        let asynchronous = RunPlan {
+            mode: Mode::Async {
+                max_staleness: None,
+            },
+            ..sync.clone()
+        };
+        assert_eq!(asynchronous.planned_updates(), 3 * 469 * 2);
+        let fixed = RunPlan {
+            iterations: Some(10),
+            ..sync.clone()
+        };
+        assert_eq!(fixed.planned_updates(), 10);
+        assert_eq!(fixed.server_config().max_updates, Some(10));
+    }
+
+    #[test]
+    fn differences_name_each_field() {
+        let a = RunPlan::default();
+        let b = RunPlan {
+            seed: 7,
+            workers: 3,
+            ..a.clone()
+        };
+        let fields: Vec<_> = a.differences(&b).into_iter().map(|d| d.0).collect();
+        assert_eq!(fields, vec!["workers", "seed"]);
+        assert!(a.differences(&a).is_empty());
+        assert!(RunPlan {
+            epochs: 0,
+            ..a.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(a.validate().is_ok());
+    }
+}

@@ -1,0 +1,206 @@
+//! One shard's model state: its slice of the parameters, the optimizer, the version and the
+//! counters, with the checks and bookkeeping every consistency rule shares.
+
+use crate::config::ServerConfig;
+use crate::error::{PushError, RestoreError};
+use crate::optimizer::Optimizer;
+
+/// What came with a gradient besides its values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PushMeta {
+    pub rank: usize,
+    /// The server version of the weights the gradient was computed from.
+    pub base_version: u64,
+    /// Samples the gradient averages over (its weight in a sync step).
+    pub samples: u32,
+    /// The worker's mean training loss on that batch (reported, never used for the update).
+    pub loss: f32,
+}
+
+/// What the server did with an accepted gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// An update was applied; the server is now at `version`.
+    Applied { version: u64, staleness: u64 },
+    /// Sync: stored for the current step, which still waits for `waiting_for` more gradients.
+    Buffered { waiting_for: usize },
+    /// Not applied, by the rules (not an error): too stale in async mode, or a late gradient
+    /// for a sync step that is already complete.
+    Dropped { staleness: u64 },
+    /// The run reached its update budget; no more gradients are taken.
+    Done,
+}
+
+/// Counters describing the shard's life so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServerStats {
+    pub version: u64,
+    /// Gradients that went into an update.
+    pub gradients_applied: u64,
+    /// Samples behind those gradients.
+    pub samples_applied: u64,
+    pub dropped_stale: u64,
+    pub rejected_nonfinite: u64,
+    pub rejected_other: u64,
+    pub staleness_sum: u64,
+    pub staleness_max: u64,
+    /// Exponential moving average of the workers' reported training loss.
+    pub loss_ema: Option<f32>,
+}
+
+impl ServerStats {
+    pub fn staleness_mean(&self) -> f64 {
+        if self.gradients_applied == 0 {
+            0.0
+        } else {
+            self.staleness_sum as f64 / self.gradients_applied as f64
+        }
+    }
+}
+
+/// A shard's complete state, as `ServerCore::state` takes it and `restore` puts it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreState {
+    pub params: Vec<f32>,
+    pub optimizer: Vec<(String, Vec<f32>)>,
+    pub optimizer_step: u64,
+    pub version: u64,
+    pub stats: ServerStats,
+}
+
+/// Parameters, optimizer, version and counters of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardState {
+    params: Vec<f32>,
+    optimizer: Optimizer,
+    version: u64,
+    stats: ServerStats,
+}
+
+impl ShardState {
+    pub fn new(config: &ServerConfig, params: Vec<f32>) -> Self {
+        let optimizer = Optimizer::with_schedule(config.optimizer, config.schedule, params.len());
+        ShardState {
+            params,
+            optimizer,
+            version: 0,
+            stats: ServerStats::default(),
+        }
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            version: self.version,
+            ..self.stats
+        }
+    }
+
+    /// Applies one update (a combined or single gradient); the version moves on by one.
+    pub fn apply(&mut self, update: &[f32]) {
+        self.optimizer.apply(&mut self.params, update);
+        self.version += 1;
+    }
+
+    /// Applies the update of step `step` as another shard numbered it (a follower's step):
+    /// the version becomes `step + 1`, even after updates were lost to a restart. An empty
+    /// step (every gradient refused) moves the version without touching the weights.
+    pub fn apply_step(&mut self, step: u64, update: Option<&[f32]>) {
+        if let Some(update) = update {
+            self.optimizer.apply(&mut self.params, update);
+        }
+        self.version = self.version.max(step + 1);
+    }
+
+    /// Ends a step whose every gradient was refused: the version moves on so nobody waits.
+    pub fn skip_step(&mut self) {
+        self.version += 1;
+    }
+
+    /// The checks every gradient passes before any rule looks at it; a refusal is counted.
+    pub fn check_gradient(&mut self, meta: PushMeta, grad: &[f32]) -> Result<(), PushError> {
+        if meta.samples == 0 {
+            self.stats.rejected_other += 1;
+            return Err(PushError::EmptyBatch);
+        }
+        let bad = grad.iter().filter(|g| !g.is_finite()).count();
+        if bad > 0 {
+            self.stats.rejected_nonfinite += 1;
+            return Err(PushError::NonFinite { count: bad });
+        }
+        Ok(())
+    }
+
+    pub fn count_refusal(&mut self) {
+        self.stats.rejected_other += 1;
+    }
+
+    pub fn count_stale(&mut self) {
+        self.stats.dropped_stale += 1;
+    }
+
+    pub fn record_applied(&mut self, meta: PushMeta, staleness: u64) {
+        let s = &mut self.stats;
+        s.gradients_applied += 1;
+        s.samples_applied += u64::from(meta.samples);
+        s.staleness_sum += staleness;
+        s.staleness_max = s.staleness_max.max(staleness);
+        if meta.loss.is_finite() {
+            s.loss_ema = Some(match s.loss_ema {
+                None => meta.loss,
+                Some(avg) => 0.95 * avg + 0.05 * meta.loss,
+            });
+        }
+    }
+
+    /// Everything needed to continue this shard elsewhere.
+    pub fn snapshot(&self) -> CoreState {
+        CoreState {
+            params: self.params.clone(),
+            optimizer: self
+                .optimizer
+                .state()
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+            optimizer_step: self.optimizer.step(),
+            version: self.version,
+            stats: self.stats(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &CoreState) -> Result<(), RestoreError> {
+        if state.params.len() != self.params.len() {
+            return Err(RestoreError::Length {
+                what: "parameters".into(),
+                expected: self.params.len(),
+                got: state.params.len(),
+            });
+        }
+        self.optimizer
+            .restore(&state.optimizer, state.optimizer_step)?;
+        self.params.copy_from_slice(&state.params);
+        self.version = state.version;
+        self.stats = state.stats;
+        Ok(())
+    }
+}

@@ -1,0 +1,365 @@
+//! A deterministic simulation of shards and workers, in the style of raft-rs's harness: no
+//! sockets and no threads, a fake clock, and a seeded scheduler that decides which worker acts
+//! next. Workers pull, push, wait at the consistency gate, die, freeze, rejoin and get
+//! replaced; the assertions read the shards' own state.
+
+use pstrain_core::{
+    Departure, EngineConfig, Mode, OptimizerConfig, PushMeta, PushOutcome, RankRequest, Rng, Seat,
+    ServerConfig, ShardEngine,
+};
+use std::time::Duration;
+
+const TICK: Duration = Duration::from_millis(100);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Life {
+    Alive,
+    /// Stopped without a word: no pushes, no heartbeats (a hung host).
+    Frozen,
+    /// Its process died: the connection broke (the transport reports that at once).
+    Dead,
+}
+
+struct SimWorker {
+    seat: Option<Seat>,
+    /// The version of the weights it holds, per shard.
+    versions: Vec<u64>,
+    /// It pushed and now waits at the gate of these shards.
+    waiting: Vec<bool>,
+    life: Life,
+    pushes: u64,
+}
+
+struct Sim {
+    shards: Vec<ShardEngine>,
+    workers: Vec<SimWorker>,
+    now: Duration,
+    rng: Rng,
+    /// Relative speed: worker i acts with probability weight[i] / sum when picked.
+    weight: Vec<usize>,
+    coordinated: bool,
+    rank_grads: bool,
+}
+
+fn engine_config(mode: Mode, workers: usize, shard: usize, shards: usize) -> EngineConfig {
+    EngineConfig {
+        shard,
+        shards,
+        server: ServerConfig {
+            mode,
+            workers,
+            optimizer: OptimizerConfig::sgd(1.0),
+            ..Default::default()
+        },
+        heartbeat_timeout: HEARTBEAT_TIMEOUT,
+        checkpoint_every_updates: None,
+        checkpoint_every: None,
+    }
+}
+
+impl Sim {
+    fn new(mode: Mode, workers: usize, shards: usize, seed: u64) -> Sim {
+        let shards = (0..shards)
+            .map(|s| {
+                ShardEngine::new(
+                    engine_config(mode, workers, s, shards),
+                    vec![0.0; 4],
+                    Duration::ZERO,
+                )
+                .unwrap()
+            })
+            .collect::<Vec<_>>();
+        let n = shards.len();
+        let mut sim = Sim {
+            shards,
+            workers: Vec::new(),
+            now: Duration::ZERO,
+            rng: Rng::new(seed),
+            weight: vec![1; workers],
+            coordinated: mode.coordinated(n),
+            rank_grads: false,
+        };
+        for rank in 0..workers {
+            sim.workers.push(SimWorker {
+                seat: None,
+                versions: vec![0; n],
+                waiting: vec![false; n],
+                life: Life::Alive,
+                pushes: 0,
+            });
+            sim.join(rank, RankRequest::Exact(rank));
+        }
+        sim
+    }
+
+    /// Worker slot `slot` joins every shard (shard 0 first: it assigns `Any` ranks).
+    fn join(&mut self, slot: usize, request: RankRequest) -> usize {
+        let seat = self.shards[0]
+            .join(request)
+            .expect("shard 0 takes the worker");
+        for shard in &mut self.shards[1..] {
+            let other = shard
+                .join(RankRequest::Exact(seat.rank))
+                .expect("joins the others");
+            assert_eq!(other.rank, seat.rank);
+        }
+        let w = &mut self.workers[slot];
+        w.seat = Some(seat);
+        w.life = Life::Alive;
+        w.waiting.fill(false);
+        for (v, shard) in w.versions.iter_mut().zip(&self.shards) {
+            *v = shard.version();
+        }
+        seat.rank
+    }
+
+    fn rank_of(&self, slot: usize) -> usize {
+        self.workers[slot].seat.expect("joined").rank
+    }
+
+    /// One scheduler step: time passes, live workers beat, shards evict the silent, and one
+    /// worker (picked by weight) acts.
+    fn step(&mut self) {
+        self.now += TICK;
+        for w in &self.workers {
+            if let (Life::Alive, Some(seat)) = (w.life, w.seat) {
+                for shard in &mut self.shards {
+                    shard.heartbeat(seat.rank, self.now);
+                }
+            }
+        }
+        for shard in &mut self.shards {
+            shard.evict_silent(self.now);
+        }
+        let total: usize = self.weight.iter().sum();
+        let mut pick = self.rng.below(total);
+        let slot = self
+            .weight
+            .iter()
+            .position(|&w| {
+                let hit = pick < w;
+                pick = pick.saturating_sub(w);
+                hit
+            })
+            .unwrap_or(0);
+        if self.workers[slot].life == Life::Alive {
+            self.act(slot);
+        }
+    }
+
+    /// The worker's next move: wait at the gate, or compute and push (a gradient of ones).
+    fn act(&mut self, slot: usize) {
+        let seat = self.workers[slot].seat.expect("joined");
+        let w = &mut self.workers[slot];
+        let waiting: Vec<usize> = (0..self.shards.len()).filter(|&s| w.waiting[s]).collect();
+        if !waiting.is_empty() {
+            for s in waiting {
+                let shard = &self.shards[s];
+                if shard.pull_ready(Some(seat.rank), Some(w.versions[s])) {
+                    w.versions[s] = shard.version();
+                    w.waiting[s] = false;
+                }
+            }
+            return;
+        }
+        w.pushes += 1;
+        let meta = |base| PushMeta {
+            rank: seat.rank,
+            base_version: base,
+            samples: 1,
+            loss: 0.5,
+        };
+        // Distinct per rank when a test must tell which gradients made up a step.
+        let value = if self.rank_grads {
+            1.0 + seat.rank as f32
+        } else {
+            1.0
+        };
+        let grad = [value; 4];
+        let first = self.shards[0].push(meta(w.versions[0]), &grad, None, self.now);
+        let mut outcomes = vec![first.outcome.clone()];
+        match first.admitted_step {
+            // Coordinated: the followers get the slice once shard 0's step is complete; the
+            // simulated worker waits for that by acting again later.
+            Some(step) => {
+                while self.shards[0].step_members(step).is_none() {
+                    // Let the others act until the step is complete (as the real worker
+                    // waits for shard 0's reply).
+                    self.now += TICK;
+                    let other =
+                        (slot + 1 + self.rng.below(self.workers.len() - 1)) % self.workers.len();
+                    if self.workers[other].life == Life::Alive && other != slot {
+                        self.act(other);
+                    }
+                }
+                let members = self.shards[0]
+                    .step_members(step)
+                    .expect("complete")
+                    .to_vec();
+                let w = &self.workers[slot];
+                for s in 1..self.shards.len() {
+                    let r = self.shards[s].push(
+                        meta(w.versions[s]),
+                        &grad,
+                        Some((step, &members)),
+                        self.now,
+                    );
+                    outcomes.push(r.outcome);
+                }
+            }
+            // Coordinated and dropped by shard 0 as late: the followers never see it.
+            None if self.coordinated => {}
+            None => {
+                let w = &self.workers[slot];
+                for s in 1..self.shards.len() {
+                    let r = self.shards[s].push(meta(w.versions[s]), &grad, None, self.now);
+                    outcomes.push(r.outcome);
+                }
+            }
+        }
+        let w = &mut self.workers[slot];
+        for (s, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(PushOutcome::Buffered { .. }) => w.waiting[s] = true,
+                Ok(_) => w.versions[s] = self.shards[s].version(),
+                Err(e) => panic!("worker {} refused by shard {s}: {e}", seat.rank),
+            }
+        }
+    }
+
+    fn run(&mut self, steps: usize) {
+        for _ in 0..steps {
+            self.step();
+        }
+    }
+
+    fn kill(&mut self, slot: usize) {
+        let seat = self.workers[slot].seat.take().expect("joined");
+        self.workers[slot].life = Life::Dead;
+        for shard in &mut self.shards {
+            shard.leave(seat, Departure::Vanished);
+        }
+    }
+}
+
+const SYNC: Mode = Mode::Sync { backup_workers: 0 };
+
+#[test]
+fn sync_applies_one_mean_update_per_step_from_every_worker() {
+    for seed in 0..5 {
+        let mut sim = Sim::new(SYNC, 3, 1, seed);
+        sim.run(600);
+        let shard = &sim.shards[0];
+        let v = shard.version();
+        assert!(v > 50, "seed {seed}: only {v} steps");
+        // Every step averaged three gradients of ones: SGD lr 1 moved each weight by 1.
+        assert_eq!(shard.params(), &[-(v as f32); 4][..]);
+        let stats = shard.stats();
+        assert_eq!(
+            stats.staleness_max, 0,
+            "everyone computes from the newest weights"
+        );
+        // Each worker pushed once per completed step (and maybe once into the open one).
+        for w in &sim.workers {
+            assert!(
+                w.pushes == v || w.pushes == v + 1,
+                "{} pushes in {v} steps",
+                w.pushes
+            );
+        }
+        assert!(stats.gradients_applied >= 3 * v);
+    }
+}
+
+#[test]
+fn async_applies_every_gradient_on_arrival() {
+    let mut sim = Sim::new(
+        Mode::Async {
+            max_staleness: None,
+        },
+        3,
+        1,
+        9,
+    );
+    sim.weight = vec![4, 1, 1];
+    sim.run(500);
+    let shard = &sim.shards[0];
+    let pushes: u64 = sim.workers.iter().map(|w| w.pushes).sum();
+    assert_eq!(shard.version(), pushes);
+    assert_eq!(shard.params(), &[-(pushes as f32); 4][..]);
+    // Nobody waits: the fast worker pushed about four times as often as the others.
+    assert!(sim.workers[0].pushes > 3 * sim.workers[1].pushes);
+    assert!(shard.stats().staleness_max > 0);
+}
+
+#[test]
+fn a_frozen_sync_worker_is_evicted_then_rejoins() {
+    let mut sim = Sim::new(SYNC, 3, 1, 3);
+    sim.run(200);
+    sim.workers[2].life = Life::Frozen;
+    let frozen_at = sim.shards[0].version();
+    // Until its heartbeat deadline passes the step cannot complete.
+    let deadline_ticks = (HEARTBEAT_TIMEOUT.as_millis() / TICK.as_millis()) as usize;
+    sim.run(deadline_ticks - 2);
+    assert!(sim.shards[0].version() <= frozen_at + 1);
+    sim.run(300);
+    assert_eq!(sim.shards[0].active_workers(), 2, "evicted from the quorum");
+    let after_eviction = sim.shards[0].version();
+    assert!(after_eviction > frozen_at + 20, "the other two went on");
+    // The frozen worker wakes: its rank was freed by the eviction, so it rejoins.
+    let rank = sim.join(2, RankRequest::Exact(2));
+    assert_eq!(rank, 2);
+    assert_eq!(sim.shards[0].active_workers(), 3);
+    sim.run(300);
+    assert!(sim.shards[0].version() > after_eviction + 20);
+    let v = sim.shards[0].version() as f32;
+    assert_eq!(
+        sim.shards[0].params(),
+        &[-v; 4][..],
+        "every step one mean update"
+    );
+}
+
+#[test]
+fn a_replacement_with_any_rank_takes_the_dead_workers_rank() {
+    let mut sim = Sim::new(SYNC, 3, 2, 5);
+    sim.run(150);
+    sim.kill(1);
+    sim.run(100);
+    assert_eq!(sim.shards[0].active_workers(), 2);
+    let before = sim.shards[0].version();
+    let rank = sim.join(1, RankRequest::Any);
+    assert_eq!(rank, 1, "the vacated rank");
+    assert_eq!(sim.rank_of(1), 1);
+    sim.run(300);
+    assert!(sim.shards[0].version() > before + 20);
+    // Both shards took every step together.
+    assert_eq!(sim.shards[0].version(), sim.shards[1].version());
+    assert_eq!(sim.shards[0].params(), sim.shards[1].params());
+    // A second replacement finds no free rank.
+    assert!(sim.shards[0].join(RankRequest::Any).is_err());
+}
+
+#[test]
+fn coordinated_steps_keep_the_shards_identical_with_a_slow_worker_and_a_death() {
+    let mode = Mode::Sync { backup_workers: 1 };
+    for seed in 0..4 {
+        let mut sim = Sim::new(mode, 3, 2, 100 + seed);
+        sim.weight = vec![3, 3, 1];
+        sim.rank_grads = true;
+        sim.run(400);
+        sim.kill(0);
+        sim.run(400);
+        let (a, b) = (&sim.shards[0], &sim.shards[1]);
+        assert!(a.version() > 40, "seed {seed}: {} steps", a.version());
+        // Every member pushes its follower slice as soon as shard 0's step is complete, so
+        // between scheduler steps the follower has applied exactly shard 0's steps.
+        assert_eq!(a.version(), b.version(), "seed {seed}");
+        assert_eq!(a.params(), b.params(), "seed {seed}");
+        assert!(
+            a.stats().dropped_stale > 0,
+            "the slow worker's gradients were dropped"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Reaching the shards: TCP connects with backoff, the handshake, taking a rank (shard 0
+//! assigns an `ANY_RANK` worker's rank, the others are joined with it), and `describe`.
+
+use super::link::ShardLink;
+use super::{ClientConfig, ANY_RANK};
+use crate::connection::Connection;
+use crate::error::NetError;
+use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPLY_LIMIT};
+use futures_util::future::try_join_all;
+use pstrain_core::{shard_ranges, Layout, RunPlan};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// What a set of shards serves, in their own words: the run plan and the model layout, for
+/// clients that adopt them (workers started with only addresses, the Python client).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub layout: Layout,
+    pub plan: RunPlan,
+}
+
+/// Asks every shard what it serves, and checks that they agree and sit in the given order.
+pub fn describe(
+    servers: &[String],
+    io_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<Served, NetError> {
+    if servers.is_empty() {
+        return Err(NetError::Handshake("no server addresses given".into()));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let replies = rt.block_on(try_join_all(servers.iter().enumerate().map(
+        |(i, addr)| async move {
+            let mut conn = dial(i, addr, io_timeout, connect_timeout).await?;
+            conn.send_request(&Request::Describe, 0, &[]).await?;
+            let me = match conn.read_reply(io_timeout, HELLO_LIMIT, 0).await? {
+                Reply::Described(d) => d,
+                other => {
+                    return Err(NetError::Unexpected {
+                        got: other.kind(),
+                        expected: "description",
+                    })
+                }
+            };
+            conn.shutdown().await;
+            served_by(i, servers.len(), addr, me)
+        },
+    )))?;
+    let first = replies[0].clone();
+    if let Some((i, _)) = replies.iter().enumerate().find(|(_, r)| **r != first) {
+        return Err(NetError::Handshake(format!(
+            "shards 0 and {i} serve different runs (plan or layout)"
+        )));
+    }
+    Ok(first)
+}
+
+fn served_by(i: usize, n: usize, addr: &str, me: Description) -> Result<Served, NetError> {
+    if (me.shard as usize, me.shards as usize) != (i, n) {
+        return Err(NetError::Handshake(format!(
+            "{addr} is shard {} of {}, but was given as shard {i} of {n}",
+            me.shard, me.shards
+        )));
+    }
+    let layout = me
+        .layout()
+        .map_err(|e| NetError::Handshake(format!("{addr} serves a bad layout: {e}")))?;
+    Ok(Served {
+        layout,
+        plan: me.plan,
+    })
+}
+
+/// Connects to every shard. A worker asking for `ANY_RANK` gets its rank from shard 0 first
+/// and then joins the others with it; `cfg.rank` is updated to the rank in use.
+pub(super) async fn connect_all(cfg: &mut ClientConfig) -> Result<Vec<ShardLink>, NetError> {
+    let mut ranges = shard_ranges(cfg.layout.len(), cfg.servers.len()).into_iter();
+    let mut shards = Vec::with_capacity(cfg.servers.len());
+    if cfg.role == Role::Worker && cfg.rank == ANY_RANK {
+        let (addr, range) = (&cfg.servers[0], ranges.next().unwrap_or_default());
+        let (first, rank) = connect_shard(cfg, 0, addr, range).await?;
+        cfg.rank = rank;
+        shards.push(first);
+    }
+    let skip = shards.len();
+    let cfg = &*cfg;
+    let rest = try_join_all(
+        cfg.servers
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .zip(ranges)
+            .map(|((i, addr), range)| connect_shard(cfg, i, addr, range)),
+    )
+    .await?;
+    shards.extend(rest.into_iter().map(|(shard, _)| shard));
+    Ok(shards)
+}
+
+/// Connects and shakes hands, retrying with backoff while the shard is not up yet or still
+/// holds this rank's previous connection. Returns the link and the rank it took the worker as.
+pub(super) async fn connect_shard(
+    cfg: &ClientConfig,
+    shard: usize,
+    addr: &str,
+    range: Range<usize>,
+) -> Result<(ShardLink, usize), NetError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match try_connect_shard(cfg, shard, addr, range.clone()).await {
+            // The rank's old connection is not gone yet, or the shard died or restarted in
+            // the middle of the handshake: both pass.
+            Err(e)
+                if (e.is_transport() || e.is_busy())
+                    && started.elapsed() + backoff < cfg.connect_timeout =>
+            {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens a TCP connection to a shard, retrying with backoff until `connect_timeout`.
+pub(super) async fn dial(
+    shard: usize,
+    addr: &str,
+    io_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<Connection, NetError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match tokio::time::timeout(io_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(Connection::new(s, io_timeout)),
+            result => {
+                if started.elapsed() + backoff > connect_timeout {
+                    let why = match result {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".into(),
+                    };
+                    return Err(NetError::Handshake(format!(
+                        "cannot reach shard {shard} at {addr} after {:.0} s: {why}",
+                        started.elapsed().as_secs_f64()
+                    )));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One connection attempt and handshake.
+pub(super) async fn try_connect_shard(
+    cfg: &ClientConfig,
+    shard: usize,
+    addr: &str,
+    range: Range<usize>,
+) -> Result<(ShardLink, usize), NetError> {
+    let mut conn = dial(shard, addr, cfg.io_timeout, cfg.connect_timeout).await?;
+    let n = cfg.servers.len();
+    let hello = Hello::new(cfg.role, cfg.rank, shard, n, &cfg.plan, &cfg.layout);
+    conn.send_request(&Request::Hello(hello), 0, &[]).await?;
+    let ok = match conn.read_reply(cfg.io_timeout, REPLY_LIMIT, 0).await {
+        Ok(Reply::HelloOk(ok)) => ok,
+        Ok(other) => {
+            return Err(NetError::Unexpected {
+                got: other.kind(),
+                expected: "hello reply",
+            })
+        }
+        Err(NetError::Remote(f)) if !NetError::Remote(f.clone()).is_busy() => {
+            return Err(NetError::Handshake(format!("shard {shard} at {addr}: {f}")))
+        }
+        Err(e) => return Err(e),
+    };
+    if (ok.start as usize, ok.end as usize) != (range.start, range.end) {
+        return Err(NetError::Handshake(format!(
+            "shard {shard} at {addr} owns {}..{}, expected {range:?}",
+            ok.start, ok.end
+        )));
+    }
+    if cfg.role == Role::Worker && cfg.rank != ANY_RANK && ok.rank as usize != cfg.rank {
+        return Err(NetError::Handshake(format!(
+            "shard {shard} at {addr} took this worker as rank {}, not {}",
+            ok.rank, cfg.rank
+        )));
+    }
+    let link = ShardLink {
+        conn,
+        range,
+        version: ok.version,
+        pending: false,
+    };
+    Ok((link, ok.rank as usize))
+}

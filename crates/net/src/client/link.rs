@@ -1,0 +1,162 @@
+//! One shard as the client sees it: its connection, its key range, the version of its slice
+//! in the caller's buffer, and the calls made to it (pull, push, stats, goodbye).
+
+use crate::connection::Connection;
+use crate::error::NetError;
+use crate::message::{
+    kind, Pulled, PushHead, PushReply, Reply, Request, ShardStats, StepMembers, PULLED_LEN,
+    REPLY_LIMIT,
+};
+use pstrain_core::{PullReply, PushMeta, PushOutcome};
+use std::ops::Range;
+use std::time::Duration;
+
+pub(super) struct ShardLink {
+    pub conn: Connection,
+    pub range: Range<usize>,
+    /// The version of this shard's slice in the caller's buffer.
+    pub version: u64,
+    /// The last push here is buffered for a step that has not completed: a waiting pull
+    /// waits only on such shards (never for a step this client has not pushed to).
+    pub pending: bool,
+}
+
+impl ShardLink {
+    /// Pulls this shard's slice into `slice` (when the shard sends it: newer than `newer`).
+    pub async fn pull(
+        &mut self,
+        slice: &mut [f32],
+        newer: Option<u64>,
+        wait: bool,
+        wait_timeout: Duration,
+    ) -> Result<PullReply, NetError> {
+        let request = Request::Pull {
+            newer_than: newer,
+            wait,
+        };
+        self.conn.send_request(&request, 0, &[]).await?;
+        let idle = if wait {
+            wait_timeout
+        } else {
+            self.conn.io_timeout()
+        };
+        let limit = (PULLED_LEN + 4 * slice.len()) as u64;
+        let header = self
+            .conn
+            .read_header(idle, limit.max(REPLY_LIMIT))
+            .await?
+            .ok_or(NetError::Closed("before replying to a pull"))?;
+        if header.kind != kind::PULL_REPLY {
+            // An error (or something unexpected): small, read whole.
+            if header.len > REPLY_LIMIT {
+                return Err(NetError::Malformed {
+                    what: "pull reply",
+                    why: format!("{}-byte reply of kind {:#x}", header.len, header.kind),
+                });
+            }
+            let bytes = self.conn.read_bytes(header.len as usize).await?;
+            return Err(match Reply::decode(header.kind, &bytes, 0)? {
+                Reply::Error(f) => NetError::Remote(f),
+                _ => NetError::Unexpected {
+                    got: header.kind,
+                    expected: "pull reply",
+                },
+            });
+        }
+        if header.len < PULLED_LEN as u64 {
+            return Err(NetError::Malformed {
+                what: "pull reply",
+                why: format!("{} bytes", header.len),
+            });
+        }
+        let head = self.conn.read_bytes(PULLED_LEN).await?;
+        let Reply::Pulled(pulled) = Reply::decode(header.kind, &head, 0)? else {
+            return Err(NetError::Closed("with a garbled pull reply"));
+        };
+        let Pulled {
+            version,
+            updated,
+            done,
+        } = pulled;
+        let body = header.len - PULLED_LEN as u64;
+        let expected = if updated { 4 * slice.len() as u64 } else { 0 };
+        if body != expected {
+            return Err(NetError::Malformed {
+                what: "pull reply",
+                why: format!("{body} tensor bytes, expected {expected}"),
+            });
+        }
+        if updated {
+            self.conn.read_f32s(slice).await?;
+            self.version = version;
+        }
+        Ok(PullReply {
+            version,
+            updated,
+            done,
+        })
+    }
+
+    /// Pushes this shard's slice (tagged with a coordinated step if any) and reads the
+    /// verdict, waiting up to `reply_timeout`.
+    pub async fn push(
+        &mut self,
+        meta: PushMeta,
+        slice: &[f32],
+        step: Option<StepMembers>,
+        workers: usize,
+        reply_timeout: Duration,
+    ) -> Result<PushReply, NetError> {
+        // Each shard judges staleness against the version its slice came from.
+        let head = PushHead {
+            base_version: self.version,
+            samples: meta.samples,
+            loss: meta.loss,
+            step,
+        };
+        self.conn
+            .send_request(&Request::Push(head), workers, slice)
+            .await?;
+        match self
+            .conn
+            .read_reply(reply_timeout, REPLY_LIMIT, workers)
+            .await?
+        {
+            Reply::Pushed(reply) => {
+                self.pending = matches!(reply.outcome, PushOutcome::Buffered { .. });
+                Ok(reply)
+            }
+            other => Err(NetError::Unexpected {
+                got: other.kind(),
+                expected: "push reply",
+            }),
+        }
+    }
+
+    pub async fn stats(&mut self) -> Result<ShardStats, NetError> {
+        self.conn.send_request(&Request::Stats, 0, &[]).await?;
+        let io = self.conn.io_timeout();
+        match self.conn.read_reply(io, REPLY_LIMIT, 0).await? {
+            Reply::Stats(s) => Ok(s),
+            other => Err(NetError::Unexpected {
+                got: other.kind(),
+                expected: "stats reply",
+            }),
+        }
+    }
+
+    pub async fn goodbye(&mut self) -> Result<(), NetError> {
+        self.conn.send_request(&Request::Goodbye, 0, &[]).await?;
+        let io = self.conn.io_timeout();
+        match self.conn.read_reply(io, REPLY_LIMIT, 0).await? {
+            Reply::GoodbyeOk => {
+                self.conn.shutdown().await;
+                Ok(())
+            }
+            other => Err(NetError::Unexpected {
+                got: other.kind(),
+                expected: "goodbye reply",
+            }),
+        }
+    }
+}

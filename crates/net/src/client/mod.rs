@@ -1,0 +1,329 @@
+//! The worker's side over TCP: one link per shard (`link`), every pull and push sent to all
+//! shards at once, each shard's slice read straight into its part of the flat buffer;
+//! connecting and describing in `dial`, heartbeats in `heartbeat`.
+
+mod dial;
+mod heartbeat;
+mod link;
+
+pub use dial::{describe, Served};
+pub use heartbeat::Heartbeat;
+
+use crate::error::NetError;
+use crate::message::{ErrorCode, Failure, Role, ShardStats};
+use futures_util::future::try_join_all;
+use link::ShardLink;
+use pstrain_core::{
+    ClientError, Layout, ParameterClient, PullReply, PushError, PushMeta, PushOutcome, RunPlan,
+};
+use std::time::Duration;
+use tokio::runtime::Runtime;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// One address per shard, in shard order.
+    pub servers: Vec<String>,
+    pub role: Role,
+    pub rank: usize,
+    /// The run this client takes part in (the shards refuse a different one).
+    pub plan: RunPlan,
+    pub layout: Layout,
+    /// Deadline for each read or write of a frame.
+    pub io_timeout: Duration,
+    /// How long a waiting pull may wait for the rest of the workers.
+    pub wait_timeout: Duration,
+    /// Keep retrying the first connection (with backoff) this long, for servers still starting.
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(
+        servers: Vec<String>,
+        role: Role,
+        rank: usize,
+        plan: RunPlan,
+        layout: Layout,
+    ) -> Self {
+        ClientConfig {
+            servers,
+            role,
+            rank,
+            plan,
+            layout,
+            io_timeout: Duration::from_secs(30),
+            wait_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `ClientConfig::rank` of a worker that takes any free rank (a replacement for one that
+/// died): shard 0 assigns one, preferring the rank of a worker that died.
+pub const ANY_RANK: usize = usize::MAX;
+
+pub struct TcpClient {
+    rt: Runtime,
+    cfg: ClientConfig,
+    shards: Vec<ShardLink>,
+    left: bool,
+    reconnects: u64,
+}
+
+impl TcpClient {
+    /// Connects to every shard (retrying until `connect_timeout`) and shakes hands.
+    pub fn connect(cfg: &ClientConfig) -> Result<Self, NetError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        if cfg.servers.is_empty() {
+            return Err(NetError::Handshake("no server addresses given".into()));
+        }
+        let mut cfg = cfg.clone();
+        let shards = rt.block_on(dial::connect_all(&mut cfg))?;
+        Ok(TcpClient {
+            rt,
+            cfg,
+            shards,
+            left: false,
+            reconnects: 0,
+        })
+    }
+
+    /// The configuration in use, with the rank the shards assigned if `ANY_RANK` was asked.
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    pub fn rank(&self) -> usize {
+        self.cfg.rank
+    }
+
+    /// The oldest version among the slices this client holds (all equal between failures).
+    pub fn version(&self) -> u64 {
+        self.shards.iter().map(|s| s.version).min().unwrap_or(0)
+    }
+
+    /// How many times the connections were re-established after a failure.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Drops every connection and connects again (retrying while a restarted shard comes
+    /// back). Healthy shards see this worker leave and rejoin.
+    fn reconnect(&mut self) -> Result<(), NetError> {
+        self.shards.clear();
+        self.reconnects += 1;
+        self.shards = self.rt.block_on(dial::connect_all(&mut self.cfg))?;
+        Ok(())
+    }
+
+    /// Runs `call` and, if a connection failed, reconnects and runs `retry`.
+    fn with_reconnect<T>(
+        &mut self,
+        call: impl FnOnce(&mut Self) -> Result<T, NetError>,
+        retry: impl FnOnce(&mut Self) -> Result<T, NetError>,
+    ) -> Result<T, NetError> {
+        match call(self) {
+            Err(e) if e.is_transport() => {
+                self.reconnect()?;
+                retry(self)
+            }
+            r => r,
+        }
+    }
+
+    /// Each shard's counters (shard order), reconnecting once if a connection failed.
+    pub fn stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
+        self.with_reconnect(Self::try_stats, Self::try_stats)
+    }
+
+    fn try_stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
+        self.rt
+            .block_on(try_join_all(self.shards.iter_mut().map(|s| s.stats())))
+    }
+
+    /// Pulls every shard. With `newer_than`, a shard sends its slice only if it is newer than
+    /// the one this client holds; without, every slice is sent. `wait` waits on the shards
+    /// where this client's last push is pending. If a connection failed, reconnects and pulls
+    /// everything afresh (without waiting), so the caller continues from whatever the shards
+    /// hold now.
+    pub fn pull_all(
+        &mut self,
+        params: &mut [f32],
+        newer_than: Option<u64>,
+        wait: bool,
+    ) -> Result<PullReply, NetError> {
+        match self.try_pull_all(params, newer_than, wait) {
+            Err(e) if e.is_transport() => {
+                self.reconnect()?;
+                self.try_pull_all(params, None, false)
+            }
+            r => r,
+        }
+    }
+
+    fn try_pull_all(
+        &mut self,
+        params: &mut [f32],
+        newer_than: Option<u64>,
+        wait: bool,
+    ) -> Result<PullReply, NetError> {
+        self.check_len(params.len())?;
+        let wait_timeout = self.cfg.wait_timeout;
+        let slices = split_by_ranges(params, self.shards.iter().map(|s| s.range.len()));
+        let replies = self
+            .rt
+            .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
+                |(shard, slice)| async move {
+                    // With several shards each keeps its own version; "newer than" means newer
+                    // than what this client last got from that shard. A waiting pull waits only
+                    // where this client's push is pending (then for the step after the slice
+                    // it holds).
+                    let wait = wait && std::mem::take(&mut shard.pending);
+                    let newer = (newer_than.is_some() || wait).then_some(shard.version);
+                    let reply = shard.pull(slice, newer, wait, wait_timeout).await?;
+                    if newer_than.is_none() && !reply.updated {
+                        // The run ended during the wait: without `newer_than` every slice is
+                        // sent, as it is now.
+                        return shard.pull(slice, None, false, wait_timeout).await;
+                    }
+                    Ok(reply)
+                },
+            )))?;
+        Ok(PullReply {
+            version: replies.iter().map(|r| r.version).min().unwrap_or(0),
+            updated: replies.iter().any(|r| r.updated),
+            // A shard that lost updates to a restart (or a push lost to a killed worker)
+            // reaches the budget later than the others: the run is over when all have.
+            done: replies.iter().all(|r| r.done),
+        })
+    }
+
+    fn check_len(&self, got: usize) -> Result<(), NetError> {
+        let expected: usize = self.shards.iter().map(|s| s.range.len()).sum();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(NetError::Shape { expected, got })
+        }
+    }
+
+    /// Pushes to every shard. If a connection failed the gradient is given up (a shard may
+    /// or may not have applied it) and the connections are re-established: `Dropped`.
+    pub fn push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
+        self.with_reconnect(
+            |c| c.try_push_all(meta, grad),
+            |_| Ok(PushOutcome::Dropped { staleness: 0 }),
+        )
+    }
+
+    fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
+        self.check_len(grad.len())?;
+        let workers = self.cfg.plan.workers;
+        if !self.cfg.plan.mode.coordinated(self.shards.len()) {
+            let outcomes = self
+                .rt
+                .block_on(try_join_all(self.shards.iter_mut().map(|shard| {
+                    let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
+                    shard.push(meta, slice, None, workers, io)
+                })))?;
+            return Ok(most_conservative(outcomes.into_iter().map(|r| r.outcome)));
+        }
+        // Coordinated: shard 0 admits the gradient into a step (or drops it as late) and
+        // answers once that step is complete, with its members; the other shards then get
+        // the slices tagged with that step, so every shard applies the same gradients.
+        let (first, rest) = self.shards.split_at_mut(1);
+        let wait = self.cfg.wait_timeout;
+        let slice0 = &grad[first[0].range.clone()];
+        let reply = self
+            .rt
+            .block_on(first[0].push(meta, slice0, None, workers, wait))?;
+        let Some(step) = reply.step else {
+            return Ok(reply.outcome);
+        };
+        let outcomes = self.rt.block_on(try_join_all(rest.iter_mut().map(|shard| {
+            let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
+            shard.push(meta, slice, Some(step.clone()), workers, io)
+        })))?;
+        Ok(most_conservative(
+            std::iter::once(reply.outcome).chain(outcomes.into_iter().map(|r| r.outcome)),
+        ))
+    }
+
+    /// Says goodbye to every shard (once). A shard that cannot be reached counts as told: it
+    /// takes a vanished connection out of the quorum the same way.
+    pub fn goodbye(&mut self) -> Result<(), NetError> {
+        if std::mem::replace(&mut self.left, true) {
+            return Ok(());
+        }
+        let result = self
+            .rt
+            .block_on(try_join_all(self.shards.iter_mut().map(|s| s.goodbye())));
+        match result {
+            Err(e) if e.is_transport() => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+}
+
+/// The shards' outcomes as one: `Done` once every shard is done (a shard that is behind
+/// still takes gradients until it reaches the budget too); otherwise the most conservative of
+/// the others: dropped, then buffered, then applied.
+fn most_conservative(outcomes: impl Iterator<Item = PushOutcome>) -> PushOutcome {
+    let rank = |o: &PushOutcome| match o {
+        PushOutcome::Done => 3,
+        PushOutcome::Dropped { .. } => 0,
+        PushOutcome::Buffered { .. } => 1,
+        PushOutcome::Applied { .. } => 2,
+    };
+    outcomes.min_by_key(rank).unwrap_or(PushOutcome::Done)
+}
+
+fn split_by_ranges(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+    let mut out = Vec::new();
+    for len in lens {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(len);
+        out.push(head);
+        buf = rest;
+    }
+    out
+}
+
+/// The worker loop's view of a transport error: refusals stay typed (a non-finite gradient
+/// carries its count as the shard sent it).
+fn to_client_error(e: NetError) -> ClientError {
+    match e {
+        NetError::Remote(Failure {
+            code: ErrorCode::NonFinite { count },
+            ..
+        }) => ClientError::Refused(PushError::NonFinite {
+            count: usize::try_from(count).unwrap_or(usize::MAX),
+        }),
+        NetError::Remote(f) => ClientError::Protocol(f.message),
+        NetError::Shape { expected, got } => ClientError::Shape { expected, got },
+        NetError::Malformed { .. } | NetError::Unexpected { .. } | NetError::Frame(_) => {
+            ClientError::Protocol(e.to_string())
+        }
+        other => ClientError::Unavailable(other.to_string()),
+    }
+}
+
+impl ParameterClient for TcpClient {
+    fn pull(
+        &mut self,
+        params: &mut [f32],
+        newer_than: Option<u64>,
+        wait: bool,
+    ) -> Result<PullReply, ClientError> {
+        self.pull_all(params, newer_than, wait)
+            .map_err(to_client_error)
+    }
+
+    fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, ClientError> {
+        self.push_all(meta, grad).map_err(to_client_error)
+    }
+
+    fn leave(&mut self) -> Result<(), ClientError> {
+        self.goodbye().map_err(to_client_error)
+    }
+}

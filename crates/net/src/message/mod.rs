@@ -1,0 +1,42 @@
+//! The messages: kind codes, the typed `Request`s a peer sends and the `Reply`s a shard
+//! answers, each with one encoder and one decoder. Tensor payloads follow the fixed parts as
+//! raw little-endian `f32` and are moved by `connection`.
+
+mod hello;
+mod plan;
+mod push;
+mod reply;
+mod request;
+
+pub use hello::{
+    layout_of, wire_tensors, Description, Hello, HelloOk, Role, WireTensors, ANY_RANK,
+};
+pub use plan::{decode_plan, encode_plan, MAX_WORKERS};
+pub use push::{mask_len, PushHead, PushReply, StepMembers};
+pub use reply::{ErrorCode, Failure, Pulled, Reply, ShardStats, PULLED_LEN};
+pub use request::Request;
+
+pub mod kind {
+    pub const HELLO: u16 = 0x01;
+    pub const PULL: u16 = 0x02;
+    pub const PUSH: u16 = 0x03;
+    pub const STATS: u16 = 0x04;
+    pub const GOODBYE: u16 = 0x05;
+    pub const HEARTBEAT: u16 = 0x06;
+    pub const DESCRIBE: u16 = 0x07;
+    pub const HELLO_OK: u16 = 0x81;
+    pub const PULL_REPLY: u16 = 0x82;
+    pub const PUSH_REPLY: u16 = 0x83;
+    pub const STATS_REPLY: u16 = 0x84;
+    pub const GOODBYE_OK: u16 = 0x85;
+    pub const DESCRIBE_REPLY: u16 = 0x87;
+    pub const ERROR: u16 = 0xff;
+}
+
+/// The largest handshake accepted (names and shapes of every tensor).
+pub const HELLO_LIMIT: u64 = 1 << 20;
+/// The largest fixed-size reply (stats, push verdicts, errors).
+pub const REPLY_LIMIT: u64 = 1 << 16;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,108 @@
+//! The run plan on the wire: every field, in a fixed order.
+
+use crate::codec::{Reader, Writer};
+use crate::error::NetError;
+use pstrain_core::{Aggregate, Mode, OptimizerConfig, RunPlan, Schedule};
+
+/// The most workers a plan may name.
+pub const MAX_WORKERS: usize = 1 << 16;
+
+pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
+    let (mode_tag, mode_param) = p.mode.to_wire();
+    w.str(&p.model)
+        .u8(mode_tag)
+        .u64(mode_param)
+        .u64(p.workers as u64)
+        .u64(p.batch_size as u64)
+        .u64(p.epochs as u64)
+        .opt_u64(p.iterations);
+    match p.optimizer {
+        OptimizerConfig::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+        } => {
+            w.u8(1)
+                .f32(lr)
+                .f32(momentum)
+                .f32(weight_decay)
+                .bool(nesterov);
+        }
+        OptimizerConfig::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => {
+            w.u8(2)
+                .f32(lr)
+                .f32(beta1)
+                .f32(beta2)
+                .f32(eps)
+                .f32(weight_decay);
+        }
+    }
+    w.u8(match p.schedule {
+        Schedule::Constant => 1,
+        Schedule::Cosine => 2,
+    })
+    .u8(match p.aggregate {
+        Aggregate::Mean => 1,
+        Aggregate::Sum => 2,
+    })
+    .u64(p.seed)
+    .u64(p.train_samples as u64);
+}
+
+pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
+    let model = r.str()?;
+    let (tag, param) = (r.u8()?, r.u64()?);
+    let mode = Mode::from_wire(tag, param).ok_or_else(|| r.malformed(format!("mode {tag}")))?;
+    let (workers, batch_size, epochs) = (r.usize()?, r.usize()?, r.usize()?);
+    if workers == 0 || workers > MAX_WORKERS {
+        // Peers size per-worker tables from this: bound it before anyone allocates.
+        return Err(r.malformed(format!("{workers} workers (1..={MAX_WORKERS})")));
+    }
+    let iterations = r.opt_u64()?;
+    let optimizer = match r.u8()? {
+        1 => OptimizerConfig::Sgd {
+            lr: r.f32()?,
+            momentum: r.f32()?,
+            weight_decay: r.f32()?,
+            nesterov: r.bool()?,
+        },
+        2 => OptimizerConfig::Adam {
+            lr: r.f32()?,
+            beta1: r.f32()?,
+            beta2: r.f32()?,
+            eps: r.f32()?,
+            weight_decay: r.f32()?,
+        },
+        other => return Err(r.malformed(format!("optimizer {other}"))),
+    };
+    let schedule = match r.u8()? {
+        1 => Schedule::Constant,
+        2 => Schedule::Cosine,
+        other => return Err(r.malformed(format!("schedule {other}"))),
+    };
+    let aggregate = match r.u8()? {
+        1 => Aggregate::Mean,
+        2 => Aggregate::Sum,
+        other => return Err(r.malformed(format!("aggregate {other}"))),
+    };
+    Ok(RunPlan {
+        model,
+        mode,
+        workers,
+        batch_size,
+        epochs,
+        iterations,
+        optimizer,
+        schedule,
+        aggregate,
+        seed: r.u64()?,
+        train_samples: r.usize()?,
+    })
+}

@@ -1,0 +1,200 @@
+//! What a shard answers: one variant per reply kind, each with one encoder and one decoder;
+//! failures carry a typed code (a refused gradient's non-finite count travels as a number).
+
+use super::hello::{Description, HelloOk};
+use super::kind;
+use super::push::PushReply;
+use crate::codec::{Reader, Writer};
+use crate::error::NetError;
+use pstrain_core::ServerStats;
+
+/// Why a shard refused a request or closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Malformed, oversized or unexpected frame: the connection is closed.
+    BadFrame,
+    /// The handshake was refused (plan, layout, shard or rank).
+    Handshake,
+    /// The gradient was refused by the shard's rules; the connection stays.
+    Refused,
+    /// The gradient held `count` NaN or infinite values; the connection stays.
+    NonFinite { count: u64 },
+    /// The rank is still held (an old connection not yet noticed gone): retry shortly.
+    RankBusy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        let (tag, count) = match self.code {
+            ErrorCode::BadFrame => (1, 0),
+            ErrorCode::Handshake => (2, 0),
+            ErrorCode::Refused => (3, 0),
+            ErrorCode::NonFinite { count } => (5, count),
+            ErrorCode::RankBusy => (6, 0),
+        };
+        w.u16(tag).u64(count).str(&self.message);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, NetError> {
+        let (tag, count) = (r.u16()?, r.u64()?);
+        let code = match tag {
+            1 => ErrorCode::BadFrame,
+            2 => ErrorCode::Handshake,
+            3 => ErrorCode::Refused,
+            5 => ErrorCode::NonFinite { count },
+            6 => ErrorCode::RankBusy,
+            other => return Err(r.malformed(format!("error code {other}"))),
+        };
+        Ok(Failure {
+            code,
+            message: r.str()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The fixed part of a pull's answer; the slice follows when `updated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pulled {
+    pub version: u64,
+    pub updated: bool,
+    pub done: bool,
+}
+
+/// A shard's counters, quorum and whether the run is over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShardStats {
+    pub stats: ServerStats,
+    pub active_workers: u32,
+    pub done: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Described(Description),
+    HelloOk(HelloOk),
+    Pulled(Pulled),
+    Pushed(PushReply),
+    Stats(ShardStats),
+    GoodbyeOk,
+    Error(Failure),
+}
+
+impl Reply {
+    pub fn kind(&self) -> u16 {
+        match self {
+            Reply::Described(_) => kind::DESCRIBE_REPLY,
+            Reply::HelloOk(_) => kind::HELLO_OK,
+            Reply::Pulled(_) => kind::PULL_REPLY,
+            Reply::Pushed(_) => kind::PUSH_REPLY,
+            Reply::Stats(_) => kind::STATS_REPLY,
+            Reply::GoodbyeOk => kind::GOODBYE_OK,
+            Reply::Error(_) => kind::ERROR,
+        }
+    }
+
+    /// The fixed part (`workers` sizes a push reply's member mask).
+    pub fn encode(&self, workers: usize) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Reply::Described(d) => return d.encode(),
+            Reply::HelloOk(ok) => return ok.encode(),
+            Reply::Pushed(p) => return p.encode(workers),
+            Reply::Pulled(p) => {
+                w.u64(p.version)
+                    .u8(u8::from(p.updated) | (u8::from(p.done) << 1));
+            }
+            Reply::Stats(s) => encode_stats(&mut w, s),
+            Reply::GoodbyeOk => {}
+            Reply::Error(f) => f.encode(&mut w),
+        }
+        w.0
+    }
+
+    /// Decodes the fixed part of a frame of `kind` (for a pull reply: the head only).
+    pub fn decode(kind: u16, bytes: &[u8], workers: usize) -> Result<Reply, NetError> {
+        let mut r = Reader::new(bytes, "reply");
+        let reply = match kind {
+            kind::DESCRIBE_REPLY => return Ok(Reply::Described(Description::decode(bytes)?)),
+            kind::HELLO_OK => return Ok(Reply::HelloOk(HelloOk::decode(bytes)?)),
+            kind::PUSH_REPLY => return Ok(Reply::Pushed(PushReply::decode(bytes, workers)?)),
+            kind::PULL_REPLY => {
+                let (version, flags) = (r.u64()?, r.u8()?);
+                if flags > 3 {
+                    return Err(r.malformed(format!("pull flags {flags:#x}")));
+                }
+                Reply::Pulled(Pulled {
+                    version,
+                    updated: flags & 1 != 0,
+                    done: flags & 2 != 0,
+                })
+            }
+            kind::STATS_REPLY => Reply::Stats(decode_stats(&mut r)?),
+            kind::GOODBYE_OK => Reply::GoodbyeOk,
+            kind::ERROR => Reply::Error(Failure::decode(&mut r)?),
+            other => {
+                return Err(NetError::Unexpected {
+                    got: other,
+                    expected: "a reply",
+                })
+            }
+        };
+        r.finish()?;
+        Ok(reply)
+    }
+}
+
+/// Size of a pull reply's fixed part.
+pub const PULLED_LEN: usize = 9;
+
+fn encode_stats(w: &mut Writer, st: &ShardStats) {
+    let s = &st.stats;
+    w.u64(s.version)
+        .u64(s.gradients_applied)
+        .u64(s.samples_applied)
+        .u64(s.dropped_stale)
+        .u64(s.rejected_nonfinite)
+        .u64(s.rejected_other)
+        .u64(s.staleness_sum)
+        .u64(s.staleness_max)
+        .f32(s.loss_ema.unwrap_or(f32::NAN))
+        .u32(st.active_workers)
+        .bool(st.done);
+}
+
+fn decode_stats(r: &mut Reader<'_>) -> Result<ShardStats, NetError> {
+    let stats = ServerStats {
+        version: r.u64()?,
+        gradients_applied: r.u64()?,
+        samples_applied: r.u64()?,
+        dropped_stale: r.u64()?,
+        rejected_nonfinite: r.u64()?,
+        rejected_other: r.u64()?,
+        staleness_sum: r.u64()?,
+        staleness_max: r.u64()?,
+        loss_ema: Some(r.f32()?).filter(|l| !l.is_nan()),
+    };
+    Ok(ShardStats {
+        stats,
+        active_workers: r.u32()?,
+        done: r.bool()?,
+    })
+}

@@ -1,0 +1,83 @@
+//! What a peer asks of a shard: one variant per message kind, each with one encoder and one
+//! decoder. A push's tensor follows its fixed part and is read straight into a buffer.
+
+use super::hello::Hello;
+use super::kind;
+use super::push::PushHead;
+use crate::codec::{Reader, Writer};
+use crate::error::NetError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// "What do you serve?": allowed instead of a hello, for clients that adopt the plan.
+    Describe,
+    Hello(Hello),
+    /// With `newer_than`, the shard sends its slice only if it is newer; with `wait`, it
+    /// answers once the consistency gate opens (or the run ends).
+    Pull {
+        newer_than: Option<u64>,
+        wait: bool,
+    },
+    /// The fixed part; `4 * slice` bytes of `f32` follow in the same frame.
+    Push(PushHead),
+    Stats,
+    /// A worker process's sign of life, on its own connection (no reply).
+    Heartbeat,
+    Goodbye,
+}
+
+impl Request {
+    pub fn kind(&self) -> u16 {
+        match self {
+            Request::Describe => kind::DESCRIBE,
+            Request::Hello(_) => kind::HELLO,
+            Request::Pull { .. } => kind::PULL,
+            Request::Push(_) => kind::PUSH,
+            Request::Stats => kind::STATS,
+            Request::Heartbeat => kind::HEARTBEAT,
+            Request::Goodbye => kind::GOODBYE,
+        }
+    }
+
+    /// The fixed part (`workers` sizes a push's member mask).
+    pub fn encode(&self, workers: usize) -> Vec<u8> {
+        match self {
+            Request::Describe | Request::Stats | Request::Heartbeat | Request::Goodbye => {
+                Vec::new()
+            }
+            Request::Hello(h) => h.encode(),
+            Request::Pull { newer_than, wait } => {
+                let mut w = Writer::default();
+                w.opt_u64(*newer_than).bool(*wait);
+                w.0
+            }
+            Request::Push(head) => head.encode(workers),
+        }
+    }
+
+    /// Decodes the fixed part of a frame of `kind` (for a push: the head only).
+    pub fn decode(kind: u16, bytes: &[u8], workers: usize) -> Result<Request, NetError> {
+        let empty = |request: Request| {
+            Reader::new(bytes, "request").finish()?;
+            Ok(request)
+        };
+        match kind {
+            kind::DESCRIBE => empty(Request::Describe),
+            kind::STATS => empty(Request::Stats),
+            kind::HEARTBEAT => empty(Request::Heartbeat),
+            kind::GOODBYE => empty(Request::Goodbye),
+            kind::HELLO => Ok(Request::Hello(Hello::decode(bytes)?)),
+            kind::PULL => {
+                let mut r = Reader::new(bytes, "pull");
+                let (newer_than, wait) = (r.opt_u64()?, r.bool()?);
+                r.finish()?;
+                Ok(Request::Pull { newer_than, wait })
+            }
+            kind::PUSH => Ok(Request::Push(PushHead::decode(bytes, workers)?)),
+            other => Err(NetError::Unexpected {
+                got: other,
+                expected: "a request",
+            }),
+        }
+    }
+}

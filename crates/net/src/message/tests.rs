@@ -1,0 +1,210 @@
+//! Byte-for-byte checks of every message's encoding, and round trips.
+
+use super::*;
+use pstrain_core::{Layout, Mode, OptimizerConfig, PushOutcome, RunPlan, Schedule, ServerStats};
+
+fn plan() -> RunPlan {
+    RunPlan {
+        model: "m".into(),
+        mode: Mode::Sync { backup_workers: 1 },
+        workers: 9,
+        batch_size: 16,
+        epochs: 2,
+        iterations: Some(300),
+        optimizer: OptimizerConfig::momentum(0.5, 0.25),
+        schedule: Schedule::Constant,
+        aggregate: pstrain_core::Aggregate::Sum,
+        seed: 7,
+        train_samples: 1000,
+    }
+}
+
+#[test]
+fn small_requests_have_exact_bytes() {
+    let pull = Request::Pull {
+        newer_than: Some(7),
+        wait: true,
+    };
+    assert_eq!(pull.kind(), kind::PULL);
+    assert_eq!(pull.encode(0), [7, 0, 0, 0, 0, 0, 0, 0, 1]);
+    let none = Request::Pull {
+        newer_than: None,
+        wait: false,
+    };
+    assert_eq!(none.encode(0), [255, 255, 255, 255, 255, 255, 255, 255, 0]);
+    for r in [
+        pull,
+        none,
+        Request::Stats,
+        Request::Goodbye,
+        Request::Heartbeat,
+        Request::Describe,
+    ] {
+        assert_eq!(Request::decode(r.kind(), &r.encode(0), 0).unwrap(), r);
+    }
+    assert!(
+        Request::decode(kind::STATS, &[0], 0).is_err(),
+        "trailing bytes"
+    );
+    assert!(
+        Request::decode(kind::PULL, &[0; 8], 0).is_err(),
+        "truncated"
+    );
+    assert!(Request::decode(kind::PULL, &[0, 0, 0, 0, 0, 0, 0, 0, 2], 0).is_err());
+    assert!(Request::decode(0x42, &[], 0).is_err(), "unknown kind");
+}
+
+#[test]
+fn push_head_and_reply_have_exact_bytes() {
+    let head = PushHead {
+        base_version: 3,
+        samples: 16,
+        loss: 0.5,
+        step: Some(StepMembers {
+            step: 7,
+            members: vec![true, false, false, true, false, false, false, false, true],
+        }),
+    };
+    let bytes = head.encode(9);
+    assert_eq!(bytes.len(), PushHead::len(9));
+    assert_eq!(
+        bytes,
+        [
+            3, 0, 0, 0, 0, 0, 0, 0, // base version
+            16, 0, 0, 0, // samples
+            0, 0, 0, 0x3f, // 0.5f32
+            7, 0, 0, 0, 0, 0, 0, 0, // step
+            0b1001, 0b1 // members 0, 3 and 8
+        ]
+    );
+    assert_eq!(PushHead::decode(&bytes, 9).unwrap(), head);
+    assert!(PushHead::decode(&bytes[..bytes.len() - 1], 9).is_err());
+    let plain = PushHead {
+        step: None,
+        ..head.clone()
+    };
+    assert_eq!(
+        &plain.encode(2)[16..],
+        &[255, 255, 255, 255, 255, 255, 255, 255, 0]
+    );
+
+    let reply = PushReply {
+        outcome: PushOutcome::Applied {
+            version: 8,
+            staleness: 1,
+        },
+        step: head.step.clone(),
+    };
+    let bytes = Reply::Pushed(reply.clone()).encode(9);
+    assert_eq!(
+        &bytes[..17],
+        &[0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(
+        Reply::decode(kind::PUSH_REPLY, &bytes, 9).unwrap(),
+        Reply::Pushed(reply)
+    );
+    for outcome in [
+        PushOutcome::Buffered { waiting_for: 2 },
+        PushOutcome::Dropped { staleness: 5 },
+        PushOutcome::Done,
+    ] {
+        let r = Reply::Pushed(PushReply::plain(outcome));
+        assert_eq!(Reply::decode(kind::PUSH_REPLY, &r.encode(3), 3).unwrap(), r);
+    }
+    let mut bad = Reply::Pushed(PushReply::plain(PushOutcome::Done)).encode(3);
+    bad[0] = 9;
+    assert!(Reply::decode(kind::PUSH_REPLY, &bad, 3).is_err());
+}
+
+#[test]
+fn failures_carry_typed_codes() {
+    let f = Reply::Error(Failure::new(ErrorCode::NonFinite { count: 3 }, "nope"));
+    let bytes = f.encode(0);
+    assert_eq!(
+        bytes,
+        [5, 0, 3, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, b'n', b'o', b'p', b'e']
+    );
+    assert_eq!(Reply::decode(kind::ERROR, &bytes, 0).unwrap(), f);
+    for code in [
+        ErrorCode::BadFrame,
+        ErrorCode::Handshake,
+        ErrorCode::Refused,
+        ErrorCode::RankBusy,
+    ] {
+        let r = Reply::Error(Failure::new(code, "x"));
+        assert_eq!(Reply::decode(kind::ERROR, &r.encode(0), 0).unwrap(), r);
+    }
+    assert!(Reply::decode(kind::ERROR, &[9, 0], 0).is_err());
+}
+
+#[test]
+fn pulled_and_stats_round_trip() {
+    let p = Reply::Pulled(Pulled {
+        version: 4,
+        updated: true,
+        done: true,
+    });
+    let bytes = p.encode(0);
+    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 3]);
+    assert_eq!(bytes.len(), PULLED_LEN);
+    assert_eq!(Reply::decode(kind::PULL_REPLY, &bytes, 0).unwrap(), p);
+    assert!(Reply::decode(kind::PULL_REPLY, &[0, 0, 0, 0, 0, 0, 0, 0, 4], 0).is_err());
+    let st = Reply::Stats(ShardStats {
+        stats: ServerStats {
+            version: 3,
+            loss_ema: Some(0.5),
+            ..Default::default()
+        },
+        active_workers: 2,
+        done: true,
+    });
+    assert_eq!(
+        Reply::decode(kind::STATS_REPLY, &st.encode(0), 0).unwrap(),
+        st
+    );
+    assert_eq!(
+        Reply::decode(kind::GOODBYE_OK, &Reply::GoodbyeOk.encode(0), 0).unwrap(),
+        Reply::GoodbyeOk
+    );
+}
+
+#[test]
+fn hello_and_description_carry_the_plan_and_reject_garbage() {
+    let layout = Layout::new([("w", &[3usize, 2][..]), ("b", &[3][..])]).unwrap();
+    for p in [plan(), RunPlan::default()] {
+        let hello = Hello::new(Role::Worker, 1, 0, 2, &p, &layout);
+        let bytes = hello.encode();
+        let back = Hello::decode(&bytes).unwrap();
+        assert_eq!(back, hello);
+        assert_eq!(back.run.plan, p);
+        assert_eq!(back.layout().unwrap(), layout);
+        for cut in [0, 5, bytes.len() - 1] {
+            assert!(Hello::decode(&bytes[..cut]).is_err());
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(Hello::decode(&long).is_err());
+        let d = Description::new(1, 2, &p, &layout);
+        assert_eq!(Description::decode(&d.encode()).unwrap(), d);
+        let any = Hello::new(Role::Worker, usize::MAX, 0, 1, &p, &layout);
+        assert_eq!(any.rank, ANY_RANK);
+    }
+    // A tensor count larger than the bytes could hold is refused before allocating.
+    let hello = Hello::new(Role::Observer, 0, 0, 1, &plan(), &layout);
+    let mut bytes = hello.encode();
+    let mut w = crate::codec::Writer::default();
+    encode_plan(&mut w, &plan());
+    // role, rank, shard, shards, the plan, the fingerprint, then the count.
+    let count_at = 1 + 4 + 4 + 4 + w.0.len() + 8;
+    bytes[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(Hello::decode(&bytes).is_err());
+    // A plan naming absurdly many workers is refused.
+    let huge = RunPlan {
+        workers: MAX_WORKERS + 1,
+        ..plan()
+    };
+    let mut w = crate::codec::Writer::default();
+    encode_plan(&mut w, &huge);
+    assert!(decode_plan(&mut crate::codec::Reader::new(&w.0, "plan")).is_err());
+}

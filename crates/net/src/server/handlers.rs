@@ -1,0 +1,163 @@
+//! What a shard does for each request once the peer is known: pull (behind the consistency
+//! gate), push (with shard 0's coordinated-step answer), stats and goodbye.
+
+use super::shared::Shared;
+use crate::connection::Connection;
+use crate::error::NetError;
+use crate::message::{
+    ErrorCode, Failure, Pulled, PushHead, PushReply, Reply, ShardStats, StepMembers,
+};
+use pstrain_core::{Departure, PushError, PushMeta, PushOutcome, Seat};
+
+/// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
+/// engine's gate opens for `rank` (or the run ends).
+pub(super) async fn pull(
+    shared: &Shared,
+    conn: &mut Connection,
+    buf: &mut Vec<f32>,
+    rank: Option<usize>,
+    newer_than: Option<u64>,
+    wait: bool,
+) -> Result<(), NetError> {
+    if wait {
+        let mut rx = shared.version.subscribe();
+        loop {
+            let (_, done) = *rx.borrow_and_update();
+            if done || shared.lock().engine.pull_ready(rank, newer_than) {
+                break;
+            }
+            // No deadline here: this worker is healthy and waiting for the others; a peer
+            // that stalls is dropped by its own idle deadline, which moves the step on.
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+    let pulled = {
+        let state = shared.lock();
+        let version = state.engine.version();
+        let updated = newer_than.is_none_or(|n| version > n);
+        if updated {
+            buf.clear();
+            buf.extend_from_slice(state.engine.params());
+        }
+        Pulled {
+            version,
+            updated,
+            done: state.engine.is_done(),
+        }
+    };
+    let tensor: &[f32] = if pulled.updated { buf } else { &[] };
+    conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await
+}
+
+/// Reads a push (head, then the slice straight into `buf`), offers it to the engine, hands a
+/// due snapshot to the checkpoint writer, and answers.
+pub(super) async fn push(
+    shared: &Shared,
+    conn: &mut Connection,
+    buf: &mut Vec<f32>,
+    len: u64,
+    rank: usize,
+) -> Result<(), NetError> {
+    let workers = shared.cfg.plan.workers;
+    let head_len = PushHead::len(workers);
+    let body = len
+        .checked_sub(head_len as u64)
+        .filter(|b| b % 4 == 0)
+        .ok_or_else(|| NetError::Malformed {
+            what: "push",
+            why: format!("payload of {len} bytes is not a push header plus f32 values"),
+        })?;
+    let head = PushHead::decode(&conn.read_bytes(head_len).await?, workers)?;
+    // The frame limit already bounds `body` by this shard's size.
+    buf.resize((body / 4) as usize, 0.0);
+    conn.read_f32s(buf).await?;
+    let meta = PushMeta {
+        rank,
+        base_version: head.base_version,
+        samples: head.samples,
+        loss: head.loss,
+    };
+    let report = {
+        let now = shared.now();
+        let mut state = shared.lock();
+        let tag = head.step.as_ref().map(|s| (s.step, &s.members[..]));
+        let report = state.engine.push(meta, buf, tag, now);
+        if report.changed {
+            shared.publish(&state);
+        }
+        report
+    };
+    if let (Some(state), Some(tx)) = (report.snapshot, &shared.snapshots) {
+        // Waits while the writer is busy with the previous snapshot and one more is queued.
+        let _ = tx.send(state).await;
+    }
+    let reply = match (report.outcome, report.admitted_step) {
+        (Ok(_), Some(step)) => Reply::Pushed(coordinated_reply(shared, step).await),
+        (Ok(outcome), None) => Reply::Pushed(PushReply::plain(outcome)),
+        (Err(e), _) => {
+            let code = match e {
+                PushError::NonFinite { count } => ErrorCode::NonFinite {
+                    count: count as u64,
+                },
+                _ => ErrorCode::Refused,
+            };
+            Reply::Error(Failure::new(code, e.to_string()))
+        }
+    };
+    conn.send_reply(&reply, workers, &[]).await
+}
+
+/// Shard 0 in coordinated mode: the other shards need step `step`'s members, known once it
+/// is complete, so the answer waits for that (the worker would wait before its next pull).
+async fn coordinated_reply(shared: &Shared, step: u64) -> PushReply {
+    let mut rx = shared.version.subscribe();
+    loop {
+        let (version, done) = *rx.borrow_and_update();
+        if version > step || done || rx.changed().await.is_err() {
+            break;
+        }
+    }
+    let state = shared.lock();
+    match state.engine.step_members(step) {
+        Some(members) => PushReply {
+            outcome: PushOutcome::Applied {
+                version: step + 1,
+                staleness: 0,
+            },
+            step: Some(StepMembers {
+                step,
+                members: members.to_vec(),
+            }),
+        },
+        None if state.engine.is_done() => PushReply::plain(PushOutcome::Done),
+        None => PushReply::plain(PushOutcome::Dropped { staleness: 0 }),
+    }
+}
+
+pub(super) async fn stats(shared: &Shared, conn: &mut Connection) -> Result<(), NetError> {
+    let stats = {
+        let state = shared.lock();
+        ShardStats {
+            stats: state.engine.stats(),
+            active_workers: state.engine.active_workers() as u32,
+            done: state.engine.is_done(),
+        }
+    };
+    conn.send_reply(&Reply::Stats(stats), 0, &[]).await
+}
+
+/// A worker's goodbye frees its rank and takes it out of the quorum.
+pub(super) async fn goodbye(
+    shared: &Shared,
+    conn: &mut Connection,
+    seat: Option<Seat>,
+) -> Result<(), NetError> {
+    if let Some(seat) = seat {
+        let mut state = shared.lock();
+        state.engine.leave(seat, Departure::Goodbye);
+        shared.publish(&state);
+    }
+    conn.send_reply(&Reply::GoodbyeOk, 0, &[]).await
+}

@@ -1,0 +1,155 @@
+//! A connection's first exchange: an optional DESCRIBE (for clients that adopt the shard's
+//! plan and layout), then the peer's HELLO, checked against this shard's place, plan and
+//! layout; a worker takes its rank from the engine's membership.
+
+use super::shared::Shared;
+use crate::connection::Connection;
+use crate::error::NetError;
+use crate::message::{
+    kind, Description, Hello, HelloOk, Reply, Request, Role, ANY_RANK, HELLO_LIMIT,
+};
+use pstrain_core::{RankRequest, Seat};
+
+/// Who is on the other end, once the handshake is done.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Peer {
+    pub role: Role,
+    /// A worker's rank, or the rank a heartbeat connection speaks for.
+    pub rank: usize,
+    /// A worker's hold on its rank.
+    pub seat: Option<Seat>,
+    pub said_goodbye: bool,
+}
+
+/// Reads the peer's hello, answering a DESCRIBE first if it asks; `None` if it left.
+pub(super) async fn read_hello(
+    shared: &Shared,
+    conn: &mut Connection,
+) -> Result<Option<Hello>, NetError> {
+    let cfg = &shared.cfg;
+    let mut described = false;
+    loop {
+        let Some(header) = conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? else {
+            return Ok(None);
+        };
+        if header.kind != kind::DESCRIBE && header.kind != kind::HELLO {
+            return Err(NetError::Unexpected {
+                got: header.kind,
+                expected: "hello",
+            });
+        }
+        let bytes = conn.read_bytes(header.len as usize).await?;
+        match Request::decode(header.kind, &bytes, cfg.plan.workers)? {
+            Request::Describe if !described => {
+                described = true;
+                let me = Description::new(cfg.shard, cfg.shards, &cfg.plan, &cfg.layout);
+                conn.send_reply(&Reply::Described(me), 0, &[]).await?;
+            }
+            Request::Hello(hello) => return Ok(Some(hello)),
+            _ => {
+                return Err(NetError::Unexpected {
+                    got: header.kind,
+                    expected: "hello",
+                })
+            }
+        }
+    }
+}
+
+/// Checks `hello` and, for a worker, takes its rank; answers with `HelloOk`.
+pub(super) async fn accept(
+    shared: &Shared,
+    conn: &mut Connection,
+    hello: &Hello,
+) -> Result<Peer, NetError> {
+    check(shared, hello)?;
+    let workers = shared.cfg.plan.workers;
+    let rank = hello.rank as usize;
+    let mut peer = Peer {
+        role: hello.role,
+        rank,
+        seat: None,
+        said_goodbye: false,
+    };
+    let version = {
+        let mut state = shared.lock();
+        match hello.role {
+            Role::Worker => {
+                let request = if hello.rank == ANY_RANK {
+                    RankRequest::Any
+                } else {
+                    RankRequest::Exact(rank)
+                };
+                let seat = state.engine.join(request)?;
+                peer.rank = seat.rank;
+                peer.seat = Some(seat);
+            }
+            Role::Heartbeat if rank >= workers => {
+                return Err(NetError::Handshake(format!(
+                    "rank {rank} is out of range for {workers} workers"
+                )))
+            }
+            Role::Heartbeat | Role::Observer => {}
+        }
+        state.engine.version()
+    };
+    let ok = HelloOk {
+        start: shared.range.start as u64,
+        end: shared.range.end as u64,
+        version,
+        rank: peer.rank as u32,
+    };
+    conn.send_reply(&Reply::HelloOk(ok), 0, &[]).await?;
+    Ok(peer)
+}
+
+/// The peer must expect this shard, run this plan and hold this layout.
+fn check(shared: &Shared, hello: &Hello) -> Result<(), NetError> {
+    let cfg = &shared.cfg;
+    let refuse = |why: String| Err(NetError::Handshake(why));
+    let run = &hello.run;
+    if (run.shard as usize, run.shards as usize) != (cfg.shard, cfg.shards) {
+        return refuse(format!(
+            "peer expects shard {} of {}, this is shard {} of {}",
+            run.shard, run.shards, cfg.shard, cfg.shards
+        ));
+    }
+    let differences = cfg.plan.differences(&run.plan);
+    if !differences.is_empty() {
+        let list: Vec<String> = differences
+            .iter()
+            .map(|(field, ours, theirs)| format!("{field}: server {ours}, peer {theirs}"))
+            .collect();
+        return refuse(format!("run plan mismatch ({})", list.join("; ")));
+    }
+    if run.fingerprint != cfg.layout.fingerprint() {
+        return refuse(layout_mismatch(shared, hello));
+    }
+    let theirs = hello
+        .layout()
+        .map_err(|e| NetError::Handshake(format!("peer layout: {e}")))?;
+    if theirs != cfg.layout {
+        return refuse(layout_mismatch(shared, hello));
+    }
+    Ok(())
+}
+
+fn layout_mismatch(shared: &Shared, hello: &Hello) -> String {
+    let ours = &shared.cfg.layout;
+    let values: u64 = hello
+        .run
+        .tensors
+        .iter()
+        .map(|(_, s)| s.iter().fold(1u64, |a, &d| a.saturating_mul(d)))
+        .fold(0u64, |a, n| a.saturating_add(n));
+    format!(
+        "model layout mismatch: peer has {} tensors / {} values (hash {:016x}), \
+         server has {} tensors / {} values (hash {:016x})",
+        hello.run.tensors.len(),
+        values,
+        hello.run.fingerprint,
+        ours.tensors().len(),
+        ours.len(),
+        ours.fingerprint()
+    )
+}

@@ -1,0 +1,204 @@
+//! The shard server: a listener that accepts connections and spawns a `session` per peer;
+//! the sessions' `handlers` apply requests to this shard's `ShardEngine` (in `shared`); timers
+//! evict silent workers and take time-based checkpoints (`checkpoints`). `handle` runs a shard
+//! on a runtime of its own for the CLI, the Python module, the benchmark and the tests.
+
+mod checkpoints;
+mod handle;
+mod handlers;
+mod handshake;
+mod session;
+mod shared;
+
+pub use handle::ShardHandle;
+
+use crate::error::NetError;
+use pstrain_core::{
+    shard_ranges, CoreState, EngineConfig, Layout, RunPlan, ServerStats, ShardEngine,
+};
+use pstrain_store::{CheckpointPolicy, Saver};
+use shared::Shared;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub shard: usize,
+    pub shards: usize,
+    /// The whole model's layout; this shard owns `shard_ranges(len, shards)[shard]`.
+    pub layout: Layout,
+    /// The run this shard serves; workers and observers adopt it in the handshake.
+    pub plan: RunPlan,
+    /// Deadline for each read or write once a frame is under way.
+    pub io_timeout: Duration,
+    /// A peer silent this long between frames is dropped.
+    pub idle_timeout: Duration,
+    /// A worker whose heartbeats (once started) stop for this long leaves the quorum.
+    pub heartbeat_timeout: Duration,
+    /// Stop once every worker rank has joined and left and no connection is open.
+    pub exit_when_finished: bool,
+    /// Checkpoint this shard (and restore its newest valid checkpoint at start).
+    pub checkpoint: Option<CheckpointPolicy>,
+}
+
+impl ShardConfig {
+    /// Shard `shard` of `shards` with the default deadlines, exiting when the run is over,
+    /// without checkpoints.
+    pub fn new(shard: usize, shards: usize, layout: Layout, plan: RunPlan) -> Self {
+        ShardConfig {
+            shard,
+            shards,
+            layout,
+            plan,
+            io_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            heartbeat_timeout: Duration::from_secs(10),
+            exit_when_finished: true,
+            checkpoint: None,
+        }
+    }
+
+    pub fn range(&self) -> Range<usize> {
+        shard_ranges(self.layout.len(), self.shards)
+            .get(self.shard)
+            .cloned()
+            .unwrap_or(0..0)
+    }
+
+    fn engine_config(&self) -> EngineConfig {
+        let policy = self.checkpoint.as_ref();
+        EngineConfig {
+            shard: self.shard,
+            shards: self.shards,
+            server: self.plan.server_config(),
+            heartbeat_timeout: self.heartbeat_timeout,
+            checkpoint_every_updates: policy.and_then(|p| p.every_updates),
+            checkpoint_every: policy.and_then(|p| p.every),
+        }
+    }
+}
+
+/// What happened on the shard's connections, besides the engine's own counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionEvents {
+    pub accepted: u64,
+    pub refused_handshakes: u64,
+    /// Connections closed for a malformed, oversized or unexpected frame or a timeout.
+    pub protocol_errors: u64,
+    /// Workers that went away without a goodbye (or whose heartbeats stopped).
+    pub vanished_workers: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardReport {
+    pub stats: ServerStats,
+    pub events: ConnectionEvents,
+    pub params: Vec<f32>,
+}
+
+pub struct ShardServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    saver: Option<Saver>,
+    queue: Option<mpsc::Receiver<CoreState>>,
+}
+
+/// How often the server looks for workers whose heartbeats stopped.
+const HEARTBEAT_CHECK: Duration = Duration::from_millis(250);
+/// How often the server looks at its time-based checkpoint schedule.
+const CHECKPOINT_TICK: Duration = Duration::from_millis(100);
+
+impl ShardServer {
+    /// Binds `addr` and sets up the shard with its slice of `initial` (the whole model),
+    /// restoring its newest checkpoint if it keeps them.
+    pub async fn bind(addr: &str, cfg: ShardConfig, initial: &[f32]) -> Result<Self, NetError> {
+        if initial.len() != cfg.layout.len() || cfg.shard >= cfg.shards {
+            return Err(NetError::Handshake(format!(
+                "shard {} of {} over {} initial values for a layout of {}",
+                cfg.shard,
+                cfg.shards,
+                initial.len(),
+                cfg.layout.len()
+            )));
+        }
+        let started = Instant::now();
+        let range = cfg.range();
+        let mut engine = ShardEngine::new(
+            cfg.engine_config(),
+            initial[range.clone()].to_vec(),
+            Duration::ZERO,
+        )
+        .map_err(|e| NetError::Handshake(e.to_string()))?;
+        let saver = checkpoints::restore(&cfg, &range, &mut engine);
+        let listener = TcpListener::bind(addr).await?;
+        let (snapshots, queue) = match saver {
+            Some(_) => {
+                // One snapshot deep: checkpoints cannot fall further behind than that.
+                let (tx, rx) = mpsc::channel(1);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let shared = Arc::new(Shared::new(cfg, range, engine, started, snapshots));
+        Ok(ShardServer {
+            listener,
+            shared,
+            saver,
+            queue,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes or, with `exit_when_finished`, the run is over.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShardReport {
+        tokio::pin!(shutdown);
+        let shared = self.shared;
+        let (mut saver, mut queue) = (self.saver, self.queue);
+        let mut beat_check = tokio::time::interval(HEARTBEAT_CHECK);
+        let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_TICK);
+        loop {
+            tokio::select! {
+                _ = beat_check.tick() => shared.evict_silent_workers(),
+                Some(state) = checkpoints::next(&mut queue) => {
+                    checkpoints::write(&shared, &mut saver, state).await;
+                }
+                _ = checkpoint_tick.tick(), if saver.is_some() => {
+                    let due = shared.lock().engine.checkpoint_due(shared.now());
+                    if let Some(state) = due {
+                        checkpoints::write(&shared, &mut saver, state).await;
+                    }
+                }
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        shared.lock().events.accepted += 1;
+                        tokio::spawn(session::handle(Arc::clone(&shared), stream));
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        shared.log(&format!("accept failed: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = &mut shutdown => break,
+                _ = shared.finished.notified() => break,
+            }
+        }
+        // Waiting pulls see `done` and return; later requests find the listener gone.
+        let state = shared.lock();
+        shared.version.send_replace((state.engine.version(), true));
+        checkpoints::final_save(&shared, saver, &state.engine);
+        ShardReport {
+            stats: state.engine.stats(),
+            events: state.events,
+            params: state.engine.params().to_vec(),
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! One connection, from handshake to close: reads each request, hands it to its handler, and
+//! on the way out says why (when the socket still works) and lets go of a worker's rank.
+
+use super::handlers;
+use super::handshake::{self, Peer};
+use super::shared::Shared;
+use crate::connection::Connection;
+use crate::error::NetError;
+use crate::message::{kind, PushHead, Reply, Request, Role};
+use pstrain_core::Departure;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream) {
+    shared.lock().open += 1;
+    let mut conn = Connection::new(stream, shared.cfg.io_timeout);
+    let mut peer = None;
+    let result = serve(&shared, &mut conn, &mut peer).await;
+    if let Err(e) = &result {
+        shared.log(&format!("closing connection from {}: {e}", conn.peer()));
+        // Best effort: tell the peer why, unless the socket itself is what failed.
+        if !e.is_transport() {
+            let _ = conn.send_reply(&Reply::Error(e.failure()), 0, &[]).await;
+        }
+        let refused = matches!(e, NetError::Handshake(_) | NetError::Join(_));
+        let mut state = shared.lock();
+        if refused {
+            state.events.refused_handshakes += 1;
+        } else {
+            state.events.protocol_errors += 1;
+        }
+    }
+    conn.shutdown().await;
+    let mut state = shared.lock();
+    state.open -= 1;
+    // A worker that vanished without a goodbye leaves the quorum; one that was evicted or
+    // replaced no longer speaks for its rank, so nothing changes.
+    if let Some(Peer {
+        seat: Some(seat),
+        said_goodbye: false,
+        ..
+    }) = peer
+    {
+        if state.engine.holds(seat) {
+            state.events.vanished_workers += 1;
+            shared.log(&format!(
+                "worker {} disconnected without a goodbye; it leaves the quorum",
+                seat.rank
+            ));
+            state.engine.leave(seat, Departure::Vanished);
+            shared.publish(&state);
+        }
+    }
+    shared.check_finished(&state);
+}
+
+async fn serve(
+    shared: &Shared,
+    conn: &mut Connection,
+    peer: &mut Option<Peer>,
+) -> Result<(), NetError> {
+    let Some(hello) = handshake::read_hello(shared, conn).await? else {
+        return Ok(());
+    };
+    let me = handshake::accept(shared, conn, &hello).await?;
+    *peer = Some(me);
+    let cfg = &shared.cfg;
+    let workers = cfg.plan.workers;
+    // The largest legitimate frame is a push of this shard's gradient.
+    let limit = (PushHead::len(workers) + 4 * shared.range.len()).max(64) as u64;
+    let mut buf: Vec<f32> = Vec::new();
+    loop {
+        let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
+            return Ok(());
+        };
+        if let Some(seat) = me.seat {
+            if !shared.lock().engine.holds(seat) {
+                return Err(NetError::Handshake(format!(
+                    "worker {} was evicted (missed heartbeats); reconnect to rejoin",
+                    me.rank
+                )));
+            }
+        }
+        if header.kind == kind::PUSH && me.role == Role::Worker {
+            handlers::push(shared, conn, &mut buf, header.len, me.rank).await?;
+            continue;
+        }
+        let bytes = conn.read_bytes(header.len as usize).await?;
+        match Request::decode(header.kind, &bytes, workers)? {
+            Request::Pull { newer_than, wait } => {
+                let rank = me.seat.map(|s| s.rank);
+                handlers::pull(shared, conn, &mut buf, rank, newer_than, wait).await?;
+            }
+            Request::Stats => handlers::stats(shared, conn).await?,
+            Request::Heartbeat if me.role == Role::Heartbeat => {
+                let now = shared.now();
+                shared.lock().engine.heartbeat(me.rank, now);
+            }
+            Request::Goodbye => {
+                if let Some(p) = peer.as_mut() {
+                    p.said_goodbye = true;
+                }
+                return handlers::goodbye(shared, conn, me.seat).await;
+            }
+            _ => {
+                return Err(NetError::Unexpected {
+                    got: header.kind,
+                    expected: "pull, push, stats or goodbye",
+                })
+            }
+        }
+    }
+}

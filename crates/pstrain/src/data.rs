@@ -1,0 +1,73 @@
+//! Where a process finds its data set: `--data-dir` (or `PSTRAIN_DATA_DIR`), else
+//! `./data/mnist`, downloaded there (checksum-verified) when files are missing.
+
+use crate::download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
+use anyhow::Result;
+use clap::Args;
+use pstrain_compute::mnist::{self, Mnist};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The data folder used when neither --data-dir nor PSTRAIN_DATA_DIR names one.
+const DEFAULT_DATA_DIR: &str = "data/mnist";
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct DataArgs {
+    /// Folder with the IDX files [default: ./data/mnist, downloaded there if missing]
+    #[arg(long, env = "PSTRAIN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Mirror base URLs to download from, tried in order (repeat or comma-separate)
+    #[arg(long = "mirror", env = "PSTRAIN_MNIST_MIRRORS", value_delimiter = ',')]
+    pub mirrors: Vec<String>,
+}
+
+impl DataArgs {
+    pub fn dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+}
+
+/// Downloads the four MNIST files into `dir` (from `mirrors`, or the built-in list).
+pub fn download(dir: &Path, mirrors: &[String]) -> Result<()> {
+    let mirrors: Vec<String> = if mirrors.is_empty() {
+        DEFAULT_MIRRORS.iter().map(|m| m.to_string()).collect()
+    } else {
+        mirrors.to_vec()
+    };
+    let progress = std::io::stderr().is_terminal();
+    for status in download_mnist(dir, &mirrors, progress)? {
+        match status {
+            FileStatus::Present(p) => eprintln!("present, checksum ok: {}", p.display()),
+            FileStatus::Downloaded { path, mirror } => {
+                eprintln!(
+                    "downloaded, checksum ok: {} (from {mirror})",
+                    path.display()
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads the data set; the default folder is filled by a download first when files are
+/// missing, as torchvision does, so that a fresh machine needs no extra step.
+pub fn load_data(args: &DataArgs) -> Result<Mnist> {
+    let dir = args.dir();
+    if args.data_dir.is_none() && !mnist::missing_files(&dir).is_empty() {
+        eprintln!("MNIST not found in {}; downloading", dir.display());
+        download(&dir, &args.mirrors)?;
+    }
+    let started = Instant::now();
+    let data = mnist::load_dir(&dir)?;
+    eprintln!(
+        "loaded {} training and {} test images from {} in {:.1} s",
+        data.train.len(),
+        data.test.len(),
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(data)
+}

@@ -1,0 +1,411 @@
+//! The run plan as command-line flags: `RunArgs` (shared by `train`, `server` and `worker`)
+//! and the one conversion each way, flags -> `RunPlan` (`overlay`) and `RunPlan` -> flags
+//! (`plan_argv`). A worker takes the shards' plan and may repeat its flags, never contradict
+//! them (`contradictions`).
+
+use clap::{Args, ValueEnum};
+use pstrain_core::{Aggregate, Mode, OptimizerConfig, RunPlan, Schedule};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum FlagError {
+    #[error("--backup-workers applies to --mode sync only")]
+    BackupsInAsync,
+    #[error("invalid run plan: {0}")]
+    Plan(#[from] pstrain_core::ConfigError),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Sync,
+    Async,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    Sgd,
+    Momentum,
+    Adam,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AggregateArg {
+    /// Average over the step's samples (one worker with the combined batch)
+    Mean,
+    /// Sum of the workers' gradients (the original Ray example's rule)
+    Sum,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    /// The same rate throughout
+    Constant,
+    /// Cosine decay to zero over the planned updates
+    Cosine,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    Cnn,
+    Convnet,
+}
+
+/// The flags that define a run. `train` and `server` fill what is not given with the defaults
+/// shown; a `worker` takes the shards' plan and refuses a flag that contradicts it.
+#[derive(Args, Debug, Clone, Default, PartialEq)]
+pub struct RunArgs {
+    /// sync: one averaged update per step from every worker; async: apply on arrival
+    /// [default: async]
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// Worker ranks [default: 2]
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// [default: cnn]
+    #[arg(long, value_enum)]
+    pub model: Option<ModelArg>,
+    /// Passes over the training set [default: 5]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many server updates (overrides --epochs)
+    #[arg(long)]
+    pub iterations: Option<u64>,
+    /// Samples per worker per step [default: 64]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// [default: adam]
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
+    /// Learning rate [default: 0.001 for adam, 0.01 for sgd and momentum]
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Learning-rate schedule over the planned updates [default: cosine]
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<ScheduleArg>,
+    /// Momentum factor for --optimizer momentum [default: 0.9]
+    #[arg(long)]
+    pub momentum: Option<f32>,
+    /// L2 weight decay [default: 0]
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    /// Async: drop gradients computed from weights more than this many updates old (0: no
+    /// bound) [default: 32]
+    #[arg(long)]
+    pub max_staleness: Option<u64>,
+    /// Sync: each step aggregates the first workers-b gradients and drops the late ones
+    /// [default: 0]
+    #[arg(long)]
+    pub backup_workers: Option<usize>,
+    /// Sync: how a step combines its gradients [default: mean]
+    #[arg(long, value_enum)]
+    pub aggregate: Option<AggregateArg>,
+    /// Initial weights, data shards, shuffles and dropout [default: 42]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Training-set size the run is planned for [default: the data set's; `server`: 60000]
+    #[arg(long)]
+    pub train_samples: Option<usize>,
+}
+
+const DEFAULT_MOMENTUM: f32 = 0.9;
+const DEFAULT_MAX_STALENESS: u64 = 32;
+
+fn default_lr(optimizer: OptimizerArg) -> f32 {
+    match optimizer {
+        OptimizerArg::Adam => 1e-3,
+        OptimizerArg::Sgd | OptimizerArg::Momentum => 0.01,
+    }
+}
+
+fn optimizer_arg(o: &OptimizerConfig) -> OptimizerArg {
+    match o {
+        OptimizerConfig::Sgd { momentum, .. } if *momentum > 0.0 => OptimizerArg::Momentum,
+        OptimizerConfig::Sgd { .. } => OptimizerArg::Sgd,
+        OptimizerConfig::Adam { .. } => OptimizerArg::Adam,
+    }
+}
+
+impl RunArgs {
+    /// The plan these flags describe on top of `base`: every flag given replaces what `base`
+    /// says. Over `RunPlan::default()` this is the plan `train` and `server` run.
+    pub fn overlay(&self, base: &RunPlan) -> Result<RunPlan, FlagError> {
+        let plan = RunPlan {
+            model: self
+                .model
+                .map_or(base.model.clone(), |m| model_name(m).into()),
+            mode: self.mode_over(base.mode)?,
+            workers: self.workers.unwrap_or(base.workers),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            epochs: self.epochs.unwrap_or(base.epochs),
+            iterations: self.iterations.or(base.iterations),
+            optimizer: self.optimizer_over(&base.optimizer),
+            schedule: self.lr_schedule.map_or(base.schedule, |s| match s {
+                ScheduleArg::Constant => Schedule::Constant,
+                ScheduleArg::Cosine => Schedule::Cosine,
+            }),
+            aggregate: self.aggregate.map_or(base.aggregate, |a| match a {
+                AggregateArg::Mean => Aggregate::Mean,
+                AggregateArg::Sum => Aggregate::Sum,
+            }),
+            seed: self.seed.unwrap_or(base.seed),
+            train_samples: self.train_samples.unwrap_or(base.train_samples),
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    fn mode_over(&self, base: Mode) -> Result<Mode, FlagError> {
+        let sync = match self.mode {
+            Some(m) => m == ModeArg::Sync,
+            None => base.lockstep(),
+        };
+        Ok(if sync {
+            Mode::Sync {
+                backup_workers: self.backup_workers.unwrap_or(base.backup_workers()),
+            }
+        } else {
+            if self.backup_workers.is_some_and(|b| b > 0) {
+                return Err(FlagError::BackupsInAsync);
+            }
+            let base_bound = match base {
+                Mode::Async { max_staleness } => max_staleness,
+                Mode::Sync { .. } => Some(DEFAULT_MAX_STALENESS),
+            };
+            Mode::Async {
+                max_staleness: self
+                    .max_staleness
+                    .map_or(base_bound, |s| (s > 0).then_some(s)),
+            }
+        })
+    }
+
+    fn optimizer_over(&self, base: &OptimizerConfig) -> OptimizerConfig {
+        let base_kind = optimizer_arg(base);
+        let kind = self.optimizer.unwrap_or(base_kind);
+        let same = kind == base_kind;
+        let lr = self
+            .lr
+            .unwrap_or(if same { base.lr() } else { default_lr(kind) });
+        let (base_momentum, base_decay) = match *base {
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+                ..
+            } => (momentum, weight_decay),
+            OptimizerConfig::Adam { weight_decay, .. } => (0.0, weight_decay),
+        };
+        let weight_decay = self.weight_decay.unwrap_or(base_decay);
+        let optimizer = match kind {
+            OptimizerArg::Sgd => OptimizerConfig::sgd(lr),
+            OptimizerArg::Momentum => {
+                let fallback = if same {
+                    base_momentum
+                } else {
+                    DEFAULT_MOMENTUM
+                };
+                OptimizerConfig::momentum(lr, self.momentum.unwrap_or(fallback))
+            }
+            // Adam's betas and epsilon have no flags: the base's are kept.
+            OptimizerArg::Adam if same => base.with_lr(lr),
+            OptimizerArg::Adam => OptimizerConfig::adam(lr),
+        };
+        optimizer.with_weight_decay(weight_decay)
+    }
+
+    /// The flags given here that contradict `plan`: (flags, what they say, what the plan says).
+    pub fn contradictions(
+        &self,
+        plan: &RunPlan,
+    ) -> Result<Vec<(String, String, String)>, FlagError> {
+        let mine = self.overlay(plan)?;
+        Ok(plan
+            .differences(&mine)
+            .into_iter()
+            .map(|(field, theirs, ours)| (flags_of(field).to_string(), ours, theirs))
+            .collect())
+    }
+}
+
+/// The flags behind a plan field, for messages.
+fn flags_of(field: &str) -> &'static str {
+    match field {
+        "model" => "--model",
+        "mode" => "--mode/--max-staleness/--backup-workers",
+        "workers" => "--workers",
+        "batch_size" => "--batch-size",
+        "epochs" => "--epochs",
+        "iterations" => "--iterations",
+        "optimizer" => "--optimizer/--lr/--momentum/--weight-decay",
+        "lr_schedule" => "--lr-schedule",
+        "aggregate" => "--aggregate",
+        "seed" => "--seed",
+        "train_samples" => "--train-samples",
+        _ => "a run flag",
+    }
+}
+
+fn model_name(m: ModelArg) -> &'static str {
+    match m {
+        ModelArg::Cnn => "cnn",
+        ModelArg::Convnet => "convnet",
+    }
+}
+
+/// The flags that reproduce `plan` exactly in another process (every field).
+pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut flag = |name: &str, value: String| {
+        a.push(format!("--{name}"));
+        a.push(value);
+    };
+    flag("model", plan.model.clone());
+    match plan.mode {
+        Mode::Sync { backup_workers } => {
+            flag("mode", "sync".into());
+            flag("backup-workers", backup_workers.to_string());
+        }
+        Mode::Async { max_staleness } => {
+            flag("mode", "async".into());
+            flag("max-staleness", max_staleness.unwrap_or(0).to_string());
+        }
+    }
+    flag("workers", plan.workers.to_string());
+    flag("batch-size", plan.batch_size.to_string());
+    flag("epochs", plan.epochs.to_string());
+    if let Some(n) = plan.iterations {
+        flag("iterations", n.to_string());
+    }
+    let (name, weight_decay) = match plan.optimizer {
+        OptimizerConfig::Sgd { weight_decay, .. } | OptimizerConfig::Adam { weight_decay, .. } => {
+            (optimizer_arg(&plan.optimizer), weight_decay)
+        }
+    };
+    flag("optimizer", format!("{name:?}").to_lowercase());
+    flag("lr", plan.optimizer.lr().to_string());
+    if let OptimizerConfig::Sgd { momentum, .. } = plan.optimizer {
+        if momentum > 0.0 {
+            flag("momentum", momentum.to_string());
+        }
+    }
+    flag("weight-decay", weight_decay.to_string());
+    flag("lr-schedule", plan.schedule.name().into());
+    let aggregate = match plan.aggregate {
+        Aggregate::Mean => "mean",
+        Aggregate::Sum => "sum",
+    };
+    flag("aggregate", aggregate.into());
+    flag("seed", plan.seed.to_string());
+    flag("train-samples", plan.train_samples.to_string());
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(argv: &[String]) -> RunArgs {
+        Wrapper::try_parse_from(std::iter::once("x".to_string()).chain(argv.iter().cloned()))
+            .unwrap()
+            .run
+    }
+
+    fn round_trip(plan: &RunPlan) -> RunPlan {
+        parse(&plan_argv(plan))
+            .overlay(&RunPlan::default())
+            .unwrap()
+    }
+
+    #[test]
+    fn every_field_survives_flags_and_back() {
+        // Every field away from its default, in each shape the flags can express.
+        let plans = [
+            RunPlan {
+                model: "convnet".into(),
+                mode: Mode::Sync { backup_workers: 1 },
+                workers: 3,
+                batch_size: 16,
+                epochs: 7,
+                iterations: Some(123),
+                optimizer: OptimizerConfig::momentum(0.037, 0.85).with_weight_decay(0.0005),
+                schedule: Schedule::Constant,
+                aggregate: Aggregate::Sum,
+                seed: 99,
+                train_samples: 1234,
+            },
+            RunPlan {
+                mode: Mode::Async {
+                    max_staleness: None,
+                },
+                optimizer: OptimizerConfig::sgd(0.3),
+                ..RunPlan::default()
+            },
+            RunPlan {
+                mode: Mode::Async {
+                    max_staleness: Some(5),
+                },
+                optimizer: OptimizerConfig::adam(0.002).with_weight_decay(0.01),
+                ..RunPlan::default()
+            },
+            RunPlan::default(),
+        ];
+        for plan in &plans {
+            assert_eq!(&round_trip(plan), plan);
+        }
+    }
+
+    #[test]
+    fn no_flags_is_the_default_plan_and_lr_follows_the_optimizer() {
+        let none = RunArgs::default();
+        assert_eq!(
+            none.overlay(&RunPlan::default()).unwrap(),
+            RunPlan::default()
+        );
+        let sgd = RunArgs {
+            optimizer: Some(OptimizerArg::Sgd),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            sgd.overlay(&RunPlan::default()).unwrap().optimizer,
+            OptimizerConfig::sgd(0.01)
+        );
+        let bad = RunArgs {
+            backup_workers: Some(1),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            bad.overlay(&RunPlan::default()),
+            Err(FlagError::BackupsInAsync)
+        );
+    }
+
+    #[test]
+    fn contradictions_name_the_flag_and_both_values() {
+        let plan = RunPlan {
+            mode: Mode::Sync { backup_workers: 0 },
+            ..RunPlan::default()
+        };
+        // Repeating the plan's values is fine.
+        let same = parse(&plan_argv(&plan));
+        assert!(same.contradictions(&plan).unwrap().is_empty());
+        let other = RunArgs {
+            iterations: Some(300),
+            mode: Some(ModeArg::Async),
+            ..RunArgs::default()
+        };
+        let found = other.contradictions(&plan).unwrap();
+        let flags: Vec<&str> = found.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(
+            flags,
+            ["--mode/--max-staleness/--backup-workers", "--iterations"]
+        );
+        assert_eq!(found[1].1, "Some(300)");
+        assert_eq!(found[1].2, "None");
+    }
+}

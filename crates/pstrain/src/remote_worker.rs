@@ -1,0 +1,131 @@
+//! `pstrain worker`: one worker process against TCP shards. It asks the shards for the run
+//! plan and adopts it, so `--servers`, `--rank` and `--data-dir` make a complete command;
+//! run flags it is also given must agree with the plan, or it is refused before it joins.
+
+use crate::data::{load_data, DataArgs};
+use crate::flags::parse_flags;
+use crate::plan_flags::RunArgs;
+use crate::shard_setup::seconds;
+use crate::train::TrainConfig;
+use crate::worker::{run_worker, WorkerReport};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pstrain_compute::ModelOptions;
+use pstrain_net::{ClientConfig, Heartbeat, Role, TcpClient, ANY_RANK};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Shard addresses in shard order, comma-separated
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+    /// This worker's rank, 0-based, or `auto`: take a free rank (a dead worker's first), as a
+    /// replacement for a worker that died
+    #[arg(long, value_parser = parse_rank)]
+    pub rank: usize,
+    /// Compute threads
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Seconds to keep retrying the connection while servers start
+    #[arg(long, default_value_t = 60)]
+    pub connect_timeout: u64,
+    /// Seconds between heartbeats to every shard (0: none)
+    #[arg(long, default_value_t = 1.0)]
+    pub heartbeat_secs: f64,
+    /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// A rank, or `auto` (`ANY_RANK`).
+fn parse_rank(s: &str) -> Result<usize, String> {
+    if s == "auto" {
+        return Ok(ANY_RANK);
+    }
+    match s.parse::<usize>() {
+        Ok(r) if r != ANY_RANK => Ok(r),
+        _ => Err(format!("`{s}` is not a rank (a number from 0, or `auto`)")),
+    }
+}
+
+/// Runs one worker as `pstrain worker ARGV...` would, until its work is done or `stop` is set.
+pub fn run_worker_from(argv: &[String], stop: &AtomicBool) -> Result<WorkerReport> {
+    worker(&parse_flags::<WorkerArgs>("worker", argv)?, stop)
+}
+
+pub fn worker(args: &WorkerArgs, stop: &AtomicBool) -> Result<WorkerReport> {
+    let connect_timeout = seconds("--connect-timeout", args.connect_timeout as f64)?;
+    let served = pstrain_net::describe(&args.servers, Duration::from_secs(30), connect_timeout)
+        .with_context(|| format!("cannot ask {} for the run plan", args.servers.join(",")))?;
+    let contradictions = args.run.contradictions(&served.plan)?;
+    if !contradictions.is_empty() {
+        let list: Vec<String> = contradictions
+            .iter()
+            .map(|(flag, given, plan)| {
+                format!("{flag}: given {given}, the shards' plan has {plan}")
+            })
+            .collect();
+        bail!(
+            "this worker's flags contradict the shards' run plan ({}); leave them out to adopt it",
+            list.join("; ")
+        );
+    }
+    let cfg = TrainConfig {
+        plan: served.plan,
+        threads: args.threads,
+        ..TrainConfig::default()
+    };
+    cfg.validate()
+        .context("the shards serve a model this worker cannot train")?;
+    let mut model = cfg.model()?.build(ModelOptions {
+        dropout: true,
+        threads: args.threads,
+    });
+    if model.layout() != &served.layout {
+        bail!(
+            "the shards' layout is not this build's `{}` model",
+            cfg.plan.model
+        );
+    }
+    let data = load_data(&args.data)?;
+    cfg.check_data(data.train.len())
+        .context("the data set does not fit the run (--train-samples)")?;
+    let mut client_cfg = ClientConfig::new(
+        args.servers.clone(),
+        Role::Worker,
+        args.rank,
+        cfg.plan.clone(),
+        served.layout,
+    );
+    client_cfg.connect_timeout = connect_timeout;
+    let who = if args.rank == ANY_RANK {
+        "a worker (any free rank)".to_string()
+    } else {
+        format!("worker {}", args.rank)
+    };
+    let mut client = TcpClient::connect(&client_cfg)
+        .with_context(|| format!("{who} cannot join {}", args.servers.join(",")))?;
+    let rank = client.rank();
+    if args.rank == ANY_RANK {
+        eprintln!("joined as worker {rank}");
+    }
+    // Alive-signal from its own thread, so a busy worker is not taken for a frozen one.
+    let _heartbeat = match args.heartbeat_secs {
+        0.0 => None,
+        s => Some(Heartbeat::start(
+            client.config(),
+            seconds("--heartbeat-secs", s)?,
+        )?),
+    };
+    let wcfg = cfg.worker_config(rank);
+    Ok(run_worker(
+        &mut client,
+        model.as_mut(),
+        &data.train,
+        &wcfg,
+        stop,
+    )?)
+}

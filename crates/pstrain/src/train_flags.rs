@@ -1,0 +1,87 @@
+//! `pstrain train`'s flags and the run they set up: the plan (flags over the defaults, sized
+//! to the data set), this process's own settings, the data and the reporter.
+
+use crate::data::{load_data, DataArgs};
+use crate::plan_flags::RunArgs;
+use crate::reporter::Reporter;
+use crate::shard_setup::CheckpointArgs;
+use crate::train::TrainConfig;
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use pstrain_compute::mnist::Mnist;
+use pstrain_core::RunPlan;
+use std::path::PathBuf;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// Server and workers as threads of this process
+    Inproc,
+    /// Server shards and workers as separate local processes talking TCP on 127.0.0.1
+    Tcp,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// inproc: threads in this process; tcp: local processes over TCP
+    #[arg(long, value_enum, default_value = "inproc")]
+    pub transport: TransportArg,
+    /// Server shards (with --transport tcp)
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// Evaluate on the test set every N server updates [default: once per epoch; 0: at the end]
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Compute threads per worker
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Write progress, evaluations and the summary as JSON lines to this file
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Continue from the newest valid checkpoint in this folder (and keep checkpointing there)
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub checkpoints: CheckpointArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// The run's configuration, its data set and a reporter sized for its planned samples.
+pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)> {
+    let data = load_data(&args.data)?;
+    let base = RunPlan {
+        train_samples: data.train.len(),
+        ..RunPlan::default()
+    };
+    let cfg = TrainConfig {
+        plan: args.run.overlay(&base).context("invalid training flags")?,
+        eval_every: args.eval_every,
+        threads: args.threads,
+        checkpoint: args
+            .checkpoints
+            .policy(args.resume.as_deref(), args.resume.is_some())?,
+    };
+    cfg.validate().context("invalid training flags")?;
+    cfg.check_data(data.train.len())
+        .context("--train-samples must match the data set")?;
+    let total_samples = cfg.plan.planned_updates() * cfg.plan.samples_per_update();
+    let reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
+    Ok((cfg, data, reporter))
+}
+
+/// The line a run starts with.
+pub fn announce(cfg: &TrainConfig) -> Result<()> {
+    let p = &cfg.plan;
+    println!(
+        "training {} ({} parameters), {} mode, {} workers, batch {}, {:?}",
+        p.model,
+        cfg.model()?.build(Default::default()).layout().len(),
+        p.mode.name(),
+        p.workers,
+        p.batch_size,
+        p.optimizer
+    );
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The shards own the run plan: a `pstrain worker` given only the shards' addresses, its rank
+//! and its data runs the shards' plan and stops when it ends; one whose run flags contradict
+//! the plan is refused with the flag and both values.
+
+mod common;
+
+use pstrain::supervisor::parse_report;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `pstrain server` process, killed when dropped.
+struct Shard {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn shard(flags: &[&str]) -> Shard {
+    let mut child = Command::new(common::pstrain_bin())
+        .args(["server", "--listen", "127.0.0.1:0"])
+        .args(flags)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    Shard { child, addr }
+}
+
+/// Runs `pstrain worker` with `flags`, failing the test if it takes longer than `bound`.
+fn worker(flags: &[&str], bound: Duration) -> Output {
+    let mut child = Command::new(common::pstrain_bin())
+        .arg("worker")
+        .args(flags)
+        .arg("--data-dir")
+        .arg(common::mnist_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > bound {
+            let _ = child.kill();
+            panic!("the worker did not stop within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_worker_with_only_addresses_rank_and_data_runs_the_shards_plan_and_stops() {
+    let _guard = common::one_at_a_time();
+    let s = shard(&[
+        "--model",
+        "convnet",
+        "--mode",
+        "async",
+        "--workers",
+        "1",
+        "--iterations",
+        "300",
+        "--optimizer",
+        "sgd",
+        "--lr-schedule",
+        "constant",
+        "--batch-size",
+        "128",
+    ]);
+    let out = worker(
+        &["--servers", &s.addr, "--rank", "0"],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report = parse_report(&String::from_utf8_lossy(&out.stdout)).expect("a report");
+    // One async worker: every push is one update, and the run ends at the plan's 300.
+    assert_eq!(report.steps, 300, "{report:?}");
+    assert_eq!(report.samples, 300 * 128);
+    // The shard saw its only worker leave and ended by itself.
+    let mut shard = s;
+    let started = Instant::now();
+    while shard.child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the shard kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_worker_whose_flags_contradict_the_plan_is_refused() {
+    let _guard = common::one_at_a_time();
+    // The case: the shard plans 5 epochs (the default), the worker says 300 updates.
+    let s = shard(&[
+        "--model",
+        "convnet",
+        "--mode",
+        "async",
+        "--workers",
+        "1",
+        "--keep-running",
+    ]);
+    let bound = Duration::from_secs(30);
+    let out = worker(
+        &["--servers", &s.addr, "--rank", "0", "--iterations", "300"],
+        bound,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--iterations: given Some(300), the shards' plan has None"),
+        "{stderr}"
+    );
+    let out = worker(
+        &["--servers", &s.addr, "--rank", "0", "--mode", "sync"],
+        bound,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--mode"), "{stderr}");
+    assert!(stderr.contains("given sync"), "{stderr}");
+    assert!(stderr.contains("plan has async"), "{stderr}");
+}

@@ -1,0 +1,241 @@
+//! `RawClient`: a connection to every shard of a run that adopts the servers' plan and
+//! layout; flat float32 numpy arrays in and out (`pstrain.Client` adds the names).
+
+use crate::{err, lock, seconds};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use pstrain_core::{Layout, PushMeta, PushOutcome};
+use pstrain_net::{ClientConfig, Heartbeat, Role, TcpClient};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use std::sync::Mutex;
+
+fn outcome_dict<'py>(py: Python<'py>, o: PushOutcome) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match o {
+        PushOutcome::Applied { version, staleness } => {
+            d.set_item("outcome", "applied")?;
+            d.set_item("version", version)?;
+            d.set_item("staleness", staleness)?;
+        }
+        PushOutcome::Buffered { waiting_for } => {
+            d.set_item("outcome", "buffered")?;
+            d.set_item("waiting_for", waiting_for)?;
+        }
+        PushOutcome::Dropped { staleness } => {
+            d.set_item("outcome", "dropped")?;
+            d.set_item("staleness", staleness)?;
+        }
+        PushOutcome::Done => d.set_item("outcome", "done")?,
+    }
+    Ok(d)
+}
+
+/// A connection to every shard of a run, adopting the servers' layout, worker count and mode.
+/// Flat float32 arrays in and out; `pstrain.Client` wraps this with named tensors.
+#[pyclass(frozen, module = "pstrain._pstrain")]
+pub(crate) struct RawClient {
+    client: Mutex<TcpClient>,
+    layout: Layout,
+    workers: usize,
+    mode: &'static str,
+    _heartbeat: Option<Heartbeat>,
+}
+
+#[pymethods]
+impl RawClient {
+    #[new]
+    #[pyo3(signature = (servers, rank=0, role="worker", connect_timeout=60.0, io_timeout=30.0, heartbeat=1.0))]
+    fn new(
+        py: Python<'_>,
+        servers: Vec<String>,
+        rank: Option<usize>,
+        role: &str,
+        connect_timeout: f64,
+        io_timeout: f64,
+        heartbeat: f64,
+    ) -> PyResult<Self> {
+        let role = match role {
+            "worker" => Role::Worker,
+            "observer" => Role::Observer,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "role must be \"worker\" or \"observer\", not {other:?}"
+                )))
+            }
+        };
+        let (connect, io) = (
+            seconds("connect_timeout", connect_timeout)?,
+            seconds("io_timeout", io_timeout)?,
+        );
+        let (client, served) = py
+            .detach(|| {
+                let served = pstrain_net::describe(&servers, io, connect)?;
+                let mut cfg = ClientConfig::new(
+                    servers,
+                    role,
+                    rank.unwrap_or(pstrain_net::ANY_RANK),
+                    served.plan.clone(),
+                    served.layout.clone(),
+                );
+                cfg.io_timeout = io;
+                cfg.connect_timeout = connect;
+                let client = TcpClient::connect(&cfg)?;
+                Ok::<_, pstrain_net::NetError>((client, served))
+            })
+            .map_err(err)?;
+        let heartbeat = if role == Role::Worker && heartbeat > 0.0 {
+            let every = seconds("heartbeat", heartbeat)?;
+            Some(
+                // The client's configuration carries the rank the shards assigned.
+                py.detach(|| Heartbeat::start(client.config(), every))
+                    .map_err(err)?,
+            )
+        } else {
+            None
+        };
+        Ok(RawClient {
+            client: Mutex::new(client),
+            layout: served.layout,
+            workers: served.plan.workers,
+            mode: served.plan.mode.name(),
+            _heartbeat: heartbeat,
+        })
+    }
+
+    /// `[(name, shape), ...]` in the order of the flat buffer.
+    #[getter]
+    fn layout(&self) -> Vec<(String, Vec<usize>)> {
+        self.layout
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect()
+    }
+
+    /// The worker rank in use (assigned by the shards when None was given).
+    #[getter]
+    fn rank(&self) -> usize {
+        lock(&self.client).rank()
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.layout.len()
+    }
+
+    #[getter]
+    fn workers(&self) -> usize {
+        self.workers
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.mode
+    }
+
+    /// The server version of the weights last pulled.
+    #[getter]
+    fn version(&self) -> u64 {
+        lock(&self.client).version()
+    }
+
+    /// All weights as a flat float32 array, written straight from the sockets: a new array,
+    /// or `out` (a C-contiguous float32 array of the model's size, reused with no allocation).
+    /// In sync mode, after a push, waits (`wait=True`) until that step's update is applied.
+    /// Returns `(array, version, done)`; `done` says the run is over.
+    #[pyo3(signature = (wait=true, out=None))]
+    fn pull<'py>(
+        &self,
+        py: Python<'py>,
+        wait: bool,
+        out: Option<Bound<'py, PyArray1<f32>>>,
+    ) -> PyResult<(Bound<'py, PyArray1<f32>>, u64, bool)> {
+        let array = match out {
+            Some(a) => a,
+            None => PyArray1::<f32>::zeros(py, self.layout.len(), false),
+        };
+        let mut guard = array
+            .try_readwrite()
+            .map_err(|_| PyValueError::new_err("`out` is borrowed elsewhere or not writable"))?;
+        let buf = guard
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("`out` must be a C-contiguous float32 array"))?;
+        if buf.len() != self.layout.len() {
+            return Err(PyValueError::new_err(format!(
+                "`out` has {} values, the model has {}",
+                buf.len(),
+                self.layout.len()
+            )));
+        }
+        let reply = py
+            .detach(|| {
+                // Without `newer_than` every slice is sent, so `buf` is wholly written.
+                lock(&self.client).pull_all(buf, None, wait)
+            })
+            .map_err(err)?;
+        drop(guard);
+        Ok((array, reply.version, reply.done))
+    }
+
+    /// Sends a flat float32 gradient (sent from the array's own memory) computed from the
+    /// weights of the last pull, over `samples` samples with mean training loss `loss`.
+    #[pyo3(signature = (grad, samples, loss=f32::NAN))]
+    fn push<'py>(
+        &self,
+        py: Python<'py>,
+        grad: PyReadonlyArray1<'py, f32>,
+        samples: u32,
+        loss: f32,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let slice = grad.as_slice().map_err(|_| {
+            PyValueError::new_err("the gradient must be a C-contiguous float32 array")
+        })?;
+        if slice.len() != self.layout.len() {
+            return Err(PyValueError::new_err(format!(
+                "gradient has {} values, the model has {}",
+                slice.len(),
+                self.layout.len()
+            )));
+        }
+        if samples == 0 {
+            return Err(PyValueError::new_err("samples must be at least 1"));
+        }
+        let outcome = py
+            .detach(|| {
+                let mut client = lock(&self.client);
+                let meta = PushMeta {
+                    rank: client.rank(),
+                    base_version: client.version(),
+                    samples,
+                    loss,
+                };
+                client.push_all(meta, slice)
+            })
+            .map_err(err)?;
+        outcome_dict(py, outcome)
+    }
+
+    /// Each shard's counters: a list of dicts in shard order.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let shards = py.detach(|| lock(&self.client).stats()).map_err(err)?;
+        let list = PyList::empty(py);
+        for s in shards {
+            let d = PyDict::new(py);
+            d.set_item("version", s.stats.version)?;
+            d.set_item("gradients_applied", s.stats.gradients_applied)?;
+            d.set_item("samples_applied", s.stats.samples_applied)?;
+            d.set_item("dropped_stale", s.stats.dropped_stale)?;
+            d.set_item("rejected_nonfinite", s.stats.rejected_nonfinite)?;
+            d.set_item("active_workers", s.active_workers)?;
+            d.set_item("done", s.done)?;
+            list.append(d)?;
+        }
+        Ok(list)
+    }
+
+    /// Leaves the run (a sync step no longer waits for this worker). Idempotent.
+    fn leave(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| lock(&self.client).goodbye()).map_err(err)
+    }
+}
