@@ -107,6 +107,9 @@ pub struct ServerConfig {
     pub aggregate: Aggregate,
     /// Stop accepting gradients after this many updates.
     pub max_updates: Option<u64>,
+    /// The most samples one gradient may claim (the plan's batch size): a push claiming more
+    /// counts as this many, so no worker outweighs the others in a sync step.
+    pub max_samples: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +123,7 @@ impl Default for ServerConfig {
             schedule: LrSchedule::Constant,
             aggregate: Aggregate::Mean,
             max_updates: None,
+            max_samples: None,
         }
     }
 }

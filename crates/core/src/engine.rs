@@ -125,9 +125,10 @@ impl ShardEngine {
         self.members.all_departed()
     }
 
-    /// A worker takes a rank; one that held it before comes back into the quorum.
-    pub fn join(&mut self, request: RankRequest) -> Result<Seat, JoinError> {
-        let seat = self.members.join(request)?;
+    /// A worker takes a rank at `now` (its heartbeat deadline starts then); one that held it
+    /// before comes back into the quorum.
+    pub fn join(&mut self, request: RankRequest, now: Duration) -> Result<Seat, JoinError> {
+        let seat = self.members.join(request, now)?;
         if seat.rejoined {
             self.core.rejoin(seat.rank);
         }

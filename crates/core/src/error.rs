@@ -47,6 +47,10 @@ pub enum PushError {
     WrongLength { expected: usize, got: usize },
     #[error("gradient contains {count} non-finite values (NaN or Inf); not applied")]
     NonFinite { count: usize },
+    #[error("gradient holds a value of {largest:e}, beyond the 1e15 a shard takes; not applied")]
+    TooLarge { largest: f32 },
+    #[error("step {step} is too far ahead of this shard's version {version}")]
+    StepTooFar { step: u64, version: u64 },
     #[error("worker rank {rank} is out of range for {workers} workers")]
     UnknownWorker { rank: usize, workers: usize },
     #[error("worker {rank} already pushed a gradient for step {version}")]
@@ -78,4 +82,6 @@ pub enum RestoreError {
     Missing(String),
     #[error("saved optimizer state `{0}` is not used by this optimizer")]
     Unexpected(String),
+    #[error("saved {0} hold NaN or infinite values")]
+    NonFinite(String),
 }

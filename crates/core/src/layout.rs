@@ -40,13 +40,15 @@ impl Layout {
         S: Into<String>,
     {
         let mut specs: Vec<TensorSpec> = Vec::new();
+        // Linear, not quadratic: a peer's handshake may name many tensors.
+        let mut seen = std::collections::HashSet::new();
         let mut offset = 0usize;
         for (name, shape) in tensors {
             let name = name.into();
             if name.is_empty() {
                 return Err(LayoutError::EmptyName);
             }
-            if specs.iter().any(|t| t.name == name) {
+            if !seen.insert(name.clone()) {
                 return Err(LayoutError::DuplicateName(name));
             }
             if shape.contains(&0) {

@@ -54,7 +54,8 @@ struct RankState {
     vanished: bool,
     /// Bumped whenever the rank changes hands, so a stale connection cannot speak for it.
     generation: u64,
-    /// The last heartbeat of the current holder (none before its heartbeats start).
+    /// The current holder's last heartbeat (its join counts as one: heartbeats are
+    /// required, and a holder that never sends one is evicted like one that stopped).
     last_beat: Option<Duration>,
 }
 
@@ -74,9 +75,9 @@ impl Membership {
         self.ranks.len()
     }
 
-    /// Takes a rank: the one asked for if free, or for `Any` the rank of a worker that died,
-    /// else one never taken, else one whose worker finished.
-    pub fn join(&mut self, request: RankRequest) -> Result<Seat, JoinError> {
+    /// Takes a rank at `now`: the one asked for if free, or for `Any` the rank of a worker
+    /// that died, else one never taken, else one whose worker finished.
+    pub fn join(&mut self, request: RankRequest, now: Duration) -> Result<Seat, JoinError> {
         let workers = self.ranks.len();
         let rank = match request {
             RankRequest::Exact(rank) if rank >= workers => {
@@ -100,8 +101,8 @@ impl Membership {
         r.joined_ever = true;
         r.vanished = false;
         r.generation += 1;
-        // A new holder starts with no heartbeat record: the old holder's silence is not its.
-        r.last_beat = None;
+        // A new holder's deadline starts now: the old holder's silence is not its.
+        r.last_beat = Some(now);
         Ok(Seat {
             rank,
             generation: r.generation,
@@ -177,20 +178,20 @@ mod tests {
     #[test]
     fn any_rank_prefers_a_dead_workers_then_an_untaken_then_a_finished_one() {
         let mut m = Membership::new(3);
-        let s0 = m.join(RankRequest::Exact(0)).unwrap();
-        let s1 = m.join(RankRequest::Exact(1)).unwrap();
+        let s0 = m.join(RankRequest::Exact(0), S).unwrap();
+        let s1 = m.join(RankRequest::Exact(1), S).unwrap();
         assert!(m.leave(s0, Departure::Goodbye));
         // Rank 0 finished, rank 2 never joined: the untaken one comes first.
-        assert_eq!(m.join(RankRequest::Any).unwrap().rank, 2);
+        assert_eq!(m.join(RankRequest::Any, S).unwrap().rank, 2);
         assert!(m.leave(s1, Departure::Vanished));
         // Rank 1 died: it comes before the finished rank 0.
-        let r = m.join(RankRequest::Any).unwrap();
+        let r = m.join(RankRequest::Any, S).unwrap();
         assert_eq!((r.rank, r.rejoined), (1, true));
-        assert_eq!(m.join(RankRequest::Any).unwrap().rank, 0);
-        assert_eq!(m.join(RankRequest::Any), Err(JoinError::NoneFree(3)));
-        assert_eq!(m.join(RankRequest::Exact(1)), Err(JoinError::Busy(1)));
+        assert_eq!(m.join(RankRequest::Any, S).unwrap().rank, 0);
+        assert_eq!(m.join(RankRequest::Any, S), Err(JoinError::NoneFree(3)));
+        assert_eq!(m.join(RankRequest::Exact(1), S), Err(JoinError::Busy(1)));
         assert_eq!(
-            m.join(RankRequest::Exact(7)),
+            m.join(RankRequest::Exact(7), S),
             Err(JoinError::OutOfRange {
                 rank: 7,
                 workers: 3
@@ -201,16 +202,16 @@ mod tests {
     #[test]
     fn a_replaced_seat_no_longer_speaks_for_the_rank() {
         let mut m = Membership::new(1);
-        let old = m.join(RankRequest::Exact(0)).unwrap();
-        assert_eq!(
-            m.evict_silent(10 * S, S),
-            Vec::<usize>::new(),
-            "no beats yet"
-        );
+        let old = m.join(RankRequest::Exact(0), Duration::ZERO).unwrap();
         m.beat(0, S);
+        assert_eq!(
+            m.evict_silent(2 * S, S),
+            Vec::<usize>::new(),
+            "within the deadline"
+        );
         assert_eq!(m.evict_silent(3 * S, S), vec![0]);
         assert!(!m.holds(old));
-        let new = m.join(RankRequest::Exact(0)).unwrap();
+        let new = m.join(RankRequest::Exact(0), 3 * S).unwrap();
         assert!(!m.leave(old, Departure::Vanished), "the old holder is gone");
         assert!(m.holds(new));
     }
@@ -218,24 +219,36 @@ mod tests {
     #[test]
     fn a_new_holder_is_not_evicted_for_the_old_holders_silence() {
         let mut m = Membership::new(1);
-        let old = m.join(RankRequest::Exact(0)).unwrap();
+        let old = m.join(RankRequest::Exact(0), Duration::ZERO).unwrap();
         m.beat(0, S);
         assert!(m.leave(old, Departure::Vanished));
-        // The replacement joins long after the old holder's last beat.
-        let new = m.join(RankRequest::Any).unwrap();
-        assert_eq!(m.evict_silent(60 * S, S), Vec::<usize>::new());
+        // The replacement joins long after the old holder's last beat: its own deadline
+        // starts at its join.
+        let new = m.join(RankRequest::Any, 60 * S).unwrap();
+        assert_eq!(m.evict_silent(60 * S + S / 2, S), Vec::<usize>::new());
         assert!(m.holds(new));
         m.beat(0, 61 * S);
         assert_eq!(m.evict_silent(61 * S + S / 2, S), Vec::<usize>::new());
     }
 
     #[test]
+    fn a_worker_that_never_beats_is_evicted_after_the_deadline() {
+        let mut m = Membership::new(2);
+        let silent = m.join(RankRequest::Exact(0), S).unwrap();
+        m.join(RankRequest::Exact(1), S).unwrap();
+        m.beat(1, 2 * S);
+        assert_eq!(m.evict_silent(2 * S, S), Vec::<usize>::new());
+        assert_eq!(m.evict_silent(2 * S + S / 2, S), vec![0]);
+        assert!(!m.holds(silent));
+    }
+
+    #[test]
     fn all_departed_needs_every_rank_to_have_joined_and_left() {
         let mut m = Membership::new(2);
-        let a = m.join(RankRequest::Exact(0)).unwrap();
+        let a = m.join(RankRequest::Exact(0), S).unwrap();
         m.leave(a, Departure::Goodbye);
         assert!(!m.all_departed());
-        let b = m.join(RankRequest::Exact(1)).unwrap();
+        let b = m.join(RankRequest::Exact(1), S).unwrap();
         assert!(!m.all_departed());
         m.leave(b, Departure::Goodbye);
         assert!(m.all_departed());

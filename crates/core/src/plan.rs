@@ -115,6 +115,7 @@ impl RunPlan {
             schedule,
             aggregate: self.aggregate,
             max_updates: self.iterations,
+            max_samples: u32::try_from(self.batch_size).ok(),
         }
     }
 

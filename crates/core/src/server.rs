@@ -130,7 +130,10 @@ impl ServerCore {
         })
     }
 
-    fn offer(&mut self, grad: Gradient<'_>) -> Result<PushOutcome, PushError> {
+    fn offer(&mut self, mut grad: Gradient<'_>) -> Result<PushOutcome, PushError> {
+        if let Some(cap) = self.config.max_samples {
+            grad.meta.samples = grad.meta.samples.min(cap);
+        }
         let (meta, workers) = (grad.meta, self.config.workers);
         let refused = |state: &mut ShardState, e: PushError| {
             state.count_refusal();
@@ -188,6 +191,7 @@ impl ServerCore {
 mod tests {
     use super::*;
     use crate::config::{Aggregate, Mode};
+    use crate::error::RestoreError;
     use crate::optimizer::OptimizerConfig;
 
     fn meta(rank: usize, base_version: u64) -> PushMeta {
@@ -475,6 +479,66 @@ mod tests {
         assert_eq!(a.params(), b.params());
         let mut small = ServerCore::new(cfg, vec![0.0; 3]).unwrap();
         assert!(small.restore(&saved).is_err());
+    }
+
+    #[test]
+    fn a_push_cannot_claim_more_samples_than_a_batch() {
+        let cfg = ServerConfig {
+            mode: Mode::Sync { backup_workers: 0 },
+            workers: 2,
+            optimizer: OptimizerConfig::sgd(1.0),
+            max_samples: Some(64),
+            ..Default::default()
+        };
+        let mut s = ServerCore::new(cfg, vec![0.0; 2]).unwrap();
+        let greedy = PushMeta {
+            samples: u32::MAX,
+            ..meta(0, 0)
+        };
+        let honest = PushMeta {
+            samples: 64,
+            ..meta(1, 0)
+        };
+        s.push(greedy, &[1.0, 1.0]).unwrap();
+        s.push(honest, &[0.0, 0.0]).unwrap();
+        // Both count 64 samples: the mean is half of the greedy gradient, not all of it.
+        assert_eq!(s.params(), &[-0.5, -0.5]);
+        assert_eq!(s.stats().samples_applied, 128);
+    }
+
+    #[test]
+    fn a_huge_finite_gradient_is_refused_and_adam_stays_alive() {
+        let cfg = ServerConfig {
+            mode: Mode::Async {
+                max_staleness: None,
+            },
+            workers: 1,
+            optimizer: OptimizerConfig::adam(0.1),
+            ..Default::default()
+        };
+        let mut s = ServerCore::new(cfg, vec![0.0; 2]).unwrap();
+        assert!(matches!(
+            s.push(meta(0, 0), &[1e30, 1.0]),
+            Err(PushError::TooLarge { .. })
+        ));
+        assert_eq!((s.version(), s.params()), (0, &[0.0f32, 0.0][..]));
+        assert_eq!(s.stats().rejected_nonfinite, 1);
+        // Ordinary pushes still move the weights (Adam's moments stayed finite).
+        s.push(meta(0, 0), &[1.0, -1.0]).unwrap();
+        assert!(s.params()[0] < 0.0 && s.params()[1] > 0.0);
+        let saved = s.state();
+        assert!(saved
+            .optimizer
+            .iter()
+            .all(|(_, v)| v.iter().all(|x| x.is_finite())));
+        // A checkpoint holding non-finite values is refused on restore.
+        let mut poisoned = saved.clone();
+        poisoned.optimizer[0].1[0] = f32::INFINITY;
+        assert!(matches!(
+            s.restore(&poisoned),
+            Err(RestoreError::NonFinite(_))
+        ));
+        assert_eq!(s.state(), saved, "a refused restore changes nothing");
     }
 
     #[test]

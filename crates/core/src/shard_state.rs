@@ -68,6 +68,9 @@ pub struct CoreState {
     pub stats: ServerStats,
 }
 
+/// The largest gradient value a shard takes (larger ones are refused, counted as non-finite).
+pub const MAX_GRADIENT: f32 = 1e15;
+
 /// Parameters, optimizer, version and counters of one shard.
 #[derive(Debug, Clone)]
 pub struct ShardState {
@@ -137,15 +140,26 @@ impl ShardState {
     }
 
     /// The checks every gradient passes before any rule looks at it; a refusal is counted.
+    /// A gradient must be finite and no value larger than `MAX_GRADIENT`: under that bound
+    /// every optimizer's state and the weights stay finite (a sync step's weighted sum too),
+    /// so one push cannot make them infinite, or freeze Adam by making its second moment so.
     pub fn check_gradient(&mut self, meta: PushMeta, grad: &[f32]) -> Result<(), PushError> {
         if meta.samples == 0 {
             self.stats.rejected_other += 1;
             return Err(PushError::EmptyBatch);
         }
-        let bad = grad.iter().filter(|g| !g.is_finite()).count();
+        let (mut bad, mut largest) = (0usize, 0.0f32);
+        for g in grad {
+            bad += usize::from(!g.is_finite());
+            largest = largest.max(g.abs());
+        }
         if bad > 0 {
             self.stats.rejected_nonfinite += 1;
             return Err(PushError::NonFinite { count: bad });
+        }
+        if largest > MAX_GRADIENT {
+            self.stats.rejected_nonfinite += 1;
+            return Err(PushError::TooLarge { largest });
         }
         Ok(())
     }
@@ -189,6 +203,13 @@ impl ShardState {
     }
 
     pub fn restore(&mut self, state: &CoreState) -> Result<(), RestoreError> {
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !finite(&state.params) {
+            return Err(RestoreError::NonFinite("parameters".into()));
+        }
+        if let Some((name, _)) = state.optimizer.iter().find(|(_, v)| !finite(v)) {
+            return Err(RestoreError::NonFinite(format!("optimizer state `{name}`")));
+        }
         if state.params.len() != self.params.len() {
             return Err(RestoreError::Length {
                 what: "parameters".into(),

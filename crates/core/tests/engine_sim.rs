@@ -95,12 +95,13 @@ impl Sim {
 
     /// Worker slot `slot` joins every shard (shard 0 first: it assigns `Any` ranks).
     fn join(&mut self, slot: usize, request: RankRequest) -> usize {
+        let now = self.now;
         let seat = self.shards[0]
-            .join(request)
+            .join(request, now)
             .expect("shard 0 takes the worker");
         for shard in &mut self.shards[1..] {
             let other = shard
-                .join(RankRequest::Exact(seat.rank))
+                .join(RankRequest::Exact(seat.rank), now)
                 .expect("joins the others");
             assert_eq!(other.rank, seat.rank);
         }
@@ -338,7 +339,7 @@ fn a_replacement_with_any_rank_takes_the_dead_workers_rank() {
     assert_eq!(sim.shards[0].version(), sim.shards[1].version());
     assert_eq!(sim.shards[0].params(), sim.shards[1].params());
     // A second replacement finds no free rank.
-    assert!(sim.shards[0].join(RankRequest::Any).is_err());
+    assert!(sim.shards[0].join(RankRequest::Any, sim.now).is_err());
 }
 
 #[test]

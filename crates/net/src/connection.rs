@@ -11,6 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+/// Bytes buffered per direction and connection.
+const BUFFER: usize = 16 << 10;
+
 pub struct Connection {
     reader: BufReader<OwnedReadHalf>,
     writer: BufWriter<OwnedWriteHalf>,
@@ -51,8 +54,10 @@ impl Connection {
             .unwrap_or_else(|_| "unknown peer".into());
         let (r, w) = stream.into_split();
         Connection {
-            reader: BufReader::with_capacity(64 << 10, r),
-            writer: BufWriter::with_capacity(64 << 10, w),
+            // Small buffers: tensors bypass them (reads and writes larger than the buffer go
+            // straight to the socket), and every open connection holds two.
+            reader: BufReader::with_capacity(BUFFER, r),
+            writer: BufWriter::with_capacity(BUFFER, w),
             io_timeout,
             peer,
         }

@@ -1,5 +1,6 @@
 //! Everything that can go wrong on a connection, each with what and where.
 
+use crate::auth::TokenError;
 use crate::frame::FrameError;
 use crate::message::{ErrorCode, Failure};
 use pstrain_core::JoinError;
@@ -19,6 +20,19 @@ pub enum NetError {
     Malformed { what: &'static str, why: String },
     #[error("handshake refused: {0}")]
     Handshake(String),
+    /// The peer did not prove it holds the run token.
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    /// A shard asked to listen beyond loopback without a run token (protected mode).
+    #[error(
+        "refusing to serve on {0} without a run token: anyone who can reach this port could \
+         read the model, push gradients or end the run. Make a token with `pstrain token > \
+         run.token` and give every process of the run `--token-file run.token` (or set \
+         PSTRAIN_TOKEN), or listen on 127.0.0.1"
+    )]
+    Unprotected(String),
     /// A worker could not take the rank it asked for (held, out of range, none free).
     #[error("{0}")]
     Join(#[from] JoinError),
@@ -59,6 +73,7 @@ impl NetError {
                 ErrorCode::Handshake
             }
             NetError::Join(_) => ErrorCode::RankBusy,
+            NetError::Unauthorized(_) => ErrorCode::Unauthorized,
             _ => ErrorCode::BadFrame,
         };
         Failure::new(code, self.to_string())

@@ -2,6 +2,7 @@
 //! and replies) -> the shard `server`'s handlers, which apply them to a `ShardEngine`; and
 //! the worker-side `client` over all shards.
 
+pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod connection;
@@ -10,6 +11,7 @@ pub mod frame;
 pub mod message;
 pub mod server;
 
+pub use auth::RunToken;
 pub use client::{describe, ClientConfig, Heartbeat, Served, TcpClient, ANY_RANK};
 pub use error::NetError;
 pub use message::Role;

@@ -311,6 +311,7 @@ fn describe_tells_a_client_what_the_shard_serves() {
         std::slice::from_ref(&addr),
         Duration::from_secs(2),
         Duration::from_secs(2),
+        None,
     )
     .unwrap();
     assert_eq!(served.layout, layout());
@@ -331,12 +332,13 @@ fn describe_tells_a_client_what_the_shard_serves() {
         &[addr.clone(), addr.clone()],
         Duration::from_secs(2),
         Duration::from_secs(2),
+        None,
     )
     .unwrap_err();
     assert!(err.to_string().contains("shard 0 of 1"), "{err}");
     // A describe followed by garbage gets an error, not a crash; the server goes on.
     let mut s = TcpStream::connect(running.address()).unwrap();
-    s.write_all(&frame(kind::DESCRIBE, &[])).unwrap();
+    s.write_all(&frame(kind::DESCRIBE, &[0; 32])).unwrap();
     let (k, _) = read_frame(&mut s);
     assert_eq!(k, kind::DESCRIBE_REPLY);
     s.write_all(&frame(kind::PUSH, &[0; 8])).unwrap();

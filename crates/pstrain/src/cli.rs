@@ -46,6 +46,8 @@ enum Command {
     Eval(EvalArgs),
     /// Write the newest checkpoint as one safetensors file with the model's tensor names.
     Export(ExportArgs),
+    /// Print a new random run token (for --token-file / PSTRAIN_TOKEN).
+    Token,
 }
 
 #[derive(Args, Debug)]
@@ -116,13 +118,17 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchNet(args) => run_bench_net(args),
         Command::Server(args) => run_server(&args, &stop_on_signal()),
         Command::Worker(args) => {
-            let report = worker(&args, &stop_on_signal())?;
+            let report = worker(&args, args.token.token()?, &stop_on_signal())?;
             // One JSON line on stdout: the launcher of a local cluster collects these.
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Command::Eval(args) => run_eval(args),
         Command::Export(args) => run_export(args),
+        Command::Token => {
+            println!("{}", pstrain_net::RunToken::generate()?.to_hex());
+            Ok(())
+        }
     }
 }
 
@@ -164,6 +170,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
             );
             // The shards checkpoint, and restore what they find, themselves.
             cluster.checkpoint = cfg.checkpoint.clone();
+            cluster.token = args.token.token()?;
             train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
         }
     };

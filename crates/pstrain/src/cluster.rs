@@ -5,8 +5,10 @@
 use crate::plan_flags::plan_argv;
 use crate::process::{read_address, Proc};
 use crate::supervisor::{parse_report, Supervisor};
+use crate::token::TOKEN_ENV;
 use crate::train::{CheckpointPolicy, Observer, TrainConfig, TrainError, TrainOutcome};
 use pstrain_compute::mnist::Mnist;
+use pstrain_net::RunToken;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -82,6 +84,9 @@ pub struct ClusterConfig {
     pub faults: Vec<Fault>,
     /// The shards' `--heartbeat-timeout`, if not their default.
     pub heartbeat_timeout: Option<Duration>,
+    /// The run's token; `None` makes a fresh one for the run. Children get it in their
+    /// environment, never on their command line.
+    pub token: Option<RunToken>,
 }
 
 impl ClusterConfig {
@@ -97,6 +102,7 @@ impl ClusterConfig {
             checkpoint: None,
             faults: Vec::new(),
             heartbeat_timeout: None,
+            token: None,
         }
     }
 }
@@ -151,6 +157,7 @@ struct WorkerProc {
 /// The processes of one local run.
 struct LocalCluster<'a> {
     cluster: &'a ClusterConfig,
+    token: RunToken,
     shard_args: Vec<String>,
     worker_args: Vec<String>,
     shards: Vec<Proc>,
@@ -162,8 +169,13 @@ impl<'a> LocalCluster<'a> {
     fn start_shards(cfg: &TrainConfig, cluster: &'a ClusterConfig) -> Result<Self, TrainError> {
         let mut shard_cfg = cfg.clone();
         shard_cfg.checkpoint = cluster.checkpoint.clone();
+        let token = match &cluster.token {
+            Some(t) => t.clone(),
+            None => RunToken::generate().map_err(pstrain_net::NetError::from)?,
+        };
         let mut local = LocalCluster {
             cluster,
+            token,
             shard_args: server_argv(&shard_cfg, cluster.shards),
             worker_args: worker_argv(cfg, Some(&cluster.data_dir)),
             shards: Vec::new(),
@@ -181,7 +193,8 @@ impl<'a> LocalCluster<'a> {
     fn launch_shard(&self, shard: usize, listen: &str) -> Result<(Proc, String), TrainError> {
         let name = format!("shard {shard}");
         let mut cmd = Command::new(&self.cluster.exe);
-        cmd.arg("server")
+        cmd.env(TOKEN_ENV, self.token.to_hex())
+            .arg("server")
             .args(["--listen", listen])
             .args(["--shard", &shard.to_string()])
             .args(&self.shard_args);
@@ -213,7 +226,8 @@ impl<'a> LocalCluster<'a> {
             None => self.addresses.clone(),
         };
         let rank_arg = rank.map_or("auto".to_string(), |r| r.to_string());
-        cmd.arg("worker")
+        cmd.env(TOKEN_ENV, self.token.to_hex())
+            .arg("worker")
             .args(["--servers", &dial.join(",")])
             .args(["--rank", &rank_arg])
             .args(&self.worker_args);
@@ -353,7 +367,8 @@ pub fn train_tcp(
         return Err(TrainError::Cluster("at least one shard is needed".into()));
     }
     let mut local = LocalCluster::start_shards(cfg, cluster)?;
-    let mut supervisor = Supervisor::connect(cfg, local.addresses.clone())?;
+    let mut supervisor =
+        Supervisor::connect(cfg, local.addresses.clone(), Some(local.token.clone()))?;
     for rank in 0..cfg.plan.workers {
         let worker = local.launch_worker(Some(rank))?;
         local.workers.push(worker);

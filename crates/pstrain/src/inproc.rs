@@ -49,7 +49,8 @@ impl InProcServer {
 
     /// A worker's connection as rank `rank` (it takes the rank in the engine's membership).
     pub fn client(self: &Arc<Self>, rank: usize) -> Result<InProcClient, JoinError> {
-        let seat = self.lock().engine.join(RankRequest::Exact(rank))?;
+        let now = self.now();
+        let seat = self.lock().engine.join(RankRequest::Exact(rank), now)?;
         Ok(InProcClient {
             server: Arc::clone(self),
             seat,

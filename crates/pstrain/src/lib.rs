@@ -20,6 +20,7 @@ pub mod reporter;
 pub mod sampler;
 pub mod shard_setup;
 pub mod supervisor;
+pub mod token;
 pub mod train;
 pub mod train_flags;
 pub mod worker;

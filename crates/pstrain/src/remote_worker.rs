@@ -6,12 +6,13 @@ use crate::data::{load_data, DataArgs};
 use crate::flags::parse_flags;
 use crate::plan_flags::RunArgs;
 use crate::shard_setup::seconds;
+use crate::token::TokenArgs;
 use crate::train::TrainConfig;
 use crate::worker::{run_worker, WorkerReport};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use pstrain_compute::ModelOptions;
-use pstrain_net::{ClientConfig, Heartbeat, Role, TcpClient, ANY_RANK};
+use pstrain_net::{ClientConfig, Heartbeat, Role, RunToken, TcpClient, ANY_RANK};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -30,9 +31,12 @@ pub struct WorkerArgs {
     /// Seconds to keep retrying the connection while servers start
     #[arg(long, default_value_t = 60)]
     pub connect_timeout: u64,
-    /// Seconds between heartbeats to every shard (0: none)
+    /// Seconds between heartbeats to every shard (a shard evicts a worker whose heartbeats
+    /// stop for its --heartbeat-timeout)
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat_secs: f64,
+    #[command(flatten)]
+    pub token: TokenArgs,
     /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
     #[command(flatten)]
     pub run: RunArgs,
@@ -52,13 +56,27 @@ fn parse_rank(s: &str) -> Result<usize, String> {
 }
 
 /// Runs one worker as `pstrain worker ARGV...` would, until its work is done or `stop` is set.
-pub fn run_worker_from(argv: &[String], stop: &AtomicBool) -> Result<WorkerReport> {
-    worker(&parse_flags::<WorkerArgs>("worker", argv)?, stop)
+pub fn run_worker_from(
+    argv: &[String],
+    token: Option<RunToken>,
+    stop: &AtomicBool,
+) -> Result<WorkerReport> {
+    let args = parse_flags::<WorkerArgs>("worker", argv)?;
+    let token = match token {
+        Some(t) => Some(t),
+        None => args.token.token()?,
+    };
+    worker(&args, token, stop)
 }
 
-pub fn worker(args: &WorkerArgs, stop: &AtomicBool) -> Result<WorkerReport> {
+pub fn worker(
+    args: &WorkerArgs,
+    token: Option<RunToken>,
+    stop: &AtomicBool,
+) -> Result<WorkerReport> {
     let connect_timeout = seconds("--connect-timeout", args.connect_timeout as f64)?;
-    let served = pstrain_net::describe(&args.servers, Duration::from_secs(30), connect_timeout)
+    let io = Duration::from_secs(30);
+    let served = pstrain_net::describe(&args.servers, io, connect_timeout, token.as_ref())
         .with_context(|| format!("cannot ask {} for the run plan", args.servers.join(",")))?;
     let contradictions = args.run.contradictions(&served.plan)?;
     if !contradictions.is_empty() {
@@ -101,6 +119,7 @@ pub fn worker(args: &WorkerArgs, stop: &AtomicBool) -> Result<WorkerReport> {
         served.layout,
     );
     client_cfg.connect_timeout = connect_timeout;
+    client_cfg.token = token;
     let who = if args.rank == ANY_RANK {
         "a worker (any free rank)".to_string()
     } else {

@@ -4,11 +4,12 @@
 
 use crate::flags::parse_flags;
 use crate::plan_flags::RunArgs;
+use crate::token::TokenArgs;
 use crate::train::{CheckpointPolicy, TrainConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use pstrain_core::{Layout, RunPlan};
-use pstrain_net::{ShardConfig, ShardHandle, ShardReport};
+use pstrain_net::{RunToken, ShardConfig, ShardHandle, ShardReport};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -85,6 +86,8 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub checkpoints: CheckpointArgs,
     #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
     pub run: RunArgs,
 }
 
@@ -115,6 +118,19 @@ impl ShardSetup {
 /// `--model`'s if given.
 pub fn shard_setup(argv: &[String], custom: Option<CustomModel>) -> Result<ShardSetup> {
     server_setup(&parse_flags::<ServerArgs>("server", argv)?, custom)
+}
+
+/// The same, with the run's token given by the caller (else from the flags or environment).
+pub fn shard_setup_with_token(
+    argv: &[String],
+    custom: Option<CustomModel>,
+    token: Option<RunToken>,
+) -> Result<ShardSetup> {
+    let mut setup = shard_setup(argv, custom)?;
+    if token.is_some() {
+        setup.config.token = token;
+    }
+    Ok(setup)
 }
 
 /// Seconds from a flag, refusing what `Duration` cannot hold.
@@ -175,6 +191,7 @@ pub fn server_setup(args: &ServerArgs, custom: Option<CustomModel>) -> Result<Sh
     config.heartbeat_timeout = seconds("--heartbeat-timeout", args.heartbeat_timeout)?;
     config.exit_when_finished = !args.keep_running;
     config.checkpoint = args.checkpoints.policy(None, true)?;
+    config.token = args.token.token()?;
     Ok(ShardSetup {
         listen: args.listen.clone(),
         config,

@@ -13,7 +13,7 @@ use crate::worker::WorkerReport;
 use anyhow::{bail, Context, Result};
 use pstrain_compute::mnist::{Mnist, Split};
 use pstrain_core::ServerStats;
-use pstrain_net::{ClientConfig, Role, TcpClient};
+use pstrain_net::{ClientConfig, Role, RunToken, TcpClient};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -25,9 +25,14 @@ pub struct RemoteView {
 
 impl RemoteView {
     /// Joins every shard of `cfg`'s run as an observer.
-    pub fn connect(cfg: &TrainConfig, servers: Vec<String>) -> Result<Self, TrainError> {
+    pub fn connect(
+        cfg: &TrainConfig,
+        servers: Vec<String>,
+        token: Option<RunToken>,
+    ) -> Result<Self, TrainError> {
         let layout = cfg.model()?.build(Default::default()).layout().clone();
-        let observer = ClientConfig::new(servers, Role::Observer, 0, cfg.plan.clone(), layout);
+        let mut observer = ClientConfig::new(servers, Role::Observer, 0, cfg.plan.clone(), layout);
+        observer.token = token;
         Ok(RemoteView {
             client: TcpClient::connect(&observer)?,
             buf: vec![0.0; observer.layout.len()],
@@ -64,8 +69,12 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Joins the shards (in shard order); the run's clock starts here.
-    pub fn connect(cfg: &TrainConfig, servers: Vec<String>) -> Result<Self, TrainError> {
-        let view = RemoteView::connect(cfg, servers)?;
+    pub fn connect(
+        cfg: &TrainConfig,
+        servers: Vec<String>,
+        token: Option<RunToken>,
+    ) -> Result<Self, TrainError> {
+        let view = RemoteView::connect(cfg, servers, token)?;
         Ok(Supervisor {
             monitor: Monitor::new(cfg, cfg.model()?, Instant::now()),
             view,
@@ -117,6 +126,8 @@ pub struct RemoteRun {
     data: Mnist,
     reporter: Reporter,
     supervisor: Option<Supervisor>,
+    /// The run's token (given, or fresh for this run), for the processes the launcher starts.
+    token: RunToken,
 }
 
 impl RemoteRun {
@@ -132,7 +143,12 @@ impl RemoteRun {
         }
         let (cfg, data, reporter) = prepare_train(&args)?;
         announce(&cfg)?;
+        let token = match args.token.token()? {
+            Some(t) => t,
+            None => RunToken::generate()?,
+        };
         Ok(RemoteRun {
+            token,
             cfg,
             shards: args.shards,
             data_dir: args.data.data_dir.clone(),
@@ -171,6 +187,12 @@ impl RemoteRun {
         cluster::worker_argv(&self.cfg, self.data_dir.as_deref())
     }
 
+    /// The run's token in hex, for the shards and workers the launcher starts (hand it over
+    /// in memory or the environment, never on a command line or in a log).
+    pub fn token_hex(&self) -> String {
+        self.token.to_hex()
+    }
+
     /// Joins the shards (in shard order) as an observer; the clock starts here.
     pub fn connect(&mut self, servers: Vec<String>) -> Result<()> {
         if servers.len() != self.shards {
@@ -180,7 +202,8 @@ impl RemoteRun {
                 self.shards
             );
         }
-        self.supervisor = Some(Supervisor::connect(&self.cfg, servers)?);
+        let token = Some(self.token.clone());
+        self.supervisor = Some(Supervisor::connect(&self.cfg, servers, token)?);
         Ok(())
     }
 

@@ -5,6 +5,7 @@ use crate::data::{load_data, DataArgs};
 use crate::plan_flags::RunArgs;
 use crate::reporter::Reporter;
 use crate::shard_setup::CheckpointArgs;
+use crate::token::TokenArgs;
 use crate::train::TrainConfig;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -44,6 +45,9 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub checkpoints: CheckpointArgs,
+    /// With --transport tcp (and on Ray) a fresh token is made for each run unless given.
+    #[command(flatten)]
+    pub token: TokenArgs,
     #[command(flatten)]
     pub data: DataArgs,
 }

@@ -123,7 +123,9 @@ fn train_loop(
             Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => {}
             Ok(PushOutcome::Dropped { .. }) => report.not_applied += 1,
             // Our own gradient overflowed: the server skipped it; carry on from fresh weights.
-            Err(ClientError::Refused(PushError::NonFinite { .. })) => report.not_applied += 1,
+            Err(ClientError::Refused(PushError::NonFinite { .. } | PushError::TooLarge { .. })) => {
+                report.not_applied += 1
+            }
             Err(e) => return Err(client_err(e)),
         }
         let reply = client

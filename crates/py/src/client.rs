@@ -45,7 +45,8 @@ pub(crate) struct RawClient {
 #[pymethods]
 impl RawClient {
     #[new]
-    #[pyo3(signature = (servers, rank=0, role="worker", connect_timeout=60.0, io_timeout=30.0, heartbeat=1.0))]
+    #[pyo3(signature = (servers, rank=0, role="worker", connect_timeout=60.0, io_timeout=30.0, heartbeat=1.0, token=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         servers: Vec<String>,
@@ -54,7 +55,9 @@ impl RawClient {
         connect_timeout: f64,
         io_timeout: f64,
         heartbeat: f64,
+        token: Option<&str>,
     ) -> PyResult<Self> {
+        let token = crate::token(token)?;
         let role = match role {
             "worker" => Role::Worker,
             "observer" => Role::Observer,
@@ -70,7 +73,7 @@ impl RawClient {
         );
         let (client, served) = py
             .detach(|| {
-                let served = pstrain_net::describe(&servers, io, connect)?;
+                let served = pstrain_net::describe(&servers, io, connect, token.as_ref())?;
                 let mut cfg = ClientConfig::new(
                     servers,
                     role,
@@ -80,11 +83,13 @@ impl RawClient {
                 );
                 cfg.io_timeout = io;
                 cfg.connect_timeout = connect;
+                cfg.token = token;
                 let client = TcpClient::connect(&cfg)?;
                 Ok::<_, pstrain_net::NetError>((client, served))
             })
             .map_err(err)?;
-        let heartbeat = if role == Role::Worker && heartbeat > 0.0 {
+        // Heartbeats are required of workers: a shard evicts one whose heartbeats stop.
+        let heartbeat = if role == Role::Worker {
             let every = seconds("heartbeat", heartbeat)?;
             Some(
                 // The client's configuration carries the rank the shards assigned.

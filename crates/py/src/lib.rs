@@ -42,6 +42,24 @@ pub(crate) fn seconds(name: &str, v: f64) -> PyResult<std::time::Duration> {
     }
 }
 
+/// A run token from Python: the hex string given, else `PSTRAIN_TOKEN`, else none.
+pub(crate) fn token(hex: Option<&str>) -> PyResult<Option<pstrain_net::RunToken>> {
+    match hex {
+        Some(h) => pstrain_net::RunToken::parse(h)
+            .map(Some)
+            .map_err(|e| PyValueError::new_err(e.to_string())),
+        None => pstrain::token::token_from_env().map_err(err),
+    }
+}
+
+/// A new random run token (hex), as `pstrain token` prints.
+#[pyfunction]
+fn new_token() -> PyResult<String> {
+    pstrain_net::RunToken::generate()
+        .map(|t| t.to_hex())
+        .map_err(err)
+}
+
 /// The help text of a `pstrain` subcommand (`train`, `server`, `worker`): the flags the
 /// Python front ends take.
 #[pyfunction]
@@ -58,5 +76,6 @@ fn _pstrain(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::RawClient>()?;
     m.add_function(wrap_pyfunction!(run::run_worker, m)?)?;
     m.add_function(wrap_pyfunction!(help, m)?)?;
+    m.add_function(wrap_pyfunction!(new_token, m)?)?;
     Ok(())
 }

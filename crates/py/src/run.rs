@@ -11,9 +11,17 @@ use std::sync::Mutex;
 /// Runs one worker with the flags of `pstrain worker` until its work is done; returns its
 /// report as JSON (the same line `pstrain worker` prints).
 #[pyfunction]
-pub(crate) fn run_worker(py: Python<'_>, argv: Vec<String>) -> PyResult<String> {
+#[pyo3(signature = (argv, token=None))]
+pub(crate) fn run_worker(
+    py: Python<'_>,
+    argv: Vec<String>,
+    token: Option<&str>,
+) -> PyResult<String> {
     let stop = AtomicBool::new(false);
-    let report = py.detach(|| run_worker_from(&argv, &stop)).map_err(err)?;
+    let token = crate::token(token)?;
+    let report = py
+        .detach(|| run_worker_from(&argv, token, &stop))
+        .map_err(err)?;
     serde_json::to_string(&report).map_err(err)
 }
 
@@ -50,6 +58,13 @@ impl RemoteRun {
     #[getter]
     fn threads(&self) -> usize {
         lock(&self.inner).threads()
+    }
+
+    /// The run's token (hex) for the shards and workers the launcher starts: hand it to them
+    /// in memory, never on a command line or in a log.
+    #[getter]
+    fn token(&self) -> String {
+        lock(&self.inner).token_hex()
     }
 
     /// Whether the shards write checkpoints (so a restarted shard can resume).

@@ -3,7 +3,7 @@
 
 use crate::{err, lock, PstrainError};
 use numpy::{PyArrayMethods, PyUntypedArrayMethods};
-use pstrain::shard_setup::{log_shard_report, shard_setup, CustomModel};
+use pstrain::shard_setup::{log_shard_report, shard_setup_with_token, CustomModel};
 use pstrain_core::{Layout, ServerStats};
 use pstrain_net::server::ConnectionEvents;
 use pstrain_net::ShardHandle;
@@ -69,14 +69,16 @@ pub(crate) struct ShardServer {
 #[pymethods]
 impl ShardServer {
     #[new]
-    #[pyo3(signature = (argv, params=None))]
+    #[pyo3(signature = (argv, params=None, token=None))]
     fn new(
         py: Python<'_>,
         argv: Vec<String>,
         params: Option<&Bound<'_, PyDict>>,
+        token: Option<&str>,
     ) -> PyResult<Self> {
         let custom = params.map(custom_model).transpose()?;
-        let setup = shard_setup(&argv, custom).map_err(err)?;
+        let token = crate::token(token)?;
+        let setup = shard_setup_with_token(&argv, custom, token).map_err(err)?;
         let handle = py.detach(|| setup.start()).map_err(err)?;
         Ok(ShardServer {
             handle,

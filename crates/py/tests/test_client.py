@@ -182,3 +182,22 @@ def test_rank_none_prefers_a_dead_workers_rank_to_a_finished_ones():
         assert replacement.rank == 1
         observer.leave()
         replacement.leave()
+
+
+def test_a_run_token_keeps_strangers_out():
+    token = pstrain.new_token()
+    assert len(token) == 64
+    with pstrain.Server(small_params(), workers=1, mode="async", optimizer="sgd",
+                        lr_schedule="constant", token=token) as server:
+        with pytest.raises(pstrain.PstrainError, match="requires the run's token"):
+            pstrain.Client([server.address], connect_timeout=2)
+        with pytest.raises(pstrain.PstrainError, match="does not hold this run's token"):
+            pstrain.Client([server.address], connect_timeout=2, token=pstrain.new_token())
+        with pytest.raises(ValueError, match="hex"):
+            pstrain.Client([server.address], token="not a token")
+        client = pstrain.Client([server.address], token=token)
+        assert client.pull()["b"].tolist() == [1.0, 1.0, 1.0]
+        client.leave()
+    # Beyond loopback a shard without a token refuses to start (protected mode).
+    with pytest.raises(pstrain.PstrainError, match="without a run token"):
+        pstrain.Server(small_params(), listen="0.0.0.0:0")

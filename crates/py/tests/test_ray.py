@@ -160,9 +160,14 @@ def submit_and_kill(cluster, args, victim_of):
     are past update 1,000; returns the job's output, the victim's pid, the update it was
     killed at and the job's summary."""
     job = f"pstrain-test-{uuid.uuid4().hex[:8]}"
+    # The operator's token for this run (the driver makes one when given none): the watcher
+    # below needs it, and a peer without it is refused.
+    token = pstrain.new_token()
+    token_file = cluster["workdir"] / f"{job}.token"
+    token_file.write_text(token)
     cmd = [cluster["ray"], "job", "submit", "--address", cluster["url"], "--submission-id", job,
            "--working-dir", str(cluster["workdir"]), "--", sys.executable, "-m", "pstrain.ray",
-           "--placement", "spread", *args]
+           "--placement", "spread", "--token-file", str(token_file), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=cluster["env"])
     watchdog = threading.Timer(300, proc.kill)
@@ -173,8 +178,12 @@ def submit_and_kill(cluster, args, victim_of):
             lines.append(line)
             if victim is None and '"event": "placement"' in line:
                 placement = json.loads(line[line.index("{"):])
+                address = placement["shards"][0]["address"]
+                # A stranger without the run's token gets nothing from the job's shard.
+                with pytest.raises(pstrain.PstrainError, match="requires the run's token"):
+                    pstrain.Client([address], role="observer", connect_timeout=2)
                 # Watch the shard directly (the job log arrives late).
-                watcher = pstrain.Client([placement["shards"][0]["address"]], role="observer")
+                watcher = pstrain.Client([address], role="observer", token=token)
                 while (killed_at := watcher.stats()[0]["version"]) < 1000:
                     time.sleep(0.02)
                 victim = victim_of(placement)

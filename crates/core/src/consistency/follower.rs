@@ -13,6 +13,10 @@ use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
 use std::collections::BTreeMap;
 
+/// How far ahead of its version a follower takes a step (and so how many updates a
+/// restarted follower may have lost and still catch up).
+pub const STEP_WINDOW: u64 = 1 << 16;
+
 #[derive(Debug, Clone)]
 struct OpenStep {
     sum: StepSum,
@@ -96,6 +100,12 @@ impl Consistency for CoordinatedFollower {
             });
         }
         let version = state.version();
+        if step > version.saturating_add(STEP_WINDOW) {
+            // Far-future steps are never shard 0's (it is at most a checkpoint interval
+            // ahead after a restart): one push must not end the run by jumping the version.
+            state.count_refusal();
+            return Err(PushError::StepTooFar { step, version });
+        }
         if step < version {
             // Already applied, or lost to a restart from an older checkpoint.
             return Ok(PushOutcome::Dropped {
@@ -267,6 +277,19 @@ mod tests {
         core.push_step(meta(0, 3), &[1.0, 0.0], 7, &both).unwrap();
         core.push_step(meta(1, 3), &[1.0, 0.0], 7, &both).unwrap();
         assert_eq!(core.version(), 8);
+    }
+
+    #[test]
+    fn a_far_future_step_is_refused() {
+        let mut core = follower_core(3);
+        assert_eq!(
+            core.push_step(meta(0, 0), &[1.0, 1.0], u64::MAX - 1, &M01),
+            Err(PushError::StepTooFar {
+                step: u64::MAX - 1,
+                version: 0
+            })
+        );
+        assert_eq!(core.version(), 0);
     }
 
     #[test]

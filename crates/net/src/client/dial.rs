@@ -3,6 +3,9 @@
 
 use super::link::ShardLink;
 use super::{ClientConfig, ANY_RANK};
+use crate::auth::{
+    random_bytes, Nonce, RunToken, DESCRIBE_LABEL, HELLO_LABEL, NONCE_LEN, NO_PROOF, SHARD_LABEL,
+};
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPLY_LIMIT};
@@ -25,6 +28,7 @@ pub fn describe(
     servers: &[String],
     io_timeout: Duration,
     connect_timeout: Duration,
+    token: Option<&RunToken>,
 ) -> Result<Served, NetError> {
     if servers.is_empty() {
         return Err(NetError::Handshake("no server addresses given".into()));
@@ -35,7 +39,12 @@ pub fn describe(
     let replies = rt.block_on(try_join_all(servers.iter().enumerate().map(
         |(i, addr)| async move {
             let mut conn = dial(i, addr, io_timeout, connect_timeout).await?;
-            conn.send_request(&Request::Describe, 0, &[]).await?;
+            let proof = match authenticate(&mut conn, token, addr, io_timeout).await? {
+                Some((t, mine, theirs)) => t.prove(DESCRIBE_LABEL, &mine, &theirs, &[]),
+                None => NO_PROOF,
+            };
+            conn.send_request(&Request::Describe { proof }, 0, &[])
+                .await?;
             let me = match conn.read_reply(io_timeout, HELLO_LIMIT, 0).await? {
                 Reply::Described(d) => d,
                 other => {
@@ -72,6 +81,39 @@ fn served_by(i: usize, n: usize, addr: &str, me: Description) -> Result<Served, 
         layout,
         plan: me.plan,
     })
+}
+
+/// With a token: sends this side's nonce and checks the shard's proof; returns the token and
+/// both nonces for this side's own proof.
+async fn authenticate<'t>(
+    conn: &mut Connection,
+    token: Option<&'t RunToken>,
+    addr: &str,
+    io: Duration,
+) -> Result<Option<(&'t RunToken, Nonce, Nonce)>, NetError> {
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let mine = random_bytes::<NONCE_LEN>()?;
+    conn.send_request(&Request::Auth { nonce: mine }, 0, &[])
+        .await?;
+    match conn.read_reply(io, REPLY_LIMIT, 0).await {
+        Ok(Reply::Challenge { nonce, proof }) => {
+            if token.verify(SHARD_LABEL, &mine, &nonce, &[], &proof) {
+                Ok(Some((token, mine, nonce)))
+            } else {
+                Err(NetError::Unauthorized(format!(
+                    "{addr} does not hold this run's token"
+                )))
+            }
+        }
+        Ok(other) => Err(NetError::Unexpected {
+            got: other.kind(),
+            expected: "challenge",
+        }),
+        Err(NetError::Remote(f)) => Err(NetError::Unauthorized(format!("{addr}: {f}"))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Connects to every shard. A worker asking for `ANY_RANK` gets its rank from shard 0 first
@@ -165,7 +207,12 @@ pub(super) async fn try_connect_shard(
 ) -> Result<(ShardLink, usize), NetError> {
     let mut conn = dial(shard, addr, cfg.io_timeout, cfg.connect_timeout).await?;
     let n = cfg.servers.len();
-    let hello = Hello::new(cfg.role, cfg.rank, shard, n, &cfg.plan, &cfg.layout);
+    let mut hello = Hello::new(cfg.role, cfg.rank, shard, n, &cfg.plan, &cfg.layout);
+    if let Some((t, mine, theirs)) =
+        authenticate(&mut conn, cfg.token.as_ref(), addr, cfg.io_timeout).await?
+    {
+        hello.proof = t.prove(HELLO_LABEL, &mine, &theirs, &hello.claims());
+    }
     conn.send_request(&Request::Hello(hello), 0, &[]).await?;
     let ok = match conn.read_reply(cfg.io_timeout, REPLY_LIMIT, 0).await {
         Ok(Reply::HelloOk(ok)) => ok,

@@ -9,6 +9,7 @@ mod link;
 pub use dial::{describe, Served};
 pub use heartbeat::Heartbeat;
 
+use crate::auth::RunToken;
 use crate::error::NetError;
 use crate::message::{ErrorCode, Failure, Role, ShardStats};
 use futures_util::future::try_join_all;
@@ -34,6 +35,8 @@ pub struct ClientConfig {
     pub wait_timeout: Duration,
     /// Keep retrying the first connection (with backoff) this long, for servers still starting.
     pub connect_timeout: Duration,
+    /// The run's secret, proven to every shard (and every shard must prove it back).
+    pub token: Option<RunToken>,
 }
 
 impl ClientConfig {
@@ -53,6 +56,7 @@ impl ClientConfig {
             io_timeout: Duration::from_secs(30),
             wait_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(60),
+            token: None,
         }
     }
 }
@@ -299,6 +303,10 @@ fn to_client_error(e: NetError) -> ClientError {
         }) => ClientError::Refused(PushError::NonFinite {
             count: usize::try_from(count).unwrap_or(usize::MAX),
         }),
+        NetError::Remote(Failure {
+            code: ErrorCode::TooLarge { largest },
+            ..
+        }) => ClientError::Refused(PushError::TooLarge { largest }),
         NetError::Remote(f) => ClientError::Protocol(f.message),
         NetError::Shape { expected, got } => ClientError::Shape { expected, got },
         NetError::Malformed { .. } | NetError::Unexpected { .. } | NetError::Frame(_) => {

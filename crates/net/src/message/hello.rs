@@ -3,6 +3,7 @@
 //! a client that adopts its plan and layout.
 
 use super::plan::{decode_plan, encode_plan};
+use crate::auth::{Proof, NO_PROOF, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
 use pstrain_core::{Layout, RunPlan};
@@ -16,6 +17,14 @@ pub enum Role {
     /// Sends heartbeats for worker `rank` from a thread of its own, so that a frozen or
     /// stopped worker process is told apart from one that is busy computing.
     Heartbeat,
+}
+
+fn role_code(role: Role) -> u8 {
+    match role {
+        Role::Worker => 1,
+        Role::Observer => 2,
+        Role::Heartbeat => 3,
+    }
 }
 
 /// A worker's hello for "any free rank": the shard assigns one (a dead worker's first).
@@ -65,8 +74,20 @@ pub fn wire_tensors(layout: &Layout) -> WireTensors {
         .collect()
 }
 
-/// The layout a peer described, if it is a valid one.
+/// `text` cut to at most `max` characters: a peer's names go into logs and replies.
+pub fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// The layout a peer described, if it is a valid one (errors name tensors cut short).
 pub fn layout_of(tensors: &WireTensors) -> Result<Layout, String> {
+    layout_from(tensors).map_err(|e| cut(&e, 160))
+}
+
+fn layout_from(tensors: &WireTensors) -> Result<Layout, String> {
     let shapes: Vec<(String, Vec<usize>)> = tensors
         .iter()
         .map(|(n, s)| {
@@ -88,6 +109,8 @@ pub struct Hello {
     /// A worker's rank (or `ANY_RANK`); the rank a heartbeat connection speaks for.
     pub rank: u32,
     pub run: Description,
+    /// With a run token: the HMAC over both nonces and `claims()` (else zeros).
+    pub proof: Proof,
 }
 
 impl Hello {
@@ -104,18 +127,26 @@ impl Hello {
             // usize::MAX (the client's "any rank") becomes ANY_RANK on the wire.
             rank: u32::try_from(rank).unwrap_or(ANY_RANK),
             run: Description::new(shard, shards, plan, layout),
+            proof: NO_PROOF,
         }
+    }
+
+    /// What the peer claims to be, as its proof covers it.
+    pub fn claims(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(role_code(self.role))
+            .u32(self.rank)
+            .u32(self.run.shard)
+            .u32(self.run.shards)
+            .u64(self.run.fingerprint);
+        w.0
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(match self.role {
-            Role::Worker => 1,
-            Role::Observer => 2,
-            Role::Heartbeat => 3,
-        })
-        .u32(self.rank);
+        w.u8(role_code(self.role)).u32(self.rank);
         self.run.encode_into(&mut w);
+        w.0.extend_from_slice(&self.proof);
         w.0
     }
 
@@ -129,8 +160,15 @@ impl Hello {
         };
         let rank = r.u32()?;
         let run = Description::decode_from(&mut r, bytes.len())?;
+        let mut proof = NO_PROOF;
+        proof.copy_from_slice(r.take(PROOF_LEN)?);
         r.finish()?;
-        Ok(Hello { role, rank, run })
+        Ok(Hello {
+            role,
+            rank,
+            run,
+            proof,
+        })
     }
 
     pub fn layout(&self) -> Result<Layout, String> {

@@ -9,7 +9,7 @@ mod reply;
 mod request;
 
 pub use hello::{
-    layout_of, wire_tensors, Description, Hello, HelloOk, Role, WireTensors, ANY_RANK,
+    cut, layout_of, wire_tensors, Description, Hello, HelloOk, Role, WireTensors, ANY_RANK,
 };
 pub use plan::{decode_plan, encode_plan, MAX_WORKERS};
 pub use push::{mask_len, PushHead, PushReply, StepMembers};
@@ -24,12 +24,14 @@ pub mod kind {
     pub const GOODBYE: u16 = 0x05;
     pub const HEARTBEAT: u16 = 0x06;
     pub const DESCRIBE: u16 = 0x07;
+    pub const AUTH: u16 = 0x08;
     pub const HELLO_OK: u16 = 0x81;
     pub const PULL_REPLY: u16 = 0x82;
     pub const PUSH_REPLY: u16 = 0x83;
     pub const STATS_REPLY: u16 = 0x84;
     pub const GOODBYE_OK: u16 = 0x85;
     pub const DESCRIBE_REPLY: u16 = 0x87;
+    pub const CHALLENGE: u16 = 0x88;
     pub const ERROR: u16 = 0xff;
 }
 

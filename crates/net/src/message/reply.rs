@@ -4,12 +4,14 @@
 use super::hello::{Description, HelloOk};
 use super::kind;
 use super::push::PushReply;
+use super::request::fixed;
+use crate::auth::{Nonce, Proof, NONCE_LEN, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
 use pstrain_core::ServerStats;
 
 /// Why a shard refused a request or closed a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ErrorCode {
     /// Malformed, oversized or unexpected frame: the connection is closed.
     BadFrame,
@@ -19,11 +21,15 @@ pub enum ErrorCode {
     Refused,
     /// The gradient held `count` NaN or infinite values; the connection stays.
     NonFinite { count: u64 },
+    /// The gradient held a value of `largest`, beyond what a shard takes; the connection stays.
+    TooLarge { largest: f32 },
     /// The rank is still held (an old connection not yet noticed gone): retry shortly.
     RankBusy,
+    /// The peer did not prove it holds the run token (or the shard has none and it sent one).
+    Unauthorized,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     pub code: ErrorCode,
     pub message: String,
@@ -44,6 +50,8 @@ impl Failure {
             ErrorCode::Refused => (3, 0),
             ErrorCode::NonFinite { count } => (5, count),
             ErrorCode::RankBusy => (6, 0),
+            ErrorCode::Unauthorized => (7, 0),
+            ErrorCode::TooLarge { largest } => (8, u64::from(largest.to_bits())),
         };
         w.u16(tag).u64(count).str(&self.message);
     }
@@ -56,6 +64,10 @@ impl Failure {
             3 => ErrorCode::Refused,
             5 => ErrorCode::NonFinite { count },
             6 => ErrorCode::RankBusy,
+            7 => ErrorCode::Unauthorized,
+            8 => ErrorCode::TooLarge {
+                largest: f32::from_bits(count as u32),
+            },
             other => return Err(r.malformed(format!("error code {other}"))),
         };
         Ok(Failure {
@@ -89,6 +101,11 @@ pub struct ShardStats {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
+    /// The shard's nonce and its proof that it holds the run token.
+    Challenge {
+        nonce: Nonce,
+        proof: Proof,
+    },
     Described(Description),
     HelloOk(HelloOk),
     Pulled(Pulled),
@@ -101,6 +118,7 @@ pub enum Reply {
 impl Reply {
     pub fn kind(&self) -> u16 {
         match self {
+            Reply::Challenge { .. } => kind::CHALLENGE,
             Reply::Described(_) => kind::DESCRIBE_REPLY,
             Reply::HelloOk(_) => kind::HELLO_OK,
             Reply::Pulled(_) => kind::PULL_REPLY,
@@ -115,6 +133,7 @@ impl Reply {
     pub fn encode(&self, workers: usize) -> Vec<u8> {
         let mut w = Writer::default();
         match self {
+            Reply::Challenge { nonce, proof } => return [&nonce[..], &proof[..]].concat(),
             Reply::Described(d) => return d.encode(),
             Reply::HelloOk(ok) => return ok.encode(),
             Reply::Pushed(p) => return p.encode(workers),
@@ -133,6 +152,13 @@ impl Reply {
     pub fn decode(kind: u16, bytes: &[u8], workers: usize) -> Result<Reply, NetError> {
         let mut r = Reader::new(bytes, "reply");
         let reply = match kind {
+            kind::CHALLENGE => {
+                let both: [u8; NONCE_LEN + PROOF_LEN] = fixed(bytes, "challenge")?;
+                let (mut nonce, mut proof) = ([0; NONCE_LEN], [0; PROOF_LEN]);
+                nonce.copy_from_slice(&both[..NONCE_LEN]);
+                proof.copy_from_slice(&both[NONCE_LEN..]);
+                return Ok(Reply::Challenge { nonce, proof });
+            }
             kind::DESCRIBE_REPLY => return Ok(Reply::Described(Description::decode(bytes)?)),
             kind::HELLO_OK => return Ok(Reply::HelloOk(HelloOk::decode(bytes)?)),
             kind::PUSH_REPLY => return Ok(Reply::Pushed(PushReply::decode(bytes, workers)?)),

@@ -4,13 +4,21 @@
 use super::hello::Hello;
 use super::kind;
 use super::push::PushHead;
+use crate::auth::{Nonce, Proof};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    /// "What do you serve?": allowed instead of a hello, for clients that adopt the plan.
-    Describe,
+    /// The first message to a shard with a run token: the peer's nonce.
+    Auth {
+        nonce: Nonce,
+    },
+    /// "What do you serve?": allowed instead of a hello, for clients that adopt the plan;
+    /// with a run token, proven like a hello.
+    Describe {
+        proof: Proof,
+    },
     Hello(Hello),
     /// With `newer_than`, the shard sends its slice only if it is newer; with `wait`, it
     /// answers once the consistency gate opens (or the run ends).
@@ -29,7 +37,8 @@ pub enum Request {
 impl Request {
     pub fn kind(&self) -> u16 {
         match self {
-            Request::Describe => kind::DESCRIBE,
+            Request::Auth { .. } => kind::AUTH,
+            Request::Describe { .. } => kind::DESCRIBE,
             Request::Hello(_) => kind::HELLO,
             Request::Pull { .. } => kind::PULL,
             Request::Push(_) => kind::PUSH,
@@ -42,9 +51,9 @@ impl Request {
     /// The fixed part (`workers` sizes a push's member mask).
     pub fn encode(&self, workers: usize) -> Vec<u8> {
         match self {
-            Request::Describe | Request::Stats | Request::Heartbeat | Request::Goodbye => {
-                Vec::new()
-            }
+            Request::Stats | Request::Heartbeat | Request::Goodbye => Vec::new(),
+            Request::Auth { nonce } => nonce.to_vec(),
+            Request::Describe { proof } => proof.to_vec(),
             Request::Hello(h) => h.encode(),
             Request::Pull { newer_than, wait } => {
                 let mut w = Writer::default();
@@ -62,7 +71,12 @@ impl Request {
             Ok(request)
         };
         match kind {
-            kind::DESCRIBE => empty(Request::Describe),
+            kind::AUTH => Ok(Request::Auth {
+                nonce: fixed(bytes, "auth")?,
+            }),
+            kind::DESCRIBE => Ok(Request::Describe {
+                proof: fixed(bytes, "describe")?,
+            }),
             kind::STATS => empty(Request::Stats),
             kind::HEARTBEAT => empty(Request::Heartbeat),
             kind::GOODBYE => empty(Request::Goodbye),
@@ -80,4 +94,12 @@ impl Request {
             }),
         }
     }
+}
+
+/// A message that is exactly `N` bytes.
+pub(crate) fn fixed<const N: usize>(bytes: &[u8], what: &'static str) -> Result<[u8; N], NetError> {
+    bytes.try_into().map_err(|_| NetError::Malformed {
+        what,
+        why: format!("{} bytes, expected {N}", bytes.len()),
+    })
 }

@@ -32,13 +32,19 @@ fn small_requests_have_exact_bytes() {
         wait: false,
     };
     assert_eq!(none.encode(0), [255, 255, 255, 255, 255, 255, 255, 255, 0]);
+    let describe = Request::Describe { proof: [7; 32] };
+    assert_eq!(describe.encode(0), [7; 32]);
+    let auth = Request::Auth { nonce: [9; 32] };
+    assert_eq!(auth.encode(0), [9; 32]);
+    assert!(Request::decode(kind::AUTH, &[9; 31], 0).is_err());
     for r in [
         pull,
         none,
         Request::Stats,
         Request::Goodbye,
         Request::Heartbeat,
-        Request::Describe,
+        describe,
+        auth,
     ] {
         assert_eq!(Request::decode(r.kind(), &r.encode(0), 0).unwrap(), r);
     }
@@ -126,11 +132,24 @@ fn failures_carry_typed_codes() {
         [5, 0, 3, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, b'n', b'o', b'p', b'e']
     );
     assert_eq!(Reply::decode(kind::ERROR, &bytes, 0).unwrap(), f);
+    let challenge = Reply::Challenge {
+        nonce: [1; 32],
+        proof: [2; 32],
+    };
+    let bytes = challenge.encode(0);
+    assert_eq!(bytes, [[1u8; 32], [2u8; 32]].concat());
+    assert_eq!(
+        Reply::decode(kind::CHALLENGE, &bytes, 0).unwrap(),
+        challenge
+    );
+    assert!(Reply::decode(kind::CHALLENGE, &bytes[1..], 0).is_err());
     for code in [
         ErrorCode::BadFrame,
         ErrorCode::Handshake,
         ErrorCode::Refused,
         ErrorCode::RankBusy,
+        ErrorCode::Unauthorized,
+        ErrorCode::TooLarge { largest: 1e30 },
     ] {
         let r = Reply::Error(Failure::new(code, "x"));
         assert_eq!(Reply::decode(kind::ERROR, &r.encode(0), 0).unwrap(), r);
@@ -189,6 +208,12 @@ fn hello_and_description_carry_the_plan_and_reject_garbage() {
         assert_eq!(Description::decode(&d.encode()).unwrap(), d);
         let any = Hello::new(Role::Worker, usize::MAX, 0, 1, &p, &layout);
         assert_eq!(any.rank, ANY_RANK);
+        let proven = Hello {
+            proof: [5; 32],
+            ..hello.clone()
+        };
+        assert_eq!(Hello::decode(&proven.encode()).unwrap().proof, [5; 32]);
+        assert_ne!(hello.claims(), any.claims());
     }
     // A tensor count larger than the bytes could hold is refused before allocating.
     let hello = Hello::new(Role::Observer, 0, 0, 1, &plan(), &layout);
@@ -207,4 +232,14 @@ fn hello_and_description_carry_the_plan_and_reject_garbage() {
     let mut w = crate::codec::Writer::default();
     encode_plan(&mut w, &huge);
     assert!(decode_plan(&mut crate::codec::Reader::new(&w.0, "plan")).is_err());
+}
+
+#[test]
+fn peer_names_are_cut_short_in_errors() {
+    let long = "x".repeat(100_000);
+    let tensors: WireTensors = vec![(long.clone(), vec![1]), (long, vec![1])];
+    let err = layout_of(&tensors).unwrap_err();
+    assert!(err.len() < 200, "{} characters", err.len());
+    assert_eq!(cut("abc", 5), "abc");
+    assert_eq!(cut("abcdef", 3), "abc...");
 }

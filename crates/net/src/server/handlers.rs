@@ -20,18 +20,23 @@ pub(super) async fn pull(
     wait: bool,
 ) -> Result<(), NetError> {
     if wait {
-        let mut rx = shared.version.subscribe();
-        loop {
-            let (_, done) = *rx.borrow_and_update();
-            if done || shared.lock().engine.pull_ready(rank, newer_than) {
-                break;
+        // A healthy worker waits for the others, whose own deadlines (idle, heartbeat) move
+        // the step on; still, no wait outlasts the idle deadline (a far-future version would).
+        let gate = async {
+            let mut rx = shared.version.subscribe();
+            loop {
+                let (_, done) = *rx.borrow_and_update();
+                if done || shared.lock().engine.pull_ready(rank, newer_than) {
+                    break;
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
             }
-            // No deadline here: this worker is healthy and waiting for the others; a peer
-            // that stalls is dropped by its own idle deadline, which moves the step on.
-            if rx.changed().await.is_err() {
-                break;
-            }
-        }
+        };
+        tokio::time::timeout(shared.cfg.idle_timeout, gate)
+            .await
+            .map_err(|_| NetError::Timeout("at the consistency gate"))?;
     }
     let pulled = {
         let state = shared.lock();
@@ -101,6 +106,7 @@ pub(super) async fn push(
                 PushError::NonFinite { count } => ErrorCode::NonFinite {
                     count: count as u64,
                 },
+                PushError::TooLarge { largest } => ErrorCode::TooLarge { largest },
                 _ => ErrorCode::Refused,
             };
             Reply::Error(Failure::new(code, e.to_string()))

@@ -3,6 +3,9 @@
 //! layout; a worker takes its rank from the engine's membership.
 
 use super::shared::Shared;
+use crate::auth::{
+    random_bytes, Nonce, Proof, DESCRIBE_LABEL, HELLO_LABEL, NONCE_LEN, SHARD_LABEL,
+};
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
@@ -21,18 +24,20 @@ pub(super) struct Peer {
     pub said_goodbye: bool,
 }
 
-/// Reads the peer's hello, answering a DESCRIBE first if it asks; `None` if it left.
+/// Reads the peer's hello: with a run token, after the challenge-response that proves both
+/// ends hold it; a DESCRIBE (proven the same way) may come first. `None` if the peer left.
 pub(super) async fn read_hello(
     shared: &Shared,
     conn: &mut Connection,
 ) -> Result<Option<Hello>, NetError> {
     let cfg = &shared.cfg;
+    let mut nonces: Option<(Nonce, Nonce)> = None;
     let mut described = false;
     loop {
         let Some(header) = conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? else {
             return Ok(None);
         };
-        if header.kind != kind::DESCRIBE && header.kind != kind::HELLO {
+        if ![kind::AUTH, kind::DESCRIBE, kind::HELLO].contains(&header.kind) {
             return Err(NetError::Unexpected {
                 got: header.kind,
                 expected: "hello",
@@ -40,17 +45,56 @@ pub(super) async fn read_hello(
         }
         let bytes = conn.read_bytes(header.len as usize).await?;
         match Request::decode(header.kind, &bytes, cfg.plan.workers)? {
-            Request::Describe if !described => {
+            Request::Auth { nonce } if nonces.is_none() => {
+                let token = cfg.token.as_ref().ok_or_else(|| {
+                    NetError::Unauthorized(
+                        "this shard runs without a run token; connect without one".into(),
+                    )
+                })?;
+                let mine = random_bytes::<NONCE_LEN>()?;
+                let proof = token.prove(SHARD_LABEL, &nonce, &mine, &[]);
+                let challenge = Reply::Challenge { nonce: mine, proof };
+                conn.send_reply(&challenge, 0, &[]).await?;
+                nonces = Some((nonce, mine));
+            }
+            Request::Describe { proof } if !described => {
+                authorize(shared, nonces, DESCRIBE_LABEL, &[], &proof)?;
                 described = true;
                 let me = Description::new(cfg.shard, cfg.shards, &cfg.plan, &cfg.layout);
                 conn.send_reply(&Reply::Described(me), 0, &[]).await?;
             }
-            Request::Hello(hello) => return Ok(Some(hello)),
+            Request::Hello(hello) => {
+                authorize(shared, nonces, HELLO_LABEL, &hello.claims(), &hello.proof)?;
+                return Ok(Some(hello));
+            }
             _ => {
                 return Err(NetError::Unexpected {
                     got: header.kind,
                     expected: "hello",
                 })
+            }
+        }
+    }
+}
+
+/// With a run token, `proof` must be the token's HMAC over this connection's nonces.
+fn authorize(
+    shared: &Shared,
+    nonces: Option<(Nonce, Nonce)>,
+    label: &[u8],
+    claims: &[u8],
+    proof: &Proof,
+) -> Result<(), NetError> {
+    match (&shared.cfg.token, nonces) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(NetError::Unauthorized(
+            "this shard requires the run's token (--token-file FILE or PSTRAIN_TOKEN)".into(),
+        )),
+        (Some(token), Some((peer, mine))) => {
+            if token.verify(label, &peer, &mine, claims, proof) {
+                Ok(())
+            } else {
+                Err(NetError::Unauthorized("wrong run token".into()))
             }
         }
     }
@@ -72,6 +116,7 @@ pub(super) async fn accept(
         said_goodbye: false,
     };
     let version = {
+        let now = shared.now();
         let mut state = shared.lock();
         match hello.role {
             Role::Worker => {
@@ -80,7 +125,7 @@ pub(super) async fn accept(
                 } else {
                     RankRequest::Exact(rank)
                 };
-                let seat = state.engine.join(request)?;
+                let seat = state.engine.join(request, now)?;
                 peer.rank = seat.rank;
                 peer.seat = Some(seat);
             }

@@ -12,6 +12,7 @@ mod shared;
 
 pub use handle::ShardHandle;
 
+use crate::auth::RunToken;
 use crate::error::NetError;
 use pstrain_core::{
     shard_ranges, CoreState, EngineConfig, Layout, RunPlan, ServerStats, ShardEngine,
@@ -44,6 +45,14 @@ pub struct ShardConfig {
     pub exit_when_finished: bool,
     /// Checkpoint this shard (and restore its newest valid checkpoint at start).
     pub checkpoint: Option<CheckpointPolicy>,
+    /// The run's secret: every peer must prove it holds it before anything else. Without
+    /// one the shard serves loopback only (protected mode).
+    pub token: Option<RunToken>,
+    /// The whole handshake (challenge, hello) must be over within this.
+    pub handshake_timeout: Duration,
+    /// Connections open at once, in all and from one address; more are closed on accept.
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
 }
 
 impl ShardConfig {
@@ -60,6 +69,10 @@ impl ShardConfig {
             heartbeat_timeout: Duration::from_secs(10),
             exit_when_finished: true,
             checkpoint: None,
+            token: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 512,
+            max_connections_per_address: 128,
         }
     }
 
@@ -92,6 +105,10 @@ pub struct ConnectionEvents {
     pub protocol_errors: u64,
     /// Workers that went away without a goodbye (or whose heartbeats stopped).
     pub vanished_workers: u64,
+    /// Peers that did not prove they hold the run token.
+    pub unauthorized: u64,
+    /// Connections closed on accept because the caps were reached.
+    pub over_capacity: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +153,10 @@ impl ShardServer {
         .map_err(|e| NetError::Handshake(e.to_string()))?;
         let saver = checkpoints::restore(&cfg, &range, &mut engine);
         let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        if cfg.token.is_none() && !bound.ip().is_loopback() {
+            return Err(NetError::Unprotected(bound.to_string()));
+        }
         let (snapshots, queue) = match saver {
             Some(_) => {
                 // One snapshot deep: checkpoints cannot fall further behind than that.
@@ -177,9 +198,11 @@ impl ShardServer {
                     }
                 }
                 accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        shared.lock().events.accepted += 1;
-                        tokio::spawn(session::handle(Arc::clone(&shared), stream));
+                    Ok((stream, peer)) => {
+                        // Over the caps the socket is dropped at once: no task, no buffers.
+                        if shared.admit(peer.ip()) {
+                            tokio::spawn(session::handle(Arc::clone(&shared), stream, peer.ip()));
+                        }
                     }
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.

@@ -8,31 +8,36 @@ use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{kind, PushHead, Reply, Request, Role};
 use pstrain_core::Departure;
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream) {
-    shared.lock().open += 1;
+/// Serves one connection from `ip` (already counted in by `Shared::admit`).
+pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
     let mut conn = Connection::new(stream, shared.cfg.io_timeout);
     let mut peer = None;
     let result = serve(&shared, &mut conn, &mut peer).await;
     if let Err(e) = &result {
-        shared.log(&format!("closing connection from {}: {e}", conn.peer()));
         // Best effort: tell the peer why, unless the socket itself is what failed.
         if !e.is_transport() {
             let _ = conn.send_reply(&Reply::Error(e.failure()), 0, &[]).await;
         }
-        let refused = matches!(e, NetError::Handshake(_) | NetError::Join(_));
         let mut state = shared.lock();
-        if refused {
-            state.events.refused_handshakes += 1;
-        } else {
-            state.events.protocol_errors += 1;
+        match e {
+            NetError::Unauthorized(why) => shared.log_unauthorized(&mut state, ip, why),
+            NetError::Handshake(_) | NetError::Join(_) => {
+                state.events.refused_handshakes += 1;
+                shared.log(&format!("closing connection from {}: {e}", conn.peer()));
+            }
+            _ => {
+                state.events.protocol_errors += 1;
+                shared.log(&format!("closing connection from {}: {e}", conn.peer()));
+            }
         }
     }
     conn.shutdown().await;
     let mut state = shared.lock();
-    state.open -= 1;
+    shared.release(&mut state, ip);
     // A worker that vanished without a goodbye leaves the quorum; one that was evicted or
     // replaced no longer speaks for its rank, so nothing changes.
     if let Some(Peer {
@@ -59,12 +64,21 @@ async fn serve(
     conn: &mut Connection,
     peer: &mut Option<Peer>,
 ) -> Result<(), NetError> {
-    let Some(hello) = handshake::read_hello(shared, conn).await? else {
-        return Ok(());
-    };
-    let me = handshake::accept(shared, conn, &hello).await?;
-    *peer = Some(me);
     let cfg = &shared.cfg;
+    // The whole handshake under one deadline: a stranger cannot park here.
+    let handshake = async {
+        match handshake::read_hello(shared, conn).await? {
+            Some(hello) => handshake::accept(shared, conn, &hello).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let me = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        Ok(Ok(Some(me))) => me,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(NetError::Timeout("in the handshake")),
+    };
+    *peer = Some(me);
     let workers = cfg.plan.workers;
     // The largest legitimate frame is a push of this shard's gradient.
     let limit = (PushHead::len(workers) + 4 * shared.range.len()).max(64) as u64;

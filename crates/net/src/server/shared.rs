@@ -3,16 +3,25 @@
 
 use super::{ConnectionEvents, ShardConfig};
 use pstrain_core::{CoreState, ShardEngine};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 
+/// How often one address's refusals are logged, and how many addresses are remembered.
+const UNAUTHORIZED_LOG_EVERY: Duration = Duration::from_secs(60);
+const UNAUTHORIZED_LOG_ADDRESSES: usize = 4096;
+
 pub(super) struct State {
     pub engine: ShardEngine,
-    /// Connections open now.
+    /// Connections open now, in all and by peer address.
     pub open: usize,
+    pub open_by_address: HashMap<IpAddr, usize>,
     pub events: ConnectionEvents,
+    /// When each address was last logged as unauthorized (the log is rate-limited).
+    pub logged_unauthorized: HashMap<IpAddr, Instant>,
 }
 
 pub(super) struct Shared {
@@ -44,7 +53,9 @@ impl Shared {
             state: Mutex::new(State {
                 engine,
                 open: 0,
+                open_by_address: HashMap::new(),
                 events: ConnectionEvents::default(),
+                logged_unauthorized: HashMap::new(),
             }),
             version,
             finished: Notify::new(),
@@ -78,6 +89,52 @@ impl Shared {
         if self.cfg.exit_when_finished && state.engine.all_departed() && state.open == 0 {
             self.finished.notify_one();
         }
+    }
+
+    /// Counts a new connection from `ip` in, unless a cap is reached.
+    pub fn admit(&self, ip: IpAddr) -> bool {
+        let mut state = self.lock();
+        state.events.accepted += 1;
+        let from_ip = state.open_by_address.get(&ip).copied().unwrap_or(0);
+        if state.open >= self.cfg.max_connections || from_ip >= self.cfg.max_connections_per_address
+        {
+            state.events.over_capacity += 1;
+            return false;
+        }
+        state.open += 1;
+        *state.open_by_address.entry(ip).or_insert(0) += 1;
+        true
+    }
+
+    /// A connection from `ip` closed.
+    pub fn release(&self, state: &mut State, ip: IpAddr) {
+        state.open -= 1;
+        if let Some(n) = state.open_by_address.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                state.open_by_address.remove(&ip);
+            }
+        }
+    }
+
+    /// Logs an unauthorized peer once per address per minute (strangers may knock often).
+    pub fn log_unauthorized(&self, state: &mut State, ip: IpAddr, why: &str) {
+        state.events.unauthorized += 1;
+        let now = Instant::now();
+        let quiet = state
+            .logged_unauthorized
+            .get(&ip)
+            .is_some_and(|t| now.duration_since(*t) < UNAUTHORIZED_LOG_EVERY);
+        if quiet {
+            return;
+        }
+        if state.logged_unauthorized.len() >= UNAUTHORIZED_LOG_ADDRESSES {
+            state.logged_unauthorized.clear();
+        }
+        state.logged_unauthorized.insert(ip, now);
+        self.log(&format!(
+            "refused {ip}: {why} (logged once a minute per address)"
+        ));
     }
 
     /// Takes out of the quorum every worker whose heartbeats stopped.

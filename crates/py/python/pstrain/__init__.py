@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
-from ._pstrain import PstrainError, RawClient, RemoteRun, ShardServer, run_worker
+from ._pstrain import PstrainError, RawClient, RemoteRun, ShardServer, new_token, run_worker
 
 __all__ = [
     "Client",
@@ -26,6 +26,7 @@ __all__ = [
     "RemoteRun",
     "RawClient",
     "run_worker",
+    "new_token",
 ]
 
 
@@ -47,7 +48,11 @@ class Client:
     same names and shapes (a flat float32 array from ``flat_zeros()``/``flatten()`` is sent
     from its own memory, with no copy).
 
-    In sync mode a pull after a push waits until the step's update is applied.
+    In sync mode a pull after a push waits until the step's update is applied. ``token`` is
+    the run's token (hex, as ``pstrain token`` prints; default: ``$PSTRAIN_TOKEN``): the
+    client and every shard prove to each other that they hold it. A worker sends heartbeats
+    every ``heartbeat`` seconds from a thread of its own; a shard evicts a worker whose
+    heartbeats stop.
 
     >>> c = Client(["10.0.0.1:7000", "10.0.0.2:7000"], rank=0)   # doctest: +SKIP
     >>> w = c.pull()                                              # doctest: +SKIP
@@ -63,9 +68,10 @@ class Client:
         connect_timeout: float = 60.0,
         io_timeout: float = 30.0,
         heartbeat: float = 1.0,
+        token: Optional[str] = None,
     ) -> None:
         self._raw = RawClient(
-            _addresses(servers), rank, role, connect_timeout, io_timeout, heartbeat
+            _addresses(servers), rank, role, connect_timeout, io_timeout, heartbeat, token
         )
         self.layout: Dict[str, Tuple[int, ...]] = {
             name: tuple(shape) for name, shape in self._raw.layout
@@ -201,8 +207,9 @@ class Server:
     layout's order). Every other keyword is a ``pstrain server`` flag with the same meaning
     and default (``mode``, ``workers``, ``optimizer``, ``lr``, ``lr_schedule``,
     ``iterations``, ``max_staleness``, ``backup_workers``, ``checkpoint_dir``, ...; see
-    ``pstrain server --help``); ``extra_args`` passes raw flags. Workers adopt this shard's
-    run plan. The run ends when every worker has left (or ``iterations`` updates are made);
+    ``pstrain server --help``); ``extra_args`` passes raw flags; ``token`` is the run's token
+    (default: ``$PSTRAIN_TOKEN``; required to listen beyond loopback). Workers adopt this
+    shard's run plan. The run ends when every worker has left (or ``iterations`` updates are made);
     ``wait()`` then returns the shard's counters.
     """
 
@@ -214,12 +221,13 @@ class Server:
         shard: int = 0,
         shards: int = 1,
         extra_args: Iterable[str] = (),
+        token: Optional[str] = None,
         **flags: object,
     ) -> None:
         arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in params.items()}
         argv = ["--listen", listen, "--shard", str(shard), "--shards", str(shards)]
         argv += _flags(flags) + list(extra_args)
-        self._shard = ShardServer(argv, arrays)
+        self._shard = ShardServer(argv, arrays, token)
 
     @property
     def address(self) -> str:

@@ -89,10 +89,12 @@ class ShardActor:
     workers find it where they left it), restores its newest checkpoint, and the workers
     reconnect with backoff."""
 
-    def __init__(self, argv: List[str], port_key: str) -> None:
+    def __init__(self, argv: List[str], port_key: str, token: str) -> None:
         known = internal_kv._internal_kv_get(port_key)
         listen = f"0.0.0.0:{int(known)}" if known else "0.0.0.0:0"
-        self.server = _pstrain.ShardServer(argv + ["--listen", listen])
+        # The token comes in the actor's arguments (Ray's own channel), never on a command
+        # line or in a log; the shard refuses every peer that cannot prove it holds it.
+        self.server = _pstrain.ShardServer(argv + ["--listen", listen], None, token)
         if known is None:
             port = self.server.address.rsplit(":", 1)[1]
             internal_kv._internal_kv_put(port_key, port.encode())
@@ -115,8 +117,8 @@ class WorkerActor:
     def where(self) -> dict:
         return {"node": _node_id(), "pid": os.getpid()}
 
-    def run(self, argv: List[str]) -> str:
-        return _pstrain.run_worker(argv)
+    def run(self, argv: List[str], token: str) -> str:
+        return _pstrain.run_worker(argv, token)
 
 
 def _log(record: dict) -> None:
@@ -165,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shard_restarts = opts.max_restarts if run.checkpointing else 0
         shards = [
             in_bundle(ShardActor, i, opts.cpus_per_shard, shard_restarts).remote(
-                run.server_args() + ["--shard", str(i)], port_keys[i]
+                run.server_args() + ["--shard", str(i)], port_keys[i], run.token
             )
             for i in range(run.shards)
         ]
@@ -193,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run.connect(servers)
         worker_argv = run.worker_args() + ["--servers", ",".join(servers)]
         pending = {
-            w.run.remote(worker_argv + ["--rank", str(r)]): r for r, w in enumerate(workers)
+            w.run.remote(worker_argv + ["--rank", str(r)], run.token): r
+            for r, w in enumerate(workers)
         }
         reports = [""] * run.workers
         while pending:

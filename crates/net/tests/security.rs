@@ -1,0 +1,381 @@
+//! Strangers against a live shard with a run token, each attack a client of its own: without
+//! the token nothing leaves the shard and nothing changes it, while a real worker with the
+//! token trains; the handshake has a deadline, connections have caps, and a shard refuses to
+//! listen beyond loopback without a token.
+
+use pstrain_core::{
+    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, RunPlan, Schedule,
+};
+use pstrain_net::frame::{Header, HEADER_LEN};
+use pstrain_net::message::{kind, Hello, Role};
+use pstrain_net::{
+    ClientConfig, Heartbeat, NetError, RunToken, ShardConfig, ShardHandle, TcpClient,
+};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const N: usize = 1000;
+
+fn layout() -> Layout {
+    Layout::new([("w", &[N - 10][..]), ("b", &[10][..])]).unwrap()
+}
+
+fn plan() -> RunPlan {
+    RunPlan {
+        model: "test".into(),
+        mode: Mode::Async {
+            max_staleness: None,
+        },
+        workers: 2,
+        optimizer: OptimizerConfig::sgd(0.1),
+        schedule: Schedule::Constant,
+        ..RunPlan::default()
+    }
+}
+
+fn shard(token: Option<RunToken>, tune: impl FnOnce(&mut ShardConfig)) -> ShardHandle {
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan());
+    cfg.token = token;
+    cfg.exit_when_finished = false;
+    tune(&mut cfg);
+    ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 2).unwrap()
+}
+
+fn client_cfg(addr: SocketAddr, rank: usize, token: Option<RunToken>) -> ClientConfig {
+    let mut cfg = ClientConfig::new(vec![addr.to_string()], Role::Worker, rank, plan(), layout());
+    cfg.token = token;
+    cfg.connect_timeout = Duration::from_secs(2);
+    cfg
+}
+
+fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Header {
+        kind,
+        len: payload.len() as u64,
+    }
+    .encode()
+    .to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Sends `bytes` and returns everything the shard sends back before it closes.
+fn attack(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    reply
+}
+
+/// The kinds of the frames in `reply`.
+fn kinds(reply: &[u8]) -> Vec<u16> {
+    let mut out = Vec::new();
+    let mut rest = reply;
+    while rest.len() >= HEADER_LEN {
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&rest[..HEADER_LEN]);
+        let header = Header::decode(&h, u64::MAX).unwrap();
+        out.push(header.kind);
+        rest = &rest[(HEADER_LEN + header.len as usize).min(rest.len())..];
+    }
+    out
+}
+
+fn worker_hello(rank: usize) -> Vec<u8> {
+    frame(
+        kind::HELLO,
+        &Hello::new(Role::Worker, rank, 0, 1, &plan(), &layout()).encode(),
+    )
+}
+
+#[test]
+fn without_the_token_nothing_leaves_the_shard_and_nothing_changes_it() {
+    let token = RunToken::generate().unwrap();
+    let server = shard(Some(token.clone()), |_| {});
+    let addr = server.address();
+
+    // A real worker with the token trains throughout.
+    let good_cfg = client_cfg(addr, 0, Some(token.clone()));
+    let good = std::thread::spawn(move || {
+        let mut c = TcpClient::connect(&good_cfg).unwrap();
+        let mut params = vec![0.0; N];
+        let mut applied = 0;
+        for _ in 0..200 {
+            let reply = c.pull(&mut params, None, false).unwrap();
+            let meta = PushMeta {
+                rank: 0,
+                base_version: reply.version,
+                samples: 1,
+                loss: 0.0,
+            };
+            if let PushOutcome::Applied { .. } = c.push(meta, &vec![1.0; N]).unwrap() {
+                applied += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        c.leave().unwrap();
+        applied
+    });
+
+    // DESCRIBE without proving anything: an error, never a description (which was itself
+    // a valid observer hello before).
+    let reply = attack(addr, &frame(kind::DESCRIBE, &[0; 32]));
+    assert_eq!(kinds(&reply), [kind::ERROR]);
+    assert!(String::from_utf8_lossy(&reply).contains("requires the run's token"));
+    // A hello, then pull / push / goodbye: refused at the hello, nothing else is read.
+    for rank in [0, 1] {
+        let mut bytes = worker_hello(rank);
+        bytes.extend(frame(kind::PULL, &[255; 9]));
+        bytes.extend(frame(kind::GOODBYE, &[]));
+        assert_eq!(kinds(&attack(addr, &bytes)), [kind::ERROR]);
+    }
+    // An AUTH, then a hello with a made-up proof.
+    let mut bytes = frame(kind::AUTH, &[7; 32]);
+    bytes.extend(worker_hello(1));
+    let reply = attack(addr, &bytes);
+    assert_eq!(kinds(&reply), [kind::CHALLENGE, kind::ERROR]);
+    assert!(String::from_utf8_lossy(&reply).contains("wrong run token"));
+
+    // The project's own client: no token, a wrong token, an auto-rank flood.
+    let err = TcpClient::connect(&client_cfg(addr, 1, None))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("requires the run's token"),
+        "{err}"
+    );
+    let wrong = Some(RunToken::generate().unwrap());
+    let err = TcpClient::connect(&client_cfg(addr, 1, wrong.clone()))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("does not hold this run's token"),
+        "{err}"
+    );
+    for _ in 0..20 {
+        let flood = client_cfg(addr, pstrain_net::ANY_RANK, None);
+        assert!(TcpClient::connect(&flood).is_err());
+    }
+    let describe = pstrain_net::describe(
+        &[addr.to_string()],
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+        None,
+    );
+    assert!(describe.is_err());
+    assert!(pstrain_net::describe(
+        &[addr.to_string()],
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+        Some(&token),
+    )
+    .is_ok());
+
+    assert_eq!(good.join().unwrap(), 200);
+    let report = server.finish().unwrap();
+    // Only the good worker's 200 unit gradients moved the weights: 200 * lr 0.1.
+    assert_eq!(report.stats.gradients_applied, 200);
+    assert!(report.params.iter().all(|&p| (p + 20.0).abs() < 1e-3));
+    assert!(report.events.unauthorized >= 25, "{:?}", report.events);
+}
+
+#[test]
+fn a_shard_without_a_token_refuses_a_client_that_brings_one() {
+    let server = shard(None, |_| {});
+    let token = Some(RunToken::generate().unwrap());
+    let err = TcpClient::connect(&client_cfg(server.address(), 0, token))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("without a run token"), "{err}");
+}
+
+#[test]
+fn the_handshake_has_a_deadline() {
+    let server = shard(Some(RunToken::generate().unwrap()), |cfg| {
+        cfg.handshake_timeout = Duration::from_millis(500);
+        cfg.io_timeout = Duration::from_secs(30);
+    });
+    // Connects, says nothing: closed once the handshake deadline passes.
+    let mut s = TcpStream::connect(server.address()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+}
+
+#[test]
+fn parked_connections_are_capped_and_a_real_worker_still_trains() {
+    let token = RunToken::generate().unwrap();
+    let server = shard(Some(token.clone()), |cfg| {
+        cfg.max_connections = 64;
+        cfg.max_connections_per_address = 32;
+        cfg.handshake_timeout = Duration::from_secs(30);
+    });
+    let addr = server.address();
+    let mut good = TcpClient::connect(&client_cfg(addr, 0, Some(token.clone()))).unwrap();
+    // As a real worker does: heartbeats from a thread of their own (else it is evicted).
+    let _beats = Heartbeat::start(good.config(), Duration::from_millis(500)).unwrap();
+    let before = resident_kib();
+    // Strangers park 5,000 connections without a word.
+    let parked: Vec<TcpStream> = (0..5000)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    assert!(parked.len() >= 4900, "{} connected", parked.len());
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = resident_kib().saturating_sub(before);
+    // This process holds both ends; the shard serves at most 32 of them (the per-address
+    // cap), the rest are closed on accept.
+    println!("5,000 parked connections: resident memory grew by {grown} KiB");
+    assert!(grown < 64 * 1024, "grew by {grown} KiB");
+    let mut params = vec![0.0; N];
+    for _ in 0..50 {
+        let v = good.pull(&mut params, None, false).unwrap().version;
+        let meta = PushMeta {
+            rank: 0,
+            base_version: v,
+            samples: 1,
+            loss: 0.0,
+        };
+        good.push(meta, &vec![1.0; N]).unwrap();
+    }
+    good.leave().unwrap();
+    drop(parked);
+    let report = server.finish().unwrap();
+    assert_eq!(report.stats.gradients_applied, 50);
+    // At most 32 of them were ever served at once: the rest were closed on accept.
+    assert!(report.events.over_capacity >= 4900, "{:?}", report.events);
+}
+
+/// This process's resident memory in KiB (Linux).
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A token holder, as a raw client: AUTH, then a proven hello; returns the stream.
+fn join_with_token(addr: SocketAddr, token: &RunToken, hello: Hello) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mine = [3u8; 32];
+    s.write_all(&frame(kind::AUTH, &mine)).unwrap();
+    let (k, body) = read_frame(&mut s);
+    assert_eq!(k, kind::CHALLENGE);
+    let mut theirs = [0u8; 32];
+    theirs.copy_from_slice(&body[..32]);
+    let proof = token.prove(b"pstrain/3 hello", &mine, &theirs, &hello.claims());
+    let hello = Hello { proof, ..hello };
+    s.write_all(&frame(kind::HELLO, &hello.encode())).unwrap();
+    s
+}
+
+fn read_frame(s: &mut TcpStream) -> (u16, Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let header = Header::decode(&h, 1 << 30).unwrap();
+    let mut payload = vec![0u8; header.len as usize];
+    s.read_exact(&mut payload).unwrap();
+    (header.kind, payload)
+}
+
+#[test]
+fn token_holders_are_bounded_too() {
+    let token = RunToken::generate().unwrap();
+    let server = shard(Some(token.clone()), |cfg| {
+        cfg.plan.optimizer = OptimizerConfig::adam(0.1);
+        cfg.plan.batch_size = 64;
+    });
+    let addr = server.address();
+    let plan = RunPlan {
+        optimizer: OptimizerConfig::adam(0.1),
+        batch_size: 64,
+        ..plan()
+    };
+    let mut cfg = client_cfg(addr, 0, Some(token.clone()));
+    cfg.plan = plan.clone();
+    let mut c = TcpClient::connect(&cfg).unwrap();
+    let mut params = vec![0.0; N];
+    c.pull(&mut params, None, false).unwrap();
+    // A 1e30 push under Adam: refused, counted, weights unchanged; Adam still moves after.
+    let meta = PushMeta {
+        rank: 0,
+        base_version: 0,
+        samples: u32::MAX,
+        loss: 0.0,
+    };
+    let err = c.push(meta, &vec![1e30; N]).unwrap_err();
+    assert!(err.to_string().contains("1e30"), "{err}");
+    let after = c.pull(&mut params, None, false).unwrap();
+    assert_eq!(after.version, 0);
+    assert!(params.iter().all(|&p| p == 0.0));
+    // u32::MAX samples counts as the plan's batch (64).
+    assert!(matches!(
+        c.push(meta, &vec![1.0; N]).unwrap(),
+        PushOutcome::Applied { .. }
+    ));
+    let stats = c.stats().unwrap()[0].stats;
+    assert_eq!((stats.samples_applied, stats.rejected_nonfinite), (64, 1));
+    c.pull(&mut params, None, false).unwrap();
+    assert!(params.iter().all(|&p| p < 0.0 && p.is_finite()));
+    c.leave().unwrap();
+
+    // A 1 MiB hello naming 95,000 tensors is answered (refused) quickly: the duplicate check
+    // is linear and the fingerprint is compared before any layout is built.
+    // Short distinct names (1-3 printable characters, no dimensions) to fit 95,000 in 1 MiB.
+    let alphabet: Vec<char> = (b' '..=b'~').map(char::from).collect();
+    let name = |mut i: usize| {
+        let mut s = String::new();
+        loop {
+            s.push(alphabet[i % alphabet.len()]);
+            i /= alphabet.len();
+            if i == 0 {
+                break s;
+            }
+            i -= 1;
+        }
+    };
+    let names: Vec<(String, Vec<u64>)> = (0..95_000).map(|i| (name(i), vec![])).collect();
+    let mut big = Hello::new(Role::Worker, 1, 0, 1, &plan, &layout());
+    big.run.tensors = names;
+    let started = Instant::now();
+    assert!(
+        big.encode().len() <= 1 << 20,
+        "{} bytes",
+        big.encode().len()
+    );
+    let mut s = join_with_token(addr, &token, big);
+    let (k, body) = read_frame(&mut s);
+    let took = started.elapsed();
+    println!("a 95,000-tensor hello was refused in {took:?}");
+    assert_eq!(k, kind::ERROR);
+    assert!(String::from_utf8_lossy(&body).contains("layout mismatch"));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let report = server.finish().unwrap();
+    assert!(report.params.iter().all(|p| p.is_finite()));
+}
+
+#[test]
+fn protected_mode_refuses_to_listen_beyond_loopback_without_a_token() {
+    let cfg = ShardConfig::new(0, 1, layout(), plan());
+    let err = ShardHandle::start("0.0.0.0:0", cfg.clone(), &vec![0.0; N], 1)
+        .err()
+        .expect("refused");
+    assert!(matches!(err, NetError::Unprotected(_)), "{err}");
+    assert!(err.to_string().contains("pstrain token"), "{err}");
+    let with_token = ShardConfig {
+        token: Some(RunToken::generate().unwrap()),
+        ..cfg
+    };
+    let ok = ShardHandle::start("0.0.0.0:0", with_token, &vec![0.0; N], 1).unwrap();
+    ok.finish().unwrap();
+}
