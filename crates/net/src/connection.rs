@@ -7,16 +7,18 @@ use crate::frame::{Header, HEADER_LEN};
 use crate::message::{Reply, Request};
 use std::future::Future;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 
 /// Bytes buffered per direction and connection.
-const BUFFER: usize = 16 << 10;
+const BUFFER: usize = 64 << 10;
+
+type ReadSide = Box<dyn AsyncRead + Send + Sync + Unpin>;
+type WriteSide = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
 pub struct Connection {
-    reader: BufReader<OwnedReadHalf>,
-    writer: BufWriter<OwnedWriteHalf>,
+    reader: BufReader<ReadSide>,
+    writer: BufWriter<WriteSide>,
     /// Deadline for any one read or write once a frame is under way.
     io_timeout: Duration,
     peer: String,
@@ -53,9 +55,22 @@ impl Connection {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "unknown peer".into());
         let (r, w) = stream.into_split();
+        Self::from_halves(Box::new(r), Box::new(w), peer, io_timeout)
+    }
+
+    /// A connection over another stream (TLS over TCP).
+    pub fn over<S>(stream: S, peer: String, io_timeout: Duration) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        Self::from_halves(Box::new(r), Box::new(w), peer, io_timeout)
+    }
+
+    fn from_halves(r: ReadSide, w: WriteSide, peer: String, io_timeout: Duration) -> Self {
         Connection {
-            // Small buffers: tensors bypass them (reads and writes larger than the buffer go
-            // straight to the socket), and every open connection holds two.
+            // Tensors bypass the buffers: reads and writes larger than them go straight
+            // through.
             reader: BufReader::with_capacity(BUFFER, r),
             writer: BufWriter::with_capacity(BUFFER, w),
             io_timeout,

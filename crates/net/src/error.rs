@@ -25,6 +25,8 @@ pub enum NetError {
     Unauthorized(String),
     #[error("{0}")]
     Token(#[from] TokenError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A shard asked to listen beyond loopback without a run token (protected mode).
     #[error(
         "refusing to serve on {0} without a run token: anyone who can reach this port could \

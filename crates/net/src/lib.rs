@@ -10,9 +10,11 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod server;
+pub mod tls;
 
 pub use auth::RunToken;
 pub use client::{describe, ClientConfig, Heartbeat, Served, TcpClient, ANY_RANK};
 pub use error::NetError;
 pub use message::Role;
 pub use server::{ShardConfig, ShardHandle, ShardReport, ShardServer};
+pub use tls::{TlsClient, TlsError, TlsServer};

@@ -312,6 +312,7 @@ fn describe_tells_a_client_what_the_shard_serves() {
         Duration::from_secs(2),
         Duration::from_secs(2),
         None,
+        None,
     )
     .unwrap();
     assert_eq!(served.layout, layout());
@@ -332,6 +333,7 @@ fn describe_tells_a_client_what_the_shard_serves() {
         &[addr.clone(), addr.clone()],
         Duration::from_secs(2),
         Duration::from_secs(2),
+        None,
         None,
     )
     .unwrap_err();

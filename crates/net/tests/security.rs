@@ -164,6 +164,7 @@ fn without_the_token_nothing_leaves_the_shard_and_nothing_changes_it() {
         Duration::from_secs(2),
         Duration::from_secs(2),
         None,
+        None,
     );
     assert!(describe.is_err());
     assert!(pstrain_net::describe(
@@ -171,6 +172,7 @@ fn without_the_token_nothing_leaves_the_shard_and_nothing_changes_it() {
         Duration::from_secs(2),
         Duration::from_secs(2),
         Some(&token),
+        None,
     )
     .is_ok());
 

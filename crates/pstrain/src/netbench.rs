@@ -7,7 +7,10 @@ use crate::train::{train, Quiet, TrainConfig, TrainError};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::ModelKind;
 use pstrain_core::{Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, RunPlan, Schedule};
-use pstrain_net::{ClientConfig, NetError, Role, ShardConfig, ShardHandle, TcpClient};
+use pstrain_net::{
+    ClientConfig, NetError, Role, RunToken, ShardConfig, ShardHandle, TcpClient, TlsClient,
+    TlsServer,
+};
 use serde::Serialize;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -15,6 +18,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Serialize)]
 pub struct TransferPoint {
     pub layout: String,
+    /// With a run token (the handshake proves it; the frames after it are the same).
+    pub token: bool,
+    /// Over TLS (and with a token).
+    pub tls: bool,
     pub values: usize,
     pub shards: usize,
     pub reps: usize,
@@ -71,7 +78,11 @@ fn bench_plan() -> RunPlan {
 }
 
 /// Starts `shards` shards for `layout` on 127.0.0.1, sharing this machine's cores.
-fn start_servers(layout: &Layout, shards: usize) -> Result<Vec<ShardHandle>, NetError> {
+fn start_servers(
+    layout: &Layout,
+    shards: usize,
+    link: &Link,
+) -> Result<Vec<ShardHandle>, NetError> {
     let initial = vec![0.0f32; layout.len()];
     let threads = (2 / shards.max(1)).max(1);
     (0..shards)
@@ -79,9 +90,49 @@ fn start_servers(layout: &Layout, shards: usize) -> Result<Vec<ShardHandle>, Net
             let mut cfg = ShardConfig::new(shard, shards, layout.clone(), bench_plan());
             cfg.io_timeout = Duration::from_secs(120);
             cfg.exit_when_finished = false;
+            cfg.token = link.token.clone();
+            cfg.tls = link.tls.as_ref().map(|(server, _)| server.clone());
             ShardHandle::start("127.0.0.1:0", cfg, &initial, threads)
         })
         .collect()
+}
+
+/// How the benchmark's client reaches the shards.
+#[derive(Clone)]
+pub struct Link {
+    pub token: Option<RunToken>,
+    pub tls: Option<(TlsServer, TlsClient)>,
+}
+
+impl Link {
+    pub fn plain() -> Self {
+        Link {
+            token: None,
+            tls: None,
+        }
+    }
+
+    /// A token, and TLS with a certificate made on the spot for 127.0.0.1.
+    pub fn tls() -> Result<Self, NetError> {
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+            .map_err(|e| NetError::Handshake(format!("cannot make a certificate: {e}")))?;
+        let (cert, key) = (certified.cert.pem(), certified.key_pair.serialize_pem());
+        Ok(Link {
+            token: Some(RunToken::generate()?),
+            tls: Some((
+                TlsServer::from_pem(cert.as_bytes(), key.as_bytes())?,
+                TlsClient::from_ca_pem(cert.as_bytes())?,
+            )),
+        })
+    }
+
+    fn describe(&self) -> &'static str {
+        match (&self.token, &self.tls) {
+            (_, Some(_)) => ", token + TLS",
+            (Some(_), None) => ", run token",
+            (None, None) => "",
+        }
+    }
 }
 
 pub fn transfer_point(
@@ -89,10 +140,13 @@ pub fn transfer_point(
     layout: &Layout,
     shards: usize,
     reps: usize,
+    link: &Link,
 ) -> Result<TransferPoint, NetError> {
-    let servers = start_servers(layout, shards)?;
+    let servers = start_servers(layout, shards, link)?;
     let addrs = servers.iter().map(|s| s.address().to_string()).collect();
-    let cfg = ClientConfig::new(addrs, Role::Worker, 0, bench_plan(), layout.clone());
+    let mut cfg = ClientConfig::new(addrs, Role::Worker, 0, bench_plan(), layout.clone());
+    cfg.token = link.token.clone();
+    cfg.tls = link.tls.as_ref().map(|(_, client)| client.clone());
     let mut client = TcpClient::connect(&cfg)?;
     let n = layout.len();
     let mut params = vec![0.0f32; n];
@@ -144,6 +198,8 @@ pub fn transfer_point(
     let (pull_s, push_s, round_trip_s) = (median(pulls), median(pushes), median(trips));
     Ok(TransferPoint {
         layout: name.into(),
+        token: link.token.is_some(),
+        tls: link.tls.is_some(),
         values: n,
         shards,
         reps,
@@ -186,11 +242,23 @@ pub fn run_net_bench(
     let synthetic = Layout::new([("synthetic", &[cfg.synthetic_values][..])])
         .map_err(|e| TrainError::Cluster(e.to_string()))?;
     let mut transfer = Vec::new();
-    for (name, layout, reps) in [("cnn", &cnn, 50), ("synthetic", &synthetic, 5)] {
+    let token = Link {
+        token: Some(RunToken::generate().map_err(NetError::from)?),
+        tls: None,
+    };
+    let points = [
+        ("cnn", &cnn, 50, Link::plain()),
+        ("cnn", &cnn, 50, token),
+        ("cnn", &cnn, 50, Link::tls()?),
+        ("synthetic", &synthetic, 5, Link::plain()),
+        ("synthetic", &synthetic, 5, Link::tls()?),
+    ];
+    for (name, layout, reps, link) in points {
         for &shards in &cfg.shard_counts {
-            let p = transfer_point(name, layout, shards, reps)?;
+            let with = link.describe();
+            let p = transfer_point(name, layout, shards, reps, &link)?;
             progress(&format!(
-                "{name} ({:.1} MB) over {shards} shard(s): push+pull {:.2} GB/s, round trip {:.2} ms; \
+                "{name} ({:.1} MB{with}) over {shards} shard(s): push+pull {:.2} GB/s, round trip {:.2} ms; \
                  memcpy {:.2} GB/s; small message {:.0} us",
                 4.0 * layout.len() as f64 / 1e6,
                 p.push_pull_gb_per_s,

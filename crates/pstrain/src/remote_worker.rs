@@ -12,7 +12,7 @@ use crate::worker::{run_worker, WorkerReport};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use pstrain_compute::ModelOptions;
-use pstrain_net::{ClientConfig, Heartbeat, Role, RunToken, TcpClient, ANY_RANK};
+use pstrain_net::{ClientConfig, Heartbeat, Role, RunToken, TcpClient, TlsClient, ANY_RANK};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -37,6 +37,9 @@ pub struct WorkerArgs {
     pub heartbeat_secs: f64,
     #[command(flatten)]
     pub token: TokenArgs,
+    /// Talk TLS to the shards, trusting certificates signed by this CA (PEM)
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
     #[command(flatten)]
     pub run: RunArgs,
@@ -76,8 +79,19 @@ pub fn worker(
 ) -> Result<WorkerReport> {
     let connect_timeout = seconds("--connect-timeout", args.connect_timeout as f64)?;
     let io = Duration::from_secs(30);
-    let served = pstrain_net::describe(&args.servers, io, connect_timeout, token.as_ref())
-        .with_context(|| format!("cannot ask {} for the run plan", args.servers.join(",")))?;
+    let tls = args
+        .tls_ca
+        .as_deref()
+        .map(TlsClient::from_ca_file)
+        .transpose()?;
+    let served = pstrain_net::describe(
+        &args.servers,
+        io,
+        connect_timeout,
+        token.as_ref(),
+        tls.as_ref(),
+    )
+    .with_context(|| format!("cannot ask {} for the run plan", args.servers.join(",")))?;
     let contradictions = args.run.contradictions(&served.plan)?;
     if !contradictions.is_empty() {
         let list: Vec<String> = contradictions
@@ -120,6 +134,7 @@ pub fn worker(
     );
     client_cfg.connect_timeout = connect_timeout;
     client_cfg.token = token;
+    client_cfg.tls = tls;
     let who = if args.rank == ANY_RANK {
         "a worker (any free rank)".to_string()
     } else {

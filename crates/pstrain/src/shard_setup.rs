@@ -9,7 +9,7 @@ use crate::train::{CheckpointPolicy, TrainConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use pstrain_core::{Layout, RunPlan};
-use pstrain_net::{RunToken, ShardConfig, ShardHandle, ShardReport};
+use pstrain_net::{RunToken, ShardConfig, ShardHandle, ShardReport, TlsServer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -87,6 +87,12 @@ pub struct ServerArgs {
     pub checkpoints: CheckpointArgs,
     #[command(flatten)]
     pub token: TokenArgs,
+    /// Serve over TLS with this certificate chain (PEM; give --tls-key too)
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -192,6 +198,9 @@ pub fn server_setup(args: &ServerArgs, custom: Option<CustomModel>) -> Result<Sh
     config.exit_when_finished = !args.keep_running;
     config.checkpoint = args.checkpoints.policy(None, true)?;
     config.token = args.token.token()?;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(TlsServer::from_pem_files(cert, key)?);
+    }
     Ok(ShardSetup {
         listen: args.listen.clone(),
         config,

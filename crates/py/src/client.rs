@@ -45,7 +45,7 @@ pub(crate) struct RawClient {
 #[pymethods]
 impl RawClient {
     #[new]
-    #[pyo3(signature = (servers, rank=0, role="worker", connect_timeout=60.0, io_timeout=30.0, heartbeat=1.0, token=None))]
+    #[pyo3(signature = (servers, rank=0, role="worker", connect_timeout=60.0, io_timeout=30.0, heartbeat=1.0, token=None, tls_ca=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -56,8 +56,14 @@ impl RawClient {
         io_timeout: f64,
         heartbeat: f64,
         token: Option<&str>,
+        tls_ca: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let token = crate::token(token)?;
+        let tls = tls_ca
+            .as_deref()
+            .map(pstrain_net::TlsClient::from_ca_file)
+            .transpose()
+            .map_err(err)?;
         let role = match role {
             "worker" => Role::Worker,
             "observer" => Role::Observer,
@@ -73,7 +79,8 @@ impl RawClient {
         );
         let (client, served) = py
             .detach(|| {
-                let served = pstrain_net::describe(&servers, io, connect, token.as_ref())?;
+                let served =
+                    pstrain_net::describe(&servers, io, connect, token.as_ref(), tls.as_ref())?;
                 let mut cfg = ClientConfig::new(
                     servers,
                     role,
@@ -84,6 +91,7 @@ impl RawClient {
                 cfg.io_timeout = io;
                 cfg.connect_timeout = connect;
                 cfg.token = token;
+                cfg.tls = tls;
                 let client = TcpClient::connect(&cfg)?;
                 Ok::<_, pstrain_net::NetError>((client, served))
             })

@@ -9,6 +9,7 @@ use crate::auth::{
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPLY_LIMIT};
+use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
 use pstrain_core::{shard_ranges, Layout, RunPlan};
 use std::ops::Range;
@@ -29,6 +30,7 @@ pub fn describe(
     io_timeout: Duration,
     connect_timeout: Duration,
     token: Option<&RunToken>,
+    tls: Option<&TlsClient>,
 ) -> Result<Served, NetError> {
     if servers.is_empty() {
         return Err(NetError::Handshake("no server addresses given".into()));
@@ -38,7 +40,7 @@ pub fn describe(
         .build()?;
     let replies = rt.block_on(try_join_all(servers.iter().enumerate().map(
         |(i, addr)| async move {
-            let mut conn = dial(i, addr, io_timeout, connect_timeout).await?;
+            let mut conn = dial(i, addr, io_timeout, connect_timeout, tls).await?;
             let proof = match authenticate(&mut conn, token, addr, io_timeout).await? {
                 Some((t, mine, theirs)) => t.prove(DESCRIBE_LABEL, &mine, &theirs, &[]),
                 None => NO_PROOF,
@@ -168,18 +170,32 @@ pub(super) async fn connect_shard(
     }
 }
 
-/// Opens a TCP connection to a shard, retrying with backoff until `connect_timeout`.
+/// Opens a TCP connection to a shard (TLS over it with `tls`), retrying with backoff until
+/// `connect_timeout` while the shard is not up.
 pub(super) async fn dial(
     shard: usize,
     addr: &str,
     io_timeout: Duration,
     connect_timeout: Duration,
+    tls: Option<&TlsClient>,
 ) -> Result<Connection, NetError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
         match tokio::time::timeout(io_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => return Ok(Connection::new(s, io_timeout)),
+            Ok(Ok(s)) => {
+                let Some(tls) = tls else {
+                    return Ok(Connection::new(s, io_timeout));
+                };
+                let _ = s.set_nodelay(true);
+                let secure = tokio::time::timeout(io_timeout, tls.connect(addr, s))
+                    .await
+                    .map_err(|_| NetError::Timeout("in the TLS handshake"))?
+                    .map_err(|e| {
+                        NetError::Handshake(format!("TLS with shard {shard} at {addr}: {e}"))
+                    })?;
+                return Ok(Connection::over(secure, addr.to_string(), io_timeout));
+            }
             result => {
                 if started.elapsed() + backoff > connect_timeout {
                     let why = match result {
@@ -205,7 +221,14 @@ pub(super) async fn try_connect_shard(
     addr: &str,
     range: Range<usize>,
 ) -> Result<(ShardLink, usize), NetError> {
-    let mut conn = dial(shard, addr, cfg.io_timeout, cfg.connect_timeout).await?;
+    let mut conn = dial(
+        shard,
+        addr,
+        cfg.io_timeout,
+        cfg.connect_timeout,
+        cfg.tls.as_ref(),
+    )
+    .await?;
     let n = cfg.servers.len();
     let mut hello = Hello::new(cfg.role, cfg.rank, shard, n, &cfg.plan, &cfg.layout);
     if let Some((t, mine, theirs)) =

@@ -12,6 +12,7 @@ pub use heartbeat::Heartbeat;
 use crate::auth::RunToken;
 use crate::error::NetError;
 use crate::message::{ErrorCode, Failure, Role, ShardStats};
+use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
 use link::ShardLink;
 use pstrain_core::{
@@ -37,6 +38,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// The run's secret, proven to every shard (and every shard must prove it back).
     pub token: Option<RunToken>,
+    /// Talk TLS, trusting shards' certificates signed by this CA.
+    pub tls: Option<TlsClient>,
 }
 
 impl ClientConfig {
@@ -57,6 +60,7 @@ impl ClientConfig {
             wait_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(60),
             token: None,
+            tls: None,
         }
     }
 }

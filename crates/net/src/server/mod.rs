@@ -14,6 +14,7 @@ pub use handle::ShardHandle;
 
 use crate::auth::RunToken;
 use crate::error::NetError;
+use crate::tls::TlsServer;
 use pstrain_core::{
     shard_ranges, CoreState, EngineConfig, Layout, RunPlan, ServerStats, ShardEngine,
 };
@@ -48,6 +49,8 @@ pub struct ShardConfig {
     /// The run's secret: every peer must prove it holds it before anything else. Without
     /// one the shard serves loopback only (protected mode).
     pub token: Option<RunToken>,
+    /// Serve over TLS with this certificate.
+    pub tls: Option<TlsServer>,
     /// The whole handshake (challenge, hello) must be over within this.
     pub handshake_timeout: Duration,
     /// Connections open at once, in all and from one address; more are closed on accept.
@@ -70,6 +73,7 @@ impl ShardConfig {
             exit_when_finished: true,
             checkpoint: None,
             token: None,
+            tls: None,
             handshake_timeout: Duration::from_secs(10),
             max_connections: 512,
             max_connections_per_address: 128,

@@ -14,7 +14,13 @@ use tokio::net::TcpStream;
 
 /// Serves one connection from `ip` (already counted in by `Shared::admit`).
 pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
-    let mut conn = Connection::new(stream, shared.cfg.io_timeout);
+    let Some(mut conn) = open(&shared, stream).await else {
+        let mut state = shared.lock();
+        state.events.protocol_errors += 1;
+        shared.release(&mut state, ip);
+        shared.check_finished(&state);
+        return;
+    };
     let mut peer = None;
     let result = serve(&shared, &mut conn, &mut peer).await;
     if let Err(e) = &result {
@@ -57,6 +63,27 @@ pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
         }
     }
     shared.check_finished(&state);
+}
+
+/// The connection, after the TLS handshake when the shard serves TLS (under the handshake
+/// deadline); `None` if that failed.
+async fn open(shared: &Shared, stream: TcpStream) -> Option<Connection> {
+    let cfg = &shared.cfg;
+    let Some(tls) = &cfg.tls else {
+        return Some(Connection::new(stream, cfg.io_timeout));
+    };
+    let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown peer".into(), |a| a.to_string());
+    match tokio::time::timeout(cfg.handshake_timeout, tls.accept(stream)).await {
+        Ok(Ok(tls_stream)) => Some(Connection::over(tls_stream, peer, cfg.io_timeout)),
+        Ok(Err(e)) => {
+            shared.log(&format!("TLS handshake with {peer} failed: {e}"));
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 async fn serve(

@@ -52,7 +52,8 @@ class Client:
     the run's token (hex, as ``pstrain token`` prints; default: ``$PSTRAIN_TOKEN``): the
     client and every shard prove to each other that they hold it. A worker sends heartbeats
     every ``heartbeat`` seconds from a thread of its own; a shard evicts a worker whose
-    heartbeats stop.
+    heartbeats stop. ``tls_ca`` (a PEM file) makes it talk TLS to shards whose certificates
+    that CA signed (shards: ``Server(..., tls_cert=..., tls_key=...)``).
 
     >>> c = Client(["10.0.0.1:7000", "10.0.0.2:7000"], rank=0)   # doctest: +SKIP
     >>> w = c.pull()                                              # doctest: +SKIP
@@ -69,9 +70,10 @@ class Client:
         io_timeout: float = 30.0,
         heartbeat: float = 1.0,
         token: Optional[str] = None,
+        tls_ca: Optional[str] = None,
     ) -> None:
         self._raw = RawClient(
-            _addresses(servers), rank, role, connect_timeout, io_timeout, heartbeat, token
+            _addresses(servers), rank, role, connect_timeout, io_timeout, heartbeat, token, tls_ca
         )
         self.layout: Dict[str, Tuple[int, ...]] = {
             name: tuple(shape) for name, shape in self._raw.layout

@@ -48,6 +48,7 @@ class RawClient:
         io_timeout: float = ...,
         heartbeat: float = ...,
         token: Optional[str] = ...,
+        tls_ca: Optional[str] = ...,
     ) -> None: ...
     @property
     def layout(self) -> List[Tuple[str, List[int]]]: ...

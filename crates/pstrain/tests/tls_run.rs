@@ -1,0 +1,127 @@
+//! A real run over TLS with a run token, through the CLI as an operator would do it: a
+//! `pstrain server` with a certificate, a `pstrain worker` that trusts its CA, and `pstrain
+//! eval` of the shard's final checkpoint reaching the convnet threshold.
+
+mod common;
+
+use pstrain::supervisor::parse_report;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_run_over_tls_reaches_its_threshold() {
+    let _guard = common::one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key, token) = (
+        dir.path().join("shard.pem"),
+        dir.path().join("shard.key"),
+        dir.path().join("run.token"),
+    );
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let made = Command::new(common::pstrain_bin())
+        .arg("token")
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    std::fs::write(&token, &made.stdout).unwrap();
+    let ckpt = dir.path().join("ckpt");
+
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut shard = Command::new(common::pstrain_bin())
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "convnet",
+            "--mode",
+            "async",
+        ])
+        .args([
+            "--workers",
+            "1",
+            "--iterations",
+            "600",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.01",
+        ])
+        .args(["--lr-schedule", "constant", "--batch-size", "128"])
+        .args(["--token-file", &path(&token), "--tls-cert", &path(&cert)])
+        .args(["--tls-key", &path(&key), "--checkpoint-dir", &path(&ckpt)])
+        .args(["--checkpoint-secs", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(shard.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+
+    // A worker without the CA cannot join; one with it (and the token) trains to the end.
+    let plain = Command::new(common::pstrain_bin())
+        .args([
+            "worker",
+            "--servers",
+            &addr,
+            "--rank",
+            "0",
+            "--connect-timeout",
+            "2",
+        ])
+        .args(["--token-file", &path(&token)])
+        .arg("--data-dir")
+        .arg(common::mnist_dir())
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    let worker = Command::new(common::pstrain_bin())
+        .args(["worker", "--servers", &addr, "--rank", "0"])
+        .args(["--token-file", &path(&token), "--tls-ca", &path(&cert)])
+        .arg("--data-dir")
+        .arg(common::mnist_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&worker.stderr);
+    assert!(worker.status.success(), "{stderr}");
+    let report = parse_report(&String::from_utf8_lossy(&worker.stdout)).expect("a report");
+    assert_eq!(report.steps, 600);
+
+    let started = Instant::now();
+    while shard.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the shard kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let eval = Command::new(common::pstrain_bin())
+        .args(["eval", "--checkpoint", &path(&ckpt)])
+        .arg("--data-dir")
+        .arg(common::mnist_dir())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&eval.stdout);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let accuracy: f64 = out
+        .split("test accuracy ")
+        .nth(1)
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {out:?}"));
+    println!("over TLS: {out}");
+    assert!(accuracy >= 85.0, "{accuracy}");
+}
