@@ -222,6 +222,9 @@ fn parked_connections_are_capped_and_a_real_worker_still_trains() {
     let mut good = TcpClient::connect(&client_cfg(addr, 0, Some(token.clone()))).unwrap();
     // As a real worker does: heartbeats from a thread of their own (else it is evicted).
     let _beats = Heartbeat::start(good.config(), Duration::from_millis(500)).unwrap();
+    // Its heartbeat connection is made before the flood (all of this comes from 127.0.0.1,
+    // so a flood from the worker's own address could otherwise take every slot first).
+    std::thread::sleep(Duration::from_secs(1));
     let before = resident_kib();
     // Strangers park 5,000 connections without a word.
     let parked: Vec<TcpStream> = (0..5000)
