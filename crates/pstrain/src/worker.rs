@@ -91,7 +91,9 @@ fn train_loop(
     // Where the run is: in sync mode every update is one step of every worker, so a worker
     // (re)joining at version v computes exactly what it would have at step v.
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
-    let total = cfg.epochs.map(|e| e as u64 * steps_per_epoch);
+    let total = cfg
+        .epochs
+        .map(|e| (e as u64).saturating_mul(steps_per_epoch));
     let mut step = if cfg.lockstep {
         version
     } else {

@@ -139,3 +139,52 @@ fn a_worker_whose_flags_contradict_the_plan_is_refused() {
     assert!(stderr.contains("given sync"), "{stderr}");
     assert!(stderr.contains("plan has async"), "{stderr}");
 }
+
+#[test]
+fn absurd_numbers_get_errors_not_panics() {
+    for flags in [
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--heartbeat-timeout",
+            "1e300",
+        ][..],
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--checkpoint-dir",
+            "/tmp/x",
+            "--checkpoint-secs",
+            "1e300",
+        ],
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--epochs",
+            "18446744073709551615",
+            "--batch-size",
+            "0",
+        ],
+        &[
+            "worker",
+            "--servers",
+            "127.0.0.1:1",
+            "--rank",
+            "0",
+            "--connect-timeout",
+            "18446744073709551615",
+        ],
+    ] {
+        let out = Command::new(common::pstrain_bin())
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
+        assert!(stderr.contains("Error"), "{flags:?}: {stderr}");
+    }
+}
