@@ -96,6 +96,14 @@ pub enum Aggregate {
     Sum,
 }
 
+/// A bound on a gradient's L2 norm (each shard bounds the norm of its own slice).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradientClip {
+    pub max_norm: f32,
+    /// Refuse a gradient over the bound instead of scaling it down to it.
+    pub refuse: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub mode: Mode,
@@ -110,6 +118,8 @@ pub struct ServerConfig {
     /// The most samples one gradient may claim (the plan's batch size): a push claiming more
     /// counts as this many, so no worker outweighs the others in a sync step.
     pub max_samples: Option<u32>,
+    /// Gradients over this L2 norm are scaled down to it, or refused; counted either way.
+    pub clip: Option<GradientClip>,
 }
 
 impl Default for ServerConfig {
@@ -124,6 +134,7 @@ impl Default for ServerConfig {
             aggregate: Aggregate::Mean,
             max_updates: None,
             max_samples: None,
+            clip: None,
         }
     }
 }
@@ -139,6 +150,15 @@ impl ServerConfig {
                     "backup_workers",
                     "smaller than the number of workers",
                     backup_workers,
+                ));
+            }
+        }
+        if let Some(c) = self.clip {
+            if !(c.max_norm.is_finite() && c.max_norm > 0.0) {
+                return Err(ConfigError::out_of_range(
+                    "max_grad_norm",
+                    "finite and > 0",
+                    c.max_norm,
                 ));
             }
         }

@@ -22,7 +22,7 @@ pub mod shard_state;
 
 pub use checkpoint_schedule::CheckpointSchedule;
 pub use client::{ClientError, ParameterClient, PullReply};
-pub use config::{Aggregate, Mode, ServerConfig};
+pub use config::{Aggregate, GradientClip, Mode, ServerConfig};
 pub use engine::{EngineConfig, PushReport, ShardEngine};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};
 pub use layout::{Layout, TensorSpec};

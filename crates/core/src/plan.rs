@@ -2,7 +2,7 @@
 //! shares. The shards own it; workers and observers receive it in the handshake, so a worker
 //! needs only the shards' addresses, its rank and its data.
 
-use crate::config::{Aggregate, Mode, ServerConfig};
+use crate::config::{Aggregate, GradientClip, Mode, ServerConfig};
 use crate::error::ConfigError;
 use crate::optimizer::{LrSchedule, OptimizerConfig};
 
@@ -46,6 +46,8 @@ pub struct RunPlan {
     /// The training-set size the run is planned for (epochs, the schedule's length); every
     /// worker's data must have this many samples.
     pub train_samples: usize,
+    /// A bound on each gradient's L2 norm (per shard slice), if any.
+    pub clip: Option<GradientClip>,
 }
 
 impl Default for RunPlan {
@@ -64,6 +66,7 @@ impl Default for RunPlan {
             aggregate: Aggregate::Mean,
             seed: 42,
             train_samples: 60_000,
+            clip: None,
         }
     }
 }
@@ -116,6 +119,7 @@ impl RunPlan {
             aggregate: self.aggregate,
             max_updates: self.iterations,
             max_samples: u32::try_from(self.batch_size).ok(),
+            clip: self.clip,
         }
     }
 

@@ -16,6 +16,8 @@ pub struct ServerCore {
     rule: Box<dyn Consistency>,
     /// Ranks still taking part; a rank that left does not hold up a barrier.
     active: Vec<bool>,
+    /// A clipped gradient's copy (only with a norm bound).
+    clipped: Vec<f32>,
 }
 
 impl ServerCore {
@@ -43,6 +45,7 @@ impl ServerCore {
         Ok(ServerCore {
             state: ShardState::new(&config, params),
             active: vec![true; config.workers],
+            clipped: Vec::new(),
             rule,
             config,
         })
@@ -163,7 +166,35 @@ impl ServerCore {
         if self.is_done() {
             return Ok(PushOutcome::Done);
         }
-        self.rule.push(&mut self.state, &self.active, grad)
+        let Some(clip) = self.config.clip else {
+            return self.rule.push(&mut self.state, &self.active, grad);
+        };
+        let norm = grad
+            .values
+            .iter()
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum::<f64>()
+            .sqrt() as f32;
+        if norm.is_nan() || norm <= clip.max_norm {
+            // Within the bound (or not finite: the rule refuses it as such).
+            return self.rule.push(&mut self.state, &self.active, grad);
+        }
+        if clip.refuse {
+            let e = PushError::NormTooLarge {
+                norm,
+                max: clip.max_norm,
+            };
+            return refused(&mut self.state, e);
+        }
+        let scale = clip.max_norm / norm;
+        self.clipped.clear();
+        self.clipped.extend(grad.values.iter().map(|&g| g * scale));
+        self.state.count_clipped();
+        let scaled = Gradient {
+            values: &self.clipped,
+            ..grad
+        };
+        self.rule.push(&mut self.state, &self.active, scaled)
     }
 
     /// Takes `rank` out of the quorum (it finished, or was declared dead). This may complete
@@ -539,6 +570,40 @@ mod tests {
             Err(RestoreError::NonFinite(_))
         ));
         assert_eq!(s.state(), saved, "a refused restore changes nothing");
+    }
+
+    #[test]
+    fn gradients_over_the_norm_bound_are_clipped_or_refused_and_counted() {
+        let cfg = |refuse| ServerConfig {
+            mode: Mode::Async {
+                max_staleness: None,
+            },
+            workers: 1,
+            optimizer: OptimizerConfig::sgd(1.0),
+            clip: Some(crate::config::GradientClip {
+                max_norm: 1.0,
+                refuse,
+            }),
+            ..Default::default()
+        };
+        let mut clip = ServerCore::new(cfg(false), vec![0.0; 2]).unwrap();
+        clip.push(meta(0, 0), &[3.0, 4.0]).unwrap();
+        // Norm 5 scaled to 1: (0.6, 0.8).
+        assert_eq!(clip.params(), &[-0.6, -0.8]);
+        clip.push(meta(0, 1), &[0.3, 0.4]).unwrap();
+        let want = [-0.9f32, -1.2];
+        assert!(clip
+            .params()
+            .iter()
+            .zip(want)
+            .all(|(a, b)| (a - b).abs() < 1e-6));
+        assert_eq!(clip.stats().clipped, 1);
+        let mut refuse = ServerCore::new(cfg(true), vec![0.0; 2]).unwrap();
+        assert!(matches!(
+            refuse.push(meta(0, 0), &[3.0, 4.0]),
+            Err(PushError::NormTooLarge { .. })
+        ));
+        assert_eq!((refuse.version(), refuse.stats().rejected_other), (0, 1));
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct ServerStats {
     pub dropped_stale: u64,
     pub rejected_nonfinite: u64,
     pub rejected_other: u64,
+    /// Gradients scaled down to the norm bound.
+    pub clipped: u64,
     pub staleness_sum: u64,
     pub staleness_max: u64,
     /// Exponential moving average of the workers' reported training loss.
@@ -166,6 +168,10 @@ impl ShardState {
 
     pub fn count_refusal(&mut self) {
         self.stats.rejected_other += 1;
+    }
+
+    pub fn count_clipped(&mut self) {
+        self.stats.clipped += 1;
     }
 
     pub fn count_stale(&mut self) {

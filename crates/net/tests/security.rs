@@ -7,7 +7,7 @@ use pstrain_core::{
     Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, RunPlan, Schedule,
 };
 use pstrain_net::frame::{Header, HEADER_LEN};
-use pstrain_net::message::{kind, Hello, Role};
+use pstrain_net::message::{kind, Hello, PushHead, Role, StepMembers};
 use pstrain_net::{
     ClientConfig, Heartbeat, NetError, RunToken, ShardConfig, ShardHandle, TcpClient,
 };
@@ -383,4 +383,42 @@ fn protected_mode_refuses_to_listen_beyond_loopback_without_a_token() {
     };
     let ok = ShardHandle::start("0.0.0.0:0", with_token, &vec![0.0; N], 1).unwrap();
     ok.finish().unwrap();
+}
+
+#[test]
+fn a_token_holder_cannot_jump_a_follower_shard_to_the_end() {
+    let token = RunToken::generate().unwrap();
+    let coordinated = RunPlan {
+        mode: Mode::Sync { backup_workers: 1 },
+        workers: 3,
+        ..plan()
+    };
+    let follower = {
+        let mut cfg = ShardConfig::new(1, 2, layout(), coordinated.clone());
+        cfg.token = Some(token.clone());
+        cfg.exit_when_finished = false;
+        ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 1).unwrap()
+    };
+    let hello = Hello::new(Role::Worker, 1, 1, 2, &coordinated, &layout());
+    let mut s = join_with_token(follower.address(), &token, hello);
+    let (k, _) = read_frame(&mut s);
+    assert_eq!(k, kind::HELLO_OK);
+    let head = PushHead {
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+        step: Some(StepMembers {
+            step: u64::MAX - 1,
+            members: vec![false, true, false],
+        }),
+    };
+    let mut push = head.encode(3);
+    push.extend(std::iter::repeat_n(0u8, 4 * (N / 2)));
+    s.write_all(&frame(kind::PUSH, &push)).unwrap();
+    let (k, body) = read_frame(&mut s);
+    assert_eq!(k, kind::ERROR);
+    assert!(String::from_utf8_lossy(&body).contains("too far ahead"));
+    drop(s);
+    let report = follower.finish().unwrap();
+    assert_eq!(report.stats.version, 0, "the version did not move");
 }

@@ -4,7 +4,7 @@
 //! them (`contradictions`).
 
 use clap::{Args, ValueEnum};
-use pstrain_core::{Aggregate, Mode, OptimizerConfig, RunPlan, Schedule};
+use pstrain_core::{Aggregate, GradientClip, Mode, OptimizerConfig, RunPlan, Schedule};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq)]
@@ -105,6 +105,20 @@ pub struct RunArgs {
     /// Training-set size the run is planned for [default: the data set's; `server`: 60000]
     #[arg(long)]
     pub train_samples: Option<usize>,
+    /// Bound each gradient's L2 norm (each shard bounds its own slice's) [default: none]
+    #[arg(long)]
+    pub max_grad_norm: Option<f32>,
+    /// What a shard does with a gradient over --max-grad-norm [default: clip]
+    #[arg(long, value_enum)]
+    pub grad_norm_action: Option<NormActionArg>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NormActionArg {
+    /// Scale it down to the bound
+    Clip,
+    /// Refuse it
+    Refuse,
 }
 
 const DEFAULT_MOMENTUM: f32 = 0.9;
@@ -149,9 +163,19 @@ impl RunArgs {
             }),
             seed: self.seed.unwrap_or(base.seed),
             train_samples: self.train_samples.unwrap_or(base.train_samples),
+            clip: self.clip_over(base.clip),
         };
         plan.validate()?;
         Ok(plan)
+    }
+
+    fn clip_over(&self, base: Option<GradientClip>) -> Option<GradientClip> {
+        let max_norm = self.max_grad_norm.or(base.map(|c| c.max_norm))?;
+        let refuse = match self.grad_norm_action {
+            Some(a) => a == NormActionArg::Refuse,
+            None => base.is_some_and(|c| c.refuse),
+        };
+        Some(GradientClip { max_norm, refuse })
     }
 
     fn mode_over(&self, base: Mode) -> Result<Mode, FlagError> {
@@ -240,6 +264,7 @@ fn flags_of(field: &str) -> &'static str {
         "aggregate" => "--aggregate",
         "seed" => "--seed",
         "train_samples" => "--train-samples",
+        "max_grad_norm" => "--max-grad-norm/--grad-norm-action",
         _ => "a run flag",
     }
 }
@@ -296,6 +321,13 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
     flag("aggregate", aggregate.into());
     flag("seed", plan.seed.to_string());
     flag("train-samples", plan.train_samples.to_string());
+    if let Some(c) = plan.clip {
+        flag("max-grad-norm", c.max_norm.to_string());
+        flag(
+            "grad-norm-action",
+            if c.refuse { "refuse" } else { "clip" }.into(),
+        );
+    }
     a
 }
 
@@ -338,6 +370,10 @@ mod tests {
                 aggregate: Aggregate::Sum,
                 seed: 99,
                 train_samples: 1234,
+                clip: Some(GradientClip {
+                    max_norm: 3.5,
+                    refuse: true,
+                }),
             },
             RunPlan {
                 mode: Mode::Async {

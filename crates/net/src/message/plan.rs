@@ -2,7 +2,7 @@
 
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::{Aggregate, Mode, OptimizerConfig, RunPlan, Schedule};
+use pstrain_core::{Aggregate, GradientClip, Mode, OptimizerConfig, RunPlan, Schedule};
 
 /// The most workers a plan may name.
 pub const MAX_WORKERS: usize = 1 << 16;
@@ -54,6 +54,10 @@ pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
     })
     .u64(p.seed)
     .u64(p.train_samples as u64);
+    match p.clip {
+        Some(c) => w.u8(1).f32(c.max_norm).bool(c.refuse),
+        None => w.u8(0).f32(0.0).bool(false),
+    };
 }
 
 pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
@@ -92,6 +96,8 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
         2 => Aggregate::Sum,
         other => return Err(r.malformed(format!("aggregate {other}"))),
     };
+    let (seed, train_samples) = (r.u64()?, r.usize()?);
+    let (has_clip, max_norm, refuse) = (r.bool()?, r.f32()?, r.bool()?);
     Ok(RunPlan {
         model,
         mode,
@@ -102,7 +108,8 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
         optimizer,
         schedule,
         aggregate,
-        seed: r.u64()?,
-        train_samples: r.usize()?,
+        seed,
+        train_samples,
+        clip: has_clip.then_some(GradientClip { max_norm, refuse }),
     })
 }

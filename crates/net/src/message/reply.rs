@@ -199,6 +199,7 @@ fn encode_stats(w: &mut Writer, st: &ShardStats) {
         .u64(s.dropped_stale)
         .u64(s.rejected_nonfinite)
         .u64(s.rejected_other)
+        .u64(s.clipped)
         .u64(s.staleness_sum)
         .u64(s.staleness_max)
         .f32(s.loss_ema.unwrap_or(f32::NAN))
@@ -214,6 +215,7 @@ fn decode_stats(r: &mut Reader<'_>) -> Result<ShardStats, NetError> {
         dropped_stale: r.u64()?,
         rejected_nonfinite: r.u64()?,
         rejected_other: r.u64()?,
+        clipped: r.u64()?,
         staleness_sum: r.u64()?,
         staleness_max: r.u64()?,
         loss_ema: Some(r.f32()?).filter(|l| !l.is_nan()),

@@ -16,6 +16,10 @@ fn plan() -> RunPlan {
         aggregate: pstrain_core::Aggregate::Sum,
         seed: 7,
         train_samples: 1000,
+        clip: Some(pstrain_core::GradientClip {
+            max_norm: 2.5,
+            refuse: true,
+        }),
     }
 }
 
