@@ -49,6 +49,8 @@ pub enum PushError {
     NonFinite { count: usize },
     #[error("gradient holds a value of {largest:e}, beyond the 1e15 a shard takes; not applied")]
     TooLarge { largest: f32 },
+    #[error("the update would have made the weights or optimizer state non-finite; rolled back")]
+    NonFiniteResult,
     #[error("gradient norm {norm} is over the bound {max}; not applied")]
     NormTooLarge { norm: f32, max: f32 },
     #[error("step {step} is too far ahead of this shard's version {version}")]

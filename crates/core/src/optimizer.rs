@@ -233,6 +233,9 @@ pub struct Optimizer {
     /// Second moment (Adam only).
     second: Vec<f32>,
     step: u64,
+    /// Where a checked update is computed before it is swapped in.
+    spare_first: Vec<f32>,
+    spare_second: Vec<f32>,
 }
 
 impl Optimizer {
@@ -252,6 +255,8 @@ impl Optimizer {
             first,
             second,
             step: 0,
+            spare_first: Vec::new(),
+            spare_second: Vec::new(),
         }
     }
 
@@ -306,6 +311,91 @@ impl Optimizer {
         }
         self.step = step;
         Ok(())
+    }
+
+    /// `params -= update(grad)` unless the new weights or state would not all be finite:
+    /// then nothing changes (weights, state, step) and it returns false. The update is
+    /// computed into spare buffers (`spare` for the weights) and swapped in, so refusing it
+    /// costs no copy and no second pass.
+    pub fn apply_checked(
+        &mut self,
+        params: &mut Vec<f32>,
+        spare: &mut Vec<f32>,
+        grad: &[f32],
+    ) -> bool {
+        assert_eq!(
+            params.len(),
+            grad.len(),
+            "optimizer: slices differ in length"
+        );
+        spare.resize(params.len(), 0.0);
+        self.spare_first.resize(self.first.len(), 0.0);
+        self.spare_second.resize(self.second.len(), 0.0);
+        let factor = self.schedule.factor(self.step);
+        let ok = match self.config {
+            OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+                nesterov,
+            } => {
+                let lr = lr * factor;
+                let mut ok = true;
+                if self.first.is_empty() {
+                    for ((out, &p), &g) in spare.iter_mut().zip(params.iter()).zip(grad) {
+                        *out = p - lr * (g + weight_decay * p);
+                        ok &= out.is_finite();
+                    }
+                } else {
+                    let old = params.iter().zip(grad).zip(&self.first);
+                    let new = spare.iter_mut().zip(&mut self.spare_first);
+                    for (((&p, &g), &b), (out, buf)) in old.zip(new) {
+                        let g = g + weight_decay * p;
+                        *buf = momentum * b + g;
+                        let d = if nesterov { g + momentum * *buf } else { *buf };
+                        *out = p - lr * d;
+                        ok &= out.is_finite() & buf.is_finite();
+                    }
+                }
+                ok
+            }
+            OptimizerConfig::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                let t = (self.step + 1) as i32;
+                let bias1 = 1.0 - beta1.powi(t);
+                let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+                let step_size = lr * factor / bias1;
+                let mut ok = true;
+                let old = params
+                    .iter()
+                    .zip(grad)
+                    .zip(self.first.iter().zip(&self.second));
+                let new = spare
+                    .iter_mut()
+                    .zip(self.spare_first.iter_mut().zip(&mut self.spare_second));
+                for (((&p, &g), (&m, &v)), (out, (m2, v2))) in old.zip(new) {
+                    let g = g + weight_decay * p;
+                    *m2 = beta1 * m + (1.0 - beta1) * g;
+                    *v2 = beta2 * v + (1.0 - beta2) * g * g;
+                    let denom = v2.sqrt() / bias2_sqrt + eps;
+                    *out = p - step_size * *m2 / denom;
+                    ok &= out.is_finite() & m2.is_finite() & v2.is_finite();
+                }
+                ok
+            }
+        };
+        if ok {
+            std::mem::swap(params, spare);
+            std::mem::swap(&mut self.first, &mut self.spare_first);
+            std::mem::swap(&mut self.second, &mut self.spare_second);
+            self.step += 1;
+        }
+        ok
     }
 
     /// `params -= update(grad)`. Both slices must have the optimizer's length.

@@ -607,6 +607,40 @@ mod tests {
     }
 
     #[test]
+    fn an_update_that_would_make_the_state_non_finite_is_rolled_back() {
+        // A rate so large that a bounded gradient still overflows the weights.
+        let cfg = |mode| ServerConfig {
+            mode,
+            workers: 1,
+            optimizer: OptimizerConfig::momentum(3e38, 0.5),
+            ..Default::default()
+        };
+        for mode in [
+            Mode::Async {
+                max_staleness: None,
+            },
+            Mode::Sync { backup_workers: 0 },
+        ] {
+            let mut s = ServerCore::new(cfg(mode), vec![1.0, 2.0]).unwrap();
+            let before = s.state();
+            let out = s.push(meta(0, 0), &[1e15, 0.0]);
+            assert_eq!(s.params(), &[1.0, 2.0], "{mode:?}: weights unchanged");
+            assert_eq!(
+                s.state().optimizer,
+                before.optimizer,
+                "{mode:?}: state unchanged"
+            );
+            assert_eq!(s.stats().rolled_back, 1, "{mode:?}");
+            match mode {
+                Mode::Async { .. } => assert_eq!(out, Err(PushError::NonFiniteResult)),
+                // The step ends (nobody waits) without moving the weights.
+                Mode::Sync { .. } => assert!(matches!(out, Ok(PushOutcome::Applied { .. }))),
+            }
+            assert!(s.params().iter().all(|p| p.is_finite()));
+        }
+    }
+
+    #[test]
     fn config_validation() {
         let bad = ServerConfig {
             mode: Mode::Sync { backup_workers: 2 },

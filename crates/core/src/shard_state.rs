@@ -44,6 +44,8 @@ pub struct ServerStats {
     pub rejected_other: u64,
     /// Gradients scaled down to the norm bound.
     pub clipped: u64,
+    /// Updates not applied because the weights or optimizer state would not have been finite.
+    pub rolled_back: u64,
     pub staleness_sum: u64,
     pub staleness_max: u64,
     /// Exponential moving average of the workers' reported training loss.
@@ -77,6 +79,8 @@ pub const MAX_GRADIENT: f32 = 1e15;
 #[derive(Debug, Clone)]
 pub struct ShardState {
     params: Vec<f32>,
+    /// Where the next weights are computed before they are swapped in (see `apply`).
+    spare: Vec<f32>,
     optimizer: Optimizer,
     version: u64,
     stats: ServerStats,
@@ -87,6 +91,7 @@ impl ShardState {
         let optimizer = Optimizer::with_schedule(config.optimizer, config.schedule, params.len());
         ShardState {
             params,
+            spare: Vec::new(),
             optimizer,
             version: 0,
             stats: ServerStats::default(),
@@ -120,18 +125,34 @@ impl ShardState {
         }
     }
 
-    /// Applies one update (a combined or single gradient); the version moves on by one.
-    pub fn apply(&mut self, update: &[f32]) {
-        self.optimizer.apply(&mut self.params, update);
-        self.version += 1;
+    /// Applies one update (a combined or single gradient) and the version moves on by one,
+    /// unless the weights or optimizer state would stop being finite: then nothing changes,
+    /// the update is counted as rolled back, and it returns false.
+    pub fn apply(&mut self, update: &[f32]) -> bool {
+        let ok = self.checked(update);
+        if ok {
+            self.version += 1;
+        }
+        ok
+    }
+
+    fn checked(&mut self, update: &[f32]) -> bool {
+        let ok = self
+            .optimizer
+            .apply_checked(&mut self.params, &mut self.spare, update);
+        if !ok {
+            self.stats.rolled_back += 1;
+        }
+        ok
     }
 
     /// Applies the update of step `step` as another shard numbered it (a follower's step):
     /// the version becomes `step + 1`, even after updates were lost to a restart. An empty
-    /// step (every gradient refused) moves the version without touching the weights.
+    /// step (every gradient refused), or one rolled back, moves the version without touching
+    /// the weights.
     pub fn apply_step(&mut self, step: u64, update: Option<&[f32]>) {
         if let Some(update) = update {
-            self.optimizer.apply(&mut self.params, update);
+            self.checked(update);
         }
         self.version = self.version.max(step + 1);
     }

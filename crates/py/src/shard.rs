@@ -30,6 +30,7 @@ fn report_dict<'py>(py: Python<'py>, r: &FinalCounts) -> PyResult<Bound<'py, PyD
     d.set_item("rejected_nonfinite", s.rejected_nonfinite)?;
     d.set_item("rejected_other", s.rejected_other)?;
     d.set_item("clipped", s.clipped)?;
+    d.set_item("rolled_back", s.rolled_back)?;
     d.set_item("connections", r.events.accepted)?;
     d.set_item("refused_handshakes", r.events.refused_handshakes)?;
     d.set_item("protocol_errors", r.events.protocol_errors)?;

@@ -33,7 +33,9 @@ impl Consistency for AsyncApply {
             return Ok(PushOutcome::Dropped { staleness });
         }
         state.check_gradient(grad.meta, grad.values)?;
-        state.apply(grad.values);
+        if !state.apply(grad.values) {
+            return Err(PushError::NonFiniteResult);
+        }
         state.record_applied(grad.meta, staleness);
         Ok(PushOutcome::Applied {
             version: state.version(),

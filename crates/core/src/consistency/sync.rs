@@ -54,10 +54,14 @@ impl SyncSteps {
         if heard == 0 || heard < self.quorum(active) {
             return None;
         }
-        // A step whose every gradient was refused still ends, so no worker waits forever.
-        match self.sum.combined() {
-            Some(update) => state.apply(update),
-            None => state.skip_step(),
+        // A step whose every gradient was refused, or whose update was rolled back, still
+        // ends, so no worker waits forever.
+        let applied = self
+            .sum
+            .combined()
+            .is_some_and(|update| state.apply(update));
+        if !applied {
+            state.skip_step();
         }
         self.sum.clear();
         self.heard.fill(false);

@@ -311,6 +311,10 @@ fn to_client_error(e: NetError) -> ClientError {
             code: ErrorCode::TooLarge { largest },
             ..
         }) => ClientError::Refused(PushError::TooLarge { largest }),
+        NetError::Remote(Failure {
+            code: ErrorCode::RolledBack,
+            ..
+        }) => ClientError::Refused(PushError::NonFiniteResult),
         NetError::Remote(f) => ClientError::Protocol(f.message),
         NetError::Shape { expected, got } => ClientError::Shape { expected, got },
         NetError::Malformed { .. } | NetError::Unexpected { .. } | NetError::Frame(_) => {

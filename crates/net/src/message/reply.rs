@@ -23,6 +23,8 @@ pub enum ErrorCode {
     NonFinite { count: u64 },
     /// The gradient held a value of `largest`, beyond what a shard takes; the connection stays.
     TooLarge { largest: f32 },
+    /// The update would have made the weights or optimizer state non-finite: rolled back.
+    RolledBack,
     /// The rank is still held (an old connection not yet noticed gone): retry shortly.
     RankBusy,
     /// The peer did not prove it holds the run token (or the shard has none and it sent one).
@@ -52,6 +54,7 @@ impl Failure {
             ErrorCode::RankBusy => (6, 0),
             ErrorCode::Unauthorized => (7, 0),
             ErrorCode::TooLarge { largest } => (8, u64::from(largest.to_bits())),
+            ErrorCode::RolledBack => (9, 0),
         };
         w.u16(tag).u64(count).str(&self.message);
     }
@@ -68,6 +71,7 @@ impl Failure {
             8 => ErrorCode::TooLarge {
                 largest: f32::from_bits(count as u32),
             },
+            9 => ErrorCode::RolledBack,
             other => return Err(r.malformed(format!("error code {other}"))),
         };
         Ok(Failure {
@@ -200,6 +204,7 @@ fn encode_stats(w: &mut Writer, st: &ShardStats) {
         .u64(s.rejected_nonfinite)
         .u64(s.rejected_other)
         .u64(s.clipped)
+        .u64(s.rolled_back)
         .u64(s.staleness_sum)
         .u64(s.staleness_max)
         .f32(s.loss_ema.unwrap_or(f32::NAN))
@@ -216,6 +221,7 @@ fn decode_stats(r: &mut Reader<'_>) -> Result<ShardStats, NetError> {
         rejected_nonfinite: r.u64()?,
         rejected_other: r.u64()?,
         clipped: r.u64()?,
+        rolled_back: r.u64()?,
         staleness_sum: r.u64()?,
         staleness_max: r.u64()?,
         loss_ema: Some(r.f32()?).filter(|l| !l.is_nan()),

@@ -14,7 +14,6 @@ use pstrain_core::{Departure, PushError, PushMeta, PushOutcome, Seat};
 pub(super) async fn pull(
     shared: &Shared,
     conn: &mut Connection,
-    buf: &mut Vec<f32>,
     rank: Option<usize>,
     newer_than: Option<u64>,
     wait: bool,
@@ -38,6 +37,8 @@ pub(super) async fn pull(
             .await
             .map_err(|_| NetError::Timeout("at the consistency gate"))?;
     }
+    let mut lease = shared.lease_buffer();
+    let buf = &mut lease.buf;
     let pulled = {
         let state = shared.lock();
         let version = state.engine.version();
@@ -61,7 +62,6 @@ pub(super) async fn pull(
 pub(super) async fn push(
     shared: &Shared,
     conn: &mut Connection,
-    buf: &mut Vec<f32>,
     len: u64,
     rank: usize,
 ) -> Result<(), NetError> {
@@ -76,6 +76,8 @@ pub(super) async fn push(
         })?;
     let head = PushHead::decode(&conn.read_bytes(head_len).await?, workers)?;
     // The frame limit already bounds `body` by this shard's size.
+    let mut lease = shared.lease_buffer();
+    let buf = &mut lease.buf;
     buf.resize((body / 4) as usize, 0.0);
     conn.read_f32s(buf).await?;
     let meta = PushMeta {
@@ -94,6 +96,8 @@ pub(super) async fn push(
         }
         report
     };
+    // The buffer goes back before any wait: a coordinated reply may wait for the step.
+    drop(lease);
     if let (Some(state), Some(tx)) = (report.snapshot, &shared.snapshots) {
         // Waits while the writer is busy with the previous snapshot and one more is queued.
         let _ = tx.send(state).await;
@@ -107,6 +111,7 @@ pub(super) async fn push(
                     count: count as u64,
                 },
                 PushError::TooLarge { largest } => ErrorCode::TooLarge { largest },
+                PushError::NonFiniteResult => ErrorCode::RolledBack,
                 _ => ErrorCode::Refused,
             };
             Reply::Error(Failure::new(code, e.to_string()))

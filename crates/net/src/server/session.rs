@@ -109,7 +109,6 @@ async fn serve(
     let workers = cfg.plan.workers;
     // The largest legitimate frame is a push of this shard's gradient.
     let limit = (PushHead::len(workers) + 4 * shared.range.len()).max(64) as u64;
-    let mut buf: Vec<f32> = Vec::new();
     loop {
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());
@@ -123,14 +122,14 @@ async fn serve(
             }
         }
         if header.kind == kind::PUSH && me.role == Role::Worker {
-            handlers::push(shared, conn, &mut buf, header.len, me.rank).await?;
+            handlers::push(shared, conn, header.len, me.rank).await?;
             continue;
         }
         let bytes = conn.read_bytes(header.len as usize).await?;
         match Request::decode(header.kind, &bytes, workers)? {
             Request::Pull { newer_than, wait } => {
                 let rank = me.seat.map(|s| s.rank);
-                handlers::pull(shared, conn, &mut buf, rank, newer_than, wait).await?;
+                handlers::pull(shared, conn, rank, newer_than, wait).await?;
             }
             Request::Stats => handlers::stats(shared, conn).await?,
             Request::Heartbeat if me.role == Role::Heartbeat => {

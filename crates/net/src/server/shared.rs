@@ -10,6 +10,25 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 
+/// A buffer lent to one request.
+pub(super) struct Lease<'a> {
+    shared: &'a Shared,
+    pub buf: Vec<f32>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut pool = self
+            .shared
+            .buffers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if pool.len() < self.shared.cfg.plan.workers + 2 {
+            pool.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 /// How often one address's refusals are logged, and how many addresses are remembered.
 const UNAUTHORIZED_LOG_EVERY: Duration = Duration::from_secs(60);
 const UNAUTHORIZED_LOG_ADDRESSES: usize = 4096;
@@ -32,6 +51,9 @@ pub(super) struct Shared {
     /// (version, done) after every change, for pulls waiting at the consistency gate.
     pub version: watch::Sender<(u64, bool)>,
     pub finished: Notify,
+    /// Tensor buffers lent to requests (a connection holds none between requests); at most
+    /// `workers + 2` are kept for reuse, so the steady state allocates nothing.
+    buffers: Mutex<Vec<Vec<f32>>>,
     /// With `--checkpoint-every N`: the writer's queue. The state is snapshotted in the push
     /// that reaches the update count, so a crash loses at most N plus what is being written.
     pub snapshots: Option<mpsc::Sender<CoreState>>,
@@ -60,7 +82,19 @@ impl Shared {
             version,
             finished: Notify::new(),
             snapshots,
+            buffers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A tensor buffer for one request; it goes back to the pool when the lease drops.
+    pub fn lease_buffer(&self) -> Lease<'_> {
+        let buf = self
+            .buffers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        Lease { shared: self, buf }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
