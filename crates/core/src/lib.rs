@@ -14,6 +14,7 @@ pub mod error;
 pub mod layout;
 pub mod membership;
 pub mod optimizer;
+pub mod optimizer_config;
 pub mod plan;
 pub mod rng;
 pub mod server;

@@ -79,8 +79,6 @@ pub const MAX_GRADIENT: f32 = 1e15;
 #[derive(Debug, Clone)]
 pub struct ShardState {
     params: Vec<f32>,
-    /// Where the next weights are computed before they are swapped in (see `apply`).
-    spare: Vec<f32>,
     optimizer: Optimizer,
     version: u64,
     stats: ServerStats,
@@ -91,7 +89,6 @@ impl ShardState {
         let optimizer = Optimizer::with_schedule(config.optimizer, config.schedule, params.len());
         ShardState {
             params,
-            spare: Vec::new(),
             optimizer,
             version: 0,
             stats: ServerStats::default(),
@@ -137,9 +134,7 @@ impl ShardState {
     }
 
     fn checked(&mut self, update: &[f32]) -> bool {
-        let ok = self
-            .optimizer
-            .apply_checked(&mut self.params, &mut self.spare, update);
+        let ok = self.optimizer.apply(&mut self.params, update);
         if !ok {
             self.stats.rolled_back += 1;
         }

@@ -1,33 +1,16 @@
 //! Black-box tests against a live shard server on 127.0.0.1:0: hostile and broken peers get
 //! their error and lose their connection, while a well-behaved worker trains to completion.
 
-use pstrain_core::{
-    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, RunPlan, Schedule,
-};
+mod common;
+
+use common::*;
+use pstrain_core::{Layout, Mode, ParameterClient, PushMeta, PushOutcome};
 use pstrain_net::frame::{Header, HEADER_LEN, MAGIC};
 use pstrain_net::message::{kind, Hello, PushHead, Role};
 use pstrain_net::{ClientConfig, ShardConfig, ShardHandle, TcpClient};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
-
-const N: usize = 1000;
-
-fn layout() -> Layout {
-    Layout::new([("w", &[N - 10][..]), ("b", &[10][..])]).unwrap()
-}
-
-/// The run every test shard serves: SGD lr 0.1, constant rate.
-fn plan(mode: Mode, workers: usize) -> RunPlan {
-    RunPlan {
-        model: "test".into(),
-        mode,
-        workers,
-        optimizer: OptimizerConfig::sgd(0.1),
-        schedule: Schedule::Constant,
-        ..RunPlan::default()
-    }
-}
 
 fn start(mode: Mode, workers: usize) -> ShardHandle {
     start_shard(0, 1, mode, workers)
@@ -42,27 +25,6 @@ fn client(addr: SocketAddr, rank: usize, workers: usize, mode: Mode) -> TcpClien
         layout(),
     );
     TcpClient::connect(&cfg).unwrap()
-}
-
-fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut out = Header {
-        kind,
-        len: payload.len() as u64,
-    }
-    .encode()
-    .to_vec();
-    out.extend_from_slice(payload);
-    out
-}
-
-/// Sends `bytes` and returns everything the server sends back before it closes.
-fn attack(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(bytes);
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    reply
 }
 
 fn error_text(reply: &[u8]) -> String {
@@ -100,19 +62,6 @@ fn push_frame(values: usize) -> Vec<u8> {
     }
     frame(kind::PUSH, &payload)
 }
-
-fn read_frame(s: &mut TcpStream) -> (u16, Vec<u8>) {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let header = Header::decode(&h, 1 << 20).unwrap();
-    let mut payload = vec![0u8; header.len as usize];
-    s.read_exact(&mut payload).unwrap();
-    (header.kind, payload)
-}
-
-const ASYNC: Mode = Mode::Async {
-    max_staleness: None,
-};
 
 #[test]
 fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {

@@ -3,9 +3,10 @@
 //! token trains; the handshake has a deadline, connections have caps, and a shard refuses to
 //! listen beyond loopback without a token.
 
-use pstrain_core::{
-    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, RunPlan, Schedule,
-};
+mod common;
+
+use common::*;
+use pstrain_core::{Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, RunPlan};
 use pstrain_net::frame::{Header, HEADER_LEN};
 use pstrain_net::message::{kind, Hello, PushHead, Role, StepMembers};
 use pstrain_net::{
@@ -15,27 +16,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-const N: usize = 1000;
-
-fn layout() -> Layout {
-    Layout::new([("w", &[N - 10][..]), ("b", &[10][..])]).unwrap()
-}
-
-fn plan() -> RunPlan {
-    RunPlan {
-        model: "test".into(),
-        mode: Mode::Async {
-            max_staleness: None,
-        },
-        workers: 2,
-        optimizer: OptimizerConfig::sgd(0.1),
-        schedule: Schedule::Constant,
-        ..RunPlan::default()
-    }
-}
-
 fn shard(token: Option<RunToken>, tune: impl FnOnce(&mut ShardConfig)) -> ShardHandle {
-    let mut cfg = ShardConfig::new(0, 1, layout(), plan());
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 2));
     cfg.token = token;
     cfg.exit_when_finished = false;
     tune(&mut cfg);
@@ -43,31 +25,16 @@ fn shard(token: Option<RunToken>, tune: impl FnOnce(&mut ShardConfig)) -> ShardH
 }
 
 fn client_cfg(addr: SocketAddr, rank: usize, token: Option<RunToken>) -> ClientConfig {
-    let mut cfg = ClientConfig::new(vec![addr.to_string()], Role::Worker, rank, plan(), layout());
+    let mut cfg = ClientConfig::new(
+        vec![addr.to_string()],
+        Role::Worker,
+        rank,
+        plan(ASYNC, 2),
+        layout(),
+    );
     cfg.token = token;
     cfg.connect_timeout = Duration::from_secs(2);
     cfg
-}
-
-fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut out = Header {
-        kind,
-        len: payload.len() as u64,
-    }
-    .encode()
-    .to_vec();
-    out.extend_from_slice(payload);
-    out
-}
-
-/// Sends `bytes` and returns everything the shard sends back before it closes.
-fn attack(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(bytes);
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    reply
 }
 
 /// The kinds of the frames in `reply`.
@@ -87,7 +54,7 @@ fn kinds(reply: &[u8]) -> Vec<u16> {
 fn worker_hello(rank: usize) -> Vec<u8> {
     frame(
         kind::HELLO,
-        &Hello::new(Role::Worker, rank, 0, 1, &plan(), &layout()).encode(),
+        &Hello::new(Role::Worker, rank, 0, 1, &plan(ASYNC, 2), &layout()).encode(),
     )
 }
 
@@ -284,15 +251,6 @@ fn join_with_token(addr: SocketAddr, token: &RunToken, hello: Hello) -> TcpStrea
     s
 }
 
-fn read_frame(s: &mut TcpStream) -> (u16, Vec<u8>) {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let header = Header::decode(&h, 1 << 30).unwrap();
-    let mut payload = vec![0u8; header.len as usize];
-    s.read_exact(&mut payload).unwrap();
-    (header.kind, payload)
-}
-
 #[test]
 fn token_holders_are_bounded_too() {
     let token = RunToken::generate().unwrap();
@@ -304,7 +262,7 @@ fn token_holders_are_bounded_too() {
     let plan = RunPlan {
         optimizer: OptimizerConfig::adam(0.1),
         batch_size: 64,
-        ..plan()
+        ..plan(ASYNC, 2)
     };
     let mut cfg = client_cfg(addr, 0, Some(token.clone()));
     cfg.plan = plan.clone();
@@ -371,7 +329,7 @@ fn token_holders_are_bounded_too() {
 
 #[test]
 fn protected_mode_refuses_to_listen_beyond_loopback_without_a_token() {
-    let cfg = ShardConfig::new(0, 1, layout(), plan());
+    let cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 2));
     let err = ShardHandle::start("0.0.0.0:0", cfg.clone(), &vec![0.0; N], 1)
         .err()
         .expect("refused");
@@ -391,7 +349,7 @@ fn a_token_holder_cannot_jump_a_follower_shard_to_the_end() {
     let coordinated = RunPlan {
         mode: Mode::Sync { backup_workers: 1 },
         workers: 3,
-        ..plan()
+        ..plan(ASYNC, 2)
     };
     let follower = {
         let mut cfg = ShardConfig::new(1, 2, layout(), coordinated.clone());

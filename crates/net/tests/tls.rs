@@ -1,33 +1,15 @@
 //! TLS against a live shard: a worker that trusts the shard's CA trains over it; a client
 //! that speaks plain TCP, or trusts another CA, is refused and changes nothing.
 
-use pstrain_core::{
-    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, PushOutcome, RunPlan, Schedule,
-};
+mod common;
+
+use common::*;
+use pstrain_core::{ParameterClient, PushMeta, PushOutcome};
 use pstrain_net::{
     ClientConfig, Role, RunToken, ShardConfig, ShardHandle, TcpClient, TlsClient, TlsServer,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
-
-const N: usize = 1000;
-
-fn layout() -> Layout {
-    Layout::new([("w", &[N - 10][..]), ("b", &[10][..])]).unwrap()
-}
-
-fn plan() -> RunPlan {
-    RunPlan {
-        model: "test".into(),
-        mode: Mode::Async {
-            max_staleness: None,
-        },
-        workers: 1,
-        optimizer: OptimizerConfig::sgd(0.1),
-        schedule: Schedule::Constant,
-        ..RunPlan::default()
-    }
-}
 
 /// A self-signed certificate for 127.0.0.1 and localhost: (certificate PEM, key PEM).
 fn self_signed() -> (String, String) {
@@ -37,7 +19,13 @@ fn self_signed() -> (String, String) {
 }
 
 fn client(addr: SocketAddr, token: &RunToken, tls: Option<TlsClient>) -> ClientConfig {
-    let mut cfg = ClientConfig::new(vec![addr.to_string()], Role::Worker, 0, plan(), layout());
+    let mut cfg = ClientConfig::new(
+        vec![addr.to_string()],
+        Role::Worker,
+        0,
+        plan(ASYNC, 1),
+        layout(),
+    );
     cfg.token = Some(token.clone());
     cfg.tls = tls;
     cfg.connect_timeout = Duration::from_secs(2);
@@ -49,7 +37,7 @@ fn client(addr: SocketAddr, token: &RunToken, tls: Option<TlsClient>) -> ClientC
 fn a_worker_over_tls_trains_and_clients_without_the_ca_are_refused() {
     let (cert, key) = self_signed();
     let token = RunToken::generate().unwrap();
-    let mut cfg = ShardConfig::new(0, 1, layout(), plan());
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 1));
     cfg.token = Some(token.clone());
     cfg.tls = Some(TlsServer::from_pem(cert.as_bytes(), key.as_bytes()).unwrap());
     cfg.exit_when_finished = false;
@@ -76,7 +64,7 @@ fn a_worker_over_tls_trains_and_clients_without_the_ca_are_refused() {
         Some(&trusted),
     )
     .unwrap();
-    assert_eq!(served.plan, plan());
+    assert_eq!(served.plan, plan(ASYNC, 1));
     let mut c = TcpClient::connect(&client(addr, &token, Some(trusted))).unwrap();
     let mut params = vec![0.0; N];
     for _ in 0..100 {

@@ -43,11 +43,10 @@ impl CheckpointArgs {
             (None, None) => Some(60.0),
             (_, secs) => secs,
         };
+        // 0 turns the time-based schedule off.
         let every = match every_secs {
-            Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
-            Some(0.0) => None,
-            Some(s) => bail!("--checkpoint-secs must be between 0 and 1e9 seconds, not {s}"),
-            None => None,
+            Some(0.0) | None => None,
+            Some(s) => Some(seconds("--checkpoint-secs", s)?),
         };
         Ok(Some(CheckpointPolicy {
             dir: dir.to_owned(),

@@ -4,43 +4,10 @@
 
 mod common;
 
+use common::shard;
 use pstrain::supervisor::parse_report;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-/// A `pstrain server` process, killed when dropped.
-struct Shard {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn shard(flags: &[&str]) -> Shard {
-    let mut child = Command::new(common::pstrain_bin())
-        .args(["server", "--listen", "127.0.0.1:0"])
-        .args(flags)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    Shard { child, addr }
-}
 
 /// Runs `pstrain worker` with `flags`, failing the test if it takes longer than `bound`.
 fn worker(flags: &[&str], bound: Duration) -> Output {

@@ -5,8 +5,7 @@
 mod common;
 
 use pstrain::supervisor::parse_report;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -30,42 +29,35 @@ fn a_run_over_tls_reaches_its_threshold() {
     let ckpt = dir.path().join("ckpt");
 
     let path = |p: &std::path::Path| p.display().to_string();
-    let mut shard = Command::new(common::pstrain_bin())
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-            "convnet",
-            "--mode",
-            "async",
-        ])
-        .args([
-            "--workers",
-            "1",
-            "--iterations",
-            "600",
-            "--optimizer",
-            "sgd",
-            "--lr",
-            "0.01",
-        ])
-        .args(["--lr-schedule", "constant", "--batch-size", "128"])
-        .args(["--token-file", &path(&token), "--tls-cert", &path(&cert)])
-        .args(["--tls-key", &path(&key), "--checkpoint-dir", &path(&ckpt)])
-        .args(["--checkpoint-secs", "0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(shard.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let mut shard = common::shard(&[
+        "--model",
+        "convnet",
+        "--mode",
+        "async",
+        "--workers",
+        "1",
+        "--iterations",
+        "600",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--lr-schedule",
+        "constant",
+        "--batch-size",
+        "128",
+        "--token-file",
+        &path(&token),
+        "--tls-cert",
+        &path(&cert),
+        "--tls-key",
+        &path(&key),
+        "--checkpoint-dir",
+        &path(&ckpt),
+        "--checkpoint-secs",
+        "0",
+    ]);
+    let addr = shard.addr.clone();
 
     // A worker without the CA cannot join; one with it (and the token) trains to the end.
     let plain = Command::new(common::pstrain_bin())
@@ -97,7 +89,7 @@ fn a_run_over_tls_reaches_its_threshold() {
     assert_eq!(report.steps, 600);
 
     let started = Instant::now();
-    while shard.try_wait().unwrap().is_none() {
+    while shard.child.try_wait().unwrap().is_none() {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "the shard kept running"

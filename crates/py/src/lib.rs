@@ -33,13 +33,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A positive number of seconds that `Duration` can hold.
 pub(crate) fn seconds(name: &str, v: f64) -> PyResult<std::time::Duration> {
-    if v.is_finite() && v > 0.0 && v < 1e9 {
-        Ok(std::time::Duration::from_secs_f64(v))
-    } else {
-        Err(PyValueError::new_err(format!(
-            "{name} must be a positive number of seconds below 1e9"
-        )))
-    }
+    pstrain::shard_setup::seconds(name, v).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// A run token from Python: the hex string given, else `PSTRAIN_TOKEN`, else none.

@@ -3,8 +3,10 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod folder;
 pub mod safetensors;
 pub mod saver;
 
-pub use checkpoint::{assemble, Assembled, Checkpoint, CheckpointDir, ShardIdentity, StoreError};
+pub use checkpoint::{Checkpoint, ShardIdentity, StoreError};
+pub use folder::{assemble, Assembled, CheckpointDir};
 pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};

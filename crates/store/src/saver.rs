@@ -2,7 +2,8 @@
 //! is `pstrain_core::CheckpointSchedule`'s call), the newest-valid-checkpoint restore, and
 //! the "changed since the last save" rule.
 
-use crate::checkpoint::{Checkpoint, CheckpointDir, ShardIdentity, StoreError};
+use crate::checkpoint::{Checkpoint, ShardIdentity, StoreError};
+use crate::folder::CheckpointDir;
 use pstrain_core::{CoreState, RestoreError};
 use std::path::PathBuf;
 use std::time::Duration;

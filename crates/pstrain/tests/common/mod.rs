@@ -112,3 +112,38 @@ pub fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
         ..TrainConfig::default()
     }
 }
+
+/// A `pstrain server` process on 127.0.0.1 (a free port), killed when dropped.
+pub struct Shard {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `pstrain server --listen 127.0.0.1:0 FLAGS...` and reads the address it bound.
+pub fn shard(flags: &[&str]) -> Shard {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(pstrain_bin())
+        .args(["server", "--listen", "127.0.0.1:0"])
+        .args(flags)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the shard said {line:?}"))
+        .to_string();
+    Shard { child, addr }
+}

@@ -1,0 +1,248 @@
+//! A shard's checkpoint folder, keeping the newest K and falling back past damaged files to
+//! the newest good one, and a whole model assembled from every shard's newest checkpoint.
+
+use crate::checkpoint::{Checkpoint, ShardIdentity, StoreError};
+use std::path::{Path, PathBuf};
+
+/// One shard's checkpoint folder: `ROOT/shard-I-of-S/ckpt-VERSION.safetensors`.
+#[derive(Debug, Clone)]
+pub struct CheckpointDir {
+    dir: PathBuf,
+    keep: usize,
+}
+
+impl CheckpointDir {
+    pub fn for_shard(root: &Path, shard: usize, shards: usize, keep: usize) -> Self {
+        CheckpointDir {
+            dir: root.join(format!("shard-{shard}-of-{shards}")),
+            keep: keep.max(1),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Checkpoint files, newest version first.
+    pub fn list(&self) -> Vec<(u64, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let v = name
+                    .strip_prefix("ckpt-")?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()?;
+                Some((v, e.path()))
+            })
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        found
+    }
+
+    /// Writes `ckpt` and removes all but the newest `keep` files.
+    pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf, StoreError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| StoreError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let path = self
+            .dir
+            .join(format!("ckpt-{:012}.safetensors", ckpt.state.version));
+        ckpt.write(&path)?;
+        for (_, old) in self.list().into_iter().skip(self.keep) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(path)
+    }
+
+    /// The newest checkpoint that reads back intact and belongs to `identity`; every file
+    /// passed over is reported in the returned list of problems.
+    pub fn load_newest(
+        &self,
+        identity: &ShardIdentity,
+    ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
+        self.load_newest_where(|c| &c.identity == identity)
+    }
+
+    /// The newest intact checkpoint accepted by `accept`.
+    pub fn load_newest_where(
+        &self,
+        accept: impl Fn(&Checkpoint) -> bool,
+    ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
+        let mut problems = Vec::new();
+        for (_, path) in self.list() {
+            match Checkpoint::read(&path) {
+                Ok(c) if accept(&c) => return (Some((path, c)), problems),
+                Ok(c) => problems.push(StoreError::Mismatch {
+                    path: path.clone(),
+                    why: format!("saved for {:?}", c.identity),
+                }),
+                Err(e) => problems.push(e),
+            }
+        }
+        (None, problems)
+    }
+}
+
+/// A whole model put back together from the newest good checkpoint of every shard.
+#[derive(Debug)]
+pub struct Assembled {
+    pub model: String,
+    pub fingerprint: u64,
+    pub params: Vec<f32>,
+    /// Each shard's version (they can differ in async mode).
+    pub versions: Vec<u64>,
+    pub problems: Vec<StoreError>,
+}
+
+/// Reads `root/shard-I-of-S/` for every I of one S and joins the shards' weights.
+pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
+    let invalid = |why: String| StoreError::Invalid {
+        path: root.to_owned(),
+        why,
+    };
+    let entries = std::fs::read_dir(root).map_err(|source| StoreError::Io {
+        path: root.to_owned(),
+        source,
+    })?;
+    let mut counts: Vec<usize> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (_, s) = name.strip_prefix("shard-")?.split_once("-of-")?;
+            s.parse().ok()
+        })
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let shards = match counts[..] {
+        [s] if s > 0 => s,
+        [] => return Err(invalid("no shard-I-of-S checkpoint folders".into())),
+        _ => {
+            return Err(invalid(format!(
+                "checkpoints of several shard counts: {counts:?}"
+            )))
+        }
+    };
+    let mut parts = Vec::new();
+    let mut problems = Vec::new();
+    for shard in 0..shards {
+        let dir = CheckpointDir::for_shard(root, shard, shards, 1);
+        let (found, mut p) =
+            dir.load_newest_where(|c| c.identity.shard == shard && c.identity.shards == shards);
+        problems.append(&mut p);
+        let (_, c) = found
+            .ok_or_else(|| invalid(format!("no valid checkpoint for shard {shard} of {shards}")))?;
+        parts.push(c);
+    }
+    let first = &parts[0];
+    if parts
+        .iter()
+        .any(|c| c.identity.fingerprint != first.identity.fingerprint || c.model != first.model)
+    {
+        return Err(invalid("shards belong to different models".into()));
+    }
+    let mut params = Vec::new();
+    for c in &parts {
+        if c.identity.range.start != params.len() {
+            return Err(invalid(format!(
+                "shard {} does not start where the previous ended",
+                c.identity.shard
+            )));
+        }
+        params.extend_from_slice(&c.state.params);
+    }
+    Ok(Assembled {
+        model: first.model.clone(),
+        fingerprint: first.identity.fingerprint,
+        params,
+        versions: parts.iter().map(|c| c.state.version).collect(),
+        problems,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pstrain_core::{CoreState, ServerStats};
+
+    fn ckpt(version: u64) -> Checkpoint {
+        Checkpoint {
+            identity: ShardIdentity {
+                shard: 1,
+                shards: 2,
+                range: 10..14,
+                fingerprint: 0xabc,
+            },
+            state: CoreState {
+                params: vec![1.0, 2.0, 3.0, version as f32],
+                optimizer: vec![
+                    ("exp_avg".into(), vec![0.1; 4]),
+                    ("exp_avg_sq".into(), vec![0.2; 4]),
+                ],
+                optimizer_step: version,
+                version,
+                stats: ServerStats {
+                    version,
+                    gradients_applied: 2 * version,
+                    samples_applied: 64 * version,
+                    ..Default::default()
+                },
+            },
+            model: "convnet".into(),
+            config: "{\"mode\":\"sync\"}".into(),
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_and_falls_back_past_damage() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = CheckpointDir::for_shard(root.path(), 1, 2, 2);
+        for v in [5, 10, 15] {
+            dir.save(&ckpt(v)).unwrap();
+        }
+        let versions: Vec<u64> = dir.list().iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, vec![15, 10], "only the newest two are kept");
+        let id = ckpt(0).identity;
+        let (found, problems) = dir.load_newest(&id);
+        assert_eq!(found.unwrap().1, ckpt(15));
+        assert!(problems.is_empty());
+
+        // Flip one byte of the newest file's data: the checksum catches it, 10 is used.
+        let newest = dir.list()[0].1.clone();
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x40;
+        std::fs::write(&newest, &bytes).unwrap();
+        let (found, problems) = dir.load_newest(&id);
+        assert_eq!(found.unwrap().1.state.version, 10);
+        assert!(
+            matches!(problems[0], StoreError::Checksum { .. }),
+            "{:?}",
+            problems
+        );
+
+        // Truncate it instead: a format error, same fallback.
+        std::fs::write(&newest, &bytes[..n / 2]).unwrap();
+        let (found, problems) = dir.load_newest(&id);
+        assert_eq!(found.unwrap().1.state.version, 10);
+        assert!(
+            matches!(problems[0], StoreError::Format { .. }),
+            "{:?}",
+            problems
+        );
+
+        // Another shard's identity matches nothing.
+        let other = ShardIdentity { shard: 0, ..id };
+        let (found, problems) = dir.load_newest(&other);
+        assert!(found.is_none());
+        assert!(problems
+            .iter()
+            .any(|p| matches!(p, StoreError::Mismatch { .. })));
+    }
+}
