@@ -58,6 +58,32 @@ fn parse_rank(s: &str) -> Result<usize, String> {
     }
 }
 
+/// The shards' plan as this worker's run: refused if its own run flags contradict it (each
+/// flag named with both values) or if it cannot train the plan's model.
+fn adopt(args: &WorkerArgs, plan: pstrain_core::RunPlan) -> Result<TrainConfig> {
+    let contradictions = args.run.contradictions(&plan)?;
+    if !contradictions.is_empty() {
+        let list: Vec<String> = contradictions
+            .iter()
+            .map(|(flag, given, plan)| {
+                format!("{flag}: given {given}, the shards' plan has {plan}")
+            })
+            .collect();
+        bail!(
+            "this worker's flags contradict the shards' run plan ({}); leave them out to adopt it",
+            list.join("; ")
+        );
+    }
+    let cfg = TrainConfig {
+        plan,
+        threads: args.threads,
+        ..TrainConfig::default()
+    };
+    cfg.validate()
+        .context("the shards serve a model this worker cannot train")?;
+    Ok(cfg)
+}
+
 /// Runs one worker as `pstrain worker ARGV...` would, until its work is done or `stop` is set.
 pub fn run_worker_from(
     argv: &[String],
@@ -92,26 +118,7 @@ pub fn worker(
         tls.as_ref(),
     )
     .with_context(|| format!("cannot ask {} for the run plan", args.servers.join(",")))?;
-    let contradictions = args.run.contradictions(&served.plan)?;
-    if !contradictions.is_empty() {
-        let list: Vec<String> = contradictions
-            .iter()
-            .map(|(flag, given, plan)| {
-                format!("{flag}: given {given}, the shards' plan has {plan}")
-            })
-            .collect();
-        bail!(
-            "this worker's flags contradict the shards' run plan ({}); leave them out to adopt it",
-            list.join("; ")
-        );
-    }
-    let cfg = TrainConfig {
-        plan: served.plan,
-        threads: args.threads,
-        ..TrainConfig::default()
-    };
-    cfg.validate()
-        .context("the shards serve a model this worker cannot train")?;
+    let cfg = adopt(args, served.plan)?;
     let mut model = cfg.model()?.build(ModelOptions {
         dropout: true,
         threads: args.threads,
