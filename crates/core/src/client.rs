@@ -14,6 +14,8 @@ pub struct PullReply {
     pub updated: bool,
     /// The run is over (update budget reached or server shutting down).
     pub done: bool,
+    /// Speed-balanced sync: the batch size this worker is to use for its next step.
+    pub batch: Option<u32>,
 }
 
 #[derive(Debug, Error)]

@@ -12,33 +12,46 @@ pub enum Mode {
     /// Every gradient is applied on arrival; one computed from weights more than
     /// `max_staleness` updates old is dropped (the worker then pulls fresh weights).
     Async { max_staleness: Option<u64> },
+    /// Stale synchronous parallel: sync steps, but a worker may run up to `max_lead` steps
+    /// ahead of the slowest live worker before its pull waits (0 is sync).
+    Ssp { max_lead: u64 },
 }
+
+/// The largest `max_lead`: a shard holds up to `max_lead + 1` pending step sums.
+pub const MAX_LEAD_LIMIT: u64 = 64;
 
 impl Mode {
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Sync { .. } => "sync",
             Mode::Async { .. } => "async",
+            Mode::Ssp { .. } => "ssp",
         }
     }
 
-    /// Every update is one step of every worker: a worker's step number is the server's
-    /// version, and one update consumes every worker's batch.
+    /// Every update is one step of every worker: one update consumes every worker's batch
+    /// (sync and SSP).
     pub fn lockstep(&self) -> bool {
+        matches!(self, Mode::Sync { .. } | Mode::Ssp { .. })
+    }
+
+    /// A worker's step number is the server's version after each pull (sync: a straggler
+    /// whose step went on without it follows).
+    pub fn step_is_version(&self) -> bool {
         matches!(self, Mode::Sync { .. })
     }
 
     /// A worker's pull after a push waits for the shard's consistency gate (the step's update
-    /// in sync mode) instead of taking whatever the shard holds.
+    /// in sync mode, the staleness bound in SSP) instead of taking whatever the shard holds.
     pub fn pull_waits(&self) -> bool {
-        matches!(self, Mode::Sync { .. })
+        matches!(self, Mode::Sync { .. } | Mode::Ssp { .. })
     }
 
     /// Sync: gradients a step may do without.
     pub fn backup_workers(&self) -> usize {
         match self {
             Mode::Sync { backup_workers } => *backup_workers,
-            Mode::Async { .. } => 0,
+            Mode::Async { .. } | Mode::Ssp { .. } => 0,
         }
     }
 
@@ -53,6 +66,7 @@ impl Mode {
         match *self {
             Mode::Sync { backup_workers } => (1, backup_workers as u64),
             Mode::Async { max_staleness } => (2, max_staleness.unwrap_or(0)),
+            Mode::Ssp { max_lead } => (3, max_lead),
         }
     }
 
@@ -64,6 +78,7 @@ impl Mode {
             2 => Some(Mode::Async {
                 max_staleness: (param > 0).then_some(param),
             }),
+            3 => Some(Mode::Ssp { max_lead: param }),
             _ => None,
         }
     }
@@ -80,6 +95,7 @@ impl std::fmt::Display for Mode {
             Mode::Async {
                 max_staleness: Some(s),
             } => write!(f, "async (max staleness {s})"),
+            Mode::Ssp { max_lead } => write!(f, "ssp (max lead {max_lead})"),
         }
     }
 }
@@ -120,6 +136,12 @@ pub struct ServerConfig {
     pub max_samples: Option<u32>,
     /// Gradients over this L2 norm are scaled down to it, or refused; counted either way.
     pub clip: Option<GradientClip>,
+    /// Async and SSP: a gradient's learning rate divided by its staleness (an SSP step's by
+    /// its gradients' mean staleness), at least 1 (Zhang et al. 2016).
+    pub staleness_aware_lr: bool,
+    /// Sync: each worker's batch is set in proportion to its measured speed (the step's
+    /// total stays `workers * batch`), so a step's gradients arrive together.
+    pub balance_batches: bool,
 }
 
 impl Default for ServerConfig {
@@ -135,6 +157,8 @@ impl Default for ServerConfig {
             max_updates: None,
             max_samples: None,
             clip: None,
+            staleness_aware_lr: false,
+            balance_batches: false,
         }
     }
 }
@@ -152,6 +176,29 @@ impl ServerConfig {
                     backup_workers,
                 ));
             }
+        }
+        if let Mode::Ssp { max_lead } = self.mode {
+            if max_lead > MAX_LEAD_LIMIT {
+                return Err(ConfigError::out_of_range(
+                    "max_lead",
+                    "at most 64",
+                    max_lead,
+                ));
+            }
+        }
+        if self.staleness_aware_lr && matches!(self.mode, Mode::Sync { .. }) {
+            return Err(ConfigError::out_of_range(
+                "staleness_aware_lr",
+                "off in sync mode (async and ssp only)",
+                true,
+            ));
+        }
+        if self.balance_batches && !matches!(self.mode, Mode::Sync { .. }) {
+            return Err(ConfigError::out_of_range(
+                "balance_batches",
+                "off outside sync mode",
+                true,
+            ));
         }
         if let Some(c) = self.clip {
             if !(c.max_norm.is_finite() && c.max_norm > 0.0) {

@@ -3,11 +3,13 @@
 //! `CheckpointSchedule`; the in-process engine and the TCP server only move bytes, wait and
 //! keep the clock, then ask it. Time comes in as `now`, a `Duration` since the shard started.
 
+use crate::balance::BatchBalancer;
 use crate::checkpoint_schedule::CheckpointSchedule;
 use crate::config::ServerConfig;
 use crate::error::{ConfigError, PushError, RestoreError};
 use crate::membership::{Departure, JoinError, Membership, RankRequest, Seat};
 use crate::server::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
+use crate::worker_stats::WorkerStats;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +59,10 @@ pub struct ShardEngine {
     checkpoints: CheckpointSchedule,
     heartbeat_timeout: Duration,
     coordinator: bool,
+    /// Per rank: when the shard last served it weights (its compute starts then).
+    served_at: Vec<Option<Duration>>,
+    /// Speed-balanced sync batches, when the plan asks for them.
+    balancer: Option<BatchBalancer>,
 }
 
 impl ShardEngine {
@@ -64,8 +70,14 @@ impl ShardEngine {
     pub fn new(cfg: EngineConfig, params: Vec<f32>, now: Duration) -> Result<Self, ConfigError> {
         let workers = cfg.server.workers;
         let coordinator = cfg.server.mode.coordinated(cfg.shards) && cfg.shard == 0;
+        let balancer = cfg.server.balance_batches.then(|| {
+            let batch = cfg.server.max_samples.unwrap_or(1) as usize / workers.max(1);
+            BatchBalancer::new(workers, batch)
+        });
         let core = ServerCore::for_shard(cfg.server, params, cfg.shard, cfg.shards)?;
         Ok(ShardEngine {
+            served_at: vec![None; workers],
+            balancer,
             checkpoints: CheckpointSchedule::new(
                 cfg.checkpoint_every_updates,
                 cfg.checkpoint_every,
@@ -104,6 +116,27 @@ impl ShardEngine {
 
     pub fn params(&self) -> &[f32] {
         self.core.params()
+    }
+
+    /// What this shard saw of each worker rank, with the batch each was last given.
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        self.core.worker_stats().to_vec()
+    }
+
+    /// `rank`'s pull, which arrived at `arrived`, is answered at `now`: its wait is counted,
+    /// its compute time starts, and it is told its next batch size when batches are
+    /// balanced.
+    pub fn pull_served(&mut self, rank: usize, arrived: Duration, now: Duration) -> Option<u32> {
+        let slot = self.served_at.get_mut(rank)?;
+        *slot = Some(now);
+        let batch = self
+            .balancer
+            .as_ref()
+            .and_then(|b| b.sizes(self.core.active()).get(rank).copied());
+        if let Some(w) = self.core.worker_mut(rank) {
+            w.wait_s += now.saturating_sub(arrived).as_secs_f64();
+        }
+        batch
     }
 
     pub fn workers(&self) -> usize {
@@ -169,10 +202,25 @@ impl ShardEngine {
         now: Duration,
     ) -> PushReport {
         let before = self.core.version();
+        let rank = meta.rank;
+        let served = self.served_at.get_mut(rank).and_then(Option::take);
+        let seconds = served.map(|t| now.saturating_sub(t).as_secs_f64());
+        if let Some(w) = self.core.worker_mut(rank) {
+            w.compute_s += seconds.unwrap_or(0.0);
+            w.batch = meta.samples;
+        }
+        if let (Some(b), Some(seconds)) = (&mut self.balancer, seconds) {
+            b.observe(rank, meta.samples, seconds);
+        }
         let outcome = match tag {
             Some((step, members)) => self.core.push_step(meta, grad, step, members),
             None => self.core.push(meta, grad),
         };
+        if matches!(outcome, Err(_) | Ok(PushOutcome::Dropped { .. })) {
+            if let Some(w) = self.core.worker_mut(rank) {
+                w.not_applied += 1;
+            }
+        }
         let version = self.core.version();
         let changed = version != before || self.core.is_done();
         let snapshot = (version != before && self.checkpoints.due_after_update(version, now))

@@ -5,6 +5,7 @@
 //! Everything here is deterministic and driven by its caller, so the same logic serves the
 //! in-process engine, the TCP server and the simulated-network tests (`tests/engine_sim.rs`).
 
+pub mod balance;
 pub mod checkpoint_schedule;
 pub mod client;
 pub mod config;
@@ -20,10 +21,11 @@ pub mod rng;
 pub mod server;
 pub mod shard;
 pub mod shard_state;
+pub mod worker_stats;
 
 pub use checkpoint_schedule::CheckpointSchedule;
 pub use client::{ClientError, ParameterClient, PullReply};
-pub use config::{Aggregate, GradientClip, Mode, ServerConfig};
+pub use config::{Aggregate, GradientClip, Mode, ServerConfig, MAX_LEAD_LIMIT};
 pub use engine::{EngineConfig, PushReport, ShardEngine};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};
 pub use layout::{Layout, TensorSpec};
@@ -33,3 +35,4 @@ pub use plan::{RunPlan, Schedule};
 pub use rng::Rng;
 pub use server::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
 pub use shard::shard_ranges;
+pub use worker_stats::{WorkerStats, STALENESS_BOUNDS};

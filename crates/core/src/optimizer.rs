@@ -103,6 +103,11 @@ impl Optimizer {
     /// computed into spare buffers and swapped in, so refusing it costs no copy and no second
     /// pass (the price: one spare copy of weights and state in memory).
     pub fn apply(&mut self, params: &mut Vec<f32>, grad: &[f32]) -> bool {
+        self.apply_scaled(params, grad, 1.0)
+    }
+
+    /// `apply` with the learning rate multiplied by `lr_scale` (for this update only).
+    pub fn apply_scaled(&mut self, params: &mut Vec<f32>, grad: &[f32], lr_scale: f32) -> bool {
         let spare = &mut self.spare_params;
         assert_eq!(
             params.len(),
@@ -112,7 +117,7 @@ impl Optimizer {
         spare.resize(params.len(), 0.0);
         self.spare_first.resize(self.first.len(), 0.0);
         self.spare_second.resize(self.second.len(), 0.0);
-        let factor = self.schedule.factor(self.step);
+        let factor = self.schedule.factor(self.step) * lr_scale;
         let ok = match self.config {
             OptimizerConfig::Sgd {
                 lr,

@@ -48,6 +48,10 @@ pub struct RunPlan {
     pub train_samples: usize,
     /// A bound on each gradient's L2 norm (per shard slice), if any.
     pub clip: Option<GradientClip>,
+    /// Async and SSP: divide a gradient's learning rate by its staleness.
+    pub staleness_aware_lr: bool,
+    /// Sync: batch sizes in proportion to each worker's measured speed.
+    pub balance_batches: bool,
 }
 
 impl Default for RunPlan {
@@ -67,6 +71,8 @@ impl Default for RunPlan {
             seed: 42,
             train_samples: 60_000,
             clip: None,
+            staleness_aware_lr: false,
+            balance_batches: false,
         }
     }
 }
@@ -118,8 +124,20 @@ impl RunPlan {
             schedule,
             aggregate: self.aggregate,
             max_updates: self.iterations,
-            max_samples: u32::try_from(self.batch_size).ok(),
+            max_samples: u32::try_from(self.max_batch()).ok(),
             clip: self.clip,
+            staleness_aware_lr: self.staleness_aware_lr,
+            balance_batches: self.balance_batches,
+        }
+    }
+
+    /// The largest batch one worker may be given: its share of a step, or with balanced
+    /// batches all of it.
+    pub fn max_batch(&self) -> usize {
+        if self.balance_batches {
+            self.batch_size.saturating_mul(self.workers)
+        } else {
+            self.batch_size
         }
     }
 
@@ -200,6 +218,16 @@ impl RunPlan {
             "train_samples",
             self.train_samples.to_string(),
             other.train_samples.to_string(),
+        );
+        check(
+            "staleness_aware_lr",
+            self.staleness_aware_lr.to_string(),
+            other.staleness_aware_lr.to_string(),
+        );
+        check(
+            "balance_batches",
+            self.balance_batches.to_string(),
+            other.balance_batches.to_string(),
         );
         out
     }

@@ -8,6 +8,7 @@ use crate::error::{ConfigError, PushError, RestoreError};
 use crate::optimizer::Optimizer;
 use crate::shard_state::ShardState;
 pub use crate::shard_state::{CoreState, PushMeta, PushOutcome, ServerStats};
+use crate::worker_stats::WorkerStats;
 
 #[derive(Debug)]
 pub struct ServerCore {
@@ -34,14 +35,7 @@ impl ServerCore {
         shards: usize,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
-        let rule = consistency::for_mode(
-            config.mode,
-            config.workers,
-            config.aggregate,
-            params.len(),
-            shard,
-            shards,
-        );
+        let rule = consistency::for_mode(&config, params.len(), shard, shards);
         Ok(ServerCore {
             state: ShardState::new(&config, params),
             active: vec![true; config.workers],
@@ -71,10 +65,24 @@ impl ServerCore {
         self.state.stats()
     }
 
+    /// What this shard saw of each worker rank.
+    pub fn worker_stats(&self) -> &[WorkerStats] {
+        self.state.worker_stats()
+    }
+
+    pub(crate) fn worker_mut(&mut self, rank: usize) -> Option<&mut WorkerStats> {
+        self.state.worker_mut(rank)
+    }
+
     pub fn is_done(&self) -> bool {
         self.config
             .max_updates
             .is_some_and(|max| self.version() >= max)
+    }
+
+    /// Per rank: whether it is in the quorum.
+    pub fn active(&self) -> &[bool] {
+        &self.active
     }
 
     /// Ranks still in the quorum.
@@ -213,7 +221,7 @@ impl ServerCore {
     pub fn rejoin(&mut self, rank: usize) {
         if let Some(a) = self.active.get_mut(rank) {
             *a = true;
-            self.rule.rejoin(rank);
+            self.rule.rejoin(&self.state, rank);
         }
     }
 }

@@ -401,6 +401,7 @@ fn an_update_that_would_make_the_state_non_finite_is_rolled_back() {
             max_staleness: None,
         },
         Mode::Sync { backup_workers: 0 },
+        Mode::Ssp { max_lead: 2 },
     ] {
         let mut s = ServerCore::new(cfg(mode), vec![1.0, 2.0]).unwrap();
         let before = s.state();
@@ -415,7 +416,9 @@ fn an_update_that_would_make_the_state_non_finite_is_rolled_back() {
         match mode {
             Mode::Async { .. } => assert_eq!(out, Err(PushError::NonFiniteResult)),
             // The step ends (nobody waits) without moving the weights.
-            Mode::Sync { .. } => assert!(matches!(out, Ok(PushOutcome::Applied { .. }))),
+            Mode::Sync { .. } | Mode::Ssp { .. } => {
+                assert!(matches!(out, Ok(PushOutcome::Applied { .. })))
+            }
         }
         assert!(s.params().iter().all(|p| p.is_finite()));
     }
@@ -436,4 +439,75 @@ fn config_validation() {
     .validate()
     .is_err());
     assert!(ServerConfig::default().validate().is_ok());
+    let refused = |mode, staleness_aware_lr, balance_batches| {
+        ServerConfig {
+            mode,
+            staleness_aware_lr,
+            balance_batches,
+            ..Default::default()
+        }
+        .validate()
+        .is_err()
+    };
+    let sync = Mode::Sync { backup_workers: 0 };
+    let ssp = |max_lead| Mode::Ssp { max_lead };
+    assert!(refused(ssp(65), false, false), "max lead is bounded");
+    assert!(!refused(ssp(64), true, false));
+    assert!(
+        refused(sync, true, false),
+        "no staleness-aware rate in sync"
+    );
+    assert!(
+        refused(ssp(1), false, true),
+        "balanced batches are for sync"
+    );
+    assert!(!refused(sync, false, true));
+}
+
+#[test]
+fn staleness_aware_rate_is_lr_over_staleness() {
+    // SGD with lr 0.5 and a gradient of 1: the step is lr / max(staleness, 1).
+    let cfg = ServerConfig {
+        mode: Mode::Async {
+            max_staleness: None,
+        },
+        workers: 2,
+        optimizer: OptimizerConfig::sgd(0.5),
+        staleness_aware_lr: true,
+        ..Default::default()
+    };
+    let mut s = ServerCore::new(cfg.clone(), vec![0.0]).unwrap();
+    let mut expected = 0.0f32;
+    for (base, staleness) in [(0, 0u64), (1, 0), (1, 1), (1, 2), (2, 2), (0, 5)] {
+        let out = s.push(meta(0, base), &[1.0]).unwrap();
+        assert_eq!(
+            out,
+            PushOutcome::Applied {
+                version: s.version(),
+                staleness
+            }
+        );
+        expected -= 0.5 / staleness.max(1) as f32;
+        assert_eq!(s.params(), &[expected], "staleness {staleness}");
+    }
+    // SSP: a step's rate is divided by its gradients' mean staleness.
+    let cfg = ServerConfig {
+        mode: Mode::Ssp { max_lead: 4 },
+        ..cfg
+    };
+    let mut s = ServerCore::new(cfg, vec![0.0]).unwrap();
+    for step in 0..3 {
+        s.push(meta(0, 0), &[1.0]).unwrap();
+        if step < 2 {
+            s.push(meta(1, step), &[1.0]).unwrap();
+        }
+    }
+    assert_eq!(
+        s.params(),
+        &[-1.0],
+        "steps 0 and 1: mean staleness <= 1, full rate"
+    );
+    // Step 2: rank 0 from version 0 (staleness 2), rank 1 from version 0 (staleness 2).
+    s.push(meta(1, 0), &[1.0]).unwrap();
+    assert_eq!(s.params(), &[-1.25]);
 }

@@ -4,6 +4,7 @@
 use crate::config::ServerConfig;
 use crate::error::{PushError, RestoreError};
 use crate::optimizer::Optimizer;
+use crate::worker_stats::WorkerStats;
 
 /// What came with a gradient besides its values.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,6 +83,8 @@ pub struct ShardState {
     optimizer: Optimizer,
     version: u64,
     stats: ServerStats,
+    /// Per rank (not part of a checkpoint: it describes this process's run).
+    workers: Vec<WorkerStats>,
 }
 
 impl ShardState {
@@ -92,6 +95,7 @@ impl ShardState {
             optimizer,
             version: 0,
             stats: ServerStats::default(),
+            workers: vec![WorkerStats::default(); config.workers],
         }
     }
 
@@ -126,15 +130,22 @@ impl ShardState {
     /// unless the weights or optimizer state would stop being finite: then nothing changes,
     /// the update is counted as rolled back, and it returns false.
     pub fn apply(&mut self, update: &[f32]) -> bool {
-        let ok = self.checked(update);
+        self.apply_scaled(update, 1.0)
+    }
+
+    /// `apply` with the learning rate multiplied by `lr_scale` (the staleness-aware rate).
+    pub fn apply_scaled(&mut self, update: &[f32], lr_scale: f32) -> bool {
+        let ok = self.checked(update, lr_scale);
         if ok {
             self.version += 1;
         }
         ok
     }
 
-    fn checked(&mut self, update: &[f32]) -> bool {
-        let ok = self.optimizer.apply(&mut self.params, update);
+    fn checked(&mut self, update: &[f32], lr_scale: f32) -> bool {
+        let ok = self
+            .optimizer
+            .apply_scaled(&mut self.params, update, lr_scale);
         if !ok {
             self.stats.rolled_back += 1;
         }
@@ -147,7 +158,7 @@ impl ShardState {
     /// the weights.
     pub fn apply_step(&mut self, step: u64, update: Option<&[f32]>) {
         if let Some(update) = update {
-            self.checked(update);
+            self.checked(update, 1.0);
         }
         self.version = self.version.max(step + 1);
     }
@@ -194,7 +205,26 @@ impl ShardState {
         self.stats.dropped_stale += 1;
     }
 
+    /// Per-rank counters and times, in rank order.
+    pub fn worker_stats(&self) -> &[WorkerStats] {
+        &self.workers
+    }
+
+    pub fn worker_mut(&mut self, rank: usize) -> Option<&mut WorkerStats> {
+        self.workers.get_mut(rank)
+    }
+
+    /// SSP: `rank`'s gradient was for a step `lead` steps past the shard's version.
+    pub fn record_lead(&mut self, rank: usize, lead: u64) {
+        if let Some(w) = self.workers.get_mut(rank) {
+            w.max_lead = w.max_lead.max(lead);
+        }
+    }
+
     pub fn record_applied(&mut self, meta: PushMeta, staleness: u64) {
+        if let Some(w) = self.workers.get_mut(meta.rank) {
+            w.record_applied(meta.samples, staleness);
+        }
         let s = &mut self.stats;
         s.gradients_applied += 1;
         s.samples_applied += u64::from(meta.samples);

@@ -364,3 +364,49 @@ fn coordinated_steps_keep_the_shards_identical_with_a_slow_worker_and_a_death() 
         );
     }
 }
+
+#[test]
+fn ssp_bounds_the_lead_across_shards_and_goes_on_without_a_dead_worker() {
+    for max_lead in [0, 1, 3] {
+        let mut sim = Sim::new(Mode::Ssp { max_lead }, 3, 2, 40 + max_lead);
+        sim.weight = vec![4, 4, 1];
+        sim.run(600);
+        let before_kill = sim.shards[0].version();
+        assert!(before_kill > 20, "lead {max_lead}: {before_kill} steps");
+        for (s, shard) in sim.shards.iter().enumerate() {
+            for (rank, w) in shard.worker_stats().iter().enumerate() {
+                assert!(
+                    w.max_lead <= max_lead && w.staleness_max <= max_lead,
+                    "lead {max_lead}, shard {s}, rank {rank}: {w:?}"
+                );
+            }
+        }
+        // The fast workers never got more than the bound (plus the step in flight) ahead.
+        let slow = sim.workers[2].pushes;
+        for w in &sim.workers[..2] {
+            assert!(w.pushes <= slow + max_lead + 1, "{} vs {slow}", w.pushes);
+        }
+        if max_lead > 0 {
+            let leads: Vec<u64> = sim.shards[0]
+                .worker_stats()
+                .iter()
+                .map(|w| w.max_lead)
+                .collect();
+            assert_eq!(
+                leads[0].max(leads[1]),
+                max_lead,
+                "the fast ones used the bound"
+            );
+        }
+        // Every step is one mean update of every worker's gradient of ones.
+        let v = sim.shards[0].version();
+        assert_eq!(sim.shards[0].params(), &[-(v as f32); 4][..]);
+        // The slow worker dies: the others are not held up.
+        sim.kill(2);
+        sim.run(300);
+        let after = sim.shards[0].version();
+        assert!(after > before_kill + 50, "lead {max_lead}: {after}");
+        assert_eq!(after, sim.shards[1].version(), "shards in step");
+        assert_eq!(sim.shards[0].params(), sim.shards[1].params());
+    }
+}

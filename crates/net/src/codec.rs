@@ -84,6 +84,11 @@ impl<'a> Reader<'a> {
         })
     }
     /// Fails if bytes are left over: every message has an exact size.
+    /// Bytes not yet read.
+    pub fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
     pub fn finish(&self) -> Result<(), NetError> {
         if self.bytes.is_empty() {
             Ok(())

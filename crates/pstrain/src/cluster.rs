@@ -125,6 +125,7 @@ pub fn worker_argv(cfg: &TrainConfig, data_dir: Option<&Path>) -> Vec<String> {
     if let Some(dir) = data_dir {
         a.extend(["--data-dir".into(), dir.display().to_string()]);
     }
+    a.extend(crate::train_flags::slowdown_argv(&cfg.slowdown));
     a
 }
 

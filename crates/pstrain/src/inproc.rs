@@ -5,7 +5,7 @@
 use pstrain_core::client::{ClientError, ParameterClient, PullReply};
 use pstrain_core::{
     CoreState, Departure, JoinError, PushMeta, PushOutcome, RankRequest, Seat, ServerStats,
-    ShardEngine,
+    ShardEngine, WorkerStats,
 };
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -61,6 +61,11 @@ impl InProcServer {
         self.lock().engine.stats()
     }
 
+    /// What the engine saw of each worker rank.
+    pub fn workers(&self) -> Vec<WorkerStats> {
+        self.lock().engine.worker_stats()
+    }
+
     /// The counters and a copy of the weights, taken together (for evaluation, checkpoints).
     pub fn snapshot(&self) -> (ServerStats, Vec<f32>) {
         let state = self.lock();
@@ -109,6 +114,7 @@ impl ParameterClient for InProcClient {
                 got: params.len(),
             });
         }
+        let arrived = self.server.now();
         let rank = Some(self.seat.rank);
         if wait {
             while !state.closed && !state.engine.pull_ready(rank, newer_than) {
@@ -119,6 +125,8 @@ impl ParameterClient for InProcClient {
                     .unwrap_or_else(|e| e.into_inner());
             }
         }
+        let now = self.server.now();
+        let batch = state.engine.pull_served(self.seat.rank, arrived, now);
         let version = state.engine.version();
         let updated = newer_than.is_none_or(|v| version > v);
         if updated {
@@ -128,6 +136,7 @@ impl ParameterClient for InProcClient {
             version,
             updated,
             done: state.closed || state.engine.is_done(),
+            batch,
         })
     }
 
@@ -204,7 +213,8 @@ mod tests {
             PullReply {
                 version: 1,
                 updated: true,
-                done: false
+                done: false,
+                batch: None
             }
         );
         assert_eq!(p, vec![-1.0; 3]);

@@ -3,7 +3,7 @@
 
 use crate::train::TrainConfig;
 use pstrain_compute::EvalStats;
-use pstrain_core::ServerStats;
+use pstrain_core::{ServerStats, WorkerStats, STALENESS_BOUNDS};
 use serde::Serialize;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -72,6 +72,94 @@ impl EvalRecord {
     }
 }
 
+/// One worker rank as the shards saw it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WorkerRecord {
+    pub rank: usize,
+    pub gradients_applied: u64,
+    /// Gradients the shards did not use (stale, late, refused).
+    pub not_applied: u64,
+    pub samples: u64,
+    /// Gradients (used or not) per second of the run.
+    pub steps_per_s: f64,
+    pub staleness_mean: f64,
+    pub staleness_max: u64,
+    /// Counts of gradients by staleness, in the buckets of `staleness_buckets`.
+    pub staleness_histogram: Vec<u64>,
+    /// SSP: the most steps it ran ahead of the shards' version.
+    pub max_lead: u64,
+    /// Seconds from receiving weights to delivering a gradient (compute and network).
+    pub compute_s: f64,
+    /// Seconds its pulls waited at a barrier or the staleness bound.
+    pub wait_s: f64,
+    /// Samples in its latest gradient (speed-balanced sync sets it per worker).
+    pub batch: u32,
+}
+
+impl WorkerRecord {
+    pub fn new(rank: usize, w: &WorkerStats, wall: Duration) -> Self {
+        let secs = wall.as_secs_f64().max(1e-9);
+        WorkerRecord {
+            rank,
+            gradients_applied: w.applied,
+            not_applied: w.not_applied,
+            samples: w.samples,
+            steps_per_s: (w.applied + w.not_applied) as f64 / secs,
+            staleness_mean: w.staleness_mean(),
+            staleness_max: w.staleness_max,
+            staleness_histogram: w.staleness_hist.to_vec(),
+            max_lead: w.max_lead,
+            compute_s: w.compute_s,
+            wait_s: w.wait_s,
+            batch: w.batch,
+        }
+    }
+
+    pub fn all(workers: &[WorkerStats], wall: Duration) -> Vec<WorkerRecord> {
+        workers
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| WorkerRecord::new(rank, w, wall))
+            .collect()
+    }
+}
+
+/// The labels of the staleness histogram's buckets: "0", "1", "2", "3-4", ..., "33+".
+pub fn staleness_buckets() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut low = 0u64;
+    for &high in &STALENESS_BOUNDS {
+        out.push(match high {
+            u64::MAX => format!("{low}+"),
+            h if h == low => format!("{h}"),
+            h => format!("{low}-{h}"),
+        });
+        low = high.saturating_add(1);
+    }
+    out
+}
+
+/// Every worker's numbers at one moment (written at each evaluation).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkersRecord {
+    pub event: &'static str,
+    pub time_s: f64,
+    pub updates: u64,
+    pub workers: Vec<WorkerRecord>,
+}
+
+impl WorkersRecord {
+    pub fn new(start: Instant, updates: u64, workers: &[WorkerStats]) -> Self {
+        let wall = start.elapsed();
+        WorkersRecord {
+            event: "workers",
+            time_s: wall.as_secs_f64(),
+            updates,
+            workers: WorkerRecord::all(workers, wall),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub event: &'static str,
@@ -94,6 +182,9 @@ pub struct Summary {
     pub not_applied: u64,
     /// True when the run was interrupted before its end.
     pub stopped_early: bool,
+    /// Each worker rank as the shards saw it.
+    pub per_worker: Vec<WorkerRecord>,
+    pub staleness_buckets: Vec<String>,
 }
 
 impl Summary {
@@ -104,6 +195,7 @@ impl Summary {
         wall: Duration,
         stopped_early: bool,
         not_applied: u64,
+        workers: &[WorkerStats],
     ) -> Self {
         let secs = wall.as_secs_f64().max(1e-9);
         Summary {
@@ -125,11 +217,38 @@ impl Summary {
             rejected_nonfinite: stats.rejected_nonfinite,
             not_applied,
             stopped_early,
+            per_worker: WorkerRecord::all(workers, wall),
+            staleness_buckets: staleness_buckets(),
         }
     }
 
     /// The human-readable end-of-run report.
     pub fn render(&self) -> String {
+        let mut text = self.render_totals();
+        if !self.per_worker.is_empty() {
+            text.push_str(
+                "\nworker  steps/s  applied  not used  staleness mean/max  lead  compute s  wait s  batch",
+            );
+            for w in &self.per_worker {
+                text.push_str(&format!(
+                    "\n{:>6}  {:>7.2}  {:>7}  {:>8}  {:>9.2} / {:<6}  {:>4}  {:>9.1}  {:>6.1}  {:>5}",
+                    w.rank,
+                    w.steps_per_s,
+                    w.gradients_applied,
+                    w.not_applied,
+                    w.staleness_mean,
+                    w.staleness_max,
+                    w.max_lead,
+                    w.compute_s,
+                    w.wait_s,
+                    w.batch,
+                ));
+            }
+        }
+        text
+    }
+
+    fn render_totals(&self) -> String {
         format!(
             "{model} {mode}, {workers} worker(s){stopped}\n\
              test accuracy  {acc:.2}% on {n} test images (loss {loss:.4})\n\
@@ -176,5 +295,18 @@ impl<W: Write> MetricsWriter<W> {
         serde_json::to_writer(&mut self.out, record)?;
         self.out.write_all(b"\n")?;
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_labels_match_the_bounds() {
+        assert_eq!(
+            staleness_buckets(),
+            ["0", "1", "2", "3-4", "5-8", "9-16", "17-32", "33+"]
+        );
     }
 }

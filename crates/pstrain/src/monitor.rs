@@ -1,11 +1,11 @@
 //! The run's observer side, whatever the transport: samples the server's counters, evaluates
 //! its weights on the test set every so many updates, and reports both.
 
-use crate::metrics::{EvalRecord, ProgressRecord};
+use crate::metrics::{EvalRecord, ProgressRecord, WorkersRecord};
 use crate::train::{Observer, TrainConfig, TrainError};
 use pstrain_compute::mnist::Split;
 use pstrain_compute::{Model, ModelKind, ModelOptions};
-use pstrain_core::ServerStats;
+use pstrain_core::{ServerStats, WorkerStats};
 use std::time::Instant;
 
 /// Read access to the parameter server, in-process or over the network.
@@ -13,6 +13,16 @@ pub trait ServerView {
     fn stats(&mut self) -> Result<ServerStats, TrainError>;
     /// The counters and the whole weight vector, taken together.
     fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError>;
+    /// What the shards saw of each worker rank.
+    fn workers(&mut self) -> Result<Vec<WorkerStats>, TrainError>;
+}
+
+/// What the monitor ends a run with.
+pub struct Finished {
+    pub stats: ServerStats,
+    pub eval: EvalRecord,
+    pub params: Vec<f32>,
+    pub workers: Vec<WorkerStats>,
 }
 
 pub struct Monitor {
@@ -60,6 +70,8 @@ impl Monitor {
         if stats.version >= self.next_eval {
             let record = self.evaluate(view, test)?;
             observer.eval(&record);
+            let workers = view.workers()?;
+            observer.workers(&WorkersRecord::new(self.start, record.updates, &workers));
             self.last_eval = Some(record);
             while self.next_eval <= stats.version {
                 self.next_eval = self.next_eval.saturating_add(self.eval_every);
@@ -74,8 +86,9 @@ impl Monitor {
         view: &mut dyn ServerView,
         observer: &mut dyn Observer,
         test: &Split,
-    ) -> Result<(ServerStats, EvalRecord, Vec<f32>), TrainError> {
+    ) -> Result<Finished, TrainError> {
         let (stats, weights) = view.snapshot()?;
+        let workers = view.workers()?;
         let record = match self.last_eval.take() {
             Some(record) if record.updates == stats.version => record,
             _ => {
@@ -87,7 +100,13 @@ impl Monitor {
                 record
             }
         };
-        Ok((stats, record, weights))
+        observer.workers(&WorkersRecord::new(self.start, stats.version, &workers));
+        Ok(Finished {
+            stats,
+            eval: record,
+            params: weights,
+            workers,
+        })
     }
 
     fn evaluate(

@@ -11,14 +11,23 @@ use thiserror::Error;
 pub enum FlagError {
     #[error("--backup-workers applies to --mode sync only")]
     BackupsInAsync,
+    #[error("{flag} applies to --mode {mode} only")]
+    OnlyFor {
+        flag: &'static str,
+        mode: &'static str,
+    },
     #[error("invalid run plan: {0}")]
     Plan(#[from] pstrain_core::ConfigError),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
+    /// One averaged update per step from every worker
     Sync,
+    /// Apply each gradient on arrival
     Async,
+    /// Stale synchronous parallel: sync steps, a worker may run --max-lead steps ahead
+    Ssp,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -54,8 +63,8 @@ pub enum ModelArg {
 /// shown; a `worker` takes the shards' plan and refuses a flag that contradicts it.
 #[derive(Args, Debug, Clone, Default, PartialEq)]
 pub struct RunArgs {
-    /// sync: one averaged update per step from every worker; async: apply on arrival
-    /// [default: async]
+    /// sync: one averaged update per step from every worker; async: apply on arrival; ssp:
+    /// sync steps, but a worker may run --max-lead steps ahead of the slowest [default: async]
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
     /// Worker ranks [default: 2]
@@ -92,6 +101,18 @@ pub struct RunArgs {
     /// bound) [default: 32]
     #[arg(long)]
     pub max_staleness: Option<u64>,
+    /// SSP: how many steps a worker may run ahead of the slowest live worker before it waits
+    /// (0: sync) [default: 3]
+    #[arg(long)]
+    pub max_lead: Option<u64>,
+    /// Async and SSP: divide a gradient's learning rate by its staleness (at least 1)
+    /// [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub staleness_aware_lr: Option<bool>,
+    /// Sync: give each worker a batch in proportion to its measured speed (a step's total
+    /// stays workers x --batch-size) [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub balance_batches: Option<bool>,
     /// Sync: each step aggregates the first workers-b gradients and drops the late ones
     /// [default: 0]
     #[arg(long)]
@@ -123,6 +144,7 @@ pub enum NormActionArg {
 
 const DEFAULT_MOMENTUM: f32 = 0.9;
 const DEFAULT_MAX_STALENESS: u64 = 32;
+const DEFAULT_MAX_LEAD: u64 = 3;
 
 fn default_lr(optimizer: OptimizerArg) -> f32 {
     match optimizer {
@@ -164,6 +186,8 @@ impl RunArgs {
             seed: self.seed.unwrap_or(base.seed),
             train_samples: self.train_samples.unwrap_or(base.train_samples),
             clip: self.clip_over(base.clip),
+            staleness_aware_lr: self.staleness_aware_lr.unwrap_or(base.staleness_aware_lr),
+            balance_batches: self.balance_batches.unwrap_or(base.balance_batches),
         };
         plan.validate()?;
         Ok(plan)
@@ -179,26 +203,50 @@ impl RunArgs {
     }
 
     fn mode_over(&self, base: Mode) -> Result<Mode, FlagError> {
-        let sync = match self.mode {
-            Some(m) => m == ModeArg::Sync,
-            None => base.lockstep(),
-        };
-        Ok(if sync {
-            Mode::Sync {
+        let kind = self.mode.unwrap_or(match base {
+            Mode::Sync { .. } => ModeArg::Sync,
+            Mode::Async { .. } => ModeArg::Async,
+            Mode::Ssp { .. } => ModeArg::Ssp,
+        });
+        if kind != ModeArg::Sync && self.backup_workers.is_some_and(|b| b > 0) {
+            return Err(FlagError::BackupsInAsync);
+        }
+        if kind != ModeArg::Ssp && self.max_lead.is_some() {
+            return Err(FlagError::OnlyFor {
+                flag: "--max-lead",
+                mode: "ssp",
+            });
+        }
+        Ok(match kind {
+            ModeArg::Sync => Mode::Sync {
                 backup_workers: self.backup_workers.unwrap_or(base.backup_workers()),
+            },
+            ModeArg::Async => {
+                let base_bound = match base {
+                    Mode::Async { max_staleness } => max_staleness,
+                    Mode::Sync { .. } | Mode::Ssp { .. } => Some(DEFAULT_MAX_STALENESS),
+                };
+                Mode::Async {
+                    max_staleness: self
+                        .max_staleness
+                        .map_or(base_bound, |s| (s > 0).then_some(s)),
+                }
             }
-        } else {
-            if self.backup_workers.is_some_and(|b| b > 0) {
-                return Err(FlagError::BackupsInAsync);
-            }
-            let base_bound = match base {
-                Mode::Async { max_staleness } => max_staleness,
-                Mode::Sync { .. } => Some(DEFAULT_MAX_STALENESS),
-            };
-            Mode::Async {
-                max_staleness: self
-                    .max_staleness
-                    .map_or(base_bound, |s| (s > 0).then_some(s)),
+            ModeArg::Ssp => {
+                if self.max_staleness.is_some() {
+                    // The two bounds are different ideas; say which one SSP has.
+                    return Err(FlagError::OnlyFor {
+                        flag: "--max-staleness (SSP's bound is --max-lead)",
+                        mode: "async",
+                    });
+                }
+                let base_lead = match base {
+                    Mode::Ssp { max_lead } => max_lead,
+                    _ => DEFAULT_MAX_LEAD,
+                };
+                Mode::Ssp {
+                    max_lead: self.max_lead.unwrap_or(base_lead),
+                }
             }
         })
     }
@@ -254,7 +302,7 @@ impl RunArgs {
 fn flags_of(field: &str) -> &'static str {
     match field {
         "model" => "--model",
-        "mode" => "--mode/--max-staleness/--backup-workers",
+        "mode" => "--mode/--max-staleness/--max-lead/--backup-workers",
         "workers" => "--workers",
         "batch_size" => "--batch-size",
         "epochs" => "--epochs",
@@ -265,6 +313,8 @@ fn flags_of(field: &str) -> &'static str {
         "seed" => "--seed",
         "train_samples" => "--train-samples",
         "max_grad_norm" => "--max-grad-norm/--grad-norm-action",
+        "staleness_aware_lr" => "--staleness-aware-lr",
+        "balance_batches" => "--balance-batches",
         _ => "a run flag",
     }
 }
@@ -292,6 +342,10 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
         Mode::Async { max_staleness } => {
             flag("mode", "async".into());
             flag("max-staleness", max_staleness.unwrap_or(0).to_string());
+        }
+        Mode::Ssp { max_lead } => {
+            flag("mode", "ssp".into());
+            flag("max-lead", max_lead.to_string());
         }
     }
     flag("workers", plan.workers.to_string());
@@ -328,6 +382,8 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
             if c.refuse { "refuse" } else { "clip" }.into(),
         );
     }
+    flag("staleness-aware-lr", plan.staleness_aware_lr.to_string());
+    flag("balance-batches", plan.balance_batches.to_string());
     a
 }
 
@@ -374,6 +430,13 @@ mod tests {
                     max_norm: 3.5,
                     refuse: true,
                 }),
+                staleness_aware_lr: false,
+                balance_batches: true,
+            },
+            RunPlan {
+                mode: Mode::Ssp { max_lead: 4 },
+                staleness_aware_lr: true,
+                ..RunPlan::default()
             },
             RunPlan {
                 mode: Mode::Async {
@@ -419,6 +482,25 @@ mod tests {
             bad.overlay(&RunPlan::default()),
             Err(FlagError::BackupsInAsync)
         );
+        let lead_in_async = RunArgs {
+            max_lead: Some(2),
+            ..RunArgs::default()
+        };
+        assert!(lead_in_async.overlay(&RunPlan::default()).is_err());
+        let staleness_in_ssp = RunArgs {
+            mode: Some(ModeArg::Ssp),
+            max_staleness: Some(2),
+            ..RunArgs::default()
+        };
+        assert!(staleness_in_ssp.overlay(&RunPlan::default()).is_err());
+        let ssp = RunArgs {
+            mode: Some(ModeArg::Ssp),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            ssp.overlay(&RunPlan::default()).unwrap().mode,
+            Mode::Ssp { max_lead: 3 }
+        );
     }
 
     #[test]
@@ -439,7 +521,10 @@ mod tests {
         let flags: Vec<&str> = found.iter().map(|c| c.0.as_str()).collect();
         assert_eq!(
             flags,
-            ["--mode/--max-staleness/--backup-workers", "--iterations"]
+            [
+                "--mode/--max-staleness/--max-lead/--backup-workers",
+                "--iterations"
+            ]
         );
         assert_eq!(found[1].1, "Some(300)");
         assert_eq!(found[1].2, "None");

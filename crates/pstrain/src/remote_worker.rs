@@ -40,6 +40,10 @@ pub struct WorkerArgs {
     /// Talk TLS to the shards, trusting certificates signed by this CA (PEM)
     #[arg(long)]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Make this worker FACTOR times slower if it runs as RANK (it waits FACTOR-1 times its
+    /// compute time after each gradient); repeatable, so one list serves every worker
+    #[arg(long, value_name = "RANK=FACTOR", value_parser = crate::train_flags::parse_slowdown)]
+    pub slowdown: Vec<(usize, f64)>,
     /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
     #[command(flatten)]
     pub run: RunArgs,
@@ -77,6 +81,7 @@ fn adopt(args: &WorkerArgs, plan: pstrain_core::RunPlan) -> Result<TrainConfig> 
     let cfg = TrainConfig {
         plan,
         threads: args.threads,
+        slowdown: args.slowdown.clone(),
         ..TrainConfig::default()
     };
     cfg.validate()

@@ -1,7 +1,7 @@
 //! How a run shows itself: a progress bar on a terminal, plain log lines elsewhere, and every
 //! record mirrored into the `--metrics` JSON-lines file.
 
-use crate::metrics::{EvalRecord, MetricsWriter, ProgressRecord};
+use crate::metrics::{EvalRecord, MetricsWriter, ProgressRecord, WorkersRecord};
 use crate::train::Observer;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -111,6 +111,10 @@ impl Observer for Reporter {
             Some(bar) => bar.println(line),
             None => println!("{line}"),
         }
+        self.record(r);
+    }
+
+    fn workers(&mut self, r: &WorkersRecord) {
         self.record(r);
     }
 }

@@ -53,14 +53,33 @@ impl EpochSampler {
         &self.base
     }
 
-    /// The sample indices of global step `step` (counting from the run's first step).
-    pub fn batch_at(&mut self, step: u64) -> impl Iterator<Item = usize> + '_ {
-        let epoch = step / self.steps as u64;
+    fn enter_epoch(&mut self, epoch: u64) {
         if self.epoch != Some(epoch) {
             self.order.copy_from_slice(&self.base);
             self.rng.fork(epoch).shuffle(&mut self.order);
             self.epoch = Some(epoch);
         }
+    }
+
+    /// For batches whose sizes vary (speed-balanced sync): the `n` samples at position `pos`
+    /// of this worker's sequence of epochs, where epoch `e` is the shard once over, in the
+    /// order drawn from (seed, rank, e).
+    pub fn samples_from(&mut self, pos: u64, n: usize, out: &mut Vec<usize>) {
+        out.clear();
+        let len = self.order.len() as u64;
+        if len == 0 {
+            return;
+        }
+        for p in pos..pos.saturating_add(n as u64) {
+            self.enter_epoch(p / len);
+            out.push(self.order[(p % len) as usize]);
+        }
+    }
+
+    /// The sample indices of global step `step` (counting from the run's first step).
+    pub fn batch_at(&mut self, step: u64) -> impl Iterator<Item = usize> + '_ {
+        let epoch = step / self.steps as u64;
+        self.enter_epoch(epoch);
         let k = (step % self.steps as u64) as usize;
         let (len, batch) = (self.order.len(), self.batch);
         let order = &self.order;
@@ -117,5 +136,28 @@ mod tests {
             "a restart sees the same batch"
         );
         assert_eq!(s.batch_at(0).collect::<Vec<_>>(), first);
+    }
+
+    #[test]
+    fn varying_batches_cover_each_epoch_once() {
+        let mut s = EpochSampler::new(100, 2, 1, 10, 5);
+        let (mut pos, mut out, mut seen) = (0u64, Vec::new(), Vec::new());
+        for n in [7, 21, 3, 19] {
+            s.samples_from(pos, n, &mut out);
+            assert_eq!(out.len(), n);
+            seen.extend_from_slice(&out);
+            pos += n as u64;
+        }
+        // 50 samples: one whole epoch of the 50-sample shard, each once.
+        seen.sort_unstable();
+        let mut shard = s.shard().to_vec();
+        shard.sort_unstable();
+        assert_eq!(seen, shard);
+        // Crossing into the next epoch reshuffles.
+        s.samples_from(45, 10, &mut out);
+        assert_eq!(out.len(), 10);
+        let mut again = Vec::new();
+        s.samples_from(50, 5, &mut again);
+        assert_eq!(&out[5..], &again[..]);
     }
 }

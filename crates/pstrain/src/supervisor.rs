@@ -12,7 +12,7 @@ use crate::train_flags::{announce, prepare_train, TrainArgs, TransportArg};
 use crate::worker::WorkerReport;
 use anyhow::{bail, Context, Result};
 use pstrain_compute::mnist::{Mnist, Split};
-use pstrain_core::ServerStats;
+use pstrain_core::{ServerStats, WorkerStats};
 use pstrain_net::{ClientConfig, Role, RunToken, TcpClient};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,6 +21,8 @@ use std::time::Instant;
 pub struct RemoteView {
     client: TcpClient,
     buf: Vec<f32>,
+    /// The workers as the shards last reported them.
+    workers: Vec<WorkerStats>,
 }
 
 impl RemoteView {
@@ -36,6 +38,7 @@ impl RemoteView {
         Ok(RemoteView {
             client: TcpClient::connect(&observer)?,
             buf: vec![0.0; observer.layout.len()],
+            workers: Vec::new(),
         })
     }
 }
@@ -46,7 +49,14 @@ impl ServerView for RemoteView {
         // Every gradient goes to every shard: shard 0 counts updates and samples for all;
         // refusals can differ by shard (a NaN may sit in one slice), so take the largest.
         let mut stats = shards.first().map(|s| s.stats).unwrap_or_default();
+        self.workers = shards
+            .first()
+            .map(|s| s.workers.clone())
+            .unwrap_or_default();
         for s in shards.iter().skip(1) {
+            for (mine, theirs) in self.workers.iter_mut().zip(&s.workers) {
+                mine.merge(theirs);
+            }
             stats.version = stats.version.min(s.stats.version);
             stats.dropped_stale = stats.dropped_stale.max(s.stats.dropped_stale);
             stats.rejected_nonfinite = stats.rejected_nonfinite.max(s.stats.rejected_nonfinite);
@@ -59,6 +69,11 @@ impl ServerView for RemoteView {
         self.client.pull_all(&mut self.buf, None, false)?;
         let stats = self.stats()?;
         Ok((stats, self.buf.clone()))
+    }
+
+    fn workers(&mut self) -> Result<Vec<WorkerStats>, TrainError> {
+        self.stats()?;
+        Ok(self.workers.clone())
     }
 }
 
@@ -101,10 +116,18 @@ impl Supervisor {
         stopped: bool,
     ) -> Result<TrainOutcome, TrainError> {
         let wall = self.monitor.start().elapsed();
-        let (stats, record, params) = self.monitor.finish(&mut self.view, observer, test)?;
+        let end = self.monitor.finish(&mut self.view, observer, test)?;
         Ok(TrainOutcome {
-            summary: Summary::new(cfg, &stats, &record, wall, stopped, not_applied),
-            params,
+            summary: Summary::new(
+                cfg,
+                &end.stats,
+                &end.eval,
+                wall,
+                stopped,
+                not_applied,
+                &end.workers,
+            ),
+            params: end.params,
         })
     }
 }

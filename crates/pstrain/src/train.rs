@@ -2,13 +2,14 @@
 //! evaluates the server's weights on the test set, and the run's summary.
 
 use crate::inproc::InProcServer;
-use crate::metrics::{EvalRecord, ProgressRecord, Summary};
+use crate::metrics::{EvalRecord, ProgressRecord, Summary, WorkersRecord};
 use crate::monitor::{Monitor, ServerView};
 use crate::worker::{run_worker, WorkerConfig, WorkerError, WorkerReport};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::{ComputeError, ModelKind, ModelOptions};
 use pstrain_core::{
     ConfigError, CoreState, EngineConfig, Layout, Rng, RunPlan, ServerStats, ShardEngine,
+    WorkerStats,
 };
 use pstrain_store::{Saver, ShardIdentity};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +32,8 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Where and how often to checkpoint the server, and whether to resume from there.
     pub checkpoint: Option<CheckpointPolicy>,
+    /// Workers made slower for experiments: (rank, factor); see `WorkerConfig::slowdown`.
+    pub slowdown: Vec<(usize, f64)>,
 }
 
 pub use pstrain_store::CheckpointPolicy;
@@ -42,6 +45,7 @@ impl Default for TrainConfig {
             eval_every: None,
             threads: 1,
             checkpoint: None,
+            slowdown: Vec::new(),
         }
     }
 }
@@ -67,6 +71,17 @@ impl TrainConfig {
             }));
         }
         self.model()?;
+        if let Some(&(rank, factor)) = self
+            .slowdown
+            .iter()
+            .find(|(r, f)| *r >= self.plan.workers || !(f.is_finite() && *f >= 1.0 && *f <= 1000.0))
+        {
+            return Err(TrainError::Config(ConfigError::OutOfRange {
+                field: "slowdown",
+                requirement: "RANK=FACTOR with a rank of the run and 1 <= FACTOR <= 1000",
+                value: format!("{rank}={factor}"),
+            }));
+        }
         Ok(self.plan.validate()?)
     }
 
@@ -88,8 +103,20 @@ impl TrainConfig {
             epochs: p.iterations.is_none().then_some(p.epochs),
             seed: p.seed,
             lockstep: p.mode.lockstep(),
+            step_is_version: p.mode.step_is_version(),
             pull_waits: p.mode.pull_waits(),
+            max_batch: p.max_batch(),
+            slowdown: self.slowdown_of(rank),
         }
+    }
+
+    /// How many times slower worker `rank` is made to run (1: not at all).
+    pub fn slowdown_of(&self, rank: usize) -> f64 {
+        self.slowdown
+            .iter()
+            .rev()
+            .find(|(r, _)| *r == rank)
+            .map_or(1.0, |&(_, f)| f)
     }
 
     /// Checks that `data` is what the plan was made for.
@@ -130,6 +157,8 @@ pub enum TrainError {
 pub trait Observer {
     fn progress(&mut self, _record: &ProgressRecord) {}
     fn eval(&mut self, _record: &EvalRecord) {}
+    /// Every worker's numbers (at each evaluation and at the end).
+    fn workers(&mut self, _record: &WorkersRecord) {}
     /// Something worth a line in the log (checkpoints written, files skipped).
     fn note(&mut self, _message: &str) {}
 }
@@ -254,11 +283,19 @@ pub fn train(
         // Also on Ctrl-C: the run can be resumed from exactly here.
         save(s, &server.state(), observer)?;
     }
-    let (stats, record, params) = monitor.finish(&mut view, observer, &data.test)?;
+    let end = monitor.finish(&mut view, observer, &data.test)?;
     let stopped = stop.load(Ordering::Relaxed);
     Ok(TrainOutcome {
-        summary: Summary::new(cfg, &stats, &record, wall, stopped, not_applied),
-        params,
+        summary: Summary::new(
+            cfg,
+            &end.stats,
+            &end.eval,
+            wall,
+            stopped,
+            not_applied,
+            &end.workers,
+        ),
+        params: end.params,
     })
 }
 
@@ -269,6 +306,10 @@ impl ServerView for &InProcServer {
 
     fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError> {
         Ok(InProcServer::snapshot(self))
+    }
+
+    fn workers(&mut self) -> Result<Vec<WorkerStats>, TrainError> {
+        Ok(InProcServer::workers(self))
     }
 }
 

@@ -48,8 +48,32 @@ pub struct TrainArgs {
     /// With --transport tcp (and on Ray) a fresh token is made for each run unless given.
     #[command(flatten)]
     pub token: TokenArgs,
+    /// Make worker RANK FACTOR times slower (it waits FACTOR-1 times its compute time after
+    /// each gradient), to study slow devices; repeat for several workers
+    #[arg(long, value_name = "RANK=FACTOR", value_parser = parse_slowdown)]
+    pub slowdown: Vec<(usize, f64)>,
     #[command(flatten)]
     pub data: DataArgs,
+}
+
+/// `RANK=FACTOR`, e.g. `2=4` (worker 2, four times slower).
+pub fn parse_slowdown(s: &str) -> Result<(usize, f64), String> {
+    let bad = || format!("`{s}` is not RANK=FACTOR (e.g. 2=4: worker 2 four times slower)");
+    let (rank, factor) = s.split_once('=').ok_or_else(bad)?;
+    let rank: usize = rank.trim().parse().map_err(|_| bad())?;
+    let factor: f64 = factor.trim().parse().map_err(|_| bad())?;
+    if !(factor.is_finite() && (1.0..=1000.0).contains(&factor)) {
+        return Err(format!("slowdown factor {factor} must be in 1..=1000"));
+    }
+    Ok((rank, factor))
+}
+
+/// The `--slowdown` flags that reproduce `slowdown`.
+pub fn slowdown_argv(slowdown: &[(usize, f64)]) -> Vec<String> {
+    slowdown
+        .iter()
+        .flat_map(|(r, f)| ["--slowdown".to_string(), format!("{r}={f}")])
+        .collect()
 }
 
 /// The run's configuration, its data set and a reporter sized for its planned samples.
@@ -66,6 +90,7 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
         checkpoint: args
             .checkpoints
             .policy(args.resume.as_deref(), args.resume.is_some())?,
+        slowdown: args.slowdown.clone(),
     };
     cfg.validate().context("invalid training flags")?;
     cfg.check_data(data.train.len())

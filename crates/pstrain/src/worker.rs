@@ -6,6 +6,7 @@ use pstrain_compute::{ComputeError, Model};
 use pstrain_core::client::{ClientError, ParameterClient};
 use pstrain_core::{PushError, PushMeta, PushOutcome, Rng};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 use thiserror::Error;
 
 #[derive(Debug, Clone)]
@@ -16,10 +17,18 @@ pub struct WorkerConfig {
     /// Passes over the shard; `None` runs until the server says the run is done.
     pub epochs: Option<usize>,
     pub seed: u64,
-    /// Every update is one step of every worker: the worker's step number is the version.
+    /// Every update is one step of every worker: a worker joining at version v starts at
+    /// step v.
     pub lockstep: bool,
+    /// The worker's step follows the server's version after each pull (sync).
+    pub step_is_version: bool,
     /// After each push, the next pull waits at the shard's consistency gate.
     pub pull_waits: bool,
+    /// Speed-balanced sync: the largest batch the shards may ask for.
+    pub max_batch: usize,
+    /// Emulates a device this many times slower: after each gradient it waits `slowdown - 1`
+    /// times its compute time. 1 is full speed.
+    pub slowdown: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -74,8 +83,10 @@ fn train_loop(
     let per = model.input_len();
     let mut params = vec![0.0f32; len];
     let mut grads = vec![0.0f32; len];
-    let mut images = vec![0.0f32; cfg.batch_size * per];
-    let mut labels = vec![0u8; cfg.batch_size];
+    let max_batch = cfg.max_batch.max(cfg.batch_size);
+    let mut images = vec![0.0f32; max_batch * per];
+    let mut labels = vec![0u8; max_batch];
+    let mut picked = Vec::with_capacity(max_batch);
     let mut sampler = EpochSampler::new(data.len(), cfg.workers, rank, cfg.batch_size, cfg.seed);
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport {
@@ -99,25 +110,46 @@ fn train_loop(
     } else {
         version / cfg.workers as u64
     };
+    // Balanced batches vary in size: samples are then taken from a running position.
+    let mut batch = batch_size(first.batch, cfg.batch_size, max_batch);
+    let mut position = step.saturating_mul(cfg.batch_size as u64);
     while total.is_none_or(|t| step < t) {
         if stop.load(Ordering::Relaxed) {
             return Ok(report);
         }
-        for (j, i) in sampler.batch_at(step).enumerate() {
+        if cfg.max_batch > cfg.batch_size {
+            sampler.samples_from(position, batch, &mut picked);
+            position += batch as u64;
+        } else {
+            picked.clear();
+            picked.extend(sampler.batch_at(step));
+        }
+        for (j, &i) in picked.iter().enumerate() {
             images[j * per..(j + 1) * per].copy_from_slice(&data.images[i * per..(i + 1) * per]);
             labels[j] = data.labels[i];
         }
+        let n = picked.len();
         let mut rng = dropout_seed.fork(step);
+        let started = Instant::now();
         let stats = model
-            .train_step(&params, &images, &labels, &mut grads, &mut rng)
+            .train_step(
+                &params,
+                &images[..n * per],
+                &labels[..n],
+                &mut grads,
+                &mut rng,
+            )
             .map_err(|source| WorkerError::Compute { rank, source })?;
+        if cfg.slowdown > 1.0 {
+            std::thread::sleep(started.elapsed().mul_f64(cfg.slowdown - 1.0));
+        }
         report.steps += 1;
-        report.samples += cfg.batch_size as u64;
+        report.samples += n as u64;
         report.last_loss = stats.loss;
         let meta = PushMeta {
             rank,
             base_version: version,
-            samples: cfg.batch_size as u32,
+            samples: n as u32,
             loss: stats.loss,
         };
         match client.push(meta, &grads) {
@@ -137,8 +169,18 @@ fn train_loop(
         if reply.done {
             return Ok(report);
         }
+        batch = batch_size(reply.batch, cfg.batch_size, max_batch);
         // A sync worker follows the server's step (it may have been skipped as a straggler).
-        step = if cfg.lockstep { version } else { step + 1 };
+        step = if cfg.step_is_version {
+            version
+        } else {
+            step + 1
+        };
     }
     Ok(report)
+}
+
+/// The batch the shards asked for (balanced sync), within what this worker can hold.
+fn batch_size(asked: Option<u32>, plan: usize, max: usize) -> usize {
+    asked.map_or(plan, |b| (b as usize).clamp(1, max))
 }

@@ -106,8 +106,9 @@ def events(output: str, name: str):
 
 
 def test_ray_job_trains_convnet_spread_over_two_nodes(cluster, data_dir):
+    # Worker 1 is made 3x slower (--slowdown reaches the worker actors through the driver).
     p, elapsed, status = submit(cluster, ["--placement", "spread", "--shards", "2", *CONVNET,
-                                          "--data-dir", str(data_dir)])
+                                          "--slowdown", "1=3", "--data-dir", str(data_dir)])
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     assert "succeeded" in status.lower(), status
@@ -125,6 +126,10 @@ def test_ray_job_trains_convnet_spread_over_two_nodes(cluster, data_dir):
     assert len(placement["shards"]) == 2
     assert len({s["address"] for s in placement["shards"]}) == 2
     assert max(s["version"] for s in summary["shards"]) == 400
+    fast, slow = summary["per_worker"]
+    per_gradient = [w["compute_s"] / max(1, w["gradients_applied"] + w["not_applied"])
+                    for w in (fast, slow)]
+    assert per_gradient[1] > 2 * per_gradient[0], summary["per_worker"]
 
     # The same work without Ray, for the record (not asserted: a timing).
     exe = pathlib.Path(os.environ.get("PSTRAIN_BIN", REPO / "target" / "release" / "pstrain"))

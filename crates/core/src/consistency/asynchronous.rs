@@ -1,5 +1,6 @@
 //! Async: every gradient is applied on arrival; one computed from weights more than
-//! `max_staleness` updates old is dropped (the worker then pulls fresh weights).
+//! `max_staleness` updates old is dropped (the worker then pulls fresh weights). With the
+//! staleness-aware rate, a gradient `s` updates old is applied at `lr / max(s, 1)`.
 
 use super::{Consistency, Gradient};
 use crate::error::PushError;
@@ -8,11 +9,15 @@ use crate::shard_state::{PushOutcome, ShardState};
 #[derive(Debug, Clone)]
 pub struct AsyncApply {
     max_staleness: Option<u64>,
+    staleness_aware: bool,
 }
 
 impl AsyncApply {
-    pub fn new(max_staleness: Option<u64>) -> Self {
-        AsyncApply { max_staleness }
+    pub fn new(max_staleness: Option<u64>, staleness_aware: bool) -> Self {
+        AsyncApply {
+            max_staleness,
+            staleness_aware,
+        }
     }
 }
 
@@ -33,7 +38,12 @@ impl Consistency for AsyncApply {
             return Ok(PushOutcome::Dropped { staleness });
         }
         state.check_gradient(grad.meta, grad.values)?;
-        if !state.apply(grad.values) {
+        let scale = if self.staleness_aware {
+            1.0 / staleness.max(1) as f32
+        } else {
+            1.0
+        };
+        if !state.apply_scaled(grad.values, scale) {
             return Err(PushError::NonFiniteResult);
         }
         state.record_applied(grad.meta, staleness);

@@ -4,16 +4,18 @@
 //! plus its arm in `for_mode` (and the mode's flag).
 
 mod asynchronous;
+mod bounded;
 mod follower;
 mod step_sum;
 mod sync;
 
 pub use asynchronous::AsyncApply;
+pub use bounded::BoundedStaleness;
 pub use follower::CoordinatedFollower;
 pub use step_sum::StepSum;
 pub use sync::SyncSteps;
 
-use crate::config::{Aggregate, Mode};
+use crate::config::{Mode, ServerConfig};
 use crate::error::PushError;
 use crate::shard_state::{PushMeta, PushOutcome, ShardState};
 
@@ -52,7 +54,7 @@ pub trait Consistency: Send + std::fmt::Debug {
     fn leave(&mut self, state: &mut ShardState, active: &[bool], rank: usize) -> bool;
 
     /// `rank` is back in the quorum.
-    fn rejoin(&mut self, _rank: usize) {}
+    fn rejoin(&mut self, _state: &ShardState, _rank: usize) {}
 
     /// Whether a waiting pull by `rank` for weights newer than `newer_than` may return now
     /// (the caller also releases it when the run is over).
@@ -76,15 +78,23 @@ pub trait Consistency: Send + std::fmt::Debug {
 
 /// The rule for shard `shard` of `shards` under `mode`.
 pub fn for_mode(
-    mode: Mode,
-    workers: usize,
-    aggregate: Aggregate,
+    config: &ServerConfig,
     len: usize,
     shard: usize,
     shards: usize,
 ) -> Box<dyn Consistency> {
+    let (mode, workers, aggregate) = (config.mode, config.workers, config.aggregate);
+    let staleness_aware = config.staleness_aware_lr;
     match mode {
-        Mode::Async { max_staleness } => Box::new(AsyncApply::new(max_staleness)),
+        Mode::Async { max_staleness } => Box::new(AsyncApply::new(max_staleness, staleness_aware)),
+        Mode::Ssp { max_lead } => Box::new(BoundedStaleness::new(
+            workers,
+            max_lead,
+            aggregate,
+            len,
+            staleness_aware,
+            config.max_updates,
+        )),
         Mode::Sync { .. } if mode.coordinated(shards) && shard > 0 => {
             Box::new(CoordinatedFollower::new(workers, aggregate, len))
         }

@@ -127,7 +127,7 @@ impl Consistency for SyncSteps {
         !self.heard.get(rank).copied().unwrap_or(true) && self.try_complete(state, active).is_some()
     }
 
-    fn rejoin(&mut self, rank: usize) {
+    fn rejoin(&mut self, _state: &ShardState, rank: usize) {
         // It has not pushed for this step: a rejoining worker pulls first and pushes for the
         // current step.
         if let Some(h) = self.heard.get_mut(rank) {

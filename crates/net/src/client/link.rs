@@ -5,7 +5,7 @@ use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
     kind, Pulled, PushHead, PushReply, Reply, Request, ShardStats, StepMembers, PULLED_LEN,
-    REPLY_LIMIT,
+    REPLY_LIMIT, WORKER_STATS_LEN,
 };
 use pstrain_core::{PullReply, PushMeta, PushOutcome};
 use std::ops::Range;
@@ -77,6 +77,7 @@ impl ShardLink {
             version,
             updated,
             done,
+            batch,
         } = pulled;
         let body = header.len - PULLED_LEN as u64;
         let expected = if updated { 4 * slice.len() as u64 } else { 0 };
@@ -94,6 +95,7 @@ impl ShardLink {
             version,
             updated,
             done,
+            batch: (batch > 0).then_some(batch),
         })
     }
 
@@ -133,10 +135,11 @@ impl ShardLink {
         }
     }
 
-    pub async fn stats(&mut self) -> Result<ShardStats, NetError> {
+    pub async fn stats(&mut self, workers: usize) -> Result<ShardStats, NetError> {
         self.conn.send_request(&Request::Stats, 0, &[]).await?;
         let io = self.conn.io_timeout();
-        match self.conn.read_reply(io, REPLY_LIMIT, 0).await? {
+        let limit = REPLY_LIMIT + (workers * WORKER_STATS_LEN) as u64;
+        match self.conn.read_reply(io, limit, 0).await? {
             Reply::Stats(s) => Ok(s),
             other => Err(NetError::Unexpected {
                 got: other.kind(),

@@ -146,8 +146,10 @@ impl TcpClient {
     }
 
     fn try_stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
-        self.rt
-            .block_on(try_join_all(self.shards.iter_mut().map(|s| s.stats())))
+        let workers = self.cfg.plan.workers;
+        self.rt.block_on(try_join_all(
+            self.shards.iter_mut().map(|s| s.stats(workers)),
+        ))
     }
 
     /// Pulls every shard. With `newer_than`, a shard sends its slice only if it is newer than
@@ -204,6 +206,8 @@ impl TcpClient {
             // A shard that lost updates to a restart (or a push lost to a killed worker)
             // reaches the budget later than the others: the run is over when all have.
             done: replies.iter().all(|r| r.done),
+            // Shard 0 sets the batch sizes.
+            batch: replies.first().and_then(|r| r.batch),
         })
     }
 

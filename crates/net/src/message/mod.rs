@@ -13,7 +13,7 @@ pub use hello::{
 };
 pub use plan::{decode_plan, encode_plan, MAX_WORKERS};
 pub use push::{mask_len, PushHead, PushReply, StepMembers};
-pub use reply::{ErrorCode, Failure, Pulled, Reply, ShardStats, PULLED_LEN};
+pub use reply::{ErrorCode, Failure, Pulled, Reply, ShardStats, PULLED_LEN, WORKER_STATS_LEN};
 pub use request::Request;
 
 pub mod kind {

@@ -58,6 +58,7 @@ pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
         Some(c) => w.u8(1).f32(c.max_norm).bool(c.refuse),
         None => w.u8(0).f32(0.0).bool(false),
     };
+    w.bool(p.staleness_aware_lr).bool(p.balance_batches);
 }
 
 pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
@@ -98,6 +99,7 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
     };
     let (seed, train_samples) = (r.u64()?, r.usize()?);
     let (has_clip, max_norm, refuse) = (r.bool()?, r.f32()?, r.bool()?);
+    let (staleness_aware_lr, balance_batches) = (r.bool()?, r.bool()?);
     Ok(RunPlan {
         model,
         mode,
@@ -111,5 +113,7 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
         seed,
         train_samples,
         clip: has_clip.then_some(GradientClip { max_norm, refuse }),
+        staleness_aware_lr,
+        balance_batches,
     })
 }

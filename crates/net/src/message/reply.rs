@@ -8,7 +8,7 @@ use super::request::fixed;
 use crate::auth::{Nonce, Proof, NONCE_LEN, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::ServerStats;
+use pstrain_core::{ServerStats, WorkerStats, STALENESS_BOUNDS};
 
 /// Why a shard refused a request or closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,15 +93,21 @@ pub struct Pulled {
     pub version: u64,
     pub updated: bool,
     pub done: bool,
+    /// Speed-balanced sync: the worker's next batch size (0: the plan's).
+    pub batch: u32,
 }
 
-/// A shard's counters, quorum and whether the run is over.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A shard's counters, quorum and whether the run is over, and what it saw of each worker.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardStats {
     pub stats: ServerStats,
     pub active_workers: u32,
     pub done: bool,
+    pub workers: Vec<WorkerStats>,
 }
+
+/// Bytes one worker's record takes in a stats reply.
+pub const WORKER_STATS_LEN: usize = 8 * (6 + STALENESS_BOUNDS.len()) + 4;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
@@ -143,7 +149,8 @@ impl Reply {
             Reply::Pushed(p) => return p.encode(workers),
             Reply::Pulled(p) => {
                 w.u64(p.version)
-                    .u8(u8::from(p.updated) | (u8::from(p.done) << 1));
+                    .u8(u8::from(p.updated) | (u8::from(p.done) << 1))
+                    .u32(p.batch);
             }
             Reply::Stats(s) => encode_stats(&mut w, s),
             Reply::GoodbyeOk => {}
@@ -175,6 +182,7 @@ impl Reply {
                     version,
                     updated: flags & 1 != 0,
                     done: flags & 2 != 0,
+                    batch: r.u32()?,
                 })
             }
             kind::STATS_REPLY => Reply::Stats(decode_stats(&mut r)?),
@@ -193,7 +201,7 @@ impl Reply {
 }
 
 /// Size of a pull reply's fixed part.
-pub const PULLED_LEN: usize = 9;
+pub const PULLED_LEN: usize = 13;
 
 fn encode_stats(w: &mut Writer, st: &ShardStats) {
     let s = &st.stats;
@@ -209,7 +217,43 @@ fn encode_stats(w: &mut Writer, st: &ShardStats) {
         .u64(s.staleness_max)
         .f32(s.loss_ema.unwrap_or(f32::NAN))
         .u32(st.active_workers)
-        .bool(st.done);
+        .bool(st.done)
+        .u32(st.workers.len() as u32);
+    for ws in &st.workers {
+        w.u64(ws.applied)
+            .u64(ws.not_applied)
+            .u64(ws.samples)
+            .u64(ws.staleness_sum)
+            .u64(ws.staleness_max);
+        for &n in &ws.staleness_hist {
+            w.u64(n);
+        }
+        w.u64(ws.max_lead)
+            .u64(ws.compute_s.to_bits())
+            .u64(ws.wait_s.to_bits())
+            .u32(ws.batch);
+    }
+}
+
+fn decode_worker_stats(r: &mut Reader<'_>) -> Result<WorkerStats, NetError> {
+    let (applied, not_applied, samples) = (r.u64()?, r.u64()?, r.u64()?);
+    let (staleness_sum, staleness_max) = (r.u64()?, r.u64()?);
+    let mut staleness_hist = [0; STALENESS_BOUNDS.len()];
+    for n in &mut staleness_hist {
+        *n = r.u64()?;
+    }
+    Ok(WorkerStats {
+        applied,
+        not_applied,
+        samples,
+        staleness_sum,
+        staleness_max,
+        staleness_hist,
+        max_lead: r.u64()?,
+        compute_s: f64::from_bits(r.u64()?),
+        wait_s: f64::from_bits(r.u64()?),
+        batch: r.u32()?,
+    })
 }
 
 fn decode_stats(r: &mut Reader<'_>) -> Result<ShardStats, NetError> {
@@ -226,9 +270,16 @@ fn decode_stats(r: &mut Reader<'_>) -> Result<ShardStats, NetError> {
         staleness_max: r.u64()?,
         loss_ema: Some(r.f32()?).filter(|l| !l.is_nan()),
     };
+    let (active_workers, done, count) = (r.u32()?, r.bool()?, r.u32()? as usize);
+    // Bounded by the frame, which the reader bounds: no allocation beyond what arrived.
+    let mut workers = Vec::with_capacity(count.min(r.remaining() / WORKER_STATS_LEN));
+    for _ in 0..count {
+        workers.push(decode_worker_stats(r)?);
+    }
     Ok(ShardStats {
         stats,
-        active_workers: r.u32()?,
-        done: r.bool()?,
+        active_workers,
+        done,
+        workers,
     })
 }

@@ -20,6 +20,8 @@ fn plan() -> RunPlan {
             max_norm: 2.5,
             refuse: true,
         }),
+        staleness_aware_lr: false,
+        balance_batches: true,
     }
 }
 
@@ -168,12 +170,23 @@ fn pulled_and_stats_round_trip() {
         version: 4,
         updated: true,
         done: true,
+        batch: 21,
     });
     let bytes = p.encode(0);
-    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 3]);
+    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 3, 21, 0, 0, 0]);
     assert_eq!(bytes.len(), PULLED_LEN);
     assert_eq!(Reply::decode(kind::PULL_REPLY, &bytes, 0).unwrap(), p);
-    assert!(Reply::decode(kind::PULL_REPLY, &[0, 0, 0, 0, 0, 0, 0, 0, 4], 0).is_err());
+    let bad_flags = [0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0];
+    assert!(Reply::decode(kind::PULL_REPLY, &bad_flags, 0).is_err());
+    let mut worker = pstrain_core::WorkerStats {
+        applied: 5,
+        max_lead: 2,
+        compute_s: 1.25,
+        wait_s: 0.5,
+        batch: 21,
+        ..Default::default()
+    };
+    worker.staleness_hist[3] = 4;
     let st = Reply::Stats(ShardStats {
         stats: ServerStats {
             version: 3,
@@ -182,11 +195,15 @@ fn pulled_and_stats_round_trip() {
         },
         active_workers: 2,
         done: true,
+        workers: vec![worker, Default::default()],
     });
-    assert_eq!(
-        Reply::decode(kind::STATS_REPLY, &st.encode(0), 0).unwrap(),
-        st
-    );
+    let bytes = st.encode(0);
+    assert_eq!(Reply::decode(kind::STATS_REPLY, &bytes, 0).unwrap(), st);
+    // A count of workers the frame does not hold is refused, not allocated.
+    let mut lying = bytes[..bytes.len() - 2 * WORKER_STATS_LEN].to_vec();
+    let at = lying.len() - 4;
+    lying[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(Reply::decode(kind::STATS_REPLY, &lying, 0).is_err());
     assert_eq!(
         Reply::decode(kind::GOODBYE_OK, &Reply::GoodbyeOk.encode(0), 0).unwrap(),
         Reply::GoodbyeOk

@@ -18,6 +18,7 @@ pub(super) async fn pull(
     newer_than: Option<u64>,
     wait: bool,
 ) -> Result<(), NetError> {
+    let arrived = shared.now();
     if wait {
         // A healthy worker waits for the others, whose own deadlines (idle, heartbeat) move
         // the step on; still, no wait outlasts the idle deadline (a far-future version would).
@@ -40,7 +41,11 @@ pub(super) async fn pull(
     let mut lease = shared.lease_buffer();
     let buf = &mut lease.buf;
     let pulled = {
-        let state = shared.lock();
+        let mut state = shared.lock();
+        let batch = match rank {
+            Some(rank) => state.engine.pull_served(rank, arrived, shared.now()),
+            None => None,
+        };
         let version = state.engine.version();
         let updated = newer_than.is_none_or(|n| version > n);
         if updated {
@@ -51,6 +56,7 @@ pub(super) async fn pull(
             version,
             updated,
             done: state.engine.is_done(),
+            batch: batch.unwrap_or(0),
         }
     };
     let tensor: &[f32] = if pulled.updated { buf } else { &[] };
@@ -154,6 +160,7 @@ pub(super) async fn stats(shared: &Shared, conn: &mut Connection) -> Result<(), 
             stats: state.engine.stats(),
             active_workers: state.engine.active_workers() as u32,
             done: state.engine.is_done(),
+            workers: state.engine.worker_stats(),
         }
     };
     conn.send_reply(&Reply::Stats(stats), 0, &[]).await

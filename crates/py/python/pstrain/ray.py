@@ -225,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "shard_pids": shard_pids,
             "workers": [json.loads(r.strip().splitlines()[-1]) for r in reports],
             "shards": shard_stats,
+            "per_worker": summary["per_worker"],
         })
         return 0
     finally:
