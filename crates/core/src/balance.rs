@@ -65,7 +65,7 @@ impl BatchBalancer {
         let total = self.batch * ranks.len();
         let sum: f64 = weights.iter().sum();
         let mut out = vec![self.batch as u32; self.speed.len()];
-        if ranks.is_empty() || !(sum > 0.0) {
+        if ranks.is_empty() || sum.is_nan() || sum <= 0.0 {
             return out;
         }
         // Largest remainder: the shares add up to exactly `total` before the minimum.

@@ -7,7 +7,7 @@ use crate::balance::BatchBalancer;
 use crate::checkpoint_schedule::CheckpointSchedule;
 use crate::config::ServerConfig;
 use crate::error::{ConfigError, PushError, RestoreError};
-use crate::membership::{Departure, JoinError, Membership, RankRequest, Seat};
+use crate::membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
 use crate::server::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
 use crate::worker_stats::WorkerStats;
 use std::time::Duration;
@@ -61,6 +61,8 @@ pub struct ShardEngine {
     coordinator: bool,
     /// Per rank: when the shard last served it weights (its compute starts then).
     served_at: Vec<Option<Duration>>,
+    /// Per rank: a pull of it is waiting at the consistency gate.
+    waiting: Vec<bool>,
     /// Speed-balanced sync batches, when the plan asks for them.
     balancer: Option<BatchBalancer>,
 }
@@ -77,6 +79,7 @@ impl ShardEngine {
         let core = ServerCore::for_shard(cfg.server, params, cfg.shard, cfg.shards)?;
         Ok(ShardEngine {
             served_at: vec![None; workers],
+            waiting: vec![false; workers],
             balancer,
             checkpoints: CheckpointSchedule::new(
                 cfg.checkpoint_every_updates,
@@ -123,12 +126,27 @@ impl ShardEngine {
         self.core.worker_stats().to_vec()
     }
 
+    /// `rank`'s pull waits at the consistency gate (until `pull_served`).
+    pub fn pull_waiting(&mut self, rank: usize) {
+        if let Some(w) = self.waiting.get_mut(rank) {
+            *w = true;
+        }
+    }
+
+    /// Where each rank stands at `now`, and whether a pull of it is waiting at the gate.
+    pub fn presence(&self, now: Duration) -> Vec<(Presence, bool)> {
+        (0..self.waiting.len())
+            .map(|r| (self.members.presence(r, now), self.waiting[r]))
+            .collect()
+    }
+
     /// `rank`'s pull, which arrived at `arrived`, is answered at `now`: its wait is counted,
     /// its compute time starts, and it is told its next batch size when batches are
     /// balanced.
     pub fn pull_served(&mut self, rank: usize, arrived: Duration, now: Duration) -> Option<u32> {
         let slot = self.served_at.get_mut(rank)?;
         *slot = Some(now);
+        self.waiting[rank] = false;
         let batch = self
             .balancer
             .as_ref()

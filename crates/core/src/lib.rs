@@ -29,7 +29,7 @@ pub use config::{Aggregate, GradientClip, Mode, ServerConfig, MAX_LEAD_LIMIT};
 pub use engine::{EngineConfig, PushReport, ShardEngine};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};
 pub use layout::{Layout, TensorSpec};
-pub use membership::{Departure, JoinError, Membership, RankRequest, Seat};
+pub use membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
 pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig};
 pub use plan::{RunPlan, Schedule};
 pub use rng::Rng;

@@ -57,6 +57,19 @@ struct RankState {
     /// The current holder's last heartbeat (its join counts as one: heartbeats are
     /// required, and a holder that never sends one is evicted like one that stopped).
     last_beat: Option<Duration>,
+    /// How the last holder let go, while nobody holds the rank.
+    departed: Option<Departure>,
+}
+
+/// Where a rank stands, for people watching the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Nobody has taken the rank yet.
+    NotJoined,
+    /// Held; `since_beat` is the time since its last heartbeat (or its join).
+    Held { since_beat: Option<Duration> },
+    /// Its last holder left this way and nobody has taken it since.
+    Left(Departure),
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +113,7 @@ impl Membership {
         r.held = true;
         r.joined_ever = true;
         r.vanished = false;
+        r.departed = None;
         r.generation += 1;
         // A new holder's deadline starts now: the old holder's silence is not its.
         r.last_beat = Some(now);
@@ -127,8 +141,23 @@ impl Membership {
         r.held = false;
         r.last_beat = None;
         r.vanished = how != Departure::Goodbye;
+        r.departed = Some(how);
         r.generation += 1;
         true
+    }
+
+    /// Where `rank` stands at `now`.
+    pub fn presence(&self, rank: usize, now: Duration) -> Presence {
+        match self.ranks.get(rank) {
+            Some(r) if r.held => Presence::Held {
+                since_beat: r.last_beat.map(|t| now.saturating_sub(t)),
+            },
+            Some(RankState {
+                departed: Some(how),
+                ..
+            }) => Presence::Left(*how),
+            _ => Presence::NotJoined,
+        }
     }
 
     /// A heartbeat for `rank` at `now`.
@@ -187,7 +216,15 @@ mod tests {
         // Rank 1 died: it comes before the finished rank 0.
         let r = m.join(RankRequest::Any, S).unwrap();
         assert_eq!((r.rank, r.rejoined), (1, true));
+        assert_eq!(m.presence(0, S), Presence::Left(Departure::Goodbye));
         assert_eq!(m.join(RankRequest::Any, S).unwrap().rank, 0);
+        assert_eq!(
+            m.presence(0, 3 * S),
+            Presence::Held {
+                since_beat: Some(2 * S)
+            }
+        );
+        assert_eq!(Membership::new(1).presence(0, S), Presence::NotJoined);
         assert_eq!(m.join(RankRequest::Any, S), Err(JoinError::NoneFree(3)));
         assert_eq!(m.join(RankRequest::Exact(1), S), Err(JoinError::Busy(1)));
         assert_eq!(

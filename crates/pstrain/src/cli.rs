@@ -48,6 +48,8 @@ enum Command {
     Export(ExportArgs),
     /// Print a new random run token (for --token-file / PSTRAIN_TOKEN).
     Token,
+    /// Draw test accuracy and loss against time and samples from --metrics files (.png/.svg).
+    Plot(crate::plot::PlotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +126,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(args) => run_eval(args),
+        Command::Plot(args) => crate::plot::run(&args),
         Command::Export(args) => run_export(args),
         Command::Token => {
             println!("{}", pstrain_net::RunToken::generate()?.to_hex());

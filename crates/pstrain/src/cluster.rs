@@ -161,6 +161,8 @@ struct LocalCluster<'a> {
     token: RunToken,
     shard_args: Vec<String>,
     worker_args: Vec<String>,
+    /// Shard 0's `--metrics-addr`.
+    metrics_addr: Option<String>,
     shards: Vec<Proc>,
     addresses: Vec<String>,
     workers: Vec<WorkerProc>,
@@ -179,6 +181,7 @@ impl<'a> LocalCluster<'a> {
             token,
             shard_args: server_argv(&shard_cfg, cluster.shards),
             worker_args: worker_argv(cfg, Some(&cluster.data_dir)),
+            metrics_addr: cfg.metrics_addr.clone(),
             shards: Vec::new(),
             addresses: Vec::new(),
             workers: Vec::new(),
@@ -201,6 +204,10 @@ impl<'a> LocalCluster<'a> {
             .args(&self.shard_args);
         if let Some(t) = self.cluster.heartbeat_timeout {
             cmd.args(["--heartbeat-timeout", &t.as_secs_f64().to_string()]);
+        }
+        // Shard 0 serves the run's /metrics and live page.
+        if let (0, Some(addr)) = (shard, &self.metrics_addr) {
+            cmd.args(["--metrics-addr", addr]);
         }
         let mut proc = Proc::spawn(name.clone(), &mut cmd)?;
         let stdout = proc

@@ -61,6 +61,14 @@ impl InProcServer {
         self.lock().engine.stats()
     }
 
+    /// What a watcher shows of the engine now.
+    pub fn observe(&self) -> pstrain_observe::ShardView {
+        let now = self.now();
+        let state = self.lock();
+        let e = &state.engine;
+        pstrain_observe::ShardView::new(0, &e.stats(), &e.worker_stats(), &e.presence(now), now)
+    }
+
     /// What the engine saw of each worker rank.
     pub fn workers(&self) -> Vec<WorkerStats> {
         self.lock().engine.worker_stats()
@@ -117,6 +125,7 @@ impl ParameterClient for InProcClient {
         let arrived = self.server.now();
         let rank = Some(self.seat.rank);
         if wait {
+            state.engine.pull_waiting(self.seat.rank);
             while !state.closed && !state.engine.pull_ready(rank, newer_than) {
                 state = self
                     .server
@@ -150,6 +159,8 @@ impl ParameterClient for InProcClient {
         if state.closed {
             return Ok(PushOutcome::Done);
         }
+        // A push is a sign of life (in-process workers send no heartbeats).
+        state.engine.heartbeat(self.seat.rank, now);
         let report = state.engine.push(meta, grad, None, now);
         if let Some(snapshot) = report.snapshot {
             state.snapshot = Some(snapshot);

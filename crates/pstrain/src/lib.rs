@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod netbench;
 pub mod plan_flags;
+pub mod plot;
 pub mod process;
 pub mod remote_worker;
 pub mod reporter;

@@ -92,6 +92,10 @@ pub struct ServerArgs {
     /// The private key of --tls-cert (PEM)
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Serve Prometheus `/metrics` and a live page at `/` on HOST:PORT (off loopback, the run
+    /// token is required: `Authorization: Bearer HEX` or `?token=HEX`) [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -197,6 +201,7 @@ pub fn server_setup(args: &ServerArgs, custom: Option<CustomModel>) -> Result<Sh
     config.exit_when_finished = !args.keep_running;
     config.checkpoint = args.checkpoints.policy(None, true)?;
     config.token = args.token.token()?;
+    config.metrics_addr = args.metrics_addr.clone();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(TlsServer::from_pem_files(cert, key)?);
     }

@@ -201,7 +201,12 @@ impl RemoteRun {
 
     /// Flags for every shard's `pstrain server`; the launcher adds `--listen` and `--shard`.
     pub fn server_args(&self) -> Vec<String> {
-        cluster::server_argv(&self.cfg, self.shards)
+        let mut args = cluster::server_argv(&self.cfg, self.shards);
+        // On a cluster every shard serves its own page (port 0 in it picks a free port).
+        if let Some(addr) = &self.cfg.metrics_addr {
+            args.extend(["--metrics-addr".to_string(), addr.clone()]);
+        }
+        args
     }
 
     /// Flags for every `pstrain worker`; the launcher adds `--servers` and `--rank`. The

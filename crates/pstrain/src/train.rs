@@ -11,9 +11,10 @@ use pstrain_core::{
     ConfigError, CoreState, EngineConfig, Layout, Rng, RunPlan, ServerStats, ShardEngine,
     WorkerStats,
 };
+use pstrain_observe::{plan_fields, EvalPoint, RunSnapshot, Watcher};
 use pstrain_store::{Saver, ShardIdentity};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -34,6 +35,8 @@ pub struct TrainConfig {
     pub checkpoint: Option<CheckpointPolicy>,
     /// Workers made slower for experiments: (rank, factor); see `WorkerConfig::slowdown`.
     pub slowdown: Vec<(usize, f64)>,
+    /// Serve `/metrics` and the live page on this address while the run goes on.
+    pub metrics_addr: Option<String>,
 }
 
 pub use pstrain_store::CheckpointPolicy;
@@ -46,6 +49,7 @@ impl Default for TrainConfig {
             threads: 1,
             checkpoint: None,
             slowdown: Vec::new(),
+            metrics_addr: None,
         }
     }
 }
@@ -208,6 +212,20 @@ pub fn train(
         ));
     }
     let server = InProcServer::new(engine);
+    let evals = Arc::new(Mutex::new(Vec::new()));
+    let _watcher = match &cfg.metrics_addr {
+        Some(addr) => {
+            let w = watch_inproc(addr, cfg, &server, &evals)?;
+            observer.note(&format!("metrics and live page at {}", w.url()));
+            Some(w)
+        }
+        None => None,
+    };
+    let mut watched = WatchedObserver {
+        inner: observer,
+        evals: &evals,
+    };
+    let observer: &mut dyn Observer = &mut watched;
     let options = ModelOptions {
         dropout: true,
         threads: cfg.threads,
@@ -310,6 +328,62 @@ impl ServerView for &InProcServer {
 
     fn workers(&mut self) -> Result<Vec<WorkerStats>, TrainError> {
         Ok(InProcServer::workers(self))
+    }
+}
+
+/// Serves the in-process run's `/metrics` and live page on `addr`.
+fn watch_inproc(
+    addr: &str,
+    cfg: &TrainConfig,
+    server: &Arc<InProcServer>,
+    evals: &Arc<Mutex<Vec<EvalPoint>>>,
+) -> Result<Watcher, TrainError> {
+    let (server, evals) = (Arc::clone(server), Arc::clone(evals));
+    let title = format!(
+        "{}, {}, {} workers",
+        cfg.plan.model, cfg.plan.mode, cfg.plan.workers
+    );
+    let plan = plan_fields(&cfg.plan);
+    let started = Instant::now();
+    let source = move || RunSnapshot {
+        title: title.clone(),
+        plan: plan.clone(),
+        uptime_s: started.elapsed().as_secs_f64(),
+        shards: vec![server.observe()],
+        evals: evals.lock().map(|e| e.clone()).unwrap_or_default(),
+        history: Vec::new(),
+    };
+    // The in-process run has no token: its watcher serves loopback only.
+    Watcher::start(addr, None, Arc::new(source), None)
+        .map_err(|e| TrainError::Cluster(e.to_string()))
+}
+
+/// Passes everything on, keeping the evaluations for the live page.
+pub(crate) struct WatchedObserver<'a> {
+    pub inner: &'a mut dyn Observer,
+    pub evals: &'a Mutex<Vec<EvalPoint>>,
+}
+
+impl Observer for WatchedObserver<'_> {
+    fn progress(&mut self, r: &ProgressRecord) {
+        self.inner.progress(r)
+    }
+    fn eval(&mut self, r: &EvalRecord) {
+        if let Ok(mut e) = self.evals.lock() {
+            e.push(EvalPoint {
+                time_s: r.time_s,
+                samples: r.samples,
+                accuracy: r.test_accuracy,
+                loss: r.test_loss,
+            });
+        }
+        self.inner.eval(r)
+    }
+    fn workers(&mut self, r: &WorkersRecord) {
+        self.inner.workers(r)
+    }
+    fn note(&mut self, message: &str) {
+        self.inner.note(message)
     }
 }
 

@@ -40,6 +40,10 @@ pub struct TrainArgs {
     /// Write progress, evaluations and the summary as JSON lines to this file
     #[arg(long)]
     pub metrics: Option<PathBuf>,
+    /// Serve Prometheus `/metrics` and a live page at `/` on HOST:PORT (loopback; with
+    /// --transport tcp, shard 0 serves it) [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     /// Continue from the newest valid checkpoint in this folder (and keep checkpointing there)
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -91,6 +95,7 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
             .checkpoints
             .policy(args.resume.as_deref(), args.resume.is_some())?,
         slowdown: args.slowdown.clone(),
+        metrics_addr: args.metrics_addr.clone(),
     };
     cfg.validate().context("invalid training flags")?;
     cfg.check_data(data.train.len())

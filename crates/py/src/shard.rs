@@ -99,6 +99,12 @@ impl ShardServer {
         self.handle.shard()
     }
 
+    /// The port of `/metrics` and the live page (with `--metrics-addr`), else `None`.
+    #[getter]
+    fn metrics_port(&self) -> Option<u16> {
+        self.handle.metrics_address().map(|a| a.port())
+    }
+
     /// Waits until the run is over (every worker has left) or `stop()` was called, at most
     /// `timeout` seconds; returns the shard's final counters, or None on timeout.
     #[pyo3(signature = (timeout=None))]

@@ -108,7 +108,8 @@ def events(output: str, name: str):
 def test_ray_job_trains_convnet_spread_over_two_nodes(cluster, data_dir):
     # Worker 1 is made 3x slower (--slowdown reaches the worker actors through the driver).
     p, elapsed, status = submit(cluster, ["--placement", "spread", "--shards", "2", *CONVNET,
-                                          "--slowdown", "1=3", "--data-dir", str(data_dir)])
+                                          "--slowdown", "1=3", "--metrics-addr", "0.0.0.0:0",
+                                          "--data-dir", str(data_dir)])
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     assert "succeeded" in status.lower(), status
@@ -125,6 +126,8 @@ def test_ray_job_trains_convnet_spread_over_two_nodes(cluster, data_dir):
     # Two shards, each found through its actor; the run stops at --iterations.
     assert len(placement["shards"]) == 2
     assert len({s["address"] for s in placement["shards"]}) == 2
+    # Each shard served /metrics and its live page; the job log names where.
+    assert all(s.get("metrics_url", "").startswith("http://") for s in placement["shards"]), placement
     assert max(s["version"] for s in summary["shards"]) == 400
     fast, slow = summary["per_worker"]
     per_gradient = [w["compute_s"] / max(1, w["gradients_applied"] + w["not_applied"])

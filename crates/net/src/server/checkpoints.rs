@@ -58,6 +58,7 @@ pub(super) async fn write(shared: &Shared, saver: &mut Option<Saver>, state: Cor
     let Some(mut s) = saver.take() else {
         return;
     };
+    let started = std::time::Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         let result = s.save(&state);
         (s, result)
@@ -65,8 +66,13 @@ pub(super) async fn write(shared: &Shared, saver: &mut Option<Saver>, state: Cor
     .await;
     match joined {
         Ok((s, result)) => {
-            if let Err(e) = result {
-                shared.log(&format!("checkpoint failed: {e}"));
+            match result {
+                Err(e) => shared.log(&format!("checkpoint failed: {e}")),
+                Ok(Some(_)) => {
+                    let now = std::time::Instant::now();
+                    shared.lock().last_checkpoint = Some((now, now - started));
+                }
+                Ok(None) => {}
             }
             *saver = Some(s);
         }

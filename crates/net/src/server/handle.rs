@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 pub struct ShardHandle {
     address: SocketAddr,
+    metrics_address: Option<SocketAddr>,
     shard: usize,
     rt: tokio::runtime::Runtime,
     stop: Mutex<Option<oneshot::Sender<()>>>,
@@ -36,16 +37,18 @@ impl ShardHandle {
             .build()?;
         let shard = cfg.shard;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let (address, task) = rt.block_on(async {
+        let (address, metrics_address, task) = rt.block_on(async {
             let server = ShardServer::bind(listen, cfg, initial).await?;
             let address = server.local_addr()?;
+            let metrics = server.metrics_addr();
             let task = tokio::spawn(server.run(async {
                 let _ = stop_rx.await;
             }));
-            Ok::<_, NetError>((address, task))
+            Ok::<_, NetError>((address, metrics, task))
         })?;
         Ok(ShardHandle {
             address,
+            metrics_address,
             shard,
             rt,
             stop: Mutex::new(Some(stop_tx)),
@@ -55,6 +58,11 @@ impl ShardHandle {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Where `/metrics` and the live page are served (with `ShardConfig::metrics_addr`).
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
     }
 
     pub fn shard(&self) -> usize {

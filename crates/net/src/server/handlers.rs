@@ -19,6 +19,10 @@ pub(super) async fn pull(
     wait: bool,
 ) -> Result<(), NetError> {
     let arrived = shared.now();
+    let started = std::time::Instant::now();
+    if let (true, Some(rank)) = (wait, rank) {
+        shared.lock().engine.pull_waiting(rank);
+    }
     if wait {
         // A healthy worker waits for the others, whose own deadlines (idle, heartbeat) move
         // the step on; still, no wait outlasts the idle deadline (a far-future version would).
@@ -60,7 +64,11 @@ pub(super) async fn pull(
         }
     };
     let tensor: &[f32] = if pulled.updated { buf } else { &[] };
-    conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await
+    conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await?;
+    if let Some(l) = &shared.latencies {
+        l.pull(started.elapsed().as_secs_f64(), 4 * tensor.len() as u64);
+    }
+    Ok(())
 }
 
 /// Reads a push (head, then the slice straight into `buf`), offers it to the engine, hands a
@@ -71,6 +79,7 @@ pub(super) async fn push(
     len: u64,
     rank: usize,
 ) -> Result<(), NetError> {
+    let started = std::time::Instant::now();
     let workers = shared.cfg.plan.workers;
     let head_len = PushHead::len(workers);
     let body = len
@@ -123,7 +132,11 @@ pub(super) async fn push(
             Reply::Error(Failure::new(code, e.to_string()))
         }
     };
-    conn.send_reply(&reply, workers, &[]).await
+    conn.send_reply(&reply, workers, &[]).await?;
+    if let Some(l) = &shared.latencies {
+        l.push(started.elapsed().as_secs_f64(), len);
+    }
+    Ok(())
 }
 
 /// Shard 0 in coordinated mode: the other shards need step `step`'s members, known once it

@@ -18,6 +18,7 @@ use crate::tls::TlsServer;
 use pstrain_core::{
     shard_ranges, CoreState, EngineConfig, Layout, RunPlan, ServerStats, ShardEngine,
 };
+use pstrain_observe::Watcher;
 use pstrain_store::{CheckpointPolicy, Saver};
 use shared::Shared;
 use std::future::Future;
@@ -56,6 +57,8 @@ pub struct ShardConfig {
     /// Connections open at once, in all and from one address; more are closed on accept.
     pub max_connections: usize,
     pub max_connections_per_address: usize,
+    /// Serve `/metrics` (Prometheus) and the live page on this address.
+    pub metrics_addr: Option<String>,
 }
 
 impl ShardConfig {
@@ -77,6 +80,7 @@ impl ShardConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 512,
             max_connections_per_address: 128,
+            metrics_addr: None,
         }
     }
 
@@ -127,6 +131,8 @@ pub struct ShardServer {
     shared: Arc<Shared>,
     saver: Option<Saver>,
     queue: Option<mpsc::Receiver<CoreState>>,
+    /// `/metrics` and the live page, while the shard serves.
+    watcher: Option<Watcher>,
 }
 
 /// How often the server looks for workers whose heartbeats stopped.
@@ -169,12 +175,26 @@ impl ShardServer {
             }
             None => (None, None),
         };
+        let metrics_addr = cfg.metrics_addr.clone();
         let shared = Arc::new(Shared::new(cfg, range, engine, started, snapshots));
+        let watcher = match metrics_addr {
+            Some(addr) => {
+                let source = Arc::clone(&shared);
+                let token = shared.cfg.token.as_ref().map(RunToken::to_hex);
+                let latencies = shared.latencies.clone();
+                let w = Watcher::start(&addr, token, Arc::new(move || source.observe()), latencies)
+                    .map_err(|e| NetError::Handshake(e.to_string()))?;
+                shared.log(&format!("metrics and live page at {}", w.url()));
+                Some(w)
+            }
+            None => None,
+        };
         Ok(ShardServer {
             listener,
             shared,
             saver,
             queue,
+            watcher,
         })
     }
 
@@ -182,9 +202,15 @@ impl ShardServer {
         self.listener.local_addr()
     }
 
+    /// Where `/metrics` and the live page are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.watcher.as_ref().map(Watcher::addr)
+    }
+
     /// Serves until `shutdown` completes or, with `exit_when_finished`, the run is over.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShardReport {
         tokio::pin!(shutdown);
+        let _watcher = self.watcher;
         let shared = self.shared;
         let (mut saver, mut queue) = (self.saver, self.queue);
         let mut beat_check = tokio::time::interval(HEARTBEAT_CHECK);

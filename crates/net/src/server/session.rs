@@ -105,6 +105,10 @@ async fn serve(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(NetError::Timeout("in the handshake")),
     };
+    if let Some(seat) = me.seat {
+        let address = conn.peer().to_string();
+        shared.lock().worker_addresses.insert(seat.rank, address);
+    }
     *peer = Some(me);
     let workers = cfg.plan.workers;
     // The largest legitimate frame is a push of this shard's gradient.

@@ -3,6 +3,7 @@
 
 use super::{ConnectionEvents, ShardConfig};
 use pstrain_core::{CoreState, ShardEngine};
+use pstrain_observe::{Latencies, RunSnapshot, ShardView};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
@@ -41,6 +42,10 @@ pub(super) struct State {
     pub events: ConnectionEvents,
     /// When each address was last logged as unauthorized (the log is rate-limited).
     pub logged_unauthorized: HashMap<IpAddr, Instant>,
+    /// The address each worker rank last joined from.
+    pub worker_addresses: HashMap<usize, String>,
+    /// When the last checkpoint was written, and how long it took.
+    pub last_checkpoint: Option<(Instant, Duration)>,
 }
 
 pub(super) struct Shared {
@@ -57,6 +62,8 @@ pub(super) struct Shared {
     /// With `--checkpoint-every N`: the writer's queue. The state is snapshotted in the push
     /// that reaches the update count, so a crash loses at most N plus what is being written.
     pub snapshots: Option<mpsc::Sender<CoreState>>,
+    /// Request latencies and bytes for `/metrics` (when it is served).
+    pub latencies: Option<Latencies>,
 }
 
 impl Shared {
@@ -68,7 +75,12 @@ impl Shared {
         snapshots: Option<mpsc::Sender<CoreState>>,
     ) -> Self {
         let (version, _) = watch::channel((engine.version(), engine.is_done()));
+        let latencies = cfg
+            .metrics_addr
+            .is_some()
+            .then(|| Latencies::new(cfg.shard));
         Shared {
+            latencies,
             cfg,
             range,
             started,
@@ -78,6 +90,8 @@ impl Shared {
                 open_by_address: HashMap::new(),
                 events: ConnectionEvents::default(),
                 logged_unauthorized: HashMap::new(),
+                worker_addresses: HashMap::new(),
+                last_checkpoint: None,
             }),
             version,
             finished: Notify::new(),
@@ -106,6 +120,40 @@ impl Shared {
     /// The engine's clock: time since this shard started.
     pub fn now(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// What a watcher shows of this shard now.
+    pub fn observe(&self) -> RunSnapshot {
+        let now = self.now();
+        let state = self.lock();
+        let engine = &state.engine;
+        let mut view = ShardView::new(
+            self.cfg.shard,
+            &engine.stats(),
+            &engine.worker_stats(),
+            &engine.presence(now),
+            now,
+        );
+        view.connections = Some(state.open as u64);
+        if let Some((at, took)) = state.last_checkpoint {
+            view.checkpoint_age_s = Some(at.elapsed().as_secs_f64());
+            view.checkpoint_write_s = Some(took.as_secs_f64());
+        }
+        for w in &mut view.workers {
+            w.address = state.worker_addresses.get(&w.rank).cloned();
+        }
+        let plan = &self.cfg.plan;
+        RunSnapshot {
+            title: format!(
+                "{}, {}, {} workers, shard {} of {}",
+                plan.model, plan.mode, plan.workers, self.cfg.shard, self.cfg.shards
+            ),
+            plan: pstrain_observe::plan_fields(plan),
+            uptime_s: now.as_secs_f64(),
+            shards: vec![view],
+            evals: Vec::new(),
+            history: Vec::new(),
+        }
     }
 
     /// Wakes waiting pulls after a change.

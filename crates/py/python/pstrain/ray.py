@@ -103,7 +103,11 @@ class ShardActor:
         host, port = self.server.address.rsplit(":", 1)
         if host in ("0.0.0.0", "[::]", "::"):
             host = ray.util.get_node_ip_address()
-        return {"address": f"{host}:{port}", "node": _node_id(), "pid": os.getpid()}
+        where = {"address": f"{host}:{port}", "node": _node_id(), "pid": os.getpid()}
+        if self.server.metrics_port is not None:
+            # /metrics and the live page (`--metrics-addr`; off loopback they need the token).
+            where["metrics_url"] = f"http://{host}:{self.server.metrics_port}/"
+        return where
 
     def wait(self, timeout: float) -> Optional[dict]:
         return self.server.wait(timeout)

@@ -1,0 +1,138 @@
+//! A shard's `/metrics` and live page during training: the exposition parses, the counters
+//! and the latency histograms move with the pushes, and the worker table names the worker's
+//! address and state.
+
+mod common;
+
+use common::*;
+use pstrain_core::{ParameterClient, PushMeta};
+use pstrain_net::message::Role;
+use pstrain_net::{ClientConfig, ShardConfig, ShardHandle, TcpClient};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .and_then(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(*v),
+            prometheus_parse::Value::Histogram(b) => b.last().map(|b| b.count),
+            _ => None,
+        })
+}
+
+#[test]
+fn metrics_move_with_training_and_the_page_names_the_workers() {
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 2));
+    cfg.exit_when_finished = false;
+    cfg.metrics_addr = Some("127.0.0.1:0".into());
+    let server = ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 2).unwrap();
+    let watch = server.metrics_address().expect("metrics served");
+    let mut client_cfg = ClientConfig::new(
+        vec![server.address().to_string()],
+        Role::Worker,
+        0,
+        plan(ASYNC, 2),
+        layout(),
+    );
+    client_cfg.connect_timeout = Duration::from_secs(5);
+    let mut c = TcpClient::connect(&client_cfg).unwrap();
+    let mut params = vec![0.0; N];
+    let mut push = |n: usize| {
+        for _ in 0..n {
+            let reply = c.pull(&mut params, None, false).unwrap();
+            let meta = PushMeta {
+                rank: 0,
+                base_version: reply.version,
+                samples: 4,
+                loss: 0.5,
+            };
+            c.push(meta, &vec![0.01; N]).unwrap();
+        }
+    };
+    push(10);
+    let (status, first) = get(watch, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&first, "pstrain_model_version", &[]), Some(10.0));
+    push(15);
+    let (_, second) = get(watch, "/metrics");
+    assert_eq!(sample(&second, "pstrain_model_version", &[]), Some(25.0));
+    assert_eq!(
+        sample(&second, "pstrain_gradients_applied_total", &[]),
+        Some(25.0)
+    );
+    assert_eq!(
+        sample(
+            &second,
+            "pstrain_worker_gradients_applied_total",
+            &[("rank", "0")]
+        ),
+        Some(25.0)
+    );
+    // Every push and pull was timed; the byte counters count the tensors.
+    assert_eq!(
+        sample(&second, "pstrain_push_duration_seconds", &[]),
+        Some(25.0)
+    );
+    assert_eq!(
+        sample(&second, "pstrain_pull_duration_seconds", &[]),
+        Some(25.0)
+    );
+    assert!(sample(&second, "pstrain_received_bytes_total", &[]).unwrap() >= (25 * 4 * N) as f64);
+    assert_eq!(
+        sample(
+            &second,
+            "pstrain_worker_state",
+            &[("rank", "0"), ("state", "training")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &second,
+            "pstrain_worker_state",
+            &[("rank", "1"), ("state", "not joined")]
+        ),
+        Some(1.0)
+    );
+    let (status, json) = get(watch, "/api/run");
+    assert_eq!(status, 200);
+    let run: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let worker = &run["shards"][0]["workers"][0];
+    assert!(
+        worker["address"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("127.0.0.1"),
+        "{worker}"
+    );
+    assert_eq!(worker["gradients_applied"], 25);
+    drop(c);
+    server.finish().unwrap();
+}

@@ -1,0 +1,179 @@
+//! What a watcher sees of a run at one moment: the plan, each shard's counters and workers,
+//! the evaluations so far and the loss over time. Plain data, serialised for the live page.
+
+use pstrain_core::{Departure, Presence, ServerStats, WorkerStats};
+use serde::Serialize;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSnapshot {
+    /// One line naming the run, e.g. "cnn, sync, 3 workers".
+    pub title: String,
+    /// The run plan's fields, in order, for the page.
+    pub plan: Vec<(String, String)>,
+    pub uptime_s: f64,
+    pub shards: Vec<ShardView>,
+    /// Test-set evaluations so far (where the run evaluates: `pstrain train`).
+    pub evals: Vec<EvalPoint>,
+    /// Version, samples and training loss over time, sampled by the watcher once a second.
+    pub history: Vec<HistoryPoint>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardView {
+    pub shard: usize,
+    pub version: u64,
+    pub gradients_applied: u64,
+    pub samples_applied: u64,
+    pub dropped_stale: u64,
+    pub rejected_nonfinite: u64,
+    pub rejected_other: u64,
+    pub clipped: u64,
+    pub rolled_back: u64,
+    /// Moving average of the workers' training loss.
+    pub loss: Option<f32>,
+    /// Open connections (TCP shards).
+    pub connections: Option<u64>,
+    /// Seconds since the last checkpoint was written, and how long writing it took.
+    pub checkpoint_age_s: Option<f64>,
+    pub checkpoint_write_s: Option<f64>,
+    pub workers: Vec<WorkerView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkerView {
+    pub rank: usize,
+    /// training, waiting (at a barrier or the staleness bound), evicted, gone, finished or
+    /// not joined.
+    pub state: &'static str,
+    /// Seconds since its last heartbeat (or its join).
+    pub last_seen_s: Option<f64>,
+    pub address: Option<String>,
+    pub gradients_applied: u64,
+    pub not_applied: u64,
+    pub samples: u64,
+    pub steps_per_s: f64,
+    pub staleness_sum: u64,
+    pub staleness_mean: f64,
+    pub staleness_max: u64,
+    /// Counts per bucket of `pstrain_core::STALENESS_BOUNDS`.
+    pub staleness_hist: Vec<u64>,
+    pub max_lead: u64,
+    pub compute_s: f64,
+    pub wait_s: f64,
+    pub batch: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EvalPoint {
+    pub time_s: f64,
+    pub samples: u64,
+    pub accuracy: f64,
+    pub loss: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HistoryPoint {
+    pub time_s: f64,
+    pub version: u64,
+    pub samples: u64,
+    pub loss: Option<f32>,
+}
+
+/// The page's name for where a worker stands.
+pub fn state_name(presence: Presence, waiting: bool) -> &'static str {
+    match presence {
+        Presence::Held { .. } if waiting => "waiting",
+        Presence::Held { .. } => "training",
+        Presence::Left(Departure::Evicted) => "evicted",
+        Presence::Left(Departure::Vanished) => "gone",
+        Presence::Left(Departure::Goodbye) => "finished",
+        Presence::NotJoined => "not joined",
+    }
+}
+
+impl ShardView {
+    /// Shard `shard`'s counters and workers; `presence` per rank as the engine reports it
+    /// (`ShardEngine::presence`), `uptime` for the step rates.
+    pub fn new(
+        shard: usize,
+        stats: &ServerStats,
+        workers: &[WorkerStats],
+        presence: &[(Presence, bool)],
+        uptime: Duration,
+    ) -> Self {
+        let secs = uptime.as_secs_f64().max(1e-9);
+        let workers = workers
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| {
+                let (p, waiting) = presence
+                    .get(rank)
+                    .copied()
+                    .unwrap_or((Presence::NotJoined, false));
+                WorkerView {
+                    rank,
+                    state: state_name(p, waiting),
+                    last_seen_s: match p {
+                        Presence::Held { since_beat } => since_beat.map(|d| d.as_secs_f64()),
+                        _ => None,
+                    },
+                    address: None,
+                    gradients_applied: w.applied,
+                    not_applied: w.not_applied,
+                    samples: w.samples,
+                    steps_per_s: (w.applied + w.not_applied) as f64 / secs,
+                    staleness_sum: w.staleness_sum,
+                    staleness_mean: w.staleness_mean(),
+                    staleness_max: w.staleness_max,
+                    staleness_hist: w.staleness_hist.to_vec(),
+                    max_lead: w.max_lead,
+                    compute_s: w.compute_s,
+                    wait_s: w.wait_s,
+                    batch: w.batch,
+                }
+            })
+            .collect();
+        ShardView {
+            shard,
+            version: stats.version,
+            gradients_applied: stats.gradients_applied,
+            samples_applied: stats.samples_applied,
+            dropped_stale: stats.dropped_stale,
+            rejected_nonfinite: stats.rejected_nonfinite,
+            rejected_other: stats.rejected_other,
+            clipped: stats.clipped,
+            rolled_back: stats.rolled_back,
+            loss: stats.loss_ema,
+            connections: None,
+            checkpoint_age_s: None,
+            checkpoint_write_s: None,
+            workers,
+        }
+    }
+}
+
+/// The plan's fields for the live page.
+pub fn plan_fields(plan: &pstrain_core::RunPlan) -> Vec<(String, String)> {
+    let iterations = plan
+        .iterations
+        .map_or_else(|| "-".to_string(), |i| i.to_string());
+    [
+        ("model", plan.model.clone()),
+        ("mode", plan.mode.to_string()),
+        ("workers", plan.workers.to_string()),
+        ("batch size", plan.batch_size.to_string()),
+        ("epochs", plan.epochs.to_string()),
+        ("iterations", iterations),
+        ("optimizer", format!("{:?}", plan.optimizer)),
+        ("schedule", plan.schedule.name().to_string()),
+        ("aggregate", format!("{:?}", plan.aggregate)),
+        ("seed", plan.seed.to_string()),
+        ("training samples", plan.train_samples.to_string()),
+        ("staleness-aware lr", plan.staleness_aware_lr.to_string()),
+        ("balanced batches", plan.balance_batches.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}

@@ -1,0 +1,262 @@
+//! Black-box tests of the watcher on 127.0.0.1:0 (and 0.0.0.0:0 with a token), over raw
+//! TCP: the exposition parses as Prometheus text, bad requests get 4xx and the server keeps
+//! serving, strangers need the token off loopback.
+
+use pstrain_core::{Presence, ServerStats, WorkerStats};
+use pstrain_observe::{render_metrics, EvalPoint, Latencies, RunSnapshot, ShardView, Watcher};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn snapshot(version: u64) -> RunSnapshot {
+    let stats = ServerStats {
+        version,
+        gradients_applied: 3 * version,
+        samples_applied: 96 * version,
+        dropped_stale: 2,
+        loss_ema: Some(0.25),
+        ..Default::default()
+    };
+    let mut w = WorkerStats::default();
+    for s in [0, 1, 1, 5, 40] {
+        w.record_applied(32, s);
+    }
+    let presence = [
+        (
+            Presence::Held {
+                since_beat: Some(Duration::from_millis(300)),
+            },
+            false,
+        ),
+        (Presence::Held { since_beat: None }, true),
+    ];
+    RunSnapshot {
+        title: "test run".into(),
+        plan: vec![("mode".into(), "ssp".into())],
+        uptime_s: 10.0,
+        shards: vec![ShardView::new(
+            0,
+            &stats,
+            &[w, WorkerStats::default()],
+            &presence,
+            Duration::from_secs(10),
+        )],
+        evals: vec![EvalPoint {
+            time_s: 5.0,
+            samples: 1000,
+            accuracy: 0.9,
+            loss: 0.3,
+        }],
+        history: Vec::new(),
+    }
+}
+
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+fn parse(text: &str) -> prometheus_parse::Scrape {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("Prometheus text parses")
+}
+
+#[test]
+fn exposition_parses_with_counters_gauges_and_well_formed_histograms() {
+    let latencies = Latencies::new(0);
+    latencies.push(0.002, 4096);
+    latencies.pull(0.5, 8192);
+    let text = render_metrics(&snapshot(7), Some(&latencies));
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let scrape = parse(&text);
+    assert_eq!(
+        value(&scrape, "pstrain_model_version", &[("shard", "0")]),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(&scrape, "pstrain_gradients_applied_total", &[]),
+        Some(21.0)
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "pstrain_gradients_not_applied_total",
+            &[("reason", "stale")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&scrape, "pstrain_test_accuracy_ratio", &[]),
+        Some(0.9)
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "pstrain_worker_state",
+            &[("rank", "1"), ("state", "waiting")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&scrape, "pstrain_received_bytes_total", &[]),
+        Some(4096.0)
+    );
+    // The staleness histogram: cumulative buckets ending in +Inf = count, and the sum.
+    let hist = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "pstrain_worker_staleness_updates" && s.labels.get("rank") == Some("0")
+        })
+        .expect("staleness histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &hist.value else {
+        panic!("not a histogram: {:?}", hist.value)
+    };
+    let counts: Vec<f64> = buckets.iter().map(|b| b.count).collect();
+    assert!(
+        counts.windows(2).all(|w| w[0] <= w[1]),
+        "cumulative: {counts:?}"
+    );
+    assert_eq!(counts.first(), Some(&1.0), "one gradient of staleness 0");
+    assert_eq!(counts.last(), Some(&5.0));
+    assert_eq!(buckets.last().map(|b| b.less_than), Some(f64::INFINITY));
+    assert!(
+        text.contains("pstrain_worker_staleness_updates_sum{shard=\"0\",rank=\"0\"} 47"),
+        "{text}"
+    );
+    for name in [
+        "pstrain_push_duration_seconds",
+        "pstrain_pull_duration_seconds",
+    ] {
+        assert!(
+            scrape.samples.iter().any(|s| s.metric == name),
+            "{name} missing"
+        );
+    }
+}
+
+struct Response {
+    status: u16,
+    body: String,
+}
+
+fn request(addr: SocketAddr, raw: &str) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Response { status, body }
+}
+
+fn get(addr: SocketAddr, path: &str, extra: &str) -> Response {
+    request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"),
+    )
+}
+
+#[test]
+fn serves_metrics_page_and_json_and_refuses_bad_requests() {
+    let version = Arc::new(AtomicU64::new(1));
+    let v = Arc::clone(&version);
+    let w = Watcher::start(
+        "127.0.0.1:0",
+        None,
+        Arc::new(move || snapshot(v.load(Ordering::Relaxed))),
+        None,
+    )
+    .unwrap();
+    let addr = w.addr();
+    let first = get(addr, "/metrics", "");
+    assert_eq!(first.status, 200);
+    version.store(5, Ordering::Relaxed);
+    let second = get(addr, "/metrics", "");
+    let (a, b) = (parse(&first.body), parse(&second.body));
+    assert_eq!(value(&a, "pstrain_model_version", &[]), Some(1.0));
+    assert_eq!(
+        value(&b, "pstrain_model_version", &[]),
+        Some(5.0),
+        "the counters move"
+    );
+    let page = get(addr, "/", "");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<canvas id=\"curve\""));
+    let json = get(addr, "/api/run", "");
+    let run: serde_json::Value = serde_json::from_str(&json.body).unwrap();
+    assert_eq!(run["shards"][0]["workers"][1]["state"], "waiting");
+    assert_eq!(get(addr, "/nope", "").status, 404);
+    assert_eq!(
+        request(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .status,
+        405
+    );
+    // Garbage, an oversized head and a silent client: 4xx or a closed connection, never a
+    // crash; the server keeps serving.
+    let garbage = request(addr, "\x00\x01\x02 not http at all\r\n\r\n");
+    assert!(garbage.status == 0 || (400..500).contains(&garbage.status));
+    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(1 << 20));
+    let r = request(addr, &huge);
+    assert!(
+        r.status == 0 || (400..500).contains(&r.status),
+        "{}",
+        r.status
+    );
+    let _idle = TcpStream::connect(addr).unwrap();
+    assert_eq!(get(addr, "/metrics", "").status, 200);
+}
+
+#[test]
+fn off_loopback_the_token_is_required() {
+    let token = "ab".repeat(32);
+    assert!(Watcher::start("0.0.0.0:0", None, Arc::new(|| snapshot(1)), None).is_err());
+    let w = Watcher::start(
+        "0.0.0.0:0",
+        Some(token.clone()),
+        Arc::new(|| snapshot(1)),
+        None,
+    )
+    .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", w.addr().port()).parse().unwrap();
+    assert_eq!(get(addr, "/metrics", "").status, 401);
+    assert_eq!(
+        get(addr, "/api/run", "Authorization: Bearer 00\r\n").status,
+        401
+    );
+    assert_eq!(
+        get(
+            addr,
+            "/metrics",
+            &format!("Authorization: Bearer {token}\r\n")
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        get(addr, &format!("/api/run?token={token}"), "").status,
+        200
+    );
+}
