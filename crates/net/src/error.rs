@@ -35,6 +35,9 @@ pub enum NetError {
          PSTRAIN_TOKEN), or listen on 127.0.0.1"
     )]
     Unprotected(String),
+    /// The shard's checkpoint folder holds files it cannot use (it does not silently reset).
+    #[error("{0}")]
+    Restore(String),
     /// A worker could not take the rank it asked for (held, out of range, none free).
     #[error("{0}")]
     Join(#[from] JoinError),

@@ -92,6 +92,10 @@ pub struct ServerArgs {
     /// The private key of --tls-cert (PEM)
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Start from the initial weights even if --checkpoint-dir holds checkpoints this shard
+    /// cannot use (damaged, another run's); without it the shard refuses to start
+    #[arg(long)]
+    pub fresh: bool,
     /// Serve Prometheus `/metrics` and a live page at `/` on HOST:PORT (off loopback, the run
     /// token is required: `Authorization: Bearer HEX` or `?token=HEX`) [default: off]
     #[arg(long, value_name = "HOST:PORT")]
@@ -202,6 +206,7 @@ pub fn server_setup(args: &ServerArgs, custom: Option<CustomModel>) -> Result<Sh
     config.checkpoint = args.checkpoints.policy(None, true)?;
     config.token = args.token.token()?;
     config.metrics_addr = args.metrics_addr.clone();
+    config.fresh = args.fresh;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(TlsServer::from_pem_files(cert, key)?);
     }
@@ -250,5 +255,8 @@ pub fn run_server(args: &ServerArgs, stop: &AtomicBool) -> Result<()> {
         }
     };
     log_shard_report(shard, &report);
+    if let Some(e) = &report.final_checkpoint_error {
+        anyhow::bail!("shard {shard}: the final checkpoint could not be written: {e}");
+    }
     Ok(())
 }

@@ -205,3 +205,175 @@ for k in sorted(t): print(k, list(t[k].shape), t[k].dtype)\n";
         ]
     );
 }
+
+#[test]
+fn a_shard_refuses_checkpoints_it_cannot_use_unless_told_fresh() {
+    // A folder whose only checkpoint is damaged: a restarted shard must not quietly begin
+    // again from the initial weights.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) = pstrain(&[
+        "train",
+        "--model",
+        "convnet",
+        "--iterations",
+        "20",
+        "--checkpoint-dir",
+        d,
+    ]);
+    assert!(ok, "{err}");
+    let file = dir
+        .path()
+        .join("shard-0-of-1/ckpt-000000000020.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let server = |extra: &[&str]| {
+        let mut args = vec![
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "convnet",
+            "--workers",
+            "1",
+            "--checkpoint-dir",
+            d,
+        ];
+        args.extend_from_slice(extra);
+        Command::new(common::pstrain_bin())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = server(&[]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("cannot use the checkpoints") && err.contains("--fresh"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // With --fresh it starts (and says why); the damaged file is left where it was.
+    let mut fresh = server(&["--fresh"]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(fresh.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = fresh.kill();
+    let out = fresh.wait_with_output().unwrap();
+    assert!(line.starts_with("listening on "), "{line}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--fresh: starting from the initial weights")
+    );
+    assert!(file.exists());
+}
+
+/// A 32 KiB tmpfs (needs the right to mount: root or CAP_SYS_ADMIN); `None` where that is
+/// not allowed.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount() -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=32k", "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_a_non_zero_exit() {
+    let Some(disk) = SmallDisk::mount() else {
+        eprintln!("cannot mount a tmpfs here (not root): the full-disk test was skipped");
+        return;
+    };
+    let d = disk.0.path().to_str().unwrap();
+    // Fill the disk, then train with checkpoints there: the cnn's checkpoint (14 MB) cannot
+    // be written.
+    let _ = std::fs::write(disk.0.path().join("filler"), vec![0u8; 30 << 10]);
+    let (ok, _, err) = pstrain(&[
+        "train",
+        "--model",
+        "cnn",
+        "--iterations",
+        "3",
+        "--checkpoint-dir",
+        d,
+    ]);
+    assert!(
+        !ok,
+        "a run whose checkpoint could not be written must fail: {err}"
+    );
+    assert!(
+        err.contains("No space left on device") || err.contains("space"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // Nothing half-written is left behind as a checkpoint.
+    let (ok, _, err) = pstrain(&["eval", "--checkpoint", d]);
+    assert!(!ok && err.contains("no valid checkpoint"), "{err}");
+}
+
+#[test]
+fn foreign_higher_numbered_files_do_not_make_a_run_delete_its_checkpoints() {
+    // Three junk files with higher version numbers than the run will reach: pruning by
+    // number alone deleted every new checkpoint right after writing it.
+    let dir = tempfile::tempdir().unwrap();
+    let shard_dir = dir.path().join("shard-0-of-1");
+    std::fs::create_dir_all(&shard_dir).unwrap();
+    for v in [7, 8, 9] {
+        let junk: Vec<u8> = (0..4096u32).map(|i| (i * 31 + v) as u8).collect();
+        std::fs::write(
+            shard_dir.join(format!("ckpt-99999999999{v}.safetensors")),
+            junk,
+        )
+        .unwrap();
+    }
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) = pstrain(&[
+        "train",
+        "--model",
+        "convnet",
+        "--iterations",
+        "600",
+        "--checkpoint-dir",
+        d,
+        "--checkpoint-every",
+        "100",
+    ]);
+    assert!(ok, "{err}");
+    let own: Vec<String> = std::fs::read_dir(&shard_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ckpt-0"))
+        .collect();
+    assert!(
+        own.contains(&"ckpt-000000000600.safetensors".to_string()),
+        "{own:?}"
+    );
+    let (ok, out, err) = pstrain(&["eval", "--checkpoint", d]);
+    assert!(ok, "{err}");
+    assert!(out.contains("at version [600]"), "{out}{err}");
+    // The foreign files were left alone.
+    assert_eq!(
+        std::fs::read_dir(&shard_dir).unwrap().count(),
+        own.len() + 3
+    );
+}

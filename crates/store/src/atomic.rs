@@ -17,7 +17,10 @@ pub fn write_atomically(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.partial"));
+    // Unique per writer: two processes (or two saves) writing the same name never share one.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}-{n}.partial", std::process::id()));
     let result = (|| {
         let mut file = File::create(&tmp)?;
         write(&mut file)?;

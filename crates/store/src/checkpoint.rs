@@ -133,7 +133,12 @@ impl Checkpoint {
             path: path.to_owned(),
             source,
         })?;
-        let st = safetensors::parse(&bytes).map_err(|source| StoreError::Format {
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses a checkpoint file's bytes; `path` only names the source in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, StoreError> {
+        let st = safetensors::parse(bytes).map_err(|source| StoreError::Format {
             path: path.to_owned(),
             source,
         })?;

@@ -44,7 +44,13 @@ impl CheckpointDir {
         found
     }
 
-    /// Writes `ckpt` and removes all but the newest `keep` files.
+    /// How many of its own files a writer keeps.
+    pub fn keep(&self) -> usize {
+        self.keep
+    }
+
+    /// Writes `ckpt` (atomically). Pruning is the writer's: only files it wrote itself may
+    /// go, whatever else the folder holds (see `Saver::save`).
     pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf, StoreError> {
         std::fs::create_dir_all(&self.dir).map_err(|source| StoreError::Io {
             path: self.dir.clone(),
@@ -54,9 +60,6 @@ impl CheckpointDir {
             .dir
             .join(format!("ckpt-{:012}.safetensors", ckpt.state.version));
         ckpt.write(&path)?;
-        for (_, old) in self.list().into_iter().skip(self.keep) {
-            let _ = std::fs::remove_file(old);
-        }
         Ok(path)
     }
 
@@ -203,8 +206,18 @@ mod tests {
     fn keeps_the_newest_and_falls_back_past_damage() {
         let root = tempfile::tempdir().unwrap();
         let dir = CheckpointDir::for_shard(root.path(), 1, 2, 2);
+        // The writer prunes its own files down to the newest two.
+        let policy = crate::CheckpointPolicy {
+            dir: root.path().to_owned(),
+            every_updates: None,
+            every: None,
+            keep: 2,
+            resume: false,
+        };
+        let c0 = ckpt(0);
+        let mut saver = crate::Saver::new(&policy, c0.identity, &c0.model, c0.config);
         for v in [5, 10, 15] {
-            dir.save(&ckpt(v)).unwrap();
+            saver.save(&ckpt(v).state).unwrap();
         }
         let versions: Vec<u64> = dir.list().iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, vec![15, 10], "only the newest two are kept");

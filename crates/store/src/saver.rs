@@ -68,6 +68,9 @@ pub struct Saver {
     model: String,
     config: String,
     last_version: u64,
+    /// The files this saver wrote, oldest first: the only ones it prunes, so foreign,
+    /// damaged or higher-numbered files in the folder can never make it delete its own.
+    written: std::collections::VecDeque<PathBuf>,
 }
 
 impl Saver {
@@ -89,6 +92,7 @@ impl Saver {
             model: model.into(),
             config,
             last_version: 0,
+            written: std::collections::VecDeque::new(),
         }
     }
 
@@ -133,6 +137,13 @@ impl Saver {
             config: self.config.clone(),
         })?;
         self.last_version = state.version;
+        self.written.retain(|p| p != &path);
+        self.written.push_back(path.clone());
+        while self.written.len() > self.dir.keep() {
+            if let Some(old) = self.written.pop_front() {
+                let _ = std::fs::remove_file(old);
+            }
+        }
         Ok(Some(path))
     }
 }

@@ -3,19 +3,24 @@
 
 use super::shared::Shared;
 use super::ShardConfig;
+use crate::error::NetError;
 use pstrain_core::{CoreState, ShardEngine};
 use pstrain_store::{ResumeError, Saver, ShardIdentity};
 use std::ops::Range;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// The shard's saver, after restoring its newest valid checkpoint into `engine`.
+/// The shard's saver, after restoring its newest valid checkpoint into `engine`. A folder
+/// whose checkpoints this shard cannot use (damaged, another run's, or refused on restore)
+/// is an error unless `cfg.fresh`: a restarted shard must not quietly reset the model.
 pub(super) fn restore(
     cfg: &ShardConfig,
     range: &Range<usize>,
     engine: &mut ShardEngine,
-) -> Option<Saver> {
-    let policy = cfg.checkpoint.as_ref()?;
+) -> Result<Option<Saver>, NetError> {
+    let Some(policy) = cfg.checkpoint.as_ref() else {
+        return Ok(None);
+    };
     let log = |msg: String| eprintln!("[shard {}] {msg}", cfg.shard);
     let identity = ShardIdentity {
         shard: cfg.shard,
@@ -38,11 +43,19 @@ pub(super) fn restore(
         Err(ResumeError::NothingValid { skipped, .. }) if skipped.is_empty() => {
             log("no checkpoint yet; starting from the initial weights".into());
         }
-        Err(e) => log(format!(
-            "cannot restore ({e}); starting from the initial weights"
+        Err(e) if cfg.fresh => log(format!(
+            "cannot restore ({e}); --fresh: starting from the initial weights"
         )),
+        Err(e) => {
+            return Err(NetError::Restore(format!(
+                "shard {} cannot use the checkpoints in {}: {e}. Move them aside, or start \
+                 with --fresh to begin from the initial weights",
+                cfg.shard,
+                policy.dir.display()
+            )))
+        }
     }
-    Some(saver)
+    Ok(Some(saver))
 }
 
 /// The next snapshot handed over by a push; never ready without a queue.
@@ -80,13 +93,23 @@ pub(super) async fn write(shared: &Shared, saver: &mut Option<Saver>, state: Cor
     }
 }
 
-/// The checkpoint written when the shard stops.
-pub(super) fn final_save(shared: &Shared, saver: Option<Saver>, engine: &ShardEngine) {
-    if let Some(mut saver) = saver {
-        match saver.save(&engine.state()) {
-            Ok(Some(path)) => shared.log(&format!("checkpoint {}", path.display())),
-            Ok(None) => {}
-            Err(e) => shared.log(&format!("final checkpoint failed: {e}")),
+/// The checkpoint written when the shard stops; the error if it could not be written (the
+/// process then exits non-zero: the run's end is not safely on disk).
+pub(super) fn final_save(
+    shared: &Shared,
+    saver: Option<Saver>,
+    engine: &ShardEngine,
+) -> Option<String> {
+    let mut saver = saver?;
+    match saver.save(&engine.state()) {
+        Ok(Some(path)) => {
+            shared.log(&format!("checkpoint {}", path.display()));
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            shared.log(&format!("final checkpoint failed: {e}"));
+            Some(e.to_string())
         }
     }
 }

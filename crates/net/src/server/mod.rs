@@ -47,6 +47,9 @@ pub struct ShardConfig {
     pub exit_when_finished: bool,
     /// Checkpoint this shard (and restore its newest valid checkpoint at start).
     pub checkpoint: Option<CheckpointPolicy>,
+    /// Start from the initial weights even if the checkpoint folder holds files this shard
+    /// cannot use (without it such a folder is an error).
+    pub fresh: bool,
     /// The run's secret: every peer must prove it holds it before anything else. Without
     /// one the shard serves loopback only (protected mode).
     pub token: Option<RunToken>,
@@ -75,6 +78,7 @@ impl ShardConfig {
             heartbeat_timeout: Duration::from_secs(10),
             exit_when_finished: true,
             checkpoint: None,
+            fresh: false,
             token: None,
             tls: None,
             handshake_timeout: Duration::from_secs(10),
@@ -124,6 +128,8 @@ pub struct ShardReport {
     pub stats: ServerStats,
     pub events: ConnectionEvents,
     pub params: Vec<f32>,
+    /// Why the final checkpoint could not be written, if it could not.
+    pub final_checkpoint_error: Option<String>,
 }
 
 pub struct ShardServer {
@@ -161,7 +167,7 @@ impl ShardServer {
             Duration::ZERO,
         )
         .map_err(|e| NetError::Handshake(e.to_string()))?;
-        let saver = checkpoints::restore(&cfg, &range, &mut engine);
+        let saver = checkpoints::restore(&cfg, &range, &mut engine)?;
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
         if cfg.token.is_none() && !bound.ip().is_loopback() {
@@ -247,11 +253,12 @@ impl ShardServer {
         // Waiting pulls see `done` and return; later requests find the listener gone.
         let state = shared.lock();
         shared.version.send_replace((state.engine.version(), true));
-        checkpoints::final_save(&shared, saver, &state.engine);
+        let final_checkpoint_error = checkpoints::final_save(&shared, saver, &state.engine);
         ShardReport {
             stats: state.engine.stats(),
             events: state.events,
             params: state.engine.params().to_vec(),
+            final_checkpoint_error,
         }
     }
 }
