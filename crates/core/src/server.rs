@@ -229,3 +229,7 @@ impl ServerCore {
 #[cfg(test)]
 #[path = "server_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "server_guard_tests.rs"]
+mod guard_tests;

@@ -8,43 +8,13 @@ use common::*;
 use pstrain_core::{ParameterClient, PushMeta};
 use pstrain_net::message::Role;
 use pstrain_net::{ClientConfig, ShardConfig, ShardHandle, TcpClient};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    (status, body.unwrap_or_default())
-}
+#[path = "../../../test-support/scrape.rs"]
+mod scrape;
 
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .expect("Prometheus text");
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .and_then(|s| match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(*v),
-            prometheus_parse::Value::Histogram(b) => b.last().map(|b| b.count),
-            _ => None,
-        })
+    scrape::value(&scrape::parse(text), name, labels)
 }
 
 #[test]
@@ -77,11 +47,12 @@ fn metrics_move_with_training_and_the_page_names_the_workers() {
         }
     };
     push(10);
-    let (status, first) = get(watch, "/metrics");
-    assert_eq!(status, 200);
+    let first = scrape::get(watch, "/metrics", "");
+    assert_eq!(first.status, 200);
+    let first = first.body;
     assert_eq!(sample(&first, "pstrain_model_version", &[]), Some(10.0));
     push(15);
-    let (_, second) = get(watch, "/metrics");
+    let second = scrape::get(watch, "/metrics", "").body;
     assert_eq!(sample(&second, "pstrain_model_version", &[]), Some(25.0));
     assert_eq!(
         sample(&second, "pstrain_gradients_applied_total", &[]),
@@ -121,9 +92,9 @@ fn metrics_move_with_training_and_the_page_names_the_workers() {
         ),
         Some(1.0)
     );
-    let (status, json) = get(watch, "/api/run");
-    assert_eq!(status, 200);
-    let run: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let json = scrape::get(watch, "/api/run", "");
+    assert_eq!(json.status, 200);
+    let run: serde_json::Value = serde_json::from_str(&json.body).unwrap();
     let worker = &run["shards"][0]["workers"][0];
     assert!(
         worker["address"]

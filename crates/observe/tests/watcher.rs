@@ -4,7 +4,9 @@
 
 use pstrain_core::{Presence, ServerStats, WorkerStats};
 use pstrain_observe::{render_metrics, EvalPoint, Latencies, RunSnapshot, ShardView, Watcher};
-use std::io::{Read, Write};
+#[path = "../../../test-support/scrape.rs"]
+mod scrape;
+use scrape::{get, parse, request, value};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,24 +53,6 @@ fn snapshot(version: u64) -> RunSnapshot {
         }],
         history: Vec::new(),
     }
-}
-
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-}
-
-fn parse(text: &str) -> prometheus_parse::Scrape {
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    prometheus_parse::Scrape::parse(lines).expect("Prometheus text parses")
 }
 
 #[test]
@@ -143,37 +127,6 @@ fn exposition_parses_with_counters_gauges_and_well_formed_histograms() {
             "{name} missing"
         );
     }
-}
-
-struct Response {
-    status: u16,
-    body: String,
-}
-
-fn request(addr: SocketAddr, raw: &str) -> Response {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(raw.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Response { status, body }
-}
-
-fn get(addr: SocketAddr, path: &str, extra: &str) -> Response {
-    request(
-        addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"),
-    )
 }
 
 #[test]

@@ -125,8 +125,9 @@ impl ParameterClient for InProcClient {
         let arrived = self.server.now();
         let rank = Some(self.seat.rank);
         if wait {
-            state.engine.pull_waiting(self.seat.rank);
             while !state.closed && !state.engine.pull_ready(rank, newer_than) {
+                // Shown as "waiting" on the live page until served.
+                state.engine.pull_waiting(self.seat.rank);
                 state = self
                     .server
                     .changed

@@ -1,12 +1,12 @@
 //! The run's observer side, whatever the transport: samples the server's counters, evaluates
 //! its weights on the test set every so many updates, and reports both.
 
-use crate::metrics::{EvalRecord, ProgressRecord, WorkersRecord};
-use crate::train::{Observer, TrainConfig, TrainError};
+use crate::metrics::{EvalRecord, ProgressRecord, Summary, WorkersRecord};
+use crate::train::{Observer, TrainConfig, TrainError, TrainOutcome};
 use pstrain_compute::mnist::Split;
 use pstrain_compute::{Model, ModelKind, ModelOptions};
 use pstrain_core::{ServerStats, WorkerStats};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Read access to the parameter server, in-process or over the network.
 pub trait ServerView {
@@ -23,6 +23,31 @@ pub struct Finished {
     pub eval: EvalRecord,
     pub params: Vec<f32>,
     pub workers: Vec<WorkerStats>,
+}
+
+impl Finished {
+    /// The run's outcome: its summary (over `wall` time) and the final weights.
+    pub fn into_outcome(
+        self,
+        cfg: &TrainConfig,
+        wall: Duration,
+        stopped: bool,
+        not_applied: u64,
+    ) -> TrainOutcome {
+        let summary = Summary::new(
+            cfg,
+            &self.stats,
+            &self.eval,
+            wall,
+            stopped,
+            not_applied,
+            &self.workers,
+        );
+        TrainOutcome {
+            summary,
+            params: self.params,
+        }
+    }
 }
 
 pub struct Monitor {

@@ -117,18 +117,7 @@ impl Supervisor {
     ) -> Result<TrainOutcome, TrainError> {
         let wall = self.monitor.start().elapsed();
         let end = self.monitor.finish(&mut self.view, observer, test)?;
-        Ok(TrainOutcome {
-            summary: Summary::new(
-                cfg,
-                &end.stats,
-                &end.eval,
-                wall,
-                stopped,
-                not_applied,
-                &end.workers,
-            ),
-            params: end.params,
-        })
+        Ok(end.into_outcome(cfg, wall, stopped, not_applied))
     }
 }
 

@@ -302,19 +302,7 @@ pub fn train(
         save(s, &server.state(), observer)?;
     }
     let end = monitor.finish(&mut view, observer, &data.test)?;
-    let stopped = stop.load(Ordering::Relaxed);
-    Ok(TrainOutcome {
-        summary: Summary::new(
-            cfg,
-            &end.stats,
-            &end.eval,
-            wall,
-            stopped,
-            not_applied,
-            &end.workers,
-        ),
-        params: end.params,
-    })
+    Ok(end.into_outcome(cfg, wall, stop.load(Ordering::Relaxed), not_applied))
 }
 
 impl ServerView for &InProcServer {

@@ -11,27 +11,16 @@ use pstrain_compute::ModelKind;
 use pstrain_core::{Mode, OptimizerConfig};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// Runs the cluster on another thread and fails the test if it takes longer than `bound`.
 fn run_bounded(cfg: TrainConfig, cluster: ClusterConfig, bound: Duration) -> TrainOutcome {
     let _guard = common::one_at_a_time();
     let data = common::mnist();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(train_tcp(
-            &cfg,
-            &cluster,
-            data,
-            &mut Quiet,
-            &AtomicBool::new(false),
-        ));
-    });
-    let outcome = rx
-        .recv_timeout(bound)
-        .unwrap_or_else(|_| panic!("the run did not finish within {bound:?}"))
-        .unwrap();
+    let outcome = common::within(bound, move || {
+        train_tcp(&cfg, &cluster, data, &mut Quiet, &AtomicBool::new(false))
+    })
+    .unwrap();
     println!("{}", outcome.summary.render());
     outcome
 }

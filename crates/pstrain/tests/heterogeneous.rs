@@ -12,7 +12,6 @@ use pstrain_compute::ModelKind;
 use pstrain_core::{Mode, OptimizerConfig};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// Samples every run trains on: 0.4 epoch.
@@ -44,19 +43,10 @@ fn heterogeneous(mode: Mode, tune: impl FnOnce(&mut RunPlan)) -> TrainConfig {
 /// claim: the bound is several times what the run needs).
 fn run_bounded(cfg: TrainConfig, bound: Duration) -> Summary {
     let _guard = common::one_at_a_time();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(train(
-            &cfg,
-            common::mnist(),
-            &mut Quiet,
-            &AtomicBool::new(false),
-        ));
-    });
-    let outcome = rx
-        .recv_timeout(bound)
-        .unwrap_or_else(|_| panic!("the run did not finish within {bound:?}"))
-        .unwrap();
+    let outcome = common::within(bound, move || {
+        train(&cfg, common::mnist(), &mut Quiet, &AtomicBool::new(false))
+    })
+    .unwrap();
     println!("{}", outcome.summary.render());
     outcome.summary
 }

@@ -4,12 +4,13 @@
 //! recorded run to PNG and SVG.
 
 mod common;
+#[path = "../../../test-support/scrape.rs"]
+mod scrape;
 
 use pstrain::{train, Observer, RunPlan, Schedule, TrainConfig};
 use pstrain_compute::ModelKind;
 use pstrain_core::{Mode, OptimizerConfig};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -47,38 +48,14 @@ fn watched_run() -> TrainConfig {
     }
 }
 
-fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
 fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
-    let text = get(addr, "/metrics");
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses")
+    let r = scrape::get(addr, "/metrics", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    scrape::parse(&r.body)
 }
 
 fn value(s: &prometheus_parse::Scrape, name: &str) -> f64 {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name)
-        .and_then(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(v),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{name} missing"))
+    scrape::value(s, name, &[]).unwrap_or_else(|| panic!("{name} missing"))
 }
 
 /// Chromium from the distribution, if installed (CI installs it).

@@ -2,7 +2,7 @@
 //! `max_staleness` updates old is dropped (the worker then pulls fresh weights). With the
 //! staleness-aware rate, a gradient `s` updates old is applied at `lr / max(s, 1)`.
 
-use super::{Consistency, Gradient};
+use super::{admit_own_step, Consistency, Gradient};
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
 
@@ -28,10 +28,7 @@ impl Consistency for AsyncApply {
         _active: &[bool],
         grad: Gradient<'_>,
     ) -> Result<PushOutcome, PushError> {
-        if grad.tag.is_some() {
-            state.count_refusal();
-            return Err(PushError::UnexpectedStep);
-        }
+        admit_own_step(state, None, &grad)?;
         let staleness = state.version() - grad.meta.base_version;
         if self.max_staleness.is_some_and(|bound| staleness > bound) {
             state.count_stale();

@@ -6,7 +6,7 @@
 //! on the weights it has (at most `max_lead` updates old). `max_lead = 0` is sync, update for
 //! update and bit for bit.
 
-use super::{Consistency, Gradient, StepSum};
+use super::{admit_own_step, Consistency, Gradient, StepSum};
 use crate::config::Aggregate;
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
@@ -158,14 +158,7 @@ impl Consistency for BoundedStaleness {
         grad: Gradient<'_>,
     ) -> Result<PushOutcome, PushError> {
         let (meta, rank) = (grad.meta, grad.meta.rank);
-        if grad.tag.is_some() {
-            state.count_refusal();
-            return Err(PushError::UnexpectedStep);
-        }
-        if !active[rank] {
-            state.count_refusal();
-            return Err(PushError::NotInQuorum { rank });
-        }
+        admit_own_step(state, Some(active), &grad)?;
         let version = state.version();
         let step = self.clock_of(state, rank);
         if step - version > self.max_lead {
@@ -177,11 +170,12 @@ impl Consistency for BoundedStaleness {
         state.record_lead(rank, step - version);
         // The caller checked base <= version <= step.
         let staleness = step - meta.base_version;
-        let checked = if staleness > self.max_lead {
-            // Computed from weights older than the bound allows (a worker that did not pull):
-            // it counts as heard for its step, so the step is not held up, but adds nothing.
+        // Ok(true): summed into its step; Ok(false): dropped, computed from weights older
+        // than the bound allows (a worker that did not pull). Either way, and on a refusal,
+        // the rank counts as heard for its step, so the step is not held up.
+        let accepted = if staleness > self.max_lead {
             state.count_stale();
-            Ok(PushOutcome::Dropped { staleness })
+            Ok(false)
         } else {
             state.check_gradient(meta, grad.values).map(|()| {
                 let pending = self.step_mut(state, step);
@@ -189,21 +183,21 @@ impl Consistency for BoundedStaleness {
                 pending.staleness_sum += staleness;
                 pending.contributions += 1;
                 state.record_applied(meta, staleness);
-                PushOutcome::Buffered { waiting_for: 0 }
+                true
             })
         };
         self.step_mut(state, step).heard[rank] = true;
         let applied = self.apply_complete(state, active);
-        match checked? {
-            PushOutcome::Buffered { .. } if applied => Ok(PushOutcome::Applied {
+        Ok(match accepted? {
+            false => PushOutcome::Dropped { staleness },
+            true if applied => PushOutcome::Applied {
                 version: state.version(),
                 staleness,
-            }),
-            PushOutcome::Buffered { .. } => Ok(PushOutcome::Buffered {
+            },
+            true => PushOutcome::Buffered {
                 waiting_for: self.window.front().map_or(0, |s| s.waiting_for(active)),
-            }),
-            other => Ok(other),
-        }
+            },
+        })
     }
 
     fn leave(&mut self, state: &mut ShardState, active: &[bool], _rank: usize) -> bool {

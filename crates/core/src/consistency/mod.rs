@@ -76,6 +76,26 @@ pub trait Consistency: Send + std::fmt::Debug {
     fn reset(&mut self) {}
 }
 
+/// What every rule that decides its own steps checks first: the gradient carries no
+/// coordinated-step tag and, where a quorum applies (`active`), its rank is in it. A refusal
+/// is counted.
+fn admit_own_step(
+    state: &mut ShardState,
+    active: Option<&[bool]>,
+    grad: &Gradient<'_>,
+) -> Result<(), PushError> {
+    let rank = grad.meta.rank;
+    let refusal = if grad.tag.is_some() {
+        PushError::UnexpectedStep
+    } else if active.is_some_and(|a| !a[rank]) {
+        PushError::NotInQuorum { rank }
+    } else {
+        return Ok(());
+    };
+    state.count_refusal();
+    Err(refusal)
+}
+
 /// The rule for shard `shard` of `shards` under `mode`.
 pub fn for_mode(
     config: &ServerConfig,

@@ -2,7 +2,7 @@
 //! combined by `StepSum`; late gradients of a finished step are dropped when there are backup
 //! workers. A shard 0 that coordinates other shards remembers each step's members.
 
-use super::{Consistency, Gradient, StepSum};
+use super::{admit_own_step, Consistency, Gradient, StepSum};
 use crate::config::Aggregate;
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
@@ -82,14 +82,7 @@ impl Consistency for SyncSteps {
         grad: Gradient<'_>,
     ) -> Result<PushOutcome, PushError> {
         let (meta, rank) = (grad.meta, grad.meta.rank);
-        if grad.tag.is_some() {
-            state.count_refusal();
-            return Err(PushError::UnexpectedStep);
-        }
-        if !active[rank] {
-            state.count_refusal();
-            return Err(PushError::NotInQuorum { rank });
-        }
+        admit_own_step(state, Some(active), &grad)?;
         let staleness = state.version() - meta.base_version;
         if staleness > 0 && self.backup_workers > 0 {
             // A straggler's gradient for a step that completed without it: backup workers

@@ -20,9 +20,6 @@ pub(super) async fn pull(
 ) -> Result<(), NetError> {
     let arrived = shared.now();
     let started = std::time::Instant::now();
-    if let (true, Some(rank)) = (wait, rank) {
-        shared.lock().engine.pull_waiting(rank);
-    }
     if wait {
         // A healthy worker waits for the others, whose own deadlines (idle, heartbeat) move
         // the step on; still, no wait outlasts the idle deadline (a far-future version would).
@@ -30,8 +27,15 @@ pub(super) async fn pull(
             let mut rx = shared.version.subscribe();
             loop {
                 let (_, done) = *rx.borrow_and_update();
-                if done || shared.lock().engine.pull_ready(rank, newer_than) {
-                    break;
+                {
+                    let mut state = shared.lock();
+                    if done || state.engine.pull_ready(rank, newer_than) {
+                        break;
+                    }
+                    // Shown as "waiting" on the live page until served.
+                    if let Some(rank) = rank {
+                        state.engine.pull_waiting(rank);
+                    }
                 }
                 if rx.changed().await.is_err() {
                     break;

@@ -34,6 +34,20 @@ pub fn mnist() -> &'static Mnist {
     DATA.get_or_init(|| mnist::load_dir(&mnist_dir()).expect("real MNIST loads"))
 }
 
+/// Runs `run` on a thread of its own and fails the test if it takes longer than `bound` (a
+/// stall, not a speed claim: bounds are several times what a run needs).
+pub fn within<T: Send + 'static>(
+    bound: std::time::Duration,
+    run: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(run());
+    });
+    rx.recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("the run did not finish within {bound:?}"))
+}
+
 /// Training runs use both cores; running two at once would only make each slower.
 pub fn one_at_a_time() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());

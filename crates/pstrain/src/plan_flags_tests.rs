@@ -1,0 +1,142 @@
+//! Tests of the flags <-> plan conversion: every field round-trips, defaults, refusals and
+//! contradictions named by flag.
+use super::*;
+use clap::Parser;
+
+#[derive(Parser)]
+struct Wrapper {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn parse(argv: &[String]) -> RunArgs {
+    Wrapper::try_parse_from(std::iter::once("x".to_string()).chain(argv.iter().cloned()))
+        .unwrap()
+        .run
+}
+
+fn round_trip(plan: &RunPlan) -> RunPlan {
+    parse(&plan_argv(plan))
+        .overlay(&RunPlan::default())
+        .unwrap()
+}
+
+#[test]
+fn every_field_survives_flags_and_back() {
+    // Every field away from its default, in each shape the flags can express.
+    let plans = [
+        RunPlan {
+            model: "convnet".into(),
+            mode: Mode::Sync { backup_workers: 1 },
+            workers: 3,
+            batch_size: 16,
+            epochs: 7,
+            iterations: Some(123),
+            optimizer: OptimizerConfig::momentum(0.037, 0.85).with_weight_decay(0.0005),
+            schedule: Schedule::Constant,
+            aggregate: Aggregate::Sum,
+            seed: 99,
+            train_samples: 1234,
+            clip: Some(GradientClip {
+                max_norm: 3.5,
+                refuse: true,
+            }),
+            staleness_aware_lr: false,
+            balance_batches: true,
+        },
+        RunPlan {
+            mode: Mode::Ssp { max_lead: 4 },
+            staleness_aware_lr: true,
+            ..RunPlan::default()
+        },
+        RunPlan {
+            mode: Mode::Async {
+                max_staleness: None,
+            },
+            optimizer: OptimizerConfig::sgd(0.3),
+            ..RunPlan::default()
+        },
+        RunPlan {
+            mode: Mode::Async {
+                max_staleness: Some(5),
+            },
+            optimizer: OptimizerConfig::adam(0.002).with_weight_decay(0.01),
+            ..RunPlan::default()
+        },
+        RunPlan::default(),
+    ];
+    for plan in &plans {
+        assert_eq!(&round_trip(plan), plan);
+    }
+}
+
+#[test]
+fn no_flags_is_the_default_plan_and_lr_follows_the_optimizer() {
+    let none = RunArgs::default();
+    assert_eq!(
+        none.overlay(&RunPlan::default()).unwrap(),
+        RunPlan::default()
+    );
+    let sgd = RunArgs {
+        optimizer: Some(OptimizerArg::Sgd),
+        ..RunArgs::default()
+    };
+    assert_eq!(
+        sgd.overlay(&RunPlan::default()).unwrap().optimizer,
+        OptimizerConfig::sgd(0.01)
+    );
+    let bad = RunArgs {
+        backup_workers: Some(1),
+        ..RunArgs::default()
+    };
+    assert_eq!(
+        bad.overlay(&RunPlan::default()),
+        Err(FlagError::BackupsInAsync)
+    );
+    let lead_in_async = RunArgs {
+        max_lead: Some(2),
+        ..RunArgs::default()
+    };
+    assert!(lead_in_async.overlay(&RunPlan::default()).is_err());
+    let staleness_in_ssp = RunArgs {
+        mode: Some(ModeArg::Ssp),
+        max_staleness: Some(2),
+        ..RunArgs::default()
+    };
+    assert!(staleness_in_ssp.overlay(&RunPlan::default()).is_err());
+    let ssp = RunArgs {
+        mode: Some(ModeArg::Ssp),
+        ..RunArgs::default()
+    };
+    assert_eq!(
+        ssp.overlay(&RunPlan::default()).unwrap().mode,
+        Mode::Ssp { max_lead: 3 }
+    );
+}
+
+#[test]
+fn contradictions_name_the_flag_and_both_values() {
+    let plan = RunPlan {
+        mode: Mode::Sync { backup_workers: 0 },
+        ..RunPlan::default()
+    };
+    // Repeating the plan's values is fine.
+    let same = parse(&plan_argv(&plan));
+    assert!(same.contradictions(&plan).unwrap().is_empty());
+    let other = RunArgs {
+        iterations: Some(300),
+        mode: Some(ModeArg::Async),
+        ..RunArgs::default()
+    };
+    let found = other.contradictions(&plan).unwrap();
+    let flags: Vec<&str> = found.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        flags,
+        [
+            "--mode/--max-staleness/--max-lead/--backup-workers",
+            "--iterations"
+        ]
+    );
+    assert_eq!(found[1].1, "Some(300)");
+    assert_eq!(found[1].2, "None");
+}
