@@ -273,6 +273,11 @@ impl ShardEngine {
             .then(|| self.core.state())
     }
 
+    /// Takes no checkpoint snapshot before `until` (the writer failed and backs off).
+    pub fn hold_checkpoints(&mut self, until: Duration) {
+        self.checkpoints.hold_until(until);
+    }
+
     /// The time-based checkpoint interval, for the caller's timer.
     pub fn checkpoint_every(&self) -> Option<Duration> {
         self.checkpoints.every()

@@ -113,6 +113,16 @@ impl RunToken {
         mac
     }
 
+    /// A public name for what `context` describes within this token's run (e.g. the run id
+    /// of its checkpoints): 16 hex digits of an HMAC, so it says nothing about the secret.
+    pub fn derive_id(&self, context: &[u8]) -> String {
+        let tag = self
+            .mac(b"pstrain id", &[0; NONCE_LEN], &[0; NONCE_LEN], context)
+            .finalize()
+            .into_bytes();
+        tag[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The proof for `label` over both nonces and `claims`.
     pub fn prove(&self, label: &[u8], peer: &Nonce, shard: &Nonce, claims: &[u8]) -> Proof {
         self.mac(label, peer, shard, claims)

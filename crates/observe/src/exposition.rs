@@ -240,6 +240,13 @@ impl Collector for SnapshotCollector {
             G,
             writes,
         )?;
+        family(
+            &mut e,
+            "pstrain_checkpoint_failures",
+            "Checkpoints the shard could not write (it backs off and says why in its log)",
+            C,
+            per_shard(|s| s.checkpoint_failures as f64),
+        )?;
         if let Some(last) = snap.evals.last() {
             family(
                 &mut e,

@@ -37,6 +37,9 @@ pub struct ShardView {
     /// Seconds since the last checkpoint was written, and how long writing it took.
     pub checkpoint_age_s: Option<f64>,
     pub checkpoint_write_s: Option<f64>,
+    /// Checkpoints that could not be written, and the last such error while it lasts.
+    pub checkpoint_failures: u64,
+    pub checkpoint_error: Option<String>,
     pub workers: Vec<WorkerView>,
 }
 
@@ -148,6 +151,8 @@ impl ShardView {
             connections: None,
             checkpoint_age_s: None,
             checkpoint_write_s: None,
+            checkpoint_failures: 0,
+            checkpoint_error: None,
             workers,
         }
     }

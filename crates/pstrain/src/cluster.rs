@@ -132,6 +132,8 @@ pub fn worker_argv(cfg: &TrainConfig, data_dir: Option<&Path>) -> Vec<String> {
 /// The `pstrain server` flags that make a shard checkpoint (and restore) as `policy` says.
 fn checkpoint_argv(policy: &CheckpointPolicy) -> Vec<String> {
     let mut a = vec![
+        "--run-id".to_string(),
+        policy.run_id.clone(),
         "--checkpoint-dir".to_string(),
         policy.dir.display().to_string(),
         "--keep-checkpoints".into(),

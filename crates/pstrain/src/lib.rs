@@ -18,6 +18,7 @@ pub mod plot;
 pub mod process;
 pub mod remote_worker;
 pub mod reporter;
+pub mod run_id;
 pub mod sampler;
 pub mod shard_setup;
 pub mod supervisor;

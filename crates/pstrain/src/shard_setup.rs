@@ -4,6 +4,7 @@
 
 use crate::flags::parse_flags;
 use crate::plan_flags::RunArgs;
+use crate::run_id;
 use crate::token::TokenArgs;
 use crate::train::{CheckpointPolicy, TrainConfig};
 use anyhow::{bail, Context, Result};
@@ -31,11 +32,21 @@ pub struct CheckpointArgs {
     /// Checkpoints kept per shard
     #[arg(long, default_value_t = 3)]
     pub keep_checkpoints: usize,
+    /// The run the checkpoints belong to (other runs' files are refused) [default: train: a
+    /// new id, or the resumed run's; server: derived from the run's token and plan]
+    #[arg(long)]
+    pub run_id: Option<String>,
 }
 
 impl CheckpointArgs {
-    /// The policy for checkpoints under `dir` (else `--checkpoint-dir`), if any.
-    pub fn policy(&self, dir: Option<&Path>, resume: bool) -> Result<Option<CheckpointPolicy>> {
+    /// The policy for checkpoints under `dir` (else `--checkpoint-dir`), if any, for the run
+    /// `run_id` names given the folder.
+    pub fn policy(
+        &self,
+        dir: Option<&Path>,
+        resume: bool,
+        run_id: impl FnOnce(&Path) -> Result<String>,
+    ) -> Result<Option<CheckpointPolicy>> {
         let Some(dir) = dir.or(self.checkpoint_dir.as_deref()) else {
             return Ok(None);
         };
@@ -49,6 +60,7 @@ impl CheckpointArgs {
             Some(s) => Some(seconds("--checkpoint-secs", s)?),
         };
         Ok(Some(CheckpointPolicy {
+            run_id: run_id(dir)?,
             dir: dir.to_owned(),
             every_updates: self.checkpoint_every,
             every,
@@ -130,7 +142,7 @@ impl ShardSetup {
 /// The shard that `pstrain server ARGV...` would serve, with `custom` weights in place of
 /// `--model`'s if given.
 pub fn shard_setup(argv: &[String], custom: Option<CustomModel>) -> Result<ShardSetup> {
-    server_setup(&parse_flags::<ServerArgs>("server", argv)?, custom)
+    shard_setup_with_token(argv, custom, None)
 }
 
 /// The same, with the run's token given by the caller (else from the flags or environment).
@@ -139,11 +151,12 @@ pub fn shard_setup_with_token(
     custom: Option<CustomModel>,
     token: Option<RunToken>,
 ) -> Result<ShardSetup> {
-    let mut setup = shard_setup(argv, custom)?;
-    if token.is_some() {
-        setup.config.token = token;
-    }
-    Ok(setup)
+    let args = parse_flags::<ServerArgs>("server", argv)?;
+    let token = match token {
+        Some(t) => Some(t),
+        None => args.token.token()?,
+    };
+    server_setup_with_token(&args, custom, token)
 }
 
 /// Seconds from a flag, refusing what `Duration` cannot hold.
@@ -156,6 +169,14 @@ pub fn seconds(flag: &str, s: f64) -> Result<Duration> {
 }
 
 pub fn server_setup(args: &ServerArgs, custom: Option<CustomModel>) -> Result<ShardSetup> {
+    server_setup_with_token(args, custom, args.token.token()?)
+}
+
+fn server_setup_with_token(
+    args: &ServerArgs,
+    custom: Option<CustomModel>,
+    token: Option<RunToken>,
+) -> Result<ShardSetup> {
     if args.shard >= args.shards {
         bail!(
             "--shard {} is out of range for --shards {}",
@@ -203,8 +224,11 @@ pub fn server_setup(args: &ServerArgs, custom: Option<CustomModel>) -> Result<Sh
     config.idle_timeout = seconds("--idle-timeout", args.idle_timeout as f64)?;
     config.heartbeat_timeout = seconds("--heartbeat-timeout", args.heartbeat_timeout)?;
     config.exit_when_finished = !args.keep_running;
-    config.checkpoint = args.checkpoints.policy(None, true)?;
-    config.token = args.token.token()?;
+    let given = args.checkpoints.run_id.as_deref();
+    config.checkpoint = args.checkpoints.policy(None, true, |_| {
+        run_id::for_server(given, token.as_ref(), &config.plan, args.shards)
+    })?;
+    config.token = token;
     config.metrics_addr = args.metrics_addr.clone();
     config.fresh = args.fresh;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {

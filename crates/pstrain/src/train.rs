@@ -200,7 +200,7 @@ pub fn train(
     let mut saver = policy.map(|p| saver_for(p, cfg, &layout));
     if let Some(saver) = saver.as_mut().filter(|s| s.policy().resume) {
         let restored = saver
-            .restore_into(|state| engine.restore(state, Duration::ZERO))
+            .restore_into(false, |state| engine.restore(state, Duration::ZERO))
             .map_err(|e| TrainError::Resume(e.to_string()))?;
         for p in &restored.skipped {
             observer.note(&format!("skipping checkpoint: {p}"));
@@ -378,6 +378,7 @@ impl Observer for WatchedObserver<'_> {
 /// The in-process server's checkpoint saver (one shard holding everything).
 fn saver_for(policy: &CheckpointPolicy, cfg: &TrainConfig, layout: &Layout) -> Saver {
     let identity = ShardIdentity {
+        run_id: policy.run_id.clone(),
         shard: 0,
         shards: 1,
         range: 0..layout.len(),

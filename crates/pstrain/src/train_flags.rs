@@ -4,6 +4,7 @@
 use crate::data::{load_data, DataArgs};
 use crate::plan_flags::RunArgs;
 use crate::reporter::Reporter;
+use crate::run_id;
 use crate::shard_setup::CheckpointArgs;
 use crate::token::TokenArgs;
 use crate::train::TrainConfig;
@@ -87,13 +88,16 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
         train_samples: data.train.len(),
         ..RunPlan::default()
     };
+    let resume = args.resume.is_some();
     let cfg = TrainConfig {
         plan: args.run.overlay(&base).context("invalid training flags")?,
         eval_every: args.eval_every,
         threads: args.threads,
         checkpoint: args
             .checkpoints
-            .policy(args.resume.as_deref(), args.resume.is_some())?,
+            .policy(args.resume.as_deref(), resume, |dir| {
+                run_id::for_train(dir, args.checkpoints.run_id.as_deref(), resume)
+            })?,
         slowdown: args.slowdown.clone(),
         metrics_addr: args.metrics_addr.clone(),
     };

@@ -49,6 +49,7 @@ fn resumed_sync_run_matches_the_uninterrupted_one() {
     assert_eq!(whole.summary.updates, 120);
 
     let policy = CheckpointPolicy {
+        run_id: "test-run".into(),
         dir: dir.path().to_owned(),
         every_updates: Some(10),
         every: None,
@@ -79,6 +80,7 @@ fn resumed_sync_run_matches_the_uninterrupted_one() {
 
     let second = TrainConfig {
         checkpoint: Some(CheckpointPolicy {
+            run_id: "test-run".into(),
             resume: true,
             ..policy
         }),
@@ -133,9 +135,7 @@ fn damaged_newest_checkpoint_falls_back_to_the_previous() {
     let (ok, _, err) = run(&["--iterations", "40", "--resume", d]);
     assert!(ok, "{err}");
     assert!(err.contains("version 20"), "{err}");
-    let newest = dir
-        .path()
-        .join("shard-0-of-1/ckpt-000000000040.safetensors");
+    let newest = checkpoint_file(dir.path(), 40);
     let mut bytes = std::fs::read(&newest).unwrap();
     let n = bytes.len();
     bytes[n - 5] ^= 0x10;
@@ -157,7 +157,7 @@ fn damaged_newest_checkpoint_falls_back_to_the_previous() {
         empty.path().to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(err.contains("no valid checkpoint"), "{err}");
+    assert!(err.contains("no checkpoint to resume"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -222,13 +222,8 @@ fn a_shard_refuses_checkpoints_it_cannot_use_unless_told_fresh() {
         d,
     ]);
     assert!(ok, "{err}");
-    let file = dir
-        .path()
-        .join("shard-0-of-1/ckpt-000000000020.safetensors");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let n = bytes.len();
-    bytes[n - 3] ^= 0x01;
-    std::fs::write(&file, &bytes).unwrap();
+    let file = checkpoint_file(dir.path(), 20);
+    let run_id = run_of(&file);
     let server = |extra: &[&str]| {
         let mut args = vec![
             "server",
@@ -249,16 +244,30 @@ fn a_shard_refuses_checkpoints_it_cannot_use_unless_told_fresh() {
             .spawn()
             .unwrap()
     };
-    let refused = server(&[]).wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{err}");
-    assert!(
-        err.contains("cannot use the checkpoints") && err.contains("--fresh"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    // A file of another run (this server's run id is derived from its token and plan),
+    // then the run's own file damaged.
+    for (extra, why) in [
+        (&[][..], "belongs to another run"),
+        (&["--run-id", run_id.as_str()][..], "checksum mismatch"),
+    ] {
+        if why == "checksum mismatch" {
+            let mut bytes = std::fs::read(&file).unwrap();
+            let n = bytes.len();
+            bytes[n - 3] ^= 0x01;
+            std::fs::write(&file, &bytes).unwrap();
+        }
+        let refused = server(extra).wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{err}");
+        assert!(
+            err.contains("cannot use the checkpoints") && err.contains("--fresh"),
+            "{err}"
+        );
+        assert!(err.contains(why), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
     // With --fresh it starts (and says why); the damaged file is left where it was.
-    let mut fresh = server(&["--fresh"]);
+    let mut fresh = server(&["--run-id", &run_id, "--fresh"]);
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(fresh.stdout.take().unwrap()),
@@ -365,7 +374,7 @@ fn foreign_higher_numbered_files_do_not_make_a_run_delete_its_checkpoints() {
         .filter(|n| n.starts_with("ckpt-0"))
         .collect();
     assert!(
-        own.contains(&"ckpt-000000000600.safetensors".to_string()),
+        own.iter().any(|n| n.starts_with("ckpt-000000000600.")),
         "{own:?}"
     );
     let (ok, out, err) = pstrain(&["eval", "--checkpoint", d]);
@@ -376,4 +385,38 @@ fn foreign_higher_numbered_files_do_not_make_a_run_delete_its_checkpoints() {
         std::fs::read_dir(&shard_dir).unwrap().count(),
         own.len() + 3
     );
+    // A new run refuses the folder (it holds a run now); --resume continues that run.
+    let more = ["train", "--model", "convnet", "--iterations", "700"];
+    let (ok, _, err) = pstrain(&[&more[..], &["--checkpoint-dir", d]].concat());
+    assert!(!ok, "a second run mixed into the first one's folder");
+    assert!(
+        err.contains("already holds checkpoints of run") && err.contains("--resume"),
+        "{err}"
+    );
+    let (ok, _, err) = pstrain(&[&more[..], &["--resume", d]].concat());
+    assert!(ok && err.contains("version 600"), "{err}");
+}
+
+/// The checkpoint file of shard 0 of 1 at `version` (its name ends in the run's id).
+fn checkpoint_file(root: &std::path::Path, version: u64) -> std::path::PathBuf {
+    let dir = root.join("shard-0-of-1");
+    let prefix = format!("ckpt-{version:012}.");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&prefix)
+        })
+        .unwrap_or_else(|| panic!("no checkpoint of version {version} in {}", dir.display()))
+}
+
+/// The run id in a checkpoint file's name (`ckpt-VERSION.RUN.safetensors`).
+fn run_of(file: &std::path::Path) -> String {
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let middle = name.strip_suffix(".safetensors").unwrap();
+    middle.split_once('.').unwrap().1.to_string()
 }

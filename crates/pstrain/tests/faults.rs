@@ -122,6 +122,7 @@ fn sync_run_with_a_backup_worker_survives_a_killed_worker() {
         kill(2, 300, None),
         |c| {
             c.checkpoint = Some(CheckpointPolicy {
+                run_id: "test-run".into(),
                 dir: dir.path().to_owned(),
                 every_updates: None,
                 every: None,
@@ -193,6 +194,7 @@ fn a_killed_shard_restarts_from_its_checkpoint() {
         }],
     );
     c.checkpoint = Some(CheckpointPolicy {
+        run_id: "test-run".into(),
         dir: dir.path().to_owned(),
         every_updates: Some(50),
         every: None,

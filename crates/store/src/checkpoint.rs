@@ -36,9 +36,12 @@ pub enum StoreError {
     Mismatch { path: PathBuf, why: String },
 }
 
-/// Who a checkpoint belongs to: a restart must find the same shard of the same model.
+/// Who a checkpoint belongs to: a restart must find the same shard of the same model in the
+/// same run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardIdentity {
+    /// The run the file was written by: another run's files are never restored.
+    pub run_id: String,
     pub shard: usize,
     pub shards: usize,
     pub range: Range<usize>,
@@ -81,6 +84,7 @@ impl Checkpoint {
         let id = &self.identity;
         let mut meta: BTreeMap<String, String> = [
             ("format", FORMAT.to_string()),
+            ("run_id", id.run_id.clone()),
             ("version", s.version.to_string()),
             ("optimizer_step", s.optimizer_step.to_string()),
             ("shard", id.shard.to_string()),
@@ -147,14 +151,7 @@ impl Checkpoint {
             path,
             map: &st.metadata,
         };
-        if meta.get("format")? != FORMAT {
-            return Err(meta.invalid(format!(
-                "format `{}`, expected `{FORMAT}`",
-                meta.get("format")?
-            )));
-        }
-        let fingerprint = u64::from_str_radix(meta.get("layout_fingerprint")?, 16)
-            .map_err(|_| meta.invalid("bad layout_fingerprint".into()))?;
+        let identity = meta.identity()?;
         let params = st
             .get(PARAMS)
             .ok_or_else(|| meta.invalid("no `params` tensor".into()))?
@@ -169,12 +166,6 @@ impl Checkpoint {
                     .map(|n| (n.to_string(), t.data.clone()))
             })
             .collect();
-        let identity = ShardIdentity {
-            shard: meta.index("shard")?,
-            shards: meta.index("shards")?,
-            range: meta.index("range_start")?..meta.index("range_end")?,
-            fingerprint,
-        };
         if identity.range.len() != params.len() {
             return Err(meta.invalid(format!(
                 "range {:?} but {} parameters",
@@ -196,6 +187,37 @@ impl Checkpoint {
                     ..Default::default()
                 },
             },
+            model: meta.get("model")?.clone(),
+            config: meta.get("config")?.clone(),
+        })
+    }
+}
+
+/// What a checkpoint file's header says about it, read without its data (so a manifest can
+/// be made without reading every shard's weights; the data is checked when restored).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointHeader {
+    pub identity: ShardIdentity,
+    pub version: u64,
+    /// The CRC-32 the file claims for its contents.
+    pub crc32: String,
+    pub model: String,
+    pub config: String,
+}
+
+impl CheckpointHeader {
+    pub fn read(path: &Path) -> Result<Self, StoreError> {
+        let io = |source| StoreError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let map = safetensors::read_metadata(&mut file).map_err(io)?;
+        let meta = Meta { path, map: &map };
+        Ok(CheckpointHeader {
+            identity: meta.identity()?,
+            version: meta.num("version")?,
+            crc32: meta.get(CRC_KEY)?.clone(),
             model: meta.get("model")?.clone(),
             config: meta.get("config")?.clone(),
         })
@@ -245,6 +267,28 @@ impl Meta<'_> {
         self.get(key)?
             .parse()
             .map_err(|_| self.invalid(format!("metadata `{key}` is not a number")))
+    }
+
+    /// The format check and the file's identity.
+    fn identity(&self) -> Result<ShardIdentity, StoreError> {
+        if self.get("format")? != FORMAT {
+            return Err(self.invalid(format!(
+                "format `{}`, expected `{FORMAT}`",
+                self.get("format")?
+            )));
+        }
+        let run_id = self.map.get("run_id").ok_or_else(|| {
+            self.invalid("no run id (written by an older pstrain); not restorable".into())
+        })?;
+        let fingerprint = u64::from_str_radix(self.get("layout_fingerprint")?, 16)
+            .map_err(|_| self.invalid("bad layout_fingerprint".into()))?;
+        Ok(ShardIdentity {
+            run_id: run_id.clone(),
+            shard: self.index("shard")?,
+            shards: self.index("shards")?,
+            range: self.index("range_start")?..self.index("range_end")?,
+            fingerprint,
+        })
     }
 
     fn index(&self, key: &str) -> Result<usize, StoreError> {

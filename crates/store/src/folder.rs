@@ -2,6 +2,7 @@
 //! the newest good one, and a whole model assembled from every shard's newest checkpoint.
 
 use crate::checkpoint::{Checkpoint, ShardIdentity, StoreError};
+use crate::manifest::Manifest;
 use std::path::{Path, PathBuf};
 
 /// One shard's checkpoint folder: `ROOT/shard-I-of-S/ckpt-VERSION.safetensors`.
@@ -32,16 +33,22 @@ impl CheckpointDir {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let v = name
-                    .strip_prefix("ckpt-")?
-                    .strip_suffix(".safetensors")?
-                    .parse()
-                    .ok()?;
-                Some((v, e.path()))
+                Some((parse_versioned(&name, "ckpt-", ".safetensors")?, e.path()))
             })
             .collect();
         found.sort_by_key(|f| std::cmp::Reverse(f.0));
         found
+    }
+
+    /// The file name of `run_id`'s checkpoint of `version`: the run in the name, so two runs
+    /// sharing a folder never replace each other's files.
+    pub fn file_name(run_id: &str, version: u64) -> String {
+        format!("ckpt-{version:012}.{run_id}.safetensors")
+    }
+
+    /// The path of this shard's checkpoint of `version` in `run_id`.
+    pub fn file(&self, run_id: &str, version: u64) -> PathBuf {
+        self.dir.join(Self::file_name(run_id, version))
     }
 
     /// How many of its own files a writer keeps.
@@ -52,13 +59,21 @@ impl CheckpointDir {
     /// Writes `ckpt` (atomically). Pruning is the writer's: only files it wrote itself may
     /// go, whatever else the folder holds (see `Saver::save`).
     pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf, StoreError> {
+        let run = &ckpt.identity.run_id;
+        let plain = run
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if run.is_empty() || run.len() > 64 || !plain || run.starts_with('.') {
+            return Err(StoreError::Invalid {
+                path: self.dir.clone(),
+                why: format!("run id `{run}` is not a plain name"),
+            });
+        }
         std::fs::create_dir_all(&self.dir).map_err(|source| StoreError::Io {
             path: self.dir.clone(),
             source,
         })?;
-        let path = self
-            .dir
-            .join(format!("ckpt-{:012}.safetensors", ckpt.state.version));
+        let path = self.file(&ckpt.identity.run_id, ckpt.state.version);
         ckpt.write(&path)?;
         Ok(path)
     }
@@ -92,6 +107,14 @@ impl CheckpointDir {
     }
 }
 
+/// The version in `PREFIX VERSION [.RUN] SUFFIX` (the run is in the name since run ids; files
+/// without one are listed too, and refused when read).
+pub(crate) fn parse_versioned(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    let middle = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    let version = middle.split_once('.').map_or(middle, |(v, _)| v);
+    version.parse().ok()
+}
+
 /// A whole model put back together from the newest good checkpoint of every shard.
 #[derive(Debug)]
 pub struct Assembled {
@@ -100,11 +123,54 @@ pub struct Assembled {
     pub params: Vec<f32>,
     /// Each shard's version (they can differ in async mode).
     pub versions: Vec<u64>,
+    /// The run and the manifest version the files came from; `None` when no complete point
+    /// was found and each shard's newest file was taken.
+    pub manifest: Option<(String, u64)>,
     pub problems: Vec<StoreError>,
 }
 
-/// Reads `root/shard-I-of-S/` for every I of one S and joins the shards' weights.
+/// The model of the newest complete point of any run under `root` (see `manifest.rs`), else
+/// of the newest good file of every shard of one shard count.
 pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
+    let mut problems = Vec::new();
+    let points: Vec<Manifest> =
+        crate::manifest::complete_points(root, |_| true, &mut problems).collect();
+    for m in points {
+        match assemble_point(root, &m) {
+            Ok(mut a) => {
+                a.problems = problems;
+                return Ok(a);
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+    let mut a = assemble_newest(root)?;
+    problems.append(&mut a.problems);
+    a.problems = problems;
+    Ok(a)
+}
+
+/// The files `m` names, read whole and joined.
+fn assemble_point(root: &Path, m: &Manifest) -> Result<Assembled, StoreError> {
+    let mut parts = Vec::with_capacity(m.files.len());
+    for entry in &m.files {
+        let path = root.join(&entry.file);
+        let c = Checkpoint::read(&path)?;
+        if c.identity.run_id != m.run_id || c.state.version != m.version {
+            return Err(StoreError::Mismatch {
+                path,
+                why: format!("not the file manifest {} names", m.version),
+            });
+        }
+        parts.push(c);
+    }
+    let mut a = join(root, parts)?;
+    a.manifest = Some((m.run_id.clone(), m.version));
+    Ok(a)
+}
+
+/// Reads `root/shard-I-of-S/` for every I of one S and joins the shards' newest weights.
+fn assemble_newest(root: &Path) -> Result<Assembled, StoreError> {
     let invalid = |why: String| StoreError::Invalid {
         path: root.to_owned(),
         why,
@@ -143,7 +209,20 @@ pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
             .ok_or_else(|| invalid(format!("no valid checkpoint for shard {shard} of {shards}")))?;
         parts.push(c);
     }
-    let first = &parts[0];
+    let mut a = join(root, parts)?;
+    a.problems = problems;
+    Ok(a)
+}
+
+/// One model from its shards' checkpoints, in shard order.
+fn join(root: &Path, parts: Vec<Checkpoint>) -> Result<Assembled, StoreError> {
+    let invalid = |why: String| StoreError::Invalid {
+        path: root.to_owned(),
+        why,
+    };
+    let Some(first) = parts.first() else {
+        return Err(invalid("no shards".into()));
+    };
     if parts
         .iter()
         .any(|c| c.identity.fingerprint != first.identity.fingerprint || c.model != first.model)
@@ -165,7 +244,8 @@ pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
         fingerprint: first.identity.fingerprint,
         params,
         versions: parts.iter().map(|c| c.state.version).collect(),
-        problems,
+        manifest: None,
+        problems: Vec::new(),
     })
 }
 
@@ -177,6 +257,7 @@ mod tests {
     fn ckpt(version: u64) -> Checkpoint {
         Checkpoint {
             identity: ShardIdentity {
+                run_id: "run-a".into(),
                 shard: 1,
                 shards: 2,
                 range: 10..14,
@@ -208,6 +289,7 @@ mod tests {
         let dir = CheckpointDir::for_shard(root.path(), 1, 2, 2);
         // The writer prunes its own files down to the newest two.
         let policy = crate::CheckpointPolicy {
+            run_id: "run-a".into(),
             dir: root.path().to_owned(),
             every_updates: None,
             every: None,

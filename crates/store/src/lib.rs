@@ -2,11 +2,16 @@
 //! file replacement, and checkpoints of a server shard with its optimizer state.
 
 pub mod atomic;
+pub mod beacon;
 pub mod checkpoint;
 pub mod folder;
+pub mod manifest;
 pub mod safetensors;
 pub mod saver;
 
+pub use beacon::{resume_from, Beacon, ResumeFrom};
+pub use checkpoint::CheckpointHeader;
 pub use checkpoint::{Checkpoint, ShardIdentity, StoreError};
 pub use folder::{assemble, Assembled, CheckpointDir};
+pub use manifest::{runs_in, Manifest, ManifestEntry};
 pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};

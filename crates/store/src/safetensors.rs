@@ -107,6 +107,38 @@ pub fn parse(bytes: &[u8]) -> Result<SafeTensors, FormatError> {
     })
 }
 
+/// Only the `__metadata__` map of a file, reading its header and none of its data.
+pub fn read_metadata(file: &mut impl std::io::Read) -> std::io::Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let invalid = |e: FormatError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)?;
+    let len = u64::from_le_bytes(n);
+    if len > MAX_HEADER {
+        return Err(invalid(FormatError::HeaderSize {
+            len,
+            why: "over the limit",
+        }));
+    }
+    let mut header = Vec::new();
+    file.take(len).read_to_end(&mut header)?;
+    if header.len() as u64 != len {
+        return Err(invalid(FormatError::HeaderSize {
+            len,
+            why: "file is shorter",
+        }));
+    }
+    let header: Value =
+        serde_json::from_slice(&header).map_err(|e| invalid(FormatError::Json(e.to_string())))?;
+    let Value::Object(mut map) = header else {
+        return Err(invalid(FormatError::Json("header is not an object".into())));
+    };
+    match map.remove("__metadata__") {
+        Some(m) => parse_metadata(m).map_err(invalid),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
 /// The JSON header (checked for size before it is read) and the data bytes after it.
 fn split_header(bytes: &[u8]) -> Result<(serde_json::Map<String, Value>, &[u8]), FormatError> {
     if bytes.len() < 8 {

@@ -1,15 +1,20 @@
 //! Writing a shard's checkpoints and coming back from them: the policy's files (when to save
-//! is `pstrain_core::CheckpointSchedule`'s call), the newest-valid-checkpoint restore, and
-//! the "changed since the last save" rule.
+//! is `pstrain_core::CheckpointSchedule`'s call), the run's manifest after each file, the
+//! restore of the newest complete point of the run (else this shard's newest valid file),
+//! and the "changed since the last save" rule.
 
-use crate::checkpoint::{Checkpoint, ShardIdentity, StoreError};
+use crate::checkpoint::{Checkpoint, CheckpointHeader, ShardIdentity, StoreError};
 use crate::folder::CheckpointDir;
+use crate::manifest::{self, Manifest};
 use pstrain_core::{CoreState, RestoreError};
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointPolicy {
+    /// The run the checkpoints belong to: files and manifests of other runs are never
+    /// restored, pruned or completed.
+    pub run_id: String,
     /// The run's checkpoint folder; each shard writes `shard-I-of-S/` below it.
     pub dir: PathBuf,
     /// Save after this many updates since the last save.
@@ -27,6 +32,9 @@ pub struct CheckpointPolicy {
 pub struct Restored {
     pub path: PathBuf,
     pub version: u64,
+    /// Whether the file came from a complete manifest (every shard restores the same point)
+    /// or is this shard's own newest file (no complete point of the run was found).
+    pub from_manifest: bool,
     /// Newer files that were passed over, and why.
     pub skipped: Vec<StoreError>,
 }
@@ -100,14 +108,53 @@ impl Saver {
         &self.policy
     }
 
-    /// Hands the newest valid checkpoint of this shard to `restore` (which puts it into the
-    /// shard's engine or core).
+    /// Hands the checkpoint to continue from to `restore` (which puts it into the shard's
+    /// engine or core). With `from_point` (runs whose versions are steps of the whole model:
+    /// sync, SSP) that is this shard's file of the newest complete point of the run, and its
+    /// own files newer than that point are removed: they belong to a future the run has
+    /// abandoned and must not complete a later manifest. Otherwise, or when the run has no
+    /// complete point, it is this shard's own newest valid file.
     pub fn restore_into(
         &mut self,
+        from_point: bool,
         restore: impl FnOnce(&CoreState) -> Result<(), RestoreError>,
     ) -> Result<Restored, ResumeError> {
-        let (found, skipped) = self.dir.load_newest(&self.identity);
-        let Some((path, ckpt)) = found else {
+        let root = self.policy.dir.clone();
+        let mut skipped = Vec::new();
+        let mut chosen = None;
+        let points: Vec<Manifest> = if from_point {
+            manifest::complete_points(
+                &root,
+                |m| m.entry_for(&self.identity).is_some(),
+                &mut skipped,
+            )
+            .collect()
+        } else {
+            Vec::new()
+        };
+        for m in points {
+            let Some(entry) = m.entry_for(&self.identity) else {
+                continue;
+            };
+            let path = root.join(&entry.file);
+            match Checkpoint::read(&path) {
+                Ok(c) if c.identity == self.identity && c.state.version == m.version => {
+                    chosen = Some((path, c, true));
+                    break;
+                }
+                Ok(c) => skipped.push(StoreError::Mismatch {
+                    path,
+                    why: format!("saved for {:?} at {}", c.identity, c.state.version),
+                }),
+                Err(e) => skipped.push(e),
+            }
+        }
+        if chosen.is_none() {
+            let (found, mut problems) = self.dir.load_newest(&self.identity);
+            skipped.append(&mut problems);
+            chosen = found.map(|(p, c)| (p, c, false));
+        }
+        let Some((path, ckpt, from_manifest)) = chosen else {
             return Err(ResumeError::NothingValid {
                 dir: self.dir.path().to_owned(),
                 skipped,
@@ -117,10 +164,18 @@ impl Saver {
             path: path.clone(),
             source,
         })?;
-        self.last_version = ckpt.state.version;
+        let version = ckpt.state.version;
+        self.last_version = version;
+        for (v, newer) in self.dir.list().into_iter().filter(|_| from_manifest) {
+            let ours = CheckpointHeader::read(&newer).is_ok_and(|h| h.identity == self.identity);
+            if v > version && ours {
+                let _ = std::fs::remove_file(newer);
+            }
+        }
         Ok(Restored {
             path,
-            version: ckpt.state.version,
+            version,
+            from_manifest,
             skipped,
         })
     }
@@ -139,11 +194,41 @@ impl Saver {
         self.last_version = state.version;
         self.written.retain(|p| p != &path);
         self.written.push_back(path.clone());
-        while self.written.len() > self.dir.keep() {
-            if let Some(old) = self.written.pop_front() {
+        Manifest::complete(
+            &self.policy.dir,
+            &self.identity,
+            state.version,
+            self.dir.keep(),
+        )?;
+        self.prune();
+        Ok(Some(path))
+    }
+
+    /// Removes this writer's oldest files beyond `keep`, except the one the run's newest
+    /// complete point needs (a slower shard may not have completed a newer one yet).
+    fn prune(&mut self) {
+        if self.written.len() <= self.dir.keep() {
+            return;
+        }
+        let (point, _) = manifest::newest_for(&self.policy.dir, &self.identity);
+        let pinned = point
+            .as_ref()
+            .and_then(|m| m.entry_for(&self.identity))
+            .map(|e| self.policy.dir.join(&e.file));
+        let mut kept = std::collections::VecDeque::new();
+        // The file just written (the last) is never a candidate.
+        while self.written.len() + kept.len() > self.dir.keep() && self.written.len() > 1 {
+            let Some(old) = self.written.pop_front() else {
+                break;
+            };
+            if Some(&old) == pinned.as_ref() {
+                kept.push_back(old);
+            } else {
                 let _ = std::fs::remove_file(old);
             }
         }
-        Ok(Some(path))
+        for p in kept.into_iter().rev() {
+            self.written.push_front(p);
+        }
     }
 }

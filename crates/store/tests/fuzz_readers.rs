@@ -20,6 +20,7 @@ fn valid_checkpoint() -> &'static [u8] {
     BYTES.get_or_init(|| {
         let ckpt = Checkpoint {
             identity: ShardIdentity {
+                run_id: "fuzz-run".into(),
                 shard: 0,
                 shards: 1,
                 range: 0..6,

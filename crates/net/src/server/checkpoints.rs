@@ -4,38 +4,125 @@
 use super::shared::Shared;
 use super::ShardConfig;
 use crate::error::NetError;
-use pstrain_core::{CoreState, ShardEngine};
-use pstrain_store::{ResumeError, Saver, ShardIdentity};
+use pstrain_core::{CoreState, Mode, ShardEngine};
+use pstrain_store::{
+    resume_from, Beacon, CheckpointDir, ResumeError, ResumeFrom, Saver, ShardIdentity,
+};
 use std::ops::Range;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// The shard's saver, after restoring its newest valid checkpoint into `engine`. A folder
-/// whose checkpoints this shard cannot use (damaged, another run's, or refused on restore)
-/// is an error unless `cfg.fresh`: a restarted shard must not quietly reset the model.
+/// How often a shard of a multi-shard run rewrites its beacon, and how long a restarting
+/// shard watches its peers' (see `pstrain_store::beacon`).
+const BEACON_EVERY: Duration = Duration::from_millis(250);
+const BEACON_WATCH: Duration = Duration::from_millis(1200);
+
+/// Whether this shard restores the run's newest complete point rather than its own newest
+/// file: only shards of a multi-shard sync or SSP run (whose versions are the run's steps)
+/// that have checkpoints, and only when their peers are not all running on without them
+/// (then the whole run, or part of it, is restarting and every shard must take one point).
+pub(super) async fn restore_from_point(cfg: &ShardConfig) -> bool {
+    let Some(policy) = cfg.checkpoint.as_ref() else {
+        return false;
+    };
+    let steps = matches!(cfg.plan.mode, Mode::Sync { .. } | Mode::Ssp { .. });
+    let first_start = CheckpointDir::for_shard(&policy.dir, cfg.shard, cfg.shards, 1)
+        .list()
+        .is_empty();
+    if cfg.shards < 2 || !steps || first_start {
+        return false;
+    }
+    let peers: Vec<PathBuf> = (0..cfg.shards)
+        .filter(|&j| j != cfg.shard)
+        .map(|j| Beacon::path(&policy.dir, &policy.run_id, j, cfg.shards))
+        .collect();
+    let read = || peers.iter().map(|p| Beacon::read(p)).collect::<Vec<_>>();
+    let before = read();
+    if before.iter().any(Option::is_none) {
+        return true;
+    }
+    tokio::time::sleep(BEACON_WATCH).await;
+    resume_from(&before, &read()) == ResumeFrom::RunPoint
+}
+
+/// This shard's beacon while it runs (multi-shard runs with checkpoints).
+pub(super) struct Beaconing {
+    path: PathBuf,
+    beacon: Beacon,
+    last: Option<std::time::Instant>,
+}
+
+impl Beaconing {
+    pub(super) fn new(cfg: &ShardConfig, restored_point: Option<u64>) -> Option<Self> {
+        let policy = cfg.checkpoint.as_ref().filter(|_| cfg.shards > 1)?;
+        Some(Beaconing {
+            path: Beacon::path(&policy.dir, &policy.run_id, cfg.shard, cfg.shards),
+            beacon: Beacon {
+                beat: 0,
+                version: 0,
+                restored_point,
+                pid: std::process::id(),
+            },
+            last: None,
+        })
+    }
+
+    /// Rewrites the beacon if it is due.
+    pub(super) fn tick(&mut self, version: u64) {
+        if self.last.is_some_and(|t| t.elapsed() < BEACON_EVERY) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        self.beacon.beat += 1;
+        self.beacon.version = version;
+        // A beacon that cannot be written only makes a peer's restart take the run point.
+        let _ = self.beacon.write(&self.path);
+    }
+
+    /// A shard that stops on its own leaves no beacon.
+    pub(super) fn remove(self) {
+        let _ = std::fs::remove_file(self.path);
+    }
+}
+
+/// The shard's saver, after restoring its newest valid checkpoint (or, `from_point`, the
+/// run's newest complete point) into `engine`, and the point restored if it was one. A
+/// folder whose checkpoints this shard cannot use (damaged, another run's, or refused on
+/// restore) is an error unless `cfg.fresh`: a restarted shard must not quietly reset the
+/// model.
 pub(super) fn restore(
     cfg: &ShardConfig,
     range: &Range<usize>,
     engine: &mut ShardEngine,
-) -> Result<Option<Saver>, NetError> {
+    from_point: bool,
+) -> Result<(Option<Saver>, Option<u64>), NetError> {
     let Some(policy) = cfg.checkpoint.as_ref() else {
-        return Ok(None);
+        return Ok((None, None));
     };
+    let mut restored_point = None;
     let log = |msg: String| eprintln!("[shard {}] {msg}", cfg.shard);
     let identity = ShardIdentity {
+        run_id: policy.run_id.clone(),
         shard: cfg.shard,
         shards: cfg.shards,
         range: range.clone(),
         fingerprint: cfg.layout.fingerprint(),
     };
     let mut saver = Saver::new(policy, identity, &cfg.plan.model, format!("{:?}", cfg.plan));
-    match saver.restore_into(|state| engine.restore(state, Duration::ZERO)) {
+    match saver.restore_into(from_point, |state| engine.restore(state, Duration::ZERO)) {
         Ok(r) => {
+            restored_point = r.from_manifest.then_some(r.version);
             for s in &r.skipped {
                 log(format!("skipping checkpoint: {s}"));
             }
+            let point = if r.from_manifest {
+                "the run's newest complete point"
+            } else {
+                "this shard's newest file"
+            };
             log(format!(
-                "restored {} (version {})",
+                "restored {} (version {}), {point}",
                 r.path.display(),
                 r.version
             ));
@@ -55,7 +142,7 @@ pub(super) fn restore(
             )))
         }
     }
-    Ok(Some(saver))
+    Ok((Some(saver), restored_point))
 }
 
 /// The next snapshot handed over by a push; never ready without a queue.
@@ -80,10 +167,13 @@ pub(super) async fn write(shared: &Shared, saver: &mut Option<Saver>, state: Cor
     match joined {
         Ok((s, result)) => {
             match result {
-                Err(e) => shared.log(&format!("checkpoint failed: {e}")),
+                Err(e) => failed(shared, &e.to_string()),
                 Ok(Some(_)) => {
                     let now = std::time::Instant::now();
-                    shared.lock().last_checkpoint = Some((now, now - started));
+                    let mut state = shared.lock();
+                    state.last_checkpoint = Some((now, now - started));
+                    state.failures_in_a_row = 0;
+                    state.checkpoint_error = None;
                 }
                 Ok(None) => {}
             }
@@ -91,6 +181,28 @@ pub(super) async fn write(shared: &Shared, saver: &mut Option<Saver>, state: Cor
         }
         Err(e) => shared.log(&format!("checkpoint task failed: {e}")),
     }
+}
+
+/// Longest wait between two attempts after failed saves.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A save failed: count it, say so, and take no snapshot for 1, 2, 4 ... 60 s (a full or
+/// broken disk is not retried in a loop, and no state is copied for a save that would fail).
+fn failed(shared: &Shared, error: &str) {
+    let mut state = shared.lock();
+    state.checkpoint_failures += 1;
+    state.failures_in_a_row = state.failures_in_a_row.saturating_add(1);
+    state.checkpoint_error = Some(error.to_string());
+    let doubling = 1u64 << (state.failures_in_a_row - 1).min(6);
+    let wait = Duration::from_secs(doubling).min(MAX_BACKOFF);
+    let until = shared.now() + wait;
+    state.engine.hold_checkpoints(until);
+    let in_a_row = state.failures_in_a_row;
+    drop(state);
+    shared.log(&format!(
+        "checkpoint failed ({in_a_row} in a row): {error}; next attempt in {} s",
+        wait.as_secs()
+    ));
 }
 
 /// The checkpoint written when the shard stops; the error if it could not be written (the

@@ -139,6 +139,8 @@ pub struct ShardServer {
     queue: Option<mpsc::Receiver<CoreState>>,
     /// `/metrics` and the live page, while the shard serves.
     watcher: Option<Watcher>,
+    /// This shard's beacon for its peers' restarts (multi-shard runs with checkpoints).
+    beaconing: Option<checkpoints::Beaconing>,
 }
 
 /// How often the server looks for workers whose heartbeats stopped.
@@ -167,7 +169,9 @@ impl ShardServer {
             Duration::ZERO,
         )
         .map_err(|e| NetError::Handshake(e.to_string()))?;
-        let saver = checkpoints::restore(&cfg, &range, &mut engine)?;
+        let from_point = checkpoints::restore_from_point(&cfg).await;
+        let (saver, restored_point) = checkpoints::restore(&cfg, &range, &mut engine, from_point)?;
+        let beaconing = checkpoints::Beaconing::new(&cfg, restored_point);
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
         if cfg.token.is_none() && !bound.ip().is_loopback() {
@@ -201,6 +205,7 @@ impl ShardServer {
             saver,
             queue,
             watcher,
+            beaconing,
         })
     }
 
@@ -219,6 +224,7 @@ impl ShardServer {
         let _watcher = self.watcher;
         let shared = self.shared;
         let (mut saver, mut queue) = (self.saver, self.queue);
+        let mut beaconing = self.beaconing;
         let mut beat_check = tokio::time::interval(HEARTBEAT_CHECK);
         let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_TICK);
         loop {
@@ -228,6 +234,9 @@ impl ShardServer {
                     checkpoints::write(&shared, &mut saver, state).await;
                 }
                 _ = checkpoint_tick.tick(), if saver.is_some() => {
+                    if let Some(b) = beaconing.as_mut() {
+                        b.tick(shared.lock().engine.version());
+                    }
                     let due = shared.lock().engine.checkpoint_due(shared.now());
                     if let Some(state) = due {
                         checkpoints::write(&shared, &mut saver, state).await;
@@ -254,6 +263,9 @@ impl ShardServer {
         let state = shared.lock();
         shared.version.send_replace((state.engine.version(), true));
         let final_checkpoint_error = checkpoints::final_save(&shared, saver, &state.engine);
+        if let Some(b) = beaconing {
+            b.remove();
+        }
         ShardReport {
             stats: state.engine.stats(),
             events: state.events,

@@ -46,6 +46,10 @@ pub(super) struct State {
     pub worker_addresses: HashMap<usize, String>,
     /// When the last checkpoint was written, and how long it took.
     pub last_checkpoint: Option<(Instant, Duration)>,
+    /// Checkpoints that failed, in all and since the last one written, and the last error.
+    pub checkpoint_failures: u64,
+    pub failures_in_a_row: u32,
+    pub checkpoint_error: Option<String>,
 }
 
 pub(super) struct Shared {
@@ -92,6 +96,9 @@ impl Shared {
                 logged_unauthorized: HashMap::new(),
                 worker_addresses: HashMap::new(),
                 last_checkpoint: None,
+                checkpoint_failures: 0,
+                failures_in_a_row: 0,
+                checkpoint_error: None,
             }),
             version,
             finished: Notify::new(),
@@ -139,6 +146,8 @@ impl Shared {
             view.checkpoint_age_s = Some(at.elapsed().as_secs_f64());
             view.checkpoint_write_s = Some(took.as_secs_f64());
         }
+        view.checkpoint_failures = state.checkpoint_failures;
+        view.checkpoint_error = state.checkpoint_error.clone();
         for w in &mut view.workers {
             w.address = state.worker_addresses.get(&w.rank).cloned();
         }

@@ -1,0 +1,126 @@
+//! Which run a checkpoint folder's files belong to: a new id for each `pstrain train` run, the
+//! resumed run's id with `--resume`, and for `pstrain server` an id every shard of a run (and
+//! every restart of one) derives alike from the run's token and plan, unless `--run-id`
+//! names it. Files of another run are never restored (see `pstrain_store::manifest`).
+
+use anyhow::{bail, Result};
+use pstrain_core::RunPlan;
+use pstrain_net::RunToken;
+use std::path::Path;
+
+/// Longest run id accepted.
+const MAX_LEN: usize = 64;
+
+/// A run id must be a short plain name: it goes into file metadata and messages.
+pub fn validate(id: &str) -> Result<()> {
+    let plain = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if id.is_empty() || id.len() > MAX_LEN || !plain {
+        bail!("run id `{id}`: use 1 to {MAX_LEN} letters, digits, `-`, `_` or `.`");
+    }
+    Ok(())
+}
+
+/// A new run's id: 16 random hex digits.
+pub fn fresh() -> Result<String> {
+    let bytes = pstrain_net::auth::random_bytes::<8>()?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The run `pstrain train` writes checkpoints for in `dir`: `given`, else the run it resumes
+/// (`resume`), else a new one. A new run refuses a folder holding another run's checkpoints:
+/// it would mix with them, and a later `--resume` could not tell which run to continue.
+pub fn for_train(dir: &Path, given: Option<&str>, resume: bool) -> Result<String> {
+    let runs = pstrain_store::runs_in(dir);
+    if let Some(id) = given {
+        validate(id)?;
+        if resume && !runs.iter().any(|(r, _)| r == id) {
+            bail!("{} holds no checkpoint of run {id}", dir.display());
+        }
+        return Ok(id.to_string());
+    }
+    if resume {
+        return match &runs[..] {
+            [] => bail!("{} holds no checkpoint to resume", dir.display()),
+            [(only, _)] => Ok(only.clone()),
+            [(newest, v), ..] => bail!(
+                "{} holds checkpoints of {} runs ({}); say which to resume with --run-id \
+                 (the newest, at version {v}, is {newest})",
+                dir.display(),
+                runs.len(),
+                runs.iter()
+                    .map(|(r, _)| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+    }
+    if let Some((other, v)) = runs.first() {
+        bail!(
+            "{} already holds checkpoints of run {other} (up to version {v}): continue it \
+             with --resume {}, or give this run another folder",
+            dir.display(),
+            dir.display()
+        );
+    }
+    fresh()
+}
+
+/// The run a `pstrain server` shard belongs to: `given`, else derived from the token and the
+/// plan (the same for every shard of the run and every restart of one).
+pub fn for_server(
+    given: Option<&str>,
+    token: Option<&RunToken>,
+    plan: &RunPlan,
+    shards: usize,
+) -> Result<String> {
+    if let Some(id) = given {
+        validate(id)?;
+        return Ok(id.to_string());
+    }
+    let context = format!("{plan:?} over {shards} shards");
+    Ok(match token {
+        Some(t) => t.derive_id(context.as_bytes()),
+        None => format!("plan-{:016x}", fnv1a(context.as_bytes())),
+    })
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_plain_names() {
+        assert!(validate("run-7_a.b").is_ok());
+        for bad in ["", "a/b", "../x", "a b", &"x".repeat(65)] {
+            assert!(validate(bad).is_err(), "{bad:?}");
+        }
+        let a = fresh().unwrap();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, fresh().unwrap());
+    }
+
+    #[test]
+    fn a_server_derives_the_same_id_per_run_and_another_for_another() {
+        let token = RunToken::generate().unwrap();
+        let plan = RunPlan::default();
+        let id = for_server(None, Some(&token), &plan, 2).unwrap();
+        assert_eq!(id, for_server(None, Some(&token), &plan, 2).unwrap());
+        assert!(!id.contains(&token.to_hex()[..8]));
+        let other_token = RunToken::generate().unwrap();
+        assert_ne!(id, for_server(None, Some(&other_token), &plan, 2).unwrap());
+        let other_plan = RunPlan {
+            workers: plan.workers + 1,
+            ..plan.clone()
+        };
+        assert_ne!(id, for_server(None, Some(&token), &other_plan, 2).unwrap());
+        assert_eq!(for_server(Some("r1"), None, &plan, 2).unwrap(), "r1");
+    }
+}

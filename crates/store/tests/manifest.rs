@@ -1,0 +1,234 @@
+//! Run-consistent checkpoints: the manifest is written only when every shard's file of a
+//! version is there; every shard of a restarted run restores the same point; files and
+//! manifests of other runs are neither restored nor pruned; a point whose files changed is
+//! passed over by every shard alike.
+
+use pstrain_core::{CoreState, ServerStats};
+use pstrain_store::{
+    assemble, runs_in, Checkpoint, CheckpointDir, CheckpointPolicy, Manifest, ResumeError, Saver,
+    ShardIdentity,
+};
+use std::path::Path;
+
+const SHARDS: usize = 2;
+const PER_SHARD: usize = 4;
+
+fn identity(run: &str, shard: usize) -> ShardIdentity {
+    ShardIdentity {
+        run_id: run.into(),
+        shard,
+        shards: SHARDS,
+        range: shard * PER_SHARD..(shard + 1) * PER_SHARD,
+        fingerprint: 0xfeed,
+    }
+}
+
+/// The state a shard has at `version` (its weights say which shard and version they are).
+fn state(shard: usize, version: u64) -> CoreState {
+    CoreState {
+        params: vec![shard as f32 * 1000.0 + version as f32; PER_SHARD],
+        optimizer: vec![("momentum".into(), vec![0.5; PER_SHARD])],
+        optimizer_step: version,
+        version,
+        stats: ServerStats {
+            version,
+            ..Default::default()
+        },
+    }
+}
+
+fn saver(root: &Path, run: &str, shard: usize, keep: usize) -> Saver {
+    let policy = CheckpointPolicy {
+        run_id: run.into(),
+        dir: root.to_owned(),
+        every_updates: Some(10),
+        every: None,
+        keep,
+        resume: true,
+    };
+    Saver::new(&policy, identity(run, shard), "toy", "plan".into())
+}
+
+/// What a fresh process of `shard` of a sync run restores: (version, whether from a
+/// manifest).
+fn restore(root: &Path, run: &str, shard: usize) -> Result<(u64, bool), ResumeError> {
+    restore_as(root, run, shard, true)
+}
+
+fn restore_as(
+    root: &Path,
+    run: &str,
+    shard: usize,
+    from_point: bool,
+) -> Result<(u64, bool), ResumeError> {
+    let mut restored = None;
+    let r = saver(root, run, shard, 3).restore_into(from_point, |s| {
+        restored = Some(s.clone());
+        Ok(())
+    })?;
+    let s = restored.expect("restore called");
+    assert_eq!(
+        s,
+        state(shard, r.version),
+        "the state written at that version"
+    );
+    Ok((r.version, r.from_manifest))
+}
+
+fn manifests(root: &Path) -> Vec<u64> {
+    Manifest::list(root).iter().map(|(v, _)| *v).collect()
+}
+
+#[test]
+fn every_shard_restores_the_newest_point_all_of_them_reached() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let (mut s0, mut s1) = (saver(root, "run-a", 0, 3), saver(root, "run-a", 1, 3));
+    for v in [10, 20] {
+        s0.save(&state(0, v)).unwrap();
+        assert!(
+            !manifests(root).contains(&v),
+            "one shard's file is no point"
+        );
+        s1.save(&state(1, v)).unwrap();
+        assert!(manifests(root).contains(&v), "the last shard completes it");
+    }
+    // Every shard dies while shard 0 has written version 30 and shard 1 has not.
+    s0.save(&state(0, 30)).unwrap();
+    assert_eq!(manifests(root), vec![20, 10]);
+    // An async shard's versions are its own count, not a moment of the run: it takes its
+    // own newest file (closest in time to the others'), and nothing is removed.
+    assert_eq!(restore_as(root, "run-a", 0, false).unwrap(), (30, false));
+    assert_eq!(restore(root, "run-a", 0).unwrap(), (20, true));
+    assert_eq!(restore(root, "run-a", 1).unwrap(), (20, true));
+    // Shard 0's version 30 belonged to the abandoned future: gone, so it cannot be mixed
+    // into a later point.
+    let dir0 = CheckpointDir::for_shard(root, 0, SHARDS, 3);
+    assert!(!dir0.file("run-a", 30).exists());
+    // `eval`/`export` read the same point.
+    let a = assemble(root).unwrap();
+    assert_eq!(a.versions, vec![20, 20]);
+    assert_eq!(a.manifest, Some(("run-a".to_string(), 20)));
+}
+
+#[test]
+fn a_point_whose_file_was_replaced_is_passed_over_by_every_shard() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let (mut s0, mut s1) = (saver(root, "run-a", 0, 3), saver(root, "run-a", 1, 3));
+    for v in [10, 20] {
+        s0.save(&state(0, v)).unwrap();
+        s1.save(&state(1, v)).unwrap();
+    }
+    // Shard 1's file of version 20 is replaced with other contents after the manifest was
+    // made (a writer of another timeline): its checksum no longer matches the manifest's.
+    let mut other = state(1, 20);
+    other.params[0] = -1.0;
+    CheckpointDir::for_shard(root, 1, SHARDS, 3)
+        .save(&Checkpoint {
+            identity: identity("run-a", 1),
+            state: other,
+            model: "toy".into(),
+            config: "plan".into(),
+        })
+        .unwrap();
+    assert_eq!(restore(root, "run-a", 0).unwrap(), (10, true));
+    assert_eq!(restore(root, "run-a", 1).unwrap(), (10, true));
+}
+
+#[test]
+fn another_runs_files_are_refused_and_survive() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let mut a0 = saver(root, "run-a", 0, 1);
+    a0.save(&state(0, 10)).unwrap();
+    match restore(root, "run-b", 0) {
+        Err(ResumeError::NothingValid { skipped, .. }) => {
+            let text = format!("{skipped:?}");
+            assert!(text.contains("run-a"), "names the other run: {text}");
+        }
+        other => panic!("run b restored run a's file: {other:?}"),
+    }
+    assert_eq!(runs_in(root), vec![("run-a".to_string(), 10)]);
+    // Run b writing into the same folder never prunes run a's files or manifests.
+    let (mut b0, mut b1) = (saver(root, "run-b", 0, 1), saver(root, "run-b", 1, 1));
+    for v in [10, 20, 30] {
+        b0.save(&state(0, v)).unwrap();
+        b1.save(&state(1, v)).unwrap();
+    }
+    let dir0 = CheckpointDir::for_shard(root, 0, SHARDS, 1);
+    assert!(
+        dir0.file("run-a", 10).exists(),
+        "run a's file is still there"
+    );
+    assert_eq!(restore(root, "run-a", 0).unwrap(), (10, false));
+    assert_eq!(restore(root, "run-b", 1).unwrap(), (30, true));
+}
+
+#[test]
+fn a_lagging_shard_keeps_the_point_pinned_against_pruning() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let (mut s0, mut s1) = (saver(root, "run-a", 0, 1), saver(root, "run-a", 1, 1));
+    s0.save(&state(0, 10)).unwrap();
+    s1.save(&state(1, 10)).unwrap();
+    // Shard 0 runs ahead (async, after shard 1 restarted) while keeping one file.
+    for v in [20, 30, 40] {
+        s0.save(&state(0, v)).unwrap();
+    }
+    let dir0 = CheckpointDir::for_shard(root, 0, SHARDS, 1);
+    let kept: Vec<u64> = dir0.list().iter().map(|(v, _)| *v).collect();
+    assert_eq!(kept, vec![40, 10], "10 is the run's only complete point");
+    assert_eq!(restore(root, "run-a", 0).unwrap(), (10, true));
+    assert_eq!(restore(root, "run-a", 1).unwrap(), (10, true));
+}
+
+#[test]
+fn without_any_complete_point_a_shard_restores_its_own_newest_file() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let mut s1 = saver(root, "run-a", 1, 3);
+    s1.save(&state(1, 10)).unwrap();
+    s1.save(&state(1, 20)).unwrap();
+    assert!(manifests(root).is_empty());
+    assert_eq!(restore(root, "run-a", 1).unwrap(), (20, false));
+}
+
+#[test]
+fn hostile_manifests_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let (mut s0, mut s1) = (saver(root, "run-a", 0, 3), saver(root, "run-a", 1, 3));
+    s0.save(&state(0, 10)).unwrap();
+    s1.save(&state(1, 10)).unwrap();
+    let good = Manifest::read(&Manifest::path(root, "run-a", 10)).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("escaping path", {
+            let mut m = good.clone();
+            m.files[0].file = "../../etc/passwd".into();
+            serde_json::to_vec(&m).unwrap()
+        }),
+        ("absolute path", {
+            let mut m = good.clone();
+            m.files[1].file = "/etc/passwd".into();
+            serde_json::to_vec(&m).unwrap()
+        }),
+        ("missing shard", {
+            let mut m = good.clone();
+            m.files.pop();
+            serde_json::to_vec(&m).unwrap()
+        }),
+        ("not json", b"{\"format\": 7".to_vec()),
+    ];
+    for (what, bytes) in cases {
+        let path = Manifest::path(root, "run-a", 99);
+        std::fs::write(&path, bytes).unwrap();
+        assert!(Manifest::read(&path).is_err(), "{what} accepted");
+        assert_eq!(restore(root, "run-a", 0).unwrap(), (10, true), "{what}");
+    }
+    std::fs::write(Manifest::path(root, "run-a", 98), vec![b' '; 5 << 20]).unwrap();
+    assert!(
+        Manifest::read(&Manifest::path(root, "run-a", 98)).is_err(),
+        "oversized"
+    );
+}
