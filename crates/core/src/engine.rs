@@ -176,6 +176,16 @@ impl ShardEngine {
         self.members.all_departed()
     }
 
+    /// Every worker joined and left with a goodbye.
+    pub fn all_said_goodbye(&self) -> bool {
+        self.members.all_said_goodbye()
+    }
+
+    /// Ranks held by a worker now.
+    pub fn workers_present(&self) -> usize {
+        self.members.held()
+    }
+
     /// A worker takes a rank at `now` (its heartbeat deadline starts then); one that held it
     /// before comes back into the quorum.
     pub fn join(&mut self, request: RankRequest, now: Duration) -> Result<Seat, JoinError> {

@@ -196,6 +196,14 @@ impl Membership {
     pub fn all_departed(&self) -> bool {
         self.ranks.iter().all(|r| r.joined_ever && !r.held)
     }
+
+    /// Every rank has joined and left with a goodbye: the workers all finished their part (a
+    /// worker that vanished may still come back).
+    pub fn all_said_goodbye(&self) -> bool {
+        self.ranks
+            .iter()
+            .all(|r| r.joined_ever && !r.held && r.departed == Some(Departure::Goodbye))
+    }
 }
 
 #[cfg(test)]
@@ -289,5 +297,10 @@ mod tests {
         assert!(!m.all_departed());
         m.leave(b, Departure::Goodbye);
         assert!(m.all_departed());
+        assert!(m.all_said_goodbye());
+        let c = m.join(RankRequest::Exact(1), S).unwrap();
+        m.leave(c, Departure::Vanished);
+        assert!(m.all_departed());
+        assert!(!m.all_said_goodbye(), "a vanished worker may come back");
     }
 }

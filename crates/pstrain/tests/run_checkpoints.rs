@@ -9,6 +9,29 @@ use pstrain_store::{assemble, Manifest};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+/// A child process killed when dropped, so a failing test leaves no process behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 use std::time::{Duration, Instant};
 
 /// Constant rate, so a run's weights at version V do not depend on its total budget.
@@ -48,7 +71,7 @@ fn shard(
     dir: &Path,
     i: usize,
     token: &str,
-) -> (Child, String, BufReader<std::process::ChildStderr>) {
+) -> (Proc, String, BufReader<std::process::ChildStderr>) {
     shard_with(dir, i, token, 100_000, EVERY)
 }
 
@@ -59,7 +82,7 @@ fn shard_with(
     token: &str,
     iterations: u64,
     every: u64,
-) -> (Child, String, BufReader<std::process::ChildStderr>) {
+) -> (Proc, String, BufReader<std::process::ChildStderr>) {
     let d = dir.to_str().unwrap();
     let (iterations, every) = (iterations.to_string(), every.to_string());
     let mut child = pstrain(
@@ -98,7 +121,7 @@ fn shard_with(
         .unwrap_or_else(|| panic!("shard {i} said {line:?}"))
         .to_string();
     let stderr = BufReader::new(child.stderr.take().unwrap());
-    (child, addr, stderr)
+    (Proc(child), addr, stderr)
 }
 
 /// The version a restarted shard says it restored.
@@ -126,7 +149,7 @@ fn newest_file_version(dir: &Path, shard: usize) -> u64 {
 }
 
 /// The run's two workers.
-fn workers(servers: &str, token: &str) -> Vec<Child> {
+fn workers(servers: &str, token: &str) -> Vec<Proc> {
     (0..2)
         .map(|r| {
             pstrain(
@@ -136,6 +159,7 @@ fn workers(servers: &str, token: &str) -> Vec<Child> {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(Proc)
             .unwrap()
         })
         .collect()

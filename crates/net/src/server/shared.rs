@@ -30,6 +30,10 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// How long a shard whose workers are gone (not all with a goodbye) or that is done with no
+/// worker waits, with no connection open, before it ends.
+const FINISH_GRACE: Duration = Duration::from_secs(5);
+
 /// How often one address's refusals are logged, and how many addresses are remembered.
 const UNAUTHORIZED_LOG_EVERY: Duration = Duration::from_secs(60);
 const UNAUTHORIZED_LOG_ADDRESSES: usize = 4096;
@@ -46,6 +50,8 @@ pub(super) struct State {
     pub worker_addresses: HashMap<usize, String>,
     /// When the last checkpoint was written, and how long it took.
     pub last_checkpoint: Option<(Instant, Duration)>,
+    /// When a connection last opened or closed (the shard's end waits for some quiet).
+    pub quiet_since: Instant,
     /// Checkpoints that failed, in all and since the last one written, and the last error.
     pub checkpoint_failures: u64,
     pub failures_in_a_row: u32,
@@ -96,6 +102,7 @@ impl Shared {
                 logged_unauthorized: HashMap::new(),
                 worker_addresses: HashMap::new(),
                 last_checkpoint: None,
+                quiet_since: Instant::now(),
                 checkpoint_failures: 0,
                 failures_in_a_row: 0,
                 checkpoint_error: None,
@@ -175,9 +182,21 @@ impl Shared {
         eprintln!("[shard {}] {msg}", self.cfg.shard);
     }
 
-    /// Signals the run loop once every worker has come and gone and no connection is open.
+    /// Signals the run loop when the run is over for this shard and no connection is open:
+    /// at once when every worker has come and left with a goodbye; after `FINISH_GRACE` of
+    /// quiet when every worker has gone (some vanished: they may come back, as a restarted
+    /// worker does) or the shard is done and no worker is there (a shard restarted at the
+    /// budget after the workers had finished).
     pub fn check_finished(&self, state: &State) {
-        if self.cfg.exit_when_finished && state.engine.all_departed() && state.open == 0 {
+        let engine = &state.engine;
+        let idle = state.open == 0 && engine.workers_present() == 0;
+        if !self.cfg.exit_when_finished || !idle {
+            return;
+        }
+        let quiet = state.quiet_since.elapsed() >= FINISH_GRACE;
+        let over =
+            engine.all_said_goodbye() || (quiet && (engine.all_departed() || engine.is_done()));
+        if over {
             self.finished.notify_one();
         }
     }
@@ -193,6 +212,7 @@ impl Shared {
             return false;
         }
         state.open += 1;
+        state.quiet_since = Instant::now();
         *state.open_by_address.entry(ip).or_insert(0) += 1;
         true
     }
@@ -200,6 +220,7 @@ impl Shared {
     /// A connection from `ip` closed.
     pub fn release(&self, state: &mut State, ip: IpAddr) {
         state.open -= 1;
+        state.quiet_since = Instant::now();
         if let Some(n) = state.open_by_address.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
