@@ -6,8 +6,9 @@ use crate::model::{EvalStats, Model, StepStats};
 use pstrain_core::{Layout, Rng};
 use std::ops::Range;
 
-/// Largest batch evaluated at once; bounds the scratch memory of `evaluate`.
-const EVAL_CHUNK: usize = 500;
+/// Samples per forward pass in `evaluate`: activations for more cost memory (the cnn's are
+/// about half a megabyte per sample) and gain nothing (convolutions go sample by sample).
+const EVAL_CHUNK: usize = 64;
 
 pub struct Sequential {
     layers: Vec<Box<dyn Layer>>,

@@ -63,8 +63,25 @@ pub struct TrainingPoint {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub cores: usize,
+    /// The processor's model name, as the system gives it.
+    pub cpu: String,
     pub compute: Vec<ComputePoint>,
     pub training: Vec<TrainingPoint>,
+    /// Peak resident memory of the default run's processes (filled by the CLI, which runs
+    /// them as children).
+    pub memory: Vec<crate::bench_memory::MemoryRun>,
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (empty where there is none).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default()
 }
 
 /// Samples per second of forward + backward for one model on random inputs.
@@ -175,7 +192,9 @@ pub fn run_bench(
     }
     Ok(BenchReport {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu: cpu_model(),
         compute,
         training,
+        memory: Vec::new(),
     })
 }

@@ -108,6 +108,9 @@ struct BenchArgs {
     train_updates: u64,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Updates of the default run whose processes' peak memory is measured (0: skip)
+    #[arg(long, default_value_t = 300)]
+    memory_updates: u64,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -193,7 +196,24 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
         train_updates: args.train_updates,
         ..BenchConfig::default()
     };
-    let report = run_bench(&cfg, &data, &mut |line| println!("{line}"))?;
+    let mut report = run_bench(&cfg, &data, &mut |line| println!("{line}"))?;
+    if args.memory_updates > 0 {
+        let exe = std::env::current_exe().context("cannot find this program")?;
+        report.memory = crate::bench_memory::measure(&exe, &args.data.dir(), args.memory_updates)?;
+        for run in &report.memory {
+            let parts: Vec<String> = run
+                .processes
+                .iter()
+                .map(|p| format!("{} {:.0} MB", p.process, p.peak_rss_mb))
+                .collect();
+            println!(
+                "memory, default run {}: {} (total {:.0} MB)",
+                run.transport,
+                parts.join(", "),
+                run.total_mb
+            );
+        }
+    }
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&args.out, json + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
@@ -244,7 +264,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let (kind, assembled) = load_checkpoint_model(&args.checkpoint)?;
     let data = load_data(&args.data)?;
     let mut model = kind.build(Default::default());
-    let e = model.evaluate(&assembled.params, &data.test.images, &data.test.labels)?;
+    let e = data.test.evaluate(model.as_mut(), &assembled.params)?;
     println!(
         "{kind} at version {:?}: test accuracy {:.2}% ({} of {}), test loss {:.4}",
         assembled.versions,

@@ -2,6 +2,7 @@
 //! and N workers on 127.0.0.1, supervised from this process (`Supervisor`), with injected
 //! faults (`Fault`) for the recovery tests.
 
+use crate::memory::PeakTracker;
 use crate::plan_flags::plan_argv;
 use crate::process::{read_address, Proc};
 use crate::supervisor::{parse_report, Supervisor};
@@ -171,6 +172,16 @@ struct LocalCluster<'a> {
 }
 
 impl<'a> LocalCluster<'a> {
+    /// Samples the peak memory of every shard and worker process running now.
+    fn sample_memory(&self, peaks: &mut PeakTracker) {
+        for (i, s) in self.shards.iter().enumerate() {
+            peaks.sample(&format!("shard {i}"), s.child.id());
+        }
+        for (rank, w) in self.workers.iter().enumerate() {
+            peaks.sample(&format!("worker {rank}"), w.proc.child.id());
+        }
+    }
+
     fn start_shards(cfg: &TrainConfig, cluster: &'a ClusterConfig) -> Result<Self, TrainError> {
         let mut shard_cfg = cfg.clone();
         shard_cfg.checkpoint = cluster.checkpoint.clone();
@@ -385,6 +396,7 @@ pub fn train_tcp(
     }
     let mut faults = cluster.faults.clone();
     let mut stopped = false;
+    let mut peaks = PeakTracker::default();
     loop {
         std::thread::sleep(TICK);
         if stop.load(Ordering::Relaxed) && !stopped {
@@ -399,6 +411,7 @@ pub fn train_tcp(
                 local.apply(fault)?;
             }
         }
+        local.sample_memory(&mut peaks);
         let running = local.running(stopped)?;
         supervisor.tick(observer, &data.test)?;
         if running == 0 {
@@ -406,7 +419,10 @@ pub fn train_tcp(
         }
     }
     let unapplied = local.collect_reports(stopped)?;
-    let outcome = supervisor.finish(cfg, observer, &data.test, unapplied, stopped)?;
+    let mut outcome = supervisor.finish(cfg, observer, &data.test, unapplied, stopped)?;
+    local.sample_memory(&mut peaks);
+    peaks.sample("launcher", std::process::id());
     local.wait_for_shards();
+    outcome.summary.memory = peaks.into_vec();
     Ok(outcome)
 }

@@ -4,12 +4,14 @@
 //! use the library modules: `shard_setup`, `remote_worker`, `supervisor`, `plan_flags`.
 
 pub mod bench;
+pub mod bench_memory;
 pub mod cli;
 pub mod cluster;
 pub mod data;
 pub mod download;
 pub mod flags;
 pub mod inproc;
+pub mod memory;
 pub mod metrics;
 pub mod monitor;
 pub mod netbench;

@@ -185,6 +185,8 @@ pub struct Summary {
     /// Each worker rank as the shards saw it.
     pub per_worker: Vec<WorkerRecord>,
     pub staleness_buckets: Vec<String>,
+    /// Peak resident memory of each process of the run (where the system reports it).
+    pub memory: Vec<crate::memory::ProcessMemory>,
 }
 
 impl Summary {
@@ -219,12 +221,21 @@ impl Summary {
             stopped_early,
             per_worker: WorkerRecord::all(workers, wall),
             staleness_buckets: staleness_buckets(),
+            memory: Vec::new(),
         }
     }
 
     /// The human-readable end-of-run report.
     pub fn render(&self) -> String {
         let mut text = self.render_totals();
+        if !self.memory.is_empty() {
+            let parts: Vec<String> = self
+                .memory
+                .iter()
+                .map(|m| format!("{} {:.0} MB", m.process, m.peak_rss_mb))
+                .collect();
+            text.push_str(&format!("\npeak memory    {}", parts.join(", ")));
+        }
         if !self.per_worker.is_empty() {
             text.push_str(
                 "\nworker  steps/s  applied  not used  staleness mean/max  lead  compute s  wait s  batch",

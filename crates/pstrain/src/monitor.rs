@@ -117,9 +117,7 @@ impl Monitor {
         let record = match self.last_eval.take() {
             Some(record) if record.updates == stats.version => record,
             _ => {
-                let eval = self
-                    .eval_model
-                    .evaluate(&weights, &test.images, &test.labels)?;
+                let eval = test.evaluate(self.eval_model.as_mut(), &weights)?;
                 let record = EvalRecord::new(self.start, &stats, &eval, self.train_len);
                 observer.eval(&record);
                 record
@@ -140,9 +138,7 @@ impl Monitor {
         test: &Split,
     ) -> Result<EvalRecord, TrainError> {
         let (stats, weights) = view.snapshot()?;
-        let eval = self
-            .eval_model
-            .evaluate(&weights, &test.images, &test.labels)?;
+        let eval = test.evaluate(self.eval_model.as_mut(), &weights)?;
         Ok(EvalRecord::new(self.start, &stats, &eval, self.train_len))
     }
 }

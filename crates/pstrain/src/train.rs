@@ -302,7 +302,15 @@ pub fn train(
         save(s, &server.state(), observer)?;
     }
     let end = monitor.finish(&mut view, observer, &data.test)?;
-    Ok(end.into_outcome(cfg, wall, stop.load(Ordering::Relaxed), not_applied))
+    let mut outcome = end.into_outcome(cfg, wall, stop.load(Ordering::Relaxed), not_applied);
+    outcome.summary.memory = crate::memory::peak_rss_mb(None)
+        .map(|mb| crate::memory::ProcessMemory {
+            process: "server and workers (one process)".into(),
+            peak_rss_mb: mb,
+        })
+        .into_iter()
+        .collect();
+    Ok(outcome)
 }
 
 impl ServerView for &InProcServer {

@@ -125,7 +125,7 @@ fn train_loop(
             picked.extend(sampler.batch_at(step));
         }
         for (j, &i) in picked.iter().enumerate() {
-            images[j * per..(j + 1) * per].copy_from_slice(&data.images[i * per..(i + 1) * per]);
+            data.copy_image(i, &mut images[j * per..(j + 1) * per]);
             labels[j] = data.labels[i];
         }
         let n = picked.len();

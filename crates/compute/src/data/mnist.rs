@@ -2,7 +2,8 @@
 //! in 10 classes, normalised as the PyTorch MNIST example does.
 
 use super::idx::{read_idx, IMAGES_MAGIC, LABELS_MAGIC};
-use crate::error::DataError;
+use crate::error::{ComputeError, DataError};
+use crate::model::{EvalStats, Model};
 use std::path::{Path, PathBuf};
 
 pub const ROWS: usize = 28;
@@ -21,11 +22,22 @@ pub const FILES: [&str; 4] = [
     "t10k-labels-idx1-ubyte",
 ];
 
-/// Images as normalised `f32`, `PIXELS` per sample, and their labels.
+/// Images as their raw bytes, `PIXELS` per sample (a quarter of the memory of `f32`; the
+/// data set is held once per process), and their labels. `copy_image` normalises one image
+/// into a model's input buffer as the PyTorch MNIST example does.
 #[derive(Debug, Clone)]
 pub struct Split {
-    pub images: Vec<f32>,
+    pub pixels: Vec<u8>,
     pub labels: Vec<u8>,
+}
+
+/// Samples converted to `f32` at a time by `Split::evaluate`.
+const EVAL_SAMPLES: usize = 64;
+
+/// Every byte's normalised value.
+fn normalised() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|p| (p as f32 / 255.0 - MEAN) / STD))
 }
 
 impl Split {
@@ -37,17 +49,56 @@ impl Split {
         self.labels.is_empty()
     }
 
-    pub fn image(&self, i: usize) -> &[f32] {
-        &self.images[i * PIXELS..(i + 1) * PIXELS]
+    /// Writes image `i`, normalised, into `out` (`PIXELS` values).
+    pub fn copy_image(&self, i: usize, out: &mut [f32]) {
+        let table = normalised();
+        let src = &self.pixels[i * PIXELS..(i + 1) * PIXELS];
+        for (o, &p) in out.iter_mut().zip(src) {
+            *o = table[usize::from(p)];
+        }
+    }
+
+    /// Every image normalised, in order (for tools and tests; training copies per batch).
+    pub fn images(&self) -> Vec<f32> {
+        let table = normalised();
+        self.pixels.iter().map(|&p| table[usize::from(p)]).collect()
     }
 
     /// Builds a split from raw 0..=255 pixels.
     pub fn from_pixels(pixels: &[u8], labels: Vec<u8>) -> Split {
-        let images = pixels
-            .iter()
-            .map(|&p| (f32::from(p) / 255.0 - MEAN) / STD)
-            .collect();
-        Split { images, labels }
+        Split {
+            pixels: pixels.to_vec(),
+            labels,
+        }
+    }
+
+    /// `model`'s loss and accuracy with `params` on this split, converting a few samples at a
+    /// time (no `f32` copy of the whole split).
+    pub fn evaluate(
+        &self,
+        model: &mut dyn Model,
+        params: &[f32],
+    ) -> Result<EvalStats, ComputeError> {
+        let mut images = vec![0.0; EVAL_SAMPLES * PIXELS];
+        let mut total = EvalStats {
+            loss: 0.0,
+            correct: 0,
+            samples: 0,
+        };
+        for (chunk, labels) in self.labels.chunks(EVAL_SAMPLES).enumerate() {
+            let first = chunk * EVAL_SAMPLES;
+            for j in 0..labels.len() {
+                self.copy_image(first + j, &mut images[j * PIXELS..(j + 1) * PIXELS]);
+            }
+            let e = model.evaluate(params, &images[..labels.len() * PIXELS], labels)?;
+            total.loss += e.loss * e.samples as f64;
+            total.correct += e.correct;
+            total.samples += e.samples;
+        }
+        if total.samples > 0 {
+            total.loss /= total.samples as f64;
+        }
+        Ok(total)
     }
 }
 
@@ -134,5 +185,43 @@ pub fn load_split(images: &Path, labels: &Path) -> Result<Split, DataError> {
             classes: CLASSES,
         });
     }
-    Ok(Split::from_pixels(&img.data, lab.data))
+    Ok(Split {
+        pixels: img.data,
+        labels: lab.data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelKind;
+    use pstrain_core::Rng;
+
+    #[test]
+    fn images_are_normalised_from_bytes_and_evaluated_in_chunks_alike() {
+        let n = 150; // more than two evaluation chunks
+        let mut rng = Rng::new(3);
+        let pixels: Vec<u8> = (0..n * PIXELS)
+            .map(|_| (rng.next_u64() % 256) as u8)
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % CLASSES) as u8).collect();
+        let split = Split::from_pixels(&pixels, labels.clone());
+        let mut one = vec![0.0; PIXELS];
+        split.copy_image(7, &mut one);
+        let expect = (f32::from(pixels[7 * PIXELS + 5]) / 255.0 - MEAN) / STD;
+        assert_eq!(one[5], expect);
+        assert_eq!(&split.images()[7 * PIXELS..8 * PIXELS], &one[..]);
+
+        let mut model = ModelKind::Convnet.build(Default::default());
+        let mut params = vec![0.0; model.layout().len()];
+        model.init_params(&mut params, &mut Rng::new(1));
+        let chunked = split.evaluate(model.as_mut(), &params).unwrap();
+        let whole = model.evaluate(&params, &split.images(), &labels).unwrap();
+        assert_eq!(chunked.samples, n);
+        assert_eq!(chunked.correct, whole.correct);
+        assert!(
+            (chunked.loss - whole.loss).abs() < 1e-5,
+            "{chunked:?} {whole:?}"
+        );
+    }
 }
