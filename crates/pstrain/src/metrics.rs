@@ -50,6 +50,9 @@ pub struct EvalRecord {
     pub test_samples: usize,
     pub staleness_mean: f64,
     pub staleness_max: u64,
+    /// Seconds the evaluation took (the training went on meanwhile, sharing the cores), so
+    /// time-to-accuracy can be told with and without evaluation.
+    pub eval_s: f64,
 }
 
 impl EvalRecord {
@@ -68,6 +71,7 @@ impl EvalRecord {
             test_samples: eval.samples,
             staleness_mean: p.staleness_mean,
             staleness_max: p.staleness_max,
+            eval_s: 0.0,
         }
     }
 }

@@ -117,8 +117,10 @@ impl Monitor {
         let record = match self.last_eval.take() {
             Some(record) if record.updates == stats.version => record,
             _ => {
+                let began = Instant::now();
                 let eval = test.evaluate(self.eval_model.as_mut(), &weights)?;
-                let record = EvalRecord::new(self.start, &stats, &eval, self.train_len);
+                let mut record = EvalRecord::new(self.start, &stats, &eval, self.train_len);
+                record.eval_s = began.elapsed().as_secs_f64();
                 observer.eval(&record);
                 record
             }
@@ -138,7 +140,10 @@ impl Monitor {
         test: &Split,
     ) -> Result<EvalRecord, TrainError> {
         let (stats, weights) = view.snapshot()?;
+        let began = Instant::now();
         let eval = test.evaluate(self.eval_model.as_mut(), &weights)?;
-        Ok(EvalRecord::new(self.start, &stats, &eval, self.train_len))
+        let mut record = EvalRecord::new(self.start, &stats, &eval, self.train_len);
+        record.eval_s = began.elapsed().as_secs_f64();
+        Ok(record)
     }
 }
