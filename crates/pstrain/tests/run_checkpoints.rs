@@ -35,11 +35,9 @@ impl std::ops::DerefMut for Proc {
 use std::time::{Duration, Instant};
 
 /// Constant rate, so a run's weights at version V do not depend on its total budget.
-const PLAN: [&str; 14] = [
+const PLAN: [&str; 12] = [
     "--model",
     "convnet",
-    "--mode",
-    "sync",
     "--workers",
     "2",
     "--batch-size",
@@ -53,13 +51,13 @@ const PLAN: [&str; 14] = [
 ];
 const EVERY: u64 = 40;
 
-/// `pstrain ARGS` of the run (`PLAN` is added for every command but `worker`, which takes
-/// the plan from the shards).
-fn pstrain(args: &[&str], token: &str) -> Command {
+/// `pstrain ARGS` of the run in `mode` (`PLAN` is added for every command but `worker`,
+/// which takes the plan from the shards).
+fn pstrain(args: &[&str], token: &str, mode: &str) -> Command {
     let mut c = Command::new(common::pstrain_bin());
     c.args(args);
     if args[0] != "worker" {
-        c.args(PLAN);
+        c.args(PLAN).args(["--mode", mode]);
     }
     c.env("PSTRAIN_TOKEN", token)
         .env("PSTRAIN_DATA_DIR", common::mnist_dir());
@@ -71,8 +69,9 @@ fn shard(
     dir: &Path,
     i: usize,
     token: &str,
+    mode: &str,
 ) -> (Proc, String, BufReader<std::process::ChildStderr>) {
-    shard_with(dir, i, token, 100_000, EVERY)
+    shard_with(dir, i, token, 100_000, EVERY, mode)
 }
 
 /// A shard of `iterations` updates checkpointing every `every` into `dir`.
@@ -82,6 +81,7 @@ fn shard_with(
     token: &str,
     iterations: u64,
     every: u64,
+    mode: &str,
 ) -> (Proc, String, BufReader<std::process::ChildStderr>) {
     let d = dir.to_str().unwrap();
     let (iterations, every) = (iterations.to_string(), every.to_string());
@@ -106,20 +106,13 @@ fn shard_with(
             "kill-all",
         ],
         token,
+        mode,
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("shard {i} said {line:?}"))
-        .to_string();
+    let addr = common::listening_address(&mut child);
     let stderr = BufReader::new(child.stderr.take().unwrap());
     (Proc(child), addr, stderr)
 }
@@ -155,6 +148,7 @@ fn workers(servers: &str, token: &str) -> Vec<Proc> {
             pstrain(
                 &["worker", "--servers", servers, "--rank", &r.to_string()],
                 token,
+                "",
             )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -174,7 +168,7 @@ fn a_failing_disk_backs_off_and_fails_the_shard_at_the_end() {
     std::fs::write(dir.path().join("shard-0-of-2"), b"in the way").unwrap();
     let (updates, every) = (3000, 5);
     let mut shards: Vec<_> = (0..2)
-        .map(|i| shard_with(dir.path(), i, &token, updates, every))
+        .map(|i| shard_with(dir.path(), i, &token, updates, every, "sync"))
         .collect();
     let servers = format!("{},{}", shards[0].1, shards[1].1);
     let mut workers = workers(&servers, &token);
@@ -205,12 +199,14 @@ fn a_failing_disk_backs_off_and_fails_the_shard_at_the_end() {
     assert!(logs[1].0.success(), "{}", logs[1].1);
 }
 
-#[test]
-fn every_shard_killed_at_once_restores_the_same_point() {
-    let _guard = common::one_at_a_time();
+/// Runs 2 shards and 2 workers in `mode`, kills every shard at the same moment (at the
+/// worst moment: shard 1 had not put its newest file in place) and restarts them; checks
+/// that both restored the same point, the one before. Returns the folder, the point and the
+/// token.
+fn kill_every_shard_at_once(mode: &str) -> (tempfile::TempDir, u64, String) {
     let token = pstrain_net::RunToken::generate().unwrap().to_hex();
     let dir = tempfile::tempdir().unwrap();
-    let mut shards: Vec<_> = (0..2).map(|i| shard(dir.path(), i, &token)).collect();
+    let mut shards: Vec<_> = (0..2).map(|i| shard(dir.path(), i, &token, mode)).collect();
     let servers = format!("{},{}", shards[0].1, shards[1].1);
     let mut workers = workers(&servers, &token);
     // Run until several points are complete, then kill every shard at the same moment.
@@ -244,7 +240,7 @@ fn every_shard_killed_at_once_restores_the_same_point() {
     assert_eq!(newest_file_version(dir.path(), 0), newest);
     let point = newest - EVERY;
 
-    let mut restarted: Vec<_> = (0..2).map(|i| shard(dir.path(), i, &token)).collect();
+    let mut restarted: Vec<_> = (0..2).map(|i| shard(dir.path(), i, &token, mode)).collect();
     let versions: Vec<u64> = restarted
         .iter_mut()
         .map(|(_, _, err)| restored_version(err))
@@ -265,6 +261,20 @@ fn every_shard_killed_at_once_restores_the_same_point() {
     );
     let resumed = assemble(dir.path()).unwrap();
     assert_eq!(resumed.manifest, Some(("kill-all".to_string(), point)));
+    (dir, point, token)
+}
+
+#[test]
+fn an_async_run_killed_at_once_restores_one_round() {
+    let _guard = common::one_at_a_time();
+    kill_every_shard_at_once("async");
+}
+
+#[test]
+fn every_shard_killed_at_once_restores_the_same_point() {
+    let _guard = common::one_at_a_time();
+    let (dir, point, token) = kill_every_shard_at_once("sync");
+    let resumed = assemble(dir.path()).unwrap();
 
     // The same run stopped cleanly at that version (its final checkpoint).
     let clean = tempfile::tempdir().unwrap();
@@ -285,6 +295,7 @@ fn every_shard_killed_at_once_restores_the_same_point() {
             "0",
         ],
         &token,
+        "sync",
     )
     .output()
     .unwrap();

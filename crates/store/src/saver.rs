@@ -109,8 +109,8 @@ impl Saver {
     }
 
     /// Hands the checkpoint to continue from to `restore` (which puts it into the shard's
-    /// engine or core). With `from_point` (runs whose versions are steps of the whole model:
-    /// sync, SSP) that is this shard's file of the newest complete point of the run, and its
+    /// engine or core). With `from_point` (the run, or part of it, is restarting: see
+    /// `beacon.rs`) that is this shard's file of the newest complete point of the run, and its
     /// own files newer than that point are removed: they belong to a future the run has
     /// abandoned and must not complete a later manifest. Otherwise, or when the run has no
     /// complete point, it is this shard's own newest valid file.

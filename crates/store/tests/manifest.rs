@@ -49,8 +49,8 @@ fn saver(root: &Path, run: &str, shard: usize, keep: usize) -> Saver {
     Saver::new(&policy, identity(run, shard), "toy", "plan".into())
 }
 
-/// What a fresh process of `shard` of a sync run restores: (version, whether from a
-/// manifest).
+/// What a fresh process of `shard` restores when the run restarts: (version, whether from
+/// a manifest).
 fn restore(root: &Path, run: &str, shard: usize) -> Result<(u64, bool), ResumeError> {
     restore_as(root, run, shard, true)
 }
@@ -96,8 +96,8 @@ fn every_shard_restores_the_newest_point_all_of_them_reached() {
     // Every shard dies while shard 0 has written version 30 and shard 1 has not.
     s0.save(&state(0, 30)).unwrap();
     assert_eq!(manifests(root), vec![20, 10]);
-    // An async shard's versions are its own count, not a moment of the run: it takes its
-    // own newest file (closest in time to the others'), and nothing is removed.
+    // A shard restarting alone while the others run on takes its own newest file (it loses
+    // the least), and nothing is removed.
     assert_eq!(restore_as(root, "run-a", 0, false).unwrap(), (30, false));
     assert_eq!(restore(root, "run-a", 0).unwrap(), (20, true));
     assert_eq!(restore(root, "run-a", 1).unwrap(), (20, true));

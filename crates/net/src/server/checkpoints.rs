@@ -4,7 +4,7 @@
 use super::shared::Shared;
 use super::ShardConfig;
 use crate::error::NetError;
-use pstrain_core::{CoreState, Mode, ShardEngine};
+use pstrain_core::{CoreState, ShardEngine};
 use pstrain_store::{
     resume_from, Beacon, CheckpointDir, ResumeError, ResumeFrom, Saver, ShardIdentity,
 };
@@ -18,19 +18,20 @@ use tokio::sync::mpsc;
 const BEACON_EVERY: Duration = Duration::from_millis(250);
 const BEACON_WATCH: Duration = Duration::from_millis(1200);
 
-/// Whether this shard restores the run's newest complete point rather than its own newest
-/// file: only shards of a multi-shard sync or SSP run (whose versions are the run's steps)
-/// that have checkpoints, and only when their peers are not all running on without them
-/// (then the whole run, or part of it, is restarting and every shard must take one point).
+/// Whether this shard restores the run's newest complete point (sync, SSP: one step of the
+/// model; async: one round, the same number of updates on every shard) rather than its own
+/// newest file: only shards of a multi-shard run that have checkpoints, and only when their
+/// peers are not all running on without them (then the whole run, or part of it, is
+/// restarting and every shard must take one point; a shard restarting alone takes its own
+/// newest file, losing the least).
 pub(super) async fn restore_from_point(cfg: &ShardConfig) -> bool {
     let Some(policy) = cfg.checkpoint.as_ref() else {
         return false;
     };
-    let steps = matches!(cfg.plan.mode, Mode::Sync { .. } | Mode::Ssp { .. });
     let first_start = CheckpointDir::for_shard(&policy.dir, cfg.shard, cfg.shards, 1)
         .list()
         .is_empty();
-    if cfg.shards < 2 || !steps || first_start {
+    if cfg.shards < 2 || first_start {
         return false;
     }
     let peers: Vec<PathBuf> = (0..cfg.shards)

@@ -142,7 +142,6 @@ impl Drop for Shard {
 
 /// Starts `pstrain server --listen 127.0.0.1:0 FLAGS...` and reads the address it bound.
 pub fn shard(flags: &[&str]) -> Shard {
-    use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(pstrain_bin())
         .args(["server", "--listen", "127.0.0.1:0"])
         .args(flags)
@@ -150,14 +149,19 @@ pub fn shard(flags: &[&str]) -> Shard {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let addr = listening_address(&mut child);
+    Shard { child, addr }
+}
+
+/// The address a `pstrain server` child bound, from the first line of its (piped) stdout.
+pub fn listening_address(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(child.stdout.take().expect("stdout piped"))
         .read_line(&mut line)
         .unwrap();
-    let addr = line
-        .trim()
+    line.trim()
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("the shard said {line:?}"))
-        .to_string();
-    Shard { child, addr }
+        .to_string()
 }
