@@ -54,7 +54,10 @@ def cluster(tmp_path_factory):
             pytest.fail("the `ray` command is not installed")
         pytest.skip("the `ray` command is not installed")
     port, dashboard = free_port(), free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # A fresh HOME: Ray 2.60 refuses a cluster's RPCs (InvalidAuthToken) when a token left by
+    # an earlier Ray session sits in ~/.ray/auth_token.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
+               HOME=str(tmp_path_factory.mktemp("home")))
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2",
               "--object-store-memory", str(256 * 2**20), "--disable-usage-stats"]
     _, head_s = run([ray, "start", "--head", "--port", str(port), "--include-dashboard", "true",
