@@ -8,16 +8,10 @@ use pstrain_core::RunPlan;
 use pstrain_net::RunToken;
 use std::path::Path;
 
-/// Longest run id accepted.
-const MAX_LEN: usize = 64;
-
-/// A run id must be a short plain name: it goes into file metadata and messages.
+/// A run id must be a short plain name: it goes into file names, metadata and messages.
 pub fn validate(id: &str) -> Result<()> {
-    let plain = id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-    if id.is_empty() || id.len() > MAX_LEN || !plain {
-        bail!("run id `{id}`: use 1 to {MAX_LEN} letters, digits, `-`, `_` or `.`");
+    if !pstrain_store::is_plain_run_id(id) {
+        bail!("run id `{id}`: use 1 to 64 letters, digits, `-`, `_` or `.`, not starting with `.`");
     }
     Ok(())
 }
@@ -99,7 +93,7 @@ mod tests {
     #[test]
     fn ids_are_plain_names() {
         assert!(validate("run-7_a.b").is_ok());
-        for bad in ["", "a/b", "../x", "a b", &"x".repeat(65)] {
+        for bad in ["", "a/b", "../x", ".hidden", "a b", &"x".repeat(65)] {
             assert!(validate(bad).is_err(), "{bad:?}");
         }
         let a = fresh().unwrap();

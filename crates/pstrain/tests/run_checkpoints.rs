@@ -1,37 +1,15 @@
-//! Run-consistent checkpoints over TCP: every shard of a sync run killed with SIGKILL at the
-//! same moment and restarted restores the same manifest point, whatever each shard had
+//! Run-consistent checkpoints over TCP: every shard of a run (sync, async) killed with SIGKILL
+//! at the same moment and restarted restores the same manifest point, whatever each shard had
 //! written last, and the weights there are those of an uninterrupted run stopped cleanly at
 //! that version.
 
 mod common;
 
+use common::KillOnDrop as Proc;
 use pstrain_store::{assemble, Manifest};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// A child process killed when dropped, so a failing test leaves no process behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl std::ops::Deref for Proc {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Proc {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Constant rate, so a run's weights at version V do not depend on its total budget.

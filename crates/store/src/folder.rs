@@ -60,10 +60,7 @@ impl CheckpointDir {
     /// go, whatever else the folder holds (see `Saver::save`).
     pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf, StoreError> {
         let run = &ckpt.identity.run_id;
-        let plain = run
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if run.is_empty() || run.len() > 64 || !plain || run.starts_with('.') {
+        if !is_plain_run_id(run) {
             return Err(StoreError::Invalid {
                 path: self.dir.clone(),
                 why: format!("run id `{run}` is not a plain name"),
@@ -107,6 +104,15 @@ impl CheckpointDir {
     }
 }
 
+/// A run id fit for file names and messages: 1 to 64 letters, digits, `-`, `_` or `.`, not
+/// starting with `.`.
+pub fn is_plain_run_id(run: &str) -> bool {
+    let plain = run
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    !run.is_empty() && run.len() <= 64 && plain && !run.starts_with('.')
+}
+
 /// The version in `PREFIX VERSION [.RUN] SUFFIX` (the run is in the name since run ids; files
 /// without one are listed too, and refused when read).
 pub(crate) fn parse_versioned(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
@@ -133,10 +139,12 @@ pub struct Assembled {
 /// of the newest good file of every shard of one shard count.
 pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
     let mut problems = Vec::new();
-    let points: Vec<Manifest> =
-        crate::manifest::complete_points(root, |_| true, &mut problems).collect();
-    for m in points {
-        match assemble_point(root, &m) {
+    for (_, path) in Manifest::list(root) {
+        let point = Manifest::read(&path).and_then(|m| {
+            m.verify(root)?;
+            assemble_point(root, &m)
+        });
+        match point {
             Ok(mut a) => {
                 a.problems = problems;
                 return Ok(a);

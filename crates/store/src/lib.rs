@@ -12,6 +12,6 @@ pub mod saver;
 pub use beacon::{resume_from, Beacon, ResumeFrom};
 pub use checkpoint::CheckpointHeader;
 pub use checkpoint::{Checkpoint, ShardIdentity, StoreError};
-pub use folder::{assemble, Assembled, CheckpointDir};
+pub use folder::{assemble, is_plain_run_id, Assembled, CheckpointDir};
 pub use manifest::{runs_in, Manifest, ManifestEntry};
 pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};

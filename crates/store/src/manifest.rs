@@ -205,36 +205,21 @@ impl Manifest {
     }
 }
 
-/// `identity`'s run's manifests whose files all verify, newest first, lazily; the
-/// manifests passed over are added to `problems`.
-pub fn complete_points<'a>(
-    root: &'a Path,
-    accept: impl Fn(&Manifest) -> bool + 'a,
-    problems: &'a mut Vec<StoreError>,
-) -> impl Iterator<Item = Manifest> + 'a {
-    Manifest::list(root)
-        .into_iter()
-        .filter_map(move |(_, path)| {
-            match Manifest::read(&path).and_then(|m| {
-                if !accept(&m) {
-                    return Ok(None);
-                }
-                m.verify(root).map(|()| Some(m))
-            }) {
-                Ok(m) => m,
-                Err(e) => {
-                    problems.push(e);
-                    None
-                }
-            }
-        })
-}
-
-/// The newest point of `identity`'s run on which every shard's file verifies.
+/// The newest point of `identity`'s run on which every shard's file verifies; the points
+/// of this run passed over are reported (other runs' are neither verified nor reported).
 pub fn newest_for(root: &Path, identity: &ShardIdentity) -> (Option<Manifest>, Vec<StoreError>) {
     let mut problems = Vec::new();
-    let found = complete_points(root, |m| m.entry_for(identity).is_some(), &mut problems).next();
-    (found, problems)
+    for (_, path) in Manifest::list(root) {
+        match Manifest::read(&path) {
+            Ok(m) if m.entry_for(identity).is_none() => {}
+            Ok(m) => match m.verify(root) {
+                Ok(()) => return (Some(m), problems),
+                Err(e) => problems.push(e),
+            },
+            Err(e) => problems.push(e),
+        }
+    }
+    (None, problems)
 }
 
 /// Removes `run_id`'s manifests older than its newest `keep` (other runs' are left alone).

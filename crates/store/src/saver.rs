@@ -122,20 +122,23 @@ impl Saver {
         let root = self.policy.dir.clone();
         let mut skipped = Vec::new();
         let mut chosen = None;
-        let points: Vec<Manifest> = if from_point {
-            manifest::complete_points(
-                &root,
-                |m| m.entry_for(&self.identity).is_some(),
-                &mut skipped,
-            )
-            .collect()
-        } else {
-            Vec::new()
-        };
-        for m in points {
-            let Some(entry) = m.entry_for(&self.identity) else {
-                continue;
+        // Newest first, each point's files verified only until one is taken.
+        let points = Manifest::list(&root).into_iter().filter(|_| from_point);
+        for (_, manifest_path) in points {
+            let m = match Manifest::read(&manifest_path) {
+                Ok(m) => m,
+                Err(e) => {
+                    skipped.push(e);
+                    continue;
+                }
             };
+            let Some(entry) = m.entry_for(&self.identity) else {
+                continue; // another run's point
+            };
+            if let Err(e) = m.verify(&root) {
+                skipped.push(e);
+                continue;
+            }
             let path = root.join(&entry.file);
             match Checkpoint::read(&path) {
                 Ok(c) if c.identity == self.identity && c.state.version == m.version => {

@@ -127,17 +127,33 @@ pub fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
     }
 }
 
-/// A `pstrain server` process on 127.0.0.1 (a free port), killed when dropped.
-pub struct Shard {
-    pub child: std::process::Child,
-    pub addr: String,
+/// A child process killed when dropped, so a failing test leaves no process behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
     }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+/// A `pstrain server` process on 127.0.0.1 (a free port), killed when dropped.
+pub struct Shard {
+    pub child: KillOnDrop,
+    pub addr: String,
 }
 
 /// Starts `pstrain server --listen 127.0.0.1:0 FLAGS...` and reads the address it bound.
@@ -150,7 +166,10 @@ pub fn shard(flags: &[&str]) -> Shard {
         .spawn()
         .unwrap();
     let addr = listening_address(&mut child);
-    Shard { child, addr }
+    Shard {
+        child: KillOnDrop(child),
+        addr,
+    }
 }
 
 /// The address a `pstrain server` child bound, from the first line of its (piped) stdout.
