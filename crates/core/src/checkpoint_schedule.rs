@@ -15,9 +15,6 @@ pub struct CheckpointSchedule {
     last_version: u64,
     /// The version of the newest snapshot taken by the update count (or restored).
     last_counted: u64,
-    /// Update-count snapshots at the multiples of N (several shards); else N after the last
-    /// snapshot of any kind (one shard: the in-process engine).
-    aligned: bool,
     /// No snapshot before this time: the writer failed and backs off (no state is copied
     /// for a save that would fail again). The first update after it takes the missed one.
     hold_until: Duration,
@@ -31,7 +28,6 @@ impl CheckpointSchedule {
         every: Option<Duration>,
         version: u64,
         now: Duration,
-        aligned: bool,
     ) -> Self {
         CheckpointSchedule {
             every_updates: every_updates.filter(|&n| n > 0),
@@ -40,7 +36,6 @@ impl CheckpointSchedule {
             last_counted: version,
             last_time: now,
             hold_until: Duration::ZERO,
-            aligned,
         }
     }
 
@@ -48,13 +43,9 @@ impl CheckpointSchedule {
     /// reached the next multiple of the update interval. Marks it taken.
     pub fn due_after_update(&mut self, version: u64, now: Duration) -> bool {
         let due = now >= self.hold_until
-            && self.every_updates.is_some_and(|n| {
-                if self.aligned {
-                    version / n > self.last_counted / n
-                } else {
-                    version >= self.last_version.saturating_add(n)
-                }
-            });
+            && self
+                .every_updates
+                .is_some_and(|n| version / n > self.last_counted / n);
         if due {
             self.mark(version, now);
         }
@@ -100,7 +91,7 @@ mod tests {
 
     #[test]
     fn every_n_updates_fires_once_per_interval() {
-        let mut s = CheckpointSchedule::new(Some(3), None, 0, Duration::ZERO, true);
+        let mut s = CheckpointSchedule::new(Some(3), None, 0, Duration::ZERO);
         let fired: Vec<u64> = (1..=10).filter(|&v| s.due_after_update(v, S)).collect();
         assert_eq!(fired, vec![3, 6, 9]);
         assert!(!s.due_by_time(10, 100 * S), "no time interval set");
@@ -108,19 +99,19 @@ mod tests {
 
     #[test]
     fn update_count_snapshots_stay_on_multiples_whatever_else_was_saved() {
-        let mut s = CheckpointSchedule::new(Some(10), Some(2 * S), 0, Duration::ZERO, true);
+        let mut s = CheckpointSchedule::new(Some(10), Some(2 * S), 0, Duration::ZERO);
         assert!(s.due_by_time(4, 2 * S), "a time-based snapshot at 4");
         let fired: Vec<u64> = (5..=30).filter(|&v| s.due_after_update(v, 3 * S)).collect();
         assert_eq!(fired, vec![10, 20, 30], "not 14, 24");
         // A shard restored at 23 next saves at 30, like the shards that never stopped.
-        let mut r = CheckpointSchedule::new(Some(10), None, 23, Duration::ZERO, true);
+        let mut r = CheckpointSchedule::new(Some(10), None, 23, Duration::ZERO);
         let fired: Vec<u64> = (24..=40).filter(|&v| r.due_after_update(v, S)).collect();
         assert_eq!(fired, vec![30, 40]);
     }
 
     #[test]
     fn a_hold_defers_snapshots_and_the_first_update_after_it_takes_the_missed_one() {
-        let mut s = CheckpointSchedule::new(Some(10), Some(2 * S), 0, Duration::ZERO, true);
+        let mut s = CheckpointSchedule::new(Some(10), Some(2 * S), 0, Duration::ZERO);
         s.hold_until(10 * S);
         assert!(!s.due_after_update(10, 5 * S), "held");
         assert!(!s.due_by_time(11, 5 * S), "held");
@@ -134,7 +125,7 @@ mod tests {
 
     #[test]
     fn every_t_fires_only_when_something_changed() {
-        let mut s = CheckpointSchedule::new(None, Some(2 * S), 5, Duration::ZERO, false);
+        let mut s = CheckpointSchedule::new(None, Some(2 * S), 5, Duration::ZERO);
         assert!(!s.due_by_time(5, 10 * S), "nothing new since version 5");
         assert!(!s.due_by_time(6, S));
         assert!(s.due_by_time(6, 2 * S));

@@ -86,8 +86,6 @@ impl ShardEngine {
                 cfg.checkpoint_every,
                 core.version(),
                 now,
-                // Several shards save at the same versions (a run-wide point is made of them).
-                cfg.shards > 1,
             ),
             members: Membership::new(workers),
             heartbeat_timeout: cfg.heartbeat_timeout,

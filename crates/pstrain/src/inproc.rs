@@ -174,7 +174,8 @@ impl ParameterClient for InProcClient {
 
     fn leave(&mut self) -> Result<(), ClientError> {
         let mut state = self.server.lock();
-        if state.engine.leave(self.seat, Departure::Goodbye) {
+        // A closed run changes no more: leaving must not complete a partial sync step.
+        if !state.closed && state.engine.leave(self.seat, Departure::Goodbye) {
             self.server.changed.notify_all();
         }
         Ok(())
@@ -230,6 +231,31 @@ mod tests {
             }
         );
         assert_eq!(p, vec![-1.0; 3]);
+    }
+
+    #[test]
+    fn leaving_a_closed_run_completes_no_partial_step() {
+        let engine = ShardEngine::new(
+            EngineConfig::single(ServerConfig {
+                mode: Mode::Sync { backup_workers: 0 },
+                workers: 2,
+                optimizer: OptimizerConfig::sgd(1.0),
+                ..Default::default()
+            }),
+            vec![0.0; 3],
+            Duration::ZERO,
+        )
+        .unwrap();
+        let server = InProcServer::new(engine);
+        let mut c0 = server.client(0).unwrap();
+        let mut c1 = server.client(1).unwrap();
+        c1.push(meta(0), &[1.0; 3]).unwrap();
+        server.close();
+        c0.leave().unwrap();
+        c1.leave().unwrap();
+        let state = server.state();
+        assert_eq!(state.version, 0, "a stopped run's last step stays undone");
+        assert_eq!(state.params, vec![0.0; 3]);
     }
 
     #[test]

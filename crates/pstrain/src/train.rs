@@ -233,6 +233,16 @@ pub fn train(
     let mut monitor = Monitor::new(cfg, model, Instant::now());
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut view = &*server;
+    // Workers see a stop only after the server is closed: one that left first would complete
+    // a sync step with the others' gradients alone, and the final checkpoint would hold a
+    // step the resumed run computes differently.
+    let workers_stop = AtomicBool::new(false);
+    let stop_workers = || {
+        if stop.load(Ordering::Relaxed) && !workers_stop.load(Ordering::Relaxed) {
+            server.close();
+            workers_stop.store(true, Ordering::Relaxed);
+        }
+    };
 
     let (reports, monitor_failed) = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..cfg.plan.workers)
@@ -241,11 +251,18 @@ pub fn train(
                 let done_tx = done_tx.clone();
                 let wcfg = cfg.worker_config(rank);
                 let server = &server;
+                let workers_stop = &workers_stop;
                 scope.spawn(move || {
                     let result = client.and_then(|mut client| {
                         let mut model = model.build(options);
-                        run_worker(&mut client, model.as_mut(), &data.train, &wcfg, stop)
-                            .map_err(TrainError::from)
+                        run_worker(
+                            &mut client,
+                            model.as_mut(),
+                            &data.train,
+                            &wcfg,
+                            workers_stop,
+                        )
+                        .map_err(TrainError::from)
                     });
                     if result.is_err() {
                         // Nobody may wait on a worker that is gone for good.
@@ -261,11 +278,13 @@ pub fn train(
         let mut finished = 0;
         let mut monitor_failed = None;
         while finished < cfg.plan.workers {
+            stop_workers();
             match done_rx.recv_timeout(TICK) {
                 Ok(()) => finished += 1,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            stop_workers();
             if monitor_failed.is_none() {
                 let result = monitor
                     .tick(&mut view, observer, &data.test)
