@@ -16,6 +16,7 @@ Prints the ratios and writes them, with the CPU model, as JSON.
 
 Needs (install them in a scratch virtualenv; nothing is installed here):
     pip install torch numpy "ray[default]"
+and iperf3 on the PATH for the raw TCP stream (else that ratio is left out).
 Run from the repository after `cargo build --release`:
     python3 bench/compare.py --data-dir ../shared/data/mnist --out bench/results.json
 Not part of CI: it is a benchmark, and takes about 20 minutes on a 2-core machine.
@@ -230,6 +231,42 @@ def ray_time_to_target(data_dir, mode, workers=2, batch=128, eval_every=100, lim
             "final_accuracy": evals[-1]["acc"] if evals else None, "evaluations": evals}
 
 
+def iperf3_gb_per_s(seconds=5):
+    """One TCP stream over loopback, as iperf3 measures it (GB/s), or None without iperf3."""
+    try:
+        server = subprocess.Popen(["iperf3", "-s", "-1", "-p", "5299"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None
+    try:
+        time.sleep(0.5)
+        r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", "5299", "-t", str(seconds), "-J"],
+                           check=True, capture_output=True, text=True)
+        return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 8e9
+    finally:
+        server.wait(timeout=30)
+
+
+def network(pstrain, data_dir):
+    """`pstrain bench-net` (push+pull of a 100M-value model, TCP training against the same
+    run in-process) beside one iperf3 stream, one after the other."""
+    raw = iperf3_gb_per_s()
+    print(f"iperf3, one stream over loopback: {raw} GB/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "net.json"
+        subprocess.run([pstrain, "bench-net", "--shards", "1", "--out", str(report),
+                        "--data-dir", data_dir], check=True)
+        net = json.loads(report.read_text())
+    plain = [t for t in net["transfer"] if t["shards"] == 1 and not t["token"] and not t["tls"]]
+    ratios = {}
+    if plain and raw:
+        ratios["push_pull_1_shard_over_iperf3"] = ratio(plain[0]["push_pull_gb_per_s"], raw)
+    for t in net["training"]:
+        ratios[f"{t['model']}_{t['mode']}_tcp_over_inproc"] = round(
+            t["tcp_fraction_of_inproc"], 3)
+    return {"iperf3_gb_per_s": raw, "bench_net": net, "ratios": ratios}
+
+
 def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
@@ -241,6 +278,8 @@ def main():
     p.add_argument("--data-dir", default="data/mnist")
     p.add_argument("--seconds", type=float, default=5.0, help="per compute measurement")
     p.add_argument("--skip-time-to-accuracy", action="store_true")
+    p.add_argument("--skip-network", action="store_true",
+                   help="no push+pull against iperf3, no TCP training")
     p.add_argument("--modes", default="sync,async", help="modes for time to 99%%")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--torch-compute", nargs=3, metavar=("MODEL", "THREADS", "SECONDS"),
@@ -285,6 +324,11 @@ def main():
             out["ratios"][f"{t['model']}_{t['mode']}_2_workers_vs_2x_one_thread"] = round(
                 t["fraction_of_compute"], 3)
     out["memory"] = bench.get("memory", [])
+
+    if not a.skip_network:
+        net = network(a.pstrain, a.data_dir)
+        out["network"] = net
+        out["ratios"].update(net["ratios"])
 
     if not a.skip_time_to_accuracy:
         out["time_to_99"] = {"pstrain": [], "ray_pytorch": []}

@@ -8,9 +8,11 @@ pub mod layers;
 pub mod linalg;
 pub mod model;
 pub mod models;
+pub mod replicated;
 pub mod sequential;
 
 pub use data::{idx, mnist};
 pub use error::{ComputeError, DataError};
 pub use model::{EvalStats, Model, ModelKind, ModelOptions, StepStats};
+pub use replicated::Replicated;
 pub use sequential::Sequential;

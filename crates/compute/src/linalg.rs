@@ -44,7 +44,7 @@ impl<'a> MatRef<'a> {
 /// `dst (rows x cols, row-major) = a * b`, or `+= a * b` when `accumulate`.
 ///
 /// Panics if a view reaches outside its slice: shapes are fixed by the model, never by input.
-pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, threads: usize) {
+pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
     assert!(dst.len() >= m * n, "matmul: destination too small");
@@ -58,11 +58,6 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, t
         }
         return;
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the asserts above keep every index the kernel touches inside the three slices
     // (dst is row-major m x n; a and b were checked by `fits`), `dst` is a unique borrow that
     // cannot alias `a` or `b`, and strides fit in isize because they index real slices.
@@ -86,7 +81,9 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, t
             false,
             false,
             false,
-            parallelism,
+            // One thread per product: several threads split the batch instead
+            // (`Replicated`).
+            gemm::Parallelism::None,
         );
     }
 }
@@ -116,11 +113,11 @@ mod tests {
         let bt = MatRef::new(&b, 9, 7).t(); // 7 x 9
         let expected = naive(a, bt);
         let mut dst = vec![0.0; 45];
-        matmul(&mut dst, a, bt, false, 1);
+        matmul(&mut dst, a, bt, false);
         for (x, y) in dst.iter().zip(&expected) {
             assert!((x - y).abs() < 1e-5);
         }
-        matmul(&mut dst, a, bt, true, 2);
+        matmul(&mut dst, a, bt, true);
         for (x, y) in dst.iter().zip(&expected) {
             assert!((x - 2.0 * y).abs() < 1e-5);
         }

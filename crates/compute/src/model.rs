@@ -59,8 +59,6 @@ pub trait Model: Send {
         images: &[f32],
         labels: &[u8],
     ) -> Result<EvalStats, ComputeError>;
-    /// Threads each GEMM may use.
-    fn set_threads(&mut self, threads: usize);
 }
 
 /// Options that change how a model computes, not what it is.
@@ -100,11 +98,22 @@ impl ModelKind {
         }
     }
 
+    /// The model; with `options.threads` > 1, one replica per thread, each taking a part
+    /// of every batch.
     pub fn build(&self, options: ModelOptions) -> Box<dyn Model> {
-        Box::new(match self {
-            ModelKind::Cnn => crate::models::cnn(options),
-            ModelKind::Convnet => crate::models::convnet(options),
-        })
+        let one = ModelOptions {
+            threads: 1,
+            ..options
+        };
+        let build = move || match self {
+            ModelKind::Cnn => crate::models::cnn(one),
+            ModelKind::Convnet => crate::models::convnet(one),
+        };
+        if options.threads > 1 {
+            Box::new(crate::replicated::Replicated::new(options.threads, build))
+        } else {
+            Box::new(build())
+        }
     }
 }
 

@@ -17,7 +17,6 @@ pub struct Sequential {
     layout: Layout,
     input: Shape,
     classes: usize,
-    threads: usize,
     /// acts[i] is layer i's input; acts[last] the logits.
     acts: Vec<Vec<f32>>,
     /// Gradient buffers; two are enough, swapped as backward walks down the chain.
@@ -27,7 +26,7 @@ pub struct Sequential {
 impl Sequential {
     /// `layers` as (name, layer); parameters are named `name.weight`, `name.bias`, ...
     /// Panics if consecutive shapes disagree: models are built by code, not from input.
-    pub fn new(input: Shape, layers: Vec<(&str, Box<dyn Layer>)>, threads: usize) -> Self {
+    pub fn new(input: Shape, layers: Vec<(&str, Box<dyn Layer>)>) -> Self {
         let mut specs: Vec<(String, Vec<usize>)> = Vec::new();
         let mut ranges = Vec::new();
         let mut offset = 0;
@@ -51,7 +50,6 @@ impl Sequential {
             layout,
             input,
             classes,
-            threads: threads.max(1),
             acts: Vec::new(),
             delta: [Vec::new(), Vec::new()],
         }
@@ -95,32 +93,93 @@ impl Sequential {
         }
     }
 
-    /// Runs the chain on `images`; the logits end up in the last activation buffer.
+    /// Runs the chain on `images` (samples `first_sample..` of the step's batch); the logits
+    /// end up in the last activation buffer. Each layer draws from its own fork of `rng`.
     fn forward(
         &mut self,
         params: &[f32],
         images: &[f32],
         batch: usize,
-        pass_train: bool,
-        rng: &mut Rng,
+        train: bool,
+        step: (&Rng, u64),
     ) {
         let n = self.layers.len();
         self.acts.resize_with(n + 1, Vec::new);
         self.acts[0].clear();
         self.acts[0].extend_from_slice(images);
-        let mut pass = Pass {
-            batch,
-            train: pass_train,
-            rng,
-            threads: self.threads,
-        };
+        let (rng, first_sample) = step;
         for i in 0..n {
+            let mut layer_rng = rng.fork(i as u64);
+            let mut pass = Pass {
+                batch,
+                train,
+                rng: &mut layer_rng,
+                first_sample,
+            };
             let out_len = self.layers[i].output_shape().len() * batch;
             let (before, after) = self.acts.split_at_mut(i + 1);
             let y = &mut after[0];
             y.resize(out_len, 0.0);
             self.layers[i].forward(&params[self.ranges[i].clone()], &before[i], y, &mut pass);
         }
+    }
+
+    /// Forward and backward on part of a step's batch: samples `first_sample..` of a batch of
+    /// `whole` samples. Writes this part's share of the gradient of the whole batch's mean
+    /// loss (the parts' gradients add up to the whole one's); returns this part's mean loss.
+    pub(crate) fn train_part(
+        &mut self,
+        params: &[f32],
+        images: &[f32],
+        labels: &[u8],
+        grads: &mut [f32],
+        step: (&Rng, u64),
+        whole: usize,
+    ) -> Result<StepStats, ComputeError> {
+        self.check_buffer("parameters", params.len())?;
+        self.check_buffer("gradients", grads.len())?;
+        self.check_inputs(images, labels)?;
+        let batch = labels.len();
+        self.forward(params, images, batch, true, step);
+        let n = self.layers.len();
+        let [d_out, d_in] = &mut self.delta;
+        d_out.resize(self.classes * batch, 0.0);
+        let (loss, correct) =
+            log_softmax_nll(&self.acts[n], labels, self.classes, Some((d_out, whole)));
+        // Backward draws nothing (dropout reuses its forward mask).
+        let mut unused = Rng::new(0);
+        let mut pass = Pass {
+            batch,
+            train: true,
+            rng: &mut unused,
+            first_sample: step.1,
+        };
+        for i in (0..n).rev() {
+            let dx = if i > 0 {
+                d_in.resize(self.layers[i].input_shape().len() * batch, 0.0);
+                Some(&mut d_in[..])
+            } else {
+                None
+            };
+            let io = Backward {
+                x: &self.acts[i],
+                y: &self.acts[i + 1],
+                dy: d_out,
+                dx,
+            };
+            self.layers[i].backward(
+                &params[self.ranges[i].clone()],
+                io,
+                &mut grads[self.ranges[i].clone()],
+                &mut pass,
+            );
+            std::mem::swap(d_out, d_in);
+        }
+        Ok(StepStats {
+            loss,
+            correct,
+            samples: batch,
+        })
     }
 }
 
@@ -151,47 +210,15 @@ impl Model for Sequential {
         grads: &mut [f32],
         rng: &mut Rng,
     ) -> Result<StepStats, ComputeError> {
-        self.check_buffer("parameters", params.len())?;
-        self.check_buffer("gradients", grads.len())?;
-        self.check_inputs(images, labels)?;
-        let batch = labels.len();
-        self.forward(params, images, batch, true, rng);
-        let n = self.layers.len();
-        let [d_out, d_in] = &mut self.delta;
-        d_out.resize(self.classes * batch, 0.0);
-        let (loss, correct) = log_softmax_nll(&self.acts[n], labels, self.classes, Some(d_out));
-        let mut pass = Pass {
-            batch,
-            train: true,
-            rng,
-            threads: self.threads,
-        };
-        for i in (0..n).rev() {
-            let dx = if i > 0 {
-                d_in.resize(self.layers[i].input_shape().len() * batch, 0.0);
-                Some(&mut d_in[..])
-            } else {
-                None
-            };
-            let io = Backward {
-                x: &self.acts[i],
-                y: &self.acts[i + 1],
-                dy: d_out,
-                dx,
-            };
-            self.layers[i].backward(
-                &params[self.ranges[i].clone()],
-                io,
-                &mut grads[self.ranges[i].clone()],
-                &mut pass,
-            );
-            std::mem::swap(d_out, d_in);
-        }
-        Ok(StepStats {
-            loss,
-            correct,
-            samples: batch,
-        })
+        let step = rng.next_u64();
+        self.train_part(
+            params,
+            images,
+            labels,
+            grads,
+            (&Rng::new(step), 0),
+            labels.len(),
+        )
     }
 
     fn evaluate(
@@ -202,7 +229,7 @@ impl Model for Sequential {
     ) -> Result<EvalStats, ComputeError> {
         self.check_buffer("parameters", params.len())?;
         self.check_inputs(images, labels)?;
-        let mut rng = Rng::new(0); // unused: evaluation draws no randomness
+        let rng = Rng::new(0); // unused: evaluation draws no randomness
         let mut stats = EvalStats {
             loss: 0.0,
             correct: 0,
@@ -213,7 +240,7 @@ impl Model for Sequential {
             .chunks(EVAL_CHUNK * per)
             .zip(labels.chunks(EVAL_CHUNK))
         {
-            self.forward(params, imgs, labs.len(), false, &mut rng);
+            self.forward(params, imgs, labs.len(), false, (&rng, 0));
             let logits = &self.acts[self.layers.len()];
             let (loss, correct) = log_softmax_nll(logits, labs, self.classes, None);
             stats.loss += f64::from(loss) * labs.len() as f64;
@@ -222,9 +249,5 @@ impl Model for Sequential {
         }
         stats.loss /= stats.samples as f64;
         Ok(stats)
-    }
-
-    fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
     }
 }

@@ -21,7 +21,7 @@ fn params_for(layout: &pstrain_core::Layout) -> Vec<f32> {
     out
 }
 
-fn check(kind: ModelKind) {
+fn check(kind: ModelKind, threads: usize) {
     let fixture: Value = serde_json::from_str(include_str!("fixtures/reference_grads.json"))
         .expect("fixture is valid JSON");
     let labels: Vec<u8> = fixture["labels"]
@@ -37,7 +37,7 @@ fn check(kind: ModelKind) {
 
     let mut model = kind.build(ModelOptions {
         dropout: false,
-        threads: 1,
+        threads,
     });
     let params = params_for(model.layout());
     let mut grads = vec![0.0; params.len()];
@@ -86,10 +86,19 @@ fn check(kind: ModelKind) {
 
 #[test]
 fn cnn_matches_the_jax_reference() {
-    check(ModelKind::Cnn);
+    check(ModelKind::Cnn, 1);
 }
 
 #[test]
 fn convnet_matches_the_jax_reference() {
-    check(ModelKind::Convnet);
+    check(ModelKind::Convnet, 1);
+}
+
+#[test]
+fn models_on_several_threads_match_the_jax_reference() {
+    for kind in ModelKind::ALL {
+        for threads in [2, 3] {
+            check(kind, threads);
+        }
+    }
 }

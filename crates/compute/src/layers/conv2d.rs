@@ -1,10 +1,8 @@
-//! 2-D convolution, stride 1, no padding, as im2col + GEMM per sample; with several threads
-//! the batch is split into one contiguous chunk of samples per thread.
+//! 2-D convolution, stride 1, no padding, as im2col + GEMM per sample.
 
 use super::{init_fan_in, Backward, Layer, Pass, Shape};
 use crate::linalg::{matmul, MatRef};
 use pstrain_core::Rng;
-use rayon::prelude::*;
 
 /// The convolution's shapes; everything here is pure arithmetic on borrowed buffers.
 #[derive(Clone, Copy)]
@@ -70,7 +68,7 @@ impl Geometry {
         }
     }
 
-    /// Forward for the samples of one chunk (`x` and `y` hold whole samples).
+    /// Forward for a batch of whole samples.
     fn forward(&self, params: &[f32], x: &[f32], y: &mut [f32], cols: &mut [f32]) {
         let (in_len, out_len) = (self.input.len(), self.output().len());
         let (plane, patch) = (self.plane(), self.patch_len());
@@ -85,13 +83,12 @@ impl Geometry {
                 MatRef::new(weight, self.out_channels, patch),
                 MatRef::new(cols, patch, plane),
                 true,
-                1,
             );
         }
     }
 
-    /// Backward for one chunk: writes the chunk's weight and bias gradients into `dparams`
-    /// and, if asked, the input gradient of its samples.
+    /// Backward: writes the weight and bias gradients into `dparams` and, if asked, the
+    /// input gradient.
     fn backward(
         &self,
         params: &[f32],
@@ -121,7 +118,6 @@ impl Geometry {
                 MatRef::new(dyb, self.out_channels, plane),
                 MatRef::new(cols, patch, plane).t(),
                 b > 0,
-                1,
             );
             if let Some(dx) = dx.as_deref_mut() {
                 // dcols = W^T [patch x C_out] * dY_b [C_out x plane], then scatter-add.
@@ -130,7 +126,6 @@ impl Geometry {
                     MatRef::new(weight, self.out_channels, patch).t(),
                     MatRef::new(dyb, self.out_channels, plane),
                     false,
-                    1,
                 );
                 let dxb = &mut dx[b * in_len..(b + 1) * in_len];
                 dxb.fill(0.0);
@@ -140,50 +135,25 @@ impl Geometry {
     }
 }
 
-/// One thread's working memory.
-#[derive(Default)]
-struct Scratch {
-    cols: Vec<f32>,
-    /// This thread's share of the weight and bias gradients, summed afterwards.
-    dparams: Vec<f32>,
-}
-
 pub struct Conv2d {
     geo: Geometry,
-    scratch: Vec<Scratch>,
+    /// One sample's im2col matrix (forward) or its gradient (backward).
+    cols: Vec<f32>,
 }
 
 impl Conv2d {
     /// Panics if the kernel does not fit the input: layer shapes are fixed by model code.
     pub fn new(input: Shape, out_channels: usize, kernel: usize) -> Self {
         assert!(kernel >= 1 && kernel <= input.h && kernel <= input.w);
+        let geo = Geometry {
+            input,
+            out_channels,
+            kernel,
+        };
         Conv2d {
-            geo: Geometry {
-                input,
-                out_channels,
-                kernel,
-            },
-            scratch: Vec::new(),
+            cols: vec![0.0; geo.patch_len() * geo.plane()],
+            geo,
         }
-    }
-
-    /// Samples per chunk and scratch for each chunk's thread. Small convolutions stay on one
-    /// thread: below about a million multiply-adds per chunk, handing work to other threads
-    /// costs more than it saves (measured on `convnet`'s 1->3 layer).
-    fn prepare(&mut self, batch: usize, threads: usize, params_len: usize) -> usize {
-        const MIN_MACS_PER_CHUNK: usize = 1 << 20;
-        let macs = self.geo.out_channels * self.geo.patch_len() * self.geo.plane() * batch;
-        let chunks = threads
-            .clamp(1, batch.max(1))
-            .min((macs / MIN_MACS_PER_CHUNK).max(1));
-        let per_chunk = batch.div_ceil(chunks);
-        let cols_len = self.geo.patch_len() * self.geo.plane();
-        self.scratch.resize_with(chunks, Scratch::default);
-        for s in &mut self.scratch {
-            s.cols.resize(cols_len, 0.0);
-            s.dparams.resize(params_len, 0.0);
-        }
-        per_chunk
     }
 }
 
@@ -211,17 +181,12 @@ impl Layer for Conv2d {
     fn forward(&mut self, params: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>) {
         let geo = self.geo;
         let (in_len, out_len) = (geo.input.len(), geo.output().len());
-        let x = &x[..pass.batch * in_len];
-        let y = &mut y[..pass.batch * out_len];
-        let per = self.prepare(pass.batch, pass.threads, params.len());
-        if self.scratch.len() == 1 {
-            geo.forward(params, x, y, &mut self.scratch[0].cols);
-            return;
-        }
-        x.par_chunks(per * in_len)
-            .zip(y.par_chunks_mut(per * out_len))
-            .zip(self.scratch.par_iter_mut())
-            .for_each(|((xc, yc), s)| geo.forward(params, xc, yc, &mut s.cols));
+        geo.forward(
+            params,
+            &x[..pass.batch * in_len],
+            &mut y[..pass.batch * out_len],
+            &mut self.cols,
+        );
     }
 
     fn backward(
@@ -234,35 +199,14 @@ impl Layer for Conv2d {
         let Backward { x, dy, dx, .. } = io;
         let geo = self.geo;
         let (in_len, out_len) = (geo.input.len(), geo.output().len());
-        let x = &x[..pass.batch * in_len];
-        let dy = &dy[..pass.batch * out_len];
-        let per = self.prepare(pass.batch, pass.threads, params.len());
-        if self.scratch.len() == 1 {
-            let dx = dx.map(|d| &mut d[..pass.batch * in_len]);
-            geo.backward(params, x, dy, dx, grads, &mut self.scratch[0].cols);
-            return;
-        }
-        let work = x
-            .par_chunks(per * in_len)
-            .zip(dy.par_chunks(per * out_len))
-            .zip(self.scratch.par_iter_mut());
-        match dx {
-            Some(dx) => work
-                .zip(dx[..pass.batch * in_len].par_chunks_mut(per * in_len))
-                .for_each(|(((xc, dyc), s), dxc)| {
-                    geo.backward(params, xc, dyc, Some(dxc), &mut s.dparams, &mut s.cols)
-                }),
-            None => work.for_each(|((xc, dyc), s)| {
-                geo.backward(params, xc, dyc, None, &mut s.dparams, &mut s.cols)
-            }),
-        }
-        let used = pass.batch.div_ceil(per);
-        grads.copy_from_slice(&self.scratch[0].dparams);
-        for s in &self.scratch[1..used] {
-            for (g, &p) in grads.iter_mut().zip(&s.dparams) {
-                *g += p;
-            }
-        }
+        geo.backward(
+            params,
+            &x[..pass.batch * in_len],
+            &dy[..pass.batch * out_len],
+            dx.map(|d| &mut d[..pass.batch * in_len]),
+            grads,
+            &mut self.cols,
+        );
     }
 }
 
@@ -275,33 +219,6 @@ mod tests {
     fn gradients_match_finite_differences() {
         gradcheck::check(&mut Conv2d::new(Shape::new(2, 5, 6), 3, 3), 2, 1);
         gradcheck::check(&mut Conv2d::new(Shape::new(1, 4, 4), 2, 2), 3, 2);
-    }
-
-    #[test]
-    fn threaded_chunks_match_one_thread() {
-        let input = Shape::new(3, 7, 6);
-        let batch = 5;
-        let mut rng = Rng::new(8);
-        let mut conv = Conv2d::new(input, 4, 3);
-        let mut params = vec![0.0; 4 * 3 * 9 + 4];
-        conv.init(&mut params, &mut rng);
-        let x: Vec<f32> = (0..batch * input.len())
-            .map(|_| rng.uniform(-1.0, 1.0))
-            .collect();
-        let out_len = conv.output_shape().len() * batch;
-        let dy: Vec<f32> = (0..out_len).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let mut run = |threads: usize| {
-            gradcheck::forward_backward(&mut conv, &params, &x, &dy, batch, threads)
-        };
-        let one = run(1);
-        for threads in [2, 3, 8] {
-            let many = run(threads);
-            assert_eq!(one.0, many.0, "outputs with {threads} threads");
-            assert_eq!(one.1, many.1, "input gradients with {threads} threads");
-            for (a, b) in one.2.iter().zip(&many.2) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
-            }
-        }
     }
 
     #[test]
@@ -320,7 +237,7 @@ mod tests {
             batch: 2,
             train: false,
             rng: &mut rng,
-            threads: 1,
+            first_sample: 0,
         };
         conv.forward(&params, &x, &mut y, &mut pass);
         for b in 0..2 {

@@ -38,14 +38,19 @@ impl Layer for Dropout {
             return;
         }
         let scale = 1.0 / (1.0 - self.p);
+        let per = self.shape.len();
         self.mask.resize(n, 0.0);
-        for ((o, &i), m) in y[..n].iter_mut().zip(&x[..n]).zip(&mut self.mask) {
-            *m = if pass.rng.next_f32() < self.p {
-                0.0
-            } else {
-                scale
-            };
-            *o = i * *m;
+        for (s, ((ys, xs), ms)) in y[..n]
+            .chunks_exact_mut(per)
+            .zip(x[..n].chunks_exact(per))
+            .zip(self.mask.chunks_exact_mut(per))
+            .enumerate()
+        {
+            let mut rng = pass.rng.fork(pass.first_sample + s as u64);
+            for ((o, &i), m) in ys.iter_mut().zip(xs).zip(ms) {
+                *m = if rng.next_f32() < self.p { 0.0 } else { scale };
+                *o = i * *m;
+            }
         }
     }
 
@@ -85,7 +90,7 @@ mod tests {
             batch: 1,
             train: true,
             rng: &mut rng,
-            threads: 1,
+            first_sample: 0,
         };
         d.forward(&[], &x, &mut y, &mut pass);
         let zeros = y.iter().filter(|&&v| v == 0.0).count() as f32 / n as f32;

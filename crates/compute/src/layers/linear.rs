@@ -50,7 +50,6 @@ impl Layer for Linear {
             MatRef::new(&x[..batch * n_in], batch, n_in),
             MatRef::new(weight, n_out, n_in).t(),
             true,
-            pass.threads,
         );
     }
 
@@ -71,7 +70,6 @@ impl Layer for Linear {
             dy.t(),
             MatRef::new(&x[..batch * n_in], batch, n_in),
             false,
-            pass.threads,
         );
         dbias.fill(0.0);
         for row in dy.data.chunks_exact(n_out) {
@@ -86,7 +84,6 @@ impl Layer for Linear {
                 dy,
                 MatRef::new(&params[..n_out * n_in], n_out, n_in),
                 false,
-                pass.threads,
             );
         }
     }

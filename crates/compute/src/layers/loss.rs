@@ -1,12 +1,14 @@
 //! Log-softmax followed by the negative log-likelihood, fused: the mean loss over the batch
 //! and its gradient with respect to the logits.
 
-/// Returns (mean loss, correct predictions) and writes dLoss/dlogits into `dlogits`.
+/// Returns (mean loss, correct predictions) and writes dLoss/dlogits into `dlogits`'s buffer,
+/// for the loss averaged over its `usize` samples: this batch's size, or the whole batch's
+/// when this is one part of it (the parts' gradients then add up to the whole one's).
 pub fn log_softmax_nll(
     logits: &[f32],
     labels: &[u8],
     classes: usize,
-    dlogits: Option<&mut [f32]>,
+    dlogits: Option<(&mut [f32], usize)>,
 ) -> (f32, usize) {
     let batch = labels.len();
     let mut total = 0.0f64;
@@ -25,9 +27,9 @@ pub fn log_softmax_nll(
         let sum_exp: f32 = row.iter().map(|&v| (v - max).exp()).sum();
         let log_z = max + sum_exp.ln();
         total += f64::from(log_z - row[usize::from(label)]);
-        if let Some(d) = dlogits.as_deref_mut() {
+        if let Some((d, mean_over)) = dlogits.as_mut() {
             let d = &mut d[b * classes..(b + 1) * classes];
-            let inv_batch = 1.0 / batch as f32;
+            let inv_batch = 1.0 / *mean_over as f32;
             for (i, (g, &v)) in d.iter_mut().zip(row).enumerate() {
                 let p = (v - log_z).exp();
                 *g = (p - f32::from(u8::from(i == usize::from(label)))) * inv_batch;
@@ -46,7 +48,7 @@ mod tests {
         let logits = vec![0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.3, 1.7];
         let labels = [2u8, 0];
         let mut d = vec![0.0; 8];
-        let (loss, correct) = log_softmax_nll(&logits, &labels, 4, Some(&mut d));
+        let (loss, correct) = log_softmax_nll(&logits, &labels, 4, Some((&mut d, 2)));
         assert_eq!(correct, 1);
         // Row 0: log(sum exp) - 2.0
         let z0: f32 = [0.3f32, -1.2, 2.0, 0.1].iter().map(|v| v.exp()).sum();

@@ -103,7 +103,7 @@ mod tests {
             batch: 1,
             train: false,
             rng: &mut rng,
-            threads: 1,
+            first_sample: 0,
         };
         pool.forward(&[], &x, &mut y, &mut pass);
         // x rows: [0 7 14 5] [12 3 10 1] [8 15 6 13] [4 11 2 9]

@@ -45,8 +45,11 @@ impl Shape {
 pub struct Pass<'a> {
     pub batch: usize,
     pub train: bool,
+    /// This layer's stream for the step; a layer drawing per sample forks it by the sample's
+    /// index in the whole batch (`first_sample` + its index here), so that the draws do not
+    /// depend on how the batch was split across threads.
     pub rng: &'a mut Rng,
-    pub threads: usize,
+    pub first_sample: u64,
 }
 
 /// The tensors of a backward pass: the forward input and output, the output's gradient, and
@@ -103,7 +106,7 @@ pub(crate) mod gradcheck {
             batch,
             train: true,
             rng: &mut rng,
-            threads: 1,
+            first_sample: 0,
         };
         layer.forward(params, x, &mut y, &mut pass);
         y.iter()
@@ -120,7 +123,6 @@ pub(crate) mod gradcheck {
         x: &[f32],
         dy: &[f32],
         batch: usize,
-        threads: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut y = vec![0.0; layer.output_shape().len() * batch];
         let mut dx = vec![0.0; x.len()];
@@ -130,7 +132,7 @@ pub(crate) mod gradcheck {
             batch,
             train: true,
             rng: &mut mask_rng,
-            threads,
+            first_sample: 0,
         };
         layer.forward(params, x, &mut y, &mut pass);
         let io = Backward {
@@ -161,7 +163,7 @@ pub(crate) mod gradcheck {
             .map(|_| rng.uniform(-1.0, 1.0))
             .collect();
 
-        let (_, dx, grads) = forward_backward(layer, &params, &x, &r, batch, 1);
+        let (_, dx, grads) = forward_backward(layer, &params, &x, &r, batch);
 
         // Points within eps of a kink (ReLU at 0, a max-pool tie) have no derivative there;
         // they show up as one-sided differences that disagree, and are skipped, but only a few
