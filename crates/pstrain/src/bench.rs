@@ -136,7 +136,7 @@ pub fn run_bench(
         }
     }
     let mut training = Vec::new();
-    for &model in &cfg.models {
+    for &model in cfg.models.iter().filter(|_| cfg.train_updates > 0) {
         let single = compute
             .iter()
             .find(|p| p.model == model.name() && p.threads == 1)

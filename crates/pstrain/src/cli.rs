@@ -103,11 +103,17 @@ struct BenchArgs {
     /// Seconds per compute-only measurement
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Server updates per training measurement (times the workers in async mode)
+    /// Server updates per training measurement (times the workers in async mode; 0: skip)
     #[arg(long, default_value_t = 150)]
     train_updates: u64,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Models to measure, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "cnn,convnet")]
+    models: Vec<ModelKind>,
+    /// Compute threads of the compute-only points, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
     /// Updates of the default run whose processes' peak memory is measured (0: skip)
     #[arg(long, default_value_t = 300)]
     memory_updates: u64,
@@ -194,6 +200,8 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
         batch_size: args.batch_size,
         seconds: args.seconds,
         train_updates: args.train_updates,
+        models: args.models,
+        threads: args.threads,
         ..BenchConfig::default()
     };
     let mut report = run_bench(&cfg, &data, &mut |line| println!("{line}"))?;

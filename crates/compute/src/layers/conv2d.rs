@@ -109,7 +109,7 @@ impl Geometry {
             .enumerate()
         {
             for (co, db) in dbias.iter_mut().enumerate() {
-                *db += dyb[co * plane..(co + 1) * plane].iter().sum::<f32>();
+                *db += lane_sum(&dyb[co * plane..(co + 1) * plane]);
             }
             self.im2col(xb, cols);
             // dW (+)= dY_b [C_out x plane] * cols^T [plane x patch]
@@ -133,6 +133,22 @@ impl Geometry {
             }
         }
     }
+}
+
+/// The sum of `v` in 16 independent lanes: a plain `sum()` is one dependent chain of adds
+/// (the compiler may not reorder float additions), which made the bias gradient of the
+/// cnn's second convolution about 5% of a training step.
+fn lane_sum(v: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 pub struct Conv2d {

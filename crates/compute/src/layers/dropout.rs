@@ -47,9 +47,16 @@ impl Layer for Dropout {
             .enumerate()
         {
             let mut rng = pass.rng.fork(pass.first_sample + s as u64);
-            for ((o, &i), m) in ys.iter_mut().zip(xs).zip(ms) {
-                *m = if rng.next_f32() < self.p { 0.0 } else { scale };
-                *o = i * *m;
+            // Two 32-bit uniforms from each draw: an element is dropped when its uniform is
+            // below p * 2^32.
+            let threshold = (f64::from(self.p) * 4_294_967_296.0) as u64;
+            for ((o2, i2), m2) in ys.chunks_mut(2).zip(xs.chunks(2)).zip(ms.chunks_mut(2)) {
+                let bits = rng.next_u64();
+                for (k, ((o, &i), m)) in o2.iter_mut().zip(i2).zip(m2).enumerate() {
+                    let u = (bits >> (32 * k)) & 0xffff_ffff;
+                    *m = if u < threshold { 0.0 } else { scale };
+                    *o = i * *m;
+                }
             }
         }
     }
