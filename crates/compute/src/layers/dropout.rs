@@ -3,6 +3,16 @@
 
 use super::{Backward, Layer, Pass, Shape};
 
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output function: the n-th value of the stream seeded with `k` is
+/// `splitmix64(k + n * GOLDEN)`.
+fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 pub struct Dropout {
     shape: Shape,
     p: f32,
@@ -46,17 +56,15 @@ impl Layer for Dropout {
             .zip(self.mask.chunks_exact_mut(per))
             .enumerate()
         {
-            let mut rng = pass.rng.fork(pass.first_sample + s as u64);
-            // Two 32-bit uniforms from each draw: an element is dropped when its uniform is
+            // The sample's SplitMix64 stream, indexed by element (each value computed on its
+            // own, so the loop vectorises): an element is dropped when its 32-bit uniform is
             // below p * 2^32.
+            let key = pass.rng.fork(pass.first_sample + s as u64).next_u64();
             let threshold = (f64::from(self.p) * 4_294_967_296.0) as u64;
-            for ((o2, i2), m2) in ys.chunks_mut(2).zip(xs.chunks(2)).zip(ms.chunks_mut(2)) {
-                let bits = rng.next_u64();
-                for (k, ((o, &i), m)) in o2.iter_mut().zip(i2).zip(m2).enumerate() {
-                    let u = (bits >> (32 * k)) & 0xffff_ffff;
-                    *m = if u < threshold { 0.0 } else { scale };
-                    *o = i * *m;
-                }
+            for (j, ((o, &i), m)) in ys.iter_mut().zip(xs).zip(ms.iter_mut()).enumerate() {
+                let u = splitmix64(key.wrapping_add((j as u64 + 1).wrapping_mul(GOLDEN))) >> 32;
+                *m = if u < threshold { 0.0 } else { scale };
+                *o = i * *m;
             }
         }
     }
