@@ -70,18 +70,8 @@ impl Model for Replicated {
         grads: &mut [f32],
         rng: &mut Rng,
     ) -> Result<StepStats, ComputeError> {
-        let n = labels.len();
-        let per = self.input_len();
-        if n == 0 {
-            return Err(ComputeError::EmptyBatch);
-        }
-        if images.len() != n * per {
-            return Err(ComputeError::Shape {
-                what: "images",
-                expected: n * per,
-                got: images.len(),
-            });
-        }
+        self.replicas[0].check_inputs(images, labels)?;
+        let (n, per) = (labels.len(), self.input_len());
         let parts = self.parts(n);
         let step = Rng::new(rng.next_u64());
         let mut targets: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
@@ -141,18 +131,8 @@ impl Model for Replicated {
         images: &[f32],
         labels: &[u8],
     ) -> Result<EvalStats, ComputeError> {
-        let n = labels.len();
-        let per = self.input_len();
-        if n == 0 {
-            return Err(ComputeError::EmptyBatch);
-        }
-        if images.len() != n * per {
-            return Err(ComputeError::Shape {
-                what: "images",
-                expected: n * per,
-                got: images.len(),
-            });
-        }
+        self.replicas[0].check_inputs(images, labels)?;
+        let (n, per) = (labels.len(), self.input_len());
         let parts = self.parts(n);
         let results: Vec<Result<EvalStats, ComputeError>> = self
             .replicas

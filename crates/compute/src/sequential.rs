@@ -55,7 +55,8 @@ impl Sequential {
         }
     }
 
-    fn check_inputs(&self, images: &[f32], labels: &[u8]) -> Result<(), ComputeError> {
+    /// A non-empty batch of whole images with labels of this model's classes.
+    pub(crate) fn check_inputs(&self, images: &[f32], labels: &[u8]) -> Result<(), ComputeError> {
         if labels.is_empty() {
             return Err(ComputeError::EmptyBatch);
         }

@@ -197,8 +197,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sync_pull_waits_for_the_step_and_leave_releases_it() {
+    /// A sync run of 2 workers over 3 zeros, plain SGD with learning rate 1.
+    fn sync_server_of_two() -> Arc<InProcServer> {
         let engine = ShardEngine::new(
             EngineConfig::single(ServerConfig {
                 mode: Mode::Sync { backup_workers: 0 },
@@ -210,7 +210,12 @@ mod tests {
             Duration::ZERO,
         )
         .unwrap();
-        let server = InProcServer::new(engine);
+        InProcServer::new(engine)
+    }
+
+    #[test]
+    fn sync_pull_waits_for_the_step_and_leave_releases_it() {
+        let server = sync_server_of_two();
         let mut c0 = server.client(0).unwrap();
         let mut c1 = server.client(1).unwrap();
         c0.push(meta(0), &[1.0; 3]).unwrap();
@@ -235,18 +240,7 @@ mod tests {
 
     #[test]
     fn leaving_a_closed_run_completes_no_partial_step() {
-        let engine = ShardEngine::new(
-            EngineConfig::single(ServerConfig {
-                mode: Mode::Sync { backup_workers: 0 },
-                workers: 2,
-                optimizer: OptimizerConfig::sgd(1.0),
-                ..Default::default()
-            }),
-            vec![0.0; 3],
-            Duration::ZERO,
-        )
-        .unwrap();
-        let server = InProcServer::new(engine);
+        let server = sync_server_of_two();
         let mut c0 = server.client(0).unwrap();
         let mut c1 = server.client(1).unwrap();
         c1.push(meta(0), &[1.0; 3]).unwrap();
