@@ -105,7 +105,8 @@ impl ModelKind {
             threads: 1,
             ..options
         };
-        let build = move || match self {
+        let kind = *self;
+        let build = move || match kind {
             ModelKind::Cnn => crate::models::cnn(one),
             ModelKind::Convnet => crate::models::convnet(one),
         };

@@ -14,33 +14,38 @@ use rayon::prelude::*;
 const SUM_CHUNK: usize = 1 << 16;
 
 pub struct Replicated {
+    threads: usize,
+    /// Makes one more replica (the same single-threaded model each time).
+    build: Box<dyn Fn() -> Sequential + Send>,
+    /// Made when first needed: a batch of n samples uses min(n, threads) of them, so a
+    /// large thread count costs nothing until batches are that large.
     replicas: Vec<Sequential>,
     /// Gradient buffers of replicas 1.. (replica 0 writes into the caller's).
     grads: Vec<Vec<f32>>,
 }
 
 impl Replicated {
-    /// `threads` replicas made by `build` (each must be the same single-threaded model).
-    pub fn new(threads: usize, build: impl Fn() -> Sequential) -> Self {
-        let replicas: Vec<Sequential> = (0..threads.max(1)).map(|_| build()).collect();
-        let len = replicas[0].layout().len();
+    /// Up to `threads` replicas made by `build`.
+    pub fn new(threads: usize, build: impl Fn() -> Sequential + Send + 'static) -> Self {
         Replicated {
-            grads: vec![Vec::new(); replicas.len() - 1],
-            replicas,
+            threads: threads.max(1),
+            replicas: vec![build()],
+            build: Box::new(build),
+            grads: Vec::new(),
         }
-        .with_grad_len(len)
     }
 
-    fn with_grad_len(mut self, len: usize) -> Self {
-        for g in &mut self.grads {
-            g.resize(len, 0.0);
+    /// Parts of `n` samples, one per replica used: contiguous, sizes differing by at most
+    /// one. Makes the replicas and gradient buffers they need.
+    fn parts(&mut self, n: usize) -> Vec<std::ops::Range<usize>> {
+        let k = self.threads.min(n).max(1);
+        while self.replicas.len() < k {
+            self.replicas.push((self.build)());
         }
-        self
-    }
-
-    /// Parts of `n` samples, one per replica used: contiguous, sizes differing by at most one.
-    fn parts(&self, n: usize) -> Vec<std::ops::Range<usize>> {
-        let k = self.replicas.len().min(n).max(1);
+        let len = self.replicas[0].layout().len();
+        while self.grads.len() < k - 1 {
+            self.grads.push(vec![0.0; len]);
+        }
         (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
     }
 }
@@ -164,7 +169,7 @@ impl Model for Replicated {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{ModelKind, ModelOptions};
+    use crate::model::{Model, ModelKind, ModelOptions};
     use pstrain_core::Rng;
 
     /// A training step and an evaluation with `threads` replicas.
@@ -217,6 +222,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn makes_only_the_replicas_a_batch_uses() {
+        let mut model = super::Replicated::new(1000, || {
+            crate::models::convnet(ModelOptions {
+                dropout: true,
+                threads: 1,
+            })
+        });
+        let mut params = vec![0.0; model.layout().len()];
+        model.init_params(&mut params, &mut Rng::new(1));
+        let mut grads = params.clone();
+        let images = vec![0.5; 3 * 784];
+        model
+            .train_step(&params, &images, &[1, 2, 3], &mut grads, &mut Rng::new(2))
+            .unwrap();
+        assert_eq!((model.replicas.len(), model.grads.len()), (3, 2));
     }
 
     #[test]
