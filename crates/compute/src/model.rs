@@ -101,14 +101,10 @@ impl ModelKind {
     /// The model; with `options.threads` > 1, one replica per thread, each taking a part
     /// of every batch.
     pub fn build(&self, options: ModelOptions) -> Box<dyn Model> {
-        let one = ModelOptions {
-            threads: 1,
-            ..options
-        };
         let kind = *self;
         let build = move || match kind {
-            ModelKind::Cnn => crate::models::cnn(one),
-            ModelKind::Convnet => crate::models::convnet(one),
+            ModelKind::Cnn => crate::models::cnn(options),
+            ModelKind::Convnet => crate::models::convnet(options),
         };
         if options.threads > 1 {
             Box::new(crate::replicated::Replicated::new(options.threads, build))

@@ -29,7 +29,7 @@ pub struct TrainConfig {
     /// Evaluate every this many updates; `None` picks about once per epoch; `Some(0)` only at
     /// the end.
     pub eval_every: Option<u64>,
-    /// Compute threads per worker (GEMM parallelism).
+    /// Compute threads per worker (each takes a part of every batch).
     pub threads: usize,
     /// Where and how often to checkpoint the server, and whether to resume from there.
     pub checkpoint: Option<CheckpointPolicy>,

@@ -138,19 +138,21 @@ pub struct Assembled {
 /// The model of the newest complete point of any run under `root` (see `manifest.rs`), else
 /// of the newest good file of every shard of one shard count.
 pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
-    let mut problems = Vec::new();
-    for (_, path) in Manifest::list(root) {
-        let point = Manifest::read(&path).and_then(|m| {
-            m.verify(root)?;
-            assemble_point(root, &m)
-        });
-        match point {
-            Ok(mut a) => {
-                a.problems = problems;
-                return Ok(a);
+    let (mut problems, mut unjoinable) = (Vec::new(), Vec::new());
+    let mut found = None;
+    for m in crate::manifest::verified_points(root, None, &mut problems) {
+        match assemble_point(root, &m) {
+            Ok(a) => {
+                found = Some(a);
+                break;
             }
-            Err(e) => problems.push(e),
+            Err(e) => unjoinable.push(e),
         }
+    }
+    problems.append(&mut unjoinable);
+    if let Some(mut a) = found {
+        a.problems = problems;
+        return Ok(a);
     }
     let mut a = assemble_newest(root)?;
     problems.append(&mut a.problems);

@@ -205,21 +205,36 @@ impl Manifest {
     }
 }
 
-/// The newest point of `identity`'s run on which every shard's file verifies; the points
-/// of this run passed over are reported (other runs' are neither verified nor reported).
+/// The points on which every shard's file verifies, newest first, of `identity`'s run (of
+/// every run when `None`). Lazy: a point's files are verified only when it is reached, so a
+/// caller taking the first good one verifies no more. Points passed over go to `problems`
+/// (other runs' points are neither verified nor reported).
+pub fn verified_points<'a>(
+    root: &'a Path,
+    identity: Option<&'a ShardIdentity>,
+    problems: &'a mut Vec<StoreError>,
+) -> impl Iterator<Item = Manifest> + 'a {
+    Manifest::list(root)
+        .into_iter()
+        .filter_map(move |(_, path)| {
+            let checked = Manifest::read(&path).and_then(|m| {
+                if identity.is_some_and(|id| m.entry_for(id).is_none()) {
+                    return Ok(None);
+                }
+                m.verify(root).map(|()| Some(m))
+            });
+            checked.unwrap_or_else(|e| {
+                problems.push(e);
+                None
+            })
+        })
+}
+
+/// The newest point of `identity`'s run on which every shard's file verifies.
 pub fn newest_for(root: &Path, identity: &ShardIdentity) -> (Option<Manifest>, Vec<StoreError>) {
     let mut problems = Vec::new();
-    for (_, path) in Manifest::list(root) {
-        match Manifest::read(&path) {
-            Ok(m) if m.entry_for(identity).is_none() => {}
-            Ok(m) => match m.verify(root) {
-                Ok(()) => return (Some(m), problems),
-                Err(e) => problems.push(e),
-            },
-            Err(e) => problems.push(e),
-        }
-    }
-    (None, problems)
+    let found = verified_points(root, Some(identity), &mut problems).next();
+    (found, problems)
 }
 
 /// Removes `run_id`'s manifests older than its newest `keep` (other runs' are left alone).

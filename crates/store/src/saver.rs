@@ -120,38 +120,31 @@ impl Saver {
         restore: impl FnOnce(&CoreState) -> Result<(), RestoreError>,
     ) -> Result<Restored, ResumeError> {
         let root = self.policy.dir.clone();
-        let mut skipped = Vec::new();
+        let (mut skipped, mut unreadable) = (Vec::new(), Vec::new());
         let mut chosen = None;
-        // Newest first, each point's files verified only until one is taken.
-        let points = Manifest::list(&root).into_iter().filter(|_| from_point);
-        for (_, manifest_path) in points {
-            let m = match Manifest::read(&manifest_path) {
-                Ok(m) => m,
-                Err(e) => {
-                    skipped.push(e);
-                    continue;
-                }
-            };
+        // Only when restoring a point: listing and verifying manifests reads files.
+        let points = from_point
+            .then(|| manifest::verified_points(&root, Some(&self.identity), &mut skipped))
+            .into_iter()
+            .flatten();
+        for m in points {
             let Some(entry) = m.entry_for(&self.identity) else {
-                continue; // another run's point
+                continue; // verified_points gives this run's points only
             };
-            if let Err(e) = m.verify(&root) {
-                skipped.push(e);
-                continue;
-            }
             let path = root.join(&entry.file);
             match Checkpoint::read(&path) {
                 Ok(c) if c.identity == self.identity && c.state.version == m.version => {
                     chosen = Some((path, c, true));
                     break;
                 }
-                Ok(c) => skipped.push(StoreError::Mismatch {
+                Ok(c) => unreadable.push(StoreError::Mismatch {
                     path,
                     why: format!("saved for {:?} at {}", c.identity, c.state.version),
                 }),
-                Err(e) => skipped.push(e),
+                Err(e) => unreadable.push(e),
             }
         }
+        skipped.append(&mut unreadable);
         if chosen.is_none() {
             let (found, mut problems) = self.dir.load_newest(&self.identity);
             skipped.append(&mut problems);

@@ -136,8 +136,8 @@ impl Geometry {
 }
 
 /// The sum of `v` in 16 independent lanes: a plain `sum()` is one dependent chain of adds
-/// (the compiler may not reorder float additions), which made the bias gradient of the
-/// cnn's second convolution about 5% of a training step.
+/// (the compiler may not reorder float additions); with it, the convolution's backward pass
+/// outside GEMM went from 6.4% to 3.4% of the cnn step in a perf profile.
 fn lane_sum(v: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0.0f32; LANES];

@@ -48,6 +48,8 @@ impl Layer for Dropout {
             return;
         }
         let scale = 1.0 / (1.0 - self.p);
+        // Dropped when an element's 32-bit uniform is below p * 2^32.
+        let threshold = (f64::from(self.p) * 4_294_967_296.0) as u64;
         let per = self.shape.len();
         self.mask.resize(n, 0.0);
         for (s, ((ys, xs), ms)) in y[..n]
@@ -57,10 +59,8 @@ impl Layer for Dropout {
             .enumerate()
         {
             // The sample's SplitMix64 stream, indexed by element (each value computed on its
-            // own, so the loop vectorises): an element is dropped when its 32-bit uniform is
-            // below p * 2^32.
+            // own, so the loop vectorises).
             let key = pass.rng.fork(pass.first_sample + s as u64).next_u64();
-            let threshold = (f64::from(self.p) * 4_294_967_296.0) as u64;
             for (j, ((o, &i), m)) in ys.iter_mut().zip(xs).zip(ms.iter_mut()).enumerate() {
                 let u = splitmix64(key.wrapping_add((j as u64 + 1).wrapping_mul(GOLDEN))) >> 32;
                 *m = if u < threshold { 0.0 } else { scale };
