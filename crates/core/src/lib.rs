@@ -12,6 +12,7 @@ pub mod config;
 pub mod consistency;
 pub mod engine;
 pub mod error;
+pub mod gradient_scan;
 pub mod layout;
 pub mod membership;
 pub mod optimizer;

@@ -5,6 +5,7 @@
 use crate::config::ServerConfig;
 use crate::consistency::{self, Consistency, Gradient, StepTag};
 use crate::error::{ConfigError, PushError, RestoreError};
+use crate::gradient_scan;
 use crate::optimizer::Optimizer;
 use crate::shard_state::ShardState;
 pub use crate::shard_state::{CoreState, PushMeta, PushOutcome, ServerStats};
@@ -177,12 +178,7 @@ impl ServerCore {
         let Some(clip) = self.config.clip else {
             return self.rule.push(&mut self.state, &self.active, grad);
         };
-        let norm = grad
-            .values
-            .iter()
-            .map(|&g| f64::from(g) * f64::from(g))
-            .sum::<f64>()
-            .sqrt() as f32;
+        let norm = gradient_scan::norm(grad.values);
         if norm.is_nan() || norm <= clip.max_norm {
             // Within the bound (or not finite: the rule refuses it as such).
             return self.rule.push(&mut self.state, &self.active, grad);

@@ -3,6 +3,7 @@
 
 use crate::config::ServerConfig;
 use crate::error::{PushError, RestoreError};
+use crate::gradient_scan;
 use crate::optimizer::Optimizer;
 use crate::worker_stats::WorkerStats;
 
@@ -177,15 +178,13 @@ impl ShardState {
             self.stats.rejected_other += 1;
             return Err(PushError::EmptyBatch);
         }
-        let (mut bad, mut largest) = (0usize, 0.0f32);
-        for g in grad {
-            bad += usize::from(!g.is_finite());
-            largest = largest.max(g.abs());
-        }
-        if bad > 0 {
+        let largest_bits = gradient_scan::largest_magnitude_bits(grad);
+        if largest_bits >= f32::INFINITY.to_bits() {
             self.stats.rejected_nonfinite += 1;
-            return Err(PushError::NonFinite { count: bad });
+            let count = gradient_scan::count_non_finite(grad);
+            return Err(PushError::NonFinite { count });
         }
+        let largest = f32::from_bits(largest_bits);
         if largest > MAX_GRADIENT {
             self.stats.rejected_nonfinite += 1;
             return Err(PushError::TooLarge { largest });

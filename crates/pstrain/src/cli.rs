@@ -66,6 +66,9 @@ struct BenchNetArgs {
     /// Shards of the TCP training comparison
     #[arg(long, default_value_t = 2)]
     train_shards: usize,
+    /// Sync updates of each training comparison (async runs twice as many); 0 skips them
+    #[arg(long, default_value_t = 300)]
+    train_updates: u64,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -239,7 +242,7 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
     let cfg = crate::netbench::NetBenchConfig {
         shard_counts: args.shards,
         synthetic_values: args.synthetic_values,
-        ..Default::default()
+        train_updates: args.train_updates,
     };
     let report = crate::netbench::run_net_bench(&cfg, &cluster, &data, &mut |l| println!("{l}"))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")

@@ -270,12 +270,16 @@ pub fn run_net_bench(
         }
     }
     let mut training = Vec::new();
+    let modes = if cfg.train_updates == 0 { 0 } else { 2 };
     for mode in [
         Mode::Sync { backup_workers: 0 },
         Mode::Async {
             max_staleness: None,
         },
-    ] {
+    ]
+    .into_iter()
+    .take(modes)
+    {
         let updates = if mode.lockstep() {
             cfg.train_updates
         } else {
