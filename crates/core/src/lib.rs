@@ -22,6 +22,7 @@ pub mod rng;
 pub mod server;
 pub mod shard;
 pub mod shard_state;
+pub mod update_kernels;
 pub mod worker_stats;
 
 pub use checkpoint_schedule::CheckpointSchedule;

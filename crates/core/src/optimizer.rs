@@ -5,6 +5,7 @@
 
 use crate::error::RestoreError;
 pub use crate::optimizer_config::{LrSchedule, OptimizerConfig};
+use crate::update_kernels as kernels;
 
 /// An optimizer bound to a slice length, with its state (momentum buffer or Adam moments).
 #[derive(Debug, Clone)]
@@ -126,24 +127,21 @@ impl Optimizer {
                 nesterov,
             } => {
                 let lr = lr * factor;
-                let mut ok = true;
                 if self.first.is_empty() {
-                    for ((out, &p), &g) in spare.iter_mut().zip(params.iter()).zip(grad) {
-                        *out = p - lr * (g + weight_decay * p);
-                        ok &= out.is_finite();
-                    }
+                    kernels::sgd(params, grad, spare, lr, weight_decay)
                 } else {
-                    let old = params.iter().zip(grad).zip(&self.first);
-                    let new = spare.iter_mut().zip(&mut self.spare_first);
-                    for (((&p, &g), &b), (out, buf)) in old.zip(new) {
-                        let g = g + weight_decay * p;
-                        *buf = momentum * b + g;
-                        let d = if nesterov { g + momentum * *buf } else { *buf };
-                        *out = p - lr * d;
-                        ok &= out.is_finite() & buf.is_finite();
-                    }
+                    let buffer = (&self.first[..], &mut self.spare_first[..]);
+                    kernels::sgd_momentum(
+                        params,
+                        grad,
+                        buffer,
+                        spare,
+                        lr,
+                        momentum,
+                        weight_decay,
+                        nesterov,
+                    )
                 }
-                ok
             }
             OptimizerConfig::Adam {
                 lr,
@@ -153,26 +151,21 @@ impl Optimizer {
                 weight_decay,
             } => {
                 let t = (self.step + 1) as i32;
-                let bias1 = 1.0 - beta1.powi(t);
-                let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-                let step_size = lr * factor / bias1;
-                let mut ok = true;
-                let old = params
-                    .iter()
-                    .zip(grad)
-                    .zip(self.first.iter().zip(&self.second));
-                let new = spare
-                    .iter_mut()
-                    .zip(self.spare_first.iter_mut().zip(&mut self.spare_second));
-                for (((&p, &g), (&m, &v)), (out, (m2, v2))) in old.zip(new) {
-                    let g = g + weight_decay * p;
-                    *m2 = beta1 * m + (1.0 - beta1) * g;
-                    *v2 = beta2 * v + (1.0 - beta2) * g * g;
-                    let denom = v2.sqrt() / bias2_sqrt + eps;
-                    *out = p - step_size * *m2 / denom;
-                    ok &= out.is_finite() & m2.is_finite() & v2.is_finite();
-                }
-                ok
+                let step = kernels::AdamStep {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    step_size: lr * factor / (1.0 - beta1.powi(t)),
+                    bias2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+                };
+                let moments = (&self.first[..], &self.second[..]);
+                let out = (
+                    &mut spare[..],
+                    &mut self.spare_first[..],
+                    &mut self.spare_second[..],
+                );
+                kernels::adam(params, grad, moments, out, step)
             }
         };
         if ok {

@@ -77,14 +77,14 @@ fn bench_plan() -> RunPlan {
     }
 }
 
-/// Starts `shards` shards for `layout` on 127.0.0.1, sharing this machine's cores.
+/// Starts `shards` shards for `layout` on 127.0.0.1, one thread each (`pstrain server`'s
+/// default).
 fn start_servers(
     layout: &Layout,
     shards: usize,
     link: &Link,
 ) -> Result<Vec<ShardHandle>, NetError> {
     let initial = vec![0.0f32; layout.len()];
-    let threads = (2 / shards.max(1)).max(1);
     (0..shards)
         .map(|shard| {
             let mut cfg = ShardConfig::new(shard, shards, layout.clone(), bench_plan());
@@ -92,7 +92,7 @@ fn start_servers(
             cfg.exit_when_finished = false;
             cfg.token = link.token.clone();
             cfg.tls = link.tls.as_ref().map(|(server, _)| server.clone());
-            ShardHandle::start("127.0.0.1:0", cfg, &initial, threads)
+            ShardHandle::start("127.0.0.1:0", cfg, &initial, 1)
         })
         .collect()
 }
