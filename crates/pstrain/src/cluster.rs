@@ -19,6 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const TICK: Duration = Duration::from_millis(200);
+/// How often, within a tick, the launcher looks for workers that exited.
+const EXIT_POLL: Duration = Duration::from_millis(10);
 /// How long a shard may take to exit once the run is over.
 const SERVER_GRACE: Duration = Duration::from_secs(30);
 
@@ -398,7 +400,13 @@ pub fn train_tcp(
     let mut stopped = false;
     let mut peaks = PeakTracker::default();
     loop {
-        std::thread::sleep(TICK);
+        // A tick, cut short when the last worker exits: the run's wall time ends there, not
+        // up to a tick later.
+        let tick = Instant::now();
+        while tick.elapsed() < TICK && !stop.load(Ordering::Relaxed) && local.running(stopped)? > 0
+        {
+            std::thread::sleep(EXIT_POLL);
+        }
         if stop.load(Ordering::Relaxed) && !stopped {
             stopped = true;
             local.workers.iter_mut().for_each(|w| w.proc.kill());
