@@ -270,16 +270,13 @@ pub fn run_net_bench(
         }
     }
     let mut training = Vec::new();
-    let modes = if cfg.train_updates == 0 { 0 } else { 2 };
-    for mode in [
+    let modes = [
         Mode::Sync { backup_workers: 0 },
         Mode::Async {
             max_staleness: None,
         },
-    ]
-    .into_iter()
-    .take(modes)
-    {
+    ];
+    for mode in modes.into_iter().filter(|_| cfg.train_updates > 0) {
         let updates = if mode.lockstep() {
             cfg.train_updates
         } else {

@@ -96,8 +96,7 @@ pub struct ServerArgs {
     pub keep_running: bool,
     /// Threads serving this shard's connections. Updates run one at a time under the
     /// engine's lock whatever the count; more threads only read several workers' pushes at
-    /// once, and on a host whose cores also train, one measured faster (fewer wake-ups
-    /// across threads)
+    /// once, and on a host whose cores also train, one measured faster
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: u16,
     #[command(flatten)]

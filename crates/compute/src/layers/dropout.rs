@@ -2,16 +2,7 @@
 //! scaled by 1/(1-p); in evaluation it is the identity.
 
 use super::{Backward, Layer, Pass, Shape};
-
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// SplitMix64's output function: the n-th value of the stream seeded with `k` is
-/// `splitmix64(k + n * GOLDEN)`.
-fn splitmix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use pstrain_core::rng::splitmix64_at;
 
 pub struct Dropout {
     shape: Shape,
@@ -62,7 +53,7 @@ impl Layer for Dropout {
             // own, so the loop vectorises).
             let key = pass.rng.fork(pass.first_sample + s as u64).next_u64();
             for (j, ((o, &i), m)) in ys.iter_mut().zip(xs).zip(ms.iter_mut()).enumerate() {
-                let u = splitmix64(key.wrapping_add((j as u64 + 1).wrapping_mul(GOLDEN))) >> 32;
+                let u = splitmix64_at(key, j as u64) >> 32;
                 *m = if u < threshold { 0.0 } else { scale };
                 *o = i * *m;
             }
