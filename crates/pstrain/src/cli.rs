@@ -63,9 +63,10 @@ struct BenchNetArgs {
     /// Shard counts to measure transfers over, comma-separated
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     shards: Vec<usize>,
-    /// Shards of the TCP training comparison
-    #[arg(long, default_value_t = 2)]
-    train_shards: usize,
+    /// Shard counts of the TCP training comparison, comma-separated (1 is `pstrain train
+    /// --transport tcp`'s default)
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    train_shards: Vec<usize>,
     /// Sync updates of each training comparison (async runs twice as many); 0 skips them
     #[arg(long, default_value_t = 300)]
     train_updates: u64,
@@ -234,13 +235,17 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
 
 fn run_bench_net(args: BenchNetArgs) -> Result<()> {
     let data = load_data(&args.data)?;
+    if args.train_shards.contains(&0) {
+        bail!("--train-shards: every shard count must be at least 1");
+    }
     let cluster = ClusterConfig::local(
         std::env::current_exe().context("cannot find the pstrain executable")?,
-        args.train_shards,
+        1,
         std::fs::canonicalize(args.data.dir())?,
     );
     let cfg = crate::netbench::NetBenchConfig {
         shard_counts: args.shards,
+        train_shard_counts: args.train_shards,
         synthetic_values: args.synthetic_values,
         train_updates: args.train_updates,
     };

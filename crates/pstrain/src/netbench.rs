@@ -220,6 +220,8 @@ pub struct NetBenchConfig {
     /// Values of the synthetic layout (100M in the benchmark).
     pub synthetic_values: usize,
     pub train_updates: u64,
+    /// Shard counts of the TCP training comparison.
+    pub train_shard_counts: Vec<usize>,
 }
 
 impl Default for NetBenchConfig {
@@ -228,6 +230,7 @@ impl Default for NetBenchConfig {
             shard_counts: vec![1, 4],
             synthetic_values: 100_000_000,
             train_updates: 300,
+            train_shard_counts: vec![1, 2],
         }
     }
 }
@@ -294,24 +297,29 @@ pub fn run_net_bench(
             ..TrainConfig::default()
         };
         let inproc = train(&tc, data, &mut Quiet, &AtomicBool::new(false))?.summary;
-        let tcp = train_tcp(&tc, cluster, data, &mut Quiet, &AtomicBool::new(false))?.summary;
-        progress(&format!(
-            "train cnn {} 2 workers, {} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2})",
-            mode.name(),
-            cluster.shards,
-            inproc.samples_per_s,
-            tcp.samples_per_s,
-            tcp.samples_per_s / inproc.samples_per_s
-        ));
-        training.push(TcpTrainingPoint {
-            model: "cnn",
-            mode: mode.name(),
-            workers: 2,
-            shards: cluster.shards,
-            inproc_samples_per_s: inproc.samples_per_s,
-            tcp_samples_per_s: tcp.samples_per_s,
-            tcp_fraction_of_inproc: tcp.samples_per_s / inproc.samples_per_s,
-        });
+        for &shards in &cfg.train_shard_counts {
+            let cluster = ClusterConfig {
+                shards,
+                ..cluster.clone()
+            };
+            let tcp = train_tcp(&tc, &cluster, data, &mut Quiet, &AtomicBool::new(false))?.summary;
+            progress(&format!(
+                "train cnn {} 2 workers, {shards} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2})",
+                mode.name(),
+                inproc.samples_per_s,
+                tcp.samples_per_s,
+                tcp.samples_per_s / inproc.samples_per_s
+            ));
+            training.push(TcpTrainingPoint {
+                model: "cnn",
+                mode: mode.name(),
+                workers: 2,
+                shards,
+                inproc_samples_per_s: inproc.samples_per_s,
+                tcp_samples_per_s: tcp.samples_per_s,
+                tcp_fraction_of_inproc: tcp.samples_per_s / inproc.samples_per_s,
+            });
+        }
     }
     Ok(NetBenchReport { transfer, training })
 }

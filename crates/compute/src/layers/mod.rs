@@ -10,6 +10,7 @@ pub mod linear;
 pub mod loss;
 pub mod maxpool;
 pub mod relu;
+mod sparse_grad;
 
 pub use conv2d::Conv2d;
 pub use dropout::Dropout;

@@ -7,21 +7,20 @@ use super::ClientConfig;
 use crate::error::NetError;
 use crate::message::{Request, Role};
 use pstrain_core::shard_ranges;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tokio::sync::watch;
 
-/// Sends heartbeats every `every` until dropped.
+/// Sends heartbeats every `every` until dropped. Dropping it wakes the thread at once: a
+/// worker process exits when its work is done, not up to one heartbeat interval later.
 pub struct Heartbeat {
-    stop: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Heartbeat {
     pub fn start(cfg: &ClientConfig, every: Duration) -> Result<Self, NetError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let (stop, stopped) = watch::channel(false);
         let cfg = ClientConfig {
             role: Role::Heartbeat,
             ..cfg.clone()
@@ -38,10 +37,10 @@ impl Heartbeat {
                 .zip(ranges)
                 .enumerate()
                 .map(|(i, (addr, range))| {
-                    let (cfg, flag) = (&cfg, &flag);
-                    async move {
+                    let (cfg, mut stopped) = (&cfg, stopped.clone());
+                    let beats = async move {
                         let mut link: Option<ShardLink> = None;
-                        while !flag.load(Ordering::Relaxed) {
+                        loop {
                             if link.is_none() {
                                 link = try_connect_shard(cfg, i, addr, range.clone())
                                     .await
@@ -59,6 +58,14 @@ impl Heartbeat {
                             }
                             tokio::time::sleep(every).await;
                         }
+                    };
+                    // Whatever the loop is waiting on (the interval, a connection attempt, a
+                    // write), a stop ends it.
+                    async move {
+                        tokio::select! {
+                            _ = beats => {}
+                            _ = stopped.wait_for(|&s| s) => {}
+                        }
                     }
                 });
             rt.block_on(futures_util::future::join_all(loops));
@@ -72,7 +79,8 @@ impl Heartbeat {
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        // `send_replace` stores the value even if every receiver is gone already.
+        self.stop.send_replace(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

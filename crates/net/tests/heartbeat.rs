@@ -1,0 +1,67 @@
+//! A worker's heartbeats stop the moment they are dropped, whatever they are waiting on: the
+//! next interval, or a shard that cannot be reached. A worker process ends when its work does
+//! (it drops its heartbeats on the way out), not up to an interval later.
+
+mod common;
+
+use common::*;
+use pstrain_net::message::Role;
+use pstrain_net::{ClientConfig, Heartbeat, ShardConfig, ShardHandle, TcpClient};
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A whole minute between heartbeats: any wait for the interval would show.
+const EVERY: Duration = Duration::from_secs(60);
+/// Far below `EVERY` and the connect retry window, far above a thread's wake-up.
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+fn client_cfg(servers: Vec<String>) -> ClientConfig {
+    let mut cfg = ClientConfig::new(servers, Role::Worker, 0, plan(ASYNC, 1), layout());
+    cfg.connect_timeout = Duration::from_secs(120);
+    cfg
+}
+
+/// Drops `beats` on a thread of its own; true if the drop returned within `PROMPTLY`.
+fn dropped_promptly(beats: Heartbeat) -> bool {
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        drop(beats);
+        let _ = done.send(());
+    });
+    finished.recv_timeout(PROMPTLY).is_ok()
+}
+
+#[test]
+fn dropping_heartbeats_does_not_wait_for_the_next_interval() {
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 1));
+    cfg.exit_when_finished = false;
+    let server = ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 1).unwrap();
+    let ccfg = client_cfg(vec![server.address().to_string()]);
+    let mut client = TcpClient::connect(&ccfg).unwrap();
+    let beats = Heartbeat::start(client.config(), EVERY).unwrap();
+    // The first heartbeat goes out at once; then the loop sleeps for a minute.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        dropped_promptly(beats),
+        "the heartbeat thread waited out its interval"
+    );
+    client.goodbye().unwrap();
+    server.finish().unwrap();
+}
+
+#[test]
+fn dropping_heartbeats_does_not_wait_for_an_unreachable_shard() {
+    // An address where nothing listens any more: every connection attempt is refused and
+    // retried for the client's two-minute connect window.
+    let gone = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let beats = Heartbeat::start(&client_cfg(vec![gone.to_string()]), EVERY).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        dropped_promptly(beats),
+        "the heartbeat thread waited on its connection attempts"
+    );
+}
