@@ -51,97 +51,6 @@ impl Geometry {
         }
     }
 
-    /// Adds a receptive field's values (im2col's order: channel, kernel row, kernel column)
-    /// into a sample's input gradient, the field of output position `p`.
-    fn add_field(&self, p: usize, field: &[f32], dx: &mut [f32]) {
-        match self.kernel {
-            3 => self.add_field_k::<3>(p, field, dx),
-            5 => self.add_field_k::<5>(p, field, dx),
-            k => self.add_field_rows(k, p, field, dx),
-        }
-    }
-
-    /// `add_field` for a k x k kernel known at compile time: fixed-size rows, no bounds checks
-    /// inside them.
-    fn add_field_k<const K: usize>(&self, p: usize, field: &[f32], dx: &mut [f32]) {
-        let (h, w, out_w) = (self.input.h, self.input.w, self.output().w);
-        let corner = (p / out_w) * w + p % out_w;
-        for (ci, channel) in field.chunks_exact(K * K).enumerate() {
-            for (ky, row) in channel.chunks_exact(K).enumerate() {
-                let at = corner + ci * h * w + ky * w;
-                let dst: &mut [f32; K] = (&mut dx[at..at + K])
-                    .try_into()
-                    .expect("a slice of K values");
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d += v;
-                }
-            }
-        }
-    }
-
-    fn add_field_rows(&self, k: usize, p: usize, field: &[f32], dx: &mut [f32]) {
-        let (h, w, out_w) = (self.input.h, self.input.w, self.output().w);
-        let corner = (p / out_w) * w + p % out_w;
-        for (ci, channel) in field.chunks_exact(k * k).enumerate() {
-            for (ky, row) in channel.chunks_exact(k).enumerate() {
-                let at = corner + ci * h * w + ky * w;
-                for (d, &v) in dx[at..at + k].iter_mut().zip(row) {
-                    *d += v;
-                }
-            }
-        }
-    }
-
-    /// The same matrix transposed: one row of in_channels * k * k values (an output
-    /// position's receptive field) per output position.
-    fn im2col_t(&self, x: &[f32], cols_t: &mut [f32]) {
-        match self.kernel {
-            3 => self.im2col_t_k::<3>(x, cols_t),
-            5 => self.im2col_t_k::<5>(x, cols_t),
-            _ => self.im2col_t_any(x, cols_t),
-        }
-    }
-
-    /// `im2col_t` for a k x k kernel known at compile time: each kernel row is one fixed-size
-    /// move (a variable-length one is a memcpy call per 3 values).
-    fn im2col_t_k<const K: usize>(&self, x: &[f32], cols_t: &mut [f32]) {
-        let (out, patch) = (self.output(), self.patch_len());
-        let (h, w) = (self.input.h, self.input.w);
-        for oy in 0..out.h {
-            for ox in 0..out.w {
-                let row = &mut cols_t[(oy * out.w + ox) * patch..][..patch];
-                for ci in 0..self.input.c {
-                    let corner = ci * h * w + oy * w + ox;
-                    for ky in 0..K {
-                        let src: &[f32; K] = x[corner + ky * w..][..K]
-                            .try_into()
-                            .expect("a slice of K values");
-                        let at = (ci * K + ky) * K;
-                        row[at..at + K].copy_from_slice(src);
-                    }
-                }
-            }
-        }
-    }
-
-    fn im2col_t_any(&self, x: &[f32], cols_t: &mut [f32]) {
-        let (k, out, patch) = (self.kernel, self.output(), self.patch_len());
-        let (h, w) = (self.input.h, self.input.w);
-        for (p, row) in cols_t
-            .chunks_exact_mut(patch)
-            .take(out.h * out.w)
-            .enumerate()
-        {
-            let (oy, ox) = (p / out.w, p % out.w);
-            for (ci, field) in row.chunks_exact_mut(k * k).enumerate() {
-                let corner = ci * h * w + oy * w + ox;
-                for (ky, dst) in field.chunks_exact_mut(k).enumerate() {
-                    dst.copy_from_slice(&x[corner + ky * w..][..k]);
-                }
-            }
-        }
-    }
-
     fn col2im_add(&self, cols: &[f32], dx: &mut [f32]) {
         let (k, out, plane) = (self.kernel, self.output(), self.plane());
         for ci in 0..self.input.c {
@@ -197,43 +106,38 @@ impl Geometry {
         let weight = &params[..self.out_channels * patch];
         let (dweight, dbias) = dparams.split_at_mut(self.out_channels * patch);
         dbias.fill(0.0);
-        for (b, (xb, dyb)) in x
+        // Which of `dweight` (GEMM samples) and `sparse.dw_last` (sparse ones) hold a sum.
+        let (mut dense_seen, mut sparse_seen) = (false, false);
+        for (xb, (dyb, b)) in x
             .chunks_exact(in_len)
-            .zip(dy.chunks_exact(out_len))
-            .enumerate()
+            .zip(dy.chunks_exact(out_len).zip(0..))
         {
             for (co, db) in dbias.iter_mut().enumerate() {
                 *db += lane_sum(&dyb[co * plane..(co + 1) * plane]);
             }
-            // dW (+)= dY_b [C_out x plane] * cols^T [plane x patch] and dcols = W^T * dY_b:
-            // by dY_b's non-zero values alone when few are (behind a max-pool), else as GEMMs.
-            // Narrow patches (a first layer's 3x3x1) are left to the GEMMs.
             let dxb = dx
                 .as_deref_mut()
                 .map(|dx| &mut dx[b * in_len..(b + 1) * in_len]);
-            if patch >= 16 && sparse.nonzeros.collect(dyb, plane) <= sparse_grad::MAX_DENSITY {
-                self.im2col_t(xb, cols);
-                sparse_grad::weight_grad(&sparse.nonzeros, cols, patch, dweight, b > 0);
-                if let Some(dxb) = dxb {
-                    sparse.by_column.regroup(&sparse.nonzeros, plane);
-                    dxb.fill(0.0);
-                    sparse_grad::input_grad(
-                        &sparse.by_column,
-                        weight,
-                        patch,
-                        &mut sparse.field,
-                        |p, field| self.add_field(p, field, dxb),
-                    );
+            // By dY_b's non-zero values alone when few are (behind a max-pool), else as GEMMs.
+            // Narrow kernel rows (a first layer's 3x1) are left to the GEMMs.
+            let run = self.kernel * self.input.c;
+            if run >= 16 && sparse.nonzeros.collect(dyb, plane) <= sparse_grad::MAX_DENSITY {
+                if !sparse_seen {
+                    sparse.set_weight(self, weight);
                 }
+                self.sparse_sample(xb, dxb, sparse, sparse_seen);
+                sparse_seen = true;
                 continue;
             }
             self.im2col(xb, cols);
+            // dW (+)= dY_b [C_out x plane] * cols^T [plane x patch]
             matmul(
                 dweight,
                 MatRef::new(dyb, self.out_channels, plane),
                 MatRef::new(cols, patch, plane).t(),
-                b > 0,
+                dense_seen,
             );
+            dense_seen = true;
             if let Some(dxb) = dxb {
                 // dcols = W^T [patch x C_out] * dY_b [C_out x plane], then scatter-add.
                 matmul(
@@ -245,6 +149,82 @@ impl Geometry {
                 dxb.fill(0.0);
                 self.col2im_add(cols, dxb);
             }
+        }
+        if sparse_seen {
+            sparse.add_weight_grad(self, dweight, dense_seen);
+        }
+    }
+
+    /// One sample's backward from its non-zero output gradients (in `s.nonzeros`), in the
+    /// channels-last order where one kernel row over all input channels is one run of values
+    /// (`SparseScratch`): `dw_last (+)=` its weight gradient, `dxb =` its input gradient.
+    fn sparse_sample(
+        &self,
+        xb: &[f32],
+        dxb: Option<&mut [f32]>,
+        s: &mut SparseScratch,
+        accumulate: bool,
+    ) {
+        let (k, c_in, patch) = (self.kernel, self.input.c, self.patch_len());
+        let run = k * c_in;
+        let row_step = self.input.w * c_in;
+        to_channels_last(xb, c_in, &mut s.x_last);
+        // A channel's weight gradient, kernel row by kernel row: its non-zero positions'
+        // receptive fields (each row of one a run in `x_last`), scaled and summed.
+        for c in 0..self.out_channels {
+            for ky in 0..k {
+                sparse_grad::weighted_sum(
+                    s.nonzeros.row(c),
+                    &s.x_last,
+                    &s.field_starts,
+                    ky * row_step,
+                    &mut s.dw_last[c * patch + ky * run..][..run],
+                    accumulate,
+                );
+            }
+        }
+        let Some(dxb) = dxb else { return };
+        // A position's input gradient: its non-zero channels' weights, scaled, summed and
+        // added onto its receptive field (which overlaps its neighbours').
+        s.by_column.regroup(&s.nonzeros, self.plane());
+        s.dx_last.fill(0.0);
+        for (p, &field) in s.field_starts.iter().enumerate() {
+            let entries = s.by_column.column(p);
+            if entries.is_empty() {
+                continue;
+            }
+            for ky in 0..k {
+                let at = field + ky * row_step;
+                sparse_grad::weighted_sum(
+                    entries,
+                    &s.w_last,
+                    &s.weight_starts,
+                    ky * run,
+                    &mut s.dx_last[at..at + run],
+                    true,
+                );
+            }
+        }
+        from_channels_last(&s.dx_last, c_in, dxb);
+    }
+}
+
+/// `out[i * c + ci] = x[ci * (x.len() / c) + i]`: channels-first to channels-last.
+fn to_channels_last(x: &[f32], c: usize, out: &mut [f32]) {
+    let plane = x.len() / c;
+    for (ci, channel) in x.chunks_exact(plane).enumerate() {
+        for (i, &v) in channel.iter().enumerate() {
+            out[i * c + ci] = v;
+        }
+    }
+}
+
+/// The inverse of `to_channels_last`.
+fn from_channels_last(x: &[f32], c: usize, out: &mut [f32]) {
+    let plane = x.len() / c;
+    for (ci, channel) in out.chunks_exact_mut(plane).enumerate() {
+        for (i, v) in channel.iter_mut().enumerate() {
+            *v = x[i * c + ci];
         }
     }
 }
@@ -278,14 +258,80 @@ struct Scratch {
     sparse: SparseScratch,
 }
 
-/// What the sparse backward pass keeps between samples.
+/// What the sparse backward pass keeps between samples. Receptive fields and weights are
+/// held channels-last (value order: kernel row, kernel column, input channel), so that one
+/// kernel row over all input channels is one run of `kernel * in_channels` values, in the
+/// input and in each weight row alike.
 struct SparseScratch {
     /// The sample's non-zero output gradients, by channel.
     nonzeros: NonZeros,
     /// The same by output position.
     by_column: ByColumn,
-    /// One receptive field's input gradient.
-    field: Vec<f32>,
+    /// The sample's input, channels last.
+    x_last: Vec<f32>,
+    /// Its input gradient, channels last.
+    dx_last: Vec<f32>,
+    /// The weights, channels last.
+    w_last: Vec<f32>,
+    /// The batch's weight gradient from the sparse samples, channels last.
+    dw_last: Vec<f32>,
+    /// Where each output position's receptive field starts in `x_last`.
+    field_starts: Vec<usize>,
+    /// Where each output channel's weights start in `w_last`.
+    weight_starts: Vec<usize>,
+}
+
+impl SparseScratch {
+    fn new(geo: &Geometry) -> Self {
+        let (out, c_in, patch) = (geo.output(), geo.input.c, geo.patch_len());
+        SparseScratch {
+            nonzeros: NonZeros::default(),
+            by_column: ByColumn::default(),
+            x_last: vec![0.0; geo.input.len()],
+            dx_last: vec![0.0; geo.input.len()],
+            w_last: vec![0.0; geo.out_channels * patch],
+            dw_last: vec![0.0; geo.out_channels * patch],
+            field_starts: (0..out.h * out.w)
+                .map(|p| ((p / out.w) * geo.input.w + p % out.w) * c_in)
+                .collect(),
+            weight_starts: (0..geo.out_channels).map(|c| c * patch).collect(),
+        }
+    }
+
+    /// Where weight value `j` (PyTorch's order: input channel, kernel row, kernel column) sits
+    /// channels last.
+    fn last_index(geo: &Geometry, j: usize) -> usize {
+        let (k, c_in) = (geo.kernel, geo.input.c);
+        let (ci, kk) = (j / (k * k), j % (k * k));
+        kk * c_in + ci
+    }
+
+    fn set_weight(&mut self, geo: &Geometry, weight: &[f32]) {
+        let patch = geo.patch_len();
+        for (src, dst) in weight
+            .chunks_exact(patch)
+            .zip(self.w_last.chunks_exact_mut(patch))
+        {
+            for (j, &v) in src.iter().enumerate() {
+                dst[Self::last_index(geo, j)] = v;
+            }
+        }
+    }
+
+    /// `dweight (+)= dw_last`, back in PyTorch's order.
+    fn add_weight_grad(&self, geo: &Geometry, dweight: &mut [f32], accumulate: bool) {
+        let patch = geo.patch_len();
+        for (src, dst) in self
+            .dw_last
+            .chunks_exact(patch)
+            .zip(dweight.chunks_exact_mut(patch))
+        {
+            for (j, d) in dst.iter_mut().enumerate() {
+                let v = src[Self::last_index(geo, j)];
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
 }
 
 impl Conv2d {
@@ -300,11 +346,7 @@ impl Conv2d {
         Conv2d {
             scratch: Scratch {
                 cols: vec![0.0; geo.patch_len() * geo.plane()],
-                sparse: SparseScratch {
-                    nonzeros: NonZeros::default(),
-                    by_column: ByColumn::default(),
-                    field: vec![0.0; geo.patch_len()],
-                },
+                sparse: SparseScratch::new(&geo),
             },
             geo,
         }
@@ -410,14 +452,13 @@ mod tests {
 
     #[test]
     fn mostly_zero_output_gradients_take_the_sparse_path_and_match_the_definition() {
-        // A 3x3 kernel over 4 channels (a 36-value receptive field, wide enough for the sparse
-        // path), a 5x5 one over 3 (75 values: wide and narrow stripes and a tail) and a 4x4
-        // one (no compile-time kernel size); output gradients three quarters zero, as behind
-        // a 2x2 max-pool, then all dense.
+        // Kernel rows over all input channels of 20 values (wide enough for the sparse path:
+        // a 16-wide stripe and a tail), 15 (left to the GEMMs) and 72 (64 + a tail); output
+        // gradients three quarters zero, as behind a 2x2 max-pool, or all dense.
         let cases = [
-            (Shape::new(4, 9, 8), 5, 3),
+            (Shape::new(5, 9, 8), 5, 4),
             (Shape::new(3, 9, 10), 2, 5),
-            (Shape::new(2, 8, 9), 3, 4),
+            (Shape::new(24, 8, 9), 3, 3),
         ];
         for &(input, co_n, k) in &cases {
             let mut conv = Conv2d::new(input, co_n, k);
@@ -430,11 +471,13 @@ mod tests {
                 .map(|_| rng.uniform(-1.0, 1.0))
                 .collect();
             let out = conv.output_shape();
-            for keep_every in [4, 1] {
+            // Each sample's share of non-zero gradients: both sparse, both dense, and mixed
+            // batches (the sparse and the GEMM weight gradients summed).
+            for keep_every in [[4, 4], [1, 1], [4, 1], [1, 4]] {
                 let dy: Vec<f32> = (0..batch * out.len())
                     .map(|i| {
                         let v = rng.uniform(-1.0, 1.0);
-                        if (i * 7 + i / 3) % keep_every == 0 {
+                        if (i * 7 + i / 3) % keep_every[i / out.len()] == 0 {
                             v
                         } else {
                             0.0

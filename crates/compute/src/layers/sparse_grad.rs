@@ -1,19 +1,16 @@
-//! A convolution's weight and input gradients from only the non-zero output gradients.
+//! A convolution's gradients from only the non-zero output gradients.
 //!
 //! Behind a 2x2 max-pool (and a ReLU) at most a quarter of a convolution's output gradients
 //! are non-zero, yet the dense products `dW = dY * cols^T` and `dcols = W^T * dY` multiply
-//! all of them. Here each output channel sums the receptive fields of its non-zero positions
-//! (its weight gradient), and each position sums the weights of its non-zero channels (its
-//! receptive field's input gradient, added into place): a quarter of the products or fewer,
-//! the sums held in registers.
+//! all of them. Here every gradient is a sum of slices scaled by the non-zero values: a
+//! channel's weight gradient sums the receptive fields of its non-zero positions, a
+//! position's input gradient sums the weights of its non-zero channels. A quarter of the
+//! products or fewer, the sums held in registers.
 //!
 //! Plain multiplies and adds (Rust never fuses them), so every instruction set gives the same
-//! bits; the order of the sum is fixed (positions in order), so runs repeat exactly.
+//! bits; each sum runs in a fixed order, so runs repeat exactly.
 
 use multiversion::multiversion;
-
-/// Output values summed per pass over a channel's non-zero positions: four AVX-512 registers.
-const BLOCK: usize = 64;
 
 /// A gradient is worth the sparse path when at most this share of it is non-zero (a dense
 /// GEMM runs at several times the rate of the sparse sums per product).
@@ -47,30 +44,12 @@ impl NonZeros {
         end as f32 / m.len().max(1) as f32
     }
 
-    fn row(&self, r: usize) -> &[(u32, f32)] {
+    pub fn row(&self, r: usize) -> &[(u32, f32)] {
         &self.entries[self.starts[r]..self.starts[r + 1]]
     }
 
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.starts.len().saturating_sub(1)
-    }
-}
-
-/// `dweight[c] (+)= sum over row c's non-zero (p, g) of g * cols_t[p]`, for every channel c;
-/// `cols_t` holds one receptive field of `patch` values per output position.
-pub fn weight_grad(
-    nonzeros: &NonZeros,
-    cols_t: &[f32],
-    patch: usize,
-    dweight: &mut [f32],
-    accumulate: bool,
-) {
-    for (c, dst) in dweight
-        .chunks_exact_mut(patch)
-        .enumerate()
-        .take(nonzeros.rows())
-    {
-        sum_rows(nonzeros.row(c), cols_t, patch, dst, accumulate);
     }
 }
 
@@ -105,92 +84,79 @@ impl ByColumn {
         }
     }
 
-    fn column(&self, p: usize) -> &[(u32, f32)] {
+    pub fn column(&self, p: usize) -> &[(u32, f32)] {
         &self.entries[self.starts[p]..self.starts[p + 1]]
     }
 }
 
-/// For every output position p with non-zero gradients (c, g): its receptive field's input
-/// gradient `sum of g * weight[c]` (`patch` values, in `field`), handed to `add(p, field)`.
-pub fn input_grad(
-    by_column: &ByColumn,
-    weight: &[f32],
-    patch: usize,
-    field: &mut [f32],
-    mut add: impl FnMut(usize, &[f32]),
+/// `dst (+)= sum over (r, g) in entries of g * src[starts[r] + shift..][..dst.len()]`: in
+/// stripes of 96, 64, 32 and 16 values (the widest that fit, each one pass over the entries
+/// with its sums in registers), then one by one.
+pub fn weighted_sum(
+    entries: &[(u32, f32)],
+    src: &[f32],
+    starts: &[usize],
+    shift: usize,
+    dst: &mut [f32],
+    accumulate: bool,
 ) {
-    let field = &mut field[..patch];
-    for p in 0..by_column.starts.len().saturating_sub(1) {
-        let entries = by_column.column(p);
-        if entries.is_empty() {
-            continue;
-        }
-        sum_rows(entries, weight, patch, field, false);
-        add(p, field);
-    }
-}
-
-/// `dst (+)= sum over (r, g) of g * m[r]`, where m has rows of `width` values and `dst` is
-/// one row wide: in stripes of `BLOCK` values, then of `LANES`, then one by one.
-fn sum_rows(entries: &[(u32, f32)], m: &[f32], width: usize, dst: &mut [f32], accumulate: bool) {
-    let mut start = 0;
-    while start + BLOCK <= width {
-        wide_stripe(entries, m, width, start, &mut dst[start..], accumulate);
-        start += BLOCK;
-    }
-    while start + LANES <= width {
-        narrow_stripe(entries, m, width, start, &mut dst[start..], accumulate);
-        start += LANES;
-    }
-    if start < width {
-        let dst = &mut dst[start..width];
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        for &(r, g) in entries {
-            let row = &m[r as usize * width + start..][..dst.len()];
-            for (a, &x) in dst.iter_mut().zip(row) {
-                *a += g * x;
+    let width = dst.len();
+    let mut at = 0;
+    while at < width {
+        let (s, d) = (shift + at, &mut dst[at..]);
+        at += match width - at {
+            96.. => stripe_96(entries, src, starts, s, d, accumulate),
+            64.. => stripe_64(entries, src, starts, s, d, accumulate),
+            32.. => stripe_32(entries, src, starts, s, d, accumulate),
+            16.. => stripe_16(entries, src, starts, s, d, accumulate),
+            _ => {
+                if !accumulate {
+                    d.fill(0.0);
+                }
+                for &(r, g) in entries {
+                    let row = &src[starts[r as usize] + s..][..d.len()];
+                    for (a, &x) in d.iter_mut().zip(row) {
+                        *a += g * x;
+                    }
+                }
+                d.len()
             }
-        }
+        };
     }
 }
 
-/// One register's width of f32 on AVX-512.
-const LANES: usize = 16;
-
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-fn wide_stripe(
-    entries: &[(u32, f32)],
-    m: &[f32],
-    width: usize,
-    start: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-) {
-    stripe::<BLOCK>(entries, m, width, start, dst, accumulate);
+/// One function per stripe width, each compiled for several instruction sets; returns the
+/// width.
+macro_rules! stripe_fn {
+    ($name:ident, $n:literal) => {
+        #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+        fn $name(
+            entries: &[(u32, f32)],
+            src: &[f32],
+            starts: &[usize],
+            shift: usize,
+            dst: &mut [f32],
+            accumulate: bool,
+        ) -> usize {
+            stripe::<$n>(entries, src, starts, shift, dst, accumulate);
+            $n
+        }
+    };
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-fn narrow_stripe(
-    entries: &[(u32, f32)],
-    m: &[f32],
-    width: usize,
-    start: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-) {
-    stripe::<LANES>(entries, m, width, start, dst, accumulate);
-}
+stripe_fn!(stripe_96, 96);
+stripe_fn!(stripe_64, 64);
+stripe_fn!(stripe_32, 32);
+stripe_fn!(stripe_16, 16);
 
-/// `N` values of the sum from column `start` on, the accumulators in registers. Inlined into
-/// each instruction set's version of its callers.
+/// `N` values of the sum, the accumulators in registers. Inlined into each instruction set's
+/// version of its callers.
 #[inline(always)]
 fn stripe<const N: usize>(
     entries: &[(u32, f32)],
-    m: &[f32],
-    width: usize,
-    start: usize,
+    src: &[f32],
+    starts: &[usize],
+    shift: usize,
     dst: &mut [f32],
     accumulate: bool,
 ) {
@@ -199,7 +165,7 @@ fn stripe<const N: usize>(
         acc.copy_from_slice(&dst[..N]);
     }
     for &(r, g) in entries {
-        let row = &m[r as usize * width + start..][..N];
+        let row = &src[starts[r as usize] + shift..][..N];
         for (a, &x) in acc.iter_mut().zip(row) {
             *a += g * x;
         }
@@ -212,63 +178,72 @@ mod tests {
     use super::*;
     use pstrain_core::Rng;
 
-    /// `dW = dY * cols^T` by the definition.
-    fn dense(dy: &[f32], cols_t: &[f32], plane: usize, patch: usize) -> Vec<f32> {
-        let channels = dy.len() / plane;
-        let mut out = vec![0.0; channels * patch];
-        for c in 0..channels {
-            for p in 0..plane {
-                for j in 0..patch {
-                    out[c * patch + j] += dy[c * plane + p] * cols_t[p * patch + j];
-                }
-            }
-        }
-        out
+    #[test]
+    fn non_zeros_by_row_and_by_column() {
+        // 3 rows of 4: the non-zero values, NaN included (it is not zero).
+        let m = [
+            0.0,
+            1.0,
+            0.0,
+            2.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            f32::NAN,
+            3.0,
+            0.0,
+            4.0,
+        ];
+        let mut nz = NonZeros::default();
+        assert_eq!(nz.collect(&m, 4), 5.0 / 12.0);
+        assert_eq!(nz.rows(), 3);
+        assert_eq!(nz.row(0), &[(1, 1.0), (3, 2.0)]);
+        assert!(nz.row(1).is_empty());
+        assert_eq!(nz.row(2).len(), 3);
+        let mut by = ByColumn::default();
+        by.regroup(&nz, 4);
+        assert_eq!(by.column(0).len(), 1);
+        assert!(by.column(0)[0].1.is_nan());
+        assert_eq!(by.column(1), &[(0, 1.0), (2, 3.0)]);
+        assert!(by.column(2).is_empty());
+        assert_eq!(by.column(3), &[(0, 2.0), (2, 4.0)]);
     }
 
     #[test]
-    fn equals_the_dense_product_for_blocks_and_tails() {
+    fn weighted_sums_equal_the_definition_at_every_width() {
         let mut rng = Rng::new(3);
-        // Patches narrower than, equal to and wider than a block, with a tail.
-        for &(channels, plane, patch) in &[(3, 10, 9), (2, 7, 64), (4, 13, 150), (1, 1, 1)] {
-            let dy: Vec<f32> = (0..channels * plane)
-                .map(|i| {
-                    if i % 3 == 0 {
-                        rng.uniform(-1.0, 1.0)
-                    } else {
-                        0.0
-                    }
+        let src: Vec<f32> = (0..400).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let starts = [0, 7, 100, 150, 33];
+        let entries = [(1u32, 0.5f32), (3, -2.0), (0, 1.25), (4, 3.0)];
+        // Widths that use each stripe, alone and together, and the one-by-one tail.
+        for width in [0, 1, 15, 16, 17, 32, 48, 63, 64, 65, 96, 112, 129, 200] {
+            let shift = 11;
+            let want: Vec<f32> = (0..width)
+                .map(|j| {
+                    entries
+                        .iter()
+                        .map(|&(r, g)| g * src[starts[r as usize] + shift + j])
+                        .sum()
                 })
                 .collect();
-            let cols_t: Vec<f32> = (0..plane * patch).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let mut nz = NonZeros::default();
-            let density = nz.collect(&dy, plane);
-            let expected = dy.iter().filter(|&&v| v != 0.0).count() as f32 / dy.len() as f32;
-            assert_eq!(density, expected);
-            let want = dense(&dy, &cols_t, plane, patch);
-            let mut got = vec![f32::NAN; channels * patch];
-            weight_grad(&nz, &cols_t, patch, &mut got, false);
+            let mut got = vec![f32::NAN; width];
+            weighted_sum(&entries, &src, &starts, shift, &mut got, false);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+                assert!((g - w).abs() < 1e-5, "width {width}: {g} vs {w}");
             }
-            // Accumulating adds the same again.
-            weight_grad(&nz, &cols_t, patch, &mut got, true);
+            // Accumulating adds the same again; no entries leave the sum as it is.
+            weighted_sum(&entries, &src, &starts, shift, &mut got, true);
+            weighted_sum(&[], &src, &starts, shift, &mut got, true);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - 2.0 * w).abs() < 1e-5, "{g} vs {}", 2.0 * w);
+                assert!(
+                    (g - 2.0 * w).abs() < 1e-5,
+                    "width {width}: {g} vs {}",
+                    2.0 * w
+                );
             }
+            weighted_sum(&[], &src, &starts, shift, &mut got, false);
+            assert!(got.iter().all(|&v| v == 0.0));
         }
-    }
-
-    #[test]
-    fn an_all_zero_gradient_gives_zero_or_leaves_the_sum() {
-        let mut nz = NonZeros::default();
-        assert_eq!(nz.collect(&[0.0; 12], 4), 0.0);
-        let cols_t = vec![1.0; 4 * 70];
-        let mut got = vec![f32::NAN; 3 * 70];
-        weight_grad(&nz, &cols_t, 70, &mut got, false);
-        assert!(got.iter().all(|&v| v == 0.0));
-        let mut kept = vec![2.5; 3 * 70];
-        weight_grad(&nz, &cols_t, 70, &mut kept, true);
-        assert!(kept.iter().all(|&v| v == 2.5));
     }
 }
