@@ -3,6 +3,7 @@
 //! and the IDX/MNIST data loading they train on.
 
 pub mod data;
+pub mod dot_product;
 pub mod error;
 pub mod layers;
 pub mod linalg;

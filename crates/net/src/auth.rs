@@ -76,7 +76,7 @@ impl RunToken {
     /// A token from its hex form (surrounding white space ignored).
     pub fn parse(text: &str) -> Result<Self, TokenError> {
         let text = text.trim();
-        if text.len() < 2 * MIN_TOKEN_BYTES || text.len() % 2 != 0 || text.len() > 1024 {
+        if text.len() < 2 * MIN_TOKEN_BYTES || !text.len().is_multiple_of(2) || text.len() > 1024 {
             return Err(TokenError::Format);
         }
         let secret = (0..text.len())

@@ -1,6 +1,7 @@
 //! Fully connected layer `y = x W^T + b`, with W stored (out, in) as in PyTorch.
 
 use super::{init_fan_in, Backward, Layer, Pass, Shape};
+use crate::dot_product::matmul_nt;
 use crate::linalg::{matmul, MatRef};
 use pstrain_core::Rng;
 
@@ -45,12 +46,17 @@ impl Layer for Linear {
         for row in y[..batch * n_out].chunks_exact_mut(n_out) {
             row.copy_from_slice(bias);
         }
-        matmul(
-            y,
-            MatRef::new(&x[..batch * n_in], batch, n_in),
-            MatRef::new(weight, n_out, n_in).t(),
-            true,
-        );
+        // Y += X [batch x in] * W^T: rows of X against rows of W, without the copy of W the
+        // GEMM kernels would make (`dot_product`, with AVX-512), else as a GEMM.
+        let x = &x[..batch * n_in];
+        if matmul_nt(y, x, weight, batch, n_out, n_in, true).is_none() {
+            matmul(
+                y,
+                MatRef::new(x, batch, n_in),
+                MatRef::new(weight, n_out, n_in).t(),
+                true,
+            );
+        }
     }
 
     fn backward(
