@@ -1,5 +1,5 @@
-//! 2-D convolution, stride 1, no padding, as im2col + GEMM per sample (the weight gradient
-//! from only the non-zero output gradients when most are zero: `sparse_grad`).
+//! 2-D convolution, stride 1, no padding, as im2col + GEMM per sample (the backward pass from
+//! only the non-zero output gradients when most are zero: `sparse_grad`).
 
 use super::sparse_grad::{self, ByColumn, NonZeros};
 use super::{init_fan_in, Backward, Layer, Pass, Shape};
