@@ -3,7 +3,7 @@
 //! fraction of what the same cores compute alone. Every number comes from one run.
 
 use crate::train::{train, Quiet, TrainConfig, TrainError};
-use pstrain_compute::mnist::Mnist;
+use pstrain_compute::mnist::{Mnist, Split};
 use pstrain_compute::{ModelKind, ModelOptions};
 use pstrain_core::RunPlan;
 use pstrain_core::{Mode, Rng};
@@ -84,8 +84,17 @@ pub fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
-/// Samples per second of forward + backward for one model on random inputs.
-pub fn compute_throughput(kind: ModelKind, threads: usize, batch: usize, seconds: f64) -> f64 {
+/// Samples per second of forward + backward for one model at its initial weights, on the
+/// first MNIST training images in turn. Real images, not noise: the convolution's backward
+/// skips zero gradients (`sparse_grad`), so its speed depends on the data (and, as training
+/// goes on, on the weights; the training points measure that).
+pub fn compute_throughput(
+    kind: ModelKind,
+    threads: usize,
+    batch: usize,
+    seconds: f64,
+    data: &Split,
+) -> f64 {
     let mut model = kind.build(ModelOptions {
         dropout: true,
         threads,
@@ -94,13 +103,28 @@ pub fn compute_throughput(kind: ModelKind, threads: usize, batch: usize, seconds
     let mut params = vec![0.0; model.layout().len()];
     model.init_params(&mut params, &mut rng);
     let mut grads = vec![0.0; params.len()];
-    let images: Vec<f32> = (0..batch * model.input_len())
-        .map(|_| rng.uniform(-0.42, 2.8))
-        .collect();
-    let labels: Vec<u8> = (0..batch).map(|i| (i % 10) as u8).collect();
+    let per = model.input_len();
+    // 16 batches (fewer if the data set is smaller), cycled.
+    let batches = (data.len() / batch.max(1)).clamp(1, 16);
+    let mut images = vec![0.0f32; batches * batch * per];
+    let mut labels = vec![0u8; batches * batch];
+    for (j, (image, label)) in images.chunks_exact_mut(per).zip(&mut labels).enumerate() {
+        let i = j % data.len().max(1);
+        data.copy_image(i, image);
+        *label = data.labels[i];
+    }
+    let mut next = 0;
     let mut step = |rng: &mut Rng| {
+        let b = next % batches;
+        next += 1;
         model
-            .train_step(&params, &images, &labels, &mut grads, rng)
+            .train_step(
+                &params,
+                &images[b * batch * per..(b + 1) * batch * per],
+                &labels[b * batch..(b + 1) * batch],
+                &mut grads,
+                rng,
+            )
             .expect("shapes are built to fit")
     };
     for _ in 0..2 {
@@ -123,7 +147,7 @@ pub fn run_bench(
     let mut compute = Vec::new();
     for &model in &cfg.models {
         for &threads in &cfg.threads {
-            let sps = compute_throughput(model, threads, cfg.batch_size, cfg.seconds);
+            let sps = compute_throughput(model, threads, cfg.batch_size, cfg.seconds, &data.train);
             progress(&format!(
                 "compute {model} threads={threads}: {sps:.0} samples/s"
             ));
@@ -141,7 +165,7 @@ pub fn run_bench(
             .iter()
             .find(|p| p.model == model.name() && p.threads == 1)
             .map(|p| p.samples_per_s)
-            .unwrap_or_else(|| compute_throughput(model, 1, cfg.batch_size, cfg.seconds));
+            .unwrap_or_else(|| compute_throughput(model, 1, cfg.batch_size, cfg.seconds, &data.train));
         for mode in [
             Mode::Sync { backup_workers: 0 },
             Mode::Async {
