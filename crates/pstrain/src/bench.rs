@@ -165,7 +165,9 @@ pub fn run_bench(
             .iter()
             .find(|p| p.model == model.name() && p.threads == 1)
             .map(|p| p.samples_per_s)
-            .unwrap_or_else(|| compute_throughput(model, 1, cfg.batch_size, cfg.seconds, &data.train));
+            .unwrap_or_else(|| {
+                compute_throughput(model, 1, cfg.batch_size, cfg.seconds, &data.train)
+            });
         for mode in [
             Mode::Sync { backup_workers: 0 },
             Mode::Async {

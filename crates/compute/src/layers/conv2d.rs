@@ -1,7 +1,7 @@
 //! 2-D convolution, stride 1, no padding, as im2col + GEMM per sample (the backward pass from
 //! only the non-zero output gradients when most are zero: `sparse_grad`).
 
-use super::sparse_grad::{self, ByColumn, NonZeros};
+use super::sparse_grad::{self, ByColumn, NonZeros, ScaledRows};
 use super::{init_fan_in, Backward, Layer, Pass, Shape};
 use crate::linalg::{matmul, MatRef};
 use pstrain_core::Rng;
@@ -173,14 +173,14 @@ impl Geometry {
         // receptive fields (each row of one a run in `x_last`), scaled and summed.
         for c in 0..self.out_channels {
             for ky in 0..k {
-                sparse_grad::weighted_sum(
-                    s.nonzeros.row(c),
-                    &s.x_last,
-                    &s.field_starts,
-                    ky * row_step,
-                    &mut s.dw_last[c * patch + ky * run..][..run],
-                    accumulate,
-                );
+                let fields = ScaledRows {
+                    entries: s.nonzeros.row(c),
+                    src: &s.x_last,
+                    starts: &s.field_starts,
+                    shift: ky * row_step,
+                };
+                let dst = &mut s.dw_last[c * patch + ky * run..][..run];
+                sparse_grad::weighted_sum(fields, dst, accumulate);
             }
         }
         let Some(dxb) = dxb else { return };
@@ -195,36 +195,37 @@ impl Geometry {
             }
             for ky in 0..k {
                 let at = field + ky * row_step;
-                sparse_grad::weighted_sum(
+                let weights = ScaledRows {
                     entries,
-                    &s.w_last,
-                    &s.weight_starts,
-                    ky * run,
-                    &mut s.dx_last[at..at + run],
-                    true,
-                );
+                    src: &s.w_last,
+                    starts: &s.weight_starts,
+                    shift: ky * run,
+                };
+                sparse_grad::weighted_sum(weights, &mut s.dx_last[at..at + run], true);
             }
         }
         from_channels_last(&s.dx_last, c_in, dxb);
     }
 }
 
-/// `out[i * c + ci] = x[ci * (x.len() / c) + i]`: channels-first to channels-last.
+/// `out[i * c + ci] = x[ci * (x.len() / c) + i]`: channels-first to channels-last. Position
+/// by position, so the writes run straight on and the reads are `c` sequential streams.
 fn to_channels_last(x: &[f32], c: usize, out: &mut [f32]) {
     let plane = x.len() / c;
-    for (ci, channel) in x.chunks_exact(plane).enumerate() {
-        for (i, &v) in channel.iter().enumerate() {
-            out[i * c + ci] = v;
+    for (i, dst) in out.chunks_exact_mut(c).take(plane).enumerate() {
+        for (ci, d) in dst.iter_mut().enumerate() {
+            *d = x[ci * plane + i];
         }
     }
 }
 
-/// The inverse of `to_channels_last`.
+/// The inverse of `to_channels_last`, position by position likewise (reads straight on,
+/// writes in `c` sequential streams).
 fn from_channels_last(x: &[f32], c: usize, out: &mut [f32]) {
     let plane = x.len() / c;
-    for (ci, channel) in out.chunks_exact_mut(plane).enumerate() {
-        for (i, v) in channel.iter_mut().enumerate() {
-            *v = x[i * c + ci];
+    for (i, src) in x.chunks_exact(c).take(plane).enumerate() {
+        for (ci, &v) in src.iter().enumerate() {
+            out[ci * plane + i] = v;
         }
     }
 }

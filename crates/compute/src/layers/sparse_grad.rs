@@ -89,37 +89,36 @@ impl ByColumn {
     }
 }
 
-/// `dst (+)= sum over (r, g) in entries of g * src[starts[r] + shift..][..dst.len()]`: in
+/// Rows of a source scaled and summed: `entries` are (row, scale) pairs, row r's values start
+/// at `src[starts[r] + shift]`.
+#[derive(Clone, Copy)]
+pub struct ScaledRows<'a> {
+    pub entries: &'a [(u32, f32)],
+    pub src: &'a [f32],
+    pub starts: &'a [usize],
+    pub shift: usize,
+}
+
+/// `dst (+)= sum over (r, g) of g * rows.src[rows.starts[r] + rows.shift..][..dst.len()]`: in
 /// stripes of 96, 64, 32 and 16 values (the widest that fit, each one pass over the entries
 /// with its sums in registers), then one by one.
-pub fn weighted_sum(
-    entries: &[(u32, f32)],
-    src: &[f32],
-    starts: &[usize],
-    shift: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-) {
+pub fn weighted_sum(rows: ScaledRows<'_>, dst: &mut [f32], accumulate: bool) {
     let width = dst.len();
     let mut at = 0;
     while at < width {
-        let (s, d) = (shift + at, &mut dst[at..]);
+        let stripe = ScaledRows {
+            shift: rows.shift + at,
+            ..rows
+        };
+        let d = &mut dst[at..];
         at += match width - at {
-            96.. => stripe_96(entries, src, starts, s, d, accumulate),
-            64.. => stripe_64(entries, src, starts, s, d, accumulate),
-            32.. => stripe_32(entries, src, starts, s, d, accumulate),
-            16.. => stripe_16(entries, src, starts, s, d, accumulate),
-            _ => {
-                if !accumulate {
-                    d.fill(0.0);
-                }
-                for &(r, g) in entries {
-                    let row = &src[starts[r as usize] + s..][..d.len()];
-                    for (a, &x) in d.iter_mut().zip(row) {
-                        *a += g * x;
-                    }
-                }
-                d.len()
+            96.. => stripe_96(stripe, d, accumulate),
+            64.. => stripe_64(stripe, d, accumulate),
+            32.. => stripe_32(stripe, d, accumulate),
+            16.. => stripe_16(stripe, d, accumulate),
+            rest => {
+                sum_into(stripe, &mut d[..rest], accumulate);
+                rest
             }
         };
     }
@@ -130,15 +129,13 @@ pub fn weighted_sum(
 macro_rules! stripe_fn {
     ($name:ident, $n:literal) => {
         #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-        fn $name(
-            entries: &[(u32, f32)],
-            src: &[f32],
-            starts: &[usize],
-            shift: usize,
-            dst: &mut [f32],
-            accumulate: bool,
-        ) -> usize {
-            stripe::<$n>(entries, src, starts, shift, dst, accumulate);
+        fn $name<'a>(rows: ScaledRows<'a>, dst: &mut [f32], accumulate: bool) -> usize {
+            let mut acc = [0.0f32; $n];
+            if accumulate {
+                acc.copy_from_slice(&dst[..$n]);
+            }
+            sum_into(rows, &mut acc, true);
+            dst[..$n].copy_from_slice(&acc);
             $n
         }
     };
@@ -149,28 +146,19 @@ stripe_fn!(stripe_64, 64);
 stripe_fn!(stripe_32, 32);
 stripe_fn!(stripe_16, 16);
 
-/// `N` values of the sum, the accumulators in registers. Inlined into each instruction set's
-/// version of its callers.
+/// The sum over `acc.len()` values; inlined into each stripe width's instruction-set
+/// versions, where a fixed-size `acc` lives in registers.
 #[inline(always)]
-fn stripe<const N: usize>(
-    entries: &[(u32, f32)],
-    src: &[f32],
-    starts: &[usize],
-    shift: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-) {
-    let mut acc = [0.0f32; N];
-    if accumulate {
-        acc.copy_from_slice(&dst[..N]);
+fn sum_into(rows: ScaledRows<'_>, acc: &mut [f32], accumulate: bool) {
+    if !accumulate {
+        acc.fill(0.0);
     }
-    for &(r, g) in entries {
-        let row = &src[starts[r as usize] + shift..][..N];
+    for &(r, g) in rows.entries {
+        let row = &rows.src[rows.starts[r as usize] + rows.shift..][..acc.len()];
         for (a, &x) in acc.iter_mut().zip(row) {
             *a += g * x;
         }
     }
-    dst[..N].copy_from_slice(&acc);
 }
 
 #[cfg(test)]
@@ -228,13 +216,23 @@ mod tests {
                 })
                 .collect();
             let mut got = vec![f32::NAN; width];
-            weighted_sum(&entries, &src, &starts, shift, &mut got, false);
+            let rows = ScaledRows {
+                entries: &entries,
+                src: &src,
+                starts: &starts,
+                shift,
+            };
+            let none = ScaledRows {
+                entries: &[],
+                ..rows
+            };
+            weighted_sum(rows, &mut got, false);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "width {width}: {g} vs {w}");
             }
             // Accumulating adds the same again; no entries leave the sum as it is.
-            weighted_sum(&entries, &src, &starts, shift, &mut got, true);
-            weighted_sum(&[], &src, &starts, shift, &mut got, true);
+            weighted_sum(rows, &mut got, true);
+            weighted_sum(none, &mut got, true);
             for (g, w) in got.iter().zip(&want) {
                 assert!(
                     (g - 2.0 * w).abs() < 1e-5,
@@ -242,7 +240,7 @@ mod tests {
                     2.0 * w
                 );
             }
-            weighted_sum(&[], &src, &starts, shift, &mut got, false);
+            weighted_sum(none, &mut got, false);
             assert!(got.iter().all(|&v| v == 0.0));
         }
     }
