@@ -211,7 +211,15 @@ fn kill_every_shard_at_once(mode: &str) -> (tempfile::TempDir, u64, String) {
     println!("killed with files up to {last_written:?}; newest complete point {newest}");
     assert!(newest % EVERY == 0 && newest >= 4 * EVERY);
     // Make it the worst moment: shard 1 died before its file of that point was in place
-    // (so the point was never completed), while shard 0's file of it is on disk.
+    // (so the point was never completed), while shard 0's file of it is on disk. A shard
+    // may already have written a later point's file (it ran ahead of the other before the
+    // kill): those go, so that the kill falls exactly at that moment.
+    for shard in 0..2 {
+        let files = pstrain_store::CheckpointDir::for_shard(dir.path(), shard, 2, 1).list();
+        for (_, path) in files.iter().filter(|(v, _)| *v > newest) {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     let shard1 = pstrain_store::CheckpointDir::for_shard(dir.path(), 1, 2, 1);
     std::fs::remove_file(shard1.file("kill-all", newest)).unwrap();
     std::fs::remove_file(manifest).unwrap();
