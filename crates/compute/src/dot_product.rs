@@ -32,7 +32,6 @@ pub fn available() -> bool {
 /// `None` (and nothing written) where the CPU lacks AVX-512.
 ///
 /// Panics if a slice is shorter than its shape: shapes come from model code.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_nt(
     dst: &mut [f32],
     a: &[f32],
