@@ -9,6 +9,7 @@ use crate::model::{EvalStats, Model, StepStats};
 use crate::sequential::Sequential;
 use pstrain_core::{Layout, Rng};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Parameters summed per task when the replicas' gradients are added up.
 const SUM_CHUNK: usize = 1 << 16;
@@ -37,7 +38,7 @@ impl Replicated {
 
     /// Parts of `n` samples, one per replica used: contiguous, sizes differing by at most
     /// one. Makes the replicas and gradient buffers they need.
-    fn parts(&mut self, n: usize) -> Vec<std::ops::Range<usize>> {
+    fn parts(&mut self, n: usize) -> Vec<Range<usize>> {
         let k = self.threads.min(n).max(1);
         while self.replicas.len() < k {
             self.replicas.push((self.build)());
@@ -82,29 +83,48 @@ impl Model for Replicated {
         let mut targets: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
         targets.push(grads);
         targets.extend(self.grads.iter_mut().map(|g| &mut g[..]));
-        let results: Vec<Result<StepStats, ComputeError>> = self
-            .replicas
-            .par_iter_mut()
-            .zip(targets.par_iter_mut())
-            .zip(parts.par_iter())
-            .map(|((replica, target), part)| {
-                replica.train_part(
+        // The calling thread computes the first part itself while pool threads take the
+        // others: one wake-up per extra part, none for the caller (a small model's step is
+        // a few hundred microseconds, where every hand-off shows).
+        let mut results: Vec<Option<Result<StepStats, ComputeError>>> =
+            (0..parts.len()).map(|_| None).collect();
+        {
+            let step = &step;
+            let run = move |replica: &mut Sequential,
+                            target: &mut [f32],
+                            part: &Range<usize>,
+                            slot: &mut Option<_>| {
+                *slot = Some(replica.train_part(
                     params,
                     &images[part.start * per..part.end * per],
                     &labels[part.clone()],
-                    &mut target[..],
-                    (&step, part.start as u64),
+                    target,
+                    (step, part.start as u64),
                     n,
-                )
-            })
-            .collect();
+                ));
+            };
+            let mut jobs = self
+                .replicas
+                .iter_mut()
+                .zip(targets.iter_mut())
+                .zip(parts.iter().zip(results.iter_mut()));
+            let first = jobs.next();
+            rayon::in_place_scope(|scope| {
+                for ((replica, target), (part, slot)) in jobs {
+                    scope.spawn(move |_| run(replica, target, part, slot));
+                }
+                if let Some(((replica, target), (part, slot))) = first {
+                    run(replica, target, part, slot);
+                }
+            });
+        }
         let mut total = StepStats {
             loss: 0.0,
             correct: 0,
             samples: 0,
         };
         let mut loss_sum = 0.0f64;
-        for r in results {
+        for r in results.into_iter().flatten() {
             let s = r?;
             loss_sum += f64::from(s.loss) * s.samples as f64;
             total.correct += s.correct;
@@ -116,17 +136,23 @@ impl Model for Replicated {
             unreachable!("at least one part")
         };
         let others = &others[..used - 1];
-        grads
-            .par_chunks_mut(SUM_CHUNK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let span = c * SUM_CHUNK..c * SUM_CHUNK + chunk.len();
-                for other in others {
-                    for (g, &o) in chunk.iter_mut().zip(&other[span.clone()]) {
-                        *g += o;
-                    }
+        let add_chunk = |(c, chunk): (usize, &mut [f32])| {
+            let span = c * SUM_CHUNK..c * SUM_CHUNK + chunk.len();
+            for other in others {
+                for (g, &o) in chunk.iter_mut().zip(&other[span.clone()]) {
+                    *g += o;
                 }
-            });
+            }
+        };
+        // One chunk is summed here: handing it to the pool would cost more than the adds.
+        if grads.len() <= SUM_CHUNK {
+            grads.chunks_mut(SUM_CHUNK).enumerate().for_each(add_chunk);
+        } else {
+            grads
+                .par_chunks_mut(SUM_CHUNK)
+                .enumerate()
+                .for_each(add_chunk);
+        }
         Ok(total)
     }
 
