@@ -280,6 +280,18 @@ def network_ratios(net, raw, one_thread_cnn):
         # The issue's target: 2-worker training over TCP against twice the one-thread compute
         # `pstrain bench` measured in this sitting.
         ratios[f"{run}_vs_2x_one_thread"] = ratio(t["tcp_samples_per_s"], 2 * one_thread_cnn)
+        # Where the cores went: the shards' CPU time (user + system) as a share of all the
+        # machine's core-seconds over the run, and the workers' system (socket) time.
+        procs, cores = t.get("tcp_processes", []), os.cpu_count() or 1
+        core_s = t.get("tcp_wall_s", 0) * cores
+
+        def cpu(prefix, fields=("cpu_user_s", "cpu_system_s")):
+            return sum(p.get(f) or 0 for p in procs if p["process"].startswith(prefix)
+                       for f in fields)
+        if core_s and cpu("shard"):
+            ratios[f"{run}_shards_cpu_share"] = round(cpu("shard") / core_s, 3)
+            ratios[f"{run}_workers_system_cpu_share"] = round(
+                cpu("worker", ("cpu_system_s",)) / core_s, 3)
     return ratios
 
 

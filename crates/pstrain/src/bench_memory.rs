@@ -1,9 +1,9 @@
 //! `pstrain bench`'s memory section: the default run (in one process, and over TCP with a
 //! shard and workers in processes of their own) run by this binary as a child, each
-//! process's peak resident memory read from the run's summary. A child, because a process's
+//! process's peak resident memory (and CPU time) read from the run's summary. A child, because a process's
 //! peak only grows: the bench's own would include everything it measured before.
 
-use crate::memory::ProcessMemory;
+use crate::usage::ProcessUsage;
 use serde::Serialize;
 use std::path::Path;
 use std::process::Command;
@@ -13,7 +13,7 @@ pub struct MemoryRun {
     /// `in-process` or `tcp`.
     pub transport: &'static str,
     pub updates: u64,
-    pub processes: Vec<ProcessMemory>,
+    pub processes: Vec<ProcessUsage>,
     /// All processes together.
     pub total_mb: f64,
 }
@@ -50,15 +50,17 @@ pub fn measure(
                 .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         });
         let _ = std::fs::remove_dir_all(&dir);
-        let processes: Vec<ProcessMemory> = summary
+        let processes: Vec<ProcessUsage> = summary
             .as_ref()
-            .and_then(|s| s.get("memory")?.as_array().cloned())
+            .and_then(|s| s.get("processes")?.as_array().cloned())
             .unwrap_or_default()
             .iter()
             .filter_map(|m| {
-                Some(ProcessMemory {
+                Some(ProcessUsage {
                     process: m.get("process")?.as_str()?.to_string(),
                     peak_rss_mb: m.get("peak_rss_mb")?.as_f64()?,
+                    cpu_user_s: m.get("cpu_user_s").and_then(|v| v.as_f64()),
+                    cpu_system_s: m.get("cpu_system_s").and_then(|v| v.as_f64()),
                 })
             })
             .collect();

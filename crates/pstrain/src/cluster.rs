@@ -2,12 +2,12 @@
 //! and N workers on 127.0.0.1, supervised from this process (`Supervisor`), with injected
 //! faults (`Fault`) for the recovery tests.
 
-use crate::memory::PeakTracker;
 use crate::plan_flags::plan_argv;
 use crate::process::{read_address, Proc};
 use crate::supervisor::{parse_report, Supervisor};
 use crate::token::TOKEN_ENV;
 use crate::train::{CheckpointPolicy, Observer, TrainConfig, TrainError, TrainOutcome};
+use crate::usage::UsageTracker;
 use pstrain_compute::mnist::Mnist;
 use pstrain_net::RunToken;
 use std::io::Read;
@@ -171,16 +171,19 @@ struct LocalCluster<'a> {
     shards: Vec<Proc>,
     addresses: Vec<String>,
     workers: Vec<WorkerProc>,
+    /// Memory and CPU time of the run's processes, sampled every tick and as a worker exits.
+    usage: UsageTracker,
 }
 
 impl<'a> LocalCluster<'a> {
-    /// Samples the peak memory of every shard and worker process running now.
-    fn sample_memory(&self, peaks: &mut PeakTracker) {
+    /// Samples the memory and CPU time of every shard and worker process running now.
+    fn sample_usage(&mut self) {
         for (i, s) in self.shards.iter().enumerate() {
-            peaks.sample(&format!("shard {i}"), s.child.id());
+            self.usage.sample(&format!("shard {i}"), s.child.id());
         }
         for (rank, w) in self.workers.iter().enumerate() {
-            peaks.sample(&format!("worker {rank}"), w.proc.child.id());
+            self.usage
+                .sample(&format!("worker {rank}"), w.proc.child.id());
         }
     }
 
@@ -200,6 +203,7 @@ impl<'a> LocalCluster<'a> {
             shards: Vec::new(),
             addresses: Vec::new(),
             workers: Vec::new(),
+            usage: UsageTracker::default(),
         };
         for shard in 0..cluster.shards {
             let (proc, addr) = local.launch_shard(shard, &format!("{}:0", cluster.listen_host))?;
@@ -319,7 +323,17 @@ impl<'a> LocalCluster<'a> {
     /// Workers still running; one that failed (not killed, not stopped) is an error.
     fn running(&mut self, stopped: bool) -> Result<usize, TrainError> {
         let mut running = 0;
-        for w in self.workers.iter_mut().filter(|w| !w.frozen) {
+        for (rank, w) in self
+            .workers
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, w)| !w.frozen)
+        {
+            let pid = w.proc.child.id();
+            if crate::usage::exited(pid) {
+                // Its final figures, readable until it is reaped below.
+                self.usage.sample(&format!("worker {rank}"), pid);
+            }
             match w.proc.child.try_wait() {
                 Ok(None) => running += 1,
                 Ok(Some(status)) if status.success() || stopped || w.killed => {}
@@ -398,7 +412,6 @@ pub fn train_tcp(
     }
     let mut faults = cluster.faults.clone();
     let mut stopped = false;
-    let mut peaks = PeakTracker::default();
     loop {
         // A tick, cut short when the last worker exits: the run's wall time ends there, not
         // up to a tick later.
@@ -419,7 +432,7 @@ pub fn train_tcp(
                 local.apply(fault)?;
             }
         }
-        local.sample_memory(&mut peaks);
+        local.sample_usage();
         let running = local.running(stopped)?;
         supervisor.tick(observer, &data.test)?;
         if running == 0 {
@@ -428,9 +441,9 @@ pub fn train_tcp(
     }
     let unapplied = local.collect_reports(stopped)?;
     let mut outcome = supervisor.finish(cfg, observer, &data.test, unapplied, stopped)?;
-    local.sample_memory(&mut peaks);
-    peaks.sample("launcher", std::process::id());
+    local.sample_usage();
+    local.usage.sample("launcher", std::process::id());
     local.wait_for_shards();
-    outcome.summary.memory = peaks.into_vec();
+    outcome.summary.processes = std::mem::take(&mut local.usage).into_vec();
     Ok(outcome)
 }

@@ -11,7 +11,6 @@ pub mod data;
 pub mod download;
 pub mod flags;
 pub mod inproc;
-pub mod memory;
 pub mod metrics;
 pub mod monitor;
 pub mod netbench;
@@ -27,6 +26,7 @@ pub mod supervisor;
 pub mod token;
 pub mod train;
 pub mod train_flags;
+pub mod usage;
 pub mod worker;
 
 pub use pstrain_core::client::{ClientError, ParameterClient, PullReply};

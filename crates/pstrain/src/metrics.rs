@@ -189,8 +189,9 @@ pub struct Summary {
     /// Each worker rank as the shards saw it.
     pub per_worker: Vec<WorkerRecord>,
     pub staleness_buckets: Vec<String>,
-    /// Peak resident memory of each process of the run (where the system reports it).
-    pub memory: Vec<crate::memory::ProcessMemory>,
+    /// Peak resident memory and CPU time of each process of the run (where the system
+    /// reports them).
+    pub processes: Vec<crate::usage::ProcessUsage>,
 }
 
 impl Summary {
@@ -225,20 +226,34 @@ impl Summary {
             stopped_early,
             per_worker: WorkerRecord::all(workers, wall),
             staleness_buckets: staleness_buckets(),
-            memory: Vec::new(),
+            processes: Vec::new(),
         }
     }
 
     /// The human-readable end-of-run report.
     pub fn render(&self) -> String {
         let mut text = self.render_totals();
-        if !self.memory.is_empty() {
-            let parts: Vec<String> = self
-                .memory
+        if !self.processes.is_empty() {
+            let memory: Vec<String> = self
+                .processes
                 .iter()
                 .map(|m| format!("{} {:.0} MB", m.process, m.peak_rss_mb))
                 .collect();
-            text.push_str(&format!("\npeak memory    {}", parts.join(", ")));
+            text.push_str(&format!("\npeak memory    {}", memory.join(", ")));
+            let cpu: Vec<String> = self
+                .processes
+                .iter()
+                .filter_map(|m| {
+                    let (user, system) = (m.cpu_user_s?, m.cpu_system_s?);
+                    Some(format!("{} {user:.1} + {system:.1}", m.process))
+                })
+                .collect();
+            if !cpu.is_empty() {
+                text.push_str(&format!(
+                    "\ncpu s          {} (user + system)",
+                    cpu.join(", ")
+                ));
+            }
         }
         if !self.per_worker.is_empty() {
             text.push_str(

@@ -4,6 +4,7 @@
 
 use crate::cluster::{train_tcp, ClusterConfig};
 use crate::train::{train, Quiet, TrainConfig, TrainError};
+use crate::usage::ProcessUsage;
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::ModelKind;
 use pstrain_core::{Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, RunPlan, Schedule};
@@ -50,6 +51,10 @@ pub struct TcpTrainingPoint {
     pub inproc_samples_per_s: f64,
     pub tcp_samples_per_s: f64,
     pub tcp_fraction_of_inproc: f64,
+    /// The TCP run's training time and each of its processes' peak memory and CPU seconds:
+    /// where the cores went (a worker's system time is mostly its socket copies).
+    pub tcp_wall_s: f64,
+    pub tcp_processes: Vec<ProcessUsage>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -303,12 +308,24 @@ pub fn run_net_bench(
                 ..cluster.clone()
             };
             let tcp = train_tcp(&tc, &cluster, data, &mut Quiet, &AtomicBool::new(false))?.summary;
+            let cpu: Vec<String> = tcp
+                .processes
+                .iter()
+                .filter(|p| p.process != "launcher")
+                .filter_map(|p| {
+                    let (user, system) = (p.cpu_user_s?, p.cpu_system_s?);
+                    Some(format!("{} {user:.1} + {system:.1}", p.process))
+                })
+                .collect();
             progress(&format!(
-                "train cnn {} 2 workers, {shards} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2})",
+                "train cnn {} 2 workers, {shards} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2}); \
+                 cpu s (user + system) over {:.1} s: {}",
                 mode.name(),
                 inproc.samples_per_s,
                 tcp.samples_per_s,
-                tcp.samples_per_s / inproc.samples_per_s
+                tcp.samples_per_s / inproc.samples_per_s,
+                tcp.wall_time_s,
+                cpu.join(", ")
             ));
             training.push(TcpTrainingPoint {
                 model: "cnn",
@@ -318,6 +335,8 @@ pub fn run_net_bench(
                 inproc_samples_per_s: inproc.samples_per_s,
                 tcp_samples_per_s: tcp.samples_per_s,
                 tcp_fraction_of_inproc: tcp.samples_per_s / inproc.samples_per_s,
+                tcp_wall_s: tcp.wall_time_s,
+                tcp_processes: tcp.processes,
             });
         }
     }

@@ -322,11 +322,7 @@ pub fn train(
     }
     let end = monitor.finish(&mut view, observer, &data.test)?;
     let mut outcome = end.into_outcome(cfg, wall, stop.load(Ordering::Relaxed), not_applied);
-    outcome.summary.memory = crate::memory::peak_rss_mb(None)
-        .map(|mb| crate::memory::ProcessMemory {
-            process: "server and workers (one process)".into(),
-            peak_rss_mb: mb,
-        })
+    outcome.summary.processes = crate::usage::this_process("server and workers (one process)")
         .into_iter()
         .collect();
     Ok(outcome)
