@@ -52,6 +52,26 @@ const ASYNC: Mode = Mode::Async {
 fn cnn_sync_two_shards_two_workers_reaches_98_5() {
     let s = run_tcp(&cnn_one_epoch(SYNC), 2).summary;
     assert!(s.test_accuracy >= 0.985, "{}", s.test_accuracy);
+    // Every process of the run reports its memory and CPU time; the workers computed for
+    // most of the run (an epoch of the cnn is many CPU seconds), the shards far less.
+    let usage = |name: &str| {
+        let p = s.processes.iter().find(|p| p.process == name);
+        let p = p.unwrap_or_else(|| panic!("no {name} in {:?}", s.processes));
+        assert!(p.peak_rss_mb > 1.0, "{p:?}");
+        p.cpu_user_s.unwrap() + p.cpu_system_s.unwrap()
+    };
+    let workers = usage("worker 0") + usage("worker 1");
+    let shards = usage("shard 0") + usage("shard 1");
+    assert!(
+        workers >= 0.5 * s.wall_time_s,
+        "{workers} s over {} s",
+        s.wall_time_s
+    );
+    assert!(
+        shards > 0.0 && shards < workers,
+        "shards {shards} s, workers {workers} s"
+    );
+    usage("launcher");
 }
 
 #[test]
