@@ -1,9 +1,11 @@
 //! Short chaos runs through `scripts/chaos.py`: 2 shards and 3 workers over TCP, a random
 //! process killed with SIGKILL every ~2 s and restarted, in sync and in async mode. The script
-//! fails if the run does not finish, a shard fault loses more updates than the checkpoint
-//! interval, or the accuracy is under its threshold. (The async run used to hang now and
-//! then: a shard restarted at the budget after the workers had finished waited for them
-//! forever, and a done shard ended while a vanished worker was coming back; both fixed.)
+//! fails if the run does not finish, an async shard resumes from an older checkpoint than the
+//! newest it had written, a shard fault loses more than two checkpoint intervals (one, plus
+//! the updates applied while the next snapshot is written), or the accuracy is under its
+//! threshold. (The async run used to hang now and then: a shard restarted at the budget after
+//! the workers had finished waited for them forever, and a done shard ended while a vanished
+//! worker was coming back; both fixed.)
 
 mod common;
 
