@@ -1,7 +1,8 @@
 //! `pstrain bench`'s memory section: the default run (in one process, and over TCP with a
 //! shard and workers in processes of their own) run by this binary as a child, each
-//! process's peak resident memory (and CPU time) read from the run's summary. A child, because a process's
-//! peak only grows: the bench's own would include everything it measured before.
+//! process's peak resident memory (and CPU time) read from the run's summary. A child,
+//! because a process's peak only grows: the bench's own would include everything it
+//! measured before.
 
 use crate::usage::ProcessUsage;
 use serde::Serialize;
@@ -51,19 +52,8 @@ pub fn measure(
         });
         let _ = std::fs::remove_dir_all(&dir);
         let processes: Vec<ProcessUsage> = summary
-            .as_ref()
-            .and_then(|s| s.get("processes")?.as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|m| {
-                Some(ProcessUsage {
-                    process: m.get("process")?.as_str()?.to_string(),
-                    peak_rss_mb: m.get("peak_rss_mb")?.as_f64()?,
-                    cpu_user_s: m.get("cpu_user_s").and_then(|v| v.as_f64()),
-                    cpu_system_s: m.get("cpu_system_s").and_then(|v| v.as_f64()),
-                })
-            })
-            .collect();
+            .and_then(|s| serde_json::from_value(s.get("processes")?.clone()).ok())
+            .unwrap_or_default();
         if !out.status.success() || processes.is_empty() {
             return Err(std::io::Error::other(format!(
                 "the {transport} run reported no memory: {}",

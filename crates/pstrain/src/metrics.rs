@@ -240,14 +240,7 @@ impl Summary {
                 .map(|m| format!("{} {:.0} MB", m.process, m.peak_rss_mb))
                 .collect();
             text.push_str(&format!("\npeak memory    {}", memory.join(", ")));
-            let cpu: Vec<String> = self
-                .processes
-                .iter()
-                .filter_map(|m| {
-                    let (user, system) = (m.cpu_user_s?, m.cpu_system_s?);
-                    Some(format!("{} {user:.1} + {system:.1}", m.process))
-                })
-                .collect();
+            let cpu: Vec<String> = self.processes.iter().filter_map(|m| m.cpu_text()).collect();
             if !cpu.is_empty() {
                 text.push_str(&format!(
                     "\ncpu s          {} (user + system)",

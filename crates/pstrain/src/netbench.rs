@@ -312,10 +312,7 @@ pub fn run_net_bench(
                 .processes
                 .iter()
                 .filter(|p| p.process != "launcher")
-                .filter_map(|p| {
-                    let (user, system) = (p.cpu_user_s?, p.cpu_system_s?);
-                    Some(format!("{} {user:.1} + {system:.1}", p.process))
-                })
+                .filter_map(|p| p.cpu_text())
                 .collect();
             progress(&format!(
                 "train cnn {} 2 workers, {shards} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2}); \

@@ -2,17 +2,27 @@
 //! and system, from `/proc/PID/stat`), for run summaries and `pstrain bench`: what a small
 //! device must have free for a shard or a worker, and where a run's cores went.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One process's (or one role's: a restarted worker's processes add up) use of the machine.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProcessUsage {
     pub process: String,
     pub peak_rss_mb: f64,
     /// CPU seconds in user space and in the kernel (a socket's copies are kernel time);
     /// `None` where the system does not say.
+    #[serde(default)]
     pub cpu_user_s: Option<f64>,
+    #[serde(default)]
     pub cpu_system_s: Option<f64>,
+}
+
+impl ProcessUsage {
+    /// `name user + system` in seconds, where the system reported them.
+    pub fn cpu_text(&self) -> Option<String> {
+        let (user, system) = (self.cpu_user_s?, self.cpu_system_s?);
+        Some(format!("{} {user:.1} + {system:.1}", self.process))
+    }
 }
 
 /// `VmHWM` of `/proc/PID/status` (this process without a pid), in MB (10^6 bytes); `None`
