@@ -32,19 +32,28 @@ impl Mode {
     /// Every update is one step of every worker: one update consumes every worker's batch
     /// (sync and SSP).
     pub fn lockstep(&self) -> bool {
-        matches!(self, Mode::Sync { .. } | Mode::Ssp { .. })
+        match self {
+            Mode::Sync { .. } | Mode::Ssp { .. } => true,
+            Mode::Async { .. } => false,
+        }
     }
 
     /// A worker's step number is the server's version after each pull (sync: a straggler
     /// whose step went on without it follows).
     pub fn step_is_version(&self) -> bool {
-        matches!(self, Mode::Sync { .. })
+        match self {
+            Mode::Sync { .. } => true,
+            Mode::Async { .. } | Mode::Ssp { .. } => false,
+        }
     }
 
     /// A worker's pull after a push waits for the shard's consistency gate (the step's update
     /// in sync mode, the staleness bound in SSP) instead of taking whatever the shard holds.
     pub fn pull_waits(&self) -> bool {
-        matches!(self, Mode::Sync { .. } | Mode::Ssp { .. })
+        match self {
+            Mode::Sync { .. } | Mode::Ssp { .. } => true,
+            Mode::Async { .. } => false,
+        }
     }
 
     /// Sync: gradients a step may do without.

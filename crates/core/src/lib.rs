@@ -5,6 +5,7 @@
 //! Everything here is deterministic and driven by its caller, so the same logic serves the
 //! in-process engine, the TCP server and the simulated-network tests (`tests/engine_sim.rs`).
 
+pub mod admission;
 pub mod balance;
 pub mod checkpoint_schedule;
 pub mod client;

@@ -2,10 +2,10 @@
 //! It checks what every rule needs checked, keeps the quorum, and lets the rule decide. The
 //! caller owns IO, waiting and clocks; this only decides.
 
+use crate::admission::{Gate, Verdict};
 use crate::config::ServerConfig;
 use crate::consistency::{self, Consistency, Gradient, StepTag};
 use crate::error::{ConfigError, PushError, RestoreError};
-use crate::gradient_scan;
 use crate::optimizer::Optimizer;
 use crate::shard_state::ShardState;
 pub use crate::shard_state::{CoreState, PushMeta, PushOutcome, ServerStats};
@@ -18,8 +18,8 @@ pub struct ServerCore {
     rule: Box<dyn Consistency>,
     /// Ranks still taking part; a rank that left does not hold up a barrier.
     active: Vec<bool>,
-    /// A clipped gradient's copy (only with a norm bound).
-    clipped: Vec<f32>,
+    /// Every check a gradient passes before the rule sees it.
+    gate: Gate,
 }
 
 impl ServerCore {
@@ -40,7 +40,7 @@ impl ServerCore {
         Ok(ServerCore {
             state: ShardState::new(&config, params),
             active: vec![true; config.workers],
-            clipped: Vec::new(),
+            gate: Gate::default(),
             rule,
             config,
         })
@@ -116,8 +116,9 @@ impl ServerCore {
         self.is_done() || self.rule.pull_ready(&self.state, rank, newer_than)
     }
 
-    /// Offers one gradient. On `Err` nothing changed except counters, and in sync mode the
-    /// worker counts as heard from for this step (so a bad gradient cannot stall the barrier).
+    /// Offers one gradient. On `Err` the weights did not change; counters did, and where a
+    /// step waits on ranks a gradient refused for its values counts its rank as heard from
+    /// (so a bad gradient cannot stall the barrier).
     pub fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, PushError> {
         self.offer(Gradient {
             meta,
@@ -142,63 +143,22 @@ impl ServerCore {
         })
     }
 
-    fn offer(&mut self, mut grad: Gradient<'_>) -> Result<PushOutcome, PushError> {
-        if let Some(cap) = self.config.max_samples {
-            grad.meta.samples = grad.meta.samples.min(cap);
+    /// The one path of every gradient: the gate's checks, then the rule.
+    fn offer(&mut self, grad: Gradient<'_>) -> Result<PushOutcome, PushError> {
+        let source = self.rule.step_source();
+        let state = &mut self.state;
+        match self
+            .gate
+            .admit(&self.config, state, &self.active, source, grad)
+        {
+            Verdict::Admitted(checked) => self.rule.push(state, &self.active, checked),
+            Verdict::RunOver => Ok(PushOutcome::Done),
+            Verdict::Misaddressed(e) => Err(e),
+            Verdict::BadValues(e, from) => {
+                self.rule.refused(state, &self.active, from);
+                Err(e)
+            }
         }
-        let (meta, workers) = (grad.meta, self.config.workers);
-        let refused = |state: &mut ShardState, e: PushError| {
-            state.count_refusal();
-            Err(e)
-        };
-        if meta.rank >= workers {
-            let e = PushError::UnknownWorker {
-                rank: meta.rank,
-                workers,
-            };
-            return refused(&mut self.state, e);
-        }
-        if grad.values.len() != self.state.len() {
-            let e = PushError::WrongLength {
-                expected: self.state.len(),
-                got: grad.values.len(),
-            };
-            return refused(&mut self.state, e);
-        }
-        if meta.base_version > self.version() {
-            let e = PushError::FromTheFuture {
-                base: meta.base_version,
-                current: self.version(),
-            };
-            return refused(&mut self.state, e);
-        }
-        if self.is_done() {
-            return Ok(PushOutcome::Done);
-        }
-        let Some(clip) = self.config.clip else {
-            return self.rule.push(&mut self.state, &self.active, grad);
-        };
-        let norm = gradient_scan::norm(grad.values);
-        if norm.is_nan() || norm <= clip.max_norm {
-            // Within the bound (or not finite: the rule refuses it as such).
-            return self.rule.push(&mut self.state, &self.active, grad);
-        }
-        if clip.refuse {
-            let e = PushError::NormTooLarge {
-                norm,
-                max: clip.max_norm,
-            };
-            return refused(&mut self.state, e);
-        }
-        let scale = clip.max_norm / norm;
-        self.clipped.clear();
-        self.clipped.extend(grad.values.iter().map(|&g| g * scale));
-        self.state.count_clipped();
-        let scaled = Gradient {
-            values: &self.clipped,
-            ..grad
-        };
-        self.rule.push(&mut self.state, &self.active, scaled)
     }
 
     /// Takes `rank` out of the quorum (it finished, or was declared dead). This may complete

@@ -202,3 +202,50 @@ fn an_update_that_would_make_the_state_non_finite_is_rolled_back() {
         assert!(s.params().iter().all(|p| p.is_finite()));
     }
 }
+
+/// Every rule whose steps wait on ranks hears of a gradient the gate refused (for any value
+/// check: empty, non-finite, too large, over a refusing norm bound), so the step completes
+/// with the others' gradients; none of those values reach the weights.
+#[test]
+fn a_gradient_refused_at_the_gate_never_stalls_a_step_in_any_mode() {
+    let modes = [
+        Mode::Sync { backup_workers: 0 },
+        Mode::Ssp { max_lead: 0 },
+        Mode::Ssp { max_lead: 2 },
+        Mode::Async {
+            max_staleness: None,
+        },
+    ];
+    let bad: [(&str, u32, [f32; 2]); 4] = [
+        ("empty batch", 0, [1.0, 1.0]),
+        ("NaN", 1, [f32::NAN, 1.0]),
+        ("too large", 1, [1e16, 1.0]),
+        ("norm over the bound", 1, [30.0, 40.0]),
+    ];
+    for mode in modes {
+        for (what, samples, values) in bad {
+            let cfg = ServerConfig {
+                mode,
+                workers: 2,
+                optimizer: OptimizerConfig::sgd(1.0),
+                clip: Some(crate::config::GradientClip {
+                    max_norm: 10.0,
+                    refuse: true,
+                }),
+                ..Default::default()
+            };
+            let mut s = ServerCore::new(cfg, vec![0.0; 2]).unwrap();
+            let refused = PushMeta {
+                samples,
+                ..meta(0, 0)
+            };
+            assert!(s.push(refused, &values).is_err(), "{mode:?} {what}");
+            let out = s.push(meta(1, 0), &[2.0, 2.0]);
+            assert!(
+                matches!(out, Ok(PushOutcome::Applied { version: 1, .. })),
+                "{mode:?} {what}: the good gradient completes the step, got {out:?}"
+            );
+            assert_eq!(s.params(), &[-2.0, -2.0], "{mode:?} {what}");
+        }
+    }
+}

@@ -1,9 +1,8 @@
 //! One shard's model state: its slice of the parameters, the optimizer, the version and the
-//! counters, with the checks and bookkeeping every consistency rule shares.
+//! counters, with the bookkeeping every consistency rule shares.
 
 use crate::config::ServerConfig;
-use crate::error::{PushError, RestoreError};
-use crate::gradient_scan;
+use crate::error::RestoreError;
 use crate::optimizer::Optimizer;
 use crate::worker_stats::WorkerStats;
 
@@ -73,9 +72,6 @@ pub struct CoreState {
     pub version: u64,
     pub stats: ServerStats,
 }
-
-/// The largest gradient value a shard takes (larger ones are refused, counted as non-finite).
-pub const MAX_GRADIENT: f32 = 1e15;
 
 /// Parameters, optimizer, version and counters of one shard.
 #[derive(Debug, Clone)]
@@ -169,31 +165,13 @@ impl ShardState {
         self.version += 1;
     }
 
-    /// The checks every gradient passes before any rule looks at it; a refusal is counted.
-    /// A gradient must be finite and no value larger than `MAX_GRADIENT`: under that bound
-    /// every optimizer's state and the weights stay finite (a sync step's weighted sum too),
-    /// so one push cannot make them infinite, or freeze Adam by making its second moment so.
-    pub fn check_gradient(&mut self, meta: PushMeta, grad: &[f32]) -> Result<(), PushError> {
-        if meta.samples == 0 {
-            self.stats.rejected_other += 1;
-            return Err(PushError::EmptyBatch);
-        }
-        let largest_bits = gradient_scan::largest_magnitude_bits(grad);
-        if largest_bits >= f32::INFINITY.to_bits() {
-            self.stats.rejected_nonfinite += 1;
-            let count = gradient_scan::count_non_finite(grad);
-            return Err(PushError::NonFinite { count });
-        }
-        let largest = f32::from_bits(largest_bits);
-        if largest > MAX_GRADIENT {
-            self.stats.rejected_nonfinite += 1;
-            return Err(PushError::TooLarge { largest });
-        }
-        Ok(())
-    }
-
     pub fn count_refusal(&mut self) {
         self.stats.rejected_other += 1;
+    }
+
+    /// A gradient refused for non-finite or too large values.
+    pub fn count_nonfinite(&mut self) {
+        self.stats.rejected_nonfinite += 1;
     }
 
     pub fn count_clipped(&mut self) {

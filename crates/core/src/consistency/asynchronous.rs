@@ -2,7 +2,8 @@
 //! `max_staleness` updates old is dropped (the worker then pulls fresh weights). With the
 //! staleness-aware rate, a gradient `s` updates old is applied at `lr / max(s, 1)`.
 
-use super::{admit_own_step, Consistency, Gradient};
+use super::{Consistency, StepSource};
+use crate::admission::{Checked, Refused};
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
 
@@ -22,19 +23,21 @@ impl AsyncApply {
 }
 
 impl Consistency for AsyncApply {
+    fn step_source(&self) -> StepSource {
+        StepSource::Own { quorum: false }
+    }
+
     fn push(
         &mut self,
         state: &mut ShardState,
         _active: &[bool],
-        grad: Gradient<'_>,
+        grad: Checked<'_>,
     ) -> Result<PushOutcome, PushError> {
-        admit_own_step(state, None, &grad)?;
         let staleness = state.version() - grad.meta.base_version;
         if self.max_staleness.is_some_and(|bound| staleness > bound) {
             state.count_stale();
             return Ok(PushOutcome::Dropped { staleness });
         }
-        state.check_gradient(grad.meta, grad.values)?;
         let scale = if self.staleness_aware {
             1.0 / staleness.max(1) as f32
         } else {
@@ -48,6 +51,11 @@ impl Consistency for AsyncApply {
             version: state.version(),
             staleness,
         })
+    }
+
+    fn refused(&mut self, _state: &mut ShardState, _active: &[bool], _from: Refused<'_>) -> bool {
+        // Nobody waits for anybody: a refused gradient holds nothing up.
+        false
     }
 
     fn leave(&mut self, _state: &mut ShardState, _active: &[bool], _rank: usize) -> bool {

@@ -6,7 +6,8 @@
 //! on the weights it has (at most `max_lead` updates old). `max_lead = 0` is sync, update for
 //! update and bit for bit.
 
-use super::{admit_own_step, Consistency, Gradient, StepSum};
+use super::{Consistency, StepSource, StepSum};
+use crate::admission::{Checked, Refused};
 use crate::config::Aggregate;
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
@@ -150,45 +151,59 @@ impl BoundedStaleness {
     }
 }
 
-impl Consistency for BoundedStaleness {
-    fn push(
+impl BoundedStaleness {
+    /// Moves `rank`'s clock past the step its gradient is for and returns that step and the
+    /// gradient's staleness; refuses a step more than `max_lead` past the shard's version
+    /// (only a worker that skipped the pull gate gets there).
+    fn claim(
         &mut self,
         state: &mut ShardState,
-        active: &[bool],
-        grad: Gradient<'_>,
-    ) -> Result<PushOutcome, PushError> {
-        let (meta, rank) = (grad.meta, grad.meta.rank);
-        admit_own_step(state, Some(active), &grad)?;
+        rank: usize,
+        base_version: u64,
+    ) -> Result<(u64, u64), PushError> {
         let version = state.version();
         let step = self.clock_of(state, rank);
         if step - version > self.max_lead {
-            // Only a worker that skipped the pull gate gets here.
-            state.count_refusal();
             return Err(PushError::StepTooFar { step, version });
         }
         self.clock[rank] = step + 1;
         state.record_lead(rank, step - version);
-        // The caller checked base <= version <= step.
-        let staleness = step - meta.base_version;
-        // Ok(true): summed into its step; Ok(false): dropped, computed from weights older
-        // than the bound allows (a worker that did not pull). Either way, and on a refusal,
-        // the rank counts as heard for its step, so the step is not held up.
-        let accepted = if staleness > self.max_lead {
-            state.count_stale();
-            Ok(false)
+        // The gate checked base <= version <= step.
+        Ok((step, step - base_version))
+    }
+}
+
+impl Consistency for BoundedStaleness {
+    fn step_source(&self) -> StepSource {
+        StepSource::Own { quorum: true }
+    }
+
+    fn push(
+        &mut self,
+        state: &mut ShardState,
+        active: &[bool],
+        grad: Checked<'_>,
+    ) -> Result<PushOutcome, PushError> {
+        let (meta, rank) = (grad.meta, grad.meta.rank);
+        let (step, staleness) = self
+            .claim(state, rank, meta.base_version)
+            .inspect_err(|_| state.count_refusal())?;
+        // A gradient computed from weights older than the bound allows (a worker that did not
+        // pull) is dropped; either way the rank counts as heard for its step, so the step is
+        // not held up.
+        let summed = staleness <= self.max_lead;
+        let pending = self.step_mut(state, step);
+        pending.heard[rank] = true;
+        if summed {
+            pending.sum.add(meta.samples, grad.values);
+            pending.staleness_sum += staleness;
+            pending.contributions += 1;
+            state.record_applied(meta, staleness);
         } else {
-            state.check_gradient(meta, grad.values).map(|()| {
-                let pending = self.step_mut(state, step);
-                pending.sum.add(meta.samples, grad.values);
-                pending.staleness_sum += staleness;
-                pending.contributions += 1;
-                state.record_applied(meta, staleness);
-                true
-            })
-        };
-        self.step_mut(state, step).heard[rank] = true;
+            state.count_stale();
+        }
         let applied = self.apply_complete(state, active);
-        Ok(match accepted? {
+        Ok(match summed {
             false => PushOutcome::Dropped { staleness },
             true if applied => PushOutcome::Applied {
                 version: state.version(),
@@ -198,6 +213,15 @@ impl Consistency for BoundedStaleness {
                 waiting_for: self.window.front().map_or(0, |s| s.waiting_for(active)),
             },
         })
+    }
+
+    fn refused(&mut self, state: &mut ShardState, active: &[bool], from: Refused<'_>) -> bool {
+        let rank = from.meta.rank;
+        let Ok((step, _)) = self.claim(state, rank, from.meta.base_version) else {
+            return false;
+        };
+        self.step_mut(state, step).heard[rank] = true;
+        self.apply_complete(state, active)
     }
 
     fn leave(&mut self, state: &mut ShardState, active: &[bool], _rank: usize) -> bool {

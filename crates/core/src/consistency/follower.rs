@@ -7,7 +7,8 @@
 //! applies steps in order as they complete. A member that can no longer send (it left, or it
 //! already pushed a later step) is no longer waited for.
 
-use super::{Consistency, Gradient, StepSum};
+use super::{Consistency, StepSource, StepSum, StepTag};
+use crate::admission::{Checked, Refused};
 use crate::config::Aggregate;
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
@@ -53,11 +54,6 @@ impl CoordinatedFollower {
         }
     }
 
-    /// Steps still waiting for gradients.
-    pub fn open_steps(&self) -> usize {
-        self.open.len()
-    }
-
     /// Applies complete steps in order, stopping at the first incomplete one.
     fn apply_complete(&mut self, state: &mut ShardState) {
         while let Some(entry) = self.open.first_entry() {
@@ -72,43 +68,31 @@ impl CoordinatedFollower {
     }
 }
 
-impl Consistency for CoordinatedFollower {
-    fn push(
+/// Where a tagged gradient falls.
+enum Claim {
+    /// Its step is open and this rank had not been heard from in it: now it has.
+    Open { step: u64 },
+    /// Its step was already applied, or lost to a restart from an older checkpoint.
+    Past { staleness: u64 },
+}
+
+impl CoordinatedFollower {
+    /// Finds (or opens) the tagged step and marks `rank` heard in it. The gate checked that
+    /// the members have one flag per worker and name `rank`.
+    fn claim(
         &mut self,
-        state: &mut ShardState,
-        _active: &[bool],
-        grad: Gradient<'_>,
-    ) -> Result<PushOutcome, PushError> {
-        let (meta, rank) = (grad.meta, grad.meta.rank);
-        let Some(tag) = grad.tag else {
-            state.count_refusal();
-            return Err(PushError::NotAMember { rank, step: None });
-        };
-        let (step, members) = (tag.step, tag.members);
-        if members.len() != self.workers {
-            state.count_refusal();
-            return Err(PushError::WrongMembers {
-                expected: self.workers,
-                got: members.len(),
-            });
-        }
-        if !members[rank] {
-            state.count_refusal();
-            return Err(PushError::NotAMember {
-                rank,
-                step: Some(step),
-            });
-        }
-        let version = state.version();
+        state: &ShardState,
+        rank: usize,
+        tag: StepTag<'_>,
+    ) -> Result<Claim, PushError> {
+        let (step, version) = (tag.step, state.version());
         if step > version.saturating_add(STEP_WINDOW) {
             // Far-future steps are never shard 0's (it is at most a checkpoint interval
             // ahead after a restart): one push must not end the run by jumping the version.
-            state.count_refusal();
             return Err(PushError::StepTooFar { step, version });
         }
         if step < version {
-            // Already applied, or lost to a restart from an older checkpoint.
-            return Ok(PushOutcome::Dropped {
+            return Ok(Claim::Past {
                 staleness: version - step,
             });
         }
@@ -119,26 +103,55 @@ impl Consistency for CoordinatedFollower {
         let (workers, aggregate, len) = (self.workers, self.aggregate, self.len);
         let open = self.open.entry(step).or_insert_with(|| OpenStep {
             sum: StepSum::new(len, aggregate),
-            expected: members.to_vec(),
+            expected: tag.members.to_vec(),
             heard: vec![false; workers],
         });
         if open.heard[rank] {
-            state.count_refusal();
             return Err(PushError::DuplicatePush {
                 rank,
                 version: step,
             });
         }
         open.heard[rank] = true;
-        let staleness = version.saturating_sub(meta.base_version);
-        let checked = state.check_gradient(meta, grad.values);
-        if checked.is_ok() {
-            open.sum.add(meta.samples, grad.values);
-            state.record_applied(meta, staleness);
-        }
-        let waiting_for = open.missing();
+        Ok(Claim::Open { step })
+    }
+}
+
+impl Consistency for CoordinatedFollower {
+    fn step_source(&self) -> StepSource {
+        StepSource::ShardZero
+    }
+
+    fn push(
+        &mut self,
+        state: &mut ShardState,
+        _active: &[bool],
+        grad: Checked<'_>,
+    ) -> Result<PushOutcome, PushError> {
+        let (meta, rank) = (grad.meta, grad.meta.rank);
+        let Some(tag) = grad.tag else {
+            // The gate lets no untagged gradient through to a follower.
+            state.count_refusal();
+            return Err(PushError::NotAMember { rank, step: None });
+        };
+        let step = match self.claim(state, rank, tag) {
+            Ok(Claim::Open { step }) => step,
+            Ok(Claim::Past { staleness }) => return Ok(PushOutcome::Dropped { staleness }),
+            Err(e) => {
+                state.count_refusal();
+                return Err(e);
+            }
+        };
+        let staleness = state.version().saturating_sub(meta.base_version);
+        let waiting_for = match self.open.get_mut(&step) {
+            Some(open) => {
+                open.sum.add(meta.samples, grad.values);
+                open.missing()
+            }
+            None => 0,
+        };
+        state.record_applied(meta, staleness);
         self.apply_complete(state);
-        checked?;
         Ok(if state.version() > step {
             PushOutcome::Applied {
                 version: state.version(),
@@ -147,6 +160,17 @@ impl Consistency for CoordinatedFollower {
         } else {
             PushOutcome::Buffered { waiting_for }
         })
+    }
+
+    fn refused(&mut self, state: &mut ShardState, _active: &[bool], from: Refused<'_>) -> bool {
+        let Some(tag) = from.tag else {
+            return false;
+        };
+        let before = state.version();
+        if let Ok(Claim::Open { .. }) = self.claim(state, from.meta.rank, tag) {
+            self.apply_complete(state);
+        }
+        state.version() != before
     }
 
     fn leave(&mut self, state: &mut ShardState, _active: &[bool], rank: usize) -> bool {

@@ -15,6 +15,7 @@ pub use follower::CoordinatedFollower;
 pub use step_sum::StepSum;
 pub use sync::SyncSteps;
 
+use crate::admission::{Checked, Refused};
 use crate::config::{Mode, ServerConfig};
 use crate::error::PushError;
 use crate::shard_state::{PushMeta, PushOutcome, ShardState};
@@ -26,7 +27,7 @@ pub struct StepTag<'a> {
     pub members: &'a [bool],
 }
 
-/// One gradient offered to a shard.
+/// One gradient offered to a shard, before the admission gate.
 #[derive(Debug, Clone, Copy)]
 pub struct Gradient<'a> {
     pub meta: PushMeta,
@@ -35,19 +36,36 @@ pub struct Gradient<'a> {
     pub tag: Option<StepTag<'a>>,
 }
 
-/// A consistency rule. The caller (`ServerCore`) has already checked the rank, the length,
-/// that the base version is not from the future and that the run is not over; `active` says
-/// which ranks are in the quorum.
+/// Whose steps a rule applies: what the admission gate checks a gradient's step against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepSource {
+    /// The rule decides its own steps: a gradient carries no step tag; with `quorum`, its
+    /// rank must be in the quorum.
+    Own { quorum: bool },
+    /// The rule applies shard 0's steps: every gradient carries a tag whose members name it.
+    ShardZero,
+}
+
+/// A consistency rule. The admission gate (`crate::admission`) has already checked
+/// everything about a gradient but what the rule's own bookkeeping decides (staleness,
+/// duplicates, how far ahead a step may be).
 pub trait Consistency: Send + std::fmt::Debug {
-    /// Admits, buffers or drops a gradient; applies the updates it completes. On `Err` the
-    /// weights are unchanged (a rule may still count the rank as heard from for this step, so
-    /// that a bad gradient cannot stall a barrier).
+    /// What the gate checks a gradient's step and rank against.
+    fn step_source(&self) -> StepSource;
+
+    /// Admits, buffers or drops a checked gradient; applies the updates it completes. On
+    /// `Err` (the rule's own refusal) the weights are unchanged.
     fn push(
         &mut self,
         state: &mut ShardState,
         active: &[bool],
-        grad: Gradient<'_>,
+        grad: Checked<'_>,
     ) -> Result<PushOutcome, PushError>;
+
+    /// The gate refused a gradient for its values. A rule whose steps wait on ranks counts
+    /// the rank as heard from for the step the gradient was for (so that a bad gradient
+    /// cannot stall a barrier); returns whether that completed an update.
+    fn refused(&mut self, state: &mut ShardState, active: &[bool], from: Refused<'_>) -> bool;
 
     /// `rank` has left the quorum (`active` already says so); returns whether that completed
     /// an update.
@@ -74,26 +92,6 @@ pub trait Consistency: Send + std::fmt::Debug {
 
     /// Forgets any partial step (after the state was restored from a checkpoint).
     fn reset(&mut self) {}
-}
-
-/// What every rule that decides its own steps checks first: the gradient carries no
-/// coordinated-step tag and, where a quorum applies (`active`), its rank is in it. A refusal
-/// is counted.
-fn admit_own_step(
-    state: &mut ShardState,
-    active: Option<&[bool]>,
-    grad: &Gradient<'_>,
-) -> Result<(), PushError> {
-    let rank = grad.meta.rank;
-    let refusal = if grad.tag.is_some() {
-        PushError::UnexpectedStep
-    } else if active.is_some_and(|a| !a[rank]) {
-        PushError::NotInQuorum { rank }
-    } else {
-        return Ok(());
-    };
-    state.count_refusal();
-    Err(refusal)
 }
 
 /// The rule for shard `shard` of `shards` under `mode`.

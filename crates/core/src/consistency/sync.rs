@@ -2,7 +2,8 @@
 //! combined by `StepSum`; late gradients of a finished step are dropped when there are backup
 //! workers. A shard 0 that coordinates other shards remembers each step's members.
 
-use super::{admit_own_step, Consistency, Gradient, StepSum};
+use super::{Consistency, StepSource, StepSum};
+use crate::admission::{Checked, Refused};
 use crate::config::Aggregate;
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
@@ -74,37 +75,60 @@ impl SyncSteps {
     }
 }
 
+/// Where a gradient from a rank falls in the current step.
+enum Claim {
+    /// A straggler's gradient for a step that completed without it: backup workers exist
+    /// precisely so that it can be dropped.
+    Late { staleness: u64 },
+    /// The rank was already heard from in this step.
+    Duplicate,
+    /// Counts toward the current step.
+    Current { staleness: u64 },
+}
+
+impl SyncSteps {
+    fn claim(&self, state: &ShardState, rank: usize, base_version: u64) -> Claim {
+        let staleness = state.version() - base_version;
+        if staleness > 0 && self.backup_workers > 0 {
+            Claim::Late { staleness }
+        } else if self.heard[rank] {
+            Claim::Duplicate
+        } else {
+            // Without backups a gradient from behind (a worker that rejoined after a failure)
+            // counts toward the current step: every active worker contributes once per step
+            // to every shard, so no two shards can wait on each other.
+            Claim::Current { staleness }
+        }
+    }
+}
+
 impl Consistency for SyncSteps {
+    fn step_source(&self) -> StepSource {
+        StepSource::Own { quorum: true }
+    }
+
     fn push(
         &mut self,
         state: &mut ShardState,
         active: &[bool],
-        grad: Gradient<'_>,
+        grad: Checked<'_>,
     ) -> Result<PushOutcome, PushError> {
         let (meta, rank) = (grad.meta, grad.meta.rank);
-        admit_own_step(state, Some(active), &grad)?;
-        let staleness = state.version() - meta.base_version;
-        if staleness > 0 && self.backup_workers > 0 {
-            // A straggler's gradient for a step that completed without it: backup workers
-            // exist precisely so that it can be dropped.
-            state.count_stale();
-            return Ok(PushOutcome::Dropped { staleness });
-        }
-        // Without backups a gradient from behind (a worker that rejoined after a failure)
-        // counts toward the current step: every active worker contributes once per step to
-        // every shard, so no two shards can wait on each other.
-        if self.heard[rank] {
-            state.count_refusal();
-            return Err(PushError::DuplicatePush {
-                rank,
-                version: state.version(),
-            });
-        }
+        let staleness = match self.claim(state, rank, meta.base_version) {
+            Claim::Late { staleness } => {
+                state.count_stale();
+                return Ok(PushOutcome::Dropped { staleness });
+            }
+            Claim::Duplicate => {
+                state.count_refusal();
+                return Err(PushError::DuplicatePush {
+                    rank,
+                    version: state.version(),
+                });
+            }
+            Claim::Current { staleness } => staleness,
+        };
         self.heard[rank] = true;
-        if let Err(e) = state.check_gradient(meta, grad.values) {
-            self.try_complete(state, active);
-            return Err(e);
-        }
         self.sum.add(meta.samples, grad.values);
         self.contributed[rank] = true;
         state.record_applied(meta, staleness);
@@ -114,6 +138,17 @@ impl Consistency for SyncSteps {
                 waiting_for: self.quorum(active).saturating_sub(self.heard_count(active)),
             },
         })
+    }
+
+    fn refused(&mut self, state: &mut ShardState, active: &[bool], from: Refused<'_>) -> bool {
+        let rank = from.meta.rank;
+        match self.claim(state, rank, from.meta.base_version) {
+            Claim::Late { .. } | Claim::Duplicate => false,
+            Claim::Current { .. } => {
+                self.heard[rank] = true;
+                self.try_complete(state, active).is_some()
+            }
+        }
     }
 
     fn leave(&mut self, state: &mut ShardState, active: &[bool], rank: usize) -> bool {
