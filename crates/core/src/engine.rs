@@ -166,11 +166,6 @@ impl ShardEngine {
         self.core.active_workers()
     }
 
-    /// Ranks held by a connection now.
-    pub fn connected_workers(&self) -> usize {
-        self.members.held()
-    }
-
     /// Every worker rank has joined and gone: the run's work is over.
     pub fn all_departed(&self) -> bool {
         self.members.all_departed()

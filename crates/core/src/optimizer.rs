@@ -253,20 +253,6 @@ mod tests {
     }
 
     #[test]
-    fn a_schedule_scales_each_step() {
-        let step = LrSchedule::Step {
-            every: 2,
-            gamma: 0.5,
-        };
-        let mut opt = Optimizer::with_schedule(OptimizerConfig::sgd(1.0), step, 1);
-        let mut p = vec![0.0];
-        for _ in 0..3 {
-            assert!(opt.apply(&mut p, &[1.0]));
-        }
-        assert_eq!(p, [-2.5]);
-    }
-
-    #[test]
     fn an_update_that_overflows_changes_nothing() {
         let mut opt = Optimizer::new(OptimizerConfig::momentum(3e38, 0.5), 2);
         let mut p = vec![1.0, 2.0];

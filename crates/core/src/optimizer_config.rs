@@ -139,8 +139,6 @@ pub enum LrSchedule {
     /// Half a cosine from 1 down to 0 over `total_updates` (then stays at 0): the final
     /// weights average out the noise of the last steps, which is worth tenths of a percent.
     Cosine { total_updates: u64 },
-    /// Multiply by `gamma` every `every` updates (PyTorch's StepLR).
-    Step { every: u64, gamma: f32 },
 }
 
 impl LrSchedule {
@@ -152,7 +150,6 @@ impl LrSchedule {
                 let t = step.min(total_updates) as f64 / total_updates.max(1) as f64;
                 (0.5 * (1.0 + (std::f64::consts::PI * t).cos())) as f32
             }
-            LrSchedule::Step { every, gamma } => gamma.powi((step / every.max(1)) as i32),
         }
     }
 
@@ -165,15 +162,6 @@ impl LrSchedule {
                 ">= 1",
                 total_updates,
             )),
-            LrSchedule::Step { every, gamma } => {
-                if every == 0 {
-                    Err(ConfigError::out_of_range("step every", ">= 1", every))
-                } else if !(gamma > 0.0 && gamma <= 1.0) {
-                    Err(ConfigError::out_of_range("step gamma", "in (0, 1]", gamma))
-                } else {
-                    Ok(())
-                }
-            }
         }
     }
 }
@@ -188,14 +176,6 @@ mod tests {
         let f: Vec<f32> = (0..6).map(|t| cos.factor(t)).collect();
         assert!((f[0] - 1.0).abs() < 1e-6 && (f[2] - 0.5).abs() < 1e-6);
         assert!(f[4].abs() < 1e-6 && f[5].abs() < 1e-6);
-        let step = LrSchedule::Step {
-            every: 2,
-            gamma: 0.5,
-        };
-        assert_eq!(
-            [step.factor(0), step.factor(1), step.factor(2)],
-            [1.0, 1.0, 0.5]
-        );
         assert!(LrSchedule::Cosine { total_updates: 0 }.validate().is_err());
     }
 

@@ -131,22 +131,6 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads and drops `n` bytes (the rest of a frame that is refused but well-formed).
-    pub async fn discard(&mut self, mut n: u64) -> Result<(), NetError> {
-        let mut sink = vec![0u8; 64 << 10];
-        while n > 0 {
-            let take = n.min(sink.len() as u64) as usize;
-            deadline(
-                self.io_timeout,
-                "reading a refused payload",
-                self.reader.read_exact(&mut sink[..take]),
-            )
-            .await?;
-            n -= take as u64;
-        }
-        Ok(())
-    }
-
     /// Writes one frame: header, fixed part, then the tensor's bytes, and flushes.
     pub async fn write_frame(
         &mut self,

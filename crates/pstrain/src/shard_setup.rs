@@ -146,12 +146,8 @@ impl ShardSetup {
 }
 
 /// The shard that `pstrain server ARGV...` would serve, with `custom` weights in place of
-/// `--model`'s if given.
-pub fn shard_setup(argv: &[String], custom: Option<CustomModel>) -> Result<ShardSetup> {
-    shard_setup_with_token(argv, custom, None)
-}
-
-/// The same, with the run's token given by the caller (else from the flags or environment).
+/// `--model`'s if given, and the run's token given by the caller (else from the flags or the
+/// environment).
 pub fn shard_setup_with_token(
     argv: &[String],
     custom: Option<CustomModel>,
