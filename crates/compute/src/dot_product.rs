@@ -6,7 +6,8 @@
 //! (6.8% of the one-thread step in a perf profile). Here 4 rows of A meet 4 rows of B in 16
 //! register sums, k in blocks that stay in cache, with no copy.
 //!
-//! Only with AVX-512 (`available()`); elsewhere callers keep the GEMM. Every dot product is
+//! Only with AVX-512 (`available()`); elsewhere, or with `fast_paths` switched off, callers
+//! keep the GEMM. Every dot product is
 //! summed in the same order (one 16-lane sum over each k block, reduced, then the values past
 //! the last whole 16, block after block), whichever block of rows it falls in: a row of the
 //! result has the same bits however the rows are split between threads.
@@ -16,11 +17,11 @@ const ROWS: usize = 4;
 /// k values per block: 4 rows of B (16 KiB) stay in L1 while all of A's rows pass.
 const K_BLOCK: usize = 1024;
 
-/// Whether this CPU runs `matmul_nt`.
+/// Whether this CPU runs `matmul_nt` (and fast paths are not switched off).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f") && pstrain_core::fast_paths::enabled()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

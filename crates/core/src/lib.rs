@@ -13,6 +13,7 @@ pub mod config;
 pub mod consistency;
 pub mod engine;
 pub mod error;
+pub mod fast_paths;
 pub mod gradient_scan;
 pub mod layout;
 pub mod membership;

@@ -6,7 +6,8 @@
 //! Each loop writes the new values beside the old ones and returns whether all of them are
 //! finite; the caller swaps them in only then. The same IEEE operations run in the same
 //! order at every width, and Rust never fuses a multiply and an add on its own, so every
-//! version gives the same bits.
+//! version gives the same bits, the portable one (`portable::*`, taken when
+//! `fast_paths::enabled()` says so) included.
 
 use multiversion::multiversion;
 
@@ -24,8 +25,8 @@ pub struct AdamStep {
 }
 
 /// `out = p - lr * (g + wd * p)`.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn sgd(params: &[f32], grad: &[f32], out: &mut [f32], lr: f32, weight_decay: f32) -> bool {
+#[inline(always)]
+fn sgd_body(params: &[f32], grad: &[f32], out: &mut [f32], lr: f32, weight_decay: f32) -> bool {
     let mut ok = true;
     for ((out, &p), &g) in out.iter_mut().zip(params).zip(grad) {
         *out = p - lr * (g + weight_decay * p);
@@ -35,9 +36,9 @@ pub fn sgd(params: &[f32], grad: &[f32], out: &mut [f32], lr: f32, weight_decay:
 }
 
 /// SGD with a momentum buffer `(old, new)` (PyTorch's dampening-free form).
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn sgd_momentum(
+fn sgd_momentum_body(
     params: &[f32],
     grad: &[f32],
     buffer: (&[f32], &mut [f32]),
@@ -61,8 +62,8 @@ pub fn sgd_momentum(
 }
 
 /// Adam with moments `(old m, old v)` written to `(new m, new v)`.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn adam(
+#[inline(always)]
+fn adam_body(
     params: &[f32],
     grad: &[f32],
     moments: (&[f32], &[f32]),
@@ -81,4 +82,152 @@ pub fn adam(
         ok &= out.is_finite() & m2.is_finite() & v2.is_finite();
     }
     ok
+}
+
+/// One kernel from its body: `$fast`, the body compiled once per instruction set and picked
+/// at run time; `$portable`, the body as the target's baseline compiles it; and `$name`, the
+/// entry that takes the fast one unless `fast_paths` says otherwise.
+macro_rules! kernel {
+    ($(#[$doc:meta])* $name:ident, $fast:ident, $portable:ident, $body:ident,
+     ($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) -> bool {
+            if crate::fast_paths::enabled() {
+                $fast($($arg),*)
+            } else {
+                $portable($($arg),*)
+            }
+        }
+
+        #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+        #[allow(clippy::too_many_arguments)]
+        fn $fast($($arg: $ty),*) -> bool {
+            $body($($arg),*)
+        }
+
+        /// The portable build of the same loop (what `fast_paths::force_portable` selects).
+        #[allow(clippy::too_many_arguments)]
+        pub fn $portable($($arg: $ty),*) -> bool {
+            $body($($arg),*)
+        }
+    };
+}
+
+kernel!(
+    /// `out = p - lr * (g + wd * p)`.
+    sgd, sgd_fast, sgd_portable, sgd_body,
+    (params: &[f32], grad: &[f32], out: &mut [f32], lr: f32, weight_decay: f32)
+);
+
+kernel!(
+    /// SGD with a momentum buffer `(old, new)` (PyTorch's dampening-free form).
+    sgd_momentum, sgd_momentum_fast, sgd_momentum_portable, sgd_momentum_body,
+    (
+        params: &[f32],
+        grad: &[f32],
+        buffer: (&[f32], &mut [f32]),
+        out: &mut [f32],
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+        nesterov: bool,
+    )
+);
+
+kernel!(
+    /// Adam with moments `(old m, old v)` written to `(new m, new v)`.
+    adam, adam_fast, adam_portable, adam_body,
+    (
+        params: &[f32],
+        grad: &[f32],
+        moments: (&[f32], &[f32]),
+        out: (&mut [f32], &mut [f32], &mut [f32]),
+        c: AdamStep,
+    )
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + 1.0) * seed).sin() * 3.0)
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The fast and the portable builds give the same bits (odd lengths: vector bodies and
+    /// scalar tails), for every kernel.
+    #[test]
+    fn fast_and_portable_builds_give_the_same_bits() {
+        for n in [1, 7, 16, 33, 1001] {
+            let (p, g, b, v) = (
+                values(n, 0.37),
+                values(n, 0.11),
+                values(n, 0.23),
+                values(n, 0.05),
+            );
+            let v: Vec<f32> = v.iter().map(|x| x * x).collect();
+            let run = |which: bool| {
+                let mut out = vec![0.0; n];
+                let mut buf = vec![0.0; n];
+                let mut m2 = vec![0.0; n];
+                let mut v2 = vec![0.0; n];
+                let c = AdamStep {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.01,
+                    step_size: 1e-3,
+                    bias2_sqrt: 0.03,
+                };
+                let mut all = Vec::new();
+                if which {
+                    assert!(sgd_fast(&p, &g, &mut out, 0.1, 0.01));
+                    all.extend(bits(&out));
+                    assert!(sgd_momentum_fast(
+                        &p,
+                        &g,
+                        (&b, &mut buf),
+                        &mut out,
+                        0.1,
+                        0.9,
+                        0.01,
+                        true
+                    ));
+                    all.extend(bits(&out).into_iter().chain(bits(&buf)));
+                    assert!(adam_fast(&p, &g, (&b, &v), (&mut out, &mut m2, &mut v2), c));
+                } else {
+                    assert!(sgd_portable(&p, &g, &mut out, 0.1, 0.01));
+                    all.extend(bits(&out));
+                    assert!(sgd_momentum_portable(
+                        &p,
+                        &g,
+                        (&b, &mut buf),
+                        &mut out,
+                        0.1,
+                        0.9,
+                        0.01,
+                        true
+                    ));
+                    all.extend(bits(&out).into_iter().chain(bits(&buf)));
+                    assert!(adam_portable(
+                        &p,
+                        &g,
+                        (&b, &v),
+                        (&mut out, &mut m2, &mut v2),
+                        c
+                    ));
+                }
+                all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
+                all
+            };
+            assert_eq!(run(true), run(false), "length {n}");
+        }
+    }
 }

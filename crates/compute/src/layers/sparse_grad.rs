@@ -103,6 +103,28 @@ pub struct ScaledRows<'a> {
 /// stripes of 96, 64, 32 and 16 values (the widest that fit, each one pass over the entries
 /// with its sums in registers), then one by one.
 pub fn weighted_sum(rows: ScaledRows<'_>, dst: &mut [f32], accumulate: bool) {
+    let stripes = if pstrain_core::fast_paths::enabled() {
+        &FAST
+    } else {
+        &PORTABLE
+    };
+    weighted_sum_with(stripes, rows, dst, accumulate);
+}
+
+/// The stripe sums of widths 96, 64, 32 and 16, in that order.
+type Stripes = [fn(ScaledRows<'_>, &mut [f32], bool) -> usize; 4];
+
+/// Compiled for several instruction sets, picked at run time.
+const FAST: Stripes = [stripe_96, stripe_64, stripe_32, stripe_16];
+/// The target's baseline build of the same code.
+const PORTABLE: Stripes = [
+    stripe_96_portable,
+    stripe_64_portable,
+    stripe_32_portable,
+    stripe_16_portable,
+];
+
+fn weighted_sum_with(stripes: &Stripes, rows: ScaledRows<'_>, dst: &mut [f32], accumulate: bool) {
     let width = dst.len();
     let mut at = 0;
     while at < width {
@@ -112,10 +134,10 @@ pub fn weighted_sum(rows: ScaledRows<'_>, dst: &mut [f32], accumulate: bool) {
         };
         let d = &mut dst[at..];
         at += match width - at {
-            96.. => stripe_96(stripe, d, accumulate),
-            64.. => stripe_64(stripe, d, accumulate),
-            32.. => stripe_32(stripe, d, accumulate),
-            16.. => stripe_16(stripe, d, accumulate),
+            96.. => stripes[0](stripe, d, accumulate),
+            64.. => stripes[1](stripe, d, accumulate),
+            32.. => stripes[2](stripe, d, accumulate),
+            16.. => stripes[3](stripe, d, accumulate),
             rest => {
                 sum_into(stripe, &mut d[..rest], accumulate);
                 rest
@@ -127,24 +149,34 @@ pub fn weighted_sum(rows: ScaledRows<'_>, dst: &mut [f32], accumulate: bool) {
 /// One function per stripe width, each compiled for several instruction sets; returns the
 /// width.
 macro_rules! stripe_fn {
-    ($name:ident, $n:literal) => {
+    ($name:ident, $portable:ident, $n:literal) => {
         #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
         fn $name<'a>(rows: ScaledRows<'a>, dst: &mut [f32], accumulate: bool) -> usize {
-            let mut acc = [0.0f32; $n];
-            if accumulate {
-                acc.copy_from_slice(&dst[..$n]);
-            }
-            sum_into(rows, &mut acc, true);
-            dst[..$n].copy_from_slice(&acc);
-            $n
+            stripe::<$n>(rows, dst, accumulate)
+        }
+
+        fn $portable(rows: ScaledRows<'_>, dst: &mut [f32], accumulate: bool) -> usize {
+            stripe::<$n>(rows, dst, accumulate)
         }
     };
 }
 
-stripe_fn!(stripe_96, 96);
-stripe_fn!(stripe_64, 64);
-stripe_fn!(stripe_32, 32);
-stripe_fn!(stripe_16, 16);
+stripe_fn!(stripe_96, stripe_96_portable, 96);
+stripe_fn!(stripe_64, stripe_64_portable, 64);
+stripe_fn!(stripe_32, stripe_32_portable, 32);
+stripe_fn!(stripe_16, stripe_16_portable, 16);
+
+/// One stripe of `N` values, its sums in a fixed-size array (registers, once inlined).
+#[inline(always)]
+fn stripe<const N: usize>(rows: ScaledRows<'_>, dst: &mut [f32], accumulate: bool) -> usize {
+    let mut acc = [0.0f32; N];
+    if accumulate {
+        acc.copy_from_slice(&dst[..N]);
+    }
+    sum_into(rows, &mut acc, true);
+    dst[..N].copy_from_slice(&acc);
+    N
+}
 
 /// The sum over `acc.len()` values; inlined into each stripe width's instruction-set
 /// versions, where a fixed-size `acc` lives in registers.
@@ -199,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn weighted_sums_equal_the_definition_at_every_width() {
+    fn weighted_sums_equal_the_definition_at_every_width_on_every_path() {
         let mut rng = Rng::new(3);
         let src: Vec<f32> = (0..400).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let starts = [0, 7, 100, 150, 33];
@@ -215,7 +247,6 @@ mod tests {
                         .sum()
                 })
                 .collect();
-            let mut got = vec![f32::NAN; width];
             let rows = ScaledRows {
                 entries: &entries,
                 src: &src,
@@ -226,22 +257,29 @@ mod tests {
                 entries: &[],
                 ..rows
             };
-            weighted_sum(rows, &mut got, false);
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "width {width}: {g} vs {w}");
+            let mut by_path = Vec::new();
+            for stripes in [&FAST, &PORTABLE] {
+                let mut got = vec![f32::NAN; width];
+                weighted_sum_with(stripes, rows, &mut got, false);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-5, "width {width}: {g} vs {w}");
+                }
+                by_path.push(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                // Accumulating adds the same again; no entries leave the sum as it is.
+                weighted_sum_with(stripes, rows, &mut got, true);
+                weighted_sum_with(stripes, none, &mut got, true);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - 2.0 * w).abs() < 1e-5,
+                        "width {width}: {g} vs {}",
+                        2.0 * w
+                    );
+                }
+                weighted_sum_with(stripes, none, &mut got, false);
+                assert!(got.iter().all(|&v| v == 0.0));
             }
-            // Accumulating adds the same again; no entries leave the sum as it is.
-            weighted_sum(rows, &mut got, true);
-            weighted_sum(none, &mut got, true);
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - 2.0 * w).abs() < 1e-5,
-                    "width {width}: {g} vs {}",
-                    2.0 * w
-                );
-            }
-            weighted_sum(none, &mut got, false);
-            assert!(got.iter().all(|&v| v == 0.0));
+            // The same multiplies and adds in the same order: the same bits on either path.
+            assert_eq!(by_path[0], by_path[1], "width {width}");
         }
     }
 }
