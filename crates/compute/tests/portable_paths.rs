@@ -57,7 +57,10 @@ fn portable_paths_match_the_reference_and_the_fast_paths() {
         for threads in [2, 3] {
             let (_, _, more) = common::gradient(kind, threads, &images, &labels);
             let gap = relative_gap(&one, &more);
-            assert!(gap <= 1e-5, "{kind}: portable, 1 vs {threads} threads: {gap:e}");
+            assert!(
+                gap <= 1e-5,
+                "{kind}: portable, 1 vs {threads} threads: {gap:e}"
+            );
         }
     }
     fast_paths::force_portable(false);

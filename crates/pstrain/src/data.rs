@@ -2,9 +2,10 @@
 //! `./data/mnist`, downloaded there (checksum-verified) when files are missing.
 
 use crate::download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
+use crate::sampler::shard_indices;
 use anyhow::Result;
 use clap::Args;
-use pstrain_compute::mnist::{self, Mnist};
+use pstrain_compute::mnist::{self, Mnist, Split};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -50,6 +51,39 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The training set's size, from its header alone (a worker checks it against the run plan
+/// before it joins); the default folder is filled by a download first, as `load_data` does.
+pub fn train_count(args: &DataArgs) -> Result<usize> {
+    let dir = args.dir();
+    if args.data_dir.is_none() && !mnist::missing_files(&dir).is_empty() {
+        eprintln!("MNIST not found in {}; downloading", dir.display());
+        download(&dir, &args.mirrors)?;
+    }
+    Ok(mnist::train_count(&dir)?)
+}
+
+/// Loads worker `rank`'s shard of the training set (of `workers`, drawn with `seed`) and
+/// nothing else, as `sampler::shard_indices` orders it; returns it and the training set's
+/// size.
+pub fn load_own_shard(
+    args: &DataArgs,
+    workers: usize,
+    rank: usize,
+    seed: u64,
+) -> Result<(Split, usize)> {
+    let dir = args.dir();
+    let started = Instant::now();
+    let (shard, total) =
+        mnist::load_train_picked(&dir, |count| shard_indices(count, workers, rank, seed))?;
+    eprintln!(
+        "loaded worker {rank}'s {} of {total} training images from {} in {:.1} s",
+        shard.len(),
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((shard, total))
 }
 
 /// Loads the data set; the default folder is filled by a download first when files are

@@ -2,13 +2,13 @@
 //! plan and adopts it, so `--servers`, `--rank` and `--data-dir` make a complete command;
 //! run flags it is also given must agree with the plan, or it is refused before it joins.
 
-use crate::data::{load_data, DataArgs};
+use crate::data::{load_own_shard, train_count, DataArgs};
 use crate::flags::parse_flags;
 use crate::plan_flags::RunArgs;
 use crate::shard_setup::seconds;
 use crate::token::TokenArgs;
 use crate::train::TrainConfig;
-use crate::worker::{run_worker, WorkerReport};
+use crate::worker::{run_worker, WorkerData, WorkerReport};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use pstrain_compute::ModelOptions;
@@ -25,8 +25,8 @@ pub struct WorkerArgs {
     /// replacement for a worker that died
     #[arg(long, value_parser = parse_rank)]
     pub rank: usize,
-    /// Compute threads
-    #[arg(long, default_value_t = 1)]
+    /// Compute threads [default: this device's cores]
+    #[arg(long, default_value_t = device_cores(), hide_default_value = true)]
     pub threads: usize,
     /// Seconds to keep retrying the connection while servers start
     #[arg(long, default_value_t = 60)]
@@ -52,6 +52,11 @@ pub struct WorkerArgs {
 }
 
 /// A rank, or `auto` (`ANY_RANK`).
+/// The cores this process may use (a board's worker computes on all of them by default).
+fn device_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn parse_rank(s: &str) -> Result<usize, String> {
     if s == "auto" {
         return Ok(ANY_RANK);
@@ -134,8 +139,7 @@ pub fn worker(
             cfg.plan.model
         );
     }
-    let data = load_data(&args.data)?;
-    cfg.check_data(data.train.len())
+    cfg.check_data(train_count(&args.data)?)
         .context("the data set does not fit the run (--train-samples)")?;
     let mut client_cfg = ClientConfig::new(
         args.servers.clone(),
@@ -166,12 +170,15 @@ pub fn worker(
             seconds("--heartbeat-secs", s)?,
         )?),
     };
+    // Only this rank's shard is loaded, so the rank must be known first; a sync step
+    // meanwhile waits for this worker as for any slow one.
+    let (shard, total) = load_own_shard(&args.data, cfg.plan.workers, rank, cfg.plan.seed)?;
+    cfg.check_data(total)
+        .context("the data set changed under the worker (--train-samples)")?;
     let wcfg = cfg.worker_config(rank);
-    Ok(run_worker(
-        &mut client,
-        model.as_mut(),
-        &data.train,
-        &wcfg,
-        stop,
-    )?)
+    let data = WorkerData::OwnShard {
+        samples: &shard,
+        of: total,
+    };
+    Ok(run_worker(&mut client, model.as_mut(), data, &wcfg, stop)?)
 }

@@ -45,6 +45,32 @@ impl EpochSampler {
         }
     }
 
+    /// The same sequence for a worker that loaded only its shard of the `n` samples, in
+    /// `shard_indices` order: it yields positions in that loaded shard. A shuffle moves
+    /// positions whatever they hold, so position `i` here is `shard_indices(..)[i]` there,
+    /// batch for batch.
+    pub fn over_loaded_shard(
+        n: usize,
+        workers: usize,
+        rank: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Self {
+        let shard = shard_ranges(n, workers)
+            .into_iter()
+            .nth(rank)
+            .map_or(0, |r| r.len());
+        let base: Vec<usize> = (0..shard).collect();
+        EpochSampler {
+            order: base.clone(),
+            base,
+            epoch: None,
+            batch,
+            steps: steps_per_epoch(n, workers, batch),
+            rng: Rng::new(seed).fork(1 + rank as u64),
+        }
+    }
+
     pub fn steps_per_epoch(&self) -> usize {
         self.steps
     }
@@ -136,6 +162,27 @@ mod tests {
             "a restart sees the same batch"
         );
         assert_eq!(s.batch_at(0).collect::<Vec<_>>(), first);
+    }
+
+    #[test]
+    fn a_loaded_shard_yields_the_same_samples_by_position() {
+        let (n, workers, batch, seed) = (1003, 3, 8, 17);
+        for rank in 0..workers {
+            let shard = shard_indices(n, workers, rank, seed);
+            let mut whole = EpochSampler::new(n, workers, rank, batch, seed);
+            let mut own = EpochSampler::over_loaded_shard(n, workers, rank, batch, seed);
+            assert_eq!(own.shard().len(), shard.len());
+            assert_eq!(own.steps_per_epoch(), whole.steps_per_epoch());
+            for step in [0, 1, 40, 41, 42, 300] {
+                let want: Vec<usize> = whole.batch_at(step).collect();
+                let got: Vec<usize> = own.batch_at(step).map(|i| shard[i]).collect();
+                assert_eq!(got, want, "rank {rank} step {step}");
+            }
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            whole.samples_from(333, 50, &mut a);
+            own.samples_from(333, 50, &mut b);
+            assert_eq!(b.iter().map(|&i| shard[i]).collect::<Vec<_>>(), a);
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::inproc::InProcServer;
 use crate::metrics::{EvalRecord, ProgressRecord, Summary, WorkersRecord};
 use crate::monitor::{Monitor, ServerView};
-use crate::worker::{run_worker, WorkerConfig, WorkerError, WorkerReport};
+use crate::worker::{run_worker, WorkerConfig, WorkerData, WorkerError, WorkerReport};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::{ComputeError, ModelKind, ModelOptions};
 use pstrain_core::{
@@ -258,7 +258,7 @@ pub fn train(
                         run_worker(
                             &mut client,
                             model.as_mut(),
-                            &data.train,
+                            WorkerData::Whole(&data.train),
                             &wcfg,
                             workers_stop,
                         )

@@ -9,6 +9,34 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use thiserror::Error;
 
+/// The training samples a worker draws its batches from.
+#[derive(Debug, Clone, Copy)]
+pub enum WorkerData<'a> {
+    /// The whole training set (in-process workers share one copy).
+    Whole(&'a Split),
+    /// Only this worker's shard of a set of `of` samples, in `sampler::shard_indices` order
+    /// (a worker process on a small device holds no more).
+    OwnShard { samples: &'a Split, of: usize },
+}
+
+impl WorkerData<'_> {
+    fn samples(&self) -> &Split {
+        match self {
+            WorkerData::Whole(s) | WorkerData::OwnShard { samples: s, .. } => s,
+        }
+    }
+
+    fn sampler(&self, cfg: &WorkerConfig) -> EpochSampler {
+        let (rank, batch) = (cfg.rank, cfg.batch_size);
+        match *self {
+            WorkerData::Whole(s) => EpochSampler::new(s.len(), cfg.workers, rank, batch, cfg.seed),
+            WorkerData::OwnShard { of, .. } => {
+                EpochSampler::over_loaded_shard(of, cfg.workers, rank, batch, cfg.seed)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub rank: usize,
@@ -56,7 +84,7 @@ pub enum WorkerError {
 pub fn run_worker(
     client: &mut dyn ParameterClient,
     model: &mut dyn Model,
-    data: &Split,
+    data: WorkerData<'_>,
     cfg: &WorkerConfig,
     stop: &AtomicBool,
 ) -> Result<WorkerReport, WorkerError> {
@@ -73,10 +101,11 @@ pub fn run_worker(
 fn train_loop(
     client: &mut dyn ParameterClient,
     model: &mut dyn Model,
-    data: &Split,
+    data: WorkerData<'_>,
     cfg: &WorkerConfig,
     stop: &AtomicBool,
 ) -> Result<WorkerReport, WorkerError> {
+    let (sampler, data) = (data.sampler(cfg), data.samples());
     let rank = cfg.rank;
     let client_err = |source| WorkerError::Client { rank, source };
     let len = model.layout().len();
@@ -87,7 +116,7 @@ fn train_loop(
     let mut images = vec![0.0f32; max_batch * per];
     let mut labels = vec![0u8; max_batch];
     let mut picked = Vec::with_capacity(max_batch);
-    let mut sampler = EpochSampler::new(data.len(), cfg.workers, rank, cfg.batch_size, cfg.seed);
+    let mut sampler = sampler;
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport {
         rank: cfg.rank,

@@ -1,7 +1,8 @@
 //! MNIST-style data sets: a folder with train/test image and label IDX files of 28x28 images
 //! in 10 classes, normalised as the PyTorch MNIST example does.
 
-use super::idx::{read_idx, IMAGES_MAGIC, LABELS_MAGIC};
+use super::idx::{IMAGES_MAGIC, LABELS_MAGIC};
+use super::idx_reader::IdxReader;
 use crate::error::{ComputeError, DataError};
 use crate::model::{EvalStats, Model};
 use std::path::{Path, PathBuf};
@@ -149,8 +150,58 @@ pub fn load_dir(dir: &Path) -> Result<Mnist, DataError> {
 
 /// Loads one image file and its label file, checking that they describe one data set.
 pub fn load_split(images: &Path, labels: &Path) -> Result<Split, DataError> {
-    let img = read_idx(images, IMAGES_MAGIC, "images: unsigned bytes, 3 dimensions")?;
-    let lab = read_idx(labels, LABELS_MAGIC, "labels: unsigned bytes, 1 dimension")?;
+    Ok(load_split_picked(images, labels, |count| (0..count).collect())?.0)
+}
+
+/// How many training images the folder holds, from the image file's header alone.
+pub fn train_count(dir: &Path) -> Result<usize, DataError> {
+    let path = find_file(dir, FILES[0]).unwrap_or_else(|| dir.join(FILES[0]));
+    let img = IdxReader::open(&path, IMAGES_MAGIC, "images: unsigned bytes, 3 dimensions")?;
+    Ok(img.dims[0])
+}
+
+/// Loads the training images `pick(count)` names, in that order, from a folder holding
+/// `count` training images; returns them and `count`. What a worker holding only its own
+/// shard loads: the other images are read past, never kept.
+pub fn load_train_picked(
+    dir: &Path,
+    pick: impl FnOnce(usize) -> Vec<usize>,
+) -> Result<(Split, usize), DataError> {
+    let missing: Vec<_> = FILES[..2]
+        .iter()
+        .filter(|stem| find_file(dir, stem).is_none())
+        .map(|m| format!("{m}[.gz]"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(DataError::Missing {
+            dir: dir.to_owned(),
+            missing: missing.join(", "),
+        });
+    }
+    let path = |stem| find_file(dir, stem).unwrap_or_else(|| dir.join(stem));
+    load_split_picked(&path(FILES[0]), &path(FILES[1]), pick)
+}
+
+/// Loads the images `pick(count)` names (and their labels) from an image file of `count`
+/// images and its label file. Headers are checked before any image is read; every label is
+/// checked, kept or not, so a damaged file is refused whichever shard reads it.
+pub fn load_split_picked(
+    images: &Path,
+    labels: &Path,
+    pick: impl FnOnce(usize) -> Vec<usize>,
+) -> Result<(Split, usize), DataError> {
+    let img = IdxReader::open(images, IMAGES_MAGIC, "images: unsigned bytes, 3 dimensions")?;
+    let lab = IdxReader::open(labels, LABELS_MAGIC, "labels: unsigned bytes, 1 dimension")?;
+    let bad_dims = |path: &Path, dims: &[usize], want: usize| DataError::BadHeader {
+        path: path.to_owned(),
+        reason: format!("{} dimensions, expected {want}", dims.len()),
+    };
+    if img.dims.len() != 3 {
+        return Err(bad_dims(images, &img.dims, 3));
+    }
+    if lab.dims.len() != 1 {
+        return Err(bad_dims(labels, &lab.dims, 1));
+    }
     let (count, rows, cols) = (img.dims[0], img.dims[1], img.dims[2]);
     if (rows, cols) != (ROWS, COLS) {
         return Err(DataError::WrongImageSize {
@@ -172,8 +223,8 @@ pub fn load_split(images: &Path, labels: &Path) -> Result<Split, DataError> {
             label_count: lab.dims[0],
         });
     }
-    if let Some((index, &label)) = lab
-        .data
+    let all_labels = lab.read_all()?;
+    if let Some((index, &label)) = all_labels
         .iter()
         .enumerate()
         .find(|(_, &l)| usize::from(l) >= CLASSES)
@@ -185,10 +236,14 @@ pub fn load_split(images: &Path, labels: &Path) -> Result<Split, DataError> {
             classes: CLASSES,
         });
     }
-    Ok(Split {
-        pixels: img.data,
-        labels: lab.data,
-    })
+    let picked = pick(count);
+    let pixels = if picked.len() == count && picked.iter().enumerate().all(|(i, &p)| i == p) {
+        img.read_all()?
+    } else {
+        img.read_picked(PIXELS, &picked)?
+    };
+    let labels = picked.iter().map(|&i| all_labels[i]).collect();
+    Ok((Split { pixels, labels }, count))
 }
 
 #[cfg(test)]
