@@ -28,8 +28,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$x86" token > "$work/run.token"
-chmod 600 "$work/run.token"
+"$x86" token -o "$work/run.token"
 "$x86" server --listen 127.0.0.1:0 --shard 0 --shards 1 --workers 1 --model convnet \
   --mode async --iterations "$updates" --checkpoint-dir "$work/ckpt" \
   --token-file "$work/run.token" > "$work/server.log" 2>&1 &

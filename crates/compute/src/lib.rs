@@ -12,7 +12,7 @@ pub mod models;
 pub mod replicated;
 pub mod sequential;
 
-pub use data::{idx, mnist};
+pub use data::{idx, idx_reader, mnist};
 pub use error::{ComputeError, DataError};
 pub use model::{EvalStats, Model, ModelKind, ModelOptions, StepStats};
 pub use replicated::Replicated;

@@ -8,6 +8,7 @@ mod peak_alloc;
 use peak_alloc::{mutate, Peak};
 use proptest::prelude::*;
 use pstrain_compute::idx::{encode_idx, gunzip_if_gzipped, parse_idx};
+use pstrain_compute::idx_reader::IdxReader;
 use std::io::Write;
 use std::path::Path;
 
@@ -42,6 +43,40 @@ fn read_everything(input: &[u8]) {
         for magic in [IMAGES, LABELS] {
             let _ = parse_idx(&plain, path, magic, "fuzz");
         }
+    }
+}
+
+/// The streaming reader on the same bytes, from a file: `Ok` or `Err`, never a panic, and
+/// memory bounded by what the file holds (not by what its header claims).
+fn stream_everything(input: &[u8], file: &Path) {
+    std::fs::write(file, input).unwrap();
+    for magic in [IMAGES, LABELS] {
+        let _ = peak_alloc::bounded("stream", input, 1 << 17, 2064, |_| {
+            IdxReader::open(file, magic, "fuzz").and_then(|r| r.read_all())
+        });
+        let _ = peak_alloc::bounded("stream picked", input, 1 << 17, 2064, |_| {
+            IdxReader::open(file, magic, "fuzz").and_then(|r| r.read_picked(16, &[0, 2]))
+        });
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_streaming_reader_never_panics(
+        gzip in any::<bool>(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+        cut in proptest::option::of(any::<usize>()),
+    ) {
+        let mut bytes = valid_images();
+        if gzip {
+            bytes = gzipped(&bytes);
+        }
+        let bytes = mutate(&bytes, &edits, cut, &[]);
+        let dir = std::env::temp_dir().join(format!("pstrain-fuzz-idx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        stream_everything(&bytes, &dir.join("f.idx"));
     }
 }
 

@@ -115,10 +115,18 @@ impl Context {
             .uri()
             .query()
             .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        // Hex is hex in either case (the token's own form is lower-case).
         [bearer, query]
             .into_iter()
             .flatten()
-            .any(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
+            .map(str::to_ascii_lowercase)
+            .any(|given| {
+                bool::from(
+                    given
+                        .as_bytes()
+                        .ct_eq(token.to_ascii_lowercase().as_bytes()),
+                )
+            })
     }
 }
 

@@ -212,4 +212,15 @@ fn off_loopback_the_token_is_required() {
         get(addr, &format!("/api/run?token={token}"), "").status,
         200
     );
+    // The same token in upper-case hex is the same token.
+    let upper = token.to_ascii_uppercase();
+    assert_eq!(
+        get(
+            addr,
+            "/metrics",
+            &format!("Authorization: Bearer {upper}\r\n")
+        )
+        .status,
+        200
+    );
 }

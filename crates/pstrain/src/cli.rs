@@ -46,8 +46,9 @@ enum Command {
     Eval(EvalArgs),
     /// Write the newest checkpoint as one safetensors file with the model's tensor names.
     Export(ExportArgs),
-    /// Print a new random run token (for --token-file / PSTRAIN_TOKEN).
-    Token,
+    /// Make a new random run token (for --token-file / PSTRAIN_TOKEN): printed, or written
+    /// to a file only its owner can read (-o).
+    Token(crate::token::TokenOutArgs),
     /// Draw test accuracy and loss against time and samples from --metrics files (.png/.svg).
     Plot(crate::plot::PlotArgs),
 }
@@ -141,10 +142,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Plot(args) => crate::plot::run(&args),
         Command::Export(args) => run_export(args),
-        Command::Token => {
-            println!("{}", pstrain_net::RunToken::generate()?.to_hex());
-            Ok(())
-        }
+        Command::Token(args) => crate::token::make_token(&args),
     }
 }
 

@@ -24,15 +24,6 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Reads a file, transparently gunzipping it if it starts with the gzip magic.
-pub fn read_maybe_gzipped(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(gunzip_if_gzipped(&raw, path)?.into_owned())
-}
-
 /// Decompresses `raw` if it starts with the gzip magic, else borrows it as it is; `path` only
 /// names the source in errors.
 pub fn gunzip_if_gzipped<'a>(raw: &'a [u8], path: &Path) -> Result<Cow<'a, [u8]>, DataError> {
@@ -54,16 +45,6 @@ pub fn gunzip_if_gzipped<'a>(raw: &'a [u8], path: &Path) -> Result<Cow<'a, [u8]>
         });
     }
     Ok(Cow::Owned(out))
-}
-
-/// Reads and validates an IDX file whose magic must be `expected_magic`.
-pub fn read_idx(
-    path: &Path,
-    expected_magic: u32,
-    what: &'static str,
-) -> Result<IdxArray, DataError> {
-    let bytes = read_maybe_gzipped(path)?;
-    parse_idx(&bytes, path, expected_magic, what)
 }
 
 /// Parses IDX bytes; `path` only names the source in errors.

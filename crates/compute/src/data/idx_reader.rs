@@ -9,6 +9,10 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
+/// The most one compressed byte can inflate to with deflate (about 1032x): what `read_all`
+/// reserves at most per byte of a gzipped file before the bytes arrive.
+const DEFLATE_RATIO: u64 = 1032;
+
 /// How far past the body a stream is read for its end (and a gzip stream's checksum).
 const TRAILING_LOOK: u64 = 1 << 20;
 
@@ -16,6 +20,8 @@ const TRAILING_LOOK: u64 = 1 << 20;
 pub struct IdxReader {
     path: PathBuf,
     body: Box<dyn Read>,
+    /// The most the body can hold, from the file's size (and deflate's ratio if gzipped).
+    most: u64,
     /// The dimensions from the header.
     pub dims: Vec<usize>,
 }
@@ -45,8 +51,14 @@ impl IdxReader {
                 reason: "not a regular file".into(),
             });
         }
+        let file_len = file.metadata().map_err(io)?.len();
         let mut file = BufReader::new(file);
         let gzipped = file.fill_buf().map_err(io)?.starts_with(&[0x1f, 0x8b]);
+        let most = if gzipped {
+            file_len.saturating_mul(DEFLATE_RATIO)
+        } else {
+            file_len
+        };
         let body: Box<dyn Read> = if gzipped {
             Box::new(MultiGzDecoder::new(file))
         } else {
@@ -55,6 +67,7 @@ impl IdxReader {
         let mut reader = IdxReader {
             path: path.to_owned(),
             body,
+            most,
             dims: Vec::new(),
         };
         reader.read_header(expected_magic, what)?;
@@ -108,12 +121,19 @@ impl IdxReader {
             .ok_or_else(|| self.bad(format!("dimensions {:?} overflow", self.dims)))
     }
 
-    /// Reads the whole body.
+    /// Reads the whole body. What it reserves is bounded by what the file can hold, not by
+    /// what its header claims.
     pub fn read_all(mut self) -> Result<Vec<u8>, DataError> {
-        let len = self.body_len()? as usize;
-        let mut data = vec![0u8; len];
-        let got = self.fill(&mut data)?;
-        self.finish(got as u64)?;
+        let len = self.body_len()?;
+        let mut data = Vec::with_capacity(len.min(self.most) as usize);
+        (&mut self.body)
+            .take(len)
+            .read_to_end(&mut data)
+            .map_err(|source| DataError::Gzip {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.finish(data.len() as u64)?;
         Ok(data)
     }
 
@@ -122,6 +142,11 @@ impl IdxReader {
     /// read, so a truncated or overlong file is refused as `read_all` refuses it.
     pub fn read_picked(mut self, record: usize, picked: &[usize]) -> Result<Vec<u8>, DataError> {
         let body = self.body_len()?;
+        if body > self.most {
+            return Err(self.bad(format!(
+                "the header promises {body} data bytes, more than the file can hold"
+            )));
+        }
         let records = if record == 0 { 0 } else { body / record as u64 };
         if record == 0 || records * record as u64 != body {
             return Err(self.bad(format!("the body is not whole records of {record} bytes")));
