@@ -64,6 +64,22 @@ pub enum DataError {
     Missing { dir: PathBuf, missing: String },
 }
 
+impl DataError {
+    /// A body of `found` bytes where the header promised `expected`.
+    pub fn wrong_size(path: &std::path::Path, expected: u64, found: u64) -> Self {
+        DataError::WrongSize {
+            path: path.to_owned(),
+            expected,
+            found,
+            hint: if found < expected {
+                " (truncated?)"
+            } else {
+                " (trailing bytes)"
+            },
+        }
+    }
+}
+
 /// An input whose shape does not fit the model.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ComputeError {

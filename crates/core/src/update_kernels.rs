@@ -161,6 +161,19 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    type Sgd = fn(&[f32], &[f32], &mut [f32], f32, f32) -> bool;
+    type Momentum =
+        fn(&[f32], &[f32], (&[f32], &mut [f32]), &mut [f32], f32, f32, f32, bool) -> bool;
+    type Adam = fn(
+        &[f32],
+        &[f32],
+        (&[f32], &[f32]),
+        (&mut [f32], &mut [f32], &mut [f32]),
+        AdamStep,
+    ) -> bool;
+    /// One build of every kernel.
+    type Kernels = (Sgd, Momentum, Adam);
+
     /// The fast and the portable builds give the same bits (odd lengths: vector bodies and
     /// scalar tails), for every kernel.
     #[test]
@@ -173,7 +186,7 @@ mod tests {
                 values(n, 0.05),
             );
             let v: Vec<f32> = v.iter().map(|x| x * x).collect();
-            let run = |which: bool| {
+            let run = |kernels: Kernels| {
                 let mut out = vec![0.0; n];
                 let mut buf = vec![0.0; n];
                 let mut m2 = vec![0.0; n];
@@ -187,47 +200,26 @@ mod tests {
                     bias2_sqrt: 0.03,
                 };
                 let mut all = Vec::new();
-                if which {
-                    assert!(sgd_fast(&p, &g, &mut out, 0.1, 0.01));
-                    all.extend(bits(&out));
-                    assert!(sgd_momentum_fast(
-                        &p,
-                        &g,
-                        (&b, &mut buf),
-                        &mut out,
-                        0.1,
-                        0.9,
-                        0.01,
-                        true
-                    ));
-                    all.extend(bits(&out).into_iter().chain(bits(&buf)));
-                    assert!(adam_fast(&p, &g, (&b, &v), (&mut out, &mut m2, &mut v2), c));
-                } else {
-                    assert!(sgd_portable(&p, &g, &mut out, 0.1, 0.01));
-                    all.extend(bits(&out));
-                    assert!(sgd_momentum_portable(
-                        &p,
-                        &g,
-                        (&b, &mut buf),
-                        &mut out,
-                        0.1,
-                        0.9,
-                        0.01,
-                        true
-                    ));
-                    all.extend(bits(&out).into_iter().chain(bits(&buf)));
-                    assert!(adam_portable(
-                        &p,
-                        &g,
-                        (&b, &v),
-                        (&mut out, &mut m2, &mut v2),
-                        c
-                    ));
-                }
+                assert!((kernels.0)(&p, &g, &mut out, 0.1, 0.01));
+                all.extend(bits(&out));
+                let momentum = (&b[..], &mut buf[..]);
+                assert!((kernels.1)(
+                    &p, &g, momentum, &mut out, 0.1, 0.9, 0.01, true
+                ));
+                all.extend(bits(&out).into_iter().chain(bits(&buf)));
+                assert!((kernels.2)(
+                    &p,
+                    &g,
+                    (&b, &v),
+                    (&mut out, &mut m2, &mut v2),
+                    c
+                ));
                 all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
                 all
             };
-            assert_eq!(run(true), run(false), "length {n}");
+            let fast: Kernels = (sgd_fast, sgd_momentum_fast, adam_fast);
+            let portable: Kernels = (sgd_portable, sgd_momentum_portable, adam_portable);
+            assert_eq!(run(fast), run(portable), "length {n}");
         }
     }
 }

@@ -35,6 +35,18 @@ pub struct EpochSampler {
 impl EpochSampler {
     pub fn new(n: usize, workers: usize, rank: usize, batch: usize, seed: u64) -> Self {
         let base = shard_indices(n, workers, rank, seed);
+        Self::over(base, n, workers, rank, batch, seed)
+    }
+
+    /// Rank `rank`'s sequence over `base`, its shard of `n` samples.
+    fn over(
+        base: Vec<usize>,
+        n: usize,
+        workers: usize,
+        rank: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Self {
         EpochSampler {
             order: base.clone(),
             base,
@@ -60,15 +72,7 @@ impl EpochSampler {
             .into_iter()
             .nth(rank)
             .map_or(0, |r| r.len());
-        let base: Vec<usize> = (0..shard).collect();
-        EpochSampler {
-            order: base.clone(),
-            base,
-            epoch: None,
-            batch,
-            steps: steps_per_epoch(n, workers, batch),
-            rng: Rng::new(seed).fork(1 + rank as u64),
-        }
+        Self::over((0..shard).collect(), n, workers, rank, batch, seed)
     }
 
     pub fn steps_per_epoch(&self) -> usize {

@@ -13,6 +13,22 @@ fn pstrain(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A worker given `token` as its token file, pointed at a port nobody serves.
+fn worker_with_token(token: &std::path::Path) -> std::process::Output {
+    let token = token.to_str().unwrap();
+    pstrain(&[
+        "worker",
+        "--servers",
+        "127.0.0.1:1",
+        "--rank",
+        "0",
+        "--connect-timeout",
+        "1",
+        "--token-file",
+        token,
+    ])
+}
+
 #[test]
 fn token_out_is_owner_only_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,17 +79,7 @@ fn a_token_printed_into_a_readable_file_or_read_from_one_is_warned_about() {
     );
 
     // Using it warns too (the worker then fails to reach a shard: not what is tested).
-    let used = pstrain(&[
-        "worker",
-        "--servers",
-        "127.0.0.1:1",
-        "--rank",
-        "0",
-        "--connect-timeout",
-        "1",
-        "--token-file",
-        path.to_str().unwrap(),
-    ]);
+    let used = worker_with_token(&path);
     let stderr = String::from_utf8_lossy(&used.stderr);
     assert!(
         stderr.contains("readable by others") && stderr.contains("chmod 600"),
@@ -82,16 +88,6 @@ fn a_token_printed_into_a_readable_file_or_read_from_one_is_warned_about() {
 
     // An owner-only file is used silently.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let quiet = pstrain(&[
-        "worker",
-        "--servers",
-        "127.0.0.1:1",
-        "--rank",
-        "0",
-        "--connect-timeout",
-        "1",
-        "--token-file",
-        path.to_str().unwrap(),
-    ]);
+    let quiet = worker_with_token(&path);
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("readable by others"));
 }

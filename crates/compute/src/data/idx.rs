@@ -91,16 +91,7 @@ pub fn parse_idx(
         .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
     let found = (bytes.len() - header_len) as u64;
     if found != expected {
-        return Err(DataError::WrongSize {
-            path: path.to_owned(),
-            expected,
-            found,
-            hint: if found < expected {
-                " (truncated?)"
-            } else {
-                " (trailing bytes)"
-            },
-        });
+        return Err(DataError::wrong_size(path, expected, found));
     }
     Ok(IdxArray {
         magic,

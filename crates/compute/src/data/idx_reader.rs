@@ -200,16 +200,7 @@ impl IdxReader {
         if found == expected {
             return Ok(());
         }
-        Err(DataError::WrongSize {
-            path: self.path.clone(),
-            expected,
-            found,
-            hint: if found < expected {
-                " (truncated?)"
-            } else {
-                " (trailing bytes)"
-            },
-        })
+        Err(DataError::wrong_size(&self.path, expected, found))
     }
 
     /// Fills `buf` as far as the stream goes; returns how many bytes were read.
