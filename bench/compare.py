@@ -382,7 +382,7 @@ def main():
     for k, v in out["ratios"].items():
         print(f"| {k} | | | {v} |")
     for m in out["memory"]:
-        print(f"| peak memory, default run, {m['transport']} (MB) | {m['total_mb']:.0f} | | |")
+        print(f"| peak memory, default run, {m.get('model', 'cnn')} {m['transport']} (MB) | {m['total_mb']:.0f} | | |")
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {a.out}")
 

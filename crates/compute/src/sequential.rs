@@ -17,10 +17,86 @@ pub struct Sequential {
     layout: Layout,
     input: Shape,
     classes: usize,
-    /// acts[i] is layer i's input; acts[last] the logits.
+    /// Which buffer holds each activation (`slot[i]`: layer i's input; the last, the logits).
+    /// An elementwise layer whose input nobody reads afterwards writes over it.
+    plan: BufferPlan,
+    /// The activation buffers.
     acts: Vec<Vec<f32>>,
     /// Gradient buffers; two are enough, swapped as backward walks down the chain.
     delta: [Vec<f32>; 2],
+}
+
+/// Where activations live and which buffers backward may borrow: the chain's memory plan,
+/// made once from what each layer's backward reads.
+#[derive(Debug, Clone)]
+struct BufferPlan {
+    slot: Vec<usize>,
+    buffers: usize,
+    /// Per gradient buffer, an activation buffer no backward reads that it borrows during
+    /// backward (the largest dead one for the gradient buffer that needs the most).
+    lend: [Option<usize>; 2],
+}
+
+impl BufferPlan {
+    fn new(layers: &[Box<dyn Layer>]) -> Self {
+        let n = layers.len();
+        let mut slot = vec![0usize; n + 1];
+        let mut buffers = 1;
+        for i in 0..n {
+            // Writing over layer i's input is safe when no backward reads it: not layer i
+            // (its x) and not layer i - 1 (its y). The images' buffer is never written.
+            let overwrite = i > 0
+                && layers[i].elementwise()
+                && !layers[i].reads().x
+                && !layers[i - 1].reads().y;
+            slot[i + 1] = if overwrite {
+                slot[i]
+            } else {
+                buffers += 1;
+                buffers - 1
+            };
+        }
+        // A buffer is dead during backward when no activation it holds is read there. The
+        // logits' buffer is kept too: the loss reads it while the gradient buffers are lent.
+        let mut read = vec![false; buffers];
+        read[slot[n]] = true;
+        for (j, &b) in slot.iter().enumerate() {
+            read[b] |= (j < n && layers[j].reads().x) || (j > 0 && layers[j - 1].reads().y);
+        }
+        // Per sample, the size each gradient buffer takes at its largest: buffer 0 holds the
+        // logits' gradient first, then the two alternate receiving each layer's input gradient.
+        let mut need = [layers.last().map_or(0, |l| l.output_shape().len()), 0];
+        for (k, i) in (1..n).rev().enumerate() {
+            let which = (k + 1) % 2;
+            need[which] = need[which].max(layers[i].input_shape().len());
+        }
+        let size = |b: usize| {
+            (0..=n)
+                .filter(|&j| slot[j] == b)
+                .map(|j| {
+                    if j == 0 {
+                        0
+                    } else {
+                        layers[j - 1].output_shape().len()
+                    }
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let mut dead: Vec<usize> = (1..buffers).filter(|&b| !read[b]).collect();
+        dead.sort_by_key(|&b| std::cmp::Reverse(size(b)));
+        let mut order = [0usize, 1];
+        order.sort_by_key(|&g| std::cmp::Reverse(need[g]));
+        let mut lend = [None, None];
+        for (g, b) in order.into_iter().zip(dead) {
+            lend[g] = Some(b);
+        }
+        BufferPlan {
+            slot,
+            buffers,
+            lend,
+        }
+    }
 }
 
 impl Sequential {
@@ -44,13 +120,16 @@ impl Sequential {
         let classes = shape.len();
         let layout = Layout::new(specs.iter().map(|(n, s)| (n.clone(), &s[..])))
             .expect("model code declares a valid layout");
+        let layers: Vec<Box<dyn Layer>> = layers.into_iter().map(|(_, l)| l).collect();
+        let plan = BufferPlan::new(&layers);
         Sequential {
-            layers: layers.into_iter().map(|(_, l)| l).collect(),
+            acts: vec![Vec::new(); plan.buffers],
+            plan,
+            layers,
             ranges,
             layout,
             input,
             classes,
-            acts: Vec::new(),
             delta: [Vec::new(), Vec::new()],
         }
     }
@@ -105,9 +184,9 @@ impl Sequential {
         step: (&Rng, u64),
     ) {
         let n = self.layers.len();
-        self.acts.resize_with(n + 1, Vec::new);
-        self.acts[0].clear();
-        self.acts[0].extend_from_slice(images);
+        let slot = &self.plan.slot;
+        self.acts[slot[0]].clear();
+        self.acts[slot[0]].extend_from_slice(images);
         let (rng, first_sample) = step;
         for i in 0..n {
             let mut layer_rng = rng.fork(i as u64);
@@ -118,11 +197,24 @@ impl Sequential {
                 first_sample,
             };
             let out_len = self.layers[i].output_shape().len() * batch;
-            let (before, after) = self.acts.split_at_mut(i + 1);
+            let params = &params[self.ranges[i].clone()];
+            let (from, to) = (slot[i], slot[i + 1]);
+            if from == to {
+                let xy = &mut self.acts[to];
+                self.layers[i].forward_in_place(params, &mut xy[..out_len], &mut pass);
+                continue;
+            }
+            // Two distinct buffers: borrow both (the later-numbered is always `to`).
+            let (before, after) = self.acts.split_at_mut(to);
             let y = &mut after[0];
             y.resize(out_len, 0.0);
-            self.layers[i].forward(&params[self.ranges[i].clone()], &before[i], y, &mut pass);
+            self.layers[i].forward(params, &before[from], y, &mut pass);
         }
+    }
+
+    /// The logits of the last forward pass.
+    fn logits(&self) -> &[f32] {
+        &self.acts[self.plan.slot[self.layers.len()]]
     }
 
     /// Forward and backward on part of a step's batch: samples `first_sample..` of a batch of
@@ -143,10 +235,18 @@ impl Sequential {
         let batch = labels.len();
         self.forward(params, images, batch, true, step);
         let n = self.layers.len();
+        // Gradient buffers borrow activation buffers that no backward reads, and give them back
+        // at the end (their contents are scratch either way).
+        let lend = self.plan.lend;
+        for (g, b) in lend.iter().enumerate() {
+            if let Some(b) = *b {
+                std::mem::swap(&mut self.delta[g], &mut self.acts[b]);
+            }
+        }
         let [d_out, d_in] = &mut self.delta;
         d_out.resize(self.classes * batch, 0.0);
-        let (loss, correct) =
-            log_softmax_nll(&self.acts[n], labels, self.classes, Some((d_out, whole)));
+        let logits = &self.acts[self.plan.slot[n]];
+        let (loss, correct) = log_softmax_nll(logits, labels, self.classes, Some((d_out, whole)));
         // Backward draws nothing (dropout reuses its forward mask).
         let mut unused = Rng::new(0);
         let mut pass = Pass {
@@ -162,9 +262,18 @@ impl Sequential {
             } else {
                 None
             };
+            let reads = self.layers[i].reads();
             let io = Backward {
-                x: &self.acts[i],
-                y: &self.acts[i + 1],
+                x: if reads.x {
+                    &self.acts[self.plan.slot[i]]
+                } else {
+                    &[]
+                },
+                y: if reads.y {
+                    &self.acts[self.plan.slot[i + 1]]
+                } else {
+                    &[]
+                },
                 dy: d_out,
                 dx,
             };
@@ -175,6 +284,15 @@ impl Sequential {
                 &mut pass,
             );
             std::mem::swap(d_out, d_in);
+        }
+        // Back to where they started: an even number of swaps of the two leaves them there.
+        if n % 2 == 1 {
+            self.delta.swap(0, 1);
+        }
+        for (g, b) in lend.iter().enumerate() {
+            if let Some(b) = *b {
+                std::mem::swap(&mut self.delta[g], &mut self.acts[b]);
+            }
         }
         Ok(StepStats {
             loss,
@@ -242,13 +360,79 @@ impl Model for Sequential {
             .zip(labels.chunks(EVAL_CHUNK))
         {
             self.forward(params, imgs, labs.len(), false, (&rng, 0));
-            let logits = &self.acts[self.layers.len()];
-            let (loss, correct) = log_softmax_nll(logits, labs, self.classes, None);
+            let (loss, correct) = log_softmax_nll(self.logits(), labs, self.classes, None);
             stats.loss += f64::from(loss) * labs.len() as f64;
             stats.correct += correct;
             stats.samples += labs.len();
         }
         stats.loss /= stats.samples as f64;
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{ModelKind, ModelOptions};
+    use crate::models;
+    use pstrain_core::Rng;
+
+    /// The cnn's plan: the ReLUs write over their inputs (no backward reads a conv's
+    /// output or a pool's), and conv2's output, which no backward reads, is lent to the
+    /// gradient buffer that receives the pool's input gradient, its largest.
+    #[test]
+    fn the_cnn_keeps_only_what_backward_reads() {
+        let cnn = models::cnn(ModelOptions {
+            dropout: true,
+            threads: 1,
+        });
+        let slot = &cnn.plan.slot;
+        // Layers: conv1 relu1 conv2 pool relu2 dropout1 fc1 relu3 dropout2 fc2.
+        assert_eq!(slot[2], slot[1], "relu1 in place");
+        assert_eq!(slot[5], slot[4], "relu2 in place");
+        assert_ne!(
+            slot[6], slot[5],
+            "dropout1 after a ReLU, which reads its output"
+        );
+        assert_eq!(
+            slot[8], slot[7],
+            "relu3 in place (fc1 reads its input only)"
+        );
+        assert_eq!(cnn.plan.buffers, 8);
+        assert!(cnn.plan.lend.contains(&Some(slot[3])), "{:?}", cnn.plan);
+    }
+
+    /// Lent buffers come back and in-place layers recompute from fresh inputs: the same step
+    /// twice, with an evaluation between, gives the same bits.
+    #[test]
+    fn steps_repeat_exactly_with_buffers_reused() {
+        for kind in ModelKind::ALL {
+            let mut model = kind.build(ModelOptions {
+                dropout: true,
+                threads: 1,
+            });
+            let mut rng = Rng::new(5);
+            let mut params = vec![0.0; model.layout().len()];
+            model.init_params(&mut params, &mut rng);
+            let images: Vec<f32> = (0..8 * model.input_len())
+                .map(|_| rng.uniform(0.0, 1.0))
+                .collect();
+            let labels: Vec<u8> = (0..8).map(|i| (i * 3 % 10) as u8).collect();
+            let mut run = |model: &mut Box<dyn crate::Model>| {
+                let mut grads = vec![f32::NAN; params.len()];
+                let stats = model
+                    .train_step(&params, &images, &labels, &mut grads, &mut Rng::new(9))
+                    .unwrap();
+                (
+                    stats.loss.to_bits(),
+                    grads.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
+                )
+            };
+            let first = run(&mut model);
+            let eval = model
+                .evaluate(&params, &images[..3 * 784], &labels[..3])
+                .unwrap();
+            assert!(eval.loss.is_finite());
+            assert_eq!(run(&mut model), first, "{kind}");
+        }
     }
 }

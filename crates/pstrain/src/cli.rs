@@ -198,6 +198,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
 
 fn run_bench_cmd(args: BenchArgs) -> Result<()> {
     let data = load_data(&args.data)?;
+    let models = args.models.clone();
     let cfg = BenchConfig {
         batch_size: args.batch_size,
         seconds: args.seconds,
@@ -209,7 +210,8 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
     let mut report = run_bench(&cfg, &data, &mut |line| println!("{line}"))?;
     if args.memory_updates > 0 {
         let exe = std::env::current_exe().context("cannot find this program")?;
-        report.memory = crate::bench_memory::measure(&exe, &args.data.dir(), args.memory_updates)?;
+        let dir = args.data.dir();
+        report.memory = crate::bench_memory::measure(&exe, &dir, args.memory_updates, &models)?;
         for run in &report.memory {
             let parts: Vec<String> = run
                 .processes
@@ -217,7 +219,8 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
                 .map(|p| format!("{} {:.0} MB", p.process, p.peak_rss_mb))
                 .collect();
             println!(
-                "memory, default run {}: {} (total {:.0} MB)",
+                "memory, default run, {} {}: {} (total {:.0} MB)",
+                run.model,
                 run.transport,
                 parts.join(", "),
                 run.total_mb

@@ -1,7 +1,7 @@
 //! Inverted dropout: in training each element is zeroed with probability p and the rest are
 //! scaled by 1/(1-p); in evaluation it is the identity.
 
-use super::{Backward, Layer, Pass, Shape};
+use super::{Backward, Layer, Pass, Reads, Shape};
 use pstrain_core::rng::splitmix64_at;
 
 pub struct Dropout {
@@ -58,6 +58,10 @@ impl Layer for Dropout {
                 *o = i * *m;
             }
         }
+    }
+
+    fn reads(&self) -> Reads {
+        Reads::NOTHING
     }
 
     fn backward(&mut self, _: &[f32], io: Backward<'_>, _: &mut [f32], pass: &mut Pass<'_>) {

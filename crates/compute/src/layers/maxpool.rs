@@ -1,7 +1,7 @@
 //! Max pooling with a square window and stride equal to the window (PyTorch's default),
 //! dropping the ragged edge as PyTorch's floor mode does.
 
-use super::{Backward, Layer, Pass, Shape};
+use super::{Backward, Layer, Pass, Reads, Shape};
 
 pub struct MaxPool2d {
     input: Shape,
@@ -109,6 +109,10 @@ impl Layer for MaxPool2d {
         } else {
             self.forward_any(x, y, pass.batch);
         }
+    }
+
+    fn reads(&self) -> Reads {
+        Reads::NOTHING
     }
 
     fn backward(&mut self, _: &[f32], io: Backward<'_>, _: &mut [f32], pass: &mut Pass<'_>) {

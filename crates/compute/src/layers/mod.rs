@@ -62,6 +62,24 @@ pub struct Backward<'a> {
     pub dx: Option<&'a mut [f32]>,
 }
 
+/// What a layer's `backward` reads of its forward pass (a chain keeps only that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reads {
+    /// The forward input `Backward::x`.
+    pub x: bool,
+    /// The forward output `Backward::y`.
+    pub y: bool,
+}
+
+impl Reads {
+    /// Only its input (convolutions, fully connected layers: the default).
+    pub const INPUT: Reads = Reads { x: true, y: false };
+    /// Only its output (ReLU).
+    pub const OUTPUT: Reads = Reads { x: false, y: true };
+    /// Neither: what it needs it kept itself (max-pool's argmax, dropout's mask).
+    pub const NOTHING: Reads = Reads { x: false, y: false };
+}
+
 pub trait Layer: Send {
     /// Parameter tensors relative to this layer, in the order they sit in its slice (none by
     /// default).
@@ -74,6 +92,22 @@ pub trait Layer: Send {
     fn init(&self, _params: &mut [f32], _rng: &mut Rng) {}
     /// `y = f(x)` for `pass.batch` samples.
     fn forward(&mut self, params: &[f32], x: &[f32], y: &mut [f32], pass: &mut Pass<'_>);
+    /// What `backward` reads of the forward pass (`Backward::x`, `Backward::y`); a chain may
+    /// reuse a buffer that no backward reads. Declaring less than it reads is a bug the
+    /// layer tests catch (`gradcheck` passes only what is declared).
+    fn reads(&self) -> Reads {
+        Reads::INPUT
+    }
+    /// Whether `forward_in_place` may write the output over the input (same shape, element
+    /// by element), so that a chain gives input and output one buffer.
+    fn elementwise(&self) -> bool {
+        false
+    }
+    /// `forward` with `xy` holding the input and receiving the output.
+    fn forward_in_place(&mut self, params: &[f32], xy: &mut [f32], pass: &mut Pass<'_>) {
+        let x = xy.to_vec();
+        self.forward(params, &x, xy, pass);
+    }
     /// Writes (does not accumulate) this layer's parameter gradients into `grads`, and the
     /// input gradient into `io.dx` when asked for (the first layer is not).
     fn backward(
@@ -136,9 +170,25 @@ pub(crate) mod gradcheck {
             first_sample: 0,
         };
         layer.forward(params, x, &mut y, &mut pass);
+        if layer.elementwise() {
+            // In place gives the same output and leaves the layer as `forward` did.
+            let mut xy = x.to_vec();
+            let mut again = Rng::new(99);
+            let mut pass = Pass {
+                batch,
+                train: true,
+                rng: &mut again,
+                first_sample: 0,
+            };
+            layer.forward_in_place(params, &mut xy, &mut pass);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&xy), bits(&y), "forward_in_place differs from forward");
+        }
+        // Only what the layer declares it reads: an undeclared read indexes an empty slice.
+        let reads = layer.reads();
         let io = Backward {
-            x,
-            y: &y,
+            x: if reads.x { x } else { &[] },
+            y: if reads.y { &y } else { &[] },
             dy,
             dx: Some(&mut dx),
         };

@@ -1,6 +1,6 @@
 //! Rectified linear unit.
 
-use super::{Backward, Layer, Pass, Shape};
+use super::{Backward, Layer, Pass, Reads, Shape};
 
 pub struct Relu {
     shape: Shape,
@@ -25,6 +25,21 @@ impl Layer for Relu {
         let n = self.shape.len() * pass.batch;
         for (o, &i) in y[..n].iter_mut().zip(&x[..n]) {
             *o = i.max(0.0);
+        }
+    }
+
+    fn reads(&self) -> Reads {
+        Reads::OUTPUT
+    }
+
+    fn elementwise(&self) -> bool {
+        true
+    }
+
+    fn forward_in_place(&mut self, _: &[f32], xy: &mut [f32], pass: &mut Pass<'_>) {
+        let n = self.shape.len() * pass.batch;
+        for v in &mut xy[..n] {
+            *v = v.max(0.0);
         }
     }
 
