@@ -417,7 +417,7 @@ mod tests {
                 .map(|_| rng.uniform(0.0, 1.0))
                 .collect();
             let labels: Vec<u8> = (0..8).map(|i| (i * 3 % 10) as u8).collect();
-            let mut run = |model: &mut Box<dyn crate::Model>| {
+            let run = |model: &mut Box<dyn crate::Model>| {
                 let mut grads = vec![f32::NAN; params.len()];
                 let stats = model
                     .train_step(&params, &images, &labels, &mut grads, &mut Rng::new(9))
