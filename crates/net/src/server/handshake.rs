@@ -24,9 +24,38 @@ pub(super) struct Peer {
     pub said_goodbye: bool,
 }
 
+/// The largest frame a peer may send before it has proven the token: the AUTH frame (its
+/// nonce). Until the proof, a stranger costs this shard no more than a header and this.
+const FIRST_FRAME_LIMIT: u64 = NONCE_LEN as u64;
+
+/// Unproven DESCRIBE or HELLO frames larger than this wait for one of `LARGE_HELLOS` permits
+/// (a hello carries the layout: a model of many tensors needs more), so strangers who pass
+/// the challenge cannot make every connection hold a megabyte.
+pub(super) const SMALL_HELLO: u64 = 16 << 10;
+pub(super) const LARGE_HELLOS: usize = 4;
+
 /// Reads the peer's hello: with a run token, after the challenge-response that proves both
 /// ends hold it; a DESCRIBE (proven the same way) may come first. `None` if the peer left.
+/// With a token, the first frame must be AUTH and no larger, and anything wrong before the
+/// proof is refused as unauthorized, in words of this shard's own: nothing the peer sent
+/// reaches the log.
 pub(super) async fn read_hello(
+    shared: &Shared,
+    conn: &mut Connection,
+) -> Result<Option<Hello>, NetError> {
+    let unproven = shared.cfg.token.is_some();
+    let outcome = read_hello_frames(shared, conn).await;
+    match outcome {
+        Err(e) if unproven && !e.is_transport() && !matches!(e, NetError::Unauthorized(_)) => {
+            Err(NetError::Unauthorized(
+                "malformed or unexpected handshake before the peer proved the run's token".into(),
+            ))
+        }
+        other => other,
+    }
+}
+
+async fn read_hello_frames(
     shared: &Shared,
     conn: &mut Connection,
 ) -> Result<Option<Hello>, NetError> {
@@ -34,15 +63,40 @@ pub(super) async fn read_hello(
     let mut nonces: Option<(Nonce, Nonce)> = None;
     let mut described = false;
     loop {
+        // Only the header is read here; its payload is read below, within the limits.
         let Some(header) = conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? else {
             return Ok(None);
         };
+        if cfg.token.is_some() && nonces.is_none() {
+            if header.kind != kind::AUTH {
+                return Err(NetError::Unauthorized(
+                    "this shard requires the run's token (--token-file FILE or PSTRAIN_TOKEN)"
+                        .into(),
+                ));
+            }
+            if header.len > FIRST_FRAME_LIMIT {
+                return Err(NetError::Unauthorized(
+                    "an AUTH frame of the wrong size".into(),
+                ));
+            }
+        }
         if ![kind::AUTH, kind::DESCRIBE, kind::HELLO].contains(&header.kind) {
             return Err(NetError::Unexpected {
                 got: header.kind,
                 expected: "hello",
             });
         }
+        let _large = if cfg.token.is_some() && header.len > SMALL_HELLO {
+            Some(
+                shared
+                    .large_hellos
+                    .acquire()
+                    .await
+                    .map_err(|_| NetError::Handshake("the shard is stopping".into()))?,
+            )
+        } else {
+            None
+        };
         let bytes = conn.read_bytes(header.len as usize).await?;
         match Request::decode(header.kind, &bytes, cfg.plan.workers)? {
             Request::Auth { nonce } if nonces.is_none() => {

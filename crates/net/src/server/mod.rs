@@ -7,6 +7,7 @@ mod checkpoints;
 mod handle;
 mod handlers;
 mod handshake;
+mod refusal_log;
 mod session;
 mod shared;
 
@@ -60,6 +61,10 @@ pub struct ShardConfig {
     /// Connections open at once, in all and from one address; more are closed on accept.
     pub max_connections: usize,
     pub max_connections_per_address: usize,
+    /// Of those, connections whose peer has not proven the token yet, in all and from one
+    /// address: strangers on a few addresses cannot take the slots of the run's peers.
+    pub max_unproven: usize,
+    pub max_unproven_per_address: usize,
     /// Serve `/metrics` (Prometheus) and the live page on this address.
     pub metrics_addr: Option<String>,
 }
@@ -83,7 +88,9 @@ impl ShardConfig {
             tls: None,
             handshake_timeout: Duration::from_secs(10),
             max_connections: 512,
-            max_connections_per_address: 128,
+            max_connections_per_address: 512,
+            max_unproven: 128,
+            max_unproven_per_address: 16,
             metrics_addr: None,
         }
     }

@@ -17,12 +17,12 @@ pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
     let Some(mut conn) = open(&shared, stream).await else {
         let mut state = shared.lock();
         state.events.protocol_errors += 1;
-        shared.release(&mut state, ip);
+        shared.release(&mut state, ip, false);
         shared.check_finished(&state);
         return;
     };
     let mut peer = None;
-    let result = serve(&shared, &mut conn, &mut peer).await;
+    let result = serve(&shared, &mut conn, &mut peer, ip).await;
     if let Err(e) = &result {
         // Best effort: tell the peer why, unless the socket itself is what failed.
         if !e.is_transport() {
@@ -33,17 +33,19 @@ pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
             NetError::Unauthorized(why) => shared.log_unauthorized(&mut state, ip, why),
             NetError::Handshake(_) | NetError::Join(_) => {
                 state.events.refused_handshakes += 1;
-                shared.log(&format!("closing connection from {}: {e}", conn.peer()));
+                let line = format!("closing connection from {}: {e}", conn.peer());
+                shared.log_refusal(&mut state, &line);
             }
             _ => {
                 state.events.protocol_errors += 1;
-                shared.log(&format!("closing connection from {}: {e}", conn.peer()));
+                let line = format!("closing connection from {}: {e}", conn.peer());
+                shared.log_refusal(&mut state, &line);
             }
         }
     }
     conn.shutdown().await;
     let mut state = shared.lock();
-    shared.release(&mut state, ip);
+    shared.release(&mut state, ip, peer.is_some());
     // A worker that vanished without a goodbye leaves the quorum; one that was evicted or
     // replaced no longer speaks for its rank, so nothing changes.
     if let Some(Peer {
@@ -79,7 +81,8 @@ async fn open(shared: &Shared, stream: TcpStream) -> Option<Connection> {
     match tokio::time::timeout(cfg.handshake_timeout, tls.accept(stream)).await {
         Ok(Ok(tls_stream)) => Some(Connection::over(tls_stream, peer, cfg.io_timeout)),
         Ok(Err(e)) => {
-            shared.log(&format!("TLS handshake with {peer} failed: {e}"));
+            let line = format!("TLS handshake with {peer} failed: {e}");
+            shared.log_refusal(&mut shared.lock(), &line);
             None
         }
         Err(_) => None,
@@ -90,6 +93,7 @@ async fn serve(
     shared: &Shared,
     conn: &mut Connection,
     peer: &mut Option<Peer>,
+    ip: IpAddr,
 ) -> Result<(), NetError> {
     let cfg = &shared.cfg;
     // The whole handshake under one deadline: a stranger cannot park here.
@@ -105,9 +109,14 @@ async fn serve(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(NetError::Timeout("in the handshake")),
     };
-    if let Some(seat) = me.seat {
-        let address = conn.peer().to_string();
-        shared.lock().worker_addresses.insert(seat.rank, address);
+    {
+        let mut state = shared.lock();
+        shared.proven(&mut state, ip);
+        if let Some(seat) = me.seat {
+            state
+                .worker_addresses
+                .insert(seat.rank, conn.peer().to_string());
+        }
     }
     *peer = Some(me);
     let workers = cfg.plan.workers;

@@ -1,6 +1,7 @@
 //! What a shard's sessions share: its engine and connection counters behind one lock, the
 //! version channel that wakes waiting pulls, the clock, and the "run is over" signal.
 
+use super::refusal_log::RefusalLog;
 use super::{ConnectionEvents, ShardConfig};
 use pstrain_core::{CoreState, ShardEngine};
 use pstrain_observe::{Latencies, RunSnapshot, ShardView};
@@ -9,7 +10,7 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 /// A buffer lent to one request.
 pub(super) struct Lease<'a> {
@@ -43,6 +44,11 @@ pub(super) struct State {
     /// Connections open now, in all and by peer address.
     pub open: usize,
     pub open_by_address: HashMap<IpAddr, usize>,
+    /// Of those, the connections whose peer has not proven the token yet.
+    pub unproven: usize,
+    pub unproven_by_address: HashMap<IpAddr, usize>,
+    /// Refusals (handshakes, protocol errors) logged at a bounded rate.
+    pub refusal_log: RefusalLog,
     pub events: ConnectionEvents,
     /// When each address was last logged as unauthorized (the log is rate-limited).
     pub logged_unauthorized: HashMap<IpAddr, Instant>,
@@ -66,6 +72,8 @@ pub(super) struct Shared {
     /// (version, done) after every change, for pulls waiting at the consistency gate.
     pub version: watch::Sender<(u64, bool)>,
     pub finished: Notify,
+    /// Permits to read an unproven hello larger than `handshake::SMALL_HELLO`.
+    pub large_hellos: Semaphore,
     /// Tensor buffers lent to requests (a connection holds none between requests); at most
     /// `workers + 2` are kept for reuse, so the steady state allocates nothing.
     buffers: Mutex<Vec<Vec<f32>>>,
@@ -98,6 +106,9 @@ impl Shared {
                 engine,
                 open: 0,
                 open_by_address: HashMap::new(),
+                unproven: 0,
+                unproven_by_address: HashMap::new(),
+                refusal_log: RefusalLog::default(),
                 events: ConnectionEvents::default(),
                 logged_unauthorized: HashMap::new(),
                 worker_addresses: HashMap::new(),
@@ -109,6 +120,7 @@ impl Shared {
             }),
             version,
             finished: Notify::new(),
+            large_hellos: Semaphore::new(super::handshake::LARGE_HELLOS),
             snapshots,
             buffers: Mutex::new(Vec::new()),
         }
@@ -201,12 +213,19 @@ impl Shared {
         }
     }
 
-    /// Counts a new connection from `ip` in, unless a cap is reached.
+    /// Counts a new connection from `ip` in (as unproven), unless a cap is reached: the
+    /// connections in all and from one address, and those not yet proven, in all and from one
+    /// address (so that a few addresses of strangers cannot hold every slot).
     pub fn admit(&self, ip: IpAddr) -> bool {
+        let cfg = &self.cfg;
         let mut state = self.lock();
         state.events.accepted += 1;
         let from_ip = state.open_by_address.get(&ip).copied().unwrap_or(0);
-        if state.open >= self.cfg.max_connections || from_ip >= self.cfg.max_connections_per_address
+        let unproven_ip = state.unproven_by_address.get(&ip).copied().unwrap_or(0);
+        if state.open >= cfg.max_connections
+            || from_ip >= cfg.max_connections_per_address
+            || state.unproven >= cfg.max_unproven
+            || unproven_ip >= cfg.max_unproven_per_address
         {
             state.events.over_capacity += 1;
             return false;
@@ -214,18 +233,31 @@ impl Shared {
         state.open += 1;
         state.quiet_since = Instant::now();
         *state.open_by_address.entry(ip).or_insert(0) += 1;
+        state.unproven += 1;
+        *state.unproven_by_address.entry(ip).or_insert(0) += 1;
         true
     }
 
-    /// A connection from `ip` closed.
-    pub fn release(&self, state: &mut State, ip: IpAddr) {
+    /// The connection from `ip` got through the handshake: it no longer counts as unproven.
+    pub fn proven(&self, state: &mut State, ip: IpAddr) {
+        state.unproven -= 1;
+        decrement(&mut state.unproven_by_address, ip);
+    }
+
+    /// A connection from `ip` closed (`proven`: after its handshake).
+    pub fn release(&self, state: &mut State, ip: IpAddr, proven: bool) {
         state.open -= 1;
         state.quiet_since = Instant::now();
-        if let Some(n) = state.open_by_address.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                state.open_by_address.remove(&ip);
-            }
+        decrement(&mut state.open_by_address, ip);
+        if !proven {
+            self.proven(state, ip);
+        }
+    }
+
+    /// Logs a refusal at a bounded rate, its text escaped and cut.
+    pub fn log_refusal(&self, state: &mut State, text: &str) {
+        if let Some(line) = state.refusal_log.line(text, Instant::now()) {
+            self.log(&line);
         }
     }
 
@@ -245,7 +277,8 @@ impl Shared {
         }
         state.logged_unauthorized.insert(ip, now);
         self.log(&format!(
-            "refused {ip}: {why} (logged once a minute per address)"
+            "refused {ip}: {} (logged once a minute per address)",
+            super::refusal_log::escape(why)
         ));
     }
 
@@ -264,5 +297,15 @@ impl Shared {
             self.publish(&state);
         }
         self.check_finished(&state);
+    }
+}
+
+/// One fewer for `ip`; the entry goes when it reaches zero.
+fn decrement(counts: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = counts.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&ip);
+        }
     }
 }
