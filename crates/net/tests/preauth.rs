@@ -1,6 +1,7 @@
 //! What a stranger costs a shard with a run token before proving anything: a header and an
 //! AUTH frame, no more (larger unproven hellos wait for one of a few permits); and strangers
-//! on a few addresses cannot take the slots the run's own peers need.
+//! on a few addresses cannot take the slots the run's own peers need, nor keep a finished run
+//! alive.
 
 mod common;
 
@@ -136,4 +137,60 @@ fn strangers_on_a_few_addresses_cannot_take_every_slot() {
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 10);
     assert!(report.events.over_capacity >= 400, "{:?}", report.events);
+}
+
+#[test]
+fn a_stranger_cannot_keep_a_finished_run_alive() {
+    let token = RunToken::generate().unwrap();
+    let server = shard(&token, |cfg| {
+        cfg.exit_when_finished = true;
+        cfg.plan = plan(ASYNC, 1);
+    });
+    let addr = server.address();
+    // A stranger keeps at least one connection open at every moment, opening a new one
+    // before it drops an old one, and never says a word.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stranger = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut open = std::collections::VecDeque::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(s) = TcpStream::connect(addr) {
+                    open.push_back(s);
+                }
+                if open.len() > 2 {
+                    open.pop_front();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cfg = ClientConfig::new(
+        vec![addr.to_string()],
+        Role::Worker,
+        0,
+        plan(ASYNC, 1),
+        layout(),
+    );
+    cfg.token = Some(token.clone());
+    let mut worker = TcpClient::connect(&cfg).unwrap();
+    let mut params = vec![0.0; N];
+    for _ in 0..5 {
+        let v = worker.pull(&mut params, None, false).unwrap().version;
+        let meta = PushMeta {
+            rank: 0,
+            base_version: v,
+            samples: 1,
+            loss: 0.0,
+        };
+        worker.push(meta, &vec![1.0; N]).unwrap();
+    }
+    worker.leave().unwrap();
+    // The run is over when its worker is done, whoever else is connected.
+    let report = server.wait(Some(Duration::from_secs(5))).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stranger.join().unwrap();
+    let report = report.expect("the shard ended within 5 s of its worker's goodbye");
+    assert_eq!(report.stats.gradients_applied, 5);
 }

@@ -56,7 +56,7 @@ pub(super) struct State {
     pub worker_addresses: HashMap<usize, String>,
     /// When the last checkpoint was written, and how long it took.
     pub last_checkpoint: Option<(Instant, Duration)>,
-    /// When a connection last opened or closed (the shard's end waits for some quiet).
+    /// When a proven connection last opened or closed (the shard's end waits for some quiet).
     pub quiet_since: Instant,
     /// Checkpoints that failed, in all and since the last one written, and the last error.
     pub checkpoint_failures: u64,
@@ -194,14 +194,17 @@ impl Shared {
         eprintln!("[shard {}] {msg}", self.cfg.shard);
     }
 
-    /// Signals the run loop when the run is over for this shard and no connection is open:
-    /// at once when every worker has come and left with a goodbye; after `FINISH_GRACE` of
-    /// quiet when every worker has gone (some vanished: they may come back, as a restarted
-    /// worker does) or the shard is done and no worker is there (a shard restarted at the
-    /// budget after the workers had finished).
+    /// Signals the run loop when the run is over for this shard and no proven peer is still
+    /// connected: at once when every worker has come and left with a goodbye; after
+    /// `FINISH_GRACE` of quiet when every worker has gone (some vanished: they may come back,
+    /// as a restarted worker does) or the shard is done and no worker is there (a shard
+    /// restarted at the budget after the workers had finished). Connections that never proved
+    /// the token neither keep a run alive nor count as activity: a stranger reconnecting
+    /// all the time cannot hold a finished shard (and its final checkpoint) open.
     pub fn check_finished(&self, state: &State) {
         let engine = &state.engine;
-        let idle = state.open == 0 && engine.workers_present() == 0;
+        let proven_open = state.open - state.unproven;
+        let idle = proven_open == 0 && engine.workers_present() == 0;
         if !self.cfg.exit_when_finished || !idle {
             return;
         }
@@ -231,7 +234,6 @@ impl Shared {
             return false;
         }
         state.open += 1;
-        state.quiet_since = Instant::now();
         *state.open_by_address.entry(ip).or_insert(0) += 1;
         state.unproven += 1;
         *state.unproven_by_address.entry(ip).or_insert(0) += 1;
@@ -242,15 +244,18 @@ impl Shared {
     pub fn proven(&self, state: &mut State, ip: IpAddr) {
         state.unproven -= 1;
         decrement(&mut state.unproven_by_address, ip);
+        state.quiet_since = Instant::now();
     }
 
     /// A connection from `ip` closed (`proven`: after its handshake).
     pub fn release(&self, state: &mut State, ip: IpAddr, proven: bool) {
         state.open -= 1;
-        state.quiet_since = Instant::now();
         decrement(&mut state.open_by_address, ip);
-        if !proven {
-            self.proven(state, ip);
+        if proven {
+            state.quiet_since = Instant::now();
+        } else {
+            state.unproven -= 1;
+            decrement(&mut state.unproven_by_address, ip);
         }
     }
 
