@@ -8,7 +8,9 @@ use crate::exposition::{render_metrics, Latencies};
 use crate::snapshot::{HistoryPoint, RunSnapshot};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, WWW_AUTHENTICATE,
+};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,10 +23,16 @@ use subtle::ConstantTimeEq;
 use thiserror::Error;
 use tokio::sync::{oneshot, Semaphore};
 
-/// Connections served at once; more wait in the listen queue.
+/// Connections served at once; more are closed on accept (the accept loop never waits for a
+/// slot, so the stop signal and the history tick are always heard).
 const MAX_CONNECTIONS: usize = 32;
 /// A client must send its request head within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a connection lives, reading and writing (a client that sends requests and never
+/// reads the answers holds its slot no longer than this).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(20);
+/// Requests on one connection; the answer to the last says `Connection: close`.
+const REQUESTS_PER_CONNECTION: u32 = 600;
 /// History points kept (one a second); older ones are thinned out.
 const HISTORY_POINTS: usize = 1200;
 
@@ -219,21 +227,34 @@ async fn serve(listener: StdListener, ctx: Arc<Context>, mut stopped: oneshot::R
             _ = tick.tick() => ctx.sample(),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
+                // Over the cap the socket is dropped at once.
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else { continue };
                 let ctx = Arc::clone(&ctx);
                 tokio::spawn(async move {
+                    let served = std::sync::atomic::AtomicU32::new(0);
+                    let served = Arc::new(served);
                     let service = service_fn(move |req| {
                         let ctx = Arc::clone(&ctx);
-                        async move { Ok::<_, Infallible>(respond(&ctx, req)) }
+                        let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        async move {
+                            let mut r = respond(&ctx, req);
+                            // A refused request, or the budget spent: this answer is the
+                            // connection's last, so a stranger's slot frees at once.
+                            if r.status() == StatusCode::UNAUTHORIZED || n >= REQUESTS_PER_CONNECTION {
+                                r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                            }
+                            Ok::<_, Infallible>(r)
+                        }
                     });
-                    // Errors here are the client's (a malformed head, a hang-up): hyper
-                    // answered what it could, and nothing else is affected.
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    // Errors here are the client's (a malformed head, a hang-up, a client
+                    // that does not read): hyper answered what it could, and nothing else is
+                    // affected.
+                    let connection = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT)
                         .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                        .serve_connection(TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
                     drop(permit);
                 });
             }

@@ -224,3 +224,57 @@ fn off_loopback_the_token_is_required() {
         200
     );
 }
+
+/// Strangers who pipeline requests and never read the answers: each gets one 401 and its
+/// connection closed, more than the slots are dropped on accept, and neither the token
+/// holder's request nor the watcher's stop waits for them.
+#[test]
+fn a_metrics_port_under_attack_still_answers_and_stops() {
+    let token = "cd".repeat(32);
+    let w = Watcher::start(
+        "0.0.0.0:0",
+        Some(token.clone()),
+        Arc::new(|| snapshot(1)),
+        None,
+    )
+    .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", w.addr().port()).parse().unwrap();
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let attackers: Vec<TcpStream> = (0..64)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(addr).ok()?;
+            s.set_write_timeout(Some(Duration::from_millis(100))).ok()?;
+            let _ = std::io::Write::write_all(&mut s, pipelined.as_bytes());
+            Some(s)
+        })
+        .collect();
+    assert!(
+        attackers.len() >= 32,
+        "{} attackers connected",
+        attackers.len()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let answer = get(
+        addr,
+        "/metrics",
+        &format!("Authorization: Bearer {token}\r\n"),
+    );
+    assert_eq!(answer.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // Stopping does not wait for the attackers' sockets (they are still open).
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(w);
+        let _ = done_tx.send(());
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "the watcher did not stop within 5 s"
+    );
+    drop(attackers);
+}
