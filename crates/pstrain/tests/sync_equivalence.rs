@@ -58,7 +58,21 @@ fn train_steps(
     server.snapshot().1
 }
 
-fn check(kind: ModelKind, optimizer: OptimizerConfig) {
+/// How close N workers' weights must be to one worker's.
+#[derive(Clone, Copy)]
+enum Tolerance {
+    /// Each weight within this fraction of its size (plus 1e-3): SGD's update is linear in
+    /// the gradient, so the sum order's rounding stays at rounding size.
+    Relative(f32),
+    /// Each weight within this fraction of the most Adam can move it (its rate per step, for
+    /// the steps taken): Adam divides by the gradient's running size, so for a weight whose
+    /// gradient is near zero a rounding difference moves it by a visible part of a step
+    /// (seen on CPUs without AVX-512, whose GEMM kernels round differently: 1% of a step).
+    /// A wrong combination of the workers' gradients moves weights by whole steps.
+    AdamSteps { lr: f32, fraction: f32 },
+}
+
+fn check(kind: ModelKind, optimizer: OptimizerConfig, tolerance: Tolerance) {
     // Dropout draws its own masks per worker, so the invariant holds for the deterministic
     // network; everything else (layers, averaging, optimizer) is the production path.
     let mut model = kind.build(ModelOptions {
@@ -81,29 +95,50 @@ fn check(kind: ModelKind, optimizer: OptimizerConfig) {
     let moved: f32 = one.iter().zip(&init).map(|(a, b)| (a - b).abs()).sum();
     assert!(moved > 0.0, "training moved the weights");
     for (name, other) in [("2 workers", &two), ("4 workers", &four)] {
-        let worst = one
-            .iter()
-            .zip(other.iter())
-            .map(|(a, b)| (a - b).abs() / (1e-3 + a.abs()))
-            .fold(0.0f32, f32::max);
-        assert!(
-            worst < 1e-3,
-            "{kind} {name}: worst relative difference {worst}"
-        );
+        let gaps = one.iter().zip(other.iter());
+        match tolerance {
+            Tolerance::Relative(bound) => {
+                let worst = gaps
+                    .map(|(a, b)| (a - b).abs() / (1e-3 + a.abs()))
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst < bound,
+                    "{kind} {name}: worst relative difference {worst}"
+                );
+            }
+            Tolerance::AdamSteps { lr, fraction } => {
+                let worst = gaps.map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                let bound = fraction * lr * batches.len() as f32;
+                assert!(
+                    worst < bound,
+                    "{kind} {name}: worst difference {worst}, over {bound}"
+                );
+            }
+        }
     }
 }
 
 #[test]
 fn convnet_sgd_momentum() {
-    check(ModelKind::Convnet, OptimizerConfig::momentum(0.05, 0.9));
+    check(
+        ModelKind::Convnet,
+        OptimizerConfig::momentum(0.05, 0.9),
+        Tolerance::Relative(1e-3),
+    );
 }
 
 #[test]
 fn cnn_sgd() {
-    check(ModelKind::Cnn, OptimizerConfig::sgd(0.05));
+    check(
+        ModelKind::Cnn,
+        OptimizerConfig::sgd(0.05),
+        Tolerance::Relative(1e-3),
+    );
 }
 
 #[test]
 fn cnn_adam() {
-    check(ModelKind::Cnn, OptimizerConfig::adam(1e-3));
+    let lr = 1e-3;
+    let tolerance = Tolerance::AdamSteps { lr, fraction: 0.02 };
+    check(ModelKind::Cnn, OptimizerConfig::adam(lr), tolerance);
 }

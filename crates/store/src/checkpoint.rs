@@ -132,11 +132,26 @@ impl Checkpoint {
         })
     }
 
+    /// Reads a checkpoint file: a regular file (no link, FIFO or device) of at most
+    /// `DEFAULT_MAX_BYTES`.
     pub fn read(path: &Path) -> Result<Self, StoreError> {
-        let bytes = std::fs::read(path).map_err(|source| StoreError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::read_bounded(path, DEFAULT_MAX_BYTES)
+    }
+
+    /// Reads `identity`'s checkpoint file, no larger than one of its slice can be.
+    pub fn read_for(path: &Path, identity: &ShardIdentity) -> Result<Self, StoreError> {
+        Self::read_bounded(path, max_bytes_for(identity))
+    }
+
+    fn read_bounded(path: &Path, max: u64) -> Result<Self, StoreError> {
+        let mut file = open_regular(path, max)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, max), &mut bytes).map_err(
+            |source| StoreError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        )?;
         Self::from_bytes(&bytes, path)
     }
 
@@ -165,7 +180,18 @@ impl Checkpoint {
                     .strip_prefix(OPTIMIZER_PREFIX)
                     .map(|n| (n.to_string(), t.data.clone()))
             })
-            .collect();
+            .collect::<Vec<(String, Vec<f32>)>>();
+        // Intact but unusable (the CRC matches the values, not their sense): refused here so
+        // that a restore falls back past it to an older good file.
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !finite(&params) {
+            return Err(meta.invalid("the parameters hold NaN or infinite values".into()));
+        }
+        if let Some((name, _)) = optimizer.iter().find(|(_, v)| !finite(v)) {
+            return Err(meta.invalid(format!(
+                "optimizer state `{name}` holds NaN or infinite values"
+            )));
+        }
         if identity.range.len() != params.len() {
             return Err(meta.invalid(format!(
                 "range {:?} but {} parameters",
@@ -211,7 +237,7 @@ impl CheckpointHeader {
             path: path.to_owned(),
             source,
         };
-        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut file = open_regular(path, DEFAULT_MAX_BYTES)?;
         let map = safetensors::read_metadata(&mut file).map_err(io)?;
         let meta = Meta { path, map: &map };
         Ok(CheckpointHeader {
@@ -222,6 +248,52 @@ impl CheckpointHeader {
             config: meta.get("config")?.clone(),
         })
     }
+}
+
+/// The largest checkpoint file read without a layout to bound it.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 36;
+
+/// The most a checkpoint of `identity`'s slice can take: its parameters and at most two
+/// optimizer tensors as large (Adam's moments), plus a megabyte for names and metadata.
+pub fn max_bytes_for(identity: &ShardIdentity) -> u64 {
+    let values = identity.range.len() as u64;
+    values.saturating_mul(4 * 3).saturating_add(1 << 20)
+}
+
+/// Opens `path` for reading only if it is a regular file (not a link, FIFO or device, which
+/// could hang a reader or feed it without end) of at most `max` bytes.
+fn open_regular(path: &Path, max: u64) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let invalid = |why: String| StoreError::Invalid {
+        path: path.to_owned(),
+        why,
+    };
+    let kind = std::fs::symlink_metadata(path).map_err(io)?.file_type();
+    if !kind.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    // No-follow and non-blocking: if the name changed into a link or a FIFO after the check,
+    // the open fails or returns at once instead of following it or waiting for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    if meta.len() > max {
+        return Err(invalid(format!(
+            "{} bytes, more than a checkpoint of this layout can hold ({max})",
+            meta.len()
+        )));
+    }
+    Ok(file)
 }
 
 /// The CRC-32 over everything must match the one stored in the metadata.

@@ -81,7 +81,18 @@ impl CheckpointDir {
         &self,
         identity: &ShardIdentity,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
-        self.load_newest_where(|c| &c.identity == identity)
+        let mut problems = Vec::new();
+        for (_, path) in self.list() {
+            match Checkpoint::read_for(&path, identity) {
+                Ok(c) if &c.identity == identity => return (Some((path, c)), problems),
+                Ok(c) => problems.push(StoreError::Mismatch {
+                    path: path.clone(),
+                    why: format!("saved for {:?}", c.identity),
+                }),
+                Err(e) => problems.push(e),
+            }
+        }
+        (None, problems)
     }
 
     /// The newest intact checkpoint accepted by `accept`.
@@ -349,5 +360,39 @@ mod tests {
         assert!(problems
             .iter()
             .any(|p| matches!(p, StoreError::Mismatch { .. })));
+    }
+
+    /// Files that are not what they seem never stall or flood a restore, and an intact file
+    /// holding non-finite values is passed over for an older good one: a FIFO (which would
+    /// block a reader), a link to `/dev/zero` (which reads without end), a file larger than
+    /// the slice's checkpoint can be, a newer file of NaNs.
+    #[test]
+    fn hostile_files_are_passed_over_for_the_newest_good_one() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = CheckpointDir::for_shard(root.path(), 1, 2, 10);
+        let id = ckpt(0).identity;
+        dir.save(&ckpt(10)).unwrap();
+        let mut nan = ckpt(20);
+        nan.state.params[1] = f32::NAN;
+        dir.save(&nan).unwrap();
+        let name = |v| dir.path().join(CheckpointDir::file_name("run-a", v));
+        let fifo = std::ffi::CString::new(name(30).to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink("/dev/zero", name(40)).unwrap();
+        let big = std::fs::File::create(name(50)).unwrap();
+        big.set_len(crate::checkpoint::max_bytes_for(&id) + 1)
+            .unwrap();
+
+        let started = std::time::Instant::now();
+        let (found, problems) = dir.load_newest(&id);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(found.unwrap().1.state.version, 10);
+        let said: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(said.len(), 4, "{said:?}");
+        assert!(said[0].contains("more than a checkpoint"), "{said:?}");
+        assert!(said[1].contains("not a regular file"), "{said:?}");
+        assert!(said[2].contains("not a regular file"), "{said:?}");
+        assert!(said[3].contains("NaN"), "{said:?}");
     }
 }

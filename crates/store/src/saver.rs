@@ -132,7 +132,7 @@ impl Saver {
                 continue; // verified_points gives this run's points only
             };
             let path = root.join(&entry.file);
-            match Checkpoint::read(&path) {
+            match Checkpoint::read_for(&path, &self.identity) {
                 Ok(c) if c.identity == self.identity && c.state.version == m.version => {
                     chosen = Some((path, c, true));
                     break;
