@@ -139,20 +139,20 @@ impl Manifest {
     }
 
     /// Writes the manifest for `version` of `identity`'s run if every shard's file for that
-    /// version is there and belongs to the run; returns whether the point is complete. Then
-    /// removes this run's manifests older than the newest `keep`.
+    /// version is there and belongs to the run; returns its path if it did. Pruning is the
+    /// writer's (`Saver`): it removes only manifests it wrote itself, so manifests someone
+    /// else put in the folder can never push the run's own out.
     pub fn complete(
         root: &Path,
         identity: &ShardIdentity,
         version: u64,
-        keep: usize,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<PathBuf>, StoreError> {
         let mut files = Vec::with_capacity(identity.shards);
         let mut first: Option<CheckpointHeader> = None;
         for shard in 0..identity.shards {
             let dir = CheckpointDir::for_shard(root, shard, identity.shards, 1);
             let Ok(h) = CheckpointHeader::read(&dir.file(&identity.run_id, version)) else {
-                return Ok(false);
+                return Ok(None);
             };
             let id = &h.identity;
             if id.run_id != identity.run_id
@@ -161,7 +161,7 @@ impl Manifest {
                 || id.fingerprint != identity.fingerprint
                 || h.version != version
             {
-                return Ok(false);
+                return Ok(None);
             }
             files.push(ManifestEntry {
                 shard,
@@ -177,7 +177,7 @@ impl Manifest {
             first.get_or_insert(h);
         }
         let Some(first) = first else {
-            return Ok(false);
+            return Ok(None);
         };
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -200,8 +200,7 @@ impl Manifest {
                 source,
             }
         })?;
-        prune(root, &identity.run_id, keep);
-        Ok(true)
+        Ok(Some(path))
     }
 }
 
@@ -216,10 +215,17 @@ pub fn verified_points<'a>(
 ) -> impl Iterator<Item = Manifest> + 'a {
     Manifest::list(root)
         .into_iter()
-        .filter_map(move |(_, path)| {
+        .filter_map(move |(named, path)| {
             let checked = Manifest::read(&path).and_then(|m| {
                 if identity.is_some_and(|id| m.entry_for(id).is_none()) {
                     return Ok(None);
+                }
+                if m.version != named {
+                    // A copy of another point's manifest under a later name (a replay).
+                    return Err(StoreError::Invalid {
+                        path: path.clone(),
+                        why: format!("named for version {named}, holds version {}", m.version),
+                    });
                 }
                 m.verify(root).map(|()| Some(m))
             });
@@ -235,16 +241,6 @@ pub fn newest_for(root: &Path, identity: &ShardIdentity) -> (Option<Manifest>, V
     let mut problems = Vec::new();
     let found = verified_points(root, Some(identity), &mut problems).next();
     (found, problems)
-}
-
-/// Removes `run_id`'s manifests older than its newest `keep` (other runs' are left alone).
-fn prune(root: &Path, run_id: &str, keep: usize) {
-    let ours = Manifest::list(root)
-        .into_iter()
-        .filter(|(_, p)| Manifest::read(p).is_ok_and(|m| m.run_id == run_id));
-    for (_, old) in ours.skip(keep.max(1)) {
-        let _ = std::fs::remove_file(old);
-    }
 }
 
 /// `shard-I-of-S/ckpt-V.RUN.safetensors`: no absolute paths, no `..`.

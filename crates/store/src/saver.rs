@@ -79,6 +79,8 @@ pub struct Saver {
     /// The files this saver wrote, oldest first: the only ones it prunes, so foreign,
     /// damaged or higher-numbered files in the folder can never make it delete its own.
     written: std::collections::VecDeque<PathBuf>,
+    /// The manifests this saver wrote, oldest first: likewise the only ones it prunes.
+    manifests: std::collections::VecDeque<PathBuf>,
 }
 
 impl Saver {
@@ -101,6 +103,7 @@ impl Saver {
             config,
             last_version: 0,
             written: std::collections::VecDeque::new(),
+            manifests: std::collections::VecDeque::new(),
         }
     }
 
@@ -190,12 +193,16 @@ impl Saver {
         self.last_version = state.version;
         self.written.retain(|p| p != &path);
         self.written.push_back(path.clone());
-        Manifest::complete(
-            &self.policy.dir,
-            &self.identity,
-            state.version,
-            self.dir.keep(),
-        )?;
+        if let Some(manifest) = Manifest::complete(&self.policy.dir, &self.identity, state.version)?
+        {
+            self.manifests.retain(|p| p != &manifest);
+            self.manifests.push_back(manifest);
+            while self.manifests.len() > self.dir.keep() {
+                if let Some(old) = self.manifests.pop_front() {
+                    let _ = std::fs::remove_file(old);
+                }
+            }
+        }
         self.prune();
         Ok(Some(path))
     }

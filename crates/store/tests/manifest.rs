@@ -232,3 +232,29 @@ fn hostile_manifests_are_refused() {
         "oversized"
     );
 }
+
+/// Manifests of this run that the shards did not write (planted, or left by another
+/// process) are neither pruned as theirs nor able to push the run's own out.
+#[test]
+fn only_manifests_a_shard_wrote_are_pruned() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let (mut s0, mut s1) = (saver(root, "run-a", 0, 2), saver(root, "run-a", 1, 2));
+    s0.save(&state(0, 10)).unwrap();
+    s1.save(&state(1, 10)).unwrap();
+    // Someone plants five later manifests of the same run (copies of the real one).
+    let real = std::fs::read_to_string(Manifest::path(root, "run-a", 10)).unwrap();
+    for v in [1000, 2000, 3000, 4000, 5000] {
+        std::fs::write(Manifest::path(root, "run-a", v), &real).unwrap();
+    }
+    for v in [20, 30, 40] {
+        s0.save(&state(0, v)).unwrap();
+        s1.save(&state(1, v)).unwrap();
+    }
+    let kept = manifests(root);
+    // The run's own newest two, and the planted ones (not the shards' to remove).
+    assert_eq!(kept, vec![5000, 4000, 3000, 2000, 1000, 40, 30], "{kept:?}");
+    // The planted ones do not verify (their files are version 10's), so a restart takes the
+    // run's own newest point.
+    assert_eq!(restore(root, "run-a", 0).unwrap(), (40, true));
+}
