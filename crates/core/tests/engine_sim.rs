@@ -410,3 +410,96 @@ fn ssp_bounds_the_lead_across_shards_and_goes_on_without_a_dead_worker() {
         assert_eq!(sim.shards[0].params(), sim.shards[1].params());
     }
 }
+
+/// The bound on what one push of a token holder can do, for every mode: it moves a shard by
+/// at most one version, so it cannot end a run that had more than one update left. (A
+/// follower shard applies shard 0's steps as workers relay them, so a hostile worker's made-up
+/// step at the next version is applied like any other, and an honest push completing the
+/// step before it then moves the follower two steps; what holds there is that every step
+/// costs a push: the version never passes the pushes received, and a step past the version
+/// waits until two ranks have pushed that far.) A seeded adversary sends every kind of push
+/// an admitted worker can send (any base version, any sample count, and to a follower any
+/// step within its window with any member list), interleaved with honest ones.
+#[test]
+fn no_single_push_moves_a_shard_more_than_one_step_in_any_mode() {
+    let modes = [
+        (Mode::Sync { backup_workers: 0 }, 0, 1),
+        (Mode::Sync { backup_workers: 1 }, 0, 2),
+        // A follower: shard 1 of 2 with backup workers applies shard 0's steps.
+        (Mode::Sync { backup_workers: 1 }, 1, 2),
+        (
+            Mode::Async {
+                max_staleness: None,
+            },
+            0,
+            1,
+        ),
+        (Mode::Ssp { max_lead: 3 }, 0, 1),
+    ];
+    let workers = 4;
+    let budget = 1_000;
+    for (mode, shard, shards) in modes {
+        let mut cfg = engine_config(mode, workers, shard, shards);
+        cfg.server.max_updates = Some(budget);
+        let mut engine = ShardEngine::new(cfg, vec![0.0; 8], Duration::ZERO).unwrap();
+        let seats: Vec<Seat> = (0..workers)
+            .map(|r| engine.join(RankRequest::Exact(r), Duration::ZERO).unwrap())
+            .collect();
+        let mut rng = Rng::new(7);
+        let follower = shard > 0;
+        for push in 0..20_000u64 {
+            let before = engine.version();
+            if engine.is_done() {
+                break;
+            }
+            let rank = rng.below(workers);
+            let hostile = rank == 0;
+            let base = if hostile {
+                rng.below(before as usize + 1) as u64
+            } else {
+                before
+            };
+            let meta = PushMeta {
+                rank,
+                base_version: base,
+                samples: if hostile {
+                    rng.below(1 << 20) as u32
+                } else {
+                    8
+                },
+                loss: 0.5,
+            };
+            let grad: Vec<f32> = (0..8).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            // The attack: a member list naming only the sender, so the step is complete at
+            // once.
+            let members: Vec<bool> = if hostile {
+                (0..workers).map(|r| r == 0).collect()
+            } else {
+                (0..workers).map(|r| r != 0).collect()
+            };
+            let step = if hostile {
+                before + rng.below(budget as usize * 2) as u64
+            } else {
+                before
+            };
+            let tag = (follower && members[rank]).then_some((step, &members[..]));
+            let _ = engine.push(meta, &grad, tag, Duration::ZERO);
+            let after = engine.version();
+            assert!(
+                after <= before + 1 || (follower && !hostile),
+                "{mode:?} shard {shard}: push {push} by rank {rank} moved {before} -> {after}"
+            );
+            assert!(
+                after <= push + 1,
+                "{mode:?} shard {shard}: {after} after {push} pushes"
+            );
+        }
+        // Honest work went on meanwhile (the bound is not met by a shard that never moves).
+        assert!(
+            engine.version() >= 100,
+            "{mode:?} shard {shard}: only {} updates",
+            engine.version()
+        );
+        let _ = seats;
+    }
+}

@@ -376,6 +376,20 @@ fn a_token_holder_cannot_jump_a_follower_shard_to_the_end() {
     let (k, body) = read_frame(&mut s);
     assert_eq!(k, kind::ERROR);
     assert!(String::from_utf8_lossy(&body).contains("too far ahead"));
+    // Within the window, a step naming only the sender is complete at once; it waits until
+    // a second rank has pushed that far, so it cannot jump the follower on its own.
+    let head = PushHead {
+        step: Some(StepMembers {
+            step: 500,
+            members: vec![false, true, false],
+        }),
+        ..head
+    };
+    let mut push = head.encode(3);
+    push.extend(std::iter::repeat_n(0u8, 4 * (N / 2)));
+    s.write_all(&frame(kind::PUSH, &push)).unwrap();
+    let (k, _) = read_frame(&mut s);
+    assert_eq!(k, kind::PUSH_REPLY);
     drop(s);
     let report = follower.finish().unwrap();
     assert_eq!(report.stats.version, 0, "the version did not move");

@@ -6,6 +6,12 @@
 //! followers tagged with k and k's members. A follower collects each open step's gradients and
 //! applies steps in order as they complete. A member that can no longer send (it left, or it
 //! already pushed a later step) is no longer waited for.
+//!
+//! A step past the follower's version (a jump: after a restart from an older checkpoint, or
+//! when every member of a step vanished) is applied only once two ranks (or every active
+//! one, if fewer) have pushed steps that far: the step number and members come from the
+//! pushing worker, so no single push of a token holder moves a follower more than one step
+//! or ends the run.
 
 use super::{Consistency, StepSource, StepSum, StepTag};
 use crate::admission::{Checked, Refused};
@@ -42,6 +48,8 @@ pub struct CoordinatedFollower {
     aggregate: Aggregate,
     len: usize,
     open: BTreeMap<u64, OpenStep>,
+    /// Per rank, the furthest step it has pushed (the evidence a jump needs).
+    furthest: Vec<Option<u64>>,
 }
 
 impl CoordinatedFollower {
@@ -51,13 +59,26 @@ impl CoordinatedFollower {
             aggregate,
             len,
             open: BTreeMap::new(),
+            furthest: vec![None; workers],
         }
     }
 
-    /// Applies complete steps in order, stopping at the first incomplete one.
-    fn apply_complete(&mut self, state: &mut ShardState) {
+    /// Applies complete steps in order, stopping at the first incomplete one, or at a jump
+    /// that too few ranks vouch for.
+    fn apply_complete(&mut self, state: &mut ShardState, active: &[bool]) {
+        let vouchers_needed = active.iter().filter(|&&a| a).count().clamp(1, 2);
         while let Some(entry) = self.open.first_entry() {
+            let step = *entry.key();
             if entry.get().missing() > 0 {
+                break;
+            }
+            let vouchers = self
+                .furthest
+                .iter()
+                .zip(active)
+                .filter(|(f, &a)| a && f.is_some_and(|f| f >= step))
+                .count();
+            if step > state.version() && vouchers < vouchers_needed {
                 break;
             }
             let (step, mut s) = entry.remove_entry();
@@ -96,6 +117,8 @@ impl CoordinatedFollower {
                 staleness: version - step,
             });
         }
+        let furthest = &mut self.furthest[rank];
+        *furthest = Some(furthest.map_or(step, |f| f.max(step)));
         // A rank that pushes step k will never send an earlier one.
         for (_, s) in self.open.range_mut(..step) {
             s.expected[rank] = false;
@@ -125,7 +148,7 @@ impl Consistency for CoordinatedFollower {
     fn push(
         &mut self,
         state: &mut ShardState,
-        _active: &[bool],
+        active: &[bool],
         grad: Checked<'_>,
     ) -> Result<PushOutcome, PushError> {
         let (meta, rank) = (grad.meta, grad.meta.rank);
@@ -151,7 +174,7 @@ impl Consistency for CoordinatedFollower {
             None => 0,
         };
         state.record_applied(meta, staleness);
-        self.apply_complete(state);
+        self.apply_complete(state, active);
         Ok(if state.version() > step {
             PushOutcome::Applied {
                 version: state.version(),
@@ -162,30 +185,31 @@ impl Consistency for CoordinatedFollower {
         })
     }
 
-    fn refused(&mut self, state: &mut ShardState, _active: &[bool], from: Refused<'_>) -> bool {
+    fn refused(&mut self, state: &mut ShardState, active: &[bool], from: Refused<'_>) -> bool {
         let Some(tag) = from.tag else {
             return false;
         };
         let before = state.version();
         if let Ok(Claim::Open { .. }) = self.claim(state, from.meta.rank, tag) {
-            self.apply_complete(state);
+            self.apply_complete(state, active);
         }
         state.version() != before
     }
 
-    fn leave(&mut self, state: &mut ShardState, _active: &[bool], rank: usize) -> bool {
+    fn leave(&mut self, state: &mut ShardState, active: &[bool], rank: usize) -> bool {
         for s in self.open.values_mut() {
             if let Some(e) = s.expected.get_mut(rank) {
                 *e = false;
             }
         }
         let before = state.version();
-        self.apply_complete(state);
+        self.apply_complete(state, active);
         state.version() != before
     }
 
     fn reset(&mut self) {
         self.open.clear();
+        self.furthest.fill(None);
     }
 }
 
