@@ -13,6 +13,7 @@
 //! result has the same bits however the rows are split between threads.
 
 /// Rows of A and of B per register block (16 sums).
+#[cfg(target_arch = "x86_64")]
 const ROWS: usize = 4;
 /// k values per block: 4 rows of B (16 KiB) stay in L1 while all of A's rows pass.
 const K_BLOCK: usize = 1024;
