@@ -2,6 +2,7 @@
 //! crate, working directly on the flat parameter and gradient buffers that go over the wire,
 //! and the IDX/MNIST data loading they train on.
 
+mod buffer_plan;
 pub mod data;
 pub mod dot_product;
 pub mod error;

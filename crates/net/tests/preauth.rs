@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use pstrain_core::{ParameterClient, PushMeta};
 use pstrain_net::frame::Header;
 use pstrain_net::message::kind;
 use pstrain_net::message::Role;
@@ -22,18 +21,6 @@ fn shard(token: &RunToken, tune: impl FnOnce(&mut ShardConfig)) -> ShardHandle {
     cfg.handshake_timeout = Duration::from_secs(30);
     tune(&mut cfg);
     ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 2).unwrap()
-}
-
-/// This process's resident memory in KiB (Linux).
-fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// A header announcing a `len`-byte frame of `kind`, then `body` bytes of it (not all).
@@ -121,18 +108,7 @@ fn strangers_on_a_few_addresses_cannot_take_every_slot() {
     cfg.token = Some(token.clone());
     cfg.connect_timeout = Duration::from_secs(3);
     let mut worker = TcpClient::connect(&cfg).expect("the run's worker gets a slot");
-    let mut params = vec![0.0; N];
-    for _ in 0..10 {
-        let v = worker.pull(&mut params, None, false).unwrap().version;
-        let meta = PushMeta {
-            rank: 0,
-            base_version: v,
-            samples: 1,
-            loss: 0.0,
-        };
-        worker.push(meta, &vec![1.0; N]).unwrap();
-    }
-    worker.leave().unwrap();
+    train_unit_steps(&mut worker, 10);
     drop(parked);
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 10);
@@ -175,18 +151,7 @@ fn a_stranger_cannot_keep_a_finished_run_alive() {
     );
     cfg.token = Some(token.clone());
     let mut worker = TcpClient::connect(&cfg).unwrap();
-    let mut params = vec![0.0; N];
-    for _ in 0..5 {
-        let v = worker.pull(&mut params, None, false).unwrap().version;
-        let meta = PushMeta {
-            rank: 0,
-            base_version: v,
-            samples: 1,
-            loss: 0.0,
-        };
-        worker.push(meta, &vec![1.0; N]).unwrap();
-    }
-    worker.leave().unwrap();
+    train_unit_steps(&mut worker, 5);
     // The run is over when its worker is done, whoever else is connected.
     let report = server.wait(Some(Duration::from_secs(5))).unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -204,35 +204,12 @@ fn parked_connections_are_capped_and_a_real_worker_still_trains() {
     // cap), the rest are closed on accept.
     println!("5,000 parked connections: resident memory grew by {grown} KiB");
     assert!(grown < 64 * 1024, "grew by {grown} KiB");
-    let mut params = vec![0.0; N];
-    for _ in 0..50 {
-        let v = good.pull(&mut params, None, false).unwrap().version;
-        let meta = PushMeta {
-            rank: 0,
-            base_version: v,
-            samples: 1,
-            loss: 0.0,
-        };
-        good.push(meta, &vec![1.0; N]).unwrap();
-    }
-    good.leave().unwrap();
+    train_unit_steps(&mut good, 50);
     drop(parked);
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 50);
     // At most 32 of them were ever served at once: the rest were closed on accept.
     assert!(report.events.over_capacity >= 4900, "{:?}", report.events);
-}
-
-/// This process's resident memory in KiB (Linux).
-fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// A token holder, as a raw client: AUTH, then a proven hello; returns the stream.

@@ -60,3 +60,32 @@ pub fn read_frame(s: &mut TcpStream) -> (u16, Vec<u8>) {
     s.read_exact(&mut payload).unwrap();
     (header.kind, payload)
 }
+
+/// `steps` pull-then-push rounds of unit gradients as rank 0, then a goodbye.
+pub fn train_unit_steps(client: &mut pstrain_net::TcpClient, steps: usize) {
+    use pstrain_core::ParameterClient;
+    let mut params = vec![0.0; N];
+    for _ in 0..steps {
+        let v = client.pull(&mut params, None, false).unwrap().version;
+        let meta = pstrain_core::PushMeta {
+            rank: 0,
+            base_version: v,
+            samples: 1,
+            loss: 0.0,
+        };
+        client.push(meta, &vec![1.0; N]).unwrap();
+    }
+    client.leave().unwrap();
+}
+
+/// This process's resident memory in KiB (Linux).
+pub fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
