@@ -143,7 +143,8 @@ impl Checkpoint {
         Self::read_bounded(path, max_bytes_for(identity))
     }
 
-    fn read_bounded(path: &Path, max: u64) -> Result<Self, StoreError> {
+    /// Reads a checkpoint file of at most `max` bytes.
+    pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Self, StoreError> {
         let mut file = open_regular(path, max)?;
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, max), &mut bytes).map_err(

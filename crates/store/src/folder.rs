@@ -1,7 +1,7 @@
 //! A shard's checkpoint folder, keeping the newest K and falling back past damaged files to
 //! the newest good one, and a whole model assembled from every shard's newest checkpoint.
 
-use crate::checkpoint::{Checkpoint, ShardIdentity, StoreError};
+use crate::checkpoint::{max_bytes_for, Checkpoint, ShardIdentity, StoreError, DEFAULT_MAX_BYTES};
 use crate::manifest::Manifest;
 use std::path::{Path, PathBuf};
 
@@ -81,18 +81,7 @@ impl CheckpointDir {
         &self,
         identity: &ShardIdentity,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
-        let mut problems = Vec::new();
-        for (_, path) in self.list() {
-            match Checkpoint::read_for(&path, identity) {
-                Ok(c) if &c.identity == identity => return (Some((path, c)), problems),
-                Ok(c) => problems.push(StoreError::Mismatch {
-                    path: path.clone(),
-                    why: format!("saved for {:?}", c.identity),
-                }),
-                Err(e) => problems.push(e),
-            }
-        }
-        (None, problems)
+        self.newest(max_bytes_for(identity), |c| &c.identity == identity)
     }
 
     /// The newest intact checkpoint accepted by `accept`.
@@ -100,9 +89,18 @@ impl CheckpointDir {
         &self,
         accept: impl Fn(&Checkpoint) -> bool,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
+        self.newest(DEFAULT_MAX_BYTES, accept)
+    }
+
+    /// The newest file of at most `max_bytes` that reads back intact and is accepted.
+    fn newest(
+        &self,
+        max_bytes: u64,
+        accept: impl Fn(&Checkpoint) -> bool,
+    ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
         let mut problems = Vec::new();
         for (_, path) in self.list() {
-            match Checkpoint::read(&path) {
+            match Checkpoint::read_bounded(&path, max_bytes) {
                 Ok(c) if accept(&c) => return (Some((path, c)), problems),
                 Ok(c) => problems.push(StoreError::Mismatch {
                     path: path.clone(),

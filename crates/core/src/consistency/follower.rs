@@ -72,13 +72,8 @@ impl CoordinatedFollower {
             if entry.get().missing() > 0 {
                 break;
             }
-            let vouchers = self
-                .furthest
-                .iter()
-                .zip(active)
-                .filter(|(f, &a)| a && f.is_some_and(|f| f >= step))
-                .count();
-            if step > state.version() && vouchers < vouchers_needed {
+            // Counted only for a jump: in-order steps, the common case, need no voucher.
+            if step > state.version() && vouchers(&self.furthest, step, active) < vouchers_needed {
                 break;
             }
             let (step, mut s) = entry.remove_entry();
@@ -87,6 +82,15 @@ impl CoordinatedFollower {
             }
         }
     }
+}
+
+/// Active ranks whose furthest pushed step is `step` or later.
+fn vouchers(furthest: &[Option<u64>], step: u64, active: &[bool]) -> usize {
+    furthest
+        .iter()
+        .zip(active)
+        .filter(|(f, &a)| a && f.is_some_and(|f| f >= step))
+        .count()
 }
 
 /// Where a tagged gradient falls.
