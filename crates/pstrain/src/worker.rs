@@ -105,7 +105,8 @@ fn train_loop(
     cfg: &WorkerConfig,
     stop: &AtomicBool,
 ) -> Result<WorkerReport, WorkerError> {
-    let (sampler, data) = (data.sampler(cfg), data.samples());
+    let mut sampler = data.sampler(cfg);
+    let data = data.samples();
     let rank = cfg.rank;
     let client_err = |source| WorkerError::Client { rank, source };
     let len = model.layout().len();
@@ -116,7 +117,6 @@ fn train_loop(
     let mut images = vec![0.0f32; max_batch * per];
     let mut labels = vec![0u8; max_batch];
     let mut picked = Vec::with_capacity(max_batch);
-    let mut sampler = sampler;
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport {
         rank: cfg.rank,
