@@ -1,13 +1,14 @@
 //! The run token and the mutual challenge-response that proves both ends hold it before any
 //! state leaves a shard. The secret never crosses the wire: each side sends a fresh random
 //! nonce, and each proves itself with an HMAC-SHA256 keyed by the token over both nonces (the
-//! peer's proof also covers what it claims to be: role, rank, shard and layout).
+//! peer's proof also covers every byte of its hello: role, rank, shard, plan and layout, so
+//! a shard checks it before it decodes any of them).
 //!
 //! ```text
 //! peer  -> shard   AUTH      nonce_p
-//! shard -> peer    CHALLENGE nonce_s, HMAC(token, "pstrain/3 shard" | nonce_p | nonce_s)
-//! peer  -> shard   HELLO     ..., HMAC(token, "pstrain/3 hello" | nonce_p | nonce_s | claims)
-//!                  (or DESCRIBE with HMAC(token, "pstrain/3 describe" | nonce_p | nonce_s))
+//! shard -> peer    CHALLENGE nonce_s, HMAC(token, "pstrain/5 shard" | nonce_p | nonce_s)
+//! peer  -> shard   HELLO     ..., HMAC(token, "pstrain/5 hello" | nonce_p | nonce_s | hello body)
+//!                  (or DESCRIBE with HMAC(token, "pstrain/5 describe" | nonce_p | nonce_s))
 //! ```
 
 use hmac::{Hmac, Mac};
@@ -23,9 +24,9 @@ pub type Proof = [u8; PROOF_LEN];
 /// The proof a peer without a token sends (a shard without a token ignores it).
 pub const NO_PROOF: Proof = [0; PROOF_LEN];
 
-pub(crate) const SHARD_LABEL: &[u8] = b"pstrain/3 shard";
-pub(crate) const HELLO_LABEL: &[u8] = b"pstrain/3 hello";
-pub(crate) const DESCRIBE_LABEL: &[u8] = b"pstrain/3 describe";
+pub(crate) const SHARD_LABEL: &[u8] = b"pstrain/5 shard";
+pub(crate) const HELLO_LABEL: &[u8] = b"pstrain/5 hello";
+pub(crate) const DESCRIBE_LABEL: &[u8] = b"pstrain/5 describe";
 
 /// Random bytes a token has (hex-encoded, twice as many characters).
 const TOKEN_BYTES: usize = 32;

@@ -105,6 +105,13 @@ fn without_the_token_nothing_leaves_the_shard_and_nothing_changes_it() {
     let reply = attack(addr, &bytes);
     assert_eq!(kinds(&reply), [kind::CHALLENGE, kind::ERROR]);
     assert!(String::from_utf8_lossy(&reply).contains("wrong run token"));
+    // A "hello" that is no hello at all: its proof is checked over the raw bytes before any
+    // of them is decoded, so it is refused for its proof, not for its contents.
+    let mut bytes = frame(kind::AUTH, &[7; 32]);
+    bytes.extend(frame(kind::HELLO, &[0xff; 200]));
+    let reply = attack(addr, &bytes);
+    assert_eq!(kinds(&reply), [kind::CHALLENGE, kind::ERROR]);
+    assert!(String::from_utf8_lossy(&reply).contains("wrong run token"));
 
     // The project's own client: no token, a wrong token, an auto-rank flood.
     let err = TcpClient::connect(&client_cfg(addr, 1, None))
@@ -222,8 +229,7 @@ fn join_with_token(addr: SocketAddr, token: &RunToken, hello: Hello) -> TcpStrea
     assert_eq!(k, kind::CHALLENGE);
     let mut theirs = [0u8; 32];
     theirs.copy_from_slice(&body[..32]);
-    let proof = token.prove(b"pstrain/3 hello", &mine, &theirs, &hello.claims());
-    let hello = Hello { proof, ..hello };
+    let hello = hello.proven(token, &mine, &theirs);
     s.write_all(&frame(kind::HELLO, &hello.encode())).unwrap();
     s
 }
@@ -302,6 +308,36 @@ fn token_holders_are_bounded_too() {
     assert!(took < Duration::from_secs(1), "{took:?}");
     let report = server.finish().unwrap();
     assert!(report.params.iter().all(|p| p.is_finite()));
+}
+
+#[test]
+fn a_proven_hello_cannot_be_altered_on_the_way() {
+    let token = RunToken::generate().unwrap();
+    let server = shard(Some(token.clone()), |_| {});
+    let hello = Hello::new(Role::Worker, 1, 0, 1, &plan(ASYNC, 2), &layout());
+    // Every byte of the body is covered: the role and rank, and the plan and layout after
+    // them (which an earlier proof did not cover).
+    for at in [0, 3, 12, hello.signed_body().len() - 1] {
+        let mut s = TcpStream::connect(server.address()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mine = [9u8; 32];
+        s.write_all(&frame(kind::AUTH, &mine)).unwrap();
+        let (_, challenge) = read_frame(&mut s);
+        let mut theirs = [0u8; 32];
+        theirs.copy_from_slice(&challenge[..32]);
+        let mut bytes = hello.clone().proven(&token, &mine, &theirs).encode();
+        bytes[at] ^= 0x01;
+        s.write_all(&frame(kind::HELLO, &bytes)).unwrap();
+        let (k, body) = read_frame(&mut s);
+        assert_eq!(k, kind::ERROR);
+        assert!(
+            String::from_utf8_lossy(&body).contains("wrong run token"),
+            "byte {at}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let report = server.finish().unwrap();
+    assert_eq!(report.events.unauthorized, 4, "{:?}", report.events);
 }
 
 #[test]

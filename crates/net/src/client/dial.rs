@@ -4,7 +4,7 @@
 use super::link::ShardLink;
 use super::{ClientConfig, ANY_RANK};
 use crate::auth::{
-    random_bytes, Nonce, RunToken, DESCRIBE_LABEL, HELLO_LABEL, NONCE_LEN, NO_PROOF, SHARD_LABEL,
+    random_bytes, Nonce, RunToken, DESCRIBE_LABEL, NONCE_LEN, NO_PROOF, SHARD_LABEL,
 };
 use crate::connection::Connection;
 use crate::error::NetError;
@@ -234,7 +234,7 @@ pub(super) async fn try_connect_shard(
     if let Some((t, mine, theirs)) =
         authenticate(&mut conn, cfg.token.as_ref(), addr, cfg.io_timeout).await?
     {
-        hello.proof = t.prove(HELLO_LABEL, &mine, &theirs, &hello.claims());
+        hello = hello.proven(t, &mine, &theirs);
     }
     conn.send_request(&Request::Hello(hello), 0, &[]).await?;
     let ok = match conn.read_reply(cfg.io_timeout, REPLY_LIMIT, 0).await {

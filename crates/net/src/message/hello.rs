@@ -3,7 +3,7 @@
 //! a client that adopts its plan and layout.
 
 use super::plan::{decode_plan, encode_plan};
-use crate::auth::{Proof, NO_PROOF, PROOF_LEN};
+use crate::auth::{Nonce, Proof, RunToken, HELLO_LABEL, NO_PROOF, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
 use pstrain_core::{Layout, RunPlan};
@@ -109,7 +109,7 @@ pub struct Hello {
     /// A worker's rank (or `ANY_RANK`); the rank a heartbeat connection speaks for.
     pub rank: u32,
     pub run: Description,
-    /// With a run token: the HMAC over both nonces and `claims()` (else zeros).
+    /// With a run token: the HMAC over both nonces and `signed_body()` (else zeros).
     pub proof: Proof,
 }
 
@@ -131,23 +131,40 @@ impl Hello {
         }
     }
 
-    /// What the peer claims to be, as its proof covers it.
-    pub fn claims(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u8(role_code(self.role))
-            .u32(self.rank)
-            .u32(self.run.shard)
-            .u32(self.run.shards)
-            .u64(self.run.fingerprint);
-        w.0
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
+    /// Every byte of the hello but its proof: what the proof covers, so a shard checks the
+    /// proof over the raw bytes before it decodes any of them.
+    pub fn signed_body(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u8(role_code(self.role)).u32(self.rank);
         self.run.encode_into(&mut w);
-        w.0.extend_from_slice(&self.proof);
         w.0
+    }
+
+    /// This hello with the proof that `token` holds, over both nonces and its body.
+    pub fn proven(self, token: &RunToken, peer: &Nonce, shard: &Nonce) -> Hello {
+        let proof = token.prove(HELLO_LABEL, peer, shard, &self.signed_body());
+        Hello { proof, ..self }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = self.signed_body();
+        bytes.extend_from_slice(&self.proof);
+        bytes
+    }
+
+    /// A hello frame's payload cut into its signed body and its proof, without decoding it.
+    pub fn split_proof(bytes: &[u8]) -> Result<(&[u8], Proof), NetError> {
+        let cut = bytes
+            .len()
+            .checked_sub(PROOF_LEN)
+            .ok_or_else(|| NetError::Malformed {
+                what: "hello",
+                why: "shorter than its proof".into(),
+            })?;
+        let (body, tail) = bytes.split_at(cut);
+        let mut proof = NO_PROOF;
+        proof.copy_from_slice(tail);
+        Ok((body, proof))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, NetError> {

@@ -235,7 +235,11 @@ fn hello_and_description_carry_the_plan_and_reject_garbage() {
             ..hello.clone()
         };
         assert_eq!(Hello::decode(&proven.encode()).unwrap().proof, [5; 32]);
-        assert_ne!(hello.claims(), any.claims());
+        assert_ne!(hello.signed_body(), any.signed_body());
+        let wire = proven.encode();
+        let (body, proof) = Hello::split_proof(&wire).unwrap();
+        assert_eq!((body, proof), (&hello.signed_body()[..], [5; 32]));
+        assert!(Hello::split_proof(&[0; 31]).is_err());
     }
     // A tensor count larger than the bytes could hold is refused before allocating.
     let hello = Hello::new(Role::Observer, 0, 0, 1, &plan(), &layout);

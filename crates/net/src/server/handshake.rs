@@ -98,6 +98,12 @@ async fn read_hello_frames(
             None
         };
         let bytes = conn.read_bytes(header.len as usize).await?;
+        if header.kind == kind::HELLO {
+            // The proof covers the hello's raw bytes: checked before any of them is decoded.
+            let (body, proof) = Hello::split_proof(&bytes)?;
+            authorize(shared, nonces, HELLO_LABEL, body, &proof)?;
+            return Ok(Some(Hello::decode(&bytes)?));
+        }
         match Request::decode(header.kind, &bytes, cfg.plan.workers)? {
             Request::Auth { nonce } if nonces.is_none() => {
                 let token = cfg.token.as_ref().ok_or_else(|| {
@@ -116,10 +122,6 @@ async fn read_hello_frames(
                 described = true;
                 let me = Description::new(cfg.shard, cfg.shards, &cfg.plan, &cfg.layout);
                 conn.send_reply(&Reply::Described(me), 0, &[]).await?;
-            }
-            Request::Hello(hello) => {
-                authorize(shared, nonces, HELLO_LABEL, &hello.claims(), &hello.proof)?;
-                return Ok(Some(hello));
             }
             _ => {
                 return Err(NetError::Unexpected {
