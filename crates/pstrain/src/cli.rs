@@ -82,6 +82,9 @@ struct EvalArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     data: DataArgs,
+    /// The run's token: with it, only files sealed by that run are read
+    #[command(flatten)]
+    token: crate::token::TokenArgs,
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +95,9 @@ struct ExportArgs {
     /// The safetensors file to write
     #[arg(long, default_value = "model.safetensors")]
     out: PathBuf,
+    /// The run's token: with it, only files sealed by that run are read
+    #[command(flatten)]
+    token: crate::token::TokenArgs,
 }
 
 #[derive(Args, Debug)]
@@ -257,9 +263,14 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model named in a checkpoint folder, with its weights joined from every shard.
-fn load_checkpoint_model(dir: &Path) -> Result<(ModelKind, pstrain_store::Assembled)> {
-    let assembled = pstrain_store::assemble(dir)?;
+/// The model named in a checkpoint folder, with its weights joined from every shard (with
+/// the run's token, from files sealed with its key only).
+fn load_checkpoint_model(
+    dir: &Path,
+    token: &crate::token::TokenArgs,
+) -> Result<(ModelKind, pstrain_store::Assembled)> {
+    let key = token.token()?.map(|t| t.file_key());
+    let assembled = pstrain_store::assemble(dir, key.as_ref())?;
     for p in &assembled.problems {
         eprintln!("skipping checkpoint: {p}");
     }
@@ -278,7 +289,7 @@ fn load_checkpoint_model(dir: &Path) -> Result<(ModelKind, pstrain_store::Assemb
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
-    let (kind, assembled) = load_checkpoint_model(&args.checkpoint)?;
+    let (kind, assembled) = load_checkpoint_model(&args.checkpoint, &args.token)?;
     let data = load_data(&args.data)?;
     let mut model = kind.build(Default::default());
     let e = data.test.evaluate(model.as_mut(), &assembled.params)?;
@@ -294,7 +305,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn run_export(args: ExportArgs) -> Result<()> {
-    let (kind, assembled) = load_checkpoint_model(&args.checkpoint)?;
+    let (kind, assembled) = load_checkpoint_model(&args.checkpoint, &args.token)?;
     let layout = kind.build(Default::default()).layout().clone();
     let tensors: Vec<pstrain_store::safetensors::TensorRef<'_>> = layout
         .tensors()

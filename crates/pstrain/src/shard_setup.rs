@@ -66,6 +66,8 @@ impl CheckpointArgs {
             every,
             keep: self.keep_checkpoints.max(1),
             resume,
+            // A shard with a run token seals with the token's key (see `pstrain_net`).
+            key: None,
         }))
     }
 }

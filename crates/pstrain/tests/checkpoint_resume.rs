@@ -55,6 +55,7 @@ fn resumed_sync_run_matches_the_uninterrupted_one() {
         every: None,
         keep: 3,
         resume: false,
+        key: None,
     };
     let first = TrainConfig {
         checkpoint: Some(policy.clone()),
@@ -85,6 +86,7 @@ fn resumed_sync_run_matches_the_uninterrupted_one() {
         checkpoint: Some(CheckpointPolicy {
             run_id: "test-run".into(),
             resume: true,
+            key: None,
             ..policy
         }),
         ..cfg

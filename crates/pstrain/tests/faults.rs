@@ -128,10 +128,11 @@ fn sync_run_with_a_backup_worker_survives_a_killed_worker() {
                 every: None,
                 keep: 1,
                 resume: false,
+                key: None,
             })
         },
     );
-    let versions = pstrain_store::assemble(dir.path()).unwrap().versions;
+    let versions = pstrain_store::assemble(dir.path(), None).unwrap().versions;
     assert_eq!(versions, vec![1500, 1500], "the shards drifted apart");
 }
 
@@ -200,6 +201,7 @@ fn a_killed_shard_restarts_from_its_checkpoint() {
         every: None,
         keep: 3,
         resume: true,
+        key: None,
     });
     let cfg = convnet(Mode::Sync { backup_workers: 0 }, 2, 1500);
     let out = run_bounded(cfg, c, BOUND);
@@ -212,7 +214,7 @@ fn a_killed_shard_restarts_from_its_checkpoint() {
     // checkpoint and then stepped in lockstep with the other; the workers go on until every
     // shard reached the budget, so the gap closes. In any case it is never more than the
     // updates it lost: at most the checkpoint interval (50), plus the steps in flight.
-    let assembled = pstrain_store::assemble(dir.path()).unwrap();
+    let assembled = pstrain_store::assemble(dir.path(), None).unwrap();
     let v = &assembled.versions;
     assert_eq!(v.len(), 2);
     assert_eq!(v.iter().max(), Some(&1500), "{v:?}");

@@ -120,6 +120,11 @@ fn newest_file_version(dir: &Path, shard: usize) -> u64 {
 }
 
 /// The run's two workers.
+/// The key a run with `token` seals its files with.
+fn file_key(token: &str) -> pstrain_store::FileKey {
+    pstrain_net::RunToken::parse(token).unwrap().file_key()
+}
+
 fn workers(servers: &str, token: &str) -> Vec<Proc> {
     (0..2)
         .map(|r| {
@@ -245,7 +250,7 @@ fn kill_every_shard_at_once(mode: &str) -> (tempfile::TempDir, u64, String) {
         point,
         "shard 0's file of the abandoned point is gone"
     );
-    let resumed = assemble(dir.path()).unwrap();
+    let resumed = assemble(dir.path(), Some(&file_key(&token))).unwrap();
     assert_eq!(resumed.manifest, Some(("kill-all".to_string(), point)));
     (dir, point, token)
 }
@@ -260,7 +265,7 @@ fn an_async_run_killed_at_once_restores_one_round() {
 fn every_shard_killed_at_once_restores_the_same_point() {
     let _guard = common::one_at_a_time();
     let (dir, point, token) = kill_every_shard_at_once("sync");
-    let resumed = assemble(dir.path()).unwrap();
+    let resumed = assemble(dir.path(), Some(&file_key(&token))).unwrap();
 
     // The same run stopped cleanly at that version (its final checkpoint).
     let clean = tempfile::tempdir().unwrap();
@@ -290,7 +295,7 @@ fn every_shard_killed_at_once_restores_the_same_point() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reference = assemble(clean.path()).unwrap();
+    let reference = assemble(clean.path(), Some(&file_key(&token))).unwrap();
     assert_eq!(reference.versions, vec![point, point]);
     let worst = resumed
         .params

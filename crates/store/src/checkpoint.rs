@@ -1,9 +1,10 @@
 //! One server shard's checkpoint file: weights, optimizer state, version and counters in a
-//! safetensors file whose metadata carries the run's identity and a CRC-32 of the contents.
-//! (The folder of them is `folder.rs`.)
+//! safetensors file whose metadata carries the run's identity, a CRC-32 of the contents and,
+//! in a run with a token, their seal (see `seal.rs`). (The folder of them is `folder.rs`.)
 
 use crate::atomic::write_atomically;
 use crate::safetensors::{self, FormatError, TensorRef};
+use crate::seal::{seal_matches, Digest, FileKey, Sums};
 use pstrain_core::{CoreState, ServerStats};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -12,6 +13,7 @@ use thiserror::Error;
 
 const FORMAT: &str = "pstrain-shard-checkpoint/1";
 const CRC_KEY: &str = "pstrain.crc32";
+const SEAL_KEY: &str = "pstrain.seal";
 const PARAMS: &str = "params";
 const OPTIMIZER_PREFIX: &str = "optimizer.";
 
@@ -32,6 +34,11 @@ pub enum StoreError {
     },
     #[error("{path}: {why}")]
     Invalid { path: PathBuf, why: String },
+    #[error(
+        "{path}: not sealed with this run's key (forged, or written by another run or \
+         without its token): refused"
+    )]
+    Unsealed { path: PathBuf },
     #[error("{path}: belongs to another run ({why})")]
     Mismatch { path: PathBuf, why: String },
 }
@@ -58,9 +65,18 @@ pub struct Checkpoint {
     pub config: String,
 }
 
-fn crc_of(metadata: &BTreeMap<String, String>, tensors: &[(&str, &[usize], &[f32])]) -> String {
-    let mut h = crc32fast::Hasher::new();
-    for (k, v) in metadata.iter().filter(|(k, _)| k.as_str() != CRC_KEY) {
+/// The CRC-32 and (with a key) the seal over the metadata (but the sums themselves) and
+/// every tensor's name, shape and values.
+fn sums_of(
+    metadata: &BTreeMap<String, String>,
+    tensors: &[(&str, &[usize], &[f32])],
+    key: Option<&FileKey>,
+) -> Sums {
+    let mut h = Digest::new(key);
+    let covered = metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != CRC_KEY && k.as_str() != SEAL_KEY);
+    for (k, v) in covered {
         h.update(k.as_bytes());
         h.update(&[0]);
         h.update(v.as_bytes());
@@ -71,15 +87,14 @@ fn crc_of(metadata: &BTreeMap<String, String>, tensors: &[(&str, &[usize], &[f32
         for d in *shape {
             h.update(&(*d as u64).to_le_bytes());
         }
-        for v in *data {
-            h.update(&v.to_le_bytes());
-        }
+        h.update_f32(data);
     }
-    format!("{:08x}", h.finalize())
+    h.finish()
 }
 
 impl Checkpoint {
-    pub fn write(&self, path: &Path) -> Result<(), StoreError> {
+    /// Writes the file atomically, sealed with `key` if there is one.
+    pub fn write(&self, path: &Path, key: Option<&FileKey>) -> Result<(), StoreError> {
         let s = &self.state;
         let id = &self.identity;
         let mut meta: BTreeMap<String, String> = [
@@ -112,7 +127,11 @@ impl Checkpoint {
         }
         let for_crc: Vec<(&str, &[usize], &[f32])> =
             tensors.iter().map(|(n, sh, d)| (*n, &sh[..], *d)).collect();
-        meta.insert(CRC_KEY.into(), crc_of(&meta, &for_crc));
+        let sums = sums_of(&meta, &for_crc, key);
+        meta.insert(CRC_KEY.into(), sums.crc);
+        if let Some(seal) = sums.seal {
+            meta.insert(SEAL_KEY.into(), seal);
+        }
         let refs: Vec<TensorRef<'_>> = tensors
             .iter()
             .map(|(name, shape, data)| TensorRef {
@@ -133,18 +152,26 @@ impl Checkpoint {
     }
 
     /// Reads a checkpoint file: a regular file (no link, FIFO or device) of at most
-    /// `DEFAULT_MAX_BYTES`.
-    pub fn read(path: &Path) -> Result<Self, StoreError> {
-        Self::read_bounded(path, DEFAULT_MAX_BYTES)
+    /// `DEFAULT_MAX_BYTES`, sealed with `key` if one is given.
+    pub fn read(path: &Path, key: Option<&FileKey>) -> Result<Self, StoreError> {
+        Self::read_bounded(path, DEFAULT_MAX_BYTES, key)
     }
 
     /// Reads `identity`'s checkpoint file, no larger than one of its slice can be.
-    pub fn read_for(path: &Path, identity: &ShardIdentity) -> Result<Self, StoreError> {
-        Self::read_bounded(path, max_bytes_for(identity))
+    pub fn read_for(
+        path: &Path,
+        identity: &ShardIdentity,
+        key: Option<&FileKey>,
+    ) -> Result<Self, StoreError> {
+        Self::read_bounded(path, max_bytes_for(identity), key)
     }
 
     /// Reads a checkpoint file of at most `max` bytes.
-    pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Self, StoreError> {
+    pub(crate) fn read_bounded(
+        path: &Path,
+        max: u64,
+        key: Option<&FileKey>,
+    ) -> Result<Self, StoreError> {
         let mut file = open_regular(path, max)?;
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, max), &mut bytes).map_err(
@@ -153,16 +180,21 @@ impl Checkpoint {
                 source,
             },
         )?;
-        Self::from_bytes(&bytes, path)
+        Self::from_bytes(&bytes, path, key)
     }
 
-    /// Parses a checkpoint file's bytes; `path` only names the source in errors.
-    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, StoreError> {
+    /// Parses a checkpoint file's bytes, which must carry `key`'s seal if one is given;
+    /// `path` only names the source in errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        key: Option<&FileKey>,
+    ) -> Result<Self, StoreError> {
         let st = safetensors::parse(bytes).map_err(|source| StoreError::Format {
             path: path.to_owned(),
             source,
         })?;
-        check_crc(path, &st)?;
+        check_sums(path, &st, key)?;
         let meta = Meta {
             path,
             map: &st.metadata,
@@ -228,6 +260,8 @@ pub struct CheckpointHeader {
     pub version: u64,
     /// The CRC-32 the file claims for its contents.
     pub crc32: String,
+    /// The seal the file claims (checked when its data is read with the key).
+    pub seal: Option<String>,
     pub model: String,
     pub config: String,
 }
@@ -245,6 +279,7 @@ impl CheckpointHeader {
             identity: meta.identity()?,
             version: meta.num("version")?,
             crc32: meta.get(CRC_KEY)?.clone(),
+            seal: map.get(SEAL_KEY).cloned(),
             model: meta.get("model")?.clone(),
             config: meta.get("config")?.clone(),
         })
@@ -297,21 +332,33 @@ fn open_regular(path: &Path, max: u64) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
-/// The CRC-32 over everything must match the one stored in the metadata.
-fn check_crc(path: &Path, st: &safetensors::SafeTensors) -> Result<(), StoreError> {
-    let for_crc: Vec<(&str, &[usize], &[f32])> = st
+/// The CRC-32 over everything must match the one stored in the metadata, and with a key so
+/// must the seal.
+fn check_sums(
+    path: &Path,
+    st: &safetensors::SafeTensors,
+    key: Option<&FileKey>,
+) -> Result<(), StoreError> {
+    let for_sums: Vec<(&str, &[usize], &[f32])> = st
         .tensors
         .iter()
         .map(|t| (t.name.as_str(), &t.shape[..], &t.data[..]))
         .collect();
-    let computed = crc_of(&st.metadata, &for_crc);
+    let computed = sums_of(&st.metadata, &for_sums, key);
     let stored = st.metadata.get(CRC_KEY).cloned().unwrap_or_default();
-    if stored != computed {
+    if stored != computed.crc {
         return Err(StoreError::Checksum {
             path: path.to_owned(),
             stored,
-            computed,
+            computed: computed.crc,
         });
+    }
+    if let Some(seal) = computed.seal {
+        if !seal_matches(&seal, st.metadata.get(SEAL_KEY).map(String::as_str)) {
+            return Err(StoreError::Unsealed {
+                path: path.to_owned(),
+            });
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use crate::checkpoint::{max_bytes_for, Checkpoint, ShardIdentity, StoreError, DEFAULT_MAX_BYTES};
 use crate::manifest::Manifest;
+use crate::seal::FileKey;
 use std::path::{Path, PathBuf};
 
 /// One shard's checkpoint folder: `ROOT/shard-I-of-S/ckpt-VERSION.safetensors`.
@@ -58,7 +59,7 @@ impl CheckpointDir {
 
     /// Writes `ckpt` (atomically). Pruning is the writer's: only files it wrote itself may
     /// go, whatever else the folder holds (see `Saver::save`).
-    pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf, StoreError> {
+    pub fn save(&self, ckpt: &Checkpoint, key: Option<&FileKey>) -> Result<PathBuf, StoreError> {
         let run = &ckpt.identity.run_id;
         if !is_plain_run_id(run) {
             return Err(StoreError::Invalid {
@@ -71,36 +72,40 @@ impl CheckpointDir {
             source,
         })?;
         let path = self.file(&ckpt.identity.run_id, ckpt.state.version);
-        ckpt.write(&path)?;
+        ckpt.write(&path, key)?;
         Ok(path)
     }
 
-    /// The newest checkpoint that reads back intact and belongs to `identity`; every file
-    /// passed over is reported in the returned list of problems.
+    /// The newest checkpoint that reads back intact (sealed with `key`, if given) and
+    /// belongs to `identity`; every file passed over is reported in the returned list of
+    /// problems.
     pub fn load_newest(
         &self,
         identity: &ShardIdentity,
+        key: Option<&FileKey>,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
-        self.newest(max_bytes_for(identity), |c| &c.identity == identity)
+        self.newest(max_bytes_for(identity), key, |c| &c.identity == identity)
     }
 
     /// The newest intact checkpoint accepted by `accept`.
     pub fn load_newest_where(
         &self,
+        key: Option<&FileKey>,
         accept: impl Fn(&Checkpoint) -> bool,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
-        self.newest(DEFAULT_MAX_BYTES, accept)
+        self.newest(DEFAULT_MAX_BYTES, key, accept)
     }
 
     /// The newest file of at most `max_bytes` that reads back intact and is accepted.
     fn newest(
         &self,
         max_bytes: u64,
+        key: Option<&FileKey>,
         accept: impl Fn(&Checkpoint) -> bool,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
         let mut problems = Vec::new();
         for (_, path) in self.list() {
-            match Checkpoint::read_bounded(&path, max_bytes) {
+            match Checkpoint::read_bounded(&path, max_bytes, key) {
                 Ok(c) if accept(&c) => return (Some((path, c)), problems),
                 Ok(c) => problems.push(StoreError::Mismatch {
                     path: path.clone(),
@@ -145,12 +150,13 @@ pub struct Assembled {
 }
 
 /// The model of the newest complete point of any run under `root` (see `manifest.rs`), else
-/// of the newest good file of every shard of one shard count.
-pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
+/// of the newest good file of every shard of one shard count; with `key`, only files and
+/// manifests sealed with it count.
+pub fn assemble(root: &Path, key: Option<&FileKey>) -> Result<Assembled, StoreError> {
     let (mut problems, mut unjoinable) = (Vec::new(), Vec::new());
     let mut found = None;
-    for m in crate::manifest::verified_points(root, None, &mut problems) {
-        match assemble_point(root, &m) {
+    for m in crate::manifest::verified_points(root, None, key, &mut problems) {
+        match assemble_point(root, &m, key) {
             Ok(a) => {
                 found = Some(a);
                 break;
@@ -163,18 +169,22 @@ pub fn assemble(root: &Path) -> Result<Assembled, StoreError> {
         a.problems = problems;
         return Ok(a);
     }
-    let mut a = assemble_newest(root)?;
+    let mut a = assemble_newest(root, key)?;
     problems.append(&mut a.problems);
     a.problems = problems;
     Ok(a)
 }
 
 /// The files `m` names, read whole and joined.
-fn assemble_point(root: &Path, m: &Manifest) -> Result<Assembled, StoreError> {
+fn assemble_point(
+    root: &Path,
+    m: &Manifest,
+    key: Option<&FileKey>,
+) -> Result<Assembled, StoreError> {
     let mut parts = Vec::with_capacity(m.files.len());
     for entry in &m.files {
         let path = root.join(&entry.file);
-        let c = Checkpoint::read(&path)?;
+        let c = Checkpoint::read(&path, key)?;
         if c.identity.run_id != m.run_id || c.state.version != m.version {
             return Err(StoreError::Mismatch {
                 path,
@@ -189,7 +199,7 @@ fn assemble_point(root: &Path, m: &Manifest) -> Result<Assembled, StoreError> {
 }
 
 /// Reads `root/shard-I-of-S/` for every I of one S and joins the shards' newest weights.
-fn assemble_newest(root: &Path) -> Result<Assembled, StoreError> {
+fn assemble_newest(root: &Path, key: Option<&FileKey>) -> Result<Assembled, StoreError> {
     let invalid = |why: String| StoreError::Invalid {
         path: root.to_owned(),
         why,
@@ -221,8 +231,9 @@ fn assemble_newest(root: &Path) -> Result<Assembled, StoreError> {
     let mut problems = Vec::new();
     for shard in 0..shards {
         let dir = CheckpointDir::for_shard(root, shard, shards, 1);
-        let (found, mut p) =
-            dir.load_newest_where(|c| c.identity.shard == shard && c.identity.shards == shards);
+        let (found, mut p) = dir.load_newest_where(key, |c| {
+            c.identity.shard == shard && c.identity.shards == shards
+        });
         problems.append(&mut p);
         let (_, c) = found
             .ok_or_else(|| invalid(format!("no valid checkpoint for shard {shard} of {shards}")))?;
@@ -271,6 +282,7 @@ fn join(root: &Path, parts: Vec<Checkpoint>) -> Result<Assembled, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::FileKey;
     use pstrain_core::{CoreState, ServerStats};
 
     fn ckpt(version: u64) -> Checkpoint {
@@ -314,6 +326,7 @@ mod tests {
             every: None,
             keep: 2,
             resume: false,
+            key: None,
         };
         let c0 = ckpt(0);
         let mut saver = crate::Saver::new(&policy, c0.identity, &c0.model, c0.config);
@@ -323,7 +336,7 @@ mod tests {
         let versions: Vec<u64> = dir.list().iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, vec![15, 10], "only the newest two are kept");
         let id = ckpt(0).identity;
-        let (found, problems) = dir.load_newest(&id);
+        let (found, problems) = dir.load_newest(&id, None);
         assert_eq!(found.unwrap().1, ckpt(15));
         assert!(problems.is_empty());
 
@@ -333,7 +346,7 @@ mod tests {
         let n = bytes.len();
         bytes[n - 3] ^= 0x40;
         std::fs::write(&newest, &bytes).unwrap();
-        let (found, problems) = dir.load_newest(&id);
+        let (found, problems) = dir.load_newest(&id, None);
         assert_eq!(found.unwrap().1.state.version, 10);
         assert!(
             matches!(problems[0], StoreError::Checksum { .. }),
@@ -343,7 +356,7 @@ mod tests {
 
         // Truncate it instead: a format error, same fallback.
         std::fs::write(&newest, &bytes[..n / 2]).unwrap();
-        let (found, problems) = dir.load_newest(&id);
+        let (found, problems) = dir.load_newest(&id, None);
         assert_eq!(found.unwrap().1.state.version, 10);
         assert!(
             matches!(problems[0], StoreError::Format { .. }),
@@ -353,7 +366,7 @@ mod tests {
 
         // Another shard's identity matches nothing.
         let other = ShardIdentity { shard: 0, ..id };
-        let (found, problems) = dir.load_newest(&other);
+        let (found, problems) = dir.load_newest(&other, None);
         assert!(found.is_none());
         assert!(problems
             .iter()
@@ -369,10 +382,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = CheckpointDir::for_shard(root.path(), 1, 2, 10);
         let id = ckpt(0).identity;
-        dir.save(&ckpt(10)).unwrap();
+        dir.save(&ckpt(10), None).unwrap();
         let mut nan = ckpt(20);
         nan.state.params[1] = f32::NAN;
-        dir.save(&nan).unwrap();
+        dir.save(&nan, None).unwrap();
         let name = |v| dir.path().join(CheckpointDir::file_name("run-a", v));
         let fifo = std::ffi::CString::new(name(30).to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
@@ -383,7 +396,7 @@ mod tests {
             .unwrap();
 
         let started = std::time::Instant::now();
-        let (found, problems) = dir.load_newest(&id);
+        let (found, problems) = dir.load_newest(&id, None);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert_eq!(found.unwrap().1.state.version, 10);
         let said: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -392,5 +405,34 @@ mod tests {
         assert!(said[1].contains("not a regular file"), "{said:?}");
         assert!(said[2].contains("not a regular file"), "{said:?}");
         assert!(said[3].contains("NaN"), "{said:?}");
+    }
+
+    /// With the run's key, a file the run did not seal is refused by name, however intact:
+    /// one written without a key (anyone with write access to the folder can make one, CRC
+    /// and all), and one sealed with another run's key.
+    #[test]
+    fn a_sealed_run_restores_only_files_sealed_with_its_key() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = CheckpointDir::for_shard(root.path(), 1, 2, 10);
+        let id = ckpt(0).identity;
+        let (ours, theirs) = (FileKey::new([7; 32]), FileKey::new([8; 32]));
+        dir.save(&ckpt(10), Some(&ours)).unwrap();
+        let mut forged = ckpt(20);
+        forged.state.params = vec![123.0; 4];
+        dir.save(&forged, None).unwrap();
+        let mut other = ckpt(30);
+        other.state.params = vec![-5.0; 4];
+        dir.save(&other, Some(&theirs)).unwrap();
+
+        let (found, problems) = dir.load_newest(&id, Some(&ours));
+        assert_eq!(found.unwrap().1, ckpt(10));
+        let said: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said
+            .iter()
+            .all(|s| s.contains("not sealed with this run's key")));
+        assert!(said[0].contains("000000000030") && said[1].contains("000000000020"));
+        // Without the key only the CRC is checked: the newest intact file is read.
+        assert_eq!(dir.load_newest(&id, None).0.unwrap().1, other);
     }
 }

@@ -8,6 +8,7 @@ pub mod folder;
 pub mod manifest;
 pub mod safetensors;
 pub mod saver;
+pub mod seal;
 
 pub use beacon::{resume_from, Beacon, ResumeFrom};
 pub use checkpoint::CheckpointHeader;
@@ -15,3 +16,4 @@ pub use checkpoint::{Checkpoint, ShardIdentity, StoreError};
 pub use folder::{assemble, is_plain_run_id, Assembled, CheckpointDir};
 pub use manifest::{runs_in, Manifest, ManifestEntry};
 pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};
+pub use seal::FileKey;

@@ -1,5 +1,6 @@
 //! A run's checkpoint manifest: the file of every shard that together make one consistent
-//! point of the run (run id, version, each file's checksum). It is written last and
+//! point of the run (run id, version, each file's checksum and seal), itself sealed in a run
+//! with a token (see `seal.rs`). It is written last and
 //! atomically, by whichever shard finds the set complete after writing its own file, so a
 //! crash of any or all shards at any moment leaves only complete points behind.
 //!
@@ -11,6 +12,7 @@
 use crate::atomic::write_atomically;
 use crate::checkpoint::{CheckpointHeader, ShardIdentity, StoreError};
 use crate::folder::CheckpointDir;
+use crate::seal::{seal_matches, Digest, FileKey};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,9 @@ pub struct Manifest {
     pub config: String,
     /// One entry per shard, in shard order.
     pub files: Vec<ManifestEntry>,
+    /// With a run token: the seal over the manifest as written without this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +46,9 @@ pub struct ManifestEntry {
     pub range_start: usize,
     pub range_end: usize,
     pub crc32: String,
+    /// The file's seal, with a run token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<String>,
 }
 
 impl Manifest {
@@ -66,7 +74,8 @@ impl Manifest {
         found
     }
 
-    pub fn read(path: &Path) -> Result<Self, StoreError> {
+    /// Reads a manifest, which must carry `key`'s seal if one is given.
+    pub fn read(path: &Path, key: Option<&FileKey>) -> Result<Self, StoreError> {
         let invalid = |why: String| StoreError::Invalid {
             path: path.to_owned(),
             why,
@@ -101,7 +110,25 @@ impl Manifest {
         if m.files.iter().any(|f| !is_plain_relative(&f.file)) {
             return Err(invalid("a file name leaves the checkpoint folder".into()));
         }
+        if let Some(expected) = m.seal_with(key) {
+            if !seal_matches(&expected, m.seal.as_deref()) {
+                return Err(StoreError::Unsealed {
+                    path: path.to_owned(),
+                });
+            }
+        }
         Ok(m)
+    }
+
+    /// The seal `key` gives this manifest: over its JSON without the seal field.
+    fn seal_with(&self, key: Option<&FileKey>) -> Option<String> {
+        let unsealed = Manifest {
+            seal: None,
+            ..self.clone()
+        };
+        let mut digest = Digest::new(Some(key?));
+        digest.update(&serde_json::to_vec(&unsealed).unwrap_or_default());
+        digest.finish().seal
     }
 
     /// This shard's entry, if the manifest is for `identity`'s run, model and shard count.
@@ -124,6 +151,7 @@ impl Manifest {
                 || h.identity.shard != entry.shard
                 || h.version != self.version
                 || h.crc32 != entry.crc32
+                || h.seal != entry.seal
             {
                 return Err(StoreError::Mismatch {
                     path,
@@ -142,10 +170,12 @@ impl Manifest {
     /// version is there and belongs to the run; returns its path if it did. Pruning is the
     /// writer's (`Saver`): it removes only manifests it wrote itself, so manifests someone
     /// else put in the folder can never push the run's own out.
+    /// With `key`, every file must claim a seal, and the manifest is sealed.
     pub fn complete(
         root: &Path,
         identity: &ShardIdentity,
         version: u64,
+        key: Option<&FileKey>,
     ) -> Result<Option<PathBuf>, StoreError> {
         let mut files = Vec::with_capacity(identity.shards);
         let mut first: Option<CheckpointHeader> = None;
@@ -160,6 +190,7 @@ impl Manifest {
                 || id.shards != identity.shards
                 || id.fingerprint != identity.fingerprint
                 || h.version != version
+                || (key.is_some() && h.seal.is_none())
             {
                 return Ok(None);
             }
@@ -173,13 +204,14 @@ impl Manifest {
                 range_start: id.range.start,
                 range_end: id.range.end,
                 crc32: h.crc32.clone(),
+                seal: h.seal.clone(),
             });
             first.get_or_insert(h);
         }
         let Some(first) = first else {
             return Ok(None);
         };
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             format: FORMAT.into(),
             run_id: identity.run_id.clone(),
             version,
@@ -188,7 +220,9 @@ impl Manifest {
             fingerprint: format!("{:016x}", identity.fingerprint),
             config: first.config,
             files,
+            seal: None,
         };
+        manifest.seal = manifest.seal_with(key);
         let path = Manifest::path(root, &identity.run_id, version);
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Invalid {
             path: path.clone(),
@@ -211,12 +245,13 @@ impl Manifest {
 pub fn verified_points<'a>(
     root: &'a Path,
     identity: Option<&'a ShardIdentity>,
+    key: Option<&'a FileKey>,
     problems: &'a mut Vec<StoreError>,
 ) -> impl Iterator<Item = Manifest> + 'a {
     Manifest::list(root)
         .into_iter()
         .filter_map(move |(named, path)| {
-            let checked = Manifest::read(&path).and_then(|m| {
+            let checked = Manifest::read(&path, key).and_then(|m| {
                 if identity.is_some_and(|id| m.entry_for(id).is_none()) {
                     return Ok(None);
                 }
@@ -237,9 +272,13 @@ pub fn verified_points<'a>(
 }
 
 /// The newest point of `identity`'s run on which every shard's file verifies.
-pub fn newest_for(root: &Path, identity: &ShardIdentity) -> (Option<Manifest>, Vec<StoreError>) {
+pub fn newest_for(
+    root: &Path,
+    identity: &ShardIdentity,
+    key: Option<&FileKey>,
+) -> (Option<Manifest>, Vec<StoreError>) {
     let mut problems = Vec::new();
-    let found = verified_points(root, Some(identity), &mut problems).next();
+    let found = verified_points(root, Some(identity), key, &mut problems).next();
     (found, problems)
 }
 
@@ -260,7 +299,8 @@ pub fn runs_in(root: &Path) -> Vec<(String, u64)> {
         *e = (*e).max(v);
     };
     for (_, path) in Manifest::list(root) {
-        if let Ok(m) = Manifest::read(&path) {
+        // Listing only: nothing here is restored, so no key is needed to name the runs.
+        if let Ok(m) = Manifest::read(&path, None) {
             note(&m.run_id, m.version);
         }
     }

@@ -6,6 +6,7 @@
 use crate::checkpoint::{Checkpoint, CheckpointHeader, ShardIdentity, StoreError};
 use crate::folder::CheckpointDir;
 use crate::manifest::{self, Manifest};
+use crate::seal::FileKey;
 use pstrain_core::{CoreState, RestoreError};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +26,9 @@ pub struct CheckpointPolicy {
     pub keep: usize,
     /// Start from the newest valid checkpoint (an error for `train --resume` if none).
     pub resume: bool,
+    /// With a run token: the key files and manifests are sealed with, and without whose
+    /// seal none is restored (see `seal.rs`).
+    pub key: Option<FileKey>,
 }
 
 /// What a restore found.
@@ -123,11 +127,12 @@ impl Saver {
         restore: impl FnOnce(&CoreState) -> Result<(), RestoreError>,
     ) -> Result<Restored, ResumeError> {
         let root = self.policy.dir.clone();
+        let key = self.policy.key.as_ref();
         let (mut skipped, mut unreadable) = (Vec::new(), Vec::new());
         let mut chosen = None;
         // Only when restoring a point: listing and verifying manifests reads files.
         let points = from_point
-            .then(|| manifest::verified_points(&root, Some(&self.identity), &mut skipped))
+            .then(|| manifest::verified_points(&root, Some(&self.identity), key, &mut skipped))
             .into_iter()
             .flatten();
         for m in points {
@@ -135,7 +140,7 @@ impl Saver {
                 continue; // verified_points gives this run's points only
             };
             let path = root.join(&entry.file);
-            match Checkpoint::read_for(&path, &self.identity) {
+            match Checkpoint::read_for(&path, &self.identity, key) {
                 Ok(c) if c.identity == self.identity && c.state.version == m.version => {
                     chosen = Some((path, c, true));
                     break;
@@ -149,7 +154,7 @@ impl Saver {
         }
         skipped.append(&mut unreadable);
         if chosen.is_none() {
-            let (found, mut problems) = self.dir.load_newest(&self.identity);
+            let (found, mut problems) = self.dir.load_newest(&self.identity, key);
             skipped.append(&mut problems);
             chosen = found.map(|(p, c)| (p, c, false));
         }
@@ -184,17 +189,19 @@ impl Saver {
         if state.version <= self.last_version && self.last_version > 0 {
             return Ok(None);
         }
-        let path = self.dir.save(&Checkpoint {
+        let key = self.policy.key.as_ref();
+        let checkpoint = Checkpoint {
             identity: self.identity.clone(),
             state: state.clone(),
             model: self.model.clone(),
             config: self.config.clone(),
-        })?;
+        };
+        let path = self.dir.save(&checkpoint, key)?;
         self.last_version = state.version;
         self.written.retain(|p| p != &path);
         self.written.push_back(path.clone());
-        if let Some(manifest) = Manifest::complete(&self.policy.dir, &self.identity, state.version)?
-        {
+        let root = &self.policy.dir;
+        if let Some(manifest) = Manifest::complete(root, &self.identity, state.version, key)? {
             self.manifests.retain(|p| p != &manifest);
             self.manifests.push_back(manifest);
             while self.manifests.len() > self.dir.keep() {
@@ -213,7 +220,8 @@ impl Saver {
         if self.written.len() <= self.dir.keep() {
             return;
         }
-        let (point, _) = manifest::newest_for(&self.policy.dir, &self.identity);
+        let key = self.policy.key.as_ref();
+        let (point, _) = manifest::newest_for(&self.policy.dir, &self.identity, key);
         let pinned = point
             .as_ref()
             .and_then(|m| m.entry_for(&self.identity))

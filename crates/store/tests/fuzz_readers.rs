@@ -38,7 +38,7 @@ fn valid_checkpoint() -> &'static [u8] {
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.safetensors");
-        ckpt.write(&path).unwrap();
+        ckpt.write(&path, None).unwrap();
         std::fs::read(&path).unwrap()
     })
 }
@@ -46,7 +46,7 @@ fn valid_checkpoint() -> &'static [u8] {
 fn read_everything(input: &[u8]) {
     let _ = peak_alloc::bounded("safetensors", input, 4096, 16, safetensors::parse);
     let _ = peak_alloc::bounded("checkpoint", input, 4096, 16, |b| {
-        Checkpoint::from_bytes(b, Path::new("fuzz"))
+        Checkpoint::from_bytes(b, Path::new("fuzz"), None)
     });
 }
 
@@ -80,6 +80,6 @@ proptest! {
 
 #[test]
 fn the_valid_checkpoint_reads_back() {
-    let c = Checkpoint::from_bytes(valid_checkpoint(), Path::new("valid")).unwrap();
+    let c = Checkpoint::from_bytes(valid_checkpoint(), Path::new("valid"), None).unwrap();
     assert_eq!(c.state.version, 9);
 }

@@ -5,8 +5,8 @@
 
 use pstrain_core::{CoreState, ServerStats};
 use pstrain_store::{
-    assemble, runs_in, Checkpoint, CheckpointDir, CheckpointPolicy, Manifest, ResumeError, Saver,
-    ShardIdentity,
+    assemble, runs_in, Checkpoint, CheckpointDir, CheckpointPolicy, FileKey, Manifest, ResumeError,
+    Saver, ShardIdentity, StoreError,
 };
 use std::path::Path;
 
@@ -38,6 +38,10 @@ fn state(shard: usize, version: u64) -> CoreState {
 }
 
 fn saver(root: &Path, run: &str, shard: usize, keep: usize) -> Saver {
+    sealed_saver(root, run, shard, keep, None)
+}
+
+fn sealed_saver(root: &Path, run: &str, shard: usize, keep: usize, key: Option<FileKey>) -> Saver {
     let policy = CheckpointPolicy {
         run_id: run.into(),
         dir: root.to_owned(),
@@ -45,6 +49,7 @@ fn saver(root: &Path, run: &str, shard: usize, keep: usize) -> Saver {
         every: None,
         keep,
         resume: true,
+        key,
     };
     Saver::new(&policy, identity(run, shard), "toy", "plan".into())
 }
@@ -106,7 +111,7 @@ fn every_shard_restores_the_newest_point_all_of_them_reached() {
     let dir0 = CheckpointDir::for_shard(root, 0, SHARDS, 3);
     assert!(!dir0.file("run-a", 30).exists());
     // `eval`/`export` read the same point.
-    let a = assemble(root).unwrap();
+    let a = assemble(root, None).unwrap();
     assert_eq!(a.versions, vec![20, 20]);
     assert_eq!(a.manifest, Some(("run-a".to_string(), 20)));
 }
@@ -125,12 +130,15 @@ fn a_point_whose_file_was_replaced_is_passed_over_by_every_shard() {
     let mut other = state(1, 20);
     other.params[0] = -1.0;
     CheckpointDir::for_shard(root, 1, SHARDS, 3)
-        .save(&Checkpoint {
-            identity: identity("run-a", 1),
-            state: other,
-            model: "toy".into(),
-            config: "plan".into(),
-        })
+        .save(
+            &Checkpoint {
+                identity: identity("run-a", 1),
+                state: other,
+                model: "toy".into(),
+                config: "plan".into(),
+            },
+            None,
+        )
         .unwrap();
     assert_eq!(restore(root, "run-a", 0).unwrap(), (10, true));
     assert_eq!(restore(root, "run-a", 1).unwrap(), (10, true));
@@ -201,7 +209,7 @@ fn hostile_manifests_are_refused() {
     let (mut s0, mut s1) = (saver(root, "run-a", 0, 3), saver(root, "run-a", 1, 3));
     s0.save(&state(0, 10)).unwrap();
     s1.save(&state(1, 10)).unwrap();
-    let good = Manifest::read(&Manifest::path(root, "run-a", 10)).unwrap();
+    let good = Manifest::read(&Manifest::path(root, "run-a", 10), None).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("escaping path", {
             let mut m = good.clone();
@@ -223,12 +231,12 @@ fn hostile_manifests_are_refused() {
     for (what, bytes) in cases {
         let path = Manifest::path(root, "run-a", 99);
         std::fs::write(&path, bytes).unwrap();
-        assert!(Manifest::read(&path).is_err(), "{what} accepted");
+        assert!(Manifest::read(&path, None).is_err(), "{what} accepted");
         assert_eq!(restore(root, "run-a", 0).unwrap(), (10, true), "{what}");
     }
     std::fs::write(Manifest::path(root, "run-a", 98), vec![b' '; 5 << 20]).unwrap();
     assert!(
-        Manifest::read(&Manifest::path(root, "run-a", 98)).is_err(),
+        Manifest::read(&Manifest::path(root, "run-a", 98), None).is_err(),
         "oversized"
     );
 }
@@ -257,4 +265,63 @@ fn only_manifests_a_shard_wrote_are_pruned() {
     // The planted ones do not verify (their files are version 10's), so a restart takes the
     // run's own newest point.
     assert_eq!(restore(root, "run-a", 0).unwrap(), (40, true));
+}
+
+/// With the run's key, someone who can write the folder but lacks the token cannot choose
+/// what a shard restores: a whole later point of well-formed files and a manifest made
+/// without the key is passed over, and so is the run's own manifest once edited.
+#[test]
+fn with_a_key_only_points_sealed_by_the_run_are_restored() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let key = FileKey::new([4; 32]);
+    let sealed = |shard| sealed_saver(root, "run-a", shard, 5, Some(key.clone()));
+    let (mut s0, mut s1) = (sealed(0), sealed(1));
+    for v in [10, 20] {
+        s0.save(&state(0, v)).unwrap();
+        s1.save(&state(1, v)).unwrap();
+    }
+    // The forger's point 30: every shard's file, intact, of this run's name and identity,
+    // and its manifest, all without the key.
+    let (mut f0, mut f1) = (saver(root, "run-a", 0, 5), saver(root, "run-a", 1, 5));
+    let forged = |saver: &mut Saver, shard| {
+        let mut s = state(shard, 30);
+        s.params = vec![666.0; PER_SHARD];
+        saver.save(&s).unwrap();
+    };
+    forged(&mut f0, 0);
+    forged(&mut f1, 1);
+    assert_eq!(manifests(root), vec![30, 20, 10]);
+    // `eval`/`export` without the token would take the forger's point; with it, the run's.
+    assert_eq!(assemble(root, None).unwrap().versions, vec![30, 30]);
+    assert_eq!(assemble(root, Some(&key)).unwrap().versions, vec![20, 20]);
+    let restore_sealed = |shard| {
+        let mut got = None;
+        let r = sealed(shard)
+            .restore_into(true, |s| {
+                got = Some(s.clone());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(got.unwrap(), state(shard, r.version));
+        (r.version, r.from_manifest, r.skipped)
+    };
+    let (version, from_manifest, skipped) = restore_sealed(0);
+    assert_eq!((version, from_manifest), (20, true));
+    assert!(
+        skipped
+            .iter()
+            .any(|e| matches!(e, StoreError::Unsealed { .. })),
+        "{skipped:?}"
+    );
+    // Point 20's manifest edited (its files are the run's own): refused, 10 is restored.
+    let path = Manifest::path(root, "run-a", 20);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"plan\"", "\"plan2\"")).unwrap();
+    assert!(matches!(
+        Manifest::read(&path, Some(&key)),
+        Err(StoreError::Unsealed { .. })
+    ));
+    assert_eq!(restore_sealed(1).0, 10);
+    assert_eq!(assemble(root, Some(&key)).unwrap().versions, vec![10, 10]);
 }

@@ -6,7 +6,8 @@ use super::ShardConfig;
 use crate::error::NetError;
 use pstrain_core::{CoreState, ShardEngine};
 use pstrain_store::{
-    resume_from, Beacon, CheckpointDir, ResumeError, ResumeFrom, Saver, ShardIdentity,
+    resume_from, Beacon, CheckpointDir, CheckpointPolicy, ResumeError, ResumeFrom, Saver,
+    ShardIdentity,
 };
 use std::ops::Range;
 use std::path::PathBuf;
@@ -109,6 +110,12 @@ pub(super) fn restore(
         shards: cfg.shards,
         range: range.clone(),
         fingerprint: cfg.layout.fingerprint(),
+    };
+    // With a run token, files and manifests are sealed with its key, and only sealed ones
+    // are restored: whoever can write the folder but lacks the token cannot choose them.
+    let policy = &CheckpointPolicy {
+        key: (policy.key.clone()).or_else(|| cfg.token.as_ref().map(|t| t.file_key())),
+        ..policy.clone()
     };
     let mut saver = Saver::new(policy, identity, &cfg.plan.model, format!("{:?}", cfg.plan));
     match saver.restore_into(from_point, |state| engine.restore(state, Duration::ZERO)) {
