@@ -92,6 +92,14 @@ impl Layout {
         &self.tensors
     }
 
+    /// Every tensor's name and shape, in layout order.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.name == name)
     }

@@ -76,6 +76,7 @@ fn a_planted_checkpoint_is_not_restored_by_a_shard_with_a_token() {
         },
         model: "test".into(),
         config: String::new(),
+        layout: Vec::new(),
     };
     let folder = CheckpointDir::for_shard(dir.path(), 0, 1, 3);
     planted.write(&folder.file(RUN, 50), None).unwrap();

@@ -12,6 +12,7 @@ use crate::train_flags::{announce, prepare_train, TrainArgs, TransportArg};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pstrain_compute::ModelKind;
+use pstrain_core::Layout;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -263,29 +264,63 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model named in a checkpoint folder, with its weights joined from every shard (with
-/// the run's token, from files sealed with its key only).
-fn load_checkpoint_model(
+/// The weights joined from every shard of a checkpoint folder (with the run's token, from
+/// files sealed with its key only).
+fn load_checkpoint(
     dir: &Path,
     token: &crate::token::TokenArgs,
-) -> Result<(ModelKind, pstrain_store::Assembled)> {
+) -> Result<pstrain_store::Assembled> {
     let key = token.token()?.map(|t| t.file_key());
     let assembled = pstrain_store::assemble(dir, key.as_ref())?;
     for p in &assembled.problems {
         eprintln!("skipping checkpoint: {p}");
     }
+    Ok(assembled)
+}
+
+/// The built-in model a checkpoint folder holds, with its weights.
+fn load_checkpoint_model(
+    dir: &Path,
+    token: &crate::token::TokenArgs,
+) -> Result<(ModelKind, pstrain_store::Assembled)> {
+    let assembled = load_checkpoint(dir, token)?;
     let kind: ModelKind = assembled
         .model
         .parse()
         .map_err(|e: String| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let layout = kind.build(Default::default()).layout().clone();
+    check_layout(dir, &layout, &assembled)?;
+    Ok((kind, assembled))
+}
+
+/// The layout of the model a checkpoint folder holds: a built-in model's, else the one the
+/// files record (a model served from Python, e.g. a PyTorch module's parameters).
+fn checkpoint_layout(dir: &Path, assembled: &pstrain_store::Assembled) -> Result<Layout> {
+    let layout = match assembled.model.parse::<ModelKind>() {
+        Ok(kind) => kind.build(Default::default()).layout().clone(),
+        Err(_) if !assembled.layout.is_empty() => {
+            let shapes = assembled.layout.iter().map(|(n, s)| (n.clone(), &s[..]));
+            Layout::new(shapes)
+                .with_context(|| format!("{}: the recorded layout", dir.display()))?
+        }
+        Err(e) => bail!(
+            "{}: {e}, and the files record no layout (written by an older pstrain)",
+            dir.display()
+        ),
+    };
+    check_layout(dir, &layout, assembled)?;
+    Ok(layout)
+}
+
+fn check_layout(dir: &Path, layout: &Layout, assembled: &pstrain_store::Assembled) -> Result<()> {
     if layout.fingerprint() != assembled.fingerprint || layout.len() != assembled.params.len() {
         bail!(
-            "{}: the checkpoint's layout does not match this build's `{kind}` model",
-            dir.display()
+            "{}: the checkpoint's layout does not match the model `{}`",
+            dir.display(),
+            assembled.model
         );
     }
-    Ok((kind, assembled))
+    Ok(())
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
@@ -305,8 +340,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn run_export(args: ExportArgs) -> Result<()> {
-    let (kind, assembled) = load_checkpoint_model(&args.checkpoint, &args.token)?;
-    let layout = kind.build(Default::default()).layout().clone();
+    let assembled = load_checkpoint(&args.checkpoint, &args.token)?;
+    let layout = checkpoint_layout(&args.checkpoint, &assembled)?;
+    let kind = &assembled.model;
     let tensors: Vec<pstrain_store::safetensors::TensorRef<'_>> = layout
         .tensors()
         .iter()
@@ -318,7 +354,7 @@ fn run_export(args: ExportArgs) -> Result<()> {
         .collect();
     let metadata = [
         ("format".to_string(), "pt".to_string()),
-        ("pstrain.model".to_string(), kind.name().to_string()),
+        ("pstrain.model".to_string(), kind.to_string()),
         (
             "pstrain.versions".to_string(),
             format!("{:?}", assembled.versions),

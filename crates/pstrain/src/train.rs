@@ -407,7 +407,13 @@ fn saver_for(policy: &CheckpointPolicy, cfg: &TrainConfig, layout: &Layout) -> S
         range: 0..layout.len(),
         fingerprint: layout.fingerprint(),
     };
-    Saver::new(policy, identity, &cfg.plan.model, format!("{:?}", cfg.plan))
+    Saver::new(
+        policy,
+        identity,
+        &cfg.plan.model,
+        format!("{:?}", cfg.plan),
+        layout.shapes(),
+    )
 }
 
 fn save(

@@ -5,21 +5,18 @@ reaches the in-process test's threshold, and `--placement spread` puts actors on
 import json
 import os
 import pathlib
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 
 import pytest
 
 import pstrain
 
-from conftest import REPO
+from conftest import REPO, events, run
 
 # The same run as the in-process and TCP convnet tests (tests/common: convnet_as_original).
 CONVNET = [
@@ -27,65 +24,6 @@ CONVNET = [
     "--batch-size", "128", "--iterations", "400", "--mode", "async", "--workers", "2",
 ]
 CONVNET_THRESHOLD = 0.85
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd, timeout=300, check=True, **kw):
-    started = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    elapsed = time.time() - started
-    if check and p.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
-        )
-    return p, elapsed
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    ray = shutil.which("ray")
-    if ray is None:
-        if os.environ.get("CI"):
-            pytest.fail("the `ray` command is not installed")
-        pytest.skip("the `ray` command is not installed")
-    port, dashboard = free_port(), free_port()
-    # A fresh HOME: Ray 2.60 refuses a cluster's RPCs (InvalidAuthToken) when a token left by
-    # an earlier Ray session sits in ~/.ray/auth_token.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
-               HOME=str(tmp_path_factory.mktemp("home")))
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-              "--object-store-memory", str(256 * 2**20), "--disable-usage-stats"]
-    _, head_s = run([ray, "start", "--head", "--port", str(port), "--include-dashboard", "true",
-                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
-                    + common, env=env)
-    try:
-        _, node_s = run([ray, "start", "--address", f"127.0.0.1:{port}"] + common, env=env)
-        # The job server answers once the dashboard is up; both nodes must be registered.
-        url = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2).read()
-                status, _ = run([ray, "status", "--address", f"127.0.0.1:{port}"], check=False,
-                                env=env)
-                if status.stdout.count("node_") >= 2:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError("the two-node Ray cluster did not come up in 60 s")
-            time.sleep(0.5)
-        startup = time.time()
-        print(f"\nray start --head: {head_s:.1f} s; second node: {node_s:.1f} s")
-        yield {"ray": ray, "url": url, "env": env, "head_s": head_s, "node_s": node_s,
-               "workdir": tmp_path_factory.mktemp("job"), "ready_at": startup}
-    finally:
-        run([ray, "stop", "--force"], check=False, env=env)
 
 
 def submit(cluster, args, timeout=600):
@@ -97,15 +35,6 @@ def submit(cluster, args, timeout=600):
     status, _ = run([cluster["ray"], "job", "status", "--address", cluster["url"], job],
                     check=False, env=cluster["env"])
     return p, elapsed, status.stdout + status.stderr
-
-
-def events(output: str, name: str):
-    found = []
-    for line in output.splitlines():
-        line = line.strip()
-        if line.startswith("{") and f'"event": "{name}"' in line:
-            found.append(json.loads(line))
-    return found
 
 
 def test_ray_job_trains_convnet_spread_over_two_nodes(cluster, data_dir):

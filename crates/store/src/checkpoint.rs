@@ -63,7 +63,13 @@ pub struct Checkpoint {
     pub model: String,
     /// Free-form description of the run's configuration, for people and tools.
     pub config: String,
+    /// The whole model's tensors (names and shapes, in layout order), so a tool can export a
+    /// model it has no code for (empty when unknown).
+    pub layout: TensorShapes,
 }
+
+/// Tensor names and shapes, in layout order.
+pub type TensorShapes = Vec<(String, Vec<usize>)>;
 
 /// The CRC-32 and (with a key) the seal over the metadata (but the sums themselves) and
 /// every tensor's name, shape and values.
@@ -111,6 +117,7 @@ impl Checkpoint {
             ("samples_applied", s.stats.samples_applied.to_string()),
             ("model", self.model.clone()),
             ("config", self.config.clone()),
+            ("layout", layout_json(&self.layout)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -248,8 +255,13 @@ impl Checkpoint {
             },
             model: meta.get("model")?.clone(),
             config: meta.get("config")?.clone(),
+            layout: meta.layout()?,
         })
     }
+}
+
+fn layout_json(layout: &TensorShapes) -> String {
+    serde_json::to_string(layout).unwrap_or_else(|_| "[]".into())
 }
 
 /// What a checkpoint file's header says about it, read without its data (so a manifest can
@@ -409,6 +421,15 @@ impl Meta<'_> {
             range: self.index("range_start")?..self.index("range_end")?,
             fingerprint,
         })
+    }
+
+    /// The `layout` entry (older files have none: empty).
+    fn layout(&self) -> Result<TensorShapes, StoreError> {
+        match self.map.get("layout") {
+            None => Ok(Vec::new()),
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| self.invalid(format!("metadata `layout` is not a layout: {e}"))),
+        }
     }
 
     fn index(&self, key: &str) -> Result<usize, StoreError> {

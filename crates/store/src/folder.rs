@@ -143,6 +143,8 @@ pub struct Assembled {
     pub params: Vec<f32>,
     /// Each shard's version (they can differ in async mode).
     pub versions: Vec<u64>,
+    /// The model's tensors as the files record them (empty for files that do not).
+    pub layout: crate::checkpoint::TensorShapes,
     /// The run and the manifest version the files came from; `None` when no complete point
     /// was found and each shard's newest file was taken.
     pub manifest: Option<(String, u64)>,
@@ -274,6 +276,7 @@ fn join(root: &Path, parts: Vec<Checkpoint>) -> Result<Assembled, StoreError> {
         fingerprint: first.identity.fingerprint,
         params,
         versions: parts.iter().map(|c| c.state.version).collect(),
+        layout: first.layout.clone(),
         manifest: None,
         problems: Vec::new(),
     })
@@ -311,6 +314,7 @@ mod tests {
             },
             model: "convnet".into(),
             config: "{\"mode\":\"sync\"}".into(),
+            layout: vec![("w".into(), vec![2, 2])],
         }
     }
 
@@ -329,7 +333,7 @@ mod tests {
             key: None,
         };
         let c0 = ckpt(0);
-        let mut saver = crate::Saver::new(&policy, c0.identity, &c0.model, c0.config);
+        let mut saver = crate::Saver::new(&policy, c0.identity, &c0.model, c0.config, c0.layout);
         for v in [5, 10, 15] {
             saver.save(&ckpt(v).state).unwrap();
         }

@@ -12,7 +12,7 @@ pub mod seal;
 
 pub use beacon::{resume_from, Beacon, ResumeFrom};
 pub use checkpoint::CheckpointHeader;
-pub use checkpoint::{Checkpoint, ShardIdentity, StoreError};
+pub use checkpoint::{Checkpoint, ShardIdentity, StoreError, TensorShapes};
 pub use folder::{assemble, is_plain_run_id, Assembled, CheckpointDir};
 pub use manifest::{runs_in, Manifest, ManifestEntry};
 pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};

@@ -3,7 +3,7 @@
 //! restore of the newest complete point of the run (else this shard's newest valid file),
 //! and the "changed since the last save" rule.
 
-use crate::checkpoint::{Checkpoint, CheckpointHeader, ShardIdentity, StoreError};
+use crate::checkpoint::{Checkpoint, CheckpointHeader, ShardIdentity, StoreError, TensorShapes};
 use crate::folder::CheckpointDir;
 use crate::manifest::{self, Manifest};
 use crate::seal::FileKey;
@@ -79,6 +79,7 @@ pub struct Saver {
     identity: ShardIdentity,
     model: String,
     config: String,
+    layout: TensorShapes,
     last_version: u64,
     /// The files this saver wrote, oldest first: the only ones it prunes, so foreign,
     /// damaged or higher-numbered files in the folder can never make it delete its own.
@@ -88,11 +89,14 @@ pub struct Saver {
 }
 
 impl Saver {
+    /// A saver of `identity`'s files; `model`, `config` and `layout` (the whole model's
+    /// tensors) are recorded in every file for tools.
     pub fn new(
         policy: &CheckpointPolicy,
         identity: ShardIdentity,
         model: &str,
         config: String,
+        layout: TensorShapes,
     ) -> Self {
         Saver {
             dir: CheckpointDir::for_shard(
@@ -105,6 +109,7 @@ impl Saver {
             identity,
             model: model.into(),
             config,
+            layout,
             last_version: 0,
             written: std::collections::VecDeque::new(),
             manifests: std::collections::VecDeque::new(),
@@ -195,6 +200,7 @@ impl Saver {
             state: state.clone(),
             model: self.model.clone(),
             config: self.config.clone(),
+            layout: self.layout.clone(),
         };
         let path = self.dir.save(&checkpoint, key)?;
         self.last_version = state.version;

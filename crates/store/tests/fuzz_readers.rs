@@ -35,6 +35,7 @@ fn valid_checkpoint() -> &'static [u8] {
             },
             model: "cnn".into(),
             config: "{}".into(),
+            layout: vec![("w".into(), vec![2, 3])],
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.safetensors");

@@ -51,7 +51,13 @@ fn sealed_saver(root: &Path, run: &str, shard: usize, keep: usize, key: Option<F
         resume: true,
         key,
     };
-    Saver::new(&policy, identity(run, shard), "toy", "plan".into())
+    Saver::new(
+        &policy,
+        identity(run, shard),
+        "toy",
+        "plan".into(),
+        Vec::new(),
+    )
 }
 
 /// What a fresh process of `shard` restores when the run restarts: (version, whether from
@@ -136,6 +142,7 @@ fn a_point_whose_file_was_replaced_is_passed_over_by_every_shard() {
                 state: other,
                 model: "toy".into(),
                 config: "plan".into(),
+                layout: Vec::new(),
             },
             None,
         )

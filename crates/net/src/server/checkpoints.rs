@@ -117,7 +117,13 @@ pub(super) fn restore(
         key: (policy.key.clone()).or_else(|| cfg.token.as_ref().map(|t| t.file_key())),
         ..policy.clone()
     };
-    let mut saver = Saver::new(policy, identity, &cfg.plan.model, format!("{:?}", cfg.plan));
+    let mut saver = Saver::new(
+        policy,
+        identity,
+        &cfg.plan.model,
+        format!("{:?}", cfg.plan),
+        cfg.layout.shapes(),
+    );
     match saver.restore_into(from_point, |state| engine.restore(state, Duration::ZERO)) {
         Ok(r) => {
             restored_point = r.from_manifest.then_some(r.version);

@@ -5,8 +5,12 @@ released; tensors move Rust-to-Rust over pstrain's TCP protocol.
 
 - ``Client(servers)``: pull weights and push gradients as named numpy arrays, for workers
   written in Python (numpy, PyTorch, JAX) against pstrain's servers.
-- ``Server(params, ...)``: serve a model of your own (a dict of float32 arrays) from this process.
-- ``python -m pstrain.ray``: run ``pstrain train`` on a Ray cluster (see ``pstrain.ray``).
+- ``Server(params, ...)``: serve a model of your own (a dict of float32 arrays) from this process;
+  ``Server.from_module(module, ...)`` serves a PyTorch module's parameters.
+- ``pstrain.torch``: a PyTorch module as a worker (pull into its parameters, push its
+  ``.grad``s, no per-tensor copies); imported only when you use it.
+- ``python -m pstrain.ray``: run ``pstrain train`` on a Ray cluster (see ``pstrain.ray``);
+  ``pstrain.ray_torch``: the same for any PyTorch module.
 """
 
 from __future__ import annotations
@@ -230,6 +234,15 @@ class Server:
         argv = ["--listen", listen, "--shard", str(shard), "--shards", str(shards)]
         argv += _flags(flags) + list(extra_args)
         self._shard = ShardServer(argv, arrays, token)
+
+    @classmethod
+    def from_module(cls, module, **kwargs: object) -> "Server":
+        """A shard serving a PyTorch module's parameters (``named_parameters()``: names and
+        shapes as PyTorch writes them, initial values from the module); the other keywords
+        are ``Server``'s. Needs torch (see ``pstrain.torch``)."""
+        from .torch import parameters_of
+
+        return cls(parameters_of(module), **kwargs)  # type: ignore[arg-type]
 
     @property
     def address(self) -> str:

@@ -89,12 +89,14 @@ class ShardActor:
     workers find it where they left it), restores its newest checkpoint, and the workers
     reconnect with backoff."""
 
-    def __init__(self, argv: List[str], port_key: str, token: str) -> None:
+    def __init__(self, argv: List[str], port_key: str, token: str,
+                 params: Optional[dict] = None) -> None:
         known = internal_kv._internal_kv_get(port_key)
         listen = f"0.0.0.0:{int(known)}" if known else "0.0.0.0:0"
         # The token comes in the actor's arguments (Ray's own channel), never on a command
         # line or in a log; the shard refuses every peer that cannot prove it holds it.
-        self.server = _pstrain.ShardServer(argv + ["--listen", listen], None, token)
+        # `params` ({name: float32 array}) serves a model of the caller's (pstrain.ray_torch).
+        self.server = _pstrain.ShardServer(argv + ["--listen", listen], params, token)
         if known is None:
             port = self.server.address.rsplit(":", 1)[1]
             internal_kv._internal_kv_put(port_key, port.encode())
@@ -111,6 +113,9 @@ class ShardActor:
 
     def wait(self, timeout: float) -> Optional[dict]:
         return self.server.wait(timeout)
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 @ray.remote

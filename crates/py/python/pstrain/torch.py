@@ -1,0 +1,240 @@
+"""Your own PyTorch module on pstrain's servers.
+
+- ``parameters_of(module)``: the module's parameters as pstrain serves them: names and shapes
+  as ``named_parameters()`` gives them, in that order, with their current values.
+- ``Server.from_module(module, ...)`` (in ``pstrain``): a shard serving that module.
+- ``ModuleWorker(client, module)``: the module's parameters and gradients become views into two
+  flat float32 buffers; ``pull()`` reads the servers' weights straight into the parameters
+  (from the sockets, no per-tensor copy) and ``push()`` sends the gradients ``backward()``
+  accumulated there (no copy either).
+- ``train_worker(...)``: a whole worker: pull, forward, backward, push, until the run is done.
+
+Only parameters travel. Buffers that are not parameters (BatchNorm's running mean and
+variance, counters) stay **local** to each worker: every worker keeps the statistics of the
+batches it saw, the servers never hold them, and ``pstrain export`` writes parameters only. A
+module with such buffers therefore loads an export with ``load_state_dict(..., strict=False)``
+(``load_export`` below does that and says which keys it left as they were); a module without
+buffers (the MNIST example's network) loads it with ``strict=True``.
+
+The module must be on the CPU in float32 (pstrain's wire format); a module whose parameters
+do not match the servers' layout is refused by name and shape before anything is sent, and a
+gradient holding NaN or Inf raises ``PstrainError`` like any other push.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - depends on the machine
+    raise ImportError(
+        "pstrain.torch needs PyTorch (`pip install torch`); pstrain itself does not"
+    ) from e
+
+from . import Client
+
+__all__ = ["parameters_of", "ModuleWorker", "train_worker", "load_export", "evaluate"]
+
+
+def _named(module: "torch.nn.Module") -> List[Tuple[str, "torch.nn.Parameter"]]:
+    named = list(module.named_parameters())
+    if not named:
+        raise ValueError("the module has no parameters")
+    for name, p in named:
+        if p.dtype != torch.float32 or p.device.type != "cpu":
+            raise ValueError(
+                f"parameter `{name}` is {p.dtype} on {p.device}: pstrain serves float32 "
+                "parameters on the CPU (call module.float().cpu() first)"
+            )
+    return named
+
+
+def parameters_of(module: "torch.nn.Module") -> Dict[str, np.ndarray]:
+    """``{name: float32 array}`` of the module's parameters, in ``named_parameters()`` order
+    (the servers' layout order), copied from their current values."""
+    return {
+        name: p.detach().numpy().astype(np.float32, copy=True) for name, p in _named(module)
+    }
+
+
+def _check_layout(client: Client, named: List[Tuple[str, "torch.nn.Parameter"]]) -> None:
+    theirs = [(name, tuple(shape)) for name, shape in client.layout.items()]
+    ours = [(name, tuple(p.shape)) for name, p in named]
+    if ours == theirs:
+        return
+    their_names = dict(theirs)
+    our_names = dict(ours)
+    problems = [f"`{n}` is not on the servers" for n in our_names if n not in their_names]
+    problems += [f"`{n}` is missing from the module" for n in their_names if n not in our_names]
+    problems += [
+        f"`{n}` has shape {list(s)} in the module, {list(their_names[n])} on the servers"
+        for n, s in ours
+        if n in their_names and their_names[n] != s
+    ]
+    if not problems:
+        problems = [f"the order differs: module {[n for n, _ in ours]}, servers "
+                    f"{[n for n, _ in theirs]}"]
+    raise ValueError("the module's parameters do not match the servers' model: "
+                     + "; ".join(problems[:8]))
+
+
+class ModuleWorker:
+    """Binds a module's parameters and gradients to one flat buffer each.
+
+    After ``ModuleWorker(client, module)``, ``param.data`` of every parameter is a view into
+    ``self.params`` and ``param.grad`` a view into ``self.grads`` (flat float32 numpy arrays in
+    the servers' layout). ``backward()`` accumulates into the views in place, ``push()`` sends
+    ``self.grads`` as it is and ``pull()`` reads the servers' weights into ``self.params``.
+    If training code replaces a ``.grad`` (``zero_grad(set_to_none=True)`` followed by a
+    backward makes a new tensor), ``push`` copies that one in and binds the view again.
+    """
+
+    def __init__(self, client: Client, module: "torch.nn.Module") -> None:
+        self.client = client
+        self.module = module
+        self._named = _named(module)
+        _check_layout(client, self._named)
+        self.params = np.zeros(client.size, dtype=np.float32)
+        self.grads = np.zeros(client.size, dtype=np.float32)
+        self._params_t = torch.from_numpy(self.params)
+        self._grads_t = torch.from_numpy(self.grads)
+        self._views: List[Tuple["torch.nn.Parameter", "torch.Tensor", "torch.Tensor"]] = []
+        offset = 0
+        for _, p in self._named:
+            n = p.numel()
+            data = self._params_t[offset:offset + n].view(p.shape)
+            grad = self._grads_t[offset:offset + n].view(p.shape)
+            data.copy_(p.detach())
+            self._views.append((p, data, grad))
+            offset += n
+        self._bind()
+
+    def _bind(self) -> None:
+        with torch.no_grad():
+            for p, data, grad in self._views:
+                if p.data.data_ptr() != data.data_ptr():
+                    p.data = data
+                if p.grad is None or p.grad.data_ptr() != grad.data_ptr():
+                    if p.grad is not None:
+                        grad.copy_(p.grad)
+                    else:
+                        grad.zero_()
+                    p.grad = grad
+
+    @property
+    def version(self) -> int:
+        return self.client.version
+
+    def pull(self, wait: bool = True) -> int:
+        """Reads the current weights into the module's parameters; returns their version."""
+        self._bind()
+        self.client.pull_flat(wait, self.params)
+        return self.client.version
+
+    def zero_grad(self) -> None:
+        self._bind()
+        self.grads.fill(0.0)
+
+    def push(self, samples: int, loss: float = float("nan")) -> dict:
+        """Sends the accumulated gradients (averaged over ``samples`` samples)."""
+        self._bind()
+        return self.client.push(self.grads, samples, loss)
+
+
+def train_worker(
+    servers,
+    build_model: Callable[[], "torch.nn.Module"],
+    batches: Callable[[int, int, int], Iterable[Tuple["torch.Tensor", "torch.Tensor"]]],
+    loss_fn: Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"],
+    *,
+    rank: Optional[int] = 0,
+    token: Optional[str] = None,
+    threads: int = 1,
+    max_epochs: Optional[int] = None,
+    connect_timeout: float = 60.0,
+    tls_ca: Optional[str] = None,
+) -> dict:
+    """One worker: pulls, runs ``loss_fn(model(x), y).backward()`` on its next batch, pushes,
+    until the servers say the run is done (or ``max_epochs`` passes over its batches).
+
+    ``batches(rank, workers, epoch)`` yields this rank's ``(inputs, targets)`` for one epoch.
+    Returns a report: rank, steps, samples, seconds computing and on the servers' path.
+    """
+    torch.set_num_threads(max(1, int(threads)))
+    client = Client(servers, rank, token=token, connect_timeout=connect_timeout, tls_ca=tls_ca)
+    model = build_model()
+    model.train()
+    worker = ModuleWorker(client, model)
+    steps = samples = epoch = 0
+    compute_s = comm_s = 0.0
+    losses: List[float] = []
+    started = time.perf_counter()
+    try:
+        t = time.perf_counter()
+        worker.pull()
+        comm_s += time.perf_counter() - t
+        while not client.done and (max_epochs is None or epoch < max_epochs):
+            for inputs, targets in batches(client.rank, client.workers, epoch):
+                t = time.perf_counter()
+                worker.zero_grad()
+                loss = loss_fn(model(inputs), targets)
+                loss.backward()
+                value = float(loss.detach())
+                compute_s += time.perf_counter() - t
+                t = time.perf_counter()
+                outcome = worker.push(len(targets), value)
+                steps += 1
+                samples += len(targets)
+                losses.append(value)
+                if client.done or outcome.get("outcome") == "done":
+                    comm_s += time.perf_counter() - t
+                    break
+                worker.pull()
+                comm_s += time.perf_counter() - t
+                if client.done:
+                    break
+            epoch += 1
+    finally:
+        client.leave()
+    wall = time.perf_counter() - started
+    tail = losses[-50:]
+    return {
+        "rank": client.rank,
+        "steps": steps,
+        "samples": samples,
+        "epochs": epoch,
+        "compute_s": round(compute_s, 3),
+        "server_path_s": round(comm_s, 3),
+        "wall_s": round(wall, 3),
+        "samples_per_s": round(samples / wall, 1) if wall > 0 else None,
+        "final_loss": (sum(tail) / len(tail)) if tail else math.nan,
+    }
+
+
+def evaluate(model: "torch.nn.Module", batches: Iterable[Tuple["torch.Tensor", "torch.Tensor"]]
+             ) -> float:
+    """Top-1 accuracy of a classifier over ``(inputs, targets)`` batches."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(1, total)
+
+
+def load_export(module: "torch.nn.Module", path: str, strict: Optional[bool] = None) -> List[str]:
+    """Loads a ``pstrain export`` file into ``module``: strictly when the module has no
+    buffers (or ``strict=True``), else parameters only; returns the keys left as they were."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    has_buffers = any(True for _ in module.buffers())
+    strict = (not has_buffers) if strict is None else strict
+    result = module.load_state_dict(state, strict=strict)
+    return list(getattr(result, "missing_keys", []))

@@ -1,0 +1,251 @@
+"""Your own PyTorch module on pstrain (`pstrain.torch`, `pstrain.ray_torch`): the module's
+parameters are views into the worker's flat buffers (pull writes into them, push sends the
+gradients backward() accumulated there), a module that does not match the servers is refused
+by name and shape, NaN gradients raise; the PyTorch MNIST example trains through a Ray job on
+a two-node cluster in sync and async mode, and its export loads with `strict=True`.
+
+Needs torch: a machine without it skips this file (CI installs it)."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+if not os.environ.get("CI"):  # CI installs torch: there a missing torch is a failure
+    pytest.importorskip("torch", reason="PyTorch is not installed: the torch-worker tests "
+                        "need `pip install torch`")
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pstrain
+from pstrain.torch import ModuleWorker, load_export, parameters_of
+
+from conftest import REPO, events, run
+
+EXAMPLE = REPO / "examples" / "torch_mnist.py"
+
+
+def load_example(data_dir, net="cnn"):
+    spec = importlib.util.spec_from_file_location("torch_mnist_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.DATA_DIR, module.NET = str(data_dir), net
+    return module
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(4, 3)
+        self.fc2 = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def tiny_server(**flags):
+    return pstrain.Server.from_module(Tiny(), workers=1, mode="async", optimizer="sgd", lr=0.5,
+                                      lr_schedule="constant", keep_running=True, **flags)
+
+
+def test_parameters_are_views_pull_fills_them_and_push_sends_the_grads():
+    model = Tiny()
+    served = parameters_of(model)
+    assert list(served) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    with tiny_server() as server, pstrain.Client([server.address]) as client:
+        worker = ModuleWorker(client, Tiny())
+        module = worker.module
+        worker.pull()
+        base = worker.params.ctypes.data
+        for (name, p), offset in zip(module.named_parameters(), [0, 12, 15, 21]):
+            # Each parameter lives in the flat buffer, at its place in the layout.
+            assert p.data_ptr() == base + 4 * offset, name
+            assert np.array_equal(p.detach().numpy(), served[name])
+        x = torch.randn(8, 4)
+        worker.zero_grad()
+        F.mse_loss(module(x), torch.zeros(8, 2)).backward()
+        expected = {n: p.grad.clone() for n, p in module.named_parameters()}
+        assert not np.all(worker.grads == 0), "backward() wrote into the flat gradient buffer"
+        assert worker.push(8)["outcome"] == "applied"
+        worker.pull()
+        for name, p in module.named_parameters():
+            # SGD lr 0.5 on the server: w - 0.5 g, read back into the same memory.
+            want = torch.from_numpy(served[name]) - 0.5 * expected[name]
+            assert torch.allclose(p.detach(), want, atol=1e-6), name
+        assert module.fc1.weight.data_ptr() == base
+
+        # Training code that sets grads to None (PyTorch's default zero_grad) still works: the
+        # new .grad is copied in and the view bound again.
+        module.zero_grad(set_to_none=True)
+        F.mse_loss(module(x), torch.zeros(8, 2)).backward()
+        replaced = {n: p.grad.clone() for n, p in module.named_parameters()}
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        worker.push(8)
+        worker.pull()
+        for name, p in module.named_parameters():
+            assert torch.allclose(p.detach(), before[name] - 0.5 * replaced[name], atol=1e-6)
+
+        # A NaN gradient is refused like any other push; the weights do not move.
+        worker.zero_grad()
+        module.fc2.bias.grad[0] = float("nan")
+        with pytest.raises(pstrain.PstrainError, match="(?i)nan|finite"):
+            worker.push(8)
+        after = {n: p.detach().clone() for n, p in module.named_parameters()}
+        worker.pull()
+        for name, p in module.named_parameters():
+            assert torch.equal(p.detach(), after[name])
+        server.stop()
+    assert server.wait(10)["rejected_nonfinite"] == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: setattr(m, "fc2", nn.Linear(3, 5)), "`fc2.weight` has shape [5, 3] in the module, [2, 3]"),
+    (lambda m: setattr(m, "fc3", nn.Linear(2, 2)), "`fc3.weight` is not on the servers"),
+    (lambda m: delattr(m, "fc2"), "`fc2.weight` is missing from the module"),
+])
+def test_a_module_that_does_not_match_the_servers_is_refused_by_name_and_shape(change, message):
+    with tiny_server() as server, pstrain.Client([server.address]) as client:
+        other = Tiny()
+        change(other)
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            ModuleWorker(client, other)
+        assert client.stats()[0]["gradients_applied"] == 0
+        server.stop()
+
+
+def test_a_non_float32_module_is_refused():
+    with pytest.raises(ValueError, match="float32"):
+        parameters_of(Tiny().double())
+
+
+def test_export_of_a_module_run_loads_with_strict_true(data_dir, tmp_path):
+    """`Server.from_module` with checkpoints, 60 updates from the example's cnn, then
+    `pstrain export`: the file loads into a fresh module with strict=True and holds exactly
+    the weights the servers ended with."""
+    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
+    if not os.path.exists(exe):
+        pytest.skip(f"{exe} not built (cargo build --release)")
+    example = load_example(data_dir)
+    ckpt = tmp_path / "ckpt"
+    server = pstrain.Server.from_module(
+        example.build_model(), workers=1, mode="async", optimizer="adam", lr=1e-3,
+        iterations=60, batch_size=64, train_samples=60000, keep_running=True,
+        checkpoint_dir=str(ckpt), checkpoint_secs=0)
+    from pstrain.torch import train_worker
+    report = train_worker([server.address], example.build_model, example.batches, example.loss)
+    assert report["steps"] == 60, report
+    final = example.build_model()
+    with pstrain.Client([server.address], role="observer") as observer:
+        ModuleWorker(observer, final).pull(wait=False)
+    server.stop()
+    assert server.wait(10)["version"] == 60
+    out = tmp_path / "model.safetensors"
+    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    loaded = example.build_model()
+    assert load_export(loaded, str(out), strict=True) == []
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# --- the Ray job (the two-node cluster from conftest) ------------------------------------
+
+CNN_THRESHOLD = 0.985
+CONVNET_THRESHOLD = 0.85
+
+
+def submit_torch_job(cluster, args, env_vars=None, timeout=900):
+    workdir = cluster["workdir"]
+    shutil.copy(EXAMPLE, workdir / "torch_mnist.py")
+    runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    cmd = [cluster["ray"], "job", "submit", "--address", cluster["url"], "--working-dir",
+           str(workdir), *runtime, "--", sys.executable, *args]
+    p, elapsed = run(cmd, timeout=timeout, check=False, env=cluster["env"])
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    [summary] = events(out, "ray_summary")
+    [placement] = events(out, "placement")
+    print(f"\n{' '.join(args)}: {elapsed:.1f} s; accuracy {summary['test_accuracy']}, "
+          f"training {summary['training_s']} s, {summary['samples_per_s']} samples/s, "
+          f"nodes {summary['nodes']}")
+    return out, summary, placement
+
+
+def test_pytorch_mnist_example_trains_sync_through_a_ray_job_and_exports(
+        cluster, data_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out, summary, placement = submit_torch_job(cluster, [
+        "torch_mnist.py", "--data-dir", str(data_dir), "--mode", "sync", "--epochs", "2",
+        "--placement", "spread", "--checkpoint-dir", str(ckpt)])
+    assert summary["nodes"] == 2, placement
+    assert summary["test_accuracy"] >= CNN_THRESHOLD, summary
+    assert all(w["epochs"] == 2 for w in summary["workers"]), summary["workers"]
+    # Sync: both workers pushed every step; the shard made one update per step.
+    shard = summary["shards"][0]
+    assert shard["gradients_applied"] == 2 * shard["version"], shard
+    assert events(out, "progress"), "no progress lines in the job log"
+
+    # The export of the run loads into the user's module with strict=True and scores what
+    # the job reported.
+    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
+    exported = tmp_path / "model.safetensors"
+    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(exported)])
+    example = load_example(data_dir)
+    model = example.Net()
+    model.load_state_dict(
+        __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(exported)),
+        strict=True)
+    assert math.isclose(example.evaluate(model), summary["test_accuracy"], abs_tol=1e-9)
+
+
+def test_pytorch_mnist_example_trains_async_from_the_command_line_form(cluster, data_dir):
+    _, summary, _ = submit_torch_job(cluster, [
+        "-m", "pstrain.ray_torch", "torch_mnist.py", "--mode", "async", "--epochs", "2",
+        "--optimizer", "adam", "--lr", "0.001", "--batch-size", "64"],
+        env_vars={"PSTRAIN_DATA_DIR": str(data_dir)})
+    assert summary["test_accuracy"] >= CNN_THRESHOLD, summary
+    shard = summary["shards"][0]
+    # Async: every gradient applied on arrival, from both workers.
+    assert shard["gradients_applied"] == shard["version"], shard
+    assert all(w["steps"] > 0.3 * shard["version"] for w in summary["workers"]), summary
+
+
+def test_the_ray_example_convnet_reaches_its_85_percent(cluster, data_dir):
+    _, summary, _ = submit_torch_job(cluster, [
+        "torch_mnist.py", "--data-dir", str(data_dir), "--net", "convnet", "--mode", "async",
+        "--iterations", "400", "--optimizer", "sgd", "--lr", "0.01"])
+    assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary
+
+
+def test_module_workers_run_without_ray_too(data_dir):
+    """`train_worker` against a `Server.from_module` in this process (threads): the path a
+    user takes before a cluster exists."""
+    import threading
+
+    example = load_example(data_dir, net="convnet")
+    server = pstrain.Server.from_module(example.build_model(), workers=2, mode="sync",
+                                        optimizer="sgd", lr=0.01, lr_schedule="constant",
+                                        iterations=100, batch_size=64, keep_running=True)
+    from pstrain.torch import train_worker
+    reports = [None, None]
+
+    def work(rank):
+        reports[rank] = train_worker([server.address], example.build_model, example.batches,
+                                     example.loss, rank=rank)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.stop()
+    stats = server.wait(10)
+    assert stats["version"] == 100 and stats["gradients_applied"] == 200, stats
+    assert [r["steps"] for r in reports] == [100, 100], reports
