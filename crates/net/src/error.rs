@@ -41,6 +41,10 @@ pub enum NetError {
     /// A worker could not take the rank it asked for (held, out of range, none free).
     #[error("{0}")]
     Join(#[from] JoinError),
+    /// The worker's rank was taken from it (its heartbeats stopped for a while): it may
+    /// connect again and rejoin.
+    #[error("worker {0} was evicted (missed heartbeats); reconnect to rejoin")]
+    Evicted(usize),
     /// The peer answered with an error frame.
     #[error("server refused: {0}")]
     Remote(Failure),
@@ -58,6 +62,20 @@ impl NetError {
             self,
             NetError::Io(_) | NetError::Closed(_) | NetError::Timeout(_)
         )
+    }
+
+    /// Worth connecting again and carrying on: the connection failed, or the shard evicted
+    /// this worker (a device that was slow or away for a while rejoins; it is not an error
+    /// of the run).
+    pub fn rejoins(&self) -> bool {
+        self.is_transport()
+            || matches!(
+                self,
+                NetError::Remote(Failure {
+                    code: ErrorCode::Evicted,
+                    ..
+                })
+            )
     }
 
     /// The shard asked to retry shortly (the rank is still held by an old connection).
@@ -79,6 +97,7 @@ impl NetError {
             }
             NetError::Join(_) => ErrorCode::RankBusy,
             NetError::Unauthorized(_) => ErrorCode::Unauthorized,
+            NetError::Evicted(_) => ErrorCode::Evicted,
             _ => ErrorCode::BadFrame,
         };
         Failure::new(code, self.to_string())

@@ -65,3 +65,59 @@ fn dropping_heartbeats_does_not_wait_for_an_unreachable_shard() {
         "the heartbeat thread waited on its connection attempts"
     );
 }
+
+/// A worker evicted for missing heartbeats (a device that was slow or away for a while)
+/// connects again and carries on: its push at the moment of the eviction is given up, the
+/// next ones are applied. Before, the eviction was an error that ended the worker.
+#[test]
+fn an_evicted_worker_rejoins_and_carries_on() {
+    use pstrain_core::{ParameterClient, PushMeta, PushOutcome};
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 1));
+    cfg.exit_when_finished = false;
+    cfg.heartbeat_timeout = Duration::from_millis(500);
+    let server = ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 1).unwrap();
+    let ccfg = client_cfg(vec![server.address().to_string()]);
+    let mut client = TcpClient::connect(&ccfg).unwrap();
+    let beats = Heartbeat::start(client.config(), Duration::from_millis(100)).unwrap();
+    let mut params = vec![0.0; N];
+    let push = |client: &mut TcpClient, params: &mut Vec<f32>| {
+        let version = client.pull(params, None, false).unwrap().version;
+        let meta = PushMeta {
+            rank: 0,
+            base_version: version,
+            samples: 1,
+            loss: 0.0,
+        };
+        client.push(meta, &vec![1.0; N]).unwrap()
+    };
+    assert!(matches!(
+        push(&mut client, &mut params),
+        PushOutcome::Applied { .. }
+    ));
+    // The heartbeats stop for longer than the timeout: the shard evicts rank 0.
+    drop(beats);
+    std::thread::sleep(Duration::from_millis(1500));
+    let outcome = push(&mut client, &mut params);
+    assert!(
+        matches!(
+            outcome,
+            PushOutcome::Dropped { .. } | PushOutcome::Applied { .. }
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        client.reconnects() >= 1,
+        "the eviction was not met by a rejoin"
+    );
+    let beats = Heartbeat::start(client.config(), Duration::from_millis(100)).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            push(&mut client, &mut params),
+            PushOutcome::Applied { .. }
+        ));
+    }
+    drop(beats);
+    client.goodbye().unwrap();
+    let report = server.finish().unwrap();
+    assert!(report.stats.gradients_applied >= 4, "{:?}", report.stats);
+}

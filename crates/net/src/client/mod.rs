@@ -132,7 +132,7 @@ impl TcpClient {
         retry: impl FnOnce(&mut Self) -> Result<T, NetError>,
     ) -> Result<T, NetError> {
         match call(self) {
-            Err(e) if e.is_transport() => {
+            Err(e) if e.rejoins() => {
                 self.reconnect()?;
                 retry(self)
             }
@@ -164,7 +164,7 @@ impl TcpClient {
         wait: bool,
     ) -> Result<PullReply, NetError> {
         match self.try_pull_all(params, newer_than, wait) {
-            Err(e) if e.is_transport() => {
+            Err(e) if e.rejoins() => {
                 self.reconnect()?;
                 self.try_pull_all(params, None, false)
             }

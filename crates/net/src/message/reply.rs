@@ -29,6 +29,8 @@ pub enum ErrorCode {
     RankBusy,
     /// The peer did not prove it holds the run token (or the shard has none and it sent one).
     Unauthorized,
+    /// The worker was evicted (missed heartbeats): it may connect again and rejoin.
+    Evicted,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +57,7 @@ impl Failure {
             ErrorCode::Unauthorized => (7, 0),
             ErrorCode::TooLarge { largest } => (8, u64::from(largest.to_bits())),
             ErrorCode::RolledBack => (9, 0),
+            ErrorCode::Evicted => (10, 0),
         };
         w.u16(tag).u64(count).str(&self.message);
     }
@@ -72,6 +75,7 @@ impl Failure {
                 largest: f32::from_bits(count as u32),
             },
             9 => ErrorCode::RolledBack,
+            10 => ErrorCode::Evicted,
             other => return Err(r.malformed(format!("error code {other}"))),
         };
         Ok(Failure {

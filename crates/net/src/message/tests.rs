@@ -157,6 +157,7 @@ fn failures_carry_typed_codes() {
         ErrorCode::Unauthorized,
         ErrorCode::TooLarge { largest: 1e30 },
         ErrorCode::RolledBack,
+        ErrorCode::Evicted,
     ] {
         let r = Reply::Error(Failure::new(code, "x"));
         assert_eq!(Reply::decode(kind::ERROR, &r.encode(0), 0).unwrap(), r);

@@ -31,7 +31,7 @@ pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
         let mut state = shared.lock();
         match e {
             NetError::Unauthorized(why) => shared.log_unauthorized(&mut state, ip, why),
-            NetError::Handshake(_) | NetError::Join(_) => {
+            NetError::Handshake(_) | NetError::Join(_) | NetError::Evicted(_) => {
                 state.events.refused_handshakes += 1;
                 let line = format!("closing connection from {}: {e}", conn.peer());
                 shared.log_refusal(&mut state, &line);
@@ -128,10 +128,7 @@ async fn serve(
         };
         if let Some(seat) = me.seat {
             if !shared.lock().engine.holds(seat) {
-                return Err(NetError::Handshake(format!(
-                    "worker {} was evicted (missed heartbeats); reconnect to rejoin",
-                    me.rank
-                )));
+                return Err(NetError::Evicted(me.rank));
             }
         }
         if header.kind == kind::PUSH && me.role == Role::Worker {
