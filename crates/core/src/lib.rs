@@ -9,6 +9,7 @@ pub mod admission;
 pub mod balance;
 pub mod checkpoint_schedule;
 pub mod client;
+pub mod compression;
 pub mod config;
 pub mod consistency;
 pub mod engine;
@@ -29,6 +30,7 @@ pub mod worker_stats;
 
 pub use checkpoint_schedule::CheckpointSchedule;
 pub use client::{ClientError, ParameterClient, PullReply};
+pub use compression::{CodecError, PullCodec, PushCodec, PushEncoder};
 pub use config::{Aggregate, GradientClip, Mode, ServerConfig, MAX_LEAD_LIMIT};
 pub use engine::{EngineConfig, PushReport, ShardEngine};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};

@@ -2,6 +2,7 @@
 //! shares. The shards own it; workers and observers receive it in the handshake, so a worker
 //! needs only the shards' addresses, its rank and its data.
 
+use crate::compression::{PullCodec, PushCodec};
 use crate::config::{Aggregate, GradientClip, Mode, ServerConfig};
 use crate::error::ConfigError;
 use crate::optimizer::{LrSchedule, OptimizerConfig};
@@ -52,6 +53,10 @@ pub struct RunPlan {
     pub staleness_aware_lr: bool,
     /// Sync: batch sizes in proportion to each worker's measured speed.
     pub balance_batches: bool,
+    /// How gradients cross the link (see `compression`).
+    pub push_codec: PushCodec,
+    /// How weights cross the link.
+    pub pull_codec: PullCodec,
 }
 
 impl Default for RunPlan {
@@ -73,6 +78,8 @@ impl Default for RunPlan {
             clip: None,
             staleness_aware_lr: false,
             balance_batches: false,
+            push_codec: PushCodec::Fp32,
+            pull_codec: PullCodec::Fp32,
         }
     }
 }
@@ -228,6 +235,16 @@ impl RunPlan {
             "balance_batches",
             self.balance_batches.to_string(),
             other.balance_batches.to_string(),
+        );
+        check(
+            "push_codec",
+            self.push_codec.to_string(),
+            other.push_codec.to_string(),
+        );
+        check(
+            "pull_codec",
+            self.pull_codec.to_string(),
+            other.pull_codec.to_string(),
         );
         out
     }

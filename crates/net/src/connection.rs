@@ -155,6 +155,33 @@ impl Connection {
         deadline(io, "flushing a frame", self.writer.flush()).await
     }
 
+    /// Writes one frame whose tensor is already encoded (a compressed push or pull).
+    pub async fn write_frame_bytes(
+        &mut self,
+        kind: u16,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<(), NetError> {
+        let len = (head.len() + body.len()) as u64;
+        let header = Header { kind, len }.encode();
+        let io = self.io_timeout;
+        deadline(io, "writing a frame", self.writer.write_all(&header)).await?;
+        deadline(io, "writing a frame", self.writer.write_all(head)).await?;
+        deadline(io, "writing a tensor", self.writer.write_all(body)).await?;
+        deadline(io, "flushing a frame", self.writer.flush()).await
+    }
+
+    /// Reads `out.len()` bytes into `out` (a compressed tensor).
+    pub async fn read_into(&mut self, out: &mut [u8]) -> Result<(), NetError> {
+        deadline(
+            self.io_timeout,
+            "reading a tensor",
+            self.reader.read_exact(out),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Sends a request's fixed part followed by `tensor` (a push's gradient slice).
     pub async fn send_request(
         &mut self,

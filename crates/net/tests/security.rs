@@ -219,21 +219,6 @@ fn parked_connections_are_capped_and_a_real_worker_still_trains() {
     assert!(report.events.over_capacity >= 4900, "{:?}", report.events);
 }
 
-/// A token holder, as a raw client: AUTH, then a proven hello; returns the stream.
-fn join_with_token(addr: SocketAddr, token: &RunToken, hello: Hello) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mine = [3u8; 32];
-    s.write_all(&frame(kind::AUTH, &mine)).unwrap();
-    let (k, body) = read_frame(&mut s);
-    assert_eq!(k, kind::CHALLENGE);
-    let mut theirs = [0u8; 32];
-    theirs.copy_from_slice(&body[..32]);
-    let hello = hello.proven(token, &mine, &theirs);
-    s.write_all(&frame(kind::HELLO, &hello.encode())).unwrap();
-    s
-}
-
 #[test]
 fn token_holders_are_bounded_too() {
     let token = RunToken::generate().unwrap();

@@ -4,7 +4,9 @@
 //! them (`contradictions`).
 
 use clap::{Args, ValueEnum};
-use pstrain_core::{Aggregate, GradientClip, Mode, OptimizerConfig, RunPlan, Schedule};
+use pstrain_core::{
+    Aggregate, GradientClip, Mode, OptimizerConfig, PullCodec, PushCodec, RunPlan, Schedule,
+};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq)]
@@ -132,6 +134,14 @@ pub struct RunArgs {
     /// What a shard does with a gradient over --max-grad-norm [default: clip]
     #[arg(long, value_enum)]
     pub grad_norm_action: Option<NormActionArg>,
+    /// How gradients cross a TCP link: fp32, bf16, int8 (stochastic, a scale per 256
+    /// values) or topk:P (the P per mille largest, error feedback on the worker); in-process
+    /// runs move nothing over a link [default: fp32]
+    #[arg(long)]
+    pub push_codec: Option<PushCodec>,
+    /// How weights cross a TCP link: fp32 or bf16 [default: fp32]
+    #[arg(long)]
+    pub pull_codec: Option<PullCodec>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -188,6 +198,8 @@ impl RunArgs {
             clip: self.clip_over(base.clip),
             staleness_aware_lr: self.staleness_aware_lr.unwrap_or(base.staleness_aware_lr),
             balance_batches: self.balance_batches.unwrap_or(base.balance_batches),
+            push_codec: self.push_codec.unwrap_or(base.push_codec),
+            pull_codec: self.pull_codec.unwrap_or(base.pull_codec),
         };
         plan.validate()?;
         Ok(plan)
@@ -315,6 +327,8 @@ fn flags_of(field: &str) -> &'static str {
         "max_grad_norm" => "--max-grad-norm/--grad-norm-action",
         "staleness_aware_lr" => "--staleness-aware-lr",
         "balance_batches" => "--balance-batches",
+        "push_codec" => "--push-codec",
+        "pull_codec" => "--pull-codec",
         _ => "a run flag",
     }
 }
@@ -384,6 +398,8 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
     }
     flag("staleness-aware-lr", plan.staleness_aware_lr.to_string());
     flag("balance-batches", plan.balance_batches.to_string());
+    flag("push-codec", plan.push_codec.to_string());
+    flag("pull-codec", plan.pull_codec.to_string());
     a
 }
 

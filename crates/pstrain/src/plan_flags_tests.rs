@@ -43,10 +43,13 @@ fn every_field_survives_flags_and_back() {
             }),
             staleness_aware_lr: false,
             balance_batches: true,
+            push_codec: pstrain_core::PushCodec::TopK { per_mille: 7 },
+            pull_codec: pstrain_core::PullCodec::Bf16,
         },
         RunPlan {
             mode: Mode::Ssp { max_lead: 4 },
             staleness_aware_lr: true,
+            push_codec: pstrain_core::PushCodec::Int8,
             ..RunPlan::default()
         },
         RunPlan {

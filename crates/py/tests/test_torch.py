@@ -220,7 +220,7 @@ def test_pytorch_mnist_example_trains_async_from_the_command_line_form(cluster, 
 def test_the_ray_example_convnet_reaches_its_85_percent(cluster, data_dir):
     _, summary, _ = submit_torch_job(cluster, [
         "torch_mnist.py", "--data-dir", str(data_dir), "--net", "convnet", "--mode", "async",
-        "--iterations", "400", "--optimizer", "sgd", "--lr", "0.01"])
+        "--iterations", "1000", "--optimizer", "sgd", "--lr", "0.01"])
     assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary
 
 

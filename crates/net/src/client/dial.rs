@@ -11,6 +11,7 @@ use crate::error::NetError;
 use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPLY_LIMIT};
 use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
+use pstrain_core::PushEncoder;
 use pstrain_core::{shard_ranges, Layout, RunPlan};
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -262,11 +263,17 @@ pub(super) async fn try_connect_shard(
             ok.rank, cfg.rank
         )));
     }
+    // Each link keeps its own error feedback and rounding stream (seeded per rank and shard,
+    // so two workers' stochastic roundings are independent).
+    let seed = cfg.plan.seed ^ ((ok.rank as u64) << 32) ^ shard as u64;
     let link = ShardLink {
         conn,
         range,
         version: ok.version,
         pending: false,
+        pull_codec: cfg.plan.pull_codec,
+        encoder: PushEncoder::new(cfg.plan.push_codec, seed),
+        wire: Vec::new(),
     };
     Ok((link, ok.rank as usize))
 }

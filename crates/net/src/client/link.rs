@@ -7,7 +7,7 @@ use crate::message::{
     kind, Pulled, PushHead, PushReply, Reply, Request, ShardStats, StepMembers, PULLED_LEN,
     REPLY_LIMIT, WORKER_STATS_LEN,
 };
-use pstrain_core::{PullReply, PushMeta, PushOutcome};
+use pstrain_core::{PullCodec, PullReply, PushCodec, PushEncoder, PushMeta, PushOutcome};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -19,6 +19,13 @@ pub(super) struct ShardLink {
     /// The last push here is buffered for a step that has not completed: a waiting pull
     /// waits only on such shards (never for a step this client has not pushed to).
     pub pending: bool,
+    /// How this shard's slice of the weights arrives (the run plan's pull codec).
+    pub pull_codec: PullCodec,
+    /// How this client's gradient slice leaves, with its error feedback (the plan's push
+    /// codec).
+    pub encoder: PushEncoder,
+    /// Encoded bytes, reused between calls.
+    pub wire: Vec<u8>,
 }
 
 impl ShardLink {
@@ -40,7 +47,7 @@ impl ShardLink {
         } else {
             self.conn.io_timeout()
         };
-        let limit = (PULLED_LEN + 4 * slice.len()) as u64;
+        let limit = (PULLED_LEN + self.pull_codec.encoded_len(slice.len())) as u64;
         let header = self
             .conn
             .read_header(idle, limit.max(REPLY_LIMIT))
@@ -80,7 +87,11 @@ impl ShardLink {
             batch,
         } = pulled;
         let body = header.len - PULLED_LEN as u64;
-        let expected = if updated { 4 * slice.len() as u64 } else { 0 };
+        let expected = if updated {
+            self.pull_codec.encoded_len(slice.len()) as u64
+        } else {
+            0
+        };
         if body != expected {
             return Err(NetError::Malformed {
                 what: "pull reply",
@@ -88,7 +99,18 @@ impl ShardLink {
             });
         }
         if updated {
-            self.conn.read_f32s(slice).await?;
+            if self.pull_codec == PullCodec::Fp32 {
+                self.conn.read_f32s(slice).await?;
+            } else {
+                self.wire.resize(body as usize, 0);
+                self.conn.read_into(&mut self.wire).await?;
+                self.pull_codec
+                    .decode(&self.wire, slice)
+                    .map_err(|e| NetError::Malformed {
+                        what: "pull reply",
+                        why: e.to_string(),
+                    })?;
+            }
             self.version = version;
         }
         Ok(PullReply {
@@ -116,9 +138,15 @@ impl ShardLink {
             loss: meta.loss,
             step,
         };
-        self.conn
-            .send_request(&Request::Push(head), workers, slice)
-            .await?;
+        let request = Request::Push(head);
+        if self.encoder.codec() == PushCodec::Fp32 {
+            self.conn.send_request(&request, workers, slice).await?;
+        } else {
+            self.encoder.encode(slice, &mut self.wire);
+            self.conn
+                .write_frame_bytes(request.kind(), &request.encode(workers), &self.wire)
+                .await?;
+        }
         match self
             .conn
             .read_reply(reply_timeout, REPLY_LIMIT, workers)

@@ -2,7 +2,9 @@
 
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::{Aggregate, GradientClip, Mode, OptimizerConfig, RunPlan, Schedule};
+use pstrain_core::{
+    Aggregate, GradientClip, Mode, OptimizerConfig, PullCodec, PushCodec, RunPlan, Schedule,
+};
 
 /// The most workers a plan may name.
 pub const MAX_WORKERS: usize = 1 << 16;
@@ -59,6 +61,18 @@ pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
         None => w.u8(0).f32(0.0).bool(false),
     };
     w.bool(p.staleness_aware_lr).bool(p.balance_batches);
+    let (push_tag, push_param) = match p.push_codec {
+        PushCodec::Fp32 => (1, 0),
+        PushCodec::Bf16 => (2, 0),
+        PushCodec::Int8 => (3, 0),
+        PushCodec::TopK { per_mille } => (4, per_mille),
+    };
+    w.u8(push_tag)
+        .u32(push_param as u32)
+        .u8(match p.pull_codec {
+            PullCodec::Fp32 => 1,
+            PullCodec::Bf16 => 2,
+        });
 }
 
 pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
@@ -100,6 +114,22 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
     let (seed, train_samples) = (r.u64()?, r.usize()?);
     let (has_clip, max_norm, refuse) = (r.bool()?, r.f32()?, r.bool()?);
     let (staleness_aware_lr, balance_batches) = (r.bool()?, r.bool()?);
+    let (push_tag, push_param) = (r.u8()?, r.u32()?);
+    let push_codec = match push_tag {
+        1 => PushCodec::Fp32,
+        2 => PushCodec::Bf16,
+        3 => PushCodec::Int8,
+        4 => u16::try_from(push_param)
+            .ok()
+            .and_then(PushCodec::top_k)
+            .ok_or_else(|| r.malformed(format!("top-k per mille {push_param}")))?,
+        other => return Err(r.malformed(format!("push codec {other}"))),
+    };
+    let pull_codec = match r.u8()? {
+        1 => PullCodec::Fp32,
+        2 => PullCodec::Bf16,
+        other => return Err(r.malformed(format!("pull codec {other}"))),
+    };
     Ok(RunPlan {
         model,
         mode,
@@ -115,5 +145,7 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
         clip: has_clip.then_some(GradientClip { max_norm, refuse }),
         staleness_aware_lr,
         balance_batches,
+        push_codec,
+        pull_codec,
     })
 }

@@ -22,6 +22,8 @@ fn plan() -> RunPlan {
         }),
         staleness_aware_lr: false,
         balance_batches: true,
+        push_codec: pstrain_core::PushCodec::TopK { per_mille: 20 },
+        pull_codec: pstrain_core::PullCodec::Bf16,
     }
 }
 

@@ -7,7 +7,7 @@ use crate::error::NetError;
 use crate::message::{
     ErrorCode, Failure, Pulled, PushHead, PushReply, Reply, ShardStats, StepMembers,
 };
-use pstrain_core::{Departure, PushError, PushMeta, PushOutcome, Seat};
+use pstrain_core::{Departure, PullCodec, PushCodec, PushError, PushMeta, PushOutcome, Seat};
 
 /// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
 /// engine's gate opens for `rank` (or the run ends).
@@ -68,9 +68,20 @@ pub(super) async fn pull(
         }
     };
     let tensor: &[f32] = if pulled.updated { buf } else { &[] };
-    conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await?;
+    let codec = shared.cfg.plan.pull_codec;
+    let sent = if codec == PullCodec::Fp32 {
+        conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await?;
+        4 * tensor.len() as u64
+    } else {
+        let mut bytes = Vec::new();
+        codec.encode(tensor, &mut bytes);
+        let head = Reply::Pulled(pulled);
+        conn.write_frame_bytes(head.kind(), &head.encode(0), &bytes)
+            .await?;
+        bytes.len() as u64
+    };
     if let Some(l) = &shared.latencies {
-        l.pull(started.elapsed().as_secs_f64(), 4 * tensor.len() as u64);
+        l.pull(started.elapsed().as_secs_f64(), sent);
     }
     Ok(())
 }
@@ -85,20 +96,33 @@ pub(super) async fn push(
 ) -> Result<(), NetError> {
     let started = std::time::Instant::now();
     let workers = shared.cfg.plan.workers;
+    let codec = shared.cfg.plan.push_codec;
     let head_len = PushHead::len(workers);
     let body = len
         .checked_sub(head_len as u64)
-        .filter(|b| b % 4 == 0)
+        .filter(|b| codec != PushCodec::Fp32 || b % 4 == 0)
         .ok_or_else(|| NetError::Malformed {
             what: "push",
-            why: format!("payload of {len} bytes is not a push header plus f32 values"),
+            why: format!("payload of {len} bytes is not a push header plus its values"),
         })?;
     let head = PushHead::decode(&conn.read_bytes(head_len).await?, workers)?;
     // The frame limit already bounds `body` by this shard's size.
     let mut lease = shared.lease_buffer();
     let buf = &mut lease.buf;
-    buf.resize((body / 4) as usize, 0.0);
-    conn.read_f32s(buf).await?;
+    if codec == PushCodec::Fp32 {
+        buf.resize((body / 4) as usize, 0.0);
+        conn.read_f32s(buf).await?;
+    } else {
+        // Decoded into the slice's full length, every count and index checked before any
+        // value reaches the engine (which then checks the values as for any push).
+        let mut bytes = vec![0u8; body as usize];
+        conn.read_into(&mut bytes).await?;
+        buf.resize(shared.range.len(), 0.0);
+        codec.decode(&bytes, buf).map_err(|e| NetError::Malformed {
+            what: "push",
+            why: e.to_string(),
+        })?;
+    }
     let meta = PushMeta {
         rank,
         base_version: head.base_version,

@@ -121,7 +121,9 @@ async fn serve(
     *peer = Some(me);
     let workers = cfg.plan.workers;
     // The largest legitimate frame is a push of this shard's gradient.
-    let limit = (PushHead::len(workers) + 4 * shared.range.len()).max(64) as u64;
+    let slice = shared.range.len();
+    let push_body = (4 * slice).max(cfg.plan.push_codec.encoded_len(slice));
+    let limit = (PushHead::len(workers) + push_body).max(64) as u64;
     loop {
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());

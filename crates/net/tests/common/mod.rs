@@ -89,3 +89,24 @@ pub fn resident_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A token holder, as a raw client: AUTH, then a proven hello; returns the stream.
+pub fn join_with_token(
+    addr: SocketAddr,
+    token: &pstrain_net::RunToken,
+    hello: pstrain_net::message::Hello,
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mine = [3u8; 32];
+    s.write_all(&frame(pstrain_net::message::kind::AUTH, &mine))
+        .unwrap();
+    let (k, body) = read_frame(&mut s);
+    assert_eq!(k, pstrain_net::message::kind::CHALLENGE);
+    let mut theirs = [0u8; 32];
+    theirs.copy_from_slice(&body[..32]);
+    let hello = hello.proven(token, &mine, &theirs);
+    s.write_all(&frame(pstrain_net::message::kind::HELLO, &hello.encode()))
+        .unwrap();
+    s
+}

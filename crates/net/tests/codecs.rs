@@ -1,0 +1,165 @@
+//! Compressed pushes and pulls over a live shard: each push codec moves the weights as its
+//! decoded gradient says, a bf16 pull arrives within bf16's precision, a peer whose plan names
+//! another codec is refused by name, and hostile compressed pushes (repeated or out-of-range
+//! indices, wrong counts or lengths) are refused before they touch the model.
+
+mod common;
+
+use common::*;
+use pstrain_core::{ParameterClient, PullCodec, PushCodec, PushMeta, PushOutcome, RunPlan};
+use pstrain_net::message::{kind, Hello, PushHead, Role};
+use pstrain_net::{ClientConfig, RunToken, ShardConfig, ShardHandle, TcpClient};
+use std::io::Write;
+use std::time::Duration;
+
+fn codec_plan(push: PushCodec, pull: PullCodec) -> RunPlan {
+    RunPlan {
+        push_codec: push,
+        pull_codec: pull,
+        ..plan(ASYNC, 1)
+    }
+}
+
+fn start(plan: RunPlan, token: Option<RunToken>) -> ShardHandle {
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan);
+    cfg.exit_when_finished = false;
+    cfg.token = token;
+    ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 1).unwrap()
+}
+
+fn client(server: &ShardHandle, plan: RunPlan) -> Result<TcpClient, pstrain_net::NetError> {
+    let mut cfg = ClientConfig::new(
+        vec![server.address().to_string()],
+        Role::Worker,
+        0,
+        plan,
+        layout(),
+    );
+    cfg.connect_timeout = Duration::from_secs(2);
+    TcpClient::connect(&cfg)
+}
+
+fn meta(version: u64) -> PushMeta {
+    PushMeta {
+        rank: 0,
+        base_version: version,
+        samples: 1,
+        loss: 0.0,
+    }
+}
+
+/// A token holder joined as worker 0 by hand (its hello answered), ready for raw frames.
+fn join_with_token_stream(
+    addr: std::net::SocketAddr,
+    token: &RunToken,
+    plan: &RunPlan,
+) -> std::net::TcpStream {
+    let hello = Hello::new(Role::Worker, 0, 0, 1, plan, &layout());
+    let mut s = join_with_token(addr, token, hello);
+    let (k, _) = read_frame(&mut s);
+    assert_eq!(k, kind::HELLO_OK);
+    s
+}
+
+#[test]
+fn every_codec_moves_the_weights_by_its_decoded_gradient() {
+    // A gradient with one large value per 100 and small ones elsewhere.
+    let grad: Vec<f32> = (0..N)
+        .map(|i| {
+            if i % 100 == 0 {
+                2.0
+            } else {
+                0.01 * (i % 7) as f32
+            }
+        })
+        .collect();
+    for push in [
+        PushCodec::Fp32,
+        PushCodec::Bf16,
+        PushCodec::Int8,
+        PushCodec::TopK { per_mille: 10 },
+    ] {
+        let p = codec_plan(push, PullCodec::Bf16);
+        let server = start(p.clone(), None);
+        let mut c = client(&server, p).unwrap();
+        let mut params = vec![0.0; N];
+        let v = c.pull(&mut params, None, false).unwrap().version;
+        assert!(matches!(
+            c.push(meta(v), &grad).unwrap(),
+            PushOutcome::Applied { .. }
+        ));
+        c.pull(&mut params, None, false).unwrap();
+        c.leave().unwrap();
+        let report = server.finish().unwrap();
+        // SGD lr 0.1: each weight is -0.1 x the decoded gradient; bf16 pulls round it.
+        for (i, (w, g)) in report.params.iter().zip(&grad).enumerate() {
+            let step = -0.1 * g;
+            match push {
+                PushCodec::TopK { .. } if i % 100 != 0 => assert_eq!(*w, 0.0, "{push} {i}"),
+                PushCodec::Int8 => assert!((w - step).abs() <= 0.1 * 2.0 / 127.0 + 1e-7),
+                _ => assert!((w - step).abs() <= step.abs() / 128.0 + 1e-9, "{push} {i}"),
+            }
+            assert!((params[i] - w).abs() <= w.abs() / 128.0, "bf16 pull of {w}");
+        }
+    }
+}
+
+#[test]
+fn a_peer_with_another_codec_is_refused_by_name() {
+    let server = start(codec_plan(PushCodec::Int8, PullCodec::Fp32), None);
+    let err = client(&server, codec_plan(PushCodec::Fp32, PullCodec::Fp32))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("push_codec"), "{err}");
+    server.finish().unwrap();
+}
+
+#[test]
+fn hostile_compressed_pushes_are_refused_before_the_model() {
+    let token = RunToken::generate().unwrap();
+    let p = codec_plan(PushCodec::TopK { per_mille: 10 }, PullCodec::Fp32);
+    let server = start(p.clone(), Some(token.clone()));
+    let pair = |i: u32, v: f32| [i.to_le_bytes(), v.to_le_bytes()].concat();
+    let body = |count: u32, pairs: &[Vec<u8>]| {
+        let mut b = count.to_le_bytes().to_vec();
+        pairs.iter().for_each(|x| b.extend_from_slice(x));
+        b
+    };
+    let head = PushHead {
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+        step: None,
+    }
+    .encode(1);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("repeated index", body(2, &[pair(5, 1.0), pair(5, 1.0)])),
+        ("index out of range", body(1, &[pair(N as u32, 1.0)])),
+        ("count beyond the slice", body(N as u32 + 1, &[])),
+        ("count and length disagree", body(3, &[pair(1, 1.0)])),
+    ];
+    for (what, b) in cases {
+        let mut s = join_with_token_stream(server.address(), &token, &p);
+        let mut payload = head.clone();
+        payload.extend_from_slice(&b);
+        s.write_all(&frame(kind::PUSH, &payload)).unwrap();
+        let (k, reply) = read_frame(&mut s);
+        assert_eq!(k, kind::ERROR, "{what}");
+        assert!(
+            String::from_utf8_lossy(&reply).contains("top-k"),
+            "{what}: {}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    // A NaN inside a well-formed top-k push is refused like any NaN gradient.
+    let mut s = join_with_token_stream(server.address(), &token, &p);
+    let mut payload = head.clone();
+    payload.extend_from_slice(&body(1, &[pair(3, f32::NAN)]));
+    s.write_all(&frame(kind::PUSH, &payload)).unwrap();
+    let (k, reply) = read_frame(&mut s);
+    assert_eq!(k, kind::ERROR);
+    assert!(String::from_utf8_lossy(&reply).contains("NaN"));
+    let report = server.finish().unwrap();
+    assert_eq!(report.stats.gradients_applied, 0);
+    assert!(report.params.iter().all(|&w| w == 0.0));
+}
