@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""The edge-links table: the cnn trained by two workers over real rate-limited links, for each
+codec pair, against the same run on loopback.
+
+Each run: `pstrain server` in one network namespace, two `pstrain worker`s in namespaces of
+their own, each behind its own link (`scripts/edge_net.sh`: veth + tbf both ways), or all on
+127.0.0.1 for `loopback`; `--iterations U` async updates; the shard checkpoints every E
+updates, and after the run every checkpoint is scored on the 10k test set (`pstrain eval`),
+so evaluation costs the run no time. Reported per run: wall time from the workers' start to
+the shard's last update, updates/s, the accuracy at the end, bytes per update each way (from
+the codecs' exact sizes for this model), and the time to 98.5% where a checkpoint reached it
+and every later one held it.
+
+    sudo python3 scripts/edge_links.py --data-dir ../shared/data/mnist \\
+        --links loopback,100mbit,20mbit --codecs fp32/fp32,bf16/bf16,int8/bf16,topk:10/bf16 \\
+        --updates 300 --out docs/edge-links.json --md docs/edge-links.md
+
+Needs root (network namespaces). Not part of CI: it is a measurement.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NET = REPO / "scripts" / "edge_net.sh"
+CNN_VALUES = 1_199_882
+TARGET = 98.5
+
+
+def push_bytes(codec: str, n: int = CNN_VALUES) -> int:
+    if codec == "fp32":
+        return 4 * n
+    if codec == "bf16":
+        return 2 * n
+    if codec == "int8":
+        return n + 4 * math.ceil(n / 256)
+    per_mille = int(codec.split(":")[1])
+    return 4 + 8 * max(1, min(n, math.ceil(n * per_mille / 1000)))
+
+
+def pull_bytes(codec: str, n: int = CNN_VALUES) -> int:
+    return (4 if codec == "fp32" else 2) * n
+
+
+def evaluate(exe: str, data: str, ckpt_file: Path) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "shard-0-of-1"
+        shard.mkdir()
+        shutil.copy(ckpt_file, shard / ckpt_file.name)
+        out = subprocess.run([exe, "eval", "--checkpoint", tmp, "--data-dir", data],
+                             capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if k != "PSTRAIN_TOKEN"})
+    m = re.search(r"test accuracy ([0-9.]+)%", out.stdout)
+    if not m:
+        raise RuntimeError(f"no accuracy in {out.stdout!r} {out.stderr!r}")
+    return float(m.group(1))
+
+
+def run_one(exe, data, link, push, pull, mode, updates, every, workers=2):
+    prefix = f"el{os.getpid() % 1000}"
+    work = Path(tempfile.mkdtemp())
+    token = work / "run.token"
+    subprocess.run([exe, "token", "-o", str(token)], check=True)
+    ckpt = work / "ckpt"
+    server_cmd = [exe, "server", "--listen", "0.0.0.0:7400" if link != "loopback" else
+                  "127.0.0.1:7400", "--workers", str(workers), "--model", "cnn", "--mode", mode,
+                  "--iterations", str(updates), "--push-codec", push, "--pull-codec", pull,
+                  "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(every),
+                  "--checkpoint-secs", "0", "--keep-checkpoints", "100000",
+                  "--token-file", str(token)]
+    if link != "loopback":
+        rates = link.split("+") if "+" in link else [link] * workers
+        subprocess.run(["bash", str(NET), "down", prefix], check=False)
+        subprocess.run(["bash", str(NET), "up", prefix, *rates], check=True,
+                       stdout=subprocess.DEVNULL)
+        server_cmd = ["ip", "netns", "exec", f"{prefix}-ps"] + server_cmd
+    procs = []
+    try:
+        server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True)
+        procs.append(server)
+        line = server.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"the shard said {line!r}")
+        started = time.time()
+        for rank in range(workers):
+            address = "127.0.0.1:7400" if link == "loopback" else f"10.77.{rank}.1:7400"
+            cmd = [exe, "worker", "--servers", address, "--rank", str(rank), "--threads", "1",
+                   "--data-dir", data, "--token-file", str(token)]
+            if link != "loopback":
+                cmd = ["ip", "netns", "exec", f"{prefix}-w{rank}"] + cmd
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        for p in procs[1:]:
+            if p.wait() != 0:
+                raise RuntimeError(f"a worker failed ({link}, {push}/{pull})")
+        server.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        if link != "loopback":
+            subprocess.run(["bash", str(NET), "down", prefix], check=False)
+    files = sorted((ckpt / "shard-0-of-1").glob("ckpt-*.safetensors"))
+    points = []
+    for f in files:
+        version = int(f.name.split("-")[1].split(".")[0])
+        points.append({"updates": version, "t": round(f.stat().st_mtime - started, 2),
+                       "accuracy": evaluate(exe, data, f)})
+    shutil.rmtree(work, ignore_errors=True)
+    wall = max(p["t"] for p in points)
+    reached = None
+    for i, p in enumerate(points):
+        if all(q["accuracy"] >= TARGET for q in points[i:]):
+            reached = p["t"]
+            break
+    return {
+        "link": link, "push": push, "pull": pull, "mode": mode, "updates": updates,
+        "wall_s": wall, "updates_per_s": round(updates / wall, 2),
+        "final_accuracy": points[-1]["accuracy"], "time_to_98_5_s": reached,
+        "push_bytes_per_update": push_bytes(push), "pull_bytes_per_update": pull_bytes(pull),
+        "points": points,
+    }
+
+
+def markdown(runs):
+    lines = ["| link | push / pull codec | mode | updates | wall (s) | updates/s | vs loopback "
+             "fp32 | accuracy at the end | time to 98.5% (s) | push / pull MB per update |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["mode"], r["updates"]): r for r in runs
+            if r["link"] == "loopback" and r["push"] == "fp32" and r["pull"] == "fp32"}
+    for r in runs:
+        b = base.get((r["mode"], r["updates"]))
+        slower = f"{r['wall_s'] / b['wall_s']:.2f}x" if b else ""
+        lines.append(
+            f"| {r['link']} | {r['push']} / {r['pull']} | {r['mode']} | {r['updates']} | "
+            f"{r['wall_s']:.1f} | {r['updates_per_s']} | {slower} | {r['final_accuracy']:.2f}% | "
+            f"{r['time_to_98_5_s'] if r['time_to_98_5_s'] is not None else 'not reached'} | "
+            f"{r['push_bytes_per_update'] / 1e6:.3f} / {r['pull_bytes_per_update'] / 1e6:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pstrain", default=str(REPO / "target" / "release" / "pstrain"))
+    p.add_argument("--data-dir", default="data/mnist")
+    p.add_argument("--links", default="loopback,100mbit,20mbit")
+    p.add_argument("--codecs", default="fp32/fp32,bf16/bf16,int8/bf16,topk:10/bf16")
+    p.add_argument("--modes", default="async")
+    p.add_argument("--updates", type=int, default=300)
+    p.add_argument("--every", type=int, default=50, help="updates between checkpoints")
+    p.add_argument("--skip", default="", help="link:push/pull pairs to leave out, comma-separated")
+    p.add_argument("--out", default=str(REPO / "docs" / "edge-links.json"))
+    p.add_argument("--md", default=str(REPO / "docs" / "edge-links.table.md"))
+    a = p.parse_args()
+    data = str(Path(a.data_dir).resolve())
+    skip = set(filter(None, a.skip.split(",")))
+    runs = []
+    for mode in a.modes.split(","):
+        for link in a.links.split(","):
+            for pair in a.codecs.split(","):
+                if f"{link}:{pair}" in skip:
+                    continue
+                push, pull = pair.split("/")
+                r = run_one(a.pstrain, data, link, push, pull, mode, a.updates, a.every)
+                print(f"{link} {push}/{pull} {mode}: {r['wall_s']:.1f} s, "
+                      f"{r['updates_per_s']} updates/s, {r['final_accuracy']:.2f}%", flush=True)
+                runs.append(r)
+    Path(a.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "runs": runs},
+                                      indent=1) + "\n")
+    Path(a.md).write_text(markdown(runs))
+    print(markdown(runs))
+
+
+if __name__ == "__main__":
+    main()
