@@ -160,7 +160,8 @@ def main():
     p.add_argument("--every", type=int, default=50, help="updates between checkpoints")
     p.add_argument("--skip", default="", help="link:push/pull pairs to leave out, comma-separated")
     p.add_argument("--out", default=str(REPO / "docs" / "edge-links.json"))
-    p.add_argument("--md", default=str(REPO / "docs" / "edge-links.table.md"))
+    p.add_argument("--md", default=str(REPO / "docs" / "edge-links.table.md"),
+                   help="the table alone (docs/edge-links.md quotes it)")
     a = p.parse_args()
     data = str(Path(a.data_dir).resolve())
     skip = set(filter(None, a.skip.split(",")))
