@@ -12,7 +12,9 @@ Measures on this machine, one after the other:
     a Ray + PyTorch parameter server written the way Ray's example writes it (2 worker
     actors, one server actor, in-memory tensor batches) with the PyTorch MNIST example's
     recipe (Adadelta lr 1.0, StepLR 0.7 per epoch, batch 128).
-Prints the ratios and writes them, with the CPU model, as JSON.
+Prints the ratios and writes them, with the CPU model, as JSON. With --torch-workers it then
+runs bench/torch_workers.py (PyTorch workers through pstrain beside a Ray + PyTorch parameter
+server, the same model and data) and adds its figures under "torch_workers".
 
 Needs (install them in a scratch virtualenv; nothing is installed here):
     pip install torch numpy "ray[default]"
@@ -306,6 +308,9 @@ def main():
     p.add_argument("--data-dir", default="data/mnist")
     p.add_argument("--seconds", type=float, default=5.0, help="per compute measurement")
     p.add_argument("--skip-time-to-accuracy", action="store_true")
+    p.add_argument("--torch-workers", action="store_true",
+                   help="also run bench/torch_workers.py (PyTorch workers through pstrain "
+                        "beside a Ray + PyTorch PS; written under torch_workers in --out)")
     p.add_argument("--skip-network", action="store_true",
                    help="no push+pull against iperf3, no TCP training")
     p.add_argument("--modes", default="sync,async", help="modes for time to 99%%")
@@ -385,6 +390,9 @@ def main():
         print(f"| peak memory, default run, {m.get('model', 'cnn')} {m['transport']} (MB) | {m['total_mb']:.0f} | | |")
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {a.out}")
+    if a.torch_workers:
+        subprocess.run([sys.executable, str(HERE / "torch_workers.py"), "--data-dir",
+                        a.data_dir, "--out", a.out], check=True)
 
 
 if __name__ == "__main__":
