@@ -99,18 +99,7 @@ impl ShardLink {
             });
         }
         if updated {
-            if self.pull_codec == PullCodec::Fp32 {
-                self.conn.read_f32s(slice).await?;
-            } else {
-                self.wire.resize(body as usize, 0);
-                self.conn.read_into(&mut self.wire).await?;
-                self.pull_codec
-                    .decode(&self.wire, slice)
-                    .map_err(|e| NetError::Malformed {
-                        what: "pull reply",
-                        why: e.to_string(),
-                    })?;
-            }
+            self.read_slice(slice, body as usize).await?;
             self.version = version;
         }
         Ok(PullReply {
@@ -119,6 +108,21 @@ impl ShardLink {
             done,
             batch: (batch > 0).then_some(batch),
         })
+    }
+
+    /// Reads a pulled slice of `body` bytes into `slice`, decoding it per the pull codec.
+    async fn read_slice(&mut self, slice: &mut [f32], body: usize) -> Result<(), NetError> {
+        if self.pull_codec == PullCodec::Fp32 {
+            return self.conn.read_f32s(slice).await;
+        }
+        self.wire.resize(body, 0);
+        self.conn.read_into(&mut self.wire).await?;
+        self.pull_codec
+            .decode(&self.wire, slice)
+            .map_err(|e| NetError::Malformed {
+                what: "pull reply",
+                why: e.to_string(),
+            })
     }
 
     /// Pushes this shard's slice (tagged with a coordinated step if any) and reads the

@@ -10,13 +10,15 @@ use crate::message::{
 use pstrain_core::{Departure, PullCodec, PushCodec, PushError, PushMeta, PushOutcome, Seat};
 
 /// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
-/// engine's gate opens for `rank` (or the run ends).
+/// engine's gate opens for `rank` (or the run ends). `wire` holds the encoded slice when the
+/// pull codec is not fp32.
 pub(super) async fn pull(
     shared: &Shared,
     conn: &mut Connection,
     rank: Option<usize>,
     newer_than: Option<u64>,
     wait: bool,
+    wire: &mut Vec<u8>,
 ) -> Result<(), NetError> {
     let arrived = shared.now();
     let started = std::time::Instant::now();
@@ -73,12 +75,11 @@ pub(super) async fn pull(
         conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await?;
         4 * tensor.len() as u64
     } else {
-        let mut bytes = Vec::new();
-        codec.encode(tensor, &mut bytes);
+        codec.encode(tensor, wire);
         let head = Reply::Pulled(pulled);
-        conn.write_frame_bytes(head.kind(), &head.encode(0), &bytes)
+        conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
             .await?;
-        bytes.len() as u64
+        wire.len() as u64
     };
     if let Some(l) = &shared.latencies {
         l.pull(started.elapsed().as_secs_f64(), sent);
@@ -86,13 +87,15 @@ pub(super) async fn pull(
     Ok(())
 }
 
-/// Reads a push (head, then the slice straight into `buf`), offers it to the engine, hands a
-/// due snapshot to the checkpoint writer, and answers.
+/// Reads a push (head, then the slice straight into `buf`, or through `wire` and the push
+/// codec), offers it to the engine, hands a due snapshot to the checkpoint writer, and
+/// answers.
 pub(super) async fn push(
     shared: &Shared,
     conn: &mut Connection,
     len: u64,
     rank: usize,
+    wire: &mut Vec<u8>,
 ) -> Result<(), NetError> {
     let started = std::time::Instant::now();
     let workers = shared.cfg.plan.workers;
@@ -115,10 +118,10 @@ pub(super) async fn push(
     } else {
         // Decoded into the slice's full length, every count and index checked before any
         // value reaches the engine (which then checks the values as for any push).
-        let mut bytes = vec![0u8; body as usize];
-        conn.read_into(&mut bytes).await?;
+        wire.resize(body as usize, 0);
+        conn.read_into(wire).await?;
         buf.resize(shared.range.len(), 0.0);
-        codec.decode(&bytes, buf).map_err(|e| NetError::Malformed {
+        codec.decode(wire, buf).map_err(|e| NetError::Malformed {
             what: "push",
             why: e.to_string(),
         })?;

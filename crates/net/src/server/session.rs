@@ -124,6 +124,8 @@ async fn serve(
     let slice = shared.range.len();
     let push_body = (4 * slice).max(cfg.plan.push_codec.encoded_len(slice));
     let limit = (PushHead::len(workers) + push_body).max(64) as u64;
+    // Compressed pushes and pulls pass through here, reused for the connection's life.
+    let mut wire = Vec::new();
     loop {
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());
@@ -134,14 +136,14 @@ async fn serve(
             }
         }
         if header.kind == kind::PUSH && me.role == Role::Worker {
-            handlers::push(shared, conn, header.len, me.rank).await?;
+            handlers::push(shared, conn, header.len, me.rank, &mut wire).await?;
             continue;
         }
         let bytes = conn.read_bytes(header.len as usize).await?;
         match Request::decode(header.kind, &bytes, workers)? {
             Request::Pull { newer_than, wait } => {
                 let rank = me.seat.map(|s| s.rank);
-                handlers::pull(shared, conn, rank, newer_than, wait).await?;
+                handlers::pull(shared, conn, rank, newer_than, wait, &mut wire).await?;
             }
             Request::Stats => handlers::stats(shared, conn).await?,
             Request::Heartbeat if me.role == Role::Heartbeat => {

@@ -130,6 +130,52 @@ class WorkerActor:
         return _pstrain.run_worker(argv, token)
 
 
+class Placement:
+    """One placement-group bundle per shard (first) and per worker, each shard's port key in
+    Ray's key-value store, and the actors started in the bundles; ``close`` tears it all
+    down. Shared by the drivers of pstrain's own workers and of PyTorch ones."""
+
+    def __init__(self, shards: int, cpus_per_shard: float, workers: int,
+                 cpus_per_worker: float, placement: str) -> None:
+        self.shards, self.workers = shards, workers
+        self.cpus_per_shard, self.cpus_per_worker = cpus_per_shard, cpus_per_worker
+        self.placement = placement
+        self.bundles = [{"CPU": cpus_per_shard}] * shards + [{"CPU": cpus_per_worker}] * workers
+        self.pg = placement_group(self.bundles, strategy=STRATEGIES[placement])
+        self.port_keys = [f"pstrain-{uuid.uuid4().hex}-shard-{i}" for i in range(shards)]
+        self.actors: list = []
+
+    def wait_granted(self, timeout: float) -> None:
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
+        if not ready:
+            raise RuntimeError(
+                f"the cluster did not grant {len(self.bundles)} bundles ({self.shards} shards x "
+                f"{self.cpus_per_shard} CPU, {self.workers} workers x {self.cpus_per_worker} "
+                f"CPU) with --placement {self.placement} within {timeout:.0f} s; "
+                f"cluster resources: {ray.cluster_resources()}"
+            )
+
+    def start(self, actor_class, index: int, cpus: float, restarts: int, *args):
+        """An actor in bundle ``index`` (restarted by Ray up to ``restarts`` times)."""
+        actor = actor_class.options(
+            num_cpus=cpus,
+            max_restarts=restarts,
+            max_task_retries=restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=index
+            ),
+        ).remote(*args)
+        self.actors.append(actor)
+        return actor
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
+        for key in self.port_keys:
+            internal_kv._internal_kv_del(key)
+
+
 def _log(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
@@ -148,47 +194,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     started = time.time()
     ray.init(address=opts.address, log_to_driver=True)
-    bundles = [{"CPU": opts.cpus_per_shard}] * run.shards + [{"CPU": cpus_worker}] * run.workers
-    pg = placement_group(bundles, strategy=STRATEGIES[opts.placement])
-    actors = []
-    port_keys = [f"pstrain-{uuid.uuid4().hex}-shard-{i}" for i in range(run.shards)]
+    place = Placement(run.shards, opts.cpus_per_shard, run.workers, cpus_worker,
+                      opts.placement)
     try:
-        ready, _ = ray.wait([pg.ready()], timeout=opts.placement_timeout)
-        if not ready:
-            raise RuntimeError(
-                f"the cluster did not grant {len(bundles)} bundles ({run.shards} shards x "
-                f"{opts.cpus_per_shard} CPU, {run.workers} workers x {cpus_worker} CPU) with "
-                f"--placement {opts.placement} within {opts.placement_timeout:.0f} s; "
-                f"cluster resources: {ray.cluster_resources()}"
-            )
-
-        def in_bundle(actor_class, index: int, cpus: float, restarts: int = 0):
-            return actor_class.options(
-                num_cpus=cpus,
-                max_restarts=restarts,
-                max_task_retries=restarts,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=index
-                ),
-            )
-
+        place.wait_granted(opts.placement_timeout)
         # Without checkpoints a restarted shard would start from the initial weights.
         shard_restarts = opts.max_restarts if run.checkpointing else 0
         shards = [
-            in_bundle(ShardActor, i, opts.cpus_per_shard, shard_restarts).remote(
-                run.server_args() + ["--shard", str(i)], port_keys[i], run.token
-            )
+            place.start(ShardActor, i, opts.cpus_per_shard, shard_restarts,
+                        run.server_args() + ["--shard", str(i)], place.port_keys[i], run.token)
             for i in range(run.shards)
         ]
-        actors += shards
         # Rendezvous through Ray: each shard reports the address it bound.
         shard_places = ray.get([s.where.remote() for s in shards])
         servers = [p["address"] for p in shard_places]
         workers = [
-            in_bundle(WorkerActor, run.shards + r, cpus_worker, opts.max_restarts).remote()
+            place.start(WorkerActor, run.shards + r, cpus_worker, opts.max_restarts)
             for r in range(run.workers)
         ]
-        actors += workers
         worker_places = ray.get([w.where.remote() for w in workers])
         startup = time.time() - started
         nodes = {p["node"] for p in shard_places + worker_places}
@@ -238,12 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         })
         return 0
     finally:
-        for a in actors:
-            ray.kill(a)
-        remove_placement_group(pg)
-        for key in port_keys:
-            internal_kv._internal_kv_del(key)
-
+        place.close()
 
 if __name__ == "__main__":
     sys.exit(main())

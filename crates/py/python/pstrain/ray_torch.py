@@ -37,12 +37,9 @@ import uuid
 from typing import Callable, Dict, List, Optional, Sequence
 
 import ray
-from ray.experimental import internal_kv
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from . import Client, _flags, _pstrain
-from .ray import STRATEGIES, ShardActor, _log, _node_id
+from .ray import STRATEGIES, Placement, ShardActor, _log, _node_id
 
 
 @ray.remote
@@ -123,41 +120,22 @@ def train_module(
     cpus_worker = float(threads) if cpus_per_worker is None else cpus_per_worker
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
-    bundles = [{"CPU": cpus_per_shard}] * shards + [{"CPU": cpus_worker}] * workers
-    pg = placement_group(bundles, strategy=STRATEGIES[placement])
-    actors = []
-    port_keys = [f"pstrain-{uuid.uuid4().hex}-shard-{i}" for i in range(shards)]
+    place = Placement(shards, cpus_per_shard, workers, cpus_worker, placement)
     try:
-        ready, _ = ray.wait([pg.ready()], timeout=placement_timeout)
-        if not ready:
-            raise RuntimeError(
-                f"the cluster did not grant {len(bundles)} bundles ({shards} shards x "
-                f"{cpus_per_shard} CPU, {workers} workers x {cpus_worker} CPU) with placement "
-                f"{placement} within {placement_timeout:.0f} s; cluster resources: "
-                f"{ray.cluster_resources()}"
-            )
-
-        def in_bundle(actor_class, index: int, cpus: float, restarts: int = 0):
-            return actor_class.options(
-                num_cpus=cpus, max_restarts=restarts, max_task_retries=restarts,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=index),
-            )
-
+        place.wait_granted(placement_timeout)
         params_ref = ray.put(params)
         shard_actors = [
-            in_bundle(ShardActor, i, cpus_per_shard, max_restarts if checkpointing else 0)
-            .remote(server_argv + ["--shard", str(i)], port_keys[i], token, params_ref)
+            place.start(ShardActor, i, cpus_per_shard, max_restarts if checkpointing else 0,
+                        server_argv + ["--shard", str(i)], place.port_keys[i], token,
+                        params_ref)
             for i in range(shards)
         ]
-        actors += shard_actors
         shard_places = ray.get([s.where.remote() for s in shard_actors])
         servers = [p["address"] for p in shard_places]
         worker_actors = [
-            in_bundle(TorchWorkerActor, shards + r, cpus_worker, max_restarts).remote()
+            place.start(TorchWorkerActor, shards + r, cpus_worker, max_restarts)
             for r in range(workers)
         ]
-        actors += worker_actors
         worker_places = ray.get([w.where.remote() for w in worker_actors])
         startup = time.time() - started
         nodes = {p["node"] for p in shard_places + worker_places}
@@ -227,12 +205,7 @@ def train_module(
         _log(summary)
         return summary
     finally:
-        for a in actors:
-            ray.kill(a)
-        remove_placement_group(pg)
-        for key in port_keys:
-            internal_kv._internal_kv_del(key)
-
+        place.close()
 
 def _load_script(path: str):
     """The user's file as a module whose functions Ray ships by value to the workers."""
