@@ -15,6 +15,7 @@ pub mod sequential;
 
 pub use data::{idx, idx_reader, mnist};
 pub use error::{ComputeError, DataError};
-pub use model::{EvalStats, Model, ModelKind, ModelOptions, StepStats};
+pub use model::{EvalStats, Model, ModelOptions, StepStats};
+pub use models::ModelKind;
 pub use replicated::Replicated;
 pub use sequential::Sequential;

@@ -2,8 +2,6 @@
 
 use crate::error::ComputeError;
 use pstrain_core::{Layout, Rng};
-use std::fmt;
-use std::str::FromStr;
 
 /// Loss and accuracy of one training step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,57 +73,5 @@ impl Default for ModelOptions {
             dropout: true,
             threads: 1,
         }
-    }
-}
-
-/// The models pstrain ships, selectable by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ModelKind {
-    /// The PyTorch MNIST example's CNN (1,199,882 parameters).
-    #[default]
-    Cnn,
-    /// The original Ray parameter-server example's tiny CNN (1,960 parameters).
-    Convnet,
-}
-
-impl ModelKind {
-    pub const ALL: [ModelKind; 2] = [ModelKind::Cnn, ModelKind::Convnet];
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            ModelKind::Cnn => "cnn",
-            ModelKind::Convnet => "convnet",
-        }
-    }
-
-    /// The model; with `options.threads` > 1, one replica per thread, each taking a part
-    /// of every batch.
-    pub fn build(&self, options: ModelOptions) -> Box<dyn Model> {
-        let kind = *self;
-        let build = move || match kind {
-            ModelKind::Cnn => crate::models::cnn(options),
-            ModelKind::Convnet => crate::models::convnet(options),
-        };
-        if options.threads > 1 {
-            Box::new(crate::replicated::Replicated::new(options.threads, build))
-        } else {
-            Box::new(build())
-        }
-    }
-}
-
-impl fmt::Display for ModelKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for ModelKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        ModelKind::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown model `{s}` (choose cnn or convnet)"))
     }
 }

@@ -1,8 +1,12 @@
-//! The two shipped architectures, with PyTorch's parameter names.
+//! The two shipped architectures, with PyTorch's parameter names, and `ModelKind`: one of
+//! them by name, built for a number of threads.
 
 use crate::layers::{Conv2d, Dropout, Layer, Linear, MaxPool2d, Relu, Shape};
-use crate::model::ModelOptions;
+use crate::model::{Model, ModelOptions};
+use crate::replicated::Replicated;
 use crate::sequential::Sequential;
+use std::fmt;
+use std::str::FromStr;
 
 const MNIST: Shape = Shape::new(1, 28, 28);
 
@@ -51,6 +55,58 @@ pub fn convnet(_options: ModelOptions) -> Sequential {
             ("fc", boxed(Linear::new(s2, 10))),
         ],
     )
+}
+
+/// The models pstrain ships, selectable by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelKind {
+    /// The PyTorch MNIST example's CNN (1,199,882 parameters).
+    #[default]
+    Cnn,
+    /// The original Ray parameter-server example's tiny CNN (1,960 parameters).
+    Convnet,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 2] = [ModelKind::Cnn, ModelKind::Convnet];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelKind::Cnn => "cnn",
+            ModelKind::Convnet => "convnet",
+        }
+    }
+
+    /// The model; with `options.threads` > 1, one replica per thread, each taking a part
+    /// of every batch.
+    pub fn build(&self, options: ModelOptions) -> Box<dyn Model> {
+        let kind = *self;
+        let build = move || match kind {
+            ModelKind::Cnn => cnn(options),
+            ModelKind::Convnet => convnet(options),
+        };
+        if options.threads > 1 {
+            Box::new(Replicated::new(options.threads, build))
+        } else {
+            Box::new(build())
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ModelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ModelKind::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown model `{s}` (choose cnn or convnet)"))
+    }
 }
 
 #[cfg(test)]

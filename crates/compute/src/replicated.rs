@@ -118,41 +118,11 @@ impl Model for Replicated {
                 }
             });
         }
-        let mut total = StepStats {
-            loss: 0.0,
-            correct: 0,
-            samples: 0,
-        };
-        let mut loss_sum = 0.0f64;
-        for r in results.into_iter().flatten() {
-            let s = r?;
-            loss_sum += f64::from(s.loss) * s.samples as f64;
-            total.correct += s.correct;
-            total.samples += s.samples;
-        }
-        total.loss = (loss_sum / n as f64) as f32;
-        let used = parts.len();
+        let total = combine(results.into_iter().flatten(), n)?;
         let [grads, others @ ..] = &mut targets[..] else {
             unreachable!("at least one part")
         };
-        let others = &others[..used - 1];
-        let add_chunk = |(c, chunk): (usize, &mut [f32])| {
-            let span = c * SUM_CHUNK..c * SUM_CHUNK + chunk.len();
-            for other in others {
-                for (g, &o) in chunk.iter_mut().zip(&other[span.clone()]) {
-                    *g += o;
-                }
-            }
-        };
-        // One chunk is summed here: handing it to the pool would cost more than the adds.
-        if grads.len() <= SUM_CHUNK {
-            grads.chunks_mut(SUM_CHUNK).enumerate().for_each(add_chunk);
-        } else {
-            grads
-                .par_chunks_mut(SUM_CHUNK)
-                .enumerate()
-                .for_each(add_chunk);
-        }
+        sum_into(grads, &others[..parts.len() - 1]);
         Ok(total)
     }
 
@@ -193,9 +163,52 @@ impl Model for Replicated {
     }
 }
 
+/// One step's numbers from its parts' (the loss weighted by each part's samples).
+fn combine(
+    parts: impl Iterator<Item = Result<StepStats, ComputeError>>,
+    n: usize,
+) -> Result<StepStats, ComputeError> {
+    let mut total = StepStats {
+        loss: 0.0,
+        correct: 0,
+        samples: 0,
+    };
+    let mut loss_sum = 0.0f64;
+    for r in parts {
+        let s = r?;
+        loss_sum += f64::from(s.loss) * s.samples as f64;
+        total.correct += s.correct;
+        total.samples += s.samples;
+    }
+    total.loss = (loss_sum / n as f64) as f32;
+    Ok(total)
+}
+
+/// Adds every one of `others` into `grads`, chunk by chunk on the pool.
+fn sum_into(grads: &mut [f32], others: &[&mut [f32]]) {
+    let add_chunk = |(c, chunk): (usize, &mut [f32])| {
+        let span = c * SUM_CHUNK..c * SUM_CHUNK + chunk.len();
+        for other in others {
+            for (g, &o) in chunk.iter_mut().zip(&other[span.clone()]) {
+                *g += o;
+            }
+        }
+    };
+    // One chunk is summed here: handing it to the pool would cost more than the adds.
+    if grads.len() <= SUM_CHUNK {
+        grads.chunks_mut(SUM_CHUNK).enumerate().for_each(add_chunk);
+    } else {
+        grads
+            .par_chunks_mut(SUM_CHUNK)
+            .enumerate()
+            .for_each(add_chunk);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::model::{Model, ModelKind, ModelOptions};
+    use crate::model::{Model, ModelOptions};
+    use crate::models::ModelKind;
     use pstrain_core::Rng;
 
     /// A training step and an evaluation with `threads` replicas.

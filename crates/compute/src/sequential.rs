@@ -300,8 +300,9 @@ impl Model for Sequential {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{ModelKind, ModelOptions};
+    use crate::model::ModelOptions;
     use crate::models;
+    use crate::models::ModelKind;
     use pstrain_core::Rng;
 
     /// The cnn's plan: the ReLUs write over their inputs (no backward reads a conv's

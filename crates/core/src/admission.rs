@@ -4,7 +4,6 @@
 //! gradients reach the model" does not depend on each rule remembering the checks.
 
 use crate::config::ServerConfig;
-use crate::consistency::{Gradient, StepSource, StepTag};
 use crate::error::PushError;
 use crate::gradient_scan;
 use crate::shard_state::{PushMeta, ShardState};
@@ -13,6 +12,32 @@ use crate::shard_state::{PushMeta, ShardState};
 /// Under it every optimizer's state and the weights stay finite (a sync step's weighted sum
 /// too), so one push cannot make them infinite, or freeze Adam by making its second moment so.
 pub const MAX_GRADIENT: f32 = 1e15;
+
+/// In coordinated mode: the step shard 0 admitted a gradient into, and that step's members.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTag<'a> {
+    pub step: u64,
+    pub members: &'a [bool],
+}
+
+/// One gradient offered to a shard, before the admission gate.
+#[derive(Debug, Clone, Copy)]
+pub struct Gradient<'a> {
+    pub meta: PushMeta,
+    pub values: &'a [f32],
+    /// Set on pushes to a follower shard in coordinated mode.
+    pub tag: Option<StepTag<'a>>,
+}
+
+/// Whose steps a rule applies: what the admission gate checks a gradient's step against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepSource {
+    /// The rule decides its own steps: a gradient carries no step tag; with `quorum`, its
+    /// rank must be in the quorum.
+    Own { quorum: bool },
+    /// The rule applies shard 0's steps: every gradient carries a tag whose members name it.
+    ShardZero,
+}
 
 /// A gradient that passed the gate: what a consistency rule works with.
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,7 @@ use crate::checkpoint_schedule::CheckpointSchedule;
 use crate::config::ServerConfig;
 use crate::error::{ConfigError, PushError, RestoreError};
 use crate::membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
-use crate::server::{CoreState, PushMeta, PushOutcome, ServerCore, ServerStats};
+use crate::server::{PushMeta, PushOutcome, ServerCore, ShardCounters, ShardSnapshot};
 use crate::worker_stats::WorkerStats;
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ pub struct PushReport {
     /// The version moved or the run ended: wake waiting pulls.
     pub changed: bool,
     /// This update reached the checkpoint interval: hand this state to the writer.
-    pub snapshot: Option<CoreState>,
+    pub snapshot: Option<ShardSnapshot>,
     /// Shard 0 in coordinated mode: the step the gradient was admitted into; once it is
     /// complete, `step_members` says who made it up (the other shards need that).
     pub admitted_step: Option<u64>,
@@ -99,7 +99,7 @@ impl ShardEngine {
     }
 
     /// Continues from a checkpoint's state.
-    pub fn restore(&mut self, state: &CoreState, now: Duration) -> Result<(), RestoreError> {
+    pub fn restore(&mut self, state: &ShardSnapshot, now: Duration) -> Result<(), RestoreError> {
         self.core.restore(state)?;
         self.checkpoints.mark(state.version, now);
         Ok(())
@@ -113,7 +113,7 @@ impl ShardEngine {
         self.core.is_done()
     }
 
-    pub fn stats(&self) -> ServerStats {
+    pub fn stats(&self) -> ShardCounters {
         self.core.stats()
     }
 
@@ -272,7 +272,7 @@ impl ShardEngine {
     }
 
     /// The state to write if the time-based checkpoint interval has passed.
-    pub fn checkpoint_due(&mut self, now: Duration) -> Option<CoreState> {
+    pub fn checkpoint_due(&mut self, now: Duration) -> Option<ShardSnapshot> {
         self.checkpoints
             .due_by_time(self.core.version(), now)
             .then(|| self.core.state())
@@ -289,7 +289,7 @@ impl ShardEngine {
     }
 
     /// The complete state now (final checkpoints, snapshots).
-    pub fn state(&self) -> CoreState {
+    pub fn state(&self) -> ShardSnapshot {
         self.core.state()
     }
 }

@@ -9,18 +9,18 @@ use crate::optimizer::{LrSchedule, OptimizerConfig};
 
 /// The learning-rate schedule, resolved against the run's planned number of updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Schedule {
+pub enum ScheduleKind {
     Constant,
     /// Cosine decay to zero over the planned updates.
     #[default]
     Cosine,
 }
 
-impl Schedule {
+impl ScheduleKind {
     pub fn name(&self) -> &'static str {
         match self {
-            Schedule::Constant => "constant",
-            Schedule::Cosine => "cosine",
+            ScheduleKind::Constant => "constant",
+            ScheduleKind::Cosine => "cosine",
         }
     }
 }
@@ -39,7 +39,7 @@ pub struct RunPlan {
     /// Stop after this many server updates instead (workers loop over epochs until then).
     pub iterations: Option<u64>,
     pub optimizer: OptimizerConfig,
-    pub schedule: Schedule,
+    pub schedule: ScheduleKind,
     /// How a sync step combines its gradients.
     pub aggregate: Aggregate,
     /// Initial weights, data shards, shuffles and dropout masks all derive from it.
@@ -71,7 +71,7 @@ impl Default for RunPlan {
             epochs: 5,
             iterations: None,
             optimizer: OptimizerConfig::adam(1e-3),
-            schedule: Schedule::Cosine,
+            schedule: ScheduleKind::Cosine,
             aggregate: Aggregate::Mean,
             seed: 42,
             train_samples: 60_000,
@@ -119,8 +119,8 @@ impl RunPlan {
     /// A shard's configuration for this run.
     pub fn server_config(&self) -> ServerConfig {
         let schedule = match self.schedule {
-            Schedule::Constant => LrSchedule::Constant,
-            Schedule::Cosine => LrSchedule::Cosine {
+            ScheduleKind::Constant => LrSchedule::Constant,
+            ScheduleKind::Cosine => LrSchedule::Cosine {
                 total_updates: self.planned_updates().max(1),
             },
         };

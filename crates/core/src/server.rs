@@ -2,13 +2,13 @@
 //! It checks what every rule needs checked, keeps the quorum, and lets the rule decide. The
 //! caller owns IO, waiting and clocks; this only decides.
 
-use crate::admission::{Gate, Verdict};
+use crate::admission::{Gate, Gradient, StepTag, Verdict};
 use crate::config::ServerConfig;
-use crate::consistency::{self, Consistency, Gradient, StepTag};
+use crate::consistency::{self, Consistency};
 use crate::error::{ConfigError, PushError, RestoreError};
 use crate::optimizer::Optimizer;
 use crate::shard_state::ShardState;
-pub use crate::shard_state::{CoreState, PushMeta, PushOutcome, ServerStats};
+pub use crate::shard_state::{PushMeta, PushOutcome, ShardCounters, ShardSnapshot};
 use crate::worker_stats::WorkerStats;
 
 #[derive(Debug)]
@@ -62,7 +62,7 @@ impl ServerCore {
         self.state.version()
     }
 
-    pub fn stats(&self) -> ServerStats {
+    pub fn stats(&self) -> ShardCounters {
         self.state.stats()
     }
 
@@ -93,12 +93,12 @@ impl ServerCore {
 
     /// Everything needed to continue this shard elsewhere: weights, optimizer state, version
     /// and counters. Taken between steps it is complete (a partial step is not kept).
-    pub fn state(&self) -> CoreState {
+    pub fn state(&self) -> ShardSnapshot {
         self.state.snapshot()
     }
 
     /// Continues from `state`; any partial step in progress is discarded.
-    pub fn restore(&mut self, state: &CoreState) -> Result<(), RestoreError> {
+    pub fn restore(&mut self, state: &ShardSnapshot) -> Result<(), RestoreError> {
         self.state.restore(state)?;
         self.rule.reset();
         Ok(())

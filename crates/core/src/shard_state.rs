@@ -34,7 +34,7 @@ pub enum PushOutcome {
 
 /// Counters describing the shard's life so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ServerStats {
+pub struct ShardCounters {
     pub version: u64,
     /// Gradients that went into an update.
     pub gradients_applied: u64,
@@ -53,7 +53,7 @@ pub struct ServerStats {
     pub loss_ema: Option<f32>,
 }
 
-impl ServerStats {
+impl ShardCounters {
     pub fn staleness_mean(&self) -> f64 {
         if self.gradients_applied == 0 {
             0.0
@@ -65,12 +65,12 @@ impl ServerStats {
 
 /// A shard's complete state, as `ServerCore::state` takes it and `restore` puts it back.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CoreState {
+pub struct ShardSnapshot {
     pub params: Vec<f32>,
     pub optimizer: Vec<(String, Vec<f32>)>,
     pub optimizer_step: u64,
     pub version: u64,
-    pub stats: ServerStats,
+    pub stats: ShardCounters,
 }
 
 /// Parameters, optimizer, version and counters of one shard.
@@ -79,7 +79,7 @@ pub struct ShardState {
     params: Vec<f32>,
     optimizer: Optimizer,
     version: u64,
-    stats: ServerStats,
+    stats: ShardCounters,
     /// Per rank (not part of a checkpoint: it describes this process's run).
     workers: Vec<WorkerStats>,
 }
@@ -91,7 +91,7 @@ impl ShardState {
             params,
             optimizer,
             version: 0,
-            stats: ServerStats::default(),
+            stats: ShardCounters::default(),
             workers: vec![WorkerStats::default(); config.workers],
         }
     }
@@ -116,8 +116,8 @@ impl ShardState {
         self.version
     }
 
-    pub fn stats(&self) -> ServerStats {
-        ServerStats {
+    pub fn stats(&self) -> ShardCounters {
+        ShardCounters {
             version: self.version,
             ..self.stats
         }
@@ -216,8 +216,8 @@ impl ShardState {
     }
 
     /// Everything needed to continue this shard elsewhere.
-    pub fn snapshot(&self) -> CoreState {
-        CoreState {
+    pub fn snapshot(&self) -> ShardSnapshot {
+        ShardSnapshot {
             params: self.params.clone(),
             optimizer: self
                 .optimizer
@@ -231,7 +231,7 @@ impl ShardState {
         }
     }
 
-    pub fn restore(&mut self, state: &CoreState) -> Result<(), RestoreError> {
+    pub fn restore(&mut self, state: &ShardSnapshot) -> Result<(), RestoreError> {
         let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
         if !finite(&state.params) {
             return Err(RestoreError::NonFinite("parameters".into()));

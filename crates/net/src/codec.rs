@@ -1,7 +1,13 @@
 //! Little-endian field encoding for message bodies: a `Writer` that appends and a `Reader`
 //! that refuses to read past the end or to leave bytes over.
 
-use crate::error::NetError;
+/// Bytes that do not decode as the message they were read as: which message, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("malformed {what}: {why}")]
+pub struct Malformed {
+    pub what: &'static str,
+    pub why: String,
+}
 
 /// Appends little-endian fields.
 #[derive(Default)]
@@ -45,9 +51,9 @@ impl<'a> Reader<'a> {
         Reader { bytes, what }
     }
 
-    pub fn take(&mut self, n: usize) -> Result<&'a [u8], NetError> {
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         if self.bytes.len() < n {
-            return Err(NetError::Malformed {
+            return Err(Malformed {
                 what: self.what,
                 why: format!("needs {n} more bytes, has {}", self.bytes.len()),
             });
@@ -56,29 +62,29 @@ impl<'a> Reader<'a> {
         self.bytes = rest;
         Ok(head)
     }
-    pub fn u8(&mut self) -> Result<u8, NetError> {
+    pub fn u8(&mut self) -> Result<u8, Malformed> {
         Ok(self.take(1)?[0])
     }
-    pub fn u16(&mut self) -> Result<u16, NetError> {
+    pub fn u16(&mut self) -> Result<u16, Malformed> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
-    pub fn u32(&mut self) -> Result<u32, NetError> {
+    pub fn u32(&mut self) -> Result<u32, Malformed> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
-    pub fn u64(&mut self) -> Result<u64, NetError> {
+    pub fn u64(&mut self) -> Result<u64, Malformed> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
-    pub fn f32(&mut self) -> Result<f32, NetError> {
+    pub fn f32(&mut self) -> Result<f32, Malformed> {
         Ok(f32::from_bits(self.u32()?))
     }
-    pub fn str(&mut self) -> Result<String, NetError> {
+    pub fn str(&mut self) -> Result<String, Malformed> {
         let n = self.u32()? as usize;
         let what = self.what;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| NetError::Malformed {
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| Malformed {
             what,
             why: "string is not UTF-8".into(),
         })
@@ -89,11 +95,11 @@ impl<'a> Reader<'a> {
         self.bytes.len()
     }
 
-    pub fn finish(&self) -> Result<(), NetError> {
+    pub fn finish(&self) -> Result<(), Malformed> {
         if self.bytes.is_empty() {
             Ok(())
         } else {
-            Err(NetError::Malformed {
+            Err(Malformed {
                 what: self.what,
                 why: format!("{} trailing bytes", self.bytes.len()),
             })
@@ -112,23 +118,23 @@ impl Writer {
 }
 
 impl Reader<'_> {
-    pub fn bool(&mut self) -> Result<bool, NetError> {
+    pub fn bool(&mut self) -> Result<bool, Malformed> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
             other => Err(self.malformed(format!("{other} is not a boolean"))),
         }
     }
-    pub fn opt_u64(&mut self) -> Result<Option<u64>, NetError> {
+    pub fn opt_u64(&mut self) -> Result<Option<u64>, Malformed> {
         Ok(Some(self.u64()?).filter(|&v| v != u64::MAX))
     }
     /// A count or size that must fit this machine's `usize`.
-    pub fn usize(&mut self) -> Result<usize, NetError> {
+    pub fn usize(&mut self) -> Result<usize, Malformed> {
         let v = self.u64()?;
         usize::try_from(v).map_err(|_| self.malformed(format!("{v} does not fit")))
     }
-    pub fn malformed(&self, why: String) -> NetError {
-        NetError::Malformed {
+    pub fn malformed(&self, why: String) -> Malformed {
+        Malformed {
             what: self.what,
             why,
         }

@@ -20,6 +20,12 @@ pub enum NetError {
     Malformed { what: &'static str, why: String },
     #[error("handshake refused: {0}")]
     Handshake(String),
+    /// The shard or client was set up wrong (by its caller, not by a peer).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The metrics address could not be served.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// The peer did not prove it holds the run token.
     #[error("not authorized: {0}")]
     Unauthorized(String),
@@ -101,5 +107,14 @@ impl NetError {
             _ => ErrorCode::BadFrame,
         };
         Failure::new(code, self.to_string())
+    }
+}
+
+impl From<crate::codec::Malformed> for NetError {
+    fn from(m: crate::codec::Malformed) -> Self {
+        NetError::Malformed {
+            what: m.what,
+            why: m.why,
+        }
     }
 }

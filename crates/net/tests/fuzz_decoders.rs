@@ -8,7 +8,7 @@ use pstrain_core::{Layout, Mode, RunPlan, WorkerStats};
 use pstrain_net::frame::{Header, HEADER_LEN};
 use pstrain_net::message::{
     kind, Description, Failure, Hello, HelloOk, Pulled, PushHead, PushReply, Reply, Request, Role,
-    ShardStats, StepMembers,
+    StatsReply, StepMembers,
 };
 #[path = "../../../test-support/peak_alloc.rs"]
 mod peak_alloc;
@@ -46,7 +46,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
         loss: 0.5,
         step: Some(members.clone()),
     };
-    let stats = ShardStats {
+    let stats = StatsReply {
         stats: Default::default(),
         active_workers: 3,
         done: false,

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use pstrain_core::{CoreState, ParameterClient, ServerStats};
+use pstrain_core::{ParameterClient, ShardCounters, ShardSnapshot};
 use pstrain_net::message::Role;
 use pstrain_net::{ClientConfig, NetError, RunToken, ShardConfig, ShardHandle, TcpClient};
 use pstrain_store::{Checkpoint, CheckpointDir, CheckpointPolicy, ShardIdentity};
@@ -64,12 +64,12 @@ fn a_planted_checkpoint_is_not_restored_by_a_shard_with_a_token() {
             range: 0..N,
             fingerprint: layout().fingerprint(),
         },
-        state: CoreState {
+        state: ShardSnapshot {
             params: vec![666.0; N],
             optimizer: vec![],
             optimizer_step: 50,
             version: 50,
-            stats: ServerStats {
+            stats: ShardCounters {
                 version: 50,
                 ..Default::default()
             },

@@ -4,7 +4,7 @@
 //! shard's own monotonic counters, read at scrape time; the latency histograms are observed by
 //! the shard as requests are served (`Latencies`).
 
-use crate::snapshot::{RunSnapshot, ShardView};
+use crate::snapshot::{RunSnapshot, ShardView, WorkerView};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -133,144 +133,213 @@ fn shard_label(s: &ShardView) -> Labels {
     vec![("shard", s.shard.to_string())]
 }
 
+/// A family with one sample per shard (none for a shard where `value` is `None`).
+struct ShardFamily {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    value: fn(&ShardView) -> Option<f64>,
+}
+
+/// A family with one sample per worker rank of each shard.
+struct WorkerFamily {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    value: fn(&WorkerView) -> Option<f64>,
+}
+
+/// The per-shard families, in exposition order: a new shard counter is one row here.
+const SHARD_FAMILIES: &[ShardFamily] = &[
+    ShardFamily {
+        name: "pstrain_model_version",
+        help: "Updates applied to the model",
+        kind: MetricType::Gauge,
+        value: |s| Some(s.version as f64),
+    },
+    ShardFamily {
+        name: "pstrain_gradients_applied",
+        help: "Gradients that went into an update",
+        kind: MetricType::Counter,
+        value: |s| Some(s.gradients_applied as f64),
+    },
+    ShardFamily {
+        name: "pstrain_samples_applied",
+        help: "Training samples behind the applied gradients",
+        kind: MetricType::Counter,
+        value: |s| Some(s.samples_applied as f64),
+    },
+];
+
+/// Per-shard families after the refusal reasons.
+const SHARD_FAMILIES_LATE: &[ShardFamily] = &[
+    ShardFamily {
+        name: "pstrain_gradients_clipped",
+        help: "Gradients scaled down to --max-grad-norm",
+        kind: MetricType::Counter,
+        value: |s| Some(s.clipped as f64),
+    },
+    ShardFamily {
+        name: "pstrain_training_loss",
+        help: "Moving average of the workers' training loss",
+        kind: MetricType::Gauge,
+        value: |s| s.loss.map(f64::from),
+    },
+    ShardFamily {
+        name: "pstrain_connections",
+        help: "Open connections to the shard",
+        kind: MetricType::Gauge,
+        value: |s| s.connections.map(|c| c as f64),
+    },
+    ShardFamily {
+        name: "pstrain_checkpoint_age_seconds",
+        help: "Seconds since the shard's last checkpoint was written",
+        kind: MetricType::Gauge,
+        value: |s| s.checkpoint_age_s,
+    },
+    ShardFamily {
+        name: "pstrain_checkpoint_write_seconds",
+        help: "How long writing the last checkpoint took",
+        kind: MetricType::Gauge,
+        value: |s| s.checkpoint_write_s,
+    },
+    ShardFamily {
+        name: "pstrain_checkpoint_failures",
+        help: "Checkpoints the shard could not write (it backs off and says why in its log)",
+        kind: MetricType::Counter,
+        value: |s| Some(s.checkpoint_failures as f64),
+    },
+];
+
+/// Why a shard did not apply a gradient: the `reason` label of
+/// `pstrain_gradients_not_applied`.
+/// A shard counter, read from its view.
+type ShardCount = fn(&ShardView) -> u64;
+
+const NOT_APPLIED_REASONS: [(&str, ShardCount); 4] = [
+    ("stale", |s| s.dropped_stale),
+    ("nonfinite", |s| s.rejected_nonfinite),
+    ("refused", |s| s.rejected_other),
+    ("rolled_back", |s| s.rolled_back),
+];
+
+/// The per-worker families: a new per-worker number is one row here.
+const WORKER_FAMILIES: &[WorkerFamily] = &[
+    WorkerFamily {
+        name: "pstrain_worker_gradients_applied",
+        help: "A worker's gradients that went into an update",
+        kind: MetricType::Counter,
+        value: |w| Some(w.gradients_applied as f64),
+    },
+    WorkerFamily {
+        name: "pstrain_worker_gradients_not_applied",
+        help: "A worker's gradients not used (stale, late, refused)",
+        kind: MetricType::Counter,
+        value: |w| Some(w.not_applied as f64),
+    },
+    WorkerFamily {
+        name: "pstrain_worker_steps_per_second",
+        help: "A worker's gradients per second over the run",
+        kind: MetricType::Gauge,
+        value: |w| Some(w.steps_per_s),
+    },
+    WorkerFamily {
+        name: "pstrain_worker_wait_seconds",
+        help: "Time a worker's pulls waited at a barrier or the staleness bound",
+        kind: MetricType::Counter,
+        value: |w| Some(w.wait_s),
+    },
+    WorkerFamily {
+        name: "pstrain_worker_compute_seconds",
+        help: "Time from serving a worker weights to its gradient arriving",
+        kind: MetricType::Counter,
+        value: |w| Some(w.compute_s),
+    },
+    WorkerFamily {
+        name: "pstrain_worker_batch_samples",
+        help: "Samples in the worker's latest gradient",
+        kind: MetricType::Gauge,
+        value: |w| Some(f64::from(w.batch)),
+    },
+    WorkerFamily {
+        name: "pstrain_worker_lead_max_steps",
+        help: "SSP: the most steps the worker ran ahead of the shard",
+        kind: MetricType::Gauge,
+        value: |w| Some(w.max_lead as f64),
+    },
+    WorkerFamily {
+        name: "pstrain_worker_last_seen_age_seconds",
+        help: "Seconds since the worker's last heartbeat",
+        kind: MetricType::Gauge,
+        value: |w| w.last_seen_s,
+    },
+];
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use MetricType::{Counter as C, Gauge as G};
         let snap = &self.0;
-        let shards = &snap.shards;
-        let per_shard = |f: fn(&ShardView) -> f64| -> Vec<(Labels, f64)> {
-            shards.iter().map(|s| (shard_label(s), f(s))).collect()
-        };
         family(
             &mut e,
             "pstrain_uptime_seconds",
             "Seconds since the run (or this shard) started",
-            G,
+            MetricType::Gauge,
             [(vec![], snap.uptime_s)],
         )?;
-        family(
-            &mut e,
-            "pstrain_model_version",
-            "Updates applied to the model",
-            G,
-            per_shard(|s| s.version as f64),
-        )?;
-        family(
-            &mut e,
-            "pstrain_gradients_applied",
-            "Gradients that went into an update",
-            C,
-            per_shard(|s| s.gradients_applied as f64),
-        )?;
-        family(
-            &mut e,
-            "pstrain_samples_applied",
-            "Training samples behind the applied gradients",
-            C,
-            per_shard(|s| s.samples_applied as f64),
-        )?;
-        type Count = fn(&ShardView) -> u64;
-        let reasons: [(&str, Count); 4] = [
-            ("stale", |s| s.dropped_stale),
-            ("nonfinite", |s| s.rejected_nonfinite),
-            ("refused", |s| s.rejected_other),
-            ("rolled_back", |s| s.rolled_back),
-        ];
+        self.encode_shard_families(&mut e, SHARD_FAMILIES)?;
         family(
             &mut e,
             "pstrain_gradients_not_applied",
             "Gradients not applied, by reason (stale or late, non-finite, refused, update rolled back)",
-            C,
-            shards.iter().flat_map(|s| {
-                reasons.iter().map(move |(reason, f)| {
+            MetricType::Counter,
+            snap.shards.iter().flat_map(|s| {
+                NOT_APPLIED_REASONS.iter().map(move |(reason, f)| {
                     let mut l = shard_label(s);
                     l.push(("reason", reason.to_string()));
                     (l, f(s) as f64)
                 })
             }),
         )?;
-        family(
-            &mut e,
-            "pstrain_gradients_clipped",
-            "Gradients scaled down to --max-grad-norm",
-            C,
-            per_shard(|s| s.clipped as f64),
-        )?;
-        let losses: Vec<_> = shards
-            .iter()
-            .filter_map(|s| s.loss.map(|l| (shard_label(s), f64::from(l))))
-            .collect();
-        family(
-            &mut e,
-            "pstrain_training_loss",
-            "Moving average of the workers' training loss",
-            G,
-            losses,
-        )?;
-        let connections: Vec<_> = shards
-            .iter()
-            .filter_map(|s| s.connections.map(|c| (shard_label(s), c as f64)))
-            .collect();
-        family(
-            &mut e,
-            "pstrain_connections",
-            "Open connections to the shard",
-            G,
-            connections,
-        )?;
-        let ages: Vec<_> = shards
-            .iter()
-            .filter_map(|s| s.checkpoint_age_s.map(|a| (shard_label(s), a)))
-            .collect();
-        family(
-            &mut e,
-            "pstrain_checkpoint_age_seconds",
-            "Seconds since the shard's last checkpoint was written",
-            G,
-            ages,
-        )?;
-        let writes: Vec<_> = shards
-            .iter()
-            .filter_map(|s| s.checkpoint_write_s.map(|a| (shard_label(s), a)))
-            .collect();
-        family(
-            &mut e,
-            "pstrain_checkpoint_write_seconds",
-            "How long writing the last checkpoint took",
-            G,
-            writes,
-        )?;
-        family(
-            &mut e,
-            "pstrain_checkpoint_failures",
-            "Checkpoints the shard could not write (it backs off and says why in its log)",
-            C,
-            per_shard(|s| s.checkpoint_failures as f64),
-        )?;
+        self.encode_shard_families(&mut e, SHARD_FAMILIES_LATE)?;
         if let Some(last) = snap.evals.last() {
-            family(
-                &mut e,
-                "pstrain_test_accuracy_ratio",
-                "Accuracy on the test set at the last evaluation",
-                G,
-                [(vec![], last.accuracy)],
-            )?;
-            family(
-                &mut e,
-                "pstrain_test_loss",
-                "Loss on the test set at the last evaluation",
-                G,
-                [(vec![], last.loss)],
-            )?;
+            let test = [
+                (
+                    "pstrain_test_accuracy_ratio",
+                    "Accuracy on the test set at the last evaluation",
+                    last.accuracy,
+                ),
+                (
+                    "pstrain_test_loss",
+                    "Loss on the test set at the last evaluation",
+                    last.loss,
+                ),
+            ];
+            for (name, help, value) in test {
+                family(&mut e, name, help, MetricType::Gauge, [(vec![], value)])?;
+            }
         }
         self.encode_workers(&mut e)
     }
 }
 
 impl SnapshotCollector {
+    fn encode_shard_families(
+        &self,
+        e: &mut DescriptorEncoder,
+        families: &[ShardFamily],
+    ) -> Result<(), std::fmt::Error> {
+        for f in families {
+            let samples = self
+                .0
+                .shards
+                .iter()
+                .filter_map(|s| (f.value)(s).map(|v| (shard_label(s), v)));
+            family(e, f.name, f.help, f.kind, samples)?;
+        }
+        Ok(())
+    }
+
     fn encode_workers(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use MetricType::{Counter as C, Gauge as G};
-        let workers: Vec<(Labels, &crate::snapshot::WorkerView)> = self
+        let workers: Vec<(Labels, &WorkerView)> = self
             .0
             .shards
             .iter()
@@ -282,107 +351,58 @@ impl SnapshotCollector {
                 })
             })
             .collect();
-        let each = |f: &dyn Fn(&crate::snapshot::WorkerView) -> f64| -> Vec<(Labels, f64)> {
-            workers.iter().map(|(l, w)| (l.clone(), f(w))).collect()
-        };
-        family(
-            e,
-            "pstrain_worker_gradients_applied",
-            "A worker's gradients that went into an update",
-            C,
-            each(&|w| w.gradients_applied as f64),
-        )?;
-        family(
-            e,
-            "pstrain_worker_gradients_not_applied",
-            "A worker's gradients not used (stale, late, refused)",
-            C,
-            each(&|w| w.not_applied as f64),
-        )?;
-        family(
-            e,
-            "pstrain_worker_steps_per_second",
-            "A worker's gradients per second over the run",
-            G,
-            each(&|w| w.steps_per_s),
-        )?;
-        family(
-            e,
-            "pstrain_worker_wait_seconds",
-            "Time a worker's pulls waited at a barrier or the staleness bound",
-            C,
-            each(&|w| w.wait_s),
-        )?;
-        family(
-            e,
-            "pstrain_worker_compute_seconds",
-            "Time from serving a worker weights to its gradient arriving",
-            C,
-            each(&|w| w.compute_s),
-        )?;
-        family(
-            e,
-            "pstrain_worker_batch_samples",
-            "Samples in the worker's latest gradient",
-            G,
-            each(&|w| f64::from(w.batch)),
-        )?;
-        family(
-            e,
-            "pstrain_worker_lead_max_steps",
-            "SSP: the most steps the worker ran ahead of the shard",
-            G,
-            each(&|w| w.max_lead as f64),
-        )?;
-        let seen: Vec<_> = workers
-            .iter()
-            .filter_map(|(l, w)| w.last_seen_s.map(|s| (l.clone(), s)))
-            .collect();
-        family(
-            e,
-            "pstrain_worker_last_seen_age_seconds",
-            "Seconds since the worker's last heartbeat",
-            G,
-            seen,
-        )?;
+        for f in WORKER_FAMILIES {
+            let samples = workers
+                .iter()
+                .filter_map(|(l, w)| (f.value)(w).map(|v| (l.clone(), v)));
+            family(e, f.name, f.help, f.kind, samples)?;
+        }
         family(
             e,
             "pstrain_worker_state",
             "1 for the worker's state (training, waiting, evicted, gone, finished, not joined)",
-            G,
+            MetricType::Gauge,
             workers.iter().map(|(l, w)| {
                 let mut l = l.clone();
                 l.push(("state", w.state.to_string()));
                 (l, 1.0)
             }),
         )?;
-        let mut metric = e.encode_descriptor(
-            "pstrain_worker_staleness_updates",
-            "Staleness of a worker's applied gradients, in updates",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (labels, w) in &workers {
-            let buckets: Vec<(f64, u64)> = STALENESS_BOUNDS
-                .iter()
-                .zip(&w.staleness_hist)
-                .map(|(&bound, &n)| {
-                    let le = if bound == u64::MAX {
-                        f64::MAX
-                    } else {
-                        bound as f64
-                    };
-                    (le, n)
-                })
-                .collect();
-            let mut m = metric.encode_family(labels)?;
-            m.encode_histogram::<NoLabelSet>(
-                w.staleness_sum as f64,
-                w.gradients_applied,
-                &buckets,
-                None,
-            )?;
-        }
-        Ok(())
+        encode_staleness(e, &workers)
     }
+}
+
+/// Each worker's staleness histogram.
+fn encode_staleness(
+    e: &mut DescriptorEncoder,
+    workers: &[(Labels, &WorkerView)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = e.encode_descriptor(
+        "pstrain_worker_staleness_updates",
+        "Staleness of a worker's applied gradients, in updates",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (labels, w) in workers {
+        let buckets: Vec<(f64, u64)> = STALENESS_BOUNDS
+            .iter()
+            .zip(&w.staleness_hist)
+            .map(|(&bound, &n)| {
+                let le = if bound == u64::MAX {
+                    f64::MAX
+                } else {
+                    bound as f64
+                };
+                (le, n)
+            })
+            .collect();
+        let mut m = metric.encode_family(labels)?;
+        m.encode_histogram::<NoLabelSet>(
+            w.staleness_sum as f64,
+            w.gradients_applied,
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! What a watcher sees of a run at one moment: the plan, each shard's counters and workers,
 //! the evaluations so far and the loss over time. Plain data, serialised for the live page.
 
-use pstrain_core::{Departure, Presence, ServerStats, WorkerStats};
+use pstrain_core::{Departure, Presence, ShardCounters, WorkerStats};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -100,7 +100,7 @@ impl ShardView {
     /// (`ShardEngine::presence`), `uptime` for the step rates.
     pub fn new(
         shard: usize,
-        stats: &ServerStats,
+        stats: &ShardCounters,
         workers: &[WorkerStats],
         presence: &[(Presence, bool)],
         uptime: Duration,

@@ -2,7 +2,7 @@
 //! TCP: the exposition parses as Prometheus text, bad requests get 4xx and the server keeps
 //! serving, strangers need the token off loopback.
 
-use pstrain_core::{Presence, ServerStats, WorkerStats};
+use pstrain_core::{Presence, ShardCounters, WorkerStats};
 use pstrain_observe::{render_metrics, EvalPoint, Latencies, RunSnapshot, ShardView, Watcher};
 #[path = "../../../test-support/scrape.rs"]
 mod scrape;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn snapshot(version: u64) -> RunSnapshot {
-    let stats = ServerStats {
+    let stats = ShardCounters {
         version,
         gradients_applied: 3 * version,
         samples_applied: 96 * version,

@@ -2,13 +2,15 @@
 //! are only command-line glue (train, download, bench, eval, export). The flags of `server`,
 //! `worker` and the run plan live in library modules that other front ends share.
 
-use crate::bench::{run_bench, BenchConfig};
-use crate::cluster::{train_tcp, ClusterConfig};
+use crate::bench::compute::{run_bench, BenchConfig};
 use crate::data::{download, load_data, DataArgs};
-use crate::remote_worker::{worker, WorkerArgs};
-use crate::shard_setup::{run_server, ServerArgs};
-use crate::train::train;
-use crate::train_flags::{announce, prepare_train, TrainArgs, TransportArg};
+use crate::flags::server::ServerArgs;
+use crate::flags::train::{announce, prepare_train, TrainArgs, TransportArg};
+use crate::flags::worker::WorkerArgs;
+use crate::launch::cluster::{train_tcp, ClusterConfig};
+use crate::launch::remote_worker::worker;
+use crate::launch::shard::run_server;
+use crate::run::train;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pstrain_compute::ModelKind;
@@ -49,9 +51,9 @@ enum Command {
     Export(ExportArgs),
     /// Make a new random run token (for --token-file / PSTRAIN_TOKEN): printed, or written
     /// to a file only its owner can read (-o).
-    Token(crate::token::TokenOutArgs),
+    Token(crate::flags::token::TokenOutArgs),
     /// Draw test accuracy and loss against time and samples from --metrics files (.png/.svg).
-    Plot(crate::plot::PlotArgs),
+    Plot(crate::report::plot::PlotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -85,7 +87,7 @@ struct EvalArgs {
     data: DataArgs,
     /// The run's token: with it, only files sealed by that run are read
     #[command(flatten)]
-    token: crate::token::TokenArgs,
+    token: crate::flags::token::TokenArgs,
 }
 
 #[derive(Args, Debug)]
@@ -98,7 +100,7 @@ struct ExportArgs {
     out: PathBuf,
     /// The run's token: with it, only files sealed by that run are read
     #[command(flatten)]
-    token: crate::token::TokenArgs,
+    token: crate::flags::token::TokenArgs,
 }
 
 #[derive(Args, Debug)]
@@ -147,9 +149,9 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(args) => run_eval(args),
-        Command::Plot(args) => crate::plot::run(&args),
+        Command::Plot(args) => crate::report::plot::run(&args),
         Command::Export(args) => run_export(args),
-        Command::Token(args) => crate::token::make_token(&args),
+        Command::Token(args) => crate::flags::token::make_token(&args),
     }
 }
 
@@ -218,7 +220,7 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
     if args.memory_updates > 0 {
         let exe = std::env::current_exe().context("cannot find this program")?;
         let dir = args.data.dir();
-        report.memory = crate::bench_memory::measure(&exe, &dir, args.memory_updates, &models)?;
+        report.memory = crate::bench::memory::measure(&exe, &dir, args.memory_updates, &models)?;
         for run in &report.memory {
             let parts: Vec<String> = run
                 .processes
@@ -251,13 +253,13 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
         1,
         std::fs::canonicalize(args.data.dir())?,
     );
-    let cfg = crate::netbench::NetBenchConfig {
+    let cfg = crate::bench::net::NetBenchConfig {
         shard_counts: args.shards,
         train_shard_counts: args.train_shards,
         synthetic_values: args.synthetic_values,
         train_updates: args.train_updates,
     };
-    let report = crate::netbench::run_net_bench(&cfg, &cluster, &data, &mut |l| println!("{l}"))?;
+    let report = crate::bench::net::run_net_bench(&cfg, &cluster, &data, &mut |l| println!("{l}"))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
@@ -268,7 +270,7 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
 /// files sealed with its key only).
 fn load_checkpoint(
     dir: &Path,
-    token: &crate::token::TokenArgs,
+    token: &crate::flags::token::TokenArgs,
 ) -> Result<pstrain_store::Assembled> {
     let key = token.token()?.map(|t| t.file_key());
     let assembled = pstrain_store::assemble(dir, key.as_ref())?;
@@ -281,7 +283,7 @@ fn load_checkpoint(
 /// The built-in model a checkpoint folder holds, with its weights.
 fn load_checkpoint_model(
     dir: &Path,
-    token: &crate::token::TokenArgs,
+    token: &crate::flags::token::TokenArgs,
 ) -> Result<(ModelKind, pstrain_store::Assembled)> {
     let assembled = load_checkpoint(dir, token)?;
     let kind: ModelKind = assembled

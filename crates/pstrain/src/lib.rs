@@ -1,34 +1,30 @@
-//! pstrain's engine: workers, the embedded parameter server, the training driver, the run
-//! plan as flags, the supervisor of multi-process runs, MNIST download, the benchmarks and
-//! the command line itself (`cli`). Front ends other than the binary (the Python package)
-//! use the library modules: `shard_setup`, `remote_worker`, `supervisor`, `plan_flags`.
+//! pstrain as a library: a run's flags (`flags`), carrying a run out in one process (`run`),
+//! its records and reports (`report`), runs of several processes (`launch`), the data set
+//! (`data`), the benchmarks (`bench`) and the command line (`cli`). Front ends other than the
+//! binary (the Python package) use the façade below, not the modules behind it.
 
 pub mod bench;
-pub mod bench_memory;
 pub mod cli;
-pub mod cluster;
 pub mod data;
-pub mod download;
 pub mod flags;
-pub mod inproc;
-pub mod metrics;
-pub mod monitor;
-pub mod netbench;
-pub mod plan_flags;
-pub mod plot;
-pub mod process;
-pub mod remote_worker;
-pub mod reporter;
-pub mod run_id;
-pub mod sampler;
-pub mod shard_setup;
-pub mod supervisor;
-pub mod token;
-pub mod train;
-pub mod train_flags;
-pub mod usage;
-pub mod worker;
+pub mod launch;
+pub mod report;
+pub mod run;
 
 pub use pstrain_core::client::{ClientError, ParameterClient, PullReply};
-pub use pstrain_core::{RunPlan, Schedule};
-pub use train::{train, Observer, Quiet, TrainConfig, TrainError, TrainOutcome};
+pub use pstrain_core::{RunPlan, ScheduleKind};
+pub use report::{Observer, Quiet};
+pub use run::{train, TrainConfig, TrainError, TrainOutcome};
+
+/// What the Python package (and any other front end) builds on: the shard and worker
+/// processes as the binary's flags define them, the supervisor of a multi-process run,
+/// the run token and the commands' help.
+pub mod facade {
+    pub use crate::cli::help;
+    pub use crate::flags::server::ServerArgs;
+    pub use crate::flags::token::token_from_env;
+    pub use crate::flags::{parse_flags, seconds};
+    pub use crate::launch::remote_worker::run_worker_from;
+    pub use crate::launch::shard::{log_shard_report, shard_setup, CustomModel};
+    pub use crate::launch::supervisor;
+}

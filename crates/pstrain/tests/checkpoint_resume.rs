@@ -4,8 +4,8 @@
 
 mod common;
 
-use pstrain::metrics::ProgressRecord;
-use pstrain::train::CheckpointPolicy;
+use pstrain::report::records::ProgressRecord;
+use pstrain::run::CheckpointPolicy;
 use pstrain::{train, Observer, Quiet, RunPlan, TrainConfig};
 use pstrain_compute::ModelKind;
 use pstrain_core::Mode;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use pstrain::download::{download_mnist, FileStatus, MNIST_FILES};
+use pstrain::data::download::{download_mnist, FileStatus, MNIST_FILES};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -4,9 +4,9 @@
 
 mod common;
 
-use pstrain::cluster::{train_tcp, ClusterConfig, Fault};
-use pstrain::train::CheckpointPolicy;
-use pstrain::{Quiet, RunPlan, Schedule, TrainConfig, TrainOutcome};
+use pstrain::launch::cluster::{train_tcp, ClusterConfig, Fault};
+use pstrain::run::CheckpointPolicy;
+use pstrain::{Quiet, RunPlan, ScheduleKind, TrainConfig, TrainOutcome};
 use pstrain_compute::ModelKind;
 use pstrain_core::{Mode, OptimizerConfig};
 use std::path::PathBuf;
@@ -45,7 +45,7 @@ fn convnet(mode: Mode, workers: usize, iterations: u64) -> TrainConfig {
             iterations: Some(iterations),
             batch_size: 128,
             optimizer: OptimizerConfig::sgd(0.01),
-            schedule: Schedule::Constant,
+            schedule: ScheduleKind::Constant,
             ..RunPlan::default()
         },
         eval_every: Some(0),
@@ -62,7 +62,7 @@ fn survives(
     shards: usize,
     fault: Fault,
     tune: impl FnOnce(&mut ClusterConfig),
-) -> pstrain::metrics::Summary {
+) -> pstrain::report::records::Summary {
     let budget = cfg.plan.iterations;
     let mut c = cluster(shards, vec![fault]);
     tune(&mut c);

@@ -5,8 +5,8 @@
 
 mod common;
 
-use pstrain::cluster::{train_tcp, ClusterConfig};
-use pstrain::metrics::Summary;
+use pstrain::launch::cluster::{train_tcp, ClusterConfig};
+use pstrain::report::records::Summary;
 use pstrain::{train, Quiet, RunPlan, TrainConfig};
 use pstrain_compute::ModelKind;
 use pstrain_core::{Mode, OptimizerConfig};

@@ -5,7 +5,7 @@
 mod common;
 
 use common::shard;
-use pstrain::supervisor::parse_report;
+use pstrain::launch::supervisor::parse_report;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 

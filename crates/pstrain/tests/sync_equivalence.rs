@@ -1,7 +1,7 @@
 //! The sync invariant: N workers of batch b on the same samples give the same weights (within
 //! float tolerance) as one worker with batch N*b, through the real server and clients.
 
-use pstrain::inproc::InProcServer;
+use pstrain::run::inproc::InProcServer;
 use pstrain_compute::{Model, ModelKind, ModelOptions};
 use pstrain_core::ParameterClient;
 use pstrain_core::{EngineConfig, Mode, OptimizerConfig, PushMeta, Rng, ServerConfig, ShardEngine};

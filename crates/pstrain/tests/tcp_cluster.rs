@@ -5,7 +5,7 @@ mod common;
 
 use common::{cnn_one_epoch, convnet_as_original};
 
-use pstrain::cluster::{train_tcp, ClusterConfig};
+use pstrain::launch::cluster::{train_tcp, ClusterConfig};
 use pstrain::{train, Quiet, TrainConfig, TrainOutcome};
 use pstrain_compute::ModelKind;
 use pstrain_core::Mode;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use pstrain::supervisor::parse_report;
+use pstrain::launch::supervisor::parse_report;
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,7 @@ use pstrain::{train, Quiet, TrainConfig};
 use pstrain_core::Mode;
 use std::sync::atomic::AtomicBool;
 
-fn run(cfg: TrainConfig) -> pstrain::metrics::Summary {
+fn run(cfg: TrainConfig) -> pstrain::report::records::Summary {
     let _guard = common::one_at_a_time();
     let outcome = train(&cfg, common::mnist(), &mut Quiet, &AtomicBool::new(false)).unwrap();
     let s = outcome.summary;

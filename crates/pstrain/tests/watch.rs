@@ -7,7 +7,7 @@ mod common;
 #[path = "../../../test-support/scrape.rs"]
 mod scrape;
 
-use pstrain::{train, Observer, RunPlan, Schedule, TrainConfig};
+use pstrain::{train, Observer, RunPlan, ScheduleKind, TrainConfig};
 use pstrain_compute::ModelKind;
 use pstrain_core::{Mode, OptimizerConfig};
 use std::net::SocketAddr;
@@ -38,7 +38,7 @@ fn watched_run() -> TrainConfig {
             iterations: Some(500),
             batch_size: 32,
             optimizer: OptimizerConfig::adam(1e-3),
-            schedule: Schedule::Constant,
+            schedule: ScheduleKind::Constant,
             ..RunPlan::default()
         },
         eval_every: Some(100),
@@ -224,7 +224,7 @@ fn plot_draws_a_recorded_run_to_png_and_svg() {
             let img = image::open(&out).unwrap().to_rgb8();
             assert_eq!(
                 img.dimensions(),
-                (pstrain::plot::WIDTH, pstrain::plot::HEIGHT)
+                (pstrain::report::plot::WIDTH, pstrain::report::plot::HEIGHT)
             );
             let inked = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
             let share = inked as f64 / (img.width() * img.height()) as f64;

@@ -33,7 +33,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A positive number of seconds that `Duration` can hold.
 pub(crate) fn seconds(name: &str, v: f64) -> PyResult<std::time::Duration> {
-    pstrain::shard_setup::seconds(name, v).map_err(|e| PyValueError::new_err(e.to_string()))
+    pstrain::facade::seconds(name, v).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// A run token from Python: the hex string given, else `PSTRAIN_TOKEN`, else none.
@@ -42,7 +42,7 @@ pub(crate) fn token(hex: Option<&str>) -> PyResult<Option<pstrain_net::RunToken>
         Some(h) => pstrain_net::RunToken::parse(h)
             .map(Some)
             .map_err(|e| PyValueError::new_err(e.to_string())),
-        None => pstrain::token::token_from_env().map_err(err),
+        None => pstrain::facade::token_from_env().map_err(err),
     }
 }
 
@@ -58,7 +58,7 @@ fn new_token() -> PyResult<String> {
 /// Python front ends take.
 #[pyfunction]
 fn help(command: &str) -> PyResult<String> {
-    pstrain::cli::help(command)
+    pstrain::facade::help(command)
         .ok_or_else(|| PyValueError::new_err(format!("no pstrain subcommand `{command}`")))
 }
 

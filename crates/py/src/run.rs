@@ -2,8 +2,8 @@
 //! launcher that places the processes itself (the Ray driver) drives.
 
 use crate::{err, lock};
-use pstrain::remote_worker::run_worker_from;
-use pstrain::supervisor;
+use pstrain::facade::run_worker_from;
+use pstrain::facade::supervisor;
 use pyo3::prelude::*;
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;

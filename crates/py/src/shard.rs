@@ -3,8 +3,8 @@
 
 use crate::{err, lock, PstrainError};
 use numpy::{PyArrayMethods, PyUntypedArrayMethods};
-use pstrain::shard_setup::{log_shard_report, shard_setup_with_token, CustomModel};
-use pstrain_core::{Layout, ServerStats};
+use pstrain::facade::{log_shard_report, parse_flags, shard_setup, CustomModel, ServerArgs};
+use pstrain_core::{Layout, ShardCounters};
 use pstrain_net::server::ConnectionEvents;
 use pstrain_net::ShardHandle;
 use pyo3::exceptions::PyValueError;
@@ -16,7 +16,7 @@ use std::time::Duration;
 /// A shard's counters at the end of its run (its final weights are not kept here).
 #[derive(Clone, Copy)]
 struct FinalCounts {
-    stats: ServerStats,
+    stats: ShardCounters,
     events: ConnectionEvents,
 }
 
@@ -80,7 +80,8 @@ impl ShardServer {
     ) -> PyResult<Self> {
         let custom = params.map(custom_model).transpose()?;
         let token = crate::token(token)?;
-        let setup = shard_setup_with_token(&argv, custom, token).map_err(err)?;
+        let args = parse_flags::<ServerArgs>("server", &argv).map_err(err)?;
+        let setup = shard_setup(&args, custom, token).map_err(err)?;
         let handle = py.detach(|| setup.start()).map_err(err)?;
         Ok(ShardServer {
             handle,

@@ -3,13 +3,12 @@
 //! in a run with a token, their seal (see `seal.rs`). (The folder of them is `folder.rs`.)
 
 use crate::atomic::write_atomically;
-use crate::safetensors::{self, FormatError, TensorRef};
+use crate::safetensors::{self, TensorRef};
 use crate::seal::{seal_matches, Digest, FileKey, Sums};
-use pstrain_core::{CoreState, ServerStats};
+use pstrain_core::{ShardCounters, ShardSnapshot};
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
-use thiserror::Error;
+use std::path::Path;
 
 const FORMAT: &str = "pstrain-shard-checkpoint/1";
 const CRC_KEY: &str = "pstrain.crc32";
@@ -17,31 +16,7 @@ const SEAL_KEY: &str = "pstrain.seal";
 const PARAMS: &str = "params";
 const OPTIMIZER_PREFIX: &str = "optimizer.";
 
-#[derive(Debug, Error)]
-pub enum StoreError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: not a readable safetensors file: {source}")]
-    Format { path: PathBuf, source: FormatError },
-    #[error("{path}: checksum mismatch (stored {stored}, computed {computed}): damaged file")]
-    Checksum {
-        path: PathBuf,
-        stored: String,
-        computed: String,
-    },
-    #[error("{path}: {why}")]
-    Invalid { path: PathBuf, why: String },
-    #[error(
-        "{path}: not sealed with this run's key (forged, or written by another run or \
-         without its token): refused"
-    )]
-    Unsealed { path: PathBuf },
-    #[error("{path}: belongs to another run ({why})")]
-    Mismatch { path: PathBuf, why: String },
-}
+pub use crate::error::StoreError;
 
 /// Who a checkpoint belongs to: a restart must find the same shard of the same model in the
 /// same run.
@@ -58,7 +33,7 @@ pub struct ShardIdentity {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
     pub identity: ShardIdentity,
-    pub state: CoreState,
+    pub state: ShardSnapshot,
     /// The model's name (`cnn`, `convnet`), so tools can rebuild its layout.
     pub model: String,
     /// Free-form description of the run's configuration, for people and tools.
@@ -241,12 +216,12 @@ impl Checkpoint {
         }
         Ok(Checkpoint {
             identity,
-            state: CoreState {
+            state: ShardSnapshot {
                 params,
                 optimizer,
                 optimizer_step: meta.num("optimizer_step")?,
                 version: meta.num("version")?,
-                stats: ServerStats {
+                stats: ShardCounters {
                     version: meta.num("version")?,
                     gradients_applied: meta.num("gradients_applied")?,
                     samples_applied: meta.num("samples_applied")?,

@@ -1,8 +1,7 @@
 //! A shard's checkpoint folder, keeping the newest K and falling back past damaged files to
-//! the newest good one, and a whole model assembled from every shard's newest checkpoint.
+//! the newest good one.
 
 use crate::checkpoint::{max_bytes_for, Checkpoint, ShardIdentity, StoreError, DEFAULT_MAX_BYTES};
-use crate::manifest::Manifest;
 use crate::seal::FileKey;
 use std::path::{Path, PathBuf};
 
@@ -135,158 +134,11 @@ pub(crate) fn parse_versioned(name: &str, prefix: &str, suffix: &str) -> Option<
     version.parse().ok()
 }
 
-/// A whole model put back together from the newest good checkpoint of every shard.
-#[derive(Debug)]
-pub struct Assembled {
-    pub model: String,
-    pub fingerprint: u64,
-    pub params: Vec<f32>,
-    /// Each shard's version (they can differ in async mode).
-    pub versions: Vec<u64>,
-    /// The model's tensors as the files record them (empty for files that do not).
-    pub layout: crate::checkpoint::TensorShapes,
-    /// The run and the manifest version the files came from; `None` when no complete point
-    /// was found and each shard's newest file was taken.
-    pub manifest: Option<(String, u64)>,
-    pub problems: Vec<StoreError>,
-}
-
-/// The model of the newest complete point of any run under `root` (see `manifest.rs`), else
-/// of the newest good file of every shard of one shard count; with `key`, only files and
-/// manifests sealed with it count.
-pub fn assemble(root: &Path, key: Option<&FileKey>) -> Result<Assembled, StoreError> {
-    let (mut problems, mut unjoinable) = (Vec::new(), Vec::new());
-    let mut found = None;
-    for m in crate::manifest::verified_points(root, None, key, &mut problems) {
-        match assemble_point(root, &m, key) {
-            Ok(a) => {
-                found = Some(a);
-                break;
-            }
-            Err(e) => unjoinable.push(e),
-        }
-    }
-    problems.append(&mut unjoinable);
-    if let Some(mut a) = found {
-        a.problems = problems;
-        return Ok(a);
-    }
-    let mut a = assemble_newest(root, key)?;
-    problems.append(&mut a.problems);
-    a.problems = problems;
-    Ok(a)
-}
-
-/// The files `m` names, read whole and joined.
-fn assemble_point(
-    root: &Path,
-    m: &Manifest,
-    key: Option<&FileKey>,
-) -> Result<Assembled, StoreError> {
-    let mut parts = Vec::with_capacity(m.files.len());
-    for entry in &m.files {
-        let path = root.join(&entry.file);
-        let c = Checkpoint::read(&path, key)?;
-        if c.identity.run_id != m.run_id || c.state.version != m.version {
-            return Err(StoreError::Mismatch {
-                path,
-                why: format!("not the file manifest {} names", m.version),
-            });
-        }
-        parts.push(c);
-    }
-    let mut a = join(root, parts)?;
-    a.manifest = Some((m.run_id.clone(), m.version));
-    Ok(a)
-}
-
-/// Reads `root/shard-I-of-S/` for every I of one S and joins the shards' newest weights.
-fn assemble_newest(root: &Path, key: Option<&FileKey>) -> Result<Assembled, StoreError> {
-    let invalid = |why: String| StoreError::Invalid {
-        path: root.to_owned(),
-        why,
-    };
-    let entries = std::fs::read_dir(root).map_err(|source| StoreError::Io {
-        path: root.to_owned(),
-        source,
-    })?;
-    let mut counts: Vec<usize> = entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let (_, s) = name.strip_prefix("shard-")?.split_once("-of-")?;
-            s.parse().ok()
-        })
-        .collect();
-    counts.sort_unstable();
-    counts.dedup();
-    let shards = match counts[..] {
-        [s] if s > 0 => s,
-        [] => return Err(invalid("no shard-I-of-S checkpoint folders".into())),
-        _ => {
-            return Err(invalid(format!(
-                "checkpoints of several shard counts: {counts:?}"
-            )))
-        }
-    };
-    let mut parts = Vec::new();
-    let mut problems = Vec::new();
-    for shard in 0..shards {
-        let dir = CheckpointDir::for_shard(root, shard, shards, 1);
-        let (found, mut p) = dir.load_newest_where(key, |c| {
-            c.identity.shard == shard && c.identity.shards == shards
-        });
-        problems.append(&mut p);
-        let (_, c) = found
-            .ok_or_else(|| invalid(format!("no valid checkpoint for shard {shard} of {shards}")))?;
-        parts.push(c);
-    }
-    let mut a = join(root, parts)?;
-    a.problems = problems;
-    Ok(a)
-}
-
-/// One model from its shards' checkpoints, in shard order.
-fn join(root: &Path, parts: Vec<Checkpoint>) -> Result<Assembled, StoreError> {
-    let invalid = |why: String| StoreError::Invalid {
-        path: root.to_owned(),
-        why,
-    };
-    let Some(first) = parts.first() else {
-        return Err(invalid("no shards".into()));
-    };
-    if parts
-        .iter()
-        .any(|c| c.identity.fingerprint != first.identity.fingerprint || c.model != first.model)
-    {
-        return Err(invalid("shards belong to different models".into()));
-    }
-    let mut params = Vec::new();
-    for c in &parts {
-        if c.identity.range.start != params.len() {
-            return Err(invalid(format!(
-                "shard {} does not start where the previous ended",
-                c.identity.shard
-            )));
-        }
-        params.extend_from_slice(&c.state.params);
-    }
-    Ok(Assembled {
-        model: first.model.clone(),
-        fingerprint: first.identity.fingerprint,
-        params,
-        versions: parts.iter().map(|c| c.state.version).collect(),
-        layout: first.layout.clone(),
-        manifest: None,
-        problems: Vec::new(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::seal::FileKey;
-    use pstrain_core::{CoreState, ServerStats};
+    use pstrain_core::{ShardCounters, ShardSnapshot};
 
     fn ckpt(version: u64) -> Checkpoint {
         Checkpoint {
@@ -297,7 +149,7 @@ mod tests {
                 range: 10..14,
                 fingerprint: 0xabc,
             },
-            state: CoreState {
+            state: ShardSnapshot {
                 params: vec![1.0, 2.0, 3.0, version as f32],
                 optimizer: vec![
                     ("exp_avg".into(), vec![0.1; 4]),
@@ -305,7 +157,7 @@ mod tests {
                 ],
                 optimizer_step: version,
                 version,
-                stats: ServerStats {
+                stats: ShardCounters {
                     version,
                     gradients_applied: 2 * version,
                     samples_applied: 64 * version,

@@ -1,19 +1,22 @@
 //! Storage: the safetensors format (so Python tools can open what pstrain writes), atomic
 //! file replacement, and checkpoints of a server shard with its optimizer state.
 
+pub mod assemble;
 pub mod atomic;
 pub mod beacon;
 pub mod checkpoint;
+pub mod error;
 pub mod folder;
 pub mod manifest;
 pub mod safetensors;
 pub mod saver;
 pub mod seal;
 
+pub use assemble::{assemble, Assembled};
 pub use beacon::{resume_from, Beacon, ResumeFrom};
 pub use checkpoint::CheckpointHeader;
 pub use checkpoint::{Checkpoint, ShardIdentity, StoreError, TensorShapes};
-pub use folder::{assemble, is_plain_run_id, Assembled, CheckpointDir};
+pub use folder::{is_plain_run_id, CheckpointDir};
 pub use manifest::{runs_in, Manifest, ManifestEntry};
 pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};
 pub use seal::FileKey;

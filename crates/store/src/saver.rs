@@ -7,7 +7,7 @@ use crate::checkpoint::{Checkpoint, CheckpointHeader, ShardIdentity, StoreError,
 use crate::folder::CheckpointDir;
 use crate::manifest::{self, Manifest};
 use crate::seal::FileKey;
-use pstrain_core::{CoreState, RestoreError};
+use pstrain_core::{RestoreError, ShardSnapshot};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -129,7 +129,7 @@ impl Saver {
     pub fn restore_into(
         &mut self,
         from_point: bool,
-        restore: impl FnOnce(&CoreState) -> Result<(), RestoreError>,
+        restore: impl FnOnce(&ShardSnapshot) -> Result<(), RestoreError>,
     ) -> Result<Restored, ResumeError> {
         let root = self.policy.dir.clone();
         let key = self.policy.key.as_ref();
@@ -190,7 +190,7 @@ impl Saver {
     }
 
     /// Saves `state` unless nothing changed since the last save; returns the file written.
-    pub fn save(&mut self, state: &CoreState) -> Result<Option<PathBuf>, StoreError> {
+    pub fn save(&mut self, state: &ShardSnapshot) -> Result<Option<PathBuf>, StoreError> {
         if state.version <= self.last_version && self.last_version > 0 {
             return Ok(None);
         }

@@ -7,7 +7,7 @@ mod peak_alloc;
 
 use peak_alloc::{mutate, Peak};
 use proptest::prelude::*;
-use pstrain_core::{CoreState, ServerStats};
+use pstrain_core::{ShardCounters, ShardSnapshot};
 use pstrain_store::{safetensors, Checkpoint, ShardIdentity};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -26,12 +26,12 @@ fn valid_checkpoint() -> &'static [u8] {
                 range: 0..6,
                 fingerprint: 0xabc,
             },
-            state: CoreState {
+            state: ShardSnapshot {
                 params: vec![0.5, -1.0, 2.0, 0.0, 1.0, 3.0],
                 optimizer: vec![("m".into(), vec![0.1; 6]), ("v".into(), vec![0.2; 6])],
                 optimizer_step: 4,
                 version: 9,
-                stats: ServerStats::default(),
+                stats: ShardCounters::default(),
             },
             model: "cnn".into(),
             config: "{}".into(),

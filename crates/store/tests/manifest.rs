@@ -3,7 +3,7 @@
 //! manifests of other runs are neither restored nor pruned; a point whose files changed is
 //! passed over by every shard alike.
 
-use pstrain_core::{CoreState, ServerStats};
+use pstrain_core::{ShardCounters, ShardSnapshot};
 use pstrain_store::{
     assemble, runs_in, Checkpoint, CheckpointDir, CheckpointPolicy, FileKey, Manifest, ResumeError,
     Saver, ShardIdentity, StoreError,
@@ -24,13 +24,13 @@ fn identity(run: &str, shard: usize) -> ShardIdentity {
 }
 
 /// The state a shard has at `version` (its weights say which shard and version they are).
-fn state(shard: usize, version: u64) -> CoreState {
-    CoreState {
+fn state(shard: usize, version: u64) -> ShardSnapshot {
+    ShardSnapshot {
         params: vec![shard as f32 * 1000.0 + version as f32; PER_SHARD],
         optimizer: vec![("momentum".into(), vec![0.5; PER_SHARD])],
         optimizer_step: version,
         version,
-        stats: ServerStats {
+        stats: ShardCounters {
             version,
             ..Default::default()
         },

@@ -16,35 +16,10 @@ pub use step_sum::StepSum;
 pub use sync::SyncSteps;
 
 use crate::admission::{Checked, Refused};
+pub use crate::admission::{StepSource, StepTag};
 use crate::config::{Mode, ServerConfig};
 use crate::error::PushError;
-use crate::shard_state::{PushMeta, PushOutcome, ShardState};
-
-/// In coordinated mode: the step shard 0 admitted a gradient into, and that step's members.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepTag<'a> {
-    pub step: u64,
-    pub members: &'a [bool],
-}
-
-/// One gradient offered to a shard, before the admission gate.
-#[derive(Debug, Clone, Copy)]
-pub struct Gradient<'a> {
-    pub meta: PushMeta,
-    pub values: &'a [f32],
-    /// Set on pushes to a follower shard in coordinated mode.
-    pub tag: Option<StepTag<'a>>,
-}
-
-/// Whose steps a rule applies: what the admission gate checks a gradient's step against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepSource {
-    /// The rule decides its own steps: a gradient carries no step tag; with `quorum`, its
-    /// rank must be in the quorum.
-    Own { quorum: bool },
-    /// The rule applies shard 0's steps: every gradient carries a tag whose members name it.
-    ShardZero,
-}
+use crate::shard_state::{PushOutcome, ShardState};
 
 /// A consistency rule. The admission gate (`crate::admission`) has already checked
 /// everything about a gradient but what the rule's own bookkeeping decides (staleness,

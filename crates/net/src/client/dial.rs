@@ -34,7 +34,7 @@ pub fn describe(
     tls: Option<&TlsClient>,
 ) -> Result<Served, NetError> {
     if servers.is_empty() {
-        return Err(NetError::Handshake("no server addresses given".into()));
+        return Err(NetError::Config("no server addresses given".into()));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -4,7 +4,7 @@
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
-    kind, Pulled, PushHead, PushReply, Reply, Request, ShardStats, StepMembers, PULLED_LEN,
+    kind, Pulled, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN,
     REPLY_LIMIT, WORKER_STATS_LEN,
 };
 use pstrain_core::{PullCodec, PullReply, PushCodec, PushEncoder, PushMeta, PushOutcome};
@@ -167,7 +167,7 @@ impl ShardLink {
         }
     }
 
-    pub async fn stats(&mut self, workers: usize) -> Result<ShardStats, NetError> {
+    pub async fn stats(&mut self, workers: usize) -> Result<StatsReply, NetError> {
         self.conn.send_request(&Request::Stats, 0, &[]).await?;
         let io = self.conn.io_timeout();
         let limit = REPLY_LIMIT + (workers * WORKER_STATS_LEN) as u64;

@@ -11,7 +11,7 @@ pub use heartbeat::Heartbeat;
 
 use crate::auth::RunToken;
 use crate::error::NetError;
-use crate::message::{ErrorCode, Failure, Role, ShardStats};
+use crate::message::{ErrorCode, Failure, Role, StatsReply};
 use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
 use link::ShardLink;
@@ -84,7 +84,7 @@ impl TcpClient {
             .enable_all()
             .build()?;
         if cfg.servers.is_empty() {
-            return Err(NetError::Handshake("no server addresses given".into()));
+            return Err(NetError::Config("no server addresses given".into()));
         }
         let mut cfg = cfg.clone();
         let shards = rt.block_on(dial::connect_all(&mut cfg))?;
@@ -141,11 +141,11 @@ impl TcpClient {
     }
 
     /// Each shard's counters (shard order), reconnecting once if a connection failed.
-    pub fn stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
+    pub fn stats(&mut self) -> Result<Vec<StatsReply>, NetError> {
         self.with_reconnect(Self::try_stats, Self::try_stats)
     }
 
-    fn try_stats(&mut self) -> Result<Vec<ShardStats>, NetError> {
+    fn try_stats(&mut self) -> Result<Vec<StatsReply>, NetError> {
         let workers = self.cfg.plan.workers;
         self.rt.block_on(try_join_all(
             self.shards.iter_mut().map(|s| s.stats(workers)),

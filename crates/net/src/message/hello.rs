@@ -28,7 +28,7 @@ fn role_code(role: Role) -> u8 {
 }
 
 /// A worker's hello for "any free rank": the shard assigns one (a dead worker's first).
-pub const ANY_RANK: u32 = u32::MAX;
+pub const WIRE_ANY_RANK: u32 = u32::MAX;
 
 /// Tensor names and shapes as they travel.
 pub type WireTensors = Vec<(String, Vec<u64>)>;
@@ -51,14 +51,18 @@ fn decode_layout(r: &mut Reader<'_>, total: usize) -> Result<(u64, WireTensors),
     let count = r.u32()? as usize;
     // Each tensor needs at least 8 bytes, so the count cannot promise more than is there.
     if count > total / 8 {
-        return Err(r.malformed(format!("{count} tensors in {total} bytes")));
+        return Err(r
+            .malformed(format!("{count} tensors in {total} bytes"))
+            .into());
     }
     let mut tensors = Vec::with_capacity(count);
     for _ in 0..count {
         let name = r.str()?;
         let dims = r.u32()? as usize;
         if dims > MAX_DIMS {
-            return Err(r.malformed(format!("tensor `{name}` has {dims} dimensions")));
+            return Err(r
+                .malformed(format!("tensor `{name}` has {dims} dimensions"))
+                .into());
         }
         let shape = (0..dims).map(|_| r.u64()).collect::<Result<_, _>>()?;
         tensors.push((name, shape));
@@ -106,7 +110,7 @@ fn layout_from(tensors: &WireTensors) -> Result<Layout, String> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hello {
     pub role: Role,
-    /// A worker's rank (or `ANY_RANK`); the rank a heartbeat connection speaks for.
+    /// A worker's rank (or `WIRE_ANY_RANK`); the rank a heartbeat connection speaks for.
     pub rank: u32,
     pub run: Description,
     /// With a run token: the HMAC over both nonces and `signed_body()` (else zeros).
@@ -124,8 +128,8 @@ impl Hello {
     ) -> Self {
         Hello {
             role,
-            // usize::MAX (the client's "any rank") becomes ANY_RANK on the wire.
-            rank: u32::try_from(rank).unwrap_or(ANY_RANK),
+            // The client's `ANY_RANK` (usize::MAX) becomes `WIRE_ANY_RANK` on the wire.
+            rank: u32::try_from(rank).unwrap_or(WIRE_ANY_RANK),
             run: Description::new(shard, shards, plan, layout),
             proof: NO_PROOF,
         }
@@ -173,7 +177,7 @@ impl Hello {
             1 => Role::Worker,
             2 => Role::Observer,
             3 => Role::Heartbeat,
-            other => return Err(r.malformed(format!("unknown role {other}"))),
+            other => return Err(r.malformed(format!("unknown role {other}")).into()),
         };
         let rank = r.u32()?;
         let run = Description::decode_from(&mut r, bytes.len())?;
@@ -199,7 +203,7 @@ pub struct HelloOk {
     pub start: u64,
     pub end: u64,
     pub version: u64,
-    /// The worker's rank: the one it asked for, or the one assigned for `ANY_RANK`.
+    /// The worker's rank: the one it asked for, or the one assigned for `WIRE_ANY_RANK`.
     pub rank: u32,
 }
 

@@ -2,18 +2,20 @@
 //! answers, each with one encoder and one decoder. Tensor payloads follow the fixed parts as
 //! raw little-endian `f32` and are moved by `connection`.
 
+mod failure;
 mod hello;
 mod plan;
 mod push;
 mod reply;
 mod request;
 
+pub use failure::{ErrorCode, Failure};
 pub use hello::{
-    cut, layout_of, wire_tensors, Description, Hello, HelloOk, Role, WireTensors, ANY_RANK,
+    cut, layout_of, wire_tensors, Description, Hello, HelloOk, Role, WireTensors, WIRE_ANY_RANK,
 };
 pub use plan::{decode_plan, encode_plan, MAX_WORKERS};
 pub use push::{mask_len, PushHead, PushReply, StepMembers};
-pub use reply::{ErrorCode, Failure, Pulled, Reply, ShardStats, PULLED_LEN, WORKER_STATS_LEN};
+pub use reply::{Pulled, Reply, StatsReply, PULLED_LEN, WORKER_STATS_LEN};
 pub use request::Request;
 
 pub mod kind {

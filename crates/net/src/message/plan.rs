@@ -3,7 +3,7 @@
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
 use pstrain_core::{
-    Aggregate, GradientClip, Mode, OptimizerConfig, PullCodec, PushCodec, RunPlan, Schedule,
+    Aggregate, GradientClip, Mode, OptimizerConfig, PullCodec, PushCodec, RunPlan, ScheduleKind,
 };
 
 /// The most workers a plan may name.
@@ -47,8 +47,8 @@ pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
         }
     }
     w.u8(match p.schedule {
-        Schedule::Constant => 1,
-        Schedule::Cosine => 2,
+        ScheduleKind::Constant => 1,
+        ScheduleKind::Cosine => 2,
     })
     .u8(match p.aggregate {
         Aggregate::Mean => 1,
@@ -82,7 +82,9 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
     let (workers, batch_size, epochs) = (r.usize()?, r.usize()?, r.usize()?);
     if workers == 0 || workers > MAX_WORKERS {
         // Peers size per-worker tables from this: bound it before anyone allocates.
-        return Err(r.malformed(format!("{workers} workers (1..={MAX_WORKERS})")));
+        return Err(r
+            .malformed(format!("{workers} workers (1..={MAX_WORKERS})"))
+            .into());
     }
     let iterations = r.opt_u64()?;
     let optimizer = match r.u8()? {
@@ -99,17 +101,17 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
             eps: r.f32()?,
             weight_decay: r.f32()?,
         },
-        other => return Err(r.malformed(format!("optimizer {other}"))),
+        other => return Err(r.malformed(format!("optimizer {other}")).into()),
     };
     let schedule = match r.u8()? {
-        1 => Schedule::Constant,
-        2 => Schedule::Cosine,
-        other => return Err(r.malformed(format!("schedule {other}"))),
+        1 => ScheduleKind::Constant,
+        2 => ScheduleKind::Cosine,
+        other => return Err(r.malformed(format!("schedule {other}")).into()),
     };
     let aggregate = match r.u8()? {
         1 => Aggregate::Mean,
         2 => Aggregate::Sum,
-        other => return Err(r.malformed(format!("aggregate {other}"))),
+        other => return Err(r.malformed(format!("aggregate {other}")).into()),
     };
     let (seed, train_samples) = (r.u64()?, r.usize()?);
     let (has_clip, max_norm, refuse) = (r.bool()?, r.f32()?, r.bool()?);
@@ -123,12 +125,12 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
             .ok()
             .and_then(PushCodec::top_k)
             .ok_or_else(|| r.malformed(format!("top-k per mille {push_param}")))?,
-        other => return Err(r.malformed(format!("push codec {other}"))),
+        other => return Err(r.malformed(format!("push codec {other}")).into()),
     };
     let pull_codec = match r.u8()? {
         1 => PullCodec::Fp32,
         2 => PullCodec::Bf16,
-        other => return Err(r.malformed(format!("pull codec {other}"))),
+        other => return Err(r.malformed(format!("pull codec {other}")).into()),
     };
     Ok(RunPlan {
         model,

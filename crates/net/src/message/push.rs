@@ -136,7 +136,7 @@ impl PushReply {
             },
             2 => PushOutcome::Dropped { staleness: b },
             3 => PushOutcome::Done,
-            other => return Err(r.malformed(format!("unknown outcome {other}"))),
+            other => return Err(r.malformed(format!("unknown outcome {other}")).into()),
         };
         let step = decode_step(&mut r, workers)?;
         r.finish()?;

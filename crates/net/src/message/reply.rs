@@ -1,6 +1,7 @@
 //! What a shard answers: one variant per reply kind, each with one encoder and one decoder;
 //! failures carry a typed code (a refused gradient's non-finite count travels as a number).
 
+use super::failure::Failure;
 use super::hello::{Description, HelloOk};
 use super::kind;
 use super::push::PushReply;
@@ -8,88 +9,7 @@ use super::request::fixed;
 use crate::auth::{Nonce, Proof, NONCE_LEN, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::{ServerStats, WorkerStats, STALENESS_BOUNDS};
-
-/// Why a shard refused a request or closed a connection.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ErrorCode {
-    /// Malformed, oversized or unexpected frame: the connection is closed.
-    BadFrame,
-    /// The handshake was refused (plan, layout, shard or rank).
-    Handshake,
-    /// The gradient was refused by the shard's rules; the connection stays.
-    Refused,
-    /// The gradient held `count` NaN or infinite values; the connection stays.
-    NonFinite { count: u64 },
-    /// The gradient held a value of `largest`, beyond what a shard takes; the connection stays.
-    TooLarge { largest: f32 },
-    /// The update would have made the weights or optimizer state non-finite: rolled back.
-    RolledBack,
-    /// The rank is still held (an old connection not yet noticed gone): retry shortly.
-    RankBusy,
-    /// The peer did not prove it holds the run token (or the shard has none and it sent one).
-    Unauthorized,
-    /// The worker was evicted (missed heartbeats): it may connect again and rejoin.
-    Evicted,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Failure {
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn encode(&self, w: &mut Writer) {
-        let (tag, count) = match self.code {
-            ErrorCode::BadFrame => (1, 0),
-            ErrorCode::Handshake => (2, 0),
-            ErrorCode::Refused => (3, 0),
-            ErrorCode::NonFinite { count } => (5, count),
-            ErrorCode::RankBusy => (6, 0),
-            ErrorCode::Unauthorized => (7, 0),
-            ErrorCode::TooLarge { largest } => (8, u64::from(largest.to_bits())),
-            ErrorCode::RolledBack => (9, 0),
-            ErrorCode::Evicted => (10, 0),
-        };
-        w.u16(tag).u64(count).str(&self.message);
-    }
-
-    fn decode(r: &mut Reader<'_>) -> Result<Self, NetError> {
-        let (tag, count) = (r.u16()?, r.u64()?);
-        let code = match tag {
-            1 => ErrorCode::BadFrame,
-            2 => ErrorCode::Handshake,
-            3 => ErrorCode::Refused,
-            5 => ErrorCode::NonFinite { count },
-            6 => ErrorCode::RankBusy,
-            7 => ErrorCode::Unauthorized,
-            8 => ErrorCode::TooLarge {
-                largest: f32::from_bits(count as u32),
-            },
-            9 => ErrorCode::RolledBack,
-            10 => ErrorCode::Evicted,
-            other => return Err(r.malformed(format!("error code {other}"))),
-        };
-        Ok(Failure {
-            code,
-            message: r.str()?,
-        })
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
+use pstrain_core::{ShardCounters, WorkerStats, STALENESS_BOUNDS};
 
 /// The fixed part of a pull's answer; the slice follows when `updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,8 +23,8 @@ pub struct Pulled {
 
 /// A shard's counters, quorum and whether the run is over, and what it saw of each worker.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ShardStats {
-    pub stats: ServerStats,
+pub struct StatsReply {
+    pub stats: ShardCounters,
     pub active_workers: u32,
     pub done: bool,
     pub workers: Vec<WorkerStats>,
@@ -124,7 +44,7 @@ pub enum Reply {
     HelloOk(HelloOk),
     Pulled(Pulled),
     Pushed(PushReply),
-    Stats(ShardStats),
+    Stats(StatsReply),
     GoodbyeOk,
     Error(Failure),
 }
@@ -180,7 +100,7 @@ impl Reply {
             kind::PULL_REPLY => {
                 let (version, flags) = (r.u64()?, r.u8()?);
                 if flags > 3 {
-                    return Err(r.malformed(format!("pull flags {flags:#x}")));
+                    return Err(r.malformed(format!("pull flags {flags:#x}")).into());
                 }
                 Reply::Pulled(Pulled {
                     version,
@@ -207,7 +127,7 @@ impl Reply {
 /// Size of a pull reply's fixed part.
 pub const PULLED_LEN: usize = 13;
 
-fn encode_stats(w: &mut Writer, st: &ShardStats) {
+fn encode_stats(w: &mut Writer, st: &StatsReply) {
     let s = &st.stats;
     w.u64(s.version)
         .u64(s.gradients_applied)
@@ -260,8 +180,8 @@ fn decode_worker_stats(r: &mut Reader<'_>) -> Result<WorkerStats, NetError> {
     })
 }
 
-fn decode_stats(r: &mut Reader<'_>) -> Result<ShardStats, NetError> {
-    let stats = ServerStats {
+fn decode_stats(r: &mut Reader<'_>) -> Result<StatsReply, NetError> {
+    let stats = ShardCounters {
         version: r.u64()?,
         gradients_applied: r.u64()?,
         samples_applied: r.u64()?,
@@ -280,7 +200,7 @@ fn decode_stats(r: &mut Reader<'_>) -> Result<ShardStats, NetError> {
     for _ in 0..count {
         workers.push(decode_worker_stats(r)?);
     }
-    Ok(ShardStats {
+    Ok(StatsReply {
         stats,
         active_workers,
         done,

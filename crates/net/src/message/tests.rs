@@ -1,7 +1,9 @@
 //! Byte-for-byte checks of every message's encoding, and round trips.
 
 use super::*;
-use pstrain_core::{Layout, Mode, OptimizerConfig, PushOutcome, RunPlan, Schedule, ServerStats};
+use pstrain_core::{
+    Layout, Mode, OptimizerConfig, PushOutcome, RunPlan, ScheduleKind, ShardCounters,
+};
 
 fn plan() -> RunPlan {
     RunPlan {
@@ -12,7 +14,7 @@ fn plan() -> RunPlan {
         epochs: 2,
         iterations: Some(300),
         optimizer: OptimizerConfig::momentum(0.5, 0.25),
-        schedule: Schedule::Constant,
+        schedule: ScheduleKind::Constant,
         aggregate: pstrain_core::Aggregate::Sum,
         seed: 7,
         train_samples: 1000,
@@ -190,8 +192,8 @@ fn pulled_and_stats_round_trip() {
         ..Default::default()
     };
     worker.staleness_hist[3] = 4;
-    let st = Reply::Stats(ShardStats {
-        stats: ServerStats {
+    let st = Reply::Stats(StatsReply {
+        stats: ShardCounters {
             version: 3,
             loss_ema: Some(0.5),
             ..Default::default()
@@ -232,7 +234,7 @@ fn hello_and_description_carry_the_plan_and_reject_garbage() {
         let d = Description::new(1, 2, &p, &layout);
         assert_eq!(Description::decode(&d.encode()).unwrap(), d);
         let any = Hello::new(Role::Worker, usize::MAX, 0, 1, &p, &layout);
-        assert_eq!(any.rank, ANY_RANK);
+        assert_eq!(any.rank, WIRE_ANY_RANK);
         let proven = Hello {
             proof: [5; 32],
             ..hello.clone()

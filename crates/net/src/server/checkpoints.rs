@@ -4,7 +4,7 @@
 use super::shared::Shared;
 use super::ShardConfig;
 use crate::error::NetError;
-use pstrain_core::{CoreState, ShardEngine};
+use pstrain_core::{ShardEngine, ShardSnapshot};
 use pstrain_store::{
     resume_from, Beacon, CheckpointDir, CheckpointPolicy, ResumeError, ResumeFrom, Saver,
     ShardIdentity,
@@ -160,7 +160,9 @@ pub(super) fn restore(
 }
 
 /// The next snapshot handed over by a push; never ready without a queue.
-pub(super) async fn next(queue: &mut Option<mpsc::Receiver<CoreState>>) -> Option<CoreState> {
+pub(super) async fn next(
+    queue: &mut Option<mpsc::Receiver<ShardSnapshot>>,
+) -> Option<ShardSnapshot> {
     match queue {
         Some(q) => q.recv().await,
         None => std::future::pending().await,
@@ -168,7 +170,7 @@ pub(super) async fn next(queue: &mut Option<mpsc::Receiver<CoreState>>) -> Optio
 }
 
 /// Writes `state` with file IO off the reactor; the saver comes back with the result.
-pub(super) async fn write(shared: &Shared, saver: &mut Option<Saver>, state: CoreState) {
+pub(super) async fn write(shared: &Shared, saver: &mut Option<Saver>, state: ShardSnapshot) {
     let Some(mut s) = saver.take() else {
         return;
     };

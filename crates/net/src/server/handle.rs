@@ -80,7 +80,7 @@ impl ShardHandle {
     /// `timeout` (`None`: no limit). `Ok(None)` on timeout; the handle can be waited on again.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<ShardReport>, NetError> {
         let Some(mut task) = lock(&self.task).take() else {
-            return Err(NetError::Handshake(format!(
+            return Err(NetError::Config(format!(
                 "shard {} was already waited for",
                 self.shard
             )));

@@ -5,7 +5,7 @@ use super::shared::Shared;
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
-    ErrorCode, Failure, Pulled, PushHead, PushReply, Reply, ShardStats, StepMembers,
+    ErrorCode, Failure, Pulled, PushHead, PushReply, Reply, StatsReply, StepMembers,
 };
 use pstrain_core::{Departure, PullCodec, PushCodec, PushError, PushMeta, PushOutcome, Seat};
 
@@ -200,7 +200,7 @@ async fn coordinated_reply(shared: &Shared, step: u64) -> PushReply {
 pub(super) async fn stats(shared: &Shared, conn: &mut Connection) -> Result<(), NetError> {
     let stats = {
         let state = shared.lock();
-        ShardStats {
+        StatsReply {
             stats: state.engine.stats(),
             active_workers: state.engine.active_workers() as u32,
             done: state.engine.is_done(),

@@ -9,7 +9,7 @@ use crate::auth::{
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
-    kind, Description, Hello, HelloOk, Reply, Request, Role, ANY_RANK, HELLO_LIMIT,
+    kind, Description, Hello, HelloOk, Reply, Request, Role, HELLO_LIMIT, WIRE_ANY_RANK,
 };
 use pstrain_core::{RankRequest, Seat};
 
@@ -176,7 +176,7 @@ pub(super) async fn accept(
         let mut state = shared.lock();
         match hello.role {
             Role::Worker => {
-                let request = if hello.rank == ANY_RANK {
+                let request = if hello.rank == WIRE_ANY_RANK {
                     RankRequest::Any
                 } else {
                     RankRequest::Exact(rank)

@@ -17,7 +17,7 @@ use crate::auth::RunToken;
 use crate::error::NetError;
 use crate::tls::TlsServer;
 use pstrain_core::{
-    shard_ranges, CoreState, EngineConfig, Layout, RunPlan, ServerStats, ShardEngine,
+    shard_ranges, EngineConfig, Layout, RunPlan, ShardCounters, ShardEngine, ShardSnapshot,
 };
 use pstrain_observe::Watcher;
 use pstrain_store::{CheckpointPolicy, Saver};
@@ -132,7 +132,7 @@ pub struct ConnectionEvents {
 
 #[derive(Debug, Clone)]
 pub struct ShardReport {
-    pub stats: ServerStats,
+    pub stats: ShardCounters,
     pub events: ConnectionEvents,
     pub params: Vec<f32>,
     /// Why the final checkpoint could not be written, if it could not.
@@ -143,7 +143,7 @@ pub struct ShardServer {
     listener: TcpListener,
     shared: Arc<Shared>,
     saver: Option<Saver>,
-    queue: Option<mpsc::Receiver<CoreState>>,
+    queue: Option<mpsc::Receiver<ShardSnapshot>>,
     /// `/metrics` and the live page, while the shard serves.
     watcher: Option<Watcher>,
     /// This shard's beacon for its peers' restarts (multi-shard runs with checkpoints).
@@ -160,7 +160,7 @@ impl ShardServer {
     /// restoring its newest checkpoint if it keeps them.
     pub async fn bind(addr: &str, cfg: ShardConfig, initial: &[f32]) -> Result<Self, NetError> {
         if initial.len() != cfg.layout.len() || cfg.shard >= cfg.shards {
-            return Err(NetError::Handshake(format!(
+            return Err(NetError::Config(format!(
                 "shard {} of {} over {} initial values for a layout of {}",
                 cfg.shard,
                 cfg.shards,
@@ -175,7 +175,7 @@ impl ShardServer {
             initial[range.clone()].to_vec(),
             Duration::ZERO,
         )
-        .map_err(|e| NetError::Handshake(e.to_string()))?;
+        .map_err(|e| NetError::Config(e.to_string()))?;
         let from_point = checkpoints::restore_from_point(&cfg).await;
         let (saver, restored_point) = checkpoints::restore(&cfg, &range, &mut engine, from_point)?;
         let beaconing = checkpoints::Beaconing::new(&cfg, restored_point);
@@ -200,7 +200,7 @@ impl ShardServer {
                 let token = shared.cfg.token.as_ref().map(RunToken::to_hex);
                 let latencies = shared.latencies.clone();
                 let w = Watcher::start(&addr, token, Arc::new(move || source.observe()), latencies)
-                    .map_err(|e| NetError::Handshake(e.to_string()))?;
+                    .map_err(|e| NetError::Metrics(e.to_string()))?;
                 shared.log(&format!("metrics and live page at {}", w.url()));
                 Some(w)
             }

@@ -3,7 +3,7 @@
 
 use super::refusal_log::RefusalLog;
 use super::{ConnectionEvents, ShardConfig};
-use pstrain_core::{CoreState, ShardEngine};
+use pstrain_core::{ShardEngine, ShardSnapshot};
 use pstrain_observe::{Latencies, RunSnapshot, ShardView};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -79,7 +79,7 @@ pub(super) struct Shared {
     buffers: Mutex<Vec<Vec<f32>>>,
     /// With `--checkpoint-every N`: the writer's queue. The state is snapshotted in the push
     /// that reaches the update count, so a crash loses at most N plus what is being written.
-    pub snapshots: Option<mpsc::Sender<CoreState>>,
+    pub snapshots: Option<mpsc::Sender<ShardSnapshot>>,
     /// Request latencies and bytes for `/metrics` (when it is served).
     pub latencies: Option<Latencies>,
 }
@@ -90,7 +90,7 @@ impl Shared {
         range: Range<usize>,
         engine: ShardEngine,
         started: Instant,
-        snapshots: Option<mpsc::Sender<CoreState>>,
+        snapshots: Option<mpsc::Sender<ShardSnapshot>>,
     ) -> Self {
         let (version, _) = watch::channel((engine.version(), engine.is_done()));
         let latencies = cfg

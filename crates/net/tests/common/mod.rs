@@ -2,7 +2,7 @@
 //! and raw frames written and read by hand (as a hostile peer would).
 #![allow(dead_code)]
 
-use pstrain_core::{Layout, Mode, OptimizerConfig, RunPlan, Schedule};
+use pstrain_core::{Layout, Mode, OptimizerConfig, RunPlan, ScheduleKind};
 use pstrain_net::frame::{Header, HEADER_LEN};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -21,7 +21,7 @@ pub fn plan(mode: Mode, workers: usize) -> RunPlan {
         mode,
         workers,
         optimizer: OptimizerConfig::sgd(0.1),
-        schedule: Schedule::Constant,
+        schedule: ScheduleKind::Constant,
         ..RunPlan::default()
     }
 }

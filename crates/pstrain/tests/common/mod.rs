@@ -2,7 +2,7 @@
 //! and small IDX data sets made on the spot.
 #![allow(dead_code)]
 
-use pstrain::{RunPlan, Schedule, TrainConfig};
+use pstrain::{RunPlan, ScheduleKind, TrainConfig};
 use pstrain_compute::idx::encode_idx;
 use pstrain_compute::mnist::{self, Mnist};
 use pstrain_compute::ModelKind;
@@ -118,7 +118,7 @@ pub fn convnet_as_original(mode: Mode, iterations: u64) -> TrainConfig {
             iterations: Some(iterations),
             batch_size: 128,
             optimizer: OptimizerConfig::sgd(0.01),
-            schedule: Schedule::Constant,
+            schedule: ScheduleKind::Constant,
             aggregate: Aggregate::Sum,
             ..RunPlan::default()
         },

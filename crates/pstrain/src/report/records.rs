@@ -1,9 +1,9 @@
 //! What a run reports: progress samples, evaluations and the final summary, each one JSON
 //! object per line in the `--metrics` file.
 
-use crate::train::TrainConfig;
+use crate::run::TrainConfig;
 use pstrain_compute::EvalStats;
-use pstrain_core::{ServerStats, WorkerStats, STALENESS_BOUNDS};
+use pstrain_core::{ShardCounters, WorkerStats, STALENESS_BOUNDS};
 use serde::Serialize;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ pub struct ProgressRecord {
 }
 
 impl ProgressRecord {
-    pub fn new(start: Instant, stats: &ServerStats, train_len: usize) -> Self {
+    pub fn new(start: Instant, stats: &ShardCounters, train_len: usize) -> Self {
         ProgressRecord {
             event: "progress",
             time_s: start.elapsed().as_secs_f64(),
@@ -57,7 +57,7 @@ pub struct EvalRecord {
 
 impl EvalRecord {
     /// `stats` must be the counters of the evaluated weights.
-    pub fn new(start: Instant, stats: &ServerStats, eval: &EvalStats, train_len: usize) -> Self {
+    pub fn new(start: Instant, stats: &ShardCounters, eval: &EvalStats, train_len: usize) -> Self {
         let p = ProgressRecord::new(start, stats, train_len);
         EvalRecord {
             event: "eval",
@@ -191,13 +191,13 @@ pub struct Summary {
     pub staleness_buckets: Vec<String>,
     /// Peak resident memory and CPU time of each process of the run (where the system
     /// reports them).
-    pub processes: Vec<crate::usage::ProcessUsage>,
+    pub processes: Vec<crate::report::usage::ProcessUsage>,
 }
 
 impl Summary {
     pub fn new(
         cfg: &TrainConfig,
-        stats: &ServerStats,
+        stats: &ShardCounters,
         eval: &EvalRecord,
         wall: Duration,
         stopped_early: bool,

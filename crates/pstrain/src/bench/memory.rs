@@ -4,7 +4,7 @@
 //! because a process's peak only grows: the bench's own would include everything it
 //! measured before.
 
-use crate::usage::ProcessUsage;
+use crate::report::usage::ProcessUsage;
 use pstrain_compute::ModelKind;
 use serde::Serialize;
 use std::path::Path;

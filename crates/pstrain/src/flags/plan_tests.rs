@@ -33,7 +33,7 @@ fn every_field_survives_flags_and_back() {
             epochs: 7,
             iterations: Some(123),
             optimizer: OptimizerConfig::momentum(0.037, 0.85).with_weight_decay(0.0005),
-            schedule: Schedule::Constant,
+            schedule: ScheduleKind::Constant,
             aggregate: Aggregate::Sum,
             seed: 99,
             train_samples: 1234,

@@ -1,8 +1,8 @@
 //! How a run shows itself: a progress bar on a terminal, plain log lines elsewhere, and every
 //! record mirrored into the `--metrics` JSON-lines file.
 
-use crate::metrics::{EvalRecord, MetricsWriter, ProgressRecord, WorkersRecord};
-use crate::train::Observer;
+use crate::report::records::{EvalRecord, MetricsWriter, ProgressRecord, WorkersRecord};
+use crate::report::Observer;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;

@@ -2,7 +2,8 @@
 //! throughput with 1 and 2 workers in each mode, so the parameter server's overhead reads as a
 //! fraction of what the same cores compute alone. Every number comes from one run.
 
-use crate::train::{train, Quiet, TrainConfig, TrainError};
+use crate::report::Quiet;
+use crate::run::{train, TrainConfig, TrainError};
 use pstrain_compute::mnist::{Mnist, Split};
 use pstrain_compute::{ModelKind, ModelOptions};
 use pstrain_core::RunPlan;
@@ -69,7 +70,7 @@ pub struct BenchReport {
     pub training: Vec<TrainingPoint>,
     /// Peak resident memory of the default run's processes (filled by the CLI, which runs
     /// them as children).
-    pub memory: Vec<crate::bench_memory::MemoryRun>,
+    pub memory: Vec<crate::bench::memory::MemoryRun>,
 }
 
 /// The CPU's model name from `/proc/cpuinfo` (empty where there is none).
@@ -138,6 +139,49 @@ pub fn compute_throughput(
     samples as f64 / start.elapsed().as_secs_f64()
 }
 
+/// `workers` in-process workers training `model` under `mode`, beside the compute-only
+/// ceiling of that many single-threaded workers (`single` samples/s each).
+fn training_point(
+    cfg: &BenchConfig,
+    model: ModelKind,
+    mode: Mode,
+    workers: usize,
+    single: f64,
+    data: &Mnist,
+) -> Result<TrainingPoint, TrainError> {
+    let updates = if mode.lockstep() {
+        cfg.train_updates
+    } else {
+        cfg.train_updates * workers as u64
+    };
+    let tc = TrainConfig {
+        plan: RunPlan {
+            mode,
+            workers,
+            model: model.name().into(),
+            iterations: Some(updates),
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            train_samples: data.train.len(),
+            ..RunPlan::default()
+        },
+        eval_every: Some(0),
+        ..TrainConfig::default()
+    };
+    let s = train(&tc, data, &mut Quiet, &AtomicBool::new(false))?.summary;
+    let ceiling = single * workers as f64;
+    Ok(TrainingPoint {
+        model: model.name(),
+        mode: mode.name(),
+        workers,
+        batch_size: cfg.batch_size,
+        updates: s.updates,
+        samples_per_s: s.samples_per_s,
+        compute_only_samples_per_s: ceiling,
+        fraction_of_compute: s.samples_per_s / ceiling,
+    })
+}
+
 /// Runs every point; `progress` hears a line per finished point.
 pub fn run_bench(
     cfg: &BenchConfig,
@@ -175,44 +219,14 @@ pub fn run_bench(
             },
         ] {
             for &workers in &cfg.workers {
-                let updates = if mode.lockstep() {
-                    cfg.train_updates
-                } else {
-                    cfg.train_updates * workers as u64
-                };
-                let tc = TrainConfig {
-                    plan: RunPlan {
-                        mode,
-                        workers,
-                        model: model.name().into(),
-                        iterations: Some(updates),
-                        batch_size: cfg.batch_size,
-                        seed: cfg.seed,
-                        train_samples: data.train.len(),
-                        ..RunPlan::default()
-                    },
-                    eval_every: Some(0),
-                    ..TrainConfig::default()
-                };
-                let outcome = train(&tc, data, &mut Quiet, &AtomicBool::new(false))?;
-                let s = outcome.summary;
-                let ceiling = single * workers as f64;
+                let p = training_point(cfg, model, mode, workers, single, data)?;
                 progress(&format!(
                     "train {model} {} workers={workers}: {:.0} samples/s ({:.2} of compute-only)",
                     mode.name(),
-                    s.samples_per_s,
-                    s.samples_per_s / ceiling
+                    p.samples_per_s,
+                    p.fraction_of_compute
                 ));
-                training.push(TrainingPoint {
-                    model: model.name(),
-                    mode: mode.name(),
-                    workers,
-                    batch_size: cfg.batch_size,
-                    updates: s.updates,
-                    samples_per_s: s.samples_per_s,
-                    compute_only_samples_per_s: ceiling,
-                    fraction_of_compute: s.samples_per_s / ceiling,
-                });
+                training.push(p);
             }
         }
     }

@@ -2,17 +2,17 @@
 //! tcp`'s local launcher or the Ray driver): it joins the shards as an observer, samples
 //! progress, evaluates the weights on the test set when due, and makes the summary.
 
-use crate::cluster;
 use crate::flags::parse_flags;
-use crate::metrics::Summary;
-use crate::monitor::{Monitor, ServerView};
-use crate::reporter::Reporter;
-use crate::train::{Observer, TrainConfig, TrainError, TrainOutcome};
-use crate::train_flags::{announce, prepare_train, TrainArgs, TransportArg};
-use crate::worker::WorkerReport;
+use crate::flags::train::{announce, prepare_train, TrainArgs, TransportArg};
+use crate::report::records::Summary;
+use crate::report::reporter::Reporter;
+use crate::report::Observer;
+use crate::run::monitor::{Monitor, ServerView};
+use crate::run::worker::WorkerReport;
+use crate::run::{TrainConfig, TrainError, TrainOutcome};
 use anyhow::{bail, Context, Result};
 use pstrain_compute::mnist::{Mnist, Split};
-use pstrain_core::{ServerStats, WorkerStats};
+use pstrain_core::{ShardCounters, WorkerStats};
 use pstrain_net::{ClientConfig, Role, RunToken, TcpClient};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,7 +44,7 @@ impl RemoteView {
 }
 
 impl ServerView for RemoteView {
-    fn stats(&mut self) -> Result<ServerStats, TrainError> {
+    fn stats(&mut self) -> Result<ShardCounters, TrainError> {
         let shards = self.client.stats()?;
         // Every gradient goes to every shard: shard 0 counts updates and samples for all;
         // refusals can differ by shard (a NaN may sit in one slice), so take the largest.
@@ -65,7 +65,7 @@ impl ServerView for RemoteView {
         Ok(stats)
     }
 
-    fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError> {
+    fn snapshot(&mut self) -> Result<(ShardCounters, Vec<f32>), TrainError> {
         self.client.pull_all(&mut self.buf, None, false)?;
         let stats = self.stats()?;
         Ok((stats, self.buf.clone()))
@@ -190,7 +190,7 @@ impl RemoteRun {
 
     /// Flags for every shard's `pstrain server`; the launcher adds `--listen` and `--shard`.
     pub fn server_args(&self) -> Vec<String> {
-        let mut args = cluster::server_argv(&self.cfg, self.shards);
+        let mut args = crate::flags::server::server_argv(&self.cfg, self.shards);
         // On a cluster every shard serves its own page (port 0 in it picks a free port).
         if let Some(addr) = &self.cfg.metrics_addr {
             args.extend(["--metrics-addr".to_string(), addr.clone()]);
@@ -201,7 +201,7 @@ impl RemoteRun {
     /// Flags for every `pstrain worker`; the launcher adds `--servers` and `--rank`. The
     /// workers take the run plan from the shards.
     pub fn worker_args(&self) -> Vec<String> {
-        cluster::worker_argv(&self.cfg, self.data_dir.as_deref())
+        crate::flags::worker::worker_argv(&self.cfg, self.data_dir.as_deref())
     }
 
     /// The run's token in hex, for the shards and workers the launcher starts (hand it over

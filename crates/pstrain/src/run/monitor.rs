@@ -1,25 +1,26 @@
 //! The run's observer side, whatever the transport: samples the server's counters, evaluates
 //! its weights on the test set every so many updates, and reports both.
 
-use crate::metrics::{EvalRecord, ProgressRecord, Summary, WorkersRecord};
-use crate::train::{Observer, TrainConfig, TrainError, TrainOutcome};
+use crate::report::records::{EvalRecord, ProgressRecord, Summary, WorkersRecord};
+use crate::report::Observer;
+use crate::run::{TrainConfig, TrainError};
 use pstrain_compute::mnist::Split;
 use pstrain_compute::{Model, ModelKind, ModelOptions};
-use pstrain_core::{ServerStats, WorkerStats};
+use pstrain_core::{ShardCounters, WorkerStats};
 use std::time::{Duration, Instant};
 
 /// Read access to the parameter server, in-process or over the network.
 pub trait ServerView {
-    fn stats(&mut self) -> Result<ServerStats, TrainError>;
+    fn stats(&mut self) -> Result<ShardCounters, TrainError>;
     /// The counters and the whole weight vector, taken together.
-    fn snapshot(&mut self) -> Result<(ServerStats, Vec<f32>), TrainError>;
+    fn snapshot(&mut self) -> Result<(ShardCounters, Vec<f32>), TrainError>;
     /// What the shards saw of each worker rank.
     fn workers(&mut self) -> Result<Vec<WorkerStats>, TrainError>;
 }
 
 /// What the monitor ends a run with.
 pub struct Finished {
-    pub stats: ServerStats,
+    pub stats: ShardCounters,
     pub eval: EvalRecord,
     pub params: Vec<f32>,
     pub workers: Vec<WorkerStats>,
@@ -146,4 +147,9 @@ impl Monitor {
         record.eval_s = began.elapsed().as_secs_f64();
         Ok(record)
     }
+}
+/// The run's summary and the server's final weights.
+pub struct TrainOutcome {
+    pub summary: Summary,
+    pub params: Vec<f32>,
 }

@@ -1,11 +1,14 @@
 //! Where a process finds its data set: `--data-dir` (or `PSTRAIN_DATA_DIR`), else
 //! `./data/mnist`, downloaded there (checksum-verified) when files are missing.
 
-use crate::download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
-use crate::sampler::shard_indices;
+pub mod download;
+pub mod sampler;
+
 use anyhow::Result;
 use clap::Args;
+use download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
 use pstrain_compute::mnist::{self, Mnist, Split};
+use sampler::shard_indices;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -1,7 +1,7 @@
 //! Child processes of a local run: a guard that kills what is still running when dropped,
 //! and the address line a shard prints once bound.
 
-use crate::train::TrainError;
+use crate::run::TrainError;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
@@ -32,7 +32,7 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| TrainError::Cluster(format!("cannot start {name}: {e}")))?;
+            .map_err(|e| TrainError::Launch(format!("cannot start {name}: {e}")))?;
         Ok(Proc { name, child })
     }
 
@@ -54,10 +54,10 @@ pub(crate) fn read_address(name: &str, stdout: ChildStdout) -> Result<String, Tr
     });
     let line = rx
         .recv_timeout(ADDRESS_GRACE)
-        .map_err(|_| TrainError::Cluster(format!("{name} did not report its address")))?
-        .map_err(|e| TrainError::Cluster(format!("{name}: {e}")))?;
+        .map_err(|_| TrainError::Launch(format!("{name} did not report its address")))?
+        .map_err(|e| TrainError::Launch(format!("{name}: {e}")))?;
     line.trim()
         .strip_prefix("listening on ")
         .map(str::to_string)
-        .ok_or_else(|| TrainError::Cluster(format!("{name} failed to start (said {line:?})")))
+        .ok_or_else(|| TrainError::Launch(format!("{name} failed to start (said {line:?})")))
 }

@@ -3,9 +3,11 @@
 //! (`plan_argv`). A worker takes the shards' plan and may repeat its flags, never contradict
 //! them (`contradictions`).
 
-use clap::{Args, ValueEnum};
+pub use crate::flags::choices::{AggregateArg, ModeArg, NormActionArg, OptimizerArg, ScheduleArg};
+use clap::Args;
+use pstrain_compute::ModelKind;
 use pstrain_core::{
-    Aggregate, GradientClip, Mode, OptimizerConfig, PullCodec, PushCodec, RunPlan, Schedule,
+    Aggregate, GradientClip, Mode, OptimizerConfig, PullCodec, PushCodec, RunPlan, ScheduleKind,
 };
 use thiserror::Error;
 
@@ -22,45 +24,6 @@ pub enum FlagError {
     Plan(#[from] pstrain_core::ConfigError),
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    /// One averaged update per step from every worker
-    Sync,
-    /// Apply each gradient on arrival
-    Async,
-    /// Stale synchronous parallel: sync steps, a worker may run --max-lead steps ahead
-    Ssp,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OptimizerArg {
-    Sgd,
-    Momentum,
-    Adam,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AggregateArg {
-    /// Average over the step's samples (one worker with the combined batch)
-    Mean,
-    /// Sum of the workers' gradients (the original Ray example's rule)
-    Sum,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ScheduleArg {
-    /// The same rate throughout
-    Constant,
-    /// Cosine decay to zero over the planned updates
-    Cosine,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ModelArg {
-    Cnn,
-    Convnet,
-}
-
 /// The flags that define a run. `train` and `server` fill what is not given with the defaults
 /// shown; a `worker` takes the shards' plan and refuses a flag that contradicts it.
 #[derive(Args, Debug, Clone, Default, PartialEq)]
@@ -72,9 +35,9 @@ pub struct RunArgs {
     /// Worker ranks [default: 2]
     #[arg(long)]
     pub workers: Option<usize>,
-    /// [default: cnn]
-    #[arg(long, value_enum)]
-    pub model: Option<ModelArg>,
+    /// cnn or convnet [default: cnn]
+    #[arg(long, value_parser = parse_model)]
+    pub model: Option<ModelKind>,
     /// Passes over the training set [default: 5]
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -144,14 +107,6 @@ pub struct RunArgs {
     pub pull_codec: Option<PullCodec>,
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum NormActionArg {
-    /// Scale it down to the bound
-    Clip,
-    /// Refuse it
-    Refuse,
-}
-
 const DEFAULT_MOMENTUM: f32 = 0.9;
 const DEFAULT_MAX_STALENESS: u64 = 32;
 const DEFAULT_MAX_LEAD: u64 = 3;
@@ -176,9 +131,7 @@ impl RunArgs {
     /// says. Over `RunPlan::default()` this is the plan `train` and `server` run.
     pub fn overlay(&self, base: &RunPlan) -> Result<RunPlan, FlagError> {
         let plan = RunPlan {
-            model: self
-                .model
-                .map_or(base.model.clone(), |m| model_name(m).into()),
+            model: self.model.map_or(base.model.clone(), |m| m.name().into()),
             mode: self.mode_over(base.mode)?,
             workers: self.workers.unwrap_or(base.workers),
             batch_size: self.batch_size.unwrap_or(base.batch_size),
@@ -186,8 +139,8 @@ impl RunArgs {
             iterations: self.iterations.or(base.iterations),
             optimizer: self.optimizer_over(&base.optimizer),
             schedule: self.lr_schedule.map_or(base.schedule, |s| match s {
-                ScheduleArg::Constant => Schedule::Constant,
-                ScheduleArg::Cosine => Schedule::Cosine,
+                ScheduleArg::Constant => ScheduleKind::Constant,
+                ScheduleArg::Cosine => ScheduleKind::Cosine,
             }),
             aggregate: self.aggregate.map_or(base.aggregate, |a| match a {
                 AggregateArg::Mean => Aggregate::Mean,
@@ -333,11 +286,9 @@ fn flags_of(field: &str) -> &'static str {
     }
 }
 
-fn model_name(m: ModelArg) -> &'static str {
-    match m {
-        ModelArg::Cnn => "cnn",
-        ModelArg::Convnet => "convnet",
-    }
+/// A built-in model by name.
+fn parse_model(s: &str) -> Result<ModelKind, String> {
+    s.parse()
 }
 
 /// The flags that reproduce `plan` exactly in another process (every field).
@@ -404,5 +355,5 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
 }
 
 #[cfg(test)]
-#[path = "plan_flags_tests.rs"]
+#[path = "plan_tests.rs"]
 mod tests;

@@ -2,12 +2,12 @@
 //! to the data set), this process's own settings, the data and the reporter.
 
 use crate::data::{load_data, DataArgs};
-use crate::plan_flags::RunArgs;
-use crate::reporter::Reporter;
-use crate::run_id;
-use crate::shard_setup::CheckpointArgs;
-use crate::token::TokenArgs;
-use crate::train::TrainConfig;
+use crate::flags::checkpoint::CheckpointArgs;
+use crate::flags::plan::RunArgs;
+use crate::flags::run_id;
+use crate::flags::token::TokenArgs;
+use crate::report::reporter::Reporter;
+use crate::run::TrainConfig;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use pstrain_compute::mnist::Mnist;

@@ -192,6 +192,14 @@ where
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let panels = root.split_evenly((2, 2));
+    for (area, panel) in panels.iter().zip(panels_for(curves)) {
+        draw_panel(area, &panel, curves)?;
+    }
+    Ok(())
+}
+
+/// The four panels, with axes that hold every curve.
+fn panels_for(curves: &[Curve]) -> [Panel; 4] {
     let max = |f: fn(&Point) -> f64| {
         curves
             .iter()
@@ -214,7 +222,7 @@ where
     let samples_hi = max(|p| p.1).max(1.0) * 1.02;
     let acc = (acc_lo, acc_hi);
     let loss = (loss_lo, loss_hi);
-    let specs = [
+    [
         Panel::new("test accuracy vs wall time", "seconds", time_hi, acc, |p| {
             (p.0, p.2)
         }),
@@ -235,61 +243,64 @@ where
             loss,
             |p| (p.1, p.3),
         ),
-    ];
-    for (panel, spec) in panels.iter().zip(specs) {
-        let Panel {
-            title,
-            xlabel,
-            x_hi,
-            y: (y_lo, y_hi),
-            pick,
-        } = spec;
-        let ylabel = if title.starts_with("test loss") {
-            "loss"
-        } else {
-            "accuracy (%)"
-        };
-        let mut chart = ChartBuilder::on(panel)
-            .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..x_hi, y_lo..y_hi)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    ]
+}
+
+/// One panel: its axes, every curve as a line with points, and the legend.
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    panel: &Panel,
+    curves: &[Curve],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let (y_lo, y_hi) = panel.y;
+    let ylabel = if panel.title.starts_with("test loss") {
+        "loss"
+    } else {
+        "accuracy (%)"
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(panel.title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..panel.x_hi, y_lo..y_hi)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(panel.xlabel)
+        .y_desc(ylabel)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, curve) in curves.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = curve.points.iter().map(panel.pick).collect();
         chart
-            .configure_mesh()
-            .x_desc(xlabel)
-            .y_desc(ylabel)
-            .label_style(("sans-serif", 13))
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for (i, curve) in curves.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let points: Vec<(f64, f64)> = curve.points.iter().map(pick).collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .label(curve.label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(curve.label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
         chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 13))
-            .position(if ylabel == "loss" {
-                SeriesLabelPosition::UpperRight
-            } else {
-                SeriesLabelPosition::LowerRight
-            })
-            .draw()
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 13))
+        .position(if ylabel == "loss" {
+            SeriesLabelPosition::UpperRight
+        } else {
+            SeriesLabelPosition::LowerRight
+        })
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 

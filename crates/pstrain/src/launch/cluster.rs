@@ -2,16 +2,19 @@
 //! and N workers on 127.0.0.1, supervised from this process (`Supervisor`), with injected
 //! faults (`Fault`) for the recovery tests.
 
-use crate::plan_flags::plan_argv;
-use crate::process::{read_address, Proc};
-use crate::supervisor::{parse_report, Supervisor};
-use crate::token::TOKEN_ENV;
-use crate::train::{CheckpointPolicy, Observer, TrainConfig, TrainError, TrainOutcome};
-use crate::usage::UsageTracker;
+use crate::flags::server::server_argv;
+use crate::flags::token::TOKEN_ENV;
+use crate::flags::worker::worker_argv;
+pub use crate::launch::fault::Fault;
+use crate::launch::process::{read_address, Proc};
+use crate::launch::supervisor::{parse_report, Supervisor};
+use crate::report::usage::UsageTracker;
+use crate::report::Observer;
+use crate::run::{CheckpointPolicy, TrainConfig, TrainError, TrainOutcome};
 use pstrain_compute::mnist::Mnist;
 use pstrain_net::RunToken;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,47 +26,6 @@ const TICK: Duration = Duration::from_millis(200);
 const EXIT_POLL: Duration = Duration::from_millis(10);
 /// How long a shard may take to exit once the run is over.
 const SERVER_GRACE: Duration = Duration::from_secs(30);
-
-/// A failure injected into a local cluster, for testing recovery with real processes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Fault {
-    /// `kill -9` worker `rank` once the servers reach `at_update` updates; with
-    /// `restart_after`, start a new process with the same rank that long after (it pulls the
-    /// latest weights and rejoins).
-    KillWorker {
-        rank: usize,
-        at_update: u64,
-        restart_after: Option<Duration>,
-    },
-    /// `kill -9` shard `shard` at `at_update`, and start it again on the same address after
-    /// `down_for` (it reloads its newest checkpoint).
-    KillShard {
-        shard: usize,
-        at_update: u64,
-        down_for: Duration,
-    },
-    /// `kill -STOP` worker `rank` at `at_update`: alive but silent, as a hung host is. It is
-    /// killed when the run ends.
-    FreezeWorker { rank: usize, at_update: u64 },
-    /// `kill -9` worker `rank` at `at_update` and start a replacement with `--rank auto`
-    /// `after` later: it must take the vacated rank.
-    ReplaceWorker {
-        rank: usize,
-        at_update: u64,
-        after: Duration,
-    },
-}
-
-impl Fault {
-    fn at_update(&self) -> u64 {
-        match *self {
-            Fault::KillWorker { at_update, .. }
-            | Fault::KillShard { at_update, .. }
-            | Fault::FreezeWorker { at_update, .. }
-            | Fault::ReplaceWorker { at_update, .. } => at_update,
-        }
-    }
-}
 
 /// Maps a shard's bound address to the address workers dial.
 pub type Relay = Arc<dyn Fn(&str) -> String + Send + Sync>;
@@ -108,47 +70,6 @@ impl ClusterConfig {
             token: None,
         }
     }
-}
-
-/// The `pstrain server` flags for every shard of `cfg`'s run over `shards` shards: the whole
-/// plan and the checkpoint policy; the launcher adds `--listen` and `--shard`.
-pub fn server_argv(cfg: &TrainConfig, shards: usize) -> Vec<String> {
-    let mut a = plan_argv(&cfg.plan);
-    a.extend(["--shards".into(), shards.to_string()]);
-    if let Some(p) = &cfg.checkpoint {
-        a.extend(checkpoint_argv(p));
-    }
-    a
-}
-
-/// The `pstrain worker` flags for every worker of `cfg`'s run: only what is the worker's own
-/// business (the plan comes from the shards); the launcher adds `--servers` and `--rank`.
-pub fn worker_argv(cfg: &TrainConfig, data_dir: Option<&Path>) -> Vec<String> {
-    let mut a = vec!["--threads".to_string(), cfg.threads.to_string()];
-    if let Some(dir) = data_dir {
-        a.extend(["--data-dir".into(), dir.display().to_string()]);
-    }
-    a.extend(crate::train_flags::slowdown_argv(&cfg.slowdown));
-    a
-}
-
-/// The `pstrain server` flags that make a shard checkpoint (and restore) as `policy` says.
-fn checkpoint_argv(policy: &CheckpointPolicy) -> Vec<String> {
-    let mut a = vec![
-        "--run-id".to_string(),
-        policy.run_id.clone(),
-        "--checkpoint-dir".to_string(),
-        policy.dir.display().to_string(),
-        "--keep-checkpoints".into(),
-        policy.keep.to_string(),
-    ];
-    if let Some(n) = policy.every_updates {
-        a.extend(["--checkpoint-every".into(), n.to_string()]);
-    }
-    // 0 turns the time-based schedule off (the server's default would be 60 s).
-    let secs = policy.every.map_or(0.0, |d| d.as_secs_f64());
-    a.extend(["--checkpoint-secs".into(), secs.to_string()]);
-    a
 }
 
 /// A worker process and the thread collecting its stdout (its JSON report).
@@ -233,7 +154,7 @@ impl<'a> LocalCluster<'a> {
             .child
             .stdout
             .take()
-            .ok_or_else(|| TrainError::Cluster(format!("{name}: no stdout")))?;
+            .ok_or_else(|| TrainError::Launch(format!("{name}: no stdout")))?;
         let addr = read_address(&name, stdout)?;
         Ok((proc, addr))
     }
@@ -302,7 +223,7 @@ impl<'a> LocalCluster<'a> {
                     .status()
                     .is_ok_and(|s| s.success());
                 if !stopped {
-                    return Err(TrainError::Cluster(format!("cannot stop worker {rank}")));
+                    return Err(TrainError::Launch(format!("cannot stop worker {rank}")));
                 }
                 self.workers[rank].frozen = true;
                 self.workers[rank].killed = true;
@@ -330,7 +251,7 @@ impl<'a> LocalCluster<'a> {
             .filter(|(_, w)| !w.frozen)
         {
             let pid = w.proc.child.id();
-            if crate::usage::exited(pid) {
+            if crate::report::usage::exited(pid) {
                 // Its final figures, readable until it is reaped below.
                 self.usage.sample(&format!("worker {rank}"), pid);
             }
@@ -338,12 +259,12 @@ impl<'a> LocalCluster<'a> {
                 Ok(None) => running += 1,
                 Ok(Some(status)) if status.success() || stopped || w.killed => {}
                 Ok(Some(status)) => {
-                    return Err(TrainError::Cluster(format!(
+                    return Err(TrainError::Launch(format!(
                         "{} exited with {status}",
                         w.proc.name
                     )))
                 }
-                Err(e) => return Err(TrainError::Cluster(format!("{}: {e}", w.proc.name))),
+                Err(e) => return Err(TrainError::Launch(format!("{}: {e}", w.proc.name))),
             }
         }
         Ok(running)
@@ -362,7 +283,7 @@ impl<'a> LocalCluster<'a> {
             let text = w.output.join().unwrap_or_default();
             match parse_report(&text) {
                 Some(r) if r.rank != rank => {
-                    return Err(TrainError::Cluster(format!(
+                    return Err(TrainError::Launch(format!(
                         "the worker started for rank {rank} ran as rank {}",
                         r.rank
                     )))
@@ -370,7 +291,7 @@ impl<'a> LocalCluster<'a> {
                 Some(r) => unapplied += r.not_applied,
                 None if stopped || w.killed => {}
                 None => {
-                    return Err(TrainError::Cluster(format!(
+                    return Err(TrainError::Launch(format!(
                         "worker {rank} printed no report"
                     )))
                 }
@@ -401,7 +322,7 @@ pub fn train_tcp(
     cfg.validate()?;
     cfg.check_data(data.train.len())?;
     if cluster.shards == 0 {
-        return Err(TrainError::Cluster("at least one shard is needed".into()));
+        return Err(TrainError::Launch("at least one shard is needed".into()));
     }
     let mut local = LocalCluster::start_shards(cfg, cluster)?;
     let mut supervisor =

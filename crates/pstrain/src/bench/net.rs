@@ -2,12 +2,15 @@
 //! for a layout over 1 and S shards on loopback, next to a plain memcpy of the same bytes, and
 //! training samples/s over TCP as a fraction of the in-process run, all from one run.
 
-use crate::cluster::{train_tcp, ClusterConfig};
-use crate::train::{train, Quiet, TrainConfig, TrainError};
-use crate::usage::ProcessUsage;
+use crate::launch::cluster::{train_tcp, ClusterConfig};
+use crate::report::usage::ProcessUsage;
+use crate::report::Quiet;
+use crate::run::{train, TrainConfig, TrainError};
 use pstrain_compute::mnist::Mnist;
 use pstrain_compute::ModelKind;
-use pstrain_core::{Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, RunPlan, Schedule};
+use pstrain_core::{
+    Layout, Mode, OptimizerConfig, ParameterClient, PushMeta, RunPlan, ScheduleKind,
+};
 use pstrain_net::{
     ClientConfig, NetError, Role, RunToken, ShardConfig, ShardHandle, TcpClient, TlsClient,
     TlsServer,
@@ -77,7 +80,7 @@ fn bench_plan() -> RunPlan {
         },
         workers: 1,
         optimizer: OptimizerConfig::sgd(1e-6),
-        schedule: Schedule::Constant,
+        schedule: ScheduleKind::Constant,
         ..RunPlan::default()
     }
 }
@@ -120,7 +123,7 @@ impl Link {
     /// A token, and TLS with a certificate made on the spot for 127.0.0.1.
     pub fn tls() -> Result<Self, NetError> {
         let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
-            .map_err(|e| NetError::Handshake(format!("cannot make a certificate: {e}")))?;
+            .map_err(|e| NetError::Config(format!("cannot make a certificate: {e}")))?;
         let (cert, key) = (certified.cert.pem(), certified.key_pair.serialize_pem());
         Ok(Link {
             token: Some(RunToken::generate()?),
@@ -182,7 +185,7 @@ pub fn transfer_point(
     }
     client
         .leave()
-        .map_err(|e| NetError::Handshake(e.to_string()))?;
+        .map_err(|e| NetError::Io(std::io::Error::other(e.to_string())))?;
     for server in servers {
         server.finish()?;
     }
@@ -246,9 +249,29 @@ pub fn run_net_bench(
     data: &Mnist,
     progress: &mut dyn FnMut(&str),
 ) -> Result<NetBenchReport, TrainError> {
+    let transfer = transfer_points(cfg, progress)?;
+    let mut training = Vec::new();
+    let modes = [
+        Mode::Sync { backup_workers: 0 },
+        Mode::Async {
+            max_staleness: None,
+        },
+    ];
+    for mode in modes.into_iter().filter(|_| cfg.train_updates > 0) {
+        training.extend(training_points(cfg, mode, cluster, data, progress)?);
+    }
+    Ok(NetBenchReport { transfer, training })
+}
+
+/// Push and pull of the cnn's and a large synthetic layout over each shard count, plain,
+/// with a token and over TLS.
+fn transfer_points(
+    cfg: &NetBenchConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<TransferPoint>, TrainError> {
     let cnn = ModelKind::Cnn.build(Default::default()).layout().clone();
     let synthetic = Layout::new([("synthetic", &[cfg.synthetic_values][..])])
-        .map_err(|e| TrainError::Cluster(e.to_string()))?;
+        .map_err(|e| TrainError::Launch(e.to_string()))?;
     let mut transfer = Vec::new();
     let token = Link {
         token: Some(RunToken::generate().map_err(NetError::from)?),
@@ -277,65 +300,68 @@ pub fn run_net_bench(
             transfer.push(p);
         }
     }
-    let mut training = Vec::new();
-    let modes = [
-        Mode::Sync { backup_workers: 0 },
-        Mode::Async {
-            max_staleness: None,
+    Ok(transfer)
+}
+
+/// The cnn with 2 workers under `mode`, in one process and over TCP with each shard count.
+fn training_points(
+    cfg: &NetBenchConfig,
+    mode: Mode,
+    cluster: &ClusterConfig,
+    data: &Mnist,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<TcpTrainingPoint>, TrainError> {
+    let updates = if mode.lockstep() {
+        cfg.train_updates
+    } else {
+        2 * cfg.train_updates
+    };
+    let tc = TrainConfig {
+        plan: RunPlan {
+            mode,
+            workers: 2,
+            iterations: Some(updates),
+            train_samples: data.train.len(),
+            ..RunPlan::default()
         },
-    ];
-    for mode in modes.into_iter().filter(|_| cfg.train_updates > 0) {
-        let updates = if mode.lockstep() {
-            cfg.train_updates
-        } else {
-            2 * cfg.train_updates
+        eval_every: Some(0),
+        ..TrainConfig::default()
+    };
+    let inproc = train(&tc, data, &mut Quiet, &AtomicBool::new(false))?.summary;
+    let mut training = Vec::new();
+    for &shards in &cfg.train_shard_counts {
+        let cluster = ClusterConfig {
+            shards,
+            ..cluster.clone()
         };
-        let tc = TrainConfig {
-            plan: RunPlan {
-                mode,
-                workers: 2,
-                iterations: Some(updates),
-                train_samples: data.train.len(),
-                ..RunPlan::default()
-            },
-            eval_every: Some(0),
-            ..TrainConfig::default()
-        };
-        let inproc = train(&tc, data, &mut Quiet, &AtomicBool::new(false))?.summary;
-        for &shards in &cfg.train_shard_counts {
-            let cluster = ClusterConfig {
-                shards,
-                ..cluster.clone()
-            };
-            let tcp = train_tcp(&tc, &cluster, data, &mut Quiet, &AtomicBool::new(false))?.summary;
-            let cpu: Vec<String> = tcp
-                .processes
-                .iter()
-                .filter(|p| p.process != "launcher")
-                .filter_map(|p| p.cpu_text())
-                .collect();
-            progress(&format!(
-                "train cnn {} 2 workers, {shards} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2}); \
-                 cpu s (user + system) over {:.1} s: {}",
-                mode.name(),
-                inproc.samples_per_s,
-                tcp.samples_per_s,
-                tcp.samples_per_s / inproc.samples_per_s,
-                tcp.wall_time_s,
-                cpu.join(", ")
-            ));
-            training.push(TcpTrainingPoint {
-                model: "cnn",
-                mode: mode.name(),
-                workers: 2,
-                shards,
-                inproc_samples_per_s: inproc.samples_per_s,
-                tcp_samples_per_s: tcp.samples_per_s,
-                tcp_fraction_of_inproc: tcp.samples_per_s / inproc.samples_per_s,
-                tcp_wall_s: tcp.wall_time_s,
-                tcp_processes: tcp.processes,
-            });
-        }
+        let tcp = train_tcp(&tc, &cluster, data, &mut Quiet, &AtomicBool::new(false))?.summary;
+        let cpu: Vec<String> = tcp
+            .processes
+            .iter()
+            .filter(|p| p.process != "launcher")
+            .filter_map(|p| p.cpu_text())
+            .collect();
+        progress(&format!(
+            "train cnn {} 2 workers, {shards} shard(s): in-process {:.0} samples/s, tcp {:.0} samples/s ({:.2}); \
+             cpu s (user + system) over {:.1} s: {}",
+            mode.name(),
+            inproc.samples_per_s,
+            tcp.samples_per_s,
+            tcp.samples_per_s / inproc.samples_per_s,
+            tcp.wall_time_s,
+            cpu.join(", ")
+        ));
+        training.push(TcpTrainingPoint {
+            model: "cnn",
+            mode: mode.name(),
+            workers: 2,
+            shards,
+            inproc_samples_per_s: inproc.samples_per_s,
+            tcp_samples_per_s: tcp.samples_per_s,
+            tcp_fraction_of_inproc: tcp.samples_per_s / inproc.samples_per_s,
+            tcp_wall_s: tcp.wall_time_s,
+            tcp_processes: tcp.processes,
+        });
     }
-    Ok(NetBenchReport { transfer, training })
+    Ok(training)
 }

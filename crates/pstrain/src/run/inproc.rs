@@ -4,8 +4,8 @@
 
 use pstrain_core::client::{ClientError, ParameterClient, PullReply};
 use pstrain_core::{
-    CoreState, Departure, JoinError, PushMeta, PushOutcome, RankRequest, Seat, ServerStats,
-    ShardEngine, WorkerStats,
+    Departure, JoinError, PushMeta, PushOutcome, RankRequest, Seat, ShardCounters, ShardEngine,
+    ShardSnapshot, WorkerStats,
 };
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ struct State {
     closed: bool,
     /// A snapshot taken inside the update that reached the checkpoint interval, waiting for
     /// the trainer's loop to write it.
-    snapshot: Option<CoreState>,
+    snapshot: Option<ShardSnapshot>,
 }
 
 impl InProcServer {
@@ -57,7 +57,7 @@ impl InProcServer {
         })
     }
 
-    pub fn stats(&self) -> ServerStats {
+    pub fn stats(&self) -> ShardCounters {
         self.lock().engine.stats()
     }
 
@@ -75,18 +75,18 @@ impl InProcServer {
     }
 
     /// The counters and a copy of the weights, taken together (for evaluation, checkpoints).
-    pub fn snapshot(&self) -> (ServerStats, Vec<f32>) {
+    pub fn snapshot(&self) -> (ShardCounters, Vec<f32>) {
         let state = self.lock();
         (state.engine.stats(), state.engine.params().to_vec())
     }
 
     /// The engine's complete state, for checkpoints.
-    pub fn state(&self) -> CoreState {
+    pub fn state(&self) -> ShardSnapshot {
         self.lock().engine.state()
     }
 
     /// A checkpoint due now: one the interval of updates produced, or the time-based one.
-    pub fn take_snapshot(&self) -> Option<CoreState> {
+    pub fn take_snapshot(&self) -> Option<ShardSnapshot> {
         let now = self.now();
         let mut state = self.lock();
         state

@@ -1,6 +1,6 @@
 //! The worker loop: pull weights, compute a gradient on the next batch of its shard, push.
 
-use crate::sampler::EpochSampler;
+use crate::data::sampler::EpochSampler;
 use pstrain_compute::mnist::Split;
 use pstrain_compute::{ComputeError, Model};
 use pstrain_core::client::{ClientError, ParameterClient};
@@ -109,21 +109,17 @@ fn train_loop(
     let data = data.samples();
     let rank = cfg.rank;
     let client_err = |source| WorkerError::Client { rank, source };
-    let len = model.layout().len();
-    let per = model.input_len();
-    let mut params = vec![0.0f32; len];
-    let mut grads = vec![0.0f32; len];
     let max_batch = cfg.max_batch.max(cfg.batch_size);
-    let mut images = vec![0.0f32; max_batch * per];
-    let mut labels = vec![0u8; max_batch];
-    let mut picked = Vec::with_capacity(max_batch);
+    let mut buffers = Buffers::new(model, max_batch);
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport {
         rank: cfg.rank,
         ..WorkerReport::default()
     };
 
-    let first = client.pull(&mut params, None, false).map_err(client_err)?;
+    let first = client
+        .pull(&mut buffers.params, None, false)
+        .map_err(client_err)?;
     let mut version = first.version;
     if first.done {
         return Ok(report);
@@ -147,52 +143,33 @@ fn train_loop(
             return Ok(report);
         }
         if cfg.max_batch > cfg.batch_size {
-            sampler.samples_from(position, batch, &mut picked);
+            sampler.samples_from(position, batch, &mut buffers.picked);
             position += batch as u64;
         } else {
-            picked.clear();
-            picked.extend(sampler.batch_at(step));
+            buffers.picked.clear();
+            buffers.picked.extend(sampler.batch_at(step));
         }
-        for (j, &i) in picked.iter().enumerate() {
-            data.copy_image(i, &mut images[j * per..(j + 1) * per]);
-            labels[j] = data.labels[i];
-        }
-        let n = picked.len();
-        let mut rng = dropout_seed.fork(step);
         let started = Instant::now();
-        let stats = model
-            .train_step(
-                &params,
-                &images[..n * per],
-                &labels[..n],
-                &mut grads,
-                &mut rng,
-            )
+        let (n, loss) = buffers
+            .compute(model, data, &mut dropout_seed.fork(step))
             .map_err(|source| WorkerError::Compute { rank, source })?;
         if cfg.slowdown > 1.0 {
             std::thread::sleep(started.elapsed().mul_f64(cfg.slowdown - 1.0));
         }
         report.steps += 1;
         report.samples += n as u64;
-        report.last_loss = stats.loss;
+        report.last_loss = loss;
         let meta = PushMeta {
             rank,
             base_version: version,
             samples: n as u32,
-            loss: stats.loss,
+            loss,
         };
-        match client.push(meta, &grads) {
-            Ok(PushOutcome::Done) => return Ok(report),
-            Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => {}
-            Ok(PushOutcome::Dropped { .. }) => report.not_applied += 1,
-            // Our own gradient overflowed: the server skipped it; carry on from fresh weights.
-            Err(ClientError::Refused(PushError::NonFinite { .. } | PushError::TooLarge { .. })) => {
-                report.not_applied += 1
-            }
-            Err(e) => return Err(client_err(e)),
+        if !goes_on(client.push(meta, &buffers.grads), &mut report).map_err(client_err)? {
+            return Ok(report);
         }
         let reply = client
-            .pull(&mut params, Some(version), cfg.pull_waits)
+            .pull(&mut buffers.params, Some(version), cfg.pull_waits)
             .map_err(client_err)?;
         version = reply.version;
         if reply.done {
@@ -207,6 +184,75 @@ fn train_loop(
         };
     }
     Ok(report)
+}
+
+/// A worker's buffers: the weights it pulls into, the gradient it pushes from, and one batch.
+struct Buffers {
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    images: Vec<f32>,
+    labels: Vec<u8>,
+    /// The batch's sample indices.
+    picked: Vec<usize>,
+    /// Values per input image.
+    per: usize,
+}
+
+impl Buffers {
+    fn new(model: &dyn Model, max_batch: usize) -> Self {
+        let (len, per) = (model.layout().len(), model.input_len());
+        Buffers {
+            params: vec![0.0; len],
+            grads: vec![0.0; len],
+            images: vec![0.0; max_batch * per],
+            labels: vec![0; max_batch],
+            picked: Vec::with_capacity(max_batch),
+            per,
+        }
+    }
+
+    /// The gradient of the `picked` batch at the pulled weights, into `grads`: the batch's
+    /// size and loss.
+    fn compute(
+        &mut self,
+        model: &mut dyn Model,
+        data: &Split,
+        rng: &mut Rng,
+    ) -> Result<(usize, f32), ComputeError> {
+        let per = self.per;
+        for (j, &i) in self.picked.iter().enumerate() {
+            data.copy_image(i, &mut self.images[j * per..(j + 1) * per]);
+            self.labels[j] = data.labels[i];
+        }
+        let n = self.picked.len();
+        let stats = model.train_step(
+            &self.params,
+            &self.images[..n * per],
+            &self.labels[..n],
+            &mut self.grads,
+            rng,
+        )?;
+        Ok((n, stats.loss))
+    }
+}
+
+/// Whether the worker goes on after the shards' answer to its push (false: the run is
+/// over), counting a gradient that was not applied.
+fn goes_on(
+    answer: Result<PushOutcome, ClientError>,
+    report: &mut WorkerReport,
+) -> Result<bool, ClientError> {
+    match answer {
+        Ok(PushOutcome::Done) => return Ok(false),
+        Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => {}
+        Ok(PushOutcome::Dropped { .. }) => report.not_applied += 1,
+        // Our own gradient overflowed: the server skipped it; carry on from fresh weights.
+        Err(ClientError::Refused(PushError::NonFinite { .. } | PushError::TooLarge { .. })) => {
+            report.not_applied += 1
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(true)
 }
 
 /// The batch the shards asked for (balanced sync), within what this worker can hold.

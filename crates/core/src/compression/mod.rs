@@ -15,10 +15,16 @@
 //!
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32).
 
+mod values;
+
 use crate::rng::Rng;
 use std::fmt;
 use std::str::FromStr;
 use thiserror::Error;
+use values::{
+    decode_bf16, decode_f32, decode_int8, decode_top_k, encode_bf16, encode_f32, encode_int8,
+};
+pub use values::{from_bf16, to_bf16};
 
 /// Values per int8 block (each block carries its own scale).
 pub const INT8_BLOCK: usize = 256;
@@ -292,130 +298,5 @@ impl PullCodec {
     }
 }
 
-fn encode_f32(values: &[f32], out: &mut Vec<u8>) {
-    out.reserve(4 * values.len());
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn decode_f32(bytes: &[u8], out: &mut [f32]) {
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-}
-
-/// `v` as bf16 bits: rounded to nearest even; NaN stays NaN; a finite value never becomes
-/// infinite (the largest round down to bf16's largest finite value).
-pub fn to_bf16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    if v.is_nan() {
-        return ((bits >> 16) as u16) | 0x0040;
-    }
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    let half = (rounded >> 16) as u16;
-    if v.is_finite() && half & 0x7fff == 0x7f80 {
-        // Rounded up to infinity: keep the largest finite value of the same sign.
-        return (half & 0x8000) | 0x7f7f;
-    }
-    half
-}
-
-pub fn from_bf16(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
-}
-
-fn encode_bf16(values: &[f32], out: &mut Vec<u8>) {
-    out.reserve(2 * values.len());
-    for &v in values {
-        out.extend_from_slice(&to_bf16(v).to_le_bytes());
-    }
-}
-
-fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        *o = from_bf16(u16::from_le_bytes([b[0], b[1]]));
-    }
-}
-
-fn encode_int8(values: &[f32], rng: &mut Rng, out: &mut Vec<u8>) {
-    out.reserve(values.len() + 4 * values.len().div_ceil(INT8_BLOCK));
-    for block in values.chunks(INT8_BLOCK) {
-        let mut largest = 0.0f32;
-        let mut finite = true;
-        for v in block {
-            finite &= v.is_finite();
-            largest = largest.max(v.abs());
-        }
-        // A block holding NaN/Inf gets a NaN scale: it decodes to NaN and is refused.
-        let scale = if !finite {
-            f32::NAN
-        } else if largest == 0.0 {
-            0.0
-        } else {
-            largest / 127.0
-        };
-        out.extend_from_slice(&scale.to_le_bytes());
-        for &v in block {
-            let q = if scale > 0.0 {
-                // floor(x + u), u uniform in [0, 1): unbiased, E = x.
-                (v / scale + rng.next_f32()).floor().clamp(-127.0, 127.0) as i8
-            } else {
-                0
-            };
-            out.push(q as u8);
-        }
-    }
-}
-
-fn decode_int8(bytes: &[u8], out: &mut [f32]) {
-    let mut at = 0;
-    for block in out.chunks_mut(INT8_BLOCK) {
-        let scale = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        at += 4;
-        for o in block.iter_mut() {
-            *o = (bytes[at] as i8) as f32 * scale;
-            at += 1;
-        }
-    }
-}
-
-fn decode_top_k(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
-    let n = out.len();
-    let Some(head) = bytes.get(..4) else {
-        return Err(CodecError::Length {
-            codec: "top-k",
-            values: n,
-            got: bytes.len(),
-            expected: 4,
-        });
-    };
-    let count = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as u64;
-    if count > n as u64 {
-        return Err(CodecError::Count { count, values: n });
-    }
-    let expected = 4 + 8 * count as usize;
-    if bytes.len() != expected {
-        return Err(CodecError::Length {
-            codec: "top-k",
-            values: n,
-            got: bytes.len(),
-            expected,
-        });
-    }
-    out.fill(0.0);
-    let mut next = 0u64;
-    for pair in bytes[4..].chunks_exact(8) {
-        let index = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
-        if (index as u64) < next || index as usize >= n {
-            return Err(CodecError::Index { index, values: n });
-        }
-        next = index as u64 + 1;
-        out[index as usize] = f32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-#[path = "compression_tests.rs"]
 mod tests;

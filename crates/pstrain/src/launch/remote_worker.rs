@@ -2,70 +2,17 @@
 //! plan and adopts it, so `--servers`, `--rank` and `--data-dir` make a complete command;
 //! run flags it is also given must agree with the plan, or it is refused before it joins.
 
-use crate::data::{load_own_shard, train_count, DataArgs};
+use crate::data::{load_own_shard, train_count};
 use crate::flags::parse_flags;
-use crate::plan_flags::RunArgs;
-use crate::shard_setup::seconds;
-use crate::token::TokenArgs;
-use crate::train::TrainConfig;
-use crate::worker::{run_worker, WorkerData, WorkerReport};
+use crate::flags::seconds;
+use crate::flags::worker::WorkerArgs;
+use crate::run::worker::{run_worker, WorkerData, WorkerReport};
+use crate::run::TrainConfig;
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use pstrain_compute::ModelOptions;
 use pstrain_net::{ClientConfig, Heartbeat, Role, RunToken, TcpClient, TlsClient, ANY_RANK};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-
-#[derive(Args, Debug, Clone)]
-pub struct WorkerArgs {
-    /// Shard addresses in shard order, comma-separated
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub servers: Vec<String>,
-    /// This worker's rank, 0-based, or `auto`: take a free rank (a dead worker's first), as a
-    /// replacement for a worker that died
-    #[arg(long, value_parser = parse_rank)]
-    pub rank: usize,
-    /// Compute threads [default: this device's cores]
-    #[arg(long, default_value_t = device_cores(), hide_default_value = true)]
-    pub threads: usize,
-    /// Seconds to keep retrying the connection while servers start
-    #[arg(long, default_value_t = 60)]
-    pub connect_timeout: u64,
-    /// Seconds between heartbeats to every shard (a shard evicts a worker whose heartbeats
-    /// stop for its --heartbeat-timeout)
-    #[arg(long, default_value_t = 1.0)]
-    pub heartbeat_secs: f64,
-    #[command(flatten)]
-    pub token: TokenArgs,
-    /// Talk TLS to the shards, trusting certificates signed by this CA (PEM)
-    #[arg(long)]
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// Make this worker FACTOR times slower if it runs as RANK (it waits FACTOR-1 times its
-    /// compute time after each gradient); repeatable, so one list serves every worker
-    #[arg(long, value_name = "RANK=FACTOR", value_parser = crate::train_flags::parse_slowdown)]
-    pub slowdown: Vec<(usize, f64)>,
-    /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
-    #[command(flatten)]
-    pub run: RunArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
-}
-
-/// A rank, or `auto` (`ANY_RANK`).
-/// The cores this process may use (a board's worker computes on all of them by default).
-fn device_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn parse_rank(s: &str) -> Result<usize, String> {
-    if s == "auto" {
-        return Ok(ANY_RANK);
-    }
-    match s.parse::<usize>() {
-        Ok(r) if r != ANY_RANK => Ok(r),
-        _ => Err(format!("`{s}` is not a rank (a number from 0, or `auto`)")),
-    }
-}
 
 /// The shards' plan as this worker's run: refused if its own run flags contradict it (each
 /// flag named with both values) or if it cannot train the plan's model.

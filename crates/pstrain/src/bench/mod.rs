@@ -1,0 +1,6 @@
+//! The benchmarks behind `pstrain bench` (compute and training throughput, memory) and
+//! `pstrain bench-net` (the TCP transport), each writing JSON.
+
+pub mod compute;
+pub mod memory;
+pub mod net;

@@ -1,0 +1,110 @@
+//! Round trips of the argv builders: what a launcher writes for a shard or a worker parses
+//! back, through the very flags `pstrain server` and `pstrain worker` take, into the run it
+//! was written from.
+
+use super::parse_flags;
+use super::server::{server_argv, ServerArgs};
+use super::worker::{worker_argv, WorkerArgs};
+use crate::run::{CheckpointPolicy, TrainConfig};
+use pstrain_core::{Mode, OptimizerConfig, RunPlan};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn plan() -> RunPlan {
+    RunPlan {
+        model: "convnet".into(),
+        mode: Mode::Ssp { max_lead: 3 },
+        workers: 5,
+        batch_size: 24,
+        iterations: Some(777),
+        optimizer: OptimizerConfig::momentum(0.02, 0.8),
+        seed: 41,
+        train_samples: 1000,
+        ..RunPlan::default()
+    }
+}
+
+fn policy(every: Option<Duration>, every_updates: Option<u64>) -> CheckpointPolicy {
+    CheckpointPolicy {
+        run_id: "run-7f3a".into(),
+        dir: PathBuf::from("/tmp/some where/ckpt"),
+        every_updates,
+        every,
+        keep: 4,
+        resume: true,
+        key: None,
+    }
+}
+
+/// The shard a launcher starts: its flags after `--listen` and `--shard`, parsed.
+fn shard_args(cfg: &TrainConfig, shards: usize) -> ServerArgs {
+    let mut argv: Vec<String> = ["--listen", "127.0.0.1:0", "--shard", "1"]
+        .map(String::from)
+        .to_vec();
+    argv.extend(server_argv(cfg, shards));
+    parse_flags::<ServerArgs>("server", &argv).unwrap()
+}
+
+#[test]
+fn a_launched_shard_runs_the_plan_it_was_given() {
+    let cfg = TrainConfig {
+        plan: plan(),
+        ..TrainConfig::default()
+    };
+    let args = shard_args(&cfg, 3);
+    assert_eq!(args.shards, 3);
+    assert_eq!(args.run.overlay(&RunPlan::default()).unwrap(), cfg.plan);
+    assert_eq!(
+        args.checkpoints
+            .policy(None, true, |_| unreachable!())
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn a_launched_shard_checkpoints_as_the_run_says() {
+    for (every, every_updates) in [
+        (Some(Duration::from_millis(2500)), None),
+        (None, Some(50)),
+        (Some(Duration::from_secs(7)), Some(9)),
+    ] {
+        let cfg = TrainConfig {
+            plan: plan(),
+            checkpoint: Some(policy(every, every_updates)),
+            ..TrainConfig::default()
+        };
+        let args = shard_args(&cfg, 2);
+        let given = args.checkpoints.run_id.clone().unwrap();
+        let parsed = args.checkpoints.policy(None, true, |_| Ok(given)).unwrap();
+        assert_eq!(
+            parsed, cfg.checkpoint,
+            "every {every:?}, every_updates {every_updates:?}"
+        );
+    }
+}
+
+#[test]
+fn a_launched_worker_keeps_its_own_settings() {
+    let cfg = TrainConfig {
+        plan: plan(),
+        threads: 3,
+        slowdown: vec![(1, 2.5), (4, 10.0)],
+        ..TrainConfig::default()
+    };
+    let dir = Path::new("/data/m nist");
+    let mut argv: Vec<String> = ["--servers", "a:1,b:2", "--rank", "1"]
+        .map(String::from)
+        .to_vec();
+    argv.extend(worker_argv(&cfg, Some(dir)));
+    let args = parse_flags::<WorkerArgs>("worker", &argv).unwrap();
+    assert_eq!(args.threads, cfg.threads);
+    assert_eq!(args.slowdown, cfg.slowdown);
+    assert_eq!(args.data.data_dir.as_deref(), Some(dir));
+    assert_eq!(args.servers, ["a:1", "b:2"]);
+    // The plan is not the worker's to be told: it comes from the shards.
+    assert_eq!(
+        args.run.overlay(&RunPlan::default()).unwrap(),
+        RunPlan::default()
+    );
+}

@@ -1,0 +1,81 @@
+//! `CheckpointArgs`: where and how often a process checkpoints, and the flags that reproduce
+//! a checkpoint policy for a launched shard.
+
+use crate::flags::seconds;
+use crate::run::CheckpointPolicy;
+use anyhow::Result;
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Write checkpoints (weights, optimizer state, version) under this folder
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N server updates
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoint every S seconds [default: 60 when --checkpoint-dir is given]
+    #[arg(long)]
+    pub checkpoint_secs: Option<f64>,
+    /// Checkpoints kept per shard
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// The run the checkpoints belong to (other runs' files are refused) [default: train: a
+    /// new id, or the resumed run's; server: derived from the run's token and plan]
+    #[arg(long)]
+    pub run_id: Option<String>,
+}
+
+impl CheckpointArgs {
+    /// The policy for checkpoints under `dir` (else `--checkpoint-dir`), if any, for the run
+    /// `run_id` names given the folder.
+    pub fn policy(
+        &self,
+        dir: Option<&Path>,
+        resume: bool,
+        run_id: impl FnOnce(&Path) -> Result<String>,
+    ) -> Result<Option<CheckpointPolicy>> {
+        let Some(dir) = dir.or(self.checkpoint_dir.as_deref()) else {
+            return Ok(None);
+        };
+        let every_secs = match (self.checkpoint_every, self.checkpoint_secs) {
+            (None, None) => Some(60.0),
+            (_, secs) => secs,
+        };
+        // 0 turns the time-based schedule off.
+        let every = match every_secs {
+            Some(0.0) | None => None,
+            Some(s) => Some(seconds("--checkpoint-secs", s)?),
+        };
+        Ok(Some(CheckpointPolicy {
+            run_id: run_id(dir)?,
+            dir: dir.to_owned(),
+            every_updates: self.checkpoint_every,
+            every,
+            keep: self.keep_checkpoints.max(1),
+            resume,
+            // A shard with a run token seals with the token's key (see `pstrain_net`).
+            key: None,
+        }))
+    }
+}
+
+/// The `pstrain server` flags that make a shard checkpoint (and restore) as `policy` says.
+pub fn checkpoint_argv(policy: &CheckpointPolicy) -> Vec<String> {
+    let mut a = vec![
+        "--run-id".to_string(),
+        policy.run_id.clone(),
+        "--checkpoint-dir".to_string(),
+        policy.dir.display().to_string(),
+        "--keep-checkpoints".into(),
+        policy.keep.to_string(),
+    ];
+    if let Some(n) = policy.every_updates {
+        a.extend(["--checkpoint-every".into(), n.to_string()]);
+    }
+    // 0 turns the time-based schedule off (the server's default would be 60 s).
+    let secs = policy.every.map_or(0.0, |d| d.as_secs_f64());
+    a.extend(["--checkpoint-secs".into(), secs.to_string()]);
+    a
+}

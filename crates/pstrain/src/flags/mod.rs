@@ -1,0 +1,37 @@
+//! Every command's flags, and beside each the argv builder that reproduces them for a launched
+//! process (round-trip tested in `argv_tests.rs`); `parse_flags` for front ends that take the
+//! very same flags as the `pstrain` binary (the Python package, the Ray driver).
+
+pub mod checkpoint;
+pub mod choices;
+pub mod plan;
+pub mod run_id;
+pub mod server;
+pub mod token;
+pub mod train;
+pub mod worker;
+
+#[cfg(test)]
+mod argv_tests;
+
+use anyhow::{bail, Result};
+use clap::{Args, FromArgMatches};
+use std::time::Duration;
+
+/// Parses `argv` as the flags of `pstrain NAME`; the error carries clap's message (with usage).
+pub fn parse_flags<T: Args + FromArgMatches>(name: &'static str, argv: &[String]) -> Result<T> {
+    let cmd = T::augment_args(clap::Command::new(name).no_binary_name(true));
+    let matches = cmd
+        .try_get_matches_from(argv)
+        .map_err(|e| anyhow::anyhow!("{}", e.render()))?;
+    T::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{}", e.render()))
+}
+
+/// Seconds from a flag, refusing what `Duration` cannot hold.
+pub fn seconds(flag: &str, s: f64) -> Result<Duration> {
+    if s.is_finite() && s > 0.0 && s < 1e9 {
+        Ok(Duration::from_secs_f64(s))
+    } else {
+        bail!("{flag} must be a positive number of seconds below 1e9, not {s}")
+    }
+}

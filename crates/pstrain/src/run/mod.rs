@@ -1,0 +1,15 @@
+//! A training run as one process carries it out: its configuration (`TrainConfig`), what can
+//! end it (`TrainError`), the worker loop, the embedded server and the in-process driver
+//! (`train`), and the monitor that evaluates and summarises, whatever the transport.
+
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod inproc;
+pub mod monitor;
+pub mod worker;
+
+pub use config::{CheckpointPolicy, TrainConfig};
+pub use embedded::train;
+pub use error::TrainError;
+pub use monitor::TrainOutcome;
