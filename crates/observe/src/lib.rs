@@ -4,6 +4,7 @@
 //! a thread of its own, so watching never blocks training.
 
 mod exposition;
+mod families;
 mod http;
 mod snapshot;
 

@@ -3,6 +3,7 @@
 //! in a run with a token, their seal (see `seal.rs`). (The folder of them is `folder.rs`.)
 
 use crate::atomic::write_atomically;
+use crate::regular_file::open_regular;
 use crate::safetensors::{self, TensorRef};
 use crate::seal::{seal_matches, Digest, FileKey, Sums};
 use pstrain_core::{ShardCounters, ShardSnapshot};
@@ -281,42 +282,6 @@ pub const DEFAULT_MAX_BYTES: u64 = 1 << 36;
 pub fn max_bytes_for(identity: &ShardIdentity) -> u64 {
     let values = identity.range.len() as u64;
     values.saturating_mul(4 * 3).saturating_add(1 << 20)
-}
-
-/// Opens `path` for reading only if it is a regular file (not a link, FIFO or device, which
-/// could hang a reader or feed it without end) of at most `max` bytes.
-fn open_regular(path: &Path, max: u64) -> Result<std::fs::File, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let invalid = |why: String| StoreError::Invalid {
-        path: path.to_owned(),
-        why,
-    };
-    let kind = std::fs::symlink_metadata(path).map_err(io)?.file_type();
-    if !kind.is_file() {
-        return Err(invalid("not a regular file".into()));
-    }
-    // No-follow and non-blocking: if the name changed into a link or a FIFO after the check,
-    // the open fails or returns at once instead of following it or waiting for a writer.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(invalid("not a regular file".into()));
-    }
-    if meta.len() > max {
-        return Err(invalid(format!(
-            "{} bytes, more than a checkpoint of this layout can hold ({max})",
-            meta.len()
-        )));
-    }
-    Ok(file)
 }
 
 /// The CRC-32 over everything must match the one stored in the metadata, and with a key so

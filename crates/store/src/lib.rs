@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod folder;
 pub mod manifest;
+mod regular_file;
 pub mod safetensors;
 pub mod saver;
 pub mod seal;

@@ -124,17 +124,11 @@ fn train_loop(
     if first.done {
         return Ok(report);
     }
-    // Where the run is: in sync mode every update is one step of every worker, so a worker
-    // (re)joining at version v computes exactly what it would have at step v.
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
     let total = cfg
         .epochs
         .map(|e| (e as u64).saturating_mul(steps_per_epoch));
-    let mut step = if cfg.lockstep {
-        version
-    } else {
-        version / cfg.workers as u64
-    };
+    let mut step = first_step(cfg, version);
     // Balanced batches vary in size: samples are then taken from a running position.
     let mut batch = batch_size(first.batch, cfg.batch_size, max_batch);
     let mut position = step.saturating_mul(cfg.batch_size as u64);
@@ -146,8 +140,7 @@ fn train_loop(
             sampler.samples_from(position, batch, &mut buffers.picked);
             position += batch as u64;
         } else {
-            buffers.picked.clear();
-            buffers.picked.extend(sampler.batch_at(step));
+            buffers.pick(sampler.batch_at(step));
         }
         let started = Instant::now();
         let (n, loss) = buffers
@@ -186,6 +179,17 @@ fn train_loop(
     Ok(report)
 }
 
+/// The step a worker starts at, having pulled weights of `version`: in lockstep modes every
+/// update is one step of every worker, so a worker (re)joining at version v computes exactly
+/// what it would have at step v.
+fn first_step(cfg: &WorkerConfig, version: u64) -> u64 {
+    if cfg.lockstep {
+        version
+    } else {
+        version / cfg.workers as u64
+    }
+}
+
 /// A worker's buffers: the weights it pulls into, the gradient it pushes from, and one batch.
 struct Buffers {
     params: Vec<f32>,
@@ -209,6 +213,12 @@ impl Buffers {
             picked: Vec::with_capacity(max_batch),
             per,
         }
+    }
+
+    /// Takes the batch of these sample indices.
+    fn pick(&mut self, samples: impl Iterator<Item = usize>) {
+        self.picked.clear();
+        self.picked.extend(samples);
     }
 
     /// The gradient of the `picked` batch at the pulled weights, into `grads`: the batch's
