@@ -4,8 +4,8 @@
 //! replaced; the assertions read the shards' own state.
 
 use pstrain_core::{
-    Departure, EngineConfig, Mode, OptimizerConfig, PushMeta, PushOutcome, RankRequest, Rng, Seat,
-    ServerConfig, ShardEngine,
+    Departure, EngineConfig, FanOut, Mode, OptimizerConfig, PullAsk, PullReply, PushMeta,
+    PushRoute, RankRequest, Rng, Seat, ServerConfig, ShardEngine,
 };
 use std::time::Duration;
 
@@ -23,10 +23,11 @@ enum Life {
 
 struct SimWorker {
     seat: Option<Seat>,
-    /// The version of the weights it holds, per shard.
-    versions: Vec<u64>,
-    /// It pushed and now waits at the gate of these shards.
-    waiting: Vec<bool>,
+    /// The client's side of the protocol, as `TcpClient` keeps it: each slice's version,
+    /// pending steps, the push order.
+    fan: FanOut,
+    /// Its pull after a push, per shard: the asks not yet answered (it waits at those gates).
+    asks: Vec<Option<PullAsk>>,
     life: Life,
     pushes: u64,
 }
@@ -38,7 +39,7 @@ struct Sim {
     rng: Rng,
     /// Relative speed: worker i acts with probability weight[i] / sum when picked.
     weight: Vec<usize>,
-    coordinated: bool,
+    mode: Mode,
     rank_grads: bool,
 }
 
@@ -77,14 +78,14 @@ impl Sim {
             now: Duration::ZERO,
             rng: Rng::new(seed),
             weight: vec![1; workers],
-            coordinated: mode.coordinated(n),
+            mode,
             rank_grads: false,
         };
         for rank in 0..workers {
             sim.workers.push(SimWorker {
                 seat: None,
-                versions: vec![0; n],
-                waiting: vec![false; n],
+                fan: FanOut::new(mode, &vec![0; n]),
+                asks: vec![None; n],
                 life: Life::Alive,
                 pushes: 0,
             });
@@ -108,10 +109,9 @@ impl Sim {
         let w = &mut self.workers[slot];
         w.seat = Some(seat);
         w.life = Life::Alive;
-        w.waiting.fill(false);
-        for (v, shard) in w.versions.iter_mut().zip(&self.shards) {
-            *v = shard.version();
-        }
+        let versions: Vec<u64> = self.shards.iter().map(|s| s.version()).collect();
+        w.fan = FanOut::new(self.mode, &versions);
+        w.asks.fill(None);
         seat.rank
     }
 
@@ -149,22 +149,15 @@ impl Sim {
         }
     }
 
-    /// The worker's next move: wait at the gate, or compute and push (a gradient of ones).
+    /// The worker's next move: wait at the gates its pull waits at, or compute, push (a
+    /// gradient of ones) and pull, as the worker loop does over `FanOut`.
     fn act(&mut self, slot: usize) {
         let seat = self.workers[slot].seat.expect("joined");
-        let w = &mut self.workers[slot];
-        let waiting: Vec<usize> = (0..self.shards.len()).filter(|&s| w.waiting[s]).collect();
-        if !waiting.is_empty() {
-            for s in waiting {
-                let shard = &self.shards[s];
-                if shard.pull_ready(Some(seat.rank), Some(w.versions[s])) {
-                    w.versions[s] = shard.version();
-                    w.waiting[s] = false;
-                }
-            }
+        if self.workers[slot].asks.iter().any(Option::is_some) {
+            self.answer_pulls(slot);
             return;
         }
-        w.pushes += 1;
+        self.workers[slot].pushes += 1;
         let meta = |base| PushMeta {
             rank: seat.rank,
             base_version: base,
@@ -178,54 +171,86 @@ impl Sim {
             1.0
         };
         let grad = [value; 4];
-        let first = self.shards[0].push(meta(w.versions[0]), &grad, None, self.now);
-        let mut outcomes = vec![first.outcome.clone()];
-        match first.admitted_step {
-            // Coordinated: the followers get the slice once shard 0's step is complete; the
-            // simulated worker waits for that by acting again later.
-            Some(step) => {
-                while self.shards[0].step_members(step).is_none() {
-                    // Let the others act until the step is complete (as the real worker
-                    // waits for shard 0's reply).
-                    self.now += TICK;
-                    let other =
-                        (slot + 1 + self.rng.below(self.workers.len() - 1)) % self.workers.len();
-                    if self.workers[other].life == Life::Alive && other != slot {
-                        self.act(other);
-                    }
+        let fan = &self.workers[slot].fan;
+        let (route, bases) = (
+            fan.route(),
+            (0..self.shards.len())
+                .map(|s| fan.base_version(s))
+                .collect::<Vec<_>>(),
+        );
+        let mut outcomes = Vec::new();
+        let mut step = None;
+        if route == PushRoute::ShardZeroFirst {
+            let first = self.shards[0].push(meta(bases[0]), &grad, None, self.now);
+            outcomes.push(first.outcome.clone());
+            match first.admitted_step {
+                // The followers get the slice once shard 0's step is complete; the simulated
+                // worker waits for that while the others act (the real one waits for shard
+                // 0's reply).
+                Some(s) => {
+                    self.complete_step(slot, s);
+                    step = Some(s);
                 }
-                let members = self.shards[0]
-                    .step_members(step)
-                    .expect("complete")
-                    .to_vec();
-                let w = &self.workers[slot];
-                for s in 1..self.shards.len() {
-                    let r = self.shards[s].push(
-                        meta(w.versions[s]),
-                        &grad,
-                        Some((step, &members)),
-                        self.now,
-                    );
-                    outcomes.push(r.outcome);
-                }
+                // Dropped by shard 0 as late: the followers never see it.
+                None => {}
             }
-            // Coordinated and dropped by shard 0 as late: the followers never see it.
-            None if self.coordinated => {}
-            None => {
-                let w = &self.workers[slot];
-                for s in 1..self.shards.len() {
-                    let r = self.shards[s].push(meta(w.versions[s]), &grad, None, self.now);
-                    outcomes.push(r.outcome);
-                }
-            }
+        }
+        let members = step.and_then(|s| self.shards[0].step_members(s).map(<[bool]>::to_vec));
+        let followers = match (route, &members) {
+            (PushRoute::Together, _) => 0..self.shards.len(),
+            (PushRoute::ShardZeroFirst, Some(_)) => 1..self.shards.len(),
+            (PushRoute::ShardZeroFirst, None) => 1..1,
+        };
+        for s in followers {
+            let tag = step.zip(members.as_deref());
+            let r = self.shards[s].push(meta(bases[s]), &grad, tag, self.now);
+            outcomes.push(r.outcome);
         }
         let w = &mut self.workers[slot];
         for (s, outcome) in outcomes.into_iter().enumerate() {
             match outcome {
-                Ok(PushOutcome::Buffered { .. }) => w.waiting[s] = true,
-                Ok(_) => w.versions[s] = self.shards[s].version(),
+                Ok(o) => w.fan.pushed(s, &o),
                 Err(e) => panic!("worker {} refused by shard {s}: {e}", seat.rank),
             }
+        }
+        // Its pull: newer than what it holds, waiting where its push is pending.
+        let held = w.fan.version();
+        let waits = self.mode.pull_waits();
+        for s in 0..self.shards.len() {
+            w.asks[s] = Some(w.fan.pull_ask(s, Some(held), waits));
+        }
+        self.answer_pulls(slot);
+    }
+
+    /// Lets the others act until shard 0's step `step` is complete.
+    fn complete_step(&mut self, slot: usize, step: u64) {
+        while self.shards[0].step_members(step).is_none() {
+            self.now += TICK;
+            let other = (slot + 1 + self.rng.below(self.workers.len() - 1)) % self.workers.len();
+            if self.workers[other].life == Life::Alive && other != slot {
+                self.act(other);
+            }
+        }
+    }
+
+    /// The shards answer the worker's open pull asks that their gates let through.
+    fn answer_pulls(&mut self, slot: usize) {
+        let rank = self.workers[slot].seat.map(|s| s.rank);
+        let w = &mut self.workers[slot];
+        for (s, shard) in self.shards.iter().enumerate() {
+            let Some(ask) = w.asks[s] else { continue };
+            if ask.wait && !shard.pull_ready(rank, ask.newer_than) {
+                continue;
+            }
+            let version = shard.version();
+            let reply = PullReply {
+                version,
+                updated: ask.newer_than.is_none_or(|v| version > v),
+                done: shard.is_done(),
+                batch: None,
+            };
+            w.fan.pulled(s, &reply);
+            w.asks[s] = None;
         }
     }
 

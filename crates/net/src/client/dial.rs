@@ -269,8 +269,7 @@ pub(super) async fn try_connect_shard(
     let link = ShardLink {
         conn,
         range,
-        version: ok.version,
-        pending: false,
+        joined_version: ok.version,
         pull_codec: cfg.plan.pull_codec,
         encoder: PushEncoder::new(cfg.plan.push_codec, seed),
         wire: Vec::new(),

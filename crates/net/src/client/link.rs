@@ -1,5 +1,5 @@
-//! One shard as the client sees it: its connection, its key range, the version of its slice
-//! in the caller's buffer, and the calls made to it (pull, push, stats, goodbye).
+//! One shard as the client sees it: its connection, its key range and codecs, and the calls
+//! made to it (pull, push, stats, goodbye); what to ask of it is `pstrain_core::FanOut`'s.
 
 use crate::connection::Connection;
 use crate::error::NetError;
@@ -7,18 +7,16 @@ use crate::message::{
     kind, Pulled, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN,
     REPLY_LIMIT, WORKER_STATS_LEN,
 };
-use pstrain_core::{PullCodec, PullReply, PushCodec, PushEncoder, PushMeta, PushOutcome};
+use pstrain_core::{PullCodec, PullReply, PushCodec, PushEncoder, PushMeta};
 use std::ops::Range;
 use std::time::Duration;
 
 pub(super) struct ShardLink {
     pub conn: Connection,
     pub range: Range<usize>,
-    /// The version of this shard's slice in the caller's buffer.
-    pub version: u64,
-    /// The last push here is buffered for a step that has not completed: a waiting pull
-    /// waits only on such shards (never for a step this client has not pushed to).
-    pub pending: bool,
+    /// The version of the shard's weights when this link was made (its slice is pulled
+    /// first; from then on `pstrain_core::FanOut` keeps the version of each slice held).
+    pub joined_version: u64,
     /// How this shard's slice of the weights arrives (the run plan's pull codec).
     pub pull_codec: PullCodec,
     /// How this client's gradient slice leaves, with its error feedback (the plan's push
@@ -100,7 +98,6 @@ impl ShardLink {
         }
         if updated {
             self.read_slice(slice, body as usize).await?;
-            self.version = version;
         }
         Ok(PullReply {
             version,
@@ -125,19 +122,19 @@ impl ShardLink {
             })
     }
 
-    /// Pushes this shard's slice (tagged with a coordinated step if any) and reads the
-    /// verdict, waiting up to `reply_timeout`.
+    /// Pushes this shard's slice, computed from weights of `base_version` (tagged with a
+    /// coordinated step if any), and reads the verdict, waiting up to `reply_timeout`.
     pub async fn push(
         &mut self,
         meta: PushMeta,
+        base_version: u64,
         slice: &[f32],
         step: Option<StepMembers>,
         workers: usize,
         reply_timeout: Duration,
     ) -> Result<PushReply, NetError> {
-        // Each shard judges staleness against the version its slice came from.
         let head = PushHead {
-            base_version: self.version,
+            base_version,
             samples: meta.samples,
             loss: meta.loss,
             step,
@@ -156,10 +153,7 @@ impl ShardLink {
             .read_reply(reply_timeout, REPLY_LIMIT, workers)
             .await?
         {
-            Reply::Pushed(reply) => {
-                self.pending = matches!(reply.outcome, PushOutcome::Buffered { .. });
-                Ok(reply)
-            }
+            Reply::Pushed(reply) => Ok(reply),
             other => Err(NetError::Unexpected {
                 got: other.kind(),
                 expected: "push reply",

@@ -1,5 +1,6 @@
-//! The worker's side over TCP: one link per shard (`link`), every pull and push sent to all
-//! shards at once, each shard's slice read straight into its part of the flat buffer;
+//! The worker's side over TCP: one link per shard (`link`) carrying what `FanOut` (core's
+//! client protocol) decides: pulls and pushes to all shards at once (shard 0 first in
+//! coordinated sync), each shard's slice read straight into its part of the flat buffer;
 //! connecting and describing in `dial`, heartbeats in `heartbeat`.
 
 mod dial;
@@ -16,7 +17,8 @@ use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
 use link::ShardLink;
 use pstrain_core::{
-    ClientError, Layout, ParameterClient, PullReply, PushError, PushMeta, PushOutcome, RunPlan,
+    ClientError, FanOut, Layout, ParameterClient, PullAsk, PullReply, PushError, PushMeta,
+    PushOutcome, PushRoute, RunPlan,
 };
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -73,6 +75,8 @@ pub struct TcpClient {
     rt: Runtime,
     cfg: ClientConfig,
     shards: Vec<ShardLink>,
+    /// The client's side of the protocol: each slice's version, pending steps, push order.
+    fan: FanOut,
     left: bool,
     reconnects: u64,
 }
@@ -88,10 +92,12 @@ impl TcpClient {
         }
         let mut cfg = cfg.clone();
         let shards = rt.block_on(dial::connect_all(&mut cfg))?;
+        let fan = fan_out(&cfg, &shards);
         Ok(TcpClient {
             rt,
             cfg,
             shards,
+            fan,
             left: false,
             reconnects: 0,
         })
@@ -108,7 +114,7 @@ impl TcpClient {
 
     /// The oldest version among the slices this client holds (all equal between failures).
     pub fn version(&self) -> u64 {
-        self.shards.iter().map(|s| s.version).min().unwrap_or(0)
+        self.fan.version()
     }
 
     /// How many times the connections were re-established after a failure.
@@ -122,6 +128,7 @@ impl TcpClient {
         self.shards.clear();
         self.reconnects += 1;
         self.shards = self.rt.block_on(dial::connect_all(&mut self.cfg))?;
+        self.fan = fan_out(&self.cfg, &self.shards);
         Ok(())
     }
 
@@ -181,34 +188,27 @@ impl TcpClient {
         self.check_len(params.len())?;
         let wait_timeout = self.cfg.wait_timeout;
         let slices = split_by_ranges(params, self.shards.iter().map(|s| s.range.len()));
-        let replies = self
-            .rt
-            .block_on(try_join_all(self.shards.iter_mut().zip(slices).map(
-                |(shard, slice)| async move {
-                    // With several shards each keeps its own version; "newer than" means newer
-                    // than what this client last got from that shard. A waiting pull waits only
-                    // where this client's push is pending (then for the step after the slice
-                    // it holds).
-                    let wait = wait && std::mem::take(&mut shard.pending);
-                    let newer = (newer_than.is_some() || wait).then_some(shard.version);
-                    let reply = shard.pull(slice, newer, wait, wait_timeout).await?;
-                    if newer_than.is_none() && !reply.updated {
-                        // The run ended during the wait: without `newer_than` every slice is
-                        // sent, as it is now.
-                        return shard.pull(slice, None, false, wait_timeout).await;
-                    }
-                    Ok(reply)
-                },
-            )))?;
-        Ok(PullReply {
-            version: replies.iter().map(|r| r.version).min().unwrap_or(0),
-            updated: replies.iter().any(|r| r.updated),
-            // A shard that lost updates to a restart (or a push lost to a killed worker)
-            // reaches the budget later than the others: the run is over when all have.
-            done: replies.iter().all(|r| r.done),
-            // Shard 0 sets the batch sizes.
-            batch: replies.first().and_then(|r| r.batch),
-        })
+        let asks: Vec<PullAsk> = (0..self.shards.len())
+            .map(|s| self.fan.pull_ask(s, newer_than, wait))
+            .collect();
+        let replies =
+            self.rt.block_on(try_join_all(
+                self.shards.iter_mut().zip(slices).zip(asks).map(
+                    |((shard, slice), ask)| async move {
+                        let reply = shard
+                            .pull(slice, ask.newer_than, ask.wait, wait_timeout)
+                            .await?;
+                        if FanOut::ask_again(newer_than, &reply) {
+                            return shard.pull(slice, None, false, wait_timeout).await;
+                        }
+                        Ok(reply)
+                    },
+                ),
+            ))?;
+        for (s, reply) in replies.iter().enumerate() {
+            self.fan.pulled(s, reply);
+        }
+        Ok(FanOut::combine_pulls(&replies))
     }
 
     fn check_len(&self, got: usize) -> Result<(), NetError> {
@@ -232,34 +232,46 @@ impl TcpClient {
     fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
         self.check_len(grad.len())?;
         let workers = self.cfg.plan.workers;
-        if !self.cfg.plan.mode.coordinated(self.shards.len()) {
-            let outcomes = self
-                .rt
-                .block_on(try_join_all(self.shards.iter_mut().map(|shard| {
-                    let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
-                    shard.push(meta, slice, None, workers, io)
-                })))?;
-            return Ok(most_conservative(outcomes.into_iter().map(|r| r.outcome)));
-        }
-        // Coordinated: shard 0 admits the gradient into a step (or drops it as late) and
-        // answers once that step is complete, with its members; the other shards then get
-        // the slices tagged with that step, so every shard applies the same gradients.
-        let (first, rest) = self.shards.split_at_mut(1);
-        let wait = self.cfg.wait_timeout;
-        let slice0 = &grad[first[0].range.clone()];
-        let reply = self
-            .rt
-            .block_on(first[0].push(meta, slice0, None, workers, wait))?;
-        let Some(step) = reply.step else {
-            return Ok(reply.outcome);
+        let bases: Vec<u64> = (0..self.shards.len())
+            .map(|s| self.fan.base_version(s))
+            .collect();
+        let route = self.fan.route();
+        let (first, rest) = match route {
+            PushRoute::Together => (&mut [][..], &mut self.shards[..]),
+            PushRoute::ShardZeroFirst => self.shards.split_at_mut(1),
         };
-        let outcomes = self.rt.block_on(try_join_all(rest.iter_mut().map(|shard| {
-            let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
-            shard.push(meta, slice, Some(step.clone()), workers, io)
-        })))?;
-        Ok(most_conservative(
-            std::iter::once(reply.outcome).chain(outcomes.into_iter().map(|r| r.outcome)),
-        ))
+        let mut outcomes = Vec::with_capacity(bases.len());
+        let mut step = None;
+        if let Some(zero) = first.first_mut() {
+            // Coordinated: shard 0 admits the gradient into a step (or drops it as late) and
+            // answers once that step is complete, with its members; the other shards then get
+            // the slices tagged with that step, so every shard applies the same gradients.
+            let wait = self.cfg.wait_timeout;
+            let slice0 = &grad[zero.range.clone()];
+            let reply = self
+                .rt
+                .block_on(zero.push(meta, bases[0], slice0, None, workers, wait))?;
+            self.fan.pushed(0, &reply.outcome);
+            outcomes.push(reply.outcome);
+            match reply.step {
+                Some(s) => step = Some(s),
+                None => return Ok(reply.outcome),
+            }
+        }
+        let offset = outcomes.len();
+        let replies = self
+            .rt
+            .block_on(try_join_all(rest.iter_mut().zip(&bases[offset..]).map(
+                |(shard, &base)| {
+                    let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
+                    shard.push(meta, base, slice, step.clone(), workers, io)
+                },
+            )))?;
+        for (i, reply) in replies.iter().enumerate() {
+            self.fan.pushed(offset + i, &reply.outcome);
+        }
+        outcomes.extend(replies.into_iter().map(|r| r.outcome));
+        Ok(FanOut::combine_pushes(outcomes))
     }
 
     /// Says goodbye to every shard (once). A shard that cannot be reached counts as told: it
@@ -278,19 +290,6 @@ impl TcpClient {
     }
 }
 
-/// The shards' outcomes as one: `Done` once every shard is done (a shard that is behind
-/// still takes gradients until it reaches the budget too); otherwise the most conservative of
-/// the others: dropped, then buffered, then applied.
-fn most_conservative(outcomes: impl Iterator<Item = PushOutcome>) -> PushOutcome {
-    let rank = |o: &PushOutcome| match o {
-        PushOutcome::Done => 3,
-        PushOutcome::Dropped { .. } => 0,
-        PushOutcome::Buffered { .. } => 1,
-        PushOutcome::Applied { .. } => 2,
-    };
-    outcomes.min_by_key(rank).unwrap_or(PushOutcome::Done)
-}
-
 fn split_by_ranges(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     let mut out = Vec::new();
     for len in lens {
@@ -299,6 +298,12 @@ fn split_by_ranges(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Ve
         buf = rest;
     }
     out
+}
+
+/// The protocol state of a client whose links were just made.
+fn fan_out(cfg: &ClientConfig, shards: &[ShardLink]) -> FanOut {
+    let versions: Vec<u64> = shards.iter().map(|s| s.joined_version).collect();
+    FanOut::new(cfg.plan.mode, &versions)
 }
 
 /// The worker loop's view of a transport error: refusals stay typed (a non-finite gradient

@@ -1,0 +1,254 @@
+//! The client's side of the protocol over S shards, with no IO: the order a push goes out in
+//! (all shards at once, or shard 0 first in coordinated sync), the version of each slice the
+//! client holds and whether its last push there waits on a step, what a pull asks each shard,
+//! and how the shards' answers combine into one. `TcpClient` and the engine simulation drive
+//! this same type; they only carry the messages.
+
+use crate::client::PullReply;
+use crate::config::Mode;
+use crate::shard_state::PushOutcome;
+
+/// What the client knows of one shard's slice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Slice {
+    /// The version of the shard's slice in the caller's buffer.
+    version: u64,
+    /// The last push here is buffered for a step that has not completed: a waiting pull
+    /// waits only on such shards (never for a step this client has not pushed to).
+    pending: bool,
+}
+
+/// How a push goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushRoute {
+    /// To every shard at once.
+    Together,
+    /// To shard 0, which admits the gradient into a step (or drops it as late) and answers
+    /// once the step is complete; then to the others tagged with that step, or to none if
+    /// shard 0 did not admit it (coordinated sync: backup workers over several shards).
+    ShardZeroFirst,
+}
+
+/// What a pull asks one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PullAsk {
+    /// Send the slice only if newer than this version (`None`: send it whatever it is).
+    pub newer_than: Option<u64>,
+    /// Wait at the shard's gate for it.
+    pub wait: bool,
+}
+
+/// One client's view of the shards it talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FanOut {
+    slices: Vec<Slice>,
+    route: PushRoute,
+}
+
+impl FanOut {
+    /// A client of `versions.len()` shards under `mode`, holding (after its handshake) each
+    /// shard's slice of the given version.
+    pub fn new(mode: Mode, versions: &[u64]) -> Self {
+        let route = if mode.coordinated(versions.len()) {
+            PushRoute::ShardZeroFirst
+        } else {
+            PushRoute::Together
+        };
+        FanOut {
+            slices: versions
+                .iter()
+                .map(|&version| Slice {
+                    version,
+                    pending: false,
+                })
+                .collect(),
+            route,
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.slices.len()
+    }
+
+    pub fn route(&self) -> PushRoute {
+        self.route
+    }
+
+    /// The oldest version among the slices held (all equal between failures).
+    pub fn version(&self) -> u64 {
+        self.slices.iter().map(|s| s.version).min().unwrap_or(0)
+    }
+
+    /// The version of shard `shard`'s slice held: the base version a push there carries
+    /// (each shard judges staleness against the version its slice came from).
+    pub fn base_version(&self, shard: usize) -> u64 {
+        self.slices.get(shard).map_or(0, |s| s.version)
+    }
+
+    /// Shard 0 answered a coordinated push: whether the other shards get the gradient (only
+    /// if shard 0 admitted it into a step).
+    pub fn followers_get(admitted_step: Option<u64>) -> bool {
+        admitted_step.is_some()
+    }
+
+    /// Shard `shard` answered a push with `outcome`.
+    pub fn pushed(&mut self, shard: usize, outcome: &PushOutcome) {
+        if let Some(s) = self.slices.get_mut(shard) {
+            s.pending = matches!(outcome, PushOutcome::Buffered { .. });
+        }
+    }
+
+    /// What a pull asks shard `shard`: with `newer_than` (or a wait) only a slice newer than
+    /// the one held; a wait only where this client's last push is pending, which the ask
+    /// consumes.
+    pub fn pull_ask(&mut self, shard: usize, newer_than: Option<u64>, wait: bool) -> PullAsk {
+        let Some(s) = self.slices.get_mut(shard) else {
+            return PullAsk {
+                newer_than,
+                wait: false,
+            };
+        };
+        let wait = wait && std::mem::take(&mut s.pending);
+        PullAsk {
+            newer_than: (newer_than.is_some() || wait).then_some(s.version),
+            wait,
+        }
+    }
+
+    /// Whether a shard's answer to a pull that asked for every slice (`newer_than: None`)
+    /// needs asking again without conditions: the run ended during a wait, and the slice was
+    /// not sent.
+    pub fn ask_again(newer_than: Option<u64>, reply: &PullReply) -> bool {
+        newer_than.is_none() && !reply.updated
+    }
+
+    /// Shard `shard` answered a pull.
+    pub fn pulled(&mut self, shard: usize, reply: &PullReply) {
+        if let Some(s) = self.slices.get_mut(shard) {
+            if reply.updated {
+                s.version = reply.version;
+            }
+        }
+    }
+
+    /// The shards' answers to one pull as one: the oldest version; updated if any slice
+    /// was; done only when every shard is (a shard that lost updates to a restart reaches
+    /// the budget later than the others); shard 0's batch size.
+    pub fn combine_pulls(replies: &[PullReply]) -> PullReply {
+        PullReply {
+            version: replies.iter().map(|r| r.version).min().unwrap_or(0),
+            updated: replies.iter().any(|r| r.updated),
+            done: replies.iter().all(|r| r.done),
+            batch: replies.first().and_then(|r| r.batch),
+        }
+    }
+
+    /// The shards' answers to one push as one: `Done` once every shard is done (a shard that
+    /// is behind still takes gradients until it reaches the budget too); otherwise the most
+    /// conservative of the others: dropped, then buffered, then applied.
+    pub fn combine_pushes(outcomes: impl IntoIterator<Item = PushOutcome>) -> PushOutcome {
+        let rank = |o: &PushOutcome| match o {
+            PushOutcome::Done => 3,
+            PushOutcome::Dropped { .. } => 0,
+            PushOutcome::Buffered { .. } => 1,
+            PushOutcome::Applied { .. } => 2,
+        };
+        outcomes
+            .into_iter()
+            .min_by_key(rank)
+            .unwrap_or(PushOutcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SYNC: Mode = Mode::Sync { backup_workers: 0 };
+
+    fn pulled(version: u64, updated: bool, done: bool) -> PullReply {
+        PullReply {
+            version,
+            updated,
+            done,
+            batch: None,
+        }
+    }
+
+    #[test]
+    fn pushes_go_together_except_in_coordinated_sync() {
+        assert_eq!(FanOut::new(SYNC, &[0, 0]).route(), PushRoute::Together);
+        let backups = Mode::Sync { backup_workers: 1 };
+        assert_eq!(FanOut::new(backups, &[0]).route(), PushRoute::Together);
+        assert_eq!(
+            FanOut::new(backups, &[0, 0]).route(),
+            PushRoute::ShardZeroFirst
+        );
+        assert!(FanOut::followers_get(Some(3)));
+        assert!(!FanOut::followers_get(None));
+    }
+
+    #[test]
+    fn a_waiting_pull_waits_only_where_the_push_is_pending_and_once() {
+        let mut f = FanOut::new(SYNC, &[4, 4]);
+        f.pushed(0, &PushOutcome::Buffered { waiting_for: 1 });
+        f.pushed(
+            1,
+            &PushOutcome::Applied {
+                version: 5,
+                staleness: 0,
+            },
+        );
+        let ask0 = f.pull_ask(0, Some(4), true);
+        let ask1 = f.pull_ask(1, Some(4), true);
+        assert_eq!(
+            ask0,
+            PullAsk {
+                newer_than: Some(4),
+                wait: true
+            }
+        );
+        assert_eq!(
+            ask1,
+            PullAsk {
+                newer_than: Some(4),
+                wait: false
+            }
+        );
+        // The pending flag is consumed: the next ask does not wait.
+        assert!(!f.pull_ask(0, Some(4), true).wait);
+        // Without `newer_than` and without a wait, every slice is asked for.
+        assert_eq!(f.pull_ask(1, None, false).newer_than, None);
+    }
+
+    #[test]
+    fn versions_follow_the_slices_actually_received() {
+        let mut f = FanOut::new(SYNC, &[2, 5]);
+        assert_eq!((f.version(), f.base_version(1)), (2, 5));
+        f.pulled(0, &pulled(7, true, false));
+        f.pulled(1, &pulled(9, false, false));
+        assert_eq!((f.base_version(0), f.base_version(1)), (7, 5));
+        assert_eq!(f.version(), 5);
+        assert!(FanOut::ask_again(None, &pulled(9, false, true)));
+        assert!(!FanOut::ask_again(Some(5), &pulled(9, false, true)));
+    }
+
+    #[test]
+    fn answers_combine_conservatively_and_done_needs_every_shard() {
+        let pull = FanOut::combine_pulls(&[pulled(8, true, true), pulled(6, false, false)]);
+        assert_eq!((pull.version, pull.updated, pull.done), (6, true, false));
+        let both_done = FanOut::combine_pulls(&[pulled(8, false, true), pulled(8, false, true)]);
+        assert!(both_done.done);
+        use PushOutcome::*;
+        let applied = Applied {
+            version: 8,
+            staleness: 0,
+        };
+        let buffered = Buffered { waiting_for: 1 };
+        let dropped = Dropped { staleness: 2 };
+        assert_eq!(FanOut::combine_pushes([applied, buffered]), buffered);
+        assert_eq!(FanOut::combine_pushes([Done, applied]), applied);
+        assert_eq!(FanOut::combine_pushes([buffered, dropped, Done]), dropped);
+        assert_eq!(FanOut::combine_pushes([Done, Done]), Done);
+    }
+}
