@@ -183,16 +183,12 @@ impl Sim {
         if route == PushRoute::ShardZeroFirst {
             let first = self.shards[0].push(meta(bases[0]), &grad, None, self.now);
             outcomes.push(first.outcome.clone());
-            match first.admitted_step {
-                // The followers get the slice once shard 0's step is complete; the simulated
-                // worker waits for that while the others act (the real one waits for shard
-                // 0's reply).
-                Some(s) => {
-                    self.complete_step(slot, s);
-                    step = Some(s);
-                }
-                // Dropped by shard 0 as late: the followers never see it.
-                None => {}
+            // The followers get the slice once shard 0's step is complete (the simulated
+            // worker waits for that while the others act, as the real one waits for shard 0's
+            // reply); a gradient shard 0 dropped as late never reaches them.
+            if let Some(s) = first.admitted_step {
+                self.complete_step(slot, s);
+                step = Some(s);
             }
         }
         let members = step.and_then(|s| self.shards[0].step_members(s).map(<[bool]>::to_vec));
