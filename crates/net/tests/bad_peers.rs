@@ -69,23 +69,7 @@ fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
     let addr = server.address();
     let good = std::thread::spawn(move || {
         let mut c = client(addr, 0, 2, ASYNC);
-        let mut params = vec![0.0; N];
-        let mut applied = 0;
-        for _ in 0..200 {
-            let reply = c.pull(&mut params, None, false).unwrap();
-            let meta = PushMeta {
-                rank: 0,
-                base_version: reply.version,
-                samples: 1,
-                loss: 0.0,
-            };
-            if let PushOutcome::Applied { .. } = c.push(meta, &vec![1.0; N]).unwrap() {
-                applied += 1;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        c.leave().unwrap();
-        (applied, params)
+        train_throughout(&mut c, 200)
     });
 
     // Random bytes: not a pstrain peer.

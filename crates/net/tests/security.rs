@@ -68,23 +68,7 @@ fn without_the_token_nothing_leaves_the_shard_and_nothing_changes_it() {
     let good_cfg = client_cfg(addr, 0, Some(token.clone()));
     let good = std::thread::spawn(move || {
         let mut c = TcpClient::connect(&good_cfg).unwrap();
-        let mut params = vec![0.0; N];
-        let mut applied = 0;
-        for _ in 0..200 {
-            let reply = c.pull(&mut params, None, false).unwrap();
-            let meta = PushMeta {
-                rank: 0,
-                base_version: reply.version,
-                samples: 1,
-                loss: 0.0,
-            };
-            if let PushOutcome::Applied { .. } = c.push(meta, &vec![1.0; N]).unwrap() {
-                applied += 1;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        c.leave().unwrap();
-        applied
+        train_throughout(&mut c, 200).0
     });
 
     // DESCRIBE without proving anything: an error, never a description (which was itself

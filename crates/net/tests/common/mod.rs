@@ -78,6 +78,29 @@ pub fn train_unit_steps(client: &mut pstrain_net::TcpClient, steps: usize) {
     client.leave().unwrap();
 }
 
+/// `steps` pull-then-push rounds of unit gradients as rank 0, 2 ms apart (a worker that
+/// trains throughout an attack), then a goodbye: how many were applied, and the weights.
+pub fn train_throughout(client: &mut pstrain_net::TcpClient, steps: usize) -> (u64, Vec<f32>) {
+    use pstrain_core::{ParameterClient, PushOutcome};
+    let mut params = vec![0.0; N];
+    let mut applied = 0;
+    for _ in 0..steps {
+        let v = client.pull(&mut params, None, false).unwrap().version;
+        let meta = pstrain_core::PushMeta {
+            rank: 0,
+            base_version: v,
+            samples: 1,
+            loss: 0.0,
+        };
+        if let PushOutcome::Applied { .. } = client.push(meta, &vec![1.0; N]).unwrap() {
+            applied += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    client.leave().unwrap();
+    (applied, params)
+}
+
 /// This process's resident memory in KiB (Linux).
 pub fn resident_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
