@@ -85,12 +85,6 @@ impl FanOut {
         self.slices.get(shard).map_or(0, |s| s.version)
     }
 
-    /// Shard 0 answered a coordinated push: whether the other shards get the gradient (only
-    /// if shard 0 admitted it into a step).
-    pub fn followers_get(admitted_step: Option<u64>) -> bool {
-        admitted_step.is_some()
-    }
-
     /// Shard `shard` answered a push with `outcome`.
     pub fn pushed(&mut self, shard: usize, outcome: &PushOutcome) {
         if let Some(s) = self.slices.get_mut(shard) {
@@ -184,8 +178,6 @@ mod tests {
             FanOut::new(backups, &[0, 0]).route(),
             PushRoute::ShardZeroFirst
         );
-        assert!(FanOut::followers_get(Some(3)));
-        assert!(!FanOut::followers_get(None));
     }
 
     #[test]

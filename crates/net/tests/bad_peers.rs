@@ -69,7 +69,7 @@ fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
     let addr = server.address();
     let good = std::thread::spawn(move || {
         let mut c = client(addr, 0, 2, ASYNC);
-        train_throughout(&mut c, 200)
+        train_unit_steps(&mut c, 200, Duration::from_millis(2))
     });
 
     // Random bytes: not a pstrain peer.

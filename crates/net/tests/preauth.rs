@@ -108,7 +108,7 @@ fn strangers_on_a_few_addresses_cannot_take_every_slot() {
     cfg.token = Some(token.clone());
     cfg.connect_timeout = Duration::from_secs(3);
     let mut worker = TcpClient::connect(&cfg).expect("the run's worker gets a slot");
-    train_unit_steps(&mut worker, 10);
+    train_unit_steps(&mut worker, 10, Duration::ZERO);
     drop(parked);
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 10);
@@ -151,7 +151,7 @@ fn a_stranger_cannot_keep_a_finished_run_alive() {
     );
     cfg.token = Some(token.clone());
     let mut worker = TcpClient::connect(&cfg).unwrap();
-    train_unit_steps(&mut worker, 5);
+    train_unit_steps(&mut worker, 5, Duration::ZERO);
     // The run is over when its worker is done, whoever else is connected.
     let report = server.wait(Some(Duration::from_secs(5))).unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -50,7 +50,7 @@ fn a_planted_checkpoint_is_not_restored_by_a_shard_with_a_token() {
     let token = RunToken::generate().unwrap();
     let shard = ShardHandle::start("127.0.0.1:0", config(dir.path(), &token), &[0.0; N], 1)
         .expect("a fresh folder starts");
-    train_unit_steps(&mut client(shard.address(), &token), 10);
+    train_unit_steps(&mut client(shard.address(), &token), 10, Duration::ZERO);
     let report = shard.finish().unwrap();
     assert_eq!(report.stats.version, 10);
 

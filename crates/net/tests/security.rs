@@ -68,7 +68,7 @@ fn without_the_token_nothing_leaves_the_shard_and_nothing_changes_it() {
     let good_cfg = client_cfg(addr, 0, Some(token.clone()));
     let good = std::thread::spawn(move || {
         let mut c = TcpClient::connect(&good_cfg).unwrap();
-        train_throughout(&mut c, 200).0
+        train_unit_steps(&mut c, 200, Duration::from_millis(2)).0
     });
 
     // DESCRIBE without proving anything: an error, never a description (which was itself
@@ -195,7 +195,7 @@ fn parked_connections_are_capped_and_a_real_worker_still_trains() {
     // cap), the rest are closed on accept.
     println!("5,000 parked connections: resident memory grew by {grown} KiB");
     assert!(grown < 64 * 1024, "grew by {grown} KiB");
-    train_unit_steps(&mut good, 50);
+    train_unit_steps(&mut good, 50, Duration::ZERO);
     drop(parked);
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 50);

@@ -17,8 +17,8 @@ use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
 use link::ShardLink;
 use pstrain_core::{
-    ClientError, FanOut, Layout, ParameterClient, PullAsk, PullReply, PushError, PushMeta,
-    PushOutcome, PushRoute, RunPlan,
+    ClientError, FanOut, Layout, ParameterClient, PullReply, PushError, PushMeta, PushOutcome,
+    PushRoute, RunPlan,
 };
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -188,23 +188,25 @@ impl TcpClient {
         self.check_len(params.len())?;
         let wait_timeout = self.cfg.wait_timeout;
         let slices = split_by_ranges(params, self.shards.iter().map(|s| s.range.len()));
-        let asks: Vec<PullAsk> = (0..self.shards.len())
-            .map(|s| self.fan.pull_ask(s, newer_than, wait))
-            .collect();
-        let replies =
-            self.rt.block_on(try_join_all(
-                self.shards.iter_mut().zip(slices).zip(asks).map(
-                    |((shard, slice), ask)| async move {
-                        let reply = shard
-                            .pull(slice, ask.newer_than, ask.wait, wait_timeout)
-                            .await?;
-                        if FanOut::ask_again(newer_than, &reply) {
-                            return shard.pull(slice, None, false, wait_timeout).await;
-                        }
-                        Ok(reply)
-                    },
-                ),
-            ))?;
+        let fan = &mut self.fan;
+        let pulls = self
+            .shards
+            .iter_mut()
+            .zip(slices)
+            .enumerate()
+            .map(|(s, (shard, slice))| {
+                let ask = fan.pull_ask(s, newer_than, wait);
+                async move {
+                    let reply = shard
+                        .pull(slice, ask.newer_than, ask.wait, wait_timeout)
+                        .await?;
+                    if FanOut::ask_again(newer_than, &reply) {
+                        return shard.pull(slice, None, false, wait_timeout).await;
+                    }
+                    Ok(reply)
+                }
+            });
+        let replies = self.rt.block_on(try_join_all(pulls))?;
         for (s, reply) in replies.iter().enumerate() {
             self.fan.pulled(s, reply);
         }
@@ -232,46 +234,42 @@ impl TcpClient {
     fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
         self.check_len(grad.len())?;
         let workers = self.cfg.plan.workers;
-        let bases: Vec<u64> = (0..self.shards.len())
-            .map(|s| self.fan.base_version(s))
-            .collect();
-        let route = self.fan.route();
-        let (first, rest) = match route {
+        let (first, rest) = match self.fan.route() {
             PushRoute::Together => (&mut [][..], &mut self.shards[..]),
             PushRoute::ShardZeroFirst => self.shards.split_at_mut(1),
         };
-        let mut outcomes = Vec::with_capacity(bases.len());
-        let mut step = None;
+        let (mut zero_outcome, mut step) = (None, None);
         if let Some(zero) = first.first_mut() {
             // Coordinated: shard 0 admits the gradient into a step (or drops it as late) and
             // answers once that step is complete, with its members; the other shards then get
             // the slices tagged with that step, so every shard applies the same gradients.
             let wait = self.cfg.wait_timeout;
             let slice0 = &grad[zero.range.clone()];
+            let base = self.fan.base_version(0);
             let reply = self
                 .rt
-                .block_on(zero.push(meta, bases[0], slice0, None, workers, wait))?;
+                .block_on(zero.push(meta, base, slice0, None, workers, wait))?;
             self.fan.pushed(0, &reply.outcome);
-            outcomes.push(reply.outcome);
-            match reply.step {
-                Some(s) => step = Some(s),
-                None => return Ok(reply.outcome),
-            }
+            let Some(s) = reply.step else {
+                return Ok(reply.outcome);
+            };
+            (zero_outcome, step) = (Some(reply.outcome), Some(s));
         }
-        let offset = outcomes.len();
-        let replies = self
-            .rt
-            .block_on(try_join_all(rest.iter_mut().zip(&bases[offset..]).map(
-                |(shard, &base)| {
-                    let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
-                    shard.push(meta, base, slice, step.clone(), workers, io)
-                },
-            )))?;
+        let offset = first.len();
+        let fan = &self.fan;
+        let pushes = rest.iter_mut().enumerate().map(|(i, shard)| {
+            let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
+            let base = fan.base_version(offset + i);
+            shard.push(meta, base, slice, step.clone(), workers, io)
+        });
+        let replies = self.rt.block_on(try_join_all(pushes))?;
         for (i, reply) in replies.iter().enumerate() {
             self.fan.pushed(offset + i, &reply.outcome);
         }
-        outcomes.extend(replies.into_iter().map(|r| r.outcome));
-        Ok(FanOut::combine_pushes(outcomes))
+        let outcomes = replies.into_iter().map(|r| r.outcome);
+        Ok(FanOut::combine_pushes(
+            zero_outcome.into_iter().chain(outcomes),
+        ))
     }
 
     /// Says goodbye to every shard (once). A shard that cannot be reached counts as told: it

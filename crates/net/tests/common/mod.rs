@@ -61,26 +61,13 @@ pub fn read_frame(s: &mut TcpStream) -> (u16, Vec<u8>) {
     (header.kind, payload)
 }
 
-/// `steps` pull-then-push rounds of unit gradients as rank 0, then a goodbye.
-pub fn train_unit_steps(client: &mut pstrain_net::TcpClient, steps: usize) {
-    use pstrain_core::ParameterClient;
-    let mut params = vec![0.0; N];
-    for _ in 0..steps {
-        let v = client.pull(&mut params, None, false).unwrap().version;
-        let meta = pstrain_core::PushMeta {
-            rank: 0,
-            base_version: v,
-            samples: 1,
-            loss: 0.0,
-        };
-        client.push(meta, &vec![1.0; N]).unwrap();
-    }
-    client.leave().unwrap();
-}
-
-/// `steps` pull-then-push rounds of unit gradients as rank 0, 2 ms apart (a worker that
-/// trains throughout an attack), then a goodbye: how many were applied, and the weights.
-pub fn train_throughout(client: &mut pstrain_net::TcpClient, steps: usize) -> (u64, Vec<f32>) {
+/// `steps` pull-then-push rounds of unit gradients as rank 0, `pause` apart, then a goodbye:
+/// how many were applied, and the weights.
+pub fn train_unit_steps(
+    client: &mut pstrain_net::TcpClient,
+    steps: usize,
+    pause: std::time::Duration,
+) -> (u64, Vec<f32>) {
     use pstrain_core::{ParameterClient, PushOutcome};
     let mut params = vec![0.0; N];
     let mut applied = 0;
@@ -95,7 +82,9 @@ pub fn train_throughout(client: &mut pstrain_net::TcpClient, steps: usize) -> (u
         if let PushOutcome::Applied { .. } = client.push(meta, &vec![1.0; N]).unwrap() {
             applied += 1;
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
     }
     client.leave().unwrap();
     (applied, params)
