@@ -20,48 +20,88 @@ pub enum Mode {
 /// The largest `max_lead`: a shard holds up to `max_lead + 1` pending step sums.
 pub const MAX_LEAD_LIMIT: u64 = 64;
 
+/// What a mode is, in one place: every `Mode` predicate reads it, so a new mode is one arm of
+/// `Mode::spec` (which the compiler asks for) rather than one arm per predicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeSpec {
+    pub name: &'static str,
+    /// Its tag and one parameter, for the wire and for checkpoints (`Mode::from_wire` reads
+    /// them back).
+    pub wire: (u8, u64),
+    /// Every update is one step of every worker: one update consumes every worker's batch.
+    pub lockstep: bool,
+    /// A worker's step number is the server's version after each pull (a straggler whose
+    /// step went on without it follows).
+    pub step_is_version: bool,
+    /// A worker's pull after a push waits for the shard's consistency gate instead of taking
+    /// whatever the shard holds.
+    pub pull_waits: bool,
+    /// The gate is the rank's own lead over the shard (SSP): a pull may wait there whether or
+    /// not its last push arrived (after a reconnect it must), since the rank never waits on
+    /// itself. Otherwise the gate is a step the rank's push is in, and a pull waits only
+    /// where that push is pending.
+    pub lead_gate: bool,
+    /// Gradients a step may do without.
+    pub backup_workers: usize,
+}
+
 impl Mode {
+    /// The mode's description; every predicate below reads it.
+    pub fn spec(&self) -> ModeSpec {
+        match *self {
+            Mode::Sync { backup_workers } => ModeSpec {
+                name: "sync",
+                wire: (1, backup_workers as u64),
+                lockstep: true,
+                step_is_version: true,
+                pull_waits: true,
+                lead_gate: false,
+                backup_workers,
+            },
+            Mode::Async { max_staleness } => ModeSpec {
+                name: "async",
+                wire: (2, max_staleness.unwrap_or(0)),
+                lockstep: false,
+                step_is_version: false,
+                pull_waits: false,
+                lead_gate: false,
+                backup_workers: 0,
+            },
+            Mode::Ssp { max_lead } => ModeSpec {
+                name: "ssp",
+                wire: (3, max_lead),
+                lockstep: true,
+                step_is_version: false,
+                pull_waits: true,
+                lead_gate: true,
+                backup_workers: 0,
+            },
+        }
+    }
+
     pub fn name(&self) -> &'static str {
-        match self {
-            Mode::Sync { .. } => "sync",
-            Mode::Async { .. } => "async",
-            Mode::Ssp { .. } => "ssp",
-        }
+        self.spec().name
     }
 
-    /// Every update is one step of every worker: one update consumes every worker's batch
-    /// (sync and SSP).
+    /// Every update is one step of every worker (sync and SSP).
     pub fn lockstep(&self) -> bool {
-        match self {
-            Mode::Sync { .. } | Mode::Ssp { .. } => true,
-            Mode::Async { .. } => false,
-        }
+        self.spec().lockstep
     }
 
-    /// A worker's step number is the server's version after each pull (sync: a straggler
-    /// whose step went on without it follows).
+    /// A worker's step number is the server's version after each pull (sync).
     pub fn step_is_version(&self) -> bool {
-        match self {
-            Mode::Sync { .. } => true,
-            Mode::Async { .. } | Mode::Ssp { .. } => false,
-        }
+        self.spec().step_is_version
     }
 
     /// A worker's pull after a push waits for the shard's consistency gate (the step's update
-    /// in sync mode, the staleness bound in SSP) instead of taking whatever the shard holds.
+    /// in sync mode, the staleness bound in SSP).
     pub fn pull_waits(&self) -> bool {
-        match self {
-            Mode::Sync { .. } | Mode::Ssp { .. } => true,
-            Mode::Async { .. } => false,
-        }
+        self.spec().pull_waits
     }
 
     /// Sync: gradients a step may do without.
     pub fn backup_workers(&self) -> usize {
-        match self {
-            Mode::Sync { backup_workers } => *backup_workers,
-            Mode::Async { .. } | Mode::Ssp { .. } => 0,
-        }
+        self.spec().backup_workers
     }
 
     /// Shard 0 decides each step's members and the other shards apply exactly those (sync
@@ -72,13 +112,11 @@ impl Mode {
 
     /// The mode as a tag and one parameter, for the wire and for checkpoints.
     pub fn to_wire(&self) -> (u8, u64) {
-        match *self {
-            Mode::Sync { backup_workers } => (1, backup_workers as u64),
-            Mode::Async { max_staleness } => (2, max_staleness.unwrap_or(0)),
-            Mode::Ssp { max_lead } => (3, max_lead),
-        }
+        self.spec().wire
     }
 
+    /// The mode `to_wire` wrote (a new mode's tag is added here by hand, and an example of
+    /// it to `config_tests.rs`'s round trip).
     pub fn from_wire(tag: u8, param: u64) -> Option<Mode> {
         match tag {
             1 => Some(Mode::Sync {
@@ -225,3 +263,7 @@ impl ServerConfig {
         self.optimizer.validate()
     }
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -5,8 +5,10 @@
 
 use crate::balance::BatchBalancer;
 use crate::checkpoint_schedule::CheckpointSchedule;
+use crate::client::PullReply;
 use crate::config::ServerConfig;
 use crate::error::{ConfigError, PushError, RestoreError};
+use crate::fan_out::PullAsk;
 use crate::membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
 use crate::server::{PushMeta, PushOutcome, ServerCore, ShardCounters, ShardSnapshot};
 use crate::worker_stats::WorkerStats;
@@ -50,6 +52,16 @@ pub struct PushReport {
     /// Shard 0 in coordinated mode: the step the gradient was admitted into; once it is
     /// complete, `step_members` says who made it up (the other shards need that).
     pub admitted_step: Option<u64>,
+}
+
+/// What the engine decides for a pull (its `Ready`, in raft-rs's words): the transport only
+/// carries it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullDecision {
+    /// Held at the consistency gate: ask again when the shard changes.
+    Wait,
+    /// Answer now (with the shard's weights when `updated`).
+    Answer(PullReply),
 }
 
 #[derive(Debug)]
@@ -127,7 +139,7 @@ impl ShardEngine {
     }
 
     /// `rank`'s pull waits at the consistency gate (until `pull_served`).
-    pub fn pull_waiting(&mut self, rank: usize) {
+    fn pull_waiting(&mut self, rank: usize) {
         if let Some(w) = self.waiting.get_mut(rank) {
             *w = true;
         }
@@ -140,10 +152,37 @@ impl ShardEngine {
             .collect()
     }
 
+    /// Decides a pull of `rank` (`None`: a peer that is not a worker) asking `ask`, which
+    /// arrived at `arrived`: `Wait` while the consistency gate holds it (the rank shows as
+    /// waiting; ask again when the shard changes), else the answer to send, with `params()`
+    /// when it says `updated`. Every transport serves pulls through this one decision.
+    pub fn pull(
+        &mut self,
+        rank: Option<usize>,
+        ask: PullAsk,
+        arrived: Duration,
+        now: Duration,
+    ) -> PullDecision {
+        if ask.wait && !self.core.pull_ready(rank, ask.newer_than) {
+            if let Some(rank) = rank {
+                self.pull_waiting(rank);
+            }
+            return PullDecision::Wait;
+        }
+        let batch = rank.and_then(|rank| self.pull_served(rank, arrived, now));
+        let version = self.version();
+        PullDecision::Answer(PullReply {
+            version,
+            updated: ask.newer_than.is_none_or(|n| version > n),
+            done: self.is_done(),
+            batch,
+        })
+    }
+
     /// `rank`'s pull, which arrived at `arrived`, is answered at `now`: its wait is counted,
     /// its compute time starts, and it is told its next batch size when batches are
     /// balanced.
-    pub fn pull_served(&mut self, rank: usize, arrived: Duration, now: Duration) -> Option<u32> {
+    fn pull_served(&mut self, rank: usize, arrived: Duration, now: Duration) -> Option<u32> {
         let slot = self.served_at.get_mut(rank)?;
         *slot = Some(now);
         self.waiting[rank] = false;
@@ -266,9 +305,9 @@ impl ShardEngine {
         self.core.members_of(step)
     }
 
-    /// Whether a waiting pull by `rank` for weights newer than `newer_than` may return.
-    pub fn pull_ready(&self, rank: Option<usize>, newer_than: Option<u64>) -> bool {
-        self.core.pull_ready(rank, newer_than)
+    /// The consistency mode this shard serves.
+    pub fn mode(&self) -> crate::config::Mode {
+        self.core.mode()
     }
 
     /// The state to write if the time-based checkpoint interval has passed.

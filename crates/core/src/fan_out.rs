@@ -16,6 +16,12 @@ struct Slice {
     /// The last push here is buffered for a step that has not completed: a waiting pull
     /// waits only on such shards (never for a step this client has not pushed to).
     pending: bool,
+    /// The caller's buffer holds this slice at `version`. Not so after a (re)join, whose
+    /// `version` is the shard's, not what the buffer holds (a worker that reconnected keeps
+    /// its old weights), nor once the caller asks for every slice: the next pull then takes
+    /// the slice whatever its version, so no push claims a base version it did not compute
+    /// from.
+    held: bool,
 }
 
 /// How a push goes out.
@@ -43,6 +49,8 @@ pub struct PullAsk {
 pub struct FanOut {
     slices: Vec<Slice>,
     route: PushRoute,
+    /// The mode's gate is the rank's own lead (`ModeSpec::lead_gate`).
+    lead_gate: bool,
 }
 
 impl FanOut {
@@ -60,9 +68,11 @@ impl FanOut {
                 .map(|&version| Slice {
                     version,
                     pending: false,
+                    held: false,
                 })
                 .collect(),
             route,
+            lead_gate: mode.spec().lead_gate,
         }
     }
 
@@ -93,8 +103,8 @@ impl FanOut {
     }
 
     /// What a pull asks shard `shard`: with `newer_than` (or a wait) only a slice newer than
-    /// the one held; a wait only where this client's last push is pending, which the ask
-    /// consumes.
+    /// the one held, or the slice whatever it is when none is held; a wait where this
+    /// client's last push is pending (which the ask consumes), or always under a lead gate.
     pub fn pull_ask(&mut self, shard: usize, newer_than: Option<u64>, wait: bool) -> PullAsk {
         let Some(s) = self.slices.get_mut(shard) else {
             return PullAsk {
@@ -102,18 +112,29 @@ impl FanOut {
                 wait: false,
             };
         };
-        let wait = wait && std::mem::take(&mut s.pending);
+        if newer_than.is_none() {
+            s.held = false;
+        }
+        let wait = wait && (std::mem::take(&mut s.pending) || self.lead_gate);
+        // A step gate needs the version the push was based on (it opens past it); a lead
+        // gate is the rank's own, so a slice not held is asked for whole even when waiting.
+        let step_gate = wait && !self.lead_gate;
         PullAsk {
-            newer_than: (newer_than.is_some() || wait).then_some(s.version),
+            newer_than: (s.held || step_gate).then_some(s.version),
             wait,
         }
     }
 
-    /// Whether a shard's answer to a pull that asked for every slice (`newer_than: None`)
-    /// needs asking again without conditions: the run ended during a wait, and the slice was
-    /// not sent.
-    pub fn ask_again(newer_than: Option<u64>, reply: &PullReply) -> bool {
-        newer_than.is_none() && !reply.updated
+    /// Whether shard `shard`'s slice must come with the next answer whatever its version (the
+    /// buffer does not hold it); pass to `ask_again` with the answer.
+    pub fn needs_whole(&self, shard: usize) -> bool {
+        self.slices.get(shard).is_some_and(|s| !s.held)
+    }
+
+    /// Whether an answer to an ask for a slice that `needs_whole` needs asking again without
+    /// conditions: the run ended during a wait, and the slice was not sent.
+    pub fn ask_again(needs_whole: bool, reply: &PullReply) -> bool {
+        needs_whole && !reply.updated
     }
 
     /// Shard `shard` answered a pull.
@@ -121,6 +142,7 @@ impl FanOut {
         if let Some(s) = self.slices.get_mut(shard) {
             if reply.updated {
                 s.version = reply.version;
+                s.held = true;
             }
         }
     }
@@ -180,9 +202,18 @@ mod tests {
         );
     }
 
+    /// A client that pulled both slices at version `v`.
+    fn holding(v: u64) -> FanOut {
+        let mut f = FanOut::new(SYNC, &[v, v]);
+        for s in 0..2 {
+            f.pulled(s, &pulled(v, true, false));
+        }
+        f
+    }
+
     #[test]
     fn a_waiting_pull_waits_only_where_the_push_is_pending_and_once() {
-        let mut f = FanOut::new(SYNC, &[4, 4]);
+        let mut f = holding(4);
         f.pushed(0, &PushOutcome::Buffered { waiting_for: 1 });
         f.pushed(
             1,
@@ -221,8 +252,36 @@ mod tests {
         f.pulled(1, &pulled(9, false, false));
         assert_eq!((f.base_version(0), f.base_version(1)), (7, 5));
         assert_eq!(f.version(), 5);
-        assert!(FanOut::ask_again(None, &pulled(9, false, true)));
-        assert!(!FanOut::ask_again(Some(5), &pulled(9, false, true)));
+        assert!(!f.needs_whole(0) && f.needs_whole(1));
+        assert!(FanOut::ask_again(true, &pulled(9, false, true)));
+        assert!(!FanOut::ask_again(false, &pulled(9, false, true)));
+        assert!(!FanOut::ask_again(true, &pulled(9, true, true)));
+    }
+
+    #[test]
+    fn after_a_join_the_next_pull_takes_every_slice_whatever_its_version() {
+        // Joined (or reconnected) at shard versions 6 and 6: the buffer holds older weights,
+        // so asking "newer than 6" could leave them there under version 6's name.
+        let mut f = FanOut::new(SYNC, &[6, 6]);
+        assert_eq!(
+            f.pull_ask(0, Some(3), true),
+            PullAsk {
+                newer_than: None,
+                wait: false
+            }
+        );
+        // A push after the join is pending: the wait needs its base version at the gate,
+        // and the slice is still taken whole.
+        f.pushed(1, &PushOutcome::Buffered { waiting_for: 1 });
+        let ask = f.pull_ask(1, Some(3), true);
+        assert_eq!((ask.newer_than, ask.wait), (Some(6), true));
+        assert!(f.needs_whole(1));
+        f.pulled(1, &pulled(7, true, false));
+        assert!(!f.needs_whole(1));
+        assert_eq!(f.pull_ask(1, Some(7), false).newer_than, Some(7));
+        // Asking for every slice forgets what is held.
+        assert_eq!(f.pull_ask(1, None, false).newer_than, None);
+        assert!(f.needs_whole(1));
     }
 
     #[test]

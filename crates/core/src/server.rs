@@ -112,6 +112,10 @@ impl ServerCore {
 
     /// Whether a waiting pull by `rank` for weights newer than `newer_than` may return: the
     /// rule's gate, or the run is over.
+    pub fn mode(&self) -> crate::config::Mode {
+        self.config.mode
+    }
+
     pub fn pull_ready(&self, rank: Option<usize>, newer_than: Option<u64>) -> bool {
         self.is_done() || self.rule.pull_ready(&self.state, rank, newer_than)
     }

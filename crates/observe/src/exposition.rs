@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use pstrain_core::STALENESS_BOUNDS;
+use pstrain_core::{STALENESS_BOUNDS, WORKER_FIELDS};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -212,6 +212,20 @@ impl SnapshotCollector {
                 })
             })
             .collect();
+        for field in WORKER_FIELDS {
+            let Some(exported) = field.prometheus else {
+                continue;
+            };
+            let kind = if exported.counter {
+                MetricType::Counter
+            } else {
+                MetricType::Gauge
+            };
+            let samples = workers
+                .iter()
+                .map(|(l, w)| (l.clone(), (field.get)(&w.numbers).as_f64()));
+            family(e, exported.name, exported.help, kind, samples)?;
+        }
         for f in WORKER_FAMILIES {
             let samples = workers
                 .iter()
@@ -247,7 +261,7 @@ fn encode_staleness(
     for (labels, w) in workers {
         let buckets: Vec<(f64, u64)> = STALENESS_BOUNDS
             .iter()
-            .zip(&w.staleness_hist)
+            .zip(&w.numbers.staleness_hist)
             .map(|(&bound, &n)| {
                 let le = if bound == u64::MAX {
                     f64::MAX
@@ -259,8 +273,8 @@ fn encode_staleness(
             .collect();
         let mut m = metric.encode_family(labels)?;
         m.encode_histogram::<NoLabelSet>(
-            w.staleness_sum as f64,
-            w.gradients_applied,
+            w.numbers.staleness_sum as f64,
+            w.numbers.applied,
             &buckets,
             None,
         )?;

@@ -1,5 +1,6 @@
-//! The Prometheus families a watcher exposes, declared as tables: a new shard or per-worker
-//! number is one row here (`exposition.rs` encodes every row alike).
+//! The Prometheus families a watcher exposes, declared as tables: a new shard number is one row
+//! here, a new per-worker number one row of `pstrain_core::WORKER_FIELDS` (`exposition.rs`
+//! encodes every row alike).
 
 use crate::snapshot::{ShardView, WorkerView};
 use prometheus_client::metrics::MetricType;
@@ -94,49 +95,14 @@ pub(crate) const NOT_APPLIED_REASONS: [(&str, ShardCount); 4] = [
     ("rolled_back", |s| s.rolled_back),
 ];
 
-/// The per-worker families: a new per-worker number is one row here.
+/// The per-worker families not in the worker record (`pstrain_core::WORKER_FIELDS` declares
+/// the others): numbers the watcher derives from the record or from the rank's presence.
 pub(crate) const WORKER_FAMILIES: &[WorkerFamily] = &[
-    WorkerFamily {
-        name: "pstrain_worker_gradients_applied",
-        help: "A worker's gradients that went into an update",
-        kind: MetricType::Counter,
-        value: |w| Some(w.gradients_applied as f64),
-    },
-    WorkerFamily {
-        name: "pstrain_worker_gradients_not_applied",
-        help: "A worker's gradients not used (stale, late, refused)",
-        kind: MetricType::Counter,
-        value: |w| Some(w.not_applied as f64),
-    },
     WorkerFamily {
         name: "pstrain_worker_steps_per_second",
         help: "A worker's gradients per second over the run",
         kind: MetricType::Gauge,
         value: |w| Some(w.steps_per_s),
-    },
-    WorkerFamily {
-        name: "pstrain_worker_wait_seconds",
-        help: "Time a worker's pulls waited at a barrier or the staleness bound",
-        kind: MetricType::Counter,
-        value: |w| Some(w.wait_s),
-    },
-    WorkerFamily {
-        name: "pstrain_worker_compute_seconds",
-        help: "Time from serving a worker weights to its gradient arriving",
-        kind: MetricType::Counter,
-        value: |w| Some(w.compute_s),
-    },
-    WorkerFamily {
-        name: "pstrain_worker_batch_samples",
-        help: "Samples in the worker's latest gradient",
-        kind: MetricType::Gauge,
-        value: |w| Some(f64::from(w.batch)),
-    },
-    WorkerFamily {
-        name: "pstrain_worker_lead_max_steps",
-        help: "SSP: the most steps the worker ran ahead of the shard",
-        kind: MetricType::Gauge,
-        value: |w| Some(w.max_lead as f64),
     },
     WorkerFamily {
         name: "pstrain_worker_last_seen_age_seconds",

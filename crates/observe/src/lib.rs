@@ -7,7 +7,9 @@ mod exposition;
 mod families;
 mod http;
 mod snapshot;
+mod worker_numbers;
 
 pub use exposition::{render_metrics, Latencies};
 pub use http::{Source, WatchError, Watcher};
 pub use snapshot::{plan_fields, EvalPoint, HistoryPoint, RunSnapshot, ShardView, WorkerView};
+pub use worker_numbers::{WorkerColumns, WorkerNumbers};

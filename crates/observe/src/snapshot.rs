@@ -1,6 +1,7 @@
 //! What a watcher sees of a run at one moment: the plan, each shard's counters and workers,
 //! the evaluations so far and the loss over time. Plain data, serialised for the live page.
 
+use crate::worker_numbers::{WorkerColumns, WorkerNumbers};
 use pstrain_core::{Departure, Presence, ShardCounters, WorkerStats};
 use serde::Serialize;
 use std::time::Duration;
@@ -17,6 +18,8 @@ pub struct RunSnapshot {
     pub evals: Vec<EvalPoint>,
     /// Version, samples and training loss over time, sampled by the watcher once a second.
     pub history: Vec<HistoryPoint>,
+    /// The workers table's columns (`[name, title]`), from the per-worker record.
+    pub worker_columns: WorkerColumns,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -52,19 +55,12 @@ pub struct WorkerView {
     /// Seconds since its last heartbeat (or its join).
     pub last_seen_s: Option<f64>,
     pub address: Option<String>,
-    pub gradients_applied: u64,
-    pub not_applied: u64,
-    pub samples: u64,
+    /// Gradients (used or not) per second of the run.
     pub steps_per_s: f64,
-    pub staleness_sum: u64,
     pub staleness_mean: f64,
-    pub staleness_max: u64,
-    /// Counts per bucket of `pstrain_core::STALENESS_BOUNDS`.
-    pub staleness_hist: Vec<u64>,
-    pub max_lead: u64,
-    pub compute_s: f64,
-    pub wait_s: f64,
-    pub batch: u32,
+    /// Every number of the shard's record of the rank, each under its own name.
+    #[serde(flatten)]
+    pub numbers: WorkerNumbers,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -122,18 +118,9 @@ impl ShardView {
                         _ => None,
                     },
                     address: None,
-                    gradients_applied: w.applied,
-                    not_applied: w.not_applied,
-                    samples: w.samples,
                     steps_per_s: (w.applied + w.not_applied) as f64 / secs,
-                    staleness_sum: w.staleness_sum,
                     staleness_mean: w.staleness_mean(),
-                    staleness_max: w.staleness_max,
-                    staleness_hist: w.staleness_hist.to_vec(),
-                    max_lead: w.max_lead,
-                    compute_s: w.compute_s,
-                    wait_s: w.wait_s,
-                    batch: w.batch,
+                    numbers: WorkerNumbers(*w),
                 }
             })
             .collect();

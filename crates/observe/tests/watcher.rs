@@ -2,7 +2,7 @@
 //! TCP: the exposition parses as Prometheus text, bad requests get 4xx and the server keeps
 //! serving, strangers need the token off loopback.
 
-use pstrain_core::{Presence, ShardCounters, WorkerStats};
+use pstrain_core::{Presence, ShardCounters, WorkerStats, WORKER_FIELDS};
 use pstrain_observe::{render_metrics, EvalPoint, Latencies, RunSnapshot, ShardView, Watcher};
 #[path = "../../../test-support/scrape.rs"]
 mod scrape;
@@ -11,6 +11,22 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Rank 0's record: five applied gradients of known staleness, and every timed number set.
+fn worker() -> WorkerStats {
+    let mut w = WorkerStats {
+        max_lead: 2,
+        compute_s: 1.5,
+        wait_s: 0.25,
+        batch: 32,
+        not_applied: 1,
+        ..Default::default()
+    };
+    for s in [0, 1, 1, 5, 40] {
+        w.record_applied(32, s);
+    }
+    w
+}
 
 fn snapshot(version: u64) -> RunSnapshot {
     let stats = ShardCounters {
@@ -21,10 +37,7 @@ fn snapshot(version: u64) -> RunSnapshot {
         loss_ema: Some(0.25),
         ..Default::default()
     };
-    let mut w = WorkerStats::default();
-    for s in [0, 1, 1, 5, 40] {
-        w.record_applied(32, s);
-    }
+    let w = worker();
     let presence = [
         (
             Presence::Held {
@@ -51,7 +64,7 @@ fn snapshot(version: u64) -> RunSnapshot {
             accuracy: 0.9,
             loss: 0.3,
         }],
-        history: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -118,6 +131,18 @@ fn exposition_parses_with_counters_gauges_and_well_formed_histograms() {
         text.contains("pstrain_worker_staleness_updates_sum{shard=\"0\",rank=\"0\"} 47"),
         "{text}"
     );
+    // Every number of the worker record that has a family of its own is exported per rank.
+    for field in WORKER_FIELDS {
+        if let Some(exported) = field.prometheus {
+            let name = if exported.counter {
+                format!("{}_total", exported.name)
+            } else {
+                exported.name.to_string()
+            };
+            let got = value(&scrape, &name, &[("rank", "0")]);
+            assert_eq!(got, Some((field.get)(&worker()).as_f64()), "{name}");
+        }
+    }
     for name in [
         "pstrain_push_duration_seconds",
         "pstrain_pull_duration_seconds",
@@ -158,6 +183,17 @@ fn serves_metrics_page_and_json_and_refuses_bad_requests() {
     let json = get(addr, "/api/run", "");
     let run: serde_json::Value = serde_json::from_str(&json.body).unwrap();
     assert_eq!(run["shards"][0]["workers"][1]["state"], "waiting");
+    // The page's table: every titled number is a column, and each worker carries it.
+    let columns = run["worker_columns"].as_array().unwrap();
+    let titled = WORKER_FIELDS.iter().filter(|f| f.title.is_some()).count();
+    assert_eq!(columns.len(), titled);
+    let rank0 = &run["shards"][0]["workers"][0];
+    for column in columns {
+        let name = column[0].as_str().unwrap();
+        assert!(rank0[name].is_number(), "{name} missing from {rank0}");
+    }
+    assert_eq!(rank0["gradients_applied"], 5);
+    assert_eq!(rank0["wait_s"], 0.25);
     assert_eq!(get(addr, "/nope", "").status, 404);
     assert_eq!(
         request(

@@ -71,8 +71,8 @@ fn sync_modes_reach_the_threshold_with_a_4x_slow_worker() {
     );
     reaches_threshold("sync", &sync);
     // Everyone waits for the slow worker: the fast ones spend most of the run waiting.
-    let fast_wait = sync.per_worker[0].wait_s;
-    assert!(fast_wait > sync.per_worker[SLOW].wait_s, "{sync:?}");
+    let fast_wait = sync.per_worker[0].numbers.wait_s;
+    assert!(fast_wait > sync.per_worker[SLOW].numbers.wait_s, "{sync:?}");
 
     let backup = run_bounded(
         heterogeneous(Mode::Sync { backup_workers: 1 }, |_| {}),
@@ -80,7 +80,7 @@ fn sync_modes_reach_the_threshold_with_a_4x_slow_worker() {
     );
     reaches_threshold("sync with a backup worker", &backup);
     assert!(
-        backup.per_worker[SLOW].not_applied > backup.per_worker[SLOW].gradients_applied,
+        backup.per_worker[SLOW].numbers.not_applied > backup.per_worker[SLOW].numbers.applied,
         "the slow worker's gradients are mostly the late ones dropped"
     );
 
@@ -91,7 +91,11 @@ fn sync_modes_reach_the_threshold_with_a_4x_slow_worker() {
         BOUND,
     );
     reaches_threshold("balanced sync", &balanced);
-    let batches: Vec<u32> = balanced.per_worker.iter().map(|w| w.batch).collect();
+    let batches: Vec<u32> = balanced
+        .per_worker
+        .iter()
+        .map(|w| w.numbers.batch)
+        .collect();
     assert_eq!(
         batches.iter().sum::<u32>(),
         96,
@@ -117,12 +121,15 @@ fn ssp_keeps_its_bound_and_reaches_the_threshold_with_a_4x_slow_worker() {
         let s = run_bounded(heterogeneous(Mode::Ssp { max_lead }, |_| {}), BOUND);
         reaches_threshold("ssp", &s);
         for w in &s.per_worker {
-            assert!(w.max_lead <= max_lead, "{w:?}");
-            assert!(w.staleness_max <= max_lead, "{w:?}");
+            assert!(w.numbers.max_lead <= max_lead, "{w:?}");
+            assert!(w.numbers.staleness_max <= max_lead, "{w:?}");
         }
         // The fast workers used the room the bound gives them.
         assert_eq!(
-            s.per_worker[0].max_lead.max(s.per_worker[1].max_lead),
+            s.per_worker[0]
+                .numbers
+                .max_lead
+                .max(s.per_worker[1].numbers.max_lead),
             max_lead
         );
         assert_eq!(s.updates, BUDGET / 96);
@@ -143,9 +150,9 @@ fn async_modes_reach_the_threshold_with_a_4x_slow_worker() {
         // The slow worker's gradients are the stale ones, and it pushes less often.
         let (fast, slow) = (&s.per_worker[0], &s.per_worker[SLOW]);
         assert!(slow.staleness_mean > fast.staleness_mean, "{s:?}");
-        assert!(slow.gradients_applied < fast.gradients_applied, "{s:?}");
+        assert!(slow.numbers.applied < fast.numbers.applied, "{s:?}");
         assert!(
-            slow.wait_s < 1.0 && fast.wait_s < 1.0,
+            slow.numbers.wait_s < 1.0 && fast.numbers.wait_s < 1.0,
             "nobody waits in async"
         );
     }
@@ -171,12 +178,15 @@ fn ssp_over_tcp_shards_with_a_slow_worker_process() {
     println!("{}", s.render());
     assert_eq!(s.updates, 60);
     for w in &s.per_worker {
-        assert!(w.max_lead <= 2 && w.staleness_max <= 2, "{w:?}");
+        assert!(
+            w.numbers.max_lead <= 2 && w.numbers.staleness_max <= 2,
+            "{w:?}"
+        );
     }
     let (fast, slow) = (&s.per_worker[0], &s.per_worker[SLOW]);
     assert!(
-        slow.compute_s > 2.0 * fast.compute_s,
+        slow.numbers.compute_s > 2.0 * fast.numbers.compute_s,
         "the slowed-down process took longer per gradient: {s:?}"
     );
-    assert!(fast.wait_s > slow.wait_s, "{s:?}");
+    assert!(fast.numbers.wait_s > slow.numbers.wait_s, "{s:?}");
 }

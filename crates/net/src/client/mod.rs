@@ -196,11 +196,12 @@ impl TcpClient {
             .enumerate()
             .map(|(s, (shard, slice))| {
                 let ask = fan.pull_ask(s, newer_than, wait);
+                let whole = fan.needs_whole(s);
                 async move {
                     let reply = shard
                         .pull(slice, ask.newer_than, ask.wait, wait_timeout)
                         .await?;
-                    if FanOut::ask_again(newer_than, &reply) {
+                    if FanOut::ask_again(whole, &reply) {
                         return shard.pull(slice, None, false, wait_timeout).await;
                     }
                     Ok(reply)

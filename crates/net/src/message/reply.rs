@@ -9,7 +9,7 @@ use super::request::fixed;
 use crate::auth::{Nonce, Proof, NONCE_LEN, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::{ShardCounters, WorkerStats, STALENESS_BOUNDS};
+use pstrain_core::{ShardCounters, WorkerStats, STALENESS_BOUNDS, WORKER_FIELDS};
 
 /// The fixed part of a pull's answer; the slice follows when `updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +30,12 @@ pub struct StatsReply {
     pub workers: Vec<WorkerStats>,
 }
 
-/// Bytes one worker's record takes in a stats reply.
-pub const WORKER_STATS_LEN: usize = 8 * (6 + STALENESS_BOUNDS.len()) + 4;
+/// Bytes one worker's record takes in a stats reply this build writes.
+pub const WORKER_STATS_LEN: usize = 8 * (WORKER_FIELDS.len() + STALENESS_BOUNDS.len());
+
+/// The most numbers a worker record may say it holds (a bound on what a reply can ask the
+/// reader to skip per record, far above any real record).
+const MAX_WORKER_NUMBERS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
@@ -142,42 +146,41 @@ fn encode_stats(w: &mut Writer, st: &StatsReply) {
         .f32(s.loss_ema.unwrap_or(f32::NAN))
         .u32(st.active_workers)
         .bool(st.done)
-        .u32(st.workers.len() as u32);
+        .u32(st.workers.len() as u32)
+        // The record says its own shape, so a number added to `WorkerStats` needs no edit here.
+        .u16(WORKER_FIELDS.len() as u16)
+        .u16(STALENESS_BOUNDS.len() as u16);
     for ws in &st.workers {
-        w.u64(ws.applied)
-            .u64(ws.not_applied)
-            .u64(ws.samples)
-            .u64(ws.staleness_sum)
-            .u64(ws.staleness_max);
+        for field in WORKER_FIELDS {
+            w.u64((field.get)(ws).to_raw());
+        }
         for &n in &ws.staleness_hist {
             w.u64(n);
         }
-        w.u64(ws.max_lead)
-            .u64(ws.compute_s.to_bits())
-            .u64(ws.wait_s.to_bits())
-            .u32(ws.batch);
     }
 }
 
-fn decode_worker_stats(r: &mut Reader<'_>) -> Result<WorkerStats, NetError> {
-    let (applied, not_applied, samples) = (r.u64()?, r.u64()?, r.u64()?);
-    let (staleness_sum, staleness_max) = (r.u64()?, r.u64()?);
-    let mut staleness_hist = [0; STALENESS_BOUNDS.len()];
-    for n in &mut staleness_hist {
-        *n = r.u64()?;
+/// One worker's record of `numbers` values then `buckets` histogram counts: numbers this build
+/// does not know are skipped, numbers the sender did not have stay zero.
+fn decode_worker_stats(
+    r: &mut Reader<'_>,
+    numbers: usize,
+    buckets: usize,
+) -> Result<WorkerStats, NetError> {
+    let mut ws = WorkerStats::default();
+    for i in 0..numbers {
+        let raw = r.u64()?;
+        if let Some(field) = WORKER_FIELDS.get(i) {
+            (field.set)(&mut ws, raw);
+        }
     }
-    Ok(WorkerStats {
-        applied,
-        not_applied,
-        samples,
-        staleness_sum,
-        staleness_max,
-        staleness_hist,
-        max_lead: r.u64()?,
-        compute_s: f64::from_bits(r.u64()?),
-        wait_s: f64::from_bits(r.u64()?),
-        batch: r.u32()?,
-    })
+    for i in 0..buckets {
+        let n = r.u64()?;
+        if let Some(slot) = ws.staleness_hist.get_mut(i) {
+            *slot = n;
+        }
+    }
+    Ok(ws)
 }
 
 fn decode_stats(r: &mut Reader<'_>) -> Result<StatsReply, NetError> {
@@ -195,10 +198,19 @@ fn decode_stats(r: &mut Reader<'_>) -> Result<StatsReply, NetError> {
         loss_ema: Some(r.f32()?).filter(|l| !l.is_nan()),
     };
     let (active_workers, done, count) = (r.u32()?, r.bool()?, r.u32()? as usize);
+    let (numbers, buckets) = (usize::from(r.u16()?), usize::from(r.u16()?));
+    let record_len = 8 * (numbers + buckets);
+    if record_len == 0 || numbers + buckets > MAX_WORKER_NUMBERS {
+        return Err(r
+            .malformed(format!(
+                "worker records of {numbers} numbers and {buckets} buckets"
+            ))
+            .into());
+    }
     // Bounded by the frame, which the reader bounds: no allocation beyond what arrived.
-    let mut workers = Vec::with_capacity(count.min(r.remaining() / WORKER_STATS_LEN));
+    let mut workers = Vec::with_capacity(count.min(r.remaining() / record_len));
     for _ in 0..count {
-        workers.push(decode_worker_stats(r)?);
+        workers.push(decode_worker_stats(r, numbers, buckets)?);
     }
     Ok(StatsReply {
         stats,

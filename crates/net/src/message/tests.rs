@@ -205,10 +205,27 @@ fn pulled_and_stats_round_trip() {
     let bytes = st.encode(0);
     assert_eq!(Reply::decode(kind::STATS_REPLY, &bytes, 0).unwrap(), st);
     // A count of workers the frame does not hold is refused, not allocated.
-    let mut lying = bytes[..bytes.len() - 2 * WORKER_STATS_LEN].to_vec();
-    let at = lying.len() - 4;
-    lying[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+    // After the count, each record's shape: numbers, then histogram buckets.
+    let shape_at = bytes.len() - 2 * WORKER_STATS_LEN - 4;
+    let mut lying = bytes[..shape_at + 4].to_vec();
+    lying[shape_at - 4..shape_at].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(Reply::decode(kind::STATS_REPLY, &lying, 0).is_err());
+    // Empty records would let a count of billions cost no bytes: refused.
+    let mut empty = bytes[..shape_at + 4].to_vec();
+    empty[shape_at..].copy_from_slice(&[0, 0, 0, 0]);
+    assert!(Reply::decode(kind::STATS_REPLY, &empty, 0).is_err());
+    // A sender with one number more than this build knows: skipped, the rest read in place.
+    let numbers = u16::from_le_bytes([bytes[shape_at], bytes[shape_at + 1]]);
+    let mut newer = bytes[..shape_at].to_vec();
+    newer.extend_from_slice(&(numbers + 1).to_le_bytes());
+    newer.extend_from_slice(&bytes[shape_at + 2..shape_at + 4]);
+    for record in bytes[shape_at + 4..].chunks(WORKER_STATS_LEN) {
+        let (head, hist) = record.split_at(8 * usize::from(numbers));
+        newer.extend_from_slice(head);
+        newer.extend_from_slice(&99u64.to_le_bytes());
+        newer.extend_from_slice(hist);
+    }
+    assert_eq!(Reply::decode(kind::STATS_REPLY, &newer, 0).unwrap(), st);
     assert_eq!(
         Reply::decode(kind::GOODBYE_OK, &Reply::GoodbyeOk.encode(0), 0).unwrap(),
         Reply::GoodbyeOk

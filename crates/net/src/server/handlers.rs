@@ -1,13 +1,16 @@
 //! What a shard does for each request once the peer is known: pull (behind the consistency
 //! gate), push (with shard 0's coordinated-step answer), stats and goodbye.
 
-use super::shared::Shared;
+use super::shared::{Lease, Shared};
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
     ErrorCode, Failure, Pulled, PushHead, PushReply, Reply, StatsReply, StepMembers,
 };
-use pstrain_core::{Departure, PullCodec, PushCodec, PushError, PushMeta, PushOutcome, Seat};
+use pstrain_core::{
+    Departure, PullAsk, PullCodec, PullDecision, PullReply, PushCodec, PushError, PushMeta,
+    PushOutcome, Seat,
+};
 
 /// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
 /// engine's gate opens for `rank` (or the run ends). `wire` holds the encoded slice when the
@@ -22,54 +25,33 @@ pub(super) async fn pull(
 ) -> Result<(), NetError> {
     let arrived = shared.now();
     let started = std::time::Instant::now();
-    if wait {
-        // A healthy worker waits for the others, whose own deadlines (idle, heartbeat) move
-        // the step on; still, no wait outlasts the idle deadline (a far-future version would).
-        let gate = async {
-            let mut rx = shared.version.subscribe();
-            loop {
-                let (_, done) = *rx.borrow_and_update();
-                {
-                    let mut state = shared.lock();
-                    if done || state.engine.pull_ready(rank, newer_than) {
-                        break;
-                    }
-                    // Shown as "waiting" on the live page until served.
-                    if let Some(rank) = rank {
-                        state.engine.pull_waiting(rank);
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    break;
-                }
+    // The engine decides; this only waits for the shard to change between its answers. A
+    // healthy worker waits for the others, whose own deadlines (idle, heartbeat) move the step
+    // on; still, no wait outlasts the idle deadline (a far-future version would).
+    let mut ask = PullAsk { newer_than, wait };
+    let mut rx = shared.version.subscribe();
+    let decided = async {
+        loop {
+            rx.borrow_and_update();
+            if let Some(answer) = decide_pull(shared, rank, ask, arrived) {
+                return answer;
             }
-        };
-        tokio::time::timeout(shared.cfg.idle_timeout, gate)
-            .await
-            .map_err(|_| NetError::Timeout("at the consistency gate"))?;
-    }
-    let mut lease = shared.lease_buffer();
-    let buf = &mut lease.buf;
-    let pulled = {
-        let mut state = shared.lock();
-        let batch = match rank {
-            Some(rank) => state.engine.pull_served(rank, arrived, shared.now()),
-            None => None,
-        };
-        let version = state.engine.version();
-        let updated = newer_than.is_none_or(|n| version > n);
-        if updated {
-            buf.clear();
-            buf.extend_from_slice(state.engine.params());
-        }
-        Pulled {
-            version,
-            updated,
-            done: state.engine.is_done(),
-            batch: batch.unwrap_or(0),
+            if rx.changed().await.is_err() {
+                // The shard is going away: its next answer does not wait.
+                ask.wait = false;
+            }
         }
     };
-    let tensor: &[f32] = if pulled.updated { buf } else { &[] };
+    let (reply, lease) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
+        .await
+        .map_err(|_| NetError::Timeout("at the consistency gate"))?;
+    let pulled = Pulled {
+        version: reply.version,
+        updated: reply.updated,
+        done: reply.done,
+        batch: reply.batch.unwrap_or(0),
+    };
+    let tensor: &[f32] = lease.as_ref().map_or(&[], |l| &l.buf);
     let codec = shared.cfg.plan.pull_codec;
     let sent = if codec == PullCodec::Fp32 {
         conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await?;
@@ -85,6 +67,27 @@ pub(super) async fn pull(
         l.pull(started.elapsed().as_secs_f64(), sent);
     }
     Ok(())
+}
+
+/// The engine's decision on a pull now: `None` while it waits at the gate, else the answer
+/// and, when it is `updated`, the shard's weights in a leased buffer.
+fn decide_pull(
+    shared: &Shared,
+    rank: Option<usize>,
+    ask: PullAsk,
+    arrived: std::time::Duration,
+) -> Option<(PullReply, Option<Lease<'_>>)> {
+    let mut state = shared.lock();
+    let PullDecision::Answer(reply) = state.engine.pull(rank, ask, arrived, shared.now()) else {
+        return None;
+    };
+    let lease = reply.updated.then(|| {
+        let mut lease = shared.lease_buffer();
+        lease.buf.clear();
+        lease.buf.extend_from_slice(state.engine.params());
+        lease
+    });
+    Some((reply, lease))
 }
 
 /// Reads a push (head, then the slice straight into `buf`, or through `wire` and the push

@@ -181,6 +181,7 @@ impl Shared {
             shards: vec![view],
             evals: Vec::new(),
             history: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -3,7 +3,8 @@
 
 use crate::run::TrainConfig;
 use pstrain_compute::EvalStats;
-use pstrain_core::{ShardCounters, WorkerStats, STALENESS_BOUNDS};
+use pstrain_core::{ShardCounters, WorkerStats, STALENESS_BOUNDS, WORKER_FIELDS};
+use pstrain_observe::WorkerNumbers;
 use serde::Serialize;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -76,28 +77,16 @@ impl EvalRecord {
     }
 }
 
-/// One worker rank as the shards saw it.
+/// One worker rank as the shards saw it: the rates derived here, then every number of its
+/// record (`pstrain_core::WORKER_FIELDS`) under its own name.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct WorkerRecord {
     pub rank: usize,
-    pub gradients_applied: u64,
-    /// Gradients the shards did not use (stale, late, refused).
-    pub not_applied: u64,
-    pub samples: u64,
     /// Gradients (used or not) per second of the run.
     pub steps_per_s: f64,
     pub staleness_mean: f64,
-    pub staleness_max: u64,
-    /// Counts of gradients by staleness, in the buckets of `staleness_buckets`.
-    pub staleness_histogram: Vec<u64>,
-    /// SSP: the most steps it ran ahead of the shards' version.
-    pub max_lead: u64,
-    /// Seconds from receiving weights to delivering a gradient (compute and network).
-    pub compute_s: f64,
-    /// Seconds its pulls waited at a barrier or the staleness bound.
-    pub wait_s: f64,
-    /// Samples in its latest gradient (speed-balanced sync sets it per worker).
-    pub batch: u32,
+    #[serde(flatten)]
+    pub numbers: WorkerNumbers,
 }
 
 impl WorkerRecord {
@@ -105,17 +94,9 @@ impl WorkerRecord {
         let secs = wall.as_secs_f64().max(1e-9);
         WorkerRecord {
             rank,
-            gradients_applied: w.applied,
-            not_applied: w.not_applied,
-            samples: w.samples,
             steps_per_s: (w.applied + w.not_applied) as f64 / secs,
             staleness_mean: w.staleness_mean(),
-            staleness_max: w.staleness_max,
-            staleness_histogram: w.staleness_hist.to_vec(),
-            max_lead: w.max_lead,
-            compute_s: w.compute_s,
-            wait_s: w.wait_s,
-            batch: w.batch,
+            numbers: WorkerNumbers(*w),
         }
     }
 
@@ -249,23 +230,26 @@ impl Summary {
             }
         }
         if !self.per_worker.is_empty() {
-            text.push_str(
-                "\nworker  steps/s  applied  not used  staleness mean/max  lead  compute s  wait s  batch",
-            );
-            for w in &self.per_worker {
-                text.push_str(&format!(
-                    "\n{:>6}  {:>7.2}  {:>7}  {:>8}  {:>9.2} / {:<6}  {:>4}  {:>9.1}  {:>6.1}  {:>5}",
-                    w.rank,
-                    w.steps_per_s,
-                    w.gradients_applied,
-                    w.not_applied,
-                    w.staleness_mean,
-                    w.staleness_max,
-                    w.max_lead,
-                    w.compute_s,
-                    w.wait_s,
-                    w.batch,
-                ));
+            text.push_str(&self.render_workers());
+        }
+        text
+    }
+
+    /// One line per worker: its rates, then each titled number of its record.
+    fn render_workers(&self) -> String {
+        let titled: Vec<_> = WORKER_FIELDS.iter().filter(|f| f.title.is_some()).collect();
+        let mut text = String::from("\nworker  steps/s  staleness mean");
+        for f in &titled {
+            text.push_str(&format!("  {}", f.title.unwrap_or_default()));
+        }
+        for w in &self.per_worker {
+            text.push_str(&format!(
+                "\n{:>6}  {:>7.2}  {:>14.2}",
+                w.rank, w.steps_per_s, w.staleness_mean
+            ));
+            for f in &titled {
+                let width = f.title.map_or(0, str::len);
+                text.push_str(&format!("  {:>width$}", (f.get)(&w.numbers).to_string()));
             }
         }
         text

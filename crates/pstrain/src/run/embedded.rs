@@ -257,7 +257,7 @@ fn watch_inproc(
         uptime_s: started.elapsed().as_secs_f64(),
         shards: vec![server.observe()],
         evals: evals.lock().map(|e| e.clone()).unwrap_or_default(),
-        history: Vec::new(),
+        ..Default::default()
     };
     // The in-process run has no token: its watcher serves loopback only.
     Watcher::start(addr, None, Arc::new(source), None)

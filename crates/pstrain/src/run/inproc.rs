@@ -4,8 +4,8 @@
 
 use pstrain_core::client::{ClientError, ParameterClient, PullReply};
 use pstrain_core::{
-    Departure, JoinError, PushMeta, PushOutcome, RankRequest, Seat, ShardCounters, ShardEngine,
-    ShardSnapshot, WorkerStats,
+    Departure, FanOut, JoinError, PullAsk, PullDecision, PushMeta, PushOutcome, RankRequest, Seat,
+    ShardCounters, ShardEngine, ShardSnapshot, WorkerStats,
 };
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -50,10 +50,14 @@ impl InProcServer {
     /// A worker's connection as rank `rank` (it takes the rank in the engine's membership).
     pub fn client(self: &Arc<Self>, rank: usize) -> Result<InProcClient, JoinError> {
         let now = self.now();
-        let seat = self.lock().engine.join(RankRequest::Exact(rank), now)?;
+        let mut state = self.lock();
+        let seat = state.engine.join(RankRequest::Exact(rank), now)?;
+        let fan = FanOut::new(state.engine.mode(), &[state.engine.version()]);
+        drop(state);
         Ok(InProcClient {
             server: Arc::clone(self),
             seat,
+            fan,
         })
     }
 
@@ -105,6 +109,9 @@ impl InProcServer {
 pub struct InProcClient {
     server: Arc<InProcServer>,
     seat: Seat,
+    /// The client's side of the protocol over the one shard, as `TcpClient` keeps it over
+    /// many: the version held, whether its last push is pending, what a pull asks.
+    fan: FanOut,
 }
 
 impl ParameterClient for InProcClient {
@@ -123,30 +130,38 @@ impl ParameterClient for InProcClient {
             });
         }
         let arrived = self.server.now();
-        let rank = Some(self.seat.rank);
-        if wait {
-            while !state.closed && !state.engine.pull_ready(rank, newer_than) {
-                // Shown as "waiting" on the live page until served.
-                state.engine.pull_waiting(self.seat.rank);
-                state = self
-                    .server
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|e| e.into_inner());
+        let mut ask = self.fan.pull_ask(0, newer_than, wait);
+        let whole = self.fan.needs_whole(0);
+        let reply = loop {
+            if state.closed {
+                // A stopped run answers at once.
+                ask.wait = false;
             }
-        }
-        let now = self.server.now();
-        let batch = state.engine.pull_served(self.seat.rank, arrived, now);
-        let version = state.engine.version();
-        let updated = newer_than.is_none_or(|v| version > v);
-        if updated {
+            let now = self.server.now();
+            match state.engine.pull(Some(self.seat.rank), ask, arrived, now) {
+                PullDecision::Wait => {
+                    state = self
+                        .server
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                PullDecision::Answer(reply) if FanOut::ask_again(whole, &reply) => {
+                    ask = PullAsk {
+                        newer_than: None,
+                        wait: false,
+                    };
+                }
+                PullDecision::Answer(reply) => break reply,
+            }
+        };
+        if reply.updated {
             params.copy_from_slice(state.engine.params());
         }
+        self.fan.pulled(0, &reply);
         Ok(PullReply {
-            version,
-            updated,
-            done: state.closed || state.engine.is_done(),
-            batch,
+            done: state.closed || reply.done,
+            ..reply
         })
     }
 
@@ -169,7 +184,9 @@ impl ParameterClient for InProcClient {
         if report.changed {
             self.server.changed.notify_all();
         }
-        Ok(report.outcome?)
+        let outcome = report.outcome?;
+        self.fan.pushed(0, &outcome);
+        Ok(outcome)
     }
 
     fn leave(&mut self) -> Result<(), ClientError> {
@@ -263,14 +280,27 @@ mod tests {
         let server = InProcServer::new(engine);
         let mut c = server.client(0).unwrap();
         assert!(server.client(0).is_err(), "a rank is held once");
+        // A new client's first pull takes the weights whatever their version; after that
+        // `newer_than` leaves the buffer alone when nothing is newer.
         let mut p = vec![5.0; 2];
+        assert!(c.pull(&mut p, Some(0), false).unwrap().updated);
+        assert_eq!(p, vec![1.0; 2]);
+        p.fill(5.0);
         let r = c.pull(&mut p, Some(0), false).unwrap();
         assert!(!r.updated && !r.done);
         assert_eq!(p, vec![5.0; 2]);
         assert!(c.pull(&mut [0.0; 3], None, false).is_err());
-        let s2 = Arc::clone(&server);
-        let waiter = thread::spawn(move || c.pull(&mut p, Some(0), true).unwrap());
-        s2.close();
+        // A pull waiting at a sync barrier (its push is pending) ends when the run closes.
+        let sync = sync_server_of_two();
+        let mut c0 = sync.client(0).unwrap();
+        assert!(matches!(
+            c0.push(meta(0), &[1.0; 3]).unwrap(),
+            PushOutcome::Buffered { .. }
+        ));
+        let waiter = thread::spawn(move || c0.pull(&mut [0.0; 3], Some(0), true).unwrap());
+        thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "the pull waits for the step");
+        sync.close();
         assert!(waiter.join().unwrap().done);
     }
 }
