@@ -44,6 +44,14 @@ pub struct PullAsk {
     pub wait: bool,
 }
 
+impl PullAsk {
+    /// The slice whatever its version, at once.
+    pub const WHOLE: PullAsk = PullAsk {
+        newer_than: None,
+        wait: false,
+    };
+}
+
 /// One client's view of the shards it talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FanOut {

@@ -393,11 +393,7 @@ impl Sim {
             }
             if FanOut::ask_again(w.fan.needs_whole(s), &reply) {
                 // As `TcpClient` does: the slice is needed whatever its version.
-                let again = PullAsk {
-                    newer_than: None,
-                    wait: false,
-                };
-                w.asks[s] = Some((again, self.now));
+                w.asks[s] = Some((PullAsk::WHOLE, self.now));
                 continue;
             }
             w.fan.pulled(s, &reply);

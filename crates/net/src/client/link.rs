@@ -4,8 +4,8 @@
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
-    kind, Pulled, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN,
-    REPLY_LIMIT, WORKER_STATS_LEN,
+    kind, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN, REPLY_LIMIT,
+    WORKER_STATS_LEN,
 };
 use pstrain_core::{PullCodec, PullReply, PushCodec, PushEncoder, PushMeta};
 use std::ops::Range;
@@ -78,12 +78,7 @@ impl ShardLink {
         let Reply::Pulled(pulled) = Reply::decode(header.kind, &head, 0)? else {
             return Err(NetError::Closed("with a garbled pull reply"));
         };
-        let Pulled {
-            version,
-            updated,
-            done,
-            batch,
-        } = pulled;
+        let updated = pulled.updated;
         let body = header.len - PULLED_LEN as u64;
         let expected = if updated {
             self.pull_codec.encoded_len(slice.len()) as u64
@@ -99,12 +94,7 @@ impl ShardLink {
         if updated {
             self.read_slice(slice, body as usize).await?;
         }
-        Ok(PullReply {
-            version,
-            updated,
-            done,
-            batch: (batch > 0).then_some(batch),
-        })
+        Ok(PullReply::from(pulled))
     }
 
     /// Reads a pulled slice of `body` bytes into `slice`, decoding it per the pull codec.

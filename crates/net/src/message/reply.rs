@@ -9,7 +9,7 @@ use super::request::fixed;
 use crate::auth::{Nonce, Proof, NONCE_LEN, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::{ShardCounters, WorkerStats, STALENESS_BOUNDS, WORKER_FIELDS};
+use pstrain_core::{PullReply, ShardCounters, WorkerStats, STALENESS_BOUNDS, WORKER_FIELDS};
 
 /// The fixed part of a pull's answer; the slice follows when `updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,29 @@ pub struct Pulled {
     pub done: bool,
     /// Speed-balanced sync: the worker's next batch size (0: the plan's).
     pub batch: u32,
+}
+
+/// The engine's answer as it travels (no batch size travels as 0).
+impl From<PullReply> for Pulled {
+    fn from(r: PullReply) -> Self {
+        Pulled {
+            version: r.version,
+            updated: r.updated,
+            done: r.done,
+            batch: r.batch.unwrap_or(0),
+        }
+    }
+}
+
+impl From<Pulled> for PullReply {
+    fn from(p: Pulled) -> Self {
+        PullReply {
+            version: p.version,
+            updated: p.updated,
+            done: p.done,
+            batch: (p.batch > 0).then_some(p.batch),
+        }
+    }
 }
 
 /// A shard's counters, quorum and whether the run is over, and what it saw of each worker.

@@ -45,12 +45,7 @@ pub(super) async fn pull(
     let (reply, lease) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
         .await
         .map_err(|_| NetError::Timeout("at the consistency gate"))?;
-    let pulled = Pulled {
-        version: reply.version,
-        updated: reply.updated,
-        done: reply.done,
-        batch: reply.batch.unwrap_or(0),
-    };
+    let pulled = Pulled::from(reply);
     let tensor: &[f32] = lease.as_ref().map_or(&[], |l| &l.buf);
     let codec = shared.cfg.plan.pull_codec;
     let sent = if codec == PullCodec::Fp32 {

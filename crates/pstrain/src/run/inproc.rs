@@ -147,10 +147,7 @@ impl ParameterClient for InProcClient {
                         .unwrap_or_else(|e| e.into_inner());
                 }
                 PullDecision::Answer(reply) if FanOut::ask_again(whole, &reply) => {
-                    ask = PullAsk {
-                        newer_than: None,
-                        wait: false,
-                    };
+                    ask = PullAsk::WHOLE;
                 }
                 PullDecision::Answer(reply) => break reply,
             }
