@@ -47,6 +47,9 @@ def push_bytes(codec: str, n: int = CNN_VALUES) -> int:
 
 
 def pull_bytes(codec: str, n: int = CNN_VALUES) -> int:
+    """A pull's size after the first; a delta codec's whole slices (the first) go as fp32."""
+    if codec.startswith("delta-"):
+        return push_bytes(codec.removeprefix("delta-"), n)
     return (4 if codec == "fp32" else 2) * n
 
 

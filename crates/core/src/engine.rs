@@ -11,7 +11,7 @@ use crate::error::{ConfigError, PushError, RestoreError};
 use crate::fan_out::PullAsk;
 use crate::membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
 use crate::server::{PushMeta, PushOutcome, ServerCore, ShardCounters, ShardSnapshot};
-use crate::worker_stats::WorkerStats;
+use crate::worker_stats::{LinkUse, WorkerStats};
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -297,6 +297,14 @@ impl ShardEngine {
             changed,
             snapshot,
             admitted_step,
+        }
+    }
+
+    /// Adds what `rank`'s link carried (bytes each way, seconds sending and receiving) to its
+    /// record.
+    pub fn link_used(&mut self, rank: usize, link: LinkUse) {
+        if let Some(w) = self.core.worker_mut(rank) {
+            w.add_link(link);
         }
     }
 

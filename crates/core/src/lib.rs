@@ -32,7 +32,7 @@ pub mod worker_stats;
 
 pub use checkpoint_schedule::CheckpointSchedule;
 pub use client::{ClientError, ParameterClient, PullReply};
-pub use compression::{CodecError, PullCodec, PushCodec, PushEncoder};
+pub use compression::{CodecError, PullCodec, PullReplica, PushCodec, PushEncoder};
 pub use config::{Aggregate, GradientClip, Mode, ServerConfig, MAX_LEAD_LIMIT};
 pub use engine::{EngineConfig, PullDecision, PushReport, ShardEngine};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};
@@ -44,5 +44,5 @@ pub use plan::{RunPlan, ScheduleKind};
 pub use rng::Rng;
 pub use server::{PushMeta, PushOutcome, ServerCore, ShardCounters, ShardSnapshot};
 pub use shard::shard_ranges;
-pub use worker_field::{Exported, Merge, Number, WorkerField};
-pub use worker_stats::{WorkerStats, STALENESS_BOUNDS, WORKER_FIELDS};
+pub use worker_field::{Bytes, Exported, Merge, Number, WorkerField};
+pub use worker_stats::{LinkUse, WorkerStats, MAX_REPORTED_S, STALENESS_BOUNDS, WORKER_FIELDS};

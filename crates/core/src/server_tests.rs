@@ -157,6 +157,67 @@ fn a_leaving_worker_releases_the_barrier() {
 }
 
 #[test]
+fn a_gradient_pushed_before_a_reconnect_is_not_counted_twice() {
+    // Rank 0's gradient is in step 0 when its connection fails; it comes back, pulls the
+    // same version and pushes again: the step waits for it, and takes its first gradient.
+    let mut s = server(SYNC, 2);
+    s.push(meta(0, 0), &[2.0, 2.0]).unwrap();
+    assert_eq!(s.leave(0), None);
+    s.rejoin(0);
+    assert_eq!(
+        s.push(meta(0, 0), &[8.0, 8.0]),
+        Ok(PushOutcome::Buffered { waiting_for: 1 })
+    );
+    assert_eq!(s.stats().gradients_applied, 1);
+    assert!(matches!(
+        s.push(meta(1, 0), &[4.0, 4.0]),
+        Ok(PushOutcome::Applied { version: 1, .. })
+    ));
+    // The mean of 2 and 4, not of 2, 8 and 4.
+    assert_eq!(s.params(), &[-3.0, -3.0]);
+    // Within one connection a second push is still refused.
+    s.push(meta(0, 1), &[1.0, 1.0]).unwrap();
+    assert!(matches!(
+        s.push(meta(0, 1), &[1.0, 1.0]),
+        Err(PushError::DuplicatePush { .. })
+    ));
+}
+
+#[test]
+fn an_ssp_worker_that_reconnects_starts_at_the_current_step() {
+    let mut s = server(Mode::Ssp { max_lead: 2 }, 2);
+    // Rank 0 runs two steps ahead, then its connection fails.
+    s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
+    s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
+    assert_eq!(s.leave(0), None);
+    s.rejoin(0);
+    // It is not ahead any more: the gate lets it through at once.
+    assert!(s.pull_ready(Some(0), Some(0)));
+    // Its next two pushes fall on steps 0 and 1, which hold its earlier gradients: dropped,
+    // never added a second time.
+    assert_eq!(
+        s.push(meta(0, 0), &[5.0, 5.0]),
+        Ok(PushOutcome::Dropped { staleness: 0 })
+    );
+    assert_eq!(
+        s.push(meta(0, 0), &[5.0, 5.0]),
+        Ok(PushOutcome::Dropped { staleness: 1 })
+    );
+    // Its next push is its first for step 2, and then it is as far ahead as it may be.
+    assert_eq!(
+        s.push(meta(0, 0), &[1.0, 1.0]),
+        Ok(PushOutcome::Buffered { waiting_for: 1 })
+    );
+    assert!(!s.pull_ready(Some(0), Some(0)));
+    assert!(matches!(
+        s.push(meta(1, 0), &[3.0, 3.0]),
+        Ok(PushOutcome::Applied { version: 1, .. })
+    ));
+    // Step 0: the mean of rank 0's first gradient and rank 1's.
+    assert_eq!(s.params(), &[-2.0, -2.0]);
+}
+
+#[test]
 fn async_applies_on_arrival_and_records_staleness() {
     let mut s = server(
         Mode::Async {

@@ -7,6 +7,8 @@
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Number {
     Count(u64),
+    /// A count of bytes (shown in megabytes; its name ends in `_bytes`).
+    Bytes(u64),
     /// Seconds, or any other real quantity.
     Real(f64),
 }
@@ -14,7 +16,7 @@ pub enum Number {
 impl Number {
     pub fn as_f64(self) -> f64 {
         match self {
-            Number::Count(n) => n as f64,
+            Number::Count(n) | Number::Bytes(n) => n as f64,
             Number::Real(x) => x,
         }
     }
@@ -22,25 +24,32 @@ impl Number {
     /// The value as it travels: a count as itself, a real as its bits.
     pub fn to_raw(self) -> u64 {
         match self {
-            Number::Count(n) => n,
+            Number::Count(n) | Number::Bytes(n) => n,
             Number::Real(x) => x.to_bits(),
         }
     }
 
-    /// The larger of two values of the same field.
-    fn max(self, other: Number) -> Number {
-        match (self, other) {
-            (Number::Count(a), Number::Count(b)) => Number::Count(a.max(b)),
-            (a, b) => Number::Real(a.as_f64().max(b.as_f64())),
+    /// Two values of the same field combined by `merge` (`First`: this one).
+    fn combine(self, other: Number, merge: Merge) -> Number {
+        match (self, other, merge) {
+            (a, _, Merge::First) => a,
+            (Number::Count(a), Number::Count(b), Merge::Max) => Number::Count(a.max(b)),
+            (Number::Count(a), Number::Count(b), Merge::Sum) => Number::Count(a.saturating_add(b)),
+            (Number::Bytes(a), Number::Bytes(b), Merge::Max) => Number::Bytes(a.max(b)),
+            (Number::Bytes(a), Number::Bytes(b), Merge::Sum) => Number::Bytes(a.saturating_add(b)),
+            (a, b, Merge::Max) => Number::Real(a.as_f64().max(b.as_f64())),
+            (a, b, Merge::Sum) => Number::Real(a.as_f64() + b.as_f64()),
         }
     }
 }
 
 impl std::fmt::Display for Number {
-    /// Counts as integers, reals with one decimal (seconds at a glance).
+    /// Counts as integers, bytes as megabytes and reals with one decimal (seconds at a
+    /// glance).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Number::Count(n) => n.fmt(f),
+            Number::Bytes(n) => write!(f, "{:.1}", *n as f64 / 1e6),
             Number::Real(x) => write!(f, "{x:.1}"),
         }
     }
@@ -71,6 +80,19 @@ impl WorkerNumber for u32 {
     }
 }
 
+/// A per-worker count of bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl WorkerNumber for Bytes {
+    fn number(self) -> Number {
+        Number::Bytes(self.0)
+    }
+    fn from_raw(raw: u64) -> Self {
+        Bytes(raw)
+    }
+}
+
 impl WorkerNumber for f64 {
     fn number(self) -> Number {
         Number::Real(self)
@@ -88,6 +110,8 @@ pub enum Merge {
     First,
     /// The largest of the shards' values.
     Max,
+    /// The shards' values added (each shard sees its own slice's bytes).
+    Sum,
 }
 
 /// A per-worker Prometheus family: `name` (with the `pstrain_worker_` prefix), its help, and
@@ -143,9 +167,9 @@ impl<S> std::fmt::Debug for WorkerField<S> {
 impl<S> WorkerField<S> {
     /// Combines `other`'s value into `into`'s by this field's rule.
     pub fn merge_into(&self, into: &mut S, other: &S) {
-        if self.merge == Merge::Max {
-            let larger = (self.get)(into).max((self.get)(other));
-            (self.set)(into, larger.to_raw());
+        if self.merge != Merge::First {
+            let merged = (self.get)(into).combine((self.get)(other), self.merge);
+            (self.set)(into, merged.to_raw());
         }
     }
 }

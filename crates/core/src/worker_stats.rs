@@ -1,7 +1,8 @@
 //! What a shard saw of each worker: gradients, staleness (with a histogram), how far ahead
-//! of the shard it ran, and where its time went (computing, or waiting at the pull gate).
+//! of the shard it ran, where its time went (computing, on its link, or waiting at the pull
+//! gate) and the bytes its link carried each way.
 
-use crate::worker_field::{worker_numbers, Exported, Merge, WorkerField, WorkerNumber};
+use crate::worker_field::{worker_numbers, Bytes, Exported, Merge, WorkerField, WorkerNumber};
 
 /// Upper bounds (inclusive) of the staleness histogram's buckets; the last bucket takes
 /// everything above the previous bound.
@@ -70,7 +71,7 @@ worker_numbers! {
             merge: Merge::Max,
         }
         /// Seconds between the shard serving the rank weights and its next gradient arriving:
-        /// its compute time (and any network time), not its waits.
+        /// its compute time and its link's (`pull_link_s`, `push_link_s`), not its waits.
         compute_s: f64 {
             name: "compute_s",
             title: Some("compute s"),
@@ -90,6 +91,48 @@ worker_numbers! {
             ),
             merge: Merge::Max,
         }
+        /// Bytes of its pushes as they crossed its link (encoded: after compression).
+        push_bytes: Bytes {
+            name: "push_bytes",
+            title: Some("MB up"),
+            prometheus: Exported::counter(
+                "pstrain_worker_push_bytes",
+                "Bytes of a worker's pushes as sent (after compression)",
+            ),
+            merge: Merge::Sum,
+        }
+        /// Bytes of the weights sent to it (encoded).
+        pull_bytes: Bytes {
+            name: "pull_bytes",
+            title: Some("MB down"),
+            prometheus: Exported::counter(
+                "pstrain_worker_pull_bytes",
+                "Bytes of weights sent to a worker (after compression)",
+            ),
+            merge: Merge::Sum,
+        }
+        /// Seconds its pushes took to arrive, first byte to last (measured by the shard; over
+        /// TCP only): its time sending.
+        push_link_s: f64 {
+            name: "push_link_s",
+            title: Some("up s"),
+            prometheus: Exported::counter(
+                "pstrain_worker_push_link_seconds",
+                "Time a worker's pushes took to arrive, first byte to last",
+            ),
+            merge: Merge::Max,
+        }
+        /// Seconds it took to receive the weights, first byte to last (as the worker reports
+        /// it with its next push; over TCP only): its time receiving.
+        pull_link_s: f64 {
+            name: "pull_link_s",
+            title: Some("down s"),
+            prometheus: Exported::counter(
+                "pstrain_worker_pull_link_seconds",
+                "Time a worker took to receive its weights, first byte to last (reported)",
+            ),
+            merge: Merge::Max,
+        }
         /// Samples in its latest gradient (with speed-balanced sync, the size it was given).
         batch: u32 {
             name: "batch",
@@ -103,7 +146,37 @@ worker_numbers! {
     }
 }
 
+/// What a worker's link carried in one exchange, as the transport measured it (TCP only:
+/// the in-process transport has no link).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkUse {
+    pub push_bytes: u64,
+    pub pull_bytes: u64,
+    /// Measured by the shard.
+    pub push_s: f64,
+    /// Reported by the worker: believed only when finite and at most `MAX_REPORTED_S`.
+    pub pull_s: f64,
+}
+
+/// The longest link time one report may add (a worker's word moves only its own record).
+pub const MAX_REPORTED_S: f64 = 3600.0;
+
 impl WorkerStats {
+    /// Adds what the worker's link carried.
+    pub fn add_link(&mut self, link: LinkUse) {
+        self.push_bytes.0 = self.push_bytes.0.saturating_add(link.push_bytes);
+        self.pull_bytes.0 = self.pull_bytes.0.saturating_add(link.pull_bytes);
+        let seconds = |s: f64| {
+            if (0.0..=MAX_REPORTED_S).contains(&s) {
+                s
+            } else {
+                0.0
+            }
+        };
+        self.push_link_s += seconds(link.push_s);
+        self.pull_link_s += seconds(link.pull_s);
+    }
+
     pub fn staleness_mean(&self) -> f64 {
         if self.applied == 0 {
             0.0
@@ -188,8 +261,32 @@ mod tests {
         }
         copy.staleness_hist = a.staleness_hist;
         assert_eq!(copy, a);
+        let (mut a, mut b) = (a, b);
+        a.add_link(LinkUse {
+            push_bytes: 100,
+            pull_bytes: 40,
+            push_s: 0.5,
+            pull_s: f64::NAN,
+        });
+        b.add_link(LinkUse {
+            push_bytes: 50,
+            pull_bytes: 20,
+            push_s: 0.25,
+            pull_s: 1.0e9,
+        });
+        b.add_link(LinkUse {
+            pull_s: 0.75,
+            ..Default::default()
+        });
         let mut merged = a;
         merged.merge(&b);
+        // Bytes add up over the shards; link times are the longest; a reported time that is
+        // not finite or beyond an hour adds nothing.
+        assert_eq!(
+            (merged.push_bytes, merged.pull_bytes),
+            (Bytes(150), Bytes(60))
+        );
+        assert_eq!((merged.push_link_s, merged.pull_link_s), (0.5, 0.75));
         assert_eq!(
             (
                 merged.applied,

@@ -40,6 +40,8 @@ struct SimWorker {
     replies: Vec<Option<PushOutcome>>,
     /// Shards its push in flight still has to answer.
     awaiting: usize,
+    /// Its push waits for shard 0's step (coordinated sync) while the others act.
+    at_shard_zero: bool,
 }
 
 /// A push's slice on its way to one shard.
@@ -122,6 +124,7 @@ impl Sim {
                 weights: vec![0; n],
                 replies: vec![None; n],
                 awaiting: 0,
+                at_shard_zero: false,
             });
             sim.join(rank, RankRequest::Exact(rank));
         }
@@ -210,7 +213,7 @@ impl Sim {
             self.answer_pulls(slot);
             return;
         }
-        if self.workers[slot].awaiting > 0 {
+        if self.workers[slot].awaiting > 0 || self.workers[slot].at_shard_zero {
             return;
         }
         self.workers[slot].pushes += 1;
@@ -245,7 +248,9 @@ impl Sim {
             // worker waits for that while the others act, as the real one waits for shard 0's
             // reply); a gradient shard 0 dropped as late never reaches them.
             if let Some(s) = first.admitted_step {
+                self.workers[slot].at_shard_zero = true;
                 self.complete_step(slot, s);
+                self.workers[slot].at_shard_zero = false;
                 step = Some(s);
             }
         }
@@ -289,6 +294,15 @@ impl Sim {
             .is_some_and(|p| self.rng.below(1000) < p);
         if lost {
             self.lost += 1;
+            if self.rng.below(2) == 0 {
+                // The shard took it; the connection failed before its answer came back.
+                let tag = message
+                    .tag
+                    .as_ref()
+                    .map(|(step, members)| (*step, &members[..]));
+                let shard = &mut self.shards[message.shard];
+                let _ = shard.push(message.meta, &message.grad, tag, self.now);
+            }
             self.reconnect(message.slot);
         } else {
             self.deliver(message);
@@ -738,25 +752,53 @@ fn reordered_pushes_leave_every_shard_with_the_same_whole_steps() {
     }
 }
 
-/// Coordinated sync is left out: there a lost follower slice stalls the follower (the step
-/// it belonged to opens later expecting the member, which rejoined and will not send it, and
-/// the others wait for the follower), a known open problem.
+/// A lost message takes its worker's connections with it (before or after its shard took it);
+/// the worker reconnects. Nobody waits for a slice that will not come: in coordinated sync the
+/// follower applies a step without the gone member's slice, or skips a step none of whose
+/// slices arrived (keeping shard 0's numbering); in SSP a reconnected worker starts at the
+/// current step, so its clocks at the shards cannot drift apart into a wait at every gate;
+/// a gradient pushed before a reconnect is never counted twice.
 #[test]
-fn lost_pushes_cost_a_reconnect_never_a_stall_or_a_wrong_base_version() {
-    for mode in &MODES_ON_A_NETWORK[..3] {
-        for seed in 0..3 {
-            let mut sim = Sim::new(*mode, 3, 2, 400 + seed);
-            sim.lossy_per_mille = Some(40);
-            sim.run(3000);
-            assert!(sim.lost >= 5, "{mode} seed {seed}: {} lost", sim.lost);
-            // Every push checked its base version against the weights it held (in `act`);
-            // here: nobody stalled, and each update is still a mean of gradients of ones.
-            for (s, shard) in sim.shards.iter().enumerate() {
-                let v = shard.version();
-                assert!(v > 60, "{mode} seed {seed} shard {s}: {v} updates");
-                assert_eq!(shard.params(), &[-(v as f32); 4][..], "{mode} shard {s}");
-                assert_eq!(shard.active_workers(), 3, "{mode}: everyone rejoined");
+fn lost_messages_cost_a_reconnect_never_a_stall_or_a_wrong_base_version() {
+    for (workers, shards, lossy_per_mille) in [(3, 2, 40), (5, 3, 100)] {
+        for mode in MODES_ON_A_NETWORK {
+            for seed in 0..8 {
+                let mut sim = Sim::new(mode, workers, shards, 400 + seed);
+                sim.lossy_per_mille = Some(lossy_per_mille);
+                sim.run(3000);
+                sim.drain();
+                let at = format!("{mode}, {workers} workers, {shards} shards, seed {seed}");
+                assert!(sim.lost >= 5, "{at}: {} lost", sim.lost);
+                check_after_losses(&sim, &at);
             }
         }
+    }
+}
+
+/// Every push checked its base version against the weights it held (in `act`); here: nobody
+/// stalled, each update is still a mean of gradients of ones, and only a follower skips steps.
+fn check_after_losses(sim: &Sim, at: &str) {
+    let coordinated = sim.mode.coordinated(sim.shards.len());
+    for (s, shard) in sim.shards.iter().enumerate() {
+        let v = shard.version();
+        assert!(v > 50, "{at}, shard {s}: {v} updates");
+        let updates = -shard.params()[0];
+        assert_eq!(shard.params(), &[-updates; 4][..], "{at}, shard {s}");
+        let skipped = v as f32 - updates;
+        if coordinated && s > 0 {
+            assert!(
+                (0.0..=sim.lost as f32).contains(&skipped),
+                "{at}: {skipped}"
+            );
+            let behind = sim.shards[0].version() - v;
+            assert!(behind <= 1, "{at}: the follower is {behind} behind");
+        } else {
+            assert_eq!(skipped, 0.0, "{at}, shard {s}");
+        }
+        assert_eq!(
+            shard.active_workers(),
+            sim.workers.len(),
+            "{at}: all rejoined"
+        );
     }
 }

@@ -54,6 +54,7 @@ fn push_frame(values: usize) -> Vec<u8> {
         base_version: 0,
         samples: 1,
         loss: 0.0,
+        pull_s: 0.0,
         step: None,
     }
     .encode(2);
@@ -373,6 +374,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         base_version: 1,
         samples: 1,
         loss: 0.0,
+        pull_s: 0.0,
         step: None,
     }
     .encode(3);

@@ -1,5 +1,5 @@
 //! Compressed pushes and pulls over a live shard: each push codec moves the weights as its
-//! decoded gradient says, a bf16 pull arrives within bf16's precision, a peer whose plan names
+//! decoded gradient says (and the worker's record counts the bytes its link carried), a bf16 pull arrives within bf16's precision, a peer whose plan names
 //! another codec is refused by name, and hostile compressed pushes (repeated or out-of-range
 //! indices, wrong counts or lengths) are refused before they touch the model.
 
@@ -89,6 +89,13 @@ fn every_codec_moves_the_weights_by_its_decoded_gradient() {
             PushOutcome::Applied { .. }
         ));
         c.pull(&mut params, None, false).unwrap();
+        // The worker's link as the shard saw it: the push's bytes as sent, two encoded
+        // pulls, and time on the link each way (the first pull's, reported with the push).
+        let link = c.stats().unwrap()[0].workers[0];
+        let push_bytes = PushHead::len(1) + push.encoded_len(N);
+        assert_eq!(link.push_bytes.0, push_bytes as u64, "{push}");
+        assert_eq!(link.pull_bytes.0, 2 * PullCodec::Bf16.encoded_len(N) as u64);
+        assert!(link.push_link_s > 0.0 && link.pull_link_s > 0.0, "{link:?}");
         c.leave().unwrap();
         let report = server.finish().unwrap();
         // SGD lr 0.1: each weight is -0.1 x the decoded gradient; bf16 pulls round it.
@@ -101,6 +108,53 @@ fn every_codec_moves_the_weights_by_its_decoded_gradient() {
             }
             assert!((params[i] - w).abs() <= w.abs() / 128.0, "bf16 pull of {w}");
         }
+    }
+}
+
+#[test]
+fn delta_pulls_bring_the_shards_weights_for_a_fraction_of_the_bytes() {
+    for pull in [
+        PullCodec::DeltaInt8,
+        PullCodec::DeltaTopK { per_mille: 100 },
+    ] {
+        let p = codec_plan(PushCodec::Fp32, pull);
+        let server = start(p.clone(), None);
+        let mut c = client(&server, p).unwrap();
+        let mut params = vec![0.0; N];
+        let mut v = c.pull(&mut params, None, false).unwrap().version;
+        // 20 gradients that move every weight, then 10 of zeros: the version moves on, the
+        // weights do not, and the differences carry what earlier ones left out.
+        for step in 0..30usize {
+            let grad: Vec<f32> = (0..N)
+                .map(|i| match step {
+                    0..20 => ((i * 7 + step) % 13) as f32 * 0.1 - 0.6,
+                    _ => 0.0,
+                })
+                .collect();
+            c.push(meta(v), &grad).unwrap();
+            let reply = c.pull(&mut params, Some(v), false).unwrap();
+            assert!(reply.updated);
+            v = reply.version;
+        }
+        let link = c.stats().unwrap()[0].workers[0];
+        // One whole slice (fp32), then 30 differences.
+        let bytes = 4 * N + 30 * pull.delta_len(N);
+        assert_eq!(link.pull_bytes.0, bytes as u64, "{pull}");
+        c.leave().unwrap();
+        let report = server.finish().unwrap();
+        let tolerance = match pull {
+            // The last difference is zero: nothing left to round.
+            PullCodec::DeltaInt8 => 1e-6,
+            // Ten differences of 10% each brought every coordinate still owed.
+            _ => 1e-5,
+        };
+        for (i, (w, held)) in report.params.iter().zip(&params).enumerate() {
+            assert!((w - held).abs() <= tolerance, "{pull} {i}: {held} vs {w}");
+        }
+        assert!(
+            report.params.iter().any(|w| w.abs() > 0.1),
+            "the weights moved"
+        );
     }
 }
 
@@ -129,6 +183,7 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
         base_version: 0,
         samples: 1,
         loss: 0.0,
+        pull_s: 0.0,
         step: None,
     }
     .encode(1);

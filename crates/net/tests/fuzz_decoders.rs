@@ -44,6 +44,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
         base_version: 7,
         samples: 32,
         loss: 0.5,
+        pull_s: 0.0,
         step: Some(members.clone()),
     };
     let stats = StatsReply {
@@ -74,6 +75,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
                 version: 3,
                 updated: true,
                 done: false,
+                delta: false,
                 batch: 21,
             })
             .encode(0),

@@ -346,6 +346,7 @@ fn a_token_holder_cannot_jump_a_follower_shard_to_the_end() {
         base_version: 0,
         samples: 1,
         loss: 0.0,
+        pull_s: 0.0,
         step: Some(StepMembers {
             step: u64::MAX - 1,
             members: vec![false, true, false],

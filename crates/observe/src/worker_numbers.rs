@@ -22,7 +22,7 @@ impl Serialize for WorkerNumbers {
         let mut map = serializer.serialize_map(Some(WORKER_FIELDS.len() + 1))?;
         for field in WORKER_FIELDS {
             match (field.get)(&self.0) {
-                Number::Count(n) => map.serialize_entry(field.name, &n)?,
+                Number::Count(n) | Number::Bytes(n) => map.serialize_entry(field.name, &n)?,
                 Number::Real(x) => map.serialize_entry(field.name, &x)?,
             }
         }

@@ -13,16 +13,20 @@
 //!   bytes each), with error feedback: what was not sent is added to the next gradient, so
 //!   every coordinate's updates arrive in the end.
 //!
-//! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32).
+//! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
+//! a delta from what the worker holds (`delta-int8`, `delta-topk:P`; see `pull_delta`).
 
+mod pull_delta;
 mod values;
 
 use crate::rng::Rng;
+pub use pull_delta::PullReplica;
 use std::fmt;
 use std::str::FromStr;
 use thiserror::Error;
 use values::{
     decode_bf16, decode_f32, decode_int8, decode_top_k, encode_bf16, encode_f32, encode_int8,
+    select_top_k,
 };
 pub use values::{from_bf16, to_bf16};
 
@@ -44,7 +48,7 @@ pub enum CodecError {
     Count { count: u64, values: usize },
     #[error("top-k index {index} is out of range or not after the previous one ({values} values)")]
     Index { index: u32, values: usize },
-    #[error("unknown codec `{0}` (fp32, bf16, int8, topk:PER_MILLE)")]
+    #[error("unknown codec `{0}` (pushes: fp32, bf16, int8, topk:PER_MILLE; pulls: fp32, bf16, delta-int8, delta-topk:PER_MILLE)")]
     Unknown(String),
     #[error("top-k per mille must be 1..={TOPK_MAX_PER_MILLE}, not {0}")]
     PerMille(String),
@@ -69,6 +73,13 @@ pub enum PullCodec {
     #[default]
     Fp32,
     Bf16,
+    /// The difference from what the worker holds, int8 with a scale per block; a whole
+    /// slice (the first, or after a reconnect) goes as fp32.
+    DeltaInt8,
+    /// The `per_mille` / 1000 largest values of that difference.
+    DeltaTopK {
+        per_mille: u16,
+    },
 }
 
 impl fmt::Display for PushCodec {
@@ -84,10 +95,12 @@ impl fmt::Display for PushCodec {
 
 impl fmt::Display for PullCodec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PullCodec::Fp32 => "fp32",
-            PullCodec::Bf16 => "bf16",
-        })
+        match self {
+            PullCodec::Fp32 => f.write_str("fp32"),
+            PullCodec::Bf16 => f.write_str("bf16"),
+            PullCodec::DeltaInt8 => f.write_str("delta-int8"),
+            PullCodec::DeltaTopK { per_mille } => write!(f, "delta-topk:{per_mille}"),
+        }
     }
 }
 
@@ -98,13 +111,7 @@ impl FromStr for PushCodec {
             "fp32" => Ok(PushCodec::Fp32),
             "bf16" => Ok(PushCodec::Bf16),
             "int8" => Ok(PushCodec::Int8),
-            _ => {
-                let Some(p) = s.strip_prefix("topk:") else {
-                    return Err(CodecError::Unknown(s.into()));
-                };
-                let per_mille: u16 = p.parse().map_err(|_| CodecError::PerMille(p.into()))?;
-                PushCodec::top_k(per_mille).ok_or_else(|| CodecError::PerMille(p.into()))
-            }
+            _ => with_per_mille(s, "topk:", PushCodec::top_k),
         }
     }
 }
@@ -115,9 +122,19 @@ impl FromStr for PullCodec {
         match s {
             "fp32" => Ok(PullCodec::Fp32),
             "bf16" => Ok(PullCodec::Bf16),
-            _ => Err(CodecError::Unknown(s.into())),
+            "delta-int8" => Ok(PullCodec::DeltaInt8),
+            _ => with_per_mille(s, "delta-topk:", PullCodec::delta_top_k),
         }
     }
+}
+
+/// A codec named `PREFIX` + a per mille, made by `make` (which refuses one out of range).
+fn with_per_mille<T>(s: &str, prefix: &str, make: fn(u16) -> Option<T>) -> Result<T, CodecError> {
+    let Some(p) = s.strip_prefix(prefix) else {
+        return Err(CodecError::Unknown(s.into()));
+    };
+    let per_mille: u16 = p.parse().map_err(|_| CodecError::PerMille(p.into()))?;
+    make(per_mille).ok_or_else(|| CodecError::PerMille(p.into()))
 }
 
 /// What a worker keeps between pushes of one slice: the error-feedback residual (top-k) and
@@ -170,24 +187,8 @@ impl PushEncoder {
             *r += v;
         }
         let k = top_k_count(n, per_mille);
-        let acc = &self.residual;
         let idx = &mut self.scratch;
-        idx.clear();
-        idx.extend(0..n as u32);
-        // NaN counts as largest, so a bad gradient is sent (and refused) rather than hidden.
-        let magnitude = |i: &u32| {
-            let v = acc[*i as usize].abs();
-            if v.is_nan() {
-                f32::INFINITY
-            } else {
-                v
-            }
-        };
-        if k < n {
-            idx.select_nth_unstable_by(k, |a, b| magnitude(b).total_cmp(&magnitude(a)));
-            idx.truncate(k);
-        }
-        idx.sort_unstable();
+        select_top_k(&self.residual, k, idx);
         out.extend_from_slice(&(k as u32).to_le_bytes());
         for &i in idx.iter() {
             let v = &mut self.residual[i as usize];
@@ -260,30 +261,53 @@ impl PushCodec {
 }
 
 impl PullCodec {
-    /// The exact size of a pull of `n` values.
+    /// A delta top-k codec, if `per_mille` is in range.
+    pub fn delta_top_k(per_mille: u16) -> Option<PullCodec> {
+        (1..=TOPK_MAX_PER_MILLE)
+            .contains(&per_mille)
+            .then_some(PullCodec::DeltaTopK { per_mille })
+    }
+
+    /// Whether the shard sends differences from what each worker holds.
+    pub fn is_delta(&self) -> bool {
+        matches!(self, PullCodec::DeltaInt8 | PullCodec::DeltaTopK { .. })
+    }
+
+    /// The exact size of a whole pull of `n` values (fp32 under a delta codec).
     pub fn encoded_len(&self, n: usize) -> usize {
         match self {
-            PullCodec::Fp32 => 4 * n,
             PullCodec::Bf16 => 2 * n,
+            _ => 4 * n,
         }
     }
 
+    /// The largest size of a delta of `n` values (0 for a codec without deltas).
+    pub fn delta_len(&self, n: usize) -> usize {
+        match self {
+            PullCodec::DeltaInt8 => PushCodec::Int8.encoded_len(n),
+            PullCodec::DeltaTopK { per_mille } => 4 + 8 * top_k_count(n, *per_mille),
+            _ => 0,
+        }
+    }
+
+    /// Encodes a whole slice (a delta codec's as fp32).
     pub fn encode(&self, values: &[f32], out: &mut Vec<u8>) {
         out.clear();
         match self {
-            PullCodec::Fp32 => encode_f32(values, out),
             PullCodec::Bf16 => encode_bf16(values, out),
+            _ => encode_f32(values, out),
         }
     }
 
+    /// Decodes a whole slice, checking its length.
     pub fn decode(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
         let expected = self.encoded_len(out.len());
         if bytes.len() != expected {
             return Err(CodecError::Length {
-                codec: if *self == PullCodec::Fp32 {
-                    "fp32"
-                } else {
+                codec: if *self == PullCodec::Bf16 {
                     "bf16"
+                } else {
+                    "fp32"
                 },
                 values: out.len(),
                 got: bytes.len(),
@@ -291,8 +315,8 @@ impl PullCodec {
             });
         }
         match self {
-            PullCodec::Fp32 => decode_f32(bytes, out),
             PullCodec::Bf16 => decode_bf16(bytes, out),
+            _ => decode_f32(bytes, out),
         }
         Ok(())
     }

@@ -127,3 +127,24 @@ pub(super) fn decode_top_k(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecErr
     }
     Ok(())
 }
+
+/// The indices of the `k` values of `values` largest in magnitude, ascending, in `idx`. NaN
+/// counts as largest, so a bad value is sent (and refused) rather than hidden.
+pub(super) fn select_top_k(values: &[f32], k: usize, idx: &mut Vec<u32>) {
+    let n = values.len();
+    idx.clear();
+    idx.extend(0..n as u32);
+    let magnitude = |i: &u32| {
+        let v = values[*i as usize].abs();
+        if v.is_nan() {
+            f32::INFINITY
+        } else {
+            v
+        }
+    };
+    if k < n {
+        idx.select_nth_unstable_by(k, |a, b| magnitude(b).total_cmp(&magnitude(a)));
+        idx.truncate(k);
+    }
+    idx.sort_unstable();
+}

@@ -152,15 +152,15 @@ impl BoundedStaleness {
 }
 
 impl BoundedStaleness {
-    /// Moves `rank`'s clock past the step its gradient is for and returns that step and the
-    /// gradient's staleness; refuses a step more than `max_lead` past the shard's version
-    /// (only a worker that skipped the pull gate gets there).
+    /// Moves `rank`'s clock past the step its gradient is for and returns where the gradient
+    /// falls; refuses a step more than `max_lead` past the shard's version (only a worker that
+    /// skipped the pull gate gets there).
     fn claim(
         &mut self,
         state: &mut ShardState,
         rank: usize,
         base_version: u64,
-    ) -> Result<(u64, u64), PushError> {
+    ) -> Result<Claim, PushError> {
         let version = state.version();
         let step = self.clock_of(state, rank);
         if step - version > self.max_lead {
@@ -169,8 +169,22 @@ impl BoundedStaleness {
         self.clock[rank] = step + 1;
         state.record_lead(rank, step - version);
         // The gate checked base <= version <= step.
-        Ok((step, step - base_version))
+        let staleness = step - base_version;
+        let index = (step - version) as usize;
+        if self.window.get(index).is_some_and(|s| s.heard[rank]) {
+            return Ok(Claim::Had { staleness });
+        }
+        Ok(Claim::Step { step, staleness })
     }
+}
+
+/// Where a rank's gradient falls.
+enum Claim {
+    /// Step `step` has not heard from the rank yet.
+    Step { step: u64, staleness: u64 },
+    /// The rank's step already holds a gradient of its: it reconnected after pushing ahead
+    /// (see `rejoin`), and its earlier gradient stands.
+    Had { staleness: u64 },
 }
 
 impl Consistency for BoundedStaleness {
@@ -185,9 +199,17 @@ impl Consistency for BoundedStaleness {
         grad: Checked<'_>,
     ) -> Result<PushOutcome, PushError> {
         let (meta, rank) = (grad.meta, grad.meta.rank);
-        let (step, staleness) = self
-            .claim(state, rank, meta.base_version)
-            .inspect_err(|_| state.count_refusal())?;
+        let (step, staleness) = match self.claim(state, rank, meta.base_version) {
+            Ok(Claim::Step { step, staleness }) => (step, staleness),
+            Ok(Claim::Had { staleness }) => {
+                state.count_stale();
+                return Ok(PushOutcome::Dropped { staleness });
+            }
+            Err(e) => {
+                state.count_refusal();
+                return Err(e);
+            }
+        };
         // A gradient computed from weights older than the bound allows (a worker that did not
         // pull) is dropped; either way the rank counts as heard for its step, so the step is
         // not held up.
@@ -217,7 +239,7 @@ impl Consistency for BoundedStaleness {
 
     fn refused(&mut self, state: &mut ShardState, active: &[bool], from: Refused<'_>) -> bool {
         let rank = from.meta.rank;
-        let Ok((step, _)) = self.claim(state, rank, from.meta.base_version) else {
+        let Ok(Claim::Step { step, .. }) = self.claim(state, rank, from.meta.base_version) else {
             return false;
         };
         self.step_mut(state, step).heard[rank] = true;
@@ -229,10 +251,13 @@ impl Consistency for BoundedStaleness {
     }
 
     fn rejoin(&mut self, state: &ShardState, rank: usize) {
-        // A new holder of the rank goes on from where the rank's steps stand: steps its
-        // predecessor already contributed to are not pushed to twice.
+        // A rank that comes back starts at the current step, whatever lead it had: over
+        // several shards a lost push leaves its clocks apart (ahead where the push arrived),
+        // and a lead kept at one shard while it is the slowest at another can hold every
+        // worker at the gates for good. Steps it already pushed to keep that gradient; its
+        // next pushes there are dropped (`Claim::Had`), never counted twice.
         if let Some(c) = self.clock.get_mut(rank) {
-            *c = (*c).max(state.version());
+            *c = state.version();
         }
     }
 

@@ -7,6 +7,14 @@
 //! applies steps in order as they complete. A member that can no longer send (it left, or it
 //! already pushed a later step) is no longer waited for.
 //!
+//! A member that departed owes no slice until it pushes one again: its connection is gone, so
+//! a step shard 0 admitted it into before it left is never sent here by it, even if the step
+//! opens here only later (another member's slice still on its way) and even if the rank has
+//! rejoined meanwhile (a reconnected or replaced worker pushes only steps it is admitted to
+//! afresh). Such a step is applied without that member's slice; waiting for it would stall
+//! every worker at this shard's gate. The price: the first step of a rejoined rank can be
+//! applied here before its slice arrives, which is then dropped as late.
+//!
 //! A step past the follower's version (a jump: after a restart from an older checkpoint, or
 //! when every member of a step vanished) is applied only once two ranks (or every active
 //! one, if fewer) have pushed steps that far: the step number and members come from the
@@ -50,6 +58,9 @@ pub struct CoordinatedFollower {
     open: BTreeMap<u64, OpenStep>,
     /// Per rank, the furthest step it has pushed (the evidence a jump needs).
     furthest: Vec<Option<u64>>,
+    /// Ranks that departed and have not pushed here since: steps opened now do not wait
+    /// for them.
+    gone: Vec<bool>,
 }
 
 impl CoordinatedFollower {
@@ -60,6 +71,7 @@ impl CoordinatedFollower {
             len,
             open: BTreeMap::new(),
             furthest: vec![None; workers],
+            gone: vec![false; workers],
         }
     }
 
@@ -121,6 +133,8 @@ impl CoordinatedFollower {
                 staleness: version - step,
             });
         }
+        // A live connection pushes every step it is admitted to from now on.
+        self.gone[rank] = false;
         let furthest = &mut self.furthest[rank];
         *furthest = Some(furthest.map_or(step, |f| f.max(step)));
         // A rank that pushes step k will never send an earlier one.
@@ -128,9 +142,13 @@ impl CoordinatedFollower {
             s.expected[rank] = false;
         }
         let (workers, aggregate, len) = (self.workers, self.aggregate, self.len);
+        let (gone, furthest) = (&self.gone, &self.furthest);
         let open = self.open.entry(step).or_insert_with(|| OpenStep {
             sum: StepSum::new(len, aggregate),
-            expected: tag.members.to_vec(),
+            // Nor is a member waited for that is gone, or that already pushed a later step.
+            expected: (0..workers)
+                .map(|r| tag.members[r] && !gone[r] && furthest[r].is_none_or(|f| f < step))
+                .collect(),
             heard: vec![false; workers],
         });
         if open.heard[rank] {
@@ -201,6 +219,9 @@ impl Consistency for CoordinatedFollower {
     }
 
     fn leave(&mut self, state: &mut ShardState, active: &[bool], rank: usize) -> bool {
+        if let Some(g) = self.gone.get_mut(rank) {
+            *g = true;
+        }
         for s in self.open.values_mut() {
             if let Some(e) = s.expected.get_mut(rank) {
                 *e = false;
@@ -214,6 +235,7 @@ impl Consistency for CoordinatedFollower {
     fn reset(&mut self) {
         self.open.clear();
         self.furthest.fill(None);
+        self.gone.fill(false);
     }
 }
 
@@ -316,6 +338,37 @@ mod tests {
         core.push_step(meta(0, 1), &[1.0, 1.0], 2, &[true, false, true])
             .unwrap();
         assert_eq!(core.version(), 2, "step 1 applied with rank 1 alone");
+    }
+
+    #[test]
+    fn a_member_that_left_before_its_step_opened_here_is_not_waited_for() {
+        let mut core = follower_core(3);
+        // Shard 0 made step 0 of ranks 0 and 1; rank 1 vanished before sending its slice
+        // here and came back: its new connection will not send step 0.
+        assert_eq!(core.leave(1), None);
+        core.rejoin(1);
+        assert_eq!(
+            core.push_step(meta(0, 0), &[2.0, 0.0], 0, &M01),
+            Ok(PushOutcome::Applied {
+                version: 1,
+                staleness: 0
+            })
+        );
+        assert_eq!(core.params(), &[-2.0, 0.0]);
+        // Once it pushes again it is waited for as before.
+        let m12 = [false, true, true];
+        assert_eq!(
+            core.push_step(meta(1, 1), &[0.0, 2.0], 1, &m12),
+            Ok(PushOutcome::Buffered { waiting_for: 1 })
+        );
+        assert_eq!(
+            core.push_step(meta(2, 1), &[0.0, 4.0], 1, &m12),
+            Ok(PushOutcome::Applied {
+                version: 2,
+                staleness: 0
+            })
+        );
+        assert_eq!(core.params(), &[-2.0, -3.0]);
     }
 
     #[test]

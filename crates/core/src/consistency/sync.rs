@@ -77,6 +77,9 @@ impl SyncSteps {
 
 /// Where a gradient from a rank falls in the current step.
 enum Claim {
+    /// The rank's gradient is already in this step: it was pushed before the rank's
+    /// connection failed, and the rank came back and pushed again. The first one stands.
+    Had,
     /// A straggler's gradient for a step that completed without it: backup workers exist
     /// precisely so that it can be dropped.
     Late { staleness: u64 },
@@ -91,6 +94,8 @@ impl SyncSteps {
         let staleness = state.version() - base_version;
         if staleness > 0 && self.backup_workers > 0 {
             Claim::Late { staleness }
+        } else if self.contributed[rank] && !self.heard[rank] {
+            Claim::Had
         } else if self.heard[rank] {
             Claim::Duplicate
         } else {
@@ -126,12 +131,16 @@ impl Consistency for SyncSteps {
                     version: state.version(),
                 });
             }
-            Claim::Current { staleness } => staleness,
+            Claim::Had => None,
+            Claim::Current { staleness } => Some(staleness),
         };
         self.heard[rank] = true;
-        self.sum.add(meta.samples, grad.values);
-        self.contributed[rank] = true;
-        state.record_applied(meta, staleness);
+        if let Some(staleness) = staleness {
+            self.sum.add(meta.samples, grad.values);
+            self.contributed[rank] = true;
+            state.record_applied(meta, staleness);
+        }
+        let staleness = staleness.unwrap_or(0);
         Ok(match self.try_complete(state, active) {
             Some(version) => PushOutcome::Applied { version, staleness },
             None => PushOutcome::Buffered {
@@ -144,7 +153,7 @@ impl Consistency for SyncSteps {
         let rank = from.meta.rank;
         match self.claim(state, rank, from.meta.base_version) {
             Claim::Late { .. } | Claim::Duplicate => false,
-            Claim::Current { .. } => {
+            Claim::Had | Claim::Current { .. } => {
                 self.heard[rank] = true;
                 self.try_complete(state, active).is_some()
             }
@@ -156,8 +165,8 @@ impl Consistency for SyncSteps {
     }
 
     fn rejoin(&mut self, _state: &ShardState, rank: usize) {
-        // It has not pushed for this step: a rejoining worker pulls first and pushes for the
-        // current step.
+        // A rejoining worker pulls first and pushes for the current step, so it is waited for
+        // again (if its gradient is already in the step, that one stands: `Claim::Had`).
         if let Some(h) = self.heard.get_mut(rank) {
             *h = false;
         }

@@ -273,6 +273,8 @@ pub(super) async fn try_connect_shard(
         pull_codec: cfg.plan.pull_codec,
         encoder: PushEncoder::new(cfg.plan.push_codec, seed),
         wire: Vec::new(),
+        delta: Vec::new(),
+        pull_s: 0.0,
     };
     Ok((link, ok.rank as usize))
 }

@@ -3,6 +3,7 @@
 
 use crate::connection::Connection;
 use crate::error::NetError;
+use crate::frame::Header;
 use crate::message::{
     kind, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN, REPLY_LIMIT,
     WORKER_STATS_LEN,
@@ -24,6 +25,11 @@ pub(super) struct ShardLink {
     pub encoder: PushEncoder,
     /// Encoded bytes, reused between calls.
     pub wire: Vec<u8>,
+    /// A decoded pull difference, reused between calls.
+    pub delta: Vec<f32>,
+    /// Seconds spent receiving this shard's slice since the last push (first byte of the
+    /// reply to last), which the next push reports.
+    pub pull_s: f32,
 }
 
 impl ShardLink {
@@ -45,7 +51,56 @@ impl ShardLink {
         } else {
             self.conn.io_timeout()
         };
-        let limit = (PULLED_LEN + self.pull_codec.encoded_len(slice.len())) as u64;
+        let n = slice.len();
+        let header = self.read_pull_header(idle, n).await?;
+        let first_byte = std::time::Instant::now();
+        let head = self.conn.read_bytes(PULLED_LEN).await?;
+        let Reply::Pulled(pulled) = Reply::decode(header.kind, &head, 0)? else {
+            return Err(NetError::Closed("with a garbled pull reply"));
+        };
+        let updated = pulled.updated;
+        let body = header.len - PULLED_LEN as u64;
+        // A difference only when asked relative to what this link holds, and at most the
+        // codec's largest; its exact shape is the decoder's to check.
+        let delta = pulled.delta && updated && newer.is_some() && self.pull_codec.is_delta();
+        let fits = match (updated, delta) {
+            (false, _) => body == 0 && !pulled.delta,
+            (true, true) => body <= self.pull_codec.delta_len(n) as u64,
+            (true, false) => !pulled.delta && body == self.pull_codec.encoded_len(n) as u64,
+        };
+        if !fits {
+            return Err(NetError::Malformed {
+                what: "pull reply",
+                why: format!(
+                    "{body} tensor bytes (updated {updated}, delta {})",
+                    pulled.delta
+                ),
+            });
+        }
+        if delta {
+            self.wire.resize(body as usize, 0);
+            self.conn.read_into(&mut self.wire).await?;
+            self.pull_codec
+                .apply_delta(&self.wire, slice, &mut self.delta)
+                .map_err(|e| NetError::Malformed {
+                    what: "pull reply",
+                    why: e.to_string(),
+                })?;
+        } else if updated {
+            self.read_slice(slice, body as usize).await?;
+        }
+        self.pull_s += first_byte.elapsed().as_secs_f32();
+        Ok(PullReply::from(pulled))
+    }
+
+    /// The header of a pull's answer, of at most the pull codec's largest size for `n`
+    /// values; an error answer (or anything else) becomes the error.
+    async fn read_pull_header(&mut self, idle: Duration, n: usize) -> Result<Header, NetError> {
+        let largest = self
+            .pull_codec
+            .encoded_len(n)
+            .max(self.pull_codec.delta_len(n));
+        let limit = (PULLED_LEN + largest) as u64;
         let header = self
             .conn
             .read_header(idle, limit.max(REPLY_LIMIT))
@@ -74,32 +129,12 @@ impl ShardLink {
                 why: format!("{} bytes", header.len),
             });
         }
-        let head = self.conn.read_bytes(PULLED_LEN).await?;
-        let Reply::Pulled(pulled) = Reply::decode(header.kind, &head, 0)? else {
-            return Err(NetError::Closed("with a garbled pull reply"));
-        };
-        let updated = pulled.updated;
-        let body = header.len - PULLED_LEN as u64;
-        let expected = if updated {
-            self.pull_codec.encoded_len(slice.len()) as u64
-        } else {
-            0
-        };
-        if body != expected {
-            return Err(NetError::Malformed {
-                what: "pull reply",
-                why: format!("{body} tensor bytes, expected {expected}"),
-            });
-        }
-        if updated {
-            self.read_slice(slice, body as usize).await?;
-        }
-        Ok(PullReply::from(pulled))
+        Ok(header)
     }
 
     /// Reads a pulled slice of `body` bytes into `slice`, decoding it per the pull codec.
     async fn read_slice(&mut self, slice: &mut [f32], body: usize) -> Result<(), NetError> {
-        if self.pull_codec == PullCodec::Fp32 {
+        if self.pull_codec != PullCodec::Bf16 {
             return self.conn.read_f32s(slice).await;
         }
         self.wire.resize(body, 0);
@@ -127,6 +162,7 @@ impl ShardLink {
             base_version,
             samples: meta.samples,
             loss: meta.loss,
+            pull_s: std::mem::take(&mut self.pull_s),
             step,
         };
         let request = Request::Push(head);

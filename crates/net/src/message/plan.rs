@@ -67,12 +67,16 @@ pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
         PushCodec::Int8 => (3, 0),
         PushCodec::TopK { per_mille } => (4, per_mille),
     };
+    let (pull_tag, pull_param) = match p.pull_codec {
+        PullCodec::Fp32 => (1, 0),
+        PullCodec::Bf16 => (2, 0),
+        PullCodec::DeltaInt8 => (3, 0),
+        PullCodec::DeltaTopK { per_mille } => (4, per_mille),
+    };
     w.u8(push_tag)
         .u32(push_param as u32)
-        .u8(match p.pull_codec {
-            PullCodec::Fp32 => 1,
-            PullCodec::Bf16 => 2,
-        });
+        .u8(pull_tag)
+        .u32(pull_param as u32);
 }
 
 pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
@@ -116,22 +120,7 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
     let (seed, train_samples) = (r.u64()?, r.usize()?);
     let (has_clip, max_norm, refuse) = (r.bool()?, r.f32()?, r.bool()?);
     let (staleness_aware_lr, balance_batches) = (r.bool()?, r.bool()?);
-    let (push_tag, push_param) = (r.u8()?, r.u32()?);
-    let push_codec = match push_tag {
-        1 => PushCodec::Fp32,
-        2 => PushCodec::Bf16,
-        3 => PushCodec::Int8,
-        4 => u16::try_from(push_param)
-            .ok()
-            .and_then(PushCodec::top_k)
-            .ok_or_else(|| r.malformed(format!("top-k per mille {push_param}")))?,
-        other => return Err(r.malformed(format!("push codec {other}")).into()),
-    };
-    let pull_codec = match r.u8()? {
-        1 => PullCodec::Fp32,
-        2 => PullCodec::Bf16,
-        other => return Err(r.malformed(format!("pull codec {other}")).into()),
-    };
+    let (push_codec, pull_codec) = decode_codecs(r)?;
     Ok(RunPlan {
         model,
         mode,
@@ -150,4 +139,31 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
         push_codec,
         pull_codec,
     })
+}
+
+/// The plan's push and pull codecs, each a tag and a parameter.
+fn decode_codecs(r: &mut Reader<'_>) -> Result<(PushCodec, PullCodec), NetError> {
+    let (push_tag, push_param) = (r.u8()?, r.u32()?);
+    let push_codec = match push_tag {
+        1 => PushCodec::Fp32,
+        2 => PushCodec::Bf16,
+        3 => PushCodec::Int8,
+        4 => u16::try_from(push_param)
+            .ok()
+            .and_then(PushCodec::top_k)
+            .ok_or_else(|| r.malformed(format!("top-k per mille {push_param}")))?,
+        other => return Err(r.malformed(format!("push codec {other}")).into()),
+    };
+    let (pull_tag, pull_param) = (r.u8()?, r.u32()?);
+    let pull_codec = match pull_tag {
+        1 => PullCodec::Fp32,
+        2 => PullCodec::Bf16,
+        3 => PullCodec::DeltaInt8,
+        4 => u16::try_from(pull_param)
+            .ok()
+            .and_then(PullCodec::delta_top_k)
+            .ok_or_else(|| r.malformed(format!("delta top-k per mille {pull_param}")))?,
+        other => return Err(r.malformed(format!("pull codec {other}")).into()),
+    };
+    Ok((push_codec, pull_codec))
 }

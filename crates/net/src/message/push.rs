@@ -59,24 +59,30 @@ fn decode_step(r: &mut Reader<'_>, workers: usize) -> Result<Option<StepMembers>
     Ok((step != NO_STEP).then_some(StepMembers { step, members }))
 }
 
-/// A push's fixed part: base version, samples, loss, then the coordinated step if any.
+/// A push's fixed part: base version, samples, loss, the seconds the worker took to receive
+/// its latest pull from this shard (first byte to last; 0 if none since its last push), then
+/// the coordinated step if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushHead {
     pub base_version: u64,
     pub samples: u32,
     pub loss: f32,
+    pub pull_s: f32,
     pub step: Option<StepMembers>,
 }
 
 impl PushHead {
     /// Its encoded size in a run of `workers` workers.
     pub fn len(workers: usize) -> usize {
-        24 + mask_len(workers)
+        28 + mask_len(workers)
     }
 
     pub fn encode(&self, workers: usize) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u64(self.base_version).u32(self.samples).f32(self.loss);
+        w.u64(self.base_version)
+            .u32(self.samples)
+            .f32(self.loss)
+            .f32(self.pull_s);
         encode_step(&mut w, self.step.as_ref(), workers);
         w.0
     }
@@ -84,12 +90,14 @@ impl PushHead {
     pub fn decode(bytes: &[u8], workers: usize) -> Result<Self, NetError> {
         let mut r = Reader::new(bytes, "push");
         let (base_version, samples, loss) = (r.u64()?, r.u32()?, r.f32()?);
+        let pull_s = r.f32()?;
         let step = decode_step(&mut r, workers)?;
         r.finish()?;
         Ok(PushHead {
             base_version,
             samples,
             loss,
+            pull_s,
             step,
         })
     }

@@ -17,6 +17,9 @@ pub struct Pulled {
     pub version: u64,
     pub updated: bool,
     pub done: bool,
+    /// The slice that follows is a difference from what the worker holds (a delta pull
+    /// codec), not the whole slice.
+    pub delta: bool,
     /// Speed-balanced sync: the worker's next batch size (0: the plan's).
     pub batch: u32,
 }
@@ -28,6 +31,7 @@ impl From<PullReply> for Pulled {
             version: r.version,
             updated: r.updated,
             done: r.done,
+            delta: false,
             batch: r.batch.unwrap_or(0),
         }
     }
@@ -100,7 +104,7 @@ impl Reply {
             Reply::Pushed(p) => return p.encode(workers),
             Reply::Pulled(p) => {
                 w.u64(p.version)
-                    .u8(u8::from(p.updated) | (u8::from(p.done) << 1))
+                    .u8(u8::from(p.updated) | (u8::from(p.done) << 1) | (u8::from(p.delta) << 2))
                     .u32(p.batch);
             }
             Reply::Stats(s) => encode_stats(&mut w, s),
@@ -126,13 +130,14 @@ impl Reply {
             kind::PUSH_REPLY => return Ok(Reply::Pushed(PushReply::decode(bytes, workers)?)),
             kind::PULL_REPLY => {
                 let (version, flags) = (r.u64()?, r.u8()?);
-                if flags > 3 {
+                if flags > 7 {
                     return Err(r.malformed(format!("pull flags {flags:#x}")).into());
                 }
                 Reply::Pulled(Pulled {
                     version,
                     updated: flags & 1 != 0,
                     done: flags & 2 != 0,
+                    delta: flags & 4 != 0,
                     batch: r.u32()?,
                 })
             }

@@ -25,7 +25,7 @@ fn plan() -> RunPlan {
         staleness_aware_lr: false,
         balance_batches: true,
         push_codec: pstrain_core::PushCodec::TopK { per_mille: 20 },
-        pull_codec: pstrain_core::PullCodec::Bf16,
+        pull_codec: pstrain_core::PullCodec::DeltaTopK { per_mille: 20 },
     }
 }
 
@@ -76,6 +76,7 @@ fn push_head_and_reply_have_exact_bytes() {
         base_version: 3,
         samples: 16,
         loss: 0.5,
+        pull_s: 2.0,
         step: Some(StepMembers {
             step: 7,
             members: vec![true, false, false, true, false, false, false, false, true],
@@ -89,6 +90,7 @@ fn push_head_and_reply_have_exact_bytes() {
             3, 0, 0, 0, 0, 0, 0, 0, // base version
             16, 0, 0, 0, // samples
             0, 0, 0, 0x3f, // 0.5f32
+            0, 0, 0, 0x40, // pull seconds, 2.0f32
             7, 0, 0, 0, 0, 0, 0, 0, // step
             0b1001, 0b1 // members 0, 3 and 8
         ]
@@ -100,7 +102,7 @@ fn push_head_and_reply_have_exact_bytes() {
         ..head.clone()
     };
     assert_eq!(
-        &plain.encode(2)[16..],
+        &plain.encode(2)[20..],
         &[255, 255, 255, 255, 255, 255, 255, 255, 0]
     );
 
@@ -175,13 +177,14 @@ fn pulled_and_stats_round_trip() {
         version: 4,
         updated: true,
         done: true,
+        delta: true,
         batch: 21,
     });
     let bytes = p.encode(0);
-    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 3, 21, 0, 0, 0]);
+    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 7, 21, 0, 0, 0]);
     assert_eq!(bytes.len(), PULLED_LEN);
     assert_eq!(Reply::decode(kind::PULL_REPLY, &bytes, 0).unwrap(), p);
-    let bad_flags = [0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0];
+    let bad_flags = [0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0];
     assert!(Reply::decode(kind::PULL_REPLY, &bad_flags, 0).is_err());
     let mut worker = pstrain_core::WorkerStats {
         applied: 5,

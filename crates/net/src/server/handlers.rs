@@ -8,20 +8,21 @@ use crate::message::{
     ErrorCode, Failure, Pulled, PushHead, PushReply, Reply, StatsReply, StepMembers,
 };
 use pstrain_core::{
-    Departure, PullAsk, PullCodec, PullDecision, PullReply, PushCodec, PushError, PushMeta,
-    PushOutcome, Seat,
+    Departure, LinkUse, PullAsk, PullCodec, PullDecision, PullReplica, PullReply, PushCodec,
+    PushError, PushMeta, PushOutcome, Seat,
 };
 
 /// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
-/// engine's gate opens for `rank` (or the run ends). `wire` holds the encoded slice when the
-/// pull codec is not fp32.
+/// engine's gate opens for `rank` (or the run ends). Under a delta pull codec a worker that
+/// holds `newer_than` from this connection (`replica`) is sent the difference; `wire` holds
+/// whatever is encoded.
 pub(super) async fn pull(
     shared: &Shared,
     conn: &mut Connection,
     rank: Option<usize>,
     newer_than: Option<u64>,
     wait: bool,
-    wire: &mut Vec<u8>,
+    (replica, wire): (&mut PullReplica, &mut Vec<u8>),
 ) -> Result<(), NetError> {
     let arrived = shared.now();
     let started = std::time::Instant::now();
@@ -45,21 +46,39 @@ pub(super) async fn pull(
     let (reply, lease) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
         .await
         .map_err(|_| NetError::Timeout("at the consistency gate"))?;
-    let pulled = Pulled::from(reply);
+    let mut pulled = Pulled::from(reply);
     let tensor: &[f32] = lease.as_ref().map_or(&[], |l| &l.buf);
+    let worker = rank.is_some() && lease.is_some();
+    pulled.delta = worker && newer_than.is_some_and(|v| replica.can_send_delta(v));
+    let head = Reply::Pulled(pulled);
     let codec = shared.cfg.plan.pull_codec;
-    let sent = if codec == PullCodec::Fp32 {
-        conn.send_reply(&Reply::Pulled(pulled), 0, tensor).await?;
-        4 * tensor.len() as u64
-    } else {
-        codec.encode(tensor, wire);
-        let head = Reply::Pulled(pulled);
+    let sent = if pulled.delta {
+        replica.encode_delta(pulled.version, tensor, wire);
         conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
             .await?;
         wire.len() as u64
+    } else if codec == PullCodec::Bf16 {
+        codec.encode(tensor, wire);
+        conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
+            .await?;
+        wire.len() as u64
+    } else {
+        // fp32, or a whole slice under a delta codec.
+        conn.send_reply(&head, 0, tensor).await?;
+        if worker {
+            replica.sent_whole(pulled.version, tensor);
+        }
+        4 * tensor.len() as u64
     };
     if let Some(l) = &shared.latencies {
         l.pull(started.elapsed().as_secs_f64(), sent);
+    }
+    if let Some(rank) = rank {
+        let link = LinkUse {
+            pull_bytes: sent,
+            ..Default::default()
+        };
+        shared.lock().engine.link_used(rank, link);
     }
     Ok(())
 }
@@ -130,9 +149,17 @@ pub(super) async fn push(
         samples: head.samples,
         loss: head.loss,
     };
+    // From its header's arrival to its last byte: the worker's time sending.
+    let link = LinkUse {
+        push_bytes: len,
+        push_s: started.elapsed().as_secs_f64(),
+        pull_s: f64::from(head.pull_s),
+        ..Default::default()
+    };
     let report = {
         let now = shared.now();
         let mut state = shared.lock();
+        state.engine.link_used(rank, link);
         let tag = head.step.as_ref().map(|s| (s.step, &s.members[..]));
         let report = state.engine.push(meta, buf, tag, now);
         if report.changed {
@@ -149,23 +176,26 @@ pub(super) async fn push(
     let reply = match (report.outcome, report.admitted_step) {
         (Ok(_), Some(step)) => Reply::Pushed(coordinated_reply(shared, step).await),
         (Ok(outcome), None) => Reply::Pushed(PushReply::plain(outcome)),
-        (Err(e), _) => {
-            let code = match e {
-                PushError::NonFinite { count } => ErrorCode::NonFinite {
-                    count: count as u64,
-                },
-                PushError::TooLarge { largest } => ErrorCode::TooLarge { largest },
-                PushError::NonFiniteResult => ErrorCode::RolledBack,
-                _ => ErrorCode::Refused,
-            };
-            Reply::Error(Failure::new(code, e.to_string()))
-        }
+        (Err(e), _) => refusal(&e),
     };
     conn.send_reply(&reply, workers, &[]).await?;
     if let Some(l) = &shared.latencies {
         l.push(started.elapsed().as_secs_f64(), len);
     }
     Ok(())
+}
+
+/// A refused push as the worker hears of it: typed where its loop acts on the reason.
+fn refusal(e: &PushError) -> Reply {
+    let code = match *e {
+        PushError::NonFinite { count } => ErrorCode::NonFinite {
+            count: count as u64,
+        },
+        PushError::TooLarge { largest } => ErrorCode::TooLarge { largest },
+        PushError::NonFiniteResult => ErrorCode::RolledBack,
+        _ => ErrorCode::Refused,
+    };
+    Reply::Error(Failure::new(code, e.to_string()))
 }
 
 /// Shard 0 in coordinated mode: the other shards need step `step`'s members, known once it

@@ -7,7 +7,7 @@ use super::shared::Shared;
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{kind, PushHead, Reply, Request, Role};
-use pstrain_core::Departure;
+use pstrain_core::{Departure, PullReplica};
 use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -126,6 +126,9 @@ async fn serve(
     let limit = (PushHead::len(workers) + push_body).max(64) as u64;
     // Compressed pushes and pulls pass through here, reused for the connection's life.
     let mut wire = Vec::new();
+    // What this worker holds of the slice, under a delta pull codec (for this connection).
+    let seed = cfg.plan.seed ^ ((me.rank as u64) << 32) ^ shared.range.start as u64;
+    let mut replica = PullReplica::new(cfg.plan.pull_codec, seed);
     loop {
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());
@@ -143,7 +146,8 @@ async fn serve(
         match Request::decode(header.kind, &bytes, workers)? {
             Request::Pull { newer_than, wait } => {
                 let rank = me.seat.map(|s| s.rank);
-                handlers::pull(shared, conn, rank, newer_than, wait, &mut wire).await?;
+                let codec_state = (&mut replica, &mut wire);
+                handlers::pull(shared, conn, rank, newer_than, wait, codec_state).await?;
             }
             Request::Stats => handlers::stats(shared, conn).await?,
             Request::Heartbeat if me.role == Role::Heartbeat => {

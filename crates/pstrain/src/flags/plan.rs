@@ -102,7 +102,9 @@ pub struct RunArgs {
     /// runs move nothing over a link [default: fp32]
     #[arg(long)]
     pub push_codec: Option<PushCodec>,
-    /// How weights cross a TCP link: fp32 or bf16 [default: fp32]
+    /// How weights cross a TCP link: fp32, bf16, or as differences from what each worker
+    /// holds, delta-int8 or delta-topk:PER_MILLE (whole slices then go as fp32)
+    /// [default: fp32]
     #[arg(long)]
     pub pull_codec: Option<PullCodec>,
 }

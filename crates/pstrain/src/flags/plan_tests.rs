@@ -50,6 +50,7 @@ fn every_field_survives_flags_and_back() {
             mode: Mode::Ssp { max_lead: 4 },
             staleness_aware_lr: true,
             push_codec: pstrain_core::PushCodec::Int8,
+            pull_codec: pstrain_core::PullCodec::DeltaTopK { per_mille: 25 },
             ..RunPlan::default()
         },
         RunPlan {
