@@ -184,37 +184,62 @@ fn a_gradient_pushed_before_a_reconnect_is_not_counted_twice() {
 }
 
 #[test]
-fn an_ssp_worker_that_reconnects_starts_at_the_current_step() {
+fn an_ssp_worker_that_reconnects_starts_at_the_next_step() {
     let mut s = server(Mode::Ssp { max_lead: 2 }, 2);
     // Rank 0 runs two steps ahead, then its connection fails.
     s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
     s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
     assert_eq!(s.leave(0), None);
     s.rejoin(0);
-    // It is not ahead any more: the gate lets it through at once.
+    // It is one step ahead, not two: the gate lets it through at once.
     assert!(s.pull_ready(Some(0), Some(0)));
-    // Its next two pushes fall on steps 0 and 1, which hold its earlier gradients: dropped,
-    // never added a second time.
-    assert_eq!(
-        s.push(meta(0, 0), &[5.0, 5.0]),
-        Ok(PushOutcome::Dropped { staleness: 0 })
-    );
+    // Its next push falls on step 1, which holds its earlier gradient: dropped, never added
+    // a second time. The one after is its first for step 2.
     assert_eq!(
         s.push(meta(0, 0), &[5.0, 5.0]),
         Ok(PushOutcome::Dropped { staleness: 1 })
     );
-    // Its next push is its first for step 2, and then it is as far ahead as it may be.
-    assert_eq!(
+    assert!(matches!(
         s.push(meta(0, 0), &[1.0, 1.0]),
-        Ok(PushOutcome::Buffered { waiting_for: 1 })
-    );
-    assert!(!s.pull_ready(Some(0), Some(0)));
+        Ok(PushOutcome::Buffered { .. })
+    ));
+    assert!(!s.pull_ready(Some(0), Some(0)), "as far ahead as it may be");
+    // Step 0 does not wait for the rejoined rank: rank 1 completes it, with rank 0's first
+    // gradient in it; step 1 waits for rank 1 again.
     assert!(matches!(
         s.push(meta(1, 0), &[3.0, 3.0]),
         Ok(PushOutcome::Applied { version: 1, .. })
     ));
-    // Step 0: the mean of rank 0's first gradient and rank 1's.
     assert_eq!(s.params(), &[-2.0, -2.0]);
+    assert_eq!(s.version(), 1);
+}
+
+#[test]
+fn a_worker_that_joins_during_a_sync_step_is_waited_for_from_the_next() {
+    let mut s = server(SYNC, 3);
+    s.push(meta(0, 0), &[1.0, 1.0]).unwrap();
+    assert_eq!(s.leave(2), None);
+    s.rejoin(2);
+    // Step 0 waits for ranks 0 and 1 only; rank 2's gradient counts if it comes in time.
+    assert_eq!(
+        s.push(meta(2, 0), &[4.0, 4.0]),
+        Ok(PushOutcome::Buffered { waiting_for: 1 })
+    );
+    assert!(
+        !s.pull_ready(Some(2), Some(0)),
+        "it waits for the step it pushed to"
+    );
+    assert!(matches!(
+        s.push(meta(1, 0), &[1.0, 1.0]),
+        Ok(PushOutcome::Applied { version: 1, .. })
+    ));
+    assert_eq!(s.params(), &[-2.0, -2.0]);
+    // From step 1 on it is waited for like the others.
+    s.push(meta(0, 1), &[1.0, 1.0]).unwrap();
+    assert_eq!(
+        s.push(meta(1, 1), &[1.0, 1.0]),
+        Ok(PushOutcome::Buffered { waiting_for: 1 })
+    );
 }
 
 #[test]

@@ -173,17 +173,7 @@ impl Sim {
     /// One scheduler step: time passes, live workers beat, shards evict the silent, and one
     /// worker (picked by weight) acts.
     fn step(&mut self) {
-        self.now += TICK;
-        for w in &self.workers {
-            if let (Life::Alive, Some(seat)) = (w.life, w.seat) {
-                for shard in &mut self.shards {
-                    shard.heartbeat(seat.rank, self.now);
-                }
-            }
-        }
-        for shard in &mut self.shards {
-            shard.evict_silent(self.now);
-        }
+        self.tick();
         if !self.wire.is_empty() && self.rng.below(2) == 0 {
             self.deliver_any();
             return;
@@ -201,6 +191,21 @@ impl Sim {
             .unwrap_or(0);
         if self.workers[slot].life == Life::Alive {
             self.act(slot);
+        }
+    }
+
+    /// Time passes, live workers beat, shards evict the silent.
+    fn tick(&mut self) {
+        self.now += TICK;
+        for w in &self.workers {
+            if let (Life::Alive, Some(seat)) = (w.life, w.seat) {
+                for shard in &mut self.shards {
+                    shard.heartbeat(seat.rank, self.now);
+                }
+            }
+        }
+        for shard in &mut self.shards {
+            shard.evict_silent(self.now);
         }
     }
 
@@ -755,12 +760,13 @@ fn reordered_pushes_leave_every_shard_with_the_same_whole_steps() {
 /// A lost message takes its worker's connections with it (before or after its shard took it);
 /// the worker reconnects. Nobody waits for a slice that will not come: in coordinated sync the
 /// follower applies a step without the gone member's slice, or skips a step none of whose
-/// slices arrived (keeping shard 0's numbering); in SSP a reconnected worker starts at the
+/// slices arrived (keeping shard 0's numbering); in SSP a reconnected worker starts after the
 /// current step, so its clocks at the shards cannot drift apart into a wait at every gate;
-/// a gradient pushed before a reconnect is never counted twice.
+/// a single sync shard does not wait for a worker that reconnected during a step; a gradient
+/// pushed before a reconnect is never counted twice.
 #[test]
 fn lost_messages_cost_a_reconnect_never_a_stall_or_a_wrong_base_version() {
-    for (workers, shards, lossy_per_mille) in [(3, 2, 40), (5, 3, 100)] {
+    for (workers, shards, lossy_per_mille) in [(3, 2, 40), (5, 3, 100), (4, 1, 100), (6, 2, 150)] {
         for mode in MODES_ON_A_NETWORK {
             for seed in 0..8 {
                 let mut sim = Sim::new(mode, workers, shards, 400 + seed);
@@ -792,6 +798,13 @@ fn check_after_losses(sim: &Sim, at: &str) {
             );
             let behind = sim.shards[0].version() - v;
             assert!(behind <= 1, "{at}: the follower is {behind} behind");
+        } else if matches!(sim.mode, Mode::Ssp { .. }) {
+            // A step whose every live rank reconnected during it waits for none of them; if
+            // none had pushed to it, it passes with no update.
+            assert!(
+                (0.0..=sim.lost as f32).contains(&skipped),
+                "{at}: {skipped}"
+            );
         } else {
             assert_eq!(skipped, 0.0, "{at}, shard {s}");
         }
@@ -800,5 +813,119 @@ fn check_after_losses(sim: &Sim, at: &str) {
             sim.workers.len(),
             "{at}: all rejoined"
         );
+    }
+}
+
+impl Sim {
+    /// One round of a fleet: time passes, live workers beat, shards evict the silent, and
+    /// every live worker makes its next move once, in a shuffled order.
+    fn fleet_round(&mut self) {
+        self.tick();
+        let mut order: Vec<usize> = (0..self.workers.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, self.rng.below(i + 1));
+        }
+        for slot in order {
+            if self.workers[slot].life == Life::Alive {
+                self.act(slot);
+            }
+        }
+    }
+
+    /// Churn: each live worker's process dies with probability `die` per mille, and each dead
+    /// one is replaced (by a process that takes any free rank) with probability `back` per
+    /// mille. Returns (died, came back).
+    fn churn(&mut self, die: usize, back: usize) -> (usize, usize) {
+        let (mut died, mut came_back) = (0, 0);
+        for slot in 0..self.workers.len() {
+            let roll = self.rng.below(1000);
+            match self.workers[slot].life {
+                Life::Alive if roll < die => {
+                    self.kill(slot);
+                    died += 1;
+                }
+                Life::Dead if roll < back => {
+                    self.join(slot, RankRequest::Any);
+                    came_back += 1;
+                }
+                _ => {}
+            }
+        }
+        (died, came_back)
+    }
+
+    fn alive(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.life == Life::Alive)
+            .count()
+    }
+}
+
+/// A fleet of 10,000 workers, a tenth of them joining late and 1% of the live ones dying every
+/// round while 30% of the dead come back (on any free rank): every mode keeps going, the
+/// shards count exactly the live workers, each update is still one mean of gradients of ones,
+/// and SSP keeps its bound. SSP and async run over 2 shards; sync over one, which alone
+/// decides its steps and so does not wait for a worker that joined during one (several
+/// shards without backups wait for every active rank, which churn this fast never lets
+/// finish: an open problem). Coordinated sync is left out: its simulated push waits for shard
+/// 0's step by letting the others act one by one, too slow at this size.
+#[test]
+fn ten_thousand_workers_with_churn_keep_every_mode_going() {
+    let modes = [
+        SYNC,
+        Mode::Ssp { max_lead: 2 },
+        Mode::Async {
+            max_staleness: Some(8),
+        },
+    ];
+    for mode in modes {
+        let shards = if matches!(mode, Mode::Sync { .. }) {
+            1
+        } else {
+            2
+        };
+        let mut sim = Sim::new(mode, 10_000, shards, 77);
+        for slot in (0..sim.workers.len()).step_by(10) {
+            sim.kill(slot);
+        }
+        let (mut died, mut came_back) = (0, 0);
+        let mut stalled_rounds = 0;
+        for round in 0..30 {
+            let before = sim.shards[0].version();
+            sim.fleet_round();
+            stalled_rounds = if sim.shards[0].version() > before {
+                0
+            } else {
+                stalled_rounds + 1
+            };
+            assert!(
+                stalled_rounds < 4,
+                "{mode}: no update for 4 rounds at {round}"
+            );
+            let (d, b) = sim.churn(10, 300);
+            (died, came_back) = (died + d, came_back + b);
+            for shard in &sim.shards {
+                assert_eq!(shard.active_workers(), sim.alive(), "{mode}, round {round}");
+            }
+        }
+        assert!(
+            died > 1000 && came_back > 1000,
+            "{mode}: {died} died, {came_back} back"
+        );
+        for (s, shard) in sim.shards.iter().enumerate() {
+            let v = shard.version();
+            assert!(v >= 10, "{mode}, shard {s}: {v} updates");
+            assert_eq!(shard.params(), &[-(v as f32); 4][..], "{mode}, shard {s}");
+            if let Mode::Ssp { max_lead } = mode {
+                assert!(shard
+                    .worker_stats()
+                    .iter()
+                    .all(|w| w.staleness_max <= max_lead));
+            }
+        }
+        if shards == 2 && mode.lockstep() {
+            assert_eq!(sim.shards[0].version(), sim.shards[1].version(), "{mode}");
+        }
     }
 }

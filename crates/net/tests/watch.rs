@@ -52,7 +52,19 @@ fn metrics_move_with_training_and_the_page_names_the_workers() {
     let first = first.body;
     assert_eq!(sample(&first, "pstrain_model_version", &[]), Some(10.0));
     push(15);
-    let second = scrape::get(watch, "/metrics", "").body;
+    // A request's duration is recorded once its answer is written, which the client may see
+    // first: scrape until the last one is in.
+    let mut second = scrape::get(watch, "/metrics", "").body;
+    for _ in 0..200 {
+        let timed = |family| sample(&second, family, &[]);
+        if timed("pstrain_push_duration_seconds") == Some(25.0)
+            && timed("pstrain_pull_duration_seconds") == Some(25.0)
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        second = scrape::get(watch, "/metrics", "").body;
+    }
     assert_eq!(sample(&second, "pstrain_model_version", &[]), Some(25.0));
     assert_eq!(
         sample(&second, "pstrain_gradients_applied_total", &[]),

@@ -194,6 +194,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
             // The shards checkpoint, and restore what they find, themselves.
             cluster.checkpoint = cfg.checkpoint.clone();
             cluster.token = args.token.token()?;
+            cluster.worker_restarts = args.worker_restarts;
             train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
         }
     };

@@ -223,3 +223,43 @@ fn a_killed_shard_restarts_from_its_checkpoint() {
         "lost updates beyond the checkpoint interval: {v:?}"
     );
 }
+
+#[test]
+fn a_worker_that_crashes_is_started_again_by_the_launcher() {
+    // Unannounced SIGKILL of worker 1 in sync mode: the launcher finds it failed, starts it
+    // again with its rank, and the run reaches its budget and the threshold.
+    let crash = Fault::CrashWorker {
+        rank: 1,
+        at_update: 150,
+    };
+    survives(
+        convnet(Mode::Sync { backup_workers: 0 }, 2, 600),
+        1,
+        crash,
+        |_| {},
+    );
+    // With no restarts allowed, the same crash ends the run with the worker's status.
+    let mut c = cluster(1, vec![crash]);
+    c.worker_restarts = 0;
+    let _guard = common::one_at_a_time();
+    let cfg = convnet(
+        Mode::Async {
+            max_staleness: None,
+        },
+        2,
+        600,
+    );
+    let run = common::within(BOUND, move || {
+        train_tcp(
+            &cfg,
+            &c,
+            common::mnist(),
+            &mut Quiet,
+            &AtomicBool::new(false),
+        )
+    });
+    let Err(err) = run else {
+        panic!("a failed worker ends the run");
+    };
+    assert!(err.to_string().contains("worker 1 exited with"), "{err}");
+}

@@ -41,11 +41,12 @@ impl PendingStep {
         self.contributions = 0;
     }
 
-    /// Every active rank has been heard from (and at least one rank is active).
-    fn complete(&self, active: &[bool]) -> bool {
+    /// Every rank step `step` waits for has been heard from, and some rank is active (a
+    /// step that every active rank joined after waits for none of them).
+    fn complete(&self, step: u64, active: &[bool], first_step: &[u64]) -> bool {
         let mut any = false;
-        for (&h, &a) in self.heard.iter().zip(active) {
-            if a && !h {
+        for (r, (&h, &a)) in self.heard.iter().zip(active).enumerate() {
+            if a && first_step[r] <= step && !h {
                 return false;
             }
             any |= a;
@@ -53,11 +54,9 @@ impl PendingStep {
         any
     }
 
-    fn waiting_for(&self, active: &[bool]) -> usize {
-        self.heard
-            .iter()
-            .zip(active)
-            .filter(|(&h, &a)| a && !h)
+    fn waiting_for(&self, step: u64, active: &[bool], first_step: &[u64]) -> usize {
+        (0..active.len())
+            .filter(|&r| active[r] && first_step[r] <= step && !self.heard[r])
             .count()
     }
 }
@@ -72,6 +71,9 @@ pub struct BoundedStaleness {
     len: usize,
     /// Per rank: the step its next gradient is for.
     clock: Vec<u64>,
+    /// Per rank: the first step that waits for it (a rank that joins during a step is in
+    /// the quorum from the next one, so devices joining all the time cannot stall the front).
+    first_step: Vec<u64>,
     /// Steps `version, version + 1, ...` that have gradients, oldest first.
     window: VecDeque<PendingStep>,
     /// Cleared steps kept for reuse (a step's sum is as large as the shard).
@@ -94,6 +96,7 @@ impl BoundedStaleness {
             aggregate,
             len,
             clock: vec![0; workers],
+            first_step: vec![0; workers],
             window: VecDeque::new(),
             spare: Vec::new(),
         }
@@ -122,7 +125,10 @@ impl BoundedStaleness {
     /// any was applied.
     fn apply_complete(&mut self, state: &mut ShardState, active: &[bool]) -> bool {
         let mut any = false;
-        while self.window.front().is_some_and(|s| s.complete(active))
+        while self
+            .window
+            .front()
+            .is_some_and(|s| s.complete(state.version(), active, &self.first_step))
             && self.max_updates.is_none_or(|max| state.version() < max)
         {
             let Some(mut step) = self.window.pop_front() else {
@@ -232,7 +238,9 @@ impl Consistency for BoundedStaleness {
                 staleness,
             },
             true => PushOutcome::Buffered {
-                waiting_for: self.window.front().map_or(0, |s| s.waiting_for(active)),
+                waiting_for: self.window.front().map_or(0, |s| {
+                    s.waiting_for(state.version(), active, &self.first_step)
+                }),
             },
         })
     }
@@ -251,13 +259,16 @@ impl Consistency for BoundedStaleness {
     }
 
     fn rejoin(&mut self, state: &ShardState, rank: usize) {
-        // A rank that comes back starts at the current step, whatever lead it had: over
-        // several shards a lost push leaves its clocks apart (ahead where the push arrived),
-        // and a lead kept at one shard while it is the slowest at another can hold every
-        // worker at the gates for good. Steps it already pushed to keep that gradient; its
-        // next pushes there are dropped (`Claim::Had`), never counted twice.
-        if let Some(c) = self.clock.get_mut(rank) {
-            *c = state.version();
+        // A rank that comes back starts at the step after the current one, whatever lead it
+        // had: over several shards a lost push leaves its clocks apart (ahead where the push
+        // arrived), and a lead kept at one shard while it is the slowest at another can hold
+        // every worker at the gates for good. The current step does not wait for it (nor, with
+        // devices joining all the time, could it ever complete). Steps it already pushed to
+        // keep that gradient; its next pushes there are dropped (`Claim::Had`).
+        if rank < self.clock.len() {
+            let next = state.version() + 1;
+            self.clock[rank] = next;
+            self.first_step[rank] = next;
         }
     }
 
@@ -277,6 +288,7 @@ impl Consistency for BoundedStaleness {
             self.spare.push(step);
         }
         self.clock.fill(0);
+        self.first_step.fill(0);
     }
 }
 
@@ -375,13 +387,20 @@ mod tests {
             ssp.push(meta(0, 2), &[0.1; 4]),
             Ok(PushOutcome::Applied { version: 3, .. })
         ));
-        // A new holder of rank 1 starts at the current step and is waited for again.
+        // A new holder of rank 1 is waited for from the next step on: step 3 completes with
+        // rank 0 alone, step 4 waits for both.
         ssp.rejoin(1);
-        ssp.push(meta(0, 3), &[0.1; 4]).unwrap();
-        assert_eq!(ssp.version(), 3);
         assert!(matches!(
-            ssp.push(meta(1, 3), &[0.1; 4]),
+            ssp.push(meta(0, 3), &[0.1; 4]),
             Ok(PushOutcome::Applied { version: 4, .. })
+        ));
+        assert_eq!(
+            ssp.push(meta(1, 4), &[0.1; 4]),
+            Ok(PushOutcome::Buffered { waiting_for: 1 })
+        );
+        assert!(matches!(
+            ssp.push(meta(0, 4), &[0.1; 4]),
+            Ok(PushOutcome::Applied { version: 5, .. })
         ));
     }
 

@@ -92,7 +92,15 @@ pub fn for_mode(
             Box::new(CoordinatedFollower::new(workers, aggregate, len))
         }
         Mode::Sync { backup_workers } => {
-            Box::new(SyncSteps::new(workers, backup_workers, aggregate, len))
+            // This shard alone decides the steps: it may leave joiners to the next one.
+            let alone = shards == 1 || mode.coordinated(shards);
+            Box::new(SyncSteps::new(
+                workers,
+                backup_workers,
+                aggregate,
+                len,
+                alone,
+            ))
         }
     }
 }

@@ -1,6 +1,13 @@
 //! Sync: one update per step from the first `quorum - backup_workers` gradients of that step,
 //! combined by `StepSum`; late gradients of a finished step are dropped when there are backup
 //! workers. A shard 0 that coordinates other shards remembers each step's members.
+//!
+//! Where this shard alone decides the steps (one shard, or shard 0 coordinating the others),
+//! a worker that joins (or rejoins) during a step is in the quorum from the next step: its
+//! gradient for the current one counts (toward the quorum too) if it comes in time, but the
+//! step does not wait for it, or with devices joining all the time no step would complete.
+//! Shards that each decide their own steps (several, without backup workers) wait for every
+//! active rank, so that every rank's gradients fall in the same step on each of them.
 
 use super::{Consistency, StepSource, StepSum};
 use crate::admission::{Checked, Refused};
@@ -20,39 +27,56 @@ pub struct SyncSteps {
     heard: Vec<bool>,
     /// Which ranks' gradients went into this step (heard, and not refused).
     contributed: Vec<bool>,
+    /// Ranks that joined during this step, when the step does not wait for them.
+    joined_late: Vec<bool>,
+    /// Whether a rank that joins during a step is waited for only from the next.
+    joiners_wait_next: bool,
     /// The members of the most recent completed steps, oldest first.
     history: VecDeque<(u64, Vec<bool>)>,
 }
 
 impl SyncSteps {
-    pub fn new(workers: usize, backup_workers: usize, aggregate: Aggregate, len: usize) -> Self {
+    pub fn new(
+        workers: usize,
+        backup_workers: usize,
+        aggregate: Aggregate,
+        len: usize,
+        joiners_wait_next: bool,
+    ) -> Self {
         SyncSteps {
             backup_workers,
             sum: StepSum::new(len, aggregate),
             heard: vec![false; workers],
             contributed: vec![false; workers],
+            joined_late: vec![false; workers],
+            joiners_wait_next,
             history: VecDeque::new(),
         }
     }
 
-    /// How many gradients complete a step: all active workers, less the backups.
-    fn quorum(&self, active: &[bool]) -> usize {
-        let active = active.iter().filter(|&&a| a).count();
-        active.saturating_sub(self.backup_workers).max(1)
+    /// The step's members (active ranks in the quorum since it began, and any that joined
+    /// later but pushed to it) and how many of them were heard from.
+    fn members_heard(&self, active: &[bool]) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for (r, _) in active.iter().enumerate().filter(|(_, &a)| a) {
+            if self.heard[r] {
+                counts = (counts.0 + 1, counts.1 + 1);
+            } else if !self.joined_late[r] {
+                counts.0 += 1;
+            }
+        }
+        counts
     }
 
-    fn heard_count(&self, active: &[bool]) -> usize {
-        self.heard
-            .iter()
-            .zip(active)
-            .filter(|(&h, &a)| h && a)
-            .count()
+    /// How many gradients complete a step: every member, less the backups.
+    fn quorum(&self, members: usize) -> usize {
+        members.saturating_sub(self.backup_workers).max(1)
     }
 
     /// Applies the step if enough ranks were heard from; returns the new version if it did.
     fn try_complete(&mut self, state: &mut ShardState, active: &[bool]) -> Option<u64> {
-        let heard = self.heard_count(active);
-        if heard == 0 || heard < self.quorum(active) {
+        let (members, heard) = self.members_heard(active);
+        if heard == 0 || heard < self.quorum(members) {
             return None;
         }
         // A step whose every gradient was refused, or whose update was rolled back, still
@@ -66,6 +90,7 @@ impl SyncSteps {
         }
         self.sum.clear();
         self.heard.fill(false);
+        self.joined_late.fill(false);
         if self.history.len() == MEMBER_HISTORY {
             self.history.pop_front();
         }
@@ -143,9 +168,12 @@ impl Consistency for SyncSteps {
         let staleness = staleness.unwrap_or(0);
         Ok(match self.try_complete(state, active) {
             Some(version) => PushOutcome::Applied { version, staleness },
-            None => PushOutcome::Buffered {
-                waiting_for: self.quorum(active).saturating_sub(self.heard_count(active)),
-            },
+            None => {
+                let (members, heard) = self.members_heard(active);
+                PushOutcome::Buffered {
+                    waiting_for: self.quorum(members).saturating_sub(heard),
+                }
+            }
         })
     }
 
@@ -170,6 +198,18 @@ impl Consistency for SyncSteps {
         if let Some(h) = self.heard.get_mut(rank) {
             *h = false;
         }
+        if let Some(late) = self.joined_late.get_mut(rank) {
+            *late = self.joiners_wait_next;
+        }
+    }
+
+    fn pull_ready(&self, state: &ShardState, rank: Option<usize>, newer_than: Option<u64>) -> bool {
+        // Where joiners are waited for only from the next step, a joiner's gradient from an
+        // older version counts toward the step still open; its rank then waits for that
+        // step, or its next gradient would land in the same one.
+        let in_open_step = self.joiners_wait_next
+            && rank.is_some_and(|r| self.heard.get(r).copied().unwrap_or(false));
+        !in_open_step && newer_than.is_none_or(|v| state.version() > v)
     }
 
     fn members_of(&self, step: u64) -> Option<&[bool]> {
@@ -184,6 +224,7 @@ impl Consistency for SyncSteps {
         self.sum.clear();
         self.heard.fill(false);
         self.contributed.fill(false);
+        self.joined_late.fill(false);
         self.history.clear();
     }
 }

@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// Server shards (with --transport tcp)
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
+    /// With --transport tcp: times a worker process that failed is started again with its
+    /// rank (it rejoins and pulls the latest weights) before its failure ends the run
+    #[arg(long, default_value_t = crate::launch::cluster::WORKER_RESTARTS)]
+    pub worker_restarts: usize,
     /// Evaluate on the test set every N server updates [default: once per epoch; 0: at the end]
     #[arg(long)]
     pub eval_every: Option<u64>,

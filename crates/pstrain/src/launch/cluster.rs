@@ -52,7 +52,13 @@ pub struct ClusterConfig {
     /// The run's token; `None` makes a fresh one for the run. Children get it in their
     /// environment, never on their command line.
     pub token: Option<RunToken>,
+    /// Times a worker process that failed is started again with its rank (it rejoins and
+    /// pulls the latest weights) before its failure ends the run.
+    pub worker_restarts: usize,
 }
+
+/// `ClusterConfig::worker_restarts` unless told otherwise.
+pub const WORKER_RESTARTS: usize = 3;
 
 impl ClusterConfig {
     /// Everything on 127.0.0.1, workers dialing the shards directly.
@@ -68,6 +74,7 @@ impl ClusterConfig {
             faults: Vec::new(),
             heartbeat_timeout: None,
             token: None,
+            worker_restarts: WORKER_RESTARTS,
         }
     }
 }
@@ -92,6 +99,8 @@ struct LocalCluster<'a> {
     shards: Vec<Proc>,
     addresses: Vec<String>,
     workers: Vec<WorkerProc>,
+    /// Per rank, how many times its worker was started again after failing.
+    restarts: Vec<usize>,
     /// Memory and CPU time of the run's processes, sampled every tick and as a worker exits.
     usage: UsageTracker,
 }
@@ -124,6 +133,7 @@ impl<'a> LocalCluster<'a> {
             shards: Vec::new(),
             addresses: Vec::new(),
             workers: Vec::new(),
+            restarts: Vec::new(),
             usage: UsageTracker::default(),
         };
         for shard in 0..cluster.shards {
@@ -210,6 +220,10 @@ impl<'a> LocalCluster<'a> {
                     self.workers[rank] = self.launch_worker(Some(rank))?;
                 }
             }
+            Fault::CrashWorker { rank, .. } if rank < self.workers.len() => {
+                // Unannounced: the launcher finds a failed worker, as after a real crash.
+                self.workers[rank].proc.kill();
+            }
             Fault::ReplaceWorker { rank, after, .. } if rank < self.workers.len() => {
                 self.workers[rank].proc.kill();
                 std::thread::sleep(after);
@@ -241,9 +255,11 @@ impl<'a> LocalCluster<'a> {
         Ok(())
     }
 
-    /// Workers still running; one that failed (not killed, not stopped) is an error.
+    /// Workers still running. One that failed (not killed by a fault, the run not stopped)
+    /// is started again with its rank, up to `worker_restarts` times; then it is an error.
     fn running(&mut self, stopped: bool) -> Result<usize, TrainError> {
         let mut running = 0;
+        let mut failed = Vec::new();
         for (rank, w) in self
             .workers
             .iter_mut()
@@ -258,14 +274,26 @@ impl<'a> LocalCluster<'a> {
             match w.proc.child.try_wait() {
                 Ok(None) => running += 1,
                 Ok(Some(status)) if status.success() || stopped || w.killed => {}
-                Ok(Some(status)) => {
-                    return Err(TrainError::Launch(format!(
-                        "{} exited with {status}",
-                        w.proc.name
-                    )))
-                }
+                Ok(Some(status)) => failed.push((rank, status)),
                 Err(e) => return Err(TrainError::Launch(format!("{}: {e}", w.proc.name))),
             }
+        }
+        for (rank, status) in failed {
+            self.restarts.resize(self.workers.len(), 0);
+            let name = &self.workers[rank].proc.name;
+            if self.restarts[rank] >= self.cluster.worker_restarts {
+                return Err(TrainError::Launch(format!(
+                    "{name} exited with {status} (started again {} times)",
+                    self.restarts[rank]
+                )));
+            }
+            self.restarts[rank] += 1;
+            eprintln!(
+                "{name} exited with {status}; starting it again ({} of {})",
+                self.restarts[rank], self.cluster.worker_restarts
+            );
+            self.workers[rank] = self.launch_worker(Some(rank))?;
+            running += 1;
         }
         Ok(running)
     }

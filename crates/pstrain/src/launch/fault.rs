@@ -21,6 +21,9 @@ pub enum Fault {
         at_update: u64,
         down_for: Duration,
     },
+    /// `kill -9` worker `rank` at `at_update` without telling the launcher, which finds a
+    /// worker that failed (as after a crash or an out-of-memory kill).
+    CrashWorker { rank: usize, at_update: u64 },
     /// `kill -STOP` worker `rank` at `at_update`: alive but silent, as a hung host is. It is
     /// killed when the run ends.
     FreezeWorker { rank: usize, at_update: u64 },
@@ -38,6 +41,7 @@ impl Fault {
         match *self {
             Fault::KillWorker { at_update, .. }
             | Fault::KillShard { at_update, .. }
+            | Fault::CrashWorker { at_update, .. }
             | Fault::FreezeWorker { at_update, .. }
             | Fault::ReplaceWorker { at_update, .. } => at_update,
         }
