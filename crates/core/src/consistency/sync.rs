@@ -73,11 +73,13 @@ impl SyncSteps {
         members.saturating_sub(self.backup_workers).max(1)
     }
 
-    /// Applies the step if enough ranks were heard from; returns the new version if it did.
-    fn try_complete(&mut self, state: &mut ShardState, active: &[bool]) -> Option<u64> {
+    /// Applies the step if enough ranks were heard from: the new version if it did, else how
+    /// many gradients the step still waits for.
+    fn try_complete(&mut self, state: &mut ShardState, active: &[bool]) -> Result<u64, usize> {
         let (members, heard) = self.members_heard(active);
-        if heard == 0 || heard < self.quorum(members) {
-            return None;
+        let quorum = self.quorum(members);
+        if heard == 0 || heard < quorum {
+            return Err(quorum.saturating_sub(heard));
         }
         // A step whose every gradient was refused, or whose update was rolled back, still
         // ends, so no worker waits forever.
@@ -96,7 +98,7 @@ impl SyncSteps {
         }
         let members = std::mem::replace(&mut self.contributed, vec![false; self.heard.len()]);
         self.history.push_back((state.version() - 1, members));
-        Some(state.version())
+        Ok(state.version())
     }
 }
 
@@ -167,13 +169,8 @@ impl Consistency for SyncSteps {
         }
         let staleness = staleness.unwrap_or(0);
         Ok(match self.try_complete(state, active) {
-            Some(version) => PushOutcome::Applied { version, staleness },
-            None => {
-                let (members, heard) = self.members_heard(active);
-                PushOutcome::Buffered {
-                    waiting_for: self.quorum(members).saturating_sub(heard),
-                }
-            }
+            Ok(version) => PushOutcome::Applied { version, staleness },
+            Err(waiting_for) => PushOutcome::Buffered { waiting_for },
         })
     }
 
@@ -183,13 +180,13 @@ impl Consistency for SyncSteps {
             Claim::Late { .. } | Claim::Duplicate => false,
             Claim::Had | Claim::Current { .. } => {
                 self.heard[rank] = true;
-                self.try_complete(state, active).is_some()
+                self.try_complete(state, active).is_ok()
             }
         }
     }
 
     fn leave(&mut self, state: &mut ShardState, active: &[bool], rank: usize) -> bool {
-        !self.heard.get(rank).copied().unwrap_or(true) && self.try_complete(state, active).is_some()
+        !self.heard.get(rank).copied().unwrap_or(true) && self.try_complete(state, active).is_ok()
     }
 
     fn rejoin(&mut self, _state: &ShardState, rank: usize) {
