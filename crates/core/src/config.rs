@@ -15,7 +15,17 @@ pub enum Mode {
     /// Stale synchronous parallel: sync steps, but a worker may run up to `max_lead` steps
     /// ahead of the slowest live worker before its pull waits (0 is sync).
     Ssp { max_lead: u64 },
+    /// Buffered async (FedBuff): gradients are taken as they arrive, from anyone, and every
+    /// `k` make one averaged update; nobody waits. One more than `max_staleness` updates old
+    /// is dropped.
+    Buffered {
+        k: usize,
+        max_staleness: Option<u64>,
+    },
 }
+
+/// The largest buffer of `Mode::Buffered` (it travels in 32 bits).
+pub const MAX_BUFFER: usize = 1 << 20;
 
 /// The largest `max_lead`: a shard holds up to `max_lead + 1` pending step sums.
 pub const MAX_LEAD_LIMIT: u64 = 64;
@@ -43,6 +53,8 @@ pub struct ModeSpec {
     pub lead_gate: bool,
     /// Gradients a step may do without.
     pub backup_workers: usize,
+    /// Outside lockstep: gradients per update (async 1, buffered `k`).
+    pub gradients_per_update: usize,
 }
 
 impl Mode {
@@ -57,6 +69,7 @@ impl Mode {
                 pull_waits: true,
                 lead_gate: false,
                 backup_workers,
+                gradients_per_update: 1,
             },
             Mode::Async { max_staleness } => ModeSpec {
                 name: "async",
@@ -66,6 +79,7 @@ impl Mode {
                 pull_waits: false,
                 lead_gate: false,
                 backup_workers: 0,
+                gradients_per_update: 1,
             },
             Mode::Ssp { max_lead } => ModeSpec {
                 name: "ssp",
@@ -75,6 +89,21 @@ impl Mode {
                 pull_waits: true,
                 lead_gate: true,
                 backup_workers: 0,
+                gradients_per_update: 1,
+            },
+            Mode::Buffered { k, max_staleness } => ModeSpec {
+                name: "buffered",
+                // The buffer in the upper 32 bits, the bound (0: none) in the lower.
+                wire: (
+                    4,
+                    ((k as u64) << 32) | max_staleness.unwrap_or(0).min(u64::from(u32::MAX)),
+                ),
+                lockstep: false,
+                step_is_version: false,
+                pull_waits: false,
+                lead_gate: false,
+                backup_workers: 0,
+                gradients_per_update: k.max(1),
             },
         }
     }
@@ -126,6 +155,14 @@ impl Mode {
                 max_staleness: (param > 0).then_some(param),
             }),
             3 => Some(Mode::Ssp { max_lead: param }),
+            4 => {
+                let k = usize::try_from(param >> 32).ok()?;
+                let bound = param & u64::from(u32::MAX);
+                (1..=MAX_BUFFER).contains(&k).then_some(Mode::Buffered {
+                    k,
+                    max_staleness: (bound > 0).then_some(bound),
+                })
+            }
             _ => None,
         }
     }
@@ -143,6 +180,14 @@ impl std::fmt::Display for Mode {
                 max_staleness: Some(s),
             } => write!(f, "async (max staleness {s})"),
             Mode::Ssp { max_lead } => write!(f, "ssp (max lead {max_lead})"),
+            Mode::Buffered {
+                k,
+                max_staleness: None,
+            } => write!(f, "buffered (k {k}, no staleness bound)"),
+            Mode::Buffered {
+                k,
+                max_staleness: Some(s),
+            } => write!(f, "buffered (k {k}, max staleness {s})"),
         }
     }
 }
@@ -233,10 +278,22 @@ impl ServerConfig {
                 ));
             }
         }
+        if let Mode::Buffered { k, max_staleness } = self.mode {
+            if !(1..=MAX_BUFFER).contains(&k) {
+                return Err(ConfigError::out_of_range("buffer", "in 1..=1048576", k));
+            }
+            if max_staleness.is_some_and(|s| s > u64::from(u32::MAX)) {
+                return Err(ConfigError::out_of_range(
+                    "max_staleness",
+                    "at most 4294967295 in buffered mode",
+                    max_staleness.unwrap_or(0),
+                ));
+            }
+        }
         if self.staleness_aware_lr && matches!(self.mode, Mode::Sync { .. }) {
             return Err(ConfigError::out_of_range(
                 "staleness_aware_lr",
-                "off in sync mode (async and ssp only)",
+                "off in sync mode (async, buffered and ssp only)",
                 true,
             ));
         }

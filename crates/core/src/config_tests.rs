@@ -2,7 +2,7 @@
 
 use super::*;
 
-const EXAMPLES: [Mode; 6] = [
+const EXAMPLES: [Mode; 8] = [
     Mode::Sync { backup_workers: 0 },
     Mode::Sync { backup_workers: 2 },
     Mode::Async {
@@ -13,6 +13,14 @@ const EXAMPLES: [Mode; 6] = [
     },
     Mode::Ssp { max_lead: 0 },
     Mode::Ssp { max_lead: 4 },
+    Mode::Buffered {
+        k: 10,
+        max_staleness: None,
+    },
+    Mode::Buffered {
+        k: MAX_BUFFER,
+        max_staleness: Some(40),
+    },
 ];
 
 #[test]
@@ -22,6 +30,12 @@ fn every_mode_reads_back_from_its_wire_form() {
         assert_eq!(Mode::from_wire(tag, param), Some(mode), "{mode}");
     }
     assert_eq!(Mode::from_wire(0, 0), None);
+    assert_eq!(Mode::from_wire(4, 7), None, "a buffer of none");
+    assert_eq!(
+        Mode::from_wire(4, u64::MAX),
+        None,
+        "a buffer past the limit"
+    );
     assert_eq!(Mode::from_wire(200, 1), None);
     // Different kinds never share a tag.
     for a in EXAMPLES {
@@ -45,4 +59,10 @@ fn predicates_follow_each_rule() {
     assert!(ssp.lockstep() && !ssp.step_is_version() && ssp.pull_waits());
     assert_eq!((sync.backup_workers(), ssp.backup_workers()), (1, 0));
     assert!(sync.coordinated(2) && !sync.coordinated(1) && !ssp.coordinated(2));
+    let buffered = Mode::Buffered {
+        k: 4,
+        max_staleness: None,
+    };
+    assert!(!buffered.lockstep() && !buffered.pull_waits() && !buffered.coordinated(2));
+    assert_eq!(buffered.spec().gradients_per_update, 4);
 }

@@ -32,7 +32,9 @@ pub mod worker_stats;
 
 pub use checkpoint_schedule::CheckpointSchedule;
 pub use client::{ClientError, ParameterClient, PullReply};
-pub use compression::{CodecError, PullCodec, PullReplica, PushCodec, PushEncoder};
+pub use compression::{
+    AutoCodec, CodecError, CodecPair, PullCodec, PullReplica, PushCodec, PushEncoder, AUTO_LADDER,
+};
 pub use config::{Aggregate, GradientClip, Mode, ServerConfig, MAX_LEAD_LIMIT};
 pub use engine::{EngineConfig, PullDecision, PushReport, ShardEngine};
 pub use error::{ConfigError, LayoutError, PushError, RestoreError};

@@ -2,7 +2,7 @@
 //! shares. The shards own it; workers and observers receive it in the handshake, so a worker
 //! needs only the shards' addresses, its rank and its data.
 
-use crate::compression::{PullCodec, PushCodec};
+use crate::compression::{auto_allows_pull, auto_allows_push, PullCodec, PushCodec, AUTO_LADDER};
 use crate::config::{Aggregate, GradientClip, Mode, ServerConfig};
 use crate::error::ConfigError;
 use crate::optimizer::{LrSchedule, OptimizerConfig};
@@ -57,6 +57,9 @@ pub struct RunPlan {
     pub push_codec: PushCodec,
     /// How weights cross the link.
     pub pull_codec: PullCodec,
+    /// `auto`: each worker picks both codecs from its own measured link (`AUTO_LADDER`), per
+    /// push and per pull; the two fields above are then fp32 and unused.
+    pub auto_codecs: bool,
 }
 
 impl Default for RunPlan {
@@ -80,6 +83,7 @@ impl Default for RunPlan {
             balance_batches: false,
             push_codec: PushCodec::Fp32,
             pull_codec: PullCodec::Fp32,
+            auto_codecs: false,
         }
     }
 }
@@ -109,6 +113,15 @@ impl RunPlan {
         }
         if self.train_samples == 0 {
             return Err(ConfigError::out_of_range("train_samples", ">= 1", 0));
+        }
+        if self.auto_codecs
+            && (self.push_codec, self.pull_codec) != (PushCodec::Fp32, PullCodec::Fp32)
+        {
+            return Err(ConfigError::out_of_range(
+                "push_codec",
+                "fp32 under auto codecs (auto picks both)",
+                format!("{} / {}", self.push_codec, self.pull_codec),
+            ));
         }
         if self.model.is_empty() {
             return Err(ConfigError::out_of_range("model", "a name", "\"\""));
@@ -148,6 +161,49 @@ impl RunPlan {
         }
     }
 
+    /// Whether a worker may push with `codec` in this run.
+    pub fn allows_push(&self, codec: PushCodec) -> bool {
+        if self.auto_codecs {
+            auto_allows_push(codec)
+        } else {
+            codec == self.push_codec
+        }
+    }
+
+    /// Whether a worker may ask for pulls in `codec` in this run.
+    pub fn allows_pull(&self, codec: PullCodec) -> bool {
+        if self.auto_codecs {
+            auto_allows_pull(codec)
+        } else {
+            codec == self.pull_codec
+        }
+    }
+
+    /// The largest push of a slice of `values` any allowed codec makes.
+    pub fn largest_push(&self, values: usize) -> usize {
+        let mut largest = self.push_codec.encoded_len(values);
+        if self.auto_codecs {
+            for rung in AUTO_LADDER {
+                largest = largest.max(rung.push.encoded_len(values));
+            }
+        }
+        largest
+    }
+
+    /// Whether a shard may send a worker differences (so keeps a replica of what it holds).
+    pub fn sends_deltas(&self) -> bool {
+        self.auto_codecs || self.pull_codec.is_delta()
+    }
+
+    /// The codecs as a user names them: `auto`, or `push / pull`.
+    pub fn codecs_name(&self) -> String {
+        if self.auto_codecs {
+            "auto".into()
+        } else {
+            format!("{} / {}", self.push_codec, self.pull_codec)
+        }
+    }
+
     /// Steps each worker runs per epoch.
     pub fn steps_per_epoch(&self) -> u64 {
         steps_per_epoch(self.train_samples, self.workers, self.batch_size) as u64
@@ -155,28 +211,35 @@ impl RunPlan {
 
     /// Server updates that make one pass over the training set.
     pub fn updates_per_epoch(&self) -> u64 {
-        let steps = self.steps_per_epoch();
+        self.updates_in_epochs(1)
+    }
+
+    /// Server updates that `epochs` passes make (buffered: every gradient of them, `k` per
+    /// update, so no pass's remainder is lost to rounding).
+    fn updates_in_epochs(&self, epochs: u64) -> u64 {
+        let steps = self.steps_per_epoch().saturating_mul(epochs);
         if self.mode.lockstep() {
             steps
         } else {
-            steps.saturating_mul(self.workers as u64)
+            let gradients = steps.saturating_mul(self.workers as u64);
+            (gradients / self.mode.spec().gradients_per_update as u64).max(1)
         }
     }
 
     /// Updates the run will make: `iterations`, or the epochs' worth.
     pub fn planned_updates(&self) -> u64 {
         self.iterations
-            .unwrap_or_else(|| self.updates_per_epoch().saturating_mul(self.epochs as u64))
+            .unwrap_or_else(|| self.updates_in_epochs(self.epochs as u64))
     }
 
     /// Samples behind one server update.
     pub fn samples_per_update(&self) -> u64 {
-        let workers = if self.mode.lockstep() {
+        let gradients = if self.mode.lockstep() {
             self.workers
         } else {
-            1
+            self.mode.spec().gradients_per_update
         };
-        (workers * self.batch_size) as u64
+        (gradients * self.batch_size) as u64
     }
 
     /// The fields where `other` differs from this plan: (field, this value, other value).
@@ -246,6 +309,11 @@ impl RunPlan {
             self.pull_codec.to_string(),
             other.pull_codec.to_string(),
         );
+        check(
+            "auto_codecs",
+            self.auto_codecs.to_string(),
+            other.auto_codecs.to_string(),
+        );
         out
     }
 }
@@ -280,6 +348,17 @@ mod tests {
         };
         assert_eq!(fixed.planned_updates(), 10);
         assert_eq!(fixed.server_config().max_updates, Some(10));
+        // Buffered: every gradient of the epochs, 4 per update (2 x 469 x 3 / 4, rounded
+        // down over the whole run, not per epoch).
+        let buffered = RunPlan {
+            mode: Mode::Buffered {
+                k: 4,
+                max_staleness: None,
+            },
+            ..sync.clone()
+        };
+        assert_eq!(buffered.planned_updates(), 2 * 469 * 3 / 4);
+        assert_eq!(buffered.samples_per_update(), 4 * 64);
     }
 
     #[test]

@@ -181,6 +181,10 @@ fn an_update_that_would_make_the_state_non_finite_is_rolled_back() {
         },
         Mode::Sync { backup_workers: 0 },
         Mode::Ssp { max_lead: 2 },
+        Mode::Buffered {
+            k: 1,
+            max_staleness: None,
+        },
     ] {
         let mut s = ServerCore::new(cfg(mode), vec![1.0, 2.0]).unwrap();
         let before = s.state();
@@ -195,7 +199,7 @@ fn an_update_that_would_make_the_state_non_finite_is_rolled_back() {
         match mode {
             Mode::Async { .. } => assert_eq!(out, Err(PushError::NonFiniteResult)),
             // The step ends (nobody waits) without moving the weights.
-            Mode::Sync { .. } | Mode::Ssp { .. } => {
+            Mode::Sync { .. } | Mode::Ssp { .. } | Mode::Buffered { .. } => {
                 assert!(matches!(out, Ok(PushOutcome::Applied { .. })))
             }
         }

@@ -3,6 +3,8 @@
 //! how it travels (as one `u64`). `worker_stats.rs` declares every number through
 //! `worker_numbers!`, so a new per-worker counter is one row there plus the line that counts it.
 
+use crate::compression::CodecPair;
+
 /// A per-worker number's value, as the surfaces show it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Number {
@@ -11,6 +13,8 @@ pub enum Number {
     Bytes(u64),
     /// Seconds, or any other real quantity.
     Real(f64),
+    /// The codecs a worker's link used (shown by name).
+    Codecs(CodecPair),
 }
 
 impl Number {
@@ -18,6 +22,7 @@ impl Number {
         match self {
             Number::Count(n) | Number::Bytes(n) => n as f64,
             Number::Real(x) => x,
+            Number::Codecs(_) => 0.0,
         }
     }
 
@@ -26,13 +31,14 @@ impl Number {
         match self {
             Number::Count(n) | Number::Bytes(n) => n,
             Number::Real(x) => x.to_bits(),
+            Number::Codecs(c) => c.to_raw(),
         }
     }
 
     /// Two values of the same field combined by `merge` (`First`: this one).
     fn combine(self, other: Number, merge: Merge) -> Number {
         match (self, other, merge) {
-            (a, _, Merge::First) => a,
+            (a, _, Merge::First) | (a @ Number::Codecs(_), _, _) => a,
             (Number::Count(a), Number::Count(b), Merge::Max) => Number::Count(a.max(b)),
             (Number::Count(a), Number::Count(b), Merge::Sum) => Number::Count(a.saturating_add(b)),
             (Number::Bytes(a), Number::Bytes(b), Merge::Max) => Number::Bytes(a.max(b)),
@@ -51,6 +57,7 @@ impl std::fmt::Display for Number {
             Number::Count(n) => n.fmt(f),
             Number::Bytes(n) => write!(f, "{:.1}", *n as f64 / 1e6),
             Number::Real(x) => write!(f, "{x:.1}"),
+            Number::Codecs(c) => c.fmt(f),
         }
     }
 }
@@ -77,6 +84,15 @@ impl WorkerNumber for u32 {
     }
     fn from_raw(raw: u64) -> Self {
         u32::try_from(raw).unwrap_or(u32::MAX)
+    }
+}
+
+impl WorkerNumber for CodecPair {
+    fn number(self) -> Number {
+        Number::Codecs(self)
+    }
+    fn from_raw(raw: u64) -> Self {
+        CodecPair::from_raw(raw)
     }
 }
 

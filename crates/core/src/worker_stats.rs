@@ -2,6 +2,7 @@
 //! of the shard it ran, where its time went (computing, on its link, or waiting at the pull
 //! gate) and the bytes its link carried each way.
 
+use crate::compression::{CodecPair, PullCodec, PushCodec};
 use crate::worker_field::{worker_numbers, Bytes, Exported, Merge, WorkerField, WorkerNumber};
 
 /// Upper bounds (inclusive) of the staleness histogram's buckets; the last bucket takes
@@ -133,6 +134,14 @@ worker_numbers! {
             ),
             merge: Merge::Max,
         }
+        /// The codecs its link used last (its latest push's, its latest pull's): the run's,
+        /// or under `auto` its own pick.
+        codecs: CodecPair {
+            name: "codecs",
+            title: Some("codecs"),
+            prometheus: None,
+            merge: Merge::First,
+        }
         /// Samples in its latest gradient (with speed-balanced sync, the size it was given).
         batch: u32 {
             name: "batch",
@@ -156,6 +165,9 @@ pub struct LinkUse {
     pub push_s: f64,
     /// Reported by the worker: believed only when finite and at most `MAX_REPORTED_S`.
     pub pull_s: f64,
+    /// The codec of the push, or of the pull, this use was.
+    pub push_codec: Option<PushCodec>,
+    pub pull_codec: Option<PullCodec>,
 }
 
 /// The longest link time one report may add (a worker's word moves only its own record).
@@ -175,6 +187,12 @@ impl WorkerStats {
         };
         self.push_link_s += seconds(link.push_s);
         self.pull_link_s += seconds(link.pull_s);
+        if link.push_codec.is_some() {
+            self.codecs.push = link.push_codec;
+        }
+        if link.pull_codec.is_some() {
+            self.codecs.pull = link.pull_codec;
+        }
     }
 
     pub fn staleness_mean(&self) -> f64 {
@@ -267,17 +285,27 @@ mod tests {
             pull_bytes: 40,
             push_s: 0.5,
             pull_s: f64::NAN,
+            push_codec: Some(PushCodec::Int8),
+            pull_codec: None,
         });
         b.add_link(LinkUse {
             push_bytes: 50,
             pull_bytes: 20,
             push_s: 0.25,
             pull_s: 1.0e9,
+            push_codec: Some(PushCodec::Fp32),
+            pull_codec: Some(PullCodec::Fp32),
         });
         b.add_link(LinkUse {
             pull_s: 0.75,
             ..Default::default()
         });
+        a.add_link(LinkUse {
+            pull_codec: Some(PullCodec::DeltaTopK { per_mille: 20 }),
+            ..Default::default()
+        });
+        // The latest of each side stands; shard 0's record speaks for the rank.
+        assert_eq!(a.codecs.to_string(), "int8 / delta-topk:20");
         let mut merged = a;
         merged.merge(&b);
         // Bytes add up over the shards; link times are the longest; a reported time that is
@@ -297,5 +325,6 @@ mod tests {
             (7, 32, 3, 2)
         );
         assert_eq!((merged.compute_s, merged.wait_s), (2.5, 0.25));
+        assert_eq!(merged.codecs, a.codecs);
     }
 }

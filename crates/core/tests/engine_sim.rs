@@ -878,6 +878,11 @@ fn ten_thousand_workers_with_churn_keep_every_mode_going() {
         Mode::Async {
             max_staleness: Some(8),
         },
+        // FedBuff: every 50 arriving gradients one update.
+        Mode::Buffered {
+            k: 50,
+            max_staleness: Some(8),
+        },
     ];
     for mode in modes {
         let shards = if matches!(mode, Mode::Sync { .. }) {

@@ -1,6 +1,8 @@
 //! Little-endian field encoding for message bodies: a `Writer` that appends and a `Reader`
 //! that refuses to read past the end or to leave bytes over.
 
+use pstrain_core::{PullCodec, PushCodec};
+
 /// Bytes that do not decode as the message they were read as: which message, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("malformed {what}: {why}")]
@@ -115,6 +117,16 @@ impl Writer {
     pub fn opt_u64(&mut self, v: Option<u64>) -> &mut Self {
         self.u64(v.unwrap_or(u64::MAX))
     }
+    /// A push codec as its tag and parameter.
+    pub fn push_codec(&mut self, c: PushCodec) -> &mut Self {
+        let (tag, param) = c.to_tag();
+        self.u8(tag).u16(param)
+    }
+    /// A pull codec as its tag and parameter.
+    pub fn pull_codec(&mut self, c: PullCodec) -> &mut Self {
+        let (tag, param) = c.to_tag();
+        self.u8(tag).u16(param)
+    }
 }
 
 impl Reader<'_> {
@@ -132,6 +144,16 @@ impl Reader<'_> {
     pub fn usize(&mut self) -> Result<usize, Malformed> {
         let v = self.u64()?;
         usize::try_from(v).map_err(|_| self.malformed(format!("{v} does not fit")))
+    }
+    pub fn push_codec(&mut self) -> Result<PushCodec, Malformed> {
+        let (tag, param) = (self.u8()?, self.u16()?);
+        PushCodec::from_tag(tag, param)
+            .ok_or_else(|| self.malformed(format!("push codec {tag}:{param}")))
+    }
+    pub fn pull_codec(&mut self) -> Result<PullCodec, Malformed> {
+        let (tag, param) = (self.u8()?, self.u16()?);
+        PullCodec::from_tag(tag, param)
+            .ok_or_else(|| self.malformed(format!("pull codec {tag}:{param}")))
     }
     pub fn malformed(&self, why: String) -> Malformed {
         Malformed {

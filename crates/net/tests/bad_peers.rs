@@ -55,6 +55,7 @@ fn push_frame(values: usize) -> Vec<u8> {
         samples: 1,
         loss: 0.0,
         pull_s: 0.0,
+        codec: pstrain_core::PushCodec::Fp32,
         step: None,
     }
     .encode(2);
@@ -375,6 +376,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         samples: 1,
         loss: 0.0,
         pull_s: 0.0,
+        codec: pstrain_core::PushCodec::Fp32,
         step: None,
     }
     .encode(3);

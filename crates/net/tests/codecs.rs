@@ -1,12 +1,15 @@
 //! Compressed pushes and pulls over a live shard: each push codec moves the weights as its
 //! decoded gradient says (and the worker's record counts the bytes its link carried), a bf16 pull arrives within bf16's precision, a peer whose plan names
 //! another codec is refused by name, and hostile compressed pushes (repeated or out-of-range
-//! indices, wrong counts or lengths) are refused before they touch the model.
+//! indices, wrong counts or lengths) are refused before they touch the model. Under `auto`
+//! every rung's codecs are taken, per push and per pull, and nothing else.
 
 mod common;
 
 use common::*;
-use pstrain_core::{ParameterClient, PullCodec, PushCodec, PushMeta, PushOutcome, RunPlan};
+use pstrain_core::{
+    ParameterClient, PullCodec, PushCodec, PushEncoder, PushMeta, PushOutcome, RunPlan, AUTO_LADDER,
+};
 use pstrain_net::message::{kind, Hello, PushHead, Role};
 use pstrain_net::{ClientConfig, RunToken, ShardConfig, ShardHandle, TcpClient};
 use std::io::Write;
@@ -184,6 +187,7 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
         samples: 1,
         loss: 0.0,
         pull_s: 0.0,
+        codec: PushCodec::TopK { per_mille: 10 },
         step: None,
     }
     .encode(1);
@@ -217,4 +221,114 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 0);
     assert!(report.params.iter().all(|&w| w == 0.0));
+}
+
+/// A push of `grad` in `codec` as raw frame bytes, from a worker holding version 0.
+fn raw_push(codec: PushCodec, grad: &[f32]) -> Vec<u8> {
+    let mut payload = PushHead {
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+        pull_s: 0.0,
+        codec,
+        step: None,
+    }
+    .encode(1);
+    let mut body = Vec::new();
+    PushEncoder::new(codec, 1).encode(grad, &mut body);
+    payload.extend_from_slice(&body);
+    frame(kind::PUSH, &payload)
+}
+
+#[test]
+fn auto_takes_every_rung_per_push_and_per_pull_and_nothing_else() {
+    let token = RunToken::generate().unwrap();
+    let p = RunPlan {
+        auto_codecs: true,
+        ..plan(ASYNC, 1)
+    };
+    let server = start(p.clone(), Some(token.clone()));
+    let grad = vec![0.01; N];
+    let mut s = join_with_token_stream(server.address(), &token, &p);
+    for rung in AUTO_LADDER {
+        s.write_all(&raw_push(rung.push, &grad)).unwrap();
+        let (k, reply) = read_frame(&mut s);
+        assert_eq!(k, kind::PUSH_REPLY, "{}", String::from_utf8_lossy(&reply));
+        // The record shows what the link used last.
+        let pull = pstrain_net::message::Request::Pull {
+            newer_than: None,
+            wait: false,
+            codec: rung.pull,
+        };
+        s.write_all(&frame(pull.kind(), &pull.encode(1))).unwrap();
+        let (k, _) = read_frame(&mut s);
+        assert_eq!(k, kind::PULL_REPLY, "{}", rung.pull);
+    }
+    // Rank 0 free again for the next connections.
+    let bye = pstrain_net::message::Request::Goodbye;
+    s.write_all(&frame(bye.kind(), &bye.encode(1))).unwrap();
+    assert_eq!(read_frame(&mut s).0, kind::GOODBYE_OK);
+    // Not on the ladder: refused by name, before the model.
+    for (codec, what) in [
+        (PushCodec::Bf16, "bf16"),
+        (PushCodec::TopK { per_mille: 7 }, "topk:7"),
+    ] {
+        let mut s = join_with_token_stream(server.address(), &token, &p);
+        s.write_all(&raw_push(codec, &grad)).unwrap();
+        let (k, reply) = read_frame(&mut s);
+        assert_eq!(k, kind::ERROR);
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.contains(what) && text.contains("auto"), "{text}");
+    }
+    let mut s = join_with_token_stream(server.address(), &token, &p);
+    let pull = pstrain_net::message::Request::Pull {
+        newer_than: None,
+        wait: false,
+        codec: PullCodec::Bf16,
+    };
+    s.write_all(&frame(pull.kind(), &pull.encode(1))).unwrap();
+    let (k, reply) = read_frame(&mut s);
+    assert_eq!(k, kind::ERROR, "{}", String::from_utf8_lossy(&reply));
+    let report = server.finish().unwrap();
+    assert_eq!(report.stats.gradients_applied, AUTO_LADDER.len() as u64);
+}
+
+#[test]
+fn a_fixed_run_refuses_a_push_in_another_codec_by_name() {
+    let token = RunToken::generate().unwrap();
+    let p = codec_plan(PushCodec::Int8, PullCodec::Fp32);
+    let server = start(p.clone(), Some(token.clone()));
+    let mut s = join_with_token_stream(server.address(), &token, &p);
+    s.write_all(&raw_push(PushCodec::TopK { per_mille: 50 }, &vec![1.0; N]))
+        .unwrap();
+    let (k, reply) = read_frame(&mut s);
+    assert_eq!(k, kind::ERROR);
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.contains("topk:50") && text.contains("int8 / fp32"),
+        "{text}"
+    );
+    let report = server.finish().unwrap();
+    assert_eq!(report.stats.gradients_applied, 0);
+}
+
+#[test]
+fn an_auto_worker_on_a_fast_link_records_its_choice() {
+    let p = RunPlan {
+        auto_codecs: true,
+        ..plan(ASYNC, 1)
+    };
+    let server = start(p.clone(), None);
+    let mut c = client(&server, p).unwrap();
+    let mut params = vec![0.0; N];
+    let mut v = c.pull(&mut params, None, false).unwrap().version;
+    for _ in 0..3 {
+        c.push(meta(v), &vec![0.01; N]).unwrap();
+        v = c.pull(&mut params, Some(v), false).unwrap().version;
+    }
+    let link = c.stats().unwrap()[0].workers[0];
+    // Too small a slice to measure a link by: fp32 both ways, as the record shows.
+    assert_eq!(link.codecs.to_string(), "fp32 / fp32");
+    c.leave().unwrap();
+    server.finish().unwrap();
 }

@@ -62,10 +62,10 @@ fn valid_encodings(n: usize) -> Vec<Vec<u8>> {
         all.push(bytes);
     }
     for codec in PULL_CODECS.into_iter().filter(PullCodec::is_delta) {
-        let mut replica = PullReplica::new(codec, 2);
+        let mut replica = PullReplica::new(true, 2);
         replica.sent_whole(0, &vec![0.0; n]);
         let mut bytes = Vec::new();
-        replica.encode_delta(1, &values, &mut bytes);
+        replica.encode_delta(codec, 1, &values, &mut bytes);
         all.push(bytes);
     }
     all

@@ -45,6 +45,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
         samples: 32,
         loss: 0.5,
         pull_s: 0.0,
+        codec: pstrain_core::PushCodec::Fp32,
         step: Some(members.clone()),
     };
     let stats = StatsReply {
@@ -65,6 +66,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
             Request::Pull {
                 newer_than: Some(3),
                 wait: true,
+                codec: pstrain_core::PullCodec::Fp32,
             }
             .encode(WORKERS),
         ),
@@ -88,6 +90,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
                     staleness: 1,
                 },
                 step: Some(members),
+                arrive_s: 0.25,
             })
             .encode(WORKERS),
         ),

@@ -24,6 +24,7 @@ impl Serialize for WorkerNumbers {
             match (field.get)(&self.0) {
                 Number::Count(n) | Number::Bytes(n) => map.serialize_entry(field.name, &n)?,
                 Number::Real(x) => map.serialize_entry(field.name, &x)?,
+                Number::Codecs(c) => map.serialize_entry(field.name, &c.to_string())?,
             }
         }
         map.serialize_entry("staleness_histogram", &self.0.staleness_hist)?;

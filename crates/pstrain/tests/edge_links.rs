@@ -1,8 +1,9 @@
 //! Training over real rate-limited links (`scripts/edge_net.sh`: network namespaces, a veth
 //! pair per worker, a token-bucket filter on both ends): a shard in a namespace of its own and
-//! two workers, each in its own namespace behind a link of its own rate (100 and 20 Mbit/s),
-//! train the convnet to its threshold. Needs root to make namespaces (CI runs as root);
-//! elsewhere it says it skipped, and under CI a machine that cannot is a failure.
+//! two workers, each in its own namespace behind a link of its own rate. The convnet trains
+//! to its threshold over 100 and 20 Mbit/s; the cnn under `auto` codecs over 1 Gbit/s and
+//! 10 Mbit/s, each worker picking its own codecs. Needs root to make namespaces (CI runs as
+//! root); elsewhere it says it skipped, and under CI a machine that cannot is a failure.
 
 mod common;
 
@@ -82,14 +83,16 @@ fn namespaces_available() -> bool {
     ok
 }
 
-#[test]
-fn workers_on_links_of_different_rates_train_the_convnet() {
-    if !namespaces_available() {
-        return;
-    }
-    let _guard = common::one_at_a_time();
-    let prefix = format!("pe{}", std::process::id() % 10_000);
-    let net = EdgeNet::up(&prefix, &["100mbit", "20mbit"]);
+/// What a run over the namespaces left: the shard's closing report (stderr) and the test
+/// accuracy of its final checkpoint.
+struct Ran {
+    shard_log: String,
+    accuracy: f64,
+}
+
+/// Runs `pstrain server SERVER_ARGS` in the shards' namespace and two workers, each behind
+/// its own link, to the end; scores the final checkpoint.
+fn run_over(net: &EdgeNet, server_args: &[&str]) -> Ran {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("run.token");
     let ckpt = dir.path().join("ckpt");
@@ -101,67 +104,48 @@ fn workers_on_links_of_different_rates_train_the_convnet() {
     assert!(status.success());
     let token = token.to_str().unwrap();
     // Listening on every address of the shards' namespace (one per link): a token is required.
+    let mut args = vec!["server", "--listen", "0.0.0.0:7400", "--workers", "2"];
+    args.extend_from_slice(server_args);
+    args.extend_from_slice(&["--checkpoint-dir", ckpt.to_str().unwrap()]);
+    args.extend_from_slice(&["--token-file", token]);
     let mut server = KillOnDrop(
-        net.exec(
-            "ps",
-            &[
-                "server",
-                "--listen",
-                "0.0.0.0:7400",
-                "--workers",
-                "2",
-                "--model",
-                "convnet",
-                "--mode",
-                "async",
-                "--iterations",
-                "300",
-                "--batch-size",
-                "128",
-                "--optimizer",
-                "sgd",
-                "--lr",
-                "0.01",
-                "--lr-schedule",
-                "constant",
-                "--checkpoint-dir",
-                ckpt.to_str().unwrap(),
-                "--token-file",
-                token,
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap(),
+        net.exec("ps", &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
     );
     let bound = common::listening_address(&mut server);
     assert!(bound.ends_with(":7400"), "{bound}");
+    let mut stderr = server.stderr.take().expect("stderr piped");
+    let shard_log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
     let data = data.to_str().unwrap();
     let workers: Vec<KillOnDrop> = (0..2)
         .map(|rank| {
             let servers = format!("10.77.{rank}.1:7400");
             let rank = rank.to_string();
+            let args = [
+                "worker",
+                "--servers",
+                &servers,
+                "--rank",
+                &rank,
+                "--threads",
+                "1",
+                "--data-dir",
+                data,
+                "--token-file",
+                token,
+            ];
             KillOnDrop(
-                net.exec(
-                    &format!("w{rank}"),
-                    &[
-                        "worker",
-                        "--servers",
-                        &servers,
-                        "--rank",
-                        &rank,
-                        "--threads",
-                        "1",
-                        "--data-dir",
-                        data,
-                        "--token-file",
-                        token,
-                    ],
-                )
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
+                net.exec(&format!("w{rank}"), &args)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
             )
         })
         .collect();
@@ -174,7 +158,8 @@ fn workers_on_links_of_different_rates_train_the_convnet() {
         reports.push(report);
     }
     assert!(server.wait().unwrap().success(), "the shard failed");
-    println!("{}", reports.join("\n"));
+    let shard_log = shard_log.join().unwrap();
+    println!("{}\n{shard_log}", reports.join("\n"));
     let eval = Command::new(pstrain_bin())
         .args([
             "eval",
@@ -193,5 +178,93 @@ fn workers_on_links_of_different_rates_train_the_convnet() {
         .and_then(|rest| rest.split('%').next())
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no accuracy in {said:?}"));
-    assert!(accuracy >= 80.0, "{said}");
+    Ran {
+        shard_log,
+        accuracy,
+    }
+}
+
+#[test]
+fn workers_on_links_of_different_rates_train_the_convnet() {
+    if !namespaces_available() {
+        return;
+    }
+    let _guard = common::one_at_a_time();
+    let prefix = format!("pe{}", std::process::id() % 10_000);
+    let net = EdgeNet::up(&prefix, &["100mbit", "20mbit"]);
+    let ran = run_over(
+        &net,
+        &[
+            "--model",
+            "convnet",
+            "--mode",
+            "async",
+            "--iterations",
+            "300",
+            "--batch-size",
+            "128",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.01",
+            "--lr-schedule",
+            "constant",
+        ],
+    );
+    assert!(ran.accuracy >= 80.0, "{}", ran.accuracy);
+}
+
+/// The codecs shard 0 reported for `rank` at the end of the run.
+fn codecs_of(shard_log: &str, rank: usize) -> String {
+    let tag = format!("[shard 0] worker {rank}: ");
+    shard_log
+        .lines()
+        .find(|l| l.starts_with(&tag))
+        .and_then(|l| l.split("codecs ").nth(1))
+        .unwrap_or_else(|| panic!("no line for worker {rank} in {shard_log}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn auto_codecs_follow_each_workers_own_link() {
+    if !namespaces_available() {
+        return;
+    }
+    let _guard = common::one_at_a_time();
+    let prefix = format!("pa{}", std::process::id() % 10_000);
+    let net = EdgeNet::up(&prefix, &["1gbit", "10mbit"]);
+    let ran = run_over(
+        &net,
+        &[
+            "--model",
+            "cnn",
+            "--mode",
+            "async",
+            "--iterations",
+            "250",
+            "--push-codec",
+            "auto",
+        ],
+    );
+    let ladder = |codecs: &str| {
+        pstrain_core::AUTO_LADDER
+            .iter()
+            .position(|r| format!("{} / {}", r.push, r.pull) == codecs)
+            .unwrap_or_else(|| panic!("{codecs} is not a rung of auto's ladder"))
+    };
+    let (fast, slow) = (
+        ladder(&codecs_of(&ran.shard_log, 0)),
+        ladder(&codecs_of(&ran.shard_log, 1)),
+    );
+    // 4.8 MB of fp32 each way is about 8 s a step at 10 Mbit/s: that worker compresses
+    // the most; the one on 1 Gbit/s keeps more of its values.
+    assert_eq!(
+        slow,
+        pstrain_core::AUTO_LADDER.len() - 1,
+        "{}",
+        ran.shard_log
+    );
+    assert!(fast < slow, "{}", ran.shard_log);
+    assert!(ran.accuracy >= 90.0, "{}", ran.accuracy);
 }

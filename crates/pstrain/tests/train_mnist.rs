@@ -41,6 +41,23 @@ fn cnn_async_two_workers_one_epoch_reaches_98_5() {
     assert!(s.test_accuracy >= 0.985, "{}", s.test_accuracy);
 }
 
+/// FedBuff: 4 workers, every 4 arriving gradients (from whoever sent them) one update of
+/// their 64 samples' mean; nobody waits.
+#[test]
+fn cnn_buffered_four_workers_one_epoch_reaches_98() {
+    let mut cfg = cnn_one_epoch(Mode::Buffered {
+        k: 4,
+        max_staleness: Some(32),
+    });
+    cfg.plan.workers = 4;
+    cfg.plan.optimizer = pstrain_core::OptimizerConfig::adam(2e-3);
+    let s = run(cfg);
+    assert!(s.samples >= 60_000 && s.samples < 61_000, "{}", s.samples);
+    // About a quarter of the updates async would make: 4 gradients each.
+    assert!(s.updates <= 60_000 / 64 + 1, "{}", s.updates);
+    assert!(s.test_accuracy >= 0.98, "{}", s.test_accuracy);
+}
+
 #[test]
 fn convnet_sync_200_iterations_reaches_85() {
     let s = run(convnet_as_original(SYNC, 200));

@@ -16,10 +16,13 @@
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
 //! a delta from what the worker holds (`delta-int8`, `delta-topk:P`; see `pull_delta`).
 
+mod auto;
 mod pull_delta;
 mod values;
+mod wire_tag;
 
 use crate::rng::Rng;
+pub use auto::{auto_allows_pull, auto_allows_push, AutoCodec, Rung, AUTO_LADDER};
 pub use pull_delta::PullReplica;
 use std::fmt;
 use std::str::FromStr;
@@ -29,6 +32,7 @@ use values::{
     select_top_k,
 };
 pub use values::{from_bf16, to_bf16};
+pub use wire_tag::CodecPair;
 
 /// Values per int8 block (each block carries its own scale).
 pub const INT8_BLOCK: usize = 256;
@@ -166,14 +170,42 @@ impl PushEncoder {
         &self.residual
     }
 
+    /// Pushes from now on with `codec` (`auto`'s choice). What top-k left out is kept and
+    /// goes with the next push, whatever its codec.
+    pub fn set_codec(&mut self, codec: PushCodec) {
+        self.codec = codec;
+    }
+
+    /// Whether a push is its values as they are (fp32 with nothing held back), so the
+    /// caller may send them without encoding.
+    pub fn passes_through(&self) -> bool {
+        self.codec == PushCodec::Fp32 && self.residual.is_empty()
+    }
+
     /// Encodes `values` into `out` (cleared first).
     pub fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
         out.clear();
+        if let PushCodec::TopK { per_mille } = self.codec {
+            return self.encode_top_k(values, per_mille, out);
+        }
+        if self.residual.len() == values.len() {
+            // Moved off top-k: what it held back goes now.
+            let mut merged = std::mem::take(&mut self.residual);
+            for (m, v) in merged.iter_mut().zip(values) {
+                *m += v;
+            }
+            self.encode_dense(&merged, out);
+        } else {
+            self.residual.clear();
+            self.encode_dense(values, out);
+        }
+    }
+
+    fn encode_dense(&mut self, values: &[f32], out: &mut Vec<u8>) {
         match self.codec {
-            PushCodec::Fp32 => encode_f32(values, out),
             PushCodec::Bf16 => encode_bf16(values, out),
             PushCodec::Int8 => encode_int8(values, &mut self.rng, out),
-            PushCodec::TopK { per_mille } => self.encode_top_k(values, per_mille, out),
+            _ => encode_f32(values, out),
         }
     }
 

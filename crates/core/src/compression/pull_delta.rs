@@ -13,7 +13,8 @@ use crate::rng::Rng;
 /// The shard's copy of what one worker holds of its slice.
 #[derive(Debug, Clone)]
 pub struct PullReplica {
-    codec: PullCodec,
+    /// Whether the run sends differences at all (else nothing is kept).
+    tracks: bool,
     /// The version the worker holds, once it was sent a whole slice on this connection.
     held: Option<u64>,
     values: Vec<f32>,
@@ -23,9 +24,11 @@ pub struct PullReplica {
 }
 
 impl PullReplica {
-    pub fn new(codec: PullCodec, seed: u64) -> Self {
+    /// A replica for a connection of a run that sends differences (`tracks`; else it keeps
+    /// nothing and never allows one).
+    pub fn new(tracks: bool, seed: u64) -> Self {
         PullReplica {
-            codec,
+            tracks,
             held: None,
             values: Vec::new(),
             diff: Vec::new(),
@@ -34,15 +37,15 @@ impl PullReplica {
         }
     }
 
-    /// Whether a worker that says it holds `version` can be sent a difference: the codec
-    /// sends them, and this connection sent it exactly that version.
-    pub fn can_send_delta(&self, version: u64) -> bool {
-        self.codec.is_delta() && self.held == Some(version)
+    /// Whether a worker that says it holds `version` can be sent a difference in `codec`:
+    /// the codec sends them, and this connection sent it exactly that version.
+    pub fn can_send_delta(&self, codec: PullCodec, version: u64) -> bool {
+        codec.is_delta() && self.held == Some(version)
     }
 
-    /// A whole slice of `version` was sent: the worker now holds exactly `weights`.
+    /// A whole slice of `version` was sent as fp32: the worker now holds exactly `weights`.
     pub fn sent_whole(&mut self, version: u64, weights: &[f32]) {
-        if !self.codec.is_delta() {
+        if !self.tracks {
             return;
         }
         self.values.clear();
@@ -52,13 +55,19 @@ impl PullReplica {
 
     /// Encodes into `out` (cleared first) the difference between `weights` (of `version`)
     /// and what the worker holds, and takes its decoded form into the replica. Call only
-    /// when `can_send_delta`.
-    pub fn encode_delta(&mut self, version: u64, weights: &[f32], out: &mut Vec<u8>) {
+    /// when `can_send_delta(codec, ..)`.
+    pub fn encode_delta(
+        &mut self,
+        codec: PullCodec,
+        version: u64,
+        weights: &[f32],
+        out: &mut Vec<u8>,
+    ) {
         out.clear();
         let diff = &mut self.diff;
         diff.clear();
         diff.extend(weights.iter().zip(&self.values).map(|(w, r)| w - r));
-        match self.codec {
+        match codec {
             PullCodec::DeltaTopK { per_mille } => {
                 let k = top_k_count(diff.len(), per_mille);
                 select_top_k(diff, k, &mut self.scratch);
@@ -84,6 +93,11 @@ impl PullReplica {
             *r += d;
         }
         self.held = Some(version);
+    }
+
+    /// The worker was sent something else (bf16 weights): it no longer holds a known slice.
+    pub fn forget(&mut self) {
+        self.held = None;
     }
 }
 
@@ -152,16 +166,17 @@ mod tests {
     fn the_worker_holds_exactly_the_replica_and_catches_up_with_the_weights() {
         let n = 1000;
         for codec in [PullCodec::DeltaInt8, PullCodec::DeltaTopK { per_mille: 50 }] {
-            let mut replica = PullReplica::new(codec, 3);
+            let mut replica = PullReplica::new(true, 3);
             let mut held = weights_at(0, n);
-            assert!(!replica.can_send_delta(0), "nothing sent whole yet");
+            assert!(!replica.can_send_delta(codec, 0), "nothing sent whole yet");
             replica.sent_whole(0, &held);
             let (mut wire, mut scratch) = (Vec::new(), Vec::new());
             for version in 1..40u64 {
                 // Training moves the weights for 20 versions, then stops.
                 let weights = weights_at(version.min(20), n);
-                assert!(replica.can_send_delta(version - 1));
-                replica.encode_delta(version, &weights, &mut wire);
+                assert!(replica.can_send_delta(codec, version - 1));
+                assert!(!replica.can_send_delta(PullCodec::Fp32, version - 1));
+                replica.encode_delta(codec, version, &weights, &mut wire);
                 assert!(wire.len() <= codec.delta_len(n), "{codec}");
                 codec.apply_delta(&wire, &mut held, &mut scratch).unwrap();
                 assert_eq!(held, replica.values, "{codec}: bit for bit");
@@ -171,7 +186,9 @@ mod tests {
             for (h, w) in held.iter().zip(&weights) {
                 assert!((h - w).abs() <= 1e-5, "{codec}: {h} vs {w}");
             }
-            assert!(!replica.can_send_delta(7) && replica.can_send_delta(39));
+            assert!(!replica.can_send_delta(codec, 7) && replica.can_send_delta(codec, 39));
+            replica.forget();
+            assert!(!replica.can_send_delta(codec, 39), "after a bf16 pull");
         }
     }
 

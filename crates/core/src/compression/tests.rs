@@ -195,3 +195,27 @@ fn decoders_survive_arbitrary_bytes() {
         let _ = round;
     }
 }
+
+#[test]
+fn moving_off_top_k_sends_what_it_held_back_with_the_next_push() {
+    let g: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut enc = PushEncoder::new(PushCodec::TopK { per_mille: 10 }, 1);
+    let mut wire = Vec::new();
+    enc.encode(&g, &mut wire);
+    let mut sent = vec![0.0; 1000];
+    PushCodec::TopK { per_mille: 10 }
+        .decode(&wire, &mut sent)
+        .unwrap();
+    assert!(!enc.residual().is_empty() && !enc.passes_through());
+    // `auto` moves this link to fp32: the next push is the gradient plus the residual.
+    enc.set_codec(PushCodec::Fp32);
+    assert!(!enc.passes_through(), "the residual must be encoded in");
+    enc.encode(&g, &mut wire);
+    let mut next = vec![0.0; 1000];
+    PushCodec::Fp32.decode(&wire, &mut next).unwrap();
+    for i in 0..1000 {
+        // Both pushes together carry both gradients, exactly.
+        assert!((sent[i] + next[i] - 2.0 * g[i]).abs() <= 1e-6, "{i}");
+    }
+    assert!(enc.residual().is_empty() && enc.passes_through());
+}

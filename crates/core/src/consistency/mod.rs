@@ -5,12 +5,14 @@
 
 mod asynchronous;
 mod bounded;
+mod buffered;
 mod follower;
 mod step_sum;
 mod sync;
 
 pub use asynchronous::AsyncApply;
 pub use bounded::BoundedStaleness;
+pub use buffered::BufferedAsync;
 pub use follower::CoordinatedFollower;
 pub use step_sum::StepSum;
 pub use sync::SyncSteps;
@@ -80,6 +82,13 @@ pub fn for_mode(
     let staleness_aware = config.staleness_aware_lr;
     match mode {
         Mode::Async { max_staleness } => Box::new(AsyncApply::new(max_staleness, staleness_aware)),
+        Mode::Buffered { k, max_staleness } => Box::new(BufferedAsync::new(
+            k,
+            max_staleness,
+            staleness_aware,
+            aggregate,
+            len,
+        )),
         Mode::Ssp { max_lead } => Box::new(BoundedStaleness::new(
             workers,
             max_lead,

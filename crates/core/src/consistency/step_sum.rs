@@ -22,12 +22,19 @@ impl StepSum {
     }
 
     pub fn add(&mut self, samples: u32, grad: &[f32]) {
+        self.add_scaled(samples, 1.0, grad);
+    }
+
+    /// Adds `scale * grad` with the weight of `samples` (a damped gradient counts for its
+    /// samples in the mean, so damping shrinks the update rather than re-weighting it away).
+    pub fn add_scaled(&mut self, samples: u32, scale: f32, grad: &[f32]) {
         let weight = match self.aggregate {
             Aggregate::Mean => samples as f32,
             Aggregate::Sum => 1.0,
         };
+        let factor = weight * scale;
         for (a, &g) in self.accum.iter_mut().zip(grad) {
-            *a += weight * g;
+            *a += factor * g;
         }
         self.weight += f64::from(weight);
     }

@@ -11,8 +11,8 @@ use crate::error::NetError;
 use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPLY_LIMIT};
 use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
-use pstrain_core::PushEncoder;
 use pstrain_core::{shard_ranges, Layout, RunPlan};
+use pstrain_core::{AutoCodec, PushEncoder};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -275,6 +275,7 @@ pub(super) async fn try_connect_shard(
         wire: Vec::new(),
         delta: Vec::new(),
         pull_s: 0.0,
+        auto: cfg.plan.auto_codecs.then(AutoCodec::new),
     };
     Ok((link, ok.rank as usize))
 }

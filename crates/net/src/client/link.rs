@@ -8,7 +8,7 @@ use crate::message::{
     kind, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN, REPLY_LIMIT,
     WORKER_STATS_LEN,
 };
-use pstrain_core::{PullCodec, PullReply, PushCodec, PushEncoder, PushMeta};
+use pstrain_core::{AutoCodec, PullCodec, PullReply, PushEncoder, PushMeta};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -30,6 +30,8 @@ pub(super) struct ShardLink {
     /// Seconds spent receiving this shard's slice since the last push (first byte of the
     /// reply to last), which the next push reports.
     pub pull_s: f32,
+    /// Under `auto`: this link as measured, and the codecs it picks before each push.
+    pub auto: Option<AutoCodec>,
 }
 
 impl ShardLink {
@@ -44,6 +46,7 @@ impl ShardLink {
         let request = Request::Pull {
             newer_than: newer,
             wait,
+            codec: self.pull_codec,
         };
         self.conn.send_request(&request, 0, &[]).await?;
         let idle = if wait {
@@ -89,7 +92,11 @@ impl ShardLink {
         } else if updated {
             self.read_slice(slice, body as usize).await?;
         }
-        self.pull_s += first_byte.elapsed().as_secs_f32();
+        let took = first_byte.elapsed();
+        self.pull_s += took.as_secs_f32();
+        if let Some(auto) = &mut self.auto {
+            auto.received(body, took.as_secs_f64());
+        }
         Ok(PullReply::from(pulled))
     }
 
@@ -147,8 +154,16 @@ impl ShardLink {
             })
     }
 
+    /// Under `auto`: the step before this push computed for `seconds`.
+    pub fn computed(&mut self, seconds: f64) {
+        if let Some(auto) = &mut self.auto {
+            auto.computed(seconds);
+        }
+    }
+
     /// Pushes this shard's slice, computed from weights of `base_version` (tagged with a
-    /// coordinated step if any), and reads the verdict, waiting up to `reply_timeout`.
+    /// coordinated step if any), and reads the verdict, waiting up to `reply_timeout`. Under
+    /// `auto` the link's codecs are picked first (the push's, and the next pulls').
     pub async fn push(
         &mut self,
         meta: PushMeta,
@@ -158,28 +173,41 @@ impl ShardLink {
         workers: usize,
         reply_timeout: Duration,
     ) -> Result<PushReply, NetError> {
+        if let Some(auto) = &mut self.auto {
+            let rung = auto.choose(slice.len());
+            self.encoder.set_codec(rung.push);
+            self.pull_codec = rung.pull;
+        }
         let head = PushHead {
             base_version,
             samples: meta.samples,
             loss: meta.loss,
             pull_s: std::mem::take(&mut self.pull_s),
+            codec: self.encoder.codec(),
             step,
         };
         let request = Request::Push(head);
-        if self.encoder.codec() == PushCodec::Fp32 {
+        let sent = if self.encoder.passes_through() {
             self.conn.send_request(&request, workers, slice).await?;
+            4 * slice.len()
         } else {
             self.encoder.encode(slice, &mut self.wire);
             self.conn
                 .write_frame_bytes(request.kind(), &request.encode(workers), &self.wire)
                 .await?;
-        }
+            self.wire.len()
+        };
         match self
             .conn
             .read_reply(reply_timeout, REPLY_LIMIT, workers)
             .await?
         {
-            Reply::Pushed(reply) => Ok(reply),
+            Reply::Pushed(reply) => {
+                if let Some(auto) = &mut self.auto {
+                    auto.sent(sent as u64, f64::from(reply.arrive_s));
+                }
+                Ok(reply)
+            }
             other => Err(NetError::Unexpected {
                 got: other.kind(),
                 expected: "push reply",

@@ -79,6 +79,8 @@ pub struct TcpClient {
     fan: FanOut,
     left: bool,
     reconnects: u64,
+    /// When the latest pull ended: the time to the next push is the step's compute.
+    pulled_at: Option<std::time::Instant>,
 }
 
 impl TcpClient {
@@ -100,6 +102,7 @@ impl TcpClient {
             fan,
             left: false,
             reconnects: 0,
+            pulled_at: None,
         })
     }
 
@@ -211,6 +214,7 @@ impl TcpClient {
         for (s, reply) in replies.iter().enumerate() {
             self.fan.pulled(s, reply);
         }
+        self.pulled_at = Some(std::time::Instant::now());
         Ok(FanOut::combine_pulls(&replies))
     }
 
@@ -234,6 +238,12 @@ impl TcpClient {
 
     fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
         self.check_len(grad.len())?;
+        if let Some(pulled) = self.pulled_at.take() {
+            let computed = pulled.elapsed().as_secs_f64();
+            for shard in &mut self.shards {
+                shard.computed(computed);
+            }
+        }
         let workers = self.cfg.plan.workers;
         let (first, rest) = match self.fan.route() {
             PushRoute::Together => (&mut [][..], &mut self.shards[..]),

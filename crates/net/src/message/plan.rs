@@ -61,22 +61,16 @@ pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
         None => w.u8(0).f32(0.0).bool(false),
     };
     w.bool(p.staleness_aware_lr).bool(p.balance_batches);
-    let (push_tag, push_param) = match p.push_codec {
-        PushCodec::Fp32 => (1, 0),
-        PushCodec::Bf16 => (2, 0),
-        PushCodec::Int8 => (3, 0),
-        PushCodec::TopK { per_mille } => (4, per_mille),
+    // Tag 0 both ways: `auto`.
+    let (push, pull) = if p.auto_codecs {
+        ((0, 0), (0, 0))
+    } else {
+        (p.push_codec.to_tag(), p.pull_codec.to_tag())
     };
-    let (pull_tag, pull_param) = match p.pull_codec {
-        PullCodec::Fp32 => (1, 0),
-        PullCodec::Bf16 => (2, 0),
-        PullCodec::DeltaInt8 => (3, 0),
-        PullCodec::DeltaTopK { per_mille } => (4, per_mille),
-    };
-    w.u8(push_tag)
-        .u32(push_param as u32)
-        .u8(pull_tag)
-        .u32(pull_param as u32);
+    w.u8(push.0)
+        .u32(u32::from(push.1))
+        .u8(pull.0)
+        .u32(u32::from(pull.1));
 }
 
 pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
@@ -120,7 +114,7 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
     let (seed, train_samples) = (r.u64()?, r.usize()?);
     let (has_clip, max_norm, refuse) = (r.bool()?, r.f32()?, r.bool()?);
     let (staleness_aware_lr, balance_batches) = (r.bool()?, r.bool()?);
-    let (push_codec, pull_codec) = decode_codecs(r)?;
+    let (push_codec, pull_codec, auto_codecs) = decode_codecs(r)?;
     Ok(RunPlan {
         model,
         mode,
@@ -138,32 +132,24 @@ pub fn decode_plan(r: &mut Reader<'_>) -> Result<RunPlan, NetError> {
         balance_batches,
         push_codec,
         pull_codec,
+        auto_codecs,
     })
 }
 
-/// The plan's push and pull codecs, each a tag and a parameter.
-fn decode_codecs(r: &mut Reader<'_>) -> Result<(PushCodec, PullCodec), NetError> {
+/// The plan's push and pull codecs, each a tag and a parameter (tag 0 both ways: `auto`).
+fn decode_codecs(r: &mut Reader<'_>) -> Result<(PushCodec, PullCodec, bool), NetError> {
     let (push_tag, push_param) = (r.u8()?, r.u32()?);
-    let push_codec = match push_tag {
-        1 => PushCodec::Fp32,
-        2 => PushCodec::Bf16,
-        3 => PushCodec::Int8,
-        4 => u16::try_from(push_param)
-            .ok()
-            .and_then(PushCodec::top_k)
-            .ok_or_else(|| r.malformed(format!("top-k per mille {push_param}")))?,
-        other => return Err(r.malformed(format!("push codec {other}")).into()),
-    };
     let (pull_tag, pull_param) = (r.u8()?, r.u32()?);
-    let pull_codec = match pull_tag {
-        1 => PullCodec::Fp32,
-        2 => PullCodec::Bf16,
-        3 => PullCodec::DeltaInt8,
-        4 => u16::try_from(pull_param)
-            .ok()
-            .and_then(PullCodec::delta_top_k)
-            .ok_or_else(|| r.malformed(format!("delta top-k per mille {pull_param}")))?,
-        other => return Err(r.malformed(format!("pull codec {other}")).into()),
-    };
-    Ok((push_codec, pull_codec))
+    if (push_tag, push_param, pull_tag, pull_param) == (0, 0, 0, 0) {
+        return Ok((PushCodec::Fp32, PullCodec::Fp32, true));
+    }
+    let push = u16::try_from(push_param)
+        .ok()
+        .and_then(|p| PushCodec::from_tag(push_tag, p))
+        .ok_or_else(|| r.malformed(format!("push codec {push_tag}:{push_param}")))?;
+    let pull = u16::try_from(pull_param)
+        .ok()
+        .and_then(|p| PullCodec::from_tag(pull_tag, p))
+        .ok_or_else(|| r.malformed(format!("pull codec {pull_tag}:{pull_param}")))?;
+    Ok((push, pull, false))
 }

@@ -6,7 +6,7 @@
 
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::PushOutcome;
+use pstrain_core::{PushCodec, PushOutcome};
 
 /// "Not a coordinated step."
 const NO_STEP: u64 = u64::MAX;
@@ -60,21 +60,22 @@ fn decode_step(r: &mut Reader<'_>, workers: usize) -> Result<Option<StepMembers>
 }
 
 /// A push's fixed part: base version, samples, loss, the seconds the worker took to receive
-/// its latest pull from this shard (first byte to last; 0 if none since its last push), then
-/// the coordinated step if any.
+/// its latest pull from this shard (first byte to last; 0 if none since its last push), the
+/// codec of the values that follow, then the coordinated step if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushHead {
     pub base_version: u64,
     pub samples: u32,
     pub loss: f32,
     pub pull_s: f32,
+    pub codec: PushCodec,
     pub step: Option<StepMembers>,
 }
 
 impl PushHead {
     /// Its encoded size in a run of `workers` workers.
     pub fn len(workers: usize) -> usize {
-        28 + mask_len(workers)
+        31 + mask_len(workers)
     }
 
     pub fn encode(&self, workers: usize) -> Vec<u8> {
@@ -82,7 +83,8 @@ impl PushHead {
         w.u64(self.base_version)
             .u32(self.samples)
             .f32(self.loss)
-            .f32(self.pull_s);
+            .f32(self.pull_s)
+            .push_codec(self.codec);
         encode_step(&mut w, self.step.as_ref(), workers);
         w.0
     }
@@ -90,7 +92,7 @@ impl PushHead {
     pub fn decode(bytes: &[u8], workers: usize) -> Result<Self, NetError> {
         let mut r = Reader::new(bytes, "push");
         let (base_version, samples, loss) = (r.u64()?, r.u32()?, r.f32()?);
-        let pull_s = r.f32()?;
+        let (pull_s, codec) = (r.f32()?, r.push_codec()?);
         let step = decode_step(&mut r, workers)?;
         r.finish()?;
         Ok(PushHead {
@@ -98,6 +100,7 @@ impl PushHead {
             samples,
             loss,
             pull_s,
+            codec,
             step,
         })
     }
@@ -109,6 +112,9 @@ pub struct PushReply {
     pub outcome: PushOutcome,
     /// Shard 0 in coordinated mode: the step the gradient went into, and its members.
     pub step: Option<StepMembers>,
+    /// Seconds the push took to arrive, first byte to last (the worker's uplink as the shard
+    /// saw it; what `auto` chooses codecs by).
+    pub arrive_s: f32,
 }
 
 impl PushReply {
@@ -116,6 +122,7 @@ impl PushReply {
         PushReply {
             outcome,
             step: None,
+            arrive_s: 0.0,
         }
     }
 
@@ -128,6 +135,7 @@ impl PushReply {
             PushOutcome::Done => w.u8(3).u64(0).u64(0),
         };
         encode_step(&mut w, self.step.as_ref(), workers);
+        w.f32(self.arrive_s);
         w.0
     }
 
@@ -147,7 +155,12 @@ impl PushReply {
             other => return Err(r.malformed(format!("unknown outcome {other}")).into()),
         };
         let step = decode_step(&mut r, workers)?;
+        let arrive_s = r.f32()?;
         r.finish()?;
-        Ok(PushReply { outcome, step })
+        Ok(PushReply {
+            outcome,
+            step,
+            arrive_s,
+        })
     }
 }

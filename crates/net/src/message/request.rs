@@ -7,6 +7,7 @@ use super::push::PushHead;
 use crate::auth::{Nonce, Proof};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
+use pstrain_core::PullCodec;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -22,9 +23,11 @@ pub enum Request {
     Hello(Hello),
     /// With `newer_than`, the shard sends its slice only if it is newer; with `wait`, it
     /// answers once the consistency gate opens (or the run ends).
+    /// `codec` is how the slice should come (the plan's, or under `auto` the worker's pick).
     Pull {
         newer_than: Option<u64>,
         wait: bool,
+        codec: PullCodec,
     },
     /// The fixed part; `4 * slice` bytes of `f32` follow in the same frame.
     Push(PushHead),
@@ -55,9 +58,13 @@ impl Request {
             Request::Auth { nonce } => nonce.to_vec(),
             Request::Describe { proof } => proof.to_vec(),
             Request::Hello(h) => h.encode(),
-            Request::Pull { newer_than, wait } => {
+            Request::Pull {
+                newer_than,
+                wait,
+                codec,
+            } => {
                 let mut w = Writer::default();
-                w.opt_u64(*newer_than).bool(*wait);
+                w.opt_u64(*newer_than).bool(*wait).pull_codec(*codec);
                 w.0
             }
             Request::Push(head) => head.encode(workers),
@@ -83,9 +90,13 @@ impl Request {
             kind::HELLO => Ok(Request::Hello(Hello::decode(bytes)?)),
             kind::PULL => {
                 let mut r = Reader::new(bytes, "pull");
-                let (newer_than, wait) = (r.opt_u64()?, r.bool()?);
+                let (newer_than, wait, codec) = (r.opt_u64()?, r.bool()?, r.pull_codec()?);
                 r.finish()?;
-                Ok(Request::Pull { newer_than, wait })
+                Ok(Request::Pull {
+                    newer_than,
+                    wait,
+                    codec,
+                })
             }
             kind::PUSH => Ok(Request::Push(PushHead::decode(bytes, workers)?)),
             other => Err(NetError::Unexpected {

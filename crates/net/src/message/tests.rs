@@ -26,6 +26,7 @@ fn plan() -> RunPlan {
         balance_batches: true,
         push_codec: pstrain_core::PushCodec::TopK { per_mille: 20 },
         pull_codec: pstrain_core::PullCodec::DeltaTopK { per_mille: 20 },
+        auto_codecs: false,
     }
 }
 
@@ -34,14 +35,29 @@ fn small_requests_have_exact_bytes() {
     let pull = Request::Pull {
         newer_than: Some(7),
         wait: true,
+        codec: pstrain_core::PullCodec::DeltaTopK { per_mille: 20 },
     };
     assert_eq!(pull.kind(), kind::PULL);
-    assert_eq!(pull.encode(0), [7, 0, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(pull.encode(0), [7, 0, 0, 0, 0, 0, 0, 0, 1, 4, 20, 0]);
+    assert_eq!(
+        Request::decode(kind::PULL, &pull.encode(0), 0).unwrap(),
+        pull
+    );
     let none = Request::Pull {
         newer_than: None,
         wait: false,
+        codec: pstrain_core::PullCodec::Fp32,
     };
-    assert_eq!(none.encode(0), [255, 255, 255, 255, 255, 255, 255, 255, 0]);
+    assert_eq!(
+        none.encode(0),
+        [255, 255, 255, 255, 255, 255, 255, 255, 0, 1, 0, 0]
+    );
+    // A codec that does not exist, or a top-k of nothing, is malformed.
+    for bad in [[9u8, 0, 0], [4, 0, 0]] {
+        let mut bytes = none.encode(0);
+        bytes[9..].copy_from_slice(&bad);
+        assert!(Request::decode(kind::PULL, &bytes, 0).is_err(), "{bad:?}");
+    }
     let describe = Request::Describe { proof: [7; 32] };
     assert_eq!(describe.encode(0), [7; 32]);
     let auth = Request::Auth { nonce: [9; 32] };
@@ -77,6 +93,7 @@ fn push_head_and_reply_have_exact_bytes() {
         samples: 16,
         loss: 0.5,
         pull_s: 2.0,
+        codec: pstrain_core::PushCodec::Int8,
         step: Some(StepMembers {
             step: 7,
             members: vec![true, false, false, true, false, false, false, false, true],
@@ -91,6 +108,7 @@ fn push_head_and_reply_have_exact_bytes() {
             16, 0, 0, 0, // samples
             0, 0, 0, 0x3f, // 0.5f32
             0, 0, 0, 0x40, // pull seconds, 2.0f32
+            3, 0, 0, // int8
             7, 0, 0, 0, 0, 0, 0, 0, // step
             0b1001, 0b1 // members 0, 3 and 8
         ]
@@ -102,7 +120,7 @@ fn push_head_and_reply_have_exact_bytes() {
         ..head.clone()
     };
     assert_eq!(
-        &plain.encode(2)[20..],
+        &plain.encode(2)[23..],
         &[255, 255, 255, 255, 255, 255, 255, 255, 0]
     );
 
@@ -112,8 +130,10 @@ fn push_head_and_reply_have_exact_bytes() {
             staleness: 1,
         },
         step: head.step.clone(),
+        arrive_s: 0.5,
     };
     let bytes = Reply::Pushed(reply.clone()).encode(9);
+    assert_eq!(&bytes[bytes.len() - 4..], &0.5f32.to_le_bytes());
     assert_eq!(
         &bytes[..17],
         &[0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
@@ -238,7 +258,11 @@ fn pulled_and_stats_round_trip() {
 #[test]
 fn hello_and_description_carry_the_plan_and_reject_garbage() {
     let layout = Layout::new([("w", &[3usize, 2][..]), ("b", &[3][..])]).unwrap();
-    for p in [plan(), RunPlan::default()] {
+    let auto = RunPlan {
+        auto_codecs: true,
+        ..RunPlan::default()
+    };
+    for p in [plan(), RunPlan::default(), auto] {
         let hello = Hello::new(Role::Worker, 1, 0, 2, &p, &layout);
         let bytes = hello.encode();
         let back = Hello::decode(&bytes).unwrap();

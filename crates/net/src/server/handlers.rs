@@ -12,18 +12,39 @@ use pstrain_core::{
     PushError, PushMeta, PushOutcome, Seat,
 };
 
+/// What a pull asks: its slice if newer than `newer_than`, after the gate when `wait`, in
+/// `codec`.
+pub(super) struct PullAsked {
+    pub newer_than: Option<u64>,
+    pub wait: bool,
+    pub codec: PullCodec,
+}
+
 /// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
 /// engine's gate opens for `rank` (or the run ends). Under a delta pull codec a worker that
 /// holds `newer_than` from this connection (`replica`) is sent the difference; `wire` holds
-/// whatever is encoded.
+/// whatever is encoded. A codec the run does not allow is refused by name.
 pub(super) async fn pull(
     shared: &Shared,
     conn: &mut Connection,
     rank: Option<usize>,
-    newer_than: Option<u64>,
-    wait: bool,
+    asked: PullAsked,
     (replica, wire): (&mut PullReplica, &mut Vec<u8>),
 ) -> Result<(), NetError> {
+    let PullAsked {
+        newer_than,
+        wait,
+        codec,
+    } = asked;
+    if !shared.cfg.plan.allows_pull(codec) {
+        return Err(NetError::Malformed {
+            what: "pull",
+            why: format!(
+                "pull codec {codec} is not this run's ({})",
+                shared.cfg.plan.codecs_name()
+            ),
+        });
+    }
     let arrived = shared.now();
     let started = std::time::Instant::now();
     // The engine decides; this only waits for the shard to change between its answers. A
@@ -49,16 +70,16 @@ pub(super) async fn pull(
     let mut pulled = Pulled::from(reply);
     let tensor: &[f32] = lease.as_ref().map_or(&[], |l| &l.buf);
     let worker = rank.is_some() && lease.is_some();
-    pulled.delta = worker && newer_than.is_some_and(|v| replica.can_send_delta(v));
+    pulled.delta = worker && newer_than.is_some_and(|v| replica.can_send_delta(codec, v));
     let head = Reply::Pulled(pulled);
-    let codec = shared.cfg.plan.pull_codec;
     let sent = if pulled.delta {
-        replica.encode_delta(pulled.version, tensor, wire);
+        replica.encode_delta(codec, pulled.version, tensor, wire);
         conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
             .await?;
         wire.len() as u64
-    } else if codec == PullCodec::Bf16 {
+    } else if codec == PullCodec::Bf16 && !tensor.is_empty() {
         codec.encode(tensor, wire);
+        replica.forget();
         conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
             .await?;
         wire.len() as u64
@@ -76,6 +97,7 @@ pub(super) async fn pull(
     if let Some(rank) = rank {
         let link = LinkUse {
             pull_bytes: sent,
+            pull_codec: Some(codec),
             ..Default::default()
         };
         shared.lock().engine.link_used(rank, link);
@@ -116,33 +138,9 @@ pub(super) async fn push(
 ) -> Result<(), NetError> {
     let started = std::time::Instant::now();
     let workers = shared.cfg.plan.workers;
-    let codec = shared.cfg.plan.push_codec;
-    let head_len = PushHead::len(workers);
-    let body = len
-        .checked_sub(head_len as u64)
-        .filter(|b| codec != PushCodec::Fp32 || b % 4 == 0)
-        .ok_or_else(|| NetError::Malformed {
-            what: "push",
-            why: format!("payload of {len} bytes is not a push header plus its values"),
-        })?;
-    let head = PushHead::decode(&conn.read_bytes(head_len).await?, workers)?;
-    // The frame limit already bounds `body` by this shard's size.
     let mut lease = shared.lease_buffer();
-    let buf = &mut lease.buf;
-    if codec == PushCodec::Fp32 {
-        buf.resize((body / 4) as usize, 0.0);
-        conn.read_f32s(buf).await?;
-    } else {
-        // Decoded into the slice's full length, every count and index checked before any
-        // value reaches the engine (which then checks the values as for any push).
-        wire.resize(body as usize, 0);
-        conn.read_into(wire).await?;
-        buf.resize(shared.range.len(), 0.0);
-        codec.decode(wire, buf).map_err(|e| NetError::Malformed {
-            what: "push",
-            why: e.to_string(),
-        })?;
-    }
+    let head = read_push(shared, conn, len, wire, &mut lease.buf).await?;
+    let (buf, codec) = (&mut lease.buf, head.codec);
     let meta = PushMeta {
         rank,
         base_version: head.base_version,
@@ -154,6 +152,7 @@ pub(super) async fn push(
         push_bytes: len,
         push_s: started.elapsed().as_secs_f64(),
         pull_s: f64::from(head.pull_s),
+        push_codec: Some(codec),
         ..Default::default()
     };
     let report = {
@@ -173,9 +172,16 @@ pub(super) async fn push(
         // Waits while the writer is busy with the previous snapshot and one more is queued.
         let _ = tx.send(state).await;
     }
+    let arrive_s = link.push_s as f32;
     let reply = match (report.outcome, report.admitted_step) {
-        (Ok(_), Some(step)) => Reply::Pushed(coordinated_reply(shared, step).await),
-        (Ok(outcome), None) => Reply::Pushed(PushReply::plain(outcome)),
+        (Ok(_), Some(step)) => Reply::Pushed(PushReply {
+            arrive_s,
+            ..coordinated_reply(shared, step).await
+        }),
+        (Ok(outcome), None) => Reply::Pushed(PushReply {
+            arrive_s,
+            ..PushReply::plain(outcome)
+        }),
         (Err(e), _) => refusal(&e),
     };
     conn.send_reply(&reply, workers, &[]).await?;
@@ -183,6 +189,48 @@ pub(super) async fn push(
         l.push(started.elapsed().as_secs_f64(), len);
     }
     Ok(())
+}
+
+/// Reads a push of `len` bytes: its head, then its values into `buf` (straight, or through
+/// `wire` and the codec the head names, which the run must allow).
+async fn read_push(
+    shared: &Shared,
+    conn: &mut Connection,
+    len: u64,
+    wire: &mut Vec<u8>,
+    buf: &mut Vec<f32>,
+) -> Result<PushHead, NetError> {
+    let head_len = PushHead::len(shared.cfg.plan.workers);
+    let not_a_push = |why: String| NetError::Malformed { what: "push", why };
+    let body = len
+        .checked_sub(head_len as u64)
+        .ok_or_else(|| not_a_push(format!("payload of {len} bytes is shorter than its head")))?;
+    let head = PushHead::decode(&conn.read_bytes(head_len).await?, shared.cfg.plan.workers)?;
+    let codec = head.codec;
+    if !shared.cfg.plan.allows_push(codec) {
+        let plan = shared.cfg.plan.codecs_name();
+        return Err(not_a_push(format!(
+            "push codec {codec} is not this run's ({plan})"
+        )));
+    }
+    // The frame limit already bounds `body` by this shard's size.
+    if codec == PushCodec::Fp32 {
+        if body % 4 != 0 {
+            return Err(not_a_push(format!("{body} bytes of fp32 values")));
+        }
+        buf.resize((body / 4) as usize, 0.0);
+        conn.read_f32s(buf).await?;
+    } else {
+        // Decoded into the slice's full length, every count and index checked before any
+        // value reaches the engine (which then checks the values as for any push).
+        wire.resize(body as usize, 0);
+        conn.read_into(wire).await?;
+        buf.resize(shared.range.len(), 0.0);
+        codec
+            .decode(wire, buf)
+            .map_err(|e| not_a_push(e.to_string()))?;
+    }
+    Ok(head)
 }
 
 /// A refused push as the worker hears of it: typed where its loop acts on the reason.
@@ -219,6 +267,7 @@ async fn coordinated_reply(shared: &Shared, step: u64) -> PushReply {
                 step,
                 members: members.to_vec(),
             }),
+            arrive_s: 0.0,
         },
         None if state.engine.is_done() => PushReply::plain(PushOutcome::Done),
         None => PushReply::plain(PushOutcome::Dropped { staleness: 0 }),

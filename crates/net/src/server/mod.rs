@@ -18,6 +18,7 @@ use crate::error::NetError;
 use crate::tls::TlsServer;
 use pstrain_core::{
     shard_ranges, EngineConfig, Layout, RunPlan, ShardCounters, ShardEngine, ShardSnapshot,
+    WorkerStats,
 };
 use pstrain_observe::Watcher;
 use pstrain_store::{CheckpointPolicy, Saver};
@@ -135,6 +136,8 @@ pub struct ShardReport {
     pub stats: ShardCounters,
     pub events: ConnectionEvents,
     pub params: Vec<f32>,
+    /// Each worker rank as this shard saw it (its gradients, link and codecs).
+    pub workers: Vec<WorkerStats>,
     /// Why the final checkpoint could not be written, if it could not.
     pub final_checkpoint_error: Option<String>,
 }
@@ -277,6 +280,7 @@ impl ShardServer {
             stats: state.engine.stats(),
             events: state.events,
             params: state.engine.params().to_vec(),
+            workers: state.engine.worker_stats(),
             final_checkpoint_error,
         }
     }

@@ -96,18 +96,8 @@ async fn serve(
     ip: IpAddr,
 ) -> Result<(), NetError> {
     let cfg = &shared.cfg;
-    // The whole handshake under one deadline: a stranger cannot park here.
-    let handshake = async {
-        match handshake::read_hello(shared, conn).await? {
-            Some(hello) => handshake::accept(shared, conn, &hello).await.map(Some),
-            None => Ok(None),
-        }
-    };
-    let me = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
-        Ok(Ok(Some(me))) => me,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(NetError::Timeout("in the handshake")),
+    let Some(me) = shake_hands(shared, conn).await? else {
+        return Ok(());
     };
     {
         let mut state = shared.lock();
@@ -119,16 +109,12 @@ async fn serve(
         }
     }
     *peer = Some(me);
-    let workers = cfg.plan.workers;
-    // The largest legitimate frame is a push of this shard's gradient.
-    let slice = shared.range.len();
-    let push_body = (4 * slice).max(cfg.plan.push_codec.encoded_len(slice));
-    let limit = (PushHead::len(workers) + push_body).max(64) as u64;
+    let (workers, limit) = (cfg.plan.workers, frame_limit(shared));
     // Compressed pushes and pulls pass through here, reused for the connection's life.
     let mut wire = Vec::new();
     // What this worker holds of the slice, under a delta pull codec (for this connection).
     let seed = cfg.plan.seed ^ ((me.rank as u64) << 32) ^ shared.range.start as u64;
-    let mut replica = PullReplica::new(cfg.plan.pull_codec, seed);
+    let mut replica = PullReplica::new(cfg.plan.sends_deltas(), seed);
     loop {
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());
@@ -144,10 +130,18 @@ async fn serve(
         }
         let bytes = conn.read_bytes(header.len as usize).await?;
         match Request::decode(header.kind, &bytes, workers)? {
-            Request::Pull { newer_than, wait } => {
-                let rank = me.seat.map(|s| s.rank);
-                let codec_state = (&mut replica, &mut wire);
-                handlers::pull(shared, conn, rank, newer_than, wait, codec_state).await?;
+            Request::Pull {
+                newer_than,
+                wait,
+                codec,
+            } => {
+                let (rank, state) = (me.seat.map(|s| s.rank), (&mut replica, &mut wire));
+                let asked = handlers::PullAsked {
+                    newer_than,
+                    wait,
+                    codec,
+                };
+                handlers::pull(shared, conn, rank, asked, state).await?;
             }
             Request::Stats => handlers::stats(shared, conn).await?,
             Request::Heartbeat if me.role == Role::Heartbeat => {
@@ -168,4 +162,26 @@ async fn serve(
             }
         }
     }
+}
+
+/// The whole handshake under one deadline (a stranger cannot park here): the peer, or `None`
+/// when it only asked what the shard serves.
+async fn shake_hands(shared: &Shared, conn: &mut Connection) -> Result<Option<Peer>, NetError> {
+    let handshake = async {
+        match handshake::read_hello(shared, conn).await? {
+            Some(hello) => handshake::accept(shared, conn, &hello).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    tokio::time::timeout(shared.cfg.handshake_timeout, handshake)
+        .await
+        .map_err(|_| NetError::Timeout("in the handshake"))?
+}
+
+/// The largest legitimate frame from a peer: a push of this shard's gradient in the largest
+/// codec the run allows.
+fn frame_limit(shared: &Shared) -> u64 {
+    let slice = shared.range.len();
+    let push_body = (4 * slice).max(shared.cfg.plan.largest_push(slice));
+    (PushHead::len(shared.cfg.plan.workers) + push_body).max(64) as u64
 }

@@ -11,6 +11,8 @@ pub enum ModeArg {
     Async,
     /// Stale synchronous parallel: sync steps, a worker may run --max-lead steps ahead
     Ssp,
+    /// Buffered async (FedBuff): every --buffer arriving gradients make one averaged update
+    Buffered,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -42,4 +44,22 @@ pub enum NormActionArg {
     Clip,
     /// Refuse it
     Refuse,
+}
+
+/// A codec flag's value: `auto` (each worker picks from its measured link) or one codec.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CodecArg<C> {
+    Auto,
+    Fixed(C),
+}
+
+impl<C: std::str::FromStr> std::str::FromStr for CodecArg<C> {
+    type Err = C::Err;
+    fn from_str(s: &str) -> Result<Self, C::Err> {
+        if s == "auto" {
+            Ok(CodecArg::Auto)
+        } else {
+            s.parse().map(CodecArg::Fixed)
+        }
+    }
 }

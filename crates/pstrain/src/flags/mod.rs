@@ -5,6 +5,8 @@
 pub mod checkpoint;
 pub mod choices;
 pub mod plan;
+mod plan_codecs;
+mod plan_mode;
 pub mod run_id;
 pub mod server;
 pub mod token;

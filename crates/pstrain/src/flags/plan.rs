@@ -3,7 +3,9 @@
 //! (`plan_argv`). A worker takes the shards' plan and may repeat its flags, never contradict
 //! them (`contradictions`).
 
-pub use crate::flags::choices::{AggregateArg, ModeArg, NormActionArg, OptimizerArg, ScheduleArg};
+pub use crate::flags::choices::{
+    AggregateArg, CodecArg, ModeArg, NormActionArg, OptimizerArg, ScheduleArg,
+};
 use clap::Args;
 use pstrain_compute::ModelKind;
 use pstrain_core::{
@@ -20,6 +22,8 @@ pub enum FlagError {
         flag: &'static str,
         mode: &'static str,
     },
+    #[error("auto picks both codecs: give --push-codec auto and --pull-codec auto (or one of them alone)")]
+    HalfAuto,
     #[error("invalid run plan: {0}")]
     Plan(#[from] pstrain_core::ConfigError),
 }
@@ -29,7 +33,8 @@ pub enum FlagError {
 #[derive(Args, Debug, Clone, Default, PartialEq)]
 pub struct RunArgs {
     /// sync: one averaged update per step from every worker; async: apply on arrival; ssp:
-    /// sync steps, but a worker may run --max-lead steps ahead of the slowest [default: async]
+    /// sync steps, but a worker may run --max-lead steps ahead of the slowest; buffered:
+    /// every --buffer arriving gradients make one averaged update [default: async]
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
     /// Worker ranks [default: 2]
@@ -62,16 +67,19 @@ pub struct RunArgs {
     /// L2 weight decay [default: 0]
     #[arg(long)]
     pub weight_decay: Option<f32>,
-    /// Async: drop gradients computed from weights more than this many updates old (0: no
-    /// bound) [default: 32]
+    /// Async and buffered: drop gradients computed from weights more than this many updates
+    /// old (0: no bound) [default: 32]
     #[arg(long)]
     pub max_staleness: Option<u64>,
+    /// Buffered: gradients (from whoever sends them) averaged into each update [default: 10]
+    #[arg(long)]
+    pub buffer: Option<usize>,
     /// SSP: how many steps a worker may run ahead of the slowest live worker before it waits
     /// (0: sync) [default: 3]
     #[arg(long)]
     pub max_lead: Option<u64>,
-    /// Async and SSP: divide a gradient's learning rate by its staleness (at least 1)
-    /// [default: false]
+    /// Async and SSP: divide a gradient's learning rate by its staleness (at least 1);
+    /// buffered: damp each gradient by 1/sqrt(1 + staleness) [default: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub staleness_aware_lr: Option<bool>,
     /// Sync: give each worker a batch in proportion to its measured speed (a step's total
@@ -98,20 +106,19 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub grad_norm_action: Option<NormActionArg>,
     /// How gradients cross a TCP link: fp32, bf16, int8 (stochastic, a scale per 256
-    /// values) or topk:P (the P per mille largest, error feedback on the worker); in-process
-    /// runs move nothing over a link [default: fp32]
+    /// values), topk:P (the P per mille largest, error feedback on the worker), or auto (each
+    /// worker picks both codecs from its measured link); in-process runs move nothing over a
+    /// link [default: fp32]
     #[arg(long)]
-    pub push_codec: Option<PushCodec>,
-    /// How weights cross a TCP link: fp32, bf16, or as differences from what each worker
-    /// holds, delta-int8 or delta-topk:PER_MILLE (whole slices then go as fp32)
+    pub push_codec: Option<CodecArg<PushCodec>>,
+    /// How weights cross a TCP link: fp32, bf16, as differences from what each worker holds,
+    /// delta-int8 or delta-topk:PER_MILLE (whole slices then go as fp32), or auto
     /// [default: fp32]
     #[arg(long)]
-    pub pull_codec: Option<PullCodec>,
+    pub pull_codec: Option<CodecArg<PullCodec>>,
 }
 
 const DEFAULT_MOMENTUM: f32 = 0.9;
-const DEFAULT_MAX_STALENESS: u64 = 32;
-const DEFAULT_MAX_LEAD: u64 = 3;
 
 fn default_lr(optimizer: OptimizerArg) -> f32 {
     match optimizer {
@@ -153,9 +160,11 @@ impl RunArgs {
             clip: self.clip_over(base.clip),
             staleness_aware_lr: self.staleness_aware_lr.unwrap_or(base.staleness_aware_lr),
             balance_batches: self.balance_batches.unwrap_or(base.balance_batches),
-            push_codec: self.push_codec.unwrap_or(base.push_codec),
-            pull_codec: self.pull_codec.unwrap_or(base.pull_codec),
+            push_codec: base.push_codec,
+            pull_codec: base.pull_codec,
+            auto_codecs: base.auto_codecs,
         };
+        let plan = self.codecs_over(plan)?;
         plan.validate()?;
         Ok(plan)
     }
@@ -167,55 +176,6 @@ impl RunArgs {
             None => base.is_some_and(|c| c.refuse),
         };
         Some(GradientClip { max_norm, refuse })
-    }
-
-    fn mode_over(&self, base: Mode) -> Result<Mode, FlagError> {
-        let kind = self.mode.unwrap_or(match base {
-            Mode::Sync { .. } => ModeArg::Sync,
-            Mode::Async { .. } => ModeArg::Async,
-            Mode::Ssp { .. } => ModeArg::Ssp,
-        });
-        if kind != ModeArg::Sync && self.backup_workers.is_some_and(|b| b > 0) {
-            return Err(FlagError::BackupsInAsync);
-        }
-        if kind != ModeArg::Ssp && self.max_lead.is_some() {
-            return Err(FlagError::OnlyFor {
-                flag: "--max-lead",
-                mode: "ssp",
-            });
-        }
-        Ok(match kind {
-            ModeArg::Sync => Mode::Sync {
-                backup_workers: self.backup_workers.unwrap_or(base.backup_workers()),
-            },
-            ModeArg::Async => {
-                let base_bound = match base {
-                    Mode::Async { max_staleness } => max_staleness,
-                    Mode::Sync { .. } | Mode::Ssp { .. } => Some(DEFAULT_MAX_STALENESS),
-                };
-                Mode::Async {
-                    max_staleness: self
-                        .max_staleness
-                        .map_or(base_bound, |s| (s > 0).then_some(s)),
-                }
-            }
-            ModeArg::Ssp => {
-                if self.max_staleness.is_some() {
-                    // The two bounds are different ideas; say which one SSP has.
-                    return Err(FlagError::OnlyFor {
-                        flag: "--max-staleness (SSP's bound is --max-lead)",
-                        mode: "async",
-                    });
-                }
-                let base_lead = match base {
-                    Mode::Ssp { max_lead } => max_lead,
-                    _ => DEFAULT_MAX_LEAD,
-                };
-                Mode::Ssp {
-                    max_lead: self.max_lead.unwrap_or(base_lead),
-                }
-            }
-        })
     }
 
     fn optimizer_over(&self, base: &OptimizerConfig) -> OptimizerConfig {
@@ -269,7 +229,7 @@ impl RunArgs {
 fn flags_of(field: &str) -> &'static str {
     match field {
         "model" => "--model",
-        "mode" => "--mode/--max-staleness/--max-lead/--backup-workers",
+        "mode" => "--mode/--max-staleness/--max-lead/--backup-workers/--buffer",
         "workers" => "--workers",
         "batch_size" => "--batch-size",
         "epochs" => "--epochs",
@@ -284,6 +244,7 @@ fn flags_of(field: &str) -> &'static str {
         "balance_batches" => "--balance-batches",
         "push_codec" => "--push-codec",
         "pull_codec" => "--pull-codec",
+        "auto_codecs" => "--push-codec/--pull-codec auto",
         _ => "a run flag",
     }
 }
@@ -313,6 +274,11 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
         Mode::Ssp { max_lead } => {
             flag("mode", "ssp".into());
             flag("max-lead", max_lead.to_string());
+        }
+        Mode::Buffered { k, max_staleness } => {
+            flag("mode", "buffered".into());
+            flag("buffer", k.to_string());
+            flag("max-staleness", max_staleness.unwrap_or(0).to_string());
         }
     }
     flag("workers", plan.workers.to_string());
@@ -351,8 +317,13 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
     }
     flag("staleness-aware-lr", plan.staleness_aware_lr.to_string());
     flag("balance-batches", plan.balance_batches.to_string());
-    flag("push-codec", plan.push_codec.to_string());
-    flag("pull-codec", plan.pull_codec.to_string());
+    if plan.auto_codecs {
+        flag("push-codec", "auto".into());
+        flag("pull-codec", "auto".into());
+    } else {
+        flag("push-codec", plan.push_codec.to_string());
+        flag("pull-codec", plan.pull_codec.to_string());
+    }
     a
 }
 

@@ -45,6 +45,19 @@ fn every_field_survives_flags_and_back() {
             balance_batches: true,
             push_codec: pstrain_core::PushCodec::TopK { per_mille: 7 },
             pull_codec: pstrain_core::PullCodec::Bf16,
+            auto_codecs: false,
+        },
+        RunPlan {
+            auto_codecs: true,
+            ..RunPlan::default()
+        },
+        RunPlan {
+            mode: Mode::Buffered {
+                k: 7,
+                max_staleness: None,
+            },
+            staleness_aware_lr: true,
+            ..RunPlan::default()
         },
         RunPlan {
             mode: Mode::Ssp { max_lead: 4 },
@@ -116,6 +129,28 @@ fn no_flags_is_the_default_plan_and_lr_follows_the_optimizer() {
         ssp.overlay(&RunPlan::default()).unwrap().mode,
         Mode::Ssp { max_lead: 3 }
     );
+    let buffered = RunArgs {
+        mode: Some(ModeArg::Buffered),
+        ..RunArgs::default()
+    };
+    assert_eq!(
+        buffered.overlay(&RunPlan::default()).unwrap().mode,
+        Mode::Buffered {
+            k: 10,
+            max_staleness: Some(32)
+        }
+    );
+    let buffer_in_async = RunArgs {
+        buffer: Some(4),
+        ..RunArgs::default()
+    };
+    assert!(buffer_in_async.overlay(&RunPlan::default()).is_err());
+    let empty_buffer = RunArgs {
+        mode: Some(ModeArg::Buffered),
+        buffer: Some(0),
+        ..RunArgs::default()
+    };
+    assert!(empty_buffer.overlay(&RunPlan::default()).is_err());
 }
 
 #[test]
@@ -137,10 +172,44 @@ fn contradictions_name_the_flag_and_both_values() {
     assert_eq!(
         flags,
         [
-            "--mode/--max-staleness/--max-lead/--backup-workers",
+            "--mode/--max-staleness/--max-lead/--backup-workers/--buffer",
             "--iterations"
         ]
     );
     assert_eq!(found[1].1, "Some(300)");
     assert_eq!(found[1].2, "None");
+}
+
+#[test]
+fn auto_on_either_side_picks_both_and_half_auto_is_refused() {
+    let auto = RunPlan {
+        auto_codecs: true,
+        ..RunPlan::default()
+    };
+    for argv in [
+        &["--push-codec", "auto"][..],
+        &["--pull-codec", "auto"],
+        &["--push-codec", "auto", "--pull-codec", "auto"],
+    ] {
+        let plan = parse(&strings(argv)).overlay(&RunPlan::default()).unwrap();
+        assert_eq!(plan, auto, "{argv:?}");
+    }
+    let half = parse(&strings(&["--push-codec", "auto", "--pull-codec", "bf16"]));
+    assert_eq!(half.overlay(&RunPlan::default()), Err(FlagError::HalfAuto));
+    // A fixed codec over an auto plan makes both fixed (the other fp32).
+    let fixed = parse(&strings(&["--push-codec", "int8"]))
+        .overlay(&auto)
+        .unwrap();
+    assert!(!fixed.auto_codecs);
+    assert_eq!(fixed.push_codec, pstrain_core::PushCodec::Int8);
+    assert_eq!(fixed.pull_codec, pstrain_core::PullCodec::Fp32);
+    // A worker that says fixed codecs to an auto run is told which flag contradicts it.
+    let found = parse(&strings(&["--push-codec", "int8"]))
+        .contradictions(&auto)
+        .unwrap();
+    assert!(found.iter().any(|c| c.0.contains("auto")), "{found:?}");
+}
+
+fn strings(argv: &[&str]) -> Vec<String> {
+    argv.iter().map(|s| s.to_string()).collect()
 }

@@ -133,6 +133,17 @@ pub fn log_shard_report(shard: usize, report: &ShardReport) {
         report.events.protocol_errors,
         report.events.vanished_workers
     );
+    // Each worker's link, as this shard saw it (what `scripts/edge_links.py` reads).
+    for (rank, w) in report.workers.iter().enumerate() {
+        if w.applied + w.not_applied == 0 && w.pull_bytes.0 == 0 {
+            continue;
+        }
+        eprintln!(
+            "[shard {shard}] worker {rank}: {} gradients applied, {} bytes up in {:.1} s, \
+             {} bytes down in {:.1} s, codecs {}",
+            w.applied, w.push_bytes.0, w.push_link_s, w.pull_bytes.0, w.pull_link_s, w.codecs
+        );
+    }
 }
 
 /// `pstrain server`: serves until the run is over or `stop` is set (SIGINT/SIGTERM), then

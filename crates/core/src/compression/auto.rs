@@ -1,0 +1,273 @@
+//! `auto`: each worker picks its codecs from its own link. It measures the link as it runs
+//! (the bytes and seconds of every pull it receives and of every push, as the shard timed its
+//! arrival) and its own compute time per step, and before each push takes the rung of
+//! `AUTO_LADDER` with the least expected time per useful update:
+//!
+//! `cost(rung) = updates_cost × (compute + push bytes / up rate + pull bytes / down rate +
+//! encoding)`
+//!
+//! where `updates_cost` is how many updates the rung needs for the accuracy fp32 reaches in
+//! one (measured on the cnn, docs/edge-links.md). A fast link keeps fp32 (its link time is
+//! small against compute); a slow one moves down the ladder until the link stops dominating.
+//! Rates are windowed as bytes over seconds (not a mean of rates), so one transfer timed near
+//! zero (already buffered when read) cannot make a link look infinitely fast.
+
+use super::{PullCodec, PushCodec};
+
+/// One choice of `auto`: a push codec, a pull codec, and the updates it needs relative to
+/// fp32 for the same accuracy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rung {
+    pub push: PushCodec,
+    pub pull: PullCodec,
+    pub updates_cost: f64,
+    /// Nanoseconds per value its encoding and decoding cost the shard and the worker
+    /// together, per push and pull (measured on loopback against fp32 on this project's
+    /// 2-core machines; an estimate elsewhere, which only matters on fast links).
+    pub codec_ns_per_value: f64,
+}
+
+/// From least to most compressed. The costs: int8 pushes are unbiased and delta pulls carry
+/// their error to the next pull, so the first rungs train as fp32 does (measured: the same
+/// updates to 98.5% within noise); top-k pushes under Adam need about a quarter more
+/// updates at 5% (measured), and more at 1% (an estimate: they trail further at equal
+/// updates).
+pub const AUTO_LADDER: [Rung; 5] = [
+    Rung {
+        push: PushCodec::Fp32,
+        pull: PullCodec::Fp32,
+        codec_ns_per_value: 0.0,
+        updates_cost: 1.0,
+    },
+    Rung {
+        push: PushCodec::Int8,
+        pull: PullCodec::DeltaInt8,
+        codec_ns_per_value: 10.0,
+        updates_cost: 1.02,
+    },
+    Rung {
+        push: PushCodec::Int8,
+        pull: PullCodec::DeltaTopK { per_mille: 20 },
+        codec_ns_per_value: 8.0,
+        updates_cost: 1.05,
+    },
+    Rung {
+        push: PushCodec::TopK { per_mille: 50 },
+        pull: PullCodec::DeltaTopK { per_mille: 20 },
+        codec_ns_per_value: 7.0,
+        updates_cost: 1.3,
+    },
+    Rung {
+        push: PushCodec::TopK { per_mille: 10 },
+        pull: PullCodec::DeltaTopK { per_mille: 5 },
+        codec_ns_per_value: 7.0,
+        updates_cost: 2.0,
+    },
+];
+
+/// Whether `auto` may push with `codec` (a shard refuses any other).
+pub fn auto_allows_push(codec: PushCodec) -> bool {
+    AUTO_LADDER.iter().any(|r| r.push == codec)
+}
+
+/// Whether `auto` may ask for pulls in `codec`.
+pub fn auto_allows_pull(codec: PullCodec) -> bool {
+    AUTO_LADDER.iter().any(|r| r.pull == codec)
+}
+
+/// Transfers smaller than this say more about latency than rate: not counted.
+const MIN_SAMPLE_BYTES: u64 = 16 * 1024;
+/// How much of the window each new sample replaces.
+const WINDOW_WEIGHT: f64 = 0.25;
+/// A less-compressed rung must beat the current one by this factor before the worker moves
+/// (measurements are noisy; flapping costs the shard's delta replica its whole slice).
+const HYSTERESIS: f64 = 0.9;
+
+/// A rate as a window of bytes over seconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    bytes: f64,
+    seconds: f64,
+}
+
+impl Window {
+    fn add(&mut self, bytes: u64, seconds: f64) {
+        if bytes < MIN_SAMPLE_BYTES || !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        if self.bytes == 0.0 {
+            (self.bytes, self.seconds) = (bytes as f64, seconds);
+        } else {
+            self.bytes += WINDOW_WEIGHT * (bytes as f64 - self.bytes);
+            self.seconds += WINDOW_WEIGHT * (seconds - self.seconds);
+        }
+    }
+
+    /// Bytes per second, if measured (a window of zero seconds: no link to speak of).
+    fn rate(&self) -> Option<f64> {
+        (self.bytes > 0.0).then(|| self.bytes / self.seconds.max(1e-9))
+    }
+}
+
+/// One worker's view of one shard link, and its choice.
+#[derive(Debug, Clone, Default)]
+pub struct AutoCodec {
+    up: Window,
+    down: Window,
+    /// Seconds per step computing (a moving mean).
+    compute_s: Option<f64>,
+    rung: usize,
+}
+
+impl AutoCodec {
+    pub fn new() -> Self {
+        AutoCodec::default()
+    }
+
+    /// A push of `bytes` took `seconds` to arrive (as its shard timed it).
+    pub fn sent(&mut self, bytes: u64, seconds: f64) {
+        self.up.add(bytes, seconds);
+    }
+
+    /// A pull of `bytes` took `seconds` to arrive, first byte to last.
+    pub fn received(&mut self, bytes: u64, seconds: f64) {
+        self.down.add(bytes, seconds);
+    }
+
+    /// A step computed in `seconds`.
+    pub fn computed(&mut self, seconds: f64) {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        self.compute_s = Some(match self.compute_s {
+            None => seconds,
+            Some(c) => c + WINDOW_WEIGHT * (seconds - c),
+        });
+    }
+
+    /// The rung in use.
+    pub fn rung(&self) -> Rung {
+        AUTO_LADDER[self.rung]
+    }
+
+    /// The expected seconds per useful update at `rung` for a slice of `values`, once both
+    /// directions are measured (an unmeasured uplink is taken to match the downlink).
+    pub fn cost(&self, rung: &Rung, values: usize) -> Option<f64> {
+        let down = self.down.rate()?;
+        let up = self.up.rate().unwrap_or(down);
+        // A delta pull's steady size (the first pull of a connection is whole).
+        let pull = if rung.pull.is_delta() {
+            rung.pull.delta_len(values)
+        } else {
+            rung.pull.encoded_len(values)
+        };
+        let link = rung.push.encoded_len(values) as f64 / up + pull as f64 / down;
+        let codec = rung.codec_ns_per_value * 1e-9 * values as f64;
+        Some(rung.updates_cost * (self.compute_s.unwrap_or(0.0) + link + codec))
+    }
+
+    /// Picks the rung for the next push of a slice of `values` and returns it. Until the
+    /// link is measured (the first pull), fp32.
+    pub fn choose(&mut self, values: usize) -> Rung {
+        let costs: Vec<Option<f64>> = AUTO_LADDER.iter().map(|r| self.cost(r, values)).collect();
+        let Some(current) = costs[self.rung] else {
+            return self.rung();
+        };
+        let (best, best_cost) = costs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.map(|c| (i, c)))
+            .fold(
+                (self.rung, current),
+                |acc, (i, c)| if c < acc.1 { (i, c) } else { acc },
+            );
+        let worth_it = if best < self.rung {
+            best_cost < HYSTERESIS * current
+        } else {
+            true
+        };
+        if worth_it {
+            self.rung = best;
+        }
+        self.rung()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cnn's parameters.
+    const CNN: usize = 1_199_882;
+
+    /// A worker that measured `rate` bytes/s both ways and `compute` seconds per step.
+    fn measured(rate: f64, compute: f64) -> AutoCodec {
+        let mut auto = AutoCodec::new();
+        for _ in 0..8 {
+            let bytes = 4 * CNN as u64;
+            auto.received(bytes, bytes as f64 / rate);
+            auto.sent(bytes, bytes as f64 / rate);
+            auto.computed(compute);
+        }
+        auto
+    }
+
+    #[test]
+    fn a_fast_link_keeps_fp32_and_slower_ones_move_down_the_ladder() {
+        let rung_at = |mbit: f64| {
+            let mut auto = measured(mbit * 1e6 / 8.0, 0.05);
+            let rung = auto.choose(CNN);
+            AUTO_LADDER.iter().position(|r| *r == rung).unwrap()
+        };
+        assert_eq!(rung_at(20_000.0), 0, "loopback");
+        let (lan, fast, slow) = (rung_at(1000.0), rung_at(100.0), rung_at(10.0));
+        assert!(lan <= fast && fast <= slow, "{lan} {fast} {slow}");
+        assert!(fast >= 2, "100 Mbit/s compresses: rung {fast}");
+        assert_eq!(
+            slow,
+            AUTO_LADDER.len() - 1,
+            "10 Mbit/s: the most compressed"
+        );
+    }
+
+    #[test]
+    fn before_the_link_is_measured_it_is_fp32() {
+        let mut auto = AutoCodec::new();
+        auto.computed(0.05);
+        assert_eq!(auto.choose(CNN), AUTO_LADDER[0]);
+        // Small transfers say nothing about the rate.
+        auto.received(100, 1.0);
+        assert_eq!(auto.choose(CNN), AUTO_LADDER[0]);
+    }
+
+    #[test]
+    fn a_transfer_timed_near_zero_does_not_make_a_slow_link_look_fast() {
+        let mut auto = measured(10e6 / 8.0, 0.05);
+        let slow = auto.choose(CNN);
+        auto.received(4 * CNN as u64, 0.0);
+        assert_eq!(auto.choose(CNN), slow, "one buffered read moves nothing");
+    }
+
+    #[test]
+    fn a_link_that_speeds_up_is_followed_back_up_the_ladder() {
+        let mut auto = measured(10e6 / 8.0, 0.05);
+        let slow = auto.choose(CNN);
+        for _ in 0..30 {
+            let bytes = 4 * CNN as u64;
+            auto.received(bytes, bytes as f64 / 3e9);
+            auto.sent(bytes, bytes as f64 / 3e9);
+        }
+        assert_ne!(auto.choose(CNN), slow);
+        assert_eq!(auto.choose(CNN), AUTO_LADDER[0]);
+    }
+
+    #[test]
+    fn every_rung_is_allowed_and_nothing_else() {
+        for r in AUTO_LADDER {
+            assert!(auto_allows_push(r.push) && auto_allows_pull(r.pull));
+        }
+        assert!(!auto_allows_push(PushCodec::Bf16));
+        assert!(!auto_allows_pull(PullCodec::Bf16));
+        assert!(!auto_allows_push(PushCodec::TopK { per_mille: 7 }));
+    }
+}
