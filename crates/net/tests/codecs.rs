@@ -138,6 +138,9 @@ fn delta_pulls_bring_the_shards_weights_for_a_fraction_of_the_bytes() {
             let reply = c.pull(&mut params, Some(v), false).unwrap();
             assert!(reply.updated);
             v = reply.version;
+            // Nothing newer: the answer carries nothing, and the shard still knows what the
+            // worker holds (the next pull is a difference again).
+            assert!(!c.pull(&mut params, Some(v), false).unwrap().updated);
         }
         let link = c.stats().unwrap()[0].workers[0];
         // One whole slice (fp32), then 30 differences.

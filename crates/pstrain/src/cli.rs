@@ -178,6 +178,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     // Ctrl-C ends the run cleanly: workers stop, the weights reached are evaluated.
     let stop = stop_on_signal();
     announce(&cfg)?;
+    let churn = args.churn(cfg.plan.seed)?;
     let outcome = match args.transport {
         TransportArg::Inproc => {
             if args.shards != 1 {
@@ -195,6 +196,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
             cluster.checkpoint = cfg.checkpoint.clone();
             cluster.token = args.token.token()?;
             cluster.worker_restarts = args.worker_restarts;
+            cluster.churn = churn;
             train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
         }
     };

@@ -95,9 +95,18 @@ impl PullReplica {
         self.held = Some(version);
     }
 
-    /// The worker was sent something else (bf16 weights): it no longer holds a known slice.
+    /// The worker was sent something this replica does not follow (bf16 or fp32 weights
+    /// outside a delta codec): it no longer holds a known slice, and the memory goes.
     pub fn forget(&mut self) {
-        self.held = None;
+        if self.held.take().is_some() {
+            self.values = Vec::new();
+            self.diff = Vec::new();
+        }
+    }
+
+    /// Whether it holds a slice (a worker's memory on the shard: one slice while it does).
+    pub fn holds(&self) -> bool {
+        self.held.is_some()
     }
 }
 
@@ -187,8 +196,13 @@ mod tests {
                 assert!((h - w).abs() <= 1e-5, "{codec}: {h} vs {w}");
             }
             assert!(!replica.can_send_delta(codec, 7) && replica.can_send_delta(codec, 39));
+            assert!(replica.holds());
             replica.forget();
             assert!(!replica.can_send_delta(codec, 39), "after a bf16 pull");
+            assert!(
+                !replica.holds() && replica.values.is_empty(),
+                "its memory went"
+            );
         }
     }
 

@@ -69,28 +69,11 @@ pub(super) async fn pull(
         .map_err(|_| NetError::Timeout("at the consistency gate"))?;
     let mut pulled = Pulled::from(reply);
     let tensor: &[f32] = lease.as_ref().map_or(&[], |l| &l.buf);
-    let worker = rank.is_some() && lease.is_some();
-    pulled.delta = worker && newer_than.is_some_and(|v| replica.can_send_delta(codec, v));
-    let head = Reply::Pulled(pulled);
-    let sent = if pulled.delta {
-        replica.encode_delta(codec, pulled.version, tensor, wire);
-        conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
-            .await?;
-        wire.len() as u64
-    } else if codec == PullCodec::Bf16 && !tensor.is_empty() {
-        codec.encode(tensor, wire);
-        replica.forget();
-        conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
-            .await?;
-        wire.len() as u64
-    } else {
-        // fp32, or a whole slice under a delta codec.
-        conn.send_reply(&head, 0, tensor).await?;
-        if worker {
-            replica.sent_whole(pulled.version, tensor);
-        }
-        4 * tensor.len() as u64
-    };
+    let worker = rank.is_some();
+    pulled.delta = worker
+        && !tensor.is_empty()
+        && newer_than.is_some_and(|v| replica.can_send_delta(codec, v));
+    let sent = send_pulled(conn, pulled, tensor, codec, worker, (replica, wire)).await?;
     if let Some(l) = &shared.latencies {
         l.pull(started.elapsed().as_secs_f64(), sent);
     }
@@ -103,6 +86,42 @@ pub(super) async fn pull(
         shared.lock().engine.link_used(rank, link);
     }
     Ok(())
+}
+
+/// Sends a pull's answer with `tensor` (empty: not updated) in `codec`: the difference from
+/// what this connection's worker holds (`pulled.delta`), bf16, or the whole slice in fp32;
+/// the replica follows what the worker then holds. Returns the tensor's bytes as sent.
+async fn send_pulled(
+    conn: &mut Connection,
+    pulled: Pulled,
+    tensor: &[f32],
+    codec: PullCodec,
+    worker: bool,
+    (replica, wire): (&mut PullReplica, &mut Vec<u8>),
+) -> Result<u64, NetError> {
+    let head = Reply::Pulled(pulled);
+    if pulled.delta {
+        replica.encode_delta(codec, pulled.version, tensor, wire);
+    } else if codec == PullCodec::Bf16 && !tensor.is_empty() {
+        codec.encode(tensor, wire);
+        replica.forget();
+    } else {
+        // fp32, or a whole slice under a delta codec (or nothing: not updated).
+        conn.send_reply(&head, 0, tensor).await?;
+        if !tensor.is_empty() {
+            // The replica is kept only for a worker that takes differences (under `auto`
+            // one on fp32 holds no slice here; its first delta ask is answered whole).
+            if worker && codec.is_delta() {
+                replica.sent_whole(pulled.version, tensor);
+            } else {
+                replica.forget();
+            }
+        }
+        return Ok(4 * tensor.len() as u64);
+    }
+    conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
+        .await?;
+    Ok(wire.len() as u64)
 }
 
 /// The engine's decision on a pull now: `None` while it waits at the gate, else the answer

@@ -6,6 +6,7 @@ use crate::flags::checkpoint::CheckpointArgs;
 use crate::flags::plan::RunArgs;
 use crate::flags::run_id;
 use crate::flags::token::TokenArgs;
+use crate::launch::churn::Churn;
 use crate::report::reporter::Reporter;
 use crate::run::TrainConfig;
 use anyhow::{Context, Result};
@@ -36,6 +37,14 @@ pub struct TrainArgs {
     /// rank (it rejoins and pulls the latest weights) before its failure ends the run
     #[arg(long, default_value_t = crate::launch::cluster::WORKER_RESTARTS)]
     pub worker_restarts: usize,
+    /// With --transport tcp: the fraction of the live workers that leaves each minute (killed
+    /// without a goodbye, as a device that loses its network) and comes back with its rank
+    /// --churn-away seconds later; a seeded trace (--seed) [default: off]
+    #[arg(long, value_name = "FRACTION_PER_MINUTE")]
+    pub churn: Option<f64>,
+    /// With --churn: seconds a worker stays away before it comes back
+    #[arg(long, default_value_t = 5.0)]
+    pub churn_away: f64,
     /// Evaluate on the test set every N server updates [default: once per epoch; 0: at the end]
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -126,4 +135,26 @@ pub fn announce(cfg: &TrainConfig) -> Result<()> {
         p.optimizer
     );
     Ok(())
+}
+
+impl TrainArgs {
+    /// `--churn` and `--churn-away` as the launcher's churn, seeded by the run's seed.
+    pub fn churn(&self, seed: u64) -> Result<Option<Churn>> {
+        let Some(rate) = self.churn else {
+            return Ok(None);
+        };
+        if !(rate.is_finite() && (0.0..=60.0).contains(&rate)) {
+            anyhow::bail!(
+                "--churn must be a fraction of the workers per minute in 0..=60, not {rate}"
+            );
+        }
+        if self.transport != TransportArg::Tcp {
+            anyhow::bail!("--churn applies to --transport tcp (workers as processes)");
+        }
+        Ok(Some(Churn {
+            leave_per_minute: rate,
+            away: crate::flags::seconds("--churn-away", self.churn_away)?,
+            seed,
+        }))
+    }
 }

@@ -5,19 +5,19 @@
 use crate::flags::server::server_argv;
 use crate::flags::token::TOKEN_ENV;
 use crate::flags::worker::worker_argv;
+use crate::launch::churn::ChurnTrace;
+pub use crate::launch::cluster_config::{ClusterConfig, Relay, WORKER_RESTARTS};
 pub use crate::launch::fault::Fault;
 use crate::launch::process::{read_address, Proc};
 use crate::launch::supervisor::{parse_report, Supervisor};
 use crate::report::usage::UsageTracker;
 use crate::report::Observer;
-use crate::run::{CheckpointPolicy, TrainConfig, TrainError, TrainOutcome};
+use crate::run::{TrainConfig, TrainError, TrainOutcome};
 use pstrain_compute::mnist::Mnist;
 use pstrain_net::RunToken;
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,69 +27,17 @@ const EXIT_POLL: Duration = Duration::from_millis(10);
 /// How long a shard may take to exit once the run is over.
 const SERVER_GRACE: Duration = Duration::from_secs(30);
 
-/// Maps a shard's bound address to the address workers dial.
-pub type Relay = Arc<dyn Fn(&str) -> String + Send + Sync>;
-
-#[derive(Clone)]
-pub struct ClusterConfig {
-    /// The `pstrain` executable to launch.
-    pub exe: PathBuf,
-    pub shards: usize,
-    /// The data folder the workers load (the supervisor gets the data set from the caller).
-    pub data_dir: PathBuf,
-    /// The host the shards listen on, each on a free port.
-    pub listen_host: String,
-    /// Prepended to each worker's command line (e.g. `ip netns exec NAME`).
-    pub worker_wrapper: Vec<String>,
-    /// Where workers should dial a shard, if not its own address (a proxy, a NAT).
-    pub relay: Option<Relay>,
-    /// Shard checkpoints (restored when a shard restarts).
-    pub checkpoint: Option<CheckpointPolicy>,
-    /// Failures to inject, in order of `at_update`.
-    pub faults: Vec<Fault>,
-    /// The shards' `--heartbeat-timeout`, if not their default.
-    pub heartbeat_timeout: Option<Duration>,
-    /// The run's token; `None` makes a fresh one for the run. Children get it in their
-    /// environment, never on their command line.
-    pub token: Option<RunToken>,
-    /// Times a worker process that failed is started again with its rank (it rejoins and
-    /// pulls the latest weights) before its failure ends the run.
-    pub worker_restarts: usize,
-}
-
-/// `ClusterConfig::worker_restarts` unless told otherwise.
-pub const WORKER_RESTARTS: usize = 3;
-
-impl ClusterConfig {
-    /// Everything on 127.0.0.1, workers dialing the shards directly.
-    pub fn local(exe: PathBuf, shards: usize, data_dir: PathBuf) -> Self {
-        ClusterConfig {
-            exe,
-            shards,
-            data_dir,
-            listen_host: "127.0.0.1".into(),
-            worker_wrapper: Vec::new(),
-            relay: None,
-            checkpoint: None,
-            faults: Vec::new(),
-            heartbeat_timeout: None,
-            token: None,
-            worker_restarts: WORKER_RESTARTS,
-        }
-    }
-}
-
 /// A worker process and the thread collecting its stdout (its JSON report).
-struct WorkerProc {
-    proc: Proc,
+pub(super) struct WorkerProc {
+    pub(super) proc: Proc,
     output: JoinHandle<String>,
     /// Killed by a fault (no report expected), or frozen (killed at the end).
-    killed: bool,
+    pub(super) killed: bool,
     frozen: bool,
 }
 
 /// The processes of one local run.
-struct LocalCluster<'a> {
+pub(super) struct LocalCluster<'a> {
     cluster: &'a ClusterConfig,
     token: RunToken,
     shard_args: Vec<String>,
@@ -98,11 +46,13 @@ struct LocalCluster<'a> {
     metrics_addr: Option<String>,
     shards: Vec<Proc>,
     addresses: Vec<String>,
-    workers: Vec<WorkerProc>,
+    pub(super) workers: Vec<WorkerProc>,
     /// Per rank, how many times its worker was started again after failing.
     restarts: Vec<usize>,
     /// Memory and CPU time of the run's processes, sampled every tick and as a worker exits.
     usage: UsageTracker,
+    /// Workers leaving and coming back (`--churn`).
+    pub(super) churn: Option<ChurnTrace>,
 }
 
 impl<'a> LocalCluster<'a> {
@@ -134,6 +84,7 @@ impl<'a> LocalCluster<'a> {
             addresses: Vec::new(),
             workers: Vec::new(),
             restarts: Vec::new(),
+            churn: cluster.churn.map(|c| ChurnTrace::new(c, Instant::now())),
             usage: UsageTracker::default(),
         };
         for shard in 0..cluster.shards {
@@ -170,7 +121,7 @@ impl<'a> LocalCluster<'a> {
     }
 
     /// Starts a worker with `rank`, or with `--rank auto` (a replacement) for `None`.
-    fn launch_worker(&self, rank: Option<usize>) -> Result<WorkerProc, TrainError> {
+    pub(super) fn launch_worker(&self, rank: Option<usize>) -> Result<WorkerProc, TrainError> {
         let mut cmd = match self.cluster.worker_wrapper.split_first() {
             Some((program, prefix)) => {
                 let mut c = Command::new(program);
@@ -258,8 +209,7 @@ impl<'a> LocalCluster<'a> {
     /// Workers still running. One that failed (not killed by a fault, the run not stopped)
     /// is started again with its rank, up to `worker_restarts` times; then it is an error.
     fn running(&mut self, stopped: bool) -> Result<usize, TrainError> {
-        let mut running = 0;
-        let mut failed = Vec::new();
+        let (mut running, mut failed, mut finished) = (0, Vec::new(), false);
         for (rank, w) in self
             .workers
             .iter_mut()
@@ -273,7 +223,8 @@ impl<'a> LocalCluster<'a> {
             }
             match w.proc.child.try_wait() {
                 Ok(None) => running += 1,
-                Ok(Some(status)) if status.success() || stopped || w.killed => {}
+                Ok(Some(status)) if status.success() => finished = true,
+                Ok(Some(_)) if stopped || w.killed => {}
                 Ok(Some(status)) => failed.push((rank, status)),
                 Err(e) => return Err(TrainError::Launch(format!("{}: {e}", w.proc.name))),
             }
@@ -295,7 +246,10 @@ impl<'a> LocalCluster<'a> {
             self.workers[rank] = self.launch_worker(Some(rank))?;
             running += 1;
         }
-        Ok(running)
+        // A worker that finished means the run is over: whoever churned away stays away;
+        // until then they are due back, so the run is not over without them.
+        let churn = self.churn.as_mut().filter(|_| !stopped);
+        Ok(running + churn.map_or(0, |c| if finished { c.end() } else { c.pending() }))
     }
 
     /// Kills frozen workers and reads every report; returns the gradients they say went
@@ -382,6 +336,7 @@ pub fn train_tcp(
             }
         }
         local.sample_usage();
+        local.churn_tick(stopped)?;
         let running = local.running(stopped)?;
         supervisor.tick(observer, &data.test)?;
         if running == 0 {
@@ -394,5 +349,6 @@ pub fn train_tcp(
     local.usage.sample("launcher", std::process::id());
     local.wait_for_shards();
     outcome.summary.processes = std::mem::take(&mut local.usage).into_vec();
+    outcome.summary.churn = local.churn.map(|c| c.counts);
     Ok(outcome)
 }

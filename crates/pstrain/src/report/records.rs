@@ -173,6 +173,9 @@ pub struct Summary {
     /// Peak resident memory and CPU time of each process of the run (where the system
     /// reports them).
     pub processes: Vec<crate::report::usage::ProcessUsage>,
+    /// With `--churn`: how many workers left and came back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<crate::launch::churn::ChurnCounts>,
 }
 
 impl Summary {
@@ -208,6 +211,7 @@ impl Summary {
             per_worker: WorkerRecord::all(workers, wall),
             staleness_buckets: staleness_buckets(),
             processes: Vec::new(),
+            churn: None,
         }
     }
 
@@ -228,6 +232,12 @@ impl Summary {
                     cpu.join(", ")
                 ));
             }
+        }
+        if let Some(c) = self.churn {
+            text.push_str(&format!(
+                "\nchurn          {} workers left, {} came back",
+                c.left, c.came_back
+            ));
         }
         if !self.per_worker.is_empty() {
             text.push_str(&self.render_workers());
