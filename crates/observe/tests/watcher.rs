@@ -190,8 +190,11 @@ fn serves_metrics_page_and_json_and_refuses_bad_requests() {
     let rank0 = &run["shards"][0]["workers"][0];
     for column in columns {
         let name = column[0].as_str().unwrap();
-        assert!(rank0[name].is_number(), "{name} missing from {rank0}");
+        // Numbers, and the codecs by name.
+        let shown = rank0[name].is_number() || rank0[name].is_string();
+        assert!(shown, "{name} missing from {rank0}");
     }
+    assert_eq!(rank0["codecs"], "- / -", "no link seen yet");
     assert_eq!(rank0["gradients_applied"], 5);
     assert_eq!(rank0["wait_s"], 0.25);
     assert_eq!(get(addr, "/nope", "").status, 404);

@@ -41,6 +41,8 @@ enum Command {
     Bench(BenchArgs),
     /// Measure the TCP transport: push/pull throughput and latency, and training over TCP.
     BenchNet(BenchNetArgs),
+    /// Measure what one shard costs per worker, for fleets of 1 to 512 workers; writes JSON.
+    BenchFleet(crate::bench::fleet::FleetArgs),
     /// Serve one parameter shard over TCP.
     Server(ServerArgs),
     /// Train as one worker against TCP servers (it adopts the shards' run plan).
@@ -141,6 +143,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Download(args) => download(&args.data.dir(), &args.data.mirrors),
         Command::Bench(args) => run_bench_cmd(args),
         Command::BenchNet(args) => run_bench_net(args),
+        Command::BenchFleet(args) => crate::bench::fleet::run_fleet_cmd(&args),
         Command::Server(args) => run_server(&args, &stop_on_signal()),
         Command::Worker(args) => {
             let report = worker(&args, args.token.token()?, &stop_on_signal())?;

@@ -70,10 +70,17 @@ pub struct ShardConfig {
     pub metrics_addr: Option<String>,
 }
 
+/// The connection cap for a run of `workers`: two per worker and room for observers and
+/// reconnects, at least 512.
+fn connections_for(workers: usize) -> usize {
+    workers.saturating_mul(2).saturating_add(64).max(512)
+}
+
 impl ShardConfig {
     /// Shard `shard` of `shards` with the default deadlines, exiting when the run is over,
     /// without checkpoints.
     pub fn new(shard: usize, shards: usize, layout: Layout, plan: RunPlan) -> Self {
+        let connections = connections_for(plan.workers);
         ShardConfig {
             shard,
             shards,
@@ -88,8 +95,10 @@ impl ShardConfig {
             token: None,
             tls: None,
             handshake_timeout: Duration::from_secs(10),
-            max_connections: 512,
-            max_connections_per_address: 512,
+            // Each worker holds two connections (its own and its heartbeat's), and a fleet
+            // may sit behind one address (a NAT, or a test host).
+            max_connections: connections,
+            max_connections_per_address: connections,
             max_unproven: 128,
             max_unproven_per_address: 16,
             metrics_addr: None,

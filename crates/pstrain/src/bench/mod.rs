@@ -2,5 +2,6 @@
 //! `pstrain bench-net` (the TCP transport), each writing JSON.
 
 pub mod compute;
+pub mod fleet;
 pub mod memory;
 pub mod net;

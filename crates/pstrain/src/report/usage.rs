@@ -28,10 +28,19 @@ impl ProcessUsage {
 /// `VmHWM` of `/proc/PID/status` (this process without a pid), in MB (10^6 bytes); `None`
 /// where the system does not say (not Linux, or the process is gone).
 pub fn peak_rss_mb(pid: Option<u32>) -> Option<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// `VmRSS` (resident now) of `/proc/PID/status`, in MB, where the system says.
+pub fn rss_mb(pid: Option<u32>) -> Option<f64> {
+    status_mb(pid, "VmRSS:")
+}
+
+fn status_mb(pid: Option<u32>, key: &str) -> Option<f64> {
     let status = std::fs::read_to_string(proc_path(pid, "status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(key))?
         .trim()
         .strip_suffix("kB")?
         .trim()
