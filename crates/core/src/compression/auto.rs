@@ -169,7 +169,7 @@ impl AutoCodec {
     /// Picks the rung for the next push of a slice of `values` and returns it. Until the
     /// link is measured (the first pull), fp32.
     pub fn choose(&mut self, values: usize) -> Rung {
-        let costs: Vec<Option<f64>> = AUTO_LADDER.iter().map(|r| self.cost(r, values)).collect();
+        let costs = AUTO_LADDER.map(|r| self.cost(&r, values));
         let Some(current) = costs[self.rung] else {
             return self.rung();
         };

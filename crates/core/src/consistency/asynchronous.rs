@@ -7,6 +7,21 @@ use crate::admission::{Checked, Refused};
 use crate::error::PushError;
 use crate::shard_state::{PushOutcome, ShardState};
 
+/// The staleness of a gradient from weights of `base_version`, or, past `bound`, the
+/// outcome of dropping it (counted as stale). Async and buffered share the rule.
+pub(super) fn staleness_within(
+    state: &mut ShardState,
+    base_version: u64,
+    bound: Option<u64>,
+) -> Result<u64, PushOutcome> {
+    let staleness = state.version() - base_version;
+    if bound.is_some_and(|b| staleness > b) {
+        state.count_stale();
+        return Err(PushOutcome::Dropped { staleness });
+    }
+    Ok(staleness)
+}
+
 #[derive(Debug, Clone)]
 pub struct AsyncApply {
     max_staleness: Option<u64>,
@@ -33,11 +48,10 @@ impl Consistency for AsyncApply {
         _active: &[bool],
         grad: Checked<'_>,
     ) -> Result<PushOutcome, PushError> {
-        let staleness = state.version() - grad.meta.base_version;
-        if self.max_staleness.is_some_and(|bound| staleness > bound) {
-            state.count_stale();
-            return Ok(PushOutcome::Dropped { staleness });
-        }
+        let staleness = match staleness_within(state, grad.meta.base_version, self.max_staleness) {
+            Ok(s) => s,
+            Err(dropped) => return Ok(dropped),
+        };
         let scale = if self.staleness_aware {
             1.0 / staleness.max(1) as f32
         } else {

@@ -6,6 +6,7 @@
 //! with the staleness-aware rate each gradient in the buffer is damped by `1 / sqrt(1 + s)`
 //! (the paper's choice) before the mean.
 
+use super::asynchronous::staleness_within;
 use super::{Consistency, StepSource, StepSum};
 use crate::admission::{Checked, Refused};
 use crate::config::Aggregate;
@@ -51,11 +52,10 @@ impl Consistency for BufferedAsync {
         _active: &[bool],
         grad: Checked<'_>,
     ) -> Result<PushOutcome, PushError> {
-        let staleness = state.version() - grad.meta.base_version;
-        if self.max_staleness.is_some_and(|bound| staleness > bound) {
-            state.count_stale();
-            return Ok(PushOutcome::Dropped { staleness });
-        }
+        let staleness = match staleness_within(state, grad.meta.base_version, self.max_staleness) {
+            Ok(s) => s,
+            Err(dropped) => return Ok(dropped),
+        };
         let damping = if self.staleness_aware {
             1.0 / (1.0 + staleness as f32).sqrt()
         } else {

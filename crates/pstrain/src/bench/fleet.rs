@@ -64,6 +64,28 @@ pub fn run_fleet_cmd(args: &FleetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One point as a row of the markdown table.
+fn markdown_row(p: &FleetPoint) -> String {
+    format!(
+        "| {} | {} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} / {:.1} | \
+         {:.0} | {:.2} / {:.2} |\n",
+        p.workers,
+        p.model,
+        p.updates_per_s,
+        p.shard_cpu_ms_per_gradient,
+        p.pull_p50_ms,
+        p.pull_p99_ms,
+        p.push_p50_ms,
+        p.push_p99_ms,
+        p.shard_rss_empty_mb,
+        p.shard_rss_idle_mb,
+        p.shard_rss_end_mb,
+        p.shard_kib_per_idle_worker,
+        p.applied_min_over_mean,
+        p.applied_max_over_mean
+    )
+}
+
 /// The points as a markdown table.
 pub fn markdown(points: &[FleetPoint]) -> String {
     let mut t = String::from(
@@ -72,24 +94,7 @@ pub fn markdown(points: &[FleetPoint]) -> String {
          applied min / max over mean |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
-        t.push_str(&format!(
-            "| {} | {} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} / {:.1} | \
-             {:.0} | {:.2} / {:.2} |\n",
-            p.workers,
-            p.model,
-            p.updates_per_s,
-            p.shard_cpu_ms_per_gradient,
-            p.pull_p50_ms,
-            p.pull_p99_ms,
-            p.push_p50_ms,
-            p.push_p99_ms,
-            p.shard_rss_empty_mb,
-            p.shard_rss_idle_mb,
-            p.shard_rss_end_mb,
-            p.shard_kib_per_idle_worker,
-            p.applied_min_over_mean,
-            p.applied_max_over_mean
-        ));
+        t.push_str(&markdown_row(p));
     }
     t
 }
@@ -148,22 +153,10 @@ pub fn run_fleet_bench(
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<FleetPoint>, TrainError> {
     let mut points = Vec::new();
+    log(markdown(&[]).trim_end());
     for &workers in &cfg.worker_counts {
         let p = fleet_point(cfg, workers)?;
-        log(&format!(
-            "{workers} workers: {:.0} updates/s, shard {:.3} ms CPU per gradient, pull p50/p99 \
-             {:.2}/{:.2} ms, push p50/p99 {:.2}/{:.2} ms, {:.0} KiB per idle worker, applied \
-             min/max over mean {:.2}/{:.2}",
-            p.updates_per_s,
-            p.shard_cpu_ms_per_gradient,
-            p.pull_p50_ms,
-            p.pull_p99_ms,
-            p.push_p50_ms,
-            p.push_p99_ms,
-            p.shard_kib_per_idle_worker,
-            p.applied_min_over_mean,
-            p.applied_max_over_mean
-        ));
+        log(markdown_row(&p).trim_end());
         points.push(p);
     }
     Ok(points)
