@@ -8,6 +8,7 @@ use crate::flags::server::ServerArgs;
 use crate::flags::train::{announce, prepare_train, TrainArgs, TransportArg};
 use crate::flags::worker::WorkerArgs;
 use crate::launch::cluster::{train_tcp, ClusterConfig};
+use crate::launch::light_workers::light_workers;
 use crate::launch::remote_worker::worker;
 use crate::launch::shard::run_server;
 use crate::run::train;
@@ -146,9 +147,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchFleet(args) => crate::bench::fleet::run_fleet_cmd(&args),
         Command::Server(args) => run_server(&args, &stop_on_signal()),
         Command::Worker(args) => {
-            let report = worker(&args, args.token.token()?, &stop_on_signal())?;
-            // One JSON line on stdout: the launcher of a local cluster collects these.
-            println!("{}", serde_json::to_string(&report)?);
+            let (token, stop) = (args.token.token()?, stop_on_signal());
+            let reports = if args.count > 1 {
+                light_workers(&args, token, &stop)?
+            } else {
+                vec![worker(&args, token, &stop)?]
+            };
+            // One JSON line per worker on stdout: the launcher of a local cluster reads them.
+            for report in reports {
+                println!("{}", serde_json::to_string(&report)?);
+            }
             Ok(())
         }
         Command::Eval(args) => run_eval(args),
@@ -182,6 +190,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let stop = stop_on_signal();
     announce(&cfg)?;
     let churn = args.churn(cfg.plan.seed)?;
+    let workers_per_process = args.workers_per_process(cfg.plan.workers)?;
     let outcome = match args.transport {
         TransportArg::Inproc => {
             if args.shards != 1 {
@@ -200,6 +209,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
             cluster.token = args.token.token()?;
             cluster.worker_restarts = args.worker_restarts;
             cluster.churn = churn;
+            cluster.workers_per_process = workers_per_process;
             train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
         }
     };

@@ -9,7 +9,7 @@ mod common;
 use pstrain::launch::churn::Churn;
 use pstrain::launch::cluster::{train_tcp, ClusterConfig};
 use pstrain::Quiet;
-use pstrain_core::Mode;
+use pstrain_core::{Aggregate, Mode, OptimizerConfig};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -73,4 +73,88 @@ fn buffered_goes_on_while_workers_come_and_go() {
         k: 3,
         max_staleness: Some(32),
     });
+}
+
+/// A fleet on one machine: 256 light workers (two processes of 128, each worker with its own
+/// rank, connections and heartbeat) with a tenth of them leaving each 10 s and back 1 s
+/// later, told so by the launcher over the process's stdin.
+fn fleet_churned(mode: Mode, updates: u64) {
+    const FLEET: usize = 256;
+    let _guard = common::one_at_a_time();
+    let mut cfg = common::convnet_as_original(mode, updates);
+    cfg.plan.workers = FLEET;
+    cfg.plan.batch_size = 16;
+    // 256 gradients summed would be 256 times a step: a fleet averages them.
+    cfg.plan.aggregate = Aggregate::Mean;
+    cfg.plan.optimizer = OptimizerConfig::adam(0.002);
+    let mut cluster =
+        ClusterConfig::local(PathBuf::from(common::pstrain_bin()), 1, common::mnist_dir());
+    cluster.workers_per_process = FLEET / 2;
+    cluster.churn = Some(Churn {
+        leave_per_minute: 0.6,
+        away: Duration::from_secs(1),
+        seed: 5,
+    });
+    let data = common::mnist();
+    let outcome = common::within(Duration::from_secs(400), move || {
+        train_tcp(&cfg, &cluster, data, &mut Quiet, &AtomicBool::new(false))
+    })
+    .unwrap();
+    let s = outcome.summary;
+    println!("{}", s.render());
+    let churn = s.churn.expect("the summary counts the churn");
+    assert!(churn.left >= 20, "{mode}: {churn:?}");
+    assert!(
+        churn.came_back + FLEET as u64 >= churn.left,
+        "{mode}: {churn:?}"
+    );
+    assert_eq!(s.updates, updates, "{mode}: the run reached its budget");
+    assert_eq!(s.per_worker.len(), FLEET);
+    // Every worker took part: none was starved by the others in its process.
+    let idle: Vec<_> = (s.per_worker.iter())
+        .filter(|w| w.steps_per_s <= 0.0)
+        .map(|w| w.rank)
+        .collect();
+    assert!(
+        idle.is_empty(),
+        "{mode}: workers that never sent a gradient: {idle:?}"
+    );
+    let memory = s.processes.iter().find(|p| p.process == "workers 0-127");
+    assert!(memory.is_some(), "{:?}", s.processes);
+    assert!(s.test_accuracy >= 0.85, "{mode}: {}", s.test_accuracy);
+}
+
+#[test]
+fn a_fleet_of_256_light_workers_keeps_syncing_through_churn() {
+    fleet_churned(Mode::Sync { backup_workers: 0 }, 150);
+}
+
+#[test]
+fn a_fleet_of_256_light_workers_keeps_buffering_through_churn() {
+    fleet_churned(
+        Mode::Buffered {
+            k: 16,
+            max_staleness: Some(64),
+        },
+        3000,
+    );
+}
+
+#[test]
+fn light_workers_need_a_first_rank_and_fit_the_run() {
+    let out = std::process::Command::new(common::pstrain_bin())
+        .args([
+            "worker",
+            "--servers",
+            "127.0.0.1:1",
+            "--rank",
+            "auto",
+            "--count",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("first"), "{err}");
 }

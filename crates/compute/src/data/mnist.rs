@@ -73,6 +73,24 @@ impl Split {
         }
     }
 
+    /// Cuts this split into consecutive parts of `sizes` samples (a process holding several
+    /// workers' shards as one block hands each its own); samples past their sum are dropped,
+    /// and a part past the end is empty.
+    pub fn into_parts(self, sizes: &[usize]) -> Vec<Split> {
+        let mut start = 0;
+        sizes
+            .iter()
+            .map(|&size| {
+                let (a, b) = (start.min(self.len()), (start + size).min(self.len()));
+                start += size;
+                Split {
+                    pixels: self.pixels[a * PIXELS..b * PIXELS].to_vec(),
+                    labels: self.labels[a..b].to_vec(),
+                }
+            })
+            .collect()
+    }
+
     /// `model`'s loss and accuracy with `params` on this split, converting a few samples at a
     /// time (no `f32` copy of the whole split).
     pub fn evaluate(

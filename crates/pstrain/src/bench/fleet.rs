@@ -181,7 +181,7 @@ fn start_shard(
             "3600",
         ])
         .env(TOKEN_ENV, token.to_hex());
-    let mut shard = Proc::spawn("the fleet's shard".into(), &mut cmd)?;
+    let mut shard = Proc::spawn("the fleet's shard".into(), &mut cmd, false)?;
     let stdout = shard.child.stdout.take().ok_or_else(no_stdout)?;
     let servers = vec![read_address("the fleet's shard", stdout)?];
     let served = describe(&servers, IO, IO, Some(token), None).map_err(launch_error)?;

@@ -8,8 +8,9 @@ use anyhow::Result;
 use clap::Args;
 use download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
 use pstrain_compute::mnist::{self, Mnist, Split};
-use sampler::shard_indices;
+use sampler::{shard_indices, shard_sizes, shards_indices};
 use std::io::IsTerminal;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -87,6 +88,31 @@ pub fn load_own_shard(
         started.elapsed().as_secs_f64()
     );
     Ok((shard, total))
+}
+
+/// Loads the shards of a block of worker ranks (one process running several workers) with
+/// one pass over the files: one split per rank, in rank order, and the training set's size.
+pub fn load_own_shards(
+    args: &DataArgs,
+    workers: usize,
+    ranks: Range<usize>,
+    seed: u64,
+) -> Result<(Vec<Split>, usize)> {
+    let dir = args.dir();
+    let started = Instant::now();
+    let (block, total) = mnist::load_train_picked(&dir, |count| {
+        shards_indices(count, workers, ranks.clone(), seed)
+    })?;
+    let held = block.len();
+    let shards = block.into_parts(&shard_sizes(total, workers, ranks.clone()));
+    eprintln!(
+        "loaded workers {}-{}'s {held} of {total} training images from {} in {:.1} s",
+        ranks.start,
+        ranks.end.saturating_sub(1),
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((shards, total))
 }
 
 /// Loads the data set; the default folder is filled by a download first when files are

@@ -2,17 +2,35 @@
 //! reshuffled every epoch with a seeded RNG, cut into equally many full batches.
 
 use pstrain_core::{shard_ranges, Rng};
+use std::ops::Range;
 
 /// Rank `rank`'s shard of `0..n`: a contiguous block of one seeded permutation, so shards are
 /// disjoint, cover every sample, and differ in size by at most one.
 pub fn shard_indices(n: usize, workers: usize, rank: usize, seed: u64) -> Vec<usize> {
+    shards_indices(n, workers, rank..rank + 1, seed)
+}
+
+/// The shards of `ranks`, one after the other (a block of the same permutation): what a
+/// process running several workers loads once.
+pub fn shards_indices(n: usize, workers: usize, ranks: Range<usize>, seed: u64) -> Vec<usize> {
     let mut all: Vec<usize> = (0..n).collect();
     Rng::new(seed).fork(0x5a4d).shuffle(&mut all);
-    let range = shard_ranges(n, workers)
-        .into_iter()
-        .nth(rank)
-        .unwrap_or(0..0);
-    all[range].to_vec()
+    let blocks = shard_ranges(n, workers);
+    let start = blocks.get(ranks.start).map_or(n, |r| r.start);
+    let end = ranks
+        .end
+        .checked_sub(1)
+        .and_then(|last| blocks.get(last))
+        .map_or(start, |r| r.end);
+    all[start..end.max(start)].to_vec()
+}
+
+/// How many samples each of `ranks` holds, in rank order.
+pub fn shard_sizes(n: usize, workers: usize, ranks: Range<usize>) -> Vec<usize> {
+    let blocks = shard_ranges(n, workers);
+    ranks
+        .map(|r| blocks.get(r).map_or(0, |b| b.len()))
+        .collect()
 }
 
 /// Batches per epoch, the same for every worker: enough to cover the largest shard once.
@@ -186,6 +204,20 @@ mod tests {
             whole.samples_from(333, 50, &mut a);
             own.samples_from(333, 50, &mut b);
             assert_eq!(b.iter().map(|&i| shard[i]).collect::<Vec<_>>(), a);
+        }
+    }
+
+    #[test]
+    fn a_block_of_ranks_is_their_shards_one_after_the_other() {
+        let (n, workers, seed) = (1003, 7, 17);
+        for ranks in [0..7, 2..5, 6..7, 3..3] {
+            let block = shards_indices(n, workers, ranks.clone(), seed);
+            let each: Vec<usize> = (ranks.clone())
+                .flat_map(|r| shard_indices(n, workers, r, seed))
+                .collect();
+            assert_eq!(block, each, "{ranks:?}");
+            let sizes = shard_sizes(n, workers, ranks.clone());
+            assert_eq!(sizes.iter().sum::<usize>(), block.len());
         }
     }
 

@@ -98,7 +98,7 @@ fn a_launched_worker_keeps_its_own_settings() {
         .to_vec();
     argv.extend(worker_argv(&cfg, Some(dir)));
     let args = parse_flags::<WorkerArgs>("worker", &argv).unwrap();
-    assert_eq!(args.threads, cfg.threads);
+    assert_eq!(args.threads(), cfg.threads);
     assert_eq!(args.slowdown, cfg.slowdown);
     assert_eq!(args.data.data_dir.as_deref(), Some(dir));
     assert_eq!(args.servers, ["a:1", "b:2"]);

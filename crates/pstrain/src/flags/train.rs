@@ -7,6 +7,12 @@ use crate::flags::plan::RunArgs;
 use crate::flags::run_id;
 use crate::flags::token::TokenArgs;
 use crate::launch::churn::Churn;
+use crate::run::compute_gate::device_cores;
+
+/// Workers a local run starts as processes of their own unless told: more are light workers,
+/// one process per core, so that no more gradients are computed at once than there are cores
+/// and the shard is not crowded off them.
+const MAX_FULL_PROCESSES: usize = 32;
 use crate::report::reporter::Reporter;
 use crate::run::TrainConfig;
 use anyhow::{Context, Result};
@@ -45,6 +51,12 @@ pub struct TrainArgs {
     /// With --churn: seconds a worker stays away before it comes back
     #[arg(long, default_value_t = 5.0)]
     pub churn_away: f64,
+    /// With --transport tcp: workers per worker process. Above 1 they are light workers
+    /// (one load of their shards, their own connections and ranks, taking turns on the
+    /// cores), to run a fleet on one machine [default: 1 up to 32 workers, else one
+    /// process per core]
+    #[arg(long, value_name = "N")]
+    pub workers_per_process: Option<usize>,
     /// Evaluate on the test set every N server updates [default: once per epoch; 0: at the end]
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -138,6 +150,19 @@ pub fn announce(cfg: &TrainConfig) -> Result<()> {
 }
 
 impl TrainArgs {
+    /// Workers per local worker process for a run of `workers` (`--workers-per-process`).
+    pub fn workers_per_process(&self, workers: usize) -> Result<usize> {
+        match self.workers_per_process {
+            Some(0) => anyhow::bail!("--workers-per-process must be at least 1"),
+            Some(_) if self.transport != TransportArg::Tcp => {
+                anyhow::bail!("--workers-per-process applies to --transport tcp")
+            }
+            Some(n) => Ok(n),
+            None if workers <= MAX_FULL_PROCESSES => Ok(1),
+            None => Ok(workers.div_ceil(device_cores())),
+        }
+    }
+
     /// `--churn` and `--churn-away` as the launcher's churn, seeded by the run's seed.
     pub fn churn(&self, seed: u64) -> Result<Option<Churn>> {
         let Some(rate) = self.churn else {

@@ -4,6 +4,7 @@ use crate::data::DataArgs;
 use crate::flags::plan::RunArgs;
 use crate::flags::token::TokenArgs;
 use crate::flags::train::{parse_slowdown, slowdown_argv};
+use crate::run::compute_gate::device_cores;
 use crate::run::TrainConfig;
 use clap::Args;
 use pstrain_net::ANY_RANK;
@@ -18,9 +19,21 @@ pub struct WorkerArgs {
     /// replacement for a worker that died
     #[arg(long, value_parser = parse_rank)]
     pub rank: usize,
-    /// Compute threads [default: this device's cores]
-    #[arg(long, default_value_t = device_cores(), hide_default_value = true)]
-    pub threads: usize,
+    /// Run COUNT workers in this process, ranks --rank to --rank + COUNT - 1 ("light
+    /// workers": one load of their shards, each its own connection and heartbeat, computing
+    /// a few at a time on the device's cores) to emulate a fleet on one machine
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub count: u32,
+    /// Compute threads of each worker [default: this device's cores; 1 with --count]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// With --count: how many of the workers compute at once [default: cores / --threads]
+    #[arg(long)]
+    pub compute_slots: Option<usize>,
+    /// Read `leave RANK` / `back RANK` lines on stdin: the launcher's churn for light workers
+    /// (the worker drops its connections without a goodbye, then rejoins with its rank)
+    #[arg(long, hide = true)]
+    pub stdin_control: bool,
     /// Seconds to keep retrying the connection while servers start
     #[arg(long, default_value_t = 60)]
     pub connect_timeout: u64,
@@ -44,9 +57,20 @@ pub struct WorkerArgs {
     pub data: DataArgs,
 }
 
-/// The cores this process may use (a board's worker computes on all of them by default).
-fn device_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+impl WorkerArgs {
+    /// Compute threads per worker: as given, else all cores for a lone worker and one for
+    /// each of several (they take turns on the cores instead).
+    pub fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or(if self.count > 1 { 1 } else { device_cores() })
+    }
+
+    /// Light workers computing at once: as given, else as many as the cores hold.
+    pub fn compute_slots(&self) -> usize {
+        self.compute_slots
+            .unwrap_or(device_cores() / self.threads().max(1))
+            .max(1)
+    }
 }
 
 /// A rank, or `auto` (`ANY_RANK`).

@@ -104,27 +104,37 @@ impl ChurnTrace {
 }
 
 impl LocalCluster<'_> {
-    /// Kills the workers the churn takes away now and starts those due back (with their
-    /// ranks); nothing once the run is stopped.
+    /// Takes away the workers the churn picks now and brings back those due (with their
+    /// ranks); nothing once the run is stopped. A worker alone in its process is killed and
+    /// started again; a light worker is told to drop its connections and later to rejoin.
     pub(super) fn churn_tick(&mut self, stopped: bool) -> Result<(), TrainError> {
         let Some(trace) = self.churn.as_mut().filter(|_| !stopped) else {
             return Ok(());
         };
-        let live: Vec<usize> = (self.workers.iter_mut().enumerate())
-            .filter_map(|(rank, w)| {
-                let running = !w.killed && matches!(w.proc.child.try_wait(), Ok(None));
-                running.then_some(rank)
-            })
-            .collect();
-        let step = trace.tick(Instant::now(), &live);
-        for rank in step.leave {
-            // No goodbye: the shards find the connection gone, as with a device that lost
-            // its network.
-            self.workers[rank].proc.kill();
-            self.workers[rank].killed = true;
+        let mut live = Vec::new();
+        for w in self.workers.iter_mut() {
+            if !w.killed && matches!(w.proc.child.try_wait(), Ok(None)) {
+                live.extend(w.ranks.clone().filter(|&r| !self.away[r]));
+            }
         }
-        for rank in step.start {
-            self.workers[rank] = self.launch_worker(Some(rank))?;
+        let step = trace.tick(Instant::now(), &live);
+        for (ranks, away) in [(step.leave, true), (step.start, false)] {
+            for rank in ranks {
+                let Some(i) = self.process_of(rank) else {
+                    continue;
+                };
+                if self.workers[i].ranks.len() > 1 {
+                    self.away[rank] = away;
+                    self.workers[i].send(rank, away)?;
+                } else if away {
+                    // No goodbye: the shards find the connection gone, as with a device
+                    // that lost its network.
+                    self.workers[i].proc.kill();
+                    self.workers[i].killed = true;
+                } else {
+                    self.workers[i] = self.launch_worker(Some(rank), 1)?;
+                }
+            }
         }
         Ok(())
     }

@@ -9,16 +9,15 @@ use crate::launch::churn::ChurnTrace;
 pub use crate::launch::cluster_config::{ClusterConfig, Relay, WORKER_RESTARTS};
 pub use crate::launch::fault::Fault;
 use crate::launch::process::{read_address, Proc};
-use crate::launch::supervisor::{parse_report, Supervisor};
+use crate::launch::supervisor::Supervisor;
+use crate::launch::worker_procs::WorkerProc;
 use crate::report::usage::UsageTracker;
 use crate::report::Observer;
 use crate::run::{TrainConfig, TrainError, TrainOutcome};
 use pstrain_compute::mnist::Mnist;
 use pstrain_net::RunToken;
-use std::io::Read;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const TICK: Duration = Duration::from_millis(200);
@@ -27,30 +26,25 @@ const EXIT_POLL: Duration = Duration::from_millis(10);
 /// How long a shard may take to exit once the run is over.
 const SERVER_GRACE: Duration = Duration::from_secs(30);
 
-/// A worker process and the thread collecting its stdout (its JSON report).
-pub(super) struct WorkerProc {
-    pub(super) proc: Proc,
-    output: JoinHandle<String>,
-    /// Killed by a fault (no report expected), or frozen (killed at the end).
-    pub(super) killed: bool,
-    frozen: bool,
-}
-
 /// The processes of one local run.
 pub(super) struct LocalCluster<'a> {
-    cluster: &'a ClusterConfig,
-    token: RunToken,
+    pub(super) cluster: &'a ClusterConfig,
+    pub(super) token: RunToken,
     shard_args: Vec<String>,
-    worker_args: Vec<String>,
+    pub(super) worker_args: Vec<String>,
+    /// Compute threads of each worker.
+    pub(super) threads: usize,
     /// Shard 0's `--metrics-addr`.
     metrics_addr: Option<String>,
     shards: Vec<Proc>,
-    addresses: Vec<String>,
+    pub(super) addresses: Vec<String>,
     pub(super) workers: Vec<WorkerProc>,
-    /// Per rank, how many times its worker was started again after failing.
-    restarts: Vec<usize>,
+    /// Per rank, whether the churn took it away inside a process of light workers.
+    pub(super) away: Vec<bool>,
+    /// Per worker process, how many times it was started again after failing.
+    pub(super) restarts: Vec<usize>,
     /// Memory and CPU time of the run's processes, sampled every tick and as a worker exits.
-    usage: UsageTracker,
+    pub(super) usage: UsageTracker,
     /// Workers leaving and coming back (`--churn`).
     pub(super) churn: Option<ChurnTrace>,
 }
@@ -61,10 +55,7 @@ impl<'a> LocalCluster<'a> {
         for (i, s) in self.shards.iter().enumerate() {
             self.usage.sample(&format!("shard {i}"), s.child.id());
         }
-        for (rank, w) in self.workers.iter().enumerate() {
-            self.usage
-                .sample(&format!("worker {rank}"), w.proc.child.id());
-        }
+        self.sample_worker_usage();
     }
 
     fn start_shards(cfg: &TrainConfig, cluster: &'a ClusterConfig) -> Result<Self, TrainError> {
@@ -79,10 +70,12 @@ impl<'a> LocalCluster<'a> {
             token,
             shard_args: server_argv(&shard_cfg, cluster.shards),
             worker_args: worker_argv(cfg, Some(&cluster.data_dir)),
+            threads: cfg.threads.max(1),
             metrics_addr: cfg.metrics_addr.clone(),
             shards: Vec::new(),
             addresses: Vec::new(),
             workers: Vec::new(),
+            away: Vec::new(),
             restarts: Vec::new(),
             churn: cluster.churn.map(|c| ChurnTrace::new(c, Instant::now())),
             usage: UsageTracker::default(),
@@ -110,7 +103,7 @@ impl<'a> LocalCluster<'a> {
         if let (0, Some(addr)) = (shard, &self.metrics_addr) {
             cmd.args(["--metrics-addr", addr]);
         }
-        let mut proc = Proc::spawn(name.clone(), &mut cmd)?;
+        let mut proc = Proc::spawn(name.clone(), &mut cmd, false)?;
         let stdout = proc
             .child
             .stdout
@@ -120,69 +113,49 @@ impl<'a> LocalCluster<'a> {
         Ok((proc, addr))
     }
 
-    /// Starts a worker with `rank`, or with `--rank auto` (a replacement) for `None`.
-    pub(super) fn launch_worker(&self, rank: Option<usize>) -> Result<WorkerProc, TrainError> {
-        let mut cmd = match self.cluster.worker_wrapper.split_first() {
-            Some((program, prefix)) => {
-                let mut c = Command::new(program);
-                c.args(prefix).arg(&self.cluster.exe);
-                c
-            }
-            None => Command::new(&self.cluster.exe),
-        };
-        let dial: Vec<String> = match &self.cluster.relay {
-            Some(relay) => self.addresses.iter().map(|a| relay(a)).collect(),
-            None => self.addresses.clone(),
-        };
-        let rank_arg = rank.map_or("auto".to_string(), |r| r.to_string());
-        cmd.env(TOKEN_ENV, self.token.to_hex())
-            .arg("worker")
-            .args(["--servers", &dial.join(",")])
-            .args(["--rank", &rank_arg])
-            .args(&self.worker_args);
-        let mut proc = Proc::spawn(format!("worker {rank_arg}"), &mut cmd)?;
-        let mut out = proc.child.stdout.take();
-        let output = std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(o) = out.as_mut() {
-                let _ = o.read_to_string(&mut text);
-            }
-            text
-        });
-        Ok(WorkerProc {
-            proc,
-            output,
-            killed: false,
-            frozen: false,
-        })
-    }
-
+    /// Applies an injected failure. A worker fault hits the process running that rank
+    /// (with light workers, the whole block).
     fn apply(&mut self, fault: Fault) -> Result<(), TrainError> {
+        let process = match fault {
+            Fault::KillWorker { rank, .. }
+            | Fault::CrashWorker { rank, .. }
+            | Fault::ReplaceWorker { rank, .. }
+            | Fault::FreezeWorker { rank, .. } => self.process_of(rank),
+            Fault::KillShard { .. } => None,
+        };
         match fault {
-            Fault::KillWorker {
-                rank,
-                restart_after,
-                ..
-            } if rank < self.workers.len() => {
-                self.workers[rank].proc.kill();
-                self.workers[rank].killed = true;
+            Fault::KillWorker { restart_after, .. } => {
+                let Some(i) = process else { return Ok(()) };
+                self.workers[i].proc.kill();
+                self.workers[i].killed = true;
                 if let Some(pause) = restart_after {
                     std::thread::sleep(pause);
-                    self.workers[rank] = self.launch_worker(Some(rank))?;
+                    self.relaunch(i)?;
                 }
             }
-            Fault::CrashWorker { rank, .. } if rank < self.workers.len() => {
+            Fault::CrashWorker { .. } => {
                 // Unannounced: the launcher finds a failed worker, as after a real crash.
-                self.workers[rank].proc.kill();
+                if let Some(i) = process {
+                    self.workers[i].proc.kill();
+                }
             }
-            Fault::ReplaceWorker { rank, after, .. } if rank < self.workers.len() => {
-                self.workers[rank].proc.kill();
+            Fault::ReplaceWorker { rank, after, .. } => {
+                let Some(i) = process else { return Ok(()) };
+                if self.workers[i].ranks.len() > 1 {
+                    return Err(TrainError::Launch(
+                        "a replacement worker (--rank auto) needs one worker per process".into(),
+                    ));
+                }
+                self.workers[i].proc.kill();
                 std::thread::sleep(after);
                 // Its slot is the vacated rank's: the report must say it took that rank.
-                self.workers[rank] = self.launch_worker(None)?;
+                let mut replacement = self.launch_worker(None, 1)?;
+                replacement.ranks = rank..rank + 1;
+                self.workers[i] = replacement;
             }
-            Fault::FreezeWorker { rank, .. } if rank < self.workers.len() => {
-                let pid = self.workers[rank].proc.child.id().to_string();
+            Fault::FreezeWorker { rank, .. } => {
+                let Some(i) = process else { return Ok(()) };
+                let pid = self.workers[i].proc.child.id().to_string();
                 let stopped = Command::new("kill")
                     .args(["-STOP", &pid])
                     .status()
@@ -190,96 +163,22 @@ impl<'a> LocalCluster<'a> {
                 if !stopped {
                     return Err(TrainError::Launch(format!("cannot stop worker {rank}")));
                 }
-                self.workers[rank].frozen = true;
-                self.workers[rank].killed = true;
+                self.workers[i].frozen = true;
+                self.workers[i].killed = true;
             }
             Fault::KillShard {
                 shard, down_for, ..
-            } if shard < self.shards.len() => {
-                self.shards[shard].kill();
+            } => {
+                let Some(proc) = self.shards.get_mut(shard) else {
+                    return Ok(());
+                };
+                proc.kill();
                 std::thread::sleep(down_for);
                 let (proc, _) = self.launch_shard(shard, &self.addresses[shard].clone())?;
                 self.shards[shard] = proc;
             }
-            _ => {}
         }
         Ok(())
-    }
-
-    /// Workers still running. One that failed (not killed by a fault, the run not stopped)
-    /// is started again with its rank, up to `worker_restarts` times; then it is an error.
-    fn running(&mut self, stopped: bool) -> Result<usize, TrainError> {
-        let (mut running, mut failed, mut finished) = (0, Vec::new(), false);
-        for (rank, w) in self
-            .workers
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, w)| !w.frozen)
-        {
-            let pid = w.proc.child.id();
-            if crate::report::usage::exited(pid) {
-                // Its final figures, readable until it is reaped below.
-                self.usage.sample(&format!("worker {rank}"), pid);
-            }
-            match w.proc.child.try_wait() {
-                Ok(None) => running += 1,
-                Ok(Some(status)) if status.success() => finished = true,
-                Ok(Some(_)) if stopped || w.killed => {}
-                Ok(Some(status)) => failed.push((rank, status)),
-                Err(e) => return Err(TrainError::Launch(format!("{}: {e}", w.proc.name))),
-            }
-        }
-        for (rank, status) in failed {
-            self.restarts.resize(self.workers.len(), 0);
-            let name = &self.workers[rank].proc.name;
-            if self.restarts[rank] >= self.cluster.worker_restarts {
-                return Err(TrainError::Launch(format!(
-                    "{name} exited with {status} (started again {} times)",
-                    self.restarts[rank]
-                )));
-            }
-            self.restarts[rank] += 1;
-            eprintln!(
-                "{name} exited with {status}; starting it again ({} of {})",
-                self.restarts[rank], self.cluster.worker_restarts
-            );
-            self.workers[rank] = self.launch_worker(Some(rank))?;
-            running += 1;
-        }
-        // A worker that finished means the run is over: whoever churned away stays away;
-        // until then they are due back, so the run is not over without them.
-        let churn = self.churn.as_mut().filter(|_| !stopped);
-        Ok(running + churn.map_or(0, |c| if finished { c.end() } else { c.pending() }))
-    }
-
-    /// Kills frozen workers and reads every report; returns the gradients they say went
-    /// unapplied. A worker started for rank r must have run as rank r.
-    fn collect_reports(&mut self, stopped: bool) -> Result<u64, TrainError> {
-        let mut unapplied = 0;
-        for (rank, w) in std::mem::take(&mut self.workers).into_iter().enumerate() {
-            let mut w = w;
-            if w.frozen {
-                // A frozen worker never ends by itself (and holds its output pipe open).
-                w.proc.kill();
-            }
-            let text = w.output.join().unwrap_or_default();
-            match parse_report(&text) {
-                Some(r) if r.rank != rank => {
-                    return Err(TrainError::Launch(format!(
-                        "the worker started for rank {rank} ran as rank {}",
-                        r.rank
-                    )))
-                }
-                Some(r) => unapplied += r.not_applied,
-                None if stopped || w.killed => {}
-                None => {
-                    return Err(TrainError::Launch(format!(
-                        "worker {rank} printed no report"
-                    )))
-                }
-            }
-        }
-        Ok(unapplied)
     }
 
     /// Shards exit by themselves once every worker and the supervisor have left.
@@ -309,10 +208,7 @@ pub fn train_tcp(
     let mut local = LocalCluster::start_shards(cfg, cluster)?;
     let mut supervisor =
         Supervisor::connect(cfg, local.addresses.clone(), Some(local.token.clone()))?;
-    for rank in 0..cfg.plan.workers {
-        let worker = local.launch_worker(Some(rank))?;
-        local.workers.push(worker);
-    }
+    local.launch_workers(cfg.plan.workers)?;
     let mut faults = cluster.faults.clone();
     let mut stopped = false;
     loop {

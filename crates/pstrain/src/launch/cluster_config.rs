@@ -39,6 +39,9 @@ pub struct ClusterConfig {
     pub worker_restarts: usize,
     /// Workers leaving and coming back at random (`--churn`).
     pub churn: Option<Churn>,
+    /// Workers per worker process: 1, or a block of light workers in each
+    /// (`--workers-per-process`).
+    pub workers_per_process: usize,
 }
 
 /// `ClusterConfig::worker_restarts` unless told otherwise.
@@ -60,6 +63,7 @@ impl ClusterConfig {
             token: None,
             worker_restarts: WORKER_RESTARTS,
             churn: None,
+            workers_per_process: 1,
         }
     }
 }

@@ -26,9 +26,10 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: String, cmd: &mut Command) -> Result<Proc, TrainError> {
+    /// Starts `cmd` with its stdout piped, and its stdin piped if `stdin` (else empty).
+    pub fn spawn(name: String, cmd: &mut Command, stdin: bool) -> Result<Proc, TrainError> {
         let child = cmd
-            .stdin(Stdio::null())
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -10,6 +10,7 @@ use crate::run::worker::{run_worker, WorkerData, WorkerReport};
 use crate::run::TrainConfig;
 use anyhow::{bail, Context, Result};
 use pstrain_compute::ModelOptions;
+use pstrain_core::Layout;
 use pstrain_net::{ClientConfig, Heartbeat, Role, RunToken, TcpClient, TlsClient, ANY_RANK};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -32,7 +33,7 @@ fn adopt(args: &WorkerArgs, plan: pstrain_core::RunPlan) -> Result<TrainConfig> 
     }
     let cfg = TrainConfig {
         plan,
-        threads: args.threads,
+        threads: args.threads(),
         slowdown: args.slowdown.clone(),
         ..TrainConfig::default()
     };
@@ -55,11 +56,19 @@ pub fn run_worker_from(
     worker(&args, token, stop)
 }
 
-pub fn worker(
-    args: &WorkerArgs,
+/// What a worker process knows once the shards described their run: the plan as its own
+/// run, the shards' layout, and how to reach them.
+pub(crate) struct Joining {
+    pub cfg: TrainConfig,
+    layout: Layout,
+    connect_timeout: Duration,
     token: Option<RunToken>,
-    stop: &AtomicBool,
-) -> Result<WorkerReport> {
+    tls: Option<TlsClient>,
+}
+
+/// Asks the shards for the run, adopts it (refused if it contradicts this worker's flags,
+/// its model is not this build's, or the data set does not fit).
+pub(crate) fn prepare(args: &WorkerArgs, token: Option<RunToken>) -> Result<Joining> {
     let connect_timeout = seconds("--connect-timeout", args.connect_timeout as f64)?;
     let io = Duration::from_secs(30);
     let tls = args
@@ -76,11 +85,7 @@ pub fn worker(
     )
     .with_context(|| format!("cannot ask {} for the run plan", args.servers.join(",")))?;
     let cfg = adopt(args, served.plan)?;
-    let mut model = cfg.model()?.build(ModelOptions {
-        dropout: true,
-        threads: args.threads,
-    });
-    if model.layout() != &served.layout {
+    if cfg.model()?.build(ModelOptions::default()).layout() != &served.layout {
         bail!(
             "the shards' layout is not this build's `{}` model",
             cfg.plan.model
@@ -88,35 +93,68 @@ pub fn worker(
     }
     cfg.check_data(train_count(&args.data)?)
         .context("the data set does not fit the run (--train-samples)")?;
-    let mut client_cfg = ClientConfig::new(
-        args.servers.clone(),
-        Role::Worker,
-        args.rank,
-        cfg.plan.clone(),
-        served.layout,
-    );
-    client_cfg.connect_timeout = connect_timeout;
-    client_cfg.token = token;
-    client_cfg.tls = tls;
-    let who = if args.rank == ANY_RANK {
-        "a worker (any free rank)".to_string()
-    } else {
-        format!("worker {}", args.rank)
-    };
-    let mut client = TcpClient::connect(&client_cfg)
-        .with_context(|| format!("{who} cannot join {}", args.servers.join(",")))?;
+    Ok(Joining {
+        cfg,
+        layout: served.layout,
+        connect_timeout,
+        token,
+        tls,
+    })
+}
+
+impl Joining {
+    /// A model of the run for one worker, computing on `threads` threads.
+    pub fn model(&self, threads: usize) -> Result<Box<dyn pstrain_compute::Model>> {
+        Ok(self.cfg.model()?.build(ModelOptions {
+            dropout: true,
+            threads,
+        }))
+    }
+
+    /// Connects worker `rank` (or `ANY_RANK`) to every shard and starts its heartbeats.
+    pub fn join(&self, args: &WorkerArgs, rank: usize) -> Result<(TcpClient, Option<Heartbeat>)> {
+        let mut client_cfg = ClientConfig::new(
+            args.servers.clone(),
+            Role::Worker,
+            rank,
+            self.cfg.plan.clone(),
+            self.layout.clone(),
+        );
+        client_cfg.connect_timeout = self.connect_timeout;
+        client_cfg.token = self.token.clone();
+        client_cfg.tls = self.tls.clone();
+        let who = if rank == ANY_RANK {
+            "a worker (any free rank)".to_string()
+        } else {
+            format!("worker {rank}")
+        };
+        let client = TcpClient::connect(&client_cfg)
+            .with_context(|| format!("{who} cannot join {}", args.servers.join(",")))?;
+        // Alive-signal from its own thread, so a busy worker is not taken for a frozen one.
+        let heartbeat = match args.heartbeat_secs {
+            0.0 => None,
+            s => Some(Heartbeat::start(
+                client.config(),
+                seconds("--heartbeat-secs", s)?,
+            )?),
+        };
+        Ok((client, heartbeat))
+    }
+}
+
+pub fn worker(
+    args: &WorkerArgs,
+    token: Option<RunToken>,
+    stop: &AtomicBool,
+) -> Result<WorkerReport> {
+    let joining = prepare(args, token)?;
+    let mut model = joining.model(args.threads())?;
+    let (mut client, _heartbeat) = joining.join(args, args.rank)?;
     let rank = client.rank();
     if args.rank == ANY_RANK {
         eprintln!("joined as worker {rank}");
     }
-    // Alive-signal from its own thread, so a busy worker is not taken for a frozen one.
-    let _heartbeat = match args.heartbeat_secs {
-        0.0 => None,
-        s => Some(Heartbeat::start(
-            client.config(),
-            seconds("--heartbeat-secs", s)?,
-        )?),
-    };
+    let cfg = &joining.cfg;
     // Only this rank's shard is loaded, so the rank must be known first; a sync step
     // meanwhile waits for this worker as for any slow one.
     let (shard, total) = load_own_shard(&args.data, cfg.plan.workers, rank, cfg.plan.seed)?;

@@ -8,7 +8,7 @@ use crate::report::records::Summary;
 use crate::report::reporter::Reporter;
 use crate::report::Observer;
 use crate::run::monitor::{Monitor, ServerView};
-use crate::run::worker::WorkerReport;
+pub use crate::run::worker::{parse_report, parse_reports};
 use crate::run::{TrainConfig, TrainError, TrainOutcome};
 use anyhow::{bail, Context, Result};
 use pstrain_compute::mnist::{Mnist, Split};
@@ -119,13 +119,6 @@ impl Supervisor {
         let end = self.monitor.finish(&mut self.view, observer, test)?;
         Ok(end.into_outcome(cfg, wall, stopped, not_applied))
     }
-}
-
-/// A worker's JSON report: the last line of its output that parses as one.
-pub fn parse_report(text: &str) -> Option<WorkerReport> {
-    text.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<WorkerReport>(l).ok())
 }
 
 /// A `pstrain train` run whose shards and workers another launcher places (the Ray driver):

@@ -2,6 +2,7 @@
 //! end it (`TrainError`), the worker loop, the embedded server and the in-process driver
 //! (`train`), and the monitor that evaluates and summarises, whatever the transport.
 
+pub mod compute_gate;
 pub mod config;
 pub mod embedded;
 pub mod error;

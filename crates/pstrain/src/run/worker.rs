@@ -71,6 +71,30 @@ pub struct WorkerReport {
     pub last_loss: f32,
 }
 
+impl WorkerReport {
+    /// Adds a later stretch of the same worker's work (it left and joined again).
+    pub fn absorb(&mut self, later: &WorkerReport) {
+        self.steps += later.steps;
+        self.samples += later.samples;
+        self.not_applied += later.not_applied;
+        if later.steps > 0 {
+            self.last_loss = later.last_loss;
+        }
+    }
+}
+
+/// A worker's JSON report: the last line of its output that parses as one.
+pub fn parse_report(text: &str) -> Option<WorkerReport> {
+    parse_reports(text).pop()
+}
+
+/// Every report a worker process printed (one per worker it ran), in order.
+pub fn parse_reports(text: &str) -> Vec<WorkerReport> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<WorkerReport>(l).ok())
+        .collect()
+}
+
 #[derive(Debug, Error)]
 pub enum WorkerError {
     #[error("worker {rank}: {source}")]
@@ -88,7 +112,7 @@ pub fn run_worker(
     cfg: &WorkerConfig,
     stop: &AtomicBool,
 ) -> Result<WorkerReport, WorkerError> {
-    let result = train_loop(client, model, data, cfg, stop);
+    let result = train_until(client, model, data, cfg, &|| stop.load(Ordering::Relaxed));
     let left = client.leave();
     let report = result?;
     left.map_err(|source| WorkerError::Client {
@@ -98,12 +122,15 @@ pub fn run_worker(
     Ok(report)
 }
 
-fn train_loop(
+/// The training loop without the goodbye: it returns when the epochs are done, the server
+/// says the run is over, or `stop()` says so between steps; the caller leaves the quorum, or
+/// (a device vanishing) drops the connection without a word.
+pub fn train_until(
     client: &mut dyn ParameterClient,
     model: &mut dyn Model,
     data: WorkerData<'_>,
     cfg: &WorkerConfig,
-    stop: &AtomicBool,
+    stop: &dyn Fn() -> bool,
 ) -> Result<WorkerReport, WorkerError> {
     let mut sampler = data.sampler(cfg);
     let data = data.samples();
@@ -133,7 +160,7 @@ fn train_loop(
     let mut batch = batch_size(first.batch, cfg.batch_size, max_batch);
     let mut position = step.saturating_mul(cfg.batch_size as u64);
     while total.is_none_or(|t| step < t) {
-        if stop.load(Ordering::Relaxed) {
+        if stop() {
             return Ok(report);
         }
         if cfg.max_batch > cfg.batch_size {
