@@ -191,6 +191,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     announce(&cfg)?;
     let churn = args.churn(cfg.plan.seed)?;
     let workers_per_process = args.workers_per_process(cfg.plan.workers)?;
+    let late = args.late(cfg.plan.workers)?;
     let outcome = match args.transport {
         TransportArg::Inproc => {
             if args.shards != 1 {
@@ -210,6 +211,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
             cluster.worker_restarts = args.worker_restarts;
             cluster.churn = churn;
             cluster.workers_per_process = workers_per_process;
+            cluster.late = late;
             train_tcp(&cfg, &cluster, &data, &mut reporter, &stop)?
         }
     };

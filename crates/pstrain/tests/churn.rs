@@ -6,7 +6,7 @@
 
 mod common;
 
-use pstrain::launch::churn::Churn;
+use pstrain::launch::churn::{Churn, LateJoin};
 use pstrain::launch::cluster::{train_tcp, ClusterConfig};
 use pstrain::Quiet;
 use pstrain_core::{Aggregate, Mode, OptimizerConfig};
@@ -77,7 +77,7 @@ fn buffered_goes_on_while_workers_come_and_go() {
 
 /// A fleet on one machine: 256 light workers (two processes of 128, each worker with its own
 /// rank, connections and heartbeat) with a tenth of them leaving each 10 s and back 1 s
-/// later, told so by the launcher over the process's stdin.
+/// later, told so by the launcher over the process's stdin, and 32 joining late.
 fn fleet_churned(mode: Mode, updates: u64) {
     const FLEET: usize = 256;
     let _guard = common::one_at_a_time();
@@ -95,6 +95,11 @@ fn fleet_churned(mode: Mode, updates: u64) {
         away: Duration::from_secs(1),
         seed: 5,
     });
+    // And the last 32 join 3 s into the run.
+    cluster.late = Some(LateJoin {
+        workers: 32,
+        after: Duration::from_secs(3),
+    });
     let data = common::mnist();
     let outcome = common::within(Duration::from_secs(400), move || {
         train_tcp(&cfg, &cluster, data, &mut Quiet, &AtomicBool::new(false))
@@ -104,6 +109,7 @@ fn fleet_churned(mode: Mode, updates: u64) {
     println!("{}", s.render());
     let churn = s.churn.expect("the summary counts the churn");
     assert!(churn.left >= 20, "{mode}: {churn:?}");
+    assert_eq!(churn.joined_late, 32, "{mode}");
     assert!(
         churn.came_back + FLEET as u64 >= churn.left,
         "{mode}: {churn:?}"
@@ -157,4 +163,30 @@ fn light_workers_need_a_first_rank_and_fit_the_run() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("first"), "{err}");
+}
+
+#[test]
+fn workers_alone_in_their_process_can_join_late() {
+    let _guard = common::one_at_a_time();
+    let mut cfg = common::convnet_as_original(Mode::Sync { backup_workers: 0 }, 600);
+    cfg.plan.workers = 4;
+    let mut cluster =
+        ClusterConfig::local(PathBuf::from(common::pstrain_bin()), 1, common::mnist_dir());
+    cluster.late = Some(LateJoin {
+        workers: 1,
+        after: Duration::from_secs(2),
+    });
+    let data = common::mnist();
+    let outcome = common::within(Duration::from_secs(120), move || {
+        train_tcp(&cfg, &cluster, data, &mut Quiet, &AtomicBool::new(false))
+    })
+    .unwrap();
+    let s = outcome.summary;
+    println!("{}", s.render());
+    let churn = s.churn.expect("the summary counts who joined late");
+    assert_eq!((churn.joined_late, churn.left), (1, 0));
+    assert_eq!(s.updates, 600);
+    // The late worker took part once it joined.
+    assert!(s.per_worker[3].steps_per_s > 0.0, "{:?}", s.per_worker[3]);
+    assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
 }

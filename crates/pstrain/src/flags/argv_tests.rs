@@ -90,6 +90,7 @@ fn a_launched_worker_keeps_its_own_settings() {
         plan: plan(),
         threads: 3,
         slowdown: vec![(1, 2.5), (4, 10.0)],
+        speed_spread: Some(8.0),
         ..TrainConfig::default()
     };
     let dir = Path::new("/data/m nist");
@@ -100,6 +101,7 @@ fn a_launched_worker_keeps_its_own_settings() {
     let args = parse_flags::<WorkerArgs>("worker", &argv).unwrap();
     assert_eq!(args.threads(), cfg.threads);
     assert_eq!(args.slowdown, cfg.slowdown);
+    assert_eq!(args.speed_spread, cfg.speed_spread);
     assert_eq!(args.data.data_dir.as_deref(), Some(dir));
     assert_eq!(args.servers, ["a:1", "b:2"]);
     // The plan is not the worker's to be told: it comes from the shards.
@@ -107,4 +109,40 @@ fn a_launched_worker_keeps_its_own_settings() {
         args.run.overlay(&RunPlan::default()).unwrap(),
         RunPlan::default()
     );
+}
+
+#[test]
+fn a_speed_spread_gives_every_rank_its_own_seeded_speed_and_slowdown_overrides_it() {
+    let cfg = TrainConfig {
+        plan: plan(),
+        slowdown: vec![(3, 2.0)],
+        speed_spread: Some(16.0),
+        ..TrainConfig::default()
+    };
+    let speeds: Vec<f64> = (0..200).map(|r| cfg.slowdown_of(r)).collect();
+    assert!(
+        speeds.iter().all(|f| (1.0..=16.0).contains(f)),
+        "{speeds:?}"
+    );
+    assert_eq!(speeds[3], 2.0);
+    // Log-uniform from 1 to 16: about half the devices are slower than 4x.
+    let slow = speeds.iter().filter(|f| **f > 4.0).count();
+    assert!((70..130).contains(&slow), "{slow} of 200");
+    assert_eq!(
+        speeds,
+        (0..200).map(|r| cfg.slowdown_of(r)).collect::<Vec<_>>()
+    );
+    let reseeded = TrainConfig {
+        plan: RunPlan {
+            seed: cfg.plan.seed + 1,
+            ..cfg.plan.clone()
+        },
+        ..cfg.clone()
+    };
+    assert_ne!(speeds[0], reseeded.slowdown_of(0));
+    let bad = TrainConfig {
+        speed_spread: Some(0.5),
+        ..cfg
+    };
+    assert!(bad.validate().is_err());
 }

@@ -6,7 +6,7 @@ use crate::flags::checkpoint::CheckpointArgs;
 use crate::flags::plan::RunArgs;
 use crate::flags::run_id;
 use crate::flags::token::TokenArgs;
-use crate::launch::churn::Churn;
+use crate::launch::churn::{Churn, LateJoin};
 use crate::run::compute_gate::device_cores;
 
 /// Workers a local run starts as processes of their own unless told: more are light workers,
@@ -57,6 +57,13 @@ pub struct TrainArgs {
     /// process per core]
     #[arg(long, value_name = "N")]
     pub workers_per_process: Option<usize>,
+    /// With --transport tcp: the last N workers join late, --late-after seconds into the run
+    /// (a sync step meanwhile completes with those there) [default: none]
+    #[arg(long, value_name = "N")]
+    pub late_workers: Option<usize>,
+    /// With --late-workers: seconds after the start that they join
+    #[arg(long, default_value_t = 10.0)]
+    pub late_after: f64,
     /// Evaluate on the test set every N server updates [default: once per epoch; 0: at the end]
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -82,6 +89,10 @@ pub struct TrainArgs {
     /// each gradient), to study slow devices; repeat for several workers
     #[arg(long, value_name = "RANK=FACTOR", value_parser = parse_slowdown)]
     pub slowdown: Vec<(usize, f64)>,
+    /// A fleet of devices of different speeds: each worker is slowed by a factor drawn for
+    /// its rank, log-uniform from 1 to F (seeded by --seed; --slowdown overrides a rank)
+    #[arg(long, value_name = "F")]
+    pub speed_spread: Option<f64>,
     #[command(flatten)]
     pub data: DataArgs,
 }
@@ -98,12 +109,15 @@ pub fn parse_slowdown(s: &str) -> Result<(usize, f64), String> {
     Ok((rank, factor))
 }
 
-/// The `--slowdown` flags that reproduce `slowdown`.
-pub fn slowdown_argv(slowdown: &[(usize, f64)]) -> Vec<String> {
-    slowdown
-        .iter()
+/// The `--slowdown` and `--speed-spread` flags that reproduce `cfg`'s.
+pub fn slowdown_argv(cfg: &TrainConfig) -> Vec<String> {
+    let mut a: Vec<String> = (cfg.slowdown.iter())
         .flat_map(|(r, f)| ["--slowdown".to_string(), format!("{r}={f}")])
-        .collect()
+        .collect();
+    if let Some(spread) = cfg.speed_spread {
+        a.extend(["--speed-spread".to_string(), spread.to_string()]);
+    }
+    a
 }
 
 /// The run's configuration, its data set and a reporter sized for its planned samples.
@@ -124,6 +138,7 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
                 run_id::for_train(dir, args.checkpoints.run_id.as_deref(), resume)
             })?,
         slowdown: args.slowdown.clone(),
+        speed_spread: args.speed_spread,
         metrics_addr: args.metrics_addr.clone(),
     };
     cfg.validate().context("invalid training flags")?;
@@ -161,6 +176,23 @@ impl TrainArgs {
             None if workers <= MAX_FULL_PROCESSES => Ok(1),
             None => Ok(workers.div_ceil(device_cores())),
         }
+    }
+
+    /// `--late-workers` and `--late-after` for a run of `workers`.
+    pub fn late(&self, workers: usize) -> Result<Option<LateJoin>> {
+        let Some(n) = self.late_workers else {
+            return Ok(None);
+        };
+        if self.transport != TransportArg::Tcp {
+            anyhow::bail!("--late-workers applies to --transport tcp (workers as processes)");
+        }
+        if n == 0 || n >= workers {
+            anyhow::bail!("--late-workers must be from 1 to one less than the {workers} workers");
+        }
+        Ok(Some(LateJoin {
+            workers: n,
+            after: crate::flags::seconds("--late-after", self.late_after)?,
+        }))
     }
 
     /// `--churn` and `--churn-away` as the launcher's churn, seeded by the run's seed.

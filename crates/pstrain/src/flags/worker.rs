@@ -34,6 +34,10 @@ pub struct WorkerArgs {
     /// (the worker drops its connections without a goodbye, then rejoins with its rank)
     #[arg(long, hide = true)]
     pub stdin_control: bool,
+    /// With --stdin-control: these ranks start away (late joiners, or away when the
+    /// process was started again) until `back R`
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub start_away: Vec<usize>,
     /// Seconds to keep retrying the connection while servers start
     #[arg(long, default_value_t = 60)]
     pub connect_timeout: u64,
@@ -50,6 +54,10 @@ pub struct WorkerArgs {
     /// compute time after each gradient); repeatable, so one list serves every worker
     #[arg(long, value_name = "RANK=FACTOR", value_parser = parse_slowdown)]
     pub slowdown: Vec<(usize, f64)>,
+    /// Slow each rank by a factor drawn for it, log-uniform from 1 to F (seeded by the
+    /// run's seed), as `pstrain train --speed-spread` does
+    #[arg(long, value_name = "F")]
+    pub speed_spread: Option<f64>,
     /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
     #[command(flatten)]
     pub run: RunArgs,
@@ -91,6 +99,6 @@ pub fn worker_argv(cfg: &TrainConfig, data_dir: Option<&Path>) -> Vec<String> {
     if let Some(dir) = data_dir {
         a.extend(["--data-dir".into(), dir.display().to_string()]);
     }
-    a.extend(slowdown_argv(&cfg.slowdown));
+    a.extend(slowdown_argv(cfg));
     a
 }

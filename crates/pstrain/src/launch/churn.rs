@@ -9,6 +9,7 @@ use super::cluster::LocalCluster;
 use crate::run::TrainError;
 use pstrain_core::Rng;
 use serde::Serialize;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 /// The churn of a run.
@@ -26,6 +27,16 @@ pub struct Churn {
 pub struct ChurnCounts {
     pub left: u64,
     pub came_back: u64,
+    /// Workers that started late (`--late-workers`) and joined.
+    #[serde(default)]
+    pub joined_late: u64,
+}
+
+/// Workers that join a run late: the last `workers` ranks, `after` its start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LateJoin {
+    pub workers: usize,
+    pub after: Duration,
 }
 
 /// What to do now: ranks to kill, ranks to start again.
@@ -40,8 +51,8 @@ pub struct ChurnStep {
 pub struct ChurnTrace {
     churn: Churn,
     rng: Rng,
-    /// Ranks away, with when they come back.
-    away: Vec<(usize, Instant)>,
+    /// Ranks away, with when they come back and whether they have not joined yet.
+    away: Vec<(usize, Instant, bool)>,
     last_tick: Instant,
     /// The run is ending: nobody leaves or comes back any more.
     ended: bool,
@@ -58,6 +69,15 @@ impl ChurnTrace {
             ended: false,
             counts: ChurnCounts::default(),
         }
+    }
+
+    /// The last `late.workers` of `workers` ranks start away and join `late.after` from
+    /// `start`; returns their ranks.
+    pub fn join_late(&mut self, late: LateJoin, workers: usize, start: Instant) -> Range<usize> {
+        let ranks = workers.saturating_sub(late.workers)..workers;
+        self.away
+            .extend(ranks.clone().map(|r| (r, start + late.after, true)));
+        ranks
     }
 
     /// Workers not running now but due back (the run is not over while any is).
@@ -89,15 +109,18 @@ impl ChurnTrace {
         for &rank in live {
             if f64::from(self.rng.next_f32()) < p {
                 step.leave.push(rank);
-                self.away.push((rank, now + self.churn.away));
+                self.away.push((rank, now + self.churn.away, false));
                 self.counts.left += 1;
             }
         }
-        let (back, still): (Vec<_>, Vec<_>) = self.away.iter().partition(|(_, at)| now >= *at);
+        let (back, still): (Vec<_>, Vec<_>) = self.away.iter().partition(|(_, at, _)| now >= *at);
         self.away = still;
-        for (rank, _) in back {
+        for (rank, _, late) in back {
             step.start.push(rank);
-            self.counts.came_back += 1;
+            match late {
+                true => self.counts.joined_late += 1,
+                false => self.counts.came_back += 1,
+            }
         }
         step
     }
@@ -121,6 +144,12 @@ impl LocalCluster<'_> {
         for (ranks, away) in [(step.leave, true), (step.start, false)] {
             for rank in ranks {
                 let Some(i) = self.process_of(rank) else {
+                    // A late joiner that has no process yet.
+                    if !away {
+                        self.away[rank] = false;
+                        let proc = self.launch_worker(Some(rank), 1)?;
+                        self.workers.push(proc);
+                    }
                     continue;
                 };
                 if self.workers[i].ranks.len() > 1 {
@@ -185,6 +214,27 @@ mod tests {
         assert_eq!(trace.counts.came_back + away, left);
         assert!(away < 30, "{away}");
         assert_eq!(live.iter().filter(|l| !**l).count() as u64, away);
+    }
+
+    #[test]
+    fn late_joiners_start_away_and_join_once_at_their_time() {
+        let start = Instant::now();
+        let mut trace = ChurnTrace::new(churn(0.0), start);
+        let late = LateJoin {
+            workers: 3,
+            after: Duration::from_secs(10),
+        };
+        assert_eq!(trace.join_late(late, 8, start), 5..8);
+        assert_eq!(trace.pending(), 3);
+        let live: Vec<usize> = (0..5).collect();
+        assert_eq!(
+            trace.tick(start + Duration::from_secs(9), &live),
+            ChurnStep::default()
+        );
+        let step = trace.tick(start + Duration::from_secs(10), &live);
+        assert_eq!(step.start, vec![5, 6, 7]);
+        assert_eq!((trace.counts.joined_late, trace.counts.came_back), (3, 0));
+        assert_eq!(trace.pending(), 0);
     }
 
     #[test]

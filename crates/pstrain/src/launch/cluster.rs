@@ -39,7 +39,8 @@ pub(super) struct LocalCluster<'a> {
     shards: Vec<Proc>,
     pub(super) addresses: Vec<String>,
     pub(super) workers: Vec<WorkerProc>,
-    /// Per rank, whether the churn took it away inside a process of light workers.
+    /// Per rank, whether it is away: churned away inside a process of light workers, or a
+    /// late joiner not joined yet.
     pub(super) away: Vec<bool>,
     /// Per worker process, how many times it was started again after failing.
     pub(super) restarts: Vec<usize>,
@@ -77,7 +78,7 @@ impl<'a> LocalCluster<'a> {
             workers: Vec::new(),
             away: Vec::new(),
             restarts: Vec::new(),
-            churn: cluster.churn.map(|c| ChurnTrace::new(c, Instant::now())),
+            churn: None,
             usage: UsageTracker::default(),
         };
         for shard in 0..cluster.shards {

@@ -1,7 +1,7 @@
 //! How `train --transport tcp` lays out its local processes: the executable, shards, data,
 //! addresses, checkpoints, injected faults, churn and restarts.
 
-use crate::launch::churn::Churn;
+use crate::launch::churn::{Churn, LateJoin};
 pub use crate::launch::fault::Fault;
 use crate::run::CheckpointPolicy;
 use pstrain_net::RunToken;
@@ -42,6 +42,8 @@ pub struct ClusterConfig {
     /// Workers per worker process: 1, or a block of light workers in each
     /// (`--workers-per-process`).
     pub workers_per_process: usize,
+    /// Workers that join the run late (`--late-workers`).
+    pub late: Option<LateJoin>,
 }
 
 /// `ClusterConfig::worker_restarts` unless told otherwise.
@@ -64,6 +66,7 @@ impl ClusterConfig {
             worker_restarts: WORKER_RESTARTS,
             churn: None,
             workers_per_process: 1,
+            late: None,
         }
     }
 }

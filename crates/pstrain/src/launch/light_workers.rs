@@ -53,6 +53,9 @@ pub fn light_workers(
         .context("the data set changed under the workers (--train-samples)")?;
     let gate = ComputeGate::new(args.compute_slots());
     let control = Arc::new(Control::new(ranks.clone()));
+    // Late joiners (and workers away when this process was started again) start away,
+    // until the launcher calls them.
+    args.start_away.iter().for_each(|&r| control.set(r, true));
     if args.stdin_control {
         let control = control.clone();
         std::thread::spawn(move || control.follow(std::io::stdin().lock()));
@@ -107,9 +110,11 @@ impl Group<'_> {
     /// waits to be called back and joins again with its rank. A failure (a shard restarting,
     /// an eviction) costs a rejoin, up to `WORKER_RESTARTS` times.
     fn run(&self, rank: usize, shard: &Split) -> Result<WorkerReport> {
-        let mut model =
-            GatedModel::new(self.joining.model(self.args.threads())?, self.gate.clone());
-        let wcfg = self.joining.cfg.worker_config(rank);
+        let mut wcfg = self.joining.cfg.worker_config(rank);
+        // A slow device's extra time is taken outside the compute gate, not in the loop.
+        let slowdown = std::mem::replace(&mut wcfg.slowdown, 1.0);
+        let inner = self.joining.model(self.args.threads())?;
+        let mut model = GatedModel::new(inner, self.gate.clone(), slowdown);
         let data = WorkerData::OwnShard {
             samples: shard,
             of: self.total,
@@ -121,6 +126,10 @@ impl Group<'_> {
         };
         let mut failures = 0;
         loop {
+            if self.control.is_away(rank) {
+                // Away (or not joined yet): nothing of this worker reaches the shards.
+                self.control.wait_back(rank, self.stop);
+            }
             let (mut client, heartbeat) = self.joining.join(self.args, rank)?;
             let until = || stopped() || self.control.is_away(rank);
             match train_until(&mut client, &mut model, data, &wcfg, &until) {
@@ -139,7 +148,6 @@ impl Group<'_> {
                 // No goodbye: the shards find the connections gone.
                 drop(heartbeat);
                 drop(client);
-                self.control.wait_back(rank, self.stop);
                 continue;
             }
             if !stopped() {

@@ -35,6 +35,7 @@ fn adopt(args: &WorkerArgs, plan: pstrain_core::RunPlan) -> Result<TrainConfig> 
         plan,
         threads: args.threads(),
         slowdown: args.slowdown.clone(),
+        speed_spread: args.speed_spread,
         ..TrainConfig::default()
     };
     cfg.validate()

@@ -4,6 +4,7 @@
 
 use super::cluster::LocalCluster;
 use crate::flags::token::TOKEN_ENV;
+use crate::launch::churn::{Churn, ChurnTrace};
 use crate::launch::process::Proc;
 use crate::run::compute_gate::device_cores;
 use crate::run::worker::parse_reports;
@@ -12,6 +13,7 @@ use std::io::{Read, Write};
 use std::ops::Range;
 use std::process::{ChildStdin, Command};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// A worker process (one or several ranks) and the thread collecting its stdout (a JSON
 /// report per rank).
@@ -57,8 +59,27 @@ impl LocalCluster<'_> {
     pub(super) fn launch_workers(&mut self, workers: usize) -> Result<(), TrainError> {
         let per = self.cluster.workers_per_process.max(1);
         self.away = vec![false; workers];
+        // The churn and the late joiners share one trace of who is away until when.
+        let (churn, late, now) = (self.cluster.churn, self.cluster.late, Instant::now());
+        if churn.is_some() || late.is_some() {
+            let no_churn = Churn {
+                leave_per_minute: 0.0,
+                away: Duration::ZERO,
+                seed: 0,
+            };
+            self.churn = Some(ChurnTrace::new(churn.unwrap_or(no_churn), now));
+        }
+        let late = match (late, self.churn.as_mut()) {
+            (Some(l), Some(trace)) => trace.join_late(l, workers, now),
+            _ => workers..workers,
+        };
+        late.clone().for_each(|r| self.away[r] = true);
         for first in (0..workers).step_by(per) {
-            let proc = self.launch_worker(Some(first), per.min(workers - first))?;
+            let count = per.min(workers - first);
+            if count == 1 && late.contains(&first) {
+                continue; // Started when the trace says it joins.
+            }
+            let proc = self.launch_worker(Some(first), count)?;
             self.workers.push(proc);
         }
         Ok(())
@@ -96,6 +117,14 @@ impl LocalCluster<'_> {
             let slots = (device_cores() / (processes * self.threads)).max(1);
             cmd.args(["--count", &count.to_string(), "--stdin-control"])
                 .args(["--compute-slots", &slots.to_string()]);
+            let first = first.unwrap_or(0);
+            let away: Vec<String> = (first..first + count)
+                .filter(|&r| self.away.get(r).is_some_and(|a| *a))
+                .map(|r| r.to_string())
+                .collect();
+            if !away.is_empty() {
+                cmd.args(["--start-away", &away.join(",")]);
+            }
         }
         let name = match light {
             true => format!("workers {rank_arg}+{count}"),
@@ -122,10 +151,10 @@ impl LocalCluster<'_> {
         })
     }
 
-    /// Starts process `i` again with its ranks (none of them away any more).
+    /// Starts process `i` again with its ranks.
     pub(super) fn relaunch(&mut self, i: usize) -> Result<(), TrainError> {
+        // Those away stay away in the new process (`--start-away`) until called back.
         let ranks = self.workers[i].ranks.clone();
-        self.away[ranks.clone()].iter_mut().for_each(|a| *a = false);
         self.workers[i] = self.launch_worker(Some(ranks.start), ranks.len())?;
         Ok(())
     }

@@ -173,7 +173,7 @@ pub struct Summary {
     /// Peak resident memory and CPU time of each process of the run (where the system
     /// reports them).
     pub processes: Vec<crate::report::usage::ProcessUsage>,
-    /// With `--churn`: how many workers left and came back.
+    /// With `--churn` or `--late-workers`: how many workers left, came back, joined late.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub churn: Option<crate::launch::churn::ChurnCounts>,
 }
@@ -235,8 +235,8 @@ impl Summary {
         }
         if let Some(c) = self.churn {
             text.push_str(&format!(
-                "\nchurn          {} workers left, {} came back",
-                c.left, c.came_back
+                "\nchurn          {} workers left, {} came back, {} joined late",
+                c.left, c.came_back, c.joined_late
             ));
         }
         if !self.per_worker.is_empty() {

@@ -5,6 +5,7 @@
 use pstrain_compute::{ComputeError, EvalStats, Model, StepStats};
 use pstrain_core::{Layout, Rng};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Instant;
 
 /// The cores this process may use (a board's worker computes on all of them by default).
 pub fn device_cores() -> usize {
@@ -56,15 +57,23 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// A model that computes only while it holds a slot of its process's gate.
+/// A model that computes only while it holds a slot of its process's gate; a slow device's
+/// extra time (`slowdown`) is spent after giving the slot back, so it costs the others none.
 pub struct GatedModel {
     inner: Box<dyn Model>,
     gate: Arc<ComputeGate>,
+    slowdown: f64,
 }
 
 impl GatedModel {
-    pub fn new(inner: Box<dyn Model>, gate: Arc<ComputeGate>) -> Self {
-        GatedModel { inner, gate }
+    /// `slowdown` as `WorkerConfig::slowdown`, but timed on the compute alone (not on the
+    /// wait for a slot).
+    pub fn new(inner: Box<dyn Model>, gate: Arc<ComputeGate>, slowdown: f64) -> Self {
+        GatedModel {
+            inner,
+            gate,
+            slowdown,
+        }
     }
 }
 
@@ -93,8 +102,15 @@ impl Model for GatedModel {
         grads: &mut [f32],
         rng: &mut Rng,
     ) -> Result<StepStats, ComputeError> {
-        let _slot = self.gate.enter();
-        self.inner.train_step(params, images, labels, grads, rng)
+        let slot = self.gate.enter();
+        let started = Instant::now();
+        let stats = self.inner.train_step(params, images, labels, grads, rng);
+        let took = started.elapsed();
+        drop(slot);
+        if self.slowdown > 1.0 {
+            std::thread::sleep(took.mul_f64(self.slowdown - 1.0));
+        }
+        stats
     }
 
     fn evaluate(

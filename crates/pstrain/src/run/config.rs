@@ -22,6 +22,9 @@ pub struct TrainConfig {
     pub checkpoint: Option<CheckpointPolicy>,
     /// Workers made slower for experiments: (rank, factor); see `WorkerConfig::slowdown`.
     pub slowdown: Vec<(usize, f64)>,
+    /// A fleet of devices of different speeds: every worker not in `slowdown` is slowed by
+    /// a factor drawn for its rank, log-uniform from 1 to this (seeded by the plan's seed).
+    pub speed_spread: Option<f64>,
     /// Serve `/metrics` and the live page on this address while the run goes on.
     pub metrics_addr: Option<String>,
 }
@@ -34,6 +37,7 @@ impl Default for TrainConfig {
             threads: 1,
             checkpoint: None,
             slowdown: Vec::new(),
+            speed_spread: None,
             metrics_addr: None,
         }
     }
@@ -71,6 +75,16 @@ impl TrainConfig {
                 value: format!("{rank}={factor}"),
             }));
         }
+        if let Some(spread) = self
+            .speed_spread
+            .filter(|f| !(f.is_finite() && *f >= 1.0 && *f <= 1000.0))
+        {
+            return Err(TrainError::Config(ConfigError::OutOfRange {
+                field: "speed_spread",
+                requirement: "1 <= FACTOR <= 1000",
+                value: spread.to_string(),
+            }));
+        }
         Ok(self.plan.validate()?)
     }
 
@@ -101,11 +115,23 @@ impl TrainConfig {
 
     /// How many times slower worker `rank` is made to run (1: not at all).
     pub fn slowdown_of(&self, rank: usize) -> f64 {
+        let drawn = || match self.speed_spread {
+            // Log-uniform: as many devices 1-2x slow as 2-4x, 4-8x...
+            Some(spread) => {
+                let u = f64::from(
+                    Rng::new(self.plan.seed)
+                        .fork(0x5bee_d000 + rank as u64)
+                        .next_f32(),
+                );
+                spread.powf(u)
+            }
+            None => 1.0,
+        };
         self.slowdown
             .iter()
             .rev()
             .find(|(r, _)| *r == rank)
-            .map_or(1.0, |&(_, f)| f)
+            .map_or_else(drawn, |&(_, f)| f)
     }
 
     /// Checks that `data` is what the plan was made for.
