@@ -1,10 +1,11 @@
 //! `pstrain bench-fleet`: what one shard costs per device. For each fleet size it starts a
-//! `pstrain server` process (async, the given model) and that many workers as threads of this
+//! `pstrain server` process (async or sync, the given model) and that many workers as threads of this
 //! process, each with its own connection and rank, pulling and pushing as fast as they can for
 //! a few seconds. Measured on the shard's process: CPU seconds per applied gradient, resident
 //! memory before anyone connects, with every worker connected and idle, and after the run;
 //! on the workers: pull and push latency percentiles; from the shard's worker records: how
-//! evenly the workers' gradients were applied (no one starved).
+//! evenly the workers' gradients were applied (no one starved); in sync, how long each step
+//! waited for its last gradient (the longest wait at the gate of that step's workers).
 
 use crate::flags::token::TOKEN_ENV;
 use crate::launch::process::{read_address, Proc};
@@ -29,6 +30,10 @@ pub struct FleetArgs {
     /// message) or cnn (1.2M values: with the model's update)
     #[arg(long, default_value = "convnet")]
     pub model: String,
+    /// The shard's mode: async (every gradient applied as it comes) or sync (each step
+    /// waits for every worker's gradient)
+    #[arg(long, default_value = "async", value_parser = ["async", "sync"])]
+    pub mode: String,
     /// Seconds of pulling and pushing per fleet size
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
@@ -50,6 +55,7 @@ pub fn run_fleet_cmd(args: &FleetArgs) -> anyhow::Result<()> {
         exe: std::env::current_exe().context("cannot find the pstrain executable")?,
         worker_counts: args.workers.clone(),
         model: args.model.clone(),
+        sync: args.mode == "sync",
         seconds: args.seconds,
     };
     let points = run_fleet_bench(&cfg, &mut |l| println!("{l}"))?;
@@ -67,10 +73,11 @@ pub fn run_fleet_cmd(args: &FleetArgs) -> anyhow::Result<()> {
 /// One point as a row of the markdown table.
 fn markdown_row(p: &FleetPoint) -> String {
     format!(
-        "| {} | {} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} / {:.1} | \
-         {:.0} | {:.2} / {:.2} |\n",
+        "| {} | {} | {} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} / {:.1} | \
+         {:.0} | {:.2} / {:.2} | {} |\n",
         p.workers,
         p.model,
+        p.mode,
         p.updates_per_s,
         p.shard_cpu_ms_per_gradient,
         p.pull_p50_ms,
@@ -82,16 +89,21 @@ fn markdown_row(p: &FleetPoint) -> String {
         p.shard_rss_end_mb,
         p.shard_kib_per_idle_worker,
         p.applied_min_over_mean,
-        p.applied_max_over_mean
+        p.applied_max_over_mean,
+        match (p.step_wait_p50_ms, p.step_wait_p99_ms) {
+            (Some(a), Some(b)) => format!("{a:.2} / {b:.2}"),
+            _ => "-".into(),
+        }
     )
 }
 
 /// The points as a markdown table.
 pub fn markdown(points: &[FleetPoint]) -> String {
     let mut t = String::from(
-        "| workers | model | updates/s | shard CPU per gradient (ms) | pull p50 / p99 (ms) | \
+        "| workers | model | mode | updates/s | shard CPU per gradient (ms) | pull p50 / p99 (ms) | \
          push p50 / p99 (ms) | shard RSS empty / idle / end (MB) | KiB per idle worker | \
-         applied min / max over mean |\n|---|---|---|---|---|---|---|---|---|\n",
+         applied min / max over mean | sync step's wait for its last gradient p50 / p99 (ms) \
+         |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         t.push_str(&markdown_row(p));
@@ -106,6 +118,8 @@ pub struct FleetConfig {
     pub worker_counts: Vec<usize>,
     /// `cnn` or `convnet`: the layout every push and pull carries.
     pub model: String,
+    /// A sync shard (workers wait at its gate each step) instead of an async one.
+    pub sync: bool,
     /// Seconds of pulling and pushing per fleet size.
     pub seconds: f64,
 }
@@ -115,6 +129,7 @@ pub struct FleetConfig {
 pub struct FleetPoint {
     pub workers: usize,
     pub model: String,
+    pub mode: &'static str,
     pub seconds: f64,
     pub gradients_applied: u64,
     pub updates_per_s: f64,
@@ -134,6 +149,10 @@ pub struct FleetPoint {
     /// The fewest and most gradients applied of one worker, over the mean.
     pub applied_min_over_mean: f64,
     pub applied_max_over_mean: f64,
+    /// Sync: per step, the longest any of its workers waited at the gate (from its push to
+    /// the step's weights), over the steps.
+    pub step_wait_p50_ms: Option<f64>,
+    pub step_wait_p99_ms: Option<f64>,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -169,8 +188,12 @@ fn start_shard(
     token: &RunToken,
 ) -> Result<(Proc, Vec<String>, Served), TrainError> {
     let mut cmd = Command::new(&cfg.exe);
-    cmd.args(["server", "--listen", "127.0.0.1:0", "--mode", "async"])
-        .args(["--max-staleness", "0", "--iterations", "1000000000000"])
+    cmd.args(["server", "--listen", "127.0.0.1:0"])
+        .args(match cfg.sync {
+            true => ["--mode", "sync"].as_slice(),
+            false => ["--mode", "async", "--max-staleness", "0"].as_slice(),
+        })
+        .args(["--iterations", "1000000000000"])
         .args(["--workers", &workers.to_string(), "--model", &cfg.model])
         .args([
             "--optimizer",
@@ -210,11 +233,12 @@ fn fleet_point(cfg: &FleetConfig, workers: usize) -> Result<FleetPoint, TrainErr
         Arc::new(Barrier::new(workers + 1)),
     );
     let stop = Arc::new(AtomicBool::new(false));
+    let sync = cfg.sync;
     let threads: Vec<_> = (0..workers)
         .map(|rank| {
             let c = client_cfg(Role::Worker, rank);
             let (ready, go, stop) = (ready.clone(), go.clone(), stop.clone());
-            std::thread::spawn(move || worker(&c, &ready, &go, &stop))
+            std::thread::spawn(move || worker(&c, &ready, &go, &stop, sync))
         })
         .collect();
     ready.wait();
@@ -252,12 +276,14 @@ fn summarize(
     wall: f64,
     cpu: f64,
     applied: &[f64],
-    (mut pulls, mut pushes): Latencies,
+    (pulls, mut pushes): Latencies,
     (empty, idle, end): (f64, f64, f64),
 ) -> FleetPoint {
     let workers = applied.len();
     let total: f64 = applied.iter().sum();
     let mean = total / workers.max(1) as f64;
+    let step_waits = cfg.sync.then(|| step_waits(&pulls));
+    let mut pulls: Vec<f64> = pulls.into_iter().map(|(_, s)| s).collect();
     pulls.sort_by(f64::total_cmp);
     pushes.sort_by(f64::total_cmp);
     let ms = |v: f64| v * 1e3;
@@ -266,6 +292,7 @@ fn summarize(
     FleetPoint {
         workers,
         model: cfg.model.clone(),
+        mode: if cfg.sync { "sync" } else { "async" },
         seconds: wall,
         gradients_applied: total as u64,
         updates_per_s: total / wall.max(1e-9),
@@ -280,23 +307,39 @@ fn summarize(
         shard_kib_per_idle_worker: (idle - empty).max(0.0) * 1e6 / 1024.0 / workers.max(1) as f64,
         applied_min_over_mean: ratio(f64::min, f64::INFINITY),
         applied_max_over_mean: ratio(f64::max, 0.0),
+        step_wait_p50_ms: step_waits.as_ref().map(|w| ms(percentile(w, 0.5))),
+        step_wait_p99_ms: step_waits.as_ref().map(|w| ms(percentile(w, 0.99))),
     }
+}
+
+/// Each step's longest wait at the gate (pulls by the version they were answered with),
+/// sorted.
+fn step_waits(pulls: &[(u64, f64)]) -> Vec<f64> {
+    let mut longest = std::collections::BTreeMap::new();
+    for &(version, secs) in pulls {
+        let w = longest.entry(version).or_insert(0.0f64);
+        *w = w.max(secs);
+    }
+    let mut waits: Vec<f64> = longest.into_values().collect();
+    waits.sort_by(f64::total_cmp);
+    waits
 }
 
 fn no_stdout() -> TrainError {
     TrainError::Launch("the fleet's shard has no stdout".into())
 }
 
-/// Seconds of each pull and each push.
-type Latencies = (Vec<f64>, Vec<f64>);
+/// Each pull's (version answered, seconds) and each push's seconds.
+type Latencies = (Vec<(u64, f64)>, Vec<f64>);
 
 /// One worker of the fleet: connects, pulls, waits for the start, then pulls and pushes
-/// until `stop`.
+/// until `stop` (in sync, each pull waits at the gate for the step's last gradient).
 fn worker(
     cfg: &ClientConfig,
     ready: &Barrier,
     go: &Barrier,
     stop: &AtomicBool,
+    sync: bool,
 ) -> Result<Latencies, TrainError> {
     let connected = TcpClient::connect(cfg).map_err(launch_error);
     let mut params = vec![0.0f32; cfg.layout.len()];
@@ -325,10 +368,10 @@ fn worker(
         pushes.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         version = client
-            .pull(&mut params, Some(version), false)
+            .pull(&mut params, Some(version), sync)
             .map_err(client_error)?
             .version;
-        pulls.push(t.elapsed().as_secs_f64());
+        pulls.push((version, t.elapsed().as_secs_f64()));
     }
     let _ = client.leave();
     Ok((pulls, pushes))
