@@ -23,7 +23,10 @@ fn bench(sync: bool) {
         assert!(p.gradients_applied > 0, "{p:?}");
         assert!(p.shard_cpu_ms_per_gradient > 0.0, "{p:?}");
         assert!(p.shard_rss_idle_mb > 0.0, "{p:?}");
-        assert!(p.pull_p50_ms > 0.0 && p.pull_p99_ms >= p.pull_p50_ms, "{p:?}");
+        assert!(
+            p.pull_p50_ms > 0.0 && p.pull_p99_ms >= p.pull_p50_ms,
+            "{p:?}"
+        );
         // Every worker was served.
         assert!(p.applied_min_over_mean > 0.0, "{p:?}");
         assert_eq!(p.step_wait_p50_ms.is_some(), sync, "{p:?}");
@@ -31,7 +34,10 @@ fn bench(sync: bool) {
     if sync {
         // In lockstep every worker applies one gradient per step.
         let four = &points[1];
-        assert!(four.applied_max_over_mean - four.applied_min_over_mean < 0.05, "{four:?}");
+        assert!(
+            four.applied_max_over_mean - four.applied_min_over_mean < 0.05,
+            "{four:?}"
+        );
         assert!(four.step_wait_p99_ms >= four.step_wait_p50_ms);
     }
 }

@@ -1,7 +1,7 @@
 //! What a shard does for each request once the peer is known: pull (behind the consistency
 //! gate), push (with shard 0's coordinated-step answer), stats and goodbye.
 
-use super::shared::{Lease, Shared};
+use super::shared::Shared;
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
@@ -11,6 +11,7 @@ use pstrain_core::{
     Departure, LinkUse, PullAsk, PullCodec, PullDecision, PullReplica, PullReply, PushCodec,
     PushError, PushMeta, PushOutcome, Seat,
 };
+use std::sync::Arc;
 
 /// What a pull asks: its slice if newer than `newer_than`, after the gate when `wait`, in
 /// `codec`.
@@ -64,11 +65,11 @@ pub(super) async fn pull(
             }
         }
     };
-    let (reply, lease) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
+    let (reply, weights) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
         .await
         .map_err(|_| NetError::Timeout("at the consistency gate"))?;
     let mut pulled = Pulled::from(reply);
-    let tensor: &[f32] = lease.as_ref().map_or(&[], |l| &l.buf);
+    let tensor: &[f32] = weights.as_deref().map_or(&[], |w| w.as_slice());
     let worker = rank.is_some();
     pulled.delta = worker
         && !tensor.is_empty()
@@ -125,24 +126,19 @@ async fn send_pulled(
 }
 
 /// The engine's decision on a pull now: `None` while it waits at the gate, else the answer
-/// and, when it is `updated`, the shard's weights in a leased buffer.
+/// and, when it is `updated`, the shard's weights (shared by the pulls of that version).
 fn decide_pull(
     shared: &Shared,
     rank: Option<usize>,
     ask: PullAsk,
     arrived: std::time::Duration,
-) -> Option<(PullReply, Option<Lease<'_>>)> {
+) -> Option<(PullReply, Option<Arc<Vec<f32>>>)> {
     let mut state = shared.lock();
     let PullDecision::Answer(reply) = state.engine.pull(rank, ask, arrived, shared.now()) else {
         return None;
     };
-    let lease = reply.updated.then(|| {
-        let mut lease = shared.lease_buffer();
-        lease.buf.clear();
-        lease.buf.extend_from_slice(state.engine.params());
-        lease
-    });
-    Some((reply, lease))
+    let weights = reply.updated.then(|| state.weights_for_pull());
+    Some((reply, weights))
 }
 
 /// Reads a push (head, then the slice straight into `buf`, or through `wire` and the push
