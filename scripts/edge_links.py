@@ -10,8 +10,9 @@ so evaluation costs the run no time. Reported per run: wall time from the worker
 the shard's last update, updates/s, the accuracy at the end, bytes per update each way and each
 worker's share of the wall time on its link (as the shard counted them: its closing report), the
 codecs each worker used last (`auto` picks its own), and the times to 98%, 98.5% and 99% where a
-checkpoint reached it and every later one held it. A codec pair is PUSH/PULL or `auto`; a link is a rate
-for every worker (`100mbit`) or one per worker (`100mbit+10mbit`).
+checkpoint reached it and every later one held it. A codec pair is PUSH/PULL or `auto`, with
+`@overlap` added for workers that push and pull while computing (`pstrain worker --overlap`);
+a link is a rate for every worker (`100mbit`) or one per worker (`100mbit+10mbit`).
 
     sudo python3 scripts/edge_links.py --data-dir ../shared/data/mnist \\
         --links loopback,100mbit,20mbit --codecs fp32/fp32,bf16/bf16,int8/bf16,topk:10/bf16 \\
@@ -66,7 +67,7 @@ def evaluate(exe: str, data: str, ckpt_file: Path) -> float:
     return float(m.group(1))
 
 
-def run_one(exe, data, link, push, pull, mode, updates, every, workers=2):
+def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overlap=False):
     prefix = f"el{os.getpid() % 1000}"
     work = Path(tempfile.mkdtemp())
     token = work / "run.token"
@@ -98,6 +99,8 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2):
             address = "127.0.0.1:7400" if link == "loopback" else f"10.77.{rank}.1:7400"
             cmd = [exe, "worker", "--servers", address, "--rank", str(rank), "--threads", "1",
                    "--data-dir", data, "--token-file", str(token)]
+            if overlap:
+                cmd.append("--overlap")
             if link != "loopback":
                 cmd = ["ip", "netns", "exec", f"{prefix}-w{rank}"] + cmd
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -129,7 +132,8 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2):
         reached[target] = next((p["t"] for i, p in enumerate(points)
                                 if all(q["accuracy"] >= target for q in points[i:])), None)
     return {
-        "link": link, "push": push, "pull": pull, "mode": mode, "updates": updates,
+        "link": link, "push": push, "pull": pull, "overlap": overlap, "mode": mode,
+        "updates": updates,
         "wall_s": wall, "updates_per_s": round(updates / wall, 2),
         "final_accuracy": points[-1]["accuracy"], "time_to_98_s": reached[98.0],
         "time_to_98_5_s": reached[98.5], "time_to_99_s": reached[99.0],
@@ -145,7 +149,8 @@ def markdown(runs):
              "each worker's share of time on its link | codecs at the end |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["mode"], r["updates"]): r for r in runs
-            if r["link"] == "loopback" and r["push"] == "fp32" and r["pull"] == "fp32"}
+            if r["link"] == "loopback" and r["push"] == "fp32" and r["pull"] == "fp32"
+            and not r.get("overlap")}
     for r in runs:
         b = base.get((r["mode"], r["updates"]))
         slower = f"{r['wall_s'] / b['wall_s']:.2f}x" if b else ""
@@ -154,7 +159,8 @@ def markdown(runs):
         times = " / ".join("-" if r.get(k) is None else f"{r[k]:.1f}"
                            for k in ("time_to_98_s", "time_to_98_5_s", "time_to_99_s"))
         lines.append(
-            f"| {r['link']} | {r['push']} / {r['pull']} | {r['mode']} | {r['updates']} | "
+            f"| {r['link']} | {r['push']} / {r['pull']}{', overlapped' if r.get('overlap') else ''}"
+            f" | {r['mode']} | {r['updates']} | "
             f"{r['wall_s']:.1f} | {r['updates_per_s']} | {slower} | {r['final_accuracy']:.2f}% | "
             f"{times} | "
             f"{r['push_bytes_per_update'] / 1e6:.3f} / {r['pull_bytes_per_update'] / 1e6:.3f} | "
@@ -185,9 +191,12 @@ def main():
             for pair in a.codecs.split(","):
                 if f"{link}:{pair}" in skip:
                     continue
-                push, pull = pair.split("/") if "/" in pair else (pair, pair)
-                r = run_one(a.pstrain, data, link, push, pull, mode, a.updates, a.every)
-                print(f"{link} {push}/{pull} {mode}: {r['wall_s']:.1f} s, "
+                codecs, overlap = (pair[:-len("@overlap")], True) \
+                    if pair.endswith("@overlap") else (pair, False)
+                push, pull = codecs.split("/") if "/" in codecs else (codecs, codecs)
+                r = run_one(a.pstrain, data, link, push, pull, mode, a.updates, a.every,
+                            overlap=overlap)
+                print(f"{link} {pair} {mode}: {r['wall_s']:.1f} s, "
                       f"{r['updates_per_s']} updates/s, {r['final_accuracy']:.2f}%", flush=True)
                 runs.append(r)
     Path(a.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "runs": runs},

@@ -50,14 +50,22 @@ def held_time(evals, target):
     return None
 
 
-def run_one(exe, data, workers, model, batch, mode, updates, every, churn, away, extra,
+def mode_flags(mode, lr):
+    """The mode's flags from MODES, its learning rate replaced by `lr` if given."""
+    flags = list(MODES[mode])
+    if lr is not None:
+        flags[flags.index("--lr") + 1] = lr
+    return flags
+
+
+def run_one(exe, data, workers, model, batch, mode, lr, updates, every, churn, away, extra,
             timeout):
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "metrics.jsonl"
         cmd = [exe, "train", "--transport", "tcp", "--data-dir", data,
                "--workers", str(workers), "--model", model, "--batch-size", str(batch),
                "--iterations", str(updates), "--eval-every", str(every),
-               "--metrics", str(metrics), *MODES[mode], *extra]
+               "--metrics", str(metrics), *mode_flags(mode, lr), *extra]
         if churn > 0:
             cmd += ["--churn", str(churn), "--churn-away", str(away)]
         started = time.time()
@@ -70,7 +78,7 @@ def run_one(exe, data, workers, model, batch, mode, updates, every, churn, away,
     evals = [r for r in records if r.get("event") == "eval"]
     summary = next(r for r in records if r.get("event") == "summary")
     row = {"workers": workers, "model": model, "batch": batch, "mode": mode,
-           "flags": MODES[mode] + extra, "updates": summary["updates"], "churn": churn,
+           "flags": mode_flags(mode, lr) + extra, "updates": summary["updates"], "churn": churn,
            "churn_away_s": away if churn > 0 else None,
            "wall_s": round(summary["wall_time_s"], 1),
            "final_accuracy": round(100 * summary["test_accuracy"], 2),
@@ -118,10 +126,11 @@ def main():
     p.add_argument("--modes", default="sync,ssp,buffered,async")
     p.add_argument("--churn", default="0,0.2", help="fractions leaving per minute")
     p.add_argument("--churn-away", type=float, default=5.0)
-    p.add_argument("--updates", default="sync=100,ssp=100,buffered=360,async=23000",
+    p.add_argument("--updates", default="sync=130,ssp=160,buffered=520,async=33000",
                    help="update budget per mode")
     p.add_argument("--every", default="sync=5,ssp=5,buffered=20,async=1280",
                    help="updates between evaluations per mode")
+    p.add_argument("--lr", default="", help="learning rates replacing MODES', e.g. async=0.008")
     p.add_argument("--extra", default="", help="flags added to every run, space-separated")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default=str(REPO / "docs" / "fleet-accuracy.json"))
@@ -130,12 +139,13 @@ def main():
     data = str(Path(a.data_dir).resolve())
     budget = dict(kv.split("=") for kv in a.updates.split(","))
     every = dict(kv.split("=") for kv in a.every.split(","))
+    rates = dict(kv.split("=") for kv in a.lr.split(",") if kv)
     runs = []
     for workers in map(int, a.workers.split(",")):
         for mode in a.modes.split(","):
             for churn in map(float, a.churn.split(",")):
                 r = run_one(a.pstrain, data, workers, a.model, a.batch, mode,
-                            int(budget[mode]), int(every[mode]), churn, a.churn_away,
+                            rates.get(mode), int(budget[mode]), int(every[mode]), churn, a.churn_away,
                             a.extra.split(), a.timeout)
                 print(json.dumps({k: v for k, v in r.items() if k != "evals"}), flush=True)
                 runs.append(r)

@@ -7,6 +7,11 @@
 use crate::client::PullReply;
 use crate::config::Mode;
 use crate::shard_state::PushOutcome;
+use std::collections::VecDeque;
+
+/// How many pulls back a push may name the weights it was computed from (an overlapped
+/// worker's gradient is one pull behind; more is kept for slack).
+const PULLS_REMEMBERED: usize = 4;
 
 /// What the client knows of one shard's slice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,6 +64,11 @@ pub struct FanOut {
     route: PushRoute,
     /// The mode's gate is the rank's own lead (`ModeSpec::lead_gate`).
     lead_gate: bool,
+    /// After each of the last few pulls: the version it answered and each slice's version
+    /// then, newest last. A push names the weights it was computed from by that version
+    /// (`PushMeta::base_version`), which is not the last pull's when the worker pulls while
+    /// it computes.
+    pulls: VecDeque<(u64, Vec<u64>)>,
 }
 
 impl FanOut {
@@ -81,6 +91,7 @@ impl FanOut {
                 .collect(),
             route,
             lead_gate: mode.spec().lead_gate,
+            pulls: VecDeque::new(),
         }
     }
 
@@ -101,6 +112,28 @@ impl FanOut {
     /// (each shard judges staleness against the version its slice came from).
     pub fn base_version(&self, shard: usize) -> u64 {
         self.slices.get(shard).map_or(0, |s| s.version)
+    }
+
+    /// The base version a push to shard `shard` carries for a gradient computed from the
+    /// weights a pull answered with `computed_from`: that pull's slice version if it is one
+    /// of the last few, else the slice held now (as after a reconnect).
+    pub fn base_version_of(&self, shard: usize, computed_from: u64) -> u64 {
+        self.pulls
+            .iter()
+            .rev()
+            .find(|(answered, _)| *answered == computed_from)
+            .and_then(|(_, versions)| versions.get(shard).copied())
+            .unwrap_or_else(|| self.base_version(shard))
+    }
+
+    /// The shards' answers to one pull are in (`pulled` for each), combined as `answered`:
+    /// remembers the slices' versions under that pull's version.
+    pub fn remember_pull(&mut self, answered: u64) {
+        if self.pulls.len() == PULLS_REMEMBERED {
+            self.pulls.pop_front();
+        }
+        let versions = self.slices.iter().map(|s| s.version).collect();
+        self.pulls.push_back((answered, versions));
     }
 
     /// Shard `shard` answered a push with `outcome`.
@@ -250,6 +283,34 @@ mod tests {
         assert!(!f.pull_ask(0, Some(4), true).wait);
         // Without `newer_than` and without a wait, every slice is asked for.
         assert_eq!(f.pull_ask(1, None, false).newer_than, None);
+    }
+
+    #[test]
+    fn a_push_names_the_pull_it_was_computed_from() {
+        let mut f = FanOut::new(
+            Mode::Async {
+                max_staleness: None,
+            },
+            &[0, 0],
+        );
+        for (s, v) in [(0, 3), (1, 4)] {
+            f.pulled(s, &pulled(v, true, false));
+        }
+        f.remember_pull(3);
+        // A second pull while the gradient on version 3's weights is computed.
+        for (s, v) in [(0, 6), (1, 8)] {
+            f.pulled(s, &pulled(v, true, false));
+        }
+        f.remember_pull(6);
+        assert_eq!((f.base_version_of(0, 3), f.base_version_of(1, 3)), (3, 4));
+        assert_eq!((f.base_version_of(0, 6), f.base_version_of(1, 6)), (6, 8));
+        // A version no remembered pull answered (a reconnect since): the slices held now.
+        assert_eq!(f.base_version_of(1, 5), 8);
+        // Only the last few pulls are remembered.
+        for v in 10..10 + PULLS_REMEMBERED as u64 {
+            f.remember_pull(v);
+        }
+        assert_eq!(f.base_version_of(0, 3), 6);
     }
 
     #[test]

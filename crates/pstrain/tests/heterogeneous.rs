@@ -190,3 +190,22 @@ fn ssp_over_tcp_shards_with_a_slow_worker_process() {
     );
     assert!(fast.numbers.wait_s > slow.numbers.wait_s, "{s:?}");
 }
+
+/// Devices whose speeds change as the run goes (each draws a factor from 1 to 4 anew every
+/// 0.3 s): async still reaches the threshold, and every worker keeps contributing.
+#[test]
+fn async_reaches_the_threshold_with_device_speeds_that_change() {
+    let mut cfg = heterogeneous(
+        Mode::Async {
+            max_staleness: None,
+        },
+        |_| {},
+    );
+    cfg.slowdown.clear();
+    cfg.speed_spread = Some(4.0);
+    cfg.speed_period = Some(0.3);
+    let s = run_bounded(cfg, BOUND);
+    reaches_threshold("async, varying speeds", &s);
+    let applied: Vec<u64> = s.per_worker.iter().map(|w| w.numbers.applied).collect();
+    assert!(applied.iter().all(|&a| a > 0), "{applied:?}");
+}

@@ -8,7 +8,7 @@ use common::{cnn_one_epoch, convnet_as_original};
 use pstrain::launch::cluster::{train_tcp, ClusterConfig};
 use pstrain::{train, Quiet, TrainConfig, TrainOutcome};
 use pstrain_compute::ModelKind;
-use pstrain_core::Mode;
+use pstrain_core::{Mode, PullCodec, PushCodec};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -85,6 +85,23 @@ fn convnet_async_over_tcp_reaches_85() {
     let s = run_tcp(&convnet_as_original(ASYNC, 400), 2).summary;
     assert_eq!(s.updates, 400);
     assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
+}
+
+/// Overlapped workers over TCP with compressed pushes and delta pulls: each pull lands in
+/// the buffer the last one filled (the shard's replica of it), not in the weights the
+/// model is computing on.
+#[test]
+fn convnet_async_overlapped_with_delta_pulls_over_tcp_reaches_85() {
+    let mut cfg = convnet_as_original(ASYNC, 400);
+    cfg.overlap = true;
+    cfg.plan.push_codec = PushCodec::Int8;
+    cfg.plan.pull_codec = PullCodec::DeltaInt8;
+    let s = run_tcp(&cfg, 2).summary;
+    assert_eq!(s.updates, 400);
+    assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
+    // Each push names the weights it was computed from, a pull before the last: the shards
+    // count the worker's own previous gradient too (about 1 without overlap).
+    assert!(s.staleness_mean > 1.5, "{}", s.staleness_mean);
 }
 
 #[test]

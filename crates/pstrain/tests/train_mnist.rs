@@ -43,6 +43,21 @@ fn cnn_async_two_workers_one_epoch_reaches_98_5() {
 
 /// FedBuff: 4 workers, every 4 arriving gradients (from whoever sent them) one update of
 /// their 64 samples' mean; nobody waits.
+/// Overlapped workers (each pushes and pulls while computing its next gradient, one round
+/// staler) still reach async's threshold.
+#[test]
+fn cnn_async_overlapped_two_workers_one_epoch_reaches_98_5() {
+    let s = run(TrainConfig {
+        overlap: true,
+        ..cnn_one_epoch(ASYNC)
+    });
+    assert!(s.samples >= 60_000 && s.samples < 61_000, "{}", s.samples);
+    // Each gradient arrives after the worker's own previous one and the other's: 2 or more
+    // (without overlap about 1).
+    assert!(s.staleness_mean > 1.5, "{}", s.staleness_mean);
+    assert!(s.test_accuracy >= 0.985, "{}", s.test_accuracy);
+}
+
 #[test]
 fn cnn_buffered_four_workers_one_epoch_reaches_98() {
     let mut cfg = cnn_one_epoch(Mode::Buffered {

@@ -215,7 +215,9 @@ impl TcpClient {
             self.fan.pulled(s, reply);
         }
         self.pulled_at = Some(std::time::Instant::now());
-        Ok(FanOut::combine_pulls(&replies))
+        let answer = FanOut::combine_pulls(&replies);
+        self.fan.remember_pull(answer.version);
+        Ok(answer)
     }
 
     fn check_len(&self, got: usize) -> Result<(), NetError> {
@@ -256,7 +258,7 @@ impl TcpClient {
             // the slices tagged with that step, so every shard applies the same gradients.
             let wait = self.cfg.wait_timeout;
             let slice0 = &grad[zero.range.clone()];
-            let base = self.fan.base_version(0);
+            let base = self.fan.base_version_of(0, meta.base_version);
             let reply = self
                 .rt
                 .block_on(zero.push(meta, base, slice0, None, workers, wait))?;
@@ -270,7 +272,7 @@ impl TcpClient {
         let fan = &self.fan;
         let pushes = rest.iter_mut().enumerate().map(|(i, shard)| {
             let (slice, io) = (&grad[shard.range.clone()], shard.conn.io_timeout());
-            let base = fan.base_version(offset + i);
+            let base = fan.base_version_of(offset + i, meta.base_version);
             shard.push(meta, base, slice, step.clone(), workers, io)
         });
         let replies = self.rt.block_on(try_join_all(pushes))?;

@@ -5,6 +5,7 @@
 use super::parse_flags;
 use super::server::{server_argv, ServerArgs};
 use super::worker::{worker_argv, WorkerArgs};
+use crate::run::device_speed::DeviceSpeed;
 use crate::run::{CheckpointPolicy, TrainConfig};
 use pstrain_core::{Mode, OptimizerConfig, RunPlan};
 use std::path::{Path, PathBuf};
@@ -91,6 +92,8 @@ fn a_launched_worker_keeps_its_own_settings() {
         threads: 3,
         slowdown: vec![(1, 2.5), (4, 10.0)],
         speed_spread: Some(8.0),
+        speed_period: Some(30.0),
+        overlap: true,
         ..TrainConfig::default()
     };
     let dir = Path::new("/data/m nist");
@@ -102,6 +105,8 @@ fn a_launched_worker_keeps_its_own_settings() {
     assert_eq!(args.threads(), cfg.threads);
     assert_eq!(args.slowdown, cfg.slowdown);
     assert_eq!(args.speed_spread, cfg.speed_spread);
+    assert!(args.overlap);
+    assert_eq!(args.speed_period, cfg.speed_period);
     assert_eq!(args.data.data_dir.as_deref(), Some(dir));
     assert_eq!(args.servers, ["a:1", "b:2"]);
     // The plan is not the worker's to be told: it comes from the shards.
@@ -140,9 +145,56 @@ fn a_speed_spread_gives_every_rank_its_own_seeded_speed_and_slowdown_overrides_i
         ..cfg.clone()
     };
     assert_ne!(speeds[0], reseeded.slowdown_of(0));
-    let bad = TrainConfig {
-        speed_spread: Some(0.5),
-        ..cfg
+    // With a period, the drawn ranks' speeds vary; a rank given --slowdown keeps its own.
+    let varying = TrainConfig {
+        speed_period: Some(5.0),
+        ..cfg.clone()
     };
-    assert!(bad.validate().is_err());
+    assert!(matches!(
+        varying.speed_of(0),
+        DeviceSpeed::Varying { rank: 0, .. }
+    ));
+    assert_eq!(varying.speed_of(3), DeviceSpeed::Fixed(2.0));
+    assert_eq!(cfg.speed_of(0), DeviceSpeed::Fixed(speeds[0]));
+    for bad in [
+        TrainConfig {
+            speed_spread: Some(0.5),
+            ..cfg.clone()
+        },
+        TrainConfig {
+            speed_period: Some(0.0),
+            ..varying.clone()
+        },
+        TrainConfig {
+            speed_spread: None,
+            ..varying
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn overlap_is_for_modes_whose_pulls_do_not_wait() {
+    let with = |mode: Mode| TrainConfig {
+        plan: RunPlan { mode, ..plan() },
+        overlap: true,
+        ..TrainConfig::default()
+    };
+    for mode in [Mode::Sync { backup_workers: 0 }, Mode::Ssp { max_lead: 3 }] {
+        let err = with(mode).validate().unwrap_err().to_string();
+        assert!(err.contains("overlap"), "{err}");
+    }
+    for mode in [
+        Mode::Async {
+            max_staleness: None,
+        },
+        Mode::Buffered {
+            k: 2,
+            max_staleness: None,
+        },
+    ] {
+        with(mode).validate().unwrap();
+        assert!(with(mode).worker_config(0).overlap);
+    }
 }

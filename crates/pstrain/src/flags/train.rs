@@ -93,6 +93,14 @@ pub struct TrainArgs {
     /// its rank, log-uniform from 1 to F (seeded by --seed; --slowdown overrides a rank)
     #[arg(long, value_name = "F")]
     pub speed_spread: Option<f64>,
+    /// With --speed-spread: each worker draws its factor anew every S seconds of its run (a
+    /// device slow for a while, then fast)
+    #[arg(long, value_name = "S", requires = "speed_spread")]
+    pub speed_period: Option<f64>,
+    /// Async and buffered modes: each worker pushes its last gradient and pulls while it
+    /// computes the next, hiding a slow link's time (each gradient is one round older)
+    #[arg(long)]
+    pub overlap: bool,
     #[command(flatten)]
     pub data: DataArgs,
 }
@@ -109,13 +117,16 @@ pub fn parse_slowdown(s: &str) -> Result<(usize, f64), String> {
     Ok((rank, factor))
 }
 
-/// The `--slowdown` and `--speed-spread` flags that reproduce `cfg`'s.
+/// The `--slowdown`, `--speed-spread` and `--speed-period` flags that reproduce `cfg`'s.
 pub fn slowdown_argv(cfg: &TrainConfig) -> Vec<String> {
     let mut a: Vec<String> = (cfg.slowdown.iter())
         .flat_map(|(r, f)| ["--slowdown".to_string(), format!("{r}={f}")])
         .collect();
     if let Some(spread) = cfg.speed_spread {
         a.extend(["--speed-spread".to_string(), spread.to_string()]);
+    }
+    if let Some(period) = cfg.speed_period {
+        a.extend(["--speed-period".to_string(), period.to_string()]);
     }
     a
 }
@@ -139,6 +150,8 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
             })?,
         slowdown: args.slowdown.clone(),
         speed_spread: args.speed_spread,
+        speed_period: args.speed_period,
+        overlap: args.overlap,
         metrics_addr: args.metrics_addr.clone(),
     };
     cfg.validate().context("invalid training flags")?;

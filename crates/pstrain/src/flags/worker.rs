@@ -58,6 +58,13 @@ pub struct WorkerArgs {
     /// run's seed), as `pstrain train --speed-spread` does
     #[arg(long, value_name = "F")]
     pub speed_spread: Option<f64>,
+    /// With --speed-spread: draw the factor anew every S seconds of the run
+    #[arg(long, value_name = "S", requires = "speed_spread")]
+    pub speed_period: Option<f64>,
+    /// Push the last gradient and pull while computing the next (async and buffered modes),
+    /// hiding a slow link's time; each gradient is one round older
+    #[arg(long)]
+    pub overlap: bool,
     /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
     #[command(flatten)]
     pub run: RunArgs,
@@ -100,5 +107,8 @@ pub fn worker_argv(cfg: &TrainConfig, data_dir: Option<&Path>) -> Vec<String> {
         a.extend(["--data-dir".into(), dir.display().to_string()]);
     }
     a.extend(slowdown_argv(cfg));
+    if cfg.overlap {
+        a.push("--overlap".into());
+    }
     a
 }

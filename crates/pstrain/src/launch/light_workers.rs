@@ -11,6 +11,7 @@ use crate::launch::cluster_config::WORKER_RESTARTS;
 use crate::launch::remote_worker::{prepare, Joining};
 use crate::report::usage::peak_rss_mb;
 use crate::run::compute_gate::{ComputeGate, GatedModel};
+use crate::run::device_speed::DeviceSpeed;
 use crate::run::worker::{train_until, WorkerData, WorkerReport};
 use anyhow::{bail, Context, Result};
 use pstrain_compute::mnist::Split;
@@ -112,9 +113,9 @@ impl Group<'_> {
     fn run(&self, rank: usize, shard: &Split) -> Result<WorkerReport> {
         let mut wcfg = self.joining.cfg.worker_config(rank);
         // A slow device's extra time is taken outside the compute gate, not in the loop.
-        let slowdown = std::mem::replace(&mut wcfg.slowdown, 1.0);
+        let speed = std::mem::replace(&mut wcfg.speed, DeviceSpeed::FULL);
         let inner = self.joining.model(self.args.threads())?;
-        let mut model = GatedModel::new(inner, self.gate.clone(), slowdown);
+        let mut model = GatedModel::new(inner, self.gate.clone(), speed);
         let data = WorkerData::OwnShard {
             samples: shard,
             of: self.total,

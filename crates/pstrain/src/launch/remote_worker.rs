@@ -36,6 +36,8 @@ fn adopt(args: &WorkerArgs, plan: pstrain_core::RunPlan) -> Result<TrainConfig> 
         threads: args.threads(),
         slowdown: args.slowdown.clone(),
         speed_spread: args.speed_spread,
+        speed_period: args.speed_period,
+        overlap: args.overlap,
         ..TrainConfig::default()
     };
     cfg.validate()

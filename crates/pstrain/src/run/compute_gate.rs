@@ -2,6 +2,7 @@
 //! light workers (many in one process) share a device's cores instead of time-slicing them
 //! by the hundred, and none waits longer than those that asked before it.
 
+use crate::run::device_speed::{DeviceSpeed, SpeedClock};
 use pstrain_compute::{ComputeError, EvalStats, Model, StepStats};
 use pstrain_core::{Layout, Rng};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -58,21 +59,21 @@ impl Drop for Slot<'_> {
 }
 
 /// A model that computes only while it holds a slot of its process's gate; a slow device's
-/// extra time (`slowdown`) is spent after giving the slot back, so it costs the others none.
+/// extra time is spent after giving the slot back, so it costs the others none.
 pub struct GatedModel {
     inner: Box<dyn Model>,
     gate: Arc<ComputeGate>,
-    slowdown: f64,
+    device: SpeedClock,
 }
 
 impl GatedModel {
-    /// `slowdown` as `WorkerConfig::slowdown`, but timed on the compute alone (not on the
-    /// wait for a slot).
-    pub fn new(inner: Box<dyn Model>, gate: Arc<ComputeGate>, slowdown: f64) -> Self {
+    /// `speed` as `WorkerConfig::speed`, but timed on the compute alone (not on the wait for
+    /// a slot), on a clock started now.
+    pub fn new(inner: Box<dyn Model>, gate: Arc<ComputeGate>, speed: DeviceSpeed) -> Self {
         GatedModel {
             inner,
             gate,
-            slowdown,
+            device: SpeedClock::start(speed),
         }
     }
 }
@@ -107,9 +108,7 @@ impl Model for GatedModel {
         let stats = self.inner.train_step(params, images, labels, grads, rng);
         let took = started.elapsed();
         drop(slot);
-        if self.slowdown > 1.0 {
-            std::thread::sleep(took.mul_f64(self.slowdown - 1.0));
-        }
+        self.device.pace(took);
         stats
     }
 

@@ -1,10 +1,12 @@
 //! `TrainConfig`: a run as one process carries it out (the shared run plan plus this
 //! process's own evaluation, threads, checkpoints, slowdowns and metrics address).
 
+use crate::run::device_speed::DeviceSpeed;
 use crate::run::error::TrainError;
 use crate::run::worker::WorkerConfig;
 use pstrain_compute::{ModelKind, ModelOptions};
 use pstrain_core::{ConfigError, Rng, RunPlan};
+use std::time::Duration;
 
 pub use pstrain_store::CheckpointPolicy;
 
@@ -25,6 +27,11 @@ pub struct TrainConfig {
     /// A fleet of devices of different speeds: every worker not in `slowdown` is slowed by
     /// a factor drawn for its rank, log-uniform from 1 to this (seeded by the plan's seed).
     pub speed_spread: Option<f64>,
+    /// With `speed_spread`: each of those workers draws its factor anew every this many
+    /// seconds of its run (a device slow for a while, then fast).
+    pub speed_period: Option<f64>,
+    /// Workers push and pull while computing the next gradient (`WorkerConfig::overlap`).
+    pub overlap: bool,
     /// Serve `/metrics` and the live page on this address while the run goes on.
     pub metrics_addr: Option<String>,
 }
@@ -38,6 +45,8 @@ impl Default for TrainConfig {
             checkpoint: None,
             slowdown: Vec::new(),
             speed_spread: None,
+            speed_period: None,
+            overlap: false,
             metrics_addr: None,
         }
     }
@@ -85,6 +94,23 @@ impl TrainConfig {
                 value: spread.to_string(),
             }));
         }
+        if let Some(period) = self.speed_period {
+            if self.speed_spread.is_none() || !(period.is_finite() && period >= 0.01) {
+                return Err(TrainError::Config(ConfigError::OutOfRange {
+                    field: "speed_period",
+                    requirement: "at least 0.01 seconds, with a speed spread",
+                    value: period.to_string(),
+                }));
+            }
+        }
+        let mode = &self.plan.mode;
+        if self.overlap && (mode.lockstep() || mode.pull_waits() || mode.step_is_version()) {
+            return Err(TrainError::Config(ConfigError::OutOfRange {
+                field: "overlap",
+                requirement: "async or buffered mode (sync and SSP workers wait at each step)",
+                value: mode.name().to_string(),
+            }));
+        }
         Ok(self.plan.validate()?)
     }
 
@@ -109,21 +135,32 @@ impl TrainConfig {
             step_is_version: p.mode.step_is_version(),
             pull_waits: p.mode.pull_waits(),
             max_batch: p.max_batch(),
-            slowdown: self.slowdown_of(rank),
+            speed: self.speed_of(rank),
+            overlap: self.overlap,
         }
     }
 
-    /// How many times slower worker `rank` is made to run (1: not at all).
+    /// How worker `rank`'s device runs: as `--slowdown` says for it, else drawn from the
+    /// speed spread (anew every `speed_period` if set), else at full speed.
+    pub fn speed_of(&self, rank: usize) -> DeviceSpeed {
+        let given = self.slowdown.iter().any(|(r, _)| *r == rank);
+        match (self.speed_spread, self.speed_period) {
+            (Some(spread), Some(period)) if !given => DeviceSpeed::Varying {
+                spread,
+                period: Duration::from_secs_f64(period),
+                seed: self.plan.seed,
+                rank,
+            },
+            _ => DeviceSpeed::Fixed(self.slowdown_of(rank)),
+        }
+    }
+
+    /// Worker `rank`'s fixed factor: its `--slowdown`, else drawn from the speed spread, else
+    /// 1 (full speed).
     pub fn slowdown_of(&self, rank: usize) -> f64 {
         let drawn = || match self.speed_spread {
-            // Log-uniform: as many devices 1-2x slow as 2-4x, 4-8x...
             Some(spread) => {
-                let u = f64::from(
-                    Rng::new(self.plan.seed)
-                        .fork(0x5bee_d000 + rank as u64)
-                        .next_f32(),
-                );
-                spread.powf(u)
+                DeviceSpeed::draw(spread, &mut DeviceSpeed::rank_rng(self.plan.seed, rank))
             }
             None => 1.0,
         };

@@ -4,10 +4,12 @@
 
 pub mod compute_gate;
 pub mod config;
+pub mod device_speed;
 pub mod embedded;
 pub mod error;
 pub mod inproc;
 pub mod monitor;
+mod overlapped;
 pub mod worker;
 
 pub use config::{CheckpointPolicy, TrainConfig};

@@ -1,6 +1,7 @@
 //! The worker loop: pull weights, compute a gradient on the next batch of its shard, push.
 
 use crate::data::sampler::EpochSampler;
+use crate::run::device_speed::{DeviceSpeed, SpeedClock};
 use pstrain_compute::mnist::Split;
 use pstrain_compute::{ComputeError, Model};
 use pstrain_core::client::{ClientError, ParameterClient};
@@ -20,13 +21,13 @@ pub enum WorkerData<'a> {
 }
 
 impl WorkerData<'_> {
-    fn samples(&self) -> &Split {
+    pub(super) fn samples(&self) -> &Split {
         match self {
             WorkerData::Whole(s) | WorkerData::OwnShard { samples: s, .. } => s,
         }
     }
 
-    fn sampler(&self, cfg: &WorkerConfig) -> EpochSampler {
+    pub(super) fn sampler(&self, cfg: &WorkerConfig) -> EpochSampler {
         let (rank, batch) = (cfg.rank, cfg.batch_size);
         match *self {
             WorkerData::Whole(s) => EpochSampler::new(s.len(), cfg.workers, rank, batch, cfg.seed),
@@ -54,9 +55,13 @@ pub struct WorkerConfig {
     pub pull_waits: bool,
     /// Speed-balanced sync: the largest batch the shards may ask for.
     pub max_batch: usize,
-    /// Emulates a device this many times slower: after each gradient it waits `slowdown - 1`
-    /// times its compute time. 1 is full speed.
-    pub slowdown: f64,
+    /// Emulates a slower device: after each gradient it waits `factor - 1` times its compute
+    /// time (`DeviceSpeed::FULL`: not at all).
+    pub speed: DeviceSpeed,
+    /// Push the last gradient and pull while the next one is computed (modes whose pulls do
+    /// not wait): a slow link's time hides behind compute, and each gradient is one round
+    /// older when it arrives.
+    pub overlap: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -132,12 +137,16 @@ pub fn train_until(
     cfg: &WorkerConfig,
     stop: &dyn Fn() -> bool,
 ) -> Result<WorkerReport, WorkerError> {
+    if cfg.overlap {
+        return super::overlapped::train_overlapped(client, model, data, cfg, stop);
+    }
     let mut sampler = data.sampler(cfg);
     let data = data.samples();
     let rank = cfg.rank;
     let client_err = |source| WorkerError::Client { rank, source };
     let max_batch = cfg.max_batch.max(cfg.batch_size);
     let mut buffers = Buffers::new(model, max_batch);
+    let device = SpeedClock::start(cfg.speed);
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport {
         rank: cfg.rank,
@@ -169,22 +178,8 @@ pub fn train_until(
         } else {
             buffers.pick(sampler.batch_at(step));
         }
-        let started = Instant::now();
-        let (n, loss) = buffers
-            .compute(model, data, &mut dropout_seed.fork(step))
-            .map_err(|source| WorkerError::Compute { rank, source })?;
-        if cfg.slowdown > 1.0 {
-            std::thread::sleep(started.elapsed().mul_f64(cfg.slowdown - 1.0));
-        }
-        report.steps += 1;
-        report.samples += n as u64;
-        report.last_loss = loss;
-        let meta = PushMeta {
-            rank,
-            base_version: version,
-            samples: n as u32,
-            loss,
-        };
+        let computed = buffers.compute(model, data, &mut dropout_seed.fork(step), &device);
+        let meta = counted(computed, version, cfg, &mut report)?;
         if !goes_on(client.push(meta, &buffers.grads), &mut report).map_err(client_err)? {
             return Ok(report);
         }
@@ -206,10 +201,31 @@ pub fn train_until(
     Ok(report)
 }
 
+/// Counts a computed gradient in `report` and gives its push's header (computed on weights
+/// of `version`).
+pub(super) fn counted(
+    computed: Result<(usize, f32), ComputeError>,
+    version: u64,
+    cfg: &WorkerConfig,
+    report: &mut WorkerReport,
+) -> Result<PushMeta, WorkerError> {
+    let rank = cfg.rank;
+    let (n, loss) = computed.map_err(|source| WorkerError::Compute { rank, source })?;
+    report.steps += 1;
+    report.samples += n as u64;
+    report.last_loss = loss;
+    Ok(PushMeta {
+        rank,
+        base_version: version,
+        samples: n as u32,
+        loss,
+    })
+}
+
 /// The step a worker starts at, having pulled weights of `version`: in lockstep modes every
 /// update is one step of every worker, so a worker (re)joining at version v computes exactly
 /// what it would have at step v.
-fn first_step(cfg: &WorkerConfig, version: u64) -> u64 {
+pub(super) fn first_step(cfg: &WorkerConfig, version: u64) -> u64 {
     if cfg.lockstep {
         version
     } else {
@@ -218,9 +234,9 @@ fn first_step(cfg: &WorkerConfig, version: u64) -> u64 {
 }
 
 /// A worker's buffers: the weights it pulls into, the gradient it pushes from, and one batch.
-struct Buffers {
-    params: Vec<f32>,
-    grads: Vec<f32>,
+pub(super) struct Buffers {
+    pub params: Vec<f32>,
+    pub grads: Vec<f32>,
     images: Vec<f32>,
     labels: Vec<u8>,
     /// The batch's sample indices.
@@ -230,7 +246,7 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(model: &dyn Model, max_batch: usize) -> Self {
+    pub fn new(model: &dyn Model, max_batch: usize) -> Self {
         let (len, per) = (model.layout().len(), model.input_len());
         Buffers {
             params: vec![0.0; len],
@@ -243,19 +259,21 @@ impl Buffers {
     }
 
     /// Takes the batch of these sample indices.
-    fn pick(&mut self, samples: impl Iterator<Item = usize>) {
+    pub fn pick(&mut self, samples: impl Iterator<Item = usize>) {
         self.picked.clear();
         self.picked.extend(samples);
     }
 
     /// The gradient of the `picked` batch at the pulled weights, into `grads`: the batch's
-    /// size and loss.
-    fn compute(
+    /// size and loss, at the `device`'s speed.
+    pub fn compute(
         &mut self,
         model: &mut dyn Model,
         data: &Split,
         rng: &mut Rng,
+        device: &SpeedClock,
     ) -> Result<(usize, f32), ComputeError> {
+        let started = Instant::now();
         let per = self.per;
         for (j, &i) in self.picked.iter().enumerate() {
             data.copy_image(i, &mut self.images[j * per..(j + 1) * per]);
@@ -269,27 +287,40 @@ impl Buffers {
             &mut self.grads,
             rng,
         )?;
+        device.pace(started.elapsed());
         Ok((n, stats.loss))
     }
 }
 
 /// Whether the worker goes on after the shards' answer to its push (false: the run is
 /// over), counting a gradient that was not applied.
-fn goes_on(
+pub(super) fn goes_on(
     answer: Result<PushOutcome, ClientError>,
     report: &mut WorkerReport,
 ) -> Result<bool, ClientError> {
-    match answer {
-        Ok(PushOutcome::Done) => return Ok(false),
-        Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => {}
-        Ok(PushOutcome::Dropped { .. }) => report.not_applied += 1,
-        // Our own gradient overflowed: the server skipped it; carry on from fresh weights.
-        Err(ClientError::Refused(PushError::NonFinite { .. } | PushError::TooLarge { .. })) => {
-            report.not_applied += 1
-        }
-        Err(e) => return Err(e),
+    if !continues(&answer) {
+        return answer.map(|_| false);
+    }
+    if !matches!(
+        answer,
+        Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. })
+    ) {
+        report.not_applied += 1;
     }
     Ok(true)
+}
+
+/// Whether a push's answer lets the worker go on: anything but the run's end or a failure;
+/// a gradient the shards did not take (stale, late, or our own overflow, which they
+/// skipped) just leaves the worker to carry on from fresh weights.
+pub(super) fn continues(answer: &Result<PushOutcome, ClientError>) -> bool {
+    match answer {
+        Ok(PushOutcome::Done) => false,
+        Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => true,
+        Ok(PushOutcome::Dropped { .. }) => true,
+        Err(ClientError::Refused(PushError::NonFinite { .. } | PushError::TooLarge { .. })) => true,
+        Err(_) => false,
+    }
 }
 
 /// The batch the shards asked for (balanced sync), within what this worker can hold.
