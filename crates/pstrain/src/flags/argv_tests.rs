@@ -103,10 +103,10 @@ fn a_launched_worker_keeps_its_own_settings() {
     argv.extend(worker_argv(&cfg, Some(dir)));
     let args = parse_flags::<WorkerArgs>("worker", &argv).unwrap();
     assert_eq!(args.threads(), cfg.threads);
-    assert_eq!(args.slowdown, cfg.slowdown);
-    assert_eq!(args.speed_spread, cfg.speed_spread);
-    assert!(args.overlap);
-    assert_eq!(args.speed_period, cfg.speed_period);
+    assert_eq!(args.device.slowdown, cfg.slowdown);
+    assert_eq!(args.device.speed_spread, cfg.speed_spread);
+    assert!(args.device.overlap);
+    assert_eq!(args.device.speed_period, cfg.speed_period);
     assert_eq!(args.data.data_dir.as_deref(), Some(dir));
     assert_eq!(args.servers, ["a:1", "b:2"]);
     // The plan is not the worker's to be told: it comes from the shards.

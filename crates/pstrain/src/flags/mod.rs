@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod choices;
+pub mod device;
 pub mod plan;
 mod plan_codecs;
 mod plan_mode;

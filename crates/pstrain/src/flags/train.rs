@@ -3,6 +3,7 @@
 
 use crate::data::{load_data, DataArgs};
 use crate::flags::checkpoint::CheckpointArgs;
+use crate::flags::device::DeviceArgs;
 use crate::flags::plan::RunArgs;
 use crate::flags::run_id;
 use crate::flags::token::TokenArgs;
@@ -85,50 +86,10 @@ pub struct TrainArgs {
     /// With --transport tcp (and on Ray) a fresh token is made for each run unless given.
     #[command(flatten)]
     pub token: TokenArgs,
-    /// Make worker RANK FACTOR times slower (it waits FACTOR-1 times its compute time after
-    /// each gradient), to study slow devices; repeat for several workers
-    #[arg(long, value_name = "RANK=FACTOR", value_parser = parse_slowdown)]
-    pub slowdown: Vec<(usize, f64)>,
-    /// A fleet of devices of different speeds: each worker is slowed by a factor drawn for
-    /// its rank, log-uniform from 1 to F (seeded by --seed; --slowdown overrides a rank)
-    #[arg(long, value_name = "F")]
-    pub speed_spread: Option<f64>,
-    /// With --speed-spread: each worker draws its factor anew every S seconds of its run (a
-    /// device slow for a while, then fast)
-    #[arg(long, value_name = "S", requires = "speed_spread")]
-    pub speed_period: Option<f64>,
-    /// Async and buffered modes: each worker pushes its last gradient and pulls while it
-    /// computes the next, hiding a slow link's time (each gradient is one round older)
-    #[arg(long)]
-    pub overlap: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     #[command(flatten)]
     pub data: DataArgs,
-}
-
-/// `RANK=FACTOR`, e.g. `2=4` (worker 2, four times slower).
-pub fn parse_slowdown(s: &str) -> Result<(usize, f64), String> {
-    let bad = || format!("`{s}` is not RANK=FACTOR (e.g. 2=4: worker 2 four times slower)");
-    let (rank, factor) = s.split_once('=').ok_or_else(bad)?;
-    let rank: usize = rank.trim().parse().map_err(|_| bad())?;
-    let factor: f64 = factor.trim().parse().map_err(|_| bad())?;
-    if !(factor.is_finite() && (1.0..=1000.0).contains(&factor)) {
-        return Err(format!("slowdown factor {factor} must be in 1..=1000"));
-    }
-    Ok((rank, factor))
-}
-
-/// The `--slowdown`, `--speed-spread` and `--speed-period` flags that reproduce `cfg`'s.
-pub fn slowdown_argv(cfg: &TrainConfig) -> Vec<String> {
-    let mut a: Vec<String> = (cfg.slowdown.iter())
-        .flat_map(|(r, f)| ["--slowdown".to_string(), format!("{r}={f}")])
-        .collect();
-    if let Some(spread) = cfg.speed_spread {
-        a.extend(["--speed-spread".to_string(), spread.to_string()]);
-    }
-    if let Some(period) = cfg.speed_period {
-        a.extend(["--speed-period".to_string(), period.to_string()]);
-    }
-    a
 }
 
 /// The run's configuration, its data set and a reporter sized for its planned samples.
@@ -148,12 +109,10 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
             .policy(args.resume.as_deref(), resume, |dir| {
                 run_id::for_train(dir, args.checkpoints.run_id.as_deref(), resume)
             })?,
-        slowdown: args.slowdown.clone(),
-        speed_spread: args.speed_spread,
-        speed_period: args.speed_period,
-        overlap: args.overlap,
         metrics_addr: args.metrics_addr.clone(),
+        ..TrainConfig::default()
     };
+    let cfg = args.device.configure(cfg);
     cfg.validate().context("invalid training flags")?;
     cfg.check_data(data.train.len())
         .context("--train-samples must match the data set")?;

@@ -1,9 +1,9 @@
 //! `WorkerArgs`: `pstrain worker`'s flags, and the ones a launcher gives every worker of a run.
 
 use crate::data::DataArgs;
+use crate::flags::device::DeviceArgs;
 use crate::flags::plan::RunArgs;
 use crate::flags::token::TokenArgs;
-use crate::flags::train::{parse_slowdown, slowdown_argv};
 use crate::run::compute_gate::device_cores;
 use crate::run::TrainConfig;
 use clap::Args;
@@ -50,21 +50,8 @@ pub struct WorkerArgs {
     /// Talk TLS to the shards, trusting certificates signed by this CA (PEM)
     #[arg(long)]
     pub tls_ca: Option<std::path::PathBuf>,
-    /// Make this worker FACTOR times slower if it runs as RANK (it waits FACTOR-1 times its
-    /// compute time after each gradient); repeatable, so one list serves every worker
-    #[arg(long, value_name = "RANK=FACTOR", value_parser = parse_slowdown)]
-    pub slowdown: Vec<(usize, f64)>,
-    /// Slow each rank by a factor drawn for it, log-uniform from 1 to F (seeded by the
-    /// run's seed), as `pstrain train --speed-spread` does
-    #[arg(long, value_name = "F")]
-    pub speed_spread: Option<f64>,
-    /// With --speed-spread: draw the factor anew every S seconds of the run
-    #[arg(long, value_name = "S", requires = "speed_spread")]
-    pub speed_period: Option<f64>,
-    /// Push the last gradient and pull while computing the next (async and buffered modes),
-    /// hiding a slow link's time; each gradient is one round older
-    #[arg(long)]
-    pub overlap: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.
     #[command(flatten)]
     pub run: RunArgs,
@@ -106,9 +93,6 @@ pub fn worker_argv(cfg: &TrainConfig, data_dir: Option<&Path>) -> Vec<String> {
     if let Some(dir) = data_dir {
         a.extend(["--data-dir".into(), dir.display().to_string()]);
     }
-    a.extend(slowdown_argv(cfg));
-    if cfg.overlap {
-        a.push("--overlap".into());
-    }
+    a.extend(DeviceArgs::argv(cfg));
     a
 }

@@ -31,15 +31,11 @@ fn adopt(args: &WorkerArgs, plan: pstrain_core::RunPlan) -> Result<TrainConfig> 
             list.join("; ")
         );
     }
-    let cfg = TrainConfig {
+    let cfg = args.device.configure(TrainConfig {
         plan,
         threads: args.threads(),
-        slowdown: args.slowdown.clone(),
-        speed_spread: args.speed_spread,
-        speed_period: args.speed_period,
-        overlap: args.overlap,
         ..TrainConfig::default()
-    };
+    });
     cfg.validate()
         .context("the shards serve a model this worker cannot train")?;
     Ok(cfg)

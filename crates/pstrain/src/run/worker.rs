@@ -316,8 +316,7 @@ pub(super) fn goes_on(
 pub(super) fn continues(answer: &Result<PushOutcome, ClientError>) -> bool {
     match answer {
         Ok(PushOutcome::Done) => false,
-        Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. }) => true,
-        Ok(PushOutcome::Dropped { .. }) => true,
+        Ok(_) => true,
         Err(ClientError::Refused(PushError::NonFinite { .. } | PushError::TooLarge { .. })) => true,
         Err(_) => false,
     }

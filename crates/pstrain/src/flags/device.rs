@@ -1,0 +1,68 @@
+//! How a worker's device behaves, the same flags for `pstrain train` (every worker) and
+//! `pstrain worker` (this one): emulated slowness, changing speeds, an overlapped link.
+
+use crate::run::TrainConfig;
+use clap::Args;
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeviceArgs {
+    /// Make the worker of rank RANK FACTOR times slower (it waits FACTOR-1 times its compute
+    /// time after each gradient), to study slow devices; repeatable
+    #[arg(long, value_name = "RANK=FACTOR", value_parser = parse_slowdown)]
+    pub slowdown: Vec<(usize, f64)>,
+    /// A fleet of devices of different speeds: each worker is slowed by a factor drawn for
+    /// its rank, log-uniform from 1 to F (seeded by the run's seed; --slowdown overrides a
+    /// rank)
+    #[arg(long, value_name = "F")]
+    pub speed_spread: Option<f64>,
+    /// With --speed-spread: each worker draws its factor anew every S seconds of its run (a
+    /// device slow for a while, then fast)
+    #[arg(long, value_name = "S", requires = "speed_spread")]
+    pub speed_period: Option<f64>,
+    /// Async and buffered modes: push the last gradient and pull while computing the next,
+    /// hiding a slow link's time (each gradient is one round older)
+    #[arg(long)]
+    pub overlap: bool,
+}
+
+impl DeviceArgs {
+    /// `cfg` with these flags' settings.
+    pub fn configure(&self, cfg: TrainConfig) -> TrainConfig {
+        TrainConfig {
+            slowdown: self.slowdown.clone(),
+            speed_spread: self.speed_spread,
+            speed_period: self.speed_period,
+            overlap: self.overlap,
+            ..cfg
+        }
+    }
+
+    /// The flags that reproduce `cfg`'s device settings.
+    pub fn argv(cfg: &TrainConfig) -> Vec<String> {
+        let mut a: Vec<String> = (cfg.slowdown.iter())
+            .flat_map(|(r, f)| ["--slowdown".to_string(), format!("{r}={f}")])
+            .collect();
+        if let Some(spread) = cfg.speed_spread {
+            a.extend(["--speed-spread".to_string(), spread.to_string()]);
+        }
+        if let Some(period) = cfg.speed_period {
+            a.extend(["--speed-period".to_string(), period.to_string()]);
+        }
+        if cfg.overlap {
+            a.push("--overlap".into());
+        }
+        a
+    }
+}
+
+/// `RANK=FACTOR`, e.g. `2=4` (worker 2, four times slower).
+pub fn parse_slowdown(s: &str) -> Result<(usize, f64), String> {
+    let bad = || format!("`{s}` is not RANK=FACTOR (e.g. 2=4: worker 2 four times slower)");
+    let (rank, factor) = s.split_once('=').ok_or_else(bad)?;
+    let rank: usize = rank.trim().parse().map_err(|_| bad())?;
+    let factor: f64 = factor.trim().parse().map_err(|_| bad())?;
+    if !(factor.is_finite() && (1.0..=1000.0).contains(&factor)) {
+        return Err(format!("slowdown factor {factor} must be in 1..=1000"));
+    }
+    Ok((rank, factor))
+}
