@@ -46,4 +46,10 @@ pub trait ParameterClient: Send {
 
     /// Says goodbye: this worker will push no more, so sync steps stop waiting for it.
     fn leave(&mut self) -> Result<(), ClientError>;
+
+    /// A worker that pushes and pulls while it computes (`--overlap`) says how long its last
+    /// step computed: a client cannot tell it from the gap between its pull and its push,
+    /// which run beside the compute, and a round then costs the longer of the two, not their
+    /// sum (what `auto` weighs its codecs by). Clients that pick nothing by it ignore it.
+    fn computed_beside(&mut self, _seconds: f64) {}
 }

@@ -393,3 +393,56 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         assert_eq!(report.stats.version, 1);
     }
 }
+
+#[test]
+fn a_push_past_the_receive_budget_waits_unread_while_a_stalled_one_holds_it() {
+    let mut cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 2));
+    cfg.io_timeout = Duration::from_secs(1);
+    cfg.idle_timeout = Duration::from_secs(10);
+    cfg.exit_when_finished = false;
+    // Room for one push being received at a time.
+    cfg.receive_budget = 1;
+    let server = ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 2).unwrap();
+    let addr = server.address();
+
+    // A worker that sends half a push and stalls: it holds the whole budget until the shard
+    // gives up on it (its I/O deadline, 1 s).
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stalled.write_all(&hello(&layout(), ASYNC, 1)).unwrap();
+    assert_eq!(read_frame(&mut stalled).0, kind::HELLO_OK);
+    let push = push_frame(N);
+    stalled.write_all(&push[..push.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A good worker's push waits for the budget (its bytes unread) and is applied once the
+    // stalled push is cut off.
+    let mut good = client(addr, 0, 2, ASYNC);
+    let mut params = vec![0.0; N];
+    let version = good.pull(&mut params, None, false).unwrap().version;
+    let meta = PushMeta {
+        rank: 0,
+        base_version: version,
+        samples: 1,
+        loss: 0.0,
+    };
+    let started = std::time::Instant::now();
+    let outcome = good.push(meta, &vec![1.0; N]).unwrap();
+    let waited = started.elapsed();
+    assert!(
+        matches!(outcome, PushOutcome::Applied { .. }),
+        "{outcome:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(500),
+        "read while another push held the budget: answered in {waited:?}"
+    );
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    good.leave().unwrap();
+    let report = server.finish().unwrap();
+    assert_eq!(report.stats.gradients_applied, 1);
+    assert!(report.events.protocol_errors >= 1, "{:?}", report.events);
+}

@@ -6,6 +6,9 @@
 //! `cost(rung) = updates_cost × (compute + push bytes / up rate + pull bytes / down rate +
 //! encoding)`
 //!
+//! or, for a worker that pushes and pulls while it computes (`--overlap`), `updates_cost ×
+//! max(compute, link + encoding)`: there the link is free up to the compute it hides behind.
+//!
 //! where `updates_cost` is how many updates the rung needs for the accuracy fp32 reaches in
 //! one (measured on the cnn, docs/edge-links.md). A fast link keeps fp32 (its link time is
 //! small against compute); a slow one moves down the ladder until the link stops dominating.
@@ -116,6 +119,8 @@ pub struct AutoCodec {
     down: Window,
     /// Seconds per step computing (a moving mean).
     compute_s: Option<f64>,
+    /// The worker computes while this link carries its last push and the next pull.
+    overlapped: bool,
     rung: usize,
 }
 
@@ -145,6 +150,12 @@ impl AutoCodec {
         });
     }
 
+    /// A step computed in `seconds` while the link carried the last push and a pull.
+    pub fn computed_beside(&mut self, seconds: f64) {
+        self.overlapped = true;
+        self.computed(seconds);
+    }
+
     /// The rung in use.
     pub fn rung(&self) -> Rung {
         AUTO_LADDER[self.rung]
@@ -163,7 +174,13 @@ impl AutoCodec {
         };
         let link = rung.push.encoded_len(values) as f64 / up + pull as f64 / down;
         let codec = rung.codec_ns_per_value * 1e-9 * values as f64;
-        Some(rung.updates_cost * (self.compute_s.unwrap_or(0.0) + link + codec))
+        let compute = self.compute_s.unwrap_or(0.0);
+        let round = if self.overlapped {
+            compute.max(link + codec)
+        } else {
+            compute + link + codec
+        };
+        Some(rung.updates_cost * round)
     }
 
     /// Picks the rung for the next push of a slice of `values` and returns it. Until the
@@ -212,13 +229,42 @@ mod tests {
         auto
     }
 
+    /// `measured`, but the worker computes while the link pushes and pulls.
+    fn measured_overlapped(rate: f64, compute: f64) -> AutoCodec {
+        let mut auto = measured(rate, compute);
+        auto.computed_beside(compute);
+        auto
+    }
+
+    fn position(rung: Rung) -> usize {
+        AUTO_LADDER.iter().position(|r| *r == rung).unwrap()
+    }
+
+    #[test]
+    fn an_overlapped_worker_pays_for_the_link_only_past_its_compute() {
+        let gbit = 1000.0 * 1e6 / 8.0;
+        // 4.8 MB each way at 1 Gbit/s is about as long as the step: hidden behind it.
+        assert_eq!(position(measured_overlapped(gbit, 0.08).choose(CNN)), 0);
+        assert!(
+            position(measured(gbit, 0.08).choose(CNN)) > 0,
+            "serial: sums"
+        );
+        // On 100 Mbit/s the overlapped worker still compresses, but stops at the rung whose
+        // link fits in its compute rather than the one that sends least (which needs more
+        // updates): a worker that measured only what its compute left over (the gap from a
+        // pull to a push under overlap) went to the last rung.
+        let fast = 100.0 * 1e6 / 8.0;
+        let rung = position(measured_overlapped(fast, 0.08).choose(CNN));
+        assert!((1..AUTO_LADDER.len() - 1).contains(&rung), "rung {rung}");
+        assert_eq!(
+            position(measured(fast, 0.002).choose(CNN)),
+            AUTO_LADDER.len() - 1
+        );
+    }
+
     #[test]
     fn a_fast_link_keeps_fp32_and_slower_ones_move_down_the_ladder() {
-        let rung_at = |mbit: f64| {
-            let mut auto = measured(mbit * 1e6 / 8.0, 0.05);
-            let rung = auto.choose(CNN);
-            AUTO_LADDER.iter().position(|r| *r == rung).unwrap()
-        };
+        let rung_at = |mbit: f64| position(measured(mbit * 1e6 / 8.0, 0.05).choose(CNN));
         assert_eq!(rung_at(20_000.0), 0, "loopback");
         let (lan, fast, slow) = (rung_at(1000.0), rung_at(100.0), rung_at(10.0));
         assert!(lan <= fast && fast <= slow, "{lan} {fast} {slow}");

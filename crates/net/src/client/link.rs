@@ -161,6 +161,14 @@ impl ShardLink {
         }
     }
 
+    /// Under `auto`: the worker's last step computed for `seconds` while this link pushed
+    /// and pulled.
+    pub fn computed_beside(&mut self, seconds: f64) {
+        if let Some(auto) = &mut self.auto {
+            auto.computed_beside(seconds);
+        }
+    }
+
     /// Pushes this shard's slice, computed from weights of `base_version` (tagged with a
     /// coordinated step if any), and reads the verdict, waiting up to `reply_timeout`. Under
     /// `auto` the link's codecs are picked first (the push's, and the next pulls').

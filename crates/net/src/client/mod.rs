@@ -81,6 +81,9 @@ pub struct TcpClient {
     reconnects: u64,
     /// When the latest pull ended: the time to the next push is the step's compute.
     pulled_at: Option<std::time::Instant>,
+    /// The worker computes while this client pushes and pulls, and says for how long
+    /// (`ParameterClient::computed_beside`): the gap from a pull to a push is not compute.
+    overlapped: bool,
 }
 
 impl TcpClient {
@@ -103,6 +106,7 @@ impl TcpClient {
             left: false,
             reconnects: 0,
             pulled_at: None,
+            overlapped: false,
         })
     }
 
@@ -240,7 +244,8 @@ impl TcpClient {
 
     fn try_push_all(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, NetError> {
         self.check_len(grad.len())?;
-        if let Some(pulled) = self.pulled_at.take() {
+        let overlapped = self.overlapped;
+        if let Some(pulled) = self.pulled_at.take().filter(|_| !overlapped) {
             let computed = pulled.elapsed().as_secs_f64();
             for shard in &mut self.shards {
                 shard.computed(computed);
@@ -361,5 +366,12 @@ impl ParameterClient for TcpClient {
 
     fn leave(&mut self) -> Result<(), ClientError> {
         self.goodbye().map_err(to_client_error)
+    }
+
+    fn computed_beside(&mut self, seconds: f64) {
+        self.overlapped = true;
+        for shard in &mut self.shards {
+            shard.computed_beside(seconds);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! What a shard does for each request once the peer is known: pull (behind the consistency
 //! gate), push (with shard 0's coordinated-step answer), stats and goodbye.
 
-use super::shared::Shared;
+use super::shared::{Lease, Shared};
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::message::{
@@ -141,20 +141,22 @@ fn decide_pull(
     Some((reply, weights))
 }
 
-/// Reads a push (head, then the slice straight into `buf`, or through `wire` and the push
-/// codec), offers it to the engine, hands a due snapshot to the checkpoint writer, and
-/// answers.
+/// Reads a push (its head; then, once the receive budget has room, the slice straight into
+/// a lent buffer or through the codec), offers it to the engine, hands a due snapshot to the
+/// checkpoint writer, and answers.
 pub(super) async fn push(
     shared: &Shared,
     conn: &mut Connection,
     len: u64,
     rank: usize,
-    wire: &mut Vec<u8>,
 ) -> Result<(), NetError> {
-    let started = std::time::Instant::now();
+    let arrived = std::time::Instant::now();
     let workers = shared.cfg.plan.workers;
-    let mut lease = shared.lease_buffer();
-    let head = read_push(shared, conn, len, wire, &mut lease.buf).await?;
+    let (head, body) = read_push_head(shared, conn, len).await?;
+    let mut lease = shared.lease_for_push().await;
+    // The worker's time sending starts where the shard starts reading its values.
+    let started = std::time::Instant::now();
+    read_push_values(shared, conn, head.codec, body, &mut lease).await?;
     let (buf, codec) = (&mut lease.buf, head.codec);
     let meta = PushMeta {
         rank,
@@ -201,22 +203,19 @@ pub(super) async fn push(
     };
     conn.send_reply(&reply, workers, &[]).await?;
     if let Some(l) = &shared.latencies {
-        l.push(started.elapsed().as_secs_f64(), len);
+        l.push(arrived.elapsed().as_secs_f64(), len);
     }
     Ok(())
 }
 
-/// Reads a push of `len` bytes: its head, then its values into `buf` (straight, or through
-/// `wire` and the codec the head names, which the run must allow).
-async fn read_push(
+/// Reads the head of a push of `len` bytes, and gives it with the length of the values that
+/// follow it. The head's codec must be one the run allows.
+async fn read_push_head(
     shared: &Shared,
     conn: &mut Connection,
     len: u64,
-    wire: &mut Vec<u8>,
-    buf: &mut Vec<f32>,
-) -> Result<PushHead, NetError> {
+) -> Result<(PushHead, u64), NetError> {
     let head_len = PushHead::len(shared.cfg.plan.workers);
-    let not_a_push = |why: String| NetError::Malformed { what: "push", why };
     let body = len
         .checked_sub(head_len as u64)
         .ok_or_else(|| not_a_push(format!("payload of {len} bytes is shorter than its head")))?;
@@ -228,13 +227,30 @@ async fn read_push(
             "push codec {codec} is not this run's ({plan})"
         )));
     }
+    Ok((head, body))
+}
+
+fn not_a_push(why: String) -> NetError {
+    NetError::Malformed { what: "push", why }
+}
+
+/// Reads a push's `body` bytes of values in `codec` into the lease's `buf` (straight, or
+/// through its `wire` and the codec).
+async fn read_push_values(
+    shared: &Shared,
+    conn: &mut Connection,
+    codec: PushCodec,
+    body: u64,
+    lease: &mut Lease<'_>,
+) -> Result<(), NetError> {
+    let (buf, wire) = (&mut lease.buf, &mut lease.wire);
     // The frame limit already bounds `body` by this shard's size.
     if codec == PushCodec::Fp32 {
-        if body % 4 != 0 {
+        if !body.is_multiple_of(4) {
             return Err(not_a_push(format!("{body} bytes of fp32 values")));
         }
         buf.resize((body / 4) as usize, 0.0);
-        conn.read_f32s(buf).await?;
+        conn.read_f32s(buf).await
     } else {
         // Decoded into the slice's full length, every count and index checked before any
         // value reaches the engine (which then checks the values as for any push).
@@ -243,9 +259,8 @@ async fn read_push(
         buf.resize(shared.range.len(), 0.0);
         codec
             .decode(wire, buf)
-            .map_err(|e| not_a_push(e.to_string()))?;
+            .map_err(|e| not_a_push(e.to_string()))
     }
-    Ok(head)
 }
 
 /// A refused push as the worker hears of it: typed where its loop acts on the reason.

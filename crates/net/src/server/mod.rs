@@ -68,7 +68,14 @@ pub struct ShardConfig {
     pub max_unproven_per_address: usize,
     /// Serve `/metrics` (Prometheus) and the live page on this address.
     pub metrics_addr: Option<String>,
+    /// Bytes the pushes being received at once may hold (their wire bytes and decoded
+    /// values): a push past it waits, unread, until earlier ones are applied, so a fleet
+    /// pushing at once cannot take a buffer each. Never less than one largest push.
+    pub receive_budget: usize,
 }
+
+/// `ShardConfig::receive_budget` by default: room for dozens of the cnn's fp32 pushes.
+pub const DEFAULT_RECEIVE_BUDGET: usize = 256 << 20;
 
 /// The connection cap for a run of `workers`: two per worker and room for observers and
 /// reconnects, at least 512.
@@ -102,6 +109,7 @@ impl ShardConfig {
             max_unproven: 128,
             max_unproven_per_address: 16,
             metrics_addr: None,
+            receive_budget: DEFAULT_RECEIVE_BUDGET,
         }
     }
 

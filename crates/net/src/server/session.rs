@@ -110,7 +110,7 @@ async fn serve(
     }
     *peer = Some(me);
     let (workers, limit) = (cfg.plan.workers, frame_limit(shared));
-    // Compressed pushes and pulls pass through here, reused for the connection's life.
+    // Compressed pulls pass through here, reused for the connection's life.
     let mut wire = Vec::new();
     // What this worker holds of the slice, under a delta pull codec (for this connection).
     let seed = cfg.plan.seed ^ ((me.rank as u64) << 32) ^ shared.range.start as u64;
@@ -125,7 +125,7 @@ async fn serve(
             }
         }
         if header.kind == kind::PUSH && me.role == Role::Worker {
-            handlers::push(shared, conn, header.len, me.rank, &mut wire).await?;
+            handlers::push(shared, conn, header.len, me.rank).await?;
             continue;
         }
         let bytes = conn.read_bytes(header.len as usize).await?;

@@ -3,19 +3,24 @@
 
 use super::refusal_log::RefusalLog;
 use super::{ConnectionEvents, ShardConfig};
-use pstrain_core::{ShardEngine, ShardSnapshot};
+use pstrain_core::{PushCodec, ShardEngine, ShardSnapshot};
 use pstrain_observe::{Latencies, RunSnapshot, ShardView};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore, SemaphorePermit};
 
-/// A buffer lent to one request.
+/// The buffers lent to one push being received, and its share of the receive budget.
 pub(super) struct Lease<'a> {
     shared: &'a Shared,
+    /// The push's values, decoded.
     pub buf: Vec<f32>,
+    /// Its wire bytes, under a compressed push codec.
+    pub wire: Vec<u8>,
+    /// Held until the buffers are back: what lets the next push past the budget be read.
+    _budget: Option<SemaphorePermit<'a>>,
 }
 
 impl Drop for Lease<'_> {
@@ -25,10 +30,27 @@ impl Drop for Lease<'_> {
             .buffers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if pool.len() < self.shared.cfg.plan.workers + 2 {
-            pool.push(std::mem::take(&mut self.buf));
-        }
+        // The pool holds no more than the pushes the budget lets in at once had.
+        pool.push((
+            std::mem::take(&mut self.buf),
+            std::mem::take(&mut self.wire),
+        ));
     }
+}
+
+/// The receive budget is counted in units of this many bytes (a push's count fits a `u32`).
+const BUDGET_UNIT: usize = 1 << 20;
+
+/// The budget units one push being received takes: what its buffers can hold at most, the
+/// slice's values decoded and, if the run allows compressed pushes, the largest one's wire
+/// bytes (an fp32 push is read straight into the values).
+fn push_units(cfg: &ShardConfig, values: usize) -> usize {
+    let wire = if cfg.plan.auto_codecs || cfg.plan.push_codec != PushCodec::Fp32 {
+        cfg.plan.largest_push(values)
+    } else {
+        0
+    };
+    (4 * values + wire).div_ceil(BUDGET_UNIT).max(1)
 }
 
 /// How long a shard whose workers are gone (not all with a goodbye) or that is done with no
@@ -105,9 +127,15 @@ pub(super) struct Shared {
     pub finished: Notify,
     /// Permits to read an unproven hello larger than `handshake::SMALL_HELLO`.
     pub large_hellos: Semaphore,
-    /// Tensor buffers lent to requests (a connection holds none between requests); at most
-    /// `workers + 2` are kept for reuse, so the steady state allocates nothing.
-    buffers: Mutex<Vec<Vec<f32>>>,
+    /// Buffers lent to pushes being received (a connection holds none between requests),
+    /// kept for reuse, so the steady state allocates nothing: as many as the receive budget
+    /// let in at once.
+    buffers: Mutex<Vec<(Vec<f32>, Vec<u8>)>>,
+    /// `ShardConfig::receive_budget` in `BUDGET_UNIT`s (at least one push's), taken by each
+    /// push being received.
+    receiving: Semaphore,
+    /// The units a push takes: what its lease's buffers can hold.
+    per_push: usize,
     /// With `--checkpoint-every N`: the writer's queue. The state is snapshotted in the push
     /// that reaches the update count, so a crash loses at most N plus what is being written.
     pub snapshots: Option<mpsc::Sender<ShardSnapshot>>,
@@ -124,6 +152,8 @@ impl Shared {
         snapshots: Option<mpsc::Sender<ShardSnapshot>>,
     ) -> Self {
         let (version, _) = watch::channel((engine.version(), engine.is_done()));
+        let per_push = push_units(&cfg, range.len());
+        let budget_units = cfg.receive_budget.div_ceil(BUDGET_UNIT).max(per_push);
         let latencies = cfg
             .metrics_addr
             .is_some()
@@ -155,18 +185,28 @@ impl Shared {
             large_hellos: Semaphore::new(super::handshake::LARGE_HELLOS),
             snapshots,
             buffers: Mutex::new(Vec::new()),
+            receiving: Semaphore::new(budget_units),
+            per_push,
         }
     }
 
-    /// A tensor buffer for one request; it goes back to the pool when the lease drops.
-    pub fn lease_buffer(&self) -> Lease<'_> {
-        let buf = self
+    /// Buffers for a push, once the receive budget has room for one (they go back, and the
+    /// room with them, when the lease drops).
+    pub async fn lease_for_push(&self) -> Lease<'_> {
+        // The semaphore is never closed; were it, the push would go on unbudgeted.
+        let budget = self.receiving.acquire_many(self.per_push as u32).await.ok();
+        let (buf, wire) = self
             .buffers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop()
             .unwrap_or_default();
-        Lease { shared: self, buf }
+        Lease {
+            shared: self,
+            buf,
+            wire,
+            _budget: budget,
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {

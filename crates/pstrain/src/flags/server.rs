@@ -36,6 +36,10 @@ pub struct ServerArgs {
     /// once, and on a host whose cores also train, one measured faster
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: u16,
+    /// MiB the pushes being received at once may hold (their bytes and decoded values);
+    /// a push past it waits, unread, until earlier ones are applied. One push always fits
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub receive_budget: usize,
     #[command(flatten)]
     pub checkpoints: CheckpointArgs,
     #[command(flatten)]

@@ -10,6 +10,7 @@ use super::worker::{
 use pstrain_compute::Model;
 use pstrain_core::client::{ClientError, ParameterClient};
 use pstrain_core::{PullReply, PushMeta, PushOutcome, Rng};
+use std::time::Instant;
 
 /// `train_until` with each step's link time hidden behind the next step's compute
 /// (`WorkerConfig::overlap`): a helper thread pushes the gradient computed last and pulls
@@ -49,6 +50,8 @@ pub(super) fn train_overlapped(
     let mut unsent: Option<PushMeta> = None;
     // The version of the weights in `buffers.params` (copied only when a pull brought newer).
     let mut params_version = None;
+    // How long the last step computed, told to the client before the next round.
+    let mut compute_s = None;
     while total.is_none_or(|t| step < t) && !stop() {
         if params_version != Some(pulled_version) {
             buffers.params.copy_from_slice(&pulled);
@@ -57,12 +60,17 @@ pub(super) fn train_overlapped(
         let computed_on = pulled_version;
         buffers.pick(sampler.batch_at(step));
         let mut rng = dropout_seed.fork(step);
+        if let Some(seconds) = compute_s {
+            client.computed_beside(seconds);
+        }
         let (computed, exchanged) = std::thread::scope(|scope| {
             let link = unsent.take().map(|meta| {
                 let (client, outgoing, pulled) = (&mut *client, &outgoing, &mut pulled);
                 scope.spawn(move || exchange(client, meta, outgoing, pulled, pulled_version))
             });
+            let started = Instant::now();
             let computed = buffers.compute(model, data, &mut rng, &device);
+            compute_s = Some(started.elapsed().as_secs_f64());
             let exchanged = link.map(|handle| {
                 handle
                     .join()
