@@ -446,3 +446,80 @@ fn a_push_past_the_receive_budget_waits_unread_while_a_stalled_one_holds_it() {
     assert_eq!(report.stats.gradients_applied, 1);
     assert!(report.events.protocol_errors >= 1, "{:?}", report.events);
 }
+
+/// A worker of a `workers`-worker async run over `layout` that asks for the whole slice and
+/// reads only the reply's header and head: the shard is left sending it (it is far larger
+/// than the sockets' buffers). Returns the stream and the version the reply names.
+fn stalled_pull(
+    addr: SocketAddr,
+    layout: &Layout,
+    rank: usize,
+    workers: usize,
+) -> (TcpStream, u64) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = Hello::new(Role::Worker, rank, 0, 1, &plan(ASYNC, workers), layout).encode();
+    s.write_all(&frame(kind::HELLO, &hello)).unwrap();
+    assert_eq!(read_frame(&mut s).0, kind::HELLO_OK);
+    let pull = pstrain_net::message::Request::Pull {
+        newer_than: None,
+        wait: false,
+        codec: pstrain_core::PullCodec::Fp32,
+    };
+    s.write_all(&frame(pull.kind(), &pull.encode(workers)))
+        .unwrap();
+    let mut head = [0u8; HEADER_LEN + 8];
+    s.read_exact(&mut head).unwrap();
+    let version = u64::from_le_bytes(head[HEADER_LEN..].try_into().unwrap());
+    (s, version)
+}
+
+#[test]
+fn in_async_pulls_past_the_budget_share_a_copy_being_sent_instead_of_copying_again() {
+    // 32 MB of weights: a pull's reply outlasts the sockets' buffers while nobody reads it.
+    let values = 8 << 20;
+    let big = Layout::new([("w", &[values][..])]).unwrap();
+    let workers = 4;
+    let mut cfg = ShardConfig::new(0, 1, big.clone(), plan(ASYNC, workers));
+    cfg.io_timeout = Duration::from_secs(20);
+    cfg.exit_when_finished = false;
+    // The smallest budget: two copies alive at once.
+    cfg.receive_budget = 1;
+    let server = ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; values], 1).unwrap();
+    let addr = server.address();
+    let pusher_cfg = ClientConfig::new(
+        vec![addr.to_string()],
+        Role::Worker,
+        3,
+        plan(ASYNC, workers),
+        big.clone(),
+    );
+    let mut pusher = TcpClient::connect(&pusher_cfg).unwrap();
+    let grad = vec![0.5; values];
+    let mut push = |base_version| {
+        let meta = PushMeta {
+            rank: 3,
+            base_version,
+            samples: 1,
+            loss: 0.0,
+        };
+        assert!(matches!(
+            pusher.push(meta, &grad).unwrap(),
+            PushOutcome::Applied { .. }
+        ));
+    };
+    let (a, at) = stalled_pull(addr, &big, 0, workers);
+    assert_eq!(at, 0);
+    push(0);
+    let (b, at) = stalled_pull(addr, &big, 1, workers);
+    assert_eq!(at, 1);
+    push(1);
+    // Version 2 is the shard's, but two copies (0 and 1) are still being sent: this pull is
+    // answered from version 1's.
+    let (c, at) = stalled_pull(addr, &big, 2, workers);
+    assert_eq!(at, 1, "a third copy was made");
+    drop((a, b, c));
+    pusher.leave().unwrap();
+    let report = server.finish().unwrap();
+    assert_eq!(report.stats.gradients_applied, 2);
+}

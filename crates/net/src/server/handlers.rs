@@ -133,12 +133,31 @@ fn decide_pull(
     ask: PullAsk,
     arrived: std::time::Duration,
 ) -> Option<(PullReply, Option<Arc<Vec<f32>>>)> {
-    let mut state = shared.lock();
-    let PullDecision::Answer(reply) = state.engine.pull(rank, ask, arrived, shared.now()) else {
+    let mut guard = shared.lock();
+    let state = &mut *guard;
+    let PullDecision::Answer(mut reply) = state.engine.pull(rank, ask, arrived, shared.now())
+    else {
         return None;
     };
-    let weights = reply.updated.then(|| state.weights_for_pull());
-    Some((reply, weights))
+    if !reply.updated {
+        return Some((reply, None));
+    }
+    let params = state.engine.params();
+    match state
+        .pull_copies
+        .for_pull(reply.version, params, ask.newer_than)
+    {
+        Some((version, weights)) => {
+            reply.version = version;
+            Some((reply, Some(weights)))
+        }
+        None => {
+            // Every copy the budget allows is being sent, none newer than the worker's.
+            reply.version = ask.newer_than.unwrap_or(reply.version);
+            reply.updated = false;
+            Some((reply, None))
+        }
+    }
 }
 
 /// Reads a push (its head; then, once the receive budget has room, the slice straight into

@@ -7,6 +7,7 @@ mod checkpoints;
 mod handle;
 mod handlers;
 mod handshake;
+mod pull_copies;
 mod refusal_log;
 mod session;
 mod shared;
@@ -70,7 +71,9 @@ pub struct ShardConfig {
     pub metrics_addr: Option<String>,
     /// Bytes the pushes being received at once may hold (their wire bytes and decoded
     /// values): a push past it waits, unread, until earlier ones are applied, so a fleet
-    /// pushing at once cannot take a buffer each. Never less than one largest push.
+    /// pushing at once cannot take a buffer each. Never less than one largest push. In async
+    /// and buffered modes the weight copies pulls are sent from take as much again, at least
+    /// two (past it a pull gets the newest copy still being sent).
     pub receive_budget: usize,
 }
 

@@ -1,6 +1,7 @@
 //! What a shard's sessions share: its engine and connection counters behind one lock, the
 //! version channel that wakes waiting pulls, the clock, and the "run is over" signal.
 
+use super::pull_copies::PullCopies;
 use super::refusal_log::RefusalLog;
 use super::{ConnectionEvents, ShardConfig};
 use pstrain_core::{PushCodec, ShardEngine, ShardSnapshot};
@@ -8,7 +9,7 @@ use pstrain_observe::{Latencies, RunSnapshot, ShardView};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify, Semaphore, SemaphorePermit};
 
@@ -84,37 +85,8 @@ pub(super) struct State {
     pub checkpoint_failures: u64,
     pub failures_in_a_row: u32,
     pub checkpoint_error: Option<String>,
-    /// The weights as last copied for pulls, with their version: every pull answered at that
-    /// version shares this one copy (a sync step's workers all pull the same weights).
-    pub pull_copy: Option<(u64, Arc<Vec<f32>>)>,
-}
-
-impl State {
-    /// The weights to send a pull now: the shared copy if the version has not moved, else a
-    /// fresh one (refilled in place when no pull is still sending the old one).
-    pub fn weights_for_pull(&mut self) -> Arc<Vec<f32>> {
-        let version = self.engine.version();
-        let params = self.engine.params();
-        match &mut self.pull_copy {
-            Some((v, copy)) if *v == version => copy.clone(),
-            Some((v, copy)) => {
-                match Arc::get_mut(copy) {
-                    Some(buf) => {
-                        buf.clear();
-                        buf.extend_from_slice(params);
-                    }
-                    None => *copy = Arc::new(params.to_vec()),
-                }
-                *v = version;
-                copy.clone()
-            }
-            None => {
-                let copy = Arc::new(params.to_vec());
-                self.pull_copy = Some((version, copy.clone()));
-                copy
-            }
-        }
-    }
+    /// The weights as copied for the pulls being sent.
+    pub pull_copies: PullCopies,
 }
 
 pub(super) struct Shared {
@@ -153,6 +125,10 @@ impl Shared {
     ) -> Self {
         let (version, _) = watch::channel((engine.version(), engine.is_done()));
         let per_push = push_units(&cfg, range.len());
+        let pull_copies = PullCopies::new(
+            cfg.receive_budget / (4 * range.len()).max(1),
+            !cfg.plan.mode.pull_waits(),
+        );
         let budget_units = cfg.receive_budget.div_ceil(BUDGET_UNIT).max(per_push);
         let latencies = cfg
             .metrics_addr
@@ -178,7 +154,7 @@ impl Shared {
                 checkpoint_failures: 0,
                 failures_in_a_row: 0,
                 checkpoint_error: None,
-                pull_copy: None,
+                pull_copies,
             }),
             version,
             finished: Notify::new(),
