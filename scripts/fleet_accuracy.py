@@ -131,11 +131,13 @@ def main():
     p.add_argument("--every", default="sync=5,ssp=5,buffered=20,async=1280",
                    help="updates between evaluations per mode")
     p.add_argument("--lr", default="", help="learning rates replacing MODES', e.g. async=0.008")
+    p.add_argument("--max-lead", type=int, default=2, help="SSP's bound on a worker's lead")
     p.add_argument("--extra", default="", help="flags added to every run, space-separated")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default=str(REPO / "docs" / "fleet-accuracy.json"))
     p.add_argument("--md", default=str(REPO / "docs" / "fleet-accuracy.table.md"))
     a = p.parse_args()
+    MODES["ssp"][MODES["ssp"].index("--max-lead") + 1] = str(a.max_lead)
     data = str(Path(a.data_dir).resolve())
     budget = dict(kv.split("=") for kv in a.updates.split(","))
     every = dict(kv.split("=") for kv in a.every.split(","))
