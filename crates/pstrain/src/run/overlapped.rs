@@ -45,13 +45,12 @@ pub(super) fn train_overlapped(
         .epochs
         .map(|e| (e as u64).saturating_mul(sampler.steps_per_epoch() as u64));
     let mut step = first_step(cfg, pulled_version);
-    // The gradient computed last, not pushed yet, and its push's header.
+    // The gradient computed last, not pushed yet: its values, its push's header and the
+    // seconds it took to compute.
     let mut outgoing = vec![0.0; pulled.len()];
-    let mut unsent: Option<PushMeta> = None;
+    let mut unsent: Option<(PushMeta, f64)> = None;
     // The version of the weights in `buffers.params` (copied only when a pull brought newer).
     let mut params_version = None;
-    // How long the last step computed, told to the client before the next round.
-    let mut compute_s = None;
     while total.is_none_or(|t| step < t) && !stop() {
         if params_version != Some(pulled_version) {
             buffers.params.copy_from_slice(&pulled);
@@ -60,23 +59,21 @@ pub(super) fn train_overlapped(
         let computed_on = pulled_version;
         buffers.pick(sampler.batch_at(step));
         let mut rng = dropout_seed.fork(step);
-        if let Some(seconds) = compute_s {
-            client.computed_beside(seconds);
-        }
-        let (computed, exchanged) = std::thread::scope(|scope| {
-            let link = unsent.take().map(|meta| {
+        let (computed, seconds, exchanged) = std::thread::scope(|scope| {
+            let link = unsent.take().map(|(meta, seconds)| {
                 let (client, outgoing, pulled) = (&mut *client, &outgoing, &mut pulled);
-                scope.spawn(move || exchange(client, meta, outgoing, pulled, pulled_version))
+                let last = (meta, seconds, &outgoing[..]);
+                scope.spawn(move || exchange(client, last, pulled, pulled_version))
             });
             let started = Instant::now();
             let computed = buffers.compute(model, data, &mut rng, &device);
-            compute_s = Some(started.elapsed().as_secs_f64());
+            let seconds = started.elapsed().as_secs_f64();
             let exchanged = link.map(|handle| {
                 handle
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
             });
-            (computed, exchanged)
+            (computed, seconds, exchanged)
         });
         if let Some((pushed, pull)) = exchanged {
             if !goes_on(pushed, &mut report).map_err(client_err)? {
@@ -90,11 +87,11 @@ pub(super) fn train_overlapped(
                 }
             }
         }
-        unsent = Some(counted(computed, computed_on, cfg, &mut report)?);
+        unsent = Some((counted(computed, computed_on, cfg, &mut report)?, seconds));
         std::mem::swap(&mut buffers.grads, &mut outgoing);
         step += 1;
     }
-    if let Some(meta) = unsent {
+    if let Some((meta, _)) = unsent {
         goes_on(client.push(meta, &outgoing), &mut report).map_err(client_err)?;
     }
     Ok(report)
@@ -107,13 +104,15 @@ type Round = (
     Option<Result<PullReply, ClientError>>,
 );
 
+/// Pushes the last gradient (its header, the seconds it took to compute, its values), telling
+/// the client how long the compute was, then pulls weights newer than `version`.
 fn exchange(
     client: &mut dyn ParameterClient,
-    meta: PushMeta,
-    grad: &[f32],
+    (meta, computed_s, grad): (PushMeta, f64, &[f32]),
     pulled: &mut [f32],
     version: u64,
 ) -> Round {
+    client.computed_beside(computed_s);
     let pushed = client.push(meta, grad);
     let pull = continues(&pushed).then(|| client.pull(pulled, Some(version), false));
     (pushed, pull)
