@@ -422,14 +422,8 @@ fn a_push_past_the_receive_budget_waits_unread_while_a_stalled_one_holds_it() {
     let mut good = client(addr, 0, 2, ASYNC);
     let mut params = vec![0.0; N];
     let version = good.pull(&mut params, None, false).unwrap().version;
-    let meta = PushMeta {
-        rank: 0,
-        base_version: version,
-        samples: 1,
-        loss: 0.0,
-    };
     let started = std::time::Instant::now();
-    let outcome = good.push(meta, &vec![1.0; N]).unwrap();
+    let outcome = good.push(push_meta(0, version), &vec![1.0; N]).unwrap();
     let waited = started.elapsed();
     assert!(
         matches!(outcome, PushOutcome::Applied { .. }),
@@ -497,16 +491,8 @@ fn in_async_pulls_past_the_budget_share_a_copy_being_sent_instead_of_copying_aga
     let mut pusher = TcpClient::connect(&pusher_cfg).unwrap();
     let grad = vec![0.5; values];
     let mut push = |base_version| {
-        let meta = PushMeta {
-            rank: 3,
-            base_version,
-            samples: 1,
-            loss: 0.0,
-        };
-        assert!(matches!(
-            pusher.push(meta, &grad).unwrap(),
-            PushOutcome::Applied { .. }
-        ));
+        let outcome = pusher.push(push_meta(3, base_version), &grad).unwrap();
+        assert!(matches!(outcome, PushOutcome::Applied { .. }));
     };
     let (a, at) = stalled_pull(addr, &big, 0, workers);
     assert_eq!(at, 0);

@@ -41,16 +41,11 @@ impl PullCopies {
             }
         }
         // Copies no pull is sending any more: one is refilled, the rest let go.
-        let mut free = None;
-        self.copies.retain_mut(|(_, copy)| {
-            if Arc::strong_count(copy) > 1 {
-                return true;
-            }
-            if free.is_none() {
-                free = Some(std::mem::take(copy));
-            }
-            false
-        });
+        let sending = |copy: &Arc<Vec<f32>>| Arc::strong_count(copy) > 1;
+        let free = (self.copies.iter())
+            .position(|(_, copy)| !sending(copy))
+            .map(|i| self.copies.remove(i).1);
+        self.copies.retain(|(_, copy)| sending(copy));
         let copy = match free {
             Some(mut copy) => {
                 if let Some(buf) = Arc::get_mut(&mut copy) {

@@ -61,6 +61,16 @@ pub fn read_frame(s: &mut TcpStream) -> (u16, Vec<u8>) {
     (header.kind, payload)
 }
 
+/// The header of a push of one sample from `rank`, computed on weights of `base_version`.
+pub fn push_meta(rank: usize, base_version: u64) -> pstrain_core::PushMeta {
+    pstrain_core::PushMeta {
+        rank,
+        base_version,
+        samples: 1,
+        loss: 0.0,
+    }
+}
+
 /// `steps` pull-then-push rounds of unit gradients as rank 0, `pause` apart, then a goodbye:
 /// how many were applied, and the weights.
 pub fn train_unit_steps(
@@ -73,12 +83,7 @@ pub fn train_unit_steps(
     let mut applied = 0;
     for _ in 0..steps {
         let v = client.pull(&mut params, None, false).unwrap().version;
-        let meta = pstrain_core::PushMeta {
-            rank: 0,
-            base_version: v,
-            samples: 1,
-            loss: 0.0,
-        };
+        let meta = push_meta(0, v);
         if let PushOutcome::Applied { .. } = client.push(meta, &vec![1.0; N]).unwrap() {
             applied += 1;
         }
