@@ -89,15 +89,16 @@ fn convnet_async_over_tcp_reaches_85() {
 
 /// Overlapped workers over TCP with compressed pushes and delta pulls: each pull lands in
 /// the buffer the last one filled (the shard's replica of it), not in the weights the
-/// model is computing on.
+/// model is computing on. Twice the plain run's updates: gradients about two pulls stale
+/// and int8 rounding slow the convnet's SGD (after 400 updates it ended between 83% and 88%).
 #[test]
 fn convnet_async_overlapped_with_delta_pulls_over_tcp_reaches_85() {
-    let mut cfg = convnet_as_original(ASYNC, 400);
+    let mut cfg = convnet_as_original(ASYNC, 800);
     cfg.overlap = true;
     cfg.plan.push_codec = PushCodec::Int8;
     cfg.plan.pull_codec = PullCodec::DeltaInt8;
     let s = run_tcp(&cfg, 2).summary;
-    assert_eq!(s.updates, 400);
+    assert_eq!(s.updates, 800);
     assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
     // Each push names the weights it was computed from, a pull before the last: the shards
     // count the worker's own previous gradient too (about 1 without overlap).
