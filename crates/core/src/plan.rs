@@ -181,10 +181,10 @@ impl RunPlan {
 
     /// The largest push of a slice of `values` any allowed codec makes.
     pub fn largest_push(&self, values: usize) -> usize {
-        let mut largest = self.push_codec.encoded_len(values);
+        let mut largest = self.push_codec.max_len(values);
         if self.auto_codecs {
             for rung in AUTO_LADDER {
-                largest = largest.max(rung.push.encoded_len(values));
+                largest = largest.max(rung.push.max_len(values));
             }
         }
         largest

@@ -6,7 +6,7 @@ use thiserror::Error;
 /// "PSTR" on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PSTR");
 /// Bumped on any incompatible change; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 pub const HEADER_LEN: usize = 16;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -79,12 +79,12 @@ mod tests {
             Err(FrameError::BadMagic(_))
         ));
         let mut old = bytes;
-        old[4] = 9;
+        old[4..6].copy_from_slice(&(PROTOCOL_VERSION - 1).to_le_bytes());
         assert_eq!(
             Header::decode(&old, 100),
             Err(FrameError::Version {
                 ours: PROTOCOL_VERSION,
-                theirs: 9
+                theirs: PROTOCOL_VERSION - 1
             })
         );
     }

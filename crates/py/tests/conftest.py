@@ -92,9 +92,12 @@ def cluster(tmp_path_factory):
 
 
 def events(output: str, name: str):
+    """The job's `{"event": name, ...}` records. A record is read up to its closing brace:
+    a line another process wrote into the same log may follow it on the same line."""
     found = []
     for line in output.splitlines():
         line = line.strip()
         if line.startswith("{") and f'"event": "{name}"' in line:
-            found.append(json.loads(line))
+            record, _ = json.JSONDecoder().raw_decode(line)
+            found.append(record)
     return found

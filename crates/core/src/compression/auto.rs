@@ -168,11 +168,11 @@ impl AutoCodec {
         let up = self.up.rate().unwrap_or(down);
         // A delta pull's steady size (the first pull of a connection is whole).
         let pull = if rung.pull.is_delta() {
-            rung.pull.delta_len(values)
+            rung.pull.typical_delta_len(values)
         } else {
             rung.pull.encoded_len(values)
         };
-        let link = rung.push.encoded_len(values) as f64 / up + pull as f64 / down;
+        let link = rung.push.typical_len(values) as f64 / up + pull as f64 / down;
         let codec = rung.codec_ns_per_value * 1e-9 * values as f64;
         let compute = self.compute_s.unwrap_or(0.0);
         let round = if self.overlapped {

@@ -9,34 +9,34 @@
 //!   at bf16's largest finite value);
 //! - `int8`: stochastic rounding to 8 bits with a scale per block of 256 values (1 byte
 //!   plus 4 per block), unbiased: the expected decoded value is the value sent;
-//! - `topk:P`: the P per mille of values largest in magnitude, as (index, value) pairs (8
-//!   bytes each), with error feedback: what was not sent is added to the next gradient, so
-//!   every coordinate's updates arrive in the end.
+//! - `topk:P`: the P per mille of values largest in magnitude, as gaps between their
+//!   indices (varints) and bf16 values, about 3 bytes each (see `sparse`), with error
+//!   feedback: what was not sent (and what bf16 rounded off) is added to the next gradient,
+//!   so every coordinate's updates arrive in the end.
 //!
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
 //! a delta from what the worker holds (`delta-int8`, `delta-topk:P`; see `pull_delta`).
 
 mod auto;
 mod pull_delta;
+mod sparse;
 mod values;
 mod wire_tag;
 
 use crate::rng::Rng;
 pub use auto::{auto_allows_pull, auto_allows_push, AutoCodec, Rung, AUTO_LADDER};
 pub use pull_delta::PullReplica;
+use sparse::TopK;
 use std::fmt;
 use std::str::FromStr;
 use thiserror::Error;
-use values::{
-    decode_bf16, decode_f32, decode_int8, decode_top_k, encode_bf16, encode_f32, encode_int8,
-    select_top_k,
-};
+use values::{decode_bf16, decode_f32, decode_int8, encode_bf16, encode_f32, encode_int8};
 pub use values::{from_bf16, to_bf16};
 pub use wire_tag::CodecPair;
 
 /// Values per int8 block (each block carries its own scale).
 pub const INT8_BLOCK: usize = 256;
-/// The largest top-k fraction, per mille: above it (index, value) pairs outgrow fp32.
+/// The largest top-k fraction, per mille: above it a top-k payload may outgrow fp32's.
 pub const TOPK_MAX_PER_MILLE: u16 = 500;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -48,10 +48,12 @@ pub enum CodecError {
         got: usize,
         expected: usize,
     },
-    #[error("top-k payload names {count} values, more than the {values} it carries for")]
-    Count { count: u64, values: usize },
-    #[error("top-k index {index} is out of range or not after the previous one ({values} values)")]
-    Index { index: u32, values: usize },
+    #[error("top-k payload names {count} values, more than the {most} its codec sends")]
+    Count { count: u64, most: usize },
+    #[error("top-k index {index} is out of range ({values} values)")]
+    Index { index: u64, values: usize },
+    #[error("top-k index gap at byte {at} is cut short or does not fit 32 bits")]
+    Varint { at: usize },
     #[error("unknown codec `{0}` (pushes: fp32, bf16, int8, topk:PER_MILLE; pulls: fp32, bf16, delta-int8, delta-topk:PER_MILLE)")]
     Unknown(String),
     #[error("top-k per mille must be 1..={TOPK_MAX_PER_MILLE}, not {0}")]
@@ -148,7 +150,7 @@ pub struct PushEncoder {
     codec: PushCodec,
     residual: Vec<f32>,
     rng: Rng,
-    scratch: Vec<u32>,
+    top: TopK,
 }
 
 impl PushEncoder {
@@ -157,7 +159,7 @@ impl PushEncoder {
             codec,
             residual: Vec::new(),
             rng: Rng::new(seed),
-            scratch: Vec::new(),
+            top: TopK::default(),
         }
     }
 
@@ -219,14 +221,17 @@ impl PushEncoder {
             *r += v;
         }
         let k = top_k_count(n, per_mille);
-        let idx = &mut self.scratch;
-        select_top_k(&self.residual, k, idx);
-        out.extend_from_slice(&(k as u32).to_le_bytes());
-        for &i in idx.iter() {
-            let v = &mut self.residual[i as usize];
-            out.extend_from_slice(&i.to_le_bytes());
-            out.extend_from_slice(&v.to_le_bytes());
-            *v = 0.0;
+        self.top.select(&self.residual, k);
+        self.top.encode(&self.residual, out);
+        for &i in &self.top.idx {
+            let r = &mut self.residual[i as usize];
+            // What arrives is the bf16 of it: the rest waits for the next push. A NaN or
+            // infinite value is sent (the shard refuses the push) and not kept.
+            *r = if r.is_finite() {
+                *r - from_bf16(to_bf16(*r))
+            } else {
+                0.0
+            };
         }
     }
 }
@@ -247,13 +252,22 @@ impl PushCodec {
             .then_some(PushCodec::TopK { per_mille })
     }
 
-    /// The exact size of a push of `n` values.
-    pub fn encoded_len(&self, n: usize) -> usize {
+    /// The largest push of `n` values (its exact size for the dense codecs).
+    pub fn max_len(&self, n: usize) -> usize {
+        match self {
+            PushCodec::TopK { per_mille } => sparse::max_len(top_k_count(n, *per_mille)),
+            _ => self.typical_len(n),
+        }
+    }
+
+    /// The size of a usual push of `n` values, for pricing a codec (exact for the dense
+    /// codecs; for top-k, with its kept values spread over the slice).
+    pub fn typical_len(&self, n: usize) -> usize {
         match self {
             PushCodec::Fp32 => 4 * n,
             PushCodec::Bf16 => 2 * n,
             PushCodec::Int8 => n + 4 * n.div_ceil(INT8_BLOCK),
-            PushCodec::TopK { per_mille } => 4 + 8 * top_k_count(n, *per_mille),
+            PushCodec::TopK { per_mille } => sparse::typical_len(top_k_count(n, *per_mille), n),
         }
     }
 
@@ -261,9 +275,9 @@ impl PushCodec {
     pub fn decode(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
         let n = out.len();
         match self {
-            PushCodec::TopK { .. } => decode_top_k(bytes, out),
+            PushCodec::TopK { per_mille } => sparse::decode(bytes, top_k_count(n, *per_mille), out),
             _ => {
-                let expected = self.encoded_len(n);
+                let expected = self.max_len(n);
                 if bytes.len() != expected {
                     return Err(CodecError::Length {
                         codec: self.name(),
@@ -316,9 +330,19 @@ impl PullCodec {
     /// The largest size of a delta of `n` values (0 for a codec without deltas).
     pub fn delta_len(&self, n: usize) -> usize {
         match self {
-            PullCodec::DeltaInt8 => PushCodec::Int8.encoded_len(n),
-            PullCodec::DeltaTopK { per_mille } => 4 + 8 * top_k_count(n, *per_mille),
+            PullCodec::DeltaInt8 => PushCodec::Int8.max_len(n),
+            PullCodec::DeltaTopK { per_mille } => sparse::max_len(top_k_count(n, *per_mille)),
             _ => 0,
+        }
+    }
+
+    /// The size of a usual delta of `n` values, for pricing a codec.
+    pub fn typical_delta_len(&self, n: usize) -> usize {
+        match self {
+            PullCodec::DeltaTopK { per_mille } => {
+                sparse::typical_len(top_k_count(n, *per_mille), n)
+            }
+            _ => self.delta_len(n),
         }
     }
 

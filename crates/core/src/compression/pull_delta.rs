@@ -6,7 +6,8 @@
 //! next difference (the shard's error feedback, one per worker). Memory: one slice per worker
 //! connection.
 
-use super::values::{decode_int8, decode_top_k, encode_int8, select_top_k};
+use super::sparse::{self, TopK};
+use super::values::{decode_int8, encode_int8, from_bf16, to_bf16};
 use super::{top_k_count, CodecError, PullCodec, PushCodec};
 use crate::rng::Rng;
 
@@ -20,7 +21,7 @@ pub struct PullReplica {
     values: Vec<f32>,
     diff: Vec<f32>,
     rng: Rng,
-    scratch: Vec<u32>,
+    top: TopK,
 }
 
 impl PullReplica {
@@ -33,7 +34,7 @@ impl PullReplica {
             values: Vec::new(),
             diff: Vec::new(),
             rng: Rng::new(seed),
-            scratch: Vec::new(),
+            top: TopK::default(),
         }
     }
 
@@ -70,27 +71,22 @@ impl PullReplica {
         match codec {
             PullCodec::DeltaTopK { per_mille } => {
                 let k = top_k_count(diff.len(), per_mille);
-                select_top_k(diff, k, &mut self.scratch);
-                out.extend_from_slice(&(k as u32).to_le_bytes());
-                let mut sent = self.scratch.iter().peekable();
-                for (i, d) in diff.iter_mut().enumerate() {
-                    if sent.next_if_eq(&&(i as u32)).is_some() {
-                        out.extend_from_slice(&(i as u32).to_le_bytes());
-                        out.extend_from_slice(&d.to_le_bytes());
-                    } else {
-                        // Not sent: it stays in the next difference.
-                        *d = 0.0;
-                    }
+                self.top.select(diff, k);
+                self.top.encode(diff, out);
+                // As the worker adds it (`PullCodec::apply_delta`): the bf16 of each value
+                // sent; what was not sent stays in the next difference.
+                for &i in &self.top.idx {
+                    let i = i as usize;
+                    self.values[i] += from_bf16(to_bf16(diff[i]));
                 }
             }
             _ => {
                 encode_int8(diff, &mut self.rng, out);
                 decode_int8(out, diff);
+                for (r, d) in self.values.iter_mut().zip(diff.iter()) {
+                    *r += d;
+                }
             }
-        }
-        // As the worker adds it (`PullCodec::apply_delta`).
-        for (r, d) in self.values.iter_mut().zip(diff.iter()) {
-            *r += d;
         }
         self.held = Some(version);
     }
@@ -122,9 +118,11 @@ impl PullCodec {
         scratch.clear();
         scratch.resize(held.len(), 0.0);
         match self {
-            PullCodec::DeltaTopK { .. } => decode_top_k(bytes, scratch)?,
+            PullCodec::DeltaTopK { per_mille } => {
+                sparse::decode(bytes, top_k_count(held.len(), *per_mille), scratch)?
+            }
             _ => {
-                let expected = PushCodec::Int8.encoded_len(held.len());
+                let expected = PushCodec::Int8.max_len(held.len());
                 if bytes.len() != expected {
                     return Err(CodecError::Length {
                         codec: "delta-int8",
@@ -180,7 +178,7 @@ mod tests {
             assert!(!replica.can_send_delta(codec, 0), "nothing sent whole yet");
             replica.sent_whole(0, &held);
             let (mut wire, mut scratch) = (Vec::new(), Vec::new());
-            for version in 1..40u64 {
+            for version in 1..60u64 {
                 // Training moves the weights for 20 versions, then stops.
                 let weights = weights_at(version.min(20), n);
                 assert!(replica.can_send_delta(codec, version - 1));
@@ -195,10 +193,10 @@ mod tests {
             for (h, w) in held.iter().zip(&weights) {
                 assert!((h - w).abs() <= 1e-5, "{codec}: {h} vs {w}");
             }
-            assert!(!replica.can_send_delta(codec, 7) && replica.can_send_delta(codec, 39));
+            assert!(!replica.can_send_delta(codec, 7) && replica.can_send_delta(codec, 59));
             assert!(replica.holds());
             replica.forget();
-            assert!(!replica.can_send_delta(codec, 39), "after a bf16 pull");
+            assert!(!replica.can_send_delta(codec, 59), "after a bf16 pull");
             assert!(
                 !replica.holds() && replica.values.is_empty(),
                 "its memory went"
@@ -211,7 +209,8 @@ mod tests {
         let n = 100_000;
         assert_eq!(PullCodec::DeltaInt8.delta_len(n), n + 4 * n.div_ceil(256));
         let top = PullCodec::DeltaTopK { per_mille: 10 };
-        assert_eq!(top.delta_len(n), 4 + 8 * 1000);
+        assert_eq!(top.delta_len(n), 4 + 7 * 1000);
+        assert_eq!(top.typical_delta_len(n), 4 + 3 * 1000);
         assert_eq!(top.encoded_len(n), 4 * n, "whole slices go as fp32");
         assert!(!PullCodec::Bf16.is_delta() && PullCodec::Fp32.delta_len(n) == 0);
     }
@@ -224,13 +223,23 @@ mod tests {
         let short = vec![0u8; int8.delta_len(300) - 1];
         assert!(int8.apply_delta(&short, &mut held, &mut scratch).is_err());
         let top = PullCodec::DeltaTopK { per_mille: 10 };
-        let pair = |i: u32| [i.to_le_bytes(), 1.0f32.to_le_bytes()].concat();
-        let repeated = [2u32.to_le_bytes().to_vec(), pair(5), pair(5)].concat();
-        let outside = [1u32.to_le_bytes().to_vec(), pair(300)].concat();
+        let one = [0x80, 0x3f]; // 1.0 as bf16
+        let payload = |count: u32, gaps: &[u8]| {
+            let mut b = count.to_le_bytes().to_vec();
+            b.extend_from_slice(gaps);
+            b.extend((0..count).flat_map(|_| one));
+            b
+        };
+        // Index 300 (a gap of 300 as a varint), index 5 then 306, 301 values, a spare byte.
+        let outside = payload(1, &[0xac, 0x02]);
+        let then_outside = payload(2, &[5, 0xac, 0x02]);
         let too_many = 301u32.to_le_bytes().to_vec();
-        for bad in [repeated, outside, too_many] {
+        let leftover = payload(1, &[5, 0]);
+        for bad in [outside, then_outside, too_many, leftover] {
             assert!(top.apply_delta(&bad, &mut held, &mut scratch).is_err());
         }
+        top.apply_delta(&payload(1, &[5]), &mut vec![0.0; 300], &mut scratch)
+            .unwrap();
         assert_eq!(held, vec![1.0; 300], "nothing applied");
     }
 }

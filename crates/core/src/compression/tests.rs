@@ -10,7 +10,10 @@ fn gradient(n: usize, seed: u64) -> Vec<f32> {
 fn round_trip(codec: PushCodec, values: &[f32], enc: &mut PushEncoder) -> Vec<f32> {
     let mut bytes = Vec::new();
     enc.encode(values, &mut bytes);
-    assert_eq!(bytes.len(), codec.encoded_len(values.len()), "{codec}");
+    match codec {
+        PushCodec::TopK { .. } => assert!(bytes.len() <= codec.max_len(values.len())),
+        _ => assert_eq!(bytes.len(), codec.max_len(values.len()), "{codec}"),
+    }
     let mut out = vec![7.0; values.len()];
     codec.decode(&bytes, &mut out).unwrap();
     out
@@ -99,8 +102,10 @@ fn top_k_sends_the_largest_and_carries_the_rest_in_its_residual() {
         .filter(|v| **v != 0.0)
         .fold(f32::MAX, |m, v| m.min(v.abs()));
     let largest_kept = enc.residual().iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    assert!(smallest_sent >= largest_kept);
-    // Sent plus residual is exactly the gradient (error feedback loses nothing).
+    // (Sent as bf16: the smallest may round below a value kept back, by bf16's precision.)
+    assert!(smallest_sent >= largest_kept * (1.0 - 1.0 / 256.0));
+    // Sent plus residual is exactly the gradient (error feedback loses nothing, bf16's
+    // rounding included).
     for ((s, r), v) in back.iter().zip(enc.residual()).zip(&g) {
         assert_eq!(s + r, *v);
     }
@@ -131,41 +136,34 @@ fn top_k_sends_the_largest_and_carries_the_rest_in_its_residual() {
 #[test]
 fn hostile_payloads_are_refused() {
     let mut out = vec![0.0; 10];
-    let codec = PushCodec::TopK { per_mille: 100 };
-    let pair = |i: u32, v: f32| [i.to_le_bytes(), v.to_le_bytes()].concat();
-    let with = |count: u32, pairs: &[Vec<u8>]| {
+    let codec = PushCodec::TopK { per_mille: 500 }; // at most 5 of 10 values
+                                                    // Top-k's payload is the count, varint gaps between indices, then bf16 values.
+    let with = |count: u32, gaps: &[u8]| {
         let mut b = count.to_le_bytes().to_vec();
-        for p in pairs {
-            b.extend_from_slice(p);
-        }
+        b.extend_from_slice(gaps);
+        b.extend((0..count).flat_map(|_| to_bf16(2.0).to_le_bytes()));
         b
     };
-    assert!(codec
-        .decode(&with(2, &[pair(1, 1.0), pair(3, 2.0)]), &mut out)
-        .is_ok());
+    assert!(codec.decode(&with(2, &[1, 1]), &mut out).is_ok());
     assert_eq!(out[3], 2.0);
-    let repeated = with(2, &[pair(3, 1.0), pair(3, 2.0)]);
+    let beyond = with(2, &[1, 8]);
     assert!(matches!(
-        codec.decode(&repeated, &mut out),
-        Err(CodecError::Index { .. })
+        codec.decode(&beyond, &mut out),
+        Err(CodecError::Index { index: 10, .. })
     ));
-    let unordered = with(2, &[pair(4, 1.0), pair(3, 2.0)]);
-    assert!(codec.decode(&unordered, &mut out).is_err());
-    let beyond = with(1, &[pair(10, 1.0)]);
-    assert!(codec.decode(&beyond, &mut out).is_err());
-    let too_many = with(11, &[]);
+    let too_many = with(6, &[0; 6]);
     assert!(matches!(
         codec.decode(&too_many, &mut out),
         Err(CodecError::Count { .. })
     ));
-    let short = with(2, &[pair(1, 1.0)]);
+    let short = with(2, &[1]);
     assert!(matches!(
         codec.decode(&short, &mut out),
         Err(CodecError::Length { .. })
     ));
     assert!(codec.decode(&[1, 0], &mut out).is_err());
     for c in [PushCodec::Fp32, PushCodec::Bf16, PushCodec::Int8] {
-        let bytes = vec![0u8; c.encoded_len(10) + 1];
+        let bytes = vec![0u8; c.max_len(10) + 1];
         assert!(c.decode(&bytes, &mut out).is_err(), "{c}");
         assert!(
             c.decode(&bytes[..bytes.len() - 2], &mut out).is_err(),

@@ -1,7 +1,7 @@
-//! The element encodings behind the codecs: f32 and bf16 values, int8 blocks with a scale
-//! each (stochastic rounding), and top-k (index, value) pairs, decoded as hostile input.
+//! The dense element encodings behind the codecs: f32 and bf16 values, and int8 blocks with
+//! a scale each (stochastic rounding). Their callers check a payload's length first.
 
-use super::{CodecError, INT8_BLOCK};
+use super::INT8_BLOCK;
 use crate::rng::Rng;
 
 pub(super) fn encode_f32(values: &[f32], out: &mut Vec<u8>) {
@@ -90,61 +90,4 @@ pub(super) fn decode_int8(bytes: &[u8], out: &mut [f32]) {
             at += 1;
         }
     }
-}
-
-pub(super) fn decode_top_k(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
-    let n = out.len();
-    let Some(head) = bytes.get(..4) else {
-        return Err(CodecError::Length {
-            codec: "top-k",
-            values: n,
-            got: bytes.len(),
-            expected: 4,
-        });
-    };
-    let count = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as u64;
-    if count > n as u64 {
-        return Err(CodecError::Count { count, values: n });
-    }
-    let expected = 4 + 8 * count as usize;
-    if bytes.len() != expected {
-        return Err(CodecError::Length {
-            codec: "top-k",
-            values: n,
-            got: bytes.len(),
-            expected,
-        });
-    }
-    out.fill(0.0);
-    let mut next = 0u64;
-    for pair in bytes[4..].chunks_exact(8) {
-        let index = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
-        if (index as u64) < next || index as usize >= n {
-            return Err(CodecError::Index { index, values: n });
-        }
-        next = index as u64 + 1;
-        out[index as usize] = f32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
-    }
-    Ok(())
-}
-
-/// The indices of the `k` values of `values` largest in magnitude, ascending, in `idx`. NaN
-/// counts as largest, so a bad value is sent (and refused) rather than hidden.
-pub(super) fn select_top_k(values: &[f32], k: usize, idx: &mut Vec<u32>) {
-    let n = values.len();
-    idx.clear();
-    idx.extend(0..n as u32);
-    let magnitude = |i: &u32| {
-        let v = values[*i as usize].abs();
-        if v.is_nan() {
-            f32::INFINITY
-        } else {
-            v
-        }
-    };
-    if k < n {
-        idx.select_nth_unstable_by(k, |a, b| magnitude(b).total_cmp(&magnitude(a)));
-        idx.truncate(k);
-    }
-    idx.sort_unstable();
 }

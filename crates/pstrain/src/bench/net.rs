@@ -1,7 +1,9 @@
 //! `pstrain bench-net`: what the TCP transport costs. Push and pull throughput and round trip
-//! for a layout over 1 and S shards on loopback, next to a plain memcpy of the same bytes, and
-//! training samples/s over TCP as a fraction of the in-process run, all from one run.
+//! for a layout over 1 and S shards on loopback, next to a plain memcpy of the same bytes;
+//! each wire codec's CPU cost on the cnn's size; training samples/s over TCP as a fraction
+//! of the in-process run; all from one run.
 
+use super::codecs::{codec_points, CodecPoint};
 use crate::launch::cluster::{train_tcp, ClusterConfig};
 use crate::report::usage::ProcessUsage;
 use crate::report::Quiet;
@@ -63,6 +65,8 @@ pub struct TcpTrainingPoint {
 #[derive(Debug, Clone, Serialize)]
 pub struct NetBenchReport {
     pub transfer: Vec<TransferPoint>,
+    /// CPU per codec on the cnn's size (what a slow link's savings cost).
+    pub codecs: Vec<CodecPoint>,
     pub training: Vec<TcpTrainingPoint>,
 }
 
@@ -250,6 +254,15 @@ pub fn run_net_bench(
     progress: &mut dyn FnMut(&str),
 ) -> Result<NetBenchReport, TrainError> {
     let transfer = transfer_points(cfg, progress)?;
+    let cnn_values = ModelKind::Cnn.build(Default::default()).layout().len();
+    let codecs = codec_points(cnn_values, 21)
+        .map_err(|e| TrainError::Launch(format!("codec bench: {e}")))?;
+    for p in &codecs {
+        progress(&format!(
+            "{} {} of the cnn: {} bytes, encode {:.2} ms, decode {:.2} ms",
+            p.direction, p.codec, p.bytes, p.encode_ms, p.decode_ms
+        ));
+    }
     let mut training = Vec::new();
     let modes = [
         Mode::Sync { backup_workers: 0 },
@@ -260,7 +273,11 @@ pub fn run_net_bench(
     for mode in modes.into_iter().filter(|_| cfg.train_updates > 0) {
         training.extend(training_points(cfg, mode, cluster, data, progress)?);
     }
-    Ok(NetBenchReport { transfer, training })
+    Ok(NetBenchReport {
+        transfer,
+        codecs,
+        training,
+    })
 }
 
 /// Push and pull of the cnn's and a large synthetic layout over each shard count, plain,

@@ -177,7 +177,11 @@ class Placement:
 
 
 def _log(record: dict) -> None:
-    print(json.dumps(record), flush=True)
+    # One write of the line and its newline: print() writes them separately, and Ray's log
+    # thread may print an actor's line between the two (seen: a summary line with a shard's
+    # closing report glued to its end).
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

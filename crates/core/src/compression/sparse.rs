@@ -1,0 +1,322 @@
+//! Top-k's selection and wire. Selection is exact and linear: a histogram of the values'
+//! magnitude bits finds the bucket holding the k-th largest, only that bucket is ordered,
+//! and one more pass takes the indices in ascending order (no sort of the slice, no index
+//! array of its length). The payload is the count, the gaps between ascending indices as
+//! LEB128 varints (a byte each while the kept values are denser than 1 in 128), then each
+//! value as bf16: about 3 bytes a value where (u32, f32) pairs took 8. Callers keep what
+//! the rounding to bf16 left out in their error feedback.
+
+use super::values::{from_bf16, to_bf16};
+use super::CodecError;
+
+/// The count ahead of the gaps.
+const COUNT_LEN: usize = 4;
+/// The longest varint of a u32.
+const MAX_VARINT: usize = 5;
+/// Bytes of one bf16 value.
+const VALUE_LEN: usize = 2;
+/// The magnitude bits above this shift name a histogram bucket: 8 exponent bits and 3 of
+/// the mantissa (an eighth of an octave per bucket).
+const BUCKET_SHIFT: u32 = 20;
+const BUCKETS: usize = 1 << (31 - BUCKET_SHIFT);
+
+/// The largest payload of `k` values.
+pub(super) fn max_len(k: usize) -> usize {
+    COUNT_LEN + (MAX_VARINT + VALUE_LEN) * k
+}
+
+/// The size of a payload of `k` values spread evenly over `n` (for pricing a codec before
+/// it is used; the real payload is within a few percent when the kept values scatter).
+pub(super) fn typical_len(k: usize, n: usize) -> usize {
+    let gap = (n / k.max(1)).min(u32::MAX as usize) as u32;
+    COUNT_LEN + (varint_len(gap) + VALUE_LEN) * k
+}
+
+/// The smallest payload of `k` values (every gap one byte).
+pub(super) fn min_len(k: usize) -> usize {
+    COUNT_LEN + (1 + VALUE_LEN) * k
+}
+
+fn varint_len(v: u32) -> usize {
+    (32 - v.leading_zeros() as usize).div_ceil(7).max(1)
+}
+
+/// A value's magnitude as bits ordered as the magnitudes are (the sign bit cleared, a
+/// non-negative float's bits order as its value); NaN's bits lie above infinity's, so a bad
+/// value counts as largest and is sent (and refused) rather than hidden.
+fn magnitude_key(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
+}
+
+/// The selection's buffers, kept between pushes (or pulls) of one slice.
+#[derive(Debug, Clone, Default)]
+pub(super) struct TopK {
+    /// The indices selected last, ascending.
+    pub idx: Vec<u32>,
+    /// The magnitudes of the bucket holding the k-th largest.
+    bucket: Vec<u32>,
+}
+
+impl TopK {
+    /// Selects the indices of the `k` values of `values` largest in magnitude (ties at the
+    /// threshold taken lowest index first), ascending, into `self.idx`; zeros never (fewer
+    /// than `k` nonzero values: all of them).
+    pub fn select(&mut self, values: &[f32], k: usize) {
+        self.idx.clear();
+        let n = values.len();
+        if k >= n {
+            self.idx
+                .extend((0..n as u32).filter(|&i| magnitude_key(values[i as usize]) != 0));
+            return;
+        }
+        if k == 0 {
+            return;
+        }
+        let mut histogram = [0u32; BUCKETS];
+        for &v in values {
+            histogram[(magnitude_key(v) >> BUCKET_SHIFT) as usize] += 1;
+        }
+        // From the largest bucket down, to the one holding the k-th largest.
+        let (mut bucket, mut above) = (BUCKETS - 1, 0usize);
+        while above + (histogram[bucket] as usize) < k {
+            above += histogram[bucket] as usize;
+            bucket -= 1;
+        }
+        let keys = &mut self.bucket;
+        keys.clear();
+        keys.extend(
+            values
+                .iter()
+                .map(|&v| magnitude_key(v))
+                .filter(|key| (key >> BUCKET_SHIFT) as usize == bucket),
+        );
+        let wanted = k - above;
+        let (_, threshold, _) = keys.select_nth_unstable_by(wanted - 1, |a, b| b.cmp(a));
+        let threshold = *threshold;
+        let larger = keys.iter().filter(|&&key| key > threshold).count();
+        // Zeros are not worth their bytes: fewer than k values are sent then.
+        let mut ties = if threshold == 0 { 0 } else { wanted - larger };
+        self.idx.reserve(k);
+        for (i, &v) in values.iter().enumerate() {
+            let key = magnitude_key(v);
+            if key > threshold || (key == threshold && ties > 0) {
+                if key == threshold {
+                    ties -= 1;
+                }
+                self.idx.push(i as u32);
+            }
+        }
+    }
+
+    /// Writes the payload of `values` at the selected indices into `out` (appended). Each
+    /// value goes as bf16; `from_bf16(to_bf16(v))` is what arrives.
+    pub fn encode(&self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(max_len(self.idx.len()));
+        out.extend_from_slice(&(self.idx.len() as u32).to_le_bytes());
+        let mut next = 0u32;
+        for &i in &self.idx {
+            write_varint(i - next, out);
+            next = i + 1;
+        }
+        for &i in &self.idx {
+            out.extend_from_slice(&to_bf16(values[i as usize]).to_le_bytes());
+        }
+    }
+}
+
+fn write_varint(mut v: u32, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The varint at the start of `bytes` and its length; `None` if it is cut short or does
+/// not fit a u32.
+fn read_varint(bytes: &[u8]) -> Option<(u32, usize)> {
+    let mut v = 0u64;
+    for (at, &b) in bytes.iter().take(MAX_VARINT).enumerate() {
+        v |= ((b & 0x7f) as u64) << (7 * at);
+        if b & 0x80 == 0 {
+            return u32::try_from(v).ok().map(|v| (v, at + 1));
+        }
+    }
+    None
+}
+
+/// Decodes a payload of at most `k` values into `out` (zeros where nothing was sent),
+/// checking it as hostile: the count against `k`, every gap's varint, every index in range,
+/// nothing left over.
+pub(super) fn decode(bytes: &[u8], k: usize, out: &mut [f32]) -> Result<(), CodecError> {
+    let n = out.len();
+    let short = |expected: usize| CodecError::Length {
+        codec: "top-k",
+        values: n,
+        got: bytes.len(),
+        expected,
+    };
+    let head = bytes.get(..COUNT_LEN).ok_or(short(COUNT_LEN))?;
+    let count = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as u64;
+    if count > k.min(n) as u64 {
+        return Err(CodecError::Count {
+            count,
+            most: k.min(n),
+        });
+    }
+    let count = count as usize;
+    if bytes.len() < min_len(count) || bytes.len() > max_len(count) {
+        return Err(short(min_len(count)));
+    }
+    let (gaps, values) = bytes[COUNT_LEN..].split_at(bytes.len() - COUNT_LEN - VALUE_LEN * count);
+    out.fill(0.0);
+    let (mut at, mut next) = (0usize, 0u64);
+    for value in values.chunks_exact(VALUE_LEN) {
+        let (gap, used) =
+            read_varint(&gaps[at..]).ok_or(CodecError::Varint { at: COUNT_LEN + at })?;
+        at += used;
+        let index = next + gap as u64;
+        if index >= n as u64 {
+            return Err(CodecError::Index { index, values: n });
+        }
+        out[index as usize] = from_bf16(u16::from_le_bytes([value[0], value[1]]));
+        next = index + 1;
+    }
+    if at != gaps.len() {
+        return Err(short(COUNT_LEN + at + VALUE_LEN * count));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The reference: every index sorted by magnitude, largest first, ties by index.
+    fn by_sorting(values: &[f32], k: usize) -> Vec<u32> {
+        let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+        idx.sort_by(|&a, &b| {
+            let key = |i: u32| magnitude_key(values[i as usize]);
+            key(b).cmp(&key(a)).then(a.cmp(&b))
+        });
+        idx.truncate(k);
+        idx.sort_unstable();
+        idx
+    }
+
+    #[test]
+    fn selection_matches_a_full_sort_including_ties_and_nan() {
+        let mut rng = Rng::new(11);
+        let mut top = TopK::default();
+        let nonzero = |values: &[f32], idx: Vec<u32>| -> Vec<u32> {
+            idx.into_iter()
+                .filter(|&i| values[i as usize] != 0.0)
+                .collect()
+        };
+        for round in 0..200 {
+            let n = 1 + rng.below(3000);
+            let values: Vec<f32> = (0..n)
+                .map(|_| match rng.below(10) {
+                    // Repeated magnitudes of either sign: ties at the threshold.
+                    0 => 0.25,
+                    1 => -0.25,
+                    2 => 0.0,
+                    3 if round % 7 == 0 => f32::NAN,
+                    _ => rng.uniform(-1.0, 1.0) * 10f32.powi(rng.below(6) as i32 - 3),
+                })
+                .collect();
+            for k in [0, 1, n / 50, n / 3, n - 1, n] {
+                top.select(&values, k);
+                let want = nonzero(&values, by_sorting(&values, k));
+                assert_eq!(top.idx, want, "round {round}, k {k} of {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn payloads_round_trip_as_bf16_within_their_bounds() {
+        let mut rng = Rng::new(3);
+        let n = 100_000;
+        let values: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let mut top = TopK::default();
+        for k in [1, 100, 5_000, 50_000] {
+            top.select(&values, k);
+            let mut wire = Vec::new();
+            top.encode(&values, &mut wire);
+            assert!(wire.len() >= min_len(k) && wire.len() <= max_len(k));
+            let typical = typical_len(k, n) as f64;
+            assert!(
+                (wire.len() as f64 - typical).abs() <= 0.1 * typical,
+                "k {k}"
+            );
+            let mut out = vec![9.0; n];
+            decode(&wire, k, &mut out).unwrap();
+            let mut sent = top.idx.iter().peekable();
+            for (i, (o, v)) in out.iter().zip(&values).enumerate() {
+                if sent.next_if_eq(&&(i as u32)).is_some() {
+                    assert_eq!(*o, from_bf16(to_bf16(*v)));
+                } else {
+                    assert_eq!(*o, 0.0);
+                }
+            }
+        }
+        // Gaps past one byte (one value in 100,000) and the varint's longest form.
+        for (i, len) in [
+            (127u32, 1),
+            (128, 2),
+            (16_383, 2),
+            (16_384, 3),
+            (u32::MAX, 5),
+        ] {
+            let mut out = Vec::new();
+            write_varint(i, &mut out);
+            assert_eq!((out.len(), read_varint(&out)), (len, Some((i, len))));
+        }
+    }
+
+    #[test]
+    fn hostile_payloads_are_refused() {
+        let mut out = vec![0.0; 10];
+        let with = |count: u32, gaps: &[u8], values: usize| {
+            let mut b = count.to_le_bytes().to_vec();
+            b.extend_from_slice(gaps);
+            b.extend(std::iter::repeat_n(0x3f, 2 * values));
+            b
+        };
+        assert!(decode(&with(2, &[1, 1], 2), 2, &mut out).is_ok());
+        // More values than the codec sends: refused even when the slice has room.
+        assert!(matches!(
+            decode(&with(2, &[1, 1], 2), 1, &mut out),
+            Err(CodecError::Count { count: 2, most: 1 })
+        ));
+        assert_eq!((out[1], out[3]), (from_bf16(0x3f3f), from_bf16(0x3f3f)));
+        let beyond = with(2, &[8, 1], 2);
+        assert!(matches!(
+            decode(&beyond, 10, &mut out),
+            Err(CodecError::Index { index: 10, .. })
+        ));
+        let too_many = with(11, &[], 0);
+        assert!(matches!(
+            decode(&too_many, 20, &mut out),
+            Err(CodecError::Count { .. })
+        ));
+        // A gap whose varint runs into the values, one past a u32, bytes left over.
+        let cut = with(1, &[0x80], 1);
+        assert!(matches!(
+            decode(&cut, 10, &mut out),
+            Err(CodecError::Varint { .. })
+        ));
+        let mut huge = vec![0xff, 0xff, 0xff, 0xff, 0x10];
+        huge.extend_from_slice(&[0x3f, 0x3f]);
+        let huge = [1u32.to_le_bytes().to_vec(), huge].concat();
+        assert!(decode(&huge, 1, &mut vec![0.0; 1 << 20]).is_err());
+        let extra = with(1, &[0, 0], 1);
+        assert!(matches!(
+            decode(&extra, 10, &mut out),
+            Err(CodecError::Length { .. })
+        ));
+        assert!(decode(&[1, 0], 10, &mut out).is_err());
+        assert!(decode(&with(2, &[0], 2), 10, &mut out).is_err());
+    }
+}

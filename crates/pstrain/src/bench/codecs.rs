@@ -1,0 +1,129 @@
+//! What each wire codec costs in CPU on a cnn-sized slice: a worker's encoding and a shard's
+//! decoding of a push, a shard's encoding of a delta pull and a worker's applying it, with
+//! the bytes each makes. Part of `pstrain bench-net`: the link is what codecs save, this is
+//! what they spend (and what `auto`'s per-rung codec cost stands for).
+
+use pstrain_core::rng::Rng;
+use pstrain_core::{CodecError, PullCodec, PullReplica, PushCodec, PushEncoder};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CodecPoint {
+    /// `push` or `pull`.
+    pub direction: &'static str,
+    pub codec: String,
+    pub values: usize,
+    /// Median bytes on the wire.
+    pub bytes: usize,
+    /// Median ms to encode (the worker for a push, the shard for a delta pull).
+    pub encode_ms: f64,
+    /// Median ms to decode (the shard for a push, the worker applying a delta).
+    pub decode_ms: f64,
+}
+
+/// Gradient-like values: signs random, magnitudes spread over four decades (as a real
+/// gradient's are; top-k's selection depends on the spread).
+fn gradient_like(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.uniform(-1.0, 1.0) * 10f32.powf(rng.uniform(-6.0, -2.0)))
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Every push codec and delta pull codec `auto` may use, on a slice of `values`, `reps`
+/// times each (a fresh gradient each time, so error feedback works as in training). An
+/// error is a codec refusing what it made itself.
+pub fn codec_points(values: usize, reps: usize) -> Result<Vec<CodecPoint>, CodecError> {
+    let mut rng = Rng::new(7);
+    let gradients: Vec<Vec<f32>> = (0..reps).map(|_| gradient_like(values, &mut rng)).collect();
+    let mut points = Vec::new();
+    let pushes = [
+        "fp32", "bf16", "int8", "topk:200", "topk:100", "topk:50", "topk:10",
+    ];
+    for name in pushes {
+        let Ok(codec) = name.parse::<PushCodec>() else {
+            continue;
+        };
+        let mut encoder = PushEncoder::new(codec, 1);
+        let (mut wire, mut out) = (Vec::new(), vec![0.0; values]);
+        let (mut enc, mut dec, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        for g in &gradients {
+            let t = Instant::now();
+            encoder.encode(g, &mut wire);
+            enc.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            codec.decode(&wire, &mut out)?;
+            dec.push(t.elapsed().as_secs_f64());
+            bytes.push(wire.len() as f64);
+        }
+        points.push(CodecPoint {
+            direction: "push",
+            codec: name.into(),
+            values,
+            bytes: median(bytes) as usize,
+            encode_ms: 1e3 * median(enc),
+            decode_ms: 1e3 * median(dec),
+        });
+    }
+    for name in [
+        "delta-int8",
+        "delta-topk:50",
+        "delta-topk:20",
+        "delta-topk:5",
+    ] {
+        let Ok(codec) = name.parse::<PullCodec>() else {
+            continue;
+        };
+        let mut weights = gradient_like(values, &mut rng);
+        let mut held = weights.clone();
+        let mut replica = PullReplica::new(true, 1);
+        replica.sent_whole(0, &weights);
+        let (mut wire, mut scratch) = (Vec::new(), Vec::new());
+        let (mut enc, mut dec, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        for (version, g) in (1..).zip(&gradients) {
+            for (w, d) in weights.iter_mut().zip(g) {
+                *w -= d;
+            }
+            let t = Instant::now();
+            replica.encode_delta(codec, version, &weights, &mut wire);
+            enc.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            codec.apply_delta(&wire, &mut held, &mut scratch)?;
+            dec.push(t.elapsed().as_secs_f64());
+            bytes.push(wire.len() as f64);
+        }
+        points.push(CodecPoint {
+            direction: "pull",
+            codec: name.into(),
+            values,
+            bytes: median(bytes) as usize,
+            encode_ms: 1e3 * median(enc),
+            decode_ms: 1e3 * median(dec),
+        });
+    }
+    Ok(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_codec_is_measured_and_compression_shrinks_the_bytes() {
+        let points = codec_points(10_000, 3).unwrap();
+        assert_eq!(points.len(), 11);
+        let bytes = |c: &str| points.iter().find(|p| p.codec == c).unwrap().bytes;
+        assert_eq!(bytes("fp32"), 40_000);
+        assert_eq!(bytes("int8"), 10_000 + 4 * 40);
+        assert!(bytes("topk:50") < bytes("topk:100") && bytes("topk:100") < bytes("bf16"));
+        assert!(bytes("delta-topk:5") < bytes("delta-topk:20"));
+        assert!(points
+            .iter()
+            .all(|p| p.encode_ms >= 0.0 && p.decode_ms >= 0.0));
+    }
+}
