@@ -25,8 +25,8 @@ pub struct Rung {
     pub pull: PullCodec,
     pub updates_cost: f64,
     /// Nanoseconds per value its encoding and decoding cost the shard and the worker
-    /// together, per push and pull (measured on loopback against fp32 on this project's
-    /// 2-core machines; an estimate elsewhere, which only matters on fast links).
+    /// together, per push and pull (the sum of `pstrain bench-net`'s codec rows on this
+    /// project's 2-core machines; an estimate elsewhere, which only matters on fast links).
     pub codec_ns_per_value: f64,
 }
 
@@ -45,25 +45,25 @@ pub const AUTO_LADDER: [Rung; 5] = [
     Rung {
         push: PushCodec::Int8,
         pull: PullCodec::DeltaInt8,
-        codec_ns_per_value: 10.0,
+        codec_ns_per_value: 8.0,
         updates_cost: 1.02,
     },
     Rung {
         push: PushCodec::Int8,
         pull: PullCodec::DeltaTopK { per_mille: 20 },
-        codec_ns_per_value: 8.0,
+        codec_ns_per_value: 6.5,
         updates_cost: 1.05,
     },
     Rung {
         push: PushCodec::TopK { per_mille: 50 },
         pull: PullCodec::DeltaTopK { per_mille: 20 },
-        codec_ns_per_value: 7.0,
+        codec_ns_per_value: 5.5,
         updates_cost: 1.3,
     },
     Rung {
         push: PushCodec::TopK { per_mille: 10 },
         pull: PullCodec::DeltaTopK { per_mille: 5 },
-        codec_ns_per_value: 7.0,
+        codec_ns_per_value: 4.5,
         updates_cost: 2.0,
     },
 ];

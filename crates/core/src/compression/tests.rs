@@ -49,6 +49,32 @@ fn fp32_is_exact_and_bf16_is_within_its_precision() {
 }
 
 #[test]
+fn int8_keeps_zeros_and_handles_a_subnormal_scale() {
+    // A block of values so small that its scale is subnormal (its inverse would be
+    // infinite): zeros stay zero, the rest stay within a scale step, nothing becomes NaN.
+    let tiny = f32::MIN_POSITIVE * 3.0;
+    let g: Vec<f32> = (0..INT8_BLOCK)
+        .map(|i| match i % 3 {
+            0 => 0.0,
+            1 => tiny,
+            _ => -tiny * 0.5,
+        })
+        .collect();
+    let mut enc = PushEncoder::new(PushCodec::Int8, 4);
+    let back = round_trip(PushCodec::Int8, &g, &mut enc);
+    let scale = tiny / 127.0;
+    for (a, b) in g.iter().zip(&back) {
+        assert!(
+            b.is_finite() && (a - b).abs() <= scale * 1.0001,
+            "{a} -> {b}"
+        );
+        if *a == 0.0 {
+            assert_eq!(*b, 0.0);
+        }
+    }
+}
+
+#[test]
 fn int8_is_unbiased_and_bounded_by_its_scale() {
     let g = gradient(INT8_BLOCK * 3 + 17, 2);
     let mut enc = PushEncoder::new(PushCodec::Int8, 9);
