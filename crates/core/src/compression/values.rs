@@ -68,7 +68,8 @@ pub(super) fn encode_int8(values: &[f32], rng: &mut Rng, out: &mut Vec<u8>) {
             largest / 127.0
         };
         out.extend_from_slice(&scale.to_le_bytes());
-        if !(scale > 0.0) {
+        // Zero (all zeros) or NaN (a bad block): the values carry nothing.
+        if scale.is_nan() || scale == 0.0 {
             out.extend(std::iter::repeat_n(0u8, block.len()));
             continue;
         }
