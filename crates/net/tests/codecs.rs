@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use pstrain_core::compression::to_bf16;
 use pstrain_core::{
     ParameterClient, PullCodec, PushCodec, PushEncoder, PushMeta, PushOutcome, RunPlan, AUTO_LADDER,
 };
@@ -190,15 +189,16 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
     let token = RunToken::generate().unwrap();
     let p = codec_plan(PushCodec::TopK { per_mille: 10 }, PullCodec::Fp32);
     let server = start(p.clone(), Some(token.clone()));
-    // Top-k's payload: the count, varint gaps between ascending indices, bf16 values.
-    let body = |count: u32, gaps: &[u8], values: &[f32]| {
+    // Top-k's payload: the count, varint gaps between ascending indices, int8 values behind
+    // a scale per 64 (here fewer than 64 values, each one step of `scale`).
+    let with_scale = |count: u32, gaps: &[u8], scale: f32| {
         let mut b = count.to_le_bytes().to_vec();
         b.extend_from_slice(gaps);
-        values
-            .iter()
-            .for_each(|v| b.extend_from_slice(&to_bf16(*v).to_le_bytes()));
+        b.extend_from_slice(&scale.to_le_bytes());
+        b.extend((0..count).map(|_| 1u8));
         b
     };
+    let body = |count: u32, gaps: &[u8]| with_scale(count, gaps, 1.0);
     let n_as_varint = [0xe8, 0x07]; // N = 1000
     let head = PushHead {
         base_version: 0,
@@ -210,19 +210,19 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
     }
     .encode(1);
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("index out of range", body(1, &n_as_varint, &[1.0])),
+        ("index out of range", body(1, &n_as_varint)),
         (
             "index out of range after one in range",
-            body(2, &[5, n_as_varint[0], n_as_varint[1]], &[1.0, 1.0]),
+            body(2, &[5, n_as_varint[0], n_as_varint[1]]),
         ),
-        ("count beyond the slice", body(N as u32 + 1, &[], &[])),
         (
-            "more values than the codec sends",
-            body(11, &[0; 11], &[1.0; 11]),
+            "count beyond the slice",
+            (N as u32 + 1).to_le_bytes().to_vec(),
         ),
-        ("count and length disagree", body(3, &[1], &[1.0])),
-        ("gap cut short", body(1, &[0x80], &[1.0])),
-        ("bytes left over", body(1, &[1, 1], &[1.0])),
+        ("more values than the codec sends", body(11, &[0; 11])),
+        ("count and length disagree", body(2, &[1])),
+        ("gap cut short", body(1, &[0x80])),
+        ("bytes left over", body(1, &[1, 1])),
     ];
     for (what, b) in cases {
         let mut s = join_with_token_stream(server.address(), &token, &p);
@@ -240,7 +240,7 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
     // A NaN inside a well-formed top-k push is refused like any NaN gradient.
     let mut s = join_with_token_stream(server.address(), &token, &p);
     let mut payload = head.clone();
-    payload.extend_from_slice(&body(1, &[3], &[f32::NAN]));
+    payload.extend_from_slice(&with_scale(1, &[3], f32::NAN));
     s.write_all(&frame(kind::PUSH, &payload)).unwrap();
     let (k, reply) = read_frame(&mut s);
     assert_eq!(k, kind::ERROR);

@@ -10,9 +10,9 @@
 //! - `int8`: stochastic rounding to 8 bits with a scale per block of 256 values (1 byte
 //!   plus 4 per block), unbiased: the expected decoded value is the value sent;
 //! - `topk:P`: the P per mille of values largest in magnitude, as gaps between their
-//!   indices (varints) and bf16 values, about 3 bytes each (see `sparse`), with error
-//!   feedback: what was not sent (and what bf16 rounded off) is added to the next gradient,
-//!   so every coordinate's updates arrive in the end.
+//!   indices (varints) and int8 values with a scale per 64, about 2 bytes each (see
+//!   `sparse`), with error feedback: what was not sent (and what the rounding left out) is
+//!   added to the next gradient, so every coordinate's updates arrive in the end.
 //!
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
 //! a delta from what the worker holds (`delta-int8`, `delta-topk:P`; see `pull_delta`).
@@ -223,15 +223,11 @@ impl PushEncoder {
         let k = top_k_count(n, per_mille);
         self.top.select(&self.residual, k);
         self.top.encode(&self.residual, out);
-        for &i in &self.top.idx {
+        for (&i, arrives) in self.top.idx.iter().zip(&self.top.sent) {
             let r = &mut self.residual[i as usize];
-            // What arrives is the bf16 of it: the rest waits for the next push. A NaN or
-            // infinite value is sent (the shard refuses the push) and not kept.
-            *r = if r.is_finite() {
-                *r - from_bf16(to_bf16(*r))
-            } else {
-                0.0
-            };
+            // What its rounding left out waits for the next push. A NaN or infinite value
+            // is sent (the shard refuses the push) and not kept.
+            *r = if r.is_finite() { *r - arrives } else { 0.0 };
         }
     }
 }

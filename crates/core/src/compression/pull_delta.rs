@@ -7,7 +7,7 @@
 //! connection.
 
 use super::sparse::{self, TopK};
-use super::values::{decode_int8, encode_int8, from_bf16, to_bf16};
+use super::values::{decode_int8, encode_int8};
 use super::{top_k_count, CodecError, PullCodec, PushCodec};
 use crate::rng::Rng;
 
@@ -73,11 +73,10 @@ impl PullReplica {
                 let k = top_k_count(diff.len(), per_mille);
                 self.top.select(diff, k);
                 self.top.encode(diff, out);
-                // As the worker adds it (`PullCodec::apply_delta`): the bf16 of each value
-                // sent; what was not sent stays in the next difference.
-                for &i in &self.top.idx {
-                    let i = i as usize;
-                    self.values[i] += from_bf16(to_bf16(diff[i]));
+                // As the worker adds it (`PullCodec::apply_delta`): what arrives of each value
+                // sent; what was not sent, or rounded off, stays in the next difference.
+                for (&i, arrives) in self.top.idx.iter().zip(&self.top.sent) {
+                    self.values[i as usize] += arrives;
                 }
             }
             _ => {
@@ -209,8 +208,10 @@ mod tests {
         let n = 100_000;
         assert_eq!(PullCodec::DeltaInt8.delta_len(n), n + 4 * n.div_ceil(256));
         let top = PullCodec::DeltaTopK { per_mille: 10 };
-        assert_eq!(top.delta_len(n), 4 + 7 * 1000);
-        assert_eq!(top.typical_delta_len(n), 4 + 3 * 1000);
+        // 1,000 values: the count, a gap of at most 5 bytes (usually 1) and a byte each, and
+        // a scale per 64.
+        assert_eq!(top.delta_len(n), 4 + 5 * 1000 + 1000 + 4 * 16);
+        assert_eq!(top.typical_delta_len(n), 4 + 1000 + 1000 + 4 * 16);
         assert_eq!(top.encoded_len(n), 4 * n, "whole slices go as fp32");
         assert!(!PullCodec::Bf16.is_delta() && PullCodec::Fp32.delta_len(n) == 0);
     }
@@ -223,11 +224,12 @@ mod tests {
         let short = vec![0u8; int8.delta_len(300) - 1];
         assert!(int8.apply_delta(&short, &mut held, &mut scratch).is_err());
         let top = PullCodec::DeltaTopK { per_mille: 10 };
-        let one = [0x80, 0x3f]; // 1.0 as bf16
+        // Values of 1.0: a scale of 0.5 and 2 steps each (fewer than 64: one block).
         let payload = |count: u32, gaps: &[u8]| {
             let mut b = count.to_le_bytes().to_vec();
             b.extend_from_slice(gaps);
-            b.extend((0..count).flat_map(|_| one));
+            b.extend_from_slice(&0.5f32.to_le_bytes());
+            b.extend((0..count).map(|_| 2u8));
             b
         };
         // Index 300 (a gap of 300 as a varint), index 5 then 306, 301 values, a spare byte.

@@ -2,39 +2,47 @@
 //! magnitude bits finds the bucket holding the k-th largest, only that bucket is ordered,
 //! and one more pass takes the indices in ascending order (no sort of the slice, no index
 //! array of its length). The payload is the count, the gaps between ascending indices as
-//! LEB128 varints (a byte each while the kept values are denser than 1 in 128), then each
-//! value as bf16: about 3 bytes a value where (u32, f32) pairs took 8. Callers keep what
-//! the rounding to bf16 left out in their error feedback.
+//! LEB128 varints (a byte each while the kept values are denser than 1 in 128), then the
+//! values as int8 in blocks of `VALUE_BLOCK` with an f32 scale each (rounded to nearest):
+//! about 2 bytes a value where (u32, f32) pairs took 8. Callers keep what the rounding left
+//! out in their error feedback, so it arrives later instead of being lost (which is why the
+//! rounding need not be stochastic here).
 
-use super::values::{from_bf16, to_bf16};
 use super::CodecError;
 
 /// The count ahead of the gaps.
 const COUNT_LEN: usize = 4;
 /// The longest varint of a u32.
 const MAX_VARINT: usize = 5;
-/// Bytes of one bf16 value.
-const VALUE_LEN: usize = 2;
+/// Values per scale.
+const VALUE_BLOCK: usize = 64;
+/// Bytes of a block's scale.
+const SCALE_LEN: usize = 4;
 /// The magnitude bits above this shift name a histogram bucket: 8 exponent bits and 3 of
 /// the mantissa (an eighth of an octave per bucket).
 const BUCKET_SHIFT: u32 = 20;
 const BUCKETS: usize = 1 << (31 - BUCKET_SHIFT);
 
+/// Bytes of `k` values: one each, and a scale per block.
+fn values_len(k: usize) -> usize {
+    k + SCALE_LEN * k.div_ceil(VALUE_BLOCK)
+}
+
 /// The largest payload of `k` values.
 pub(super) fn max_len(k: usize) -> usize {
-    COUNT_LEN + (MAX_VARINT + VALUE_LEN) * k
+    COUNT_LEN + MAX_VARINT * k + values_len(k)
 }
 
 /// The size of a payload of `k` values spread evenly over `n` (for pricing a codec before
 /// it is used; the real payload is within a few percent when the kept values scatter).
 pub(super) fn typical_len(k: usize, n: usize) -> usize {
     let gap = (n / k.max(1)).min(u32::MAX as usize) as u32;
-    COUNT_LEN + (varint_len(gap) + VALUE_LEN) * k
+    COUNT_LEN + varint_len(gap) * k + values_len(k)
 }
 
 /// The smallest payload of `k` values (every gap one byte).
 pub(super) fn min_len(k: usize) -> usize {
-    COUNT_LEN + (1 + VALUE_LEN) * k
+    COUNT_LEN + k + values_len(k)
 }
 
 fn varint_len(v: u32) -> usize {
@@ -53,6 +61,8 @@ fn magnitude_key(v: f32) -> u32 {
 pub(super) struct TopK {
     /// The indices selected last, ascending.
     pub idx: Vec<u32>,
+    /// What arrives of each value encoded last (as the decoder makes it), in `idx`'s order.
+    pub sent: Vec<f32>,
     /// The magnitudes of the bucket holding the k-th largest.
     bucket: Vec<u32>,
 }
@@ -108,9 +118,9 @@ impl TopK {
         }
     }
 
-    /// Writes the payload of `values` at the selected indices into `out` (appended). Each
-    /// value goes as bf16; `from_bf16(to_bf16(v))` is what arrives.
-    pub fn encode(&self, values: &[f32], out: &mut Vec<u8>) {
+    /// Writes the payload of `values` at the selected indices into `out` (appended), and
+    /// what arrives of each into `self.sent`.
+    pub fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(max_len(self.idx.len()));
         out.extend_from_slice(&(self.idx.len() as u32).to_le_bytes());
         let mut next = 0u32;
@@ -118,10 +128,39 @@ impl TopK {
             write_varint(i - next, out);
             next = i + 1;
         }
-        for &i in &self.idx {
-            out.extend_from_slice(&to_bf16(values[i as usize]).to_le_bytes());
+        self.sent.clear();
+        for block in self.idx.chunks(VALUE_BLOCK) {
+            let mut largest = 0.0f32;
+            let mut finite = true;
+            for &i in block {
+                let v = values[i as usize];
+                finite &= v.is_finite();
+                largest = largest.max(v.abs());
+            }
+            // A block holding NaN/Inf gets a NaN scale: it decodes to NaN and is refused.
+            let scale = if finite { largest / 127.0 } else { f32::NAN };
+            out.extend_from_slice(&scale.to_le_bytes());
+            for &i in block {
+                let q = quantize(values[i as usize], scale);
+                out.push(q as u8);
+                self.sent.push(dequantize(q, scale));
+            }
         }
     }
+}
+
+/// `v` in steps of `scale`, rounded to nearest; 0 for a zero or NaN scale.
+fn quantize(v: f32, scale: f32) -> i8 {
+    if scale.is_nan() || scale == 0.0 {
+        return 0;
+    }
+    // v / scale lies in [-127, 127]; shifted by 128.5, truncating rounds (no libm call).
+    ((v / scale + 128.5) as i32 - 128).clamp(-127, 127) as i8
+}
+
+/// What a quantized value decodes to, the same on every machine.
+fn dequantize(q: i8, scale: f32) -> f32 {
+    q as f32 * scale
 }
 
 fn write_varint(mut v: u32, out: &mut Vec<u8>) {
@@ -168,22 +207,26 @@ pub(super) fn decode(bytes: &[u8], k: usize, out: &mut [f32]) -> Result<(), Code
     if bytes.len() < min_len(count) || bytes.len() > max_len(count) {
         return Err(short(min_len(count)));
     }
-    let (gaps, values) = bytes[COUNT_LEN..].split_at(bytes.len() - COUNT_LEN - VALUE_LEN * count);
+    let (gaps, values) = bytes[COUNT_LEN..].split_at(bytes.len() - COUNT_LEN - values_len(count));
     out.fill(0.0);
     let (mut at, mut next) = (0usize, 0u64);
-    for value in values.chunks_exact(VALUE_LEN) {
-        let (gap, used) =
-            read_varint(&gaps[at..]).ok_or(CodecError::Varint { at: COUNT_LEN + at })?;
-        at += used;
-        let index = next + gap as u64;
-        if index >= n as u64 {
-            return Err(CodecError::Index { index, values: n });
+    for block in values.chunks(SCALE_LEN + VALUE_BLOCK) {
+        let (scale, qs) = block.split_at(SCALE_LEN);
+        let scale = f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]]);
+        for &q in qs {
+            let (gap, used) =
+                read_varint(&gaps[at..]).ok_or(CodecError::Varint { at: COUNT_LEN + at })?;
+            at += used;
+            let index = next + gap as u64;
+            if index >= n as u64 {
+                return Err(CodecError::Index { index, values: n });
+            }
+            out[index as usize] = dequantize(q as i8, scale);
+            next = index + 1;
         }
-        out[index as usize] = from_bf16(u16::from_le_bytes([value[0], value[1]]));
-        next = index + 1;
     }
     if at != gaps.len() {
-        return Err(short(COUNT_LEN + at + VALUE_LEN * count));
+        return Err(short(COUNT_LEN + at + values_len(count)));
     }
     Ok(())
 }
@@ -235,10 +278,13 @@ mod tests {
     }
 
     #[test]
-    fn payloads_round_trip_as_bf16_within_their_bounds() {
+    fn payloads_round_trip_within_half_a_step_of_their_blocks_scale() {
         let mut rng = Rng::new(3);
         let n = 100_000;
-        let values: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|_| rng.uniform(-1.0, 1.0) * 10f32.powi(rng.below(4) as i32 - 2))
+            .collect();
+        let largest = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let mut top = TopK::default();
         for k in [1, 100, 5_000, 50_000] {
             top.select(&values, k);
@@ -252,12 +298,15 @@ mod tests {
             );
             let mut out = vec![9.0; n];
             decode(&wire, k, &mut out).unwrap();
-            let mut sent = top.idx.iter().peekable();
+            let mut sent = top.idx.iter().zip(&top.sent).peekable();
             for (i, (o, v)) in out.iter().zip(&values).enumerate() {
-                if sent.next_if_eq(&&(i as u32)).is_some() {
-                    assert_eq!(*o, from_bf16(to_bf16(*v)));
-                } else {
-                    assert_eq!(*o, 0.0);
+                match sent.next_if(|(j, _)| **j == i as u32) {
+                    Some((_, arrives)) => {
+                        // What the encoder says arrives is what the decoder makes.
+                        assert_eq!(o, arrives);
+                        assert!((o - v).abs() <= largest / 254.0 * 1.001, "{v} -> {o}");
+                    }
+                    None => assert_eq!(*o, 0.0),
                 }
             }
         }
@@ -278,25 +327,30 @@ mod tests {
     #[test]
     fn hostile_payloads_are_refused() {
         let mut out = vec![0.0; 10];
+        // Values in blocks of 64 behind a scale of 0.5, each 2 steps: 1.0.
         let with = |count: u32, gaps: &[u8], values: usize| {
             let mut b = count.to_le_bytes().to_vec();
             b.extend_from_slice(gaps);
-            b.extend(std::iter::repeat_n(0x3f, 2 * values));
+            for block in 0..values.div_ceil(VALUE_BLOCK) {
+                b.extend_from_slice(&0.5f32.to_le_bytes());
+                let len = (values - block * VALUE_BLOCK).min(VALUE_BLOCK);
+                b.extend(std::iter::repeat_n(2u8, len));
+            }
             b
         };
         assert!(decode(&with(2, &[1, 1], 2), 2, &mut out).is_ok());
+        assert_eq!((out[1], out[3], out[2]), (1.0, 1.0, 0.0));
         // More values than the codec sends: refused even when the slice has room.
         assert!(matches!(
             decode(&with(2, &[1, 1], 2), 1, &mut out),
             Err(CodecError::Count { count: 2, most: 1 })
         ));
-        assert_eq!((out[1], out[3]), (from_bf16(0x3f3f), from_bf16(0x3f3f)));
         let beyond = with(2, &[8, 1], 2);
         assert!(matches!(
             decode(&beyond, 10, &mut out),
             Err(CodecError::Index { index: 10, .. })
         ));
-        let too_many = with(11, &[], 0);
+        let too_many = with(11, &[0; 11], 11);
         assert!(matches!(
             decode(&too_many, 20, &mut out),
             Err(CodecError::Count { .. })
@@ -307,10 +361,11 @@ mod tests {
             decode(&cut, 10, &mut out),
             Err(CodecError::Varint { .. })
         ));
-        let mut huge = vec![0xff, 0xff, 0xff, 0xff, 0x10];
-        huge.extend_from_slice(&[0x3f, 0x3f]);
-        let huge = [1u32.to_le_bytes().to_vec(), huge].concat();
-        assert!(decode(&huge, 1, &mut vec![0.0; 1 << 20]).is_err());
+        let huge = with(1, &[0xff, 0xff, 0xff, 0xff, 0x10], 1);
+        assert!(matches!(
+            decode(&huge, 1, &mut vec![0.0; 1 << 20]),
+            Err(CodecError::Varint { .. })
+        ));
         let extra = with(1, &[0, 0], 1);
         assert!(matches!(
             decode(&extra, 10, &mut out),
@@ -318,5 +373,10 @@ mod tests {
         ));
         assert!(decode(&[1, 0], 10, &mut out).is_err());
         assert!(decode(&with(2, &[0], 2), 10, &mut out).is_err());
+        // More than 64 values: the second block's scale is read in its place.
+        let mut out = vec![0.0; 200];
+        let many = with(70, &[0; 70], 70);
+        decode(&many, 70, &mut out).unwrap();
+        assert!(out[..70].iter().all(|&v| v == 1.0) && out[70..].iter().all(|&v| v == 0.0));
     }
 }
