@@ -8,6 +8,7 @@
 //! out in their error feedback, so it arrives later instead of being lost (which is why the
 //! rounding need not be stochastic here).
 
+use super::values::int8_scale;
 use super::CodecError;
 
 /// The count ahead of the gaps.
@@ -130,15 +131,7 @@ impl TopK {
         }
         self.sent.clear();
         for block in self.idx.chunks(VALUE_BLOCK) {
-            let mut largest = 0.0f32;
-            let mut finite = true;
-            for &i in block {
-                let v = values[i as usize];
-                finite &= v.is_finite();
-                largest = largest.max(v.abs());
-            }
-            // A block holding NaN/Inf gets a NaN scale: it decodes to NaN and is refused.
-            let scale = if finite { largest / 127.0 } else { f32::NAN };
+            let scale = int8_scale(block.iter().map(|&i| values[i as usize]));
             out.extend_from_slice(&scale.to_le_bytes());
             for &i in block {
                 let q = quantize(values[i as usize], scale);

@@ -50,23 +50,26 @@ pub(super) fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The scale of an int8 block: its largest magnitude over 127 (0 for all zeros). A block
+/// holding NaN/Inf gets a NaN scale: it decodes to NaN and is refused.
+pub(super) fn int8_scale(block: impl Iterator<Item = f32>) -> f32 {
+    let mut largest = 0.0f32;
+    let mut finite = true;
+    for v in block {
+        finite &= v.is_finite();
+        largest = largest.max(v.abs());
+    }
+    if finite {
+        largest / 127.0
+    } else {
+        f32::NAN
+    }
+}
+
 pub(super) fn encode_int8(values: &[f32], rng: &mut Rng, out: &mut Vec<u8>) {
     out.reserve(values.len() + 4 * values.len().div_ceil(INT8_BLOCK));
     for block in values.chunks(INT8_BLOCK) {
-        let mut largest = 0.0f32;
-        let mut finite = true;
-        for v in block {
-            finite &= v.is_finite();
-            largest = largest.max(v.abs());
-        }
-        // A block holding NaN/Inf gets a NaN scale: it decodes to NaN and is refused.
-        let scale = if !finite {
-            f32::NAN
-        } else if largest == 0.0 {
-            0.0
-        } else {
-            largest / 127.0
-        };
+        let scale = int8_scale(block.iter().copied());
         out.extend_from_slice(&scale.to_le_bytes());
         // Zero (all zeros) or NaN (a bad block): the values carry nothing.
         if scale.is_nan() || scale == 0.0 {

@@ -35,6 +35,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Each repetition's (bytes, seconds encoding, seconds decoding), as a point of medians.
+fn point(direction: &'static str, codec: String, values: usize, reps: &[[f64; 3]]) -> CodecPoint {
+    let column = |c: usize| median(reps.iter().map(|r| r[c]).collect());
+    CodecPoint {
+        direction,
+        codec,
+        values,
+        bytes: column(0) as usize,
+        encode_ms: 1e3 * column(1),
+        decode_ms: 1e3 * column(2),
+    }
+}
+
 /// Every push codec and delta pull codec `auto` may use, on a slice of `values`, `reps`
 /// times each (a fresh gradient each time, so error feedback works as in training). An
 /// error is a codec refusing what it made itself.
@@ -42,69 +55,45 @@ pub fn codec_points(values: usize, reps: usize) -> Result<Vec<CodecPoint>, Codec
     let mut rng = Rng::new(7);
     let gradients: Vec<Vec<f32>> = (0..reps).map(|_| gradient_like(values, &mut rng)).collect();
     let mut points = Vec::new();
-    let pushes = [
-        "fp32", "bf16", "int8", "topk:200", "topk:100", "topk:50", "topk:10",
-    ];
-    for name in pushes {
-        let Ok(codec) = name.parse::<PushCodec>() else {
-            continue;
-        };
+    let top_k = |per_mille| PushCodec::TopK { per_mille };
+    let pushes = [PushCodec::Fp32, PushCodec::Bf16, PushCodec::Int8];
+    for codec in pushes.into_iter().chain([200, 100, 50, 10].map(top_k)) {
         let mut encoder = PushEncoder::new(codec, 1);
         let (mut wire, mut out) = (Vec::new(), vec![0.0; values]);
-        let (mut enc, mut dec, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut timed = Vec::new();
         for g in &gradients {
             let t = Instant::now();
             encoder.encode(g, &mut wire);
-            enc.push(t.elapsed().as_secs_f64());
+            let encoded = t.elapsed().as_secs_f64();
             let t = Instant::now();
             codec.decode(&wire, &mut out)?;
-            dec.push(t.elapsed().as_secs_f64());
-            bytes.push(wire.len() as f64);
+            timed.push([wire.len() as f64, encoded, t.elapsed().as_secs_f64()]);
         }
-        points.push(CodecPoint {
-            direction: "push",
-            codec: name.into(),
-            values,
-            bytes: median(bytes) as usize,
-            encode_ms: 1e3 * median(enc),
-            decode_ms: 1e3 * median(dec),
-        });
+        points.push(point("push", codec.to_string(), values, &timed));
     }
-    for name in [
-        "delta-int8",
-        "delta-topk:50",
-        "delta-topk:20",
-        "delta-topk:5",
-    ] {
-        let Ok(codec) = name.parse::<PullCodec>() else {
-            continue;
-        };
+    let delta_top_k = |per_mille| PullCodec::DeltaTopK { per_mille };
+    for codec in [PullCodec::DeltaInt8]
+        .into_iter()
+        .chain([50, 20, 5].map(delta_top_k))
+    {
         let mut weights = gradient_like(values, &mut rng);
         let mut held = weights.clone();
         let mut replica = PullReplica::new(true, 1);
         replica.sent_whole(0, &weights);
         let (mut wire, mut scratch) = (Vec::new(), Vec::new());
-        let (mut enc, mut dec, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut timed = Vec::new();
         for (version, g) in (1..).zip(&gradients) {
             for (w, d) in weights.iter_mut().zip(g) {
                 *w -= d;
             }
             let t = Instant::now();
             replica.encode_delta(codec, version, &weights, &mut wire);
-            enc.push(t.elapsed().as_secs_f64());
+            let encoded = t.elapsed().as_secs_f64();
             let t = Instant::now();
             codec.apply_delta(&wire, &mut held, &mut scratch)?;
-            dec.push(t.elapsed().as_secs_f64());
-            bytes.push(wire.len() as f64);
+            timed.push([wire.len() as f64, encoded, t.elapsed().as_secs_f64()]);
         }
-        points.push(CodecPoint {
-            direction: "pull",
-            codec: name.into(),
-            values,
-            bytes: median(bytes) as usize,
-            encode_ms: 1e3 * median(enc),
-            decode_ms: 1e3 * median(dec),
-        });
+        points.push(point("pull", codec.to_string(), values, &timed));
     }
     Ok(points)
 }
