@@ -209,3 +209,30 @@ fn async_reaches_the_threshold_with_device_speeds_that_change() {
     let applied: Vec<u64> = s.per_worker.iter().map(|w| w.numbers.applied).collect();
     assert!(applied.iter().all(|&a| a > 0), "{applied:?}");
 }
+
+/// Devices replayed from a recorded speed trace (`--speed-trace`): rank 2 replays a device
+/// six times slower than this machine after its first 0.2 s, rank 0 and 1 full-speed ones.
+/// Async reaches the threshold and the traced-slow device contributes, less than the others.
+#[test]
+fn async_reaches_the_threshold_with_device_speeds_from_a_trace() {
+    let trace = pstrain::run::speed_trace::SpeedTrace::parse(
+        "device,from_s,factor\n0,0,1\n1,0,1\n2,0,1\n2,0.2,6\n",
+    )
+    .unwrap();
+    let mut cfg = heterogeneous(
+        Mode::Async {
+            max_staleness: None,
+        },
+        |_| {},
+    );
+    cfg.slowdown.clear();
+    cfg.speed_trace = Some((PathBuf::from("trace.csv"), std::sync::Arc::new(trace)));
+    let s = run_bounded(cfg, BOUND);
+    reaches_threshold("async, traced speeds", &s);
+    let applied: Vec<u64> = s.per_worker.iter().map(|w| w.numbers.applied).collect();
+    assert!(applied[SLOW] > 0, "{applied:?}");
+    assert!(
+        applied[SLOW] * 2 < applied[0] && applied[SLOW] * 2 < applied[1],
+        "{applied:?}"
+    );
+}

@@ -198,3 +198,72 @@ fn overlap_is_for_modes_whose_pulls_do_not_wait() {
         assert!(with(mode).worker_config(0).overlap);
     }
 }
+
+#[test]
+fn a_speed_trace_is_read_with_the_flags_replayed_by_every_rank_and_passed_to_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("devices.csv");
+    std::fs::write(&path, "device,from_s,factor\n0,0,1\n0,60,4\n1,0,3\n").unwrap();
+    let path_arg = path.display().to_string();
+    let owned = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let args = parse_flags::<WorkerArgs>(
+        "worker",
+        &owned(&[
+            "--servers",
+            "a:1",
+            "--rank",
+            "0",
+            "--speed-trace",
+            &path_arg,
+            "--slowdown",
+            "4=7",
+        ]),
+    )
+    .unwrap();
+    let cfg = args.device.configure(TrainConfig {
+        plan: plan(),
+        ..TrainConfig::default()
+    });
+    cfg.validate().unwrap();
+    let factor = |rank, s| cfg.speed_of(rank).factor_at(Duration::from_secs(s));
+    assert_eq!((factor(0, 10), factor(0, 61)), (1.0, 4.0));
+    assert_eq!(factor(1, 61), 3.0);
+    assert_eq!(factor(2, 61), 4.0, "rank 2 replays device 0 of 2");
+    assert_eq!(cfg.speed_of(4), DeviceSpeed::Fixed(7.0), "--slowdown wins");
+    // A launcher hands its workers the same file.
+    let mut argv = owned(&["--servers", "a:1", "--rank", "2"]);
+    argv.extend(worker_argv(&cfg, None));
+    let relaunched = parse_flags::<WorkerArgs>("worker", &argv).unwrap();
+    assert_eq!(relaunched.device.speed_trace, cfg.speed_trace);
+    // A damaged trace is refused when the flags are read, by its line.
+    std::fs::write(&path, "0,0,1\n0,60,0\n").unwrap();
+    let err = parse_flags::<WorkerArgs>(
+        "worker",
+        &owned(&[
+            "--servers",
+            "a:1",
+            "--rank",
+            "0",
+            "--speed-trace",
+            &path_arg,
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("line 2: factor `0`"), "{err}");
+    // And a trace with a spread is one speed source too many.
+    let both = parse_flags::<WorkerArgs>(
+        "worker",
+        &owned(&[
+            "--servers",
+            "a:1",
+            "--rank",
+            "0",
+            "--speed-trace",
+            &path_arg,
+            "--speed-spread",
+            "4",
+        ]),
+    );
+    assert!(both.is_err());
+}

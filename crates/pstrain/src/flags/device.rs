@@ -1,8 +1,11 @@
 //! How a worker's device behaves, the same flags for `pstrain train` (every worker) and
 //! `pstrain worker` (this one): emulated slowness, changing speeds, an overlapped link.
 
+use crate::run::speed_trace::SpeedTrace;
 use crate::run::TrainConfig;
 use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Default, Args)]
 pub struct DeviceArgs {
@@ -19,6 +22,11 @@ pub struct DeviceArgs {
     /// device slow for a while, then fast)
     #[arg(long, value_name = "S", requires = "speed_spread")]
     pub speed_period: Option<f64>,
+    /// Devices' speeds replayed from a recorded trace: lines DEVICE,FROM_SECONDS,FACTOR
+    /// (device D computes FACTOR times slower than this machine from that second of its run);
+    /// rank R replays device R mod the trace's devices (--slowdown overrides a rank)
+    #[arg(long, value_name = "FILE", value_parser = parse_speed_trace, conflicts_with = "speed_spread")]
+    pub speed_trace: Option<(PathBuf, Arc<SpeedTrace>)>,
     /// Async and buffered modes: push the last gradient and pull while computing the next,
     /// hiding a slow link's time (each gradient is one round older)
     #[arg(long)]
@@ -32,6 +40,7 @@ impl DeviceArgs {
             slowdown: self.slowdown.clone(),
             speed_spread: self.speed_spread,
             speed_period: self.speed_period,
+            speed_trace: self.speed_trace.clone(),
             overlap: self.overlap,
             ..cfg
         }
@@ -47,6 +56,9 @@ impl DeviceArgs {
         }
         if let Some(period) = cfg.speed_period {
             a.extend(["--speed-period".to_string(), period.to_string()]);
+        }
+        if let Some((path, _)) = &cfg.speed_trace {
+            a.extend(["--speed-trace".to_string(), path.display().to_string()]);
         }
         if cfg.overlap {
             a.push("--overlap".into());
@@ -65,4 +77,13 @@ pub fn parse_slowdown(s: &str) -> Result<(usize, f64), String> {
         return Err(format!("slowdown factor {factor} must be in 1..=1000"));
     }
     Ok((rank, factor))
+}
+
+/// A speed trace file, read and checked when the flags are (a damaged one is refused before
+/// anything starts).
+pub fn parse_speed_trace(s: &str) -> Result<(PathBuf, Arc<SpeedTrace>), String> {
+    // Absolute, so the worker processes a launcher starts read the same file.
+    let path = std::path::absolute(s).map_err(|e| format!("speed trace {s}: {e}"))?;
+    let trace = SpeedTrace::read(&path).map_err(|e| e.to_string())?;
+    Ok((path, trace))
 }

@@ -3,9 +3,12 @@
 
 use crate::run::device_speed::DeviceSpeed;
 use crate::run::error::TrainError;
+use crate::run::speed_trace::SpeedTrace;
 use crate::run::worker::WorkerConfig;
 use pstrain_compute::{ModelKind, ModelOptions};
 use pstrain_core::{ConfigError, Rng, RunPlan};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use pstrain_store::CheckpointPolicy;
@@ -30,6 +33,9 @@ pub struct TrainConfig {
     /// With `speed_spread`: each of those workers draws its factor anew every this many
     /// seconds of its run (a device slow for a while, then fast).
     pub speed_period: Option<f64>,
+    /// A recorded trace of device speeds every worker not in `slowdown` replays (rank R as
+    /// the trace's device R mod its devices), and the file it was read from.
+    pub speed_trace: Option<(PathBuf, Arc<SpeedTrace>)>,
     /// Workers push and pull while computing the next gradient (`WorkerConfig::overlap`).
     pub overlap: bool,
     /// Serve `/metrics` and the live page on this address while the run goes on.
@@ -46,6 +52,7 @@ impl Default for TrainConfig {
             slowdown: Vec::new(),
             speed_spread: None,
             speed_period: None,
+            speed_trace: None,
             overlap: false,
             metrics_addr: None,
         }
@@ -103,6 +110,13 @@ impl TrainConfig {
                 }));
             }
         }
+        if self.speed_trace.is_some() && self.speed_spread.is_some() {
+            return Err(TrainError::Config(ConfigError::OutOfRange {
+                field: "speed_trace",
+                requirement: "either a speed trace or a speed spread, not both",
+                value: "both".into(),
+            }));
+        }
         let mode = &self.plan.mode;
         if self.overlap && (mode.lockstep() || mode.pull_waits() || mode.step_is_version()) {
             return Err(TrainError::Config(ConfigError::OutOfRange {
@@ -140,10 +154,17 @@ impl TrainConfig {
         }
     }
 
-    /// How worker `rank`'s device runs: as `--slowdown` says for it, else drawn from the
-    /// speed spread (anew every `speed_period` if set), else at full speed.
+    /// How worker `rank`'s device runs: as `--slowdown` says for it, else as the speed
+    /// trace's device for it, else drawn from the speed spread (anew every `speed_period` if
+    /// set), else at full speed.
     pub fn speed_of(&self, rank: usize) -> DeviceSpeed {
         let given = self.slowdown.iter().any(|(r, _)| *r == rank);
+        if let (Some((_, trace)), false) = (&self.speed_trace, given) {
+            return DeviceSpeed::Traced {
+                trace: trace.clone(),
+                rank,
+            };
+        }
         match (self.speed_spread, self.speed_period) {
             (Some(spread), Some(period)) if !given => DeviceSpeed::Varying {
                 spread,

@@ -1,11 +1,14 @@
 //! How much slower than this machine an emulated device runs: a fixed factor (`--slowdown`,
 //! `--speed-spread`), or one drawn anew every period (`--speed-period`: a device slow for a
-//! while, then fast, as phones and boards are when something else takes their cores).
+//! while, then fast, as phones and boards are when something else takes their cores), or
+//! replayed from a recorded trace of real devices (`--speed-trace`).
 
+use crate::run::speed_trace::SpeedTrace;
 use pstrain_core::Rng;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DeviceSpeed {
     /// Always this many times slower (1: full speed).
     Fixed(f64),
@@ -17,6 +20,8 @@ pub enum DeviceSpeed {
         seed: u64,
         rank: usize,
     },
+    /// Device `rank mod devices` of a recorded trace.
+    Traced { trace: Arc<SpeedTrace>, rank: usize },
 }
 
 impl DeviceSpeed {
@@ -36,6 +41,7 @@ impl DeviceSpeed {
     pub fn factor_at(&self, elapsed: Duration) -> f64 {
         match *self {
             DeviceSpeed::Fixed(factor) => factor,
+            DeviceSpeed::Traced { ref trace, rank } => trace.factor(rank, elapsed),
             DeviceSpeed::Varying {
                 spread,
                 period,

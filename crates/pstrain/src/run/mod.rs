@@ -10,6 +10,7 @@ pub mod error;
 pub mod inproc;
 pub mod monitor;
 mod overlapped;
+pub mod speed_trace;
 pub mod worker;
 
 pub use config::{CheckpointPolicy, TrainConfig};

@@ -29,7 +29,7 @@ pub(super) fn train_overlapped(
     let rank = cfg.rank;
     let client_err = |source| WorkerError::Client { rank, source };
     let mut buffers = Buffers::new(model, cfg.batch_size);
-    let device = SpeedClock::start(cfg.speed);
+    let device = SpeedClock::start(cfg.speed.clone());
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport {
         rank,

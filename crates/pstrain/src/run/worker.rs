@@ -146,7 +146,7 @@ pub fn train_until(
     let client_err = |source| WorkerError::Client { rank, source };
     let max_batch = cfg.max_batch.max(cfg.batch_size);
     let mut buffers = Buffers::new(model, max_batch);
-    let device = SpeedClock::start(cfg.speed);
+    let device = SpeedClock::start(cfg.speed.clone());
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
     let mut report = WorkerReport {
         rank: cfg.rank,
