@@ -57,7 +57,7 @@ pub fn codec_points(values: usize, reps: usize) -> Result<Vec<CodecPoint>, Codec
     let mut points = Vec::new();
     let top_k = |per_mille| PushCodec::TopK { per_mille };
     let pushes = [PushCodec::Fp32, PushCodec::Bf16, PushCodec::Int8];
-    for codec in pushes.into_iter().chain([200, 100, 50, 10].map(top_k)) {
+    for codec in pushes.into_iter().chain([200, 100, 50, 20, 10].map(top_k)) {
         let mut encoder = PushEncoder::new(codec, 1);
         let (mut wire, mut out) = (Vec::new(), vec![0.0; values]);
         let mut timed = Vec::new();
@@ -105,11 +105,12 @@ mod tests {
     #[test]
     fn every_codec_is_measured_and_compression_shrinks_the_bytes() {
         let points = codec_points(10_000, 3).unwrap();
-        assert_eq!(points.len(), 11);
+        assert_eq!(points.len(), 12);
         let bytes = |c: &str| points.iter().find(|p| p.codec == c).unwrap().bytes;
         assert_eq!(bytes("fp32"), 40_000);
         assert_eq!(bytes("int8"), 10_000 + 4 * 40);
         assert!(bytes("topk:50") < bytes("topk:100") && bytes("topk:100") < bytes("bf16"));
+        assert!(bytes("topk:10") < bytes("topk:20") && bytes("topk:20") < bytes("topk:50"));
         assert!(bytes("delta-topk:5") < bytes("delta-topk:20"));
         assert!(points
             .iter()
