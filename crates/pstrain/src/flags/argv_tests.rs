@@ -206,20 +206,20 @@ fn a_speed_trace_is_read_with_the_flags_replayed_by_every_rank_and_passed_to_wor
     std::fs::write(&path, "device,from_s,factor\n0,0,1\n0,60,4\n1,0,3\n").unwrap();
     let path_arg = path.display().to_string();
     let owned = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let args = parse_flags::<WorkerArgs>(
-        "worker",
-        &owned(&[
+    // A worker's flags with the trace, and `more`.
+    let traced = |more: &[&str]| {
+        let mut argv = owned(&[
             "--servers",
             "a:1",
             "--rank",
             "0",
             "--speed-trace",
             &path_arg,
-            "--slowdown",
-            "4=7",
-        ]),
-    )
-    .unwrap();
+        ]);
+        argv.extend(owned(more));
+        parse_flags::<WorkerArgs>("worker", &argv)
+    };
+    let args = traced(&["--slowdown", "4=7"]).unwrap();
     let cfg = args.device.configure(TrainConfig {
         plan: plan(),
         ..TrainConfig::default()
@@ -237,33 +237,9 @@ fn a_speed_trace_is_read_with_the_flags_replayed_by_every_rank_and_passed_to_wor
     assert_eq!(relaunched.device.speed_trace, cfg.speed_trace);
     // A damaged trace is refused when the flags are read, by its line.
     std::fs::write(&path, "0,0,1\n0,60,0\n").unwrap();
-    let err = parse_flags::<WorkerArgs>(
-        "worker",
-        &owned(&[
-            "--servers",
-            "a:1",
-            "--rank",
-            "0",
-            "--speed-trace",
-            &path_arg,
-        ]),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = traced(&[]).unwrap_err().to_string();
     assert!(err.contains("line 2: factor `0`"), "{err}");
     // And a trace with a spread is one speed source too many.
-    let both = parse_flags::<WorkerArgs>(
-        "worker",
-        &owned(&[
-            "--servers",
-            "a:1",
-            "--rank",
-            "0",
-            "--speed-trace",
-            &path_arg,
-            "--speed-spread",
-            "4",
-        ]),
-    );
+    let both = traced(&["--speed-spread", "4"]);
     assert!(both.is_err());
 }

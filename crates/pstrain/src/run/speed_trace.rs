@@ -9,13 +9,14 @@
 //! end. A factor is a device's step time over this machine's step time for the same model
 //! and batch (the run's summary prints this machine's compute seconds per step).
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
-/// At most this many lines: a trace is a few changes per device per minute, not a log.
-pub const MAX_TRACE_LINES: usize = 1_000_000;
+/// At most this many bytes: a trace is a few changes per device per minute, not a log.
+pub const MAX_TRACE_BYTES: u64 = 32 << 20;
 /// At most this many devices (a device number past it is a mistake, not a fleet).
 pub const MAX_TRACE_DEVICES: usize = 100_000;
 
@@ -44,10 +45,22 @@ pub struct SpeedTrace {
 impl SpeedTrace {
     /// Reads and checks a trace file.
     pub fn read(path: &Path) -> Result<Arc<SpeedTrace>, SpeedTraceError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpeedTraceError::Read {
+        let failed = |source| SpeedTraceError::Read {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        // One byte past the bound tells a file that is too big without reading all of it.
+        (std::fs::File::open(path).map_err(failed)?)
+            .take(MAX_TRACE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(failed)?;
+        if text.len() as u64 > MAX_TRACE_BYTES {
+            return Err(SpeedTraceError::Shape(format!(
+                "{} is larger than {MAX_TRACE_BYTES} bytes",
+                path.display()
+            )));
+        }
         Ok(Arc::new(Self::parse(&text)?))
     }
 
@@ -56,11 +69,6 @@ impl SpeedTrace {
         let mut devices: Vec<Vec<(f64, f64)>> = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
-            if line > MAX_TRACE_LINES {
-                return Err(SpeedTraceError::Shape(format!(
-                    "more than {MAX_TRACE_LINES} lines"
-                )));
-            }
             let content = raw.split('#').next().unwrap_or("").trim();
             if content.is_empty() || (line == 1 && is_header(content)) {
                 continue;
