@@ -17,7 +17,9 @@ weights are snapshotted every `--snapshot-every` updates (a copy, not an evaluat
 snapshots are scored on the 10k test set after the run, so evaluation costs neither side any
 time; time to 98.5% is the first snapshot from which every later one is at 98.5% or more.
 Also measured: one torch worker's compute-only samples/s (forward, backward, zero_grad on
-real batches), for "2 workers through pstrain against twice one worker's compute".
+real batches), for "2 workers through pstrain against twice one worker's compute", and two
+such compute-only workers running at once (what the machine gives two workers with no
+parameter server: on 2 cores the shard's CPU then comes out of the workers' time).
 
     python3 bench/torch_workers.py --data-dir ../shared/data/mnist --out bench/results.json
 
@@ -71,6 +73,25 @@ def compute_only(data_dir, seconds):
         ex.loss(model(x), y).backward()
         done += len(y)
     return done / (time.perf_counter() - start)
+
+
+def _compute_only_into(data_dir, seconds, out):
+    out.put(compute_only(data_dir, seconds))
+
+
+def compute_two_at_once(data_dir, seconds):
+    """Two compute-only workers in two processes at the same time: what 2 torch workers can
+    do on this machine with no parameter server at all (cores, caches and memory shared)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_compute_only_into, args=(str(data_dir), seconds, out))
+             for _ in range(WORKERS)]
+    for p in procs:
+        p.start()
+    rates = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
 
 
 def _pstrain_worker(address, rank, data_dir, epochs, token, out):
@@ -278,11 +299,15 @@ def main():
     import torch
     one = compute_only(data_dir, a.seconds)
     print(f"one torch worker, compute only, 1 thread: {one:.0f} samples/s", flush=True)
+    both = compute_two_at_once(data_dir, a.seconds)
+    print(f"two torch workers at once, compute only: {both:.0f} samples/s", flush=True)
     runs = []
     for mode in a.modes.split(","):
         runs.append(pstrain_run(data_dir, mode, a.epochs, a.snapshot_every))
         runs.append(ray_run(data_dir, mode, a.epochs, a.snapshot_every))
-    ratios = {"one_worker_compute_samples_per_s": round(one, 1)}
+    ratios = {"one_worker_compute_samples_per_s": round(one, 1),
+              "two_workers_at_once_compute_samples_per_s": round(both, 1),
+              "two_at_once_over_2x_one_worker_compute": round(both / (2 * one), 3)}
     for mode in a.modes.split(","):
         ours = next(r for r in runs if r["system"] == "pstrain" and r["mode"] == mode)
         theirs = next(r for r in runs if r["system"] == "ray_pytorch" and r["mode"] == mode)
@@ -292,6 +317,8 @@ def main():
         if ours["samples_per_s"]:
             ratios[f"{mode}_pstrain_2_workers_over_2x_one_worker_compute"] = round(
                 ours["samples_per_s"] / (2 * one), 3)
+            ratios[f"{mode}_pstrain_2_workers_over_two_at_once_compute"] = round(
+                ours["samples_per_s"] / both, 3)
         if ours["time_to_98_5_s"] and theirs["time_to_98_5_s"]:
             ratios[f"{mode}_time_to_98_5_ray_over_pstrain"] = round(
                 theirs["time_to_98_5_s"] / ours["time_to_98_5_s"], 3)

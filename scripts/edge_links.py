@@ -14,6 +14,11 @@ checkpoint reached it and every later one held it. A codec pair is PUSH/PULL or 
 `@overlap` added for workers that push and pull while computing (`pstrain worker --overlap`);
 a link is a rate for every worker (`100mbit`) or one per worker (`100mbit+10mbit`).
 
+`--repeat N` runs the whole sweep N times, round after round (so a drift of the machine
+touches every row alike), and adds a summary: per row, the median of its time to 98.5% over
+loopback fp32's in the same round, and its accuracy at the end against that round's fp32.
+Async runs differ by the order in which the workers' gradients arrive; one round is one draw.
+
     sudo python3 scripts/edge_links.py --data-dir ../shared/data/mnist \\
         --links loopback,100mbit,20mbit --codecs fp32/fp32,bf16/bf16,int8/bf16,topk:10/bf16 \\
         --updates 300 --out docs/edge-links.json --md docs/edge-links.md
@@ -148,11 +153,10 @@ def markdown(runs):
              "fp32 | accuracy at the end | time to 98% / 98.5% / 99% (s) | push / pull MB per update | "
              "each worker's share of time on its link | codecs at the end |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["mode"], r["updates"]): r for r in runs
-            if r["link"] == "loopback" and r["push"] == "fp32" and r["pull"] == "fp32"
-            and not r.get("overlap")}
+    base = {(r["mode"], r["updates"], r.get("round", 0)): r for r in runs
+            if is_loopback_fp32(r)}
     for r in runs:
-        b = base.get((r["mode"], r["updates"]))
+        b = base.get((r["mode"], r["updates"], r.get("round", 0)))
         slower = f"{r['wall_s'] / b['wall_s']:.2f}x" if b else ""
         shares = ", ".join(f"{w['link_share']:.0%}" for w in r.get("workers", []))
         codecs = "; ".join(w["codecs"] for w in r.get("workers", []))
@@ -168,6 +172,52 @@ def markdown(runs):
     return "\n".join(lines) + "\n"
 
 
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def is_loopback_fp32(r):
+    return (r["link"] == "loopback" and r["push"] == "fp32" and r["pull"] == "fp32"
+            and not r.get("overlap"))
+
+
+def summary(runs):
+    """Per row over the rounds: time to 98.5% against loopback fp32's of the same round (and
+    the median of those ratios), accuracy at the end against that fp32's (and the mean)."""
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["mode"], r["link"], r["push"], r["pull"], bool(r.get("overlap"))),
+                        []).append(r)
+    base = {(r["mode"], r.get("round", 0)): r for r in runs if is_loopback_fp32(r)}
+    lines = ["| link | push / pull codec | mode | rounds | time to 98.5% over loopback fp32's, "
+             "each round | median | accuracy at the end, each round | end minus fp32's, mean |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (mode, link, push, pull, overlap), group in rows.items():
+        ratios, diffs = [], []
+        for r in group:
+            b = base.get((mode, r.get("round", 0)))
+            if b and b["time_to_98_5_s"] and r["time_to_98_5_s"]:
+                ratios.append(r["time_to_98_5_s"] / b["time_to_98_5_s"])
+            else:
+                ratios.append(None)
+            diffs.append(r["final_accuracy"] - b["final_accuracy"] if b else None)
+        shown = ", ".join("-" if x is None else f"{x:.2f}x" for x in ratios)
+        ends = ", ".join(f"{r['final_accuracy']:.2f}%" for r in group)
+        mid = median(ratios)
+        known = [d for d in diffs if d is not None]
+        mean_diff = sum(known) / len(known) if known else None
+        lines.append(
+            f"| {link} | {push} / {pull}{', overlapped' if overlap else ''} | {mode} | "
+            f"{len(group)} | {shown} | {'-' if mid is None else f'{mid:.2f}x'} | "
+            f"{ends} | "
+            f"{'-' if mean_diff is None else f'{mean_diff:+.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,12 +229,24 @@ def main():
     p.add_argument("--updates", type=int, default=300)
     p.add_argument("--every", type=int, default=50, help="updates between checkpoints")
     p.add_argument("--skip", default="", help="link:push/pull pairs to leave out, comma-separated")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the whole sweep")
     p.add_argument("--out", default=str(REPO / "docs" / "edge-links.json"))
     p.add_argument("--md", default=str(REPO / "docs" / "edge-links.table.md"),
                    help="the table alone (docs/edge-links.md quotes it)")
     a = p.parse_args()
     data = str(Path(a.data_dir).resolve())
     skip = set(filter(None, a.skip.split(",")))
+    runs = []
+    for round_ in range(a.repeat):
+        runs += sweep(a, data, skip, round_)
+    Path(a.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "runs": runs},
+                                      indent=1) + "\n")
+    table = markdown(runs) + ("\n" + summary(runs) if a.repeat > 1 else "")
+    Path(a.md).write_text(table)
+    print(table)
+
+
+def sweep(a, data, skip, round_):
     runs = []
     for mode in a.modes.split(","):
         for link in a.links.split(","):
@@ -196,13 +258,11 @@ def main():
                 push, pull = codecs.split("/") if "/" in codecs else (codecs, codecs)
                 r = run_one(a.pstrain, data, link, push, pull, mode, a.updates, a.every,
                             overlap=overlap)
-                print(f"{link} {pair} {mode}: {r['wall_s']:.1f} s, "
+                r["round"] = round_
+                print(f"round {round_} {link} {pair} {mode}: {r['wall_s']:.1f} s, "
                       f"{r['updates_per_s']} updates/s, {r['final_accuracy']:.2f}%", flush=True)
                 runs.append(r)
-    Path(a.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "runs": runs},
-                                      indent=1) + "\n")
-    Path(a.md).write_text(markdown(runs))
-    print(markdown(runs))
+    return runs
 
 
 if __name__ == "__main__":
