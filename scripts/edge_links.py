@@ -153,10 +153,9 @@ def markdown(runs):
              "fp32 | accuracy at the end | time to 98% / 98.5% / 99% (s) | push / pull MB per update | "
              "each worker's share of time on its link | codecs at the end |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["mode"], r["updates"], r.get("round", 0)): r for r in runs
-            if is_loopback_fp32(r)}
+    base = baselines(runs)
     for r in runs:
-        b = base.get((r["mode"], r["updates"], r.get("round", 0)))
+        b = base.get(baseline_key(r))
         slower = f"{r['wall_s'] / b['wall_s']:.2f}x" if b else ""
         shares = ", ".join(f"{w['link_share']:.0%}" for w in r.get("workers", []))
         codecs = "; ".join(w["codecs"] for w in r.get("workers", []))
@@ -180,9 +179,16 @@ def median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def is_loopback_fp32(r):
-    return (r["link"] == "loopback" and r["push"] == "fp32" and r["pull"] == "fp32"
-            and not r.get("overlap"))
+def baseline_key(r):
+    """A run's loopback fp32 counterpart: same mode, updates and round."""
+    return r["mode"], r["updates"], r.get("round", 0)
+
+
+def baselines(runs):
+    """The loopback fp32 runs (no overlap), by `baseline_key`."""
+    return {baseline_key(r): r for r in runs
+            if r["link"] == "loopback" and r["push"] == "fp32" and r["pull"] == "fp32"
+            and not r.get("overlap")}
 
 
 def summary(runs):
@@ -192,14 +198,14 @@ def summary(runs):
     for r in runs:
         rows.setdefault((r["mode"], r["link"], r["push"], r["pull"], bool(r.get("overlap"))),
                         []).append(r)
-    base = {(r["mode"], r.get("round", 0)): r for r in runs if is_loopback_fp32(r)}
+    base = baselines(runs)
     lines = ["| link | push / pull codec | mode | rounds | time to 98.5% over loopback fp32's, "
              "each round | median | accuracy at the end, each round | end minus fp32's, mean |",
              "|---|---|---|---|---|---|---|---|"]
     for (mode, link, push, pull, overlap), group in rows.items():
         ratios, diffs = [], []
         for r in group:
-            b = base.get((mode, r.get("round", 0)))
+            b = base.get(baseline_key(r))
             if b and b["time_to_98_5_s"] and r["time_to_98_5_s"]:
                 ratios.append(r["time_to_98_5_s"] / b["time_to_98_5_s"])
             else:
