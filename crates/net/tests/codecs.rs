@@ -121,6 +121,7 @@ fn delta_pulls_bring_the_shards_weights_for_a_fraction_of_the_bytes() {
     for pull in [
         PullCodec::DeltaInt8,
         PullCodec::DeltaTopK { per_mille: 100 },
+        PullCodec::DeltaTernary,
     ] {
         let p = codec_plan(PushCodec::Fp32, pull);
         let server = start(p.clone(), None);
@@ -149,7 +150,7 @@ fn delta_pulls_bring_the_shards_weights_for_a_fraction_of_the_bytes() {
         // gaps between what it sends; while the weights move it sends a full 10%, after
         // that only what is still owed (at least its count).
         let at_most = 4 * N + 40 * pull.delta_len(N);
-        if pull == PullCodec::DeltaInt8 {
+        if matches!(pull, PullCodec::DeltaInt8 | PullCodec::DeltaTernary) {
             assert_eq!(link.pull_bytes.0, at_most as u64);
         } else {
             // 100 values at least take their count, a byte of gap and a byte each, and a

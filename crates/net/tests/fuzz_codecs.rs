@@ -20,11 +20,12 @@ const PUSH_CODECS: [PushCodec; 4] = [
     PushCodec::Int8,
     PushCodec::TopK { per_mille: 30 },
 ];
-const PULL_CODECS: [PullCodec; 4] = [
+const PULL_CODECS: [PullCodec; 5] = [
     PullCodec::Fp32,
     PullCodec::Bf16,
     PullCodec::DeltaInt8,
     PullCodec::DeltaTopK { per_mille: 30 },
+    PullCodec::DeltaTernary,
 ];
 
 /// Feeds `input` to every decoder for a slice of `n` values.
@@ -84,7 +85,7 @@ proptest! {
 
     #[test]
     fn mutated_encodings_never_panic(
-        which in 0usize..6,
+        which in 0usize..7,
         n in 1usize..600,
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
         cut in proptest::option::of(any::<usize>()),

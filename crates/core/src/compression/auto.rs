@@ -35,9 +35,12 @@ pub struct Rung {
 /// updates to 98.5% within noise); top-k needs more updates the sparser it is (Adam
 /// normalises each coordinate's step, and a delta pull leaves the worker's copy of the
 /// coordinates it did not send behind): the means of the sittings in docs/edge-links.md
-/// (updates for 98.5% held, against fp32's in the same sitting). Rung 5's is an estimate.
+/// (updates for 98.5% held, against fp32's in the same sitting). Rung 6's is an estimate.
+/// Rung 3's pull, ternary differences, leaves no weight behind by more than what moved since
+/// the last pull, and measured as few updates as fp32's (docs/edge-links.md, thirteenth
+/// sitting); 1.05 prices it like the int8 rungs.
 /// The codec costs are the sums of `pstrain bench-net`'s codec rows for the cnn.
-pub const AUTO_LADDER: [Rung; 7] = [
+pub const AUTO_LADDER: [Rung; 8] = [
     Rung {
         push: PushCodec::Fp32,
         pull: PullCodec::Fp32,
@@ -54,6 +57,12 @@ pub const AUTO_LADDER: [Rung; 7] = [
         push: PushCodec::Int8,
         pull: PullCodec::DeltaTopK { per_mille: 20 },
         codec_ns_per_value: 7.2,
+        updates_cost: 1.05,
+    },
+    Rung {
+        push: PushCodec::TopK { per_mille: 100 },
+        pull: PullCodec::DeltaTernary,
+        codec_ns_per_value: 8.1,
         updates_cost: 1.05,
     },
     Rung {
@@ -287,6 +296,11 @@ mod tests {
         let fast = 100.0 * 1e6 / 8.0;
         let rung = position(measured_overlapped(fast, 0.08).choose(CNN));
         assert!((1..AUTO_LADDER.len() - 2).contains(&rung), "rung {rung}");
+        // There the ternary pull (0.26 MB) fits the step beside a top-k push, and costs
+        // fewer updates than a top-k pull.
+        assert_eq!(AUTO_LADDER[rung].pull, PullCodec::DeltaTernary);
+        let slow = position(measured_overlapped(10e6 / 8.0, 0.08).choose(CNN));
+        assert!(slow > rung, "10 Mbit/s: rung {slow}");
         let serial = position(measured(fast, 0.002).choose(CNN));
         assert!(serial >= AUTO_LADDER.len() - 2, "rung {serial}");
     }

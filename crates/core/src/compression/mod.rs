@@ -15,7 +15,8 @@
 //!   added to the next gradient, so every coordinate's updates arrive in the end.
 //!
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
-//! a delta from what the worker holds (`delta-int8`, `delta-topk:P`; see `pull_delta`).
+//! a delta from what the worker holds (`delta-int8`, `delta-topk:P`, `delta-ternary`: -1, 0 or
+//! +1 a value and a scale per block; see `pull_delta`).
 
 mod auto;
 mod pull_delta;
@@ -36,6 +37,8 @@ pub use wire_tag::CodecPair;
 
 /// Values per int8 block (each block carries its own scale).
 pub const INT8_BLOCK: usize = 256;
+/// Values per ternary block (`delta-ternary`; each block carries its scale).
+pub const TERNARY_BLOCK: usize = 256;
 /// The largest top-k fraction, per mille: above it a top-k payload may outgrow fp32's.
 pub const TOPK_MAX_PER_MILLE: u16 = 500;
 
@@ -54,7 +57,11 @@ pub enum CodecError {
     Index { index: u64, values: usize },
     #[error("top-k index gap at byte {at} is cut short or does not fit 32 bits")]
     Varint { at: usize },
-    #[error("unknown codec `{0}` (pushes: fp32, bf16, int8, topk:PER_MILLE; pulls: fp32, bf16, delta-int8, delta-topk:PER_MILLE)")]
+    #[error("ternary block {block} has a scale that is not a finite, non-negative number")]
+    Scale { block: usize },
+    #[error("ternary byte at {at} does not hold base-3 digits for its values")]
+    Digits { at: usize },
+    #[error("unknown codec `{0}` (pushes: fp32, bf16, int8, topk:PER_MILLE; pulls: fp32, bf16, delta-int8, delta-topk:PER_MILLE, delta-ternary)")]
     Unknown(String),
     #[error("top-k per mille must be 1..={TOPK_MAX_PER_MILLE}, not {0}")]
     PerMille(String),
@@ -86,6 +93,10 @@ pub enum PullCodec {
     DeltaTopK {
         per_mille: u16,
     },
+    /// That difference as -1, 0 or +1 times a scale per block (its largest magnitude), 1.6
+    /// bits a value: no weight of the worker's lags the shard's by more than what moved since
+    /// the last pull.
+    DeltaTernary,
 }
 
 impl fmt::Display for PushCodec {
@@ -106,6 +117,7 @@ impl fmt::Display for PullCodec {
             PullCodec::Bf16 => f.write_str("bf16"),
             PullCodec::DeltaInt8 => f.write_str("delta-int8"),
             PullCodec::DeltaTopK { per_mille } => write!(f, "delta-topk:{per_mille}"),
+            PullCodec::DeltaTernary => f.write_str("delta-ternary"),
         }
     }
 }
@@ -129,6 +141,7 @@ impl FromStr for PullCodec {
             "fp32" => Ok(PullCodec::Fp32),
             "bf16" => Ok(PullCodec::Bf16),
             "delta-int8" => Ok(PullCodec::DeltaInt8),
+            "delta-ternary" => Ok(PullCodec::DeltaTernary),
             _ => with_per_mille(s, "delta-topk:", PullCodec::delta_top_k),
         }
     }
@@ -312,7 +325,10 @@ impl PullCodec {
 
     /// Whether the shard sends differences from what each worker holds.
     pub fn is_delta(&self) -> bool {
-        matches!(self, PullCodec::DeltaInt8 | PullCodec::DeltaTopK { .. })
+        matches!(
+            self,
+            PullCodec::DeltaInt8 | PullCodec::DeltaTopK { .. } | PullCodec::DeltaTernary
+        )
     }
 
     /// The exact size of a whole pull of `n` values (fp32 under a delta codec).
@@ -328,6 +344,7 @@ impl PullCodec {
         match self {
             PullCodec::DeltaInt8 => PushCodec::Int8.max_len(n),
             PullCodec::DeltaTopK { per_mille } => sparse::max_len(top_k_count(n, *per_mille)),
+            PullCodec::DeltaTernary => values::ternary_len(n),
             _ => 0,
         }
     }

@@ -5,10 +5,15 @@
 //! so the two stay bit for bit equal and whatever the compression left out is still in the
 //! next difference (the shard's error feedback, one per worker). Memory: one slice per worker
 //! connection.
+//!
+//! Under Adam every weight moves by about the learning rate at every update, so a pull's
+//! difference is dense: top-k reaches each weight only every so many pulls, while
+//! `delta-ternary` (1.6 bits a weight) moves every weight that is half its block's largest
+//! difference behind, so no weight of the worker's lags by more than what moved since.
 
 use super::sparse::{self, TopK};
-use super::values::{decode_int8, encode_int8};
-use super::{top_k_count, CodecError, PullCodec, PushCodec};
+use super::values::{decode_int8, decode_ternary, encode_int8, encode_ternary, ternary_len};
+use super::{top_k_count, CodecError, PullCodec};
 use crate::rng::Rng;
 
 /// The shard's copy of what one worker holds of its slice.
@@ -79,6 +84,15 @@ impl PullReplica {
                     self.values[i as usize] += arrives;
                 }
             }
+            PullCodec::DeltaTernary => {
+                // Only weights that are not finite make a scale the worker refuses; then it
+                // fails its pull, reconnects and is sent a whole slice, so nothing is added.
+                if encode_ternary(diff, out) {
+                    for (r, d) in self.values.iter_mut().zip(diff.iter()) {
+                        *r += d;
+                    }
+                }
+            }
             _ => {
                 encode_int8(diff, &mut self.rng, out);
                 decode_int8(out, diff);
@@ -120,16 +134,12 @@ impl PullCodec {
             PullCodec::DeltaTopK { per_mille } => {
                 sparse::decode(bytes, top_k_count(held.len(), *per_mille), scratch)?
             }
+            PullCodec::DeltaTernary => {
+                exact_len("delta-ternary", bytes, held.len(), ternary_len(held.len()))?;
+                decode_ternary(bytes, scratch)?
+            }
             _ => {
-                let expected = PushCodec::Int8.max_len(held.len());
-                if bytes.len() != expected {
-                    return Err(CodecError::Length {
-                        codec: "delta-int8",
-                        values: held.len(),
-                        got: bytes.len(),
-                        expected,
-                    });
-                }
+                exact_len("delta-int8", bytes, held.len(), self.delta_len(held.len()))?;
                 decode_int8(bytes, scratch);
             }
         }
@@ -138,6 +148,24 @@ impl PullCodec {
         }
         Ok(())
     }
+}
+
+/// Refuses a dense difference of `values` values that is not `expected` bytes long.
+fn exact_len(
+    codec: &'static str,
+    bytes: &[u8],
+    values: usize,
+    expected: usize,
+) -> Result<(), CodecError> {
+    if bytes.len() == expected {
+        return Ok(());
+    }
+    Err(CodecError::Length {
+        codec,
+        values,
+        got: bytes.len(),
+        expected,
+    })
 }
 
 #[cfg(test)]
@@ -154,7 +182,12 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_bad_ones_are_refused() {
-        for c in ["delta-int8", "delta-topk:20", "delta-topk:500"] {
+        for c in [
+            "delta-int8",
+            "delta-topk:20",
+            "delta-topk:500",
+            "delta-ternary",
+        ] {
             assert_eq!(c.parse::<PullCodec>().unwrap().to_string(), c);
         }
         for bad in [
@@ -162,6 +195,7 @@ mod tests {
             "delta-topk:501",
             "delta",
             "delta-int4",
+            "delta-ternary:5",
             "topk:10",
         ] {
             assert!(bad.parse::<PullCodec>().is_err(), "{bad}");
@@ -171,7 +205,11 @@ mod tests {
     #[test]
     fn the_worker_holds_exactly_the_replica_and_catches_up_with_the_weights() {
         let n = 1000;
-        for codec in [PullCodec::DeltaInt8, PullCodec::DeltaTopK { per_mille: 50 }] {
+        for codec in [
+            PullCodec::DeltaInt8,
+            PullCodec::DeltaTopK { per_mille: 50 },
+            PullCodec::DeltaTernary,
+        ] {
             let mut replica = PullReplica::new(true, 3);
             let mut held = weights_at(0, n);
             assert!(!replica.can_send_delta(codec, 0), "nothing sent whole yet");
@@ -214,6 +252,123 @@ mod tests {
         assert_eq!(top.typical_delta_len(n), 4 + 1000 + 1000 + 4 * 16);
         assert_eq!(top.encoded_len(n), 4 * n, "whole slices go as fp32");
         assert!(!PullCodec::Bf16.is_delta() && PullCodec::Fp32.delta_len(n) == 0);
+        // 390 whole blocks of 256 (a scale and 52 bytes of five digits), then 160 values (a
+        // scale and 32 bytes).
+        let ternary = PullCodec::DeltaTernary;
+        assert_eq!(ternary.delta_len(n), 390 * 56 + 36);
+        assert_eq!(ternary.typical_delta_len(n), ternary.delta_len(n));
+    }
+
+    #[test]
+    fn a_ternary_value_is_its_sign_times_the_block_scale_or_nothing() {
+        // Two blocks: 256 values of magnitude 1..=4, then 44 of -0.5..0.5 (ending in a zero).
+        let diff: Vec<f32> = (0..300)
+            .map(|i| match i {
+                0..256 => (1 + i % 4) as f32 * if i % 3 == 0 { -1.0 } else { 1.0 },
+                _ => (299 - i) as f32 / 86.0 * if i % 2 == 0 { -1.0 } else { 1.0 },
+            })
+            .collect();
+        let (mut wire, mut sent) = (Vec::new(), diff.clone());
+        assert!(encode_ternary(&mut sent, &mut wire));
+        assert_eq!(wire.len(), ternary_len(300));
+        let mut decoded = vec![0.0; 300];
+        decode_ternary(&wire, &mut decoded).unwrap();
+        assert_eq!(decoded, sent, "the sender knows what arrives, bit for bit");
+        for (i, (d, x)) in decoded.iter().zip(&diff).enumerate() {
+            let scale = if i < 256 { 4.0 } else { 43.0 / 86.0 };
+            let expected = if x.abs() >= 0.5 * scale {
+                x.signum() * scale
+            } else {
+                0.0
+            };
+            assert_eq!(*d, expected, "{i}: {x}");
+            assert!(
+                (d - x).abs() <= 0.5 * scale,
+                "{i}: at most half the scale left out"
+            );
+        }
+        let mut zeros = Vec::new();
+        assert!(encode_ternary(&mut [0.0; 7], &mut zeros));
+        assert!(!encode_ternary(&mut [1.0, f32::NAN], &mut Vec::new()));
+        decode_ternary(&zeros, &mut decoded[..7]).unwrap();
+        assert_eq!(decoded[..7], [0.0; 7]);
+    }
+
+    #[test]
+    fn a_weight_that_moves_fast_among_slow_ones_stays_within_a_step() {
+        // One weight of a block moves by 1 at every version, the rest by 0.01 either way:
+        // whatever a pull leaves out is at most half the block's largest difference, so the
+        // fast one never falls more than one of its steps behind.
+        let n = 256;
+        let mut rng = Rng::new(5);
+        let mut weights = vec![0.0f32; n];
+        let mut held = weights.clone();
+        let mut replica = PullReplica::new(true, 3);
+        replica.sent_whole(0, &held);
+        let (mut wire, mut scratch) = (Vec::new(), Vec::new());
+        let codec = PullCodec::DeltaTernary;
+        for version in 1..=200u64 {
+            weights[0] += 1.0;
+            for w in &mut weights[1..] {
+                *w += 0.01 * rng.uniform(-1.0, 1.0).signum();
+            }
+            replica.encode_delta(codec, version, &weights, &mut wire);
+            codec.apply_delta(&wire, &mut held, &mut scratch).unwrap();
+            let worst = held
+                .iter()
+                .zip(&weights)
+                .map(|(h, w)| (h - w).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1.0 + 1e-3, "version {version}: {worst} behind");
+        }
+    }
+
+    #[test]
+    fn ternary_deltas_follow_adam_like_weights_closer_than_top_k() {
+        // Adam moves every coordinate by about lr at every step, each in a direction of its
+        // own that drifts: top-k reaches a coordinate every so many pulls, a ternary digit
+        // whenever it is half a block's largest difference behind.
+        let (n, lr) = (10_000, 1e-3f32);
+        let mut rng = Rng::new(11);
+        let first_direction: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let start: Vec<f32> = (0..n).map(|_| rng.uniform(-0.1, 0.1)).collect();
+        let mut lag = Vec::new();
+        for codec in [
+            PullCodec::DeltaTernary,
+            PullCodec::DeltaTopK { per_mille: 50 },
+        ] {
+            assert!(codec.typical_delta_len(n) <= 2 * PullCodec::DeltaTernary.delta_len(n));
+            let mut step_rng = Rng::new(12);
+            let mut direction = first_direction.clone();
+            let mut weights = start.clone();
+            let mut held = start.clone();
+            let mut replica = PullReplica::new(true, 3);
+            replica.sent_whole(0, &held);
+            let (mut wire, mut scratch) = (Vec::new(), Vec::new());
+            for version in 1..=300u64 {
+                for (w, d) in weights.iter_mut().zip(direction.iter_mut()) {
+                    *d += 0.2 * step_rng.uniform(-1.0, 1.0);
+                    *w -= lr * d.signum();
+                }
+                replica.encode_delta(codec, version, &weights, &mut wire);
+                codec.apply_delta(&wire, &mut held, &mut scratch).unwrap();
+            }
+            let rms = (held
+                .iter()
+                .zip(&weights)
+                .map(|(h, w)| f64::from(h - w).powi(2))
+                .sum::<f64>()
+                / n as f64)
+                .sqrt();
+            lag.push(rms / f64::from(lr));
+        }
+        // In steps of lr: the ternary pull stays within one, top-k several behind.
+        assert!(lag[0] < 1.0, "delta-ternary lags {:.2} steps", lag[0]);
+        assert!(
+            lag[1] > 4.0 * lag[0],
+            "delta-topk:50 lags {:.2} steps",
+            lag[1]
+        );
     }
 
     #[test]
@@ -242,6 +397,29 @@ mod tests {
         }
         top.apply_delta(&payload(1, &[5]), &mut vec![0.0; 300], &mut scratch)
             .unwrap();
+        let ternary = PullCodec::DeltaTernary;
+        let mut good = Vec::new();
+        encode_ternary(&mut [0.25; 300], &mut good);
+        let mut bad = vec![
+            good[..good.len() - 1].to_vec(),
+            [good.clone(), vec![0]].concat(),
+        ];
+        for scale in [f32::NAN, f32::INFINITY, -1.0] {
+            let mut b = good.clone();
+            // The second block's scale (after the first block's 4 + 52 bytes).
+            b[56..60].copy_from_slice(&scale.to_le_bytes());
+            bad.push(b);
+        }
+        // A byte of more than five digits; the last byte (4 values) with a fifth digit.
+        let (mut six_digits, mut last) = (good.clone(), good.clone());
+        six_digits[10] = 243;
+        *last.last_mut().unwrap() = 81;
+        bad.extend([six_digits, last]);
+        for b in bad {
+            assert!(ternary.apply_delta(&b, &mut held, &mut scratch).is_err());
+        }
         assert_eq!(held, vec![1.0; 300], "nothing applied");
+        ternary.apply_delta(&good, &mut held, &mut scratch).unwrap();
+        assert_eq!(held, vec![1.25; 300]);
     }
 }

@@ -1,7 +1,8 @@
-//! The dense element encodings behind the codecs: f32 and bf16 values, and int8 blocks with
-//! a scale each (stochastic rounding). Their callers check a payload's length first.
+//! The dense element encodings behind the codecs: f32 and bf16 values, int8 blocks with a
+//! scale each (stochastic rounding), and ternary digits with a scale per block. Their callers
+//! check a payload's length first.
 
-use super::INT8_BLOCK;
+use super::{CodecError, INT8_BLOCK, TERNARY_BLOCK};
 use crate::rng::Rng;
 
 pub(super) fn encode_f32(values: &[f32], out: &mut Vec<u8>) {
@@ -53,6 +54,11 @@ pub(super) fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
 /// The scale of an int8 block: its largest magnitude over 127 (0 for all zeros). A block
 /// holding NaN/Inf gets a NaN scale: it decodes to NaN and is refused.
 pub(super) fn int8_scale(block: impl Iterator<Item = f32>) -> f32 {
+    largest_magnitude(block) / 127.0
+}
+
+/// A block's largest magnitude (0 for all zeros), or NaN if it holds NaN/Inf.
+fn largest_magnitude(block: impl Iterator<Item = f32>) -> f32 {
     let mut largest = 0.0f32;
     let mut finite = true;
     for v in block {
@@ -60,7 +66,7 @@ pub(super) fn int8_scale(block: impl Iterator<Item = f32>) -> f32 {
         largest = largest.max(v.abs());
     }
     if finite {
-        largest / 127.0
+        largest
     } else {
         f32::NAN
     }
@@ -106,4 +112,99 @@ pub(super) fn decode_int8(bytes: &[u8], out: &mut [f32]) {
             at += 1;
         }
     }
+}
+
+/// Ternary digits packed per byte (3^5 = 243 <= 256).
+const TRITS_PER_BYTE: usize = 5;
+
+/// The size of `n` values as ternary blocks: per block of `TERNARY_BLOCK`, a 4-byte scale
+/// and five values a byte.
+pub(super) fn ternary_len(n: usize) -> usize {
+    let (whole, rest) = (n / TERNARY_BLOCK, n % TERNARY_BLOCK);
+    let block = |len: usize| 4 + len.div_ceil(TRITS_PER_BYTE);
+    whole * block(TERNARY_BLOCK) + if rest > 0 { block(rest) } else { 0 }
+}
+
+/// Ternary blocks: per block, a scale (its largest magnitude, f32) and per value a digit of
+/// -1, 0 or +1 (five to a byte, base 3, the first value lowest). A value decodes to `digit *
+/// scale`: the value's sign times the scale where its magnitude is at least half the scale,
+/// else 0. So what is left out of every value is at most half its block's largest magnitude:
+/// fed back into the next difference, no value lags by more than what moved since.
+///
+/// Leaves in `values` what the decoder will make of them (a sender follows its receiver
+/// without decoding) and returns whether the decoder will take them: a block holding NaN/Inf
+/// gets a scale that is not finite, which it refuses.
+pub(super) fn encode_ternary(values: &mut [f32], out: &mut Vec<u8>) -> bool {
+    out.reserve(ternary_len(values.len()));
+    let mut decodable = true;
+    for block in values.chunks_mut(TERNARY_BLOCK) {
+        let scale = largest_magnitude(block.iter().copied());
+        decodable &= scale.is_finite();
+        out.extend_from_slice(&scale.to_le_bytes());
+        let half = 0.5 * scale;
+        for group in block.chunks_mut(TRITS_PER_BYTE) {
+            let mut byte = 0u8;
+            for v in group.iter_mut().rev() {
+                let digit = if scale == 0.0 || v.abs() < half {
+                    0
+                } else if *v > 0.0 {
+                    1
+                } else {
+                    2
+                };
+                byte = byte * 3 + digit;
+                *v = DIGITS[usize::from(digit)][0] * scale;
+            }
+            out.push(byte);
+        }
+    }
+    decodable
+}
+
+/// Each byte's five digits, first lowest, as -1.0, 0.0 or 1.0 (a byte from 243 on holds no
+/// five digits).
+static DIGITS: [[f32; TRITS_PER_BYTE]; 243] = digit_table();
+
+const fn digit_table() -> [[f32; TRITS_PER_BYTE]; 243] {
+    let mut table = [[0.0; TRITS_PER_BYTE]; 243];
+    let mut byte = 0;
+    while byte < 243 {
+        let (mut rest, mut i) = (byte, 0);
+        while i < TRITS_PER_BYTE {
+            table[byte][i] = match rest % 3 {
+                0 => 0.0,
+                1 => 1.0,
+                _ => -1.0,
+            };
+            rest /= 3;
+            i += 1;
+        }
+        byte += 1;
+    }
+    table
+}
+
+/// Decodes ternary blocks (the caller checked the length with `ternary_len`), refusing a
+/// scale that is not a finite, non-negative number and a byte that is not five digits (or,
+/// in a block's last byte, as many as it has values).
+pub(super) fn decode_ternary(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+    let mut at = 0;
+    for (index, block) in out.chunks_mut(TERNARY_BLOCK).enumerate() {
+        let scale = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        at += 4;
+        if !(scale.is_finite() && scale >= 0.0) {
+            return Err(CodecError::Scale { block: index });
+        }
+        for group in block.chunks_mut(TRITS_PER_BYTE) {
+            let byte = usize::from(bytes[at]);
+            if byte >= 3usize.pow(group.len() as u32) {
+                return Err(CodecError::Digits { at });
+            }
+            at += 1;
+            for (o, digit) in group.iter_mut().zip(&DIGITS[byte]) {
+                *o = digit * scale;
+            }
+        }
+    }
+    Ok(())
 }

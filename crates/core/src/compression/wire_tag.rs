@@ -28,13 +28,14 @@ impl PushCodec {
 }
 
 impl PullCodec {
-    /// Its tag (1..=4) and parameter on the wire.
+    /// Its tag (1..=5) and parameter on the wire.
     pub fn to_tag(self) -> (u8, u16) {
         match self {
             PullCodec::Fp32 => (1, 0),
             PullCodec::Bf16 => (2, 0),
             PullCodec::DeltaInt8 => (3, 0),
             PullCodec::DeltaTopK { per_mille } => (4, per_mille),
+            PullCodec::DeltaTernary => (5, 0),
         }
     }
 
@@ -45,6 +46,7 @@ impl PullCodec {
             2 => Some(PullCodec::Bf16),
             3 => Some(PullCodec::DeltaInt8),
             4 => PullCodec::delta_top_k(param),
+            5 => Some(PullCodec::DeltaTernary),
             _ => None,
         }
     }
@@ -116,6 +118,7 @@ mod tests {
             PullCodec::Bf16,
             PullCodec::DeltaInt8,
             PullCodec::DeltaTopK { per_mille: 1 },
+            PullCodec::DeltaTernary,
         ];
         for push in pushes {
             let (t, p) = push.to_tag();
@@ -141,6 +144,7 @@ mod tests {
         assert_eq!(PushCodec::from_tag(4, 0), None, "top-k of nothing");
         assert_eq!(PushCodec::from_tag(4, 501), None);
         assert_eq!(PullCodec::from_tag(4, 9999), None);
+        assert_eq!(PullCodec::from_tag(6, 0), None);
         let garbage = CodecPair::from_raw(u64::MAX);
         assert_eq!(garbage, CodecPair::default());
     }

@@ -72,7 +72,7 @@ pub fn codec_points(values: usize, reps: usize) -> Result<Vec<CodecPoint>, Codec
         points.push(point("push", codec.to_string(), values, &timed));
     }
     let delta_top_k = |per_mille| PullCodec::DeltaTopK { per_mille };
-    for codec in [PullCodec::DeltaInt8]
+    for codec in [PullCodec::DeltaInt8, PullCodec::DeltaTernary]
         .into_iter()
         .chain([50, 20, 5].map(delta_top_k))
     {
@@ -105,13 +105,18 @@ mod tests {
     #[test]
     fn every_codec_is_measured_and_compression_shrinks_the_bytes() {
         let points = codec_points(10_000, 3).unwrap();
-        assert_eq!(points.len(), 12);
+        assert_eq!(points.len(), 13);
         let bytes = |c: &str| points.iter().find(|p| p.codec == c).unwrap().bytes;
         assert_eq!(bytes("fp32"), 40_000);
         assert_eq!(bytes("int8"), 10_000 + 4 * 40);
         assert!(bytes("topk:50") < bytes("topk:100") && bytes("topk:100") < bytes("bf16"));
         assert!(bytes("topk:10") < bytes("topk:20") && bytes("topk:20") < bytes("topk:50"));
         assert!(bytes("delta-topk:5") < bytes("delta-topk:20"));
+        assert_eq!(
+            bytes("delta-ternary"),
+            39 * 56 + 4 + 4,
+            "10,000 values: 39 blocks of 256 and 16"
+        );
         assert!(points
             .iter()
             .all(|p| p.encode_ms >= 0.0 && p.decode_ms >= 0.0));
