@@ -153,6 +153,8 @@ pub(super) fn encode_ternary(values: &mut [f32], out: &mut Vec<u8>) -> bool {
                     2
                 };
                 byte = byte * 3 + digit;
+                // The decoder's own product (a byte equal to `digit` holds it first), so the
+                // sender's copy matches the receiver's bit for bit.
                 *v = DIGITS[usize::from(digit)][0] * scale;
             }
             out.push(byte);
