@@ -11,8 +11,9 @@ the shard's last update, updates/s, the accuracy at the end, bytes per update ea
 worker's share of the wall time on its link (as the shard counted them: its closing report), the
 codecs each worker used last (`auto` picks its own), and the times to 98%, 98.5% and 99% where a
 checkpoint reached it and every later one held it. A codec pair is PUSH/PULL or `auto`, with
-`@overlap` added for workers that push and pull while computing (`pstrain worker --overlap`);
-a link is a rate for every worker (`100mbit`) or one per worker (`100mbit+10mbit`).
+`@overlap` added for workers that push and pull while computing (`pstrain worker --overlap`,
+which looks one round ahead), or `@lookahead=K` for overlapped workers computing K rounds
+ahead (`--overlap --lookahead K`; K = 0 computes on the pulled weights); a link is a rate for every worker (`100mbit`) or one per worker (`100mbit+10mbit`).
 
 `--repeat N` runs the whole sweep N times, round after round (so a drift of the machine
 touches every row alike), and adds a summary: per row, the median of its time to 98.5% over
@@ -72,7 +73,8 @@ def evaluate(exe: str, data: str, ckpt_file: Path) -> float:
     return float(m.group(1))
 
 
-def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overlap=False):
+def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overlap=False,
+            lookahead=None):
     prefix = f"el{os.getpid() % 1000}"
     work = Path(tempfile.mkdtemp())
     token = work / "run.token"
@@ -105,7 +107,7 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
             cmd = [exe, "worker", "--servers", address, "--rank", str(rank), "--threads", "1",
                    "--data-dir", data, "--token-file", str(token)]
             if overlap:
-                cmd.append("--overlap")
+                cmd += ["--overlap", "--lookahead", str(lookahead)]
             if link != "loopback":
                 cmd = ["ip", "netns", "exec", f"{prefix}-w{rank}"] + cmd
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -137,7 +139,8 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
         reached[target] = next((p["t"] for i, p in enumerate(points)
                                 if all(q["accuracy"] >= target for q in points[i:])), None)
     return {
-        "link": link, "push": push, "pull": pull, "overlap": overlap, "mode": mode,
+        "link": link, "push": push, "pull": pull, "overlap": overlap, "lookahead": lookahead,
+        "mode": mode,
         "updates": updates,
         "wall_s": wall, "updates_per_s": round(updates / wall, 2),
         "final_accuracy": points[-1]["accuracy"], "time_to_98_s": reached[98.0],
@@ -162,13 +165,21 @@ def markdown(runs):
         times = " / ".join("-" if r.get(k) is None else f"{r[k]:.1f}"
                            for k in ("time_to_98_s", "time_to_98_5_s", "time_to_99_s"))
         lines.append(
-            f"| {r['link']} | {r['push']} / {r['pull']}{', overlapped' if r.get('overlap') else ''}"
+            f"| {r['link']} | {r['push']} / {r['pull']}{how(r.get('overlap'), r.get('lookahead'))}"
             f" | {r['mode']} | {r['updates']} | "
             f"{r['wall_s']:.1f} | {r['updates_per_s']} | {slower} | {r['final_accuracy']:.2f}% | "
             f"{times} | "
             f"{r['push_bytes_per_update'] / 1e6:.3f} / {r['pull_bytes_per_update'] / 1e6:.3f} | "
             f"{shares} | {codecs} |")
     return "\n".join(lines) + "\n"
+
+
+def how(overlap, lookahead):
+    """A row's label after its codecs: overlapped, and how many rounds it looks ahead (runs
+    from before `--lookahead` have none: they computed on the pulled weights)."""
+    if not overlap:
+        return ""
+    return ", overlapped" if lookahead is None else f", overlapped, lookahead {lookahead:g}"
 
 
 def median(values):
@@ -196,13 +207,13 @@ def summary(runs):
     the median of those ratios), accuracy at the end against that fp32's (and the mean)."""
     rows = {}
     for r in runs:
-        rows.setdefault((r["mode"], r["link"], r["push"], r["pull"], bool(r.get("overlap"))),
-                        []).append(r)
+        rows.setdefault((r["mode"], r["link"], r["push"], r["pull"], bool(r.get("overlap")),
+                         r.get("lookahead")), []).append(r)
     base = baselines(runs)
     lines = ["| link | push / pull codec | mode | rounds | time to 98.5% over loopback fp32's, "
              "each round | median | accuracy at the end, each round | end minus fp32's, mean |",
              "|---|---|---|---|---|---|---|---|"]
-    for (mode, link, push, pull, overlap), group in rows.items():
+    for (mode, link, push, pull, overlap, lookahead), group in rows.items():
         ratios, diffs = [], []
         for r in group:
             b = base.get(baseline_key(r))
@@ -217,7 +228,7 @@ def summary(runs):
         known = [d for d in diffs if d is not None]
         mean_diff = sum(known) / len(known) if known else None
         lines.append(
-            f"| {link} | {push} / {pull}{', overlapped' if overlap else ''} | {mode} | "
+            f"| {link} | {push} / {pull}{how(overlap, lookahead)} | {mode} | "
             f"{len(group)} | {shown} | {'-' if mid is None else f'{mid:.2f}x'} | "
             f"{ends} | "
             f"{'-' if mean_diff is None else f'{mean_diff:+.2f}'} |")
@@ -252,6 +263,18 @@ def main():
     print(table)
 
 
+def worker_flags(pair):
+    """`PUSH/PULL`, `PUSH/PULL@overlap` (overlapped, looking pstrain's default one round
+    ahead) or `PUSH/PULL@lookahead=K` (overlapped, K rounds ahead; 0: on the pulled weights):
+    the codecs, whether the workers overlap, and the rounds they look ahead."""
+    codecs, _, worker = pair.partition("@")
+    if worker.startswith("lookahead="):
+        return codecs, True, float(worker[len("lookahead="):])
+    if worker not in ("", "overlap"):
+        raise SystemExit(f"`{pair}`: after @ comes overlap or lookahead=K")
+    return (codecs, True, 1.0) if worker == "overlap" else (codecs, False, None)
+
+
 def sweep(a, data, skip, round_):
     runs = []
     for mode in a.modes.split(","):
@@ -259,11 +282,10 @@ def sweep(a, data, skip, round_):
             for pair in a.codecs.split(","):
                 if f"{link}:{pair}" in skip:
                     continue
-                codecs, overlap = (pair[:-len("@overlap")], True) \
-                    if pair.endswith("@overlap") else (pair, False)
+                codecs, overlap, lookahead = worker_flags(pair)
                 push, pull = codecs.split("/") if "/" in codecs else (codecs, codecs)
                 r = run_one(a.pstrain, data, link, push, pull, mode, a.updates, a.every,
-                            overlap=overlap)
+                            overlap=overlap, lookahead=lookahead)
                 r["round"] = round_
                 print(f"round {round_} {link} {pair} {mode}: {r['wall_s']:.1f} s, "
                       f"{r['updates_per_s']} updates/s, {r['final_accuracy']:.2f}%", flush=True)

@@ -6,7 +6,7 @@ use super::parse_flags;
 use super::server::{server_argv, ServerArgs};
 use super::worker::{worker_argv, WorkerArgs};
 use crate::run::device_speed::DeviceSpeed;
-use crate::run::{CheckpointPolicy, TrainConfig};
+use crate::run::{CheckpointPolicy, TrainConfig, DEFAULT_LOOKAHEAD};
 use pstrain_core::{Mode, OptimizerConfig, RunPlan};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -94,6 +94,7 @@ fn a_launched_worker_keeps_its_own_settings() {
         speed_spread: Some(8.0),
         speed_period: Some(30.0),
         overlap: true,
+        lookahead: 1.5,
         ..TrainConfig::default()
     };
     let dir = Path::new("/data/m nist");
@@ -106,6 +107,7 @@ fn a_launched_worker_keeps_its_own_settings() {
     assert_eq!(args.device.slowdown, cfg.slowdown);
     assert_eq!(args.device.speed_spread, cfg.speed_spread);
     assert!(args.device.overlap);
+    assert_eq!(args.device.lookahead, Some(cfg.lookahead));
     assert_eq!(args.device.speed_period, cfg.speed_period);
     assert_eq!(args.data.data_dir.as_deref(), Some(dir));
     assert_eq!(args.servers, ["a:1", "b:2"]);
@@ -197,6 +199,55 @@ fn overlap_is_for_modes_whose_pulls_do_not_wait() {
         with(mode).validate().unwrap();
         assert!(with(mode).worker_config(0).overlap);
     }
+}
+
+#[test]
+fn lookahead_is_a_few_rounds_of_an_overlapped_worker() {
+    let async_plan = RunPlan {
+        mode: Mode::Async {
+            max_staleness: None,
+        },
+        ..plan()
+    };
+    let with = |overlap: bool, lookahead: f32| TrainConfig {
+        plan: async_plan.clone(),
+        overlap,
+        lookahead,
+        ..TrainConfig::default()
+    };
+    with(true, 1.0).validate().unwrap();
+    assert_eq!(with(true, 1.0).worker_config(1).lookahead, 1.0);
+    with(true, 0.0).validate().unwrap();
+    // Without overlap nothing looks ahead, whatever the setting.
+    with(false, 1.0).validate().unwrap();
+    for (overlap, lookahead) in [(true, -1.0), (true, 5.0), (true, f32::NAN)] {
+        let err = with(overlap, lookahead).validate().unwrap_err().to_string();
+        assert!(err.contains("lookahead"), "{err}");
+    }
+    // Overlapped workers look one round ahead unless told otherwise; --lookahead alone is
+    // refused, since it would do nothing.
+    let flags = |argv: &[&str]| {
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        parse_flags::<WorkerArgs>("worker", &argv)
+    };
+    let default = flags(&["--servers", "a:1", "--rank", "0", "--overlap"]).unwrap();
+    let cfg = default.device.configure(TrainConfig::default());
+    assert_eq!((cfg.overlap, cfg.lookahead), (true, DEFAULT_LOOKAHEAD));
+    let off = flags(&[
+        "--servers",
+        "a:1",
+        "--rank",
+        "0",
+        "--overlap",
+        "--lookahead",
+        "0",
+    ])
+    .unwrap();
+    assert_eq!(off.device.configure(TrainConfig::default()).lookahead, 0.0);
+    let err = flags(&["--servers", "a:1", "--rank", "0", "--lookahead", "1"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--overlap"), "{err}");
 }
 
 #[test]

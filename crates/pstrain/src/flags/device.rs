@@ -2,7 +2,7 @@
 //! `pstrain worker` (this one): emulated slowness, changing speeds, an overlapped link.
 
 use crate::run::speed_trace::SpeedTrace;
-use crate::run::TrainConfig;
+use crate::run::{TrainConfig, DEFAULT_LOOKAHEAD};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +31,11 @@ pub struct DeviceArgs {
     /// hiding a slow link's time (each gradient is one round older)
     #[arg(long)]
     pub overlap: bool,
+    /// With --overlap: compute each gradient on the weights extrapolated K rounds past the
+    /// last pull along the last round's move, making up for the round the overlap adds (0:
+    /// on the pulled weights) [default: 1]
+    #[arg(long, value_name = "K", requires = "overlap")]
+    pub lookahead: Option<f32>,
 }
 
 impl DeviceArgs {
@@ -42,6 +47,7 @@ impl DeviceArgs {
             speed_period: self.speed_period,
             speed_trace: self.speed_trace.clone(),
             overlap: self.overlap,
+            lookahead: self.lookahead.unwrap_or(DEFAULT_LOOKAHEAD),
             ..cfg
         }
     }
@@ -62,6 +68,9 @@ impl DeviceArgs {
         }
         if cfg.overlap {
             a.push("--overlap".into());
+        }
+        if cfg.overlap && cfg.lookahead != DEFAULT_LOOKAHEAD {
+            a.extend(["--lookahead".to_string(), cfg.lookahead.to_string()]);
         }
         a
     }

@@ -38,9 +38,20 @@ pub struct TrainConfig {
     pub speed_trace: Option<(PathBuf, Arc<SpeedTrace>)>,
     /// Workers push and pull while computing the next gradient (`WorkerConfig::overlap`).
     pub overlap: bool,
+    /// With `overlap`: workers compute on the weights extrapolated this many rounds ahead
+    /// (`WorkerConfig::lookahead`; unused without overlap).
+    pub lookahead: f32,
     /// Serve `/metrics` and the live page on this address while the run goes on.
     pub metrics_addr: Option<String>,
 }
+
+/// How many rounds ahead an overlapped worker computes unless told otherwise: the one round
+/// the overlap adds to each gradient's age.
+pub const DEFAULT_LOOKAHEAD: f32 = 1.0;
+
+/// The most rounds ahead an overlapped worker may extrapolate its weights: further, one
+/// round's noise outweighs the staleness it hides.
+pub const MAX_LOOKAHEAD: f32 = 4.0;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -54,6 +65,7 @@ impl Default for TrainConfig {
             speed_period: None,
             speed_trace: None,
             overlap: false,
+            lookahead: DEFAULT_LOOKAHEAD,
             metrics_addr: None,
         }
     }
@@ -125,6 +137,13 @@ impl TrainConfig {
                 value: mode.name().to_string(),
             }));
         }
+        if !(self.lookahead.is_finite() && (0.0..=MAX_LOOKAHEAD).contains(&self.lookahead)) {
+            return Err(TrainError::Config(ConfigError::OutOfRange {
+                field: "lookahead",
+                requirement: "0 to 4 rounds",
+                value: self.lookahead.to_string(),
+            }));
+        }
         Ok(self.plan.validate()?)
     }
 
@@ -151,6 +170,7 @@ impl TrainConfig {
             max_batch: p.max_batch(),
             speed: self.speed_of(rank),
             overlap: self.overlap,
+            lookahead: self.lookahead,
         }
     }
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 /// (`WorkerConfig::overlap`): a helper thread pushes the gradient computed last and pulls
 /// while this one computes the next on the weights it has. The pulls land in a buffer of
 /// their own (a delta pull adds to what the last one left there), copied to the model's
-/// weights between steps.
+/// weights between steps (extrapolated ahead if `cfg.lookahead` says so: `Lookahead`).
 pub(super) fn train_overlapped(
     client: &mut dyn ParameterClient,
     model: &mut dyn Model,
@@ -51,9 +51,10 @@ pub(super) fn train_overlapped(
     let mut unsent: Option<(PushMeta, f64)> = None;
     // The version of the weights in `buffers.params` (copied only when a pull brought newer).
     let mut params_version = None;
+    let mut lookahead = Lookahead::new(cfg.lookahead);
     while total.is_none_or(|t| step < t) && !stop() {
         if params_version != Some(pulled_version) {
-            buffers.params.copy_from_slice(&pulled);
+            lookahead.place(&pulled, pulled_version, step, &mut buffers.params);
             params_version = Some(pulled_version);
         }
         let computed_on = pulled_version;
@@ -116,4 +117,89 @@ fn exchange(
     let pushed = client.push(meta, grad);
     let pull = continues(&pushed).then(|| client.pull(pulled, Some(version), false));
     (pushed, pull)
+}
+
+/// Where an overlapped worker computes its next gradient. Its gradient reaches the shards a
+/// round later than without overlap, when the weights have moved on by about a round's move;
+/// computing it on the pulled weights plus `rounds` times the last round's move (the
+/// difference between the last two pulls it computed on, per step between them) takes the
+/// gradient where the weights will be instead of where they were, as weight prediction does
+/// for pipelined training. Under Adam each weight moves by about the learning rate in a steady
+/// direction for many updates, so one round's move predicts the next well; `rounds` = 0
+/// computes on the pulled weights.
+struct Lookahead {
+    rounds: f32,
+    /// The weights of the last pull computed on, its version and the step it was placed at.
+    last: Option<(Vec<f32>, u64, u64)>,
+}
+
+impl Lookahead {
+    fn new(rounds: f32) -> Self {
+        Lookahead { rounds, last: None }
+    }
+
+    /// Writes into `params` the weights to compute step `step` on, from the pull of version
+    /// `version` in `pulled`.
+    fn place(&mut self, pulled: &[f32], version: u64, step: u64, params: &mut [f32]) {
+        if self.rounds <= 0.0 {
+            params.copy_from_slice(pulled);
+            return;
+        }
+        match &mut self.last {
+            // Only ahead of an earlier pull: weights that went back (shards restarted from a
+            // checkpoint) say nothing about where they go next.
+            Some((last, last_version, last_step)) if version > *last_version => {
+                let steps = step.saturating_sub(*last_step).max(1) as f32;
+                let ahead = self.rounds / steps;
+                for ((p, &w), old) in params.iter_mut().zip(pulled).zip(last.iter_mut()) {
+                    *p = w + ahead * (w - *old);
+                    *old = w;
+                }
+                (*last_version, *last_step) = (version, step);
+            }
+            _ => {
+                params.copy_from_slice(pulled);
+                self.last = Some((pulled.to_vec(), version, step));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lookahead;
+
+    #[test]
+    fn lookahead_extrapolates_the_last_rounds_move_per_step() {
+        let mut params = [0.0; 2];
+        let mut off = Lookahead::new(0.0);
+        off.place(&[1.0, 2.0], 3, 0, &mut params);
+        off.place(&[2.0, 0.0], 5, 1, &mut params);
+        assert_eq!(params, [2.0, 0.0], "rounds 0: the pulled weights");
+
+        let mut one = Lookahead::new(1.0);
+        one.place(&[1.0, 2.0], 3, 0, &mut params);
+        assert_eq!(params, [1.0, 2.0], "nothing to extrapolate from yet");
+        one.place(&[2.0, 1.0], 5, 1, &mut params);
+        assert_eq!(params, [3.0, 0.0], "one round's move ahead");
+        // Two steps since the last placement (a pull that brought nothing newer): the move
+        // is spread over them.
+        one.place(&[4.0, 1.0], 9, 3, &mut params);
+        assert_eq!(params, [5.0, 1.0]);
+    }
+
+    #[test]
+    fn weights_that_went_back_are_not_extrapolated() {
+        let mut params = [0.0; 1];
+        let mut two = Lookahead::new(2.0);
+        two.place(&[1.0], 10, 0, &mut params);
+        two.place(&[2.0], 12, 1, &mut params);
+        assert_eq!(params, [4.0]);
+        // Restarted shards serve version 4: the weights as pulled, and the next move is
+        // measured from them.
+        two.place(&[0.5], 4, 2, &mut params);
+        assert_eq!(params, [0.5]);
+        two.place(&[1.0], 6, 3, &mut params);
+        assert_eq!(params, [2.0]);
+    }
 }

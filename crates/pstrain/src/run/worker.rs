@@ -62,6 +62,9 @@ pub struct WorkerConfig {
     /// not wait): a slow link's time hides behind compute, and each gradient is one round
     /// older when it arrives.
     pub overlap: bool,
+    /// With `overlap`: compute each gradient on the weights extrapolated this many rounds
+    /// past the last pull, along the last round's move (0: on the pulled weights).
+    pub lookahead: f32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
