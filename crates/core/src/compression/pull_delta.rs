@@ -12,7 +12,9 @@
 //! difference behind, so no weight of the worker's lags by more than what moved since.
 
 use super::sparse::{self, TopK};
-use super::values::{decode_int8, decode_ternary, encode_int8, encode_ternary, ternary_len};
+#[cfg(test)]
+use super::values::encode_ternary;
+use super::values::{decode_int8, decode_ternary, encode_int8, encode_ternary_delta, ternary_len};
 use super::{top_k_count, CodecError, PullCodec};
 use crate::rng::Rng;
 
@@ -70,6 +72,17 @@ impl PullReplica {
         out: &mut Vec<u8>,
     ) {
         out.clear();
+        if codec == PullCodec::DeltaTernary {
+            // Only weights that are not finite make a scale the worker refuses; then it
+            // fails its pull, reconnects and is sent a whole slice, as this replica, no
+            // longer what the worker holds, is forgotten.
+            if encode_ternary_delta(weights, &mut self.values, out) {
+                self.held = Some(version);
+            } else {
+                self.forget();
+            }
+            return;
+        }
         let diff = &mut self.diff;
         diff.clear();
         diff.extend(weights.iter().zip(&self.values).map(|(w, r)| w - r));
@@ -82,15 +95,6 @@ impl PullReplica {
                 // sent; what was not sent, or rounded off, stays in the next difference.
                 for (&i, arrives) in self.top.idx.iter().zip(&self.top.sent) {
                     self.values[i as usize] += arrives;
-                }
-            }
-            PullCodec::DeltaTernary => {
-                // Only weights that are not finite make a scale the worker refuses; then it
-                // fails its pull, reconnects and is sent a whole slice, so nothing is added.
-                if encode_ternary(diff, out) {
-                    for (r, d) in self.values.iter_mut().zip(diff.iter()) {
-                        *r += d;
-                    }
                 }
             }
             _ => {
@@ -292,6 +296,22 @@ mod tests {
         assert!(!encode_ternary(&mut [1.0, f32::NAN], &mut Vec::new()));
         decode_ternary(&zeros, &mut decoded[..7]).unwrap();
         assert_eq!(decoded[..7], [0.0; 7]);
+    }
+
+    #[test]
+    fn weights_that_are_not_finite_make_the_replica_forget_and_the_next_pull_whole() {
+        let codec = PullCodec::DeltaTernary;
+        let mut replica = PullReplica::new(true, 3);
+        replica.sent_whole(0, &[0.0; 300]);
+        let mut weights = [0.5f32; 300];
+        weights[299] = f32::NAN;
+        assert!(replica.can_send_delta(codec, 0));
+        let mut wire = Vec::new();
+        replica.encode_delta(codec, 1, &weights, &mut wire);
+        let refused = codec.apply_delta(&wire, &mut [0.0; 300], &mut Vec::new());
+        assert!(refused.is_err(), "the worker refuses the block");
+        assert!(!replica.holds());
+        assert!(!replica.can_send_delta(codec, 1) && !replica.can_send_delta(codec, 0));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! check a payload's length first.
 
 use super::{CodecError, INT8_BLOCK, TERNARY_BLOCK};
+use crate::gradient_scan::largest_magnitude_bits;
 use crate::rng::Rng;
 
 pub(super) fn encode_f32(values: &[f32], out: &mut Vec<u8>) {
@@ -134,33 +135,76 @@ pub(super) fn ternary_len(n: usize) -> usize {
 /// Leaves in `values` what the decoder will make of them (a sender follows its receiver
 /// without decoding) and returns whether the decoder will take them: a block holding NaN/Inf
 /// gets a scale that is not finite, which it refuses.
+#[cfg(test)]
 pub(super) fn encode_ternary(values: &mut [f32], out: &mut Vec<u8>) -> bool {
     out.reserve(ternary_len(values.len()));
+    let mut digits = [0u8; TERNARY_BLOCK];
     let mut decodable = true;
     for block in values.chunks_mut(TERNARY_BLOCK) {
-        let scale = largest_magnitude(block.iter().copied());
-        decodable &= scale.is_finite();
-        out.extend_from_slice(&scale.to_le_bytes());
-        let half = 0.5 * scale;
-        for group in block.chunks_mut(TRITS_PER_BYTE) {
-            let mut byte = 0u8;
-            for v in group.iter_mut().rev() {
-                let digit = if scale == 0.0 || v.abs() < half {
-                    0
-                } else if *v > 0.0 {
-                    1
-                } else {
-                    2
-                };
-                byte = byte * 3 + digit;
-                // The decoder's own product (a byte equal to `digit` holds it first), so the
-                // sender's copy matches the receiver's bit for bit.
-                *v = DIGITS[usize::from(digit)][0] * scale;
-            }
-            out.push(byte);
+        decodable &= encode_ternary_block(block, &mut digits, out);
+    }
+    decodable
+}
+
+/// `encode_ternary` of `weights - replica`, adding to `replica` what the decoder will make of
+/// it, in one pass a block at a time (the block stays in cache from its difference to the
+/// replica's update). Where it returns false the replica took what was decodable of the
+/// blocks: the caller forgets it.
+pub(super) fn encode_ternary_delta(
+    weights: &[f32],
+    replica: &mut [f32],
+    out: &mut Vec<u8>,
+) -> bool {
+    out.reserve(ternary_len(weights.len()));
+    let (mut diff, mut digits) = ([0.0; TERNARY_BLOCK], [0u8; TERNARY_BLOCK]);
+    let mut decodable = true;
+    for (w, r) in weights
+        .chunks(TERNARY_BLOCK)
+        .zip(replica.chunks_mut(TERNARY_BLOCK))
+    {
+        let diff = &mut diff[..w.len()];
+        for ((d, w), r) in diff.iter_mut().zip(w).zip(r.iter()) {
+            *d = w - r;
+        }
+        decodable &= encode_ternary_block(diff, &mut digits, out);
+        for (r, d) in r.iter_mut().zip(diff.iter()) {
+            *r += d;
         }
     }
     decodable
+}
+
+/// One block of `encode_ternary` (at most `TERNARY_BLOCK` values), appended to `out`.
+fn encode_ternary_block(
+    block: &mut [f32],
+    digits: &mut [u8; TERNARY_BLOCK],
+    out: &mut Vec<u8>,
+) -> bool {
+    let largest = largest_magnitude_bits(block);
+    let scale = if largest < f32::INFINITY.to_bits() {
+        f32::from_bits(largest)
+    } else {
+        f32::NAN
+    };
+    out.extend_from_slice(&scale.to_le_bytes());
+    let digits = &mut digits[..block.len()];
+    if scale == 0.0 {
+        digits.fill(0);
+        block.fill(0.0);
+    } else {
+        // Without branches, so that the loop runs on vector lanes: a value at least half
+        // the scale is +1, at most minus half -1, and it becomes what the decoder makes of
+        // its digit (the same product, bit for bit: a sign times the scale).
+        let half = 0.5 * scale;
+        for (d, v) in digits.iter_mut().zip(block.iter_mut()) {
+            let (up, down) = (*v >= half, *v <= -half);
+            *d = u8::from(up) + 2 * u8::from(down);
+            *v = (f32::from(u8::from(up)) - f32::from(u8::from(down))) * scale;
+        }
+    }
+    let fold = |group: &[u8]| group.iter().rev().fold(0, |b, d| b * 3 + d);
+    out.extend(digits.chunks(TRITS_PER_BYTE).map(fold));
+    scale.is_finite()
 }
 
 /// Each byte's five digits, first lowest, as -1.0, 0.0 or 1.0 (a byte from 243 on holds no
@@ -209,4 +253,101 @@ pub(super) fn decode_ternary(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecE
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        decode_ternary, encode_ternary, encode_ternary_delta, ternary_len, DIGITS, TRITS_PER_BYTE,
+    };
+    use crate::compression::TERNARY_BLOCK;
+    use crate::rng::Rng;
+
+    /// The ternary encoder written plainly, a value and a branch at a time.
+    fn plain_ternary(values: &mut [f32], out: &mut Vec<u8>) {
+        for block in values.chunks_mut(TERNARY_BLOCK) {
+            let scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            out.extend_from_slice(&scale.to_le_bytes());
+            for group in block.chunks_mut(TRITS_PER_BYTE) {
+                let mut byte = 0u8;
+                for v in group.iter_mut().rev() {
+                    let digit = if scale == 0.0 || v.abs() < 0.5 * scale {
+                        0
+                    } else if *v > 0.0 {
+                        1
+                    } else {
+                        2
+                    };
+                    byte = byte * 3 + digit;
+                    *v = DIGITS[usize::from(digit)][0] * scale;
+                }
+                out.push(byte);
+            }
+        }
+    }
+
+    #[test]
+    fn ternary_encoding_matches_the_plain_one_bit_for_bit() {
+        let mut rng = Rng::new(7);
+        // Whole blocks and a short last one; a block of zeros (some negative), values exactly
+        // at plus and minus half the scale, and ordinary noise.
+        let n = 3 * TERNARY_BLOCK + 37;
+        let mut values: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        for (i, v) in values[..TERNARY_BLOCK].iter_mut().enumerate() {
+            *v = if i % 2 == 0 { 0.0 } else { -0.0 };
+        }
+        let second = &mut values[TERNARY_BLOCK..2 * TERNARY_BLOCK];
+        second[0] = 2.0;
+        second[1] = 1.0;
+        second[2] = -1.0;
+        second[3] = 0.999_999_9;
+        let (mut fast, mut plain) = (values.clone(), values);
+        let (mut fast_out, mut plain_out) = (Vec::new(), Vec::new());
+        assert!(encode_ternary(&mut fast, &mut fast_out));
+        plain_ternary(&mut plain, &mut plain_out);
+        assert_eq!(fast_out, plain_out);
+        assert_eq!(fast_out.len(), ternary_len(n));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&plain));
+        let mut decoded = vec![1.0; n];
+        decode_ternary(&fast_out, &mut decoded).unwrap();
+        assert_eq!(
+            bits(&decoded),
+            bits(&fast),
+            "the sender holds what the receiver decodes"
+        );
+        assert_eq!(
+            &fast[TERNARY_BLOCK..TERNARY_BLOCK + 4],
+            [2.0, 2.0, -2.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn a_ternary_delta_is_the_plain_encoding_of_the_difference_added_to_the_replica() {
+        let mut rng = Rng::new(11);
+        let n = 2 * TERNARY_BLOCK + 100;
+        let weights: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let replica: Vec<f32> = weights
+            .iter()
+            .map(|w| w - rng.uniform(-0.01, 0.01))
+            .collect();
+        let (mut fast, mut fast_out) = (replica.clone(), Vec::new());
+        assert!(encode_ternary_delta(&weights, &mut fast, &mut fast_out));
+        let mut diff: Vec<f32> = weights.iter().zip(&replica).map(|(w, r)| w - r).collect();
+        let mut plain_out = Vec::new();
+        plain_ternary(&mut diff, &mut plain_out);
+        assert_eq!(fast_out, plain_out);
+        let plain: Vec<u32> = (replica.iter().zip(&diff))
+            .map(|(r, d)| (r + d).to_bits())
+            .collect();
+        assert_eq!(fast.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), plain);
+        // A weight that is not finite makes a block the decoder refuses.
+        let mut broken = weights.clone();
+        broken[n - 1] = f32::INFINITY;
+        assert!(!encode_ternary_delta(
+            &broken,
+            &mut replica.clone(),
+            &mut Vec::new()
+        ));
+    }
 }
