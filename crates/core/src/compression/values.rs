@@ -60,14 +60,14 @@ pub(super) fn int8_scale(block: impl Iterator<Item = f32>) -> f32 {
 
 /// A block's largest magnitude (0 for all zeros), or NaN if it holds NaN/Inf.
 fn largest_magnitude(block: impl Iterator<Item = f32>) -> f32 {
-    let mut largest = 0.0f32;
-    let mut finite = true;
-    for v in block {
-        finite &= v.is_finite();
-        largest = largest.max(v.abs());
-    }
-    if finite {
-        largest
+    magnitude_or_nan(block.map(|v| v.to_bits() & 0x7fff_ffff).max().unwrap_or(0))
+}
+
+/// The magnitude a largest `|v|`'s bits (sign cleared) stand for, or NaN where they are past
+/// every finite value's (the block holds NaN/Inf): one rule for int8 and ternary scales.
+fn magnitude_or_nan(bits: u32) -> f32 {
+    if bits < f32::INFINITY.to_bits() {
+        f32::from_bits(bits)
     } else {
         f32::NAN
     }
@@ -180,12 +180,7 @@ fn encode_ternary_block(
     digits: &mut [u8; TERNARY_BLOCK],
     out: &mut Vec<u8>,
 ) -> bool {
-    let largest = largest_magnitude_bits(block);
-    let scale = if largest < f32::INFINITY.to_bits() {
-        f32::from_bits(largest)
-    } else {
-        f32::NAN
-    };
+    let scale = magnitude_or_nan(largest_magnitude_bits(block));
     out.extend_from_slice(&scale.to_le_bytes());
     let digits = &mut digits[..block.len()];
     if scale == 0.0 {
