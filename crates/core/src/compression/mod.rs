@@ -230,11 +230,8 @@ impl PushEncoder {
             self.residual = vec![0.0; n];
         }
         // The gradient with what earlier pushes left out.
-        for (r, v) in self.residual.iter_mut().zip(values) {
-            *r += v;
-        }
         let k = top_k_count(n, per_mille);
-        self.top.select(&self.residual, k);
+        self.top.add_and_select(&mut self.residual, values, k);
         self.top.encode(&self.residual, out);
         for (&i, arrives) in self.top.idx.iter().zip(&self.top.sent) {
             let r = &mut self.residual[i as usize];

@@ -14,7 +14,9 @@
 use super::sparse::{self, TopK};
 #[cfg(test)]
 use super::values::encode_ternary;
-use super::values::{decode_int8, decode_ternary, encode_int8, encode_ternary_delta, ternary_len};
+use super::values::{
+    add_ternary, check_ternary, decode_int8, encode_int8, encode_ternary_delta, ternary_len,
+};
 use super::{top_k_count, CodecError, PullCodec};
 use crate::rng::Rng;
 
@@ -132,15 +134,19 @@ impl PullCodec {
         held: &mut [f32],
         scratch: &mut Vec<f32>,
     ) -> Result<(), CodecError> {
+        if *self == PullCodec::DeltaTernary {
+            // Checked whole first, so a refused difference leaves `held` as it was; then
+            // added in place, without a decoded copy.
+            exact_len("delta-ternary", bytes, held.len(), ternary_len(held.len()))?;
+            check_ternary(bytes, held.len())?;
+            add_ternary(bytes, held);
+            return Ok(());
+        }
         scratch.clear();
         scratch.resize(held.len(), 0.0);
         match self {
             PullCodec::DeltaTopK { per_mille } => {
                 sparse::decode(bytes, top_k_count(held.len(), *per_mille), scratch)?
-            }
-            PullCodec::DeltaTernary => {
-                exact_len("delta-ternary", bytes, held.len(), ternary_len(held.len()))?;
-                decode_ternary(bytes, scratch)?
             }
             _ => {
                 exact_len("delta-int8", bytes, held.len(), self.delta_len(held.len()))?;
@@ -175,6 +181,7 @@ fn exact_len(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compression::values::decode_ternary;
 
     /// Weights that move a little at every version, as training moves them.
     fn weights_at(version: u64, n: usize) -> Vec<f32> {

@@ -64,8 +64,20 @@ pub(super) struct TopK {
     pub idx: Vec<u32>,
     /// What arrives of each value encoded last (as the decoder makes it), in `idx`'s order.
     pub sent: Vec<f32>,
-    /// The magnitudes of the bucket holding the k-th largest.
-    bucket: Vec<u32>,
+    /// The indices of values in buckets above the k-th largest's, ascending.
+    above: Vec<u32>,
+    /// The indices and magnitudes of the values in the k-th largest's bucket, ascending.
+    tied_idx: Vec<u32>,
+    tied_keys: Vec<u32>,
+    /// `tied_keys`, reordered by the selection of the threshold.
+    scratch: Vec<u32>,
+}
+
+/// How many values of each magnitude bucket.
+type Histogram = [u32; BUCKETS];
+
+fn bucket_of(v: f32) -> usize {
+    (magnitude_key(v) >> BUCKET_SHIFT) as usize
 }
 
 impl TopK {
@@ -73,50 +85,100 @@ impl TopK {
     /// threshold taken lowest index first), ascending, into `self.idx`; zeros never (fewer
     /// than `k` nonzero values: all of them).
     pub fn select(&mut self, values: &[f32], k: usize) {
+        if self.trivial(values, k) {
+            return;
+        }
+        let mut histogram = [0u32; BUCKETS];
+        for &v in values {
+            histogram[bucket_of(v)] += 1;
+        }
+        self.select_by(values, k, &histogram);
+    }
+
+    /// Adds `add` into `sum` and selects as `select(sum, k)` does, in one pass over the
+    /// slice where the sum and the histogram are made (error feedback's accumulation).
+    pub fn add_and_select(&mut self, sum: &mut [f32], add: &[f32], k: usize) {
+        let mut histogram = [0u32; BUCKETS];
+        for (s, a) in sum.iter_mut().zip(add) {
+            *s += a;
+            histogram[bucket_of(*s)] += 1;
+        }
+        if !self.trivial(sum, k) {
+            self.select_by(sum, k, &histogram);
+        }
+    }
+
+    /// Selects where no threshold is needed (`k` is 0, or at least every value); whether it
+    /// did.
+    fn trivial(&mut self, values: &[f32], k: usize) -> bool {
         self.idx.clear();
         let n = values.len();
         if k >= n {
             self.idx
                 .extend((0..n as u32).filter(|&i| magnitude_key(values[i as usize]) != 0));
-            return;
         }
-        if k == 0 {
-            return;
-        }
-        let mut histogram = [0u32; BUCKETS];
-        for &v in values {
-            histogram[(magnitude_key(v) >> BUCKET_SHIFT) as usize] += 1;
-        }
+        k == 0 || k >= n
+    }
+
+    /// The selection from the histogram of `values`' buckets (0 < k < n): one pass takes
+    /// every value above the k-th largest's bucket and every value in it, without branches;
+    /// only that bucket is ordered; the two ascending lists merge.
+    fn select_by(&mut self, values: &[f32], k: usize, histogram: &Histogram) {
         // From the largest bucket down, to the one holding the k-th largest.
         let (mut bucket, mut above) = (BUCKETS - 1, 0usize);
         while above + (histogram[bucket] as usize) < k {
             above += histogram[bucket] as usize;
             bucket -= 1;
         }
-        let keys = &mut self.bucket;
-        keys.clear();
-        keys.extend(
-            values
-                .iter()
-                .map(|&v| magnitude_key(v))
-                .filter(|key| (key >> BUCKET_SHIFT) as usize == bucket),
-        );
-        let wanted = k - above;
-        let (_, threshold, _) = keys.select_nth_unstable_by(wanted - 1, |a, b| b.cmp(a));
-        let threshold = *threshold;
-        let larger = keys.iter().filter(|&&key| key > threshold).count();
-        // Zeros are not worth their bytes: fewer than k values are sent then.
-        let mut ties = if threshold == 0 { 0 } else { wanted - larger };
-        self.idx.reserve(k);
-        for (i, &v) in values.iter().enumerate() {
-            let key = magnitude_key(v);
-            if key > threshold || (key == threshold && ties > 0) {
-                if key == threshold {
-                    ties -= 1;
-                }
-                self.idx.push(i as u32);
+        let tied = histogram[bucket] as usize;
+        // One spare slot each: a value that is not taken is written there and overwritten.
+        let (above_idx, tied_idx, tied_keys) =
+            (&mut self.above, &mut self.tied_idx, &mut self.tied_keys);
+        above_idx.clear();
+        above_idx.resize(above + 1, 0);
+        tied_idx.clear();
+        tied_idx.resize(tied + 1, 0);
+        tied_keys.clear();
+        tied_keys.resize(tied + 1, 0);
+        {
+            // As slices: the stores cannot alias the vectors' own fields, which would
+            // otherwise be reloaded at every value.
+            let (above_at, tied_at, keys_at) =
+                (&mut above_idx[..], &mut tied_idx[..], &mut tied_keys[..]);
+            let (mut a, mut t) = (0usize, 0usize);
+            for (i, &v) in values.iter().enumerate() {
+                let key = magnitude_key(v);
+                let b = (key >> BUCKET_SHIFT) as usize;
+                above_at[a] = i as u32;
+                a += (b > bucket) as usize;
+                tied_at[t] = i as u32;
+                keys_at[t] = key;
+                t += (b == bucket) as usize;
             }
         }
+        above_idx.truncate(above);
+        tied_idx.truncate(tied);
+        tied_keys.truncate(tied);
+        let wanted = k - above;
+        let scratch = &mut self.scratch;
+        scratch.clear();
+        scratch.extend_from_slice(tied_keys);
+        let (_, threshold, _) = scratch.select_nth_unstable_by(wanted - 1, |a, b| b.cmp(a));
+        let threshold = *threshold;
+        let larger = tied_keys.iter().filter(|&&key| key > threshold).count();
+        // Zeros are not worth their bytes: fewer than k values are sent then.
+        let mut ties = if threshold == 0 { 0 } else { wanted - larger };
+        let taken = tied_idx
+            .iter()
+            .zip(tied_keys.iter())
+            .filter_map(|(&i, &key)| {
+                let take = key > threshold || (key == threshold && ties > 0);
+                if take && key == threshold {
+                    ties -= 1;
+                }
+                take.then_some(i)
+            });
+        merge_ascending(above_idx, taken, &mut self.idx);
     }
 
     /// Writes the payload of `values` at the selected indices into `out` (appended), and
@@ -129,17 +191,35 @@ impl TopK {
             write_varint(i - next, out);
             next = i + 1;
         }
-        self.sent.clear();
-        for block in self.idx.chunks(VALUE_BLOCK) {
-            let scale = int8_scale(block.iter().map(|&i| values[i as usize]));
+        // Gathered first, so each block's scale and rounding run over contiguous values.
+        let sent = &mut self.sent;
+        sent.clear();
+        sent.extend(self.idx.iter().map(|&i| values[i as usize]));
+        for block in sent.chunks_mut(VALUE_BLOCK) {
+            let scale = int8_scale(block.iter().copied());
             out.extend_from_slice(&scale.to_le_bytes());
-            for &i in block {
-                let q = quantize(values[i as usize], scale);
-                out.push(q as u8);
-                self.sent.push(dequantize(q, scale));
+            let at = out.len();
+            out.resize(at + block.len(), 0);
+            for (v, q) in block.iter_mut().zip(&mut out[at..]) {
+                let rounded = quantize(*v, scale);
+                *q = rounded as u8;
+                *v = dequantize(rounded, scale);
             }
         }
     }
+}
+
+/// `a` and `b`, each ascending, into `out` (cleared first), ascending.
+fn merge_ascending(a: &[u32], b: impl Iterator<Item = u32>, out: &mut Vec<u32>) {
+    out.clear();
+    let mut a = a.iter().copied().peekable();
+    for j in b {
+        while let Some(i) = a.next_if(|&i| i < j) {
+            out.push(i);
+        }
+        out.push(j);
+    }
+    out.extend(a);
 }
 
 /// `v` in steps of `scale`, rounded to nearest; 0 for a zero or NaN scale.
@@ -157,6 +237,11 @@ fn dequantize(q: i8, scale: f32) -> f32 {
 }
 
 fn write_varint(mut v: u32, out: &mut Vec<u8>) {
+    if v < 0x80 {
+        // Most gaps: one byte.
+        out.push(v as u8);
+        return;
+    }
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -266,6 +351,13 @@ mod tests {
                 top.select(&values, k);
                 let want = nonzero(&values, by_sorting(&values, k));
                 assert_eq!(top.idx, want, "round {round}, k {k} of {n}");
+                // Error feedback's form: the sum made in the selection's own pass.
+                let (mut sum, add): (Vec<f32>, Vec<f32>) =
+                    values.iter().map(|&v| (v * 0.5, v * 0.5)).unzip();
+                top.add_and_select(&mut sum, &add, k);
+                assert_eq!(top.idx, want, "summed, round {round}, k {k} of {n}");
+                let same = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
+                assert!(sum.iter().zip(&values).all(|(&s, &v)| same(s, v)));
             }
         }
     }

@@ -225,28 +225,60 @@ const fn digit_table() -> [[f32; TRITS_PER_BYTE]; 243] {
     table
 }
 
-/// Decodes ternary blocks (the caller checked the length with `ternary_len`), refusing a
-/// scale that is not a finite, non-negative number and a byte that is not five digits (or,
-/// in a block's last byte, as many as it has values).
-pub(super) fn decode_ternary(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+/// Checks ternary blocks of `n` values (the caller checked the length with `ternary_len`)
+/// as hostile input: refuses a scale that is not a finite, non-negative number and a byte
+/// that is not five digits (or, in a block's last byte, as many as it has values).
+pub(super) fn check_ternary(bytes: &[u8], n: usize) -> Result<(), CodecError> {
     let mut at = 0;
-    for (index, block) in out.chunks_mut(TERNARY_BLOCK).enumerate() {
+    for (index, start) in (0..n).step_by(TERNARY_BLOCK).enumerate() {
+        let len = (n - start).min(TERNARY_BLOCK);
         let scale = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
         at += 4;
         if !(scale.is_finite() && scale >= 0.0) {
             return Err(CodecError::Scale { block: index });
         }
+        let groups = &bytes[at..at + len.div_ceil(TRITS_PER_BYTE)];
+        let (whole, last) = groups.split_at(len / TRITS_PER_BYTE);
+        // Bytes of five digits are below 243; a last byte of fewer, below 3 to the fewer.
+        let limit = 3u32.pow((len % TRITS_PER_BYTE) as u32);
+        let bad = whole.iter().position(|&b| b >= 243).or_else(|| {
+            last.first()
+                .filter(|&&b| u32::from(b) >= limit)
+                .map(|_| whole.len())
+        });
+        if let Some(offset) = bad {
+            return Err(CodecError::Digits { at: at + offset });
+        }
+        at += groups.len();
+    }
+    Ok(())
+}
+
+/// Adds checked ternary blocks (`check_ternary`) to `out`, each value its digit times its
+/// block's scale: the worker's weights take a difference without a decoded copy of it.
+pub(super) fn add_ternary(bytes: &[u8], out: &mut [f32]) {
+    let mut at = 0;
+    for block in out.chunks_mut(TERNARY_BLOCK) {
+        let scale = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        at += 4;
         for group in block.chunks_mut(TRITS_PER_BYTE) {
-            let byte = usize::from(bytes[at]);
-            if byte >= 3usize.pow(group.len() as u32) {
-                return Err(CodecError::Digits { at });
-            }
+            // A checked byte is below 243; `min` only keeps the index in the table's range.
+            let digits = &DIGITS[usize::from(bytes[at]).min(242)];
             at += 1;
-            for (o, digit) in group.iter_mut().zip(&DIGITS[byte]) {
-                *o = digit * scale;
+            for (o, digit) in group.iter_mut().zip(digits) {
+                *o += digit * scale;
             }
         }
     }
+}
+
+/// Decodes ternary blocks (the caller checked the length with `ternary_len`), refusing what
+/// `check_ternary` refuses (what a worker adds, as a copy: for tests).
+#[cfg(test)]
+pub(super) fn decode_ternary(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+    check_ternary(bytes, out.len())?;
+    out.fill(0.0);
+    add_ternary(bytes, out);
     Ok(())
 }
 
