@@ -54,13 +54,8 @@ pub(super) fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
 
 /// The scale of an int8 block: its largest magnitude over 127 (0 for all zeros). A block
 /// holding NaN/Inf gets a NaN scale: it decodes to NaN and is refused.
-pub(super) fn int8_scale(block: impl Iterator<Item = f32>) -> f32 {
-    largest_magnitude(block) / 127.0
-}
-
-/// A block's largest magnitude (0 for all zeros), or NaN if it holds NaN/Inf.
-fn largest_magnitude(block: impl Iterator<Item = f32>) -> f32 {
-    magnitude_or_nan(block.map(|v| v.to_bits() & 0x7fff_ffff).max().unwrap_or(0))
+pub(super) fn int8_scale(block: &[f32]) -> f32 {
+    magnitude_or_nan(largest_magnitude_bits(block)) / 127.0
 }
 
 /// The magnitude a largest `|v|`'s bits (sign cleared) stand for, or NaN where they are past
@@ -76,7 +71,7 @@ fn magnitude_or_nan(bits: u32) -> f32 {
 pub(super) fn encode_int8(values: &[f32], rng: &mut Rng, out: &mut Vec<u8>) {
     out.reserve(values.len() + 4 * values.len().div_ceil(INT8_BLOCK));
     for block in values.chunks(INT8_BLOCK) {
-        let scale = int8_scale(block.iter().copied());
+        let scale = int8_scale(block);
         out.extend_from_slice(&scale.to_le_bytes());
         // Zero (all zeros) or NaN (a bad block): the values carry nothing.
         if scale.is_nan() || scale == 0.0 {

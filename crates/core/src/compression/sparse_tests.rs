@@ -1,0 +1,156 @@
+//! Tests of top-k: its selection against a full sort, its payloads' round trip, hostile
+//! payloads refused.
+
+use super::*;
+use crate::rng::Rng;
+
+/// The reference: every index sorted by magnitude, largest first, ties by index.
+fn by_sorting(values: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        let key = |i: u32| magnitude_key(values[i as usize]);
+        key(b).cmp(&key(a)).then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
+#[test]
+fn selection_matches_a_full_sort_including_ties_and_nan() {
+    let mut rng = Rng::new(11);
+    let mut top = TopK::default();
+    let nonzero = |values: &[f32], idx: Vec<u32>| -> Vec<u32> {
+        idx.into_iter()
+            .filter(|&i| values[i as usize] != 0.0)
+            .collect()
+    };
+    for round in 0..200 {
+        let n = 1 + rng.below(3000);
+        let values: Vec<f32> = (0..n)
+            .map(|_| match rng.below(10) {
+                // Repeated magnitudes of either sign: ties at the threshold.
+                0 => 0.25,
+                1 => -0.25,
+                2 => 0.0,
+                3 if round % 7 == 0 => f32::NAN,
+                _ => rng.uniform(-1.0, 1.0) * 10f32.powi(rng.below(6) as i32 - 3),
+            })
+            .collect();
+        for k in [0, 1, n / 50, n / 3, n - 1, n] {
+            top.select(&values, k);
+            let want = nonzero(&values, by_sorting(&values, k));
+            assert_eq!(top.idx, want, "round {round}, k {k} of {n}");
+            // Error feedback's form: the sum made in the selection's own pass.
+            let (mut sum, add): (Vec<f32>, Vec<f32>) =
+                values.iter().map(|&v| (v * 0.5, v * 0.5)).unzip();
+            top.add_and_select(&mut sum, &add, k);
+            assert_eq!(top.idx, want, "summed, round {round}, k {k} of {n}");
+            let same = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
+            assert!(sum.iter().zip(&values).all(|(&s, &v)| same(s, v)));
+        }
+    }
+}
+
+#[test]
+fn payloads_round_trip_within_half_a_step_of_their_blocks_scale() {
+    let mut rng = Rng::new(3);
+    let n = 100_000;
+    let values: Vec<f32> = (0..n)
+        .map(|_| rng.uniform(-1.0, 1.0) * 10f32.powi(rng.below(4) as i32 - 2))
+        .collect();
+    let largest = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut top = TopK::default();
+    for k in [1, 100, 5_000, 50_000] {
+        top.select(&values, k);
+        let mut wire = Vec::new();
+        top.encode(&values, &mut wire);
+        assert!(wire.len() >= min_len(k) && wire.len() <= max_len(k));
+        let typical = typical_len(k, n) as f64;
+        assert!(
+            (wire.len() as f64 - typical).abs() <= 0.1 * typical,
+            "k {k}"
+        );
+        let mut out = vec![9.0; n];
+        decode(&wire, k, &mut out).unwrap();
+        let mut sent = top.idx.iter().zip(&top.sent).peekable();
+        for (i, (o, v)) in out.iter().zip(&values).enumerate() {
+            match sent.next_if(|(j, _)| **j == i as u32) {
+                Some((_, arrives)) => {
+                    // What the encoder says arrives is what the decoder makes.
+                    assert_eq!(o, arrives);
+                    assert!((o - v).abs() <= largest / 254.0 * 1.001, "{v} -> {o}");
+                }
+                None => assert_eq!(*o, 0.0),
+            }
+        }
+    }
+    // Gaps past one byte (one value in 100,000) and the varint's longest form.
+    for (i, len) in [
+        (127u32, 1),
+        (128, 2),
+        (16_383, 2),
+        (16_384, 3),
+        (u32::MAX, 5),
+    ] {
+        let mut out = Vec::new();
+        write_varint(i, &mut out);
+        assert_eq!((out.len(), read_varint(&out)), (len, Some((i, len))));
+    }
+}
+
+#[test]
+fn hostile_payloads_are_refused() {
+    let mut out = vec![0.0; 10];
+    // Values in blocks of 64 behind a scale of 0.5, each 2 steps: 1.0.
+    let with = |count: u32, gaps: &[u8], values: usize| {
+        let mut b = count.to_le_bytes().to_vec();
+        b.extend_from_slice(gaps);
+        for block in 0..values.div_ceil(VALUE_BLOCK) {
+            b.extend_from_slice(&0.5f32.to_le_bytes());
+            let len = (values - block * VALUE_BLOCK).min(VALUE_BLOCK);
+            b.extend(std::iter::repeat_n(2u8, len));
+        }
+        b
+    };
+    assert!(decode(&with(2, &[1, 1], 2), 2, &mut out).is_ok());
+    assert_eq!((out[1], out[3], out[2]), (1.0, 1.0, 0.0));
+    // More values than the codec sends: refused even when the slice has room.
+    assert!(matches!(
+        decode(&with(2, &[1, 1], 2), 1, &mut out),
+        Err(CodecError::Count { count: 2, most: 1 })
+    ));
+    let beyond = with(2, &[8, 1], 2);
+    assert!(matches!(
+        decode(&beyond, 10, &mut out),
+        Err(CodecError::Index { index: 10, .. })
+    ));
+    let too_many = with(11, &[0; 11], 11);
+    assert!(matches!(
+        decode(&too_many, 20, &mut out),
+        Err(CodecError::Count { .. })
+    ));
+    // A gap whose varint runs into the values, one past a u32, bytes left over.
+    let cut = with(1, &[0x80], 1);
+    assert!(matches!(
+        decode(&cut, 10, &mut out),
+        Err(CodecError::Varint { .. })
+    ));
+    let huge = with(1, &[0xff, 0xff, 0xff, 0xff, 0x10], 1);
+    assert!(matches!(
+        decode(&huge, 1, &mut vec![0.0; 1 << 20]),
+        Err(CodecError::Varint { .. })
+    ));
+    let extra = with(1, &[0, 0], 1);
+    assert!(matches!(
+        decode(&extra, 10, &mut out),
+        Err(CodecError::Length { .. })
+    ));
+    assert!(decode(&[1, 0], 10, &mut out).is_err());
+    assert!(decode(&with(2, &[0], 2), 10, &mut out).is_err());
+    // More than 64 values: the second block's scale is read in its place.
+    let mut out = vec![0.0; 200];
+    let many = with(70, &[0; 70], 70);
+    decode(&many, 70, &mut out).unwrap();
+    assert!(out[..70].iter().all(|&v| v == 1.0) && out[70..].iter().all(|&v| v == 0.0));
+}
