@@ -22,6 +22,8 @@ pub struct Connection {
     /// Deadline for any one read or write once a frame is under way.
     io_timeout: Duration,
     peer: String,
+    /// Both ends have the same IP address: the peer is on this host.
+    same_host: bool,
 }
 
 async fn deadline<T>(
@@ -34,6 +36,14 @@ async fn deadline<T>(
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(NetError::Closed(what)),
         Ok(Err(e)) => Err(NetError::Io(e)),
         Err(_) => Err(NetError::Timeout(what)),
+    }
+}
+
+/// Both ends of `stream` have the same IP address.
+pub fn same_host(stream: &TcpStream) -> bool {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => local.ip() == peer.ip(),
+        _ => false,
     }
 }
 
@@ -54,8 +64,23 @@ impl Connection {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "unknown peer".into());
+        let same_host = same_host(&stream);
         let (r, w) = stream.into_split();
-        Self::from_halves(Box::new(r), Box::new(w), peer, io_timeout)
+        let mut conn = Self::from_halves(Box::new(r), Box::new(w), peer, io_timeout);
+        conn.same_host = same_host;
+        conn
+    }
+
+    /// Whether the peer is on this host (both ends of the TCP connection have one IP
+    /// address), where a shared-memory lane can replace the socket for tensors.
+    pub fn same_host(&self) -> bool {
+        self.same_host
+    }
+
+    /// Says whether the peer is on this host (for a connection made `over` another stream).
+    pub fn on_same_host(mut self, same: bool) -> Self {
+        self.same_host = same;
+        self
     }
 
     /// A connection over another stream (TLS over TCP).
@@ -75,6 +100,7 @@ impl Connection {
             writer: BufWriter::with_capacity(BUFFER, w),
             io_timeout,
             peer,
+            same_host: false,
         }
     }
 

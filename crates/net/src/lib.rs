@@ -8,6 +8,7 @@ pub mod codec;
 pub mod connection;
 pub mod error;
 pub mod frame;
+pub mod lane;
 pub mod message;
 pub mod server;
 pub mod tls;

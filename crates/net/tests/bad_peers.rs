@@ -56,6 +56,7 @@ fn push_frame(values: usize) -> Vec<u8> {
         loss: 0.0,
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
+        lane: false,
         step: None,
     }
     .encode(2);
@@ -377,6 +378,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         loss: 0.0,
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
+        lane: false,
         step: None,
     }
     .encode(3);
@@ -459,6 +461,7 @@ fn stalled_pull(
         newer_than: None,
         wait: false,
         codec: pstrain_core::PullCodec::Fp32,
+        lane: false,
     };
     s.write_all(&frame(pull.kind(), &pull.encode(workers)))
         .unwrap();

@@ -209,6 +209,7 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
         loss: 0.0,
         pull_s: 0.0,
         codec: PushCodec::TopK { per_mille: 10 },
+        lane: false,
         step: None,
     }
     .encode(1);
@@ -261,6 +262,7 @@ fn raw_push(codec: PushCodec, grad: &[f32]) -> Vec<u8> {
         loss: 0.0,
         pull_s: 0.0,
         codec,
+        lane: false,
         step: None,
     }
     .encode(1);
@@ -289,6 +291,7 @@ fn auto_takes_every_rung_per_push_and_per_pull_and_nothing_else() {
             newer_than: None,
             wait: false,
             codec: rung.pull,
+            lane: false,
         };
         s.write_all(&frame(pull.kind(), &pull.encode(1))).unwrap();
         let (k, _) = read_frame(&mut s);
@@ -315,6 +318,7 @@ fn auto_takes_every_rung_per_push_and_per_pull_and_nothing_else() {
         newer_than: None,
         wait: false,
         codec: PullCodec::Bf16,
+        lane: false,
     };
     s.write_all(&frame(pull.kind(), &pull.encode(1))).unwrap();
     let (k, reply) = read_frame(&mut s);

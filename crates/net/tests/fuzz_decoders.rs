@@ -46,6 +46,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
         loss: 0.5,
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
+        lane: false,
         step: Some(members.clone()),
     };
     let stats = StatsReply {
@@ -67,6 +68,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
                 newer_than: Some(3),
                 wait: true,
                 codec: pstrain_core::PullCodec::Fp32,
+                lane: false,
             }
             .encode(WORKERS),
         ),
@@ -78,6 +80,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
                 updated: true,
                 done: false,
                 delta: false,
+                in_lane: false,
                 batch: 21,
             })
             .encode(0),

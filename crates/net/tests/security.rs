@@ -348,6 +348,7 @@ fn a_token_holder_cannot_jump_a_follower_shard_to_the_end() {
         loss: 0.0,
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
+        lane: false,
         step: Some(StepMembers {
             step: u64::MAX - 1,
             members: vec![false, true, false],

@@ -8,6 +8,7 @@ use crate::auth::{
 };
 use crate::connection::Connection;
 use crate::error::NetError;
+use crate::lane::{Lane, LANE_NONCE_LEN};
 use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPLY_LIMIT};
 use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
@@ -189,13 +190,15 @@ pub(super) async fn dial(
                     return Ok(Connection::new(s, io_timeout));
                 };
                 let _ = s.set_nodelay(true);
+                let same_host = crate::connection::same_host(&s);
                 let secure = tokio::time::timeout(io_timeout, tls.connect(addr, s))
                     .await
                     .map_err(|_| NetError::Timeout("in the TLS handshake"))?
                     .map_err(|e| {
                         NetError::Handshake(format!("TLS with shard {shard} at {addr}: {e}"))
                     })?;
-                return Ok(Connection::over(secure, addr.to_string(), io_timeout));
+                let conn = Connection::over(secure, addr.to_string(), io_timeout);
+                return Ok(conn.on_same_host(same_host));
             }
             result => {
                 if started.elapsed() + backoff > connect_timeout {
@@ -266,7 +269,13 @@ pub(super) async fn try_connect_shard(
     // Each link keeps its own error feedback and rounding stream (seeded per rank and shard,
     // so two workers' stochastic roundings are independent).
     let seed = cfg.plan.seed ^ ((ok.rank as u64) << 32) ^ shard as u64;
+    let lane = if cfg.role == Role::Worker && cfg.lanes && conn.same_host() {
+        open_lane(&mut conn, range.len(), cfg.io_timeout).await?
+    } else {
+        None
+    };
     let link = ShardLink {
+        lane,
         conn,
         range,
         joined_version: ok.version,
@@ -278,4 +287,42 @@ pub(super) async fn try_connect_shard(
         auto: cfg.plan.auto_codecs.then(AutoCodec::new),
     };
     Ok((link, ok.rank as usize))
+}
+
+/// Asks the shard (on this host) for a shared-memory lane and maps it; `None` when the shard
+/// declines or the memory cannot be opened here (the link then stays on TCP).
+async fn open_lane(
+    conn: &mut Connection,
+    values: usize,
+    io_timeout: Duration,
+) -> Result<Option<Lane>, NetError> {
+    conn.send_request(&Request::Lane, 0, &[]).await?;
+    let path = match conn.read_reply(io_timeout, REPLY_LIMIT, 0).await {
+        Ok(Reply::LaneOffer { path }) => path,
+        Err(NetError::Remote(_)) => return Ok(None),
+        Ok(other) => {
+            return Err(NetError::Unexpected {
+                got: other.kind(),
+                expected: "lane offer",
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    // A lane that cannot be opened is still answered (with no nonce), so the shard lets go
+    // of it at once.
+    let (lane, nonce) = match Lane::open(&path, values) {
+        Ok((lane, nonce)) => (Some(lane), nonce),
+        Err(_) => (None, [0; LANE_NONCE_LEN]),
+    };
+    conn.send_request(&Request::LaneConfirm { nonce }, 0, &[])
+        .await?;
+    match conn.read_reply(io_timeout, REPLY_LIMIT, 0).await {
+        Ok(Reply::LaneReady) => Ok(lane),
+        Err(NetError::Remote(_)) => Ok(None),
+        Ok(other) => Err(NetError::Unexpected {
+            got: other.kind(),
+            expected: "lane ready",
+        }),
+        Err(e) => Err(e),
+    }
 }

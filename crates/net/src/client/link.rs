@@ -4,6 +4,7 @@
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::frame::Header;
+use crate::lane::Lane;
 use crate::message::{
     kind, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN, REPLY_LIMIT,
     WORKER_STATS_LEN,
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 pub(super) struct ShardLink {
     pub conn: Connection,
+    /// Shared memory with a shard on this host, which fp32 tensors cross instead of `conn`.
+    pub lane: Option<Lane>,
     pub range: Range<usize>,
     /// The version of the shard's weights when this link was made (its slice is pulled
     /// first; from then on `pstrain_core::FanOut` keeps the version of each slice held).
@@ -43,10 +46,12 @@ impl ShardLink {
         wait: bool,
         wait_timeout: Duration,
     ) -> Result<PullReply, NetError> {
+        let asked_lane = self.lane.is_some() && self.pull_codec == PullCodec::Fp32;
         let request = Request::Pull {
             newer_than: newer,
             wait,
             codec: self.pull_codec,
+            lane: asked_lane,
         };
         self.conn.send_request(&request, 0, &[]).await?;
         let idle = if wait {
@@ -66,9 +71,12 @@ impl ShardLink {
         // A difference only when asked relative to what this link holds, and at most the
         // codec's largest; its exact shape is the decoder's to check.
         let delta = pulled.delta && updated && newer.is_some() && self.pull_codec.is_delta();
+        // Through the lane: only a whole slice the worker asked for that way, nothing after.
+        let in_lane = pulled.in_lane;
         let fits = match (updated, delta) {
-            (false, _) => body == 0 && !pulled.delta,
-            (true, true) => body <= self.pull_codec.delta_len(n) as u64,
+            (false, _) => body == 0 && !pulled.delta && !in_lane,
+            (true, true) => body <= self.pull_codec.delta_len(n) as u64 && !in_lane,
+            (true, false) if in_lane => !pulled.delta && asked_lane && body == 0,
             (true, false) => !pulled.delta && body == self.pull_codec.encoded_len(n) as u64,
         };
         if !fits {
@@ -89,13 +97,16 @@ impl ShardLink {
                     what: "pull reply",
                     why: e.to_string(),
                 })?;
+        } else if let (true, Some(lane)) = (in_lane, &self.lane) {
+            lane.read(true, slice);
         } else if updated {
             self.read_slice(slice, body as usize).await?;
         }
         let took = first_byte.elapsed();
         self.pull_s += took.as_secs_f32();
+        let bytes = if in_lane { 4 * n as u64 } else { body };
         if let Some(auto) = &mut self.auto {
-            auto.received(body, took.as_secs_f64());
+            auto.received(bytes, took.as_secs_f64());
         }
         Ok(PullReply::from(pulled))
     }
@@ -192,13 +203,21 @@ impl ShardLink {
             loss: meta.loss,
             pull_s: std::mem::take(&mut self.pull_s),
             codec: self.encoder.codec(),
+            lane: false,
             step,
         };
-        let request = Request::Push(head);
-        let sent = if self.encoder.passes_through() {
+        let lane = self.lane.as_ref().filter(|_| self.encoder.passes_through());
+        let sent = if let Some(lane) = lane {
+            lane.write(false, slice);
+            let request = Request::Push(PushHead { lane: true, ..head });
+            self.conn.send_request(&request, workers, &[]).await?;
+            4 * slice.len()
+        } else if self.encoder.passes_through() {
+            let request = Request::Push(head);
             self.conn.send_request(&request, workers, slice).await?;
             4 * slice.len()
         } else {
+            let request = Request::Push(head);
             self.encoder.encode(slice, &mut self.wire);
             self.conn
                 .write_frame_bytes(request.kind(), &request.encode(workers), &self.wire)

@@ -42,6 +42,9 @@ pub struct ClientConfig {
     pub token: Option<RunToken>,
     /// Talk TLS, trusting shards' certificates signed by this CA.
     pub tls: Option<TlsClient>,
+    /// A worker asks a shard on its own host for a shared-memory lane (`crate::lane`) and
+    /// moves fp32 tensors through it; `false` keeps every tensor on TCP.
+    pub lanes: bool,
 }
 
 impl ClientConfig {
@@ -63,6 +66,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(60),
             token: None,
             tls: None,
+            lanes: true,
         }
     }
 }
@@ -117,6 +121,11 @@ impl TcpClient {
 
     pub fn rank(&self) -> usize {
         self.cfg.rank
+    }
+
+    /// How many of the shards this client reaches through a shared-memory lane.
+    pub fn lanes_in_use(&self) -> usize {
+        self.shards.iter().filter(|s| s.lane.is_some()).count()
     }
 
     /// The oldest version among the slices this client holds (all equal between failures).

@@ -27,6 +27,8 @@ pub mod kind {
     pub const HEARTBEAT: u16 = 0x06;
     pub const DESCRIBE: u16 = 0x07;
     pub const AUTH: u16 = 0x08;
+    pub const LANE: u16 = 0x09;
+    pub const LANE_CONFIRM: u16 = 0x0a;
     pub const HELLO_OK: u16 = 0x81;
     pub const PULL_REPLY: u16 = 0x82;
     pub const PUSH_REPLY: u16 = 0x83;
@@ -34,6 +36,8 @@ pub mod kind {
     pub const GOODBYE_OK: u16 = 0x85;
     pub const DESCRIBE_REPLY: u16 = 0x87;
     pub const CHALLENGE: u16 = 0x88;
+    pub const LANE_OFFER: u16 = 0x89;
+    pub const LANE_READY: u16 = 0x8a;
     pub const ERROR: u16 = 0xff;
 }
 

@@ -61,7 +61,8 @@ fn decode_step(r: &mut Reader<'_>, workers: usize) -> Result<Option<StepMembers>
 
 /// A push's fixed part: base version, samples, loss, the seconds the worker took to receive
 /// its latest pull from this shard (first byte to last; 0 if none since its last push), the
-/// codec of the values that follow, then the coordinated step if any.
+/// codec of the values that follow, whether they are in the connection's shared-memory lane
+/// instead (then none follow), then the coordinated step if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushHead {
     pub base_version: u64,
@@ -69,13 +70,15 @@ pub struct PushHead {
     pub loss: f32,
     pub pull_s: f32,
     pub codec: PushCodec,
+    /// The fp32 values are in the lane (`crate::lane`), not in the frame.
+    pub lane: bool,
     pub step: Option<StepMembers>,
 }
 
 impl PushHead {
     /// Its encoded size in a run of `workers` workers.
     pub fn len(workers: usize) -> usize {
-        31 + mask_len(workers)
+        32 + mask_len(workers)
     }
 
     pub fn encode(&self, workers: usize) -> Vec<u8> {
@@ -84,7 +87,8 @@ impl PushHead {
             .u32(self.samples)
             .f32(self.loss)
             .f32(self.pull_s)
-            .push_codec(self.codec);
+            .push_codec(self.codec)
+            .bool(self.lane);
         encode_step(&mut w, self.step.as_ref(), workers);
         w.0
     }
@@ -92,7 +96,7 @@ impl PushHead {
     pub fn decode(bytes: &[u8], workers: usize) -> Result<Self, NetError> {
         let mut r = Reader::new(bytes, "push");
         let (base_version, samples, loss) = (r.u64()?, r.u32()?, r.f32()?);
-        let (pull_s, codec) = (r.f32()?, r.push_codec()?);
+        let (pull_s, codec, lane) = (r.f32()?, r.push_codec()?, r.bool()?);
         let step = decode_step(&mut r, workers)?;
         r.finish()?;
         Ok(PushHead {
@@ -101,6 +105,7 @@ impl PushHead {
             loss,
             pull_s,
             codec,
+            lane,
             step,
         })
     }

@@ -20,6 +20,8 @@ pub struct Pulled {
     /// The slice that follows is a difference from what the worker holds (a delta pull
     /// codec), not the whole slice.
     pub delta: bool,
+    /// The slice is in the connection's shared-memory lane, not in the frame.
+    pub in_lane: bool,
     /// Speed-balanced sync: the worker's next batch size (0: the plan's).
     pub batch: u32,
 }
@@ -32,6 +34,7 @@ impl From<PullReply> for Pulled {
             updated: r.updated,
             done: r.done,
             delta: false,
+            in_lane: false,
             batch: r.batch.unwrap_or(0),
         }
     }
@@ -75,6 +78,12 @@ pub enum Reply {
     HelloOk(HelloOk),
     Pulled(Pulled),
     Pushed(PushReply),
+    /// A shared-memory lane for this connection: the path the worker opens it by.
+    LaneOffer {
+        path: String,
+    },
+    /// The lane is in use from the next request on.
+    LaneReady,
     Stats(StatsReply),
     GoodbyeOk,
     Error(Failure),
@@ -88,6 +97,8 @@ impl Reply {
             Reply::HelloOk(_) => kind::HELLO_OK,
             Reply::Pulled(_) => kind::PULL_REPLY,
             Reply::Pushed(_) => kind::PUSH_REPLY,
+            Reply::LaneOffer { .. } => kind::LANE_OFFER,
+            Reply::LaneReady => kind::LANE_READY,
             Reply::Stats(_) => kind::STATS_REPLY,
             Reply::GoodbyeOk => kind::GOODBYE_OK,
             Reply::Error(_) => kind::ERROR,
@@ -104,11 +115,17 @@ impl Reply {
             Reply::Pushed(p) => return p.encode(workers),
             Reply::Pulled(p) => {
                 w.u64(p.version)
-                    .u8(u8::from(p.updated) | (u8::from(p.done) << 1) | (u8::from(p.delta) << 2))
+                    .u8(u8::from(p.updated)
+                        | (u8::from(p.done) << 1)
+                        | (u8::from(p.delta) << 2)
+                        | (u8::from(p.in_lane) << 3))
                     .u32(p.batch);
             }
             Reply::Stats(s) => encode_stats(&mut w, s),
-            Reply::GoodbyeOk => {}
+            Reply::LaneOffer { path } => {
+                w.str(path);
+            }
+            Reply::GoodbyeOk | Reply::LaneReady => {}
             Reply::Error(f) => f.encode(&mut w),
         }
         w.0
@@ -130,7 +147,7 @@ impl Reply {
             kind::PUSH_REPLY => return Ok(Reply::Pushed(PushReply::decode(bytes, workers)?)),
             kind::PULL_REPLY => {
                 let (version, flags) = (r.u64()?, r.u8()?);
-                if flags > 7 {
+                if flags > 15 {
                     return Err(r.malformed(format!("pull flags {flags:#x}")).into());
                 }
                 Reply::Pulled(Pulled {
@@ -138,11 +155,14 @@ impl Reply {
                     updated: flags & 1 != 0,
                     done: flags & 2 != 0,
                     delta: flags & 4 != 0,
+                    in_lane: flags & 8 != 0,
                     batch: r.u32()?,
                 })
             }
             kind::STATS_REPLY => Reply::Stats(decode_stats(&mut r)?),
             kind::GOODBYE_OK => Reply::GoodbyeOk,
+            kind::LANE_OFFER => Reply::LaneOffer { path: r.str()? },
+            kind::LANE_READY => Reply::LaneReady,
             kind::ERROR => Reply::Error(Failure::decode(&mut r)?),
             other => {
                 return Err(NetError::Unexpected {

@@ -7,6 +7,7 @@ use super::push::PushHead;
 use crate::auth::{Nonce, Proof};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
+use crate::lane::{LaneNonce, LANE_NONCE_LEN};
 use pstrain_core::PullCodec;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +29,14 @@ pub enum Request {
         newer_than: Option<u64>,
         wait: bool,
         codec: PullCodec,
+        /// Answer fp32 slices through this connection's shared-memory lane.
+        lane: bool,
+    },
+    /// A worker on the shard's host asks for a shared-memory lane (`crate::lane`).
+    Lane,
+    /// The nonce read from the lane offered: proof that the worker mapped that memory.
+    LaneConfirm {
+        nonce: LaneNonce,
     },
     /// The fixed part; `4 * slice` bytes of `f32` follow in the same frame.
     Push(PushHead),
@@ -45,6 +54,8 @@ impl Request {
             Request::Hello(_) => kind::HELLO,
             Request::Pull { .. } => kind::PULL,
             Request::Push(_) => kind::PUSH,
+            Request::Lane => kind::LANE,
+            Request::LaneConfirm { .. } => kind::LANE_CONFIRM,
             Request::Stats => kind::STATS,
             Request::Heartbeat => kind::HEARTBEAT,
             Request::Goodbye => kind::GOODBYE,
@@ -54,7 +65,8 @@ impl Request {
     /// The fixed part (`workers` sizes a push's member mask).
     pub fn encode(&self, workers: usize) -> Vec<u8> {
         match self {
-            Request::Stats | Request::Heartbeat | Request::Goodbye => Vec::new(),
+            Request::Stats | Request::Heartbeat | Request::Goodbye | Request::Lane => Vec::new(),
+            Request::LaneConfirm { nonce } => nonce.to_vec(),
             Request::Auth { nonce } => nonce.to_vec(),
             Request::Describe { proof } => proof.to_vec(),
             Request::Hello(h) => h.encode(),
@@ -62,9 +74,13 @@ impl Request {
                 newer_than,
                 wait,
                 codec,
+                lane,
             } => {
                 let mut w = Writer::default();
-                w.opt_u64(*newer_than).bool(*wait).pull_codec(*codec);
+                w.opt_u64(*newer_than)
+                    .bool(*wait)
+                    .pull_codec(*codec)
+                    .bool(*lane);
                 w.0
             }
             Request::Push(head) => head.encode(workers),
@@ -87,15 +103,21 @@ impl Request {
             kind::STATS => empty(Request::Stats),
             kind::HEARTBEAT => empty(Request::Heartbeat),
             kind::GOODBYE => empty(Request::Goodbye),
+            kind::LANE => empty(Request::Lane),
+            kind::LANE_CONFIRM => Ok(Request::LaneConfirm {
+                nonce: fixed::<LANE_NONCE_LEN>(bytes, "lane confirmation")?,
+            }),
             kind::HELLO => Ok(Request::Hello(Hello::decode(bytes)?)),
             kind::PULL => {
                 let mut r = Reader::new(bytes, "pull");
                 let (newer_than, wait, codec) = (r.opt_u64()?, r.bool()?, r.pull_codec()?);
+                let lane = r.bool()?;
                 r.finish()?;
                 Ok(Request::Pull {
                     newer_than,
                     wait,
                     codec,
+                    lane,
                 })
             }
             kind::PUSH => Ok(Request::Push(PushHead::decode(bytes, workers)?)),

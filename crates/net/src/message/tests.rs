@@ -36,9 +36,10 @@ fn small_requests_have_exact_bytes() {
         newer_than: Some(7),
         wait: true,
         codec: pstrain_core::PullCodec::DeltaTopK { per_mille: 20 },
+        lane: false,
     };
     assert_eq!(pull.kind(), kind::PULL);
-    assert_eq!(pull.encode(0), [7, 0, 0, 0, 0, 0, 0, 0, 1, 4, 20, 0]);
+    assert_eq!(pull.encode(0), [7, 0, 0, 0, 0, 0, 0, 0, 1, 4, 20, 0, 0]);
     assert_eq!(
         Request::decode(kind::PULL, &pull.encode(0), 0).unwrap(),
         pull
@@ -47,15 +48,35 @@ fn small_requests_have_exact_bytes() {
         newer_than: None,
         wait: false,
         codec: pstrain_core::PullCodec::Fp32,
+        lane: false,
     };
     assert_eq!(
         none.encode(0),
-        [255, 255, 255, 255, 255, 255, 255, 255, 0, 1, 0, 0]
+        [255, 255, 255, 255, 255, 255, 255, 255, 0, 1, 0, 0, 0]
     );
+    let through_lane = Request::Pull {
+        newer_than: None,
+        wait: false,
+        codec: pstrain_core::PullCodec::Fp32,
+        lane: true,
+    };
+    assert_eq!(through_lane.encode(0)[12], 1);
+    assert_eq!(
+        Request::decode(kind::PULL, &through_lane.encode(0), 0).unwrap(),
+        through_lane
+    );
+    let confirm = Request::LaneConfirm { nonce: [7; 16] };
+    assert_eq!(confirm.encode(0), [7; 16]);
+    assert_eq!(
+        Request::decode(kind::LANE_CONFIRM, &confirm.encode(0), 0).unwrap(),
+        confirm
+    );
+    assert!(Request::decode(kind::LANE_CONFIRM, &[7; 15], 0).is_err());
+    assert!(Request::decode(kind::LANE, &[1], 0).is_err());
     // A codec that does not exist, or a top-k of nothing, is malformed.
     for bad in [[9u8, 0, 0], [4, 0, 0]] {
         let mut bytes = none.encode(0);
-        bytes[9..].copy_from_slice(&bad);
+        bytes[9..12].copy_from_slice(&bad);
         assert!(Request::decode(kind::PULL, &bytes, 0).is_err(), "{bad:?}");
     }
     let describe = Request::Describe { proof: [7; 32] };
@@ -94,6 +115,7 @@ fn push_head_and_reply_have_exact_bytes() {
         loss: 0.5,
         pull_s: 2.0,
         codec: pstrain_core::PushCodec::Int8,
+        lane: false,
         step: Some(StepMembers {
             step: 7,
             members: vec![true, false, false, true, false, false, false, false, true],
@@ -109,6 +131,7 @@ fn push_head_and_reply_have_exact_bytes() {
             0, 0, 0, 0x3f, // 0.5f32
             0, 0, 0, 0x40, // pull seconds, 2.0f32
             3, 0, 0, // int8
+            0, // not through a lane
             7, 0, 0, 0, 0, 0, 0, 0, // step
             0b1001, 0b1 // members 0, 3 and 8
         ]
@@ -121,7 +144,16 @@ fn push_head_and_reply_have_exact_bytes() {
     };
     assert_eq!(
         &plain.encode(2)[23..],
-        &[255, 255, 255, 255, 255, 255, 255, 255, 0]
+        &[0, 255, 255, 255, 255, 255, 255, 255, 255, 0]
+    );
+    let through_lane = PushHead {
+        lane: true,
+        ..plain.clone()
+    };
+    assert_eq!(through_lane.encode(2)[23], 1);
+    assert_eq!(
+        PushHead::decode(&through_lane.encode(2), 2).unwrap(),
+        through_lane
     );
 
     let reply = PushReply {
@@ -198,14 +230,27 @@ fn pulled_and_stats_round_trip() {
         updated: true,
         done: true,
         delta: true,
+        in_lane: false,
         batch: 21,
     });
     let bytes = p.encode(0);
     assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 7, 21, 0, 0, 0]);
     assert_eq!(bytes.len(), PULLED_LEN);
     assert_eq!(Reply::decode(kind::PULL_REPLY, &bytes, 0).unwrap(), p);
-    let bad_flags = [0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0];
+    let bad_flags = [0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0];
     assert!(Reply::decode(kind::PULL_REPLY, &bad_flags, 0).is_err());
+    let in_lane = [0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0];
+    let Ok(Reply::Pulled(p)) = Reply::decode(kind::PULL_REPLY, &in_lane, 0) else {
+        panic!("a pull answered through a lane decodes");
+    };
+    assert!(p.in_lane && p.updated);
+    let offer = Reply::LaneOffer {
+        path: "/proc/1/fd/9".into(),
+    };
+    assert_eq!(
+        Reply::decode(kind::LANE_OFFER, &offer.encode(0), 0).unwrap(),
+        offer
+    );
     let mut worker = pstrain_core::WorkerStats {
         applied: 5,
         max_lead: 2,

@@ -4,6 +4,7 @@
 use super::shared::{Lease, Shared};
 use crate::connection::Connection;
 use crate::error::NetError;
+use crate::lane::Lane;
 use crate::message::{
     ErrorCode, Failure, Pulled, PushHead, PushReply, Reply, StatsReply, StepMembers,
 };
@@ -14,11 +15,12 @@ use pstrain_core::{
 use std::sync::Arc;
 
 /// What a pull asks: its slice if newer than `newer_than`, after the gate when `wait`, in
-/// `codec`.
-pub(super) struct PullAsked {
+/// `codec`; a whole fp32 slice through `lane` when given.
+pub(super) struct PullAsked<'l> {
     pub newer_than: Option<u64>,
     pub wait: bool,
     pub codec: PullCodec,
+    pub lane: Option<&'l Lane>,
 }
 
 /// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
@@ -29,13 +31,14 @@ pub(super) async fn pull(
     shared: &Shared,
     conn: &mut Connection,
     rank: Option<usize>,
-    asked: PullAsked,
+    asked: PullAsked<'_>,
     (replica, wire): (&mut PullReplica, &mut Vec<u8>),
 ) -> Result<(), NetError> {
     let PullAsked {
         newer_than,
         wait,
         codec,
+        lane,
     } = asked;
     if !shared.cfg.plan.allows_pull(codec) {
         return Err(NetError::Malformed {
@@ -74,7 +77,12 @@ pub(super) async fn pull(
     pulled.delta = worker
         && !tensor.is_empty()
         && newer_than.is_some_and(|v| replica.can_send_delta(codec, v));
-    let sent = send_pulled(conn, pulled, tensor, codec, worker, (replica, wire)).await?;
+    let how = Sending {
+        codec,
+        worker,
+        lane,
+    };
+    let sent = send_pulled(conn, pulled, tensor, how, (replica, wire)).await?;
     if let Some(l) = &shared.latencies {
         l.pull(started.elapsed().as_secs_f64(), sent);
     }
@@ -89,17 +97,36 @@ pub(super) async fn pull(
     Ok(())
 }
 
-/// Sends a pull's answer with `tensor` (empty: not updated) in `codec`: the difference from
-/// what this connection's worker holds (`pulled.delta`), bf16, or the whole slice in fp32;
-/// the replica follows what the worker then holds. Returns the tensor's bytes as sent.
-async fn send_pulled(
-    conn: &mut Connection,
-    pulled: Pulled,
-    tensor: &[f32],
+/// How a pull's answer goes: its codec, whether a worker asked, and the lane a whole fp32
+/// slice goes through (if the worker asked for it).
+struct Sending<'l> {
     codec: PullCodec,
     worker: bool,
+    lane: Option<&'l Lane>,
+}
+
+/// Sends a pull's answer with `tensor` (empty: not updated) in `codec`: the difference from
+/// what this connection's worker holds (`pulled.delta`), bf16, or the whole slice in fp32
+/// (through the lane when asked); the replica follows what the worker then holds. Returns
+/// the tensor's bytes as sent.
+async fn send_pulled(
+    conn: &mut Connection,
+    mut pulled: Pulled,
+    tensor: &[f32],
+    how: Sending<'_>,
     (replica, wire): (&mut PullReplica, &mut Vec<u8>),
 ) -> Result<u64, NetError> {
+    let Sending {
+        codec,
+        worker,
+        lane,
+    } = how;
+    // Only a whole fp32 slice goes through a lane (differences and bf16 stay in the frame).
+    let whole_fp32 = !pulled.delta && codec != PullCodec::Bf16 && !tensor.is_empty();
+    if let Some(lane) = lane.filter(|_| whole_fp32) {
+        lane.write(true, tensor);
+        pulled.in_lane = true;
+    }
     let head = Reply::Pulled(pulled);
     if pulled.delta {
         replica.encode_delta(codec, pulled.version, tensor, wire);
@@ -108,7 +135,8 @@ async fn send_pulled(
         replica.forget();
     } else {
         // fp32, or a whole slice under a delta codec (or nothing: not updated).
-        conn.send_reply(&head, 0, tensor).await?;
+        let body = if pulled.in_lane { &[][..] } else { tensor };
+        conn.send_reply(&head, 0, body).await?;
         if !tensor.is_empty() {
             // The replica is kept only for a worker that takes differences (under `auto`
             // one on fp32 holds no slice here; its first delta ask is answered whole).
@@ -168,6 +196,7 @@ pub(super) async fn push(
     conn: &mut Connection,
     len: u64,
     rank: usize,
+    lane: Option<&Lane>,
 ) -> Result<(), NetError> {
     let arrived = std::time::Instant::now();
     let workers = shared.cfg.plan.workers;
@@ -175,7 +204,21 @@ pub(super) async fn push(
     let mut lease = shared.lease_for_push().await;
     // The worker's time sending starts where the shard starts reading its values.
     let started = std::time::Instant::now();
-    read_push_values(shared, conn, head.codec, body, &mut lease).await?;
+    let bytes = if head.lane {
+        let lane = lane.ok_or_else(super::session::no_lane)?;
+        if head.codec != PushCodec::Fp32 || body != 0 {
+            let why = format!("a lane push of {body} bytes in {}", head.codec);
+            return Err(not_a_push(why));
+        }
+        // Copied out before anything looks at it: the worker cannot change what is checked.
+        lease.buf.resize(shared.range.len(), 0.0);
+        lane.read(false, &mut lease.buf);
+        // Counted as the same push over TCP would be: its head and its values.
+        len + 4 * shared.range.len() as u64
+    } else {
+        read_push_values(shared, conn, head.codec, body, &mut lease).await?;
+        len
+    };
     let (buf, codec) = (&mut lease.buf, head.codec);
     let meta = PushMeta {
         rank,
@@ -185,7 +228,7 @@ pub(super) async fn push(
     };
     // From its header's arrival to its last byte: the worker's time sending.
     let link = LinkUse {
-        push_bytes: len,
+        push_bytes: bytes,
         push_s: started.elapsed().as_secs_f64(),
         pull_s: f64::from(head.pull_s),
         push_codec: Some(codec),
@@ -222,7 +265,7 @@ pub(super) async fn push(
     };
     conn.send_reply(&reply, workers, &[]).await?;
     if let Some(l) = &shared.latencies {
-        l.push(arrived.elapsed().as_secs_f64(), len);
+        l.push(arrived.elapsed().as_secs_f64(), bytes);
     }
     Ok(())
 }

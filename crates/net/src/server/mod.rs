@@ -7,6 +7,7 @@ mod checkpoints;
 mod handle;
 mod handlers;
 mod handshake;
+mod lanes;
 mod pull_copies;
 mod refusal_log;
 mod session;
@@ -75,7 +76,14 @@ pub struct ShardConfig {
     /// and buffered modes the weight copies pulls are sent from take as much again, at least
     /// two (past it a pull gets the newest copy still being sent).
     pub receive_budget: usize,
+    /// Bytes of shared memory this shard may give to lanes (`crate::lane`) for workers on
+    /// its host, all lanes together; 0 turns lanes off (every worker stays on TCP). A lane
+    /// holds two copies of the shard's slice.
+    pub lane_budget: u64,
 }
+
+/// `ShardConfig::lane_budget` by default.
+pub const DEFAULT_LANE_BUDGET: u64 = 1 << 30;
 
 /// `ShardConfig::receive_budget` by default: room for dozens of the cnn's fp32 pushes.
 pub const DEFAULT_RECEIVE_BUDGET: usize = 256 << 20;
@@ -113,6 +121,7 @@ impl ShardConfig {
             max_unproven_per_address: 16,
             metrics_addr: None,
             receive_budget: DEFAULT_RECEIVE_BUDGET,
+            lane_budget: DEFAULT_LANE_BUDGET,
         }
     }
 

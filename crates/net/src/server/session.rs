@@ -3,6 +3,7 @@
 
 use super::handlers;
 use super::handshake::{self, Peer};
+use super::lanes::LaneState;
 use super::shared::Shared;
 use crate::connection::Connection;
 use crate::error::NetError;
@@ -115,6 +116,8 @@ async fn serve(
     // What this worker holds of the slice, under a delta pull codec (for this connection).
     let seed = cfg.plan.seed ^ ((me.rank as u64) << 32) ^ shared.range.start as u64;
     let mut replica = PullReplica::new(cfg.plan.sends_deltas(), seed);
+    // A worker on this host may move its fp32 slices through shared memory instead.
+    let mut lane = LaneState::default();
     loop {
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());
@@ -125,7 +128,7 @@ async fn serve(
             }
         }
         if header.kind == kind::PUSH && me.role == Role::Worker {
-            handlers::push(shared, conn, header.len, me.rank).await?;
+            handlers::push(shared, conn, header.len, me.rank, lane.ready()).await?;
             continue;
         }
         let bytes = conn.read_bytes(header.len as usize).await?;
@@ -134,16 +137,26 @@ async fn serve(
                 newer_than,
                 wait,
                 codec,
+                lane: in_lane,
             } => {
                 let (rank, state) = (me.seat.map(|s| s.rank), (&mut replica, &mut wire));
                 let asked = handlers::PullAsked {
                     newer_than,
                     wait,
                     codec,
+                    lane: if in_lane {
+                        Some(lane.ready().ok_or_else(no_lane)?)
+                    } else {
+                        None
+                    },
                 };
                 handlers::pull(shared, conn, rank, asked, state).await?;
             }
             Request::Stats => handlers::stats(shared, conn).await?,
+            Request::Lane if me.seat.is_some() => lane.ask(shared, conn).await?,
+            Request::LaneConfirm { nonce } if me.seat.is_some() => {
+                lane.confirm(conn, nonce).await?
+            }
             Request::Heartbeat if me.role == Role::Heartbeat => {
                 let now = shared.now();
                 shared.lock().engine.heartbeat(me.rank, now);
@@ -161,6 +174,14 @@ async fn serve(
                 })
             }
         }
+    }
+}
+
+/// A pull or push through a lane on a connection that has none.
+pub(super) fn no_lane() -> NetError {
+    NetError::Malformed {
+        what: "request",
+        why: "it names a shared-memory lane, and this connection has none".into(),
     }
 }
 

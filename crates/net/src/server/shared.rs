@@ -113,6 +113,8 @@ pub(super) struct Shared {
     pub snapshots: Option<mpsc::Sender<ShardSnapshot>>,
     /// Request latencies and bytes for `/metrics` (when it is served).
     pub latencies: Option<Latencies>,
+    /// Shared-memory bytes the connections' lanes hold now (at most `cfg.lane_budget`).
+    pub lane_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -136,6 +138,7 @@ impl Shared {
             .then(|| Latencies::new(cfg.shard));
         Shared {
             latencies,
+            lane_bytes: std::sync::atomic::AtomicU64::new(0),
             cfg,
             range,
             started,

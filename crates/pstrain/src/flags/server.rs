@@ -40,6 +40,11 @@ pub struct ServerArgs {
     /// a push past it waits, unread, until earlier ones are applied. One push always fits
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub receive_budget: usize,
+    /// MiB of shared memory for workers on this host, whose fp32 tensors then cross it
+    /// instead of TCP (two copies of the shard's slice per worker); 0 keeps every worker on
+    /// TCP. Past it, more workers stay on TCP
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub lane_budget: u64,
     #[command(flatten)]
     pub checkpoints: CheckpointArgs,
     #[command(flatten)]

@@ -50,6 +50,10 @@ pub struct WorkerArgs {
     /// Talk TLS to the shards, trusting certificates signed by this CA (PEM)
     #[arg(long)]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Keep tensors on TCP even to a shard on this host (by default such a worker moves its
+    /// fp32 tensors through shared memory the shard offers)
+    #[arg(long)]
+    pub no_lanes: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Run flags are optional: the worker runs the shards' plan. Any given must agree with it.

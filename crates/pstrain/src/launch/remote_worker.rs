@@ -122,6 +122,7 @@ impl Joining {
         client_cfg.connect_timeout = self.connect_timeout;
         client_cfg.token = self.token.clone();
         client_cfg.tls = self.tls.clone();
+        client_cfg.lanes = !args.no_lanes;
         let who = if rank == ANY_RANK {
             "a worker (any free rank)".to_string()
         } else {

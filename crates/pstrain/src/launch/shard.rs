@@ -99,6 +99,7 @@ pub fn shard_setup(
     config.heartbeat_timeout = seconds("--heartbeat-timeout", args.heartbeat_timeout)?;
     config.exit_when_finished = !args.keep_running;
     config.receive_budget = args.receive_budget.saturating_mul(1 << 20);
+    config.lane_budget = args.lane_budget.saturating_mul(1 << 20);
     let given = args.checkpoints.run_id.as_deref();
     config.checkpoint = args.checkpoints.policy(None, true, |_| {
         run_id::for_server(given, token.as_ref(), &config.plan, args.shards)
