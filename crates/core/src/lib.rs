@@ -41,7 +41,7 @@ pub use error::{ConfigError, LayoutError, PushError, RestoreError};
 pub use fan_out::{FanOut, PullAsk, PushRoute};
 pub use layout::{Layout, TensorSpec};
 pub use membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
-pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig};
+pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig, ScaledGrad};
 pub use plan::{RunPlan, ScheduleKind};
 pub use rng::Rng;
 pub use server::{PushMeta, PushOutcome, ServerCore, ShardCounters, ShardSnapshot};

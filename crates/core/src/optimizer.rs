@@ -7,6 +7,21 @@ use crate::error::RestoreError;
 pub use crate::optimizer_config::{LrSchedule, OptimizerConfig};
 use crate::update_kernels as kernels;
 
+/// A gradient as the optimizer takes it: `values * scale`, the scale applied in the update's
+/// own loop (a step's sum and its `1 / weight`: the mean costs no pass of its own).
+#[derive(Debug, Clone, Copy)]
+pub struct ScaledGrad<'a> {
+    pub values: &'a [f32],
+    pub scale: f32,
+}
+
+impl<'a> ScaledGrad<'a> {
+    /// `values` as they are.
+    pub fn whole(values: &'a [f32]) -> Self {
+        ScaledGrad { values, scale: 1.0 }
+    }
+}
+
 /// An optimizer bound to a slice length, with its state (momentum buffer or Adam moments).
 #[derive(Debug, Clone)]
 pub struct Optimizer {
@@ -104,15 +119,22 @@ impl Optimizer {
     /// computed into spare buffers and swapped in, so refusing it costs no copy and no second
     /// pass (the price: one spare copy of weights and state in memory).
     pub fn apply(&mut self, params: &mut Vec<f32>, grad: &[f32]) -> bool {
-        self.apply_scaled(params, grad, 1.0)
+        self.apply_scaled(params, ScaledGrad::whole(grad), 1.0)
     }
 
-    /// `apply` with the learning rate multiplied by `lr_scale` (for this update only).
-    pub fn apply_scaled(&mut self, params: &mut Vec<f32>, grad: &[f32], lr_scale: f32) -> bool {
+    /// `apply` of `grad.values * grad.scale`, with the learning rate multiplied by `lr_scale`
+    /// (for this update only).
+    pub fn apply_scaled(
+        &mut self,
+        params: &mut Vec<f32>,
+        grad: ScaledGrad<'_>,
+        lr_scale: f32,
+    ) -> bool {
         let spare = &mut self.spare_params;
+        let grad = (grad.values, grad.scale);
         assert_eq!(
             params.len(),
-            grad.len(),
+            grad.0.len(),
             "optimizer: slices differ in length"
         );
         spare.resize(params.len(), 0.0);

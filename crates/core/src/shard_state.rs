@@ -3,7 +3,7 @@
 
 use crate::config::ServerConfig;
 use crate::error::RestoreError;
-use crate::optimizer::Optimizer;
+use crate::optimizer::{Optimizer, ScaledGrad};
 use crate::worker_stats::WorkerStats;
 
 /// What came with a gradient besides its values.
@@ -126,12 +126,12 @@ impl ShardState {
     /// Applies one update (a combined or single gradient) and the version moves on by one,
     /// unless the weights or optimizer state would stop being finite: then nothing changes,
     /// the update is counted as rolled back, and it returns false.
-    pub fn apply(&mut self, update: &[f32]) -> bool {
+    pub fn apply(&mut self, update: ScaledGrad<'_>) -> bool {
         self.apply_scaled(update, 1.0)
     }
 
     /// `apply` with the learning rate multiplied by `lr_scale` (the staleness-aware rate).
-    pub fn apply_scaled(&mut self, update: &[f32], lr_scale: f32) -> bool {
+    pub fn apply_scaled(&mut self, update: ScaledGrad<'_>, lr_scale: f32) -> bool {
         let ok = self.checked(update, lr_scale);
         if ok {
             self.version += 1;
@@ -139,7 +139,7 @@ impl ShardState {
         ok
     }
 
-    fn checked(&mut self, update: &[f32], lr_scale: f32) -> bool {
+    fn checked(&mut self, update: ScaledGrad<'_>, lr_scale: f32) -> bool {
         let ok = self
             .optimizer
             .apply_scaled(&mut self.params, update, lr_scale);
@@ -153,7 +153,7 @@ impl ShardState {
     /// the version becomes `step + 1`, even after updates were lost to a restart. An empty
     /// step (every gradient refused), or one rolled back, moves the version without touching
     /// the weights.
-    pub fn apply_step(&mut self, step: u64, update: Option<&[f32]>) {
+    pub fn apply_step(&mut self, step: u64, update: Option<ScaledGrad<'_>>) {
         if let Some(update) = update {
             self.checked(update, 1.0);
         }

@@ -3,8 +3,10 @@
 //! division made its update on the cnn's 1.2M values about 2 ms: a few per cent of every
 //! step, spent while the engine's lock is held).
 //!
-//! Each loop writes the new values beside the old ones and returns whether all of them are
-//! finite; the caller swaps them in only then. The same IEEE operations run in the same
+//! Each loop takes its gradient as `(values, scale)` and multiplies each value by the scale
+//! first (a step's `1 / weight`: the mean costs no pass of its own), writes the new values
+//! beside the old ones and returns whether all of them are finite; the caller swaps them in
+//! only then. The same IEEE operations run in the same
 //! order at every width, and Rust never fuses a multiply and an add on its own, so every
 //! version gives the same bits, the portable one (`portable::*`, taken when
 //! `fast_paths::enabled()` says so) included.
@@ -24,11 +26,18 @@ pub struct AdamStep {
     pub bias2_sqrt: f32,
 }
 
-/// `out = p - lr * (g + wd * p)`.
+/// `out = p - lr * (g * s + wd * p)` (`s`: the gradient's scale).
 #[inline(always)]
-fn sgd_body(params: &[f32], grad: &[f32], out: &mut [f32], lr: f32, weight_decay: f32) -> bool {
+fn sgd_body(
+    params: &[f32],
+    (grad, grad_scale): (&[f32], f32),
+    out: &mut [f32],
+    lr: f32,
+    weight_decay: f32,
+) -> bool {
     let mut ok = true;
     for ((out, &p), &g) in out.iter_mut().zip(params).zip(grad) {
+        let g = g * grad_scale;
         *out = p - lr * (g + weight_decay * p);
         ok &= out.is_finite();
     }
@@ -40,7 +49,7 @@ fn sgd_body(params: &[f32], grad: &[f32], out: &mut [f32], lr: f32, weight_decay
 #[allow(clippy::too_many_arguments)]
 fn sgd_momentum_body(
     params: &[f32],
-    grad: &[f32],
+    (grad, grad_scale): (&[f32], f32),
     buffer: (&[f32], &mut [f32]),
     out: &mut [f32],
     lr: f32,
@@ -52,7 +61,7 @@ fn sgd_momentum_body(
     let old = params.iter().zip(grad).zip(buffer.0);
     let new = out.iter_mut().zip(buffer.1.iter_mut());
     for (((&p, &g), &b), (out, buf)) in old.zip(new) {
-        let g = g + weight_decay * p;
+        let g = g * grad_scale + weight_decay * p;
         *buf = momentum * b + g;
         let d = if nesterov { g + momentum * *buf } else { *buf };
         *out = p - lr * d;
@@ -65,7 +74,7 @@ fn sgd_momentum_body(
 #[inline(always)]
 fn adam_body(
     params: &[f32],
-    grad: &[f32],
+    (grad, grad_scale): (&[f32], f32),
     moments: (&[f32], &[f32]),
     out: (&mut [f32], &mut [f32], &mut [f32]),
     c: AdamStep,
@@ -74,7 +83,7 @@ fn adam_body(
     let old = params.iter().zip(grad).zip(moments.0.iter().zip(moments.1));
     let new = out.0.iter_mut().zip(out.1.iter_mut().zip(out.2.iter_mut()));
     for (((&p, &g), (&m, &v)), (out, (m2, v2))) in old.zip(new) {
-        let g = g + c.weight_decay * p;
+        let g = g * grad_scale + c.weight_decay * p;
         *m2 = c.beta1 * m + (1.0 - c.beta1) * g;
         *v2 = c.beta2 * v + (1.0 - c.beta2) * g * g;
         let denom = v2.sqrt() / c.bias2_sqrt + c.eps;
@@ -115,9 +124,9 @@ macro_rules! kernel {
 }
 
 kernel!(
-    /// `out = p - lr * (g + wd * p)`.
+    /// `out = p - lr * (g * s + wd * p)`.
     sgd, sgd_fast, sgd_portable, sgd_body,
-    (params: &[f32], grad: &[f32], out: &mut [f32], lr: f32, weight_decay: f32)
+    (params: &[f32], grad: (&[f32], f32), out: &mut [f32], lr: f32, weight_decay: f32)
 );
 
 kernel!(
@@ -125,7 +134,7 @@ kernel!(
     sgd_momentum, sgd_momentum_fast, sgd_momentum_portable, sgd_momentum_body,
     (
         params: &[f32],
-        grad: &[f32],
+        grad: (&[f32], f32),
         buffer: (&[f32], &mut [f32]),
         out: &mut [f32],
         lr: f32,
@@ -140,7 +149,7 @@ kernel!(
     adam, adam_fast, adam_portable, adam_body,
     (
         params: &[f32],
-        grad: &[f32],
+        grad: (&[f32], f32),
         moments: (&[f32], &[f32]),
         out: (&mut [f32], &mut [f32], &mut [f32]),
         c: AdamStep,
@@ -161,12 +170,13 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
-    type Sgd = fn(&[f32], &[f32], &mut [f32], f32, f32) -> bool;
+    type Grad<'a> = (&'a [f32], f32);
+    type Sgd = fn(&[f32], Grad<'_>, &mut [f32], f32, f32) -> bool;
     type Momentum =
-        fn(&[f32], &[f32], (&[f32], &mut [f32]), &mut [f32], f32, f32, f32, bool) -> bool;
+        fn(&[f32], Grad<'_>, (&[f32], &mut [f32]), &mut [f32], f32, f32, f32, bool) -> bool;
     type Adam = fn(
         &[f32],
-        &[f32],
+        Grad<'_>,
         (&[f32], &[f32]),
         (&mut [f32], &mut [f32], &mut [f32]),
         AdamStep,
@@ -200,26 +210,68 @@ mod tests {
                     bias2_sqrt: 0.03,
                 };
                 let mut all = Vec::new();
-                assert!((kernels.0)(&p, &g, &mut out, 0.1, 0.01));
-                all.extend(bits(&out));
-                let momentum = (&b[..], &mut buf[..]);
-                assert!((kernels.1)(
-                    &p, &g, momentum, &mut out, 0.1, 0.9, 0.01, true
-                ));
-                all.extend(bits(&out).into_iter().chain(bits(&buf)));
-                assert!((kernels.2)(
-                    &p,
-                    &g,
-                    (&b, &v),
-                    (&mut out, &mut m2, &mut v2),
-                    c
-                ));
-                all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
+                for scale in [1.0, 0.25, 1.0 / 3.0] {
+                    let g = (&g[..], scale);
+                    assert!((kernels.0)(&p, g, &mut out, 0.1, 0.01));
+                    all.extend(bits(&out));
+                    let momentum = (&b[..], &mut buf[..]);
+                    assert!((kernels.1)(&p, g, momentum, &mut out, 0.1, 0.9, 0.01, true));
+                    all.extend(bits(&out).into_iter().chain(bits(&buf)));
+                    let outs = (&mut out[..], &mut m2[..], &mut v2[..]);
+                    assert!((kernels.2)(&p, g, (&b, &v), outs, c));
+                    all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
+                }
                 all
             };
             let fast: Kernels = (sgd_fast, sgd_momentum_fast, adam_fast);
             let portable: Kernels = (sgd_portable, sgd_momentum_portable, adam_portable);
             assert_eq!(run(fast), run(portable), "length {n}");
         }
+    }
+
+    /// A scale taken in the loop gives the bits of the gradient scaled beforehand (what a
+    /// step's mean did in a pass of its own), for every kernel.
+    #[test]
+    fn a_scale_in_the_loop_equals_the_gradient_scaled_first() {
+        let n = 1001;
+        let (p, g, b, v) = (
+            values(n, 0.37),
+            values(n, 0.11),
+            values(n, 0.23),
+            values(n, 0.05),
+        );
+        let v: Vec<f32> = v.iter().map(|x| x * x).collect();
+        let c = AdamStep {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step_size: 1e-3,
+            bias2_sqrt: 0.03,
+        };
+        let scale = 1.0f32 / 3.0;
+        let scaled: Vec<f32> = g.iter().map(|x| x * scale).collect();
+        let run = |grad: (&[f32], f32)| {
+            let (mut out, mut buf, mut m2, mut v2) =
+                (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            let mut all = Vec::new();
+            assert!(sgd(&p, grad, &mut out, 0.1, 0.01));
+            all.extend(bits(&out));
+            assert!(sgd_momentum(
+                &p,
+                grad,
+                (&b, &mut buf),
+                &mut out,
+                0.1,
+                0.9,
+                0.01,
+                false
+            ));
+            all.extend(bits(&out).into_iter().chain(bits(&buf)));
+            assert!(adam(&p, grad, (&b, &v), (&mut out, &mut m2, &mut v2), c));
+            all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
+            all
+        };
+        assert_eq!(run((&g, scale)), run((&scaled, 1.0)));
     }
 }

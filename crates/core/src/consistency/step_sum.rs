@@ -2,11 +2,15 @@
 //! place a step is summed, for sync steps and for a follower's coordinated steps alike.
 
 use crate::config::Aggregate;
+use crate::optimizer::ScaledGrad;
 
 #[derive(Debug, Clone)]
 pub struct StepSum {
-    /// Each gradient times its weight (samples for `Mean`, 1 for `Sum`).
+    /// Each gradient times its weight (samples for `Mean`, 1 for `Sum`); stale values when
+    /// `empty` (the first gradient of a step overwrites them, so clearing costs no pass).
     accum: Vec<f32>,
+    /// No gradient was added since the last `clear`.
+    empty: bool,
     /// The weights' total; the mean is `accum / weight`.
     weight: f64,
     aggregate: Aggregate,
@@ -16,6 +20,7 @@ impl StepSum {
     pub fn new(len: usize, aggregate: Aggregate) -> Self {
         StepSum {
             accum: vec![0.0; len],
+            empty: true,
             weight: 0.0,
             aggregate,
         }
@@ -33,32 +38,38 @@ impl StepSum {
             Aggregate::Sum => 1.0,
         };
         let factor = weight * scale;
-        for (a, &g) in self.accum.iter_mut().zip(grad) {
-            *a += factor * g;
+        if std::mem::replace(&mut self.empty, false) {
+            for (a, &g) in self.accum.iter_mut().zip(grad) {
+                *a = factor * g;
+            }
+        } else {
+            for (a, &g) in self.accum.iter_mut().zip(grad) {
+                *a += factor * g;
+            }
         }
         self.weight += f64::from(weight);
     }
 
-    /// The step's update, or `None` if no gradient was added; the sum is then ready to be
-    /// `clear`ed for the next step.
-    pub fn combined(&mut self) -> Option<&[f32]> {
-        if self.weight <= 0.0 {
+    /// The step's update (the sum and the scale that makes it the mean, applied in the
+    /// optimizer's own loop), or `None` if nothing with weight was added; the sum is then
+    /// ready to be `clear`ed for the next step.
+    pub fn combined(&mut self) -> Option<ScaledGrad<'_>> {
+        if self.weight <= 0.0 || self.empty {
             return None;
         }
-        if let Aggregate::Mean = self.aggregate {
-            let scale = (1.0 / self.weight) as f32;
-            if scale != 1.0 {
-                for a in &mut self.accum {
-                    *a *= scale;
-                }
-            }
-        }
+        let scale = match self.aggregate {
+            Aggregate::Mean => (1.0 / self.weight) as f32,
+            Aggregate::Sum => 1.0,
+        };
         self.weight = 0.0;
-        Some(&self.accum)
+        Some(ScaledGrad {
+            values: &self.accum,
+            scale,
+        })
     }
 
     pub fn clear(&mut self) {
-        self.accum.fill(0.0);
+        self.empty = true;
         self.weight = 0.0;
     }
 }
@@ -70,14 +81,22 @@ mod tests {
     #[test]
     fn mean_weights_by_samples_and_sum_adds() {
         let mut mean = StepSum::new(2, Aggregate::Mean);
+        let mean_of = |s: &mut StepSum| {
+            s.combined()
+                .map(|u| u.values.iter().map(|v| v * u.scale).collect::<Vec<f32>>())
+        };
         mean.add(1, &[4.0, 0.0]);
         mean.add(3, &[0.0, 4.0]);
-        assert_eq!(mean.combined(), Some(&[1.0, 3.0][..]));
+        assert_eq!(mean_of(&mut mean), Some(vec![1.0, 3.0]));
         mean.clear();
-        assert_eq!(mean.combined(), None);
+        assert_eq!(mean_of(&mut mean), None);
+        // After a clear the next step starts from nothing: the old sum is not in it.
+        mean.add(2, &[1.0, -1.0]);
+        assert_eq!(mean_of(&mut mean), Some(vec![1.0, -1.0]));
+        mean.clear();
         let mut sum = StepSum::new(2, Aggregate::Sum);
         sum.add(1, &[4.0, 0.0]);
         sum.add(3, &[0.0, 4.0]);
-        assert_eq!(sum.combined(), Some(&[4.0, 4.0][..]));
+        assert_eq!(mean_of(&mut sum), Some(vec![4.0, 4.0]));
     }
 }

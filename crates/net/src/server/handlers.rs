@@ -49,6 +49,12 @@ pub(super) async fn pull(
             ),
         });
     }
+    if lane.is_some() && codec != PullCodec::Fp32 {
+        return Err(NetError::Malformed {
+            what: "pull",
+            why: format!("a lane carries fp32 pulls, not {codec}"),
+        });
+    }
     let arrived = shared.now();
     let started = std::time::Instant::now();
     // The engine decides; this only waits for the shard to change between its answers. A
@@ -59,7 +65,7 @@ pub(super) async fn pull(
     let decided = async {
         loop {
             rx.borrow_and_update();
-            if let Some(answer) = decide_pull(shared, rank, ask, arrived) {
+            if let Some(answer) = decide_pull(shared, rank, ask, arrived, lane) {
                 return answer;
             }
             if rx.changed().await.is_err() {
@@ -68,21 +74,29 @@ pub(super) async fn pull(
             }
         }
     };
-    let (reply, weights) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
+    let (reply, body) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
         .await
         .map_err(|_| NetError::Timeout("at the consistency gate"))?;
     let mut pulled = Pulled::from(reply);
-    let tensor: &[f32] = weights.as_deref().map_or(&[], |w| w.as_slice());
     let worker = rank.is_some();
-    pulled.delta = worker
-        && !tensor.is_empty()
-        && newer_than.is_some_and(|v| replica.can_send_delta(codec, v));
-    let how = Sending {
-        codec,
-        worker,
-        lane,
+    let sent = match body {
+        PullBody::InLane(values) => {
+            pulled.in_lane = true;
+            conn.send_reply(&Reply::Pulled(pulled), 0, &[]).await?;
+            replica.forget();
+            4 * values as u64
+        }
+        PullBody::Nothing | PullBody::Copy(_) => {
+            let tensor: &[f32] = match &body {
+                PullBody::Copy(w) => w.as_slice(),
+                _ => &[],
+            };
+            pulled.delta = worker
+                && !tensor.is_empty()
+                && newer_than.is_some_and(|v| replica.can_send_delta(codec, v));
+            send_pulled(conn, pulled, tensor, codec, worker, (replica, wire)).await?
+        }
     };
-    let sent = send_pulled(conn, pulled, tensor, how, (replica, wire)).await?;
     if let Some(l) = &shared.latencies {
         l.pull(started.elapsed().as_secs_f64(), sent);
     }
@@ -97,36 +111,27 @@ pub(super) async fn pull(
     Ok(())
 }
 
-/// How a pull's answer goes: its codec, whether a worker asked, and the lane a whole fp32
-/// slice goes through (if the worker asked for it).
-struct Sending<'l> {
-    codec: PullCodec,
-    worker: bool,
-    lane: Option<&'l Lane>,
+/// What a pull's answer carries after its head.
+enum PullBody {
+    /// Not updated: nothing.
+    Nothing,
+    /// The weights to send, a copy the pulls of one version share.
+    Copy(Arc<Vec<f32>>),
+    /// This many values, already written into the worker's lane.
+    InLane(usize),
 }
 
 /// Sends a pull's answer with `tensor` (empty: not updated) in `codec`: the difference from
-/// what this connection's worker holds (`pulled.delta`), bf16, or the whole slice in fp32
-/// (through the lane when asked); the replica follows what the worker then holds. Returns
-/// the tensor's bytes as sent.
+/// what this connection's worker holds (`pulled.delta`), bf16, or the whole slice in fp32;
+/// the replica follows what the worker then holds. Returns the tensor's bytes as sent.
 async fn send_pulled(
     conn: &mut Connection,
-    mut pulled: Pulled,
+    pulled: Pulled,
     tensor: &[f32],
-    how: Sending<'_>,
+    codec: PullCodec,
+    worker: bool,
     (replica, wire): (&mut PullReplica, &mut Vec<u8>),
 ) -> Result<u64, NetError> {
-    let Sending {
-        codec,
-        worker,
-        lane,
-    } = how;
-    // Only a whole fp32 slice goes through a lane (differences and bf16 stay in the frame).
-    let whole_fp32 = !pulled.delta && codec != PullCodec::Bf16 && !tensor.is_empty();
-    if let Some(lane) = lane.filter(|_| whole_fp32) {
-        lane.write(true, tensor);
-        pulled.in_lane = true;
-    }
     let head = Reply::Pulled(pulled);
     if pulled.delta {
         replica.encode_delta(codec, pulled.version, tensor, wire);
@@ -135,8 +140,7 @@ async fn send_pulled(
         replica.forget();
     } else {
         // fp32, or a whole slice under a delta codec (or nothing: not updated).
-        let body = if pulled.in_lane { &[][..] } else { tensor };
-        conn.send_reply(&head, 0, body).await?;
+        conn.send_reply(&head, 0, tensor).await?;
         if !tensor.is_empty() {
             // The replica is kept only for a worker that takes differences (under `auto`
             // one on fp32 holds no slice here; its first delta ask is answered whole).
@@ -154,13 +158,16 @@ async fn send_pulled(
 }
 
 /// The engine's decision on a pull now: `None` while it waits at the gate, else the answer
-/// and, when it is `updated`, the shard's weights (shared by the pulls of that version).
+/// and, when it is `updated`, the shard's weights: written into the worker's `lane` (under
+/// the lock: one copy, no shared copy to make first), or a copy the pulls of that version
+/// share, sent outside the lock.
 fn decide_pull(
     shared: &Shared,
     rank: Option<usize>,
     ask: PullAsk,
     arrived: std::time::Duration,
-) -> Option<(PullReply, Option<Arc<Vec<f32>>>)> {
+    lane: Option<&Lane>,
+) -> Option<(PullReply, PullBody)> {
     let mut guard = shared.lock();
     let state = &mut *guard;
     let PullDecision::Answer(mut reply) = state.engine.pull(rank, ask, arrived, shared.now())
@@ -168,22 +175,26 @@ fn decide_pull(
         return None;
     };
     if !reply.updated {
-        return Some((reply, None));
+        return Some((reply, PullBody::Nothing));
     }
     let params = state.engine.params();
+    if let Some(lane) = lane {
+        lane.write(true, params);
+        return Some((reply, PullBody::InLane(params.len())));
+    }
     match state
         .pull_copies
         .for_pull(reply.version, params, ask.newer_than)
     {
         Some((version, weights)) => {
             reply.version = version;
-            Some((reply, Some(weights)))
+            Some((reply, PullBody::Copy(weights)))
         }
         None => {
             // Every copy the budget allows is being sent, none newer than the worker's.
             reply.version = ask.newer_than.unwrap_or(reply.version);
             reply.updated = false;
-            Some((reply, None))
+            Some((reply, PullBody::Nothing))
         }
     }
 }

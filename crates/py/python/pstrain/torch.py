@@ -5,8 +5,8 @@
 - ``Server.from_module(module, ...)`` (in ``pstrain``): a shard serving that module.
 - ``ModuleWorker(client, module)``: the module's parameters and gradients become views into two
   flat float32 buffers; ``pull()`` reads the servers' weights straight into the parameters
-  (from the sockets, no per-tensor copy) and ``push()`` sends the gradients ``backward()``
-  accumulated there (no copy either).
+  (from the sockets, or from shared memory when the shard is on this host; no per-tensor
+  copy) and ``push()`` sends the gradients ``backward()`` accumulated there.
 - ``train_worker(...)``: a whole worker: pull, forward, backward, push, until the run is done.
 
 Only parameters travel. Buffers that are not parameters (BatchNorm's running mean and
