@@ -4,7 +4,7 @@ codec pair, against the same run on loopback.
 
 Each run: `pstrain server` in one network namespace, two `pstrain worker`s in namespaces of
 their own, each behind its own link (`scripts/edge_net.sh`: veth + tbf both ways), or all on
-127.0.0.1 for `loopback`; `--iterations U` async updates; the shard checkpoints every E
+127.0.0.1 for `loopback` (TCP: the workers run with `--no-lanes`); `--iterations U` async updates; the shard checkpoints every E
 updates, and after the run every checkpoint is scored on the 10k test set (`pstrain eval`),
 so evaluation costs the run no time. Reported per run: wall time from the workers' start to
 the shard's last update, updates/s, the accuracy at the end, bytes per update each way and each
@@ -104,8 +104,10 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
         started = time.time()
         for rank in range(workers):
             address = "127.0.0.1:7400" if link == "loopback" else f"10.77.{rank}.1:7400"
+            # `loopback` is a TCP link, as in every sitting since the first; on one host pstrain
+            # would otherwise move the tensors through shared memory (lanes).
             cmd = [exe, "worker", "--servers", address, "--rank", str(rank), "--threads", "1",
-                   "--data-dir", data, "--token-file", str(token)]
+                   "--data-dir", data, "--token-file", str(token), "--no-lanes"]
             if overlap:
                 cmd += ["--overlap", "--lookahead", str(lookahead)]
             if link != "loopback":

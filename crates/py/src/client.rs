@@ -45,7 +45,7 @@ pub(crate) struct RawClient {
 #[pymethods]
 impl RawClient {
     #[new]
-    #[pyo3(signature = (servers, rank=0, role="worker", connect_timeout=60.0, io_timeout=30.0, heartbeat=1.0, token=None, tls_ca=None))]
+    #[pyo3(signature = (servers, rank=0, role="worker", connect_timeout=60.0, io_timeout=30.0, heartbeat=1.0, token=None, tls_ca=None, lanes=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -57,6 +57,7 @@ impl RawClient {
         heartbeat: f64,
         token: Option<&str>,
         tls_ca: Option<std::path::PathBuf>,
+        lanes: bool,
     ) -> PyResult<Self> {
         let token = crate::token(token)?;
         let tls = tls_ca
@@ -92,6 +93,7 @@ impl RawClient {
                 cfg.connect_timeout = connect;
                 cfg.token = token;
                 cfg.tls = tls;
+                cfg.lanes = lanes;
                 let client = TcpClient::connect(&cfg)?;
                 Ok::<_, pstrain_net::NetError>((client, served))
             })
@@ -145,6 +147,12 @@ impl RawClient {
     #[getter]
     fn mode(&self) -> &'static str {
         self.mode
+    }
+
+    /// How many shards this client reaches through shared memory (a lane) instead of TCP.
+    #[getter]
+    fn lanes_in_use(&self) -> usize {
+        lock(&self.client).lanes_in_use()
     }
 
     /// The server version of the weights last pulled.

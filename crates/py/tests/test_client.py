@@ -3,6 +3,7 @@ bad input from Python gets a clear error while the server keeps serving."""
 
 import importlib.util
 import math
+import sys
 import time
 
 import numpy as np
@@ -68,6 +69,31 @@ def test_client_adopts_layout_and_round_trips_values():
         with pytest.raises(TypeError):
             client.pull(out=np.zeros(client.size, np.float64))
         client.leave()
+
+
+def test_a_worker_on_the_shards_host_trains_through_a_lane_as_over_tcp():
+    def train(lanes):
+        with pstrain.Server(small_params(), workers=1, mode="async", optimizer="adam",
+                            lr=0.1, lr_schedule="constant") as server:
+            client = pstrain.Client([server.address], lanes=lanes)
+            for i in range(5):
+                w = client.pull()
+                grads = {k: v * 0.5 - 0.1 * i for k, v in w.items()}
+                assert client.push(grads, samples=2)["outcome"] == "applied"
+            lanes_used = client.lanes_in_use
+            w = client.pull()
+            client.leave()
+            return lanes_used, w
+
+    (with_lane, a), (without, b) = train(True), train(False)
+    # On Linux a worker on the shard's host gets a lane; the weights are the same bits.
+    assert (with_lane, without) == ((1, 0) if sys.platform == "linux" else (0, 0))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    # An observer never gets one.
+    with pstrain.Server(small_params(), workers=1, mode="async") as server:
+        observer = pstrain.Client([server.address], role="observer")
+        assert observer.lanes_in_use == 0
 
 
 def test_bad_gradients_are_refused_and_the_server_keeps_serving():

@@ -57,7 +57,9 @@ class Client:
     client and every shard prove to each other that they hold it. A worker sends heartbeats
     every ``heartbeat`` seconds from a thread of its own; a shard evicts a worker whose
     heartbeats stop. ``tls_ca`` (a PEM file) makes it talk TLS to shards whose certificates
-    that CA signed (shards: ``Server(..., tls_cert=..., tls_key=...)``).
+    that CA signed (shards: ``Server(..., tls_cert=..., tls_key=...)``). A worker on a
+    shard's host moves its tensors through shared memory the shard offers (a lane) unless
+    ``lanes=False``.
 
     >>> c = Client(["10.0.0.1:7000", "10.0.0.2:7000"], rank=0)   # doctest: +SKIP
     >>> w = c.pull()                                              # doctest: +SKIP
@@ -75,9 +77,18 @@ class Client:
         heartbeat: float = 1.0,
         token: Optional[str] = None,
         tls_ca: Optional[str] = None,
+        lanes: bool = True,
     ) -> None:
         self._raw = RawClient(
-            _addresses(servers), rank, role, connect_timeout, io_timeout, heartbeat, token, tls_ca
+            _addresses(servers),
+            rank,
+            role,
+            connect_timeout,
+            io_timeout,
+            heartbeat,
+            token,
+            tls_ca,
+            lanes,
         )
         self.layout: Dict[str, Tuple[int, ...]] = {
             name: tuple(shape) for name, shape in self._raw.layout
@@ -147,6 +158,11 @@ class Client:
         ``out``, a flat float32 array from ``flat_zeros()`` reused with no allocation). Sets
         ``done`` when the run is over."""
         return self.unflatten(self.pull_flat(wait, out))
+
+    @property
+    def lanes_in_use(self) -> int:
+        """How many shards this client reaches through shared memory instead of TCP."""
+        return self._raw.lanes_in_use
 
     def pull_flat(self, wait: bool = True, out: Optional[np.ndarray] = None) -> np.ndarray:
         flat, _version, done = self._raw.pull(wait, out)

@@ -51,7 +51,10 @@ class RawClient:
         heartbeat: float = ...,
         token: Optional[str] = ...,
         tls_ca: Optional[str] = ...,
+        lanes: bool = ...,
     ) -> None: ...
+    @property
+    def lanes_in_use(self) -> int: ...
     @property
     def layout(self) -> List[Tuple[str, List[int]]]: ...
     @property
