@@ -7,6 +7,7 @@ use crate::connection::Connection;
 use crate::error::NetError;
 use crate::lane::{lane_len, Lane, LaneNonce};
 use crate::message::{ErrorCode, Failure, Reply};
+use pstrain_core::PushCodec;
 use std::sync::atomic::Ordering;
 
 /// A lane and the budget bytes it holds.
@@ -39,6 +40,15 @@ impl<'a> LaneState<'a> {
         match self {
             LaneState::Ready(held) => Some(&held.lane),
             _ => None,
+        }
+    }
+
+    /// The lane a request names (`named`): this connection's, which must be in use.
+    pub fn named(&self, named: bool) -> Result<Option<&Lane>, NetError> {
+        match (named, self.ready()) {
+            (false, _) => Ok(None),
+            (true, Some(lane)) => Ok(Some(lane)),
+            (true, None) => Err(no_lane()),
         }
     }
 
@@ -100,4 +110,35 @@ impl<'a> LaneState<'a> {
 async fn refuse(conn: &mut Connection, why: String) -> Result<(), NetError> {
     let failure = Failure::new(ErrorCode::Refused, why);
     conn.send_reply(&Reply::Error(failure), 0, &[]).await
+}
+
+/// A pull or push through a lane on a connection that has none.
+fn no_lane() -> NetError {
+    NetError::Malformed {
+        what: "request",
+        why: "it names a shared-memory lane, and this connection has none".into(),
+    }
+}
+
+/// Reads a push whose fp32 values are in `lane` (its frame carries `body` bytes after the
+/// head: there must be none) into `buf`, copied out before anything looks at them, so the
+/// worker cannot change what is checked. Returns the bytes counted for it: its frame's `len`
+/// and the values, as the same push over TCP.
+pub(super) fn read_push(
+    lane: Option<&Lane>,
+    codec: PushCodec,
+    (len, body): (u64, u64),
+    buf: &mut Vec<f32>,
+    values: usize,
+) -> Result<u64, NetError> {
+    let lane = lane.ok_or_else(no_lane)?;
+    if codec != PushCodec::Fp32 || body != 0 {
+        return Err(NetError::Malformed {
+            what: "push",
+            why: format!("a lane push of {body} bytes in {codec}"),
+        });
+    }
+    buf.resize(values, 0.0);
+    lane.read(false, buf);
+    Ok(len + 4 * values as u64)
 }

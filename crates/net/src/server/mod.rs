@@ -8,6 +8,7 @@ mod handle;
 mod handlers;
 mod handshake;
 mod lanes;
+mod pull;
 mod pull_copies;
 mod refusal_log;
 mod session;

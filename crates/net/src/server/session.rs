@@ -100,15 +100,7 @@ async fn serve(
     let Some(me) = shake_hands(shared, conn).await? else {
         return Ok(());
     };
-    {
-        let mut state = shared.lock();
-        shared.proven(&mut state, ip);
-        if let Some(seat) = me.seat {
-            state
-                .worker_addresses
-                .insert(seat.rank, conn.peer().to_string());
-        }
-    }
+    welcome(shared, conn, ip, &me);
     *peer = Some(me);
     let (workers, limit) = (cfg.plan.workers, frame_limit(shared));
     // Compressed pulls pass through here, reused for the connection's life.
@@ -128,7 +120,8 @@ async fn serve(
             }
         }
         if header.kind == kind::PUSH && me.role == Role::Worker {
-            handlers::push(shared, conn, header.len, me.rank, lane.ready()).await?;
+            let lane = lane.ready();
+            handlers::push(shared, conn, header.len, me.rank, lane).await?;
             continue;
         }
         let bytes = conn.read_bytes(header.len as usize).await?;
@@ -140,17 +133,14 @@ async fn serve(
                 lane: in_lane,
             } => {
                 let (rank, state) = (me.seat.map(|s| s.rank), (&mut replica, &mut wire));
-                let asked = handlers::PullAsked {
+                let lane = lane.named(in_lane)?;
+                let asked = super::pull::PullAsked {
                     newer_than,
                     wait,
                     codec,
-                    lane: if in_lane {
-                        Some(lane.ready().ok_or_else(no_lane)?)
-                    } else {
-                        None
-                    },
+                    lane,
                 };
-                handlers::pull(shared, conn, rank, asked, state).await?;
+                super::pull::pull(shared, conn, rank, asked, state).await?;
             }
             Request::Stats => handlers::stats(shared, conn).await?,
             Request::Lane if me.seat.is_some() => lane.ask(shared, conn).await?,
@@ -177,11 +167,14 @@ async fn serve(
     }
 }
 
-/// A pull or push through a lane on a connection that has none.
-pub(super) fn no_lane() -> NetError {
-    NetError::Malformed {
-        what: "request",
-        why: "it names a shared-memory lane, and this connection has none".into(),
+/// The peer proved itself: it no longer counts as unproven, and a worker's address is kept.
+fn welcome(shared: &Shared, conn: &Connection, ip: IpAddr, me: &Peer) {
+    let mut state = shared.lock();
+    shared.proven(&mut state, ip);
+    if let Some(seat) = me.seat {
+        state
+            .worker_addresses
+            .insert(seat.rank, conn.peer().to_string());
     }
 }
 
