@@ -117,7 +117,7 @@ def steady_rate(trace):
     return (end["samples"] - start["samples"]) / (end["t"] - start["t"])
 
 
-def pstrain_run(data_dir, mode, epochs, snapshot_every):
+def pstrain_run(data_dir, mode, epochs, snapshot_every, lanes=True):
     import numpy as np
     import pstrain
     ex = example(data_dir)
@@ -125,7 +125,9 @@ def pstrain_run(data_dir, mode, epochs, snapshot_every):
     server = pstrain.Server.from_module(
         ex.build_model(), workers=WORKERS, mode=mode, optimizer="adam", lr=1e-3,
         lr_schedule="constant", batch_size=ex.BATCH, train_samples=ex.TRAIN_SAMPLES,
-        epochs=epochs, keep_running=True, token=token)
+        epochs=epochs, keep_running=True, token=token,
+        # 0: no shared-memory lanes, every tensor over loopback TCP (for comparison).
+        lane_budget=None if lanes else 0)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_pstrain_worker,
@@ -294,6 +296,8 @@ def main():
     p.add_argument("--snapshot-every", type=int, default=50)
     p.add_argument("--seconds", type=float, default=20.0, help="compute-only measurement")
     p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--no-lanes", action="store_true",
+                   help="pstrain's workers over loopback TCP, not shared memory")
     a = p.parse_args()
     data_dir = Path(a.data_dir).resolve()
     import torch
@@ -303,7 +307,7 @@ def main():
     print(f"two torch workers at once, compute only: {both:.0f} samples/s", flush=True)
     runs = []
     for mode in a.modes.split(","):
-        runs.append(pstrain_run(data_dir, mode, a.epochs, a.snapshot_every))
+        runs.append(pstrain_run(data_dir, mode, a.epochs, a.snapshot_every, not a.no_lanes))
         runs.append(ray_run(data_dir, mode, a.epochs, a.snapshot_every))
     ratios = {"one_worker_compute_samples_per_s": round(one, 1),
               "two_workers_at_once_compute_samples_per_s": round(both, 1),
@@ -323,7 +327,8 @@ def main():
             ratios[f"{mode}_time_to_98_5_ray_over_pstrain"] = round(
                 theirs["time_to_98_5_s"] / ours["time_to_98_5_s"], 3)
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "cores": os.cpu_count(), "epochs": a.epochs, "ratios": ratios, "runs": runs}
+              "cores": os.cpu_count(), "epochs": a.epochs, "lanes": not a.no_lanes,
+              "ratios": ratios, "runs": runs}
     out = Path(a.out)
     merged = json.loads(out.read_text()) if out.exists() else {}
     merged["torch_workers"] = result
