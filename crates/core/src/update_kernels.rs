@@ -184,48 +184,56 @@ mod tests {
     /// One build of every kernel.
     type Kernels = (Sgd, Momentum, Adam);
 
+    /// Parameters, gradient, first moment (or momentum buffer) and second moment, of `n`.
+    fn inputs(n: usize) -> [Vec<f32>; 4] {
+        let v = values(n, 0.05).iter().map(|x| x * x).collect();
+        [values(n, 0.37), values(n, 0.11), values(n, 0.23), v]
+    }
+
+    const ADAM: AdamStep = AdamStep {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step_size: 1e-3,
+        bias2_sqrt: 0.03,
+    };
+
+    /// The bits every kernel of `kernels` writes for `grad` on `inputs`.
+    fn outputs(kernels: Kernels, [p, _, b, v]: &[Vec<f32>; 4], grad: Grad<'_>) -> Vec<u32> {
+        let n = p.len();
+        let (mut out, mut buf, mut m2, mut v2) =
+            (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let mut all = Vec::new();
+        assert!((kernels.0)(p, grad, &mut out, 0.1, 0.01));
+        all.extend(bits(&out));
+        let momentum = (&b[..], &mut buf[..]);
+        assert!((kernels.1)(
+            p, grad, momentum, &mut out, 0.1, 0.9, 0.01, true
+        ));
+        all.extend(bits(&out).into_iter().chain(bits(&buf)));
+        let outs = (&mut out[..], &mut m2[..], &mut v2[..]);
+        assert!((kernels.2)(p, grad, (b, v), outs, ADAM));
+        all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
+        all
+    }
+
     /// The fast and the portable builds give the same bits (odd lengths: vector bodies and
     /// scalar tails), for every kernel.
     #[test]
     fn fast_and_portable_builds_give_the_same_bits() {
+        let fast: Kernels = (sgd_fast, sgd_momentum_fast, adam_fast);
+        let portable: Kernels = (sgd_portable, sgd_momentum_portable, adam_portable);
         for n in [1, 7, 16, 33, 1001] {
-            let (p, g, b, v) = (
-                values(n, 0.37),
-                values(n, 0.11),
-                values(n, 0.23),
-                values(n, 0.05),
-            );
-            let v: Vec<f32> = v.iter().map(|x| x * x).collect();
-            let run = |kernels: Kernels| {
-                let mut out = vec![0.0; n];
-                let mut buf = vec![0.0; n];
-                let mut m2 = vec![0.0; n];
-                let mut v2 = vec![0.0; n];
-                let c = AdamStep {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.01,
-                    step_size: 1e-3,
-                    bias2_sqrt: 0.03,
-                };
-                let mut all = Vec::new();
-                for scale in [1.0, 0.25, 1.0 / 3.0] {
-                    let g = (&g[..], scale);
-                    assert!((kernels.0)(&p, g, &mut out, 0.1, 0.01));
-                    all.extend(bits(&out));
-                    let momentum = (&b[..], &mut buf[..]);
-                    assert!((kernels.1)(&p, g, momentum, &mut out, 0.1, 0.9, 0.01, true));
-                    all.extend(bits(&out).into_iter().chain(bits(&buf)));
-                    let outs = (&mut out[..], &mut m2[..], &mut v2[..]);
-                    assert!((kernels.2)(&p, g, (&b, &v), outs, c));
-                    all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
-                }
-                all
-            };
-            let fast: Kernels = (sgd_fast, sgd_momentum_fast, adam_fast);
-            let portable: Kernels = (sgd_portable, sgd_momentum_portable, adam_portable);
-            assert_eq!(run(fast), run(portable), "length {n}");
+            let inputs = inputs(n);
+            for scale in [1.0, 0.25, 1.0 / 3.0] {
+                let grad = (&inputs[1][..], scale);
+                assert_eq!(
+                    outputs(fast, &inputs, grad),
+                    outputs(portable, &inputs, grad),
+                    "length {n}, scale {scale}"
+                );
+            }
         }
     }
 
@@ -233,45 +241,13 @@ mod tests {
     /// step's mean did in a pass of its own), for every kernel.
     #[test]
     fn a_scale_in_the_loop_equals_the_gradient_scaled_first() {
-        let n = 1001;
-        let (p, g, b, v) = (
-            values(n, 0.37),
-            values(n, 0.11),
-            values(n, 0.23),
-            values(n, 0.05),
-        );
-        let v: Vec<f32> = v.iter().map(|x| x * x).collect();
-        let c = AdamStep {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            step_size: 1e-3,
-            bias2_sqrt: 0.03,
-        };
+        let kernels: Kernels = (sgd, sgd_momentum, adam);
+        let inputs = inputs(1001);
         let scale = 1.0f32 / 3.0;
-        let scaled: Vec<f32> = g.iter().map(|x| x * scale).collect();
-        let run = |grad: (&[f32], f32)| {
-            let (mut out, mut buf, mut m2, mut v2) =
-                (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-            let mut all = Vec::new();
-            assert!(sgd(&p, grad, &mut out, 0.1, 0.01));
-            all.extend(bits(&out));
-            assert!(sgd_momentum(
-                &p,
-                grad,
-                (&b, &mut buf),
-                &mut out,
-                0.1,
-                0.9,
-                0.01,
-                false
-            ));
-            all.extend(bits(&out).into_iter().chain(bits(&buf)));
-            assert!(adam(&p, grad, (&b, &v), (&mut out, &mut m2, &mut v2), c));
-            all.extend(bits(&out).into_iter().chain(bits(&m2)).chain(bits(&v2)));
-            all
-        };
-        assert_eq!(run((&g, scale)), run((&scaled, 1.0)));
+        let scaled: Vec<f32> = inputs[1].iter().map(|x| x * scale).collect();
+        assert_eq!(
+            outputs(kernels, &inputs, (&inputs[1], scale)),
+            outputs(kernels, &inputs, (&scaled, 1.0))
+        );
     }
 }

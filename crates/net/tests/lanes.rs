@@ -120,6 +120,16 @@ fn lane_push(values_in_lane: bool) -> Request {
     })
 }
 
+/// An fp32 pull of the whole slice, now, through the lane or not.
+fn fp32_pull(lane: bool) -> Request {
+    Request::Pull {
+        newer_than: None,
+        wait: false,
+        codec: PullCodec::Fp32,
+        lane,
+    }
+}
+
 fn error_text(k: u16, body: &[u8]) -> String {
     assert_eq!(k, kind::ERROR, "{}", String::from_utf8_lossy(body));
     String::from_utf8_lossy(body).into_owned()
@@ -149,13 +159,7 @@ fn a_lane_push_is_checked_after_it_is_copied_and_a_lane_pull_arrives_in_the_lane
     lane.write(false, &vec![1.0f32; N]);
     let (k, _) = send(&mut s, &lane_push(true));
     assert_eq!(k, kind::PUSH_REPLY);
-    let pull = Request::Pull {
-        newer_than: None,
-        wait: false,
-        codec: PullCodec::Fp32,
-        lane: true,
-    };
-    let (k, body) = send(&mut s, &pull);
+    let (k, body) = send(&mut s, &fp32_pull(true));
     let Ok(Reply::Pulled(p)) = Reply::decode(k, &body, 1) else {
         panic!("expected a pull reply, got kind {k:#x}");
     };
@@ -184,13 +188,7 @@ fn a_lane_not_proven_or_not_offered_cannot_be_used() {
     assert!(error_text(k, &body).contains("lane"));
     // Never offered: a pull naming a lane is refused too.
     let mut s = raw_worker(&server, &token);
-    let pull = Request::Pull {
-        newer_than: None,
-        wait: false,
-        codec: PullCodec::Fp32,
-        lane: true,
-    };
-    let (k, body) = send(&mut s, &pull);
+    let (k, body) = send(&mut s, &fp32_pull(true));
     assert!(error_text(k, &body).contains("lane"));
     // A lane push that also carries values is malformed.
     let mut s = raw_worker(&server, &token);
@@ -223,13 +221,7 @@ fn past_the_lane_budget_a_worker_stays_on_tcp() {
     let (k, body) = send(&mut second, &Request::Lane);
     assert!(error_text(k, &body).contains("budget"));
     // The connection goes on over TCP.
-    let pull = Request::Pull {
-        newer_than: None,
-        wait: false,
-        codec: PullCodec::Fp32,
-        lane: false,
-    };
-    let (k, body) = send(&mut second, &pull);
+    let (k, body) = send(&mut second, &fp32_pull(false));
     assert_eq!(k, kind::PULL_REPLY);
     assert_eq!(body.len(), 13 + 4 * N);
     // Once the first connection ends, its lane's bytes are free again.

@@ -54,7 +54,8 @@ impl StepSum {
     /// optimizer's own loop), or `None` if nothing with weight was added; the sum is then
     /// ready to be `clear`ed for the next step.
     pub fn combined(&mut self) -> Option<ScaledGrad<'_>> {
-        if self.weight <= 0.0 || self.empty {
+        // Empty implies no weight; weight can also stay 0 after adds (gradients of 0 samples).
+        if self.weight <= 0.0 {
             return None;
         }
         let scale = match self.aggregate {
