@@ -19,7 +19,8 @@ time; time to 98.5% is the first snapshot from which every later one is at 98.5%
 Also measured: one torch worker's compute-only samples/s (forward, backward, zero_grad on
 real batches), for "2 workers through pstrain against twice one worker's compute", and two
 such compute-only workers running at once (what the machine gives two workers with no
-parameter server: on 2 cores the shard's CPU then comes out of the workers' time).
+parameter server: on 2 cores the shard's CPU then comes out of the workers' time); both
+before and after the runs, and their means used (the machine's speed drifts).
 
     python3 bench/torch_workers.py --data-dir ../shared/data/mnist --out bench/results.json
 
@@ -301,16 +302,23 @@ def main():
     a = p.parse_args()
     data_dir = Path(a.data_dir).resolve()
     import torch
-    one = compute_only(data_dir, a.seconds)
-    print(f"one torch worker, compute only, 1 thread: {one:.0f} samples/s", flush=True)
-    both = compute_two_at_once(data_dir, a.seconds)
-    print(f"two torch workers at once, compute only: {both:.0f} samples/s", flush=True)
+    # The machine's speed drifts by several per cent within minutes: the compute-only
+    # baselines are measured before and after the runs and their means taken.
+    before = (compute_only(data_dir, a.seconds), compute_two_at_once(data_dir, a.seconds))
+    print(f"before the runs: one torch worker, compute only, 1 thread: {before[0]:.0f} "
+          f"samples/s; two at once: {before[1]:.0f}", flush=True)
     runs = []
     for mode in a.modes.split(","):
         runs.append(pstrain_run(data_dir, mode, a.epochs, a.snapshot_every, not a.no_lanes))
         runs.append(ray_run(data_dir, mode, a.epochs, a.snapshot_every))
+    after = (compute_only(data_dir, a.seconds), compute_two_at_once(data_dir, a.seconds))
+    print(f"after the runs: one torch worker, compute only: {after[0]:.0f} samples/s; two at "
+          f"once: {after[1]:.0f}", flush=True)
+    one, both = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     ratios = {"one_worker_compute_samples_per_s": round(one, 1),
+              "one_worker_compute_before_and_after": [round(before[0], 1), round(after[0], 1)],
               "two_workers_at_once_compute_samples_per_s": round(both, 1),
+              "two_at_once_before_and_after": [round(before[1], 1), round(after[1], 1)],
               "two_at_once_over_2x_one_worker_compute": round(both / (2 * one), 3)}
     for mode in a.modes.split(","):
         ours = next(r for r in runs if r["system"] == "pstrain" and r["mode"] == mode)

@@ -7,6 +7,7 @@ use crate::config::ServerConfig;
 use crate::error::PushError;
 use crate::gradient_scan;
 use crate::shard_state::{PushMeta, ShardState};
+use crate::splitter;
 
 /// The largest gradient value a shard takes (larger ones are refused, counted as non-finite).
 /// Under it every optimizer's state and the weights stay finite (a sync step's weighted sum
@@ -191,7 +192,14 @@ fn sound_values(state: &mut ShardState, grad: &Gradient<'_>) -> Result<(), PushE
         state.count_refusal();
         return Err(PushError::EmptyBatch);
     }
-    let largest_bits = gradient_scan::largest_magnitude_bits(grad.values);
+    let largest_bits = splitter::map_pieces(
+        state.splitter(),
+        grad.values,
+        gradient_scan::largest_magnitude_bits,
+    )
+    .into_iter()
+    .max()
+    .unwrap_or(0);
     if largest_bits >= f32::INFINITY.to_bits() {
         state.count_nonfinite();
         let count = gradient_scan::count_non_finite(grad.values);

@@ -110,6 +110,11 @@ impl ShardEngine {
         &self.core
     }
 
+    /// See `ServerCore::set_splitter`.
+    pub fn set_splitter(&mut self, splitter: Option<std::sync::Arc<dyn crate::Splitter>>) {
+        self.core.set_splitter(splitter);
+    }
+
     /// Continues from a checkpoint's state.
     pub fn restore(&mut self, state: &ShardSnapshot, now: Duration) -> Result<(), RestoreError> {
         self.core.restore(state)?;

@@ -5,7 +5,9 @@
 
 use crate::error::RestoreError;
 pub use crate::optimizer_config::{LrSchedule, OptimizerConfig};
-use crate::update_kernels as kernels;
+use crate::splitter::{self, pieces, pieces_mut, Job, Splitter};
+use crate::update_kernels::{self as kernels, UpdateRule};
+use std::sync::Arc;
 
 /// A gradient as the optimizer takes it: `values * scale`, the scale applied in the update's
 /// own loop (a step's sum and its `1 / weight`: the mean costs no pass of its own).
@@ -36,6 +38,13 @@ pub struct Optimizer {
     spare_params: Vec<f32>,
     spare_first: Vec<f32>,
     spare_second: Vec<f32>,
+    /// Runs an update's loop in pieces at once, if the caller gave one.
+    splitter: Option<Arc<dyn Splitter>>,
+}
+
+/// A piece of an update's loop, boxed for the splitter.
+fn job<'a>(f: impl FnOnce() + Send + 'a) -> Job<'a> {
+    Box::new(f)
 }
 
 impl Optimizer {
@@ -58,7 +67,13 @@ impl Optimizer {
             spare_params: Vec::new(),
             spare_first: Vec::new(),
             spare_second: Vec::new(),
+            splitter: None,
         }
+    }
+
+    /// Runs each update's loop in the pieces `splitter` cuts it into (same bits as whole).
+    pub fn set_splitter(&mut self, splitter: Option<Arc<dyn Splitter>>) {
+        self.splitter = splitter;
     }
 
     pub fn config(&self) -> &OptimizerConfig {
@@ -114,6 +129,46 @@ impl Optimizer {
         Ok(())
     }
 
+    /// This update's rule, its learning rate times `factor`.
+    fn rule(&self, factor: f32) -> UpdateRule {
+        match self.config {
+            OptimizerConfig::Sgd {
+                lr, weight_decay, ..
+            } if self.first.is_empty() => UpdateRule::Sgd {
+                lr: lr * factor,
+                weight_decay,
+            },
+            OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+                nesterov,
+            } => UpdateRule::Momentum {
+                lr: lr * factor,
+                momentum,
+                weight_decay,
+                nesterov,
+            },
+            OptimizerConfig::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                let t = (self.step + 1) as i32;
+                UpdateRule::Adam(kernels::AdamStep {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    step_size: lr * factor / (1.0 - beta1.powi(t)),
+                    bias2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+                })
+            }
+        }
+    }
+
     /// `params -= update(grad)` unless the new weights or state would not all be finite:
     /// then nothing changes (weights, state, step) and it returns false. The update is
     /// computed into spare buffers and swapped in, so refusing it costs no copy and no second
@@ -130,6 +185,7 @@ impl Optimizer {
         grad: ScaledGrad<'_>,
         lr_scale: f32,
     ) -> bool {
+        let rule = self.rule(self.schedule.factor(self.step) * lr_scale);
         let spare = &mut self.spare_params;
         let grad = (grad.values, grad.scale);
         assert_eq!(
@@ -140,56 +196,25 @@ impl Optimizer {
         spare.resize(params.len(), 0.0);
         self.spare_first.resize(self.first.len(), 0.0);
         self.spare_second.resize(self.second.len(), 0.0);
-        let factor = self.schedule.factor(self.step) * lr_scale;
-        let ok = match self.config {
-            OptimizerConfig::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-                nesterov,
-            } => {
-                let lr = lr * factor;
-                if self.first.is_empty() {
-                    kernels::sgd(params, grad, spare, lr, weight_decay)
-                } else {
-                    let buffer = (&self.first[..], &mut self.spare_first[..]);
-                    kernels::sgd_momentum(
-                        params,
-                        grad,
-                        buffer,
-                        spare,
-                        lr,
-                        momentum,
-                        weight_decay,
-                        nesterov,
-                    )
-                }
-            }
-            OptimizerConfig::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                let t = (self.step + 1) as i32;
-                let step = kernels::AdamStep {
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    step_size: lr * factor / (1.0 - beta1.powi(t)),
-                    bias2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
-                };
-                let moments = (&self.first[..], &self.second[..]);
-                let out = (
-                    &mut spare[..],
-                    &mut self.spare_first[..],
-                    &mut self.spare_second[..],
-                );
-                kernels::adam(params, grad, moments, out, step)
-            }
-        };
+        let splitter = self.splitter.as_deref();
+        let piece = splitter::piece_len(splitter, params.len());
+        let mut oks = vec![true; params.len().div_ceil(piece)];
+        let (values, scale) = grad;
+        let old = params.chunks(piece).zip(values.chunks(piece));
+        let state = pieces(&self.first, piece).zip(pieces(&self.second, piece));
+        let new = spare.chunks_mut(piece).zip(
+            pieces_mut(&mut self.spare_first, piece).zip(pieces_mut(&mut self.spare_second, piece)),
+        );
+        let jobs: Vec<Job<'_>> = old
+            .zip(state)
+            .zip(new)
+            .zip(oks.iter_mut())
+            .map(|((((p, g), state), out), ok)| {
+                job(move || *ok = rule.run((p, (g, scale)), state, out))
+            })
+            .collect();
+        splitter::run(splitter, jobs);
+        let ok = oks.iter().all(|&ok| ok);
         if ok {
             std::mem::swap(params, spare);
             std::mem::swap(&mut self.first, &mut self.spare_first);

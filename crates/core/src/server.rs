@@ -9,7 +9,9 @@ use crate::error::{ConfigError, PushError, RestoreError};
 use crate::optimizer::Optimizer;
 use crate::shard_state::ShardState;
 pub use crate::shard_state::{PushMeta, PushOutcome, ShardCounters, ShardSnapshot};
+use crate::splitter::Splitter;
 use crate::worker_stats::WorkerStats;
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct ServerCore {
@@ -56,6 +58,12 @@ impl ServerCore {
 
     pub fn optimizer(&self) -> &Optimizer {
         self.state.optimizer()
+    }
+
+    /// Runs each update's loop in the pieces `splitter` cuts it into, perhaps at once (the
+    /// caller's threads: the core starts none); same bits as whole.
+    pub fn set_splitter(&mut self, splitter: Option<Arc<dyn Splitter>>) {
+        self.state.set_splitter(splitter);
     }
 
     pub fn version(&self) -> u64 {

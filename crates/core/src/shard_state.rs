@@ -4,7 +4,9 @@
 use crate::config::ServerConfig;
 use crate::error::RestoreError;
 use crate::optimizer::{Optimizer, ScaledGrad};
+use crate::splitter::Splitter;
 use crate::worker_stats::WorkerStats;
+use std::sync::Arc;
 
 /// What came with a gradient besides its values.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,6 +84,8 @@ pub struct ShardState {
     stats: ShardCounters,
     /// Per rank (not part of a checkpoint: it describes this process's run).
     workers: Vec<WorkerStats>,
+    /// Cuts the loops over this slice into pieces the caller may run at once.
+    splitter: Option<Arc<dyn Splitter>>,
 }
 
 impl ShardState {
@@ -93,6 +97,7 @@ impl ShardState {
             version: 0,
             stats: ShardCounters::default(),
             workers: vec![WorkerStats::default(); config.workers],
+            splitter: None,
         }
     }
 
@@ -110,6 +115,17 @@ impl ShardState {
 
     pub fn optimizer(&self) -> &Optimizer {
         &self.optimizer
+    }
+
+    /// Runs each update's loop in the pieces `splitter` cuts it into (`crate::splitter`).
+    pub fn set_splitter(&mut self, splitter: Option<Arc<dyn Splitter>>) {
+        self.optimizer.set_splitter(splitter.clone());
+        self.splitter = splitter;
+    }
+
+    /// What cuts the loops over this slice (the gate's scan, a step's sum) into pieces.
+    pub fn splitter(&self) -> Option<&dyn Splitter> {
+        self.splitter.as_deref()
     }
 
     pub fn version(&self) -> u64 {

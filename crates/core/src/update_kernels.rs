@@ -156,6 +156,62 @@ kernel!(
     )
 );
 
+/// One update's rule and its constants (the schedule's factor applied).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UpdateRule {
+    Sgd {
+        lr: f32,
+        weight_decay: f32,
+    },
+    Momentum {
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+        nesterov: bool,
+    },
+    Adam(AdamStep),
+}
+
+impl UpdateRule {
+    /// The rule over one piece: old weights and gradient, old state (first, second), new
+    /// weights and state; whether all of the new are finite.
+    pub(crate) fn run(
+        self,
+        (params, grad): (&[f32], (&[f32], f32)),
+        (first, second): (&[f32], &[f32]),
+        (out, (new_first, new_second)): (&mut [f32], (&mut [f32], &mut [f32])),
+    ) -> bool {
+        match self {
+            UpdateRule::Sgd { lr, weight_decay } => sgd(params, grad, out, lr, weight_decay),
+            UpdateRule::Momentum {
+                lr,
+                momentum,
+                weight_decay,
+                nesterov,
+            } => {
+                let buffer = (first, new_first);
+                sgd_momentum(
+                    params,
+                    grad,
+                    buffer,
+                    out,
+                    lr,
+                    momentum,
+                    weight_decay,
+                    nesterov,
+                )
+            }
+            UpdateRule::Adam(step) => adam(
+                params,
+                grad,
+                (first, second),
+                (out, new_first, new_second),
+                step,
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,23 +112,60 @@ impl Lane {
         unsafe { self.map.as_mut_ptr().add(offset).cast::<f32>() }
     }
 
+    /// The number of `f32`s in each area.
+    pub fn values(&self) -> usize {
+        self.values
+    }
+
+    /// The push area (`pull: false`) or the pull area, for a worker that computes in the lane
+    /// itself: a gradient written there and weights read from there need no copy (`write` and
+    /// `read` see that their buffer is the area and leave it). The pointer is valid for
+    /// `values()` floats while this lane lives; the shard writes the pull area only while
+    /// this worker waits for a pull through it.
+    pub fn area_ptr(&self, pull: bool) -> *mut f32 {
+        self.area(pull)
+    }
+
     /// Writes `values` (at most the slice's length) into the push area (`pull: false`) or
-    /// the pull area.
+    /// the pull area; nothing to do when `values` is that area.
     pub fn write(&self, pull: bool, values: &[f32]) {
-        let n = values.len().min(self.values);
-        // SAFETY: the area holds `self.values` floats. The peer may write the same memory
-        // at the same time (it is another process): the bytes are then whatever they are,
-        // which the reader checks; nothing here depends on them.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.area(pull), n) };
+        self.write_at(pull, 0, values);
+    }
+
+    /// `write` from value `offset` of the area on (a piece of it: pieces can be written at
+    /// once from several threads).
+    pub fn write_at(&self, pull: bool, offset: usize, values: &[f32]) {
+        let n = values.len().min(self.values.saturating_sub(offset));
+        // SAFETY: `offset + n` is at most the area's `self.values` floats.
+        let at = unsafe { self.area(pull).add(offset.min(self.values)) };
+        if std::ptr::eq(values.as_ptr(), at) {
+            return;
+        }
+        // SAFETY: `at` holds `n` floats; `copy` allows a caller's buffer that overlaps the
+        // area. The peer may write the same memory at the same time (it is another process):
+        // the bytes are then whatever they are, which the reader checks; nothing here depends
+        // on them.
+        unsafe { std::ptr::copy(values.as_ptr(), at, n) };
     }
 
     /// Copies the push area (`pull: false`) or the pull area into `out` (at most the slice's
-    /// length). The peer may be writing meanwhile: the copy is then torn, never unsafe to
-    /// use, and the shard checks a push's values only after this copy.
+    /// length); nothing to do when `out` is that area. The peer may be writing meanwhile: the
+    /// copy is then torn, never unsafe to use, and the shard checks a push's values only
+    /// after this copy.
     pub fn read(&self, pull: bool, out: &mut [f32]) {
-        let n = out.len().min(self.values);
-        // SAFETY: as in `write`.
-        unsafe { std::ptr::copy_nonoverlapping(self.area(pull), out.as_mut_ptr(), n) };
+        self.read_at(pull, 0, out);
+    }
+
+    /// `read` from value `offset` of the area on.
+    pub fn read_at(&self, pull: bool, offset: usize, out: &mut [f32]) {
+        let n = out.len().min(self.values.saturating_sub(offset));
+        // SAFETY: as in `write_at`.
+        let at = unsafe { self.area(pull).add(offset.min(self.values)) };
+        if std::ptr::eq(out.as_ptr(), at) {
+            return;
+        }
+        // SAFETY: as in `write_at`.
+        unsafe { std::ptr::copy(at, out.as_mut_ptr(), n) };
     }
 }
 
@@ -178,6 +215,47 @@ mod tests {
         // The push area is untouched by the pull.
         shard.read(false, &mut got);
         assert_eq!(got, [1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn a_buffer_that_is_the_area_itself_is_left_as_it_is() {
+        let (shard, path, _) = Lane::create(4).expect("create");
+        let (worker, _) = Lane::open(&path, 4).expect("open");
+        // The worker computes in its push area and reads its weights in its pull area.
+        // SAFETY: both areas hold 4 floats and live as long as `worker`; nothing else writes
+        // them during this test.
+        let push = unsafe { std::slice::from_raw_parts_mut(worker.area_ptr(false), 4) };
+        push.copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+        worker.write(false, push);
+        let mut got = [0.0; 4];
+        shard.read(false, &mut got);
+        assert_eq!(got, [1.0, 2.0, 3.0, 4.0]);
+        shard.write(true, &[5.0, 6.0, 7.0, 8.0]);
+        let pull = unsafe { std::slice::from_raw_parts_mut(worker.area_ptr(true), 4) };
+        worker.read(true, pull);
+        assert_eq!(pull, &[5.0, 6.0, 7.0, 8.0]);
+        // A buffer overlapping an area (an offset view of it) is copied, not torn.
+        let both = unsafe { std::slice::from_raw_parts_mut(worker.area_ptr(false), 8) };
+        worker.read(true, &mut both[2..6]);
+        assert_eq!(&both[..6], &[1.0, 2.0, 5.0, 6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn pieces_land_at_their_offsets_and_nothing_past_the_area() {
+        let (shard, path, _) = Lane::create(6).expect("create");
+        let (worker, _) = Lane::open(&path, 6).expect("open");
+        shard.write_at(true, 0, &[1.0, 2.0, 3.0]);
+        shard.write_at(true, 3, &[4.0, 5.0, 6.0, 99.0]);
+        shard.write_at(true, 7, &[99.0]);
+        let mut got = [0.0; 6];
+        worker.read(true, &mut got);
+        assert_eq!(got, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let mut tail = [0.0; 4];
+        worker.read_at(true, 4, &mut tail);
+        assert_eq!(tail, [5.0, 6.0, 0.0, 0.0]);
+        // The push area is untouched.
+        worker.read(false, &mut got);
+        assert_eq!(got, [0.0; 6]);
     }
 
     #[test]

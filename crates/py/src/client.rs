@@ -2,13 +2,15 @@
 //! layout; flat float32 numpy arrays in and out (`pstrain.Client` adds the names).
 
 use crate::{err, lock, seconds};
+use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pstrain_core::{Layout, PushMeta, PushOutcome};
+use pstrain_net::lane::Lane;
 use pstrain_net::{ClientConfig, Heartbeat, Role, TcpClient};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 fn outcome_dict<'py>(py: Python<'py>, o: PushOutcome) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
@@ -29,6 +31,15 @@ fn outcome_dict<'py>(py: Python<'py>, o: PushOutcome) -> PyResult<Bound<'py, PyD
         PushOutcome::Done => d.set_item("outcome", "done")?,
     }
     Ok(d)
+}
+
+/// A lane's push and pull areas as numpy arrays.
+type LaneArrays<'py> = (Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>);
+
+/// The memory of a lane that numpy arrays are views of (their base object).
+#[pyclass(frozen, module = "pstrain._pstrain")]
+pub(crate) struct LaneMemory {
+    lane: Arc<Lane>,
 }
 
 /// A connection to every shard of a run, adopting the servers' layout, worker count and mode.
@@ -153,6 +164,33 @@ impl RawClient {
     #[getter]
     fn lanes_in_use(&self) -> usize {
         lock(&self.client).lanes_in_use()
+    }
+
+    /// With one shard reached through a lane: its push and pull areas as flat float32 arrays
+    /// `(grads, params)` of the model's size, which keep the lane mapped while they live. A
+    /// worker that computes in them pulls and pushes with no copy of its own (`pull(out=params)`
+    /// and `push(grads)` find the lane's own memory and leave it); otherwise `None`.
+    fn lane_arrays<'py>(slf: &Bound<'py, Self>) -> PyResult<Option<LaneArrays<'py>>> {
+        let py = slf.py();
+        let Some(lane) = lock(&slf.get().client).lane() else {
+            return Ok(None);
+        };
+        if lane.values() != slf.get().layout.len() {
+            return Ok(None);
+        }
+        let owner = Bound::new(py, LaneMemory { lane })?;
+        let area = |pull: bool| -> PyResult<Bound<'py, PyArray1<f32>>> {
+            let lane = &owner.get().lane;
+            // SAFETY: the area holds `lane.values()` floats for as long as the lane is mapped,
+            // and `owner` (the arrays' base object) keeps it mapped. The shard writes the pull
+            // area only while this worker waits for a pull, and reads the push area only while
+            // it waits for a push's answer.
+            let view = unsafe {
+                ArrayView1::from_shape_ptr(lane.values(), lane.area_ptr(pull).cast_const())
+            };
+            Ok(unsafe { PyArray1::borrow_from_array(&view, owner.clone().into_any()) })
+        };
+        Ok(Some((area(false)?, area(true)?)))
     }
 
     /// The server version of the weights last pulled.

@@ -68,6 +68,7 @@ fn _pstrain(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shard::ShardServer>()?;
     m.add_class::<run::RemoteRun>()?;
     m.add_class::<client::RawClient>()?;
+    m.add_class::<client::LaneMemory>()?;
     m.add_function(wrap_pyfunction!(run::run_worker, m)?)?;
     m.add_function(wrap_pyfunction!(help, m)?)?;
     m.add_function(wrap_pyfunction!(new_token, m)?)?;

@@ -106,6 +106,35 @@ def test_parameters_are_views_pull_fills_them_and_push_sends_the_grads():
     assert server.wait(10)["rejected_nonfinite"] == 1
 
 
+def test_on_the_shards_host_the_flat_buffers_are_the_lane_and_train_as_over_tcp():
+    def train(lanes):
+        with tiny_server() as server, pstrain.Client([server.address], lanes=lanes) as client:
+            worker = ModuleWorker(client, Tiny())
+            arrays = client.lane_arrays()
+            torch.manual_seed(1)
+            for _ in range(4):
+                worker.pull()
+                worker.zero_grad()
+                x = torch.randn(8, 4)
+                F.mse_loss(worker.module(x), torch.zeros(8, 2)).backward()
+                assert worker.push(8)["outcome"] == "applied"
+            worker.pull()
+            weights = worker.params.copy()
+            server.stop()
+            return arrays, worker, weights
+
+    (arrays, worker, with_lane), (none, _, over_tcp) = train(True), train(False)
+    assert none is None, "lanes=False: no lane, the worker keeps buffers of its own"
+    np.testing.assert_array_equal(with_lane, over_tcp)
+    if sys.platform == "linux":
+        grads, params = arrays
+        # The worker's buffers are the lane's push and pull areas: no copy on this side.
+        assert np.shares_memory(worker.params, params) and np.shares_memory(worker.grads, grads)
+        assert worker.module.fc1.weight.data_ptr() == params.ctypes.data
+        # The arrays keep the memory mapped after the client and the shard are gone.
+        np.testing.assert_array_equal(params, with_lane)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda m: setattr(m, "fc2", nn.Linear(3, 5)), "`fc2.weight` has shape [5, 3] in the module, [2, 3]"),
     (lambda m: setattr(m, "fc3", nn.Linear(2, 2)), "`fc3.weight` is not on the servers"),

@@ -223,7 +223,7 @@ impl Consistency for BoundedStaleness {
         let pending = self.step_mut(state, step);
         pending.heard[rank] = true;
         if summed {
-            pending.sum.add(meta.samples, grad.values);
+            pending.sum.add(meta.samples, grad.values, state.splitter());
             pending.staleness_sum += staleness;
             pending.contributions += 1;
             state.record_applied(meta, staleness);

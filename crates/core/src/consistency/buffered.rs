@@ -61,7 +61,8 @@ impl Consistency for BufferedAsync {
         } else {
             1.0
         };
-        self.sum.add_scaled(grad.meta.samples, damping, grad.values);
+        self.sum
+            .add_scaled(grad.meta.samples, damping, grad.values, state.splitter());
         self.held += 1;
         state.record_applied(grad.meta, staleness);
         if self.held < self.k {

@@ -190,7 +190,7 @@ impl Consistency for CoordinatedFollower {
         let staleness = state.version().saturating_sub(meta.base_version);
         let waiting_for = match self.open.get_mut(&step) {
             Some(open) => {
-                open.sum.add(meta.samples, grad.values);
+                open.sum.add(meta.samples, grad.values, state.splitter());
                 open.missing()
             }
             None => 0,

@@ -3,6 +3,7 @@
 
 use crate::config::Aggregate;
 use crate::optimizer::ScaledGrad;
+use crate::splitter::{self, Splitter};
 
 #[derive(Debug, Clone)]
 pub struct StepSum {
@@ -26,26 +27,37 @@ impl StepSum {
         }
     }
 
-    pub fn add(&mut self, samples: u32, grad: &[f32]) {
-        self.add_scaled(samples, 1.0, grad);
+    pub fn add(&mut self, samples: u32, grad: &[f32], splitter: Option<&dyn Splitter>) {
+        self.add_scaled(samples, 1.0, grad, splitter);
     }
 
     /// Adds `scale * grad` with the weight of `samples` (a damped gradient counts for its
-    /// samples in the mean, so damping shrinks the update rather than re-weighting it away).
-    pub fn add_scaled(&mut self, samples: u32, scale: f32, grad: &[f32]) {
+    /// samples in the mean, so damping shrinks the update rather than re-weighting it away),
+    /// in the pieces `splitter` cuts the slice into.
+    pub fn add_scaled(
+        &mut self,
+        samples: u32,
+        scale: f32,
+        grad: &[f32],
+        splitter: Option<&dyn Splitter>,
+    ) {
         let weight = match self.aggregate {
             Aggregate::Mean => samples as f32,
             Aggregate::Sum => 1.0,
         };
         let factor = weight * scale;
         if std::mem::replace(&mut self.empty, false) {
-            for (a, &g) in self.accum.iter_mut().zip(grad) {
-                *a = factor * g;
-            }
+            splitter::zip_pieces(splitter, &mut self.accum, grad, |accum, grad| {
+                for (a, &g) in accum.iter_mut().zip(grad) {
+                    *a = factor * g;
+                }
+            });
         } else {
-            for (a, &g) in self.accum.iter_mut().zip(grad) {
-                *a += factor * g;
-            }
+            splitter::zip_pieces(splitter, &mut self.accum, grad, |accum, grad| {
+                for (a, &g) in accum.iter_mut().zip(grad) {
+                    *a += factor * g;
+                }
+            });
         }
         self.weight += f64::from(weight);
     }
@@ -86,18 +98,18 @@ mod tests {
             s.combined()
                 .map(|u| u.values.iter().map(|v| v * u.scale).collect::<Vec<f32>>())
         };
-        mean.add(1, &[4.0, 0.0]);
-        mean.add(3, &[0.0, 4.0]);
+        mean.add(1, &[4.0, 0.0], None);
+        mean.add(3, &[0.0, 4.0], None);
         assert_eq!(mean_of(&mut mean), Some(vec![1.0, 3.0]));
         mean.clear();
         assert_eq!(mean_of(&mut mean), None);
         // After a clear the next step starts from nothing: the old sum is not in it.
-        mean.add(2, &[1.0, -1.0]);
+        mean.add(2, &[1.0, -1.0], None);
         assert_eq!(mean_of(&mut mean), Some(vec![1.0, -1.0]));
         mean.clear();
         let mut sum = StepSum::new(2, Aggregate::Sum);
-        sum.add(1, &[4.0, 0.0]);
-        sum.add(3, &[0.0, 4.0]);
+        sum.add(1, &[4.0, 0.0], None);
+        sum.add(3, &[0.0, 4.0], None);
         assert_eq!(mean_of(&mut sum), Some(vec![4.0, 4.0]));
     }
 }

@@ -163,7 +163,7 @@ impl Consistency for SyncSteps {
         };
         self.heard[rank] = true;
         if let Some(staleness) = staleness {
-            self.sum.add(meta.samples, grad.values);
+            self.sum.add(meta.samples, grad.values, state.splitter());
             self.contributed[rank] = true;
             state.record_applied(meta, staleness);
         }

@@ -15,6 +15,7 @@ use futures_util::future::try_join_all;
 use pstrain_core::{shard_ranges, Layout, RunPlan};
 use pstrain_core::{AutoCodec, PushEncoder};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -270,7 +271,9 @@ pub(super) async fn try_connect_shard(
     // so two workers' stochastic roundings are independent).
     let seed = cfg.plan.seed ^ ((ok.rank as u64) << 32) ^ shard as u64;
     let lane = if cfg.role == Role::Worker && cfg.lanes && conn.same_host() {
-        open_lane(&mut conn, range.len(), cfg.io_timeout).await?
+        open_lane(&mut conn, range.len(), cfg.io_timeout)
+            .await?
+            .map(Arc::new)
     } else {
         None
     };

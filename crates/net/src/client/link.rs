@@ -11,12 +11,14 @@ use crate::message::{
 };
 use pstrain_core::{AutoCodec, PullCodec, PullReply, PushEncoder, PushMeta};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(super) struct ShardLink {
     pub conn: Connection,
-    /// Shared memory with a shard on this host, which fp32 tensors cross instead of `conn`.
-    pub lane: Option<Lane>,
+    /// Shared memory with a shard on this host, which fp32 tensors cross instead of `conn`
+    /// (shared: a worker computing in it keeps it mapped past this link, `TcpClient::lane`).
+    pub lane: Option<Arc<Lane>>,
     pub range: Range<usize>,
     /// The version of the shard's weights when this link was made (its slice is pulled
     /// first; from then on `pstrain_core::FanOut` keeps the version of each slice held).

@@ -12,6 +12,7 @@ pub use heartbeat::Heartbeat;
 
 use crate::auth::RunToken;
 use crate::error::NetError;
+use crate::lane::Lane;
 use crate::message::{ErrorCode, Failure, Role, StatsReply};
 use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
@@ -20,6 +21,7 @@ use pstrain_core::{
     ClientError, FanOut, Layout, ParameterClient, PullReply, PushError, PushMeta, PushOutcome,
     PushRoute, RunPlan,
 };
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Runtime;
 
@@ -126,6 +128,17 @@ impl TcpClient {
     /// How many of the shards this client reaches through a shared-memory lane.
     pub fn lanes_in_use(&self) -> usize {
         self.shards.iter().filter(|s| s.lane.is_some()).count()
+    }
+
+    /// The lane of a run with one shard, when this worker reaches it through one: a worker
+    /// whose flat weights and gradient are the lane's pull and push areas (`Lane::area_ptr`)
+    /// pulls and pushes with no copy of its own. Holding it keeps the memory mapped after a
+    /// reconnection replaced the lane (pulls and pushes then copy, as for any buffer).
+    pub fn lane(&self) -> Option<Arc<Lane>> {
+        match &self.shards[..] {
+            [only] => only.lane.clone(),
+            _ => None,
+        }
     }
 
     /// The oldest version among the slices this client holds (all equal between failures).

@@ -26,7 +26,15 @@ pub(super) async fn push(
     let started = std::time::Instant::now();
     let bytes = if head.lane {
         let values = shared.range.len();
-        super::lanes::read_push(lane, head.codec, (len, body), &mut lease.buf, values)?
+        let threads = shared.threads.as_deref();
+        super::lanes::read_push(
+            threads,
+            lane,
+            head.codec,
+            (len, body),
+            &mut lease.buf,
+            values,
+        )?
     } else {
         read_push_values(shared, conn, head.codec, body, &mut lease).await?;
         len

@@ -7,7 +7,8 @@ use crate::connection::Connection;
 use crate::error::NetError;
 use crate::lane::{lane_len, Lane, LaneNonce};
 use crate::message::{ErrorCode, Failure, Reply};
-use pstrain_core::PushCodec;
+use pstrain_core::splitter;
+use pstrain_core::{Job, PushCodec, Splitter};
 use std::sync::atomic::Ordering;
 
 /// A lane and the budget bytes it holds.
@@ -122,9 +123,10 @@ fn no_lane() -> NetError {
 
 /// Reads a push whose fp32 values are in `lane` (its frame carries `body` bytes after the
 /// head: there must be none) into `buf`, copied out before anything looks at them, so the
-/// worker cannot change what is checked. Returns the bytes counted for it: its frame's `len`
-/// and the values, as the same push over TCP.
+/// worker cannot change what is checked (in the pieces `threads` cut it into). Returns the
+/// bytes counted for it: its frame's `len` and the values, as the same push over TCP.
 pub(super) fn read_push(
+    threads: Option<&dyn Splitter>,
     lane: Option<&Lane>,
     codec: PushCodec,
     (len, body): (u64, u64),
@@ -139,6 +141,12 @@ pub(super) fn read_push(
         });
     }
     buf.resize(values, 0.0);
-    lane.read(false, buf);
+    let piece = splitter::piece_len(threads, values);
+    let jobs = buf
+        .chunks_mut(piece)
+        .enumerate()
+        .map(|(i, out)| Box::new(move || lane.read_at(false, i * piece, out)) as Job<'_>)
+        .collect();
+    splitter::run(threads, jobs);
     Ok(len + 4 * values as u64)
 }

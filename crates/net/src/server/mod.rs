@@ -13,6 +13,7 @@ mod pull_copies;
 mod refusal_log;
 mod session;
 mod shared;
+mod update_threads;
 
 pub use handle::ShardHandle;
 

@@ -184,6 +184,8 @@ fn decide_pull(
     }
     let params = state.engine.params();
     if let Some(lane) = lane {
+        // Whole, on this thread: the workers resume computing as their pulls are answered,
+        // so another thread would wait for a core (measured slower split in two).
         lane.write(true, params);
         return Some((reply, PullBody::InLane(params.len())));
     }

@@ -3,13 +3,14 @@
 
 use super::pull_copies::PullCopies;
 use super::refusal_log::RefusalLog;
+use super::update_threads::UpdateThreads;
 use super::{ConnectionEvents, ShardConfig};
-use pstrain_core::{PushCodec, ShardEngine, ShardSnapshot};
+use pstrain_core::{PushCodec, ShardEngine, ShardSnapshot, Splitter};
 use pstrain_observe::{Latencies, RunSnapshot, ShardView};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify, Semaphore, SemaphorePermit};
 
@@ -115,16 +116,20 @@ pub(super) struct Shared {
     pub latencies: Option<Latencies>,
     /// Shared-memory bytes the connections' lanes hold now (at most `cfg.lane_budget`).
     pub lane_bytes: std::sync::atomic::AtomicU64,
+    /// The host's cores lent to loops over the slice (the engine's, and the lanes' copies).
+    pub threads: Option<Arc<dyn Splitter>>,
 }
 
 impl Shared {
     pub fn new(
         cfg: ShardConfig,
         range: Range<usize>,
-        engine: ShardEngine,
+        mut engine: ShardEngine,
         started: Instant,
         snapshots: Option<mpsc::Sender<ShardSnapshot>>,
     ) -> Self {
+        let threads = UpdateThreads::for_host().map(|t| Arc::new(t) as Arc<dyn Splitter>);
+        engine.set_splitter(threads.clone());
         let (version, _) = watch::channel((engine.version(), engine.is_done()));
         let per_push = push_units(&cfg, range.len());
         let pull_copies = PullCopies::new(
@@ -137,6 +142,7 @@ impl Shared {
             .is_some()
             .then(|| Latencies::new(cfg.shard));
         Shared {
+            threads,
             latencies,
             lane_bytes: std::sync::atomic::AtomicU64::new(0),
             cfg,

@@ -164,6 +164,13 @@ class Client:
         """How many shards this client reaches through shared memory instead of TCP."""
         return self._raw.lanes_in_use
 
+    def lane_arrays(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """With one shard reached through shared memory: ``(grads, params)``, flat float32
+        arrays that are the lane's push and pull areas. Computing in them saves this worker's
+        copies: ``push(grads, ...)`` and ``pull_flat(out=params)`` then copy nothing. ``None``
+        otherwise (several shards, another host, ``lanes=False``)."""
+        return self._raw.lane_arrays()
+
     def pull_flat(self, wait: bool = True, out: Optional[np.ndarray] = None) -> np.ndarray:
         flat, _version, done = self._raw.pull(wait, out)
         self.done = done

@@ -99,8 +99,14 @@ class ModuleWorker:
         self.module = module
         self._named = _named(module)
         _check_layout(client, self._named)
-        self.params = np.zeros(client.size, dtype=np.float32)
-        self.grads = np.zeros(client.size, dtype=np.float32)
+        # On the shard's host the buffers are the shared-memory lane itself, so pulls and
+        # pushes copy nothing on this side; elsewhere, buffers of our own.
+        lane = client.lane_arrays()
+        if lane is not None:
+            self.grads, self.params = lane
+        else:
+            self.params = np.zeros(client.size, dtype=np.float32)
+            self.grads = np.zeros(client.size, dtype=np.float32)
         self._params_t = torch.from_numpy(self.params)
         self._grads_t = torch.from_numpy(self.grads)
         self._views: List[Tuple["torch.nn.Parameter", "torch.Tensor", "torch.Tensor"]] = []
