@@ -95,16 +95,22 @@ pub fn pieces_mut(values: &mut [f32], piece: usize) -> Box<dyn Iterator<Item = &
 mod tests {
     use super::*;
 
+    /// Cuts every loop into a fixed number of pieces, run here backwards (the pieces must
+    /// not depend on their order) or each on a thread of its own (as the network layer's
+    /// shard does).
     #[derive(Debug)]
-    struct Fixed(usize);
+    struct Fixed(usize, bool);
 
     impl Splitter for Fixed {
         fn pieces(&self, _len: usize) -> usize {
             self.0
         }
         fn run<'a>(&self, jobs: Vec<Job<'a>>) {
-            // Backwards: the pieces must not depend on their order.
-            jobs.into_iter().rev().for_each(|job| job());
+            if self.1 {
+                std::thread::scope(|s| jobs.into_iter().for_each(|job| drop(s.spawn(job))));
+            } else {
+                jobs.into_iter().rev().for_each(|job| job());
+            }
         }
     }
 
@@ -112,11 +118,11 @@ mod tests {
     fn pieces_are_aligned_and_cover_the_loop() {
         assert_eq!(piece_len(None, 1000), 1000);
         assert_eq!(piece_len(None, 0), 1);
-        assert_eq!(piece_len(Some(&Fixed(1)), 1000), 1000);
-        assert_eq!(piece_len(Some(&Fixed(2)), 1000), 512);
-        assert_eq!(piece_len(Some(&Fixed(3)), 1_199_882), 400_000);
+        assert_eq!(piece_len(Some(&Fixed(1, false)), 1000), 1000);
+        assert_eq!(piece_len(Some(&Fixed(2, false)), 1000), 512);
+        assert_eq!(piece_len(Some(&Fixed(3, false)), 1_199_882), 400_000);
         for (len, pieces) in [(1000, 2), (1_199_882, 3), (10, 4), (129, 2)] {
-            let piece = piece_len(Some(&Fixed(pieces)), len);
+            let piece = piece_len(Some(&Fixed(pieces, false)), len);
             assert_eq!(piece % PIECE_ALIGN, 0);
             assert!(len.div_ceil(piece) <= pieces, "{len} in {pieces}");
         }
@@ -124,7 +130,7 @@ mod tests {
 
     #[test]
     fn every_job_runs_once_through_the_splitter_or_here() {
-        for splitter in [None, Some(&Fixed(3) as &dyn Splitter)] {
+        for splitter in [None, Some(&Fixed(3, false) as &dyn Splitter)] {
             let mut seen = [0u32; 5];
             let jobs: Vec<Job<'_>> = seen
                 .iter_mut()
@@ -138,7 +144,7 @@ mod tests {
     #[test]
     fn mapped_and_zipped_pieces_cover_every_value_in_order() {
         let values: Vec<u32> = (0..1000).collect();
-        for splitter in [None, Some(&Fixed(3) as &dyn Splitter)] {
+        for splitter in [None, Some(&Fixed(3, false) as &dyn Splitter)] {
             let sums = map_pieces(splitter, &values, |c| c.iter().sum::<u32>());
             assert_eq!(sums.iter().sum::<u32>(), 499_500);
             let firsts = map_pieces(splitter, &values, |c| c[0]);
@@ -151,19 +157,6 @@ mod tests {
                 o.iter_mut().zip(v).for_each(|(o, &v)| *o = 2 * v)
             });
             assert!(out.iter().enumerate().all(|(i, &o)| o == 2 * i as u32));
-        }
-    }
-
-    /// Runs each piece on a thread of its own, as the network layer's shard does.
-    #[derive(Debug)]
-    struct Threads(usize);
-
-    impl Splitter for Threads {
-        fn pieces(&self, _len: usize) -> usize {
-            self.0
-        }
-        fn run<'a>(&self, jobs: Vec<Job<'a>>) {
-            std::thread::scope(|s| jobs.into_iter().for_each(|job| drop(s.spawn(job))));
         }
     }
 
@@ -186,7 +179,7 @@ mod tests {
         for config in configs {
             let mut whole = Optimizer::new(config, len);
             let mut cut = Optimizer::new(config, len);
-            cut.set_splitter(Some(Arc::new(Threads(3))));
+            cut.set_splitter(Some(Arc::new(Fixed(3, true))));
             let (mut a, mut b) = (params.clone(), params.clone());
             for k in 1..5 {
                 let g = grad(k);

@@ -105,7 +105,12 @@ impl Lane {
         Ok((lane, nonce))
     }
 
-    fn area(&self, pull: bool) -> *mut f32 {
+    /// The push area (`pull: false`) or the pull area, for a worker that computes in the lane
+    /// itself: a gradient written there and weights read from there need no copy (`write` and
+    /// `read` see that their buffer is the area and leave it). The pointer is valid for
+    /// `values()` floats while this lane lives; the shard writes the pull area only while
+    /// this worker waits for a pull through it.
+    pub fn area_ptr(&self, pull: bool) -> *mut f32 {
         let offset = HEADER + if pull { 4 * self.values } else { 0 };
         // SAFETY: `offset` and the area after it lie inside the mapping (`lane_len`); the
         // mapping is page-aligned and `offset` a multiple of 4.
@@ -115,15 +120,6 @@ impl Lane {
     /// The number of `f32`s in each area.
     pub fn values(&self) -> usize {
         self.values
-    }
-
-    /// The push area (`pull: false`) or the pull area, for a worker that computes in the lane
-    /// itself: a gradient written there and weights read from there need no copy (`write` and
-    /// `read` see that their buffer is the area and leave it). The pointer is valid for
-    /// `values()` floats while this lane lives; the shard writes the pull area only while
-    /// this worker waits for a pull through it.
-    pub fn area_ptr(&self, pull: bool) -> *mut f32 {
-        self.area(pull)
     }
 
     /// Writes `values` (at most the slice's length) into the push area (`pull: false`) or
@@ -137,7 +133,7 @@ impl Lane {
     pub fn write_at(&self, pull: bool, offset: usize, values: &[f32]) {
         let n = values.len().min(self.values.saturating_sub(offset));
         // SAFETY: `offset + n` is at most the area's `self.values` floats.
-        let at = unsafe { self.area(pull).add(offset.min(self.values)) };
+        let at = unsafe { self.area_ptr(pull).add(offset.min(self.values)) };
         if std::ptr::eq(values.as_ptr(), at) {
             return;
         }
@@ -160,7 +156,7 @@ impl Lane {
     pub fn read_at(&self, pull: bool, offset: usize, out: &mut [f32]) {
         let n = out.len().min(self.values.saturating_sub(offset));
         // SAFETY: as in `write_at`.
-        let at = unsafe { self.area(pull).add(offset.min(self.values)) };
+        let at = unsafe { self.area_ptr(pull).add(offset.min(self.values)) };
         if std::ptr::eq(out.as_ptr(), at) {
             return;
         }
