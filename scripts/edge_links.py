@@ -13,7 +13,10 @@ codecs each worker used last (`auto` picks its own), and the times to 98%, 98.5%
 checkpoint reached it and every later one held it. A codec pair is PUSH/PULL or `auto`, with
 `@overlap` added for workers that push and pull while computing (`pstrain worker --overlap`,
 which looks one round ahead), or `@lookahead=K` for overlapped workers computing K rounds
-ahead (`--overlap --lookahead K`; K = 0 computes on the pulled weights); a link is a rate for every worker (`100mbit`) or one per worker (`100mbit+10mbit`).
+ahead (`--overlap --lookahead K`; K = 0 computes on the pulled weights), `:until=F` after
+either for overlapped workers that turn to exact rounds after a share F of the updates
+(`--overlap-until F`), e.g. `auto@lookahead=1:until=0.7`; a link is a rate for every worker
+(`100mbit`) or one per worker (`100mbit+10mbit`).
 
 `--repeat N` runs the whole sweep N times, round after round (so a drift of the machine
 touches every row alike), and adds a summary: per row, the median of its time to 98.5% over
@@ -74,7 +77,7 @@ def evaluate(exe: str, data: str, ckpt_file: Path) -> float:
 
 
 def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overlap=False,
-            lookahead=None):
+            lookahead=None, until=None):
     prefix = f"el{os.getpid() % 1000}"
     work = Path(tempfile.mkdtemp())
     token = work / "run.token"
@@ -110,6 +113,8 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
                    "--data-dir", data, "--token-file", str(token), "--no-lanes"]
             if overlap:
                 cmd += ["--overlap", "--lookahead", str(lookahead)]
+            if overlap and until is not None:
+                cmd += ["--overlap-until", str(until)]
             if link != "loopback":
                 cmd = ["ip", "netns", "exec", f"{prefix}-w{rank}"] + cmd
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -142,6 +147,7 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
                                 if all(q["accuracy"] >= target for q in points[i:])), None)
     return {
         "link": link, "push": push, "pull": pull, "overlap": overlap, "lookahead": lookahead,
+        "overlap_until": until,
         "mode": mode,
         "updates": updates,
         "wall_s": wall, "updates_per_s": round(updates / wall, 2),
@@ -167,7 +173,8 @@ def markdown(runs):
         times = " / ".join("-" if r.get(k) is None else f"{r[k]:.1f}"
                            for k in ("time_to_98_s", "time_to_98_5_s", "time_to_99_s"))
         lines.append(
-            f"| {r['link']} | {r['push']} / {r['pull']}{how(r.get('overlap'), r.get('lookahead'))}"
+            f"| {r['link']} | {r['push']} / {r['pull']}"
+            f"{how(r.get('overlap'), r.get('lookahead'), r.get('overlap_until'))}"
             f" | {r['mode']} | {r['updates']} | "
             f"{r['wall_s']:.1f} | {r['updates_per_s']} | {slower} | {r['final_accuracy']:.2f}% | "
             f"{times} | "
@@ -176,12 +183,14 @@ def markdown(runs):
     return "\n".join(lines) + "\n"
 
 
-def how(overlap, lookahead):
-    """A row's label after its codecs: overlapped, and how many rounds it looks ahead (runs
-    from before `--lookahead` have none: they computed on the pulled weights)."""
+def how(overlap, lookahead, until=None):
+    """A row's label after its codecs: overlapped, how many rounds it looks ahead (runs from
+    before `--lookahead` have none: they computed on the pulled weights), and the share of the
+    updates it overlaps if it turns exact before the end (`--overlap-until`)."""
     if not overlap:
         return ""
-    return ", overlapped" if lookahead is None else f", overlapped, lookahead {lookahead:g}"
+    label = ", overlapped" if lookahead is None else f", overlapped, lookahead {lookahead:g}"
+    return label if until is None else f"{label}, exact after {until:.0%}"
 
 
 def median(values):
@@ -210,12 +219,12 @@ def summary(runs):
     rows = {}
     for r in runs:
         rows.setdefault((r["mode"], r["link"], r["push"], r["pull"], bool(r.get("overlap")),
-                         r.get("lookahead")), []).append(r)
+                         r.get("lookahead"), r.get("overlap_until")), []).append(r)
     base = baselines(runs)
     lines = ["| link | push / pull codec | mode | rounds | time to 98.5% over loopback fp32's, "
              "each round | median | accuracy at the end, each round | end minus fp32's, mean |",
              "|---|---|---|---|---|---|---|---|"]
-    for (mode, link, push, pull, overlap, lookahead), group in rows.items():
+    for (mode, link, push, pull, overlap, lookahead, until), group in rows.items():
         ratios, diffs = [], []
         for r in group:
             b = base.get(baseline_key(r))
@@ -230,7 +239,7 @@ def summary(runs):
         known = [d for d in diffs if d is not None]
         mean_diff = sum(known) / len(known) if known else None
         lines.append(
-            f"| {link} | {push} / {pull}{how(overlap, lookahead)} | {mode} | "
+            f"| {link} | {push} / {pull}{how(overlap, lookahead, until)} | {mode} | "
             f"{len(group)} | {shown} | {'-' if mid is None else f'{mid:.2f}x'} | "
             f"{ends} | "
             f"{'-' if mean_diff is None else f'{mean_diff:+.2f}'} |")
@@ -266,15 +275,27 @@ def main():
 
 
 def worker_flags(pair):
-    """`PUSH/PULL`, `PUSH/PULL@overlap` (overlapped, looking pstrain's default one round
-    ahead) or `PUSH/PULL@lookahead=K` (overlapped, K rounds ahead; 0: on the pulled weights):
-    the codecs, whether the workers overlap, and the rounds they look ahead."""
+    """`PUSH/PULL`, or `PUSH/PULL@` and `:`-separated overlapped workers' settings: `overlap`
+    (looking pstrain's default one round ahead), `lookahead=K` (K rounds ahead; 0: on the
+    pulled weights), `until=F` (exact rounds after a share F of the updates): the codecs,
+    whether the workers overlap, the rounds they look ahead, and the share they overlap."""
     codecs, _, worker = pair.partition("@")
-    if worker.startswith("lookahead="):
-        return codecs, True, float(worker[len("lookahead="):])
-    if worker not in ("", "overlap"):
-        raise SystemExit(f"`{pair}`: after @ comes overlap or lookahead=K")
-    return (codecs, True, 1.0) if worker == "overlap" else (codecs, False, None)
+    if not worker:
+        return codecs, False, None, None
+    lookahead, until = 1.0, None
+    for item in worker.split(":"):
+        key, _, value = item.partition("=")
+        try:
+            if key == "lookahead" and value:
+                lookahead = float(value)
+            elif key == "until" and value:
+                until = float(value)
+            elif item != "overlap":
+                raise ValueError(item)
+        except ValueError:
+            raise SystemExit(f"`{pair}`: after @ come overlap, lookahead=K or until=F, "
+                             "separated by `:`")
+    return codecs, True, lookahead, until
 
 
 def sweep(a, data, skip, round_):
@@ -284,10 +305,10 @@ def sweep(a, data, skip, round_):
             for pair in a.codecs.split(","):
                 if f"{link}:{pair}" in skip:
                     continue
-                codecs, overlap, lookahead = worker_flags(pair)
+                codecs, overlap, lookahead, until = worker_flags(pair)
                 push, pull = codecs.split("/") if "/" in codecs else (codecs, codecs)
                 r = run_one(a.pstrain, data, link, push, pull, mode, a.updates, a.every,
-                            overlap=overlap, lookahead=lookahead)
+                            overlap=overlap, lookahead=lookahead, until=until)
                 r["round"] = round_
                 print(f"round {round_} {link} {pair} {mode}: {r['wall_s']:.1f} s, "
                       f"{r['updates_per_s']} updates/s, {r['final_accuracy']:.2f}%", flush=True)

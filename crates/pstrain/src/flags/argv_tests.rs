@@ -2,6 +2,7 @@
 //! back, through the very flags `pstrain server` and `pstrain worker` take, into the run it
 //! was written from.
 
+use super::device::DeviceArgs;
 use super::parse_flags;
 use super::server::{server_argv, ServerArgs};
 use super::worker::{worker_argv, WorkerArgs};
@@ -247,6 +248,56 @@ fn lookahead_is_a_few_rounds_of_an_overlapped_worker() {
     let err = flags(&["--servers", "a:1", "--rank", "0", "--lookahead", "1"])
         .unwrap_err()
         .to_string();
+    assert!(err.contains("--overlap"), "{err}");
+}
+
+#[test]
+fn overlap_until_is_a_share_of_the_planned_updates_then_exact_rounds() {
+    let async_plan = RunPlan {
+        mode: Mode::Async {
+            max_staleness: None,
+        },
+        iterations: Some(3000),
+        ..plan()
+    };
+    let with = |overlap: bool, until: f64| TrainConfig {
+        plan: async_plan.clone(),
+        overlap,
+        overlap_until: until,
+        ..TrainConfig::default()
+    };
+    // Overlapped to the end unless told otherwise; 0.7 of 3,000 updates: exact from 2,100.
+    assert_eq!(TrainConfig::default().overlap_until, 1.0);
+    assert_eq!(with(true, 1.0).worker_config(0).exact_from, None);
+    with(true, 0.7).validate().unwrap();
+    assert_eq!(with(true, 0.7).worker_config(1).exact_from, Some(2100));
+    assert_eq!(with(false, 0.7).worker_config(1).exact_from, None);
+    for until in [0.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+        let err = with(true, until).validate().unwrap_err().to_string();
+        assert!(err.contains("overlap_until"), "{until}: {err}");
+    }
+    let argv = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let base = ["--servers", "a:1", "--rank", "0", "--overlap"];
+    let given = parse_flags::<WorkerArgs>(
+        "worker",
+        &argv(&[&base[..], &["--overlap-until", "0.8"]].concat()),
+    )
+    .unwrap();
+    let cfg = given.device.configure(with(true, 1.0));
+    assert_eq!(cfg.overlap_until, 0.8);
+    // Passed on to the worker processes a launcher starts, and only when it differs.
+    let passed = DeviceArgs::argv(&cfg);
+    assert!(
+        passed.windows(2).any(|w| w == ["--overlap-until", "0.8"]),
+        "{passed:?}"
+    );
+    assert!(!DeviceArgs::argv(&with(true, 1.0)).contains(&"--overlap-until".to_string()));
+    let err = parse_flags::<WorkerArgs>(
+        "worker",
+        &argv(&["--servers", "a:1", "--rank", "0", "--overlap-until", "0.5"]),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("--overlap"), "{err}");
 }
 

@@ -2,7 +2,7 @@
 //! `pstrain worker` (this one): emulated slowness, changing speeds, an overlapped link.
 
 use crate::run::speed_trace::SpeedTrace;
-use crate::run::{TrainConfig, DEFAULT_LOOKAHEAD};
+use crate::run::{TrainConfig, DEFAULT_LOOKAHEAD, DEFAULT_OVERLAP_UNTIL};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +36,11 @@ pub struct DeviceArgs {
     /// on the pulled weights) [default: 1]
     #[arg(long, value_name = "K", requires = "overlap")]
     pub lookahead: Option<f32>,
+    /// With --overlap: overlap for this share of the run's planned updates (0 to 1), then run
+    /// exact rounds (push, pull, compute on what was pulled) to the end, where a gradient a
+    /// round older costs accuracy [default: 1, to the end]
+    #[arg(long, value_name = "SHARE", requires = "overlap")]
+    pub overlap_until: Option<f64>,
 }
 
 impl DeviceArgs {
@@ -48,6 +53,7 @@ impl DeviceArgs {
             speed_trace: self.speed_trace.clone(),
             overlap: self.overlap,
             lookahead: self.lookahead.unwrap_or(DEFAULT_LOOKAHEAD),
+            overlap_until: self.overlap_until.unwrap_or(DEFAULT_OVERLAP_UNTIL),
             ..cfg
         }
     }
@@ -71,6 +77,9 @@ impl DeviceArgs {
         }
         if cfg.overlap && cfg.lookahead != DEFAULT_LOOKAHEAD {
             a.extend(["--lookahead".to_string(), cfg.lookahead.to_string()]);
+        }
+        if cfg.overlap && cfg.overlap_until != DEFAULT_OVERLAP_UNTIL {
+            a.extend(["--overlap-until".to_string(), cfg.overlap_until.to_string()]);
         }
         a
     }

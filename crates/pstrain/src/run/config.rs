@@ -41,6 +41,9 @@ pub struct TrainConfig {
     /// With `overlap`: workers compute on the weights extrapolated this many rounds ahead
     /// (`WorkerConfig::lookahead`; unused without overlap).
     pub lookahead: f32,
+    /// With `overlap`: the share of the planned updates after which workers stop overlapping
+    /// and run exact rounds (`WorkerConfig::exact_from`; 1: overlap to the end).
+    pub overlap_until: f64,
     /// Serve `/metrics` and the live page on this address while the run goes on.
     pub metrics_addr: Option<String>,
 }
@@ -52,6 +55,9 @@ pub const DEFAULT_LOOKAHEAD: f32 = 1.0;
 /// The most rounds ahead an overlapped worker may extrapolate its weights: further, one
 /// round's noise outweighs the staleness it hides.
 pub const MAX_LOOKAHEAD: f32 = 4.0;
+
+/// The share of the planned updates an overlapped worker overlaps unless told otherwise.
+pub const DEFAULT_OVERLAP_UNTIL: f64 = 1.0;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -66,6 +72,7 @@ impl Default for TrainConfig {
             speed_trace: None,
             overlap: false,
             lookahead: DEFAULT_LOOKAHEAD,
+            overlap_until: DEFAULT_OVERLAP_UNTIL,
             metrics_addr: None,
         }
     }
@@ -144,6 +151,13 @@ impl TrainConfig {
                 value: self.lookahead.to_string(),
             }));
         }
+        if !(self.overlap_until > 0.0 && self.overlap_until <= 1.0) {
+            return Err(TrainError::Config(ConfigError::OutOfRange {
+                field: "overlap_until",
+                requirement: "a share of the planned updates, above 0 and at most 1",
+                value: self.overlap_until.to_string(),
+            }));
+        }
         Ok(self.plan.validate()?)
     }
 
@@ -171,7 +185,16 @@ impl TrainConfig {
             speed: self.speed_of(rank),
             overlap: self.overlap,
             lookahead: self.lookahead,
+            exact_from: self.exact_from(),
         }
+    }
+
+    /// The version from which overlapped workers run exact rounds (`overlap_until` of the
+    /// planned updates), if they stop overlapping before the end.
+    fn exact_from(&self) -> Option<u64> {
+        let share = self.overlap_until;
+        (self.overlap && share < 1.0)
+            .then(|| (share * self.plan.planned_updates() as f64).ceil() as u64)
     }
 
     /// How worker `rank`'s device runs: as `--slowdown` says for it, else as the speed

@@ -13,7 +13,7 @@ mod overlapped;
 pub mod speed_trace;
 pub mod worker;
 
-pub use config::{CheckpointPolicy, TrainConfig, DEFAULT_LOOKAHEAD};
+pub use config::{CheckpointPolicy, TrainConfig, DEFAULT_LOOKAHEAD, DEFAULT_OVERLAP_UNTIL};
 pub use embedded::train;
 pub use error::TrainError;
 pub use monitor::TrainOutcome;

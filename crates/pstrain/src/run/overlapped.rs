@@ -4,8 +4,8 @@
 
 use super::device_speed::SpeedClock;
 use super::worker::{
-    continues, counted, first_step, goes_on, Buffers, WorkerConfig, WorkerData, WorkerError,
-    WorkerReport,
+    continues, counted, first_step, goes_on, Buffers, Overlapped, Resume, WorkerConfig, WorkerData,
+    WorkerError, WorkerReport,
 };
 use pstrain_compute::Model;
 use pstrain_core::client::{ClientError, ParameterClient};
@@ -16,14 +16,15 @@ use std::time::Instant;
 /// (`WorkerConfig::overlap`): a helper thread pushes the gradient computed last and pulls
 /// while this one computes the next on the weights it has. The pulls land in a buffer of
 /// their own (a delta pull adds to what the last one left there), copied to the model's
-/// weights between steps (extrapolated ahead if `cfg.lookahead` says so: `Lookahead`).
+/// weights between steps (extrapolated ahead if `cfg.lookahead` says so: `Lookahead`). From
+/// `cfg.exact_from` on, it pushes what it has, pulls, and hands over to exact rounds.
 pub(super) fn train_overlapped(
     client: &mut dyn ParameterClient,
     model: &mut dyn Model,
     data: WorkerData<'_>,
     cfg: &WorkerConfig,
     stop: &dyn Fn() -> bool,
-) -> Result<WorkerReport, WorkerError> {
+) -> Result<Overlapped, WorkerError> {
     let mut sampler = data.sampler(cfg);
     let data = data.samples();
     let rank = cfg.rank;
@@ -38,7 +39,7 @@ pub(super) fn train_overlapped(
     let mut pulled = vec![0.0; buffers.params.len()];
     let first = client.pull(&mut pulled, None, false).map_err(client_err)?;
     if first.done {
-        return Ok(report);
+        return Ok(Overlapped::Ended(report));
     }
     let mut pulled_version = first.version;
     let total = cfg
@@ -52,7 +53,8 @@ pub(super) fn train_overlapped(
     // The version of the weights in `buffers.params` (copied only when a pull brought newer).
     let mut params_version = None;
     let mut lookahead = Lookahead::new(cfg.lookahead);
-    while total.is_none_or(|t| step < t) && !stop() {
+    let goes_exact = |version: u64| cfg.exact_from.is_some_and(|from| version >= from);
+    while total.is_none_or(|t| step < t) && !stop() && !goes_exact(pulled_version) {
         if params_version != Some(pulled_version) {
             lookahead.place(&pulled, pulled_version, step, &mut buffers.params);
             params_version = Some(pulled_version);
@@ -78,13 +80,13 @@ pub(super) fn train_overlapped(
         });
         if let Some((pushed, pull)) = exchanged {
             if !goes_on(pushed, &mut report).map_err(client_err)? {
-                return Ok(report);
+                return Ok(Overlapped::Ended(report));
             }
             if let Some(reply) = pull {
                 let reply = reply.map_err(client_err)?;
                 pulled_version = reply.version;
                 if reply.done {
-                    return Ok(report);
+                    return Ok(Overlapped::Ended(report));
                 }
             }
         }
@@ -93,9 +95,27 @@ pub(super) fn train_overlapped(
         step += 1;
     }
     if let Some((meta, _)) = unsent {
-        goes_on(client.push(meta, &outgoing), &mut report).map_err(client_err)?;
+        if !goes_on(client.push(meta, &outgoing), &mut report).map_err(client_err)? {
+            return Ok(Overlapped::Ended(report));
+        }
     }
-    Ok(report)
+    if !goes_exact(pulled_version) || total.is_some_and(|t| step >= t) || stop() {
+        return Ok(Overlapped::Ended(report));
+    }
+    // Exact rounds from here: they start from weights that include the gradient just pushed.
+    let reply = client
+        .pull(&mut pulled, Some(pulled_version), false)
+        .map_err(client_err)?;
+    if reply.done {
+        return Ok(Overlapped::Ended(report));
+    }
+    Ok(Overlapped::ExactFrom(Resume {
+        report,
+        step,
+        pulled,
+        version: reply.version,
+        device,
+    }))
 }
 
 /// A push's answer and, if the worker goes on after it, the answer to pulling weights newer
@@ -168,6 +188,120 @@ impl Lookahead {
 #[cfg(test)]
 mod tests {
     use super::Lookahead;
+    use crate::run::device_speed::DeviceSpeed;
+    use crate::run::worker::{train_until, WorkerConfig, WorkerData};
+    use pstrain_compute::mnist::Split;
+    use pstrain_compute::{ModelKind, ModelOptions};
+    use pstrain_core::client::{ClientError, ParameterClient, PullReply};
+    use pstrain_core::{PushMeta, PushOutcome};
+
+    /// A shard of one worker that applies every push at once and records, per push, the
+    /// version its gradient was computed on, the version it reached, and whether the worker
+    /// computed it beside the link.
+    struct Recorder {
+        version: u64,
+        last: u64,
+        beside: bool,
+        pushes: Vec<(u64, u64, bool)>,
+    }
+
+    impl ParameterClient for Recorder {
+        fn pull(
+            &mut self,
+            params: &mut [f32],
+            newer_than: Option<u64>,
+            _wait: bool,
+        ) -> Result<PullReply, ClientError> {
+            let updated = newer_than.is_none_or(|v| v < self.version);
+            if updated {
+                params.fill(self.version as f32 * 1e-3);
+            }
+            let (version, done) = (self.version, self.version >= self.last);
+            let batch = None;
+            Ok(PullReply {
+                version,
+                updated,
+                done,
+                batch,
+            })
+        }
+
+        fn push(&mut self, meta: PushMeta, _grad: &[f32]) -> Result<PushOutcome, ClientError> {
+            if self.version >= self.last {
+                return Ok(PushOutcome::Done);
+            }
+            let beside = std::mem::take(&mut self.beside);
+            self.pushes.push((meta.base_version, self.version, beside));
+            self.version += 1;
+            let staleness = self.version - 1 - meta.base_version;
+            Ok(PushOutcome::Applied {
+                version: self.version,
+                staleness,
+            })
+        }
+
+        fn leave(&mut self) -> Result<(), ClientError> {
+            Ok(())
+        }
+
+        fn computed_beside(&mut self, _seconds: f64) {
+            self.beside = true;
+        }
+    }
+
+    #[test]
+    fn an_overlapped_worker_turns_exact_at_its_version_and_keeps_its_place() {
+        let model_kind = ModelKind::Convnet;
+        let mut model = model_kind.build(ModelOptions::default());
+        let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
+        let pixels: Vec<u8> = (0..32 * 784).map(|i| (i * 7 % 256) as u8).collect();
+        let data = Split::from_pixels(&pixels, labels);
+        let cfg = WorkerConfig {
+            rank: 0,
+            workers: 1,
+            batch_size: 8,
+            epochs: None,
+            seed: 1,
+            lockstep: false,
+            step_is_version: false,
+            pull_waits: false,
+            max_batch: 8,
+            speed: DeviceSpeed::Fixed(1.0),
+            overlap: true,
+            lookahead: 1.0,
+            exact_from: Some(6),
+        };
+        let mut shard = Recorder {
+            version: 0,
+            last: 12,
+            beside: false,
+            pushes: Vec::new(),
+        };
+        let data = WorkerData::Whole(&data);
+        let report = train_until(&mut shard, model.as_mut(), data, &cfg, &|| false).unwrap();
+        let pushes = &shard.pushes;
+        assert_eq!(pushes.len(), 12, "{pushes:?}");
+        // Overlapped until a pull brought version 6: each gradient computed beside the link
+        // on weights a push behind (its own last gradient was still on its way) ...
+        assert!(
+            pushes[..6].iter().all(|&(_, _, beside)| beside),
+            "{pushes:?}"
+        );
+        assert!(pushes[1..7].iter().all(|&(base, at, _)| base + 1 == at));
+        // ... the last of them pushed on its own, then exact rounds: pushed, pulled, computed
+        // on the weights its own push made.
+        assert_eq!(pushes[6], (5, 6, false));
+        let exact = &pushes[7..];
+        assert!(
+            exact
+                .iter()
+                .all(|&(base, at, beside)| base == at && !beside),
+            "{exact:?}"
+        );
+        // One report over both loops, every gradient counted once; the batches went on from
+
+        assert_eq!((report.steps, report.samples), (12, 12 * 8));
+    }
 
     #[test]
     fn lookahead_extrapolates_the_last_rounds_move_per_step() {

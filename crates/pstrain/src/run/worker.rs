@@ -65,6 +65,10 @@ pub struct WorkerConfig {
     /// With `overlap`: compute each gradient on the weights extrapolated this many rounds
     /// past the last pull, along the last round's move (0: on the pulled weights).
     pub lookahead: f32,
+    /// With `overlap`: from this server version on, rounds are exact (push, then pull, then
+    /// compute on what was pulled). The end of a run is decided by its last, small-step
+    /// updates, where a gradient a round older costs accuracy and hides little time.
+    pub exact_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -140,36 +144,98 @@ pub fn train_until(
     cfg: &WorkerConfig,
     stop: &dyn Fn() -> bool,
 ) -> Result<WorkerReport, WorkerError> {
-    if cfg.overlap {
-        return super::overlapped::train_overlapped(client, model, data, cfg, stop);
+    let resumed = if cfg.overlap {
+        match super::overlapped::train_overlapped(client, model, data, cfg, stop)? {
+            Overlapped::Ended(report) => return Ok(report),
+            Overlapped::ExactFrom(point) => Some(point),
+        }
+    } else {
+        None
+    };
+    train_exact(client, model, data, cfg, stop, resumed)
+}
+
+/// How an overlapped worker's loop ended: the run (or the worker's part) is over, or it
+/// reached `WorkerConfig::exact_from` and its exact rounds go on from this point.
+pub(super) enum Overlapped {
+    Ended(WorkerReport),
+    ExactFrom(Resume),
+}
+
+/// Where exact rounds take over from overlapped ones: the report so far, the next step, the
+/// last pull (the weights and their version; a delta pull adds to them) and the device's
+/// clock (a speed trace goes on from where it was).
+pub(super) struct Resume {
+    pub report: WorkerReport,
+    pub step: u64,
+    pub pulled: Vec<f32>,
+    pub version: u64,
+    pub device: SpeedClock,
+}
+
+/// Where the exact loop starts: the report, the weights' version, the step, the batch size
+/// the shards asked for, the device's clock; `None` if the run is already over.
+type Start = (WorkerReport, u64, u64, Option<u32>, SpeedClock);
+
+/// The exact loop's start: where the overlapped loop stopped, or the first pull into
+/// `params`.
+fn exact_start(
+    client: &mut dyn ParameterClient,
+    cfg: &WorkerConfig,
+    params: &mut Vec<f32>,
+    resumed: Option<Resume>,
+) -> Result<Option<Start>, ClientError> {
+    if let Some(at) = resumed {
+        *params = at.pulled;
+        return Ok(Some((at.report, at.version, at.step, None, at.device)));
     }
+    let first = client.pull(params, None, false)?;
+    let report = WorkerReport {
+        rank: cfg.rank,
+        ..WorkerReport::default()
+    };
+    let device = SpeedClock::start(cfg.speed.clone());
+    let start = (
+        report,
+        first.version,
+        first_step(cfg, first.version),
+        first.batch,
+        device,
+    );
+    Ok((!first.done).then_some(start))
+}
+
+/// The loop in exact rounds: compute on the pulled weights, push, pull; from the first pull,
+/// or from where an overlapped loop stopped.
+fn train_exact(
+    client: &mut dyn ParameterClient,
+    model: &mut dyn Model,
+    data: WorkerData<'_>,
+    cfg: &WorkerConfig,
+    stop: &dyn Fn() -> bool,
+    resumed: Option<Resume>,
+) -> Result<WorkerReport, WorkerError> {
     let mut sampler = data.sampler(cfg);
     let data = data.samples();
     let rank = cfg.rank;
     let client_err = |source| WorkerError::Client { rank, source };
     let max_batch = cfg.max_batch.max(cfg.batch_size);
     let mut buffers = Buffers::new(model, max_batch);
-    let device = SpeedClock::start(cfg.speed.clone());
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
-    let mut report = WorkerReport {
-        rank: cfg.rank,
-        ..WorkerReport::default()
+    let Some((mut report, mut version, mut step, asked, device)) =
+        exact_start(client, cfg, &mut buffers.params, resumed).map_err(client_err)?
+    else {
+        return Ok(WorkerReport {
+            rank,
+            ..WorkerReport::default()
+        });
     };
-
-    let first = client
-        .pull(&mut buffers.params, None, false)
-        .map_err(client_err)?;
-    let mut version = first.version;
-    if first.done {
-        return Ok(report);
-    }
+    let mut batch = batch_size(asked, cfg.batch_size, max_batch);
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
     let total = cfg
         .epochs
         .map(|e| (e as u64).saturating_mul(steps_per_epoch));
-    let mut step = first_step(cfg, version);
     // Balanced batches vary in size: samples are then taken from a running position.
-    let mut batch = batch_size(first.batch, cfg.batch_size, max_batch);
     let mut position = step.saturating_mul(cfg.batch_size as u64);
     while total.is_none_or(|t| step < t) {
         if stop() {
