@@ -32,10 +32,7 @@ pub(super) fn train_overlapped(
     let mut buffers = Buffers::new(model, cfg.batch_size);
     let device = SpeedClock::start(cfg.speed.clone());
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
-    let mut report = WorkerReport {
-        rank,
-        ..WorkerReport::default()
-    };
+    let mut report = WorkerReport::of(rank);
     let mut pulled = vec![0.0; buffers.params.len()];
     let first = client.pull(&mut pulled, None, false).map_err(client_err)?;
     if first.done {
@@ -62,22 +59,11 @@ pub(super) fn train_overlapped(
         let computed_on = pulled_version;
         buffers.pick(sampler.batch_at(step));
         let mut rng = dropout_seed.fork(step);
-        let (computed, seconds, exchanged) = std::thread::scope(|scope| {
-            let link = unsent.take().map(|(meta, seconds)| {
-                let (client, outgoing, pulled) = (&mut *client, &outgoing, &mut pulled);
-                let last = (meta, seconds, &outgoing[..]);
-                scope.spawn(move || exchange(client, last, pulled, pulled_version))
+        let last = unsent.take().map(|(meta, s)| (meta, s, &outgoing[..]));
+        let (computed, seconds, exchanged) =
+            beside_link(client, last, (&mut pulled, pulled_version), || {
+                buffers.compute(model, data, &mut rng, &device)
             });
-            let started = Instant::now();
-            let computed = buffers.compute(model, data, &mut rng, &device);
-            let seconds = started.elapsed().as_secs_f64();
-            let exchanged = link.map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            });
-            (computed, seconds, exchanged)
-        });
         if let Some((pushed, pull)) = exchanged {
             if !goes_on(pushed, &mut report).map_err(client_err)? {
                 return Ok(Overlapped::Ended(report));
@@ -102,20 +88,48 @@ pub(super) fn train_overlapped(
     if !goes_exact(pulled_version) || total.is_some_and(|t| step >= t) || stop() {
         return Ok(Overlapped::Ended(report));
     }
-    // Exact rounds from here: they start from weights that include the gradient just pushed.
-    let reply = client
-        .pull(&mut pulled, Some(pulled_version), false)
-        .map_err(client_err)?;
-    if reply.done {
-        return Ok(Overlapped::Ended(report));
-    }
-    Ok(Overlapped::ExactFrom(Resume {
+    let resume = Resume {
         report,
         step,
         pulled,
-        version: reply.version,
+        version: pulled_version,
         device,
-    }))
+    };
+    hand_over(client, resume).map_err(client_err)
+}
+
+/// Runs `compute` on this thread while a helper pushes `last` (a gradient's header, the
+/// seconds it took to compute, its values), if any, and pulls weights newer than `version`
+/// into `pulled`: what `compute` gave, the seconds it took, and the link's round.
+fn beside_link<T>(
+    client: &mut dyn ParameterClient,
+    last: Option<(PushMeta, f64, &[f32])>,
+    (pulled, version): (&mut [f32], u64),
+    compute: impl FnOnce() -> T,
+) -> (T, f64, Option<Round>) {
+    std::thread::scope(|scope| {
+        let link = last.map(|last| scope.spawn(move || exchange(client, last, pulled, version)));
+        let started = Instant::now();
+        let computed = compute();
+        let seconds = started.elapsed().as_secs_f64();
+        let exchanged = link.map(|handle| {
+            handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        (computed, seconds, exchanged)
+    })
+}
+
+/// Hands an overlapped worker's place to exact rounds, which start from weights that include
+/// the gradient it pushed last: it pulls once more into `at.pulled`.
+fn hand_over(client: &mut dyn ParameterClient, mut at: Resume) -> Result<Overlapped, ClientError> {
+    let reply = client.pull(&mut at.pulled, Some(at.version), false)?;
+    if reply.done {
+        return Ok(Overlapped::Ended(at.report));
+    }
+    at.version = reply.version;
+    Ok(Overlapped::ExactFrom(at))
 }
 
 /// A push's answer and, if the worker goes on after it, the answer to pulling weights newer

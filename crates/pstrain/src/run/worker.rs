@@ -84,6 +84,14 @@ pub struct WorkerReport {
 }
 
 impl WorkerReport {
+    /// A report of nothing done yet by worker `rank`.
+    pub fn of(rank: usize) -> Self {
+        WorkerReport {
+            rank,
+            ..WorkerReport::default()
+        }
+    }
+
     /// Adds a later stretch of the same worker's work (it left and joined again).
     pub fn absorb(&mut self, later: &WorkerReport) {
         self.steps += later.steps;
@@ -190,10 +198,7 @@ fn exact_start(
         return Ok(Some((at.report, at.version, at.step, None, at.device)));
     }
     let first = client.pull(params, None, false)?;
-    let report = WorkerReport {
-        rank: cfg.rank,
-        ..WorkerReport::default()
-    };
+    let report = WorkerReport::of(cfg.rank);
     let device = SpeedClock::start(cfg.speed.clone());
     let start = (
         report,
@@ -225,10 +230,7 @@ fn train_exact(
     let Some((mut report, mut version, mut step, asked, device)) =
         exact_start(client, cfg, &mut buffers.params, resumed).map_err(client_err)?
     else {
-        return Ok(WorkerReport {
-            rank,
-            ..WorkerReport::default()
-        });
+        return Ok(WorkerReport::of(rank));
     };
     let mut batch = batch_size(asked, cfg.batch_size, max_batch);
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
