@@ -37,8 +37,8 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "K", requires = "overlap")]
     pub lookahead: Option<f32>,
     /// With --overlap: overlap for this share of the run's planned updates (0 to 1), then run
-    /// exact rounds (push, pull, compute on what was pulled) to the end, where a gradient a
-    /// round older costs accuracy [default: 1, to the end]
+    /// exact rounds (push, pull, compute on what was pulled) to the end, no gradient a round
+    /// older [default: 1, to the end]
     #[arg(long, value_name = "SHARE", requires = "overlap")]
     pub overlap_until: Option<f64>,
 }

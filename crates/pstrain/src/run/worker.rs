@@ -66,8 +66,7 @@ pub struct WorkerConfig {
     /// past the last pull, along the last round's move (0: on the pulled weights).
     pub lookahead: f32,
     /// With `overlap`: from this server version on, rounds are exact (push, then pull, then
-    /// compute on what was pulled). The end of a run is decided by its last, small-step
-    /// updates, where a gradient a round older costs accuracy and hides little time.
+    /// compute on what was pulled): no gradient a round older in the run's tail.
     pub exact_from: Option<u64>,
 }
 
