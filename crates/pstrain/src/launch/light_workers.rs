@@ -121,10 +121,7 @@ impl Group<'_> {
             of: self.total,
         };
         let stopped = || self.stop.load(Ordering::Relaxed);
-        let mut report = WorkerReport {
-            rank,
-            ..WorkerReport::default()
-        };
+        let mut report = WorkerReport::of(rank);
         let mut failures = 0;
         loop {
             if self.control.is_away(rank) {

@@ -230,13 +230,11 @@ mod tests {
             if updated {
                 params.fill(self.version as f32 * 1e-3);
             }
-            let (version, done) = (self.version, self.version >= self.last);
-            let batch = None;
             Ok(PullReply {
-                version,
+                version: self.version,
                 updated,
-                done,
-                batch,
+                done: self.version >= self.last,
+                batch: None,
             })
         }
 
@@ -265,8 +263,7 @@ mod tests {
 
     #[test]
     fn an_overlapped_worker_turns_exact_at_its_version_and_keeps_its_place() {
-        let model_kind = ModelKind::Convnet;
-        let mut model = model_kind.build(ModelOptions::default());
+        let mut model = ModelKind::Convnet.build(ModelOptions::default());
         let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
         let pixels: Vec<u8> = (0..32 * 784).map(|i| (i * 7 % 256) as u8).collect();
         let data = Split::from_pixels(&pixels, labels);
@@ -312,8 +309,7 @@ mod tests {
                 .all(|&(base, at, beside)| base == at && !beside),
             "{exact:?}"
         );
-        // One report over both loops, every gradient counted once; the batches went on from
-
+        // One report over both loops, every gradient counted once.
         assert_eq!((report.steps, report.samples), (12, 12 * 8));
     }
 

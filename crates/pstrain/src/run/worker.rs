@@ -180,37 +180,26 @@ pub(super) struct Resume {
     pub device: SpeedClock,
 }
 
-/// Where the exact loop starts: the report, the weights' version, the step, the batch size
-/// the shards asked for, the device's clock; `None` if the run is already over.
-type Start = (WorkerReport, u64, u64, Option<u32>, SpeedClock);
-
-/// The exact loop's start: where the overlapped loop stopped, or the first pull into
-/// `params`.
-fn exact_start(
+/// A fresh start for the exact loop: the first pull into `params`, at the step the weights'
+/// version gives, with the batch size the shards asked for; `None` if the run is already over.
+fn first_pull(
     client: &mut dyn ParameterClient,
     cfg: &WorkerConfig,
-    params: &mut Vec<f32>,
-    resumed: Option<Resume>,
-) -> Result<Option<Start>, ClientError> {
-    if let Some(at) = resumed {
-        *params = at.pulled;
-        return Ok(Some((at.report, at.version, at.step, None, at.device)));
-    }
-    let first = client.pull(params, None, false)?;
-    let report = WorkerReport::of(cfg.rank);
-    let device = SpeedClock::start(cfg.speed.clone());
-    let start = (
-        report,
-        first.version,
-        first_step(cfg, first.version),
-        first.batch,
-        device,
-    );
-    Ok((!first.done).then_some(start))
+    mut params: Vec<f32>,
+) -> Result<Option<(Resume, Option<u32>)>, ClientError> {
+    let first = client.pull(&mut params, None, false)?;
+    let start = Resume {
+        report: WorkerReport::of(cfg.rank),
+        step: first_step(cfg, first.version),
+        pulled: params,
+        version: first.version,
+        device: SpeedClock::start(cfg.speed.clone()),
+    };
+    Ok((!first.done).then_some((start, first.batch)))
 }
 
 /// The loop in exact rounds: compute on the pulled weights, push, pull; from the first pull,
-/// or from where an overlapped loop stopped.
+/// or from where an overlapped loop stopped (`resumed`).
 fn train_exact(
     client: &mut dyn ParameterClient,
     model: &mut dyn Model,
@@ -226,11 +215,15 @@ fn train_exact(
     let max_batch = cfg.max_batch.max(cfg.batch_size);
     let mut buffers = Buffers::new(model, max_batch);
     let dropout_seed = Rng::new(cfg.seed).fork(0xd20f + rank as u64);
-    let Some((mut report, mut version, mut step, asked, device)) =
-        exact_start(client, cfg, &mut buffers.params, resumed).map_err(client_err)?
-    else {
+    let start = match resumed {
+        Some(at) => Some((at, None)),
+        None => first_pull(client, cfg, std::mem::take(&mut buffers.params)).map_err(client_err)?,
+    };
+    let Some((at, asked)) = start else {
         return Ok(WorkerReport::of(rank));
     };
+    buffers.params = at.pulled;
+    let (mut report, mut version, mut step, device) = (at.report, at.version, at.step, at.device);
     let mut batch = batch_size(asked, cfg.batch_size, max_batch);
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
     let total = cfg
