@@ -6,6 +6,7 @@
 use crate::config::ServerConfig;
 use crate::error::PushError;
 use crate::gradient_scan;
+use crate::optimizer::ScaledGrad;
 use crate::shard_state::{PushMeta, ShardState};
 use crate::splitter;
 
@@ -129,6 +130,17 @@ impl Gate {
         self.clipped.extend(grad.values.iter().map(|&g| g * scale));
         state.count_clipped();
         Verdict::Admitted(checked(grad, &self.clipped))
+    }
+}
+
+impl<'a> Checked<'a> {
+    /// The values times `scale` as the optimizer takes them, of the kind the push said.
+    pub fn scaled(&self, scale: f32) -> ScaledGrad<'a> {
+        ScaledGrad {
+            values: self.values,
+            scale,
+            accumulated: self.meta.accumulated,
+        }
     }
 }
 

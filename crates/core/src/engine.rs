@@ -250,6 +250,16 @@ impl ShardEngine {
         self.members.beat(rank, now);
     }
 
+    /// Whether `rank`'s pulls (its last, or none yet: the first is whole) move every weight
+    /// of its copy. Adam counts the gaps of a worker's sparse sums only then: the larger
+    /// steps it gives rarely sent values reach a copy pulled as top-k differences late, and
+    /// gradients from that lagging copy cost more than the gaps gain (docs/edge-links.md,
+    /// twenty-eighth sitting).
+    fn pulls_move_every_weight(&mut self, rank: usize) -> bool {
+        let pull = self.core.worker_mut(rank).and_then(|w| w.codecs.pull);
+        pull.is_none_or(|codec| codec.moves_every_weight())
+    }
+
     /// Evicts workers whose heartbeats stopped; returns their ranks.
     pub fn evict_silent(&mut self, now: Duration) -> Vec<usize> {
         let evicted = self.members.evict_silent(now, self.heartbeat_timeout);
@@ -263,13 +273,14 @@ impl ShardEngine {
     /// follower shard in coordinated mode).
     pub fn push(
         &mut self,
-        meta: PushMeta,
+        mut meta: PushMeta,
         grad: &[f32],
         tag: Option<(u64, &[bool])>,
         now: Duration,
     ) -> PushReport {
         let before = self.core.version();
         let rank = meta.rank;
+        meta.accumulated &= self.pulls_move_every_weight(rank);
         let served = self.served_at.get_mut(rank).and_then(Option::take);
         let seconds = served.map(|t| now.saturating_sub(t).as_secs_f64());
         if let Some(w) = self.core.worker_mut(rank) {

@@ -15,12 +15,19 @@ use std::sync::Arc;
 pub struct ScaledGrad<'a> {
     pub values: &'a [f32],
     pub scale: f32,
+    /// Every value is a sparse codec's error-fed sum (`PushMeta::accumulated`): a non-zero
+    /// value holds the steps since it last arrived, a zero did not arrive.
+    pub accumulated: bool,
 }
 
 impl<'a> ScaledGrad<'a> {
-    /// `values` as they are.
+    /// `values` as they are, each one step's gradient.
     pub fn whole(values: &'a [f32]) -> Self {
-        ScaledGrad { values, scale: 1.0 }
+        ScaledGrad {
+            values,
+            scale: 1.0,
+            accumulated: false,
+        }
     }
 }
 
@@ -38,9 +45,20 @@ pub struct Optimizer {
     spare_params: Vec<f32>,
     spare_first: Vec<f32>,
     spare_second: Vec<f32>,
+    /// Adam under pushes of sparse sums: the update (`step + 1`) each value last arrived in,
+    /// empty until the first such push (so dense runs pay nothing), and its spare. Not kept
+    /// in checkpoints: a restore counts every gap from its step.
+    arrivals: Vec<u32>,
+    spare_arrivals: Vec<u32>,
+    /// The last update that was not a push of sparse sums: every value arrived in it.
+    dense_at: u64,
     /// Runs an update's loop in pieces at once, if the caller gave one.
     splitter: Option<Arc<dyn Splitter>>,
 }
+
+/// The longest gap Adam counts for a value of a sparse push, whatever `beta2` says (a gap's
+/// update number and its count stay far inside `u32` and `i32`).
+const MAX_GAP: u32 = 1 << 20;
 
 /// A piece of an update's loop, boxed for the splitter.
 fn job<'a>(f: impl FnOnce() + Send + 'a) -> Job<'a> {
@@ -67,6 +85,9 @@ impl Optimizer {
             spare_params: Vec::new(),
             spare_first: Vec::new(),
             spare_second: Vec::new(),
+            arrivals: Vec::new(),
+            spare_arrivals: Vec::new(),
+            dense_at: 0,
             splitter: None,
         }
     }
@@ -126,11 +147,14 @@ impl Optimizer {
             target.copy_from_slice(values);
         }
         self.step = step;
+        self.arrivals.clear();
+        self.dense_at = step;
         Ok(())
     }
 
-    /// This update's rule, its learning rate times `factor`.
-    fn rule(&self, factor: f32) -> UpdateRule {
+    /// This update's rule, its learning rate times `factor`; Adam counts each value's gap if
+    /// the gradient is a push of sparse sums (`accumulated`).
+    fn rule(&self, factor: f32, accumulated: bool) -> UpdateRule {
         match self.config {
             OptimizerConfig::Sgd {
                 lr, weight_decay, ..
@@ -156,15 +180,28 @@ impl Optimizer {
                 eps,
                 weight_decay,
             } => {
-                let t = (self.step + 1) as i32;
-                UpdateRule::Adam(kernels::AdamStep {
+                let t = self.step + 1;
+                let step = kernels::AdamStep {
                     beta1,
                     beta2,
                     eps,
                     weight_decay,
-                    step_size: lr * factor / (1.0 - beta1.powi(t)),
-                    bias2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
-                })
+                    step_size: lr * factor / (1.0 - beta1.powi(t as i32)),
+                    bias2_sqrt: (1.0 - beta2.powi(t as i32)).sqrt(),
+                };
+                if !accumulated {
+                    return UpdateRule::Adam(step);
+                }
+                // Gaps beyond Adam's memory, `1 / (1 - beta2)` updates, are counted as it.
+                let memory = (1.0 / (1.0 - f64::from(beta2))).clamp(1.0, f64::from(MAX_GAP));
+                let longest = (t - self.dense_at).min(memory as u64) as u32;
+                UpdateRule::AdamGaps(
+                    step,
+                    kernels::Gaps {
+                        now: t as u32,
+                        longest: longest.max(1),
+                    },
+                )
             }
         }
     }
@@ -185,7 +222,14 @@ impl Optimizer {
         grad: ScaledGrad<'_>,
         lr_scale: f32,
     ) -> bool {
-        let rule = self.rule(self.schedule.factor(self.step) * lr_scale);
+        let rule = self.rule(self.schedule.factor(self.step) * lr_scale, grad.accumulated);
+        let gaps = matches!(rule, UpdateRule::AdamGaps(..));
+        if gaps && self.arrivals.len() != params.len() {
+            // Never arrived: the gap counts from the last dense update (or the start).
+            self.arrivals = vec![0; params.len()];
+        }
+        let arrivals = if gaps { &self.arrivals[..] } else { &[] };
+        self.spare_arrivals.resize(arrivals.len(), 0);
         let spare = &mut self.spare_params;
         let grad = (grad.values, grad.scale);
         assert_eq!(
@@ -201,12 +245,13 @@ impl Optimizer {
         let mut oks = vec![true; params.len().div_ceil(piece)];
         let (values, scale) = grad;
         let old = params.chunks(piece).zip(values.chunks(piece));
-        let state = pieces(&self.first, piece).zip(pieces(&self.second, piece));
+        let moments = pieces(&self.first, piece).zip(pieces(&self.second, piece));
+        let history = pieces(arrivals, piece).zip(pieces_mut(&mut self.spare_arrivals, piece));
         let new = spare.chunks_mut(piece).zip(
             pieces_mut(&mut self.spare_first, piece).zip(pieces_mut(&mut self.spare_second, piece)),
         );
         let jobs: Vec<Job<'_>> = old
-            .zip(state)
+            .zip(moments.zip(history))
             .zip(new)
             .zip(oks.iter_mut())
             .map(|((((p, g), state), out), ok)| {
@@ -220,6 +265,11 @@ impl Optimizer {
             std::mem::swap(&mut self.first, &mut self.spare_first);
             std::mem::swap(&mut self.second, &mut self.spare_second);
             self.step += 1;
+            if gaps {
+                std::mem::swap(&mut self.arrivals, &mut self.spare_arrivals);
+            } else {
+                self.dense_at = self.step;
+            }
         }
         ok
     }
@@ -340,5 +390,100 @@ mod tests {
             d.restore(&saved, 2),
             Err(RestoreError::Length { .. })
         ));
+    }
+
+    fn sparse(values: &[f32]) -> ScaledGrad<'_> {
+        ScaledGrad {
+            values,
+            scale: 1.0,
+            accumulated: true,
+        }
+    }
+
+    /// How far 400 updates move a weight whose gradient is a constant 1: sent every update,
+    /// or every tenth as the sum of ten (a top-k worker's error feedback), counted or not as
+    /// a sum. Adam moves a value sent every `gap` updates about `1 / sqrt(gap)` as far unless
+    /// its square is divided by the gap.
+    fn distance(every: usize, accumulated: bool) -> f32 {
+        let mut opt = Optimizer::new(OptimizerConfig::adam(0.001), 1);
+        let mut p = vec![0.0f32];
+        for update in 1..=400 {
+            let g = [if update % every == 0 {
+                every as f32
+            } else {
+                0.0
+            }];
+            let grad = ScaledGrad {
+                accumulated,
+                ..sparse(&g)
+            };
+            assert!(opt.apply_scaled(&mut p, grad, 1.0));
+        }
+        -p[0]
+    }
+
+    #[test]
+    fn adam_counts_the_gap_of_a_value_sent_as_a_sum() {
+        let dense = distance(1, false);
+        let summed = distance(10, false);
+        let counted = distance(10, true);
+        assert!((summed / dense) < 0.4, "{summed} / {dense}");
+        assert!((counted / dense - 1.0).abs() < 0.05, "{counted} / {dense}");
+    }
+
+    /// A dense update is an arrival of every value: a gap counts from it at most; and a
+    /// restore counts gaps from its step.
+    #[test]
+    fn gaps_count_from_the_last_dense_update_or_restore() {
+        let second_moment = |opt: &Optimizer| opt.state()[1].1[0];
+        let run = |dense_at: Option<usize>| {
+            let mut opt = Optimizer::new(OptimizerConfig::adam(0.001), 1);
+            let mut p = vec![0.0f32];
+            for update in 1..10 {
+                let grad = ScaledGrad {
+                    accumulated: Some(update) != dense_at,
+                    ..sparse(&[0.0])
+                };
+                assert!(opt.apply_scaled(&mut p, grad, 1.0));
+            }
+            // Update 10 brings a sum of 4.
+            assert!(opt.apply_scaled(&mut p, sparse(&[4.0]), 1.0));
+            opt
+        };
+        let v_of_sum = |gap: f32| 0.001 * 16.0 / gap;
+        // Within f32's rounding of `1 - beta2`.
+        let near = |v: f32, gap: f32| (v / v_of_sum(gap) - 1.0).abs() < 1e-4;
+        // Nothing dense before: the gap is 10 updates.
+        let from_start = run(None);
+        assert!(near(second_moment(&from_start), 10.0));
+        // Dense at update 6 (a gradient of 0 there: nothing else in the moment): gap 4.
+        let after_dense = run(Some(6));
+        assert!(near(second_moment(&after_dense), 4.0));
+        // Restored at step 8: the next sum (update 9's, of 4) counts a gap of 1.
+        let saved: Vec<(String, Vec<f32>)> = vec![
+            ("exp_avg".into(), vec![0.0]),
+            ("exp_avg_sq".into(), vec![0.0]),
+        ];
+        let mut restored = Optimizer::new(OptimizerConfig::adam(0.001), 1);
+        restored.restore(&saved, 8).unwrap();
+        assert!(restored.apply_scaled(&mut vec![0.0], sparse(&[4.0]), 1.0));
+        assert!(near(second_moment(&restored), 1.0));
+    }
+
+    /// SGD and momentum take sparse sums as they are (their updates are linear in the sum).
+    #[test]
+    fn sgd_ignores_the_kind_of_push() {
+        for config in [
+            OptimizerConfig::sgd(0.1),
+            OptimizerConfig::momentum(0.1, 0.9),
+        ] {
+            let (mut a, mut b) = (Optimizer::new(config, 2), Optimizer::new(config, 2));
+            let (mut pa, mut pb) = (vec![1.0, 2.0], vec![1.0, 2.0]);
+            for g in [[0.0, 3.0], [1.5, 0.0]] {
+                assert!(a.apply_scaled(&mut pa, sparse(&g), 1.0));
+                assert!(b.apply(&mut pb, &g));
+            }
+            assert_eq!(pa, pb);
+        }
     }
 }

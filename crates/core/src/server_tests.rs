@@ -12,6 +12,7 @@ pub(super) fn meta(rank: usize, base_version: u64) -> PushMeta {
         base_version,
         samples: 1,
         loss: 1.0,
+        accumulated: false,
     }
 }
 

@@ -9,7 +9,7 @@ use crate::worker_stats::WorkerStats;
 use std::sync::Arc;
 
 /// What came with a gradient besides its values.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PushMeta {
     pub rank: usize,
     /// The server version of the weights the gradient was computed from.
@@ -18,6 +18,9 @@ pub struct PushMeta {
     pub samples: u32,
     /// The worker's mean training loss on that batch (reported, never used for the update).
     pub loss: f32,
+    /// The values are a sparse codec's error-fed sums (`PushCodec::accumulates`): a zero was
+    /// not sent, a value carries every step since its last sending (Adam counts the gap).
+    pub accumulated: bool,
 }
 
 /// What the server did with an accepted gradient.

@@ -74,7 +74,7 @@ pub fn zip_pieces<T: Send, U: Sync>(
 
 /// `values` in pieces of `piece`; endless empty pieces when there are no values (a state
 /// an optimizer lacks), so that zipping it with the others' pieces cuts nothing short.
-pub fn pieces(values: &[f32], piece: usize) -> Box<dyn Iterator<Item = &[f32]> + '_> {
+pub fn pieces<T>(values: &[T], piece: usize) -> Box<dyn Iterator<Item = &[T]> + '_> {
     if values.is_empty() {
         Box::new(std::iter::repeat(&[][..]))
     } else {
@@ -83,7 +83,7 @@ pub fn pieces(values: &[f32], piece: usize) -> Box<dyn Iterator<Item = &[f32]> +
 }
 
 /// `pieces` of a buffer to write.
-pub fn pieces_mut(values: &mut [f32], piece: usize) -> Box<dyn Iterator<Item = &mut [f32]> + '_> {
+pub fn pieces_mut<T>(values: &mut [T], piece: usize) -> Box<dyn Iterator<Item = &mut [T]> + '_> {
     if values.is_empty() {
         Box::new(std::iter::repeat_with(|| &mut [][..]))
     } else {
@@ -182,10 +182,16 @@ mod tests {
             cut.set_splitter(Some(Arc::new(Fixed(3, true))));
             let (mut a, mut b) = (params.clone(), params.clone());
             for k in 1..5 {
-                let g = grad(k);
+                // Even updates are pushes of sparse sums (Adam counts their gaps).
+                let accumulated = k % 2 == 0;
+                let mut g = grad(k);
+                if accumulated {
+                    g.iter_mut().step_by(3).for_each(|v| *v = 0.0);
+                }
                 let update = ScaledGrad {
                     values: &g,
                     scale: 0.25,
+                    accumulated,
                 };
                 assert!(whole.apply_scaled(&mut a, update, 1.0));
                 assert!(cut.apply_scaled(&mut b, update, 1.0));
@@ -203,6 +209,7 @@ mod tests {
             let update = ScaledGrad {
                 values: &bad,
                 scale: 1e30,
+                accumulated: false,
             };
             assert!(!cut.apply_scaled(&mut b, update, 1.0));
             assert_eq!(

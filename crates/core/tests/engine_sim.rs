@@ -227,6 +227,7 @@ impl Sim {
             base_version: base,
             samples: 1,
             loss: 0.5,
+            accumulated: false,
         };
         // Distinct per rank when a test must tell which gradients made up a step.
         let value = if self.rank_grads {
@@ -669,6 +670,7 @@ fn no_single_push_moves_a_shard_more_than_one_step_in_any_mode() {
                     8
                 },
                 loss: 0.5,
+                accumulated: false,
             };
             let grad: Vec<f32> = (0..8).map(|_| rng.uniform(-1.0, 1.0)).collect();
             // The attack: a member list naming only the sender, so the step is complete at

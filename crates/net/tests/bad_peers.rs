@@ -149,6 +149,7 @@ fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
         base_version: 0,
         samples: 1,
         loss: 0.0,
+        accumulated: false,
     };
     let mut params = vec![0.0; N];
     bad.pull(&mut params, None, false).unwrap();
@@ -221,6 +222,7 @@ fn a_sync_worker_that_vanishes_does_not_hang_the_barrier() {
         base_version: 0,
         samples: 1,
         loss: 0.0,
+        accumulated: false,
     };
     assert!(matches!(
         a.push(meta, &vec![1.0; N]).unwrap(),
@@ -328,6 +330,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         base_version: 0,
         samples: 1,
         loss: 0.0,
+        accumulated: false,
     };
     // Workers 2 and 0 make step 0 (shard 0 answers them once it is complete); worker 1 is
     // late and dropped everywhere.

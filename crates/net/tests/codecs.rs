@@ -48,6 +48,7 @@ fn meta(version: u64) -> PushMeta {
         base_version: version,
         samples: 1,
         loss: 0.0,
+        accumulated: false,
     }
 }
 

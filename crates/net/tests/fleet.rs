@@ -46,6 +46,7 @@ fn six_hundred_workers_with_heartbeats_join_one_shard_and_push() {
                     base_version: v,
                     samples: 1,
                     loss: 0.0,
+                    accumulated: false,
                 };
                 client.push(meta, &vec![1e-3; N]).unwrap();
                 all_pushed.wait();

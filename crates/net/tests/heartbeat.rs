@@ -87,6 +87,7 @@ fn an_evicted_worker_rejoins_and_carries_on() {
             base_version: version,
             samples: 1,
             loss: 0.0,
+            accumulated: false,
         };
         client.push(meta, &vec![1.0; N]).unwrap()
     };

@@ -227,6 +227,7 @@ fn token_holders_are_bounded_too() {
         base_version: 0,
         samples: u32::MAX,
         loss: 0.0,
+        accumulated: false,
     };
     let err = c.push(meta, &vec![1e30; N]).unwrap_err();
     assert!(err.to_string().contains("1e30"), "{err}");

@@ -74,6 +74,7 @@ fn a_worker_over_tls_trains_and_clients_without_the_ca_are_refused() {
             base_version: v,
             samples: 1,
             loss: 0.0,
+            accumulated: false,
         };
         assert!(matches!(
             c.push(meta, &vec![1.0; N]).unwrap(),

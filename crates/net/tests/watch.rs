@@ -42,6 +42,7 @@ fn metrics_move_with_training_and_the_page_names_the_workers() {
                 base_version: reply.version,
                 samples: 4,
                 loss: 0.5,
+                accumulated: false,
             };
             c.push(meta, &vec![0.01; N]).unwrap();
         }

@@ -50,6 +50,7 @@ fn train_steps(
                 base_version: version,
                 samples: b as u32,
                 loss: stats.loss,
+                accumulated: false,
             };
             client.push(meta, &grads).unwrap();
         }

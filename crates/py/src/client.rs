@@ -268,6 +268,7 @@ impl RawClient {
                     base_version: client.version(),
                     samples,
                     loss,
+                    accumulated: false,
                 };
                 client.push_all(meta, slice)
             })

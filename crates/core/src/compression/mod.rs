@@ -258,6 +258,12 @@ impl PushCodec {
             .then_some(PushCodec::TopK { per_mille })
     }
 
+    /// Whether a push carries error-fed sums (top-k): a value sent holds every step's
+    /// gradient since it was last sent, a zero was not sent.
+    pub fn accumulates(&self) -> bool {
+        matches!(self, PushCodec::TopK { .. })
+    }
+
     /// The largest push of `n` values (its exact size for the dense codecs).
     pub fn max_len(&self, n: usize) -> usize {
         match self {

@@ -124,6 +124,12 @@ impl PullReplica {
 }
 
 impl PullCodec {
+    /// Whether every pull moves every weight of the worker's copy towards the shard's (all
+    /// but top-k differences, which move only the largest and leave the rest behind).
+    pub fn moves_every_weight(&self) -> bool {
+        !matches!(self, PullCodec::DeltaTopK { .. })
+    }
+
     /// Decodes a difference (checked as hostile input: its length, top-k's count and
     /// indices) and adds it to `held`, the slice the worker holds; `scratch` is reused.
     pub fn apply_delta(

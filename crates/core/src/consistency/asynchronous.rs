@@ -5,7 +5,6 @@
 use super::{Consistency, StepSource};
 use crate::admission::{Checked, Refused};
 use crate::error::PushError;
-use crate::optimizer::ScaledGrad;
 use crate::shard_state::{PushOutcome, ShardState};
 
 /// The staleness of a gradient from weights of `base_version`, or, past `bound`, the
@@ -58,7 +57,7 @@ impl Consistency for AsyncApply {
         } else {
             1.0
         };
-        if !state.apply_scaled(ScaledGrad::whole(grad.values), scale) {
+        if !state.apply_scaled(grad.scaled(1.0), scale) {
             return Err(PushError::NonFiniteResult);
         }
         state.record_applied(grad.meta, staleness);

@@ -223,7 +223,9 @@ impl Consistency for BoundedStaleness {
         let pending = self.step_mut(state, step);
         pending.heard[rank] = true;
         if summed {
-            pending.sum.add(meta.samples, grad.values, state.splitter());
+            pending
+                .sum
+                .add(meta.samples, grad.scaled(1.0), state.splitter());
             pending.staleness_sum += staleness;
             pending.contributions += 1;
             state.record_applied(meta, staleness);
@@ -315,6 +317,7 @@ mod tests {
             base_version,
             samples: 8 + rank as u32,
             loss: 1.0,
+            accumulated: false,
         }
     }
 

@@ -62,7 +62,7 @@ impl Consistency for BufferedAsync {
             1.0
         };
         self.sum
-            .add_scaled(grad.meta.samples, damping, grad.values, state.splitter());
+            .add(grad.meta.samples, grad.scaled(damping), state.splitter());
         self.held += 1;
         state.record_applied(grad.meta, staleness);
         if self.held < self.k {
@@ -125,6 +125,7 @@ mod tests {
             base_version,
             samples,
             loss: 1.0,
+            accumulated: false,
         }
     }
 

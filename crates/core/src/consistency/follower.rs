@@ -190,7 +190,8 @@ impl Consistency for CoordinatedFollower {
         let staleness = state.version().saturating_sub(meta.base_version);
         let waiting_for = match self.open.get_mut(&step) {
             Some(open) => {
-                open.sum.add(meta.samples, grad.values, state.splitter());
+                open.sum
+                    .add(meta.samples, grad.scaled(1.0), state.splitter());
                 open.missing()
             }
             None => 0,
@@ -264,6 +265,7 @@ mod tests {
             base_version,
             samples: 1,
             loss: 0.5,
+            accumulated: false,
         }
     }
 

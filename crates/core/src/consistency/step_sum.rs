@@ -14,6 +14,8 @@ pub struct StepSum {
     empty: bool,
     /// The weights' total; the mean is `accum / weight`.
     weight: f64,
+    /// Every gradient added since the last `clear` was a sparse codec's error-fed sum.
+    accumulated: bool,
     aggregate: Aggregate,
 }
 
@@ -23,29 +25,23 @@ impl StepSum {
             accum: vec![0.0; len],
             empty: true,
             weight: 0.0,
+            accumulated: false,
             aggregate,
         }
     }
 
-    pub fn add(&mut self, samples: u32, grad: &[f32], splitter: Option<&dyn Splitter>) {
-        self.add_scaled(samples, 1.0, grad, splitter);
-    }
-
-    /// Adds `scale * grad` with the weight of `samples` (a damped gradient counts for its
-    /// samples in the mean, so damping shrinks the update rather than re-weighting it away),
-    /// in the pieces `splitter` cuts the slice into.
-    pub fn add_scaled(
-        &mut self,
-        samples: u32,
-        scale: f32,
-        grad: &[f32],
-        splitter: Option<&dyn Splitter>,
-    ) {
+    /// Adds `grad.scale * grad.values` with the weight of `samples` (a damped gradient counts
+    /// for its samples in the mean, so damping shrinks the update rather than re-weighting it
+    /// away), in the pieces `splitter` cuts the slice into.
+    pub fn add(&mut self, samples: u32, grad: ScaledGrad<'_>, splitter: Option<&dyn Splitter>) {
         let weight = match self.aggregate {
             Aggregate::Mean => samples as f32,
             Aggregate::Sum => 1.0,
         };
-        let factor = weight * scale;
+        let factor = weight * grad.scale;
+        // The step is a sum of sparse sums only if every gradient in it is one.
+        self.accumulated = grad.accumulated && (self.empty || self.accumulated);
+        let grad = grad.values;
         if std::mem::replace(&mut self.empty, false) {
             splitter::zip_pieces(splitter, &mut self.accum, grad, |accum, grad| {
                 for (a, &g) in accum.iter_mut().zip(grad) {
@@ -78,6 +74,7 @@ impl StepSum {
         Some(ScaledGrad {
             values: &self.accum,
             scale,
+            accumulated: self.accumulated,
         })
     }
 
@@ -98,18 +95,46 @@ mod tests {
             s.combined()
                 .map(|u| u.values.iter().map(|v| v * u.scale).collect::<Vec<f32>>())
         };
-        mean.add(1, &[4.0, 0.0], None);
-        mean.add(3, &[0.0, 4.0], None);
+        let whole = ScaledGrad::whole;
+        mean.add(1, whole(&[4.0, 0.0]), None);
+        mean.add(3, whole(&[0.0, 4.0]), None);
         assert_eq!(mean_of(&mut mean), Some(vec![1.0, 3.0]));
         mean.clear();
         assert_eq!(mean_of(&mut mean), None);
         // After a clear the next step starts from nothing: the old sum is not in it.
-        mean.add(2, &[1.0, -1.0], None);
+        mean.add(2, whole(&[1.0, -1.0]), None);
         assert_eq!(mean_of(&mut mean), Some(vec![1.0, -1.0]));
         mean.clear();
         let mut sum = StepSum::new(2, Aggregate::Sum);
-        sum.add(1, &[4.0, 0.0], None);
-        sum.add(3, &[0.0, 4.0], None);
+        sum.add(1, whole(&[4.0, 0.0]), None);
+        sum.add(3, whole(&[0.0, 4.0]), None);
         assert_eq!(mean_of(&mut sum), Some(vec![4.0, 4.0]));
+    }
+
+    /// A step is a sum of sparse sums (for Adam's gaps) only if every gradient in it is one;
+    /// a clear starts the next step's kind afresh.
+    #[test]
+    fn a_step_is_accumulated_only_if_every_gradient_is() {
+        let sparse = |values| ScaledGrad {
+            values,
+            scale: 1.0,
+            accumulated: true,
+        };
+        let mut sum = StepSum::new(2, Aggregate::Mean);
+        let kind = |s: &mut StepSum| s.combined().map(|u| u.accumulated);
+        sum.add(1, sparse(&[1.0, 0.0]), None);
+        sum.add(1, sparse(&[0.0, 1.0]), None);
+        assert_eq!(kind(&mut sum), Some(true));
+        sum.clear();
+        sum.add(1, sparse(&[1.0, 0.0]), None);
+        sum.add(1, ScaledGrad::whole(&[1.0, 1.0]), None);
+        assert_eq!(kind(&mut sum), Some(false));
+        sum.clear();
+        sum.add(1, ScaledGrad::whole(&[1.0, 1.0]), None);
+        sum.add(1, sparse(&[0.0, 1.0]), None);
+        assert_eq!(kind(&mut sum), Some(false));
+        sum.clear();
+        sum.add(1, sparse(&[0.0, 1.0]), None);
+        assert_eq!(kind(&mut sum), Some(true));
     }
 }

@@ -163,7 +163,8 @@ impl Consistency for SyncSteps {
         };
         self.heard[rank] = true;
         if let Some(staleness) = staleness {
-            self.sum.add(meta.samples, grad.values, state.splitter());
+            self.sum
+                .add(meta.samples, grad.scaled(1.0), state.splitter());
             self.contributed[rank] = true;
             state.record_applied(meta, staleness);
         }

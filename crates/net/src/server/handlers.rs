@@ -45,6 +45,7 @@ pub(super) async fn push(
         base_version: head.base_version,
         samples: head.samples,
         loss: head.loss,
+        accumulated: codec.accumulates(),
     };
     // From its header's arrival to its last byte: the worker's time sending.
     let link = LinkUse {

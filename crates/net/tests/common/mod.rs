@@ -68,6 +68,7 @@ pub fn push_meta(rank: usize, base_version: u64) -> pstrain_core::PushMeta {
         base_version,
         samples: 1,
         loss: 0.0,
+        accumulated: false,
     }
 }
 

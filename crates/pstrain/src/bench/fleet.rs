@@ -363,6 +363,7 @@ fn worker(
             base_version: version,
             samples: 1,
             loss: 0.0,
+            accumulated: false,
         };
         client.push(meta, &grad).map_err(client_error)?;
         pushes.push(t.elapsed().as_secs_f64());

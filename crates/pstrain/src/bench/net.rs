@@ -174,6 +174,7 @@ pub fn transfer_point(
             base_version: reply.version,
             samples: 1,
             loss: 0.0,
+            accumulated: false,
         };
         client.push_all(meta, &grad)?;
         let t2 = Instant::now();

@@ -208,6 +208,7 @@ mod tests {
             base_version: v,
             samples: 1,
             loss: 0.0,
+            accumulated: false,
         }
     }
 

@@ -282,6 +282,7 @@ pub(super) fn counted(
         base_version: version,
         samples: n as u32,
         loss,
+        accumulated: false,
     })
 }
 
