@@ -9,6 +9,7 @@ use crate::gradient_scan;
 use crate::optimizer::ScaledGrad;
 use crate::shard_state::{PushMeta, ShardState};
 use crate::splitter;
+use crate::update_log::{Source, WireRef};
 
 /// The largest gradient value a shard takes (larger ones are refused, counted as non-finite).
 /// Under it every optimizer's state and the weights stay finite (a sync step's weighted sum
@@ -27,6 +28,8 @@ pub struct StepTag<'a> {
 pub struct Gradient<'a> {
     pub meta: PushMeta,
     pub values: &'a [f32],
+    /// The bytes `values` were decoded from, when the shard keeps an update log.
+    pub wire: Option<WireRef<'a>>,
     /// Set on pushes to a follower shard in coordinated mode.
     pub tag: Option<StepTag<'a>>,
 }
@@ -47,6 +50,10 @@ pub struct Checked<'a> {
     pub meta: PushMeta,
     /// Finite, every value at most `MAX_GRADIENT`, scaled to the norm bound if it had one.
     pub values: &'a [f32],
+    /// The bytes the unclipped values were decoded from (when the shard keeps an update
+    /// log), and the factor the gate clipped them by.
+    pub wire: Option<WireRef<'a>>,
+    pub clip: Option<f32>,
     /// Present exactly when the rule follows shard 0's steps; its members name `meta.rank`
     /// and have one flag per worker.
     pub tag: Option<StepTag<'a>>,
@@ -111,11 +118,11 @@ impl Gate {
             return Verdict::BadValues(e, refused);
         }
         let Some(clip) = config.clip else {
-            return Verdict::Admitted(checked(grad, grad.values));
+            return Verdict::Admitted(checked(grad, grad.values, None));
         };
         let norm = gradient_scan::norm(grad.values);
         if norm <= clip.max_norm {
-            return Verdict::Admitted(checked(grad, grad.values));
+            return Verdict::Admitted(checked(grad, grad.values, None));
         }
         if clip.refuse {
             state.count_refusal();
@@ -129,25 +136,35 @@ impl Gate {
         self.clipped.clear();
         self.clipped.extend(grad.values.iter().map(|&g| g * scale));
         state.count_clipped();
-        Verdict::Admitted(checked(grad, &self.clipped))
+        Verdict::Admitted(checked(grad, &self.clipped, Some(scale)))
     }
 }
 
 impl<'a> Checked<'a> {
     /// The values times `scale` as the optimizer takes them, of the kind the push said.
     pub fn scaled(&self, scale: f32) -> ScaledGrad<'a> {
+        let source = match self.wire {
+            Some(wire) => Source::Push {
+                wire,
+                clip: self.clip,
+            },
+            None => Source::Unknown,
+        };
         ScaledGrad {
             values: self.values,
             scale,
             accumulated: self.meta.accumulated,
+            source,
         }
     }
 }
 
-fn checked<'a>(grad: Gradient<'a>, values: &'a [f32]) -> Checked<'a> {
+fn checked<'a>(grad: Gradient<'a>, values: &'a [f32], clip: Option<f32>) -> Checked<'a> {
     Checked {
         meta: grad.meta,
         values,
+        wire: grad.wire,
+        clip,
         tag: grad.tag,
     }
 }

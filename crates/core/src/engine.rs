@@ -11,6 +11,7 @@ use crate::error::{ConfigError, PushError, RestoreError};
 use crate::fan_out::PullAsk;
 use crate::membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
 use crate::server::{PushMeta, PushOutcome, ServerCore, ShardCounters, ShardSnapshot};
+use crate::update_log::WireRef;
 use crate::worker_stats::{LinkUse, WorkerStats};
 use std::time::Duration;
 
@@ -113,6 +114,11 @@ impl ShardEngine {
     /// See `ServerCore::set_splitter`.
     pub fn set_splitter(&mut self, splitter: Option<std::sync::Arc<dyn crate::Splitter>>) {
         self.core.set_splitter(splitter);
+    }
+
+    /// Keeps a log of the updates for workers that replay them (`RunPlan::keeps_update_log`).
+    pub fn keep_update_log(&mut self, budget: usize) {
+        self.core.keep_update_log(budget);
     }
 
     /// Continues from a checkpoint's state.
@@ -273,8 +279,20 @@ impl ShardEngine {
     /// follower shard in coordinated mode).
     pub fn push(
         &mut self,
+        meta: PushMeta,
+        grad: &[f32],
+        tag: Option<(u64, &[bool])>,
+        now: Duration,
+    ) -> PushReport {
+        self.push_decoded(meta, grad, None, tag, now)
+    }
+
+    /// `push` of values decoded from `wire`, which the update log keeps (if kept).
+    pub fn push_decoded(
+        &mut self,
         mut meta: PushMeta,
         grad: &[f32],
+        wire: Option<WireRef<'_>>,
         tag: Option<(u64, &[bool])>,
         now: Duration,
     ) -> PushReport {
@@ -290,10 +308,7 @@ impl ShardEngine {
         if let (Some(b), Some(seconds)) = (&mut self.balancer, seconds) {
             b.observe(rank, meta.samples, seconds);
         }
-        let outcome = match tag {
-            Some((step, members)) => self.core.push_step(meta, grad, step, members),
-            None => self.core.push(meta, grad),
-        };
+        let outcome = self.core.push_with(meta, grad, wire, tag);
         if matches!(outcome, Err(_) | Ok(PushOutcome::Dropped { .. })) {
             if let Some(w) = self.core.worker_mut(rank) {
                 w.not_applied += 1;

@@ -7,6 +7,7 @@ use crate::error::RestoreError;
 pub use crate::optimizer_config::{LrSchedule, OptimizerConfig};
 use crate::splitter::{self, pieces, pieces_mut, Job, Splitter};
 use crate::update_kernels::{self as kernels, UpdateRule};
+use crate::update_log::Source;
 use std::sync::Arc;
 
 /// A gradient as the optimizer takes it: `values * scale`, the scale applied in the update's
@@ -18,6 +19,8 @@ pub struct ScaledGrad<'a> {
     /// Every value is a sparse codec's error-fed sum (`PushMeta::accumulated`): a non-zero
     /// value holds the steps since it last arrived, a zero did not arrive.
     pub accumulated: bool,
+    /// What the values were made of, for the shard's update log (replay pulls).
+    pub source: Source<'a>,
 }
 
 impl<'a> ScaledGrad<'a> {
@@ -27,6 +30,7 @@ impl<'a> ScaledGrad<'a> {
             values,
             scale: 1.0,
             accumulated: false,
+            source: Source::Unknown,
         }
     }
 }
@@ -149,6 +153,75 @@ impl Optimizer {
         self.step = step;
         self.arrivals.clear();
         self.dense_at = step;
+        Ok(())
+    }
+
+    /// The most bytes `write_state` writes for a slice of `len` values.
+    pub fn max_state_len(len: usize) -> usize {
+        8 + 8 + 1 + 12 * len
+    }
+
+    /// Appends its whole state to `out` (a replay pull's whole form): the step, the last
+    /// dense update, each moment, and the arrivals if kept; `read_state` takes it back.
+    pub fn write_state(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.step.to_le_bytes());
+        out.extend_from_slice(&self.dense_at.to_le_bytes());
+        out.push(u8::from(!self.arrivals.is_empty()));
+        out.extend(self.first.iter().flat_map(|v| v.to_le_bytes()));
+        out.extend(self.second.iter().flat_map(|v| v.to_le_bytes()));
+        out.extend(self.arrivals.iter().flat_map(|v| v.to_le_bytes()));
+    }
+
+    /// Takes back what `write_state` wrote for an optimizer of the same kind and length,
+    /// checking its length, its moments' finiteness and its counts; on an error it is left
+    /// as it was.
+    pub fn read_state(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let len = self.first.len().max(self.second.len());
+        let head = 8 + 8 + 1;
+        let wrong = |got: usize| RestoreError::Length {
+            what: "optimizer state".into(),
+            expected: head + 4 * (self.first.len() + self.second.len()),
+            got,
+        };
+        if bytes.len() < head {
+            return Err(wrong(bytes.len()));
+        }
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (step, dense_at, has_arrivals) = (word(0), word(8), bytes[16]);
+        let arrivals = match has_arrivals {
+            0 => 0,
+            1 if len > 0 && !self.second.is_empty() => len,
+            _ => return Err(wrong(bytes.len())),
+        };
+        let moments = self.first.len() + self.second.len();
+        if bytes.len() != head + 4 * (moments + arrivals) || dense_at > step {
+            return Err(wrong(bytes.len()));
+        }
+        let words = bytes[head..]
+            .chunks_exact(4)
+            .map(|b| [b[0], b[1], b[2], b[3]]);
+        let floats: Vec<f32> = words
+            .clone()
+            .take(moments)
+            .map(f32::from_le_bytes)
+            .collect();
+        if floats.iter().any(|v| !v.is_finite()) {
+            return Err(RestoreError::NonFinite("optimizer moments".into()));
+        }
+        let gaps: Vec<u32> = words.skip(moments).map(u32::from_le_bytes).collect();
+        if gaps.iter().any(|&g| u64::from(g) > step) {
+            return Err(RestoreError::NonFinite("arrivals after the step".into()));
+        }
+        let (first, second) = floats.split_at(self.first.len());
+        self.first.copy_from_slice(first);
+        self.second.copy_from_slice(second);
+        self.arrivals = gaps;
+        self.step = step;
+        self.dense_at = dense_at;
         Ok(())
     }
 

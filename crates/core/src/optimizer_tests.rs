@@ -120,6 +120,7 @@ fn sparse(values: &[f32]) -> ScaledGrad<'_> {
         values,
         scale: 1.0,
         accumulated: true,
+        source: Default::default(),
     }
 }
 

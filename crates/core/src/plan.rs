@@ -195,6 +195,17 @@ impl RunPlan {
         self.auto_codecs || self.pull_codec.is_delta()
     }
 
+    /// Whether a shard keeps a log of its updates for workers that replay them.
+    pub fn keeps_update_log(&self) -> bool {
+        self.allows_pull(PullCodec::Replay)
+    }
+
+    /// The bytes of pushes a shard's update log keeps for a slice of `values`: sixteen
+    /// bytes a value (a step of four fp32 pushes; hundreds of top-k ones).
+    pub fn update_log_budget(values: usize) -> usize {
+        16 * values
+    }
+
     /// The codecs as a user names them: `auto`, or `push / pull`.
     pub fn codecs_name(&self) -> String {
         if self.auto_codecs {

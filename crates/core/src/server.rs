@@ -10,6 +10,7 @@ use crate::optimizer::Optimizer;
 use crate::shard_state::ShardState;
 pub use crate::shard_state::{PushMeta, PushOutcome, ShardCounters, ShardSnapshot};
 use crate::splitter::Splitter;
+use crate::update_log::WireRef;
 use crate::worker_stats::WorkerStats;
 use std::sync::Arc;
 
@@ -132,11 +133,7 @@ impl ServerCore {
     /// step waits on ranks a gradient refused for its values counts its rank as heard from
     /// (so a bad gradient cannot stall the barrier).
     pub fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, PushError> {
-        self.offer(Gradient {
-            meta,
-            values: grad,
-            tag: None,
-        })
+        self.push_with(meta, grad, None, None)
     }
 
     /// Offers a follower shard `meta.rank`'s gradient for shard 0's step `step`, whose members
@@ -148,11 +145,46 @@ impl ServerCore {
         step: u64,
         members: &[bool],
     ) -> Result<PushOutcome, PushError> {
+        self.push_with(meta, grad, None, Some((step, members)))
+    }
+
+    /// `push` or, with `tag`, `push_step`; with the bytes `grad` was decoded from (`wire`),
+    /// which the shard's update log keeps if it keeps one.
+    pub fn push_with(
+        &mut self,
+        meta: PushMeta,
+        grad: &[f32],
+        wire: Option<WireRef<'_>>,
+        tag: Option<(u64, &[bool])>,
+    ) -> Result<PushOutcome, PushError> {
         self.offer(Gradient {
             meta,
             values: grad,
-            tag: Some(StepTag { step, members }),
+            wire: wire.filter(|_| self.state.keeps_log()),
+            tag: tag.map(|(step, members)| StepTag { step, members }),
         })
+    }
+
+    /// Whether it keeps a log of its updates (`keep_update_log`).
+    pub fn keeps_update_log(&self) -> bool {
+        self.state.keeps_log()
+    }
+
+    /// Keeps a log of the updates of the last `budget` bytes of pushes, for replay pulls.
+    pub fn keep_update_log(&mut self, budget: usize) {
+        self.state.keep_log(budget);
+    }
+
+    /// Writes the whole slice with the optimizer's state into `out` (a replay pull's whole
+    /// form).
+    pub fn write_whole(&self, out: &mut Vec<u8>) {
+        self.state.write_whole(out);
+    }
+
+    /// Encodes the updates from version `held` to now into `out`, if the log holds them,
+    /// without the bytes of the puller's last push (its fingerprint `yours`).
+    pub fn updates_since(&self, held: u64, yours: Option<u64>, out: &mut Vec<u8>) -> bool {
+        self.state.updates_since(held, yours, out)
     }
 
     /// The one path of every gradient: the gate's checks, then the rule.

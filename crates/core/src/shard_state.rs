@@ -5,6 +5,7 @@ use crate::config::ServerConfig;
 use crate::error::RestoreError;
 use crate::optimizer::{Optimizer, ScaledGrad};
 use crate::splitter::Splitter;
+use crate::update_log::{Recorded, UpdateLog};
 use crate::worker_stats::WorkerStats;
 use std::sync::Arc;
 
@@ -89,6 +90,8 @@ pub struct ShardState {
     workers: Vec<WorkerStats>,
     /// Cuts the loops over this slice into pieces the caller may run at once.
     splitter: Option<Arc<dyn Splitter>>,
+    /// The last updates, for workers that replay them (kept only when a run allows it).
+    log: Option<UpdateLog>,
 }
 
 impl ShardState {
@@ -101,6 +104,7 @@ impl ShardState {
             stats: ShardCounters::default(),
             workers: vec![WorkerStats::default(); config.workers],
             splitter: None,
+            log: None,
         }
     }
 
@@ -135,6 +139,29 @@ impl ShardState {
         self.version
     }
 
+    /// Keeps a log of the updates of the last `budget` bytes of pushes (`update_log`).
+    pub fn keep_log(&mut self, budget: usize) {
+        self.log = Some(UpdateLog::new(budget));
+    }
+
+    pub fn keeps_log(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Writes the whole slice with the optimizer's state into `out` (a replay pull's whole
+    /// form).
+    pub fn write_whole(&self, out: &mut Vec<u8>) {
+        crate::replay::write_whole(&self.params, &self.optimizer, out);
+    }
+
+    /// Encodes the updates from version `held` to this one into `out`, if the log holds
+    /// them all, without the bytes of the push whose fingerprint is `yours`.
+    pub fn updates_since(&self, held: u64, yours: Option<u64>, out: &mut Vec<u8>) -> bool {
+        self.log
+            .as_ref()
+            .is_some_and(|log| log.encode_since(held, self.version, yours, out))
+    }
+
     pub fn stats(&self) -> ShardCounters {
         ShardCounters {
             version: self.version,
@@ -153,6 +180,9 @@ impl ShardState {
     pub fn apply_scaled(&mut self, update: ScaledGrad<'_>, lr_scale: f32) -> bool {
         let ok = self.checked(update, lr_scale);
         if ok {
+            if let Some(log) = &mut self.log {
+                log.record(self.version, recorded(update, lr_scale), &self.params);
+            }
             self.version += 1;
         }
         ok
@@ -173,14 +203,25 @@ impl ShardState {
     /// step (every gradient refused), or one rolled back, moves the version without touching
     /// the weights.
     pub fn apply_step(&mut self, step: u64, update: Option<ScaledGrad<'_>>) {
-        if let Some(update) = update {
-            self.checked(update, 1.0);
-        }
+        let from = self.version;
+        let made = update.filter(|u| self.checked(*u, 1.0));
         self.version = self.version.max(step + 1);
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        match made {
+            // Only a step that moved the version by one continues the log.
+            _ if self.version != from + 1 => log.clear(),
+            Some(update) => log.record(from, recorded(update, 1.0), &self.params),
+            None => log.record_skip(from, &self.params),
+        }
     }
 
     /// Ends a step whose every gradient was refused: the version moves on so nobody waits.
     pub fn skip_step(&mut self) {
+        if let Some(log) = &mut self.log {
+            log.record_skip(self.version, &self.params);
+        }
         self.version += 1;
     }
 
@@ -269,7 +310,20 @@ impl ShardState {
             .restore(&state.optimizer, state.optimizer_step)?;
         self.params.copy_from_slice(&state.params);
         self.version = state.version;
+        if let Some(log) = &mut self.log {
+            log.clear();
+        }
         self.stats = state.stats;
         Ok(())
+    }
+}
+
+/// An update as the log records it.
+fn recorded<'a>(update: ScaledGrad<'a>, lr_scale: f32) -> Recorded<'a> {
+    Recorded {
+        source: update.source,
+        scale: update.scale,
+        accumulated: update.accumulated,
+        lr_scale,
     }
 }

@@ -192,6 +192,7 @@ mod tests {
                     values: &g,
                     scale: 0.25,
                     accumulated,
+                    source: Default::default(),
                 };
                 assert!(whole.apply_scaled(&mut a, update, 1.0));
                 assert!(cut.apply_scaled(&mut b, update, 1.0));
@@ -210,6 +211,7 @@ mod tests {
                 values: &bad,
                 scale: 1e30,
                 accumulated: false,
+                source: Default::default(),
             };
             assert!(!cut.apply_scaled(&mut b, update, 1.0));
             assert_eq!(

@@ -61,7 +61,7 @@ pub enum CodecError {
     Scale { block: usize },
     #[error("ternary byte at {at} does not hold base-3 digits for its values")]
     Digits { at: usize },
-    #[error("unknown codec `{0}` (pushes: fp32, bf16, int8, topk:PER_MILLE; pulls: fp32, bf16, delta-int8, delta-topk:PER_MILLE, delta-ternary)")]
+    #[error("unknown codec `{0}` (pushes: fp32, bf16, int8, topk:PER_MILLE; pulls: fp32, bf16, delta-int8, delta-topk:PER_MILLE, delta-ternary, replay)")]
     Unknown(String),
     #[error("top-k per mille must be 1..={TOPK_MAX_PER_MILLE}, not {0}")]
     PerMille(String),
@@ -97,6 +97,10 @@ pub enum PullCodec {
     /// bits a value: no weight of the worker's lags the shard's by more than what moved since
     /// the last pull.
     DeltaTernary,
+    /// The shard's updates since the version the worker holds, as their pushes arrived: the
+    /// worker keeps the optimizer's state and makes each update itself (`crate::replay`),
+    /// so its weights are the shard's exactly; a whole slice goes with that state.
+    Replay,
 }
 
 impl fmt::Display for PushCodec {
@@ -118,6 +122,7 @@ impl fmt::Display for PullCodec {
             PullCodec::DeltaInt8 => f.write_str("delta-int8"),
             PullCodec::DeltaTopK { per_mille } => write!(f, "delta-topk:{per_mille}"),
             PullCodec::DeltaTernary => f.write_str("delta-ternary"),
+            PullCodec::Replay => f.write_str("replay"),
         }
     }
 }
@@ -142,6 +147,7 @@ impl FromStr for PullCodec {
             "bf16" => Ok(PullCodec::Bf16),
             "delta-int8" => Ok(PullCodec::DeltaInt8),
             "delta-ternary" => Ok(PullCodec::DeltaTernary),
+            "replay" => Ok(PullCodec::Replay),
             _ => with_per_mille(s, "delta-topk:", PullCodec::delta_top_k),
         }
     }

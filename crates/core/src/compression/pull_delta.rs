@@ -117,7 +117,20 @@ impl PullReplica {
         }
     }
 
-    /// Whether it holds a slice (a worker's memory on the shard: one slice while it does).
+    /// The version this connection last sent its worker, if it knows what the worker holds.
+    pub fn held(&self) -> Option<u64> {
+        self.held
+    }
+
+    /// A replay pull brought the worker to `version` (no slice is kept: the worker makes
+    /// the shard's updates itself).
+    pub fn sent_replay(&mut self, version: u64) {
+        self.forget();
+        self.held = Some(version);
+    }
+
+    /// Whether it knows what its worker holds (a worker's memory on the shard: one slice
+    /// while it does, under a delta codec).
     pub fn holds(&self) -> bool {
         self.held.is_some()
     }

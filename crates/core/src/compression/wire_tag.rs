@@ -28,7 +28,7 @@ impl PushCodec {
 }
 
 impl PullCodec {
-    /// Its tag (1..=5) and parameter on the wire.
+    /// Its tag (1..=6) and parameter on the wire.
     pub fn to_tag(self) -> (u8, u16) {
         match self {
             PullCodec::Fp32 => (1, 0),
@@ -36,6 +36,7 @@ impl PullCodec {
             PullCodec::DeltaInt8 => (3, 0),
             PullCodec::DeltaTopK { per_mille } => (4, per_mille),
             PullCodec::DeltaTernary => (5, 0),
+            PullCodec::Replay => (6, 0),
         }
     }
 
@@ -47,6 +48,7 @@ impl PullCodec {
             3 => Some(PullCodec::DeltaInt8),
             4 => PullCodec::delta_top_k(param),
             5 => Some(PullCodec::DeltaTernary),
+            6 => Some(PullCodec::Replay),
             _ => None,
         }
     }
@@ -119,6 +121,7 @@ mod tests {
             PullCodec::DeltaInt8,
             PullCodec::DeltaTopK { per_mille: 1 },
             PullCodec::DeltaTernary,
+            PullCodec::Replay,
         ];
         for push in pushes {
             let (t, p) = push.to_tag();
@@ -144,7 +147,7 @@ mod tests {
         assert_eq!(PushCodec::from_tag(4, 0), None, "top-k of nothing");
         assert_eq!(PushCodec::from_tag(4, 501), None);
         assert_eq!(PullCodec::from_tag(4, 9999), None);
-        assert_eq!(PullCodec::from_tag(6, 0), None);
+        assert_eq!(PullCodec::from_tag(7, 0), None);
         let garbage = CodecPair::from_raw(u64::MAX);
         assert_eq!(garbage, CodecPair::default());
     }

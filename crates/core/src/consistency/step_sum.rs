@@ -4,6 +4,7 @@
 use crate::config::Aggregate;
 use crate::optimizer::ScaledGrad;
 use crate::splitter::{self, Splitter};
+use crate::update_log::{Contribution, Source};
 
 #[derive(Debug, Clone)]
 pub struct StepSum {
@@ -17,6 +18,10 @@ pub struct StepSum {
     /// Every gradient added since the last `clear` was a sparse codec's error-fed sum.
     accumulated: bool,
     aggregate: Aggregate,
+    /// The pushes added since the last `clear`, in order, for the shard's update log; kept
+    /// only while every one of them said what it was made of (`Source::Push`).
+    contributions: Vec<Contribution>,
+    described: bool,
 }
 
 impl StepSum {
@@ -27,6 +32,8 @@ impl StepSum {
             weight: 0.0,
             accumulated: false,
             aggregate,
+            contributions: Vec::new(),
+            described: true,
         }
     }
 
@@ -41,6 +48,7 @@ impl StepSum {
         let factor = weight * grad.scale;
         // The step is a sum of sparse sums only if every gradient in it is one.
         self.accumulated = grad.accumulated && (self.empty || self.accumulated);
+        self.describe(samples, &grad);
         let grad = grad.values;
         if std::mem::replace(&mut self.empty, false) {
             splitter::zip_pieces(splitter, &mut self.accum, grad, |accum, grad| {
@@ -71,16 +79,38 @@ impl StepSum {
             Aggregate::Sum => 1.0,
         };
         self.weight = 0.0;
+        let source = if self.described && !self.contributions.is_empty() {
+            Source::Sum(&self.contributions)
+        } else {
+            Source::Unknown
+        };
         Some(ScaledGrad {
             values: &self.accum,
             scale,
             accumulated: self.accumulated,
+            source,
         })
     }
 
     pub fn clear(&mut self) {
         self.empty = true;
         self.weight = 0.0;
+        self.contributions.clear();
+        self.described = true;
+    }
+
+    /// Keeps what `grad` was made of, while the step's every push says so.
+    fn describe(&mut self, samples: u32, grad: &ScaledGrad<'_>) {
+        match grad.source {
+            Source::Push { wire, clip } if self.described => {
+                let part = Contribution::new(wire, clip, samples, grad.scale, grad.accumulated);
+                self.contributions.push(part);
+            }
+            _ => {
+                self.described = false;
+                self.contributions.clear();
+            }
+        }
     }
 }
 
@@ -119,6 +149,7 @@ mod tests {
             values,
             scale: 1.0,
             accumulated: true,
+            source: Source::Unknown,
         };
         let mut sum = StepSum::new(2, Aggregate::Mean);
         let kind = |s: &mut StepSum| s.combined().map(|u| u.accumulated);

@@ -13,7 +13,7 @@ use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPL
 use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
 use pstrain_core::{shard_ranges, Layout, RunPlan};
-use pstrain_core::{AutoCodec, PushEncoder};
+use pstrain_core::{AutoCodec, PullCodec, PushEncoder, Replayer};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -277,6 +277,7 @@ pub(super) async fn try_connect_shard(
     } else {
         None
     };
+    let range_len = range.len();
     let link = ShardLink {
         lane,
         conn,
@@ -288,6 +289,8 @@ pub(super) async fn try_connect_shard(
         delta: Vec::new(),
         pull_s: 0.0,
         auto: cfg.plan.auto_codecs.then(AutoCodec::new),
+        replayer: (cfg.plan.pull_codec == PullCodec::Replay)
+            .then(|| Replayer::new(&cfg.plan.server_config(), range_len)),
     };
     Ok((link, ok.rank as usize))
 }

@@ -5,11 +5,12 @@ use crate::connection::Connection;
 use crate::error::NetError;
 use crate::frame::Header;
 use crate::lane::Lane;
+use crate::message::Pulled;
 use crate::message::{
     kind, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN, REPLY_LIMIT,
     WORKER_STATS_LEN,
 };
-use pstrain_core::{AutoCodec, PullCodec, PullReply, PushEncoder, PushMeta};
+use pstrain_core::{AutoCodec, PullCodec, PullReply, PushEncoder, PushMeta, Replayer, RunPlan};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,8 @@ pub(super) struct ShardLink {
     pub pull_s: f32,
     /// Under `auto`: this link as measured, and the codecs it picks before each push.
     pub auto: Option<AutoCodec>,
+    /// Under replay pulls: the shard's optimizer for this slice, which makes its updates.
+    pub replayer: Option<Replayer>,
 }
 
 impl ShardLink {
@@ -72,6 +75,9 @@ impl ShardLink {
         let body = header.len - PULLED_LEN as u64;
         // A difference only when asked relative to what this link holds, and at most the
         // codec's largest; its exact shape is the decoder's to check.
+        if self.pull_codec == PullCodec::Replay && updated {
+            return self.take_replay(pulled, body, slice, first_byte).await;
+        }
         let delta = pulled.delta && updated && newer.is_some() && self.pull_codec.is_delta();
         // Through the lane: only a whole slice the worker asked for that way, nothing after.
         let in_lane = pulled.in_lane;
@@ -113,13 +119,54 @@ impl ShardLink {
         Ok(PullReply::from(pulled))
     }
 
+    /// Reads a replay pull's body of `body` bytes and makes its updates (or takes its whole
+    /// slice and optimizer state) into `slice`.
+    async fn take_replay(
+        &mut self,
+        pulled: Pulled,
+        body: u64,
+        slice: &mut [f32],
+        first_byte: std::time::Instant,
+    ) -> Result<PullReply, NetError> {
+        let n = slice.len();
+        let replayer = self.replayer.as_mut().ok_or(NetError::Malformed {
+            what: "pull reply",
+            why: "replay asked for without the run's optimizer".into(),
+        })?;
+        if !pulled.delta || pulled.in_lane || body > replay_max_body(n) as u64 {
+            return Err(NetError::Malformed {
+                what: "pull reply",
+                why: format!("a replay of {body} bytes (delta {})", pulled.delta),
+            });
+        }
+        self.wire.resize(body as usize, 0);
+        self.conn.read_into(&mut self.wire).await?;
+        replayer
+            .apply(&self.wire, pulled.version, slice)
+            .map_err(|e| NetError::Malformed {
+                what: "pull reply",
+                why: e.to_string(),
+            })?;
+        let took = first_byte.elapsed();
+        self.pull_s += took.as_secs_f32();
+        if let Some(auto) = &mut self.auto {
+            auto.received(body, took.as_secs_f64());
+        }
+        Ok(PullReply::from(pulled))
+    }
+
     /// The header of a pull's answer, of at most the pull codec's largest size for `n`
     /// values; an error answer (or anything else) becomes the error.
     async fn read_pull_header(&mut self, idle: Duration, n: usize) -> Result<Header, NetError> {
         let largest = self
             .pull_codec
             .encoded_len(n)
-            .max(self.pull_codec.delta_len(n));
+            .max(self.pull_codec.delta_len(n))
+            .max(if self.pull_codec == PullCodec::Replay {
+                replay_max_body(n)
+            } else {
+                0
+            });
         let limit = (PULLED_LEN + largest) as u64;
         let header = self
             .conn
@@ -209,6 +256,14 @@ impl ShardLink {
             step,
         };
         let lane = self.lane.as_ref().filter(|_| self.encoder.passes_through());
+        if let Some(replayer) = &mut self.replayer {
+            // What the shard will leave out of the next pull's updates.
+            if lane.is_some() {
+                replayer.forget_push();
+            } else if self.encoder.passes_through() {
+                replayer.pushed_values(slice);
+            }
+        }
         let sent = if let Some(lane) = lane {
             lane.write(false, slice);
             let request = Request::Push(PushHead { lane: true, ..head });
@@ -221,6 +276,9 @@ impl ShardLink {
         } else {
             let request = Request::Push(head);
             self.encoder.encode(slice, &mut self.wire);
+            if let Some(replayer) = &mut self.replayer {
+                replayer.pushed(self.encoder.codec(), &self.wire);
+            }
             self.conn
                 .write_frame_bytes(request.kind(), &request.encode(workers), &self.wire)
                 .await?;
@@ -271,4 +329,9 @@ impl ShardLink {
             }),
         }
     }
+}
+
+/// The largest replay pull's body for a slice of `n` values under the shards' log budget.
+fn replay_max_body(n: usize) -> usize {
+    pstrain_core::replay::max_body(n, RunPlan::update_log_budget(n))
 }

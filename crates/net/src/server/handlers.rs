@@ -6,18 +6,21 @@ use crate::connection::Connection;
 use crate::error::NetError;
 use crate::lane::Lane;
 use crate::message::{ErrorCode, Failure, PushHead, PushReply, Reply, StatsReply, StepMembers};
-use pstrain_core::{Departure, LinkUse, PushCodec, PushError, PushMeta, PushOutcome, Seat};
+use pstrain_core::{
+    Departure, LinkUse, PushCodec, PushError, PushMeta, PushOutcome, Seat, WireRef,
+};
 
 /// Reads a push (its head; then, once the receive budget has room, the slice straight into
 /// a lent buffer or through the codec), offers it to the engine, hands a due snapshot to the
-/// checkpoint writer, and answers.
+/// checkpoint writer, and answers. Under an update log: the fingerprint of the push's bytes,
+/// which a replay pull on this connection leaves out (not for a lane's push).
 pub(super) async fn push(
     shared: &Shared,
     conn: &mut Connection,
     len: u64,
     rank: usize,
     lane: Option<&Lane>,
-) -> Result<(), NetError> {
+) -> Result<Option<u64>, NetError> {
     let arrived = std::time::Instant::now();
     let workers = shared.cfg.plan.workers;
     let (head, body) = read_push_head(shared, conn, len).await?;
@@ -39,7 +42,7 @@ pub(super) async fn push(
         read_push_values(shared, conn, head.codec, body, &mut lease).await?;
         len
     };
-    let (buf, codec) = (&mut lease.buf, head.codec);
+    let codec = head.codec;
     let meta = PushMeta {
         rank,
         base_version: head.base_version,
@@ -55,12 +58,18 @@ pub(super) async fn push(
         push_codec: Some(codec),
         ..Default::default()
     };
+    let (buf, wire) = (&lease.buf, &mut lease.wire);
+    let logs = shared.cfg.plan.keeps_update_log();
+    let wire = logged_wire(logs, codec, head.lane, buf, wire);
+    let pushed = wire
+        .filter(|_| !head.lane)
+        .map(|w| pstrain_core::update_log::fingerprint(w.bytes));
     let report = {
         let now = shared.now();
         let mut state = shared.lock();
         state.engine.link_used(rank, link);
         let tag = head.step.as_ref().map(|s| (s.step, &s.members[..]));
-        let report = state.engine.push(meta, buf, tag, now);
+        let report = state.engine.push_decoded(meta, buf, wire, tag, now);
         if report.changed {
             shared.publish(&state);
         }
@@ -88,7 +97,31 @@ pub(super) async fn push(
     if let Some(l) = &shared.latencies {
         l.push(arrived.elapsed().as_secs_f64(), bytes);
     }
-    Ok(())
+    Ok(pushed)
+}
+
+/// The bytes a push's values were decoded from, for the shard's update log if it keeps one:
+/// the codec's, as read into `wire`; fp32 values (or any pushed through a lane, decoded
+/// there) as their little-endian bytes, written into `wire`.
+fn logged_wire<'w>(
+    logs: bool,
+    codec: PushCodec,
+    lane: bool,
+    values: &[f32],
+    wire: &'w mut Vec<u8>,
+) -> Option<WireRef<'w>> {
+    if !logs {
+        return None;
+    }
+    if lane || codec == PushCodec::Fp32 {
+        wire.clear();
+        wire.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        return Some(WireRef {
+            codec: PushCodec::Fp32,
+            bytes: wire,
+        });
+    }
+    Some(WireRef { codec, bytes: wire })
 }
 
 /// Reads the head of a push of `len` bytes, and gives it with the length of the values that

@@ -210,6 +210,9 @@ impl ShardServer {
             Duration::ZERO,
         )
         .map_err(|e| NetError::Config(e.to_string()))?;
+        if cfg.plan.keeps_update_log() {
+            engine.keep_update_log(pstrain_core::RunPlan::update_log_budget(range.len()));
+        }
         let from_point = checkpoints::restore_from_point(&cfg).await;
         let (saver, restored_point) = checkpoints::restore(&cfg, &range, &mut engine, from_point)?;
         let beaconing = checkpoints::Beaconing::new(&cfg, restored_point);

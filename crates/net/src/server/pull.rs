@@ -17,6 +17,8 @@ pub(super) struct PullAsked<'l> {
     pub wait: bool,
     pub codec: PullCodec,
     pub lane: Option<&'l Lane>,
+    /// The fingerprint of the worker's last push on this connection (replay leaves it out).
+    pub yours: Option<u64>,
 }
 
 /// Sends this shard's slice if newer than `newer_than`; with `wait`, first waits until the
@@ -35,6 +37,7 @@ pub(super) async fn pull(
         wait,
         codec,
         lane,
+        yours,
     } = asked;
     if !shared.cfg.plan.allows_pull(codec) {
         return Err(NetError::Malformed {
@@ -58,10 +61,14 @@ pub(super) async fn pull(
     // on; still, no wait outlasts the idle deadline (a far-future version would).
     let mut ask = PullAsk { newer_than, wait };
     let mut rx = shared.version.subscribe();
+    // A replay pull's body is made under the shard's lock, from what this connection sent.
+    let replays = codec == PullCodec::Replay;
+    let held = replica.held().filter(|_| rank.is_some());
     let decided = async {
         loop {
             rx.borrow_and_update();
-            if let Some(answer) = decide_pull(shared, rank, ask, arrived, lane) {
+            let replay = replays.then_some(((held, yours), &mut *wire));
+            if let Some(answer) = decide_pull(shared, rank, ask, arrived, (lane, replay)) {
                 return answer;
             }
             if rx.changed().await.is_err() {
@@ -98,6 +105,8 @@ enum PullBody {
     Copy(Arc<Vec<f32>>),
     /// This many values, already written into the worker's lane.
     InLane(usize),
+    /// A replay pull's body, already in the connection's wire buffer.
+    Replay,
 }
 
 /// Sends a pull's answer (`pulled`, what follows it, and the version the worker holds): its
@@ -116,6 +125,14 @@ async fn answer_pull(
             conn.send_reply(&Reply::Pulled(pulled), 0, &[]).await?;
             replica.forget();
             return Ok(4 * *values as u64);
+        }
+        PullBody::Replay => {
+            pulled.delta = true;
+            let head = Reply::Pulled(pulled);
+            conn.write_frame_bytes(head.kind(), &head.encode(0), wire)
+                .await?;
+            replica.sent_replay(pulled.version);
+            return Ok(wire.len() as u64);
         }
         PullBody::Copy(w) => w.as_slice(),
         PullBody::Nothing => &[],
@@ -162,6 +179,10 @@ async fn send_pulled(
     Ok(wire.len() as u64)
 }
 
+/// A replay pull's (version the connection sent, fingerprint of the worker's last push) and
+/// where its body goes.
+type Replay<'w> = ((Option<u64>, Option<u64>), &'w mut Vec<u8>);
+
 /// The engine's decision on a pull now: `None` while it waits at the gate, else the answer
 /// and, when it is `updated`, the shard's weights: written into the worker's `lane` (under
 /// the lock: one copy, no shared copy to make first), or a copy the pulls of that version
@@ -171,7 +192,7 @@ fn decide_pull(
     rank: Option<usize>,
     ask: PullAsk,
     arrived: std::time::Duration,
-    lane: Option<&Lane>,
+    (lane, replay): (Option<&Lane>, Option<Replay<'_>>),
 ) -> Option<(PullReply, PullBody)> {
     let mut guard = shared.lock();
     let state = &mut *guard;
@@ -181,6 +202,16 @@ fn decide_pull(
     };
     if !reply.updated {
         return Some((reply, PullBody::Nothing));
+    }
+    if let Some(((held, yours), wire)) = replay {
+        // The updates since the version this connection sent, when the worker says it holds
+        // it and the log still has them; else the whole slice with the optimizer's state.
+        let core = state.engine.core();
+        let from = held.filter(|&h| ask.newer_than == Some(h));
+        if !from.is_some_and(|h| core.updates_since(h, yours, wire)) {
+            core.write_whole(wire);
+        }
+        return Some((reply, PullBody::Replay));
     }
     let params = state.engine.params();
     if let Some(lane) = lane {

@@ -110,6 +110,8 @@ async fn serve(
     let mut replica = PullReplica::new(cfg.plan.sends_deltas(), seed);
     // A worker on this host may move its fp32 slices through shared memory instead.
     let mut lane = LaneState::default();
+    // The fingerprint of this worker's last push, which replay pulls leave out.
+    let mut pushed = None;
     loop {
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());
@@ -121,7 +123,7 @@ async fn serve(
         }
         if header.kind == kind::PUSH && me.role == Role::Worker {
             let lane = lane.ready();
-            handlers::push(shared, conn, header.len, me.rank, lane).await?;
+            pushed = handlers::push(shared, conn, header.len, me.rank, lane).await?;
             continue;
         }
         let bytes = conn.read_bytes(header.len as usize).await?;
@@ -139,6 +141,7 @@ async fn serve(
                     wait,
                     codec,
                     lane,
+                    yours: pushed,
                 };
                 super::pull::pull(shared, conn, rank, asked, state).await?;
             }

@@ -4,8 +4,12 @@
 //! what they spend (and what `auto`'s per-rung codec cost stands for).
 
 use pstrain_core::rng::Rng;
-use pstrain_core::{CodecError, PullCodec, PullReplica, PushCodec, PushEncoder};
+use pstrain_core::{
+    CodecError, EngineConfig, Mode, PullCodec, PullReplica, PushCodec, PushEncoder, PushMeta,
+    Replayer, RunPlan, ServerConfig, ShardEngine, WireRef,
+};
 use serde::Serialize;
+use std::time::Duration;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,7 +99,73 @@ pub fn codec_points(values: usize, reps: usize) -> Result<Vec<CodecPoint>, Codec
         }
         points.push(point("pull", codec.to_string(), values, &timed));
     }
+    for per_mille in [100, 20] {
+        points.push(replay_point(PushCodec::TopK { per_mille }, &gradients)?);
+    }
     Ok(points)
+}
+
+/// Replay pulls of a two-worker sync step of `push` (each gradient pushed by both workers,
+/// the second's negated and halved): the shard's encoding of the step from its log, and a
+/// worker's replaying it (two decodes, the step's sum, Adam, the checksum, the copy out).
+fn replay_point(push: PushCodec, gradients: &[Vec<f32>]) -> Result<CodecPoint, CodecError> {
+    let values = gradients.first().map_or(0, Vec::len);
+    let server = ServerConfig {
+        mode: Mode::Sync { backup_workers: 0 },
+        ..ServerConfig::default()
+    };
+    let mut engine = ShardEngine::new(
+        EngineConfig::single(server.clone()),
+        vec![0.0; values],
+        Duration::ZERO,
+    )
+    .map_err(|e| CodecError::Unknown(e.to_string()))?;
+    engine.keep_update_log(RunPlan::update_log_budget(values));
+    let mut replayer = Replayer::new(&server, values);
+    let (mut wire, mut held) = (Vec::new(), vec![0.0; values]);
+    engine.core().write_whole(&mut wire);
+    let replayed = |r: &mut Replayer, wire: &[u8], version, held: &mut [f32]| {
+        r.apply(wire, version, held)
+            .map_err(|e| CodecError::Unknown(e.to_string()))
+    };
+    replayed(&mut replayer, &wire, 0, &mut held)?;
+    let mut encoders = [PushEncoder::new(push, 1), PushEncoder::new(push, 2)];
+    let (mut pushed, mut decoded) = (Vec::new(), vec![0.0; values]);
+    let mut timed = Vec::new();
+    for g in gradients {
+        let version = engine.version();
+        for (rank, encoder) in encoders.iter_mut().enumerate() {
+            let g: Vec<f32> = g.iter().map(|v| v * (1.0 - 1.5 * rank as f32)).collect();
+            encoder.encode(&g, &mut pushed);
+            push.decode(&pushed, &mut decoded)?;
+            let meta = PushMeta {
+                rank,
+                base_version: version,
+                samples: 64,
+                loss: 0.0,
+                accumulated: true,
+            };
+            let wire = WireRef {
+                codec: push,
+                bytes: &pushed,
+            };
+            let _ = engine.push_decoded(meta, &decoded, Some(wire), None, Duration::ZERO);
+        }
+        let t = Instant::now();
+        if !engine.core().updates_since(version, None, &mut wire) {
+            return Err(CodecError::Unknown("the log lost a step".into()));
+        }
+        let encoded = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        replayed(&mut replayer, &wire, engine.version(), &mut held)?;
+        timed.push([wire.len() as f64, encoded, t.elapsed().as_secs_f64()]);
+    }
+    Ok(point(
+        "pull",
+        format!("replay of 2 x {push}"),
+        values,
+        &timed,
+    ))
 }
 
 #[cfg(test)]
@@ -105,8 +175,11 @@ mod tests {
     #[test]
     fn every_codec_is_measured_and_compression_shrinks_the_bytes() {
         let points = codec_points(10_000, 3).unwrap();
-        assert_eq!(points.len(), 13);
+        assert_eq!(points.len(), 15);
         let bytes = |c: &str| points.iter().find(|p| p.codec == c).unwrap().bytes;
+        // A step's replay: both workers' pushes and their heads.
+        assert!(bytes("replay of 2 x topk:20") < bytes("replay of 2 x topk:100"));
+        assert!(bytes("replay of 2 x topk:100") < 2 * bytes("topk:100") + 200);
         assert_eq!(bytes("fp32"), 40_000);
         assert_eq!(bytes("int8"), 10_000 + 4 * 40);
         assert!(bytes("topk:50") < bytes("topk:100") && bytes("topk:100") < bytes("bf16"));
