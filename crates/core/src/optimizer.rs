@@ -162,13 +162,19 @@ impl Optimizer {
     }
 
     /// Appends its whole state to `out` (a replay pull's whole form): the step, the last
-    /// dense update, each moment, and the arrivals if kept; `read_state` takes it back.
+    /// dense update, a flag byte (moments sent; arrivals sent), each moment unless all are
+    /// zero (a fresh optimizer's: a run's first pulls carry no state), and the arrivals if
+    /// kept; `read_state` takes it back.
     pub fn write_state(&self, out: &mut Vec<u8>) {
+        let zero = |v: &[f32]| v.iter().all(|x| x.to_bits() == 0);
+        let moments = !(zero(&self.first) && zero(&self.second));
         out.extend_from_slice(&self.step.to_le_bytes());
         out.extend_from_slice(&self.dense_at.to_le_bytes());
-        out.push(u8::from(!self.arrivals.is_empty()));
-        out.extend(self.first.iter().flat_map(|v| v.to_le_bytes()));
-        out.extend(self.second.iter().flat_map(|v| v.to_le_bytes()));
+        out.push(u8::from(moments) | (u8::from(!self.arrivals.is_empty()) << 1));
+        if moments {
+            out.extend(self.first.iter().flat_map(|v| v.to_le_bytes()));
+            out.extend(self.second.iter().flat_map(|v| v.to_le_bytes()));
+        }
         out.extend(self.arrivals.iter().flat_map(|v| v.to_le_bytes()));
     }
 
@@ -191,28 +197,26 @@ impl Optimizer {
             w.copy_from_slice(&bytes[at..at + 8]);
             u64::from_le_bytes(w)
         };
-        let (step, dense_at, has_arrivals) = (word(0), word(8), bytes[16]);
-        let arrivals = match has_arrivals {
+        let (step, dense_at, flags) = (word(0), word(8), bytes[16]);
+        let arrivals = match flags >> 1 {
             0 => 0,
             1 if len > 0 && !self.second.is_empty() => len,
             _ => return Err(wrong(bytes.len())),
         };
         let moments = self.first.len() + self.second.len();
-        if bytes.len() != head + 4 * (moments + arrivals) || dense_at > step {
+        let sent = if flags & 1 != 0 { moments } else { 0 };
+        if bytes.len() != head + 4 * (sent + arrivals) || dense_at > step {
             return Err(wrong(bytes.len()));
         }
         let words = bytes[head..]
             .chunks_exact(4)
             .map(|b| [b[0], b[1], b[2], b[3]]);
-        let floats: Vec<f32> = words
-            .clone()
-            .take(moments)
-            .map(f32::from_le_bytes)
-            .collect();
+        let mut floats: Vec<f32> = words.clone().take(sent).map(f32::from_le_bytes).collect();
         if floats.iter().any(|v| !v.is_finite()) {
             return Err(RestoreError::NonFinite("optimizer moments".into()));
         }
-        let gaps: Vec<u32> = words.skip(moments).map(u32::from_le_bytes).collect();
+        floats.resize(moments, 0.0);
+        let gaps: Vec<u32> = words.skip(sent).map(u32::from_le_bytes).collect();
         if gaps.iter().any(|&g| u64::from(g) > step) {
             return Err(RestoreError::NonFinite("arrivals after the step".into()));
         }

@@ -10,11 +10,7 @@ use crate::config::ServerConfig;
 use crate::consistency::StepSum;
 use crate::optimizer::{Optimizer, ScaledGrad};
 use crate::update_log::{checksum, Contribution, Entry, Source};
-
-/// A body of the updates since the version the worker holds (`UpdateLog::encode_since`).
-pub const FORM_UPDATES: u8 = 1;
-/// A body of the whole slice and the optimizer's state (`write_whole`).
-pub const FORM_WHOLE: u8 = 2;
+pub use crate::update_log::{FORM_UPDATES, FORM_WHOLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

@@ -27,24 +27,29 @@ fn adam_after(updates: usize, sparse_from: usize) -> (Optimizer, Vec<f32>) {
 /// makes the next update's bits, with and without the arrivals of sparse sums.
 #[test]
 fn optimizer_state_round_trips_through_the_whole_form() {
-    for sparse_from in [0, 4, 100] {
-        let (mut opt, mut w) = adam_after(7, sparse_from);
+    for (updates, sparse_from) in [(7, 0), (7, 4), (7, 100), (0, 100)] {
+        let (mut opt, mut w) = adam_after(updates, sparse_from);
         let mut out = Vec::new();
         opt.write_state(&mut out);
         assert!(out.len() <= Optimizer::max_state_len(5));
-        let mut copy = Optimizer::new(OptimizerConfig::adam(0.01), 5);
+        if updates == 0 {
+            assert_eq!(out.len(), 17, "a fresh optimizer's moments are not sent");
+        }
+        // Read into an optimizer with a history of its own: all of it is replaced.
+        let (mut copy, _) = adam_after(3, 0);
         copy.read_state(&out).expect("its own state");
+        assert_eq!(copy.step(), opt.step());
         let mut w2 = w.clone();
         let g = [1.0, 0.0, 3.0, 0.0, 1.0];
         let grad = ScaledGrad {
             values: &g,
             scale: 1.0,
-            accumulated: sparse_from < 100,
+            accumulated: sparse_from < updates,
             source: Source::Unknown,
         };
         assert!(opt.apply_scaled(&mut w, grad, 1.0));
         assert!(copy.apply_scaled(&mut w2, grad, 1.0));
-        assert_eq!(w, w2, "sparse from {sparse_from}");
+        assert_eq!(w, w2, "{updates} updates, sparse from {sparse_from}");
     }
 }
 

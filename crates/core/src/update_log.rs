@@ -13,6 +13,11 @@
 use crate::compression::{CodecError, PushCodec};
 use std::collections::VecDeque;
 
+/// A replay pull's body of the updates since the version the worker holds (`encode_since`).
+pub const FORM_UPDATES: u8 = 1;
+/// A replay pull's body of the whole slice and the optimizer's state (`replay::write_whole`).
+pub const FORM_WHOLE: u8 = 2;
+
 /// A push's values as they crossed the link: its codec and the bytes it was decoded from
 /// (fp32: the values' little-endian bytes).
 #[derive(Debug, Clone, Copy)]
@@ -222,7 +227,7 @@ impl UpdateLog {
     }
 
     /// Encodes the updates from version `held` to `now` into `out` (cleared first), if it
-    /// holds them all: a replay pull's body (`replay::FORM_UPDATES`), without the bytes of
+    /// holds them all: a replay pull's body (`FORM_UPDATES`), without the bytes of
     /// the push whose fingerprint is `yours`.
     pub fn encode_since(&self, held: u64, now: u64, yours: Option<u64>, out: &mut Vec<u8>) -> bool {
         out.clear();
@@ -235,7 +240,7 @@ impl UpdateLog {
         }
         let skip = (held - first.from) as usize;
         let count = self.entries.len() - skip;
-        out.push(crate::replay::FORM_UPDATES);
+        out.push(FORM_UPDATES);
         out.extend_from_slice(&(count as u32).to_le_bytes());
         for entry in self.entries.iter().skip(skip) {
             entry.encode(yours, out);

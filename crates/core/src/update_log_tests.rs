@@ -48,7 +48,7 @@ fn the_log_keeps_its_budget_and_its_versions_contiguous() {
     assert_eq!(log.len(), 2);
     let mut out = Vec::new();
     assert!(log.encode_since(3, 5, None, &mut out));
-    assert_eq!(out[0], crate::replay::FORM_UPDATES);
+    assert_eq!(out[0], FORM_UPDATES);
     assert_eq!(u32::from_le_bytes([out[1], out[2], out[3], out[4]]), 2);
     assert!(
         log.encode_since(5, 5, None, &mut out),

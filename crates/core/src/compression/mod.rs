@@ -16,9 +16,11 @@
 //!
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
 //! a delta from what the worker holds (`delta-int8`, `delta-topk:P`, `delta-ternary`: -1, 0 or
-//! +1 a value and a scale per block; see `pull_delta`).
+//! +1 a value and a scale per block; see `pull_delta`), or `replay`: the shard's updates as
+//! their pushes arrived, made again on the worker (the `replay` and `update_log` modules).
 
 mod auto;
+mod names;
 mod pull_delta;
 mod sparse;
 mod values;
@@ -28,8 +30,6 @@ use crate::rng::Rng;
 pub use auto::{auto_allows_pull, auto_allows_push, AutoCodec, Rung, AUTO_LADDER};
 pub use pull_delta::PullReplica;
 use sparse::TopK;
-use std::fmt;
-use std::str::FromStr;
 use thiserror::Error;
 use values::{decode_bf16, decode_f32, decode_int8, encode_bf16, encode_f32, encode_int8};
 pub use values::{from_bf16, to_bf16};
@@ -97,69 +97,9 @@ pub enum PullCodec {
     /// bits a value: no weight of the worker's lags the shard's by more than what moved since
     /// the last pull.
     DeltaTernary,
-    /// The shard's updates since the version the worker holds, as their pushes arrived: the
-    /// worker keeps the optimizer's state and makes each update itself (`crate::replay`),
-    /// so its weights are the shard's exactly; a whole slice goes with that state.
+    /// The shard's updates since the version the worker holds, made again by the worker
+    /// (exact weights); a whole slice goes with the optimizer's state.
     Replay,
-}
-
-impl fmt::Display for PushCodec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PushCodec::Fp32 => f.write_str("fp32"),
-            PushCodec::Bf16 => f.write_str("bf16"),
-            PushCodec::Int8 => f.write_str("int8"),
-            PushCodec::TopK { per_mille } => write!(f, "topk:{per_mille}"),
-        }
-    }
-}
-
-impl fmt::Display for PullCodec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PullCodec::Fp32 => f.write_str("fp32"),
-            PullCodec::Bf16 => f.write_str("bf16"),
-            PullCodec::DeltaInt8 => f.write_str("delta-int8"),
-            PullCodec::DeltaTopK { per_mille } => write!(f, "delta-topk:{per_mille}"),
-            PullCodec::DeltaTernary => f.write_str("delta-ternary"),
-            PullCodec::Replay => f.write_str("replay"),
-        }
-    }
-}
-
-impl FromStr for PushCodec {
-    type Err = CodecError;
-    fn from_str(s: &str) -> Result<Self, CodecError> {
-        match s {
-            "fp32" => Ok(PushCodec::Fp32),
-            "bf16" => Ok(PushCodec::Bf16),
-            "int8" => Ok(PushCodec::Int8),
-            _ => with_per_mille(s, "topk:", PushCodec::top_k),
-        }
-    }
-}
-
-impl FromStr for PullCodec {
-    type Err = CodecError;
-    fn from_str(s: &str) -> Result<Self, CodecError> {
-        match s {
-            "fp32" => Ok(PullCodec::Fp32),
-            "bf16" => Ok(PullCodec::Bf16),
-            "delta-int8" => Ok(PullCodec::DeltaInt8),
-            "delta-ternary" => Ok(PullCodec::DeltaTernary),
-            "replay" => Ok(PullCodec::Replay),
-            _ => with_per_mille(s, "delta-topk:", PullCodec::delta_top_k),
-        }
-    }
-}
-
-/// A codec named `PREFIX` + a per mille, made by `make` (which refuses one out of range).
-fn with_per_mille<T>(s: &str, prefix: &str, make: fn(u16) -> Option<T>) -> Result<T, CodecError> {
-    let Some(p) = s.strip_prefix(prefix) else {
-        return Err(CodecError::Unknown(s.into()));
-    };
-    let per_mille: u16 = p.parse().map_err(|_| CodecError::PerMille(p.into()))?;
-    make(per_mille).ok_or_else(|| CodecError::PerMille(p.into()))
 }
 
 /// What a worker keeps between pushes of one slice: the error-feedback residual (top-k) and

@@ -28,16 +28,9 @@ pub(super) async fn push(
     // The worker's time sending starts where the shard starts reading its values.
     let started = std::time::Instant::now();
     let bytes = if head.lane {
-        let values = shared.range.len();
-        let threads = shared.threads.as_deref();
-        super::lanes::read_push(
-            threads,
-            lane,
-            head.codec,
-            (len, body),
-            &mut lease.buf,
-            values,
-        )?
+        let (values, threads) = (shared.range.len(), shared.threads.as_deref());
+        let sizes = (len, body);
+        super::lanes::read_push(threads, lane, head.codec, sizes, &mut lease.buf, values)?
     } else {
         read_push_values(shared, conn, head.codec, body, &mut lease).await?;
         len
@@ -60,10 +53,7 @@ pub(super) async fn push(
     };
     let (buf, wire) = (&lease.buf, &mut lease.wire);
     let logs = shared.cfg.plan.keeps_update_log();
-    let wire = logged_wire(logs, codec, head.lane, buf, wire);
-    let pushed = wire
-        .filter(|_| !head.lane)
-        .map(|w| pstrain_core::update_log::fingerprint(w.bytes));
+    let (wire, pushed) = logged_wire(logs, (codec, head.lane), buf, wire);
     let report = {
         let now = shared.now();
         let mut state = shared.lock();
@@ -102,26 +92,26 @@ pub(super) async fn push(
 
 /// The bytes a push's values were decoded from, for the shard's update log if it keeps one:
 /// the codec's, as read into `wire`; fp32 values (or any pushed through a lane, decoded
-/// there) as their little-endian bytes, written into `wire`.
+/// there) as their little-endian bytes, written into `wire`. With it, the fingerprint a
+/// replay pull on this connection leaves out (not a lane's push: the worker keeps no bytes).
 fn logged_wire<'w>(
     logs: bool,
-    codec: PushCodec,
-    lane: bool,
+    (codec, lane): (PushCodec, bool),
     values: &[f32],
     wire: &'w mut Vec<u8>,
-) -> Option<WireRef<'w>> {
+) -> (Option<WireRef<'w>>, Option<u64>) {
     if !logs {
-        return None;
+        return (None, None);
     }
-    if lane || codec == PushCodec::Fp32 {
+    let codec = if lane || codec == PushCodec::Fp32 {
         wire.clear();
         wire.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        return Some(WireRef {
-            codec: PushCodec::Fp32,
-            bytes: wire,
-        });
-    }
-    Some(WireRef { codec, bytes: wire })
+        PushCodec::Fp32
+    } else {
+        codec
+    };
+    let pushed = (!lane).then(|| pstrain_core::update_log::fingerprint(wire));
+    (Some(WireRef { codec, bytes: wire }), pushed)
 }
 
 /// Reads the head of a push of `len` bytes, and gives it with the length of the values that
