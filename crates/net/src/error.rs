@@ -58,6 +58,11 @@ pub enum NetError {
     Shape { expected: usize, got: usize },
     #[error("unexpected message kind {got:#x} (expected {expected})")]
     Unexpected { got: u16, expected: &'static str },
+    /// A replay pull's updates did not lead to the shard's weights (or started from a
+    /// version this worker does not hold): its copy is unknown, and a new connection is
+    /// sent the whole slice with the optimizer's state.
+    #[error("{0}; connecting again for the whole slice")]
+    Resync(String),
 }
 
 impl NetError {
@@ -75,6 +80,7 @@ impl NetError {
     /// of the run).
     pub fn rejoins(&self) -> bool {
         self.is_transport()
+            || matches!(self, NetError::Resync(_))
             || matches!(
                 self,
                 NetError::Remote(Failure {

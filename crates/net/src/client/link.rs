@@ -10,7 +10,9 @@ use crate::message::{
     kind, PushHead, PushReply, Reply, Request, StatsReply, StepMembers, PULLED_LEN, REPLY_LIMIT,
     WORKER_STATS_LEN,
 };
-use pstrain_core::{AutoCodec, PullCodec, PullReply, PushEncoder, PushMeta, Replayer, RunPlan};
+use pstrain_core::{
+    AutoCodec, PullCodec, PullReply, PushEncoder, PushMeta, ReplayError, Replayer, RunPlan,
+};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,10 +145,7 @@ impl ShardLink {
         self.conn.read_into(&mut self.wire).await?;
         replayer
             .apply(&self.wire, pulled.version, slice)
-            .map_err(|e| NetError::Malformed {
-                what: "pull reply",
-                why: e.to_string(),
-            })?;
+            .map_err(replay_error)?;
         let took = first_byte.elapsed();
         self.pull_s += took.as_secs_f32();
         if let Some(auto) = &mut self.auto {
@@ -334,4 +333,37 @@ impl ShardLink {
 /// The largest replay pull's body for a slice of `n` values under the shards' log budget.
 fn replay_max_body(n: usize) -> usize {
     pstrain_core::replay::max_body(n, RunPlan::update_log_budget(n))
+}
+
+/// A replay pull's failure as the client acts on it: a body that is not one is malformed
+/// (the run stops, as for any garbled reply); updates that did not lead to the shard's
+/// weights, or started elsewhere, leave the copy unknown and a new connection mends it.
+fn replay_error(e: ReplayError) -> NetError {
+    match e {
+        ReplayError::Diverged { .. } | ReplayError::NotHeld { .. } => {
+            NetError::Resync(e.to_string())
+        }
+        _ => NetError::Malformed {
+            what: "pull reply",
+            why: e.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replay that diverged, or began at another version, makes the worker connect again
+    /// (and be sent the whole); a garbled body stops it.
+    #[test]
+    fn a_diverged_replay_rejoins_and_a_garbled_one_does_not() {
+        assert!(replay_error(ReplayError::Diverged { from: 3 }).rejoins());
+        let elsewhere = ReplayError::NotHeld {
+            from: 3,
+            held: Some(2),
+        };
+        assert!(replay_error(elsewhere).rejoins());
+        assert!(!replay_error(ReplayError::Malformed("cut short".into())).rejoins());
+    }
 }
