@@ -11,6 +11,7 @@ use crate::consistency::StepSum;
 use crate::optimizer::{Optimizer, ScaledGrad};
 use crate::update_log::{checksum, Contribution, Entry, Source};
 pub use crate::update_log::{FORM_UPDATES, FORM_WHOLE};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -59,7 +60,7 @@ pub struct Replayer {
     /// The most pushes one update may hold (a step's: one per worker).
     max_contributions: usize,
     /// This worker's last push to the shard, which a pull leaves out.
-    last_push: Option<(PushCodec, Vec<u8>)>,
+    last_push: Option<(PushCodec, Arc<[u8]>)>,
 }
 
 impl Replayer {
@@ -79,21 +80,14 @@ impl Replayer {
     /// This worker pushed `bytes` in `codec` (the values' little-endian bytes for fp32):
     /// the shard leaves them out of the next pull's updates.
     pub fn pushed(&mut self, codec: PushCodec, bytes: &[u8]) {
-        let (kept, buf) = self.last_push.get_or_insert_with(|| (codec, Vec::new()));
-        *kept = codec;
-        buf.clear();
-        buf.extend_from_slice(bytes);
+        self.last_push = Some((codec, Arc::from(bytes)));
     }
 
     /// This worker pushed `values` as fp32 (their little-endian bytes are what the shard
     /// logged).
     pub fn pushed_values(&mut self, values: &[f32]) {
-        let (kept, buf) = self
-            .last_push
-            .get_or_insert_with(|| (PushCodec::Fp32, Vec::new()));
-        *kept = PushCodec::Fp32;
-        buf.clear();
-        buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.last_push = Some((PushCodec::Fp32, bytes));
     }
 
     /// This worker's last push went where the shard does not leave it out (a lane).
@@ -217,13 +211,7 @@ impl Replayer {
             self.sum.clear();
             for c in &entry.contributions {
                 c.values(len, &mut self.values)?;
-                let grad = ScaledGrad {
-                    values: &self.values,
-                    scale: c.scale,
-                    accumulated: c.accumulated,
-                    source: Source::Unknown,
-                };
-                self.sum.add(c.samples, grad, None);
+                self.sum.add(c.samples, taken(c, &self.values), None);
             }
             match self.sum.combined() {
                 Some(update) => {
@@ -235,12 +223,7 @@ impl Replayer {
         } else {
             let c = &entry.contributions[0];
             c.values(len, &mut self.values)?;
-            let grad = ScaledGrad {
-                values: &self.values,
-                scale: c.scale,
-                accumulated: c.accumulated,
-                source: Source::Unknown,
-            };
+            let grad = taken(c, &self.values);
             self.optimizer
                 .apply_scaled(&mut self.weights, grad, entry.lr_scale)
         };
@@ -270,11 +253,11 @@ impl Replayer {
         }
         let bytes = if flags & 4 != 0 {
             match &self.last_push {
-                Some((pushed, bytes)) if *pushed == codec && len == 0 => bytes.clone(),
+                Some((pushed, bytes)) if *pushed == codec && len == 0 => Arc::clone(bytes),
                 _ => return Err(malformed("a push said to be this worker's, which it lacks")),
             }
         } else {
-            r.take(len)?.to_vec()
+            Arc::from(r.take(len)?)
         };
         Ok(Contribution {
             samples,
@@ -285,6 +268,16 @@ impl Replayer {
             fingerprint: 0,
             bytes,
         })
+    }
+}
+
+/// `values` (a contribution's, decoded) as the shard's rule took them.
+fn taken<'v>(c: &Contribution, values: &'v [f32]) -> ScaledGrad<'v> {
+    ScaledGrad {
+        values,
+        scale: c.scale,
+        accumulated: c.accumulated,
+        source: Source::Unknown,
     }
 }
 

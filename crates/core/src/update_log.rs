@@ -12,18 +12,30 @@
 
 use crate::compression::{CodecError, PushCodec};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// A replay pull's body of the updates since the version the worker holds (`encode_since`).
 pub const FORM_UPDATES: u8 = 1;
 /// A replay pull's body of the whole slice and the optimizer's state (`replay::write_whole`).
 pub const FORM_WHOLE: u8 = 2;
 
-/// A push's values as they crossed the link: its codec and the bytes it was decoded from
-/// (fp32: the values' little-endian bytes).
+/// A push's values as they crossed the link: its codec, the bytes it was decoded from
+/// (fp32: the values' little-endian bytes) and their `fingerprint`, taken once.
 #[derive(Debug, Clone, Copy)]
 pub struct WireRef<'a> {
     pub codec: PushCodec,
     pub bytes: &'a [u8],
+    pub fingerprint: u64,
+}
+
+impl<'a> WireRef<'a> {
+    pub fn new(codec: PushCodec, bytes: &'a [u8]) -> Self {
+        WireRef {
+            codec,
+            bytes,
+            fingerprint: fingerprint(bytes),
+        }
+    }
 }
 
 /// What an update's values were made of, as far as a worker replaying it must know.
@@ -52,7 +64,8 @@ pub struct Contribution {
     /// The gate's clipping factor, multiplied into each decoded value first.
     pub clip: Option<f32>,
     pub codec: PushCodec,
-    pub bytes: Vec<u8>,
+    /// Shared between a step's sum and the log's entry (one copy of a push's bytes).
+    pub bytes: Arc<[u8]>,
     /// `fingerprint` of the bytes: a pull leaves out the puller's own last push.
     pub fingerprint: u64,
 }
@@ -66,14 +79,14 @@ impl Contribution {
             accumulated: acc,
             clip,
             codec: wire.codec,
-            bytes: wire.bytes.to_vec(),
-            fingerprint: fingerprint(wire.bytes),
+            bytes: Arc::from(wire.bytes),
+            fingerprint: wire.fingerprint,
         }
     }
 
-    /// Its values as the shard took them (decoded, clipped) into `out`, `len` of them.
+    /// Its values as the shard took them (decoded, clipped) into `out`, `len` of them
+    /// (every decoder writes every value, zeros included).
     pub fn values(&self, len: usize, out: &mut Vec<f32>) -> Result<(), CodecError> {
-        out.clear();
         out.resize(len, 0.0);
         self.codec.decode(&self.bytes, out)?;
         if let Some(clip) = self.clip {

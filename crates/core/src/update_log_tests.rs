@@ -2,10 +2,7 @@ use super::*;
 
 fn wire(bytes: &[u8]) -> Source<'_> {
     Source::Push {
-        wire: WireRef {
-            codec: PushCodec::Fp32,
-            bytes,
-        },
+        wire: WireRef::new(PushCodec::Fp32, bytes),
         clip: None,
     }
 }

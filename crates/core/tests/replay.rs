@@ -74,10 +74,7 @@ fn push(
         loss: 0.0,
         accumulated: codec.accumulates(),
     };
-    let logged = WireRef {
-        codec,
-        bytes: &wire,
-    };
+    let logged = WireRef::new(codec, &wire);
     let report = engine.push_decoded(meta, &decoded, Some(logged), None, Duration::ZERO);
     assert!(report.outcome.is_ok(), "{:?}", report.outcome);
     wire
@@ -233,15 +230,22 @@ fn a_worker_behind_the_log_gets_the_whole_slice() {
     assert_eq!(bits(&slice), bits(engine.params()));
 }
 
-/// Damaged bodies: every truncation, a forged checksum, bytes after the updates, updates
-/// from a version the worker does not hold. Each is refused, the slice stays as it was,
-/// and the worker holds nothing (its next pull asks for the whole).
-#[test]
-fn damaged_or_foreign_bodies_are_refused() {
+/// One worker of a sync shard, holding version 0, and the body of the shard's next two
+/// steps (its `topk:PER_MILLE` pushes, the last of them `last`).
+struct TwoSteps {
+    server: ServerConfig,
+    engine: ShardEngine,
+    replayer: Replayer,
+    slice: Vec<f32>,
+    body: Vec<u8>,
+    last: Vec<u8>,
+}
+
+fn two_steps(per_mille: u16, seed: u64) -> TwoSteps {
     let server = config(Mode::Sync { backup_workers: 0 }, 1);
     let mut engine = shard(&server, 1 << 24);
-    let mut encoder = PushEncoder::new(PushCodec::TopK { per_mille: 50 }, 1);
-    let mut rng = Rng::new(5);
+    let mut encoder = PushEncoder::new(PushCodec::TopK { per_mille }, 1);
+    let mut rng = Rng::new(seed);
     let mut replayer = Replayer::new(&server, LEN);
     let mut slice = vec![0.0; LEN];
     pull(&engine, &mut replayer, None, &mut slice);
@@ -249,7 +253,29 @@ fn damaged_or_foreign_bodies_are_refused() {
     let last = push(&mut engine, &mut encoder, &mut rng, 0, 1);
     let mut body = Vec::new();
     assert!(engine.core().updates_since(0, None, &mut body));
-    let held = slice.clone();
+    TwoSteps {
+        server,
+        engine,
+        replayer,
+        slice,
+        body,
+        last,
+    }
+}
+
+/// Damaged bodies: every truncation, a forged checksum, bytes after the updates, updates
+/// from a version the worker does not hold. Each is refused, the slice stays as it was,
+/// and the worker holds nothing (its next pull asks for the whole).
+#[test]
+fn damaged_or_foreign_bodies_are_refused() {
+    let TwoSteps {
+        server,
+        engine,
+        replayer,
+        slice: held,
+        body,
+        last,
+    } = two_steps(50, 5);
     let mut attempts: Vec<Vec<u8>> = (0..body.len()).map(|n| body[..n].to_vec()).collect();
     let mut forged = body.clone();
     // The first update's checksum: form (1), count (4), from (8), flags (1), rate (4).
@@ -302,17 +328,14 @@ fn damaged_or_foreign_bodies_are_refused() {
 /// none here, would have to leave it as the shard's).
 #[test]
 fn mutated_bodies_never_panic_and_refusals_change_nothing() {
-    let server = config(Mode::Sync { backup_workers: 0 }, 1);
-    let mut engine = shard(&server, 1 << 24);
-    let mut encoder = PushEncoder::new(PushCodec::TopK { per_mille: 10 }, 1);
+    let TwoSteps {
+        engine,
+        replayer,
+        slice,
+        body,
+        ..
+    } = two_steps(10, 9);
     let mut rng = Rng::new(9);
-    let mut replayer = Replayer::new(&server, LEN);
-    let mut slice = vec![0.0; LEN];
-    pull(&engine, &mut replayer, None, &mut slice);
-    push(&mut engine, &mut encoder, &mut rng, 0, 0);
-    push(&mut engine, &mut encoder, &mut rng, 0, 1);
-    let mut body = Vec::new();
-    assert!(engine.core().updates_since(0, None, &mut body));
     let mut bodies: Vec<Vec<u8>> = (0..body.len())
         .map(|at| {
             let mut b = body.clone();

@@ -11,9 +11,8 @@ use pstrain_core::{
     ParameterClient, PullCodec, PushCodec, PushEncoder, PushMeta, PushOutcome, RunPlan, AUTO_LADDER,
 };
 use pstrain_net::message::{kind, Hello, PushHead, Role};
-use pstrain_net::{ClientConfig, RunToken, ShardConfig, ShardHandle, TcpClient};
+use pstrain_net::{RunToken, ShardConfig, ShardHandle, TcpClient};
 use std::io::Write;
-use std::time::Duration;
 
 fn codec_plan(push: PushCodec, pull: PullCodec) -> RunPlan {
     RunPlan {
@@ -31,15 +30,7 @@ fn start(plan: RunPlan, token: Option<RunToken>) -> ShardHandle {
 }
 
 fn client(server: &ShardHandle, plan: RunPlan) -> Result<TcpClient, pstrain_net::NetError> {
-    let mut cfg = ClientConfig::new(
-        vec![server.address().to_string()],
-        Role::Worker,
-        0,
-        plan,
-        layout(),
-    );
-    cfg.connect_timeout = Duration::from_secs(2);
-    TcpClient::connect(&cfg)
+    worker_of(server, plan)
 }
 
 fn meta(version: u64) -> PushMeta {

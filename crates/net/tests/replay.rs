@@ -6,9 +6,7 @@ mod common;
 
 use common::*;
 use pstrain_core::{OptimizerConfig, ParameterClient, PullCodec, PushCodec, PushMeta, RunPlan};
-use pstrain_net::message::Role;
-use pstrain_net::{ClientConfig, ShardConfig, ShardHandle, TcpClient};
-use std::time::Duration;
+use pstrain_net::{ShardConfig, ShardHandle, TcpClient};
 
 fn replay_plan(push: PushCodec) -> RunPlan {
     RunPlan {
@@ -27,15 +25,7 @@ fn start(plan: RunPlan) -> ShardHandle {
 }
 
 fn client(server: &ShardHandle, plan: RunPlan) -> TcpClient {
-    let mut cfg = ClientConfig::new(
-        vec![server.address().to_string()],
-        Role::Worker,
-        0,
-        plan,
-        layout(),
-    );
-    cfg.connect_timeout = Duration::from_secs(2);
-    TcpClient::connect(&cfg).unwrap()
+    worker_of(server, plan).unwrap()
 }
 
 fn meta(version: u64, push: PushCodec) -> PushMeta {

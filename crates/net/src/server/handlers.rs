@@ -110,8 +110,8 @@ fn logged_wire<'w>(
     } else {
         codec
     };
-    let pushed = (!lane).then(|| pstrain_core::update_log::fingerprint(wire));
-    (Some(WireRef { codec, bytes: wire }), pushed)
+    let logged = WireRef::new(codec, wire);
+    (Some(logged), (!lane).then_some(logged.fingerprint))
 }
 
 /// Reads the head of a push of `len` bytes, and gives it with the length of the values that

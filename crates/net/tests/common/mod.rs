@@ -26,6 +26,18 @@ pub fn plan(mode: Mode, workers: usize) -> RunPlan {
     }
 }
 
+/// Worker 0 of `plan`, connected to `server` (giving up after 2 s).
+pub fn worker_of(
+    server: &pstrain_net::ShardHandle,
+    plan: RunPlan,
+) -> Result<pstrain_net::TcpClient, pstrain_net::NetError> {
+    let address = vec![server.address().to_string()];
+    let role = pstrain_net::message::Role::Worker;
+    let mut cfg = pstrain_net::ClientConfig::new(address, role, 0, plan, layout());
+    cfg.connect_timeout = Duration::from_secs(2);
+    pstrain_net::TcpClient::connect(&cfg)
+}
+
 pub const ASYNC: Mode = Mode::Async {
     max_staleness: None,
 };

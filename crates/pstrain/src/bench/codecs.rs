@@ -145,10 +145,7 @@ fn replay_point(push: PushCodec, gradients: &[Vec<f32>]) -> Result<CodecPoint, C
                 loss: 0.0,
                 accumulated: true,
             };
-            let wire = WireRef {
-                codec: push,
-                bytes: &pushed,
-            };
+            let wire = WireRef::new(push, &pushed);
             let _ = engine.push_decoded(meta, &decoded, Some(wire), None, Duration::ZERO);
         }
         let t = Instant::now();
