@@ -57,8 +57,9 @@ pub struct RunPlan {
     pub push_codec: PushCodec,
     /// How weights cross the link.
     pub pull_codec: PullCodec,
-    /// `auto`: each worker picks both codecs from its own measured link (`AUTO_LADDER`), per
-    /// push and per pull; the two fields above are then fp32 and unused.
+    /// `auto`: each worker picks both codecs from its own measured link (`AUTO_LADDER`, and
+    /// in sync runs `REPLAY_LADDER`), per push and per pull; the two fields above are then
+    /// fp32 and unused.
     pub auto_codecs: bool,
 }
 
@@ -173,7 +174,7 @@ impl RunPlan {
     /// Whether a worker may ask for pulls in `codec` in this run.
     pub fn allows_pull(&self, codec: PullCodec) -> bool {
         if self.auto_codecs {
-            auto_allows_pull(codec)
+            auto_allows_pull(codec) || (codec == PullCodec::Replay && self.auto_replays())
         } else {
             codec == self.pull_codec
         }
@@ -188,6 +189,14 @@ impl RunPlan {
             }
         }
         largest
+    }
+
+    /// Whether `auto` may replay pulls (`REPLAY_LADDER`): in sync runs, where every worker
+    /// starts from the same weights each step and a pull is the step's other pushes. Not in
+    /// async ones: there a replayed pull brings every push since the last and measured
+    /// slower than a difference (docs/edge-links.md, twenty-ninth sitting).
+    pub fn auto_replays(&self) -> bool {
+        self.auto_codecs && matches!(self.mode, Mode::Sync { .. })
     }
 
     /// Whether a shard may send a worker differences (so keeps a replica of what it holds).
@@ -330,65 +339,5 @@ impl RunPlan {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn planning_counts_updates_by_mode() {
-        let sync = RunPlan {
-            mode: Mode::Sync { backup_workers: 0 },
-            workers: 2,
-            batch_size: 64,
-            epochs: 3,
-            ..RunPlan::default()
-        };
-        // 60,000 / 2 workers / 64 = 468.75 -> 469 steps each.
-        assert_eq!(sync.steps_per_epoch(), 469);
-        assert_eq!(sync.planned_updates(), 3 * 469);
-        assert_eq!(sync.samples_per_update(), 128);
-        let asynchronous = RunPlan {
-            mode: Mode::Async {
-                max_staleness: None,
-            },
-            ..sync.clone()
-        };
-        assert_eq!(asynchronous.planned_updates(), 3 * 469 * 2);
-        let fixed = RunPlan {
-            iterations: Some(10),
-            ..sync.clone()
-        };
-        assert_eq!(fixed.planned_updates(), 10);
-        assert_eq!(fixed.server_config().max_updates, Some(10));
-        // Buffered: every gradient of the epochs, 4 per update (2 x 469 x 3 / 4, rounded
-        // down over the whole run, not per epoch).
-        let buffered = RunPlan {
-            mode: Mode::Buffered {
-                k: 4,
-                max_staleness: None,
-            },
-            ..sync.clone()
-        };
-        assert_eq!(buffered.planned_updates(), 2 * 469 * 3 / 4);
-        assert_eq!(buffered.samples_per_update(), 4 * 64);
-    }
-
-    #[test]
-    fn differences_name_each_field() {
-        let a = RunPlan::default();
-        let b = RunPlan {
-            seed: 7,
-            workers: 3,
-            ..a.clone()
-        };
-        let fields: Vec<_> = a.differences(&b).into_iter().map(|d| d.0).collect();
-        assert_eq!(fields, vec!["workers", "seed"]);
-        assert!(a.differences(&a).is_empty());
-        assert!(RunPlan {
-            epochs: 0,
-            ..a.clone()
-        }
-        .validate()
-        .is_err());
-        assert!(a.validate().is_ok());
-    }
-}
+#[path = "plan_tests.rs"]
+mod tests;

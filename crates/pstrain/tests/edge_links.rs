@@ -316,3 +316,41 @@ fn sync_replay_pulls_over_10_mbit_links_train_as_on_loopback() {
         assert!(down < 20_000_000, "worker {rank}: {down} bytes down");
     }
 }
+
+/// `auto` in sync over two 10 Mbit/s links: each worker, having measured its link on its
+/// first (whole) pull, stays on the replayed ladder, so its pulls are the other worker's
+/// compressed pushes and its weights exact.
+#[test]
+fn sync_auto_over_10_mbit_links_replays_its_pulls() {
+    if !namespaces_available() {
+        return;
+    }
+    let _guard = common::one_at_a_time();
+    let prefix = format!("ps{}", std::process::id() % 10_000);
+    let net = EdgeNet::up(&prefix, &["10mbit", "10mbit"]);
+    let ran = run_over(
+        &net,
+        &[
+            "--model",
+            "cnn",
+            "--mode",
+            "sync",
+            "--iterations",
+            "300",
+            "--push-codec",
+            "auto",
+        ],
+    );
+    assert!(ran.accuracy >= 97.5, "{}", ran.accuracy);
+    for rank in 0..2 {
+        let codecs = codecs_of(&ran.shard_log, rank);
+        assert!(
+            pstrain_core::REPLAY_LADDER
+                .iter()
+                .any(|r| format!("{} / {}", r.push, r.pull) == codecs),
+            "worker {rank}: {codecs} is not a replayed rung"
+        );
+        let down = bytes_down(&ran.shard_log, rank);
+        assert!(down < 20_000_000, "worker {rank}: {down} bytes down");
+    }
+}

@@ -27,7 +27,7 @@ mod values;
 mod wire_tag;
 
 use crate::rng::Rng;
-pub use auto::{auto_allows_pull, auto_allows_push, AutoCodec, Rung, AUTO_LADDER};
+pub use auto::{auto_allows_pull, auto_allows_push, AutoCodec, Rung, AUTO_LADDER, REPLAY_LADDER};
 pub use pull_delta::PullReplica;
 use sparse::TopK;
 use thiserror::Error;

@@ -278,21 +278,37 @@ pub(super) async fn try_connect_shard(
         None
     };
     let range_len = range.len();
+    let (auto, pull_codec) = first_codecs(&cfg.plan);
     let link = ShardLink {
         lane,
         conn,
         range,
         joined_version: ok.version,
-        pull_codec: cfg.plan.pull_codec,
+        pull_codec,
         encoder: PushEncoder::new(cfg.plan.push_codec, seed),
         wire: Vec::new(),
         delta: Vec::new(),
         pull_s: 0.0,
-        auto: cfg.plan.auto_codecs.then(AutoCodec::new),
-        replayer: (cfg.plan.pull_codec == PullCodec::Replay)
+        auto,
+        replayer: (pull_codec == PullCodec::Replay)
             .then(|| Replayer::new(&cfg.plan.server_config(), range_len)),
     };
     Ok((link, ok.rank as usize))
+}
+
+/// A new link's `auto` (if the run picks codecs per link) and the codec of its first pull:
+/// the plan's, or under `auto` its first rung's (a sync run's worker replays its pulls
+/// until its link is measured).
+fn first_codecs(plan: &RunPlan) -> (Option<AutoCodec>, PullCodec) {
+    let auto = plan.auto_codecs.then(|| {
+        if plan.auto_replays() {
+            AutoCodec::replaying(plan.workers)
+        } else {
+            AutoCodec::new()
+        }
+    });
+    let pull = auto.as_ref().map_or(plan.pull_codec, |a| a.rung().pull);
+    (auto, pull)
 }
 
 /// Asks the shard (on this host) for a shared-memory lane and maps it; `None` when the shard

@@ -244,6 +244,10 @@ impl ShardLink {
             let rung = auto.choose(slice.len());
             self.encoder.set_codec(rung.push);
             self.pull_codec = rung.pull;
+            if rung.pull != PullCodec::Replay {
+                // `auto` left replay for good: the optimizer's copy is no longer needed.
+                self.replayer = None;
+            }
         }
         let head = PushHead {
             base_version,

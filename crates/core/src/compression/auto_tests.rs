@@ -1,0 +1,223 @@
+use super::*;
+
+/// The cnn's parameters.
+const CNN: usize = 1_199_882;
+
+/// A worker that measured `rate` bytes/s both ways and `compute` seconds per step.
+fn measured(rate: f64, compute: f64) -> AutoCodec {
+    measure(AutoCodec::new(), rate, compute)
+}
+
+/// `auto` after measuring `rate` bytes/s both ways and `compute` seconds per step.
+fn measure(mut auto: AutoCodec, rate: f64, compute: f64) -> AutoCodec {
+    for _ in 0..8 {
+        let bytes = 4 * CNN as u64;
+        auto.received(bytes, bytes as f64 / rate);
+        auto.sent(bytes, bytes as f64 / rate);
+        auto.computed(compute);
+    }
+    auto
+}
+
+/// `measured`, but the worker computes while the link pushes and pulls.
+fn measured_overlapped(rate: f64, compute: f64) -> AutoCodec {
+    let mut auto = measured(rate, compute);
+    auto.computed_beside(compute);
+    auto
+}
+
+fn position(rung: Rung) -> usize {
+    AUTO_LADDER.iter().position(|r| *r == rung).unwrap()
+}
+
+#[test]
+fn an_overlapped_worker_pays_for_the_link_only_past_its_compute() {
+    let gbit = 1000.0 * 1e6 / 8.0;
+    // 4.8 MB each way at 1 Gbit/s is about as long as the step: hidden behind it.
+    assert_eq!(position(measured_overlapped(gbit, 0.08).choose(CNN)), 0);
+    assert!(
+        position(measured(gbit, 0.08).choose(CNN)) > 0,
+        "serial: sums"
+    );
+    // On 100 Mbit/s the overlapped worker still compresses, but stops at the rung whose
+    // link fits in its compute rather than the one that sends least (which needs more
+    // updates): a worker that measured only what its compute left over (the gap from a
+    // pull to a push under overlap) went to the last rung.
+    let fast = 100.0 * 1e6 / 8.0;
+    let rung = position(measured_overlapped(fast, 0.08).choose(CNN));
+    assert!((1..AUTO_LADDER.len() - 2).contains(&rung), "rung {rung}");
+    // There the ternary pull (0.26 MB) fits the step beside a top-k push, and costs
+    // fewer updates than a top-k pull.
+    assert_eq!(AUTO_LADDER[rung].pull, PullCodec::DeltaTernary);
+    let slow = position(measured_overlapped(10e6 / 8.0, 0.08).choose(CNN));
+    assert!(slow > rung, "10 Mbit/s: rung {slow}");
+    let serial = position(measured(fast, 0.002).choose(CNN));
+    assert!(serial >= AUTO_LADDER.len() - 2, "rung {serial}");
+}
+
+#[test]
+fn a_fast_link_keeps_fp32_and_slower_ones_move_down_the_ladder() {
+    let rung_at = |mbit: f64| position(measured(mbit * 1e6 / 8.0, 0.05).choose(CNN));
+    assert_eq!(rung_at(20_000.0), 0, "loopback");
+    let (lan, fast, slow) = (rung_at(1000.0), rung_at(100.0), rung_at(10.0));
+    let slowest = rung_at(2.0);
+    assert!(
+        lan <= fast && fast <= slow && slow <= slowest,
+        "{lan} {fast} {slow} {slowest}"
+    );
+    assert!(fast >= 2, "100 Mbit/s compresses: rung {fast}");
+    assert!(slow >= AUTO_LADDER.len() - 2, "10 Mbit/s: rung {slow}");
+    assert_eq!(
+        slowest,
+        AUTO_LADDER.len() - 1,
+        "2 Mbit/s: the most compressed"
+    );
+}
+
+#[test]
+fn before_the_link_is_measured_it_is_fp32() {
+    let mut auto = AutoCodec::new();
+    auto.computed(0.05);
+    assert_eq!(auto.choose(CNN), AUTO_LADDER[0]);
+    // Small transfers say nothing about the rate.
+    auto.received(100, 1.0);
+    assert_eq!(auto.choose(CNN), AUTO_LADDER[0]);
+}
+
+#[test]
+fn a_transfer_timed_near_zero_does_not_make_a_slow_link_look_fast() {
+    let mut auto = measured(10e6 / 8.0, 0.05);
+    let slow = auto.choose(CNN);
+    auto.received(4 * CNN as u64, 0.0);
+    assert_eq!(auto.choose(CNN), slow, "one buffered read moves nothing");
+}
+
+#[test]
+fn a_link_that_speeds_up_is_followed_back_up_the_ladder_a_rung_at_a_time() {
+    // A 20 ms step: against it the codecs' CPU is worth more than the hysteresis on a
+    // fast link (against a 50 ms one, ternary pulls' few ms are within it, and the
+    // climb rightly stops there).
+    let mut auto = measured(10e6 / 8.0, 0.02);
+    let slow = position(auto.choose(CNN));
+    for _ in 0..30 {
+        let bytes = 4 * CNN as u64;
+        auto.received(bytes, bytes as f64 / 3e9);
+        auto.sent(bytes, bytes as f64 / 3e9);
+    }
+    let mut path = vec![slow];
+    for _ in 0..(PUSHES_BEFORE_CLIMBING as usize + 1) * AUTO_LADDER.len() {
+        let rung = position(auto.choose(CNN));
+        if path.last() != Some(&rung) {
+            path.push(rung);
+        }
+    }
+    let expected: Vec<usize> = (0..=slow).rev().collect();
+    assert_eq!(path, expected, "one rung at a time, up to fp32");
+}
+
+#[test]
+fn small_transfers_through_a_token_bucket_do_not_send_it_up_the_ladder_at_once() {
+    // 10 Mbit/s, but every transfer of the last rung fits a shaper's burst and arrives at
+    // line rate: the link looks like 1 Gbit/s for them.
+    let mut auto = measured_overlapped(10e6 / 8.0, 0.045);
+    let last = position(auto.choose(CNN));
+    for _ in 0..40 {
+        auto.received(20_000, 20_000.0 / 125e6);
+        auto.sent(30_000, 30_000.0 / 125e6);
+        auto.computed_beside(0.045);
+    }
+    let rungs: Vec<usize> = (0..PUSHES_BEFORE_CLIMBING as usize + 2)
+        .map(|_| position(auto.choose(CNN)))
+        .collect();
+    assert!(
+        rungs.iter().all(|&r| r + 1 >= last),
+        "at most one rung up: {rungs:?} from {last}"
+    );
+}
+
+#[test]
+fn every_rung_is_allowed_and_nothing_else() {
+    for r in AUTO_LADDER {
+        assert!(auto_allows_push(r.push) && auto_allows_pull(r.pull));
+    }
+    assert!(!auto_allows_push(PushCodec::Bf16));
+    assert!(!auto_allows_pull(PullCodec::Bf16));
+    assert!(!auto_allows_push(PushCodec::TopK { per_mille: 7 }));
+}
+
+/// A sync worker among `workers` that measured `mbit` both ways and a 40 ms step.
+fn sync_worker(workers: usize, mbit: f64) -> AutoCodec {
+    measure(AutoCodec::replaying(workers), mbit * 1e6 / 8.0, 0.04)
+}
+
+#[test]
+fn a_sync_worker_replays_its_pulls_until_it_has_measured_its_link() {
+    let mut auto = AutoCodec::replaying(2);
+    assert_eq!(auto.rung(), REPLAY_LADDER[0], "fp32 pushes, replayed pulls");
+    auto.computed(0.04);
+    assert_eq!(
+        auto.choose(CNN),
+        REPLAY_LADDER[0],
+        "unmeasured: no choice yet"
+    );
+}
+
+#[test]
+fn on_slow_links_a_sync_worker_keeps_replaying_and_on_fast_ones_leaves() {
+    let pulls = |mbit: f64| sync_worker(2, mbit).choose(CNN);
+    // Loopback: nothing to gain from replay's optimizer pass; fp32 both ways.
+    assert_eq!(pulls(20_000.0), AUTO_LADDER[0]);
+    // 100 and 10 Mbit/s: a replayed pull is one top-k push, far less than any difference.
+    let fast = pulls(100.0);
+    let slow = pulls(10.0);
+    for rung in [fast, slow] {
+        assert_eq!(rung.pull, PullCodec::Replay, "{rung:?}");
+        assert!(matches!(rung.push, PushCodec::TopK { .. }), "{rung:?}");
+    }
+    let position = |r: Rung| REPLAY_LADDER.iter().position(|x| *x == r).unwrap();
+    assert!(position(slow) >= position(fast), "{slow:?} {fast:?}");
+    assert_eq!(slow, REPLAY_LADDER[REPLAY_LADDER.len() - 1]);
+}
+
+#[test]
+fn a_replayed_pull_is_priced_by_the_pushes_of_every_other_worker() {
+    // Among 128 workers a replayed pull is 127 pushes: differences cost less.
+    let fleet = sync_worker(128, 100.0).choose(CNN);
+    assert_ne!(fleet.pull, PullCodec::Replay, "{fleet:?}");
+    assert!(AUTO_LADDER.contains(&fleet));
+    let two = sync_worker(2, 100.0);
+    let many = sync_worker(64, 100.0);
+    let rung = REPLAY_LADDER[REPLAY_LADDER.len() - 1];
+    assert!(many.cost(&rung, CNN) > two.cost(&rung, CNN));
+    // A worker on the difference ladder does not price replay at all.
+    assert_eq!(measured(12.5e6, 0.04).cost(&rung, CNN), None);
+}
+
+#[test]
+fn a_worker_that_left_replay_does_not_come_back() {
+    // A fast link at first: the difference ladder, whose pulls leave the optimizer behind.
+    let mut auto = sync_worker(2, 20_000.0);
+    assert_eq!(auto.choose(CNN), AUTO_LADDER[0]);
+    // The link turns slow: down the difference ladder, never back to replay (whose first
+    // pull would carry the optimizer's whole state).
+    for _ in 0..40 {
+        let bytes = 4 * CNN as u64;
+        auto.received(bytes, bytes as f64 / (10e6 / 8.0));
+        auto.sent(bytes, bytes as f64 / (10e6 / 8.0));
+    }
+    for _ in 0..20 {
+        let rung = auto.choose(CNN);
+        assert!(AUTO_LADDER.contains(&rung), "{rung:?}");
+    }
+    assert_ne!(auto.rung(), AUTO_LADDER[0], "it did compress");
+}
+
+#[test]
+fn replayed_rungs_push_as_the_difference_ladder_does_and_pull_replayed() {
+    for r in REPLAY_LADDER {
+        assert!(auto_allows_push(r.push), "{r:?}");
+        assert_eq!(r.pull, PullCodec::Replay);
+    }
+    // A shard allows replay from `auto` only in sync runs (`RunPlan::allows_pull`).
+    assert!(!auto_allows_pull(PullCodec::Replay));
+}
