@@ -25,6 +25,9 @@ pub struct PullReplica {
     tracks: bool,
     /// The version the worker holds, once it was sent a whole slice on this connection.
     held: Option<u64>,
+    /// `held` came by replay pulls: the worker made it itself and `values` are not kept, so
+    /// no difference can be taken from them (a codec changed under `auto` starts whole).
+    replayed: bool,
     values: Vec<f32>,
     diff: Vec<f32>,
     rng: Rng,
@@ -38,6 +41,7 @@ impl PullReplica {
         PullReplica {
             tracks,
             held: None,
+            replayed: false,
             values: Vec::new(),
             diff: Vec::new(),
             rng: Rng::new(seed),
@@ -48,7 +52,7 @@ impl PullReplica {
     /// Whether a worker that says it holds `version` can be sent a difference in `codec`:
     /// the codec sends them, and this connection sent it exactly that version.
     pub fn can_send_delta(&self, codec: PullCodec, version: u64) -> bool {
-        codec.is_delta() && self.held == Some(version)
+        codec.is_delta() && !self.replayed && self.held == Some(version)
     }
 
     /// A whole slice of `version` was sent as fp32: the worker now holds exactly `weights`.
@@ -58,7 +62,7 @@ impl PullReplica {
         }
         self.values.clear();
         self.values.extend_from_slice(weights);
-        self.held = Some(version);
+        (self.held, self.replayed) = (Some(version), false);
     }
 
     /// Encodes into `out` (cleared first) the difference between `weights` (of `version`)
@@ -111,22 +115,24 @@ impl PullReplica {
     /// The worker was sent something this replica does not follow (bf16 or fp32 weights
     /// outside a delta codec): it no longer holds a known slice, and the memory goes.
     pub fn forget(&mut self) {
+        self.replayed = false;
         if self.held.take().is_some() {
             self.values = Vec::new();
             self.diff = Vec::new();
         }
     }
 
-    /// The version this connection last sent its worker, if it knows what the worker holds.
-    pub fn held(&self) -> Option<u64> {
-        self.held
+    /// The version this connection's replay pulls brought its worker to, if its last pull
+    /// was one (after any other, the worker's copy of the optimizer is not the shard's).
+    pub fn replayed(&self) -> Option<u64> {
+        self.held.filter(|_| self.replayed)
     }
 
     /// A replay pull brought the worker to `version` (no slice is kept: the worker makes
     /// the shard's updates itself).
     pub fn sent_replay(&mut self, version: u64) {
         self.forget();
-        self.held = Some(version);
+        (self.held, self.replayed) = (Some(version), true);
     }
 
     /// Whether it knows what its worker holds (a worker's memory on the shard: one slice

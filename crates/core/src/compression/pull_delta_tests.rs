@@ -270,3 +270,26 @@ fn hostile_deltas_are_refused() {
     ternary.apply_delta(&good, &mut held, &mut scratch).unwrap();
     assert_eq!(held, vec![1.25; 300]);
 }
+
+/// Under `auto` a connection's pull codec changes: a difference is never taken from a
+/// version the worker made by replay (the replica holds no values then), and a replay
+/// never starts from a version a difference brought (the worker's optimizer is not the
+/// shard's): each is sent whole first.
+#[test]
+fn a_change_between_replayed_and_difference_pulls_starts_whole() {
+    let codec = PullCodec::DeltaInt8;
+    let mut replica = PullReplica::new(true, 5);
+    replica.sent_replay(4);
+    assert_eq!(replica.replayed(), Some(4));
+    assert!(!replica.can_send_delta(codec, 4), "no values to difference");
+    replica.sent_whole(5, &[0.25; 64]);
+    assert!(replica.can_send_delta(codec, 5));
+    assert_eq!(replica.replayed(), None, "a whole slice is not a replay");
+    let mut wire = Vec::new();
+    replica.encode_delta(codec, 6, &[0.5; 64], &mut wire);
+    assert_eq!(replica.replayed(), None, "nor is a difference");
+    replica.sent_replay(7);
+    assert_eq!(replica.replayed(), Some(7));
+    replica.forget();
+    assert_eq!(replica.replayed(), None);
+}

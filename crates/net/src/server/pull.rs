@@ -63,7 +63,7 @@ pub(super) async fn pull(
     let mut rx = shared.version.subscribe();
     // A replay pull's body is made under the shard's lock, from what this connection sent.
     let replays = codec == PullCodec::Replay;
-    let held = replica.held().filter(|_| rank.is_some());
+    let held = replica.replayed().filter(|_| rank.is_some());
     let decided = async {
         loop {
             rx.borrow_and_update();
