@@ -317,18 +317,10 @@ fn sync_replay_pulls_over_10_mbit_links_train_as_on_loopback() {
     }
 }
 
-/// `auto` in sync over two 10 Mbit/s links: each worker, having measured its link on its
-/// first (whole) pull, stays on the replayed ladder, so its pulls are the other worker's
-/// compressed pushes and its weights exact.
-#[test]
-fn sync_auto_over_10_mbit_links_replays_its_pulls() {
-    if !namespaces_available() {
-        return;
-    }
-    let _guard = common::one_at_a_time();
-    let prefix = format!("ps{}", std::process::id() % 10_000);
-    let net = EdgeNet::up(&prefix, &["10mbit", "10mbit"]);
-    let ran = run_over(
+/// A sync run under `auto` over two links, to its end: shard 0's report and the accuracy.
+fn sync_auto_over(prefix: &str, rates: &[&str]) -> Ran {
+    let net = EdgeNet::up(prefix, rates);
+    run_over(
         &net,
         &[
             "--model",
@@ -340,17 +332,68 @@ fn sync_auto_over_10_mbit_links_replays_its_pulls() {
             "--push-codec",
             "auto",
         ],
+    )
+}
+
+/// The rung `rank` ended on, of either of `auto`'s ladders.
+fn rung_of(shard_log: &str, rank: usize) -> pstrain_core::Rung {
+    let codecs = codecs_of(shard_log, rank);
+    pstrain_core::REPLAY_LADDER
+        .iter()
+        .chain(&pstrain_core::AUTO_LADDER)
+        .find(|r| format!("{} / {}", r.push, r.pull) == codecs)
+        .copied()
+        .unwrap_or_else(|| panic!("worker {rank}: {codecs} is on no ladder"))
+}
+
+/// `auto` in sync over two 10 Mbit/s links: each worker, having measured its link on its
+/// first (whole) pull, stays on the replayed ladder, so its pulls are the other worker's
+/// compressed pushes and its weights exact.
+#[test]
+fn sync_auto_over_10_mbit_links_replays_its_pulls() {
+    if !namespaces_available() {
+        return;
+    }
+    let _guard = common::one_at_a_time();
+    let ran = sync_auto_over(
+        &format!("ps{}", std::process::id() % 10_000),
+        &["10mbit"; 2],
     );
     assert!(ran.accuracy >= 97.5, "{}", ran.accuracy);
     for rank in 0..2 {
-        let codecs = codecs_of(&ran.shard_log, rank);
-        assert!(
-            pstrain_core::REPLAY_LADDER
-                .iter()
-                .any(|r| format!("{} / {}", r.push, r.pull) == codecs),
-            "worker {rank}: {codecs} is not a replayed rung"
+        let rung = rung_of(&ran.shard_log, rank);
+        assert_eq!(
+            rung.pull,
+            pstrain_core::PullCodec::Replay,
+            "{}",
+            ran.shard_log
         );
         let down = bytes_down(&ran.shard_log, rank);
+        // fp32 pulls would be 300 x 4.8 MB.
         assert!(down < 20_000_000, "worker {rank}: {down} bytes down");
     }
+}
+
+/// `auto` in sync over a 1 Gbit/s link and a 10 Mbit/s one. The worker on 1 Gbit/s prices
+/// replay's optimizer pass against differences and leaves replay (its next pull whole);
+/// its pushes are then far larger than the other's, so the worker on 10 Mbit/s, whose
+/// replayed pulls bring them, leaves too, after a few: its pulls stay small either way.
+#[test]
+fn sync_auto_beside_a_fast_link_leaves_replay_when_its_pulls_grow() {
+    if !namespaces_available() {
+        return;
+    }
+    let _guard = common::one_at_a_time();
+    let ran = sync_auto_over(
+        &format!("pm{}", std::process::id() % 10_000),
+        &["1gbit", "10mbit"],
+    );
+    // Both end on difference ladders (97.34% when this test was written, where exact
+    // `topk:10 / replay` pulls give 98.11% at 300 updates): the point here is the bytes.
+    assert!(ran.accuracy >= 96.5, "{}", ran.accuracy);
+    rung_of(&ran.shard_log, 0);
+    rung_of(&ran.shard_log, 1);
+    let down = bytes_down(&ran.shard_log, 1);
+    // Replaying the fast worker's pushes to the end was 79 MB; fp32, 1.4 GB.
+    assert!(down < 25_000_000, "worker 1: {down} bytes down");
 }

@@ -22,142 +22,12 @@
 //! the connection: leaving replay costs nothing, coming back would cost the optimizer's
 //! state, so it never comes back.
 
-use super::{PullCodec, PushCodec};
-
-/// One choice of `auto`: a push codec, a pull codec, and the updates it needs relative to
-/// fp32 for the same accuracy.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rung {
-    pub push: PushCodec,
-    pub pull: PullCodec,
-    pub updates_cost: f64,
-    /// Nanoseconds per value its encoding and decoding cost the shard and the worker
-    /// together, per push and pull (the sum of `pstrain bench-net`'s codec rows on this
-    /// project's 2-core machines; an estimate elsewhere, which only matters on fast links).
-    pub codec_ns_per_value: f64,
-}
-
-/// From least to most compressed. The costs: int8 pushes are unbiased and delta pulls carry
-/// their error to the next pull, so the first rungs train as fp32 does (measured: the same
-/// updates to 98.5% within noise); top-k needs more updates the sparser it is (Adam
-/// normalises each coordinate's step, and a delta pull leaves the worker's copy of the
-/// coordinates it did not send behind): the means of the sittings in docs/edge-links.md
-/// (updates for 98.5% held, against fp32's in the same sitting). Rung 6's is an estimate.
-/// Rung 3's pull, ternary differences, leaves no weight behind by more than what moved since
-/// the last pull, and measured as few updates as fp32's (docs/edge-links.md, thirteenth
-/// sitting); 1.05 prices it like the int8 rungs.
-/// The codec costs are the sums of `pstrain bench-net`'s codec rows for the cnn.
-pub const AUTO_LADDER: [Rung; 8] = [
-    Rung {
-        push: PushCodec::Fp32,
-        pull: PullCodec::Fp32,
-        codec_ns_per_value: 0.0,
-        updates_cost: 1.0,
-    },
-    Rung {
-        push: PushCodec::Int8,
-        pull: PullCodec::DeltaInt8,
-        codec_ns_per_value: 6.5,
-        updates_cost: 1.02,
-    },
-    Rung {
-        push: PushCodec::Int8,
-        pull: PullCodec::DeltaTopK { per_mille: 20 },
-        codec_ns_per_value: 5.5,
-        updates_cost: 1.05,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 100 },
-        pull: PullCodec::DeltaTernary,
-        codec_ns_per_value: 5.2,
-        updates_cost: 1.05,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 100 },
-        pull: PullCodec::DeltaTopK { per_mille: 50 },
-        codec_ns_per_value: 6.5,
-        updates_cost: 1.25,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 50 },
-        pull: PullCodec::DeltaTopK { per_mille: 20 },
-        codec_ns_per_value: 5.9,
-        updates_cost: 1.4,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 20 },
-        pull: PullCodec::DeltaTopK { per_mille: 5 },
-        codec_ns_per_value: 5.3,
-        updates_cost: 1.5,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 10 },
-        pull: PullCodec::DeltaTopK { per_mille: 5 },
-        codec_ns_per_value: 5.2,
-        updates_cost: 2.0,
-    },
-];
-
-/// Sync runs' ladder of replayed pulls (`PullCodec::Replay`): a pull is the other workers'
-/// pushes, so its bytes follow the push codec and the number of workers. The updates: with
-/// exact pulls, sync on the cnn held 98.5% from update 450 (`topk:100`), 600 (`topk:20`) and
-/// 500 (`topk:10`) against fp32's 500 (one deterministic run each, checkpoints every 50,
-/// docs/edge-links.md, twenty-ninth sitting); the sparser pushes are priced a little dearer
-/// than that one run says (1.1, 1.15) so that sparser never looks free, and `topk:50`
-/// between. The codec costs add replay's optimizer pass on the worker (about 4 ns a value,
-/// `pstrain bench-net`) to the push's encoding and decoding.
-pub const REPLAY_LADDER: [Rung; 6] = [
-    Rung {
-        push: PushCodec::Fp32,
-        pull: PullCodec::Replay,
-        codec_ns_per_value: 4.0,
-        updates_cost: 1.0,
-    },
-    Rung {
-        push: PushCodec::Int8,
-        pull: PullCodec::Replay,
-        codec_ns_per_value: 9.0,
-        updates_cost: 1.02,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 100 },
-        pull: PullCodec::Replay,
-        codec_ns_per_value: 8.5,
-        updates_cost: 1.0,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 50 },
-        pull: PullCodec::Replay,
-        codec_ns_per_value: 8.0,
-        updates_cost: 1.05,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 20 },
-        pull: PullCodec::Replay,
-        codec_ns_per_value: 7.5,
-        updates_cost: 1.1,
-    },
-    Rung {
-        push: PushCodec::TopK { per_mille: 10 },
-        pull: PullCodec::Replay,
-        codec_ns_per_value: 7.5,
-        updates_cost: 1.15,
-    },
-];
+use super::ladder::{Rung, AUTO_LADDER, REPLAY_LADDER};
+use super::PullCodec;
 
 /// A replayed pull's bytes besides the pushes it carries: a head per update and per push
 /// (about `update_log`'s; only the estimate reads it).
 const REPLAY_HEAD_BYTES: usize = 24;
-
-/// Whether `auto` may push with `codec` (a shard refuses any other).
-pub fn auto_allows_push(codec: PushCodec) -> bool {
-    AUTO_LADDER.iter().any(|r| r.push == codec)
-}
-
-/// Whether `auto` may ask for pulls in `codec`.
-pub fn auto_allows_pull(codec: PullCodec) -> bool {
-    AUTO_LADDER.iter().any(|r| r.pull == codec)
-}
 
 /// Transfers smaller than this say more about latency than rate: not counted.
 const MIN_SAMPLE_BYTES: u64 = 16 * 1024;
@@ -173,6 +43,9 @@ const HYSTERESIS: f64 = 0.9;
 /// to the rung the small ones priced, a 10 Mbit/s link went from 25 KB pushes to 1.2 MB ones
 /// of a second each and back, again and again).
 const PUSHES_BEFORE_CLIMBING: u32 = 10;
+
+/// Replayed pulls a worker sees before it may leave replay for differences (for good).
+const REPLAY_PULLS_BEFORE_LEAVING: u32 = 3;
 
 /// A rate as a window of bytes over seconds.
 #[derive(Debug, Clone, Copy, Default)]
@@ -222,6 +95,11 @@ pub struct AutoCodec {
     compute_s: Option<f64>,
     /// The worker computes while this link carries its last push and the next pull.
     overlapped: bool,
+    /// Replayed pulls of updates as they arrived: their bytes (a moving mean) and count.
+    /// They are the other workers' pushes in whatever codecs those chose, which a worker
+    /// can only estimate before it has seen some.
+    replay_pull: Option<f64>,
+    replay_pulls: u32,
     ladder: Ladder,
     /// The rung in use, of `ladder`'s rungs.
     rung: usize,
@@ -263,6 +141,16 @@ impl AutoCodec {
         self.down.add(bytes, seconds);
     }
 
+    /// A replayed pull of updates (not a whole slice) of `bytes` arrived.
+    pub fn replayed(&mut self, bytes: u64) {
+        let bytes = bytes as f64;
+        self.replay_pull = Some(match self.replay_pull {
+            None => bytes,
+            Some(b) => b + WINDOW_WEIGHT * (bytes - b),
+        });
+        self.replay_pulls = self.replay_pulls.saturating_add(1);
+    }
+
     /// A step computed in `seconds`.
     pub fn computed(&mut self, seconds: f64) {
         if !seconds.is_finite() || seconds < 0.0 {
@@ -297,7 +185,12 @@ impl AutoCodec {
                 Ladder::Undecided { others } | Ladder::Replay { others } => others,
                 Ladder::Deltas => return None,
             };
-            REPLAY_HEAD_BYTES + others * (REPLAY_HEAD_BYTES + rung.push.typical_len(values))
+            // What the other workers' pushes measured, once some arrived (they do not
+            // depend on this worker's push codec), else as many pushes as its own.
+            self.replay_pull.map_or(
+                REPLAY_HEAD_BYTES + others * (REPLAY_HEAD_BYTES + rung.push.typical_len(values)),
+                |bytes| bytes as usize,
+            )
         } else if rung.pull.is_delta() {
             rung.pull.typical_delta_len(values)
         } else {
@@ -319,6 +212,9 @@ impl AutoCodec {
     pub fn choose(&mut self, values: usize) -> Rung {
         if let Ladder::Undecided { others } = self.ladder {
             return self.choose_ladder(values, others);
+        }
+        if let Some(left) = self.leave_replay(values) {
+            return left;
         }
         let costs: Vec<Option<f64>> = self.rungs().iter().map(|r| self.cost(r, values)).collect();
         let Some(current) = costs[self.rung] else {
@@ -361,6 +257,25 @@ impl AutoCodec {
         };
         self.at_rung = 0;
         self.rung()
+    }
+
+    /// On the replayed ladder, once a few pulls showed what the other workers push: the
+    /// difference ladder's cheapest rung if it beats the current one by the hysteresis (a
+    /// worker behind a slow link whose pulls bring a fast worker's large pushes leaves).
+    fn leave_replay(&mut self, values: usize) -> Option<Rung> {
+        if !matches!(self.ladder, Ladder::Replay { .. })
+            || self.replay_pulls < REPLAY_PULLS_BEFORE_LEAVING
+        {
+            return None;
+        }
+        let current = self.cost(&self.rung(), values)?;
+        let costs: Vec<Option<f64>> = AUTO_LADDER.iter().map(|r| self.cost(r, values)).collect();
+        let (best, cost) = cheapest(&costs)?;
+        if cost >= HYSTERESIS * current {
+            return None;
+        }
+        (self.ladder, self.rung, self.at_rung) = (Ladder::Deltas, best, 0);
+        Some(self.rung())
     }
 }
 

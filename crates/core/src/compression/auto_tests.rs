@@ -1,4 +1,5 @@
 use super::*;
+use crate::compression::{auto_allows_pull, auto_allows_push, PushCodec};
 
 /// The cnn's parameters.
 const CNN: usize = 1_199_882;
@@ -220,4 +221,30 @@ fn replayed_rungs_push_as_the_difference_ladder_does_and_pull_replayed() {
     }
     // A shard allows replay from `auto` only in sync runs (`RunPlan::allows_pull`).
     assert!(!auto_allows_pull(PullCodec::Replay));
+}
+
+#[test]
+fn a_slow_worker_whose_replayed_pulls_bring_large_pushes_leaves_replay() {
+    // 10 Mbit/s, two workers: it replays, expecting pulls of one top-k push like its own.
+    let mut auto = sync_worker(2, 10.0);
+    let rung = auto.choose(CNN);
+    assert_eq!(rung.pull, PullCodec::Replay);
+    let mut stays = auto.clone();
+    // Its pulls turn out to be as small as expected: it stays.
+    for _ in 0..10 {
+        let bytes = PushCodec::TopK { per_mille: 10 }.typical_len(CNN) as u64;
+        stays.replayed(bytes);
+        assert_eq!(stays.choose(CNN).pull, PullCodec::Replay);
+    }
+    // The other worker, on a fast link, pushes `topk:100` (ten times the bytes): after a few
+    // such pulls, differences are cheaper, and it leaves replay.
+    let large = PushCodec::TopK { per_mille: 100 }.typical_len(CNN) as u64;
+    let mut pulls = Vec::new();
+    for _ in 0..10 {
+        auto.replayed(large);
+        pulls.push(auto.choose(CNN).pull);
+    }
+    assert_eq!(pulls[0], PullCodec::Replay, "not on one pull");
+    assert!(pulls[9].is_delta(), "{pulls:?}");
+    assert!(AUTO_LADDER.contains(&auto.rung()));
 }

@@ -20,6 +20,7 @@
 //! their pushes arrived, made again on the worker (the `replay` and `update_log` modules).
 
 mod auto;
+mod ladder;
 mod names;
 mod pull_delta;
 mod sparse;
@@ -27,7 +28,8 @@ mod values;
 mod wire_tag;
 
 use crate::rng::Rng;
-pub use auto::{auto_allows_pull, auto_allows_push, AutoCodec, Rung, AUTO_LADDER, REPLAY_LADDER};
+pub use auto::AutoCodec;
+pub use ladder::{auto_allows_pull, auto_allows_push, Rung, AUTO_LADDER, REPLAY_LADDER};
 pub use pull_delta::PullReplica;
 use sparse::TopK;
 use thiserror::Error;

@@ -150,6 +150,9 @@ impl ShardLink {
         self.pull_s += took.as_secs_f32();
         if let Some(auto) = &mut self.auto {
             auto.received(body, took.as_secs_f64());
+            if self.wire.first() == Some(&pstrain_core::replay::FORM_UPDATES) {
+                auto.replayed(body);
+            }
         }
         Ok(PullReply::from(pulled))
     }
