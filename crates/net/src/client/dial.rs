@@ -278,7 +278,7 @@ pub(super) async fn try_connect_shard(
         None
     };
     let range_len = range.len();
-    let (auto, pull_codec) = first_codecs(&cfg.plan);
+    let (auto, pull_codec) = first_codecs(&cfg.plan, lane.is_some());
     let link = ShardLink {
         lane,
         conn,
@@ -298,10 +298,10 @@ pub(super) async fn try_connect_shard(
 
 /// A new link's `auto` (if the run picks codecs per link) and the codec of its first pull:
 /// the plan's, or under `auto` its first rung's (a sync run's worker replays its pulls
-/// until its link is measured).
-fn first_codecs(plan: &RunPlan) -> (Option<AutoCodec>, PullCodec) {
+/// until its link is measured, unless a shared-memory `lane` makes fp32 pulls free).
+fn first_codecs(plan: &RunPlan, lane: bool) -> (Option<AutoCodec>, PullCodec) {
     let auto = plan.auto_codecs.then(|| {
-        if plan.auto_replays() {
+        if plan.auto_replays() && !lane {
             AutoCodec::replaying(plan.workers)
         } else {
             AutoCodec::new()
