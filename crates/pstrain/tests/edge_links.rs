@@ -2,8 +2,10 @@
 //! pair per worker, a token-bucket filter on both ends): a shard in a namespace of its own and
 //! two workers, each in its own namespace behind a link of its own rate. The convnet trains
 //! to its threshold over 100 and 20 Mbit/s; the cnn under `auto` codecs over 1 Gbit/s and
-//! 10 Mbit/s, each worker picking its own codecs. Needs root to make namespaces (CI runs as
-//! root); elsewhere it says it skipped, and under CI a machine that cannot is a failure.
+//! 10 Mbit/s, each worker picking its own codecs; in sync, replay pulls over 10 Mbit/s, fixed
+//! and chosen by `auto` (which leaves them beside a fast worker). Needs root to make
+//! namespaces (CI runs as root); elsewhere it says it skipped, and under CI a machine that
+//! cannot is a failure.
 
 mod common;
 
