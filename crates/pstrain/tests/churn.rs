@@ -9,7 +9,7 @@ mod common;
 use pstrain::launch::churn::{Churn, LateJoin};
 use pstrain::launch::cluster::{train_tcp, ClusterConfig};
 use pstrain::Quiet;
-use pstrain_core::{Aggregate, Mode, OptimizerConfig};
+use pstrain_core::{Aggregate, Mode, OptimizerConfig, ScheduleKind};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -78,7 +78,7 @@ fn buffered_goes_on_while_workers_come_and_go() {
 /// A fleet on one machine: 256 light workers (two processes of 128, each worker with its own
 /// rank, connections and heartbeat) with a tenth of them leaving each 10 s and back 1 s
 /// later, told so by the launcher over the process's stdin, and 32 joining late.
-fn fleet_churned(mode: Mode, updates: u64) {
+fn fleet_churned(mode: Mode, updates: u64, schedule: ScheduleKind) {
     const FLEET: usize = 256;
     let _guard = common::one_at_a_time();
     let mut cfg = common::convnet_as_original(mode, updates);
@@ -87,6 +87,7 @@ fn fleet_churned(mode: Mode, updates: u64) {
     // 256 gradients summed would be 256 times a step: a fleet averages them.
     cfg.plan.aggregate = Aggregate::Mean;
     cfg.plan.optimizer = OptimizerConfig::adam(0.002);
+    cfg.plan.schedule = schedule;
     let mut cluster =
         ClusterConfig::local(PathBuf::from(common::pstrain_bin()), 1, common::mnist_dir());
     cluster.workers_per_process = FLEET / 2;
@@ -132,7 +133,11 @@ fn fleet_churned(mode: Mode, updates: u64) {
 
 #[test]
 fn a_fleet_of_256_light_workers_keeps_syncing_through_churn() {
-    fleet_churned(Mode::Sync { backup_workers: 0 }, 150);
+    fleet_churned(
+        Mode::Sync { backup_workers: 0 },
+        150,
+        ScheduleKind::Constant,
+    );
 }
 
 #[test]
@@ -143,6 +148,12 @@ fn a_fleet_of_256_light_workers_keeps_buffering_through_churn() {
             max_staleness: Some(64),
         },
         3000,
+        // Decayed to the end, as pstrain's runs are by default: at a constant rate the
+        // weights a buffered fleet ends on depend on which stale gradients came last
+        // (81.9-95.1% over six runs, one under the threshold in CI); decayed, 94.5-95.1%
+        // over eight. (Sync's 150 updates learn faster at the constant rate: 91.0% against
+        // 88.5%, deterministic.)
+        ScheduleKind::Cosine,
     );
 }
 
