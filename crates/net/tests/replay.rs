@@ -1,6 +1,7 @@
 //! Replay pulls over a live shard: a worker that makes the shard's updates itself ends with
 //! the shard's weights bit for bit, whatever its push codec, for a pull's bytes of pushes;
-//! a worker that reconnects is sent the whole slice with the optimizer's state.
+//! a worker that reconnects is sent the whole slice with the optimizer's state; under `auto`
+//! a sync run's worker replays from its first pull unless it has a lane to its shard.
 
 mod common;
 
@@ -85,5 +86,43 @@ fn replaying_workers_hold_the_shards_weights_bit_for_bit() {
                 "{link:?}"
             );
         }
+    }
+}
+
+/// Under `auto` in a sync run a worker asks for replayed pulls from its first pull (whole,
+/// with a fresh optimizer's state, so it costs what fp32 does), unless a shared-memory lane
+/// to its shard makes fp32 pulls free; either way it holds the shard's weights.
+#[test]
+fn an_auto_sync_worker_replays_from_its_first_pull_unless_it_has_a_lane() {
+    let p = RunPlan {
+        auto_codecs: true,
+        optimizer: OptimizerConfig::adam(0.01),
+        ..plan(pstrain_core::Mode::Sync { backup_workers: 0 }, 1)
+    };
+    for lanes in [false, true] {
+        let server = start(p.clone());
+        let address = vec![server.address().to_string()];
+        let role = pstrain_net::message::Role::Worker;
+        let mut cfg = pstrain_net::ClientConfig::new(address, role, 0, p.clone(), layout());
+        cfg.lanes = lanes;
+        let mut c = TcpClient::connect(&cfg).unwrap();
+        let mut params = vec![0.0; N];
+        let mut v = c.pull(&mut params, None, false).unwrap().version;
+        let first = c.stats().unwrap()[0].workers[0].codecs.pull;
+        for step in 0..5usize {
+            let grad: Vec<f32> = (0..N).map(|i| ((i + step) % 5) as f32 * 0.1).collect();
+            c.push(meta(v, PushCodec::Fp32), &grad).unwrap();
+            v = c.pull(&mut params, Some(v), true).unwrap().version;
+        }
+        c.leave().unwrap();
+        let report = server.finish().unwrap();
+        let expected = if lanes {
+            PullCodec::Fp32
+        } else {
+            PullCodec::Replay
+        };
+        assert_eq!(first, Some(expected), "lanes {lanes}");
+        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&params), bits(&report.params), "lanes {lanes}");
     }
 }
