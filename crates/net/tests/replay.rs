@@ -101,9 +101,7 @@ fn an_auto_sync_worker_replays_from_its_first_pull_unless_it_has_a_lane() {
     };
     for lanes in [false, true] {
         let server = start(p.clone());
-        let address = vec![server.address().to_string()];
-        let role = pstrain_net::message::Role::Worker;
-        let mut cfg = pstrain_net::ClientConfig::new(address, role, 0, p.clone(), layout());
+        let mut cfg = worker_config(&server, p.clone());
         cfg.lanes = lanes;
         let mut c = TcpClient::connect(&cfg).unwrap();
         let mut params = vec![0.0; N];

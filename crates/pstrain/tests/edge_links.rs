@@ -283,6 +283,15 @@ fn bytes_down(shard_log: &str, rank: usize) -> u64 {
         .unwrap_or_else(|| panic!("no bytes down for worker {rank} in {shard_log}"))
 }
 
+/// A sync run of the cnn, 300 updates, with `codecs` (flags), over two links of `rates`:
+/// shard 0's report and the accuracy.
+fn sync_cnn_over(prefix: &str, rates: &[&str], codecs: &[&str]) -> Ran {
+    let net = EdgeNet::up(prefix, rates);
+    let mut args = vec!["--model", "cnn", "--mode", "sync", "--iterations", "300"];
+    args.extend_from_slice(codecs);
+    run_over(&net, &args)
+}
+
 /// Sync over two 10 Mbit/s links with replay pulls: each worker makes the shard's updates
 /// itself, so the run is the loopback run's (sync is deterministic; 98.11% at 300 updates
 /// with these codecs on loopback), for pulls of the other worker's top-k pushes: after the
@@ -293,22 +302,10 @@ fn sync_replay_pulls_over_10_mbit_links_train_as_on_loopback() {
         return;
     }
     let _guard = common::one_at_a_time();
-    let prefix = format!("pr{}", std::process::id() % 10_000);
-    let net = EdgeNet::up(&prefix, &["10mbit", "10mbit"]);
-    let ran = run_over(
-        &net,
-        &[
-            "--model",
-            "cnn",
-            "--mode",
-            "sync",
-            "--iterations",
-            "300",
-            "--push-codec",
-            "topk:10",
-            "--pull-codec",
-            "replay",
-        ],
+    let ran = sync_cnn_over(
+        &format!("pr{}", std::process::id() % 10_000),
+        &["10mbit"; 2],
+        &["--push-codec", "topk:10", "--pull-codec", "replay"],
     );
     assert!(ran.accuracy >= 97.5, "{}", ran.accuracy);
     for rank in 0..2 {
@@ -317,24 +314,6 @@ fn sync_replay_pulls_over_10_mbit_links_train_as_on_loopback() {
         // fp32 pulls would be 300 x 4.8 MB.
         assert!(down < 20_000_000, "worker {rank}: {down} bytes down");
     }
-}
-
-/// A sync run under `auto` over two links, to its end: shard 0's report and the accuracy.
-fn sync_auto_over(prefix: &str, rates: &[&str]) -> Ran {
-    let net = EdgeNet::up(prefix, rates);
-    run_over(
-        &net,
-        &[
-            "--model",
-            "cnn",
-            "--mode",
-            "sync",
-            "--iterations",
-            "300",
-            "--push-codec",
-            "auto",
-        ],
-    )
 }
 
 /// The rung `rank` ended on, of either of `auto`'s ladders.
@@ -357,9 +336,10 @@ fn sync_auto_over_10_mbit_links_replays_its_pulls() {
         return;
     }
     let _guard = common::one_at_a_time();
-    let ran = sync_auto_over(
+    let ran = sync_cnn_over(
         &format!("ps{}", std::process::id() % 10_000),
         &["10mbit"; 2],
+        &["--push-codec", "auto"],
     );
     assert!(ran.accuracy >= 97.5, "{}", ran.accuracy);
     for rank in 0..2 {
@@ -386,9 +366,10 @@ fn sync_auto_beside_a_fast_link_leaves_replay_when_its_pulls_grow() {
         return;
     }
     let _guard = common::one_at_a_time();
-    let ran = sync_auto_over(
+    let ran = sync_cnn_over(
         &format!("pm{}", std::process::id() % 10_000),
         &["1gbit", "10mbit"],
+        &["--push-codec", "auto"],
     );
     // Both end on difference ladders (97.34% when this test was written, where exact
     // `topk:10 / replay` pulls give 98.11% at 300 updates): the point here is the bytes.

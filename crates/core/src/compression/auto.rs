@@ -216,11 +216,12 @@ impl AutoCodec {
         if let Some(left) = self.leave_replay(values) {
             return left;
         }
-        let costs: Vec<Option<f64>> = self.rungs().iter().map(|r| self.cost(r, values)).collect();
-        let Some(current) = costs[self.rung] else {
+        let Some(current) = self.cost(&self.rung(), values) else {
             return self.rung();
         };
-        let (best, best_cost) = cheapest(&costs).unwrap_or((self.rung, current));
+        let (best, best_cost) = self
+            .cheapest(self.rungs(), values)
+            .unwrap_or((self.rung, current));
         let next = if best > self.rung {
             // More compressed at once: a link too slow costs every push.
             best
@@ -243,11 +244,9 @@ impl AutoCodec {
     /// A sync run's worker, once its link is measured: the cheaper ladder's cheapest rung,
     /// replay only if it beats every difference (leaving it is for good).
     fn choose_ladder(&mut self, values: usize, others: usize) -> Rung {
-        let price = |ladder: &[Rung]| {
-            let costs: Vec<Option<f64>> = ladder.iter().map(|r| self.cost(r, values)).collect();
-            cheapest(&costs)
-        };
-        let (Some(deltas), Some(replay)) = (price(&AUTO_LADDER), price(&REPLAY_LADDER)) else {
+        let deltas = self.cheapest(&AUTO_LADDER, values);
+        let replay = self.cheapest(&REPLAY_LADDER, values);
+        let (Some(deltas), Some(replay)) = (deltas, replay) else {
             return self.rung();
         };
         (self.ladder, self.rung) = if replay.1 < deltas.1 {
@@ -269,26 +268,23 @@ impl AutoCodec {
             return None;
         }
         let current = self.cost(&self.rung(), values)?;
-        let costs: Vec<Option<f64>> = AUTO_LADDER.iter().map(|r| self.cost(r, values)).collect();
-        let (best, cost) = cheapest(&costs)?;
+        let (best, cost) = self.cheapest(&AUTO_LADDER, values)?;
         if cost >= HYSTERESIS * current {
             return None;
         }
         (self.ladder, self.rung, self.at_rung) = (Ladder::Deltas, best, 0);
         Some(self.rung())
     }
-}
 
-/// The position and cost of the cheapest priced rung (the first of equals).
-fn cheapest(costs: &[Option<f64>]) -> Option<(usize, f64)> {
-    costs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.map(|c| (i, c)))
-        .fold(None, |acc, (i, c)| match acc {
-            Some((_, best)) if best <= c => acc,
-            _ => Some((i, c)),
-        })
+    /// The position and cost of `ladder`'s cheapest priced rung (the first of equals).
+    fn cheapest(&self, ladder: &[Rung], values: usize) -> Option<(usize, f64)> {
+        (ladder.iter().enumerate())
+            .filter_map(|(i, r)| self.cost(r, values).map(|c| (i, c)))
+            .fold(None, |acc, (i, c)| match acc {
+                Some((_, best)) if best <= c => acc,
+                _ => Some((i, c)),
+            })
+    }
 }
 
 #[cfg(test)]

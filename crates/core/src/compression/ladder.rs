@@ -81,9 +81,9 @@ pub const AUTO_LADDER: [Rung; 8] = [
 /// pushes, so its bytes follow the push codec and the number of workers. The updates: with
 /// exact pulls, sync on the cnn held 98.5% from update 450 (`topk:100`), 600 (`topk:20`) and
 /// 500 (`topk:10`) against fp32's 500 (one deterministic run each, checkpoints every 50,
-/// docs/edge-links.md, twenty-ninth sitting); the sparser pushes are priced a little dearer
-/// than that one run says (1.1, 1.15) so that sparser never looks free, and `topk:50`
-/// between. The codec costs add replay's optimizer pass on the worker (about 4 ns a value,
+/// docs/edge-links.md, twenty-ninth sitting); one run each is coarse (50 updates a step of
+/// it), so `topk:20` and `topk:10` are smoothed to 1.1 and 1.15 (the run said 1.2 and 1.0),
+/// sparser never cheaper in updates, and `topk:50` between. The codec costs add replay's optimizer pass on the worker (about 4 ns a value,
 /// `pstrain bench-net`) to the push's encoding and decoding.
 pub const REPLAY_LADDER: [Rung; 6] = [
     Rung {

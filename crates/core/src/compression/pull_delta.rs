@@ -18,16 +18,24 @@ use super::values::{
 use super::{top_k_count, CodecError, PullCodec};
 use crate::rng::Rng;
 
+/// How a worker came by the version it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Sent whole or as differences: `PullReplica::values` are its weights.
+    Values(u64),
+    /// Made by replay pulls: no values kept, so no difference can be taken from them (a
+    /// codec changed under `auto` starts whole).
+    Replayed(u64),
+}
+
 /// The shard's copy of what one worker holds of its slice.
 #[derive(Debug, Clone)]
 pub struct PullReplica {
     /// Whether the run sends differences at all (else nothing is kept).
     tracks: bool,
-    /// The version the worker holds, once it was sent a whole slice on this connection.
-    held: Option<u64>,
-    /// `held` came by replay pulls: the worker made it itself and `values` are not kept, so
-    /// no difference can be taken from them (a codec changed under `auto` starts whole).
-    replayed: bool,
+    /// The version the worker holds, once it was sent a whole slice (or replays) on this
+    /// connection, and how it came by it.
+    held: Option<Held>,
     values: Vec<f32>,
     diff: Vec<f32>,
     rng: Rng,
@@ -41,7 +49,6 @@ impl PullReplica {
         PullReplica {
             tracks,
             held: None,
-            replayed: false,
             values: Vec::new(),
             diff: Vec::new(),
             rng: Rng::new(seed),
@@ -52,7 +59,7 @@ impl PullReplica {
     /// Whether a worker that says it holds `version` can be sent a difference in `codec`:
     /// the codec sends them, and this connection sent it exactly that version.
     pub fn can_send_delta(&self, codec: PullCodec, version: u64) -> bool {
-        codec.is_delta() && !self.replayed && self.held == Some(version)
+        codec.is_delta() && self.held == Some(Held::Values(version))
     }
 
     /// A whole slice of `version` was sent as fp32: the worker now holds exactly `weights`.
@@ -62,7 +69,7 @@ impl PullReplica {
         }
         self.values.clear();
         self.values.extend_from_slice(weights);
-        (self.held, self.replayed) = (Some(version), false);
+        self.held = Some(Held::Values(version));
     }
 
     /// Encodes into `out` (cleared first) the difference between `weights` (of `version`)
@@ -81,7 +88,7 @@ impl PullReplica {
             // fails its pull, reconnects and is sent a whole slice, as this replica, no
             // longer what the worker holds, is forgotten.
             if encode_ternary_delta(weights, &mut self.values, out) {
-                self.held = Some(version);
+                self.held = Some(Held::Values(version));
             } else {
                 self.forget();
             }
@@ -109,13 +116,12 @@ impl PullReplica {
                 }
             }
         }
-        self.held = Some(version);
+        self.held = Some(Held::Values(version));
     }
 
     /// The worker was sent something this replica does not follow (bf16 or fp32 weights
     /// outside a delta codec): it no longer holds a known slice, and the memory goes.
     pub fn forget(&mut self) {
-        self.replayed = false;
         if self.held.take().is_some() {
             self.values = Vec::new();
             self.diff = Vec::new();
@@ -125,14 +131,17 @@ impl PullReplica {
     /// The version this connection's replay pulls brought its worker to, if its last pull
     /// was one (after any other, the worker's copy of the optimizer is not the shard's).
     pub fn replayed(&self) -> Option<u64> {
-        self.held.filter(|_| self.replayed)
+        match self.held {
+            Some(Held::Replayed(version)) => Some(version),
+            _ => None,
+        }
     }
 
     /// A replay pull brought the worker to `version` (no slice is kept: the worker makes
     /// the shard's updates itself).
     pub fn sent_replay(&mut self, version: u64) {
         self.forget();
-        (self.held, self.replayed) = (Some(version), true);
+        self.held = Some(Held::Replayed(version));
     }
 
     /// Whether it knows what its worker holds (a worker's memory on the shard: one slice

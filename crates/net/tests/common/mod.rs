@@ -26,16 +26,24 @@ pub fn plan(mode: Mode, workers: usize) -> RunPlan {
     }
 }
 
-/// Worker 0 of `plan`, connected to `server` (giving up after 2 s).
-pub fn worker_of(
+/// Worker 0 of `plan` for `server` (giving up after 2 s), to adjust before connecting.
+pub fn worker_config(
     server: &pstrain_net::ShardHandle,
     plan: RunPlan,
-) -> Result<pstrain_net::TcpClient, pstrain_net::NetError> {
+) -> pstrain_net::ClientConfig {
     let address = vec![server.address().to_string()];
     let role = pstrain_net::message::Role::Worker;
     let mut cfg = pstrain_net::ClientConfig::new(address, role, 0, plan, layout());
     cfg.connect_timeout = Duration::from_secs(2);
-    pstrain_net::TcpClient::connect(&cfg)
+    cfg
+}
+
+/// Worker 0 of `plan`, connected to `server`.
+pub fn worker_of(
+    server: &pstrain_net::ShardHandle,
+    plan: RunPlan,
+) -> Result<pstrain_net::TcpClient, pstrain_net::NetError> {
+    pstrain_net::TcpClient::connect(&worker_config(server, plan))
 }
 
 pub const ASYNC: Mode = Mode::Async {
