@@ -36,8 +36,8 @@ pub mod worker_stats;
 pub use checkpoint_schedule::CheckpointSchedule;
 pub use client::{ClientError, ParameterClient, PullReply};
 pub use compression::{
-    AutoCodec, CodecError, CodecPair, PullCodec, PullReplica, PushCodec, PushEncoder, Rung,
-    AUTO_LADDER, REPLAY_LADDER,
+    AutoCodec, CodecError, CodecPair, PullCodec, PullReplica, PushCodec, PushEncoder,
+    ReplayingPeers, Rung, AUTO_LADDER, REPLAY_LADDER,
 };
 pub use config::{Aggregate, GradientClip, Mode, ServerConfig, MAX_LEAD_LIMIT};
 pub use engine::{EngineConfig, PullDecision, PushReport, ShardEngine};

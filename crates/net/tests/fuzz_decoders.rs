@@ -82,6 +82,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
                 delta: false,
                 in_lane: false,
                 batch: 21,
+                peers_push: Some(pstrain_core::PushCodec::TopK { per_mille: 20 }),
             })
             .encode(0),
         ),

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use pstrain_core::{ParameterClient, PullCodec, PushCodec};
 use pstrain_net::lane::Lane;
-use pstrain_net::message::{kind, Hello, PushHead, Reply, Request, Role};
+use pstrain_net::message::{kind, Hello, PushHead, Reply, Request, Role, PULLED_LEN};
 use pstrain_net::{ClientConfig, RunToken, ShardConfig, ShardHandle, TcpClient};
 use std::io::Write;
 use std::net::TcpStream;
@@ -164,7 +164,7 @@ fn a_lane_push_is_checked_after_it_is_copied_and_a_lane_pull_arrives_in_the_lane
         panic!("expected a pull reply, got kind {k:#x}");
     };
     // Nothing follows the head: the slice is in the lane.
-    assert!(p.in_lane && p.updated && p.version == 1 && body.len() == 13);
+    assert!(p.in_lane && p.updated && p.version == 1 && body.len() == PULLED_LEN);
     let mut weights = vec![0.0f32; N];
     lane.read(true, &mut weights);
     for (i, w) in weights.iter().enumerate() {
@@ -223,7 +223,7 @@ fn past_the_lane_budget_a_worker_stays_on_tcp() {
     // The connection goes on over TCP.
     let (k, body) = send(&mut second, &fp32_pull(false));
     assert_eq!(k, kind::PULL_REPLY);
-    assert_eq!(body.len(), 13 + 4 * N);
+    assert_eq!(body.len(), PULLED_LEN + 4 * N);
     // Once the first connection ends, its lane's bytes are free again.
     drop(first);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -21,9 +21,13 @@
 //! its first pull has measured the link, keeps whichever ladder prices lower for the rest of
 //! the connection: leaving replay costs nothing, coming back would cost the optimizer's
 //! state, so it never comes back.
+//!
+//! A sync worker that does not replay pushes no denser than the sparsest push of the peers
+//! that do (`peers_replay`, which their shard tells it): its pushes are their pulls, and a
+//! step waits for the slowest of them.
 
 use super::ladder::{Rung, AUTO_LADDER, REPLAY_LADDER};
-use super::PullCodec;
+use super::{PullCodec, PushCodec};
 
 /// A replayed pull's bytes besides the pushes it carries: a head per update and per push
 /// (about `update_log`'s; only the estimate reads it).
@@ -44,8 +48,10 @@ const HYSTERESIS: f64 = 0.9;
 /// of a second each and back, again and again).
 const PUSHES_BEFORE_CLIMBING: u32 = 10;
 
-/// Replayed pulls a worker sees before it may leave replay for differences (for good).
-const REPLAY_PULLS_BEFORE_LEAVING: u32 = 3;
+/// Pushes in a row at which differences beat replay (by the hysteresis, its pull priced as
+/// the latest replayed pull) before a worker leaves replay for good: the first pulls may
+/// bring a fast peer's pushes from before it learned what this worker's link needs.
+const DEARER_PULLS_BEFORE_LEAVING: u32 = 3;
 
 /// A rate as a window of bytes over seconds.
 #[derive(Debug, Clone, Copy, Default)]
@@ -95,11 +101,14 @@ pub struct AutoCodec {
     compute_s: Option<f64>,
     /// The worker computes while this link carries its last push and the next pull.
     overlapped: bool,
-    /// Replayed pulls of updates as they arrived: their bytes (a moving mean) and count.
-    /// They are the other workers' pushes in whatever codecs those chose, which a worker
-    /// can only estimate before it has seen some.
+    /// The latest replayed pull of updates: its bytes. It is the other workers' pushes in
+    /// whatever codecs those chose, which a worker can only estimate before it has seen one.
     replay_pull: Option<f64>,
-    replay_pulls: u32,
+    /// Pushes in a row at which differences priced below replay.
+    replay_dearer: u32,
+    /// The sparsest push of the peers that replay (their shard's word): a worker that does
+    /// not replay pushes no denser.
+    peers_push: Option<PushCodec>,
     ladder: Ladder,
     /// The rung in use, of `ladder`'s rungs.
     rung: usize,
@@ -143,12 +152,12 @@ impl AutoCodec {
 
     /// A replayed pull of updates (not a whole slice) of `bytes` arrived.
     pub fn replayed(&mut self, bytes: u64) {
-        let bytes = bytes as f64;
-        self.replay_pull = Some(match self.replay_pull {
-            None => bytes,
-            Some(b) => b + WINDOW_WEIGHT * (bytes - b),
-        });
-        self.replay_pulls = self.replay_pulls.saturating_add(1);
+        self.replay_pull = Some(bytes as f64);
+    }
+
+    /// The shard's word on the sparsest push of the peers that replay (`None`: none does).
+    pub fn peers_replay(&mut self, push: Option<PushCodec>) {
+        self.peers_push = push;
     }
 
     /// A step computed in `seconds`.
@@ -208,8 +217,21 @@ impl AutoCodec {
     }
 
     /// Picks the rung for the next push of a slice of `values` and returns it. Until the
-    /// link is measured (the first pull), fp32 pushes (and a sync run's worker replays).
+    /// link is measured (the first pull), fp32 pushes (and a sync run's worker replays). A
+    /// worker that does not replay pushes no denser than its replaying peers.
     pub fn choose(&mut self, values: usize) -> Rung {
+        let rung = self.choose_rung(values);
+        match self.peers_push {
+            Some(peers) if rung.pull != PullCodec::Replay => Rung {
+                push: no_denser_than(rung.push, peers, values),
+                ..rung
+            },
+            _ => rung,
+        }
+    }
+
+    /// `choose` by this worker's own link.
+    fn choose_rung(&mut self, values: usize) -> Rung {
         if let Ladder::Undecided { others } = self.ladder {
             return self.choose_ladder(values, others);
         }
@@ -258,18 +280,22 @@ impl AutoCodec {
         self.rung()
     }
 
-    /// On the replayed ladder, once a few pulls showed what the other workers push: the
-    /// difference ladder's cheapest rung if it beats the current one by the hysteresis (a
-    /// worker behind a slow link whose pulls bring a fast worker's large pushes leaves).
+    /// On the replayed ladder, once pulls showed what the other workers push: the
+    /// difference ladder's cheapest rung if it beat the current one by the hysteresis at
+    /// `DEARER_PULLS_BEFORE_LEAVING` pushes in a row (a worker behind a slow link whose
+    /// pulls keep bringing a fast worker's large pushes leaves).
     fn leave_replay(&mut self, values: usize) -> Option<Rung> {
-        if !matches!(self.ladder, Ladder::Replay { .. })
-            || self.replay_pulls < REPLAY_PULLS_BEFORE_LEAVING
-        {
+        if !matches!(self.ladder, Ladder::Replay { .. }) || self.replay_pull.is_none() {
             return None;
         }
         let current = self.cost(&self.rung(), values)?;
         let (best, cost) = self.cheapest(&AUTO_LADDER, values)?;
         if cost >= HYSTERESIS * current {
+            self.replay_dearer = 0;
+            return None;
+        }
+        self.replay_dearer += 1;
+        if self.replay_dearer < DEARER_PULLS_BEFORE_LEAVING {
             return None;
         }
         (self.ladder, self.rung, self.at_rung) = (Ladder::Deltas, best, 0);
@@ -284,6 +310,21 @@ impl AutoCodec {
                 Some((_, best)) if best <= c => acc,
                 _ => Some((i, c)),
             })
+    }
+}
+
+/// `own`, or the push of the replaying ladder nearest `peers` from below if that is sparser
+/// (a peer's word picks among `auto`'s own pushes: however sparse a peer pushes, a worker
+/// goes no further than the ladder's sparsest).
+fn no_denser_than(own: PushCodec, peers: PushCodec, values: usize) -> PushCodec {
+    let sparsest = REPLAY_LADDER[REPLAY_LADDER.len() - 1].push;
+    let bound = (REPLAY_LADDER.iter().map(|r| r.push))
+        .find(|p| p.typical_len(values) <= peers.typical_len(values))
+        .unwrap_or(sparsest);
+    if bound.typical_len(values) < own.typical_len(values) {
+        bound
+    } else {
+        own
     }
 }
 

@@ -248,3 +248,50 @@ fn a_slow_worker_whose_replayed_pulls_bring_large_pushes_leaves_replay() {
     assert!(pulls[9].is_delta(), "{pulls:?}");
     assert!(AUTO_LADDER.contains(&auto.rung()));
 }
+
+#[test]
+fn early_large_replayed_pulls_do_not_make_a_worker_leave_once_they_shrink() {
+    // A fast peer pushes `topk:100` until its shard tells it this worker replays; then it
+    // pushes `topk:10` like this worker: two large pulls, then small ones.
+    let mut auto = sync_worker(2, 10.0);
+    assert_eq!(auto.choose(CNN).pull, PullCodec::Replay);
+    let large = PushCodec::TopK { per_mille: 100 }.typical_len(CNN) as u64;
+    let small = PushCodec::TopK { per_mille: 10 }.typical_len(CNN) as u64;
+    for bytes in [large, large, small, large, large, small, small, small] {
+        auto.replayed(bytes);
+        let rung = auto.choose(CNN);
+        assert_eq!(
+            rung.pull,
+            PullCodec::Replay,
+            "after a pull of {bytes} bytes"
+        );
+    }
+}
+
+#[test]
+fn a_worker_that_does_not_replay_pushes_no_denser_than_its_replaying_peers() {
+    // Loopback: fp32 both ways by its own link.
+    let mut fast = sync_worker(2, 20_000.0);
+    assert_eq!(fast.choose(CNN), AUTO_LADDER[0]);
+    // Its peer replays and pushes `topk:10`: its pushes are that peer's pulls.
+    fast.peers_replay(Some(PushCodec::TopK { per_mille: 10 }));
+    let rung = fast.choose(CNN);
+    assert_eq!(rung.push, PushCodec::TopK { per_mille: 10 });
+    assert_eq!(rung.pull, PullCodec::Fp32, "its own pulls are its link's");
+    // A peer's word picks among the ladder's pushes, no further than its sparsest.
+    fast.peers_replay(Some(PushCodec::TopK { per_mille: 1 }));
+    assert_eq!(fast.choose(CNN).push, PushCodec::TopK { per_mille: 10 });
+    fast.peers_replay(Some(PushCodec::TopK { per_mille: 30 }));
+    assert_eq!(fast.choose(CNN).push, PushCodec::TopK { per_mille: 20 });
+    // Denser peers bind nothing; nor do peers once none replays.
+    fast.peers_replay(Some(PushCodec::Fp32));
+    assert_eq!(fast.choose(CNN), AUTO_LADDER[0]);
+    fast.peers_replay(None);
+    assert_eq!(fast.choose(CNN), AUTO_LADDER[0]);
+    // A worker that replays prices its peers' pushes itself, from its pulls.
+    let mut slow = sync_worker(2, 100.0);
+    let own = slow.choose(CNN);
+    assert_eq!(own.pull, PullCodec::Replay);
+    slow.peers_replay(Some(PushCodec::TopK { per_mille: 1 }));
+    assert_eq!(slow.choose(CNN), own);
+}

@@ -74,6 +74,9 @@ impl ShardLink {
             return Err(NetError::Closed("with a garbled pull reply"));
         };
         let updated = pulled.updated;
+        if let Some(auto) = &mut self.auto {
+            auto.peers_replay(pulled.peers_push);
+        }
         let body = header.len - PULLED_LEN as u64;
         // A difference only when asked relative to what this link holds, and at most the
         // codec's largest; its exact shape is the decoder's to check.

@@ -9,7 +9,9 @@ use super::request::fixed;
 use crate::auth::{Nonce, Proof, NONCE_LEN, PROOF_LEN};
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
-use pstrain_core::{PullReply, ShardCounters, WorkerStats, STALENESS_BOUNDS, WORKER_FIELDS};
+use pstrain_core::{
+    PullReply, PushCodec, ShardCounters, WorkerStats, STALENESS_BOUNDS, WORKER_FIELDS,
+};
 
 /// The fixed part of a pull's answer; the slice follows when `updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,10 @@ pub struct Pulled {
     pub in_lane: bool,
     /// Speed-balanced sync: the worker's next batch size (0: the plan's).
     pub batch: u32,
+    /// The sparsest push of the worker's peers that pull by replay, if any does (what an
+    /// `auto` worker that does not replay pushes no denser than:
+    /// `pstrain_core::ReplayingPeers`).
+    pub peers_push: Option<PushCodec>,
 }
 
 /// The engine's answer as it travels (no batch size travels as 0).
@@ -36,6 +42,7 @@ impl From<PullReply> for Pulled {
             delta: false,
             in_lane: false,
             batch: r.batch.unwrap_or(0),
+            peers_push: None,
         }
     }
 }
@@ -118,8 +125,10 @@ impl Reply {
                     .u8(u8::from(p.updated)
                         | (u8::from(p.done) << 1)
                         | (u8::from(p.delta) << 2)
-                        | (u8::from(p.in_lane) << 3))
-                    .u32(p.batch);
+                        | (u8::from(p.in_lane) << 3)
+                        | (u8::from(p.peers_push.is_some()) << 4))
+                    .u32(p.batch)
+                    .push_codec(p.peers_push.unwrap_or_default());
             }
             Reply::Stats(s) => encode_stats(&mut w, s),
             Reply::LaneOffer { path } => {
@@ -147,16 +156,18 @@ impl Reply {
             kind::PUSH_REPLY => return Ok(Reply::Pushed(PushReply::decode(bytes, workers)?)),
             kind::PULL_REPLY => {
                 let (version, flags) = (r.u64()?, r.u8()?);
-                if flags > 15 {
+                if flags > 31 {
                     return Err(r.malformed(format!("pull flags {flags:#x}")).into());
                 }
+                let (batch, peers_push) = (r.u32()?, r.push_codec()?);
                 Reply::Pulled(Pulled {
                     version,
                     updated: flags & 1 != 0,
                     done: flags & 2 != 0,
                     delta: flags & 4 != 0,
                     in_lane: flags & 8 != 0,
-                    batch: r.u32()?,
+                    batch,
+                    peers_push: (flags & 16 != 0).then_some(peers_push),
                 })
             }
             kind::STATS_REPLY => Reply::Stats(decode_stats(&mut r)?),
@@ -177,7 +188,7 @@ impl Reply {
 }
 
 /// Size of a pull reply's fixed part.
-pub const PULLED_LEN: usize = 13;
+pub const PULLED_LEN: usize = 16;
 
 fn encode_stats(w: &mut Writer, st: &StatsReply) {
     let s = &st.stats;

@@ -2,7 +2,7 @@
 
 use super::*;
 use pstrain_core::{
-    Layout, Mode, OptimizerConfig, PushOutcome, RunPlan, ScheduleKind, ShardCounters,
+    Layout, Mode, OptimizerConfig, PushCodec, PushOutcome, RunPlan, ScheduleKind, ShardCounters,
 };
 
 fn plan() -> RunPlan {
@@ -232,14 +232,30 @@ fn pulled_and_stats_round_trip() {
         delta: true,
         in_lane: false,
         batch: 21,
+        peers_push: None,
     });
     let bytes = p.encode(0);
-    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 7, 21, 0, 0, 0]);
+    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 7, 21, 0, 0, 0, 1, 0, 0]);
     assert_eq!(bytes.len(), PULLED_LEN);
     assert_eq!(Reply::decode(kind::PULL_REPLY, &bytes, 0).unwrap(), p);
-    let bad_flags = [0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0];
+    // Replaying peers' sparsest push: flag 16, then its tag and parameter.
+    let peers = Reply::Pulled(Pulled {
+        version: 4,
+        updated: false,
+        done: false,
+        delta: false,
+        in_lane: false,
+        batch: 0,
+        peers_push: Some(PushCodec::TopK { per_mille: 10 }),
+    });
+    let bytes = peers.encode(0);
+    assert_eq!(bytes, [4, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 4, 10, 0]);
+    assert_eq!(Reply::decode(kind::PULL_REPLY, &bytes, 0).unwrap(), peers);
+    let bad_flags = [0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 1, 0, 0];
     assert!(Reply::decode(kind::PULL_REPLY, &bad_flags, 0).is_err());
-    let in_lane = [0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0];
+    let bad_codec = [0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 4, 0, 0];
+    assert!(Reply::decode(kind::PULL_REPLY, &bad_codec, 0).is_err());
+    let in_lane = [0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 1, 0, 0];
     let Ok(Reply::Pulled(p)) = Reply::decode(kind::PULL_REPLY, &in_lane, 0) else {
         panic!("a pull answered through a lane decodes");
     };

@@ -58,6 +58,7 @@ pub(super) async fn push(
         let now = shared.now();
         let mut state = shared.lock();
         state.engine.link_used(rank, link);
+        state.replaying.pushed(rank, codec);
         let tag = head.step.as_ref().map(|s| (s.step, &s.members[..]));
         let report = state.engine.push_decoded(meta, buf, wire, tag, now);
         if report.changed {
@@ -231,6 +232,9 @@ pub(super) async fn goodbye(
 ) -> Result<(), NetError> {
     if let Some(seat) = seat {
         let mut state = shared.lock();
+        if state.engine.holds(seat) {
+            state.replaying.left(seat.rank);
+        }
         state.engine.leave(seat, Departure::Goodbye);
         shared.publish(&state);
     }

@@ -2,12 +2,12 @@
 //! and the slice goes out whole in fp32 or bf16, as a difference from what the worker holds,
 //! or through the worker's shared-memory lane.
 
-use super::shared::Shared;
+use super::shared::{Shared, State};
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::lane::Lane;
 use crate::message::{Pulled, Reply};
-use pstrain_core::{LinkUse, PullAsk, PullCodec, PullDecision, PullReplica, PullReply};
+use pstrain_core::{LinkUse, PullAsk, PullCodec, PullDecision, PullReplica, PullReply, PushCodec};
 use std::sync::Arc;
 
 /// What a pull asks: its slice if newer than `newer_than`, after the gate when `wait`, in
@@ -77,11 +77,15 @@ pub(super) async fn pull(
             }
         }
     };
-    let (reply, body) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
+    let (reply, body, peers_push) = tokio::time::timeout(shared.cfg.idle_timeout, decided)
         .await
         .map_err(|_| NetError::Timeout("at the consistency gate"))?;
     let worker = rank.is_some();
-    let pulled = (Pulled::from(reply), body, newer_than);
+    let pulled = Pulled {
+        peers_push,
+        ..Pulled::from(reply)
+    };
+    let pulled = (pulled, body, newer_than);
     let sent = answer_pull(conn, pulled, codec, worker, (replica, wire)).await?;
     if let Some(l) = &shared.latencies {
         l.pull(started.elapsed().as_secs_f64(), sent);
@@ -183,23 +187,37 @@ async fn send_pulled(
 /// where its body goes.
 type Replay<'w> = ((Option<u64>, Option<u64>), &'w mut Vec<u8>);
 
-/// The engine's decision on a pull now: `None` while it waits at the gate, else the answer
-/// and, when it is `updated`, the shard's weights: written into the worker's `lane` (under
-/// the lock: one copy, no shared copy to make first), or a copy the pulls of that version
-/// share, sent outside the lock.
+/// The engine's decision on a pull now: `None` while it waits at the gate, else the answer,
+/// the sparsest push of the worker's replaying peers (`ReplayingPeers`) and, when it is
+/// `updated`, the shard's weights: written into the worker's `lane` (under the lock: one
+/// copy, no shared copy to make first), or a copy the pulls of that version share, sent
+/// outside the lock.
 fn decide_pull(
     shared: &Shared,
     rank: Option<usize>,
     ask: PullAsk,
     arrived: std::time::Duration,
     (lane, replay): (Option<&Lane>, Option<Replay<'_>>),
-) -> Option<(PullReply, PullBody)> {
+) -> Option<(PullReply, PullBody, Option<PushCodec>)> {
     let mut guard = shared.lock();
     let state = &mut *guard;
-    let PullDecision::Answer(mut reply) = state.engine.pull(rank, ask, arrived, shared.now())
-    else {
+    if let Some(rank) = rank {
+        state.replaying.pulled(rank, replay.is_some());
+    }
+    let PullDecision::Answer(reply) = state.engine.pull(rank, ask, arrived, shared.now()) else {
         return None;
     };
+    let values = shared.range.len();
+    let peers = rank.and_then(|r| state.replaying.sparsest_push(r, values));
+    decide_body(state, (ask, reply), (lane, replay)).map(|(r, b)| (r, b, peers))
+}
+
+/// `decide_pull`'s body of an answer `reply` to `ask`.
+fn decide_body(
+    state: &mut State,
+    (ask, mut reply): (PullAsk, PullReply),
+    (lane, replay): (Option<&Lane>, Option<Replay<'_>>),
+) -> Option<(PullReply, PullBody)> {
     if !reply.updated {
         return Some((reply, PullBody::Nothing));
     }

@@ -61,6 +61,7 @@ pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
                 "worker {} disconnected without a goodbye; it leaves the quorum",
                 seat.rank
             ));
+            state.replaying.left(seat.rank);
             state.engine.leave(seat, Departure::Vanished);
             shared.publish(&state);
         }

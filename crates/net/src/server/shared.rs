@@ -5,7 +5,7 @@ use super::pull_copies::PullCopies;
 use super::refusal_log::RefusalLog;
 use super::update_threads::UpdateThreads;
 use super::{ConnectionEvents, ShardConfig};
-use pstrain_core::{PushCodec, ShardEngine, ShardSnapshot, Splitter};
+use pstrain_core::{PushCodec, ReplayingPeers, ShardEngine, ShardSnapshot, Splitter};
 use pstrain_observe::{Latencies, RunSnapshot, ShardView};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -88,6 +88,8 @@ pub(super) struct State {
     pub checkpoint_error: Option<String>,
     /// The weights as copied for the pulls being sent.
     pub pull_copies: PullCopies,
+    /// Which workers pull by replay and what they push (what their peers' pushes bind).
+    pub replaying: ReplayingPeers,
 }
 
 pub(super) struct Shared {
@@ -136,6 +138,7 @@ impl Shared {
             cfg.receive_budget / (4 * range.len()).max(1),
             !cfg.plan.mode.pull_waits(),
         );
+        let replaying = ReplayingPeers::new(cfg.plan.workers);
         let budget_units = cfg.receive_budget.div_ceil(BUDGET_UNIT).max(per_push);
         let latencies = cfg
             .metrics_addr
@@ -164,6 +167,7 @@ impl Shared {
                 failures_in_a_row: 0,
                 checkpoint_error: None,
                 pull_copies,
+                replaying,
             }),
             version,
             finished: Notify::new(),
