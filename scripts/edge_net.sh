@@ -25,7 +25,9 @@ link_up() { # NS IFACE ADDR RATE
   ip -n "$ns" addr add "$addr/24" dev "$iface"
   ip -n "$ns" link set "$iface" up
   # A bucket of about 10 ms at the rate (at least 32 KiB) and 50 ms of queue: what a real
-  # link's shaper holds, so bursts are not smoothed over seconds.
+  # link's shaper holds, so bursts are not smoothed over seconds. PSTRAIN_EDGE_BURST_FLOOR
+  # sets the least bucket in bytes instead of 32 KiB (below it, a transfer smaller than the
+  # bucket crosses at the veth's speed: at 10 Mbit/s a 32 KiB bucket is 26 ms of the link).
   local bits=${rate%bit}
   local bps
   case "$bits" in
@@ -35,7 +37,8 @@ link_up() { # NS IFACE ADDR RATE
     *) bps=$bits ;;
   esac
   local burst=$(( bps / 8 / 100 ))
-  (( burst < 32768 )) && burst=32768
+  local floor=${PSTRAIN_EDGE_BURST_FLOOR:-32768}
+  (( burst < floor )) && burst=$floor
   ip netns exec "$ns" tc qdisc replace dev "$iface" root tbf rate "$rate" burst "$burst" latency 50ms
 }
 

@@ -57,6 +57,7 @@ fn push_frame(values: usize) -> Vec<u8> {
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
         lane: false,
+        own: None,
         step: None,
     }
     .encode(2);
@@ -382,6 +383,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
         lane: false,
+        own: None,
         step: None,
     }
     .encode(3);

@@ -202,6 +202,7 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
         pull_s: 0.0,
         codec: PushCodec::TopK { per_mille: 10 },
         lane: false,
+        own: None,
         step: None,
     }
     .encode(1);
@@ -255,6 +256,7 @@ fn raw_push(codec: PushCodec, grad: &[f32]) -> Vec<u8> {
         pull_s: 0.0,
         codec,
         lane: false,
+        own: None,
         step: None,
     }
     .encode(1);

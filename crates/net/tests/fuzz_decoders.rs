@@ -47,6 +47,7 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
         lane: false,
+        own: None,
         step: Some(members.clone()),
     };
     let stats = StatsReply {

@@ -116,6 +116,7 @@ fn lane_push(values_in_lane: bool) -> Request {
         pull_s: 0.0,
         codec: PushCodec::Fp32,
         lane: values_in_lane,
+        own: None,
         step: None,
     })
 }

@@ -350,6 +350,7 @@ fn a_token_holder_cannot_jump_a_follower_shard_to_the_end() {
         pull_s: 0.0,
         codec: pstrain_core::PushCodec::Fp32,
         lane: false,
+        own: None,
         step: Some(StepMembers {
             step: u64::MAX - 1,
             members: vec![false, true, false],

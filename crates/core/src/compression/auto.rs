@@ -22,9 +22,13 @@
 //! the connection: leaving replay costs nothing, coming back would cost the optimizer's
 //! state, so it never comes back.
 //!
-//! A sync worker that does not replay pushes no denser than the sparsest push of the peers
-//! that do (`peers_replay`, which their shard tells it): its pushes are their pulls, and a
-//! step waits for the slowest of them.
+//! A sync worker pushes no denser than the sparsest push the peers that replay chose by
+//! their own links (`peers_replay`, which their shard tells it): its pushes are their pulls,
+//! and a step waits for the slowest of them. A worker so bound replays too (its pushes are
+//! bound either way, and its pulls, the peers' sparse pushes, are exact), and a worker whose
+//! first measured push priced the two ladders close pushes once more as sparse as replay
+//! goes and waits for one replayed pull, which brings its shard's word on its peers, before
+//! it chooses.
 
 use super::ladder::{Rung, AUTO_LADDER, REPLAY_LADDER};
 use super::{PullCodec, PushCodec};
@@ -106,9 +110,15 @@ pub struct AutoCodec {
     replay_pull: Option<f64>,
     /// Pushes in a row at which differences priced below replay.
     replay_dearer: u32,
-    /// The sparsest push of the peers that replay (their shard's word): a worker that does
-    /// not replay pushes no denser.
+    /// The sparsest push the peers that replay chose (their shard's word): this worker
+    /// pushes no denser.
     peers_push: Option<PushCodec>,
+    /// The push this worker's own link chose, when the last choice was bound sparser.
+    own_push: Option<PushCodec>,
+    /// A sync worker put off choosing its ladder by a push (it does so once).
+    deferred: bool,
+    /// While it puts off: the push its link chose, which the sparse one it sends is not.
+    deferring_own: Option<PushCodec>,
     ladder: Ladder,
     /// The rung in use, of `ladder`'s rungs.
     rung: usize,
@@ -217,17 +227,28 @@ impl AutoCodec {
     }
 
     /// Picks the rung for the next push of a slice of `values` and returns it. Until the
-    /// link is measured (the first pull), fp32 pushes (and a sync run's worker replays). A
-    /// worker that does not replay pushes no denser than its replaying peers.
+    /// link is measured (the first pull), fp32 pushes (and a sync run's worker replays). Its
+    /// push is no denser than its replaying peers' (`own_push` then says what it chose).
     pub fn choose(&mut self, values: usize) -> Rung {
         let rung = self.choose_rung(values);
-        match self.peers_push {
-            Some(peers) if rung.pull != PullCodec::Replay => Rung {
-                push: no_denser_than(rung.push, peers, values),
-                ..rung
-            },
-            _ => rung,
-        }
+        let push = self.bound_push(rung.push, values);
+        let own = self.deferring_own.take().unwrap_or(rung.push);
+        self.own_push = (push != own).then_some(own);
+        Rung { push, ..rung }
+    }
+
+    /// The push this worker's own link chose for the last choice, if it sends another (its
+    /// replaying peers bound it sparser, or it is putting off its choice of ladder): what
+    /// binds its peers in turn, never the push sent, so no two workers keep each other
+    /// sparse.
+    pub fn own_push(&self) -> Option<PushCodec> {
+        self.own_push
+    }
+
+    /// `push`, or sparser if the replaying peers push sparser.
+    fn bound_push(&self, push: PushCodec, values: usize) -> PushCodec {
+        self.peers_push
+            .map_or(push, |peers| no_denser_than(push, peers, values))
     }
 
     /// `choose` by this worker's own link.
@@ -264,20 +285,34 @@ impl AutoCodec {
     }
 
     /// A sync run's worker, once its link is measured: the cheaper ladder's cheapest rung,
-    /// replay only if it beats every difference (leaving it is for good).
+    /// replay only if it beats every difference (leaving it is for good), or if the
+    /// worker's pushes are bound sparser than the difference ladder would push. Before any
+    /// replayed pull (and the shard's word on its peers) came, a worker that priced replay
+    /// within the hysteresis of differences replays one more push, on replay's sparsest rung
+    /// (its push may be a slow peer's pull), once (a replayed pull may come whole).
     fn choose_ladder(&mut self, values: usize, others: usize) -> Rung {
         let deltas = self.cheapest(&AUTO_LADDER, values);
         let replay = self.cheapest(&REPLAY_LADDER, values);
         let (Some(deltas), Some(replay)) = (deltas, replay) else {
             return self.rung();
         };
-        (self.ladder, self.rung) = if replay.1 < deltas.1 {
+        let bound = self.is_bound(AUTO_LADDER[deltas.0].push, values);
+        (self.ladder, self.rung) = if bound || replay.1 < deltas.1 {
             (Ladder::Replay { others }, replay.0)
+        } else if !self.deferred && HYSTERESIS * replay.1 < deltas.1 {
+            self.deferred = true;
+            self.deferring_own = Some(REPLAY_LADDER[replay.0].push);
+            (Ladder::Undecided { others }, REPLAY_LADDER.len() - 1)
         } else {
             (Ladder::Deltas, deltas.0)
         };
         self.at_rung = 0;
         self.rung()
+    }
+
+    /// Its replaying peers push sparser than `push`.
+    fn is_bound(&self, push: PushCodec, values: usize) -> bool {
+        self.bound_push(push, values) != push
     }
 
     /// On the replayed ladder, once pulls showed what the other workers push: the
@@ -286,6 +321,11 @@ impl AutoCodec {
     /// pulls keep bringing a fast worker's large pushes leaves).
     fn leave_replay(&mut self, values: usize) -> Option<Rung> {
         if !matches!(self.ladder, Ladder::Replay { .. }) || self.replay_pull.is_none() {
+            return None;
+        }
+        if self.is_bound(self.rung().push, values) {
+            // Its pushes are its peers' either way, and its pulls those peers' sparse ones.
+            self.replay_dearer = 0;
             return None;
         }
         let current = self.cost(&self.rung(), values)?;

@@ -151,6 +151,14 @@ fn sync_worker(workers: usize, mbit: f64) -> AutoCodec {
     measure(AutoCodec::replaying(workers), mbit * 1e6 / 8.0, 0.04)
 }
 
+/// `sync_worker`'s rung once it chose its ladder: after one replayed pull of a push like its
+/// own if it waited for one (no peer replays).
+fn decided(auto: &mut AutoCodec) -> Rung {
+    let first = auto.choose(CNN);
+    auto.replayed(first.push.typical_len(CNN) as u64);
+    auto.choose(CNN)
+}
+
 #[test]
 fn a_sync_worker_replays_its_pulls_until_it_has_measured_its_link() {
     let mut auto = AutoCodec::replaying(2);
@@ -165,8 +173,9 @@ fn a_sync_worker_replays_its_pulls_until_it_has_measured_its_link() {
 
 #[test]
 fn on_slow_links_a_sync_worker_keeps_replaying_and_on_fast_ones_leaves() {
-    let pulls = |mbit: f64| sync_worker(2, mbit).choose(CNN);
-    // Loopback: nothing to gain from replay's optimizer pass; fp32 both ways.
+    let pulls = |mbit: f64| decided(&mut sync_worker(2, mbit));
+    // Loopback: nothing to gain from replay's optimizer pass; fp32 both ways (after one
+    // replayed pull: the two ladders price within the hysteresis there).
     assert_eq!(pulls(20_000.0), AUTO_LADDER[0]);
     // 100 and 10 Mbit/s: a replayed pull is one top-k push, far less than any difference.
     let fast = pulls(100.0);
@@ -198,7 +207,7 @@ fn a_replayed_pull_is_priced_by_the_pushes_of_every_other_worker() {
 fn a_worker_that_left_replay_does_not_come_back() {
     // A fast link at first: the difference ladder, whose pulls leave the optimizer behind.
     let mut auto = sync_worker(2, 20_000.0);
-    assert_eq!(auto.choose(CNN), AUTO_LADDER[0]);
+    assert_eq!(decided(&mut auto), AUTO_LADDER[0]);
     // The link turns slow: down the difference ladder, never back to replay (whose first
     // pull would carry the optimizer's whole state).
     for _ in 0..40 {
@@ -269,15 +278,21 @@ fn early_large_replayed_pulls_do_not_make_a_worker_leave_once_they_shrink() {
 }
 
 #[test]
-fn a_worker_that_does_not_replay_pushes_no_denser_than_its_replaying_peers() {
-    // Loopback: fp32 both ways by its own link.
-    let mut fast = sync_worker(2, 20_000.0);
+fn a_worker_pushes_no_denser_than_its_replaying_peers_chose() {
+    // On the difference ladder by its own link (a fleet's worker: replay prices far higher).
+    let mut fast = measured(20_000.0 * 1e6 / 8.0, 0.04);
     assert_eq!(fast.choose(CNN), AUTO_LADDER[0]);
-    // Its peer replays and pushes `topk:10`: its pushes are that peer's pulls.
+    assert_eq!(fast.own_push(), None);
+    // A peer replays and chose `topk:10`: this worker's pushes are that peer's pulls.
     fast.peers_replay(Some(PushCodec::TopK { per_mille: 10 }));
     let rung = fast.choose(CNN);
     assert_eq!(rung.push, PushCodec::TopK { per_mille: 10 });
     assert_eq!(rung.pull, PullCodec::Fp32, "its own pulls are its link's");
+    assert_eq!(
+        fast.own_push(),
+        Some(PushCodec::Fp32),
+        "what binds its peers"
+    );
     // A peer's word picks among the ladder's pushes, no further than its sparsest.
     fast.peers_replay(Some(PushCodec::TopK { per_mille: 1 }));
     assert_eq!(fast.choose(CNN).push, PushCodec::TopK { per_mille: 10 });
@@ -288,10 +303,52 @@ fn a_worker_that_does_not_replay_pushes_no_denser_than_its_replaying_peers() {
     assert_eq!(fast.choose(CNN), AUTO_LADDER[0]);
     fast.peers_replay(None);
     assert_eq!(fast.choose(CNN), AUTO_LADDER[0]);
-    // A worker that replays prices its peers' pushes itself, from its pulls.
-    let mut slow = sync_worker(2, 100.0);
+    assert_eq!(fast.own_push(), None);
+    // A replaying worker whose own choice is the sparsest push is not bound.
+    let mut slow = sync_worker(2, 10.0);
     let own = slow.choose(CNN);
-    assert_eq!(own.pull, PullCodec::Replay);
+    assert_eq!(own, REPLAY_LADDER[REPLAY_LADDER.len() - 1]);
     slow.peers_replay(Some(PushCodec::TopK { per_mille: 1 }));
     assert_eq!(slow.choose(CNN), own);
+    assert_eq!(slow.own_push(), None);
+}
+
+#[test]
+fn a_fast_worker_beside_a_slow_replaying_one_waits_a_pull_then_replays_bound() {
+    // 1 Gbit/s: differences price a little below replay, within the hysteresis: it
+    // replays one more push, as sparse as replay goes, to hear of its peers first.
+    let mut fast = sync_worker(2, 1_000.0);
+    let first = fast.choose(CNN);
+    assert_eq!(first, REPLAY_LADDER[REPLAY_LADDER.len() - 1]);
+    // Its peers are told what its link chose, not that sparse push: a fast peer putting
+    // off its own choice is not bound by it.
+    let own = fast.own_push().unwrap();
+    assert!(
+        own.typical_len(CNN) > first.push.typical_len(CNN),
+        "{own:?}"
+    );
+    // Its first replayed pull brings the slow peer's `topk:10` push, and the shard's word.
+    let sparse = PushCodec::TopK { per_mille: 10 };
+    let mut alone = fast.clone();
+    fast.peers_replay(Some(sparse));
+    for _ in 0..20 {
+        fast.replayed(sparse.typical_len(CNN) as u64);
+        let rung = fast.choose(CNN);
+        assert_eq!((rung.push, rung.pull), (sparse, PullCodec::Replay));
+        assert_eq!(fast.own_push().map(|p| p != sparse), Some(true));
+    }
+    // Beside a fast peer (its pull brings that peer's `topk:100` push, and no word of a
+    // replaying peer) it takes differences, as its link prices.
+    alone.replayed(PushCodec::TopK { per_mille: 100 }.typical_len(CNN) as u64);
+    let rung = alone.choose(CNN);
+    assert!(AUTO_LADDER.contains(&rung), "{rung:?}");
+}
+
+#[test]
+fn a_worker_waits_a_replayed_pull_once_at_most() {
+    let mut fast = sync_worker(2, 1_000.0);
+    assert_eq!(fast.choose(CNN).pull, PullCodec::Replay);
+    // Its pull came whole (no replayed updates): it chooses now all the same.
+    let rung = fast.choose(CNN);
+    assert!(AUTO_LADDER.contains(&rung), "{rung:?}");
 }

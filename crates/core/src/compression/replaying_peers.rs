@@ -1,9 +1,11 @@
-//! A shard's record of which workers pull by replay and what each last pushed. A replayed
-//! pull carries every other worker's push, so in a sync run a worker on a fast link that
-//! pushes large `topk:100` gradients fills the pulls of a peer on a slow link: a step waits
-//! for that peer. The shard tells each worker the sparsest push among its replaying peers,
-//! and an `auto` worker that does not replay pushes no denser than that
-//! (`AutoCodec::peers_replay`): what its pushes cost is paid on the slowest link.
+//! A shard's record of which workers pull by replay and what push each last chose by its
+//! own link. A replayed pull carries every other worker's push, so in a sync run a worker
+//! on a fast link that pushes large `topk:100` gradients fills the pulls of a peer on a slow
+//! link: a step waits for that peer. The shard tells each worker the sparsest push its
+//! replaying peers chose, and an `auto` worker pushes no denser than that
+//! (`AutoCodec::peers_replay`): what its pushes cost is paid on the slowest link. A push
+//! bound so names the worker's own choice too, and only own choices bind: two workers never
+//! keep each other sparse.
 
 use super::PushCodec;
 
@@ -12,7 +14,7 @@ use super::PushCodec;
 struct Peer {
     /// Its last pull asked for replay.
     replays: bool,
-    /// Its last push's codec.
+    /// The push codec its link chose last (its push's, unless bound by its peers).
     push: Option<PushCodec>,
 }
 
@@ -37,7 +39,7 @@ impl ReplayingPeers {
         }
     }
 
-    /// `rank` pushed in `codec`.
+    /// `rank` pushed, choosing `codec` by its own link.
     pub fn pushed(&mut self, rank: usize, codec: PushCodec) {
         if let Some(p) = self.peers.get_mut(rank) {
             p.push = Some(codec);
@@ -51,8 +53,8 @@ impl ReplayingPeers {
         }
     }
 
-    /// The sparsest push (the fewest bytes for a slice of `values`) of the workers other
-    /// than `rank` that replay and have pushed; `None` if none does.
+    /// The sparsest push (the fewest bytes for a slice of `values`) the workers other than
+    /// `rank` that replay and have pushed chose; `None` if none does.
     pub fn sparsest_push(&self, rank: usize, values: usize) -> Option<PushCodec> {
         (self.peers.iter().enumerate())
             .filter(|&(r, p)| r != rank && p.replays)

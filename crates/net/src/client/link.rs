@@ -262,6 +262,7 @@ impl ShardLink {
             pull_s: std::mem::take(&mut self.pull_s),
             codec: self.encoder.codec(),
             lane: false,
+            own: self.auto.as_ref().and_then(AutoCodec::own_push),
             step,
         };
         let lane = self.lane.as_ref().filter(|_| self.encoder.passes_through());

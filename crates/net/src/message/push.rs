@@ -62,7 +62,8 @@ fn decode_step(r: &mut Reader<'_>, workers: usize) -> Result<Option<StepMembers>
 /// A push's fixed part: base version, samples, loss, the seconds the worker took to receive
 /// its latest pull from this shard (first byte to last; 0 if none since its last push), the
 /// codec of the values that follow, whether they are in the connection's shared-memory lane
-/// instead (then none follow), then the coordinated step if any.
+/// instead (then none follow), the push the worker's own link chose if its replaying peers
+/// bound it sparser, then the coordinated step if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushHead {
     pub base_version: u64,
@@ -72,13 +73,17 @@ pub struct PushHead {
     pub codec: PushCodec,
     /// The fp32 values are in the lane (`crate::lane`), not in the frame.
     pub lane: bool,
+    /// Under `auto`, when `codec` is sparser than the worker's own link chose because its
+    /// replaying peers push sparser (`pstrain_core::ReplayingPeers`): its own choice, which
+    /// is what binds its peers in turn.
+    pub own: Option<PushCodec>,
     pub step: Option<StepMembers>,
 }
 
 impl PushHead {
     /// Its encoded size in a run of `workers` workers.
     pub fn len(workers: usize) -> usize {
-        32 + mask_len(workers)
+        36 + mask_len(workers)
     }
 
     pub fn encode(&self, workers: usize) -> Vec<u8> {
@@ -88,7 +93,9 @@ impl PushHead {
             .f32(self.loss)
             .f32(self.pull_s)
             .push_codec(self.codec)
-            .bool(self.lane);
+            .bool(self.lane)
+            .bool(self.own.is_some())
+            .push_codec(self.own.unwrap_or_default());
         encode_step(&mut w, self.step.as_ref(), workers);
         w.0
     }
@@ -97,6 +104,7 @@ impl PushHead {
         let mut r = Reader::new(bytes, "push");
         let (base_version, samples, loss) = (r.u64()?, r.u32()?, r.f32()?);
         let (pull_s, codec, lane) = (r.f32()?, r.push_codec()?, r.bool()?);
+        let (bound, own) = (r.bool()?, r.push_codec()?);
         let step = decode_step(&mut r, workers)?;
         r.finish()?;
         Ok(PushHead {
@@ -106,6 +114,7 @@ impl PushHead {
             pull_s,
             codec,
             lane,
+            own: bound.then_some(own),
             step,
         })
     }

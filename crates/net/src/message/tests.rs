@@ -116,6 +116,7 @@ fn push_head_and_reply_have_exact_bytes() {
         pull_s: 2.0,
         codec: pstrain_core::PushCodec::Int8,
         lane: false,
+        own: None,
         step: Some(StepMembers {
             step: 7,
             members: vec![true, false, false, true, false, false, false, false, true],
@@ -132,6 +133,7 @@ fn push_head_and_reply_have_exact_bytes() {
             0, 0, 0, 0x40, // pull seconds, 2.0f32
             3, 0, 0, // int8
             0, // not through a lane
+            0, 1, 0, 0, // no push of its own beside the codec's (fp32's tag, unread)
             7, 0, 0, 0, 0, 0, 0, 0, // step
             0b1001, 0b1 // members 0, 3 and 8
         ]
@@ -144,13 +146,27 @@ fn push_head_and_reply_have_exact_bytes() {
     };
     assert_eq!(
         &plain.encode(2)[23..],
-        &[0, 255, 255, 255, 255, 255, 255, 255, 255, 0]
+        &[0, 0, 1, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255, 0]
     );
     let through_lane = PushHead {
         lane: true,
         ..plain.clone()
     };
     assert_eq!(through_lane.encode(2)[23], 1);
+    // Bound by replaying peers to `topk:10`, its own link chose `topk:100`.
+    let bound = PushHead {
+        codec: pstrain_core::PushCodec::TopK { per_mille: 10 },
+        own: Some(pstrain_core::PushCodec::TopK { per_mille: 100 }),
+        ..plain.clone()
+    };
+    assert_eq!(&bound.encode(2)[24..28], &[1, 4, 100, 0]);
+    assert_eq!(PushHead::decode(&bound.encode(2), 2).unwrap(), bound);
+    let mut unnamed = bound.encode(2);
+    unnamed[25] = 9;
+    assert!(
+        PushHead::decode(&unnamed, 2).is_err(),
+        "an own codec that names none"
+    );
     assert_eq!(
         PushHead::decode(&through_lane.encode(2), 2).unwrap(),
         through_lane

@@ -58,7 +58,9 @@ pub(super) async fn push(
         let now = shared.now();
         let mut state = shared.lock();
         state.engine.link_used(rank, link);
-        state.replaying.pushed(rank, codec);
+        // What the worker's own link chose (a peer's word moves only its peers' choice of
+        // push, within `auto`'s ladder).
+        state.replaying.pushed(rank, head.own.unwrap_or(codec));
         let tag = head.step.as_ref().map(|s| (s.step, &s.members[..]));
         let report = state.engine.push_decoded(meta, buf, wire, tag, now);
         if report.changed {
