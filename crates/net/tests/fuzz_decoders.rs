@@ -45,9 +45,9 @@ fn valid_messages() -> Vec<(u16, Vec<u8>)> {
         samples: 32,
         loss: 0.5,
         pull_s: 0.0,
-        codec: pstrain_core::PushCodec::Fp32,
+        codec: pstrain_core::PushCodec::TopK { per_mille: 10 },
         lane: false,
-        own: None,
+        own: Some(pstrain_core::PushCodec::TopK { per_mille: 100 }),
         step: Some(members.clone()),
     };
     let stats = StatsReply {

@@ -89,8 +89,9 @@ enum Ladder {
     /// `AUTO_LADDER`: pulls as differences.
     #[default]
     Deltas,
-    /// A sync run's worker before its link is measured: on `REPLAY_LADDER`'s first rung,
-    /// to choose between the ladders. `others` are the workers whose pushes a pull brings.
+    /// A sync run's worker before its link is measured (on `REPLAY_LADDER`'s first rung),
+    /// or putting off its choice by a push (on its sparsest), to choose between the ladders.
+    /// `others` are the workers whose pushes a pull brings.
     Undecided { others: usize },
     /// `REPLAY_LADDER`, for the rest of the connection.
     Replay { others: usize },
