@@ -62,8 +62,8 @@ fn decode_step(r: &mut Reader<'_>, workers: usize) -> Result<Option<StepMembers>
 /// A push's fixed part: base version, samples, loss, the seconds the worker took to receive
 /// its latest pull from this shard (first byte to last; 0 if none since its last push), the
 /// codec of the values that follow, whether they are in the connection's shared-memory lane
-/// instead (then none follow), the push the worker's own link chose if its replaying peers
-/// bound it sparser, then the coordinated step if any.
+/// instead (then none follow), the push the worker's own link chose if it sent another,
+/// then the coordinated step if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushHead {
     pub base_version: u64,
@@ -73,9 +73,9 @@ pub struct PushHead {
     pub codec: PushCodec,
     /// The fp32 values are in the lane (`crate::lane`), not in the frame.
     pub lane: bool,
-    /// Under `auto`, when `codec` is sparser than the worker's own link chose because its
-    /// replaying peers push sparser (`pstrain_core::ReplayingPeers`): its own choice, which
-    /// is what binds its peers in turn.
+    /// Under `auto`, when `codec` is not what the worker's own link chose (its replaying
+    /// peers bound it sparser, or it is putting off its choice of ladder: `AutoCodec`): its
+    /// own choice, which is what binds its peers in turn (`pstrain_core::ReplayingPeers`).
     pub own: Option<PushCodec>,
     pub step: Option<StepMembers>,
 }

@@ -26,9 +26,8 @@ pub struct Pulled {
     pub in_lane: bool,
     /// Speed-balanced sync: the worker's next batch size (0: the plan's).
     pub batch: u32,
-    /// The sparsest push of the worker's peers that pull by replay, if any does (what an
-    /// `auto` worker that does not replay pushes no denser than:
-    /// `pstrain_core::ReplayingPeers`).
+    /// The sparsest push the worker's peers that pull by replay chose, if any does (what an
+    /// `auto` worker pushes no denser than: `pstrain_core::ReplayingPeers`).
     pub peers_push: Option<PushCodec>,
 }
 

@@ -207,8 +207,11 @@ fn decide_pull(
     let PullDecision::Answer(reply) = state.engine.pull(rank, ask, arrived, shared.now()) else {
         return None;
     };
+    // Only a run that allows replayed pulls has replaying peers: no scan of the ranks on
+    // every other run's pulls.
     let values = shared.range.len();
-    let peers = rank.and_then(|r| state.replaying.sparsest_push(r, values));
+    let peers = (rank.filter(|_| shared.cfg.plan.allows_pull(PullCodec::Replay)))
+        .and_then(|r| state.replaying.sparsest_push(r, values));
     decide_body(state, (ask, reply), (lane, replay)).map(|(r, b)| (r, b, peers))
 }
 
