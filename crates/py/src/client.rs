@@ -51,6 +51,9 @@ pub(crate) struct RawClient {
     workers: usize,
     mode: &'static str,
     _heartbeat: Option<Heartbeat>,
+    /// The address of the array the last pull wrote wholly (`pull(update=True)` must be given
+    /// it back: what the shards send is relative to what it holds).
+    filled: Mutex<Option<usize>>,
 }
 
 #[pymethods]
@@ -126,6 +129,7 @@ impl RawClient {
             workers: served.plan.workers,
             mode: served.plan.mode.name(),
             _heartbeat: heartbeat,
+            filled: Mutex::new(None),
         })
     }
 
@@ -202,14 +206,24 @@ impl RawClient {
     /// All weights as a flat float32 array, written straight from the sockets: a new array,
     /// or `out` (a C-contiguous float32 array of the model's size, reused with no allocation).
     /// In sync mode, after a push, waits (`wait=True`) until that step's update is applied.
+    /// With `update=True`, `out` must be the array the last pull filled, unchanged since: the
+    /// shards then send only what changed, in the run's pull codec (differences, replayed
+    /// updates; nothing if nothing changed), which is what a worker behind a slow link needs;
+    /// without, every value is sent as fp32 (and the first `update` pull is whole too).
     /// Returns `(array, version, done)`; `done` says the run is over.
-    #[pyo3(signature = (wait=true, out=None))]
+    #[pyo3(signature = (wait=true, out=None, update=false))]
     fn pull<'py>(
         &self,
         py: Python<'py>,
         wait: bool,
         out: Option<Bound<'py, PyArray1<f32>>>,
+        update: bool,
     ) -> PyResult<(Bound<'py, PyArray1<f32>>, u64, bool)> {
+        if update && out.is_none() {
+            return Err(PyValueError::new_err(
+                "update=True needs `out`: the array the last pull filled",
+            ));
+        }
         let array = match out {
             Some(a) => a,
             None => PyArray1::<f32>::zeros(py, self.layout.len(), false),
@@ -227,12 +241,32 @@ impl RawClient {
                 self.layout.len()
             )));
         }
+        let address = buf.as_ptr() as usize;
         let reply = py
             .detach(|| {
-                // Without `newer_than` every slice is sent, so `buf` is wholly written.
-                lock(&self.client).pull_all(buf, None, wait)
+                // `filled` is only taken under the client's lock, off the GIL.
+                let mut client = lock(&self.client);
+                let mut filled = lock(&self.filled);
+                let holds_last = match *filled {
+                    Some(last) if update && last != address => return Err(None),
+                    last => update && last.is_some(),
+                };
+                // Until this pull has written `buf`, no array holds what the shards think.
+                *filled = None;
+                // Without `newer_than` every slice is sent, so `buf` is wholly written; with
+                // it, a shard sends what changed since the version `buf` holds.
+                let newer_than = holds_last.then(|| client.version());
+                let reply = client.pull_all(buf, newer_than, wait).map_err(Some)?;
+                *filled = Some(address);
+                Ok(reply)
             })
-            .map_err(err)?;
+            .map_err(|e: Option<pstrain_net::NetError>| match e {
+                Some(e) => err(e),
+                None => PyValueError::new_err(
+                    "update=True needs `out` to be the array the last pull filled \
+                     (what the shards send is relative to what it holds)",
+                ),
+            })?;
         drop(guard);
         Ok((array, reply.version, reply.done))
     }

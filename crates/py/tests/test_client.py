@@ -3,8 +3,10 @@ bad input from Python gets a clear error while the server keeps serving."""
 
 import importlib.util
 import math
+import re
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -94,6 +96,66 @@ def test_a_worker_on_the_shards_host_trains_through_a_lane_as_over_tcp():
     with pstrain.Server(small_params(), workers=1, mode="async") as server:
         observer = pstrain.Client([server.address], role="observer")
         assert observer.lanes_in_use == 0
+
+
+def pulled_bytes(server):
+    """Each rank's pull bytes as the shard counted them (after compression), from /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = re.findall(r'^pstrain_worker_pull_bytes_total\{shard="0",rank="(\d+)"\} (\S+)$',
+                       text, re.M)
+    return {int(rank): float(value) for rank, value in found}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("pull_codec", ["replay", "delta-int8"])
+def test_update_pulls_bring_what_changed_in_the_runs_pull_codec(mode, pull_codec):
+    """A Python worker behind a link (TCP, no lane) pulls with ``update=True`` what a Rust
+    worker pulls: replayed updates (the shard's weights bit for bit) or differences (within
+    int8's rounding of them), a fraction of a whole fp32 pull's bytes; without ``update``
+    every value comes as fp32."""
+    n, steps, workers = 50_000, 12, 2
+    params = {"w": np.random.default_rng(0).standard_normal(n).astype(np.float32)}
+    with pstrain.Server(params, workers=workers, mode=mode, optimizer="adam", lr=0.01,
+                        lr_schedule="constant", push_codec="topk:10", pull_codec=pull_codec,
+                        metrics_addr="127.0.0.1:0") as server:
+        clients = [pstrain.Client([server.address], rank, lanes=False) for rank in range(workers)]
+        held = [c.pull_flat(update=True, out=np.empty(n, np.float32)) for c in clients]
+        observer = pstrain.Client([server.address], role="observer", lanes=False)
+        rng = np.random.default_rng(1)
+        for _ in range(steps):
+            # Each worker pushes, then pulls what changed (in sync the step closes at the
+            # second push, so the pulls that wait for it are answered in turn).
+            for c, w in zip(clients, held):
+                c.push(w * 0.1 + rng.standard_normal(n).astype(np.float32), samples=8)
+            for c, w in zip(clients, held):
+                c.pull_flat(out=w, update=True)
+            truth = observer.pull_flat(wait=False)
+            for w in held:
+                if pull_codec == "replay":
+                    np.testing.assert_array_equal(w, truth)
+                else:
+                    # int8 differences: each pull leaves at most half a step of its scale,
+                    # which the next one carries.
+                    np.testing.assert_allclose(w, truth, atol=0.02)
+            assert not np.array_equal(held[0], params["w"]), "the weights moved"
+        update_bytes = pulled_bytes(server)
+        for rank in range(workers):
+            # The first pull was whole (fp32; under replay with a fresh optimizer's state, a
+            # head of a few bytes), each later one a fraction of it.
+            after_first = update_bytes[rank] - 4 * n
+            assert 0 < after_first < 0.3 * steps * 4 * n, (rank, after_first)
+        # Without `update` every value comes (under replay with the optimizer's state).
+        clients[0].pull_flat(wait=False)
+        whole = pulled_bytes(server)[0] - update_bytes[0]
+        assert whole >= 4 * n
+        # The array the last pull filled is the only one `update` takes.
+        with pytest.raises(ValueError, match="the array the last pull filled"):
+            clients[1].pull_flat(out=np.empty(n, np.float32), update=True)
+        with pytest.raises(ValueError, match="needs `out`"):
+            clients[1]._raw.pull(True, None, True)
+        for c in clients:
+            c.leave()
 
 
 def test_bad_gradients_are_refused_and_the_server_keeps_serving():

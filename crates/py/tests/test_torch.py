@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -278,3 +279,52 @@ def test_module_workers_run_without_ray_too(data_dir):
     stats = server.wait(10)
     assert stats["version"] == 100 and stats["gradients_applied"] == 200, stats
     assert [r["steps"] for r in reports] == [100, 100], reports
+
+
+def test_module_workers_behind_a_link_pull_replayed_updates_and_train(data_dir):
+    """Two torch workers over TCP (no lane, as on another host) in a run that pushes top-k
+    and replays pulls (`--push-codec topk:10 --pull-codec replay`, what `auto` picks in sync
+    on a slow link): each pull after the first brings the other worker's sparse push, not
+    the model, and the run still trains (>= 97% on the 10k test set after 300 steps)."""
+    import threading
+    import urllib.request
+
+    from pstrain.torch import train_worker
+
+    example = load_example(data_dir)
+    steps = 300
+    server = pstrain.Server.from_module(example.build_model(), workers=2, mode="sync",
+                                        optimizer="adam", lr=0.001, lr_schedule="constant",
+                                        iterations=steps, batch_size=64, keep_running=True,
+                                        push_codec="topk:10", pull_codec="replay",
+                                        metrics_addr="127.0.0.1:0")
+    reports = [None, None]
+
+    def work(rank):
+        reports[rank] = train_worker([server.address], example.build_model, example.batches,
+                                     example.loss, rank=rank, lanes=False)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                     timeout=10).read().decode()
+    observer = pstrain.Client([server.address], role="observer", lanes=False)
+    model = example.build_model()
+    ModuleWorker(observer, model).pull(wait=False)
+    server.stop()
+    stats = server.wait(10)
+    assert stats["version"] == steps, stats
+    whole = 4 * observer.size
+    accuracy = example.evaluate(model)
+    pulled = {int(rank): float(v) for rank, v in re.findall(
+        r'^pstrain_worker_pull_bytes_total\{shard="0",rank="(\d+)"\} (\S+)$', metrics, re.M)}
+    print(f"\ntorch workers, topk:10 / replay over TCP: {accuracy:.2%}, pulled {pulled} bytes "
+          f"({whole} a whole fp32 pull), {reports}")
+    assert sorted(pulled) == [0, 1]
+    for rank, total in pulled.items():
+        # The first pull is the whole model; the other 300 bring about 1% of it each.
+        assert total < whole + 0.05 * steps * whole, (rank, total)
+    assert accuracy >= 0.97

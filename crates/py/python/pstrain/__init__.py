@@ -171,8 +171,17 @@ class Client:
         otherwise (several shards, another host, ``lanes=False``)."""
         return self._raw.lane_arrays()
 
-    def pull_flat(self, wait: bool = True, out: Optional[np.ndarray] = None) -> np.ndarray:
-        flat, _version, done = self._raw.pull(wait, out)
+    def pull_flat(
+        self, wait: bool = True, out: Optional[np.ndarray] = None, update: bool = False
+    ) -> np.ndarray:
+        """The current weights as one flat float32 array (a new one, or ``out``). With
+        ``update=True``, ``out`` must be the array the last pull filled and unchanged since:
+        the servers then send only what changed, in the run's pull codec (differences of
+        ``--pull-codec delta-*``, replayed updates of ``replay``, or ``auto``'s choice for
+        this worker's link; nothing when nothing changed), so a worker on a slow link pulls a
+        fraction of the model. Without it every value comes as fp32. A different array raises
+        ``ValueError``; values changed in ``out`` between pulls stay changed."""
+        flat, _version, done = self._raw.pull(wait, out, update)
         self.done = done
         return flat
 
@@ -270,6 +279,12 @@ class Server:
     @property
     def address(self) -> str:
         return self._shard.address
+
+    @property
+    def metrics_port(self) -> Optional[int]:
+        """The port of ``/metrics`` and the live page (``metrics_addr="HOST:PORT"``), else
+        ``None``."""
+        return self._shard.metrics_port
 
     def wait(self, timeout: Optional[float] = None) -> Optional[dict]:
         return self._shard.wait(timeout)

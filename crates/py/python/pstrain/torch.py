@@ -136,10 +136,16 @@ class ModuleWorker:
     def version(self) -> int:
         return self.client.version
 
-    def pull(self, wait: bool = True) -> int:
-        """Reads the current weights into the module's parameters; returns their version."""
+    def pull(self, wait: bool = True, whole: bool = False) -> int:
+        """Reads the current weights into the module's parameters; returns their version.
+
+        The servers send what changed since the last pull, in the run's pull codec (the
+        differences or replayed updates a slow link needs; ``pstrain server --pull-codec``,
+        ``--push-codec auto``), so the parameters must hold what the last pull wrote: the
+        servers' optimizer moves them, not the training code. After changing them here (say
+        ``load_state_dict``), pull with ``whole=True``."""
         self._bind()
-        self.client.pull_flat(wait, self.params)
+        self.client.pull_flat(wait, self.params, update=not whole)
         return self.client.version
 
     def zero_grad(self) -> None:
@@ -164,15 +170,19 @@ def train_worker(
     max_epochs: Optional[int] = None,
     connect_timeout: float = 60.0,
     tls_ca: Optional[str] = None,
+    lanes: bool = True,
 ) -> dict:
     """One worker: pulls, runs ``loss_fn(model(x), y).backward()`` on its next batch, pushes,
     until the servers say the run is done (or ``max_epochs`` passes over its batches).
 
     ``batches(rank, workers, epoch)`` yields this rank's ``(inputs, targets)`` for one epoch.
-    Returns a report: rank, steps, samples, seconds computing and on the servers' path.
+    Pulls bring what changed in the run's pull codec (``ModuleWorker.pull``); ``lanes=False``
+    keeps a worker on the shard's host on TCP. Returns a report: rank, steps, samples,
+    seconds computing and on the servers' path.
     """
     torch.set_num_threads(max(1, int(threads)))
-    client = Client(servers, rank, token=token, connect_timeout=connect_timeout, tls_ca=tls_ca)
+    client = Client(servers, rank, token=token, connect_timeout=connect_timeout, tls_ca=tls_ca,
+                    lanes=lanes)
     model = build_model()
     model.train()
     worker = ModuleWorker(client, model)
