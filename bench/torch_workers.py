@@ -95,11 +95,11 @@ def compute_two_at_once(data_dir, seconds):
     return sum(rates)
 
 
-def _pstrain_worker(address, rank, data_dir, epochs, token, out):
+def _pstrain_worker(address, rank, data_dir, epochs, token, out, overlap=False):
     from pstrain.torch import train_worker
     ex = example(data_dir)
     out.put(train_worker([address], ex.build_model, ex.batches, ex.loss, rank=rank,
-                         token=token, threads=1, max_epochs=epochs))
+                         token=token, threads=1, max_epochs=epochs, overlap=overlap))
 
 
 def time_to_target(snapshots, scores):
@@ -118,7 +118,7 @@ def steady_rate(trace):
     return (end["samples"] - start["samples"]) / (end["t"] - start["t"])
 
 
-def pstrain_run(data_dir, mode, epochs, snapshot_every, lanes=True):
+def pstrain_run(data_dir, mode, epochs, snapshot_every, lanes=True, overlap=False):
     import numpy as np
     import pstrain
     ex = example(data_dir)
@@ -132,7 +132,8 @@ def pstrain_run(data_dir, mode, epochs, snapshot_every, lanes=True):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_pstrain_worker,
-                         args=(server.address, r, str(data_dir), epochs, token, out))
+                         args=(server.address, r, str(data_dir), epochs, token, out,
+                               overlap and mode != "sync"))
              for r in range(WORKERS)]
     for p in procs:
         p.start()
@@ -299,6 +300,10 @@ def main():
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--no-lanes", action="store_true",
                    help="pstrain's workers over loopback TCP, not shared memory")
+    p.add_argument("--overlap", action="store_true",
+                   help="pstrain's async workers compute while their link pushes and pulls "
+                        "(train_worker(overlap=True))")
+    p.add_argument("--key", default="torch_workers", help="the key of the --out JSON")
     a = p.parse_args()
     data_dir = Path(a.data_dir).resolve()
     import torch
@@ -309,7 +314,8 @@ def main():
           f"samples/s; two at once: {before[1]:.0f}", flush=True)
     runs = []
     for mode in a.modes.split(","):
-        runs.append(pstrain_run(data_dir, mode, a.epochs, a.snapshot_every, not a.no_lanes))
+        runs.append(pstrain_run(data_dir, mode, a.epochs, a.snapshot_every, not a.no_lanes,
+                                a.overlap))
         runs.append(ray_run(data_dir, mode, a.epochs, a.snapshot_every))
     after = (compute_only(data_dir, a.seconds), compute_two_at_once(data_dir, a.seconds))
     print(f"after the runs: one torch worker, compute only: {after[0]:.0f} samples/s; two at "
@@ -336,13 +342,14 @@ def main():
                 theirs["time_to_98_5_s"] / ours["time_to_98_5_s"], 3)
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "cores": os.cpu_count(), "epochs": a.epochs, "lanes": not a.no_lanes,
+              "overlap": a.overlap,
               "ratios": ratios, "runs": runs}
     out = Path(a.out)
     merged = json.loads(out.read_text()) if out.exists() else {}
-    merged["torch_workers"] = result
+    merged[a.key] = result
     out.write_text(json.dumps(merged, indent=1) + "\n")
     print(json.dumps(ratios, indent=1))
-    print(f"wrote {out} (torch_workers)")
+    print(f"wrote {out} ({a.key})")
 
 
 if __name__ == "__main__":

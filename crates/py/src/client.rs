@@ -272,14 +272,17 @@ impl RawClient {
     }
 
     /// Sends a flat float32 gradient (sent from the array's own memory) computed from the
-    /// weights of the last pull, over `samples` samples with mean training loss `loss`.
-    #[pyo3(signature = (grad, samples, loss=f32::NAN))]
+    /// weights of the last pull (or of version `base_version`, for a worker that pulled again
+    /// while it computed: the shards count its staleness from there), over `samples` samples
+    /// with mean training loss `loss`.
+    #[pyo3(signature = (grad, samples, loss=f32::NAN, base_version=None))]
     fn push<'py>(
         &self,
         py: Python<'py>,
         grad: PyReadonlyArray1<'py, f32>,
         samples: u32,
         loss: f32,
+        base_version: Option<u64>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let slice = grad.as_slice().map_err(|_| {
             PyValueError::new_err("the gradient must be a C-contiguous float32 array")
@@ -299,7 +302,9 @@ impl RawClient {
                 let mut client = lock(&self.client);
                 let meta = PushMeta {
                     rank: client.rank(),
-                    base_version: client.version(),
+                    // Never newer than what this client has pulled.
+                    base_version: base_version
+                        .map_or(client.version(), |v| v.min(client.version())),
                     samples,
                     loss,
                     accumulated: false,

@@ -158,6 +158,26 @@ def test_update_pulls_bring_what_changed_in_the_runs_pull_codec(mode, pull_codec
             c.leave()
 
 
+def test_a_push_names_the_version_its_gradient_was_computed_on():
+    """A worker that pulled again while it computed names the version its gradient came
+    from (`base_version`), and the shard counts the staleness from there; a version newer
+    than the client has pulled counts as the one it has."""
+    with pstrain.Server(small_params(), workers=1, mode="async", optimizer="sgd", lr=0.1,
+                        lr_schedule="constant") as server:
+        client = pstrain.Client([server.address], lanes=False)
+        flat, _ = client.flat_zeros()
+        client.pull_flat()
+        first = client.version
+        for behind in range(2):
+            # Each push without a pull between is one update staler.
+            assert client.push(flat, 1)["staleness"] == behind
+        client.pull_flat()
+        assert client.version == first + 2
+        assert client.push(flat, 1, base_version=first)["staleness"] == 2
+        assert client.push(flat, 1, base_version=10**9)["staleness"] == 1
+        client.leave()
+
+
 def test_bad_gradients_are_refused_and_the_server_keeps_serving():
     with pstrain.Server(small_params(), workers=2, mode="async", optimizer="sgd", lr=0.1) as server:
         bad = pstrain.Client([server.address], rank=0)

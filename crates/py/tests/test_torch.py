@@ -254,27 +254,33 @@ def test_the_ray_example_convnet_reaches_its_85_percent(cluster, data_dir):
     assert summary["test_accuracy"] >= CONVNET_THRESHOLD, summary
 
 
-def test_module_workers_run_without_ray_too(data_dir):
-    """`train_worker` against a `Server.from_module` in this process (threads): the path a
-    user takes before a cluster exists."""
+def train_two(server, example, **kwargs):
+    """Two `train_worker`s against `server` in threads of this process; their reports."""
     import threading
 
-    example = load_example(data_dir, net="convnet")
-    server = pstrain.Server.from_module(example.build_model(), workers=2, mode="sync",
-                                        optimizer="sgd", lr=0.01, lr_schedule="constant",
-                                        iterations=100, batch_size=64, keep_running=True)
     from pstrain.torch import train_worker
     reports = [None, None]
 
     def work(rank):
         reports[rank] = train_worker([server.address], example.build_model, example.batches,
-                                     example.loss, rank=rank)
+                                     example.loss, rank=rank, **kwargs)
 
     threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return reports
+
+
+def test_module_workers_run_without_ray_too(data_dir):
+    """`train_worker` against a `Server.from_module` in this process (threads): the path a
+    user takes before a cluster exists."""
+    example = load_example(data_dir, net="convnet")
+    server = pstrain.Server.from_module(example.build_model(), workers=2, mode="sync",
+                                        optimizer="sgd", lr=0.01, lr_schedule="constant",
+                                        iterations=100, batch_size=64, keep_running=True)
+    reports = train_two(server, example)
     server.stop()
     stats = server.wait(10)
     assert stats["version"] == 100 and stats["gradients_applied"] == 200, stats
@@ -286,10 +292,7 @@ def test_module_workers_behind_a_link_pull_replayed_updates_and_train(data_dir):
     and replays pulls (`--push-codec topk:10 --pull-codec replay`, what `auto` picks in sync
     on a slow link): each pull after the first brings the other worker's sparse push, not
     the model, and the run still trains (>= 97% on the 10k test set after 300 steps)."""
-    import threading
     import urllib.request
-
-    from pstrain.torch import train_worker
 
     example = load_example(data_dir)
     steps = 300
@@ -298,17 +301,7 @@ def test_module_workers_behind_a_link_pull_replayed_updates_and_train(data_dir):
                                         iterations=steps, batch_size=64, keep_running=True,
                                         push_codec="topk:10", pull_codec="replay",
                                         metrics_addr="127.0.0.1:0")
-    reports = [None, None]
-
-    def work(rank):
-        reports[rank] = train_worker([server.address], example.build_model, example.batches,
-                                     example.loss, rank=rank, lanes=False)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    reports = train_two(server, example, lanes=False)
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
                                      timeout=10).read().decode()
     observer = pstrain.Client([server.address], role="observer", lanes=False)
@@ -328,3 +321,34 @@ def test_module_workers_behind_a_link_pull_replayed_updates_and_train(data_dir):
         # The first pull is the whole model; the other 300 bring about 1% of it each.
         assert total < whole + 0.05 * steps * whole, (rank, total)
     assert accuracy >= 0.97
+
+
+def test_module_workers_overlap_their_link_with_compute_in_async_runs(data_dir):
+    """`train_worker(overlap=True)`: each gradient is pushed (and the next weights pulled)
+    on a helper thread while the next one is computed, its push naming the version it was
+    computed on; two such workers train async to >= 97% in 600 updates (of 64 samples each:
+    the samples of 300 sync steps of two). A sync run refuses overlap by name."""
+    from pstrain.torch import train_worker
+
+    example = load_example(data_dir)
+    steps = 600
+    server = pstrain.Server.from_module(example.build_model(), workers=2, mode="async",
+                                        optimizer="adam", lr=0.001, lr_schedule="constant",
+                                        iterations=steps, batch_size=64, keep_running=True)
+    reports = train_two(server, example, overlap=True)
+    observer = pstrain.Client([server.address], role="observer")
+    model = example.build_model()
+    ModuleWorker(observer, model).pull(wait=False)
+    stats = observer.stats()[0]
+    server.stop()
+    server.wait(10)
+    accuracy = example.evaluate(model)
+    print(f"\ntorch workers, async, overlapped: {accuracy:.2%}, {reports}")
+    assert stats["version"] >= steps, stats
+    assert all(r["steps"] > 0 for r in reports), reports
+    assert accuracy >= 0.97
+    sync = pstrain.Server.from_module(example.build_model(), workers=1, mode="sync")
+    with pytest.raises(ValueError, match="overlap=True needs an async or buffered run"):
+        train_worker([sync.address], example.build_model, example.batches, example.loss,
+                     overlap=True)
+    sync.stop()

@@ -190,9 +190,11 @@ class Client:
         grads: Union[Mapping[str, np.ndarray], np.ndarray],
         samples: int,
         loss: float = float("nan"),
+        base_version: Optional[int] = None,
     ) -> dict:
-        """Sends a gradient computed from the last pulled weights, averaged over ``samples``
-        samples (its weight in a sync step). Returns the server's verdict:
+        """Sends a gradient computed from the last pulled weights (or from those of version
+        ``base_version``, for a worker that pulled again while it computed), averaged over
+        ``samples`` samples (its weight in a sync step). Returns the server's verdict:
         ``{"outcome": "applied" | "buffered" | "dropped" | "done", ...}``. A gradient with
         NaN or Inf values is refused with ``PstrainError``."""
         if isinstance(grads, np.ndarray):
@@ -201,7 +203,7 @@ class Client:
                 flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
         else:
             flat = self.flatten(grads)
-        result = self._raw.push(flat, int(samples), float(loss))
+        result = self._raw.push(flat, int(samples), float(loss), base_version)
         if result.get("outcome") == "done":
             self.done = True
         return result

@@ -94,14 +94,16 @@ class ModuleWorker:
     backward makes a new tensor), ``push`` copies that one in and binds the view again.
     """
 
-    def __init__(self, client: Client, module: "torch.nn.Module") -> None:
+    def __init__(self, client: Client, module: "torch.nn.Module", in_lane: bool = True) -> None:
         self.client = client
         self.module = module
         self._named = _named(module)
         _check_layout(client, self._named)
         # On the shard's host the buffers are the shared-memory lane itself, so pulls and
-        # pushes copy nothing on this side; elsewhere, buffers of our own.
-        lane = client.lane_arrays()
+        # pushes copy nothing on this side (unless `in_lane=False`: a worker that computes
+        # while its last gradient is pushed needs buffers the lane does not write);
+        # elsewhere, buffers of our own.
+        lane = client.lane_arrays() if in_lane else None
         if lane is not None:
             self.grads, self.params = lane
         else:
@@ -152,6 +154,12 @@ class ModuleWorker:
         self._bind()
         self.grads.fill(0.0)
 
+    def copy_grads_into(self, out: np.ndarray) -> None:
+        """Copies the accumulated gradients into ``out`` (a gradient to send while the next
+        one accumulates here)."""
+        self._bind()
+        np.copyto(out, self.grads)
+
     def push(self, samples: int, loss: float = float("nan")) -> dict:
         """Sends the accumulated gradients (averaged over ``samples`` samples)."""
         self._bind()
@@ -171,65 +179,172 @@ def train_worker(
     connect_timeout: float = 60.0,
     tls_ca: Optional[str] = None,
     lanes: bool = True,
+    overlap: bool = False,
+    lookahead: float = 1.0,
 ) -> dict:
     """One worker: pulls, runs ``loss_fn(model(x), y).backward()`` on its next batch, pushes,
     until the servers say the run is done (or ``max_epochs`` passes over its batches).
 
     ``batches(rank, workers, epoch)`` yields this rank's ``(inputs, targets)`` for one epoch.
     Pulls bring what changed in the run's pull codec (``ModuleWorker.pull``); ``lanes=False``
-    keeps a worker on the shard's host on TCP. Returns a report: rank, steps, samples,
-    seconds computing and on the servers' path.
+    keeps a worker on the shard's host on TCP. ``overlap=True`` (async and buffered runs, as
+    ``pstrain worker --overlap``) pushes each gradient and pulls on a thread of its own while
+    the next one is computed, on the last pulled weights moved ``lookahead`` rounds further
+    along their last round's move (0: as pulled). Returns a report: rank, steps, samples,
+    seconds computing and on the servers' path (with overlap: waiting for it).
     """
     torch.set_num_threads(max(1, int(threads)))
     client = Client(servers, rank, token=token, connect_timeout=connect_timeout, tls_ca=tls_ca,
                     lanes=lanes)
+    if overlap and client.mode not in ("async", "buffered"):
+        client.leave()
+        raise ValueError(f"overlap=True needs an async or buffered run; this one is "
+                         f"{client.mode}")
     model = build_model()
     model.train()
-    worker = ModuleWorker(client, model)
-    steps = samples = epoch = 0
-    compute_s = comm_s = 0.0
-    losses: List[float] = []
+    worker = ModuleWorker(client, model, in_lane=not overlap)
+    tally = _Tally()
     started = time.perf_counter()
     try:
-        t = time.perf_counter()
-        worker.pull()
-        comm_s += time.perf_counter() - t
-        while not client.done and (max_epochs is None or epoch < max_epochs):
-            for inputs, targets in batches(client.rank, client.workers, epoch):
-                t = time.perf_counter()
-                worker.zero_grad()
-                loss = loss_fn(model(inputs), targets)
-                loss.backward()
-                value = float(loss.detach())
-                compute_s += time.perf_counter() - t
-                t = time.perf_counter()
-                outcome = worker.push(len(targets), value)
-                steps += 1
-                samples += len(targets)
-                losses.append(value)
-                if client.done or outcome.get("outcome") == "done":
-                    comm_s += time.perf_counter() - t
-                    break
-                worker.pull()
-                comm_s += time.perf_counter() - t
-                if client.done:
-                    break
-            epoch += 1
+        loop = _overlapped if overlap else _in_turn
+        loop(worker, model, lambda epoch: batches(client.rank, client.workers, epoch), loss_fn,
+             max_epochs, tally, lookahead)
     finally:
         client.leave()
     wall = time.perf_counter() - started
-    tail = losses[-50:]
+    tail = tally.losses[-50:]
     return {
         "rank": client.rank,
-        "steps": steps,
-        "samples": samples,
-        "epochs": epoch,
-        "compute_s": round(compute_s, 3),
-        "server_path_s": round(comm_s, 3),
+        "steps": tally.steps,
+        "samples": tally.samples,
+        "epochs": tally.epochs,
+        "compute_s": round(tally.compute_s, 3),
+        "server_path_s": round(tally.path_s, 3),
         "wall_s": round(wall, 3),
-        "samples_per_s": round(samples / wall, 1) if wall > 0 else None,
+        "samples_per_s": round(tally.samples / wall, 1) if wall > 0 else None,
         "final_loss": (sum(tail) / len(tail)) if tail else math.nan,
     }
+
+
+class _Tally:
+    """What a worker loop did: steps, samples, epochs, seconds computing and on the path."""
+
+    def __init__(self) -> None:
+        self.steps = self.samples = self.epochs = 0
+        self.compute_s = self.path_s = 0.0
+        self.losses: List[float] = []
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def computed(self, samples: int, loss: float) -> None:
+        self.compute_s += time.perf_counter() - self._t
+        self.steps += 1
+        self.samples += samples
+        self.losses.append(loss)
+
+    def on_path(self) -> None:
+        self.path_s += time.perf_counter() - self._t
+
+
+def _step(worker: ModuleWorker, model, loss_fn, inputs, targets, tally: _Tally) -> float:
+    """Forward and backward on one batch into the worker's gradient buffer; the loss."""
+    tally.start()
+    worker.zero_grad()
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    value = float(loss.detach())
+    tally.computed(len(targets), value)
+    return value
+
+
+def _in_turn(worker, model, epoch_batches, loss_fn, max_epochs, tally, _lookahead) -> None:
+    """Pull, compute, push, in turn."""
+    client = worker.client
+    tally.start()
+    worker.pull()
+    tally.on_path()
+    while not client.done and (max_epochs is None or tally.epochs < max_epochs):
+        for inputs, targets in epoch_batches(tally.epochs):
+            value = _step(worker, model, loss_fn, inputs, targets, tally)
+            tally.start()
+            outcome = worker.push(len(targets), value)
+            if client.done or outcome.get("outcome") == "done":
+                tally.on_path()
+                return
+            worker.pull()
+            tally.on_path()
+            if client.done:
+                return
+        tally.epochs += 1
+
+
+def _overlapped(worker, model, epoch_batches, loss_fn, max_epochs, tally, lookahead) -> None:
+    """Compute each gradient while a helper thread pushes the one before and pulls (into a
+    buffer of its own, placed into the module between steps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = worker.client
+    pulled = np.empty_like(worker.params)
+    outgoing = np.empty_like(worker.grads)
+    place = _Lookahead(worker, pulled, lookahead)
+    tally.start()
+    client.pull_flat(out=pulled, update=True)
+    place(client.version)
+    tally.on_path()
+
+    def exchange(samples: int, loss: float, base: int) -> bool:
+        outcome = client.push(outgoing, samples, loss, base_version=base)
+        if client.done or outcome.get("outcome") == "done":
+            return False
+        client.pull_flat(out=pulled, update=True)
+        return not client.done
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pstrain-link") as link:
+        in_flight = None
+        while max_epochs is None or tally.epochs < max_epochs:
+            for inputs, targets in epoch_batches(tally.epochs):
+                computed_on = place.version
+                value = _step(worker, model, loss_fn, inputs, targets, tally)
+                tally.start()
+                if in_flight is not None:
+                    if not in_flight.result():
+                        tally.on_path()
+                        return
+                    place(client.version)
+                worker.copy_grads_into(outgoing)
+                in_flight = link.submit(exchange, len(targets), value, computed_on)
+                tally.on_path()
+            tally.epochs += 1
+        if in_flight is not None:
+            in_flight.result()
+
+
+class _Lookahead:
+    """Places the pulled weights into the module's parameters: as pulled, or moved
+    ``rounds`` rounds further along the last round's move (where they will be when the
+    gradient computed on them arrives: weight prediction, as ``pstrain worker --lookahead``)."""
+
+    def __init__(self, worker: ModuleWorker, pulled: np.ndarray, rounds: float) -> None:
+        self.params = worker._params_t
+        self.pulled = torch.from_numpy(pulled)
+        self.rounds = float(rounds)
+        self.last: Optional["torch.Tensor"] = None
+        self.version = -1
+
+    def __call__(self, version: int) -> None:
+        if version == self.version:
+            return  # nothing newer came: the parameters hold it already
+        with torch.no_grad():
+            if self.rounds > 0 and self.last is not None and version > self.version:
+                torch.lerp(self.last, self.pulled, 1.0 + self.rounds, out=self.params)
+                self.last.copy_(self.pulled)
+            else:
+                self.params.copy_(self.pulled)
+                if self.rounds > 0:
+                    self.last = self.pulled.clone()
+        self.version = version
 
 
 def evaluate(model: "torch.nn.Module", batches: Iterable[Tuple["torch.Tensor", "torch.Tensor"]]
