@@ -9,7 +9,8 @@ network namespace of its own and each worker in another, joined by veth pairs wi
 token-bucket filter each way (`scripts/edge_net.sh`; needs root). Each row: wall time of
 the workers (first pull to last push), samples/s, test accuracy of the shard's weights at the
 end (10k images), bytes pulled and pushed per update per worker (the shard's counters), and
-the codecs the workers used last.
+the codecs the workers used last. A codec item ending in `@overlap` (async runs) has the
+workers compute while their link pushes and pulls (`train_worker(overlap=True)`).
 
     sudo python3 bench/torch_edge.py --data-dir ../shared/data/mnist \
         --links loopback,10mbit --codecs fp32/fp32,auto --updates 300 --out torch-edge.json
@@ -90,7 +91,7 @@ def work(a):
     from pstrain.torch import train_worker
     ex = example(a.data_dir)
     report = train_worker([a.address], ex.build_model, ex.batches, ex.loss, rank=a.rank,
-                          token=a.token, threads=1, lanes=False)
+                          token=a.token, threads=1, lanes=False, overlap=a.overlap)
     print(json.dumps(report), flush=True)
 
 
@@ -98,9 +99,11 @@ def netns(ns, argv):
     return argv if ns is None else ["ip", "netns", "exec", ns] + argv
 
 
-def one_run(a, link, codecs, updates, token):
+def one_run(a, link, item, updates, token):
+    codecs, _, how = item.partition("@")
     me = [sys.executable, str(Path(__file__).resolve()), "--data-dir", str(a.data_dir),
           "--mode", a.mode, "--token", token]
+    overlap = ["--overlap"] if how == "overlap" else []
     spaced = link != "loopback"
     if spaced:
         subprocess.run(["bash", str(EDGE_NET), "down", PREFIX], check=True)
@@ -117,7 +120,8 @@ def one_run(a, link, codecs, updates, token):
             address = f"10.77.{rank}.1:{PORT}" if spaced else f"127.0.0.1:{PORT}"
             workers.append(subprocess.Popen(
                 netns(f"{PREFIX}-w{rank}" if spaced else None,
-                      me + ["--role", "worker", "--address", address, "--rank", str(rank)]),
+                      me + ["--role", "worker", "--address", address, "--rank", str(rank)]
+                      + overlap),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
         reports = [json.loads(w.communicate()[0].strip().splitlines()[-1]) for w in workers]
         out, err = server.communicate(timeout=600)
@@ -129,7 +133,8 @@ def one_run(a, link, codecs, updates, token):
     wall = max(r["wall_s"] for r in reports)
     samples = sum(r["samples"] for r in reports)
     return {
-        "link": link, "codecs": codecs, "mode": a.mode, "updates": shard["version"],
+        "link": link, "codecs": codecs, "overlap": bool(overlap), "mode": a.mode,
+        "updates": shard["version"],
         "wall_s": round(wall, 2), "samples_per_s": round(samples / wall, 1),
         "accuracy": shard["accuracy"],
         "pull_mb_per_update": [round(b / 1e6 / shard["version"], 4) for b in shard["pull_bytes"]],
@@ -155,6 +160,7 @@ def main():
     p.add_argument("--token")
     p.add_argument("--address")
     p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--overlap", action="store_true")
     a = p.parse_args()
     if a.role == "server":
         return serve(a)
