@@ -179,8 +179,9 @@ class Client:
         the servers then send only what changed, in the run's pull codec (differences of
         ``--pull-codec delta-*``, replayed updates of ``replay``, or ``auto``'s choice for
         this worker's link; nothing when nothing changed), so a worker on a slow link pulls a
-        fraction of the model. Without it every value comes as fp32. A different array raises
-        ``ValueError``; values changed in ``out`` between pulls stay changed."""
+        fraction of the model. Without it every value comes as fp32 (in a run of replayed
+        pulls, with the optimizer's state as well). A different array raises ``ValueError``;
+        values changed in ``out`` between pulls stay changed."""
         flat, _version, done = self._raw.pull(wait, out, update)
         self.done = done
         return flat
