@@ -23,6 +23,7 @@ gradient holding NaN or Inf raises ``PstrainError`` like any other push.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -206,9 +207,9 @@ def train_worker(
     tally = _Tally()
     started = time.perf_counter()
     try:
-        loop = _overlapped if overlap else _in_turn
+        loop = functools.partial(_overlapped, lookahead=lookahead) if overlap else _in_turn
         loop(worker, model, lambda epoch: batches(client.rank, client.workers, epoch), loss_fn,
-             max_epochs, tally, lookahead)
+             max_epochs, tally)
     finally:
         client.leave()
     wall = time.perf_counter() - started
@@ -259,7 +260,7 @@ def _step(worker: ModuleWorker, model, loss_fn, inputs, targets, tally: _Tally) 
     return value
 
 
-def _in_turn(worker, model, epoch_batches, loss_fn, max_epochs, tally, _lookahead) -> None:
+def _in_turn(worker, model, epoch_batches, loss_fn, max_epochs, tally) -> None:
     """Pull, compute, push, in turn."""
     client = worker.client
     tally.start()
