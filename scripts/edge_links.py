@@ -77,7 +77,7 @@ def evaluate(exe: str, data: str, ckpt_file: Path) -> float:
 
 
 def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overlap=False,
-            lookahead=None, until=None, duplex=False):
+            lookahead=None, until=None):
     prefix = f"el{os.getpid() % 1000}"
     work = Path(tempfile.mkdtemp())
     token = work / "run.token"
@@ -115,8 +115,6 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
                 cmd += ["--overlap", "--lookahead", str(lookahead)]
             if overlap and until is not None:
                 cmd += ["--overlap-until", str(until)]
-            if overlap and duplex:
-                cmd += ["--duplex"]
             if link != "loopback":
                 cmd = ["ip", "netns", "exec", f"{prefix}-w{rank}"] + cmd
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -149,7 +147,7 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
                                 if all(q["accuracy"] >= target for q in points[i:])), None)
     return {
         "link": link, "push": push, "pull": pull, "overlap": overlap, "lookahead": lookahead,
-        "overlap_until": until, "duplex": duplex,
+        "overlap_until": until,
         "mode": mode,
         "updates": updates,
         "wall_s": wall, "updates_per_s": round(updates / wall, 2),
@@ -176,7 +174,7 @@ def markdown(runs):
                            for k in ("time_to_98_s", "time_to_98_5_s", "time_to_99_s"))
         lines.append(
             f"| {r['link']} | {r['push']} / {r['pull']}"
-            f"{how(r.get('overlap'), r.get('lookahead'), r.get('overlap_until'), r.get('duplex'))}"
+            f"{how(r.get('overlap'), r.get('lookahead'), r.get('overlap_until'))}"
             f" | {r['mode']} | {r['updates']} | "
             f"{r['wall_s']:.1f} | {r['updates_per_s']} | {slower} | {r['final_accuracy']:.2f}% | "
             f"{times} | "
@@ -185,16 +183,14 @@ def markdown(runs):
     return "\n".join(lines) + "\n"
 
 
-def how(overlap, lookahead, until=None, duplex=False):
+def how(overlap, lookahead, until=None):
     """A row's label after its codecs: overlapped, how many rounds it looks ahead (runs from
-    before `--lookahead` have none: they computed on the pulled weights), the share of the
-    updates it overlaps if it turns exact before the end (`--overlap-until`), and whether its
-    pulls and pushes crossed the link at once (`--duplex`)."""
+    before `--lookahead` have none: they computed on the pulled weights), and the share of the
+    updates it overlaps if it turns exact before the end (`--overlap-until`)."""
     if not overlap:
         return ""
     label = ", overlapped" if lookahead is None else f", overlapped, lookahead {lookahead:g}"
-    label = label if until is None else f"{label}, exact after {until:.0%}"
-    return f"{label}, duplex" if duplex else label
+    return label if until is None else f"{label}, exact after {until:.0%}"
 
 
 def median(values):
@@ -223,13 +219,12 @@ def summary(runs):
     rows = {}
     for r in runs:
         rows.setdefault((r["mode"], r["link"], r["push"], r["pull"], bool(r.get("overlap")),
-                         r.get("lookahead"), r.get("overlap_until"), bool(r.get("duplex"))),
-                        []).append(r)
+                         r.get("lookahead"), r.get("overlap_until")), []).append(r)
     base = baselines(runs)
     lines = ["| link | push / pull codec | mode | rounds | time to 98.5% over loopback fp32's, "
              "each round | median | accuracy at the end, each round | end minus fp32's, mean |",
              "|---|---|---|---|---|---|---|---|"]
-    for (mode, link, push, pull, overlap, lookahead, until, duplex), group in rows.items():
+    for (mode, link, push, pull, overlap, lookahead, until), group in rows.items():
         ratios, diffs = [], []
         for r in group:
             b = base.get(baseline_key(r))
@@ -244,7 +239,7 @@ def summary(runs):
         known = [d for d in diffs if d is not None]
         mean_diff = sum(known) / len(known) if known else None
         lines.append(
-            f"| {link} | {push} / {pull}{how(overlap, lookahead, until, duplex)} | {mode} | "
+            f"| {link} | {push} / {pull}{how(overlap, lookahead, until)} | {mode} | "
             f"{len(group)} | {shown} | {'-' if mid is None else f'{mid:.2f}x'} | "
             f"{ends} | "
             f"{'-' if mean_diff is None else f'{mean_diff:+.2f}'} |")
@@ -282,13 +277,12 @@ def main():
 def worker_flags(pair):
     """`PUSH/PULL`, or `PUSH/PULL@` and `:`-separated overlapped workers' settings: `overlap`
     (looking pstrain's default one round ahead), `lookahead=K` (K rounds ahead; 0: on the
-    pulled weights), `until=F` (exact rounds after a share F of the updates), `duplex` (pull
-    and push at once): the codecs, whether the workers overlap, the rounds they look ahead,
-    the share they overlap, and whether they pull and push at once."""
+    pulled weights), `until=F` (exact rounds after a share F of the updates): the codecs,
+    whether the workers overlap, the rounds they look ahead, and the share they overlap."""
     codecs, _, worker = pair.partition("@")
     if not worker:
-        return codecs, False, None, None, False
-    lookahead, until, duplex = 1.0, None, False
+        return codecs, False, None, None
+    lookahead, until = 1.0, None
     for item in worker.split(":"):
         key, _, value = item.partition("=")
         try:
@@ -296,14 +290,12 @@ def worker_flags(pair):
                 lookahead = float(value)
             elif key == "until" and value:
                 until = float(value)
-            elif item == "duplex":
-                duplex = True
             elif item != "overlap":
                 raise ValueError(item)
         except ValueError:
-            raise SystemExit(f"`{pair}`: after @ come overlap, lookahead=K, until=F or "
-                             "duplex, separated by `:`")
-    return codecs, True, lookahead, until, duplex
+            raise SystemExit(f"`{pair}`: after @ come overlap, lookahead=K or until=F, "
+                             "separated by `:`")
+    return codecs, True, lookahead, until
 
 
 def sweep(a, data, skip, round_):
@@ -313,10 +305,10 @@ def sweep(a, data, skip, round_):
             for pair in a.codecs.split(","):
                 if f"{link}:{pair}" in skip:
                     continue
-                codecs, overlap, lookahead, until, duplex = worker_flags(pair)
+                codecs, overlap, lookahead, until = worker_flags(pair)
                 push, pull = codecs.split("/") if "/" in codecs else (codecs, codecs)
                 r = run_one(a.pstrain, data, link, push, pull, mode, a.updates, a.every,
-                            overlap=overlap, lookahead=lookahead, until=until, duplex=duplex)
+                            overlap=overlap, lookahead=lookahead, until=until)
                 r["round"] = round_
                 print(f"round {round_} {link} {pair} {mode}: {r['wall_s']:.1f} s, "
                       f"{r['updates_per_s']} updates/s, {r['final_accuracy']:.2f}%", flush=True)

@@ -44,22 +44,6 @@ pub trait ParameterClient: Send {
     /// Offers a gradient computed from `meta.base_version`.
     fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, ClientError>;
 
-    /// Pulls weights newer than `newer_than` into `params` (never waiting) and pushes `grad`,
-    /// both in one round: a client over a link may send the push while the pull's answer
-    /// comes back, and that answer then does not hold this push. What the push came to is
-    /// apart from the pull's answer (a refused gradient leaves the pull standing). The
-    /// default pulls, then pushes.
-    fn pull_beside_push(
-        &mut self,
-        params: &mut [f32],
-        newer_than: Option<u64>,
-        meta: PushMeta,
-        grad: &[f32],
-    ) -> Result<(PullReply, Result<PushOutcome, ClientError>), ClientError> {
-        let pulled = self.pull(params, newer_than, false)?;
-        Ok((pulled, self.push(meta, grad)))
-    }
-
     /// Says goodbye: this worker will push no more, so sync steps stop waiting for it.
     fn leave(&mut self) -> Result<(), ClientError>;
 

@@ -18,7 +18,7 @@ type WriteSide = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
 pub struct Connection {
     reader: BufReader<ReadSide>,
-    writer: FrameWriter,
+    writer: BufWriter<WriteSide>,
     /// Deadline for any one read or write once a frame is under way.
     io_timeout: Duration,
     peer: String,
@@ -97,10 +97,7 @@ impl Connection {
             // Tensors bypass the buffers: reads and writes larger than them go straight
             // through.
             reader: BufReader::with_capacity(BUFFER, r),
-            writer: FrameWriter {
-                writer: BufWriter::with_capacity(BUFFER, w),
-                io_timeout,
-            },
+            writer: BufWriter::with_capacity(BUFFER, w),
             io_timeout,
             peer,
             same_host: false,
@@ -167,7 +164,21 @@ impl Connection {
         head: &[u8],
         tensor: &[f32],
     ) -> Result<(), NetError> {
-        self.writer.write_frame(kind, head, tensor).await
+        let len = (head.len() + std::mem::size_of_val(tensor)) as u64;
+        let header = Header { kind, len }.encode();
+        let io = self.io_timeout;
+        deadline(io, "writing a frame", self.writer.write_all(&header)).await?;
+        deadline(io, "writing a frame", self.writer.write_all(head)).await?;
+        if cfg!(target_endian = "big") {
+            let mut swapped = tensor.to_vec();
+            to_wire_order(&mut swapped);
+            let bytes: &[u8] = bytemuck::cast_slice(&swapped);
+            deadline(io, "writing a tensor", self.writer.write_all(bytes)).await?;
+        } else {
+            let bytes: &[u8] = bytemuck::cast_slice(tensor);
+            deadline(io, "writing a tensor", self.writer.write_all(bytes)).await?;
+        }
+        deadline(io, "flushing a frame", self.writer.flush()).await
     }
 
     /// Writes one frame whose tensor is already encoded (a compressed push or pull).
@@ -177,24 +188,13 @@ impl Connection {
         head: &[u8],
         body: &[u8],
     ) -> Result<(), NetError> {
-        self.writer.write_frame_bytes(kind, head, body).await
-    }
-
-    /// The writing side, taken out so that a frame can be written while this connection
-    /// reads another (a push sent up while a pull's answer comes down); `put_writer` gives
-    /// it back. Meanwhile this connection writes nowhere.
-    pub fn take_writer(&mut self) -> FrameWriter {
-        let nowhere: WriteSide = Box::new(tokio::io::sink());
-        let nowhere = FrameWriter {
-            writer: BufWriter::new(nowhere),
-            io_timeout: self.io_timeout,
-        };
-        std::mem::replace(&mut self.writer, nowhere)
-    }
-
-    /// Gives back the writing side `take_writer` took.
-    pub fn put_writer(&mut self, writer: FrameWriter) {
-        self.writer = writer;
+        let len = (head.len() + body.len()) as u64;
+        let header = Header { kind, len }.encode();
+        let io = self.io_timeout;
+        deadline(io, "writing a frame", self.writer.write_all(&header)).await?;
+        deadline(io, "writing a frame", self.writer.write_all(head)).await?;
+        deadline(io, "writing a tensor", self.writer.write_all(body)).await?;
+        deadline(io, "flushing a frame", self.writer.flush()).await
     }
 
     /// Reads `out.len()` bytes into `out` (a compressed tensor).
@@ -250,55 +250,7 @@ impl Connection {
     }
 
     pub async fn shutdown(&mut self) {
-        let _ = self.writer.writer.flush().await;
-        let _ = self.writer.writer.shutdown().await;
-    }
-}
-
-/// A connection's writing side: whole frames, each write under the connection's deadline.
-pub struct FrameWriter {
-    writer: BufWriter<WriteSide>,
-    io_timeout: Duration,
-}
-
-impl FrameWriter {
-    /// Writes one frame: header, fixed part, then the tensor's bytes, and flushes.
-    pub async fn write_frame(
-        &mut self,
-        kind: u16,
-        head: &[u8],
-        tensor: &[f32],
-    ) -> Result<(), NetError> {
-        let len = (head.len() + std::mem::size_of_val(tensor)) as u64;
-        let header = Header { kind, len }.encode();
-        let io = self.io_timeout;
-        deadline(io, "writing a frame", self.writer.write_all(&header)).await?;
-        deadline(io, "writing a frame", self.writer.write_all(head)).await?;
-        if cfg!(target_endian = "big") {
-            let mut swapped = tensor.to_vec();
-            to_wire_order(&mut swapped);
-            let bytes: &[u8] = bytemuck::cast_slice(&swapped);
-            deadline(io, "writing a tensor", self.writer.write_all(bytes)).await?;
-        } else {
-            let bytes: &[u8] = bytemuck::cast_slice(tensor);
-            deadline(io, "writing a tensor", self.writer.write_all(bytes)).await?;
-        }
-        deadline(io, "flushing a frame", self.writer.flush()).await
-    }
-
-    /// Writes one frame whose tensor is already encoded (a compressed push or pull).
-    pub async fn write_frame_bytes(
-        &mut self,
-        kind: u16,
-        head: &[u8],
-        body: &[u8],
-    ) -> Result<(), NetError> {
-        let len = (head.len() + body.len()) as u64;
-        let header = Header { kind, len }.encode();
-        let io = self.io_timeout;
-        deadline(io, "writing a frame", self.writer.write_all(&header)).await?;
-        deadline(io, "writing a frame", self.writer.write_all(head)).await?;
-        deadline(io, "writing a tensor", self.writer.write_all(body)).await?;
-        deadline(io, "flushing a frame", self.writer.flush()).await
+        let _ = self.writer.flush().await;
+        let _ = self.writer.shutdown().await;
     }
 }

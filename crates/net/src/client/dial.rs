@@ -287,7 +287,6 @@ pub(super) async fn try_connect_shard(
         pull_codec,
         encoder: PushEncoder::new(cfg.plan.push_codec, seed),
         wire: Vec::new(),
-        push_wire: Vec::new(),
         delta: Vec::new(),
         pull_s: 0.0,
         auto,

@@ -31,10 +31,8 @@ pub(super) struct ShardLink {
     /// How this client's gradient slice leaves, with its error feedback (the plan's push
     /// codec).
     pub encoder: PushEncoder,
-    /// A pull's encoded bytes, reused between calls.
+    /// Encoded bytes, reused between calls.
     pub wire: Vec<u8>,
-    /// A push's encoded bytes (apart from a pull's: `pull_beside_push` has both at once).
-    pub push_wire: Vec<u8>,
     /// A decoded pull difference, reused between calls.
     pub delta: Vec<f32>,
     /// Seconds spent receiving this shard's slice since the last push (first byte of the
@@ -68,18 +66,6 @@ impl ShardLink {
         } else {
             self.conn.io_timeout()
         };
-        self.read_pull(slice, newer, asked_lane, idle).await
-    }
-
-    /// Reads the answer to a pull request (asked newer than `newer`, through the lane if
-    /// `asked_lane`), waiting up to `idle` for it, into `slice`.
-    async fn read_pull(
-        &mut self,
-        slice: &mut [f32],
-        newer: Option<u64>,
-        asked_lane: bool,
-        idle: Duration,
-    ) -> Result<PullReply, NetError> {
         let n = slice.len();
         let header = self.read_pull_header(idle, n).await?;
         let first_byte = std::time::Instant::now();
@@ -260,8 +246,25 @@ impl ShardLink {
         workers: usize,
         reply_timeout: Duration,
     ) -> Result<PushReply, NetError> {
-        self.choose_codecs(slice.len());
-        let head = self.push_head(meta, base_version, step);
+        if let Some(auto) = &mut self.auto {
+            let rung = auto.choose(slice.len());
+            self.encoder.set_codec(rung.push);
+            self.pull_codec = rung.pull;
+            if rung.pull != PullCodec::Replay {
+                // `auto` left replay for good: the optimizer's copy is no longer needed.
+                self.replayer = None;
+            }
+        }
+        let head = PushHead {
+            base_version,
+            samples: meta.samples,
+            loss: meta.loss,
+            pull_s: std::mem::take(&mut self.pull_s),
+            codec: self.encoder.codec(),
+            lane: false,
+            own: self.auto.as_ref().and_then(AutoCodec::own_push),
+            step,
+        };
         let lane = self.lane.as_ref().filter(|_| self.encoder.passes_through());
         if let Some(replayer) = &mut self.replayer {
             // What the shard will leave out of the next pull's updates.
@@ -282,118 +285,15 @@ impl ShardLink {
             4 * slice.len()
         } else {
             let request = Request::Push(head);
-            self.encoder.encode(slice, &mut self.push_wire);
+            self.encoder.encode(slice, &mut self.wire);
             if let Some(replayer) = &mut self.replayer {
-                replayer.pushed(self.encoder.codec(), &self.push_wire);
+                replayer.pushed(self.encoder.codec(), &self.wire);
             }
             self.conn
-                .write_frame_bytes(request.kind(), &request.encode(workers), &self.push_wire)
+                .write_frame_bytes(request.kind(), &request.encode(workers), &self.wire)
                 .await?;
-            self.push_wire.len()
+            self.wire.len()
         };
-        self.read_push_reply(sent, workers, reply_timeout).await
-    }
-
-    /// Pulls this shard's slice into `pulled` (if newer than `newer`) and pushes `grad`
-    /// (computed from weights of `base_version`) at once: the pull is asked first and the
-    /// push written while its answer comes down, so over a link that carries both ways at
-    /// once a round takes about the longer of the two, not their sum. The pull does not hold
-    /// this push (the shard reads it after answering). A push the shard refused is the inner
-    /// error; the pull's answer stands. Replayed pulls and lanes, whose bookkeeping counts
-    /// on the push arriving first, push and then pull.
-    pub async fn pull_beside_push(
-        &mut self,
-        (pulled, newer): (&mut [f32], Option<u64>),
-        (meta, base_version, grad): (PushMeta, u64, &[f32]),
-        workers: usize,
-        reply_timeout: Duration,
-    ) -> Result<(PullReply, Result<PushReply, NetError>), NetError> {
-        self.choose_codecs(grad.len());
-        if self.pull_codec == PullCodec::Replay || self.lane.is_some() {
-            let pushed = match self
-                .push(meta, base_version, grad, None, workers, reply_timeout)
-                .await
-            {
-                Err(e) if !matches!(e, NetError::Remote(_)) => return Err(e),
-                pushed => pushed,
-            };
-            let io = self.conn.io_timeout();
-            return Ok((self.pull(pulled, newer, false, io).await?, pushed));
-        }
-        let ask = Request::Pull {
-            newer_than: newer,
-            wait: false,
-            codec: self.pull_codec,
-            lane: false,
-        };
-        self.conn.send_request(&ask, 0, &[]).await?;
-        let request = Request::Push(self.push_head(meta, base_version, None));
-        let head = request.encode(workers);
-        let passes = self.encoder.passes_through();
-        let mut wire = std::mem::take(&mut self.push_wire);
-        if !passes {
-            self.encoder.encode(grad, &mut wire);
-        }
-        let sent = if passes { 4 * grad.len() } else { wire.len() };
-        let mut writer = self.conn.take_writer();
-        let io = self.conn.io_timeout();
-        let push_up = async {
-            if passes {
-                writer.write_frame(request.kind(), &head, grad).await
-            } else {
-                writer.write_frame_bytes(request.kind(), &head, &wire).await
-            }
-        };
-        let (written, answer) = tokio::join!(push_up, self.read_pull(pulled, newer, false, io));
-        self.conn.put_writer(writer);
-        self.push_wire = wire;
-        let answer = answer?;
-        written?;
-        match self.read_push_reply(sent, workers, reply_timeout).await {
-            Err(e) if !matches!(e, NetError::Remote(_)) => Err(e),
-            pushed => Ok((answer, pushed)),
-        }
-    }
-
-    /// Under `auto`: picks this push's codec and the next pulls'.
-    fn choose_codecs(&mut self, n: usize) {
-        if let Some(auto) = &mut self.auto {
-            let rung = auto.choose(n);
-            self.encoder.set_codec(rung.push);
-            self.pull_codec = rung.pull;
-            if rung.pull != PullCodec::Replay {
-                // `auto` left replay for good: the optimizer's copy is no longer needed.
-                self.replayer = None;
-            }
-        }
-    }
-
-    /// A push's fixed part, carrying the time the last pulls took to arrive.
-    fn push_head(
-        &mut self,
-        meta: PushMeta,
-        base_version: u64,
-        step: Option<StepMembers>,
-    ) -> PushHead {
-        PushHead {
-            base_version,
-            samples: meta.samples,
-            loss: meta.loss,
-            pull_s: std::mem::take(&mut self.pull_s),
-            codec: self.encoder.codec(),
-            lane: false,
-            own: self.auto.as_ref().and_then(AutoCodec::own_push),
-            step,
-        }
-    }
-
-    /// The shard's verdict on a push of `sent` bytes.
-    async fn read_push_reply(
-        &mut self,
-        sent: usize,
-        workers: usize,
-        reply_timeout: Duration,
-    ) -> Result<PushReply, NetError> {
         match self
             .conn
             .read_reply(reply_timeout, REPLY_LIMIT, workers)

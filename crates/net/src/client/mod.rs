@@ -312,83 +312,6 @@ impl TcpClient {
         ))
     }
 
-    /// Pulls every shard (newer than `newer_than`, never waiting) and pushes `grad` to it at
-    /// once (`ShardLink::pull_beside_push`), where pushes go to all shards together (async
-    /// and buffered runs); elsewhere pulls, then pushes. If a connection failed the gradient
-    /// is given up and everything pulled afresh, as `push_all` and `pull_all` do.
-    pub fn pull_beside_push_all(
-        &mut self,
-        params: &mut [f32],
-        newer_than: Option<u64>,
-        meta: PushMeta,
-        grad: &[f32],
-    ) -> Result<(PullReply, Result<PushOutcome, NetError>), NetError> {
-        match self.try_pull_beside_push(params, newer_than, meta, grad) {
-            Err(e) if e.rejoins() => {
-                self.reconnect()?;
-                let pulled = self.try_pull_all(params, None, false)?;
-                Ok((pulled, Ok(PushOutcome::Dropped { staleness: 0 })))
-            }
-            r => r,
-        }
-    }
-
-    fn try_pull_beside_push(
-        &mut self,
-        params: &mut [f32],
-        newer_than: Option<u64>,
-        meta: PushMeta,
-        grad: &[f32],
-    ) -> Result<(PullReply, Result<PushOutcome, NetError>), NetError> {
-        self.check_len(grad.len())?;
-        if self.fan.route() != PushRoute::Together {
-            let pulled = self.try_pull_all(params, newer_than, false)?;
-            return match self.try_push_all(meta, grad) {
-                Err(e) if !matches!(e, NetError::Remote(_)) => Err(e),
-                pushed => Ok((pulled, pushed)),
-            };
-        }
-        self.check_len(params.len())?;
-        let (workers, io) = (self.cfg.plan.workers, self.cfg.io_timeout);
-        let slices = split_by_ranges(params, self.shards.iter().map(|s| s.range.len()));
-        let fan = &mut self.fan;
-        let rounds = self
-            .shards
-            .iter_mut()
-            .zip(slices)
-            .enumerate()
-            .map(|(s, (shard, slice))| {
-                let ask = fan.pull_ask(s, newer_than, false);
-                let base = fan.base_version_of(s, meta.base_version);
-                let grad = &grad[shard.range.clone()];
-                shard.pull_beside_push((slice, ask.newer_than), (meta, base, grad), workers, io)
-            })
-            .collect::<Vec<_>>();
-        let answers = self.rt.block_on(try_join_all(rounds))?;
-        let mut pulls = Vec::with_capacity(answers.len());
-        let mut outcomes = Vec::with_capacity(answers.len());
-        let mut refused = None;
-        for (s, (pull, push)) in answers.into_iter().enumerate() {
-            self.fan.pulled(s, &pull);
-            pulls.push(pull);
-            match push {
-                Ok(reply) => {
-                    self.fan.pushed(s, &reply.outcome);
-                    outcomes.push(reply.outcome);
-                }
-                Err(e) => refused = refused.or(Some(e)),
-            }
-        }
-        let answer = FanOut::combine_pulls(&pulls);
-        self.fan.remember_pull(answer.version);
-        self.pulled_at = Some(std::time::Instant::now());
-        let pushed = match refused {
-            Some(e) => Err(e),
-            None => Ok(FanOut::combine_pushes(outcomes)),
-        };
-        Ok((answer, pushed))
-    }
-
     /// Says goodbye to every shard (once). A shard that cannot be reached counts as told: it
     /// takes a vanished connection out of the quorum the same way.
     pub fn goodbye(&mut self) -> Result<(), NetError> {
@@ -461,19 +384,6 @@ impl ParameterClient for TcpClient {
 
     fn push(&mut self, meta: PushMeta, grad: &[f32]) -> Result<PushOutcome, ClientError> {
         self.push_all(meta, grad).map_err(to_client_error)
-    }
-
-    fn pull_beside_push(
-        &mut self,
-        params: &mut [f32],
-        newer_than: Option<u64>,
-        meta: PushMeta,
-        grad: &[f32],
-    ) -> Result<(PullReply, Result<PushOutcome, ClientError>), ClientError> {
-        let (pulled, pushed) = self
-            .pull_beside_push_all(params, newer_than, meta, grad)
-            .map_err(to_client_error)?;
-        Ok((pulled, pushed.map_err(to_client_error)))
     }
 
     fn leave(&mut self) -> Result<(), ClientError> {

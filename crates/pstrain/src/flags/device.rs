@@ -41,12 +41,6 @@ pub struct DeviceArgs {
     /// older [default: 1, to the end]
     #[arg(long, value_name = "SHARE", requires = "overlap")]
     pub overlap_until: Option<f64>,
-    /// With --overlap: ask each round's pull before sending its push, and send the push while
-    /// the pull's answer comes back, so a link that carries both ways at once takes the
-    /// longer of the two instead of their sum (each pull then lacks this worker's push under
-    /// way: its gradients are a round older still)
-    #[arg(long, requires = "overlap")]
-    pub duplex: bool,
 }
 
 impl DeviceArgs {
@@ -60,7 +54,6 @@ impl DeviceArgs {
             overlap: self.overlap,
             lookahead: self.lookahead.unwrap_or(DEFAULT_LOOKAHEAD),
             overlap_until: self.overlap_until.unwrap_or(DEFAULT_OVERLAP_UNTIL),
-            duplex: self.duplex,
             ..cfg
         }
     }
@@ -87,9 +80,6 @@ impl DeviceArgs {
         }
         if cfg.overlap && cfg.overlap_until != DEFAULT_OVERLAP_UNTIL {
             a.extend(["--overlap-until".to_string(), cfg.overlap_until.to_string()]);
-        }
-        if cfg.overlap && cfg.duplex {
-            a.push("--duplex".into());
         }
         a
     }

@@ -44,9 +44,6 @@ pub struct TrainConfig {
     /// With `overlap`: the share of the planned updates after which workers stop overlapping
     /// and run exact rounds (`WorkerConfig::exact_from`; 1: overlap to the end).
     pub overlap_until: f64,
-    /// With `overlap`: each round's pull and push cross the link at once
-    /// (`WorkerConfig::duplex`).
-    pub duplex: bool,
     /// Serve `/metrics` and the live page on this address while the run goes on.
     pub metrics_addr: Option<String>,
 }
@@ -76,7 +73,6 @@ impl Default for TrainConfig {
             overlap: false,
             lookahead: DEFAULT_LOOKAHEAD,
             overlap_until: DEFAULT_OVERLAP_UNTIL,
-            duplex: false,
             metrics_addr: None,
         }
     }
@@ -190,7 +186,6 @@ impl TrainConfig {
             overlap: self.overlap,
             lookahead: self.lookahead,
             exact_from: self.exact_from(),
-            duplex: self.overlap && self.duplex,
         }
     }
 

@@ -60,12 +60,10 @@ pub(super) fn train_overlapped(
         buffers.pick(sampler.batch_at(step));
         let mut rng = dropout_seed.fork(step);
         let last = unsent.take().map(|(meta, s)| (meta, s, &outgoing[..]));
-        let (computed, seconds, exchanged) = beside_link(
-            client,
-            last,
-            (&mut pulled, pulled_version, cfg.duplex),
-            || buffers.compute(model, data, &mut rng, &device),
-        );
+        let (computed, seconds, exchanged) =
+            beside_link(client, last, (&mut pulled, pulled_version), || {
+                buffers.compute(model, data, &mut rng, &device)
+            });
         if let Some((pushed, pull)) = exchanged {
             if !goes_on(pushed, &mut report).map_err(client_err)? {
                 return Ok(Overlapped::Ended(report));
@@ -102,17 +100,15 @@ pub(super) fn train_overlapped(
 
 /// Runs `compute` on this thread while a helper pushes `last` (a gradient's header, the
 /// seconds it took to compute, its values), if any, and pulls weights newer than `version`
-/// into `pulled` (both at once if `duplex`): what `compute` gave, the seconds it took, and
-/// the link's round.
+/// into `pulled`: what `compute` gave, the seconds it took, and the link's round.
 fn beside_link<T>(
     client: &mut dyn ParameterClient,
     last: Option<(PushMeta, f64, &[f32])>,
-    (pulled, version, duplex): (&mut [f32], u64, bool),
+    (pulled, version): (&mut [f32], u64),
     compute: impl FnOnce() -> T,
 ) -> (T, f64, Option<Round>) {
     std::thread::scope(|scope| {
-        let link =
-            last.map(|last| scope.spawn(move || exchange(client, last, (pulled, version), duplex)));
+        let link = last.map(|last| scope.spawn(move || exchange(client, last, pulled, version)));
         let started = Instant::now();
         let computed = compute();
         let seconds = started.elapsed().as_secs_f64();
@@ -144,21 +140,14 @@ type Round = (
 );
 
 /// Pushes the last gradient (its header, the seconds it took to compute, its values), telling
-/// the client how long the compute was, then pulls weights newer than `version`; or, if
-/// `duplex`, pulls and pushes at once (the pull without this push).
+/// the client how long the compute was, then pulls weights newer than `version`.
 fn exchange(
     client: &mut dyn ParameterClient,
     (meta, computed_s, grad): (PushMeta, f64, &[f32]),
-    (pulled, version): (&mut [f32], u64),
-    duplex: bool,
+    pulled: &mut [f32],
+    version: u64,
 ) -> Round {
     client.computed_beside(computed_s);
-    if duplex {
-        return match client.pull_beside_push(pulled, Some(version), meta, grad) {
-            Ok((pull, pushed)) => (pushed, Some(Ok(pull))),
-            Err(e) => (Err(e), None),
-        };
-    }
     let pushed = client.push(meta, grad);
     let pull = continues(&pushed).then(|| client.pull(pulled, Some(version), false));
     (pushed, pull)
@@ -292,7 +281,6 @@ mod tests {
             overlap: true,
             lookahead: 1.0,
             exact_from: Some(6),
-            duplex: false,
         };
         let mut shard = Recorder {
             version: 0,

@@ -68,10 +68,6 @@ pub struct WorkerConfig {
     /// With `overlap`: from this server version on, rounds are exact (push, then pull, then
     /// compute on what was pulled): no gradient a round older in the run's tail.
     pub exact_from: Option<u64>,
-    /// With `overlap`: each round asks its pull first and sends its push while the answer
-    /// comes back (`ParameterClient::pull_beside_push`): over a link that carries both ways
-    /// at once a round takes the longer of the two; each pull lacks the push under way.
-    pub duplex: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
