@@ -24,6 +24,7 @@ mod ladder;
 mod names;
 mod pull_delta;
 mod replaying_peers;
+mod sampled_threshold;
 mod sparse;
 mod values;
 mod wire_tag;

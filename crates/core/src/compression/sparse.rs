@@ -1,13 +1,16 @@
 //! Top-k's selection and wire. Selection is exact and linear: a histogram of the values'
 //! magnitude bits finds the bucket holding the k-th largest, only that bucket is ordered,
 //! and one more pass takes the indices in ascending order (no sort of the slice, no index
-//! array of its length). The payload is the count, the gaps between ascending indices as
+//! array of its length). A large slice is first cut to the values above a threshold guessed
+//! from a sample (`sampled_threshold`), taken in the pass that adds a push into its error
+//! feedback, and only those go through the histogram: the same indices, fewer passes. The payload is the count, the gaps between ascending indices as
 //! LEB128 varints (a byte each while the kept values are denser than 1 in 128), then the
 //! values as int8 in blocks of `VALUE_BLOCK` with an f32 scale each (rounded to nearest):
 //! about 2 bytes a value where (u32, f32) pairs took 8. Callers keep what the rounding left
 //! out in their error feedback, so it arrives later instead of being lost (which is why the
 //! rounding need not be stochastic here).
 
+use super::sampled_threshold::{self, magnitude_key, Sampler};
 use super::values::int8_scale;
 use super::CodecError;
 
@@ -50,13 +53,6 @@ fn varint_len(v: u32) -> usize {
     (32 - v.leading_zeros() as usize).div_ceil(7).max(1)
 }
 
-/// A value's magnitude as bits ordered as the magnitudes are (the sign bit cleared, a
-/// non-negative float's bits order as its value); NaN's bits lie above infinity's, so a bad
-/// value counts as largest and is sent (and refused) rather than hidden.
-fn magnitude_key(v: f32) -> u32 {
-    v.to_bits() & 0x7fff_ffff
-}
-
 /// The selection's buffers, kept between pushes (or pulls) of one slice.
 #[derive(Debug, Clone, Default)]
 pub(super) struct TopK {
@@ -71,6 +67,10 @@ pub(super) struct TopK {
     tied_keys: Vec<u32>,
     /// `tied_keys`, reordered by the selection of the threshold.
     scratch: Vec<u32>,
+    /// A large slice's candidates (`sampled_threshold`): indices, ascending, and values.
+    sampler: Sampler,
+    candidates: Vec<u32>,
+    candidate_values: Vec<f32>,
 }
 
 /// How many values of each magnitude bucket.
@@ -85,6 +85,20 @@ impl TopK {
     /// threshold taken lowest index first), ascending, into `self.idx`; zeros never (fewer
     /// than `k` nonzero values: all of them).
     pub fn select(&mut self, values: &[f32], k: usize) {
+        if let Some(threshold) = self
+            .sampler
+            .threshold(values.len(), k, |i| magnitude_key(values[i]))
+        {
+            sampled_threshold::take(values, threshold, &mut self.candidates);
+            if self.candidates.len() >= k {
+                return self.select_among_candidates(values, k);
+            }
+        }
+        self.select_whole(values, k);
+    }
+
+    /// `select` by a histogram of the whole slice.
+    fn select_whole(&mut self, values: &[f32], k: usize) {
         if self.trivial(values, k) {
             return;
         }
@@ -98,6 +112,22 @@ impl TopK {
     /// Adds `add` into `sum` and selects as `select(sum, k)` does, in one pass over the
     /// slice where the sum and the histogram are made (error feedback's accumulation).
     pub fn add_and_select(&mut self, sum: &mut [f32], add: &[f32], k: usize) {
+        // The sample adds as the pass will (the same f32 addition, the same bits).
+        let guess = (sum.len() == add.len())
+            .then(|| {
+                let (s, a) = (&*sum, add);
+                self.sampler
+                    .threshold(s.len(), k, |i| magnitude_key(s[i] + a[i]))
+            })
+            .flatten();
+        if let Some(threshold) = guess {
+            sampled_threshold::add_and_take(sum, add, threshold, &mut self.candidates);
+            if self.candidates.len() < k {
+                // Missed: the sums are made; select over all of them.
+                return self.select_whole(sum, k);
+            }
+            return self.select_among_candidates(sum, k);
+        }
         let mut histogram = [0u32; BUCKETS];
         for (s, a) in sum.iter_mut().zip(add) {
             *s += a;
@@ -106,6 +136,21 @@ impl TopK {
         if !self.trivial(sum, k) {
             self.select_by(sum, k, &histogram);
         }
+    }
+
+    /// The selection from `self.candidates`, every index of `values` whose magnitude reaches
+    /// a threshold that at least `k` reach: the `k` largest of all are among them, so the
+    /// selection over their values, mapped back to their indices, is the whole slice's (ties
+    /// still lowest index first: the candidates are ascending).
+    fn select_among_candidates(&mut self, values: &[f32], k: usize) {
+        let mut gathered = std::mem::take(&mut self.candidate_values);
+        gathered.clear();
+        gathered.extend(self.candidates.iter().map(|&i| values[i as usize]));
+        self.select_whole(&gathered, k);
+        for at in &mut self.idx {
+            *at = self.candidates[*at as usize];
+        }
+        self.candidate_values = gathered;
     }
 
     /// Selects where no threshold is needed (`k` is 0, or at least every value); whether it

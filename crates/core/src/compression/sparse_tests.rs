@@ -1,6 +1,7 @@
 //! Tests of top-k: its selection against a full sort, its payloads' round trip, hostile
 //! payloads refused.
 
+use super::sampled_threshold::Sampler;
 use super::*;
 use crate::rng::Rng;
 
@@ -16,38 +17,51 @@ fn by_sorting(values: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+/// `n` values, one in `one_in` each of 0.25, -0.25 (ties at any threshold) and 0; NaN in
+/// another where `nan(i)`; the rest spread over six decades.
+fn awkward(rng: &mut Rng, n: usize, one_in: usize, nan: impl Fn(usize) -> bool) -> Vec<f32> {
+    (0..n)
+        .map(|i| match rng.below(one_in) {
+            0 => 0.25,
+            1 => -0.25,
+            2 => 0.0,
+            3 if nan(i) => f32::NAN,
+            _ => rng.uniform(-1.0, 1.0) * 10f32.powi(rng.below(6) as i32 - 3),
+        })
+        .collect()
+}
+
+/// `idx` without the indices of zeros (never selected).
+fn nonzero(values: &[f32], idx: Vec<u32>) -> Vec<u32> {
+    idx.into_iter()
+        .filter(|&i| values[i as usize] != 0.0)
+        .collect()
+}
+
+/// `top` selects what a full sort does from `values` (in round `round`), and from halves of
+/// them summed in the selection's own pass (error feedback's form), leaving the sums equal
+/// to `values`.
+fn selects_as_a_sort(top: &mut TopK, values: &[f32], k: usize, round: usize) {
+    let want = nonzero(values, by_sorting(values, k));
+    let case = format!("round {round}, k {k} of {}", values.len());
+    top.select(values, k);
+    assert_eq!(top.idx, want, "{case}");
+    let (mut sum, add): (Vec<f32>, Vec<f32>) = values.iter().map(|&v| (v * 0.5, v * 0.5)).unzip();
+    top.add_and_select(&mut sum, &add, k);
+    assert_eq!(top.idx, want, "summed, {case}");
+    let same = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
+    assert!(sum.iter().zip(values).all(|(&s, &v)| same(s, v)), "{case}");
+}
+
 #[test]
 fn selection_matches_a_full_sort_including_ties_and_nan() {
     let mut rng = Rng::new(11);
     let mut top = TopK::default();
-    let nonzero = |values: &[f32], idx: Vec<u32>| -> Vec<u32> {
-        idx.into_iter()
-            .filter(|&i| values[i as usize] != 0.0)
-            .collect()
-    };
     for round in 0..200 {
         let n = 1 + rng.below(3000);
-        let values: Vec<f32> = (0..n)
-            .map(|_| match rng.below(10) {
-                // Repeated magnitudes of either sign: ties at the threshold.
-                0 => 0.25,
-                1 => -0.25,
-                2 => 0.0,
-                3 if round % 7 == 0 => f32::NAN,
-                _ => rng.uniform(-1.0, 1.0) * 10f32.powi(rng.below(6) as i32 - 3),
-            })
-            .collect();
+        let values = awkward(&mut rng, n, 10, |_| round % 7 == 0);
         for k in [0, 1, n / 50, n / 3, n - 1, n] {
-            top.select(&values, k);
-            let want = nonzero(&values, by_sorting(&values, k));
-            assert_eq!(top.idx, want, "round {round}, k {k} of {n}");
-            // Error feedback's form: the sum made in the selection's own pass.
-            let (mut sum, add): (Vec<f32>, Vec<f32>) =
-                values.iter().map(|&v| (v * 0.5, v * 0.5)).unzip();
-            top.add_and_select(&mut sum, &add, k);
-            assert_eq!(top.idx, want, "summed, round {round}, k {k} of {n}");
-            let same = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
-            assert!(sum.iter().zip(&values).all(|(&s, &v)| same(s, v)));
+            selects_as_a_sort(&mut top, &values, k, round);
         }
     }
 }
@@ -153,4 +167,58 @@ fn hostile_payloads_are_refused() {
     let many = with(70, &[0; 70], 70);
     decode(&many, 70, &mut out).unwrap();
     assert!(out[..70].iter().all(|&v| v == 1.0) && out[70..].iter().all(|&v| v == 0.0));
+}
+
+/// Large slices take their candidates above a threshold guessed from a sample: the same
+/// indices as a full sort, for sparse and dense selections, ties, zeros and NaN.
+#[test]
+fn large_slices_select_through_a_sample_as_a_full_sort_does() {
+    use super::sampled_threshold::MIN_LEN;
+    let mut rng = Rng::new(29);
+    let mut top = TopK::default();
+    let n = MIN_LEN + 1_000;
+    for round in 0..3 {
+        let values = awkward(&mut rng, n, 50, |i| round == 2 && i % 1000 == 0);
+        for k in [n / 200, n / 100, n / 10, 3 * n / 10, n / 2] {
+            // The sampled path is the one taken (up to 3 in 10: a half is selected whole).
+            let guess = Sampler::default().threshold(n, k, |i| magnitude_key(values[i]));
+            assert_eq!(guess.is_some(), k < n / 2, "k {k}");
+            if let Some(t) = guess {
+                let reach = values.iter().filter(|&&v| magnitude_key(v) >= t).count();
+                assert!(reach >= k && reach < k + k / 2 + 2_000, "k {k}: {reach}");
+            }
+            selects_as_a_sort(&mut top, &values, k, round);
+        }
+    }
+}
+
+/// A guess that fewer than `k` values reach (here every sampled position holds one of a few
+/// large values) falls back to the whole slice, with the sums already made.
+#[test]
+fn a_sample_that_misses_falls_back_to_the_whole_slice() {
+    use super::sampled_threshold::MIN_LEN;
+    use std::cell::RefCell;
+    let n = MIN_LEN + 1_000;
+    let k = n / 20;
+    // A fresh selection samples the positions a fresh sampler does.
+    let sampled = RefCell::new(Vec::new());
+    Sampler::default().threshold(n, k, |i| {
+        sampled.borrow_mut().push(i);
+        1
+    });
+    let mut rng = Rng::new(5);
+    let mut values: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    for &i in sampled.borrow().iter() {
+        values[i] = 5.0;
+    }
+    let large = values.iter().filter(|&&v| v == 5.0).count();
+    assert!(large < k, "{large} sampled positions, k {k}");
+    let want = by_sorting(&values, k);
+    let (mut sum, add): (Vec<f32>, Vec<f32>) = values.iter().map(|&v| (v, 0.0)).unzip();
+    let mut top = TopK::default();
+    top.add_and_select(&mut sum, &add, k);
+    assert_eq!(top.idx, want);
+    let mut top = TopK::default();
+    top.select(&values, k);
+    assert_eq!(top.idx, want);
 }
