@@ -262,22 +262,30 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
 }
 
 fn run_bench_net(args: BenchNetArgs) -> Result<()> {
-    let data = load_data(&args.data)?;
     if args.train_shards.contains(&0) {
         bail!("--train-shards: every shard count must be at least 1");
     }
-    let cluster = ClusterConfig::local(
-        std::env::current_exe().context("cannot find the pstrain executable")?,
-        1,
-        std::fs::canonicalize(args.data.dir())?,
-    );
+    // MNIST only for the training comparisons (`--train-updates 0` measures the transport).
+    let training = match args.train_updates {
+        0 => None,
+        _ => {
+            let data = load_data(&args.data)?;
+            let cluster = ClusterConfig::local(
+                std::env::current_exe().context("cannot find the pstrain executable")?,
+                1,
+                std::fs::canonicalize(args.data.dir())?,
+            );
+            Some((cluster, data))
+        }
+    };
     let cfg = crate::bench::net::NetBenchConfig {
         shard_counts: args.shards,
         train_shard_counts: args.train_shards,
         synthetic_values: args.synthetic_values,
         train_updates: args.train_updates,
     };
-    let report = crate::bench::net::run_net_bench(&cfg, &cluster, &data, &mut |l| println!("{l}"))?;
+    let training = training.as_ref().map(|(cluster, data)| (cluster, data));
+    let report = crate::bench::net::run_net_bench(&cfg, training, &mut |l| println!("{l}"))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());

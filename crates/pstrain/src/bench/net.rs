@@ -248,10 +248,11 @@ impl Default for NetBenchConfig {
     }
 }
 
+/// Transfers and codecs, and with `training` (the cluster to launch and the data, needed only
+/// when `cfg.train_updates` > 0) the training comparisons.
 pub fn run_net_bench(
     cfg: &NetBenchConfig,
-    cluster: &ClusterConfig,
-    data: &Mnist,
+    training: Option<(&ClusterConfig, &Mnist)>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<NetBenchReport, TrainError> {
     let transfer = transfer_points(cfg, progress)?;
@@ -264,20 +265,22 @@ pub fn run_net_bench(
             p.direction, p.codec, p.bytes, p.encode_ms, p.decode_ms
         ));
     }
-    let mut training = Vec::new();
+    let mut points = Vec::new();
     let modes = [
         Mode::Sync { backup_workers: 0 },
         Mode::Async {
             max_staleness: None,
         },
     ];
-    for mode in modes.into_iter().filter(|_| cfg.train_updates > 0) {
-        training.extend(training_points(cfg, mode, cluster, data, progress)?);
+    if let Some((cluster, data)) = training.filter(|_| cfg.train_updates > 0) {
+        for mode in modes {
+            points.extend(training_points(cfg, mode, cluster, data, progress)?);
+        }
     }
     Ok(NetBenchReport {
         transfer,
         codecs,
-        training,
+        training: points,
     })
 }
 
