@@ -3,7 +3,9 @@
 //! and one more pass takes the indices in ascending order (no sort of the slice, no index
 //! array of its length). A large slice is first cut to the values above a threshold guessed
 //! from a sample (`sampled_threshold`), taken in the pass that adds a push into its error
-//! feedback, and only those go through the histogram: the same indices, fewer passes. The payload is the count, the gaps between ascending indices as
+//! feedback, and only those go through the histogram: the same indices, fewer passes.
+//!
+//! The payload is the count, the gaps between ascending indices as
 //! LEB128 varints (a byte each while the kept values are denser than 1 in 128), then the
 //! values as int8 in blocks of `VALUE_BLOCK` with an f32 scale each (rounded to nearest):
 //! about 2 bytes a value where (u32, f32) pairs took 8. Callers keep what the rounding left
