@@ -98,8 +98,13 @@ def test_a_worker_on_the_shards_host_trains_through_a_lane_as_over_tcp():
         assert observer.lanes_in_use == 0
 
 
-def pulled_bytes(server):
-    """Each rank's pull bytes as the shard counted them (after compression), from /metrics."""
+def pulled_bytes(server, clients):
+    """Each rank's pull bytes as the shard counted them (after compression), from /metrics.
+    The shard counts a pull's bytes once it has sent them, which can be after the client has
+    read them: a request on each client's connection first (the shard answers it only after
+    the pull before it is counted) makes the count whole."""
+    for client in clients:
+        client.stats()
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     found = re.findall(r'^pstrain_worker_pull_bytes_total\{shard="0",rank="(\d+)"\} (\S+)$',
@@ -139,7 +144,7 @@ def test_update_pulls_bring_what_changed_in_the_runs_pull_codec(mode, pull_codec
                     # which the next one carries.
                     np.testing.assert_allclose(w, truth, atol=0.02)
             assert not np.array_equal(held[0], params["w"]), "the weights moved"
-        update_bytes = pulled_bytes(server)
+        update_bytes = pulled_bytes(server, clients)
         for rank in range(workers):
             # The first pull was whole (fp32; under replay with a fresh optimizer's state, a
             # head of a few bytes), each later one a fraction of it.
@@ -147,7 +152,7 @@ def test_update_pulls_bring_what_changed_in_the_runs_pull_codec(mode, pull_codec
             assert 0 < after_first < 0.3 * steps * 4 * n, (rank, after_first)
         # Without `update` every value comes (under replay with the optimizer's state).
         clients[0].pull_flat(wait=False)
-        whole = pulled_bytes(server)[0] - update_bytes[0]
+        whole = pulled_bytes(server, clients)[0] - update_bytes[0]
         assert whole >= 4 * n
         # The array the last pull filled is the only one `update` takes.
         with pytest.raises(ValueError, match="the array the last pull filled"):
