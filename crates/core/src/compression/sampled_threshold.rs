@@ -39,8 +39,9 @@ impl Default for Sampler {
 impl Sampler {
     /// A key that about `k + 4·√(expected) + 4` sampled positions' worth of the `n` values
     /// reach (`key_at(i)`: the magnitude key of value `i`), so that fewer than `k` reach it
-    /// only about once in ten thousand guesses; `None` where guessing does not pay (a short
-    /// slice, `k` near half of it or more) or the guess is zero (every value would reach it).
+    /// about once in 100,000 guesses (the binomial tail, for `k` from 0.5% to 10% of the
+    /// slice; rarer above); `None` where guessing does not pay (a short slice, `k` near half
+    /// of it or more) or the guess is zero (every value would reach it).
     pub fn threshold(&mut self, n: usize, k: usize, key_at: impl Fn(usize) -> u32) -> Option<u32> {
         if n < MIN_LEN || k == 0 || k >= n {
             return None;

@@ -87,16 +87,16 @@ impl TopK {
     /// threshold taken lowest index first), ascending, into `self.idx`; zeros never (fewer
     /// than `k` nonzero values: all of them).
     pub fn select(&mut self, values: &[f32], k: usize) {
-        if let Some(threshold) = self
+        match self
             .sampler
             .threshold(values.len(), k, |i| magnitude_key(values[i]))
         {
-            sampled_threshold::take(values, threshold, &mut self.candidates);
-            if self.candidates.len() >= k {
-                return self.select_among_candidates(values, k);
+            Some(threshold) => {
+                sampled_threshold::take(values, threshold, &mut self.candidates);
+                self.select_from_candidates(values, k);
             }
+            None => self.select_whole(values, k),
         }
-        self.select_whole(values, k);
     }
 
     /// `select` by a histogram of the whole slice.
@@ -115,20 +115,16 @@ impl TopK {
     /// slice where the sum and the histogram are made (error feedback's accumulation).
     pub fn add_and_select(&mut self, sum: &mut [f32], add: &[f32], k: usize) {
         // The sample adds as the pass will (the same f32 addition, the same bits).
-        let guess = (sum.len() == add.len())
-            .then(|| {
-                let (s, a) = (&*sum, add);
-                self.sampler
-                    .threshold(s.len(), k, |i| magnitude_key(s[i] + a[i]))
-            })
-            .flatten();
+        let (s, a) = (&*sum, add);
+        let guess = match s.len() == a.len() {
+            true => self
+                .sampler
+                .threshold(s.len(), k, |i| magnitude_key(s[i] + a[i])),
+            false => None,
+        };
         if let Some(threshold) = guess {
             sampled_threshold::add_and_take(sum, add, threshold, &mut self.candidates);
-            if self.candidates.len() < k {
-                // Missed: the sums are made; select over all of them.
-                return self.select_whole(sum, k);
-            }
-            return self.select_among_candidates(sum, k);
+            return self.select_from_candidates(sum, k);
         }
         let mut histogram = [0u32; BUCKETS];
         for (s, a) in sum.iter_mut().zip(add) {
@@ -141,10 +137,14 @@ impl TopK {
     }
 
     /// The selection from `self.candidates`, every index of `values` whose magnitude reaches
-    /// a threshold that at least `k` reach: the `k` largest of all are among them, so the
-    /// selection over their values, mapped back to their indices, is the whole slice's (ties
-    /// still lowest index first: the candidates are ascending).
-    fn select_among_candidates(&mut self, values: &[f32], k: usize) {
+    /// a sampled threshold. If at least `k` reach it the `k` largest of all are among them,
+    /// so the selection over their values, mapped back to their indices, is the whole slice's
+    /// (ties still lowest index first: the candidates are ascending); if the guess missed,
+    /// the selection runs over the whole slice.
+    fn select_from_candidates(&mut self, values: &[f32], k: usize) {
+        if self.candidates.len() < k {
+            return self.select_whole(values, k);
+        }
         let mut gathered = std::mem::take(&mut self.candidate_values);
         gathered.clear();
         gathered.extend(self.candidates.iter().map(|&i| values[i as usize]));
