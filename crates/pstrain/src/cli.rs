@@ -200,11 +200,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
             train(&cfg, &data, &mut reporter, &stop)?
         }
         TransportArg::Tcp => {
-            let mut cluster = ClusterConfig::local(
-                std::env::current_exe().context("cannot find the pstrain executable")?,
-                args.shards,
-                std::fs::canonicalize(args.data.dir())?,
-            );
+            let mut cluster = ClusterConfig::this_program(args.shards, &args.data.dir())
+                .context("cannot find the pstrain executable or the data folder")?;
             // The shards checkpoint, and restore what they find, themselves.
             cluster.checkpoint = cfg.checkpoint.clone();
             cluster.token = args.token.token()?;
@@ -265,27 +262,23 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
     if args.train_shards.contains(&0) {
         bail!("--train-shards: every shard count must be at least 1");
     }
-    // MNIST only for the training comparisons (`--train-updates 0` measures the transport).
-    let training = match args.train_updates {
-        0 => None,
-        _ => {
+    // MNIST only for the training comparisons (loaded first: a missing folder is downloaded).
+    let training = (args.train_updates > 0)
+        .then(|| -> Result<_> {
             let data = load_data(&args.data)?;
-            let cluster = ClusterConfig::local(
-                std::env::current_exe().context("cannot find the pstrain executable")?,
-                1,
-                std::fs::canonicalize(args.data.dir())?,
-            );
-            Some((cluster, data))
-        }
-    };
+            let cluster = ClusterConfig::this_program(1, &args.data.dir())
+                .context("cannot find the pstrain executable or the data folder")?;
+            Ok((cluster, data))
+        })
+        .transpose()?;
     let cfg = crate::bench::net::NetBenchConfig {
         shard_counts: args.shards,
         train_shard_counts: args.train_shards,
         synthetic_values: args.synthetic_values,
         train_updates: args.train_updates,
     };
-    let training = training.as_ref().map(|(cluster, data)| (cluster, data));
-    let report = crate::bench::net::run_net_bench(&cfg, training, &mut |l| println!("{l}"))?;
+    let report =
+        crate::bench::net::run_net_bench(&cfg, training.as_ref(), &mut |l| println!("{l}"))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());

@@ -252,7 +252,7 @@ impl Default for NetBenchConfig {
 /// when `cfg.train_updates` > 0) the training comparisons.
 pub fn run_net_bench(
     cfg: &NetBenchConfig,
-    training: Option<(&ClusterConfig, &Mnist)>,
+    training: Option<&(ClusterConfig, Mnist)>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<NetBenchReport, TrainError> {
     let transfer = transfer_points(cfg, progress)?;

@@ -5,7 +5,7 @@ use crate::launch::churn::{Churn, LateJoin};
 pub use crate::launch::fault::Fault;
 use crate::run::CheckpointPolicy;
 use pstrain_net::RunToken;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,5 +68,11 @@ impl ClusterConfig {
             workers_per_process: 1,
             late: None,
         }
+    }
+
+    /// `local` for this program, reading the data from `data_dir` (which must exist).
+    pub fn this_program(shards: usize, data_dir: &Path) -> std::io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        Ok(Self::local(exe, shards, std::fs::canonicalize(data_dir)?))
     }
 }
