@@ -6,7 +6,7 @@ use thiserror::Error;
 /// "PSTR" on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PSTR");
 /// Bumped on any incompatible change; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u16 = 12;
+pub const PROTOCOL_VERSION: u16 = 13;
 pub const HEADER_LEN: usize = 16;
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -184,13 +184,19 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
     let token = RunToken::generate().unwrap();
     let p = codec_plan(PushCodec::TopK { per_mille: 10 }, PullCodec::Fp32);
     let server = start(p.clone(), Some(token.clone()));
-    // Top-k's payload: the count, varint gaps between ascending indices, int8 values behind
-    // a scale per 64 (here fewer than 64 values, each one step of `scale`).
+    // Top-k's payload: the count, varint gaps between ascending indices, a scale per 64
+    // values, the values as int8 (here fewer than 64, each one step of `scale`); the gaps and
+    // the values each a section: its length (a varint, here below 128), mode 0 (stored), the
+    // bytes as they are.
+    let stored = |bytes: &[u8], out: &mut Vec<u8>| {
+        out.extend_from_slice(&[bytes.len() as u8, 0]);
+        out.extend_from_slice(bytes);
+    };
     let with_scale = |count: u32, gaps: &[u8], scale: f32| {
         let mut b = count.to_le_bytes().to_vec();
-        b.extend_from_slice(gaps);
+        stored(gaps, &mut b);
         b.extend_from_slice(&scale.to_le_bytes());
-        b.extend((0..count).map(|_| 1u8));
+        stored(&vec![1u8; count as usize], &mut b);
         b
     };
     let body = |count: u32, gaps: &[u8]| with_scale(count, gaps, 1.0);
@@ -220,6 +226,12 @@ fn hostile_compressed_pushes_are_refused_before_the_model() {
         ("count and length disagree", body(2, &[1])),
         ("gap cut short", body(1, &[0x80])),
         ("bytes left over", body(1, &[1, 1])),
+        ("bytes after the values", [body(1, &[1]), vec![0]].concat()),
+        ("a section's mode unknown", {
+            let mut b = body(1, &[1]);
+            b[5] = 7;
+            b
+        }),
     ];
     for (what, b) in cases {
         let mut s = join_with_token_stream(server.address(), &token, &p);

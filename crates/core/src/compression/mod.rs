@@ -10,8 +10,8 @@
 //! - `int8`: stochastic rounding to 8 bits with a scale per block of 256 values (1 byte
 //!   plus 4 per block), unbiased: the expected decoded value is the value sent;
 //! - `topk:P`: the P per mille of values largest in magnitude, as gaps between their
-//!   indices (varints) and int8 values with a scale per 64, about 2 bytes each (see
-//!   `sparse`), with error feedback: what was not sent (and what the rounding left out) is
+//!   indices (varints) and int8 values with a scale per 64, about 2 bytes each before the
+//!   entropy stage (see `sparse`, `entropy`), with error feedback: what was not sent (and what the rounding left out) is
 //!   added to the next gradient, so every coordinate's updates arrive in the end.
 //!
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
@@ -20,6 +20,9 @@
 //! their pushes arrived, made again on the worker (the `replay` and `update_log` modules).
 
 mod auto;
+mod entropy;
+#[cfg(test)]
+mod hand_written;
 mod ladder;
 mod names;
 mod pull_delta;
@@ -60,12 +63,17 @@ pub enum CodecError {
     Count { count: u64, most: usize },
     #[error("top-k index {index} is out of range ({values} values)")]
     Index { index: u64, values: usize },
-    #[error("top-k index gap at byte {at} is cut short or does not fit 32 bits")]
+    #[error("top-k index gap at byte {at} of its gaps is cut short or does not fit 32 bits")]
     Varint { at: usize },
     #[error("ternary block {block} has a scale that is not a finite, non-negative number")]
     Scale { block: usize },
     #[error("ternary byte at {at} does not hold base-3 digits for its values")]
     Digits { at: usize },
+    #[error("{codec} payload's entropy-coded section refused: {reason}")]
+    Section {
+        codec: &'static str,
+        reason: &'static str,
+    },
     #[error("unknown codec `{0}` (pushes: fp32, bf16, int8, topk:PER_MILLE; pulls: fp32, bf16, delta-int8, delta-topk:PER_MILLE, delta-ternary, replay)")]
     Unknown(String),
     #[error("top-k per mille must be 1..={TOPK_MAX_PER_MILLE}, not {0}")]

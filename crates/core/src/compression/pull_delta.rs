@@ -8,13 +8,11 @@
 //!
 //! Under Adam every weight moves by about the learning rate at every update, so a pull's
 //! difference is dense: top-k reaches each weight only every so many pulls, while
-//! `delta-ternary` (1.6 bits a weight) moves every weight that is half its block's largest
+//! `delta-ternary` (1.6 bits a weight, less once entropy-coded) moves every weight that is half its block's largest
 //! difference behind, so no weight of the worker's lags by more than what moved since.
 
 use super::sparse::{self, TopK};
-use super::values::{
-    add_ternary, check_ternary, decode_int8, encode_int8, encode_ternary_delta, ternary_len,
-};
+use super::values::{add_ternary, decode_int8, encode_int8, encode_ternary_delta, read_ternary};
 use super::{top_k_count, CodecError, PullCodec};
 use crate::rng::Rng;
 
@@ -38,6 +36,8 @@ pub struct PullReplica {
     held: Option<Held>,
     values: Vec<f32>,
     diff: Vec<f32>,
+    /// A ternary difference's digit bytes before their entropy coding.
+    digits: Vec<u8>,
     rng: Rng,
     top: TopK,
 }
@@ -51,6 +51,7 @@ impl PullReplica {
             held: None,
             values: Vec::new(),
             diff: Vec::new(),
+            digits: Vec::new(),
             rng: Rng::new(seed),
             top: TopK::default(),
         }
@@ -87,7 +88,7 @@ impl PullReplica {
             // Only weights that are not finite make a scale the worker refuses; then it
             // fails its pull, reconnects and is sent a whole slice, as this replica, no
             // longer what the worker holds, is forgotten.
-            if encode_ternary_delta(weights, &mut self.values, out) {
+            if encode_ternary_delta(weights, &mut self.values, &mut self.digits, out) {
                 self.held = Some(Held::Values(version));
             } else {
                 self.forget();
@@ -125,6 +126,7 @@ impl PullReplica {
         if self.held.take().is_some() {
             self.values = Vec::new();
             self.diff = Vec::new();
+            self.digits = Vec::new();
         }
     }
 
@@ -169,9 +171,9 @@ impl PullCodec {
         if *self == PullCodec::DeltaTernary {
             // Checked whole first, so a refused difference leaves `held` as it was; then
             // added in place, without a decoded copy.
-            exact_len("delta-ternary", bytes, held.len(), ternary_len(held.len()))?;
-            check_ternary(bytes, held.len())?;
-            add_ternary(bytes, held);
+            let mut digits = Vec::new();
+            let scales = read_ternary(bytes, held.len(), &mut digits)?;
+            add_ternary(scales, &digits, held);
             return Ok(());
         }
         scratch.clear();

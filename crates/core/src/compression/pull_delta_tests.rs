@@ -2,7 +2,9 @@
 //! ternary and top-k differences let Adam-like weights lag, hostile differences refused.
 
 use super::*;
-use crate::compression::values::{decode_ternary, encode_ternary};
+use crate::compression::entropy::max_section_len;
+use crate::compression::hand_written::{self, store_section};
+use crate::compression::values::{decode_ternary, encode_ternary, ternary_len};
 
 /// Weights that move a little at every version, as training moves them.
 fn weights_at(version: u64, n: usize) -> Vec<f32> {
@@ -78,16 +80,21 @@ fn a_delta_is_a_fraction_of_a_whole_pull() {
     let n = 100_000;
     assert_eq!(PullCodec::DeltaInt8.delta_len(n), n + 4 * n.div_ceil(256));
     let top = PullCodec::DeltaTopK { per_mille: 10 };
-    // 1,000 values: the count, a gap of at most 5 bytes (usually 1) and a byte each, and
-    // a scale per 64.
-    assert_eq!(top.delta_len(n), 4 + 5 * 1000 + 1000 + 4 * 16);
-    assert_eq!(top.typical_delta_len(n), 4 + 1000 + 1000 + 4 * 16);
+    // 1,000 values: the count, a gap of at most 5 bytes (usually 1) and a byte each as two
+    // sections (at most their bytes stored, behind a length and a mode), and a scale per 64.
+    let sections = |gaps: usize| max_section_len(gaps) + max_section_len(1000);
+    assert_eq!(max_section_len(1000), 2 + 1 + 1000);
+    assert_eq!(top.delta_len(n), 4 + sections(5 * 1000) + 4 * 16);
+    assert_eq!(top.typical_delta_len(n), 4 + sections(1000) + 4 * 16);
     assert_eq!(top.encoded_len(n), 4 * n, "whole slices go as fp32");
     assert!(!PullCodec::Bf16.is_delta() && PullCodec::Fp32.delta_len(n) == 0);
     // 390 whole blocks of 256 (a scale and 52 bytes of five digits), then 160 values (a
-    // scale and 32 bytes).
+    // scale and 32 bytes): the scales, then the digits as a section, at most stored.
     let ternary = PullCodec::DeltaTernary;
-    assert_eq!(ternary.delta_len(n), 390 * 56 + 36);
+    assert_eq!(
+        ternary.delta_len(n),
+        391 * 4 + max_section_len(390 * 52 + 32)
+    );
     assert_eq!(ternary.typical_delta_len(n), ternary.delta_len(n));
 }
 
@@ -102,7 +109,7 @@ fn a_ternary_value_is_its_sign_times_the_block_scale_or_nothing() {
         .collect();
     let (mut wire, mut sent) = (Vec::new(), diff.clone());
     assert!(encode_ternary(&mut sent, &mut wire));
-    assert_eq!(wire.len(), ternary_len(300));
+    assert!(wire.len() <= ternary_len(300));
     let mut decoded = vec![0.0; 300];
     decode_ternary(&wire, &mut decoded).unwrap();
     assert_eq!(decoded, sent, "the sender knows what arrives, bit for bit");
@@ -228,13 +235,8 @@ fn hostile_deltas_are_refused() {
     assert!(int8.apply_delta(&short, &mut held, &mut scratch).is_err());
     let top = PullCodec::DeltaTopK { per_mille: 10 };
     // Values of 1.0: a scale of 0.5 and 2 steps each (fewer than 64: one block).
-    let payload = |count: u32, gaps: &[u8]| {
-        let mut b = count.to_le_bytes().to_vec();
-        b.extend_from_slice(gaps);
-        b.extend_from_slice(&0.5f32.to_le_bytes());
-        b.extend((0..count).map(|_| 2u8));
-        b
-    };
+    let payload =
+        |count: u32, gaps: &[u8]| hand_written::top_k(count, gaps, count as usize, 0.5, 2);
     // Index 300 (a gap of 300 as a varint), index 5 then 306, 301 values, a spare byte.
     let outside = payload(1, &[0xac, 0x02]);
     let then_outside = payload(2, &[5, 0xac, 0x02]);
@@ -248,27 +250,43 @@ fn hostile_deltas_are_refused() {
     let ternary = PullCodec::DeltaTernary;
     let mut good = Vec::new();
     encode_ternary(&mut [0.25; 300], &mut good);
+    // The same by hand, its digits stored: two scales of 0.25, every digit +1 (five to a byte:
+    // 121; the first block's last byte holds one: 1, the second's four: 40).
+    let by_hand = |scales: [f32; 2], digits: &[u8]| {
+        let mut b: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        store_section(digits, &mut b);
+        b
+    };
+    let digits = [&[121u8; 51][..], &[1], &[121; 8], &[40]].concat();
+    let stored = by_hand([0.25; 2], &digits);
     let mut bad = vec![
         good[..good.len() - 1].to_vec(),
         [good.clone(), vec![0]].concat(),
+        stored[..stored.len() - 1].to_vec(),
+        by_hand([0.25; 2], &digits[1..]),
     ];
     for scale in [f32::NAN, f32::INFINITY, -1.0] {
-        let mut b = good.clone();
-        // The second block's scale (after the first block's 4 + 52 bytes).
-        b[56..60].copy_from_slice(&scale.to_le_bytes());
-        bad.push(b);
+        bad.push(by_hand([0.25, scale], &digits));
     }
     // A byte of more than five digits; the last byte (4 values) with a fifth digit.
-    let (mut six_digits, mut last) = (good.clone(), good.clone());
+    let (mut six_digits, mut last) = (digits.clone(), digits.clone());
     six_digits[10] = 243;
     *last.last_mut().unwrap() = 81;
-    bad.extend([six_digits, last]);
+    bad.extend([by_hand([0.25; 2], &six_digits), by_hand([0.25; 2], &last)]);
     for b in bad {
         assert!(ternary.apply_delta(&b, &mut held, &mut scratch).is_err());
     }
     assert_eq!(held, vec![1.0; 300], "nothing applied");
     ternary.apply_delta(&good, &mut held, &mut scratch).unwrap();
     assert_eq!(held, vec![1.25; 300]);
+    ternary
+        .apply_delta(&stored, &mut held, &mut scratch)
+        .unwrap();
+    assert_eq!(
+        held,
+        vec![1.5; 300],
+        "a stored section reads as a coded one"
+    );
 }
 
 /// Under `auto` a connection's pull codec changes: a difference is never taken from a

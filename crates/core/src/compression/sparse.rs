@@ -5,13 +5,15 @@
 //! from a sample (`sampled_threshold`), taken in the pass that adds a push into its error
 //! feedback, and only those go through the histogram: the same indices, fewer passes.
 //!
-//! The payload is the count, the gaps between ascending indices as
-//! LEB128 varints (a byte each while the kept values are denser than 1 in 128), then the
-//! values as int8 in blocks of `VALUE_BLOCK` with an f32 scale each (rounded to nearest):
-//! about 2 bytes a value where (u32, f32) pairs took 8. Callers keep what the rounding left
-//! out in their error feedback, so it arrives later instead of being lost (which is why the
-//! rounding need not be stochastic here).
+//! The payload is the count, the gaps between ascending indices as LEB128 varints (a byte
+//! each while the kept values are denser than 1 in 128), then the values as int8 in blocks of
+//! `VALUE_BLOCK` with an f32 scale each (rounded to nearest): about 2 bytes a value where
+//! (u32, f32) pairs took 8. The gaps' bytes and the int8 values each go as an entropy-coded
+//! section (`entropy`; most gaps are small), the scales ahead of the values. Callers keep
+//! what the rounding left out in their error feedback, so it arrives later instead of being
+//! lost (which is why the rounding need not be stochastic here).
 
+use super::entropy::{decode_section, encode_section, max_section_len};
 use super::sampled_threshold::{self, magnitude_key, Sampler};
 use super::values::int8_scale;
 use super::CodecError;
@@ -21,7 +23,7 @@ const COUNT_LEN: usize = 4;
 /// The longest varint of a u32.
 const MAX_VARINT: usize = 5;
 /// Values per scale.
-const VALUE_BLOCK: usize = 64;
+pub(super) const VALUE_BLOCK: usize = 64;
 /// Bytes of a block's scale.
 const SCALE_LEN: usize = 4;
 /// The magnitude bits above this shift name a histogram bucket: 8 exponent bits and 3 of
@@ -29,26 +31,23 @@ const SCALE_LEN: usize = 4;
 const BUCKET_SHIFT: u32 = 20;
 const BUCKETS: usize = 1 << (31 - BUCKET_SHIFT);
 
-/// Bytes of `k` values: one each, and a scale per block.
-fn values_len(k: usize) -> usize {
-    k + SCALE_LEN * k.div_ceil(VALUE_BLOCK)
+/// Bytes of `k` values' scales, one per block.
+fn scales_len(k: usize) -> usize {
+    SCALE_LEN * k.div_ceil(VALUE_BLOCK)
 }
 
-/// The largest payload of `k` values.
+/// The largest payload of `k` values (both sections stored as they are, every gap the
+/// longest varint).
 pub(super) fn max_len(k: usize) -> usize {
-    COUNT_LEN + MAX_VARINT * k + values_len(k)
+    COUNT_LEN + max_section_len(MAX_VARINT * k) + scales_len(k) + max_section_len(k)
 }
 
-/// The size of a payload of `k` values spread evenly over `n` (for pricing a codec before
-/// it is used; the real payload is within a few percent when the kept values scatter).
+/// The size of a payload of `k` values spread evenly over `n` before its entropy coding
+/// (for pricing a codec before it is used: the coded payload is smaller, by how far its
+/// gaps and values are from uniform, which depends on the run).
 pub(super) fn typical_len(k: usize, n: usize) -> usize {
     let gap = (n / k.max(1)).min(u32::MAX as usize) as u32;
-    COUNT_LEN + varint_len(gap) * k + values_len(k)
-}
-
-/// The smallest payload of `k` values (every gap one byte).
-pub(super) fn min_len(k: usize) -> usize {
-    COUNT_LEN + k + values_len(k)
+    COUNT_LEN + max_section_len(varint_len(gap) * k) + scales_len(k) + max_section_len(k)
 }
 
 fn varint_len(v: u32) -> usize {
@@ -62,6 +61,8 @@ pub(super) struct TopK {
     pub idx: Vec<u32>,
     /// What arrives of each value encoded last (as the decoder makes it), in `idx`'s order.
     pub sent: Vec<f32>,
+    /// The gaps' varints, then the int8 values, before their entropy coding.
+    section: Vec<u8>,
     /// The indices of values in buckets above the k-th largest's, ascending.
     above: Vec<u32>,
     /// The indices and magnitudes of the values in the k-th largest's bucket, ascending.
@@ -231,28 +232,36 @@ impl TopK {
     /// Writes the payload of `values` at the selected indices into `out` (appended), and
     /// what arrives of each into `self.sent`.
     pub fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
-        out.reserve(max_len(self.idx.len()));
-        out.extend_from_slice(&(self.idx.len() as u32).to_le_bytes());
+        let k = self.idx.len();
+        out.reserve(max_len(k));
+        out.extend_from_slice(&(k as u32).to_le_bytes());
+        let section = &mut self.section;
+        section.clear();
         let mut next = 0u32;
         for &i in &self.idx {
-            write_varint(i - next, out);
+            write_varint(i - next, section);
             next = i + 1;
         }
+        encode_section(section, out);
         // Gathered first, so each block's scale and rounding run over contiguous values.
         let sent = &mut self.sent;
         sent.clear();
         sent.extend(self.idx.iter().map(|&i| values[i as usize]));
-        for block in sent.chunks_mut(VALUE_BLOCK) {
+        section.clear();
+        section.resize(k, 0);
+        for (block, qs) in sent
+            .chunks_mut(VALUE_BLOCK)
+            .zip(section.chunks_mut(VALUE_BLOCK))
+        {
             let scale = int8_scale(block);
             out.extend_from_slice(&scale.to_le_bytes());
-            let at = out.len();
-            out.resize(at + block.len(), 0);
-            for (v, q) in block.iter_mut().zip(&mut out[at..]) {
+            for (v, q) in block.iter_mut().zip(qs) {
                 let rounded = quantize(*v, scale);
                 *q = rounded as u8;
                 *v = dequantize(rounded, scale);
             }
         }
+        encode_section(section, out);
     }
 }
 
@@ -310,8 +319,8 @@ fn read_varint(bytes: &[u8]) -> Option<(u32, usize)> {
 }
 
 /// Decodes a payload of at most `k` values into `out` (zeros where nothing was sent),
-/// checking it as hostile: the count against `k`, every gap's varint, every index in range,
-/// nothing left over.
+/// checking it as hostile: the count against `k`, both sections (bounded by the count, the
+/// values' exactly the count), every gap's varint, every index in range, nothing left over.
 pub(super) fn decode(bytes: &[u8], k: usize, out: &mut [f32]) -> Result<(), CodecError> {
     let n = out.len();
     let short = |expected: usize| CodecError::Length {
@@ -329,19 +338,32 @@ pub(super) fn decode(bytes: &[u8], k: usize, out: &mut [f32]) -> Result<(), Code
         });
     }
     let count = count as usize;
-    if bytes.len() < min_len(count) || bytes.len() > max_len(count) {
-        return Err(short(min_len(count)));
+    if bytes.len() > max_len(count) {
+        return Err(short(max_len(count)));
     }
-    let (gaps, values) = bytes[COUNT_LEN..].split_at(bytes.len() - COUNT_LEN - values_len(count));
+    let mut at = COUNT_LEN;
+    let mut gaps = Vec::new();
+    at += decode_section(&bytes[at..], MAX_VARINT * count, &mut gaps, "top-k")?;
+    let scales = bytes
+        .get(at..at + scales_len(count))
+        .ok_or(short(at + scales_len(count)))?;
+    at += scales.len();
+    let mut qs = Vec::new();
+    at += decode_section(&bytes[at..], count, &mut qs, "top-k")?;
+    if qs.len() != count || at != bytes.len() {
+        return Err(CodecError::Section {
+            codec: "top-k",
+            reason: "its values are not as many as its count, or bytes follow them",
+        });
+    }
     out.fill(0.0);
-    let (mut at, mut next) = (0usize, 0u64);
-    for block in values.chunks(SCALE_LEN + VALUE_BLOCK) {
-        let (scale, qs) = block.split_at(SCALE_LEN);
+    let (mut gap_at, mut next) = (0usize, 0u64);
+    for (scale, qs) in scales.chunks(SCALE_LEN).zip(qs.chunks(VALUE_BLOCK)) {
         let scale = f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]]);
         for &q in qs {
             let (gap, used) =
-                read_varint(&gaps[at..]).ok_or(CodecError::Varint { at: COUNT_LEN + at })?;
-            at += used;
+                read_varint(&gaps[gap_at..]).ok_or(CodecError::Varint { at: gap_at })?;
+            gap_at += used;
             let index = next + gap as u64;
             if index >= n as u64 {
                 return Err(CodecError::Index { index, values: n });
@@ -350,8 +372,11 @@ pub(super) fn decode(bytes: &[u8], k: usize, out: &mut [f32]) -> Result<(), Code
             next = index + 1;
         }
     }
-    if at != gaps.len() {
-        return Err(short(COUNT_LEN + at + values_len(count)));
+    if gap_at != gaps.len() {
+        return Err(CodecError::Section {
+            codec: "top-k",
+            reason: "its gaps outnumber its values",
+        });
     }
     Ok(())
 }

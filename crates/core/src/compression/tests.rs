@@ -1,6 +1,7 @@
 //! The codecs' round trips, unbiasedness, error feedback and hostile input.
 
 use super::*;
+use crate::compression::hand_written;
 
 fn gradient(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
@@ -165,15 +166,9 @@ fn top_k_sends_the_largest_and_carries_the_rest_in_its_residual() {
 fn hostile_payloads_are_refused() {
     let mut out = vec![0.0; 10];
     let codec = PushCodec::TopK { per_mille: 500 }; // at most 5 of 10 values
-                                                    // Top-k's payload is the count, varint gaps between indices, then int8 values behind a
+                                                    // Top-k's payload: the count, the varint gaps between indices, then int8 values behind a
                                                     // scale per 64 (here 2.0: a scale of 1.0 and 2 steps each).
-    let with = |count: u32, gaps: &[u8]| {
-        let mut b = count.to_le_bytes().to_vec();
-        b.extend_from_slice(gaps);
-        b.extend_from_slice(&1.0f32.to_le_bytes());
-        b.extend((0..count).map(|_| 2u8));
-        b
-    };
+    let with = |count: u32, gaps: &[u8]| hand_written::top_k(count, gaps, count as usize, 1.0, 2);
     assert!(codec.decode(&with(2, &[1, 1]), &mut out).is_ok());
     assert_eq!(out[3], 2.0);
     let beyond = with(2, &[1, 8]);
@@ -189,7 +184,7 @@ fn hostile_payloads_are_refused() {
     let short = with(2, &[1]);
     assert!(matches!(
         codec.decode(&short, &mut out),
-        Err(CodecError::Length { .. })
+        Err(CodecError::Varint { .. })
     ));
     assert!(codec.decode(&[1, 0], &mut out).is_err());
     for c in [PushCodec::Fp32, PushCodec::Bf16, PushCodec::Int8] {

@@ -2,6 +2,7 @@
 //! scale each (stochastic rounding), and ternary digits with a scale per block. Their callers
 //! check a payload's length first.
 
+use super::entropy::{decode_section, encode_section, max_section_len};
 use super::{CodecError, INT8_BLOCK, TERNARY_BLOCK};
 use crate::gradient_scan::largest_magnitude_bits;
 use crate::rng::Rng;
@@ -112,20 +113,28 @@ pub(super) fn decode_int8(bytes: &[u8], out: &mut [f32]) {
 
 /// Ternary digits packed per byte (3^5 = 243 <= 256).
 const TRITS_PER_BYTE: usize = 5;
+/// Bytes of a block's scale.
+const SCALE_LEN: usize = 4;
 
-/// The size of `n` values as ternary blocks: per block of `TERNARY_BLOCK`, a 4-byte scale
-/// and five values a byte.
-pub(super) fn ternary_len(n: usize) -> usize {
+/// Bytes of the digits of `n` values, five to a byte within each block.
+fn digit_len(n: usize) -> usize {
     let (whole, rest) = (n / TERNARY_BLOCK, n % TERNARY_BLOCK);
-    let block = |len: usize| 4 + len.div_ceil(TRITS_PER_BYTE);
-    whole * block(TERNARY_BLOCK) + if rest > 0 { block(rest) } else { 0 }
+    whole * TERNARY_BLOCK.div_ceil(TRITS_PER_BYTE) + rest.div_ceil(TRITS_PER_BYTE)
+}
+
+/// The largest size of `n` values as ternary blocks: a 4-byte scale per block of
+/// `TERNARY_BLOCK`, then the digits as a section stored as they are (1.6 bits a value).
+pub(super) fn ternary_len(n: usize) -> usize {
+    SCALE_LEN * n.div_ceil(TERNARY_BLOCK) + max_section_len(digit_len(n))
 }
 
 /// Ternary blocks: per block, a scale (its largest magnitude, f32) and per value a digit of
 /// -1, 0 or +1 (five to a byte, base 3, the first value lowest). A value decodes to `digit *
 /// scale`: the value's sign times the scale where its magnitude is at least half the scale,
 /// else 0. So what is left out of every value is at most half its block's largest magnitude:
-/// fed back into the next difference, no value lags by more than what moved since.
+/// fed back into the next difference, no value lags by more than what moved since. On the
+/// wire every block's scale comes first, then all the digit bytes as one entropy-coded
+/// section (`entropy`): most digits of a difference are 0, so most bytes are too.
 ///
 /// Leaves in `values` what the decoder will make of them (a sender follows its receiver
 /// without decoding) and returns whether the decoder will take them: a block holding NaN/Inf
@@ -133,25 +142,29 @@ pub(super) fn ternary_len(n: usize) -> usize {
 #[cfg(test)]
 pub(super) fn encode_ternary(values: &mut [f32], out: &mut Vec<u8>) -> bool {
     out.reserve(ternary_len(values.len()));
-    let mut digits = [0u8; TERNARY_BLOCK];
+    let (mut block_digits, mut digits) = ([0u8; TERNARY_BLOCK], Vec::new());
     let mut decodable = true;
     for block in values.chunks_mut(TERNARY_BLOCK) {
-        decodable &= encode_ternary_block(block, &mut digits, out);
+        decodable &= encode_ternary_block(block, &mut block_digits, out, &mut digits);
     }
+    encode_section(&digits, out);
     decodable
 }
 
 /// `encode_ternary` of `weights - replica`, adding to `replica` what the decoder will make of
 /// it, in one pass a block at a time (the block stays in cache from its difference to the
-/// replica's update). Where it returns false the replica took what was decodable of the
-/// blocks: the caller forgets it.
+/// replica's update); `digits` is scratch. Where it returns false the replica took what was
+/// decodable of the blocks: the caller forgets it.
 pub(super) fn encode_ternary_delta(
     weights: &[f32],
     replica: &mut [f32],
+    digits: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> bool {
     out.reserve(ternary_len(weights.len()));
-    let (mut diff, mut digits) = ([0.0; TERNARY_BLOCK], [0u8; TERNARY_BLOCK]);
+    digits.clear();
+    digits.reserve(digit_len(weights.len()));
+    let (mut diff, mut block_digits) = ([0.0; TERNARY_BLOCK], [0u8; TERNARY_BLOCK]);
     let mut decodable = true;
     for (w, r) in weights
         .chunks(TERNARY_BLOCK)
@@ -161,22 +174,25 @@ pub(super) fn encode_ternary_delta(
         for ((d, w), r) in diff.iter_mut().zip(w).zip(r.iter()) {
             *d = w - r;
         }
-        decodable &= encode_ternary_block(diff, &mut digits, out);
+        decodable &= encode_ternary_block(diff, &mut block_digits, out, digits);
         for (r, d) in r.iter_mut().zip(diff.iter()) {
             *r += d;
         }
     }
+    encode_section(digits, out);
     decodable
 }
 
-/// One block of `encode_ternary` (at most `TERNARY_BLOCK` values), appended to `out`.
+/// One block of `encode_ternary` (at most `TERNARY_BLOCK` values): its scale appended to
+/// `scales`, its digit bytes to `digit_bytes`.
 fn encode_ternary_block(
     block: &mut [f32],
     digits: &mut [u8; TERNARY_BLOCK],
-    out: &mut Vec<u8>,
+    scales: &mut Vec<u8>,
+    digit_bytes: &mut Vec<u8>,
 ) -> bool {
     let scale = magnitude_or_nan(largest_magnitude_bits(block));
-    out.extend_from_slice(&scale.to_le_bytes());
+    scales.extend_from_slice(&scale.to_le_bytes());
     let digits = &mut digits[..block.len()];
     if scale == 0.0 {
         digits.fill(0);
@@ -193,7 +209,7 @@ fn encode_ternary_block(
         }
     }
     let fold = |group: &[u8]| group.iter().rev().fold(0, |b, d| b * 3 + d);
-    out.extend(digits.chunks(TRITS_PER_BYTE).map(fold));
+    digit_bytes.extend(digits.chunks(TRITS_PER_BYTE).map(fold));
     scale.is_finite()
 }
 
@@ -220,19 +236,41 @@ const fn digit_table() -> [[f32; TRITS_PER_BYTE]; 243] {
     table
 }
 
-/// Checks ternary blocks of `n` values (the caller checked the length with `ternary_len`)
-/// as hostile input: refuses a scale that is not a finite, non-negative number and a byte
-/// that is not five digits (or, in a block's last byte, as many as it has values).
-pub(super) fn check_ternary(bytes: &[u8], n: usize) -> Result<(), CodecError> {
+/// Reads ternary blocks of `n` values as hostile input, their digits decoded into `digits`,
+/// and returns the scales' bytes: refuses a payload longer than `ternary_len`, a section that
+/// does not decode to exactly the digits of `n` values or ends before the payload does, a
+/// scale that is not a finite, non-negative number, and a byte that is not five digits (or,
+/// in a block's last byte, as many as it has values).
+pub(super) fn read_ternary<'a>(
+    bytes: &'a [u8],
+    n: usize,
+    digits: &mut Vec<u8>,
+) -> Result<&'a [u8], CodecError> {
+    let scales_len = SCALE_LEN * n.div_ceil(TERNARY_BLOCK);
+    if bytes.len() < scales_len || bytes.len() > ternary_len(n) {
+        return Err(CodecError::Length {
+            codec: "delta-ternary",
+            values: n,
+            got: bytes.len(),
+            expected: ternary_len(n),
+        });
+    }
+    let (scales, section) = bytes.split_at(scales_len);
+    let used = decode_section(section, digit_len(n), digits, "delta-ternary")?;
+    if used != section.len() || digits.len() != digit_len(n) {
+        return Err(CodecError::Section {
+            codec: "delta-ternary",
+            reason: "its digits are not those of the layout's values",
+        });
+    }
     let mut at = 0;
     for (index, start) in (0..n).step_by(TERNARY_BLOCK).enumerate() {
         let len = (n - start).min(TERNARY_BLOCK);
-        let scale = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        at += 4;
+        let scale = read_scale(scales, index);
         if !(scale.is_finite() && scale >= 0.0) {
             return Err(CodecError::Scale { block: index });
         }
-        let groups = &bytes[at..at + len.div_ceil(TRITS_PER_BYTE)];
+        let groups = &digits[at..at + len.div_ceil(TRITS_PER_BYTE)];
         let (whole, last) = groups.split_at(len / TRITS_PER_BYTE);
         // Bytes of five digits are below 243; a last byte of fewer, below 3 to the fewer.
         let limit = 3u32.pow((len % TRITS_PER_BYTE) as u32);
@@ -246,19 +284,23 @@ pub(super) fn check_ternary(bytes: &[u8], n: usize) -> Result<(), CodecError> {
         }
         at += groups.len();
     }
-    Ok(())
+    Ok(scales)
 }
 
-/// Adds checked ternary blocks (`check_ternary`) to `out`, each value its digit times its
+fn read_scale(scales: &[u8], block: usize) -> f32 {
+    let at = SCALE_LEN * block;
+    f32::from_le_bytes([scales[at], scales[at + 1], scales[at + 2], scales[at + 3]])
+}
+
+/// Adds ternary blocks read by `read_ternary` to `out`, each value its digit times its
 /// block's scale: the worker's weights take a difference without a decoded copy of it.
-pub(super) fn add_ternary(bytes: &[u8], out: &mut [f32]) {
+pub(super) fn add_ternary(scales: &[u8], digits: &[u8], out: &mut [f32]) {
     let mut at = 0;
-    for block in out.chunks_mut(TERNARY_BLOCK) {
-        let scale = f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        at += 4;
+    for (index, block) in out.chunks_mut(TERNARY_BLOCK).enumerate() {
+        let scale = read_scale(scales, index);
         for group in block.chunks_mut(TRITS_PER_BYTE) {
             // A checked byte is below 243; `min` only keeps the index in the table's range.
-            let digits = &DIGITS[usize::from(bytes[at]).min(242)];
+            let digits = &DIGITS[usize::from(digits[at]).min(242)];
             at += 1;
             for (o, digit) in group.iter_mut().zip(digits) {
                 *o += digit * scale;
@@ -267,13 +309,14 @@ pub(super) fn add_ternary(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Decodes ternary blocks (the caller checked the length with `ternary_len`), refusing what
-/// `check_ternary` refuses (what a worker adds, as a copy: for tests).
+/// Decodes ternary blocks, refusing what `read_ternary` refuses (what a worker adds, as a
+/// copy: for tests).
 #[cfg(test)]
 pub(super) fn decode_ternary(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
-    check_ternary(bytes, out.len())?;
+    let mut digits = Vec::new();
+    let scales = read_ternary(bytes, out.len(), &mut digits)?;
     out.fill(0.0);
-    add_ternary(bytes, out);
+    add_ternary(scales, &digits, out);
     Ok(())
 }
 
@@ -282,11 +325,13 @@ mod tests {
     use super::{
         decode_ternary, encode_ternary, encode_ternary_delta, ternary_len, DIGITS, TRITS_PER_BYTE,
     };
+    use crate::compression::entropy::encode_section;
     use crate::compression::TERNARY_BLOCK;
     use crate::rng::Rng;
 
     /// The ternary encoder written plainly, a value and a branch at a time.
     fn plain_ternary(values: &mut [f32], out: &mut Vec<u8>) {
+        let mut digit_bytes = Vec::new();
         for block in values.chunks_mut(TERNARY_BLOCK) {
             let scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             out.extend_from_slice(&scale.to_le_bytes());
@@ -303,9 +348,10 @@ mod tests {
                     byte = byte * 3 + digit;
                     *v = DIGITS[usize::from(digit)][0] * scale;
                 }
-                out.push(byte);
+                digit_bytes.push(byte);
             }
         }
+        encode_section(&digit_bytes, out);
     }
 
     #[test]
@@ -328,7 +374,7 @@ mod tests {
         assert!(encode_ternary(&mut fast, &mut fast_out));
         plain_ternary(&mut plain, &mut plain_out);
         assert_eq!(fast_out, plain_out);
-        assert_eq!(fast_out.len(), ternary_len(n));
+        assert!(fast_out.len() <= ternary_len(n));
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&fast), bits(&plain));
         let mut decoded = vec![1.0; n];
@@ -354,7 +400,12 @@ mod tests {
             .map(|w| w - rng.uniform(-0.01, 0.01))
             .collect();
         let (mut fast, mut fast_out) = (replica.clone(), Vec::new());
-        assert!(encode_ternary_delta(&weights, &mut fast, &mut fast_out));
+        assert!(encode_ternary_delta(
+            &weights,
+            &mut fast,
+            &mut Vec::new(),
+            &mut fast_out
+        ));
         let mut diff: Vec<f32> = weights.iter().zip(&replica).map(|(w, r)| w - r).collect();
         let mut plain_out = Vec::new();
         plain_ternary(&mut diff, &mut plain_out);
@@ -369,6 +420,7 @@ mod tests {
         assert!(!encode_ternary_delta(
             &broken,
             &mut replica.clone(),
+            &mut Vec::new(),
             &mut Vec::new()
         ));
     }

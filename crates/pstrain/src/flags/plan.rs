@@ -112,8 +112,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub push_codec: Option<CodecArg<PushCodec>>,
     /// How weights cross a TCP link: fp32, bf16, as differences from what each worker holds,
-    /// delta-int8, delta-topk:PER_MILLE or delta-ternary (1.6 bits a weight; whole slices then
-    /// go as fp32), or auto [default: fp32]
+    /// delta-int8, delta-topk:PER_MILLE or delta-ternary (at most 1.6 bits a weight, entropy-coded;
+    /// whole slices then go as fp32), or auto [default: fp32]
     #[arg(long)]
     pub pull_codec: Option<CodecArg<PullCodec>>,
 }
