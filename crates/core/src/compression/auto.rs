@@ -13,7 +13,9 @@
 //! one (measured on the cnn, docs/edge-links.md). A fast link keeps fp32 (its link time is
 //! small against compute); a slow one moves down the ladder until the link stops dominating.
 //! Rates are windowed as bytes over seconds (not a mean of rates), so one transfer timed near
-//! zero (already buffered when read) cannot make a link look infinitely fast.
+//! zero (already buffered when read) cannot make a link look infinitely fast. A rung's bytes
+//! are its codecs' sizes before the entropy stage times what the stage left of this
+//! worker's own payloads of that kind (`CodedShare`).
 //!
 //! Sync runs have a second ladder, `REPLAY_LADDER`: the same pushes, with pulls that replay
 //! the shard's updates (exact weights, for the other workers' pushes). A sync worker starts
@@ -30,6 +32,7 @@
 //! goes and waits for one replayed pull, which brings its shard's word on its peers, before
 //! it chooses.
 
+use super::coded_share::CodedShare;
 use super::ladder::{Rung, AUTO_LADDER, REPLAY_LADDER};
 use super::{PullCodec, PushCodec};
 
@@ -125,6 +128,8 @@ pub struct AutoCodec {
     rung: usize,
     /// Pushes since the rung last changed.
     at_rung: u32,
+    /// What the entropy stage left of its payloads' bytes.
+    coded: CodedShare,
 }
 
 impl AutoCodec {
@@ -159,6 +164,16 @@ impl AutoCodec {
     /// A pull of `bytes` took `seconds` to arrive, first byte to last.
     pub fn received(&mut self, bytes: u64, seconds: f64) {
         self.down.add(bytes, seconds);
+    }
+
+    /// A push of `values` values in `codec` took `bytes` (after the entropy stage).
+    pub fn pushed(&mut self, codec: PushCodec, bytes: u64, values: usize) {
+        self.coded.pushed(codec, bytes, values);
+    }
+
+    /// A difference of `values` values in `codec` took `bytes` (after the entropy stage).
+    pub fn pulled(&mut self, codec: PullCodec, bytes: u64, values: usize) {
+        self.coded.pulled(codec, bytes, values);
     }
 
     /// A replayed pull of updates (not a whole slice) of `bytes` arrived.
@@ -207,16 +222,17 @@ impl AutoCodec {
             };
             // What the other workers' pushes measured, once some arrived (they do not
             // depend on this worker's push codec), else as many pushes as its own.
+            let push = self.coded.push_len(rung.push, values);
             self.replay_pull.map_or(
-                REPLAY_HEAD_BYTES + others * (REPLAY_HEAD_BYTES + rung.push.typical_len(values)),
-                |bytes| bytes as usize,
+                (REPLAY_HEAD_BYTES + others * REPLAY_HEAD_BYTES) as f64 + others as f64 * push,
+                |bytes| bytes,
             )
         } else if rung.pull.is_delta() {
-            rung.pull.typical_delta_len(values)
+            self.coded.delta_len(rung.pull, values)
         } else {
-            rung.pull.encoded_len(values)
+            rung.pull.encoded_len(values) as f64
         };
-        let link = rung.push.typical_len(values) as f64 / up + pull as f64 / down;
+        let link = self.coded.push_len(rung.push, values) / up + pull / down;
         let codec = rung.codec_ns_per_value * 1e-9 * values as f64;
         let compute = self.compute_s.unwrap_or(0.0);
         let round = if self.overlapped {

@@ -352,3 +352,42 @@ fn a_worker_waits_a_replayed_pull_once_at_most() {
     let rung = fast.choose(CNN);
     assert!(AUTO_LADDER.contains(&rung), "{rung:?}");
 }
+
+/// `auto` that saw its top-k pushes code to 0.65 of their size before the entropy stage,
+/// top-k differences to 0.8 and ternary ones to 0.32 (about what the cnn's did).
+fn seen_coded(mut auto: AutoCodec) -> AutoCodec {
+    let push = PushCodec::TopK { per_mille: 100 };
+    auto.pushed(push, (0.65 * push.typical_len(CNN) as f64) as u64, CNN);
+    for (pull, share) in [
+        (PullCodec::DeltaTopK { per_mille: 5 }, 0.8),
+        (PullCodec::DeltaTernary, 0.32),
+    ] {
+        auto.pulled(
+            pull,
+            (share * pull.typical_delta_len(CNN) as f64) as u64,
+            CNN,
+        );
+    }
+    auto
+}
+
+#[test]
+fn payloads_the_entropy_stage_shrinks_are_priced_as_they_went() {
+    // Each rate: the rung chosen before and after seeing what coding left; never sparser
+    // after, and denser at some rate between 10 and 100 Mbit/s.
+    let mut denser = 0;
+    for mbit in [10.0, 15.0, 20.0, 30.0, 50.0, 70.0, 100.0] {
+        let rate = mbit * 1e6 / 8.0;
+        let before = position(measured_overlapped(rate, 0.035).choose(CNN));
+        let after = position(seen_coded(measured_overlapped(rate, 0.035)).choose(CNN));
+        assert!(after <= before, "{mbit} Mbit/s: rung {before} -> {after}");
+        denser += usize::from(after < before);
+    }
+    assert!(denser > 0, "coding made no rung affordable");
+    // A ternary pull that coded to a third is priced at a third.
+    let mut auto = measured(1e7, 0.035);
+    let rung = AUTO_LADDER[3];
+    let full = auto.cost(&rung, CNN).unwrap();
+    auto = seen_coded(auto);
+    assert!(auto.cost(&rung, CNN).unwrap() < full);
+}

@@ -20,6 +20,7 @@
 //! their pushes arrived, made again on the worker (the `replay` and `update_log` modules).
 
 mod auto;
+mod coded_share;
 mod entropy;
 #[cfg(test)]
 mod hand_written;

@@ -120,6 +120,9 @@ impl ShardLink {
         let bytes = if in_lane { 4 * n as u64 } else { body };
         if let Some(auto) = &mut self.auto {
             auto.received(bytes, took.as_secs_f64());
+            if delta {
+                auto.pulled(self.pull_codec, body, n);
+            }
         }
         Ok(PullReply::from(pulled))
     }
@@ -302,6 +305,7 @@ impl ShardLink {
             Reply::Pushed(reply) => {
                 if let Some(auto) = &mut self.auto {
                     auto.sent(sent as u64, f64::from(reply.arrive_s));
+                    auto.pushed(self.encoder.codec(), sent as u64, slice.len());
                 }
                 Ok(reply)
             }
