@@ -182,11 +182,10 @@ mod tests {
         assert!(bytes("topk:50") < bytes("topk:100") && bytes("topk:100") < bytes("bf16"));
         assert!(bytes("topk:10") < bytes("topk:20") && bytes("topk:20") < bytes("topk:50"));
         assert!(bytes("delta-topk:5") < bytes("delta-topk:20"));
-        assert_eq!(
-            bytes("delta-ternary"),
-            39 * 56 + 4 + 4,
-            "10,000 values: 39 blocks of 256 and 16"
-        );
+        // 10,000 values: 40 scales (39 blocks of 256 and one of 16), then 39 * 52 + 4 digit
+        // bytes as a section: at most stored (a length of 2 bytes, the mode, the bytes).
+        assert!(bytes("delta-ternary") <= 40 * 4 + 3 + 39 * 52 + 4);
+        assert!(bytes("delta-ternary") > 40 * 4);
         assert!(points
             .iter()
             .all(|p| p.encode_ms >= 0.0 && p.decode_ms >= 0.0));
