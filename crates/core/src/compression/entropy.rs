@@ -1,15 +1,16 @@
 //! A lossless stage after the codecs: a section of bytes (ternary digits, top-k's index gaps
-//! and int8 values) coded with one rANS state by its own byte frequencies, or stored as it is
-//! where coding would not make it smaller. Why: what the codecs write is far from uniform (a
+//! and int8 values) coded by rANS over its own byte frequencies, or stored as it is where
+//! coding would not make it smaller. Why: what the codecs write is far from uniform (a
 //! ternary difference is mostly zero digits, top-k's gaps mostly small), so a slow link
 //! carries the same values in fewer bytes, at the cost of a pass over them at each end.
 //!
 //! A section: its decoded length (varint), a mode byte (0 stored, 1 coded), then the bytes
 //! as they are, or the coded length (varint), 256 symbol frequencies (varints summing to
-//! `1 << PROB_BITS`) and the rANS stream (its four interleaved states' final values first, big-endian,
-//! then the bytes the encoder shed, in the order the decoder takes them back). Decoding checks all of it as
-//! hostile input: the length against the caller's bound, the table's sum, the state's range,
-//! the stream neither cut short nor longer than its symbols, and the state it ends in.
+//! `1 << PROB_BITS`) and the rANS stream: the final values of its four interleaved states
+//! (big-endian), then the bytes the encoder shed, in the order the decoder takes them back.
+//! Decoding checks all of it as hostile input: the length against the caller's bound, the
+//! table's sum, the states' range, the stream neither cut short nor longer than its
+//! symbols, and the states it ends in.
 
 use super::CodecError;
 

@@ -11,8 +11,9 @@
 //!   plus 4 per block), unbiased: the expected decoded value is the value sent;
 //! - `topk:P`: the P per mille of values largest in magnitude, as gaps between their
 //!   indices (varints) and int8 values with a scale per 64, about 2 bytes each before the
-//!   entropy stage (see `sparse`, `entropy`), with error feedback: what was not sent (and what the rounding left out) is
-//!   added to the next gradient, so every coordinate's updates arrive in the end.
+//!   entropy stage (see `sparse`, `entropy`), with error feedback: what was not sent (and
+//!   what the rounding left out) is added to the next gradient, so every coordinate's
+//!   updates arrive in the end.
 //!
 //! Pulls: `fp32` or `bf16` (the weights rounded on the way; the shard's own stay f32), or
 //! a delta from what the worker holds (`delta-int8`, `delta-topk:P`, `delta-ternary`: -1, 0 or

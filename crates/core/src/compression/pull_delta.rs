@@ -8,8 +8,9 @@
 //!
 //! Under Adam every weight moves by about the learning rate at every update, so a pull's
 //! difference is dense: top-k reaches each weight only every so many pulls, while
-//! `delta-ternary` (1.6 bits a weight, less once entropy-coded) moves every weight that is half its block's largest
-//! difference behind, so no weight of the worker's lags by more than what moved since.
+//! `delta-ternary` (1.6 bits a weight, less once entropy-coded) moves every weight that is
+//! half its block's largest difference behind, so no weight of the worker's lags by more
+//! than what moved since.
 
 use super::sparse::{self, TopK};
 use super::values::{add_ternary, decode_int8, encode_int8, encode_ternary_delta, read_ternary};

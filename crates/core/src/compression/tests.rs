@@ -165,9 +165,9 @@ fn top_k_sends_the_largest_and_carries_the_rest_in_its_residual() {
 #[test]
 fn hostile_payloads_are_refused() {
     let mut out = vec![0.0; 10];
-    let codec = PushCodec::TopK { per_mille: 500 }; // at most 5 of 10 values
-                                                    // Top-k's payload: the count, the varint gaps between indices, then int8 values behind a
-                                                    // scale per 64 (here 2.0: a scale of 1.0 and 2 steps each).
+    // At most 5 of 10 values. Top-k's payload: the count, the varint gaps between indices,
+    // then int8 values behind a scale per 64 (here 2.0: a scale of 1.0 and 2 steps each).
+    let codec = PushCodec::TopK { per_mille: 500 };
     let with = |count: u32, gaps: &[u8]| hand_written::top_k(count, gaps, count as usize, 1.0, 2);
     assert!(codec.decode(&with(2, &[1, 1]), &mut out).is_ok());
     assert_eq!(out[3], 2.0);
