@@ -21,7 +21,7 @@ const PROB_SCALE: u32 = 1 << PROB_BITS;
 const STATE_LOW: u32 = 1 << 23;
 /// Interleaved rANS states.
 const STATES: usize = 4;
-pub(super) const STORED: u8 = 0;
+const STORED: u8 = 0;
 const CODED: u8 = 1;
 
 /// The largest section of `len` bytes: its header and the bytes stored as they are.
@@ -31,16 +31,22 @@ pub(super) fn max_section_len(len: usize) -> usize {
 
 /// Appends `bytes` as a section to `out`: coded where that is smaller, else stored.
 pub(super) fn encode_section(bytes: &[u8], out: &mut Vec<u8>) {
-    write_varint(bytes.len() as u64, out);
     let start = out.len();
     if !bytes.is_empty() {
+        write_varint(bytes.len() as u64, out);
         out.push(CODED);
         code(bytes, out);
-        if out.len() - start <= 1 + bytes.len() {
+        if out.len() - start <= max_section_len(bytes.len()) {
             return;
         }
         out.truncate(start);
     }
+    store_section(bytes, out);
+}
+
+/// Appends `bytes` as a stored section: its length, the mode, the bytes as they are.
+pub(super) fn store_section(bytes: &[u8], out: &mut Vec<u8>) {
+    write_varint(bytes.len() as u64, out);
     out.push(STORED);
     out.extend_from_slice(bytes);
 }
@@ -105,7 +111,7 @@ fn code(bytes: &[u8], out: &mut Vec<u8>) {
     // The decoder reads state 0 first, each big-endian.
     for state in x.iter().rev() {
         for b in state.to_le_bytes() {
-            stream.push(b);
+            stream.push_if(b, true);
         }
     }
     let stream = stream.written();
@@ -135,13 +141,6 @@ impl Back {
     fn push_if(&mut self, b: u8, keep: bool) {
         self.buf[self.start - 1] = b;
         self.start -= usize::from(keep);
-    }
-
-    #[inline]
-    fn push(&mut self, b: u8) {
-        // The capacity holds the most a section can shed; the index check stays as a guard.
-        self.start -= 1;
-        self.buf[self.start] = b;
     }
 
     fn written(&self) -> &[u8] {
@@ -377,7 +376,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub(super) fn write_varint(mut v: u64, out: &mut Vec<u8>) {
+fn write_varint(mut v: u64, out: &mut Vec<u8>) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;

@@ -1,15 +1,8 @@
 //! Payloads written by hand, their entropy sections stored as they are (what the encoder
 //! writes where coding would not shrink them): for the hostile-input tests.
 
-use super::entropy::{write_varint, STORED};
+pub(super) use super::entropy::store_section;
 use super::sparse::VALUE_BLOCK;
-
-/// Appends `bytes` as a stored section: its length, the mode, the bytes.
-pub(super) fn store_section(bytes: &[u8], out: &mut Vec<u8>) {
-    write_varint(bytes.len() as u64, out);
-    out.push(STORED);
-    out.extend_from_slice(bytes);
-}
 
 /// A top-k payload: `count`, the gaps' bytes, then `values` int8 values of `step` each,
 /// behind a scale of `scale` per block.

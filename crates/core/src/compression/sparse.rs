@@ -117,11 +117,11 @@ impl TopK {
     pub fn add_and_select(&mut self, sum: &mut [f32], add: &[f32], k: usize) {
         // The sample adds as the pass will (the same f32 addition, the same bits).
         let (s, a) = (&*sum, add);
-        let guess = match s.len() == a.len() {
-            true => self
-                .sampler
-                .threshold(s.len(), k, |i| magnitude_key(s[i] + a[i])),
-            false => None,
+        let guess = if s.len() == a.len() {
+            self.sampler
+                .threshold(s.len(), k, |i| magnitude_key(s[i] + a[i]))
+        } else {
+            None
         };
         if let Some(threshold) = guess {
             sampled_threshold::add_and_take(sum, add, threshold, &mut self.candidates);
