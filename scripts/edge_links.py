@@ -20,7 +20,8 @@ either for overlapped workers that turn to exact rounds after a share F of the u
 
 `--repeat N` runs the whole sweep N times, round after round (so a drift of the machine
 touches every row alike), and adds a summary: per row, the median of its time to 98.5% over
-loopback fp32's in the same round, and its accuracy at the end against that round's fp32.
+loopback fp32's in the same round, the update from which it held 98.5% (accuracy per update,
+apart from updates a second), and its accuracy at the end against that round's fp32.
 Async runs differ by the order in which the workers' gradients arrive; one round is one draw.
 
     sudo python3 scripts/edge_links.py --data-dir ../shared/data/mnist \\
@@ -141,10 +142,8 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
     wall = max(p["t"] for p in points)
     for w in links:
         w["link_share"] = round((w["up_s"] + w["down_s"]) / wall, 3)
-    reached = {}
-    for target in TARGETS:
-        reached[target] = next((p["t"] for i, p in enumerate(points)
-                                if all(q["accuracy"] >= target for q in points[i:])), None)
+    held = {target: held_from(points, target) for target in TARGETS}
+    reached = {target: None if p is None else p["t"] for target, p in held.items()}
     return {
         "link": link, "push": push, "pull": pull, "overlap": overlap, "lookahead": lookahead,
         "overlap_until": until,
@@ -153,10 +152,26 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
         "wall_s": wall, "updates_per_s": round(updates / wall, 2),
         "final_accuracy": points[-1]["accuracy"], "time_to_98_s": reached[98.0],
         "time_to_98_5_s": reached[98.5], "time_to_99_s": reached[99.0],
+        "held_98_5_from_update": None if held[98.5] is None else held[98.5]["updates"],
         "push_bytes_per_update": round(sum(w["up_bytes"] for w in links) / updates),
         "pull_bytes_per_update": round(sum(w["down_bytes"] for w in links) / updates),
         "workers": links, "points": points,
     }
+
+
+def held_from(points, target):
+    """The first checkpoint at `target` or more after which every later one is too."""
+    return next((p for i, p in enumerate(points)
+                 if all(q["accuracy"] >= target for q in points[i:])), None)
+
+
+def held_update(r):
+    """The update from which a run held 98.5% (computed from its points for runs recorded
+    before the field existed)."""
+    if "held_98_5_from_update" in r:
+        return r["held_98_5_from_update"]
+    p = held_from(r.get("points", []), 98.5)
+    return None if p is None else p["updates"]
 
 
 def markdown(runs):
@@ -222,8 +237,9 @@ def summary(runs):
                          r.get("lookahead"), r.get("overlap_until")), []).append(r)
     base = baselines(runs)
     lines = ["| link | push / pull codec | mode | rounds | time to 98.5% over loopback fp32's, "
-             "each round | median | accuracy at the end, each round | end minus fp32's, mean |",
-             "|---|---|---|---|---|---|---|---|"]
+             "each round | median | 98.5% held from update, each round | accuracy at the end, "
+             "each round | end minus fp32's, mean |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (mode, link, push, pull, overlap, lookahead, until), group in rows.items():
         ratios, diffs = [], []
         for r in group:
@@ -235,13 +251,14 @@ def summary(runs):
             diffs.append(r["final_accuracy"] - b["final_accuracy"] if b else None)
         shown = ", ".join("-" if x is None else f"{x:.2f}x" for x in ratios)
         ends = ", ".join(f"{r['final_accuracy']:.2f}%" for r in group)
+        helds = ", ".join("-" if held_update(r) is None else f"{held_update(r):,}" for r in group)
         mid = median(ratios)
         known = [d for d in diffs if d is not None]
         mean_diff = sum(known) / len(known) if known else None
         lines.append(
             f"| {link} | {push} / {pull}{how(overlap, lookahead, until)} | {mode} | "
             f"{len(group)} | {shown} | {'-' if mid is None else f'{mid:.2f}x'} | "
-            f"{ends} | "
+            f"{helds} | {ends} | "
             f"{'-' if mean_diff is None else f'{mean_diff:+.2f}'} |")
     return "\n".join(lines) + "\n"
 
