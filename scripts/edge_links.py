@@ -142,8 +142,7 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
     wall = max(p["t"] for p in points)
     for w in links:
         w["link_share"] = round((w["up_s"] + w["down_s"]) / wall, 3)
-    held = {target: held_from(points, target) for target in TARGETS}
-    reached = {target: None if p is None else p["t"] for target, p in held.items()}
+    reached = {target: held_from(points, target, "t") for target in TARGETS}
     return {
         "link": link, "push": push, "pull": pull, "overlap": overlap, "lookahead": lookahead,
         "overlap_until": until,
@@ -152,26 +151,17 @@ def run_one(exe, data, link, push, pull, mode, updates, every, workers=2, overla
         "wall_s": wall, "updates_per_s": round(updates / wall, 2),
         "final_accuracy": points[-1]["accuracy"], "time_to_98_s": reached[98.0],
         "time_to_98_5_s": reached[98.5], "time_to_99_s": reached[99.0],
-        "held_98_5_from_update": None if held[98.5] is None else held[98.5]["updates"],
         "push_bytes_per_update": round(sum(w["up_bytes"] for w in links) / updates),
         "pull_bytes_per_update": round(sum(w["down_bytes"] for w in links) / updates),
         "workers": links, "points": points,
     }
 
 
-def held_from(points, target):
-    """The first checkpoint at `target` or more after which every later one is too."""
-    return next((p for i, p in enumerate(points)
+def held_from(points, target, key):
+    """`key` (`t` or `updates`) of the first checkpoint at `target` or more after which every
+    later one is too, or None."""
+    return next((p[key] for i, p in enumerate(points)
                  if all(q["accuracy"] >= target for q in points[i:])), None)
-
-
-def held_update(r):
-    """The update from which a run held 98.5% (computed from its points for runs recorded
-    before the field existed)."""
-    if "held_98_5_from_update" in r:
-        return r["held_98_5_from_update"]
-    p = held_from(r.get("points", []), 98.5)
-    return None if p is None else p["updates"]
 
 
 def markdown(runs):
@@ -251,7 +241,8 @@ def summary(runs):
             diffs.append(r["final_accuracy"] - b["final_accuracy"] if b else None)
         shown = ", ".join("-" if x is None else f"{x:.2f}x" for x in ratios)
         ends = ", ".join(f"{r['final_accuracy']:.2f}%" for r in group)
-        helds = ", ".join("-" if held_update(r) is None else f"{held_update(r):,}" for r in group)
+        helds = ", ".join("-" if u is None else f"{u:,}"
+                          for u in (held_from(r["points"], 98.5, "updates") for r in group))
         mid = median(ratios)
         known = [d for d in diffs if d is not None]
         mean_diff = sum(known) / len(known) if known else None
