@@ -20,7 +20,10 @@ Also measured: one torch worker's compute-only samples/s (forward, backward, zer
 real batches), for "2 workers through pstrain against twice one worker's compute", and two
 such compute-only workers running at once (what the machine gives two workers with no
 parameter server: on 2 cores the shard's CPU then comes out of the workers' time); both
-before and after the runs, and their means used (the machine's speed drifts).
+before and after the runs, and their means used (the machine's speed drifts). In sync, the
+barrier's own cost is measured apart from the server path's: from each worker's compute time
+per step, the rate a free server path would give (every step as long as its slower worker's
+compute), and pstrain's samples/s over it.
 
     python3 bench/torch_workers.py --data-dir ../shared/data/mnist --out bench/results.json
 
@@ -99,7 +102,24 @@ def _pstrain_worker(address, rank, data_dir, epochs, token, out, overlap=False):
     from pstrain.torch import train_worker
     ex = example(data_dir)
     out.put(train_worker([address], ex.build_model, ex.batches, ex.loss, rank=rank,
-                         token=token, threads=1, max_epochs=epochs, overlap=overlap))
+                         token=token, threads=1, max_epochs=epochs, overlap=overlap,
+                         step_times=True))
+
+
+def free_path_ceiling(reports, batch):
+    """Sync's ceiling with a server path that cost nothing: step i ends when the slower
+    worker's compute of step i does, so `samples / sum(max over workers)` (after the first
+    10 steps, as `steady_rate`). Also each worker's mean compute a step and the mean of the
+    slowest: what the barrier itself takes, apart from the parameter server's path."""
+    times = [r.pop("step_compute_s") for r in reports]
+    steps = min(len(t) for t in times)
+    if steps <= 10:
+        return None
+    slowest = [max(t[i] for t in times) for i in range(10, steps)]
+    return {"samples_per_s": round(batch * len(times) * len(slowest) / sum(slowest), 1),
+            "mean_compute_per_step_s": round(
+                sum(sum(t[10:steps]) for t in times) / (len(times) * len(slowest)), 5),
+            "mean_slowest_per_step_s": round(sum(slowest) / len(slowest), 5)}
 
 
 def time_to_target(snapshots, scores):
@@ -175,7 +195,13 @@ def pstrain_run(data_dir, mode, epochs, snapshot_every, lanes=True, overlap=Fals
                 p.copy_(torch.from_numpy(snap["flat"][offset:offset + n]).view(p.shape))
                 offset += n
         scores.append(ex.evaluate(model))
-    return summarize("pstrain", mode, trace, snapshots, scores, reports)
+    ceiling = free_path_ceiling(reports, ex.BATCH)
+    result = summarize("pstrain", mode, trace, snapshots, scores, reports)
+    if mode == "sync" and ceiling:
+        result["free_path_ceiling"] = ceiling
+        print(f"  sync with a free server path (the slower worker's compute each step): "
+              f"{ceiling['samples_per_s']} samples/s", flush=True)
+    return result
 
 
 def summarize(system, mode, trace, snapshots, scores, reports=None):
@@ -337,6 +363,9 @@ def main():
                 ours["samples_per_s"] / (2 * one), 3)
             ratios[f"{mode}_pstrain_2_workers_over_two_at_once_compute"] = round(
                 ours["samples_per_s"] / both, 3)
+        if ours.get("free_path_ceiling") and ours["samples_per_s"]:
+            ratios[f"{mode}_pstrain_over_free_path_ceiling"] = round(
+                ours["samples_per_s"] / ours["free_path_ceiling"]["samples_per_s"], 3)
         if ours["time_to_98_5_s"] and theirs["time_to_98_5_s"]:
             ratios[f"{mode}_time_to_98_5_ray_over_pstrain"] = round(
                 theirs["time_to_98_5_s"] / ours["time_to_98_5_s"], 3)

@@ -275,16 +275,21 @@ def train_two(server, example, **kwargs):
 
 def test_module_workers_run_without_ray_too(data_dir):
     """`train_worker` against a `Server.from_module` in this process (threads): the path a
-    user takes before a cluster exists."""
+    user takes before a cluster exists; with `step_times=True`, each step's compute time."""
     example = load_example(data_dir, net="convnet")
     server = pstrain.Server.from_module(example.build_model(), workers=2, mode="sync",
                                         optimizer="sgd", lr=0.01, lr_schedule="constant",
                                         iterations=100, batch_size=64, keep_running=True)
-    reports = train_two(server, example)
+    reports = train_two(server, example, step_times=True)
     server.stop()
     stats = server.wait(10)
     assert stats["version"] == 100 and stats["gradients_applied"] == 200, stats
     assert [r["steps"] for r in reports] == [100, 100], reports
+    # `step_times=True`: one time per step, adding up to the report's seconds computing.
+    for r in reports:
+        times = r["step_compute_s"]
+        assert len(times) == 100 and all(t > 0 for t in times), r
+        assert abs(sum(times) - r["compute_s"]) < 0.01, (sum(times), r["compute_s"])
 
 
 def test_module_workers_behind_a_link_pull_replayed_updates_and_train(data_dir):

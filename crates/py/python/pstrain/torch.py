@@ -182,6 +182,7 @@ def train_worker(
     lanes: bool = True,
     overlap: bool = False,
     lookahead: float = 1.0,
+    step_times: bool = False,
 ) -> dict:
     """One worker: pulls, runs ``loss_fn(model(x), y).backward()`` on its next batch, pushes,
     until the servers say the run is done (or ``max_epochs`` passes over its batches).
@@ -192,7 +193,9 @@ def train_worker(
     ``pstrain worker --overlap``) pushes each gradient and pulls on a thread of its own while
     the next one is computed, on the last pulled weights moved ``lookahead`` rounds further
     along their last round's move (0: as pulled). Returns a report: rank, steps, samples,
-    seconds computing and on the servers' path (with overlap: waiting for it).
+    seconds computing and on the servers' path (with overlap: waiting for it); with
+    ``step_times=True`` also ``step_compute_s``, each step's seconds computing (in sync, step
+    i of every worker is the run's step i: the slowest of them is what the barrier waits for).
     """
     torch.set_num_threads(max(1, int(threads)))
     client = Client(servers, rank, token=token, connect_timeout=connect_timeout, tls_ca=tls_ca,
@@ -204,7 +207,7 @@ def train_worker(
     model = build_model()
     model.train()
     worker = ModuleWorker(client, model, in_lane=not overlap)
-    tally = _Tally()
+    tally = _Tally(step_times)
     started = time.perf_counter()
     try:
         loop = functools.partial(_overlapped, lookahead=lookahead) if overlap else _in_turn
@@ -214,7 +217,7 @@ def train_worker(
         client.leave()
     wall = time.perf_counter() - started
     tail = tally.losses[-50:]
-    return {
+    report = {
         "rank": client.rank,
         "steps": tally.steps,
         "samples": tally.samples,
@@ -225,22 +228,29 @@ def train_worker(
         "samples_per_s": round(tally.samples / wall, 1) if wall > 0 else None,
         "final_loss": (sum(tail) / len(tail)) if tail else math.nan,
     }
+    if tally.step_s is not None:
+        report["step_compute_s"] = [round(t, 5) for t in tally.step_s]
+    return report
 
 
 class _Tally:
     """What a worker loop did: steps, samples, epochs, seconds computing and on the path."""
 
-    def __init__(self) -> None:
+    def __init__(self, step_times: bool = False) -> None:
         self.steps = self.samples = self.epochs = 0
         self.compute_s = self.path_s = 0.0
         self.losses: List[float] = []
+        self.step_s: Optional[List[float]] = [] if step_times else None
         self._t = 0.0
 
     def start(self) -> None:
         self._t = time.perf_counter()
 
     def computed(self, samples: int, loss: float) -> None:
-        self.compute_s += time.perf_counter() - self._t
+        seconds = time.perf_counter() - self._t
+        self.compute_s += seconds
+        if self.step_s is not None:
+            self.step_s.append(seconds)
         self.steps += 1
         self.samples += samples
         self.losses.append(loss)
