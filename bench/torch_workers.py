@@ -98,12 +98,13 @@ def compute_two_at_once(data_dir, seconds):
     return sum(rates)
 
 
-def _pstrain_worker(address, rank, data_dir, epochs, token, out, overlap=False):
+def _pstrain_worker(address, rank, data_dir, epochs, token, out, overlap=False,
+                    step_times=False):
     from pstrain.torch import train_worker
     ex = example(data_dir)
     out.put(train_worker([address], ex.build_model, ex.batches, ex.loss, rank=rank,
                          token=token, threads=1, max_epochs=epochs, overlap=overlap,
-                         step_times=True))
+                         step_times=step_times))
 
 
 def free_path_ceiling(reports, batch):
@@ -153,7 +154,7 @@ def pstrain_run(data_dir, mode, epochs, snapshot_every, lanes=True, overlap=Fals
     out = ctx.Queue()
     procs = [ctx.Process(target=_pstrain_worker,
                          args=(server.address, r, str(data_dir), epochs, token, out,
-                               overlap and mode != "sync"))
+                               overlap and mode != "sync", mode == "sync"))
              for r in range(WORKERS)]
     for p in procs:
         p.start()
@@ -195,9 +196,10 @@ def pstrain_run(data_dir, mode, epochs, snapshot_every, lanes=True, overlap=Fals
                 p.copy_(torch.from_numpy(snap["flat"][offset:offset + n]).view(p.shape))
                 offset += n
         scores.append(ex.evaluate(model))
-    ceiling = free_path_ceiling(reports, ex.BATCH)
+    # Sync workers report each step's compute time (folded into the ceiling, not stored).
+    ceiling = free_path_ceiling(reports, ex.BATCH) if mode == "sync" else None
     result = summarize("pstrain", mode, trace, snapshots, scores, reports)
-    if mode == "sync" and ceiling:
+    if ceiling:
         result["free_path_ceiling"] = ceiling
         print(f"  sync with a free server path (the slower worker's compute each step): "
               f"{ceiling['samples_per_s']} samples/s", flush=True)
