@@ -34,7 +34,11 @@ pub enum DataError {
         found: u64,
         hint: &'static str,
     },
-    #[error("{path}: images are {rows}x{cols}; the models need 28x28")]
+    #[error(
+        "{path}: images are {rows}x{cols}; the models take {min} to {max} pixels a side",
+        min = crate::data::shape::MIN_SIDE,
+        max = crate::data::shape::MAX_SIDE
+    )]
     WrongImageSize {
         path: PathBuf,
         rows: usize,
@@ -47,7 +51,24 @@ pub enum DataError {
         image_count: usize,
         label_count: usize,
     },
-    #[error("{path}: label {label} at index {index} is outside 0..{classes}")]
+    #[error("{test} holds {test_size} images but {train} holds {train_size}")]
+    SplitsDisagree {
+        train: PathBuf,
+        test: PathBuf,
+        train_size: String,
+        test_size: String,
+    },
+    #[error(
+        "{path}: label {largest} (first at index {index}) but no sample of class {missing}: \
+         a damaged file, or classes that are not numbered 0 (or 1) to {largest}"
+    )]
+    LabelGap {
+        path: PathBuf,
+        missing: usize,
+        largest: usize,
+        index: usize,
+    },
+    #[error("{path}: label {label} at index {index} is outside the training labels' 0..{classes}")]
     LabelOutOfRange {
         path: PathBuf,
         index: usize,

@@ -13,9 +13,10 @@ pub mod models;
 pub mod replicated;
 pub mod sequential;
 
+pub use data::shape::DataShape;
 pub use data::{idx, idx_reader, mnist};
 pub use error::{ComputeError, DataError};
 pub use model::{EvalStats, Model, ModelOptions, StepStats};
-pub use models::ModelKind;
+pub use models::{ModelKind, ModelSpec};
 pub use replicated::Replicated;
 pub use sequential::Sequential;

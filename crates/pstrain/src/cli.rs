@@ -14,7 +14,7 @@ use crate::launch::shard::run_server;
 use crate::run::train;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pstrain_compute::ModelKind;
+use pstrain_compute::{ModelKind, ModelSpec};
 use pstrain_core::Layout;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -303,21 +303,20 @@ fn load_checkpoint(
 fn load_checkpoint_model(
     dir: &Path,
     token: &crate::flags::token::TokenArgs,
-) -> Result<(ModelKind, pstrain_store::Assembled)> {
+) -> Result<(ModelSpec, pstrain_store::Assembled)> {
     let assembled = load_checkpoint(dir, token)?;
-    let kind: ModelKind = assembled
+    let kind: ModelSpec = assembled
         .model
         .parse()
         .map_err(|e: String| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let layout = kind.build(Default::default()).layout().clone();
-    check_layout(dir, &layout, &assembled)?;
+    checkpoint_layout(dir, &assembled)?;
     Ok((kind, assembled))
 }
 
 /// The layout of the model a checkpoint folder holds: a built-in model's, else the one the
 /// files record (a model served from Python, e.g. a PyTorch module's parameters).
 fn checkpoint_layout(dir: &Path, assembled: &pstrain_store::Assembled) -> Result<Layout> {
-    let layout = match assembled.model.parse::<ModelKind>() {
+    let layout = match assembled.model.parse::<ModelSpec>() {
         Ok(kind) => kind.build(Default::default()).layout().clone(),
         Err(_) if !assembled.layout.is_empty() => {
             let shapes = assembled.layout.iter().map(|(n, s)| (n.clone(), &s[..]));
@@ -347,6 +346,8 @@ fn check_layout(dir: &Path, layout: &Layout, assembled: &pstrain_store::Assemble
 fn run_eval(args: EvalArgs) -> Result<()> {
     let (kind, assembled) = load_checkpoint_model(&args.checkpoint, &args.token)?;
     let data = load_data(&args.data)?;
+    kind.fits(data.shape())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.data.dir().display()))?;
     let mut model = kind.build(Default::default());
     let e = data.test.evaluate(model.as_mut(), &assembled.params)?;
     println!(

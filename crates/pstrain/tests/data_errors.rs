@@ -1,5 +1,7 @@
 //! Damaged data files give a clear error naming the file and the problem, from the library
-//! and from the CLI, and never a panic; any valid 28x28, 10-class IDX set trains.
+//! and from the CLI, and never a panic; any valid IDX set trains, of MNIST's shape or another
+//! (the models sized from its images and labels), and a worker whose data does not fit the
+//! shards' model is refused with the model that would.
 
 mod common;
 
@@ -20,11 +22,14 @@ fn cli_error(dir: &Path) -> String {
             "--data-dir",
         ])
         .arg(dir)
+        // A developer's environment: the error is still the user's, with no stack.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
     stderr
 }
 
@@ -84,16 +89,17 @@ fn mismatched_counts() {
     );
 }
 
+/// Replaces `file` of the set in `dir` with a label file of `labels`.
+fn write_labels(dir: &Path, file: &str, labels: &[u8]) {
+    std::fs::write(dir.join(file), encode_idx(&[labels.len() as u32], labels)).unwrap();
+}
+
 #[test]
 fn label_out_of_range() {
     let dir = fresh_set();
     let mut labels = vec![1u8; 20];
     labels[7] = 10;
-    std::fs::write(
-        dir.path().join("t10k-labels-idx1-ubyte"),
-        encode_idx(&[20], &labels),
-    )
-    .unwrap();
+    write_labels(dir.path(), "t10k-labels-idx1-ubyte", &labels);
     expect_error(
         dir.path(),
         "t10k-labels-idx1-ubyte",
@@ -102,7 +108,7 @@ fn label_out_of_range() {
 }
 
 #[test]
-fn wrong_image_size() {
+fn training_and_test_images_of_different_sizes() {
     let dir = fresh_set();
     std::fs::write(
         dir.path().join("train-images-idx3-ubyte"),
@@ -110,6 +116,31 @@ fn wrong_image_size() {
     )
     .unwrap();
     expect_error(dir.path(), "train-images-idx3-ubyte", &["32x32", "28x28"]);
+}
+
+#[test]
+fn images_no_model_takes() {
+    let dir = fresh_set();
+    std::fs::write(
+        dir.path().join("t10k-images-idx3-ubyte"),
+        encode_idx(&[20, 4, 28], &[0; 20 * 4 * 28]),
+    )
+    .unwrap();
+    expect_error(dir.path(), "t10k-images-idx3-ubyte", &["4x28", "6 to 256"]);
+}
+
+#[test]
+fn training_labels_that_skip_a_class() {
+    let dir = fresh_set();
+    // One flipped byte: a label of 200 among 0..10 would otherwise mean a 201-class model.
+    let mut labels: Vec<u8> = (0..50).map(|i| (i % 10) as u8).collect();
+    labels[33] = 200;
+    write_labels(dir.path(), "train-labels-idx1-ubyte", &labels);
+    expect_error(
+        dir.path(),
+        "train-labels-idx1-ubyte",
+        &["label 200", "index 33", "class 10"],
+    );
 }
 
 #[test]
@@ -151,10 +182,9 @@ fn missing_files_say_what_to_put_where() {
     );
 }
 
-#[test]
-fn another_idx_data_set_loads_and_trains() {
-    let dir = tempfile::tempdir().unwrap();
-    common::write_synthetic_set(dir.path(), 600, 100);
+/// `pstrain train` of the convnet (SGD, 3 epochs of batch 20) on the set in `dir`: its
+/// stdout and stderr, and the summary's test accuracy in per cent.
+fn train_convnet_on(dir: &Path) -> (String, String, f64) {
     let out = Command::new(common::pstrain_bin())
         .args([
             "train",
@@ -164,27 +194,101 @@ fn another_idx_data_set_loads_and_trains() {
             "sgd",
             "--lr",
             "0.05",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "20",
-            "--data-dir",
         ])
-        .arg(dir.path())
+        .args(["--epochs", "3", "--batch-size", "20", "--data-dir"])
+        .arg(dir)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("on 100 test images"), "{stdout}");
-    let acc: f64 = stdout
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let accuracy = stdout
         .lines()
         .find_map(|l| l.strip_prefix("test accuracy"))
         .and_then(|rest| rest.trim().split('%').next())
         .and_then(|v| v.parse().ok())
         .expect("summary has an accuracy");
+    (stdout, stderr, accuracy)
+}
+
+#[test]
+fn another_idx_data_set_loads_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_synthetic_set(dir.path(), 600, 100);
+    let (stdout, _, acc) = train_convnet_on(dir.path());
+    assert!(stdout.contains("on 100 test images"), "{stdout}");
     assert!(acc >= 90.0, "squares are easy to tell apart: {acc}");
+}
+
+#[test]
+fn a_set_of_other_images_and_classes_trains_a_model_sized_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_synthetic_shaped(dir.path(), (720, 120), (20, 24), 12);
+    let (stdout, stderr, acc) = train_convnet_on(dir.path());
+    assert!(stderr.contains("(20x24, 12 classes)"), "{stderr}");
+    // conv 3x3 leaves 18x22, the 3x3 pooling 6x7: fc 12 x 126 + 12, the conv 27 + 3.
+    assert!(
+        stdout.contains("training convnet:20x24:12 (1554 parameters)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("on 120 test images"), "{stdout}");
+    assert!(
+        acc >= 90.0,
+        "blocks in a grid are easy to tell apart: {acc}"
+    );
+}
+
+#[test]
+fn a_worker_whose_data_does_not_fit_the_shards_model_is_refused_with_the_one_that_would() {
+    let _guard = common::one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    common::write_synthetic_shaped(dir.path(), (240, 40), (20, 24), 12);
+    let worker = |addr: &str| {
+        Command::new(common::pstrain_bin())
+            .args(["worker", "--servers", addr, "--rank", "0", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let plan = [
+        "--workers",
+        "1",
+        "--train-samples",
+        "240",
+        "--iterations",
+        "30",
+    ];
+    let mnist_shard =
+        common::shard(&[&["--model", "convnet", "--keep-running"], &plan[..]].concat());
+    let out = worker(&mnist_shard.addr);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("images are 20x24") && stderr.contains("`--model convnet:20x24:12`"),
+        "{stderr}"
+    );
+    // Fewer classes than the model's fit (a worker's files may lack the last ones); more not.
+    let few = common::shard(
+        &[
+            &["--model", "convnet:20x24:11", "--keep-running"],
+            &plan[..],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&worker(&few.addr).stderr).into_owned();
+    assert!(
+        stderr.contains("labels go up to 11") && stderr.contains("`--model convnet:20x24:12`"),
+        "{stderr}"
+    );
+    let fits = common::shard(&[&["--model", "convnet:20x24:16"], &plan[..]].concat());
+    let out = worker(&fits.addr);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = pstrain::launch::supervisor::parse_report(&String::from_utf8_lossy(&out.stdout))
+        .expect("a report");
+    assert_eq!(report.steps, 30, "{report:?}");
 }

@@ -131,7 +131,7 @@ fn sync_over_tcp_gives_the_in_process_weights() {
             cfg.plan.model
         );
         assert!(local.summary.test_accuracy == tcp.summary.test_accuracy);
-        if cfg.model().unwrap() == ModelKind::Convnet {
+        if cfg.model().unwrap().kind == ModelKind::Convnet {
             assert!(
                 tcp.summary.test_accuracy >= 0.85,
                 "{}",

@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Args;
 use download::{download_mnist, FileStatus, DEFAULT_MIRRORS};
 use pstrain_compute::mnist::{self, Mnist, Split};
+use pstrain_compute::DataShape;
 use sampler::{shard_indices, shard_sizes, shards_indices};
 use std::io::IsTerminal;
 use std::ops::Range;
@@ -57,15 +58,16 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The training set's size, from its header alone (a worker checks it against the run plan
-/// before it joins); the default folder is filled by a download first, as `load_data` does.
-pub fn train_count(args: &DataArgs) -> Result<usize> {
+/// The training set's size and shape, from its headers and labels (a worker checks them
+/// against the run plan before it joins); the default folder is filled by a download first,
+/// as `load_data` does.
+pub fn train_shape(args: &DataArgs) -> Result<(usize, DataShape)> {
     let dir = args.dir();
     if args.data_dir.is_none() && !mnist::missing_files(&dir).is_empty() {
         eprintln!("MNIST not found in {}; downloading", dir.display());
         download(&dir, &args.mirrors)?;
     }
-    Ok(mnist::train_count(&dir)?)
+    Ok(mnist::train_shape(&dir)?)
 }
 
 /// Loads worker `rank`'s shard of the training set (of `workers`, drawn with `seed`) and
@@ -125,10 +127,14 @@ pub fn load_data(args: &DataArgs) -> Result<Mnist> {
     }
     let started = Instant::now();
     let data = mnist::load_dir(&dir)?;
+    let shape = data.shape();
     eprintln!(
-        "loaded {} training and {} test images from {} in {:.1} s",
+        "loaded {} training and {} test images ({}x{}, {} classes) from {} in {:.1} s",
         data.train.len(),
         data.test.len(),
+        shape.rows,
+        shape.cols,
+        shape.classes,
         dir.display(),
         started.elapsed().as_secs_f64()
     );

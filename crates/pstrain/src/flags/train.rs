@@ -112,8 +112,10 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
         metrics_addr: args.metrics_addr.clone(),
         ..TrainConfig::default()
     };
-    let cfg = args.device.configure(cfg);
+    let mut cfg = args.device.configure(cfg);
     cfg.validate().context("invalid training flags")?;
+    cfg.adopt_data_shape(data.shape())
+        .context("the data set does not fit --model")?;
     cfg.check_data(data.train.len())
         .context("--train-samples must match the data set")?;
     let total_samples = cfg.plan.planned_updates() * cfg.plan.samples_per_update();

@@ -2,7 +2,7 @@
 //! plan and adopts it, so `--servers`, `--rank` and `--data-dir` make a complete command;
 //! run flags it is also given must agree with the plan, or it is refused before it joins.
 
-use crate::data::{load_own_shard, train_count};
+use crate::data::{load_own_shard, train_shape};
 use crate::flags::parse_flags;
 use crate::flags::seconds;
 use crate::flags::worker::WorkerArgs;
@@ -90,8 +90,11 @@ pub(crate) fn prepare(args: &WorkerArgs, token: Option<RunToken>) -> Result<Join
             cfg.plan.model
         );
     }
-    cfg.check_data(train_count(&args.data)?)
+    let (count, shape) = train_shape(&args.data)?;
+    cfg.check_data(count)
         .context("the data set does not fit the run (--train-samples)")?;
+    cfg.check_data_shape(shape)
+        .context("the data set does not fit the run's model")?;
     Ok(Joining {
         cfg,
         layout: served.layout,

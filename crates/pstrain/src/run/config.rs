@@ -5,7 +5,7 @@ use crate::run::device_speed::DeviceSpeed;
 use crate::run::error::TrainError;
 use crate::run::speed_trace::SpeedTrace;
 use crate::run::worker::WorkerConfig;
-use pstrain_compute::{ModelKind, ModelOptions};
+use pstrain_compute::{DataShape, ModelOptions, ModelSpec};
 use pstrain_core::{ConfigError, Rng, RunPlan};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,15 +79,29 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The built-in model the plan names.
-    pub fn model(&self) -> Result<ModelKind, TrainError> {
+    /// The built-in model the plan names, sized for its data shape.
+    pub fn model(&self) -> Result<ModelSpec, TrainError> {
         self.plan.model.parse().map_err(|e: String| {
             TrainError::Config(ConfigError::OutOfRange {
                 field: "model",
-                requirement: "cnn or convnet",
+                requirement: "cnn or convnet, optionally :ROWSxCOLS:CLASSES",
                 value: e,
             })
         })
+    }
+
+    /// Sizes the plan's model for a data set of `data`'s shape: a model named without a shape
+    /// (`cnn`) takes the data's; one named with a shape must fit the data (its images' size,
+    /// at least its classes).
+    pub fn adopt_data_shape(&mut self, data: DataShape) -> Result<(), TrainError> {
+        let spec = self.model()?;
+        let named_with_shape = self.plan.model.contains(':');
+        if named_with_shape || spec.data == data {
+            return spec.fits(data).map_err(TrainError::Data);
+        }
+        let sized = ModelSpec::new(spec.kind, data).map_err(TrainError::Data)?;
+        self.plan.model = sized.to_string();
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {
@@ -233,6 +247,11 @@ impl TrainConfig {
             .rev()
             .find(|(r, _)| *r == rank)
             .map_or_else(drawn, |&(_, f)| f)
+    }
+
+    /// Checks that a worker's data, of `data`'s shape, trains the plan's model.
+    pub fn check_data_shape(&self, data: DataShape) -> Result<(), TrainError> {
+        self.model()?.fits(data).map_err(TrainError::Data)
     }
 
     /// Checks that `data` is what the plan was made for.

@@ -8,7 +8,7 @@ use crate::run::monitor::{Monitor, ServerView};
 use crate::run::worker::{run_worker, WorkerData, WorkerReport};
 use crate::run::{CheckpointPolicy, TrainConfig, TrainError, TrainOutcome};
 use pstrain_compute::mnist::{Mnist, Split};
-use pstrain_compute::{ModelKind, ModelOptions};
+use pstrain_compute::{ModelOptions, ModelSpec};
 use pstrain_core::{EngineConfig, Layout, ShardCounters, ShardEngine, ShardSnapshot, WorkerStats};
 use pstrain_observe::{plan_fields, EvalPoint, RunSnapshot, Watcher};
 use pstrain_store::{Saver, ShardIdentity};
@@ -75,7 +75,7 @@ pub fn train(
 /// The run's engine (resumed from its checkpoints if asked) and its checkpoint saver.
 fn start_engine(
     cfg: &TrainConfig,
-    model: ModelKind,
+    model: ModelSpec,
     observer: &mut dyn Observer,
 ) -> Result<(ShardEngine, Option<Saver>), TrainError> {
     let policy = cfg.checkpoint.as_ref();
@@ -106,7 +106,7 @@ fn start_engine(
 /// The worker threads of a run and what they share.
 struct Threads<'a> {
     cfg: &'a TrainConfig,
-    model: ModelKind,
+    model: ModelSpec,
     data: &'a Mnist,
     server: &'a Arc<InProcServer>,
     stop: &'a AtomicBool,

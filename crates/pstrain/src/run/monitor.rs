@@ -5,7 +5,7 @@ use crate::report::records::{EvalRecord, ProgressRecord, Summary, WorkersRecord}
 use crate::report::Observer;
 use crate::run::{TrainConfig, TrainError};
 use pstrain_compute::mnist::Split;
-use pstrain_compute::{Model, ModelKind, ModelOptions};
+use pstrain_compute::{Model, ModelOptions, ModelSpec};
 use pstrain_core::{ShardCounters, WorkerStats};
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ pub struct Monitor {
 
 impl Monitor {
     /// A monitor for `cfg`'s run, whose model is `model`.
-    pub fn new(cfg: &TrainConfig, model: ModelKind, start: Instant) -> Self {
+    pub fn new(cfg: &TrainConfig, model: ModelSpec, start: Instant) -> Self {
         let train_len = cfg.plan.train_samples;
         let eval_every = cfg
             .eval_every

@@ -266,7 +266,7 @@ mod tests {
         let mut model = ModelKind::Convnet.build(ModelOptions::default());
         let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
         let pixels: Vec<u8> = (0..32 * 784).map(|i| (i * 7 % 256) as u8).collect();
-        let data = Split::from_pixels(&pixels, labels);
+        let data = Split::from_pixels(pstrain_compute::DataShape::MNIST, &pixels, labels);
         let cfg = WorkerConfig {
             rank: 0,
             workers: 1,

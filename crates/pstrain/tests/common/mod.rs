@@ -54,6 +54,45 @@ pub fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Writes an IDX data set of `train` and `test` images of `rows` x `cols` in `classes`
+/// classes into `dir`: each class a bright block in a cell of its own of a grid over the
+/// image (easy to learn), the labels cycling through every class.
+pub fn write_synthetic_shaped(
+    dir: &Path,
+    (train, test): (usize, usize),
+    (rows, cols): (usize, usize),
+    classes: usize,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let grid = (1..).find(|g| g * g >= classes).unwrap();
+    let (cell_h, cell_w) = (rows / grid, cols / grid);
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut pixels = vec![0u8; n * rows * cols];
+        let labels: Vec<u8> = (0..n).map(|i| ((i * 7 + 3) % classes) as u8).collect();
+        for (i, &class) in labels.iter().enumerate() {
+            let (r0, c0) = (
+                usize::from(class) / grid * cell_h,
+                usize::from(class) % grid * cell_w,
+            );
+            for r in r0..r0 + cell_h - 1 {
+                for c in c0..c0 + cell_w - 1 {
+                    pixels[(i * rows + r) * cols + c] = 200 + (i % 50) as u8;
+                }
+            }
+        }
+        std::fs::write(
+            dir.join(format!("{prefix}-images-idx3-ubyte")),
+            encode_idx(&[n as u32, rows as u32, cols as u32], &pixels),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            encode_idx(&[n as u32], &labels),
+        )
+        .unwrap();
+    }
+}
+
 /// Writes an IDX data set of `train` and `test` 28x28 images in 10 classes into `dir`,
 /// where each class is a distinct bright square, so that a model can learn it.
 pub fn write_synthetic_set(dir: &Path, train: usize, test: usize) {
