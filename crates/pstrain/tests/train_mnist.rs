@@ -5,6 +5,8 @@ mod common;
 use common::{cnn_one_epoch, convnet_as_original};
 
 use pstrain::{train, Quiet, TrainConfig};
+use pstrain_compute::mnist::{Mnist, Split};
+use pstrain_compute::DataShape;
 use pstrain_core::Mode;
 use std::sync::atomic::AtomicBool;
 
@@ -90,6 +92,59 @@ fn convnet_sync_200_iterations_reaches_85() {
 fn convnet_async_200_iterations_per_worker_reaches_85() {
     let s = run(convnet_as_original(ASYNC, 400));
     assert_eq!(s.updates, 400);
+    assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
+}
+
+/// Real MNIST as another data set: padded to 32x32 (LeNet's input) with its labels counted
+/// from 1 (as EMNIST's letters are), so 11 classes, the first with no sample.
+fn mnist_padded_counted_from_one() -> Mnist {
+    let pad = |split: &Split| {
+        let shape = DataShape {
+            rows: 32,
+            cols: 32,
+            classes: split.shape.classes + 1,
+        };
+        let mut pixels = vec![0u8; split.len() * shape.pixels()];
+        for (image, padded) in split
+            .pixels
+            .chunks_exact(28 * 28)
+            .zip(pixels.chunks_exact_mut(32 * 32))
+        {
+            for (row, out) in image
+                .chunks_exact(28)
+                .zip(padded[2 * 32..].chunks_exact_mut(32))
+            {
+                out[2..30].copy_from_slice(row);
+            }
+        }
+        let labels = split.labels.iter().map(|&l| l + 1).collect();
+        Split::from_pixels(shape, &pixels, labels)
+    };
+    let data = common::mnist();
+    Mnist {
+        train: pad(&data.train),
+        test: pad(&data.test),
+    }
+}
+
+#[test]
+fn convnet_sized_for_padded_mnist_counted_from_one_reaches_85() {
+    let data = mnist_padded_counted_from_one();
+    let mut cfg = convnet_as_original(SYNC, 200);
+    // The model named without a shape is refused on these images, and sized by the data.
+    let for_mnist = train(&cfg, &data, &mut Quiet, &AtomicBool::new(false));
+    assert!(
+        for_mnist.is_err_and(|e| e.to_string().contains("`--model convnet:32x32:11`")),
+        "a model for 28x28 images must not take 32x32 ones"
+    );
+    cfg.adopt_data_shape(data.shape()).unwrap();
+    assert_eq!(cfg.plan.model, "convnet:32x32:11");
+    let _guard = common::one_at_a_time();
+    let s = train(&cfg, &data, &mut Quiet, &AtomicBool::new(false))
+        .unwrap()
+        .summary;
+    println!("{}", s.render());
+    assert_eq!((s.test_samples, s.updates), (10_000, 200));
     assert!(s.test_accuracy >= 0.85, "{}", s.test_accuracy);
 }
 

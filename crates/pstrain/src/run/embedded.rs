@@ -29,6 +29,10 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     cfg.check_data(data.train.len())?;
+    // Both splits, so that a model of other images is never handed these (`pstrain train`
+    // sizes it from the data first: `TrainConfig::adopt_data_shape`).
+    cfg.check_data_shape(data.train.shape)?;
+    cfg.check_data_shape(data.test.shape)?;
     let model = cfg.model()?;
     let (engine, mut saver) = start_engine(cfg, model, observer)?;
     let server = InProcServer::new(engine);
