@@ -139,24 +139,25 @@ impl ModelSpec {
     /// Whether a data set of `data`'s shape trains this model: the same image size, and
     /// labels inside its classes (a worker's files may hold fewer classes than the run).
     pub fn fits(&self, data: DataShape) -> Result<(), String> {
-        if (data.rows, data.cols) != (self.data.rows, self.data.cols) {
-            return Err(format!(
-                "the data set's images are {}x{}; the run's model `{self}` takes {}x{} \
-                 (`--model {}:{}` fits this data)",
-                data.rows, data.cols, self.data.rows, self.data.cols, self.kind, data
-            ));
-        }
-        if data.classes > self.data.classes {
-            return Err(format!(
-                "the data set's labels go up to {}; the run's model `{self}` has {} classes \
-                 (`--model {}:{}` fits this data)",
+        let misfit = if (data.rows, data.cols) != (self.data.rows, self.data.cols) {
+            format!(
+                "the data set's images are {}x{}; the run's model `{self}` takes {}x{}",
+                data.rows, data.cols, self.data.rows, self.data.cols
+            )
+        } else if data.classes > self.data.classes {
+            format!(
+                "the data set's labels go up to {}; the run's model `{self}` has {} classes",
                 data.classes - 1,
-                self.data.classes,
-                self.kind,
-                data
-            ));
-        }
-        Ok(())
+                self.data.classes
+            )
+        } else {
+            return Ok(());
+        };
+        let fitting = ModelSpec {
+            kind: self.kind,
+            data,
+        };
+        Err(format!("{misfit} (`--model {fitting}` fits this data)"))
     }
 }
 
@@ -194,7 +195,10 @@ impl FromStr for ModelKind {
             .into_iter()
             .find(|m| m.name() == s)
             .ok_or_else(|| {
-                format!("unknown model `{s}` (choose cnn or convnet, for other data sets `cnn:ROWSxCOLS:CLASSES`)")
+                format!(
+                    "unknown model `{s}` (choose cnn or convnet; for other data sets \
+                     `cnn:ROWSxCOLS:CLASSES`)"
+                )
             })
     }
 }

@@ -208,8 +208,7 @@ pub fn load_dir(dir: &Path) -> Result<Mnist, DataError> {
 /// for a training set, that its labels name every class below the largest: see
 /// `label_classes`).
 pub fn load_split(images: &Path, labels: &Path, training: bool) -> Result<Split, DataError> {
-    let (img, labels, count, shape) = open_split(images, labels, training)?;
-    debug_assert_eq!(labels.len(), count);
+    let (img, labels, _, shape) = open_split(images, labels, training)?;
     Ok(Split {
         pixels: img.read_all()?,
         labels,
@@ -290,8 +289,7 @@ fn open_split(
         return Err(bad_dims(labels, &lab.dims, 1));
     }
     let (count, rows, cols) = (img.dims[0], img.dims[1], img.dims[2]);
-    let side = super::shape::MIN_SIDE..=super::shape::MAX_SIDE;
-    if !side.contains(&rows) || !side.contains(&cols) {
+    if !DataShape::sides_fit(rows, cols) {
         return Err(DataError::WrongImageSize {
             path: images.to_owned(),
             rows,
@@ -406,7 +404,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("200") && err.contains("index 3") && err.contains("3"),
+            err.contains("label 200") && err.contains("index 3") && err.contains("class 3"),
             "{err}"
         );
     }

@@ -33,10 +33,15 @@ impl DataShape {
         self.rows * self.cols
     }
 
+    /// Whether the shipped models take images of `rows` x `cols`.
+    pub fn sides_fit(rows: usize, cols: usize) -> bool {
+        let side = MIN_SIDE..=MAX_SIDE;
+        side.contains(&rows) && side.contains(&cols)
+    }
+
     /// Whether the shipped models can be built for it; the reason if not.
     pub fn check(&self) -> Result<(), String> {
-        let side = MIN_SIDE..=MAX_SIDE;
-        if !side.contains(&self.rows) || !side.contains(&self.cols) {
+        if !DataShape::sides_fit(self.rows, self.cols) {
             return Err(format!(
                 "images of {}x{}: the models take {MIN_SIDE} to {MAX_SIDE} pixels a side",
                 self.rows, self.cols
