@@ -13,6 +13,8 @@ pub(crate) struct BufferPlan {
     /// Per gradient buffer, an activation buffer no backward reads that it borrows during
     /// backward (the largest dead one for the gradient buffer that needs the most).
     pub lend: [Option<usize>; 2],
+    /// Per buffer, its values per sample of a batch (buffer 0, the images, is the caller's).
+    pub sizes: Vec<usize>,
 }
 
 impl BufferPlan {
@@ -70,6 +72,7 @@ impl BufferPlan {
             lend[g] = Some(b);
         }
         BufferPlan {
+            sizes: (0..buffers).map(size).collect(),
             slot,
             buffers,
             lend,

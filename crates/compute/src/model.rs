@@ -39,6 +39,9 @@ pub trait Model: Send {
     /// Values per input sample (784 for 28x28 images).
     fn input_len(&self) -> usize;
     fn classes(&self) -> usize;
+    /// Values a training step keeps per sample of its batch, at the least (its activations):
+    /// what a batch size costs in memory, checked before a run allocates it.
+    fn values_per_sample(&self) -> usize;
     /// Fills `params` with a fresh initialisation.
     fn init_params(&self, params: &mut [f32], rng: &mut Rng);
     /// Forward and backward on one batch; writes the gradient of the mean loss into `grads`.

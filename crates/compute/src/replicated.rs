@@ -64,6 +64,11 @@ impl Model for Replicated {
         self.replicas[0].classes()
     }
 
+    fn values_per_sample(&self) -> usize {
+        // The replicas split a batch: together they hold what one would.
+        self.replicas[0].values_per_sample()
+    }
+
     fn init_params(&self, params: &mut [f32], rng: &mut Rng) {
         self.replicas[0].init_params(params, rng);
     }

@@ -243,6 +243,10 @@ impl Model for Sequential {
         self.classes
     }
 
+    fn values_per_sample(&self) -> usize {
+        self.plan.sizes.iter().skip(1).sum()
+    }
+
     fn init_params(&self, params: &mut [f32], rng: &mut Rng) {
         for (layer, range) in self.layers.iter().zip(&self.ranges) {
             layer.init(&mut params[range.clone()], rng);

@@ -96,8 +96,19 @@ pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> usize {
     n.div_ceil(workers.max(1)).div_ceil(batch.max(1)).max(1)
 }
 
+/// The most workers a plan may name (peers size per-worker tables from it, so the wire
+/// bounds it before anyone allocates, and a shard refuses to serve a plan past it).
+pub const MAX_WORKERS: usize = 1 << 16;
+
 impl RunPlan {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers > MAX_WORKERS {
+            return Err(ConfigError::out_of_range(
+                "workers",
+                "at most 65536",
+                self.workers,
+            ));
+        }
         if self.batch_size == 0 || self.batch_size > u32::MAX as usize {
             return Err(ConfigError::out_of_range(
                 "batch_size",

@@ -95,3 +95,20 @@ fn auto_replays_pulls_in_sync_runs_only() {
         assert!(sync.allows_push(rung.push) && sync.allows_pull(rung.pull));
     }
 }
+
+/// A plan names no more workers than the wire carries: a shard refuses to serve one past
+/// it, rather than starting and then refusing every worker's handshake.
+#[test]
+fn a_plan_past_the_wires_worker_bound_is_invalid() {
+    let at = RunPlan {
+        workers: MAX_WORKERS,
+        ..RunPlan::default()
+    };
+    assert!(at.validate().is_ok());
+    let past = RunPlan {
+        workers: MAX_WORKERS + 1,
+        ..at
+    };
+    let err = past.validate().unwrap_err().to_string();
+    assert!(err.contains("workers") && err.contains("65536"), "{err}");
+}

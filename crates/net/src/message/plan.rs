@@ -2,12 +2,10 @@
 
 use crate::codec::{Reader, Writer};
 use crate::error::NetError;
+pub use pstrain_core::plan::MAX_WORKERS;
 use pstrain_core::{
     Aggregate, GradientClip, Mode, OptimizerConfig, PullCodec, PushCodec, RunPlan, ScheduleKind,
 };
-
-/// The most workers a plan may name.
-pub const MAX_WORKERS: usize = 1 << 16;
 
 pub fn encode_plan(w: &mut Writer, p: &RunPlan) {
     let (mode_tag, mode_param) = p.mode.to_wire();

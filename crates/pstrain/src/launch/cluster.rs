@@ -203,6 +203,8 @@ pub fn train_tcp(
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     cfg.check_data(data.train.len())?;
+    // Every worker process runs on this machine.
+    cfg.check_memory(cfg.plan.workers)?;
     if cluster.shards == 0 {
         return Err(TrainError::Launch("at least one shard is needed".into()));
     }

@@ -95,6 +95,8 @@ pub(crate) fn prepare(args: &WorkerArgs, token: Option<RunToken>) -> Result<Join
         .context("the data set does not fit the run (--train-samples)")?;
     cfg.check_data_shape(shape)
         .context("the data set does not fit the run's model")?;
+    // The batch size is the shards' word: one this machine cannot hold is refused here.
+    cfg.check_memory(args.count.max(1) as usize)?;
     Ok(Joining {
         cfg,
         layout: served.layout,

@@ -91,6 +91,10 @@ impl Model for GatedModel {
         self.inner.classes()
     }
 
+    fn values_per_sample(&self) -> usize {
+        self.inner.values_per_sample()
+    }
+
     fn init_params(&self, params: &mut [f32], rng: &mut Rng) {
         self.inner.init_params(params, rng)
     }

@@ -254,6 +254,17 @@ impl TrainConfig {
         self.model()?.fits(data).map_err(TrainError::Data)
     }
 
+    /// Checks that `workers` of this run's workers fit in this machine's memory
+    /// (`memory_fit`) at the plan's batch size (speed-balanced batches vary around it, and
+    /// add up to it on average).
+    pub fn check_memory(&self, workers: usize) -> Result<(), TrainError> {
+        let model = self
+            .model()?
+            .build(pstrain_compute::ModelOptions::default());
+        let batch = self.plan.batch_size;
+        crate::run::memory_fit::check_workers_fit(model.as_ref(), workers, batch)
+    }
+
     /// Checks that `data` is what the plan was made for.
     pub fn check_data(&self, train_len: usize) -> Result<(), TrainError> {
         if train_len != self.plan.train_samples {

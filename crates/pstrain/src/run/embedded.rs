@@ -33,6 +33,7 @@ pub fn train(
     // sizes it from the data first: `TrainConfig::adopt_data_shape`).
     cfg.check_data_shape(data.train.shape)?;
     cfg.check_data_shape(data.test.shape)?;
+    cfg.check_memory(cfg.plan.workers)?;
     let model = cfg.model()?;
     let (engine, mut saver) = start_engine(cfg, model, observer)?;
     let server = InProcServer::new(engine);

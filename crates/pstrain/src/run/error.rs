@@ -23,6 +23,9 @@ pub enum TrainError {
     /// The data set is not the one the run was planned for.
     #[error("{0}")]
     Data(String),
+    /// The machine's memory cannot hold the run's workers.
+    #[error("not enough memory: {0}")]
+    Memory(String),
     /// The metrics address could not be served.
     #[error("metrics: {0}")]
     Metrics(String),

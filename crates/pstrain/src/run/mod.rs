@@ -8,6 +8,7 @@ pub mod device_speed;
 pub mod embedded;
 pub mod error;
 pub mod inproc;
+pub mod memory_fit;
 pub mod monitor;
 mod overlapped;
 pub mod speed_trace;
