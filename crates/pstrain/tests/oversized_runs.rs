@@ -51,6 +51,14 @@ fn a_batch_or_workers_past_the_memory_are_refused_before_allocating() {
     refused(&out, &["not enough memory"]);
     let out = train(dir.path(), &["--workers", "65536"]);
     refused(&out, &["not enough memory", "65536 workers"]);
+    // The benchmark's runs too.
+    let out = Command::new(common::pstrain_bin())
+        .args(["bench", "--batch-size", "100000000", "--seconds", "1"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    refused(&out, &["not enough memory"]);
     // Past the wire's bound, the plan itself is refused.
     let out = train(dir.path(), &["--workers", "65537"]);
     refused(&out, &["workers must be at most 65536"]);

@@ -188,6 +188,12 @@ pub fn run_bench(
     data: &Mnist,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, TrainError> {
+    // Its largest run's workers, all in this process, must fit before any allocates.
+    let workers = cfg.workers.iter().copied().max().unwrap_or(1);
+    for model in &cfg.models {
+        let built = model.build(ModelOptions::default());
+        crate::run::memory_fit::check_workers_fit(built.as_ref(), workers, cfg.batch_size)?;
+    }
     let mut compute = Vec::new();
     for &model in &cfg.models {
         for &threads in &cfg.threads {
