@@ -83,7 +83,10 @@ impl CheckpointDir {
         identity: &ShardIdentity,
         key: Option<&FileKey>,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
-        self.newest(max_bytes_for(identity), key, |c| &c.identity == identity)
+        let accept = |c: &Checkpoint| &c.identity == identity;
+        // A refused file says how it differs from this shard.
+        let why = |c: &Checkpoint| unlike(c, identity);
+        self.newest(max_bytes_for(identity), key, accept, why)
     }
 
     /// The newest intact checkpoint accepted by `accept`.
@@ -92,15 +95,18 @@ impl CheckpointDir {
         key: Option<&FileKey>,
         accept: impl Fn(&Checkpoint) -> bool,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
-        self.newest(DEFAULT_MAX_BYTES, key, accept)
+        let why = |c: &Checkpoint| format!("saved for {}", describe(&c.identity));
+        self.newest(DEFAULT_MAX_BYTES, key, accept, why)
     }
 
-    /// The newest file of at most `max_bytes` that reads back intact and is accepted.
+    /// The newest file of at most `max_bytes` that reads back intact and is accepted; each
+    /// one refused says `why`.
     fn newest(
         &self,
         max_bytes: u64,
         key: Option<&FileKey>,
         accept: impl Fn(&Checkpoint) -> bool,
+        why: impl Fn(&Checkpoint) -> String,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
         let mut problems = Vec::new();
         for (_, path) in self.list() {
@@ -108,12 +114,50 @@ impl CheckpointDir {
                 Ok(c) if accept(&c) => return (Some((path, c)), problems),
                 Ok(c) => problems.push(StoreError::Mismatch {
                     path: path.clone(),
-                    why: format!("saved for {:?}", c.identity),
+                    why: why(&c),
                 }),
                 Err(e) => problems.push(e),
             }
         }
         (None, problems)
+    }
+}
+
+/// A checkpoint's identity in words.
+fn describe(id: &ShardIdentity) -> String {
+    format!(
+        "run {}, shard {} of {}, values {}..{}",
+        id.run_id, id.shard, id.shards, id.range.start, id.range.end
+    )
+}
+
+/// How checkpoint `file` differs from the shard `ours`, in words.
+pub(crate) fn unlike(file: &Checkpoint, ours: &ShardIdentity) -> String {
+    let theirs = &file.identity;
+    let mut why = Vec::new();
+    if theirs.run_id != ours.run_id {
+        why.push(format!(
+            "saved by run {}, this is run {}",
+            theirs.run_id, ours.run_id
+        ));
+    }
+    if (theirs.shard, theirs.shards) != (ours.shard, ours.shards) {
+        why.push(format!(
+            "saved for shard {} of {}, this is shard {} of {}",
+            theirs.shard, theirs.shards, ours.shard, ours.shards
+        ));
+    }
+    if theirs.range != ours.range || theirs.fingerprint != ours.fingerprint {
+        why.push(format!(
+            "its model (`{}`) has values {}..{} here, this run's {}..{} (another model, or one \
+             sized for other data)",
+            file.model, theirs.range.start, theirs.range.end, ours.range.start, ours.range.end
+        ));
+    }
+    if why.is_empty() {
+        describe(theirs)
+    } else {
+        why.join("; ")
     }
 }
 
@@ -220,13 +264,37 @@ mod tests {
             problems
         );
 
-        // Another shard's identity matches nothing.
-        let other = ShardIdentity { shard: 0, ..id };
+        // Another shard's identity matches nothing, and each refusal says how it differs.
+        let other = ShardIdentity {
+            shard: 0,
+            ..id.clone()
+        };
         let (found, problems) = dir.load_newest(&other, None);
         assert!(found.is_none());
-        assert!(problems
-            .iter()
-            .any(|p| matches!(p, StoreError::Mismatch { .. })));
+        let mismatch = |problems: &[StoreError]| {
+            (problems.iter())
+                .find(|p| matches!(p, StoreError::Mismatch { .. }))
+                .map(ToString::to_string)
+                .expect("a mismatch")
+        };
+        let said = mismatch(&problems);
+        assert!(
+            said.contains("saved for shard 1 of 2, this is shard 0 of 2")
+                && !said.contains("values"),
+            "{said}"
+        );
+        // A model of another size (another data shape) is named, with both ranges.
+        let wider = ShardIdentity {
+            range: 10..20,
+            fingerprint: 0xdef,
+            ..id
+        };
+        let (_, problems) = dir.load_newest(&wider, None);
+        let said = mismatch(&problems);
+        assert!(
+            said.contains("its model (`convnet`) has values 10..14 here, this run's 10..20"),
+            "{said}"
+        );
     }
 
     /// Files that are not what they seem never stall or flood a restore, and an intact file

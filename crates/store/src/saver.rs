@@ -152,7 +152,12 @@ impl Saver {
                 }
                 Ok(c) => unreadable.push(StoreError::Mismatch {
                     path,
-                    why: format!("saved for {:?} at {}", c.identity, c.state.version),
+                    why: format!(
+                        "{}; version {} where the manifest says {}",
+                        crate::folder::unlike(&c, &self.identity),
+                        c.state.version,
+                        m.version
+                    ),
                 }),
                 Err(e) => unreadable.push(e),
             }
