@@ -12,6 +12,10 @@ pub enum NetError {
     Io(#[from] std::io::Error),
     #[error("timed out {0}")]
     Timeout(&'static str),
+    /// A peer took the connection and did not answer the handshake in time (a timeout, said
+    /// with where and what it may mean).
+    #[error("no answer: {0}")]
+    NoAnswer(String),
     #[error("peer closed the connection {0}")]
     Closed(&'static str),
     #[error("bad frame: {0}")]
@@ -71,7 +75,7 @@ impl NetError {
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
-            NetError::Io(_) | NetError::Closed(_) | NetError::Timeout(_)
+            NetError::Io(_) | NetError::Closed(_) | NetError::Timeout(_) | NetError::NoAnswer(_)
         )
     }
 

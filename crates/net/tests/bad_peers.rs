@@ -517,3 +517,32 @@ fn in_async_pulls_past_the_budget_share_a_copy_being_sent_instead_of_copying_aga
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 2);
 }
+
+/// A port that accepts connections and never answers (another service waiting for its own
+/// request, a stuck process) is named, with what it most likely is, by `describe` and by a
+/// client's handshake alike: not a bare "timed out".
+#[test]
+fn an_address_that_accepts_and_never_answers_is_named_as_likely_not_a_shard() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let second = Duration::from_secs(1);
+    let err = pstrain_net::describe(std::slice::from_ref(&addr), second, second, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&addr) && err.contains("did not answer the handshake"),
+        "{err}"
+    );
+    assert!(err.contains("is that address a pstrain shard"), "{err}");
+    let mode = Mode::Async {
+        max_staleness: None,
+    };
+    let mut cfg = ClientConfig::new(vec![addr.clone()], Role::Worker, 0, plan(mode, 1), layout());
+    (cfg.io_timeout, cfg.connect_timeout) = (second, second);
+    let err = TcpClient::connect(&cfg).err().expect("refused").to_string();
+    assert!(
+        err.contains(&addr) && err.contains("did not answer the handshake"),
+        "{err}"
+    );
+    drop(silent);
+}

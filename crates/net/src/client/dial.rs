@@ -43,23 +43,27 @@ pub fn describe(
         .build()?;
     let replies = rt.block_on(try_join_all(servers.iter().enumerate().map(
         |(i, addr)| async move {
-            let mut conn = dial(i, addr, io_timeout, connect_timeout, tls).await?;
-            let proof = match authenticate(&mut conn, token, addr, io_timeout).await? {
-                Some((t, mine, theirs)) => t.prove(DESCRIBE_LABEL, &mine, &theirs, &[]),
-                None => NO_PROOF,
+            let asked = async {
+                let mut conn = dial(i, addr, io_timeout, connect_timeout, tls).await?;
+                let proof = match authenticate(&mut conn, token, addr, io_timeout).await? {
+                    Some((t, mine, theirs)) => t.prove(DESCRIBE_LABEL, &mine, &theirs, &[]),
+                    None => NO_PROOF,
+                };
+                conn.send_request(&Request::Describe { proof }, 0, &[])
+                    .await?;
+                let me = match conn.read_reply(io_timeout, HELLO_LIMIT, 0).await? {
+                    Reply::Described(d) => d,
+                    other => {
+                        return Err(NetError::Unexpected {
+                            got: other.kind(),
+                            expected: "description",
+                        })
+                    }
+                };
+                conn.shutdown().await;
+                Ok(me)
             };
-            conn.send_request(&Request::Describe { proof }, 0, &[])
-                .await?;
-            let me = match conn.read_reply(io_timeout, HELLO_LIMIT, 0).await? {
-                Reply::Described(d) => d,
-                other => {
-                    return Err(NetError::Unexpected {
-                        got: other.kind(),
-                        expected: "description",
-                    })
-                }
-            };
-            conn.shutdown().await;
+            let me = asked.await.map_err(|e| silent(i, addr, io_timeout, e))?;
             served_by(i, servers.len(), addr, me)
         },
     )))?;
@@ -168,8 +172,23 @@ pub(super) async fn connect_shard(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            other => return other,
+            Err(e) => return Err(silent(shard, addr, cfg.io_timeout, e)),
+            ok => return ok,
         }
+    }
+}
+
+/// A handshake that timed out, said with where and what it may mean: a port that accepts
+/// connections and never answers is most often not a pstrain shard at all.
+fn silent(shard: usize, addr: &str, io: Duration, e: NetError) -> NetError {
+    match e {
+        NetError::Timeout(_) => NetError::NoAnswer(format!(
+            "shard {shard} at {addr} accepted the connection but did not answer the handshake \
+             in {:.0} s: is that address a pstrain shard (not its metrics page or another \
+             service)?",
+            io.as_secs_f64()
+        )),
+        other => other,
     }
 }
 
