@@ -194,6 +194,13 @@ def test_bad_gradients_are_refused_and_the_server_keeps_serving():
             bad.push({"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}, samples=1)
         with pytest.raises(ValueError, match="values"):
             bad.push(np.zeros(5, np.float32), samples=1)
+        # A list is one flat gradient like an array (of the wrong length here), not names.
+        with pytest.raises(ValueError, match="gradient has 5 values, the model has 9"):
+            bad.push([0.0] * 5, samples=1)
+        # A pull into an array it cannot fill says what `out` must be.
+        for out in (np.zeros(9, np.float64), np.zeros((3, 3), np.float32), [0.0] * 9):
+            with pytest.raises(ValueError, match="`out` must be a flat, contiguous, writeable"):
+                bad.pull_flat(out=out)
         nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}
         with pytest.raises(pstrain.PstrainError, match="non-finite"):
             bad.push(nan, samples=1)

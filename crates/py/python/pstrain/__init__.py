@@ -15,6 +15,7 @@ released; tensors move Rust-to-Rust over pstrain's TCP protocol.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -182,6 +183,17 @@ class Client:
         fraction of the model. Without it every value comes as fp32 (in a run of replayed
         pulls, with the optimizer's state as well). A different array raises ``ValueError``;
         values changed in ``out`` between pulls stay changed."""
+        if out is not None and not (
+            isinstance(out, np.ndarray)
+            and out.dtype == np.float32
+            and out.ndim == 1
+            and out.flags.c_contiguous
+            and out.flags.writeable
+        ):
+            what = (f"a {out.dtype} array of shape {out.shape}" if isinstance(out, np.ndarray)
+                    else type(out).__name__)
+            raise ValueError(f"`out` must be a flat, contiguous, writeable float32 array "
+                             f"(such as flat_zeros()'s), not {what}")
         flat, _version, done = self._raw.pull(wait, out, update)
         self.done = done
         return flat
@@ -198,12 +210,15 @@ class Client:
         ``samples`` samples (its weight in a sync step). Returns the server's verdict:
         ``{"outcome": "applied" | "buffered" | "dropped" | "done", ...}``. A gradient with
         NaN or Inf values is refused with ``PstrainError``."""
-        if isinstance(grads, np.ndarray):
-            flat = grads
-            if flat.dtype != np.float32 or flat.ndim != 1 or not flat.flags.c_contiguous:
-                flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
-        else:
+        if isinstance(grads, collections.abc.Mapping):
             flat = self.flatten(grads)
+        else:
+            # One flat gradient: an array, or anything numpy reads as one (a list, a CPU
+            # tensor), as float32 values in the servers' layout order.
+            flat = grads
+            if not (isinstance(flat, np.ndarray) and flat.dtype == np.float32
+                    and flat.ndim == 1 and flat.flags.c_contiguous):
+                flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
         result = self._raw.push(flat, int(samples), float(loss), base_version)
         if result.get("outcome") == "done":
             self.done = True
