@@ -198,8 +198,12 @@ def test_bad_gradients_are_refused_and_the_server_keeps_serving():
         with pytest.raises(ValueError, match="gradient has 5 values, the model has 9"):
             bad.push([0.0] * 5, samples=1)
         # A pull into an array it cannot fill says what `out` must be.
-        for out in (np.zeros(9, np.float64), np.zeros((3, 3), np.float32), [0.0] * 9):
-            with pytest.raises(ValueError, match="`out` must be a flat, contiguous, writeable"):
+        must = "`out` must be a flat, contiguous, writeable float32 array"
+        for out in (np.zeros(9, np.float64), [0.0] * 9):
+            with pytest.raises(TypeError, match=must):
+                bad.pull_flat(out=out)
+        for out in (np.zeros((3, 3), np.float32), np.zeros(18, np.float32)[::2]):
+            with pytest.raises(ValueError, match=must):
                 bad.pull_flat(out=out)
         nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}
         with pytest.raises(pstrain.PstrainError, match="non-finite"):

@@ -183,17 +183,8 @@ class Client:
         fraction of the model. Without it every value comes as fp32 (in a run of replayed
         pulls, with the optimizer's state as well). A different array raises ``ValueError``;
         values changed in ``out`` between pulls stay changed."""
-        if out is not None and not (
-            isinstance(out, np.ndarray)
-            and out.dtype == np.float32
-            and out.ndim == 1
-            and out.flags.c_contiguous
-            and out.flags.writeable
-        ):
-            what = (f"a {out.dtype} array of shape {out.shape}" if isinstance(out, np.ndarray)
-                    else type(out).__name__)
-            raise ValueError(f"`out` must be a flat, contiguous, writeable float32 array "
-                             f"(such as flat_zeros()'s), not {what}")
+        if out is not None:
+            _check_out(out)
         flat, _version, done = self._raw.pull(wait, out, update)
         self.done = done
         return flat
@@ -237,6 +228,18 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.leave()
+
+
+def _check_out(out: object) -> None:
+    """An array a pull can fill in place: ``TypeError`` for another type or dtype,
+    ``ValueError`` for another shape or memory."""
+    need = "`out` must be a flat, contiguous, writeable float32 array (such as flat_zeros()'s)"
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+        what = f"{out.dtype} array" if isinstance(out, np.ndarray) else type(out).__name__
+        raise TypeError(f"{need}, not a {what}")
+    if out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{need}; this one has shape {out.shape}, "
+                         f"contiguous={out.flags.c_contiguous}, writeable={out.flags.writeable}")
 
 
 def _flags(values: Mapping[str, object]) -> List[str]:
