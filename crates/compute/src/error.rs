@@ -18,6 +18,14 @@ pub enum DataError {
     },
     #[error("{path}: decompressed data exceeds the {limit}-byte limit")]
     TooLarge { path: PathBuf, limit: u64 },
+    /// The header's dimensions promise more data than any set this loader takes.
+    #[error("{path}: its header promises {dims} ({bytes} bytes), past the {limit}-byte limit")]
+    PromisesTooMuch {
+        path: PathBuf,
+        dims: String,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("{path}: not an IDX file: {reason}")]
     BadHeader { path: PathBuf, reason: String },
     #[error("{path}: expected magic {expected} ({what}), found {found}")]

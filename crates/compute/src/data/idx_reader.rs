@@ -105,8 +105,11 @@ impl IdxReader {
             .collect();
         let body = self.body_len()?;
         if body > MAX_DECOMPRESSED {
-            return Err(DataError::TooLarge {
+            let dims: Vec<String> = self.dims.iter().map(usize::to_string).collect();
+            return Err(DataError::PromisesTooMuch {
                 path: self.path.clone(),
+                dims: dims.join(" x "),
+                bytes: body,
                 limit: MAX_DECOMPRESSED,
             });
         }
@@ -331,7 +334,12 @@ mod tests {
         let bytes = encode_idx(&[1 << 20, 64, 64], &[0; 16]);
         let path = write(&dir, "d.idx.gz", &bytes, true);
         let err = IdxReader::open(&path, IMAGES_MAGIC, "images").unwrap_err();
-        assert!(matches!(err, DataError::TooLarge { .. }), "{err}");
+        assert!(matches!(err, DataError::PromisesTooMuch { .. }), "{err}");
+        let said = err.to_string();
+        assert!(
+            said.contains("its header promises 1048576 x 64 x 64 (4294967296 bytes)"),
+            "{said}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 }
