@@ -9,7 +9,6 @@ use crate::layers::Layer;
 #[derive(Debug, Clone)]
 pub(crate) struct BufferPlan {
     pub slot: Vec<usize>,
-    pub buffers: usize,
     /// Per gradient buffer, an activation buffer no backward reads that it borrows during
     /// backward (the largest dead one for the gradient buffer that needs the most).
     pub lend: [Option<usize>; 2],
@@ -18,6 +17,11 @@ pub(crate) struct BufferPlan {
 }
 
 impl BufferPlan {
+    /// How many buffers the chain uses (the images' included).
+    pub fn buffers(&self) -> usize {
+        self.sizes.len()
+    }
+
     pub fn new(layers: &[Box<dyn Layer>]) -> Self {
         let n = layers.len();
         let mut slot = vec![0usize; n + 1];
@@ -74,7 +78,6 @@ impl BufferPlan {
         BufferPlan {
             sizes: (0..buffers).map(size).collect(),
             slot,
-            buffers,
             lend,
         }
     }

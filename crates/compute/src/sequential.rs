@@ -51,7 +51,7 @@ impl Sequential {
         let layers: Vec<Box<dyn Layer>> = layers.into_iter().map(|(_, l)| l).collect();
         let plan = BufferPlan::new(&layers);
         Sequential {
-            acts: vec![Vec::new(); plan.buffers],
+            acts: vec![Vec::new(); plan.buffers()],
             plan,
             layers,
             ranges,
@@ -330,7 +330,7 @@ mod tests {
             slot[8], slot[7],
             "relu3 in place (fc1 reads its input only)"
         );
-        assert_eq!(cnn.plan.buffers, 8);
+        assert_eq!(cnn.plan.buffers(), 8);
         assert!(cnn.plan.lend.contains(&Some(slot[3])), "{:?}", cnn.plan);
     }
 

@@ -282,13 +282,6 @@ fn a_worker_whose_data_does_not_fit_the_shards_model_is_refused_with_the_one_tha
         "{stderr}"
     );
     let fits = common::shard(&[&["--model", "convnet:20x24:16"], &plan[..]].concat());
-    let out = worker(&fits.addr);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = pstrain::launch::supervisor::parse_report(&String::from_utf8_lossy(&out.stdout))
-        .expect("a report");
+    let report = common::worker_report(&worker(&fits.addr));
     assert_eq!(report.steps, 30, "{report:?}");
 }

@@ -85,14 +85,7 @@ fn a_worker_told_a_batch_it_cannot_hold_is_refused_and_the_shard_serves_on() {
     );
     // The shard is still there for a worker that fits; a plan this machine holds runs.
     let fits = common::shard(&[&plan[..], &["20", "--batch-size", "8"]].concat());
-    let out = worker(&fits.addr, "0");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats = pstrain::launch::supervisor::parse_report(&String::from_utf8_lossy(&out.stdout))
-        .expect("a report");
+    let stats = common::worker_report(&worker(&fits.addr, "0"));
     assert_eq!(stats.steps, 20, "{stats:?}");
     let second = Duration::from_secs(1);
     let served = pstrain_net::describe(

@@ -5,7 +5,6 @@
 mod common;
 
 use common::shard;
-use pstrain::launch::supervisor::parse_report;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,9 +53,7 @@ fn a_worker_with_only_addresses_rank_and_data_runs_the_shards_plan_and_stops() {
         &["--servers", &s.addr, "--rank", "0"],
         Duration::from_secs(60),
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report = parse_report(&String::from_utf8_lossy(&out.stdout)).expect("a report");
+    let report = common::worker_report(&out);
     // One async worker: every push is one update, and the run ends at the plan's 300.
     assert_eq!(report.steps, 300, "{report:?}");
     assert_eq!(report.samples, 300 * 128);

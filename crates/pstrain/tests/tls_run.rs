@@ -4,7 +4,6 @@
 
 mod common;
 
-use pstrain::launch::supervisor::parse_report;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -83,9 +82,7 @@ fn a_run_over_tls_reaches_its_threshold() {
         .arg(common::mnist_dir())
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&worker.stderr);
-    assert!(worker.status.success(), "{stderr}");
-    let report = parse_report(&String::from_utf8_lossy(&worker.stdout)).expect("a report");
+    let report = common::worker_report(&worker);
     assert_eq!(report.steps, 600);
 
     let started = Instant::now();

@@ -12,7 +12,7 @@ use pstrain_compute::Model;
 
 /// What one worker of `model` allocates at the least for batches of up to `batch` samples,
 /// in bytes.
-pub fn worker_bytes(model: &dyn Model, batch: usize) -> u128 {
+fn worker_bytes(model: &dyn Model, batch: usize) -> u128 {
     let values = model.layout().len() as u128;
     let per_sample = (model.input_len() + model.values_per_sample()) as u128;
     let batch = batch as u128;

@@ -10,6 +10,17 @@ use pstrain_core::{Aggregate, Mode, OptimizerConfig};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+/// The report of a `pstrain worker` process that exited successfully (its stderr if not).
+pub fn worker_report(out: &std::process::Output) -> pstrain::run::worker::WorkerReport {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pstrain::launch::supervisor::parse_report(&String::from_utf8_lossy(&out.stdout))
+        .expect("a report")
+}
+
 /// Real MNIST: `PSTRAIN_DATA_DIR`, else the shared folder beside the checkout, else
 /// `./data/mnist` at the workspace root (where `pstrain train` downloads it).
 pub fn mnist_dir() -> PathBuf {
