@@ -122,3 +122,25 @@ fn an_evicted_worker_rejoins_and_carries_on() {
     let report = server.finish().unwrap();
     assert!(report.stats.gradients_applied >= 4, "{:?}", report.stats);
 }
+
+/// A worker that said goodbye while its heartbeats still beat (a Python client kept in scope
+/// after `leave()`, say) does not hold the run open: the shard finishes as soon as every
+/// worker has left, with the heartbeat connection still there.
+#[test]
+fn heartbeats_alone_do_not_hold_a_finished_run_open() {
+    let cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 1));
+    assert!(cfg.exit_when_finished);
+    let server = ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 1).unwrap();
+    let ccfg = client_cfg(vec![server.address().to_string()]);
+    let mut client = TcpClient::connect(&ccfg).unwrap();
+    let beats = Heartbeat::start(client.config(), Duration::from_millis(100)).unwrap();
+    // Long enough for the heartbeat connection to be made and beat a few times.
+    std::thread::sleep(Duration::from_millis(500));
+    client.goodbye().unwrap();
+    let report = server.wait(Some(PROMPTLY)).unwrap();
+    drop(beats);
+    assert!(
+        report.is_some(),
+        "the shard kept serving a run whose only worker had left, held by its heartbeats"
+    );
+}

@@ -50,7 +50,8 @@ pub(crate) struct RawClient {
     layout: Layout,
     workers: usize,
     mode: &'static str,
-    _heartbeat: Option<Heartbeat>,
+    /// Stopped by `leave`: a shard does not wait on the heartbeats of a worker that left.
+    heartbeat: Mutex<Option<Heartbeat>>,
     /// The address of the array the last pull wrote wholly (`pull(update=True)` must be given
     /// it back: what the shards send is relative to what it holds).
     filled: Mutex<Option<usize>>,
@@ -128,7 +129,7 @@ impl RawClient {
             layout: served.layout,
             workers: served.plan.workers,
             mode: served.plan.mode.name(),
-            _heartbeat: heartbeat,
+            heartbeat: Mutex::new(heartbeat),
             filled: Mutex::new(None),
         })
     }
@@ -335,6 +336,12 @@ impl RawClient {
 
     /// Leaves the run (a sync step no longer waits for this worker). Idempotent.
     fn leave(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| lock(&self.client).goodbye()).map_err(err)
+        py.detach(|| {
+            let said = lock(&self.client).goodbye();
+            // Dropping the heartbeats ends their thread and closes their connections.
+            drop(lock(&self.heartbeat).take());
+            said
+        })
+        .map_err(err)
     }
 }

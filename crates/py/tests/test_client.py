@@ -183,6 +183,27 @@ def test_a_push_names_the_version_its_gradient_was_computed_on():
         client.leave()
 
 
+@pytest.mark.parametrize("lanes", [True, False])
+def test_a_run_ends_when_its_worker_leaves_though_the_client_is_still_in_scope(lanes):
+    """`leave()` stops the client's heartbeats: a shard waited on while the client object
+    lives (the last pull saw the run done, then `leave()`) ends at once. Before, the
+    heartbeat connection held it open for as long as the client lived."""
+    server = pstrain.Server(small_params(), workers=1, mode="sync", optimizer="sgd", lr=0.1,
+                            iterations=4, batch_size=8)
+    client = pstrain.Client([server.address], rank=0, lanes=lanes, heartbeat=0.05)
+    flat, _ = client.flat_zeros()
+    client.pull()
+    for _ in range(4):
+        client.push(flat, 8)
+        client.pull()
+    assert client.done
+    time.sleep(0.3)  # the heartbeat connection is up and beating
+    client.leave()
+    report = server.wait(10)
+    assert report is not None, "the shard kept waiting with the client still in scope"
+    assert report["version"] == 4
+
+
 def test_bad_gradients_are_refused_and_the_server_keeps_serving():
     with pstrain.Server(small_params(), workers=2, mode="async", optimizer="sgd", lr=0.1) as server:
         bad = pstrain.Client([server.address], rank=0)

@@ -156,6 +156,15 @@ def test_a_non_float32_module_is_refused():
         parameters_of(Tiny().double())
 
 
+def test_a_lazy_module_not_yet_run_is_refused_with_what_to_do():
+    lazy = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"`0.weight` is not initialised yet .*run one batch"):
+        parameters_of(lazy)
+    lazy(torch.zeros(2, 5))
+    assert {n: a.shape for n, a in parameters_of(lazy).items()} == {"0.weight": (3, 5),
+                                                                   "0.bias": (3,)}
+
+
 def test_export_of_a_module_run_loads_with_strict_true(data_dir, tmp_path):
     """`Server.from_module` with checkpoints, 60 updates from the example's cnn, then
     `pstrain export`: the file loads into a fresh module with strict=True and holds exactly
@@ -182,6 +191,52 @@ def test_export_of_a_module_run_loads_with_strict_true(data_dir, tmp_path):
     loaded = example.build_model()
     assert load_export(loaded, str(out), strict=True) == []
     for (name, a), (_, b) in zip(loaded.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+class WithScalar(nn.Module):
+    """A 0-d parameter (a learned temperature, ReZero's alpha) beside a layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 1)
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_a_module_with_a_scalar_parameter_is_served_with_its_shape_and_exports(tmp_path):
+    """A 0-d parameter keeps its shape `()` on the servers (it was served as `[1]`, and the
+    module that had built the server was then refused by it), trains, and an export loads
+    back with strict=True."""
+    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
+    ckpt = tmp_path / "ckpt"
+    server = pstrain.Server.from_module(
+        WithScalar(), workers=1, mode="sync", optimizer="sgd", lr=0.1, lr_schedule="constant",
+        iterations=6, batch_size=8, checkpoint_dir=str(ckpt), checkpoint_secs=0)
+    client = pstrain.Client([server.address])
+    assert client.layout["scale"] == ()
+    worker = ModuleWorker(client, WithScalar())
+    module = worker.module
+    worker.pull()
+    torch.manual_seed(1)
+    for _ in range(6):
+        worker.zero_grad()
+        F.mse_loss(module(torch.randn(8, 4)), torch.ones(8, 1)).backward()
+        assert worker.push(8)["outcome"] == "applied"
+        worker.pull()
+    assert module.scale.shape == () and float(module.scale) != 2.0, "the scalar moved"
+    client.leave()
+    assert server.wait(10)["version"] == 6
+    if not os.path.exists(exe):
+        pytest.skip(f"{exe} not built (cargo build --release)")
+    out = tmp_path / "model.safetensors"
+    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    loaded = WithScalar()
+    assert load_export(loaded, str(out), strict=True) == []
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), module.state_dict().items()):
         assert torch.equal(a, b), name
 
 

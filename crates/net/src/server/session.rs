@@ -47,6 +47,9 @@ pub(super) async fn handle(shared: Arc<Shared>, stream: TcpStream, ip: IpAddr) {
     conn.shutdown().await;
     let mut state = shared.lock();
     shared.release(&mut state, ip, peer.is_some());
+    if peer.as_ref().is_some_and(|p| p.role == Role::Heartbeat) {
+        state.heartbeat_links -= 1;
+    }
     // A worker that vanished without a goodbye leaves the quorum; one that was evicted or
     // replaced no longer speaks for its rank, so nothing changes.
     if let Some(Peer {
@@ -175,6 +178,9 @@ async fn serve(
 fn welcome(shared: &Shared, conn: &Connection, ip: IpAddr, me: &Peer) {
     let mut state = shared.lock();
     shared.proven(&mut state, ip);
+    if me.role == Role::Heartbeat {
+        state.heartbeat_links += 1;
+    }
     if let Some(seat) = me.seat {
         state
             .worker_addresses

@@ -71,6 +71,9 @@ pub(super) struct State {
     /// Of those, the connections whose peer has not proven the token yet.
     pub unproven: usize,
     pub unproven_by_address: HashMap<IpAddr, usize>,
+    /// Of the proven ones, those that only carry a worker's heartbeats: they keep no run open
+    /// (a Python client left in scope after its goodbye still beats).
+    pub heartbeat_links: usize,
     /// Refusals (handshakes, protocol errors) logged at a bounded rate.
     pub refusal_log: RefusalLog,
     pub events: ConnectionEvents,
@@ -157,6 +160,7 @@ impl Shared {
                 open_by_address: HashMap::new(),
                 unproven: 0,
                 unproven_by_address: HashMap::new(),
+                heartbeat_links: 0,
                 refusal_log: RefusalLog::default(),
                 events: ConnectionEvents::default(),
                 logged_unauthorized: HashMap::new(),
@@ -257,7 +261,7 @@ impl Shared {
     }
 
     /// Signals the run loop when the run is over for this shard and no proven peer is still
-    /// connected: at once when every worker has come and left with a goodbye; after
+    /// connected (heartbeats alone do not count): at once when every worker has come and left with a goodbye; after
     /// `FINISH_GRACE` of quiet when every worker has gone (some vanished: they may come back,
     /// as a restarted worker does) or the shard is done and no worker is there (a shard
     /// restarted at the budget after the workers had finished). Connections that never proved
@@ -265,7 +269,7 @@ impl Shared {
     /// all the time cannot hold a finished shard (and its final checkpoint) open.
     pub fn check_finished(&self, state: &State) {
         let engine = &state.engine;
-        let proven_open = state.open - state.unproven;
+        let proven_open = state.open - state.unproven - state.heartbeat_links;
         let idle = proven_open == 0 && engine.workers_present() == 0;
         if !self.cfg.exit_when_finished || !idle {
             return;

@@ -283,7 +283,10 @@ class Server:
         token: Optional[str] = None,
         **flags: object,
     ) -> None:
-        arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in params.items()}
+        # `asarray`, not `ascontiguousarray`: the latter makes a scalar (a 0-d parameter,
+        # such as a learned temperature) 1-d, and the layout would then differ from the
+        # module's.
+        arrays = {name: np.asarray(v, dtype=np.float32, order="C") for name, v in params.items()}
         argv = ["--listen", listen, "--shard", str(shard), "--shards", str(shards)]
         argv += _flags(flags) + list(extra_args)
         self._shard = ShardServer(argv, arrays, token)

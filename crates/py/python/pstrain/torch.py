@@ -47,6 +47,11 @@ def _named(module: "torch.nn.Module") -> List[Tuple[str, "torch.nn.Parameter"]]:
     if not named:
         raise ValueError("the module has no parameters")
     for name, p in named:
+        if isinstance(p, torch.nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"parameter `{name}` is not initialised yet (a lazy module): run one batch "
+                "through the module before serving it or making it a worker"
+            )
         if p.dtype != torch.float32 or p.device.type != "cpu":
             raise ValueError(
                 f"parameter `{name}` is {p.dtype} on {p.device}: pstrain serves float32 "
