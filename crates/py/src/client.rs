@@ -10,6 +10,7 @@ use pstrain_net::{ClientConfig, Heartbeat, Role, TcpClient};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 fn outcome_dict<'py>(py: Python<'py>, o: PushOutcome) -> PyResult<Bound<'py, PyDict>> {
@@ -52,6 +53,8 @@ pub(crate) struct RawClient {
     mode: &'static str,
     /// Stopped by `leave`: a shard does not wait on the heartbeats of a worker that left.
     heartbeat: Mutex<Option<Heartbeat>>,
+    /// Set by `leave`: a client that left does not slip back into the run by a later call.
+    left: AtomicBool,
     /// The address of the array the last pull wrote wholly (`pull(update=True)` must be given
     /// it back: what the shards send is relative to what it holds).
     filled: Mutex<Option<usize>>,
@@ -65,7 +68,7 @@ impl RawClient {
     fn new(
         py: Python<'_>,
         servers: Vec<String>,
-        rank: Option<usize>,
+        rank: Option<i64>,
         role: &str,
         connect_timeout: f64,
         io_timeout: f64,
@@ -74,6 +77,15 @@ impl RawClient {
         tls_ca: Option<std::path::PathBuf>,
         lanes: bool,
     ) -> PyResult<Self> {
+        let rank = rank
+            .map(|r| {
+                usize::try_from(r).map_err(|_| {
+                    PyValueError::new_err(format!(
+                        "rank must be 0 or more (or None for any free rank), got {r}"
+                    ))
+                })
+            })
+            .transpose()?;
         let token = crate::token(token)?;
         let tls = tls_ca
             .as_deref()
@@ -130,6 +142,7 @@ impl RawClient {
             workers: served.plan.workers,
             mode: served.plan.mode.name(),
             heartbeat: Mutex::new(heartbeat),
+            left: AtomicBool::new(false),
             filled: Mutex::new(None),
         })
     }
@@ -220,6 +233,7 @@ impl RawClient {
         out: Option<Bound<'py, PyArray1<f32>>>,
         update: bool,
     ) -> PyResult<(Bound<'py, PyArray1<f32>>, u64, bool)> {
+        self.still_in()?;
         if update && out.is_none() {
             return Err(PyValueError::new_err(
                 "update=True needs `out`: the array the last pull filled",
@@ -281,10 +295,11 @@ impl RawClient {
         &self,
         py: Python<'py>,
         grad: PyReadonlyArray1<'py, f32>,
-        samples: u32,
+        samples: i64,
         loss: f32,
         base_version: Option<u64>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        self.still_in()?;
         let slice = grad.as_slice().map_err(|_| {
             PyValueError::new_err("the gradient must be a C-contiguous float32 array")
         })?;
@@ -295,9 +310,15 @@ impl RawClient {
                 self.layout.len()
             )));
         }
-        if samples == 0 {
-            return Err(PyValueError::new_err("samples must be at least 1"));
-        }
+        let samples = u32::try_from(samples)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "samples must be between 1 and {}, got {samples}",
+                    u32::MAX
+                ))
+            })?;
         let outcome = py
             .detach(|| {
                 let mut client = lock(&self.client);
@@ -318,6 +339,7 @@ impl RawClient {
 
     /// Each shard's counters: a list of dicts in shard order.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.still_in()?;
         let shards = py.detach(|| lock(&self.client).stats()).map_err(err)?;
         let list = PyList::empty(py);
         for s in shards {
@@ -336,6 +358,7 @@ impl RawClient {
 
     /// Leaves the run (a sync step no longer waits for this worker). Idempotent.
     fn leave(&self, py: Python<'_>) -> PyResult<()> {
+        self.left.store(true, Ordering::Relaxed);
         py.detach(|| {
             let said = lock(&self.client).goodbye();
             // Dropping the heartbeats ends their thread and closes their connections.
@@ -343,5 +366,17 @@ impl RawClient {
             said
         })
         .map_err(err)
+    }
+}
+
+impl RawClient {
+    /// Refuses a call after `leave`.
+    fn still_in(&self) -> PyResult<()> {
+        if self.left.load(Ordering::Relaxed) {
+            return Err(err(
+                "this client has left the run (leave()); make a new Client to join it again",
+            ));
+        }
+        Ok(())
     }
 }

@@ -50,8 +50,15 @@ fn custom_model(params: &Bound<'_, PyDict>) -> PyResult<CustomModel> {
                 PyValueError::new_err(format!("parameter `{name}` must be a float32 numpy array"))
             })?
             .readonly();
+        let values = array.as_array();
+        // Weights that are not finite would only ever bring gradients every shard refuses.
+        if let Some((at, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(PyValueError::new_err(format!(
+                "parameter `{name}` holds {v} at flat index {at}: initial weights must be finite"
+            )));
+        }
         shapes.push((name, array.shape().to_vec()));
-        initial.extend(array.as_array().iter().copied());
+        initial.extend(values.iter().copied());
     }
     let layout = Layout::new(shapes.iter().map(|(n, s)| (n.clone(), &s[..])))
         .map_err(|e| PyValueError::new_err(format!("parameters: {e}")))?;

@@ -255,9 +255,26 @@ def test_clear_errors_for_bad_flags_addresses_and_params():
         pstrain.Client(["127.0.0.1:1"], connect_timeout=0.3)
     with pytest.raises(ValueError, match="role"):
         pstrain.Client(["127.0.0.1:1"], role="boss")
+    with pytest.raises(ValueError, match=r"rank must be 0 or more .* got -1"):
+        pstrain.Client(["127.0.0.1:1"], rank=-1)
+    nan = {"w": np.zeros((2, 3), np.float32), "b": np.array([0, np.nan, 0], np.float32)}
+    with pytest.raises(ValueError, match="`b` holds NaN at flat index 1"):
+        pstrain.Server(nan, workers=1)
     with pstrain.Server(small_params(), workers=1) as server:
         with pytest.raises(pstrain.PstrainError, match="out of range"):
             pstrain.Client([server.address], rank=5)
+        with pstrain.Client([server.address], rank=0) as client:
+            flat, _ = client.flat_zeros()
+            for samples in (0, -1, 2**40):
+                with pytest.raises(ValueError, match=f"samples must be between 1 and .* {samples}"):
+                    client.push(flat, samples)
+            client.leave()
+            # A client that left does not slip back into the run (it rejoined before).
+            for call in (client.pull, lambda: client.push(flat, 1), client.stats):
+                with pytest.raises(pstrain.PstrainError, match="left the run"):
+                    call()
+            client.leave()  # idempotent
+        assert server.wait(10)["gradients_applied"] == 0
         # Two shards named where there is one: refused before any tensor moves.
         with pytest.raises(pstrain.PstrainError, match="shard"):
             pstrain.Client([server.address, server.address], connect_timeout=1)
