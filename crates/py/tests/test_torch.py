@@ -240,6 +240,19 @@ def test_a_module_with_a_scalar_parameter_is_served_with_its_shape_and_exports(t
         assert torch.equal(a, b), name
 
 
+def test_the_command_line_form_says_what_is_wrong_with_the_script(tmp_path):
+    from pstrain.ray_torch import _load_script
+
+    with pytest.raises(SystemExit, match="no such file"):
+        _load_script(str(tmp_path / "missing.py"))
+    with pytest.raises(SystemExit, match="a folder, not a Python file"):
+        _load_script(str(tmp_path))
+    partial = tmp_path / "partial.py"
+    partial.write_text("def build_model():\n    return None\n")
+    with pytest.raises(SystemExit, match="does not define batches, loss"):
+        _load_script(str(partial))
+
+
 # --- the Ray job (the two-node cluster from conftest) ------------------------------------
 
 CNN_THRESHOLD = 0.985

@@ -210,6 +210,9 @@ def train_module(
 def _load_script(path: str):
     """The user's file as a module whose functions Ray ships by value to the workers."""
     name = "pstrain_job_" + uuid.uuid4().hex[:8]
+    if not os.path.isfile(path):
+        what = "a folder, not a Python file" if os.path.isdir(path) else "no such file"
+        raise SystemExit(f"cannot load {path}: {what} (looked from {os.getcwd()})")
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load {path}: not a Python file")
