@@ -182,6 +182,29 @@ fn missing_files_say_what_to_put_where() {
     );
 }
 
+/// A flag that is wrong whatever the data is refused before the data is read: an empty
+/// folder (which `train` would otherwise try to download into) is not touched.
+#[test]
+fn flags_wrong_whatever_the_data_are_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::pstrain_bin())
+        .args(["train", "--momentum", "0.5", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--momentum applies to --optimizer momentum only"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("download") && !stderr.contains("missing"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 /// `pstrain train` of the convnet (SGD, 3 epochs of batch 20) on the set in `dir`: its
 /// stdout and stderr, and the summary's test accuracy in per cent.
 fn train_convnet_on(dir: &Path) -> (String, String, f64) {

@@ -22,6 +22,17 @@ pub enum OptimizerArg {
     Adam,
 }
 
+impl OptimizerArg {
+    /// As `--optimizer` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerArg::Sgd => "sgd",
+            OptimizerArg::Momentum => "momentum",
+            OptimizerArg::Adam => "adam",
+        }
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AggregateArg {
     /// Average over the step's samples (one worker with the combined batch)

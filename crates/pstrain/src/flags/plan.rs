@@ -22,6 +22,14 @@ pub enum FlagError {
         flag: &'static str,
         mode: &'static str,
     },
+    #[error("{flag} applies to --optimizer {optimizer} only (this run's optimizer is {used})")]
+    OnlyForOptimizer {
+        flag: &'static str,
+        optimizer: &'static str,
+        used: &'static str,
+    },
+    #[error("--grad-norm-action needs --max-grad-norm (the norm it acts on)")]
+    ActionWithoutNorm,
     #[error("auto picks both codecs: give --push-codec auto and --pull-codec auto (or one of them alone)")]
     HalfAuto,
     #[error("invalid run plan: {0}")]
@@ -148,7 +156,7 @@ impl RunArgs {
             batch_size: self.batch_size.unwrap_or(base.batch_size),
             epochs: self.epochs.unwrap_or(base.epochs),
             iterations: self.iterations.or(base.iterations),
-            optimizer: self.optimizer_over(&base.optimizer),
+            optimizer: self.optimizer_over(&base.optimizer)?,
             schedule: self.lr_schedule.map_or(base.schedule, |s| match s {
                 ScheduleArg::Constant => ScheduleKind::Constant,
                 ScheduleArg::Cosine => ScheduleKind::Cosine,
@@ -159,7 +167,7 @@ impl RunArgs {
             }),
             seed: self.seed.unwrap_or(base.seed),
             train_samples: self.train_samples.unwrap_or(base.train_samples),
-            clip: self.clip_over(base.clip),
+            clip: self.clip_over(base.clip)?,
             staleness_aware_lr: self.staleness_aware_lr.unwrap_or(base.staleness_aware_lr),
             balance_batches: self.balance_batches.unwrap_or(base.balance_batches),
             push_codec: base.push_codec,
@@ -171,18 +179,32 @@ impl RunArgs {
         Ok(plan)
     }
 
-    fn clip_over(&self, base: Option<GradientClip>) -> Option<GradientClip> {
-        let max_norm = self.max_grad_norm.or(base.map(|c| c.max_norm))?;
+    fn clip_over(&self, base: Option<GradientClip>) -> Result<Option<GradientClip>, FlagError> {
+        let Some(max_norm) = self.max_grad_norm.or(base.map(|c| c.max_norm)) else {
+            // Said, and nothing to act on: refused rather than ignored.
+            return match self.grad_norm_action {
+                Some(_) => Err(FlagError::ActionWithoutNorm),
+                None => Ok(None),
+            };
+        };
         let refuse = match self.grad_norm_action {
             Some(a) => a == NormActionArg::Refuse,
             None => base.is_some_and(|c| c.refuse),
         };
-        Some(GradientClip { max_norm, refuse })
+        Ok(Some(GradientClip { max_norm, refuse }))
     }
 
-    fn optimizer_over(&self, base: &OptimizerConfig) -> OptimizerConfig {
+    fn optimizer_over(&self, base: &OptimizerConfig) -> Result<OptimizerConfig, FlagError> {
         let base_kind = optimizer_arg(base);
         let kind = self.optimizer.unwrap_or(base_kind);
+        if self.momentum.is_some() && kind != OptimizerArg::Momentum {
+            // A momentum given to Adam or plain SGD would be dropped without a word.
+            return Err(FlagError::OnlyForOptimizer {
+                flag: "--momentum",
+                optimizer: "momentum",
+                used: kind.name(),
+            });
+        }
         let same = kind == base_kind;
         let lr = self
             .lr
@@ -210,7 +232,7 @@ impl RunArgs {
             OptimizerArg::Adam if same => base.with_lr(lr),
             OptimizerArg::Adam => OptimizerConfig::adam(lr),
         };
-        optimizer.with_weight_decay(weight_decay)
+        Ok(optimizer.with_weight_decay(weight_decay))
     }
 
     /// The flags given here that contradict `plan`: (flags, what they say, what the plan says).
@@ -294,7 +316,7 @@ pub fn plan_argv(plan: &RunPlan) -> Vec<String> {
             (optimizer_arg(&plan.optimizer), weight_decay)
         }
     };
-    flag("optimizer", format!("{name:?}").to_lowercase());
+    flag("optimizer", name.name().into());
     flag("lr", plan.optimizer.lr().to_string());
     if let OptimizerConfig::Sgd { momentum, .. } = plan.optimizer {
         if momentum > 0.0 {

@@ -213,3 +213,31 @@ fn auto_on_either_side_picks_both_and_half_auto_is_refused() {
 fn strings(argv: &[&str]) -> Vec<String> {
     argv.iter().map(|s| s.to_string()).collect()
 }
+
+#[test]
+fn flags_the_optimizer_or_clipping_would_ignore_are_refused() {
+    let refused = |argv: &[&str]| parse(&strings(argv)).overlay(&RunPlan::default());
+    // The default optimizer is Adam: a momentum there was dropped without a word.
+    assert_eq!(
+        refused(&["--momentum", "0.5"]).unwrap_err().to_string(),
+        "--momentum applies to --optimizer momentum only (this run's optimizer is adam)"
+    );
+    assert!(matches!(
+        refused(&["--optimizer", "sgd", "--momentum", "0.5"]),
+        Err(FlagError::OnlyForOptimizer { used: "sgd", .. })
+    ));
+    let momentum = refused(&["--optimizer", "momentum", "--momentum", "0.5"]).unwrap();
+    assert_eq!(momentum.optimizer, OptimizerConfig::momentum(0.01, 0.5));
+    assert_eq!(
+        refused(&["--grad-norm-action", "refuse"]),
+        Err(FlagError::ActionWithoutNorm)
+    );
+    let clip = refused(&["--max-grad-norm", "5", "--grad-norm-action", "refuse"]).unwrap();
+    assert_eq!(
+        clip.clip,
+        Some(GradientClip {
+            max_norm: 5.0,
+            refuse: true
+        })
+    );
+}

@@ -94,6 +94,11 @@ pub struct TrainArgs {
 
 /// The run's configuration, its data set and a reporter sized for its planned samples.
 pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)> {
+    // Flags that are wrong whatever the data (only the sample count comes from it) are
+    // refused before the data is read, or downloaded.
+    args.run
+        .overlay(&RunPlan::default())
+        .context("invalid training flags")?;
     let data = load_data(&args.data)?;
     let base = RunPlan {
         train_samples: data.train.len(),
