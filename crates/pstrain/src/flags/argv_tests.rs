@@ -345,3 +345,36 @@ fn a_speed_trace_is_read_with_the_flags_replayed_by_every_rank_and_passed_to_wor
     let both = traced(&["--speed-spread", "4"]);
     assert!(both.is_err());
 }
+
+#[test]
+fn checkpoint_flags_without_a_folder_are_refused() {
+    let server = |extra: &[&str]| {
+        let mut argv: Vec<String> = ["--listen", "127.0.0.1:0", "--shard", "0"]
+            .map(String::from)
+            .to_vec();
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        parse_flags::<ServerArgs>("server", &argv)
+    };
+    for (flag, value) in [
+        ("--checkpoint-every", "5"),
+        ("--checkpoint-secs", "5"),
+        ("--keep-checkpoints", "2"),
+        ("--run-id", "abc"),
+    ] {
+        let args = server(&[flag, value]).unwrap();
+        let refused = args
+            .checkpoints
+            .policy(None, true, |_| unreachable!())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.starts_with(flag), "{refused}");
+        assert!(refused.contains("needs --checkpoint-dir"), "{refused}");
+        // With a folder the same flag is taken.
+        let args = server(&[flag, value, "--checkpoint-dir", "/tmp/x"]).unwrap();
+        let policy = args.checkpoints.policy(None, true, |_| Ok("r".into()));
+        assert!(policy.unwrap().is_some(), "{flag}");
+    }
+    // Clap's own rule: --fresh only with a folder.
+    assert!(server(&["--fresh"]).is_err());
+    assert!(server(&["--fresh", "--checkpoint-dir", "/tmp/x"]).is_ok());
+}

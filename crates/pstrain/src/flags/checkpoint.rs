@@ -3,9 +3,12 @@
 
 use crate::flags::seconds;
 use crate::run::CheckpointPolicy;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
+
+/// Checkpoints kept per shard when `--keep-checkpoints` is not given.
+const DEFAULT_KEEP: usize = 3;
 
 #[derive(Args, Debug, Clone)]
 pub struct CheckpointArgs {
@@ -18,9 +21,9 @@ pub struct CheckpointArgs {
     /// Checkpoint every S seconds [default: 60 when --checkpoint-dir is given]
     #[arg(long)]
     pub checkpoint_secs: Option<f64>,
-    /// Checkpoints kept per shard
-    #[arg(long, default_value_t = 3)]
-    pub keep_checkpoints: usize,
+    /// Checkpoints kept per shard [default: 3]
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
     /// The run the checkpoints belong to (other runs' files are refused) [default: train: a
     /// new id, or the resumed run's; server: derived from the run's token and plan]
     #[arg(long)]
@@ -37,6 +40,10 @@ impl CheckpointArgs {
         run_id: impl FnOnce(&Path) -> Result<String>,
     ) -> Result<Option<CheckpointPolicy>> {
         let Some(dir) = dir.or(self.checkpoint_dir.as_deref()) else {
+            // Said, and nowhere to act: refused rather than ignored.
+            if let Some(flag) = self.given_without_a_folder() {
+                bail!("{flag} needs --checkpoint-dir (the folder checkpoints go to)");
+            }
             return Ok(None);
         };
         let every_secs = match (self.checkpoint_every, self.checkpoint_secs) {
@@ -53,11 +60,25 @@ impl CheckpointArgs {
             dir: dir.to_owned(),
             every_updates: self.checkpoint_every,
             every,
-            keep: self.keep_checkpoints.max(1),
+            keep: self.keep_checkpoints.unwrap_or(DEFAULT_KEEP).max(1),
             resume,
             // A shard with a run token seals with the token's key (see `pstrain_net`).
             key: None,
         }))
+    }
+}
+
+impl CheckpointArgs {
+    /// The first flag given that only means something with a checkpoint folder.
+    fn given_without_a_folder(&self) -> Option<&'static str> {
+        [
+            ("--checkpoint-every", self.checkpoint_every.is_some()),
+            ("--checkpoint-secs", self.checkpoint_secs.is_some()),
+            ("--keep-checkpoints", self.keep_checkpoints.is_some()),
+            ("--run-id", self.run_id.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
     }
 }
 

@@ -28,6 +28,13 @@ impl RunArgs {
         if kind != ModeArg::Sync && self.backup_workers.is_some_and(|b| b > 0) {
             return Err(FlagError::BackupsInAsync);
         }
+        if kind == ModeArg::Sync && self.max_staleness.is_some() {
+            // A sync step uses only gradients of its own weights: there is no staleness.
+            return Err(FlagError::OnlyFor {
+                flag: "--max-staleness",
+                mode: "async or buffered",
+            });
+        }
         if kind != ModeArg::Ssp && self.max_lead.is_some() {
             return Err(FlagError::OnlyFor {
                 flag: "--max-lead",

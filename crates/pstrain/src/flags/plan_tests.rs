@@ -215,8 +215,15 @@ fn strings(argv: &[&str]) -> Vec<String> {
 }
 
 #[test]
-fn flags_the_optimizer_or_clipping_would_ignore_are_refused() {
+fn flags_the_mode_optimizer_or_clipping_would_ignore_are_refused() {
     let refused = |argv: &[&str]| parse(&strings(argv)).overlay(&RunPlan::default());
+    // A sync step has no staleness to bound.
+    assert_eq!(
+        refused(&["--mode", "sync", "--max-staleness", "5"])
+            .unwrap_err()
+            .to_string(),
+        "--max-staleness applies to --mode async or buffered only"
+    );
     // The default optimizer is Adam: a momentum there was dropped without a word.
     assert_eq!(
         refused(&["--momentum", "0.5"]).unwrap_err().to_string(),

@@ -57,7 +57,7 @@ pub struct ServerArgs {
     pub tls_key: Option<PathBuf>,
     /// Start from the initial weights even if --checkpoint-dir holds checkpoints this shard
     /// cannot use (damaged, another run's); without it the shard refuses to start
-    #[arg(long)]
+    #[arg(long, requires = "checkpoint_dir")]
     pub fresh: bool,
     /// Serve Prometheus `/metrics` and a live page at `/` on HOST:PORT (off loopback, the run
     /// token is required: `Authorization: Bearer HEX` or `?token=HEX`) [default: off]
