@@ -144,3 +144,27 @@ fn heartbeats_alone_do_not_hold_a_finished_run_open() {
         "the shard kept serving a run whose only worker had left, held by its heartbeats"
     );
 }
+
+/// A worker whose connection dropped without a goodbye while its heartbeats still arrive is
+/// a process on its way back: the shard keeps serving past its finishing grace, and ends once
+/// the heartbeats stop too.
+#[test]
+fn heartbeats_of_a_vanished_worker_keep_the_run_open_until_they_stop() {
+    let cfg = ShardConfig::new(0, 1, layout(), plan(ASYNC, 1));
+    let server = ShardHandle::start("127.0.0.1:0", cfg, &vec![0.0; N], 1).unwrap();
+    let ccfg = client_cfg(vec![server.address().to_string()]);
+    let client = TcpClient::connect(&ccfg).unwrap();
+    let beats = Heartbeat::start(client.config(), Duration::from_millis(100)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(client); // no goodbye: the worker vanished
+                  // Past the shard's 5 s of quiet before it ends a run whose workers have all gone.
+    assert!(
+        server.wait(Some(Duration::from_secs(7))).unwrap().is_none(),
+        "the shard ended while a vanished worker's heartbeats still came"
+    );
+    drop(beats);
+    assert!(
+        server.wait(Some(PROMPTLY)).unwrap().is_some(),
+        "the shard did not end once the heartbeats stopped too"
+    );
+}

@@ -71,8 +71,8 @@ pub(super) struct State {
     /// Of those, the connections whose peer has not proven the token yet.
     pub unproven: usize,
     pub unproven_by_address: HashMap<IpAddr, usize>,
-    /// Of the proven ones, those that only carry a worker's heartbeats: they keep no run open
-    /// (a Python client left in scope after its goodbye still beats).
+    /// Of the proven ones, those that only carry a worker's heartbeats (see `check_finished`
+    /// for when they keep a run open).
     pub heartbeat_links: usize,
     /// Refusals (handshakes, protocol errors) logged at a bounded rate.
     pub refusal_log: RefusalLog,
@@ -261,22 +261,26 @@ impl Shared {
     }
 
     /// Signals the run loop when the run is over for this shard and no proven peer is still
-    /// connected (heartbeats alone do not count): at once when every worker has come and left with a goodbye; after
+    /// connected: at once when every worker has come and left with a goodbye; after
     /// `FINISH_GRACE` of quiet when every worker has gone (some vanished: they may come back,
     /// as a restarted worker does) or the shard is done and no worker is there (a shard
     /// restarted at the budget after the workers had finished). Connections that never proved
     /// the token neither keep a run alive nor count as activity: a stranger reconnecting
-    /// all the time cannot hold a finished shard (and its final checkpoint) open.
+    /// all the time cannot hold a finished shard (and its final checkpoint) open. Heartbeat
+    /// connections keep it open only while a vanished worker may come back: once every
+    /// worker said goodbye, or the shard is done, they are a client left in scope, not a
+    /// worker on its way.
     pub fn check_finished(&self, state: &State) {
         let engine = &state.engine;
-        let proven_open = state.open - state.unproven - state.heartbeat_links;
-        let idle = proven_open == 0 && engine.workers_present() == 0;
-        if !self.cfg.exit_when_finished || !idle {
+        if !self.cfg.exit_when_finished || engine.workers_present() > 0 {
             return;
         }
+        let proven_open = state.open - state.unproven;
+        let beyond_heartbeats = proven_open - state.heartbeat_links;
         let quiet = state.quiet_since.elapsed() >= FINISH_GRACE;
-        let over =
-            engine.all_said_goodbye() || (quiet && (engine.all_departed() || engine.is_done()));
+        let over = (beyond_heartbeats == 0
+            && (engine.all_said_goodbye() || (quiet && engine.is_done())))
+            || (proven_open == 0 && quiet && engine.all_departed());
         if over {
             self.finished.notify_one();
         }
