@@ -360,6 +360,22 @@ def test_module_workers_run_without_ray_too(data_dir):
         assert abs(sum(times) - r["compute_s"]) < 0.01, (sum(times), r["compute_s"])
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_batches_that_bring_nothing_raise_instead_of_spinning(overlap):
+    """An epoch without batches (a rank whose shard of the data is empty, a generator
+    already spent) raises; the loop spun without pushing before, and the run never ended."""
+    from pstrain.torch import train_worker
+
+    with tiny_server() as server:
+        with pytest.raises(ValueError, match="yielded no batch for epoch 0"):
+            train_worker([server.address], Tiny, lambda rank, workers, epoch: iter(()),
+                         F.mse_loss, overlap=overlap)
+        # The worker left on the way out: its rank is free again.
+        with pstrain.Client([server.address], rank=0) as again:
+            assert again.rank == 0
+        server.stop()
+
+
 def test_module_workers_behind_a_link_pull_replayed_updates_and_train(data_dir):
     """Two torch workers over TCP (no lane, as on another host) in a run that pushes top-k
     and replays pulls (`--push-codec topk:10 --pull-codec replay`, what `auto` picks in sync

@@ -275,6 +275,18 @@ def _step(worker: ModuleWorker, model, loss_fn, inputs, targets, tally: _Tally) 
     return value
 
 
+def _nonempty(batches: Iterable, epoch: int) -> Iterable:
+    """``batches`` as they come; ``ValueError`` if an epoch brings none (the loop would spin
+    without ever pushing, and the run would never end)."""
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        raise ValueError(f"batches(rank, workers, epoch) yielded no batch for epoch {epoch}: "
+                         "each worker needs at least one batch per epoch")
+
+
 def _in_turn(worker, model, epoch_batches, loss_fn, max_epochs, tally) -> None:
     """Pull, compute, push, in turn."""
     client = worker.client
@@ -282,7 +294,7 @@ def _in_turn(worker, model, epoch_batches, loss_fn, max_epochs, tally) -> None:
     worker.pull()
     tally.on_path()
     while not client.done and (max_epochs is None or tally.epochs < max_epochs):
-        for inputs, targets in epoch_batches(tally.epochs):
+        for inputs, targets in _nonempty(epoch_batches(tally.epochs), tally.epochs):
             value = _step(worker, model, loss_fn, inputs, targets, tally)
             tally.start()
             outcome = worker.push(len(targets), value)
@@ -320,7 +332,7 @@ def _overlapped(worker, model, epoch_batches, loss_fn, max_epochs, tally, lookah
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pstrain-link") as link:
         in_flight = None
         while max_epochs is None or tally.epochs < max_epochs:
-            for inputs, targets in epoch_batches(tally.epochs):
+            for inputs, targets in _nonempty(epoch_batches(tally.epochs), tally.epochs):
                 computed_on = place.version
                 value = _step(worker, model, loss_fn, inputs, targets, tally)
                 tally.start()
