@@ -126,6 +126,14 @@ impl RunPlan {
         if self.train_samples == 0 {
             return Err(ConfigError::out_of_range("train_samples", ">= 1", 0));
         }
+        if self.workers > self.train_samples {
+            // A worker without a sample would have no batch to compute.
+            return Err(ConfigError::out_of_range(
+                "workers",
+                "at most train_samples (every worker needs a sample of its own)",
+                format!("{} for {} samples", self.workers, self.train_samples),
+            ));
+        }
         if self.auto_codecs
             && (self.push_codec, self.pull_codec) != (PushCodec::Fp32, PullCodec::Fp32)
         {

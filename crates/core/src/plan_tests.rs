@@ -102,6 +102,7 @@ fn auto_replays_pulls_in_sync_runs_only() {
 fn a_plan_past_the_wires_worker_bound_is_invalid() {
     let at = RunPlan {
         workers: MAX_WORKERS,
+        train_samples: 100_000,
         ..RunPlan::default()
     };
     assert!(at.validate().is_ok());
@@ -111,4 +112,22 @@ fn a_plan_past_the_wires_worker_bound_is_invalid() {
     };
     let err = past.validate().unwrap_err().to_string();
     assert!(err.contains("workers") && err.contains("65536"), "{err}");
+}
+
+/// Every worker needs a sample of its own: a plan of more workers than training samples is
+/// refused (a worker with an empty shard divided by zero picking its batch).
+#[test]
+fn a_plan_of_more_workers_than_samples_is_invalid() {
+    let fits = RunPlan {
+        workers: 10,
+        train_samples: 10,
+        ..RunPlan::default()
+    };
+    assert!(fits.validate().is_ok());
+    let past = RunPlan {
+        workers: 16,
+        ..fits
+    };
+    let err = past.validate().unwrap_err().to_string();
+    assert!(err.contains("16 for 10 samples"), "{err}");
 }
