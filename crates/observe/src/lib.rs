@@ -6,10 +6,12 @@
 mod exposition;
 mod families;
 mod http;
+mod log_line;
 mod snapshot;
 mod worker_numbers;
 
 pub use exposition::{render_metrics, Latencies};
 pub use http::{Source, WatchError, Watcher};
+pub use log_line::stderr_line;
 pub use snapshot::{plan_fields, EvalPoint, HistoryPoint, RunSnapshot, ShardView, WorkerView};
 pub use worker_numbers::{WorkerColumns, WorkerNumbers};

@@ -53,7 +53,13 @@ fn a_batch_or_workers_past_the_memory_are_refused_before_allocating() {
     let out = train(&common::mnist_dir(), &["--workers", "60000"]);
     refused(&out, &["not enough memory", "60000 workers"]);
     let out = train(dir.path(), &["--workers", "51"]);
-    refused(&out, &["every worker needs a sample of its own", "51 for 50 samples"]);
+    refused(
+        &out,
+        &[
+            "every worker needs a sample of its own",
+            "51 for 50 samples",
+        ],
+    );
     // The benchmark's runs too.
     let out = Command::new(common::pstrain_bin())
         .args(["bench", "--batch-size", "100000000", "--seconds", "1"])

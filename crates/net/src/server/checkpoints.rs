@@ -103,7 +103,7 @@ pub(super) fn restore(
         return Ok((None, None));
     };
     let mut restored_point = None;
-    let log = |msg: String| eprintln!("[shard {}] {msg}", cfg.shard);
+    let log = |msg: String| pstrain_observe::log_line!("[shard {}] {msg}", cfg.shard);
     let identity = ShardIdentity {
         run_id: policy.run_id.clone(),
         shard: cfg.shard,

@@ -257,7 +257,7 @@ impl Shared {
     }
 
     pub fn log(&self, msg: &str) {
-        eprintln!("[shard {}] {msg}", self.cfg.shard);
+        pstrain_observe::log_line!("[shard {}] {msg}", self.cfg.shard);
     }
 
     /// Signals the run loop when the run is over for this shard and no proven peer is still

@@ -46,9 +46,11 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     for status in download_mnist(dir, &mirrors, progress)? {
         match status {
-            FileStatus::Present(p) => eprintln!("present, checksum ok: {}", p.display()),
+            FileStatus::Present(p) => {
+                pstrain_observe::log_line!("present, checksum ok: {}", p.display())
+            }
             FileStatus::Downloaded { path, mirror } => {
-                eprintln!(
+                pstrain_observe::log_line!(
                     "downloaded, checksum ok: {} (from {mirror})",
                     path.display()
                 )
@@ -64,7 +66,7 @@ pub fn download(dir: &Path, mirrors: &[String]) -> Result<()> {
 pub fn train_shape(args: &DataArgs) -> Result<(usize, DataShape)> {
     let dir = args.dir();
     if args.data_dir.is_none() && !mnist::missing_files(&dir).is_empty() {
-        eprintln!("MNIST not found in {}; downloading", dir.display());
+        pstrain_observe::log_line!("MNIST not found in {}; downloading", dir.display());
         download(&dir, &args.mirrors)?;
     }
     Ok(mnist::train_shape(&dir)?)
@@ -83,7 +85,7 @@ pub fn load_own_shard(
     let started = Instant::now();
     let (shard, total) =
         mnist::load_train_picked(&dir, |count| shard_indices(count, workers, rank, seed))?;
-    eprintln!(
+    pstrain_observe::log_line!(
         "loaded worker {rank}'s {} of {total} training images from {} in {:.1} s",
         shard.len(),
         dir.display(),
@@ -107,7 +109,7 @@ pub fn load_own_shards(
     })?;
     let held = block.len();
     let shards = block.into_parts(&shard_sizes(total, workers, ranks.clone()));
-    eprintln!(
+    pstrain_observe::log_line!(
         "loaded workers {}-{}'s {held} of {total} training images from {} in {:.1} s",
         ranks.start,
         ranks.end.saturating_sub(1),
@@ -122,13 +124,13 @@ pub fn load_own_shards(
 pub fn load_data(args: &DataArgs) -> Result<Mnist> {
     let dir = args.dir();
     if args.data_dir.is_none() && !mnist::missing_files(&dir).is_empty() {
-        eprintln!("MNIST not found in {}; downloading", dir.display());
+        pstrain_observe::log_line!("MNIST not found in {}; downloading", dir.display());
         download(&dir, &args.mirrors)?;
     }
     let started = Instant::now();
     let data = mnist::load_dir(&dir)?;
     let shape = data.shape();
-    eprintln!(
+    pstrain_observe::log_line!(
         "loaded {} training and {} test images ({}x{}, {} classes) from {} in {:.1} s",
         data.train.len(),
         data.test.len(),

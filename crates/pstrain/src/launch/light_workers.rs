@@ -86,7 +86,7 @@ pub fn light_workers(
         joined
     });
     if let Some(mb) = peak_rss_mb(None) {
-        eprintln!(
+        pstrain_observe::log_line!(
             "{} workers in one process: peak resident {mb:.1} MB, {:.2} MB per worker",
             args.count,
             mb / f64::from(args.count)
@@ -134,7 +134,9 @@ impl Group<'_> {
                 Ok(part) => report.absorb(&part),
                 Err(e) if failures < WORKER_RESTARTS && !stopped() => {
                     failures += 1;
-                    eprintln!("{e}; joining again ({failures} of {WORKER_RESTARTS})");
+                    pstrain_observe::log_line!(
+                        "{e}; joining again ({failures} of {WORKER_RESTARTS})"
+                    );
                     continue;
                 }
                 Err(e) => {
@@ -220,7 +222,9 @@ impl Control {
             let Ok(line) = line else { break };
             match parse_control(&line) {
                 Some((away, rank)) => self.set(rank, away),
-                None => eprintln!("ignoring control line {line:?} (want `leave R` or `back R`)"),
+                None => pstrain_observe::log_line!(
+                    "ignoring control line {line:?} (want `leave R` or `back R`)"
+                ),
             }
         }
         self.ranks.clone().for_each(|r| self.set(r, false));

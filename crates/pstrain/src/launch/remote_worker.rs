@@ -157,7 +157,7 @@ pub fn worker(
     let (mut client, _heartbeat) = joining.join(args, args.rank)?;
     let rank = client.rank();
     if args.rank == ANY_RANK {
-        eprintln!("joined as worker {rank}");
+        pstrain_observe::log_line!("joined as worker {rank}");
     }
     let cfg = &joining.cfg;
     // Only this rank's shard is loaded, so the rank must be known first; a sync step

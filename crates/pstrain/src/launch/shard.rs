@@ -121,7 +121,7 @@ pub fn shard_setup(
 /// Prints what a shard did over the run, to stderr.
 pub fn log_shard_report(shard: usize, report: &ShardReport) {
     let s = report.stats;
-    eprintln!(
+    pstrain_observe::log_line!(
         "[shard {shard}] done: version {}, {} gradients applied, {} dropped stale, {} non-finite, \
          {} other refusals; {} connections, {} refused handshakes, {} protocol errors, \
          {} workers vanished",
@@ -140,10 +140,15 @@ pub fn log_shard_report(shard: usize, report: &ShardReport) {
         if w.applied + w.not_applied == 0 && w.pull_bytes.0 == 0 {
             continue;
         }
-        eprintln!(
+        pstrain_observe::log_line!(
             "[shard {shard}] worker {rank}: {} gradients applied, {} bytes up in {:.1} s, \
              {} bytes down in {:.1} s, codecs {}",
-            w.applied, w.push_bytes.0, w.push_link_s, w.pull_bytes.0, w.pull_link_s, w.codecs
+            w.applied,
+            w.push_bytes.0,
+            w.push_link_s,
+            w.pull_bytes.0,
+            w.pull_link_s,
+            w.codecs
         );
     }
 }

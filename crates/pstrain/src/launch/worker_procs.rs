@@ -199,9 +199,10 @@ impl LocalCluster<'_> {
                 )));
             }
             self.restarts[i] += 1;
-            eprintln!(
+            pstrain_observe::log_line!(
                 "{name} exited with {status}; starting it again ({} of {})",
-                self.restarts[i], self.cluster.worker_restarts
+                self.restarts[i],
+                self.cluster.worker_restarts
             );
             self.relaunch(i)?;
             running += 1;

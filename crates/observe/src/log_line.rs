@@ -1,0 +1,53 @@
+//! Log lines to stderr in one write each, so that the lines of processes sharing a terminal
+//! or a pipe (a run's shards and worker processes) do not interleave mid-line.
+
+use std::io::Write;
+
+/// Writes `line` and a newline to stderr in one `write` (a pipe takes up to 4 KiB at once
+/// without mixing in another process's bytes; `eprintln!` writes each piece of its format
+/// separately).
+pub fn stderr_line(line: &str) {
+    // Nowhere to report a failed log write to.
+    let _ = write_line(&mut std::io::stderr().lock(), line);
+}
+
+fn write_line(out: &mut impl Write, line: &str) -> std::io::Result<()> {
+    let mut text = String::with_capacity(line.len() + 1);
+    text.push_str(line);
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+/// `eprintln!` whose line reaches stderr whole (see `stderr_line`).
+#[macro_export]
+macro_rules! log_line {
+    ($($arg:tt)*) => {
+        $crate::stderr_line(&::std::format!($($arg)*))
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records each `write` call it is given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_and_its_newline_go_out_in_one_write() {
+        let mut out = Writes::default();
+        write_line(&mut out, &format!("[shard {}] {}", 1, "done: version 7")).unwrap();
+        assert_eq!(out.0, vec![b"[shard 1] done: version 7\n".to_vec()]);
+    }
+}
