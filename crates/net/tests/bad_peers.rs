@@ -546,3 +546,38 @@ fn an_address_that_accepts_and_never_answers_is_named_as_likely_not_a_shard() {
     );
     drop(silent);
 }
+
+/// An observer that pushes is told only workers push (it was called a malformed push), loses
+/// its connection, and nothing reaches the model.
+#[test]
+fn an_observers_push_is_refused_as_such() {
+    let server = start(ASYNC, 1);
+    let addr = server.address();
+    let cfg = ClientConfig::new(
+        vec![addr.to_string()],
+        Role::Observer,
+        0,
+        plan(ASYNC, 1),
+        layout(),
+    );
+    let mut observer = TcpClient::connect(&cfg).unwrap();
+    let meta = PushMeta {
+        rank: 0,
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+        accumulated: false,
+    };
+    let refused = observer.push(meta, &vec![1.0; N]).unwrap_err().to_string();
+    assert!(refused.contains("only workers push"), "{refused}");
+    let mut worker = client(addr, 0, 1, ASYNC);
+    let mut params = vec![0.0; N];
+    worker.pull(&mut params, None, false).unwrap();
+    assert!(
+        params.iter().all(|&v| v == 0.0),
+        "the observer's push moved the weights"
+    );
+    worker.goodbye().unwrap();
+    let report = server.finish().unwrap();
+    assert_eq!(report.stats.gradients_applied, 0);
+}

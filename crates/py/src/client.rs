@@ -300,6 +300,11 @@ impl RawClient {
         base_version: Option<u64>,
     ) -> PyResult<Bound<'py, PyDict>> {
         self.still_in()?;
+        if lock(&self.client).config().role != Role::Worker {
+            return Err(err(
+                "an observer does not push: connect with role=\"worker\" to send gradients",
+            ));
+        }
         let slice = grad.as_slice().map_err(|_| {
             PyValueError::new_err("the gradient must be a C-contiguous float32 array")
         })?;

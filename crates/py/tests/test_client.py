@@ -268,6 +268,9 @@ def test_clear_errors_for_bad_flags_addresses_and_params():
             for samples in (0, -1, 2**40):
                 with pytest.raises(ValueError, match=f"samples must be between 1 and .* {samples}"):
                     client.push(flat, samples)
+            with pstrain.Client([server.address], role="observer") as observer:
+                with pytest.raises(pstrain.PstrainError, match="an observer does not push"):
+                    observer.push(flat, 1)
             client.leave()
             # A client that left does not slip back into the run (it rejoined before).
             for call in (client.pull, lambda: client.push(flat, 1), client.stats):

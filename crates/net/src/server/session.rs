@@ -125,7 +125,17 @@ async fn serve(
                 return Err(NetError::Evicted(me.rank));
             }
         }
-        if header.kind == kind::PUSH && me.role == Role::Worker {
+        if header.kind == kind::PUSH {
+            if me.role != Role::Worker {
+                // An observer's push is not a malformed one. Its body (within the frame
+                // limit) is read first: closing on unread bytes would reset the connection
+                // and could lose the reply.
+                conn.read_bytes(header.len as usize).await?;
+                return Err(NetError::Unexpected {
+                    got: header.kind,
+                    expected: "pull, stats or goodbye (only workers push)",
+                });
+            }
             let lane = lane.ready();
             pushed = handlers::push(shared, conn, header.len, me.rank, lane).await?;
             continue;
