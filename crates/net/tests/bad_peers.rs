@@ -17,14 +17,29 @@ fn start(mode: Mode, workers: usize) -> ShardHandle {
 }
 
 fn client(addr: SocketAddr, rank: usize, workers: usize, mode: Mode) -> TcpClient {
+    client_as(Role::Worker, addr, rank, workers, mode)
+}
+
+fn client_as(role: Role, addr: SocketAddr, rank: usize, workers: usize, mode: Mode) -> TcpClient {
     let cfg = ClientConfig::new(
         vec![addr.to_string()],
-        Role::Worker,
+        role,
         rank,
         plan(mode, workers),
         layout(),
     );
     TcpClient::connect(&cfg).unwrap()
+}
+
+/// A push of one sample by `rank` computed on the initial weights.
+fn first_push(rank: usize) -> PushMeta {
+    PushMeta {
+        rank,
+        base_version: 0,
+        samples: 1,
+        loss: 0.0,
+        accumulated: false,
+    }
 }
 
 fn error_text(reply: &[u8]) -> String {
@@ -137,21 +152,8 @@ fn hostile_peers_are_cut_off_and_the_good_worker_finishes() {
 
     // A worker with the right handshake but bad pushes: wrong length, NaN, Inf. Each gets its
     // error and the connection stays usable.
-    let cfg = ClientConfig::new(
-        vec![addr.to_string()],
-        Role::Worker,
-        1,
-        plan(ASYNC, 2),
-        layout(),
-    );
-    let mut bad = TcpClient::connect(&cfg).unwrap();
-    let meta = PushMeta {
-        rank: 1,
-        base_version: 0,
-        samples: 1,
-        loss: 0.0,
-        accumulated: false,
-    };
+    let mut bad = client(addr, 1, 2, ASYNC);
+    let meta = first_push(1);
     let mut params = vec![0.0; N];
     bad.pull(&mut params, None, false).unwrap();
     let mut nan = vec![0.5; N];
@@ -218,13 +220,7 @@ fn a_sync_worker_that_vanishes_does_not_hang_the_barrier() {
     let b = client(server.address(), 1, 2, mode);
     let mut params = vec![0.0; N];
     a.pull(&mut params, None, false).unwrap();
-    let meta = PushMeta {
-        rank: 0,
-        base_version: 0,
-        samples: 1,
-        loss: 0.0,
-        accumulated: false,
-    };
+    let meta = first_push(0);
     assert!(matches!(
         a.push(meta, &vec![1.0; N]).unwrap(),
         PushOutcome::Buffered { .. }
@@ -326,13 +322,7 @@ fn with_backup_workers_shard_0_decides_each_steps_members_for_every_shard() {
     for c in &mut clients {
         c.pull(&mut params, None, false).unwrap();
     }
-    let meta = |rank| PushMeta {
-        rank,
-        base_version: 0,
-        samples: 1,
-        loss: 0.0,
-        accumulated: false,
-    };
+    let meta = first_push;
     // Workers 2 and 0 make step 0 (shard 0 answers them once it is complete); worker 1 is
     // late and dropped everywhere.
     let mut c2 = clients.pop().unwrap();
@@ -553,21 +543,8 @@ fn an_address_that_accepts_and_never_answers_is_named_as_likely_not_a_shard() {
 fn an_observers_push_is_refused_as_such() {
     let server = start(ASYNC, 1);
     let addr = server.address();
-    let cfg = ClientConfig::new(
-        vec![addr.to_string()],
-        Role::Observer,
-        0,
-        plan(ASYNC, 1),
-        layout(),
-    );
-    let mut observer = TcpClient::connect(&cfg).unwrap();
-    let meta = PushMeta {
-        rank: 0,
-        base_version: 0,
-        samples: 1,
-        loss: 0.0,
-        accumulated: false,
-    };
+    let mut observer = client_as(Role::Observer, addr, 0, 1, ASYNC);
+    let meta = first_push(0);
     let refused = observer.push(meta, &vec![1.0; N]).unwrap_err().to_string();
     assert!(refused.contains("only workers push"), "{refused}");
     let mut worker = client(addr, 0, 1, ASYNC);
