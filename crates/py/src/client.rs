@@ -51,6 +51,7 @@ pub(crate) struct RawClient {
     layout: Layout,
     workers: usize,
     mode: &'static str,
+    role: Role,
     /// Stopped by `leave`: a shard does not wait on the heartbeats of a worker that left.
     heartbeat: Mutex<Option<Heartbeat>>,
     /// Set by `leave`: a client that left does not slip back into the run by a later call.
@@ -141,6 +142,7 @@ impl RawClient {
             layout: served.layout,
             workers: served.plan.workers,
             mode: served.plan.mode.name(),
+            role,
             heartbeat: Mutex::new(heartbeat),
             left: AtomicBool::new(false),
             filled: Mutex::new(None),
@@ -300,7 +302,7 @@ impl RawClient {
         base_version: Option<u64>,
     ) -> PyResult<Bound<'py, PyDict>> {
         self.still_in()?;
-        if lock(&self.client).config().role != Role::Worker {
+        if self.role != Role::Worker {
             return Err(err(
                 "an observer does not push: connect with role=\"worker\" to send gradients",
             ));
