@@ -259,11 +259,16 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
 }
 
 fn run_bench_net(args: BenchNetArgs) -> Result<()> {
-    if args.train_shards.contains(&0) {
-        bail!("--train-shards: every shard count must be at least 1");
-    }
-    // MNIST only for the training comparisons (loaded first: a missing folder is downloaded).
-    let training = (args.train_updates > 0)
+    let cfg = crate::bench::net_config::NetBenchConfig {
+        shard_counts: args.shards,
+        train_shard_counts: args.train_shards,
+        synthetic_values: args.synthetic_values,
+        train_updates: args.train_updates,
+    };
+    // Before the data: a missing folder is downloaded.
+    cfg.validate()?;
+    // MNIST only for the training comparisons.
+    let training = (cfg.train_updates > 0)
         .then(|| -> Result<_> {
             let data = load_data(&args.data)?;
             let cluster = ClusterConfig::this_program(1, &args.data.dir())
@@ -271,12 +276,6 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
             Ok((cluster, data))
         })
         .transpose()?;
-    let cfg = crate::bench::net::NetBenchConfig {
-        shard_counts: args.shards,
-        train_shard_counts: args.train_shards,
-        synthetic_values: args.synthetic_values,
-        train_updates: args.train_updates,
-    };
     let report =
         crate::bench::net::run_net_bench(&cfg, training.as_ref(), &mut |l| println!("{l}"))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")

@@ -68,6 +68,20 @@ fn a_batch_or_workers_past_the_memory_are_refused_before_allocating() {
         .output()
         .unwrap();
     refused(&out, &["not enough memory"]);
+    // The transport benchmark's synthetic layout, and its shard counts, before any data.
+    let bench_net = |flags: &[&str]| {
+        Command::new(common::pstrain_bin())
+            .arg("bench-net")
+            .args(flags)
+            .arg("--data-dir")
+            .arg(dir.path().join("absent"))
+            .output()
+            .unwrap()
+    };
+    let out = bench_net(&["--synthetic-values", "10000000000000"]);
+    refused(&out, &["not enough memory", "10000000000000 values"]);
+    let out = bench_net(&["--shards", "1,0"]);
+    refused(&out, &["--shards must be shard counts of at least 1"]);
     // Past the wire's bound, the plan itself is refused.
     let out = train(dir.path(), &["--workers", "65537"]);
     refused(&out, &["workers must be at most 65536"]);

@@ -78,15 +78,7 @@ impl RawClient {
         tls_ca: Option<std::path::PathBuf>,
         lanes: bool,
     ) -> PyResult<Self> {
-        let rank = rank
-            .map(|r| {
-                usize::try_from(r).map_err(|_| {
-                    PyValueError::new_err(format!(
-                        "rank must be 0 or more (or None for any free rank), got {r}"
-                    ))
-                })
-            })
-            .transpose()?;
+        let rank = rank.map(rank_arg).transpose()?;
         let token = crate::token(token)?;
         let tls = tls_ca
             .as_deref()
@@ -374,6 +366,15 @@ impl RawClient {
         })
         .map_err(err)
     }
+}
+
+/// A rank given from Python: 0 or more.
+fn rank_arg(rank: i64) -> PyResult<usize> {
+    usize::try_from(rank).map_err(|_| {
+        PyValueError::new_err(format!(
+            "rank must be 0 or more (or None for any free rank), got {rank}"
+        ))
+    })
 }
 
 impl RawClient {

@@ -120,27 +120,16 @@ async fn serve(
         let Some(header) = conn.read_header(cfg.idle_timeout, limit).await? else {
             return Ok(());
         };
-        if let Some(seat) = me.seat {
-            if !shared.lock().engine.holds(seat) {
-                return Err(NetError::Evicted(me.rank));
-            }
-        }
-        if header.kind == kind::PUSH {
-            if me.role != Role::Worker {
-                // An observer's push is not a malformed one. Its body (within the frame
-                // limit) is read first: closing on unread bytes would reset the connection
-                // and could lose the reply.
-                conn.read_bytes(header.len as usize).await?;
-                return Err(NetError::Unexpected {
-                    got: header.kind,
-                    expected: "pull, stats or goodbye (only workers push)",
-                });
-            }
+        still_seated(shared, &me)?;
+        if header.kind == kind::PUSH && me.role == Role::Worker {
             let lane = lane.ready();
             pushed = handlers::push(shared, conn, header.len, me.rank, lane).await?;
             continue;
         }
+        // Read whole before any refusal: closing on unread bytes would reset the connection
+        // and could lose the reply.
         let bytes = conn.read_bytes(header.len as usize).await?;
+        only_workers_push(header.kind)?;
         match Request::decode(header.kind, &bytes, workers)? {
             Request::Pull {
                 newer_than,
@@ -182,6 +171,26 @@ async fn serve(
             }
         }
     }
+}
+
+/// A worker evicted (or replaced) since its last request no longer speaks for its rank.
+fn still_seated(shared: &Shared, me: &Peer) -> Result<(), NetError> {
+    match me.seat {
+        Some(seat) if !shared.lock().engine.holds(seat) => Err(NetError::Evicted(me.rank)),
+        _ => Ok(()),
+    }
+}
+
+/// A push from a connection that is not a worker's (an observer's) is refused as such, not
+/// as a malformed push.
+fn only_workers_push(got: u16) -> Result<(), NetError> {
+    if got == kind::PUSH {
+        return Err(NetError::Unexpected {
+            got,
+            expected: "pull, stats or goodbye (only workers push)",
+        });
+    }
+    Ok(())
 }
 
 /// The peer proved itself: it no longer counts as unproven, and a worker's address is kept.

@@ -48,9 +48,16 @@ pub struct FleetArgs {
 /// Runs `pstrain bench-fleet` and writes its report.
 pub fn run_fleet_cmd(args: &FleetArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    if args.workers.contains(&0) || !(args.seconds > 0.0 && args.seconds < 3600.0) {
-        anyhow::bail!("--workers must all be at least 1 and --seconds in (0, 3600)");
+    let most = pstrain_core::plan::MAX_WORKERS;
+    if args.workers.iter().any(|&n| n == 0 || n > most)
+        || !(args.seconds > 0.0 && args.seconds < 3600.0)
+    {
+        anyhow::bail!("--workers must all be in 1..={most} and --seconds in (0, 3600)");
     }
+    // Said here, not by the shard process this starts.
+    args.model
+        .parse::<pstrain_compute::ModelSpec>()
+        .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
     let cfg = FleetConfig {
         exe: std::env::current_exe().context("cannot find the pstrain executable")?,
         worker_counts: args.workers.clone(),
@@ -195,6 +202,8 @@ fn start_shard(
         })
         .args(["--iterations", "1000000000000"])
         .args(["--workers", &workers.to_string(), "--model", &cfg.model])
+        // A fleet's clients carry no data, but a plan needs a sample for every worker.
+        .args(["--train-samples", &workers.max(60_000).to_string()])
         .args([
             "--optimizer",
             "sgd",

@@ -6,3 +6,4 @@ pub mod compute;
 pub mod fleet;
 pub mod memory;
 pub mod net;
+pub mod net_config;

@@ -4,6 +4,7 @@
 //! of the in-process run; all from one run.
 
 use super::codecs::{codec_points, CodecPoint};
+use super::net_config::NetBenchConfig;
 use crate::launch::cluster::{train_tcp, ClusterConfig};
 use crate::report::usage::ProcessUsage;
 use crate::report::Quiet;
@@ -225,27 +226,6 @@ pub fn transfer_point(
         memcpy_gb_per_s: 2.0 * bytes / median(copies) / 1e9,
         small_message_rtt_us: median(smalls) * 1e6,
     })
-}
-
-#[derive(Debug, Clone)]
-pub struct NetBenchConfig {
-    pub shard_counts: Vec<usize>,
-    /// Values of the synthetic layout (100M in the benchmark).
-    pub synthetic_values: usize,
-    pub train_updates: u64,
-    /// Shard counts of the TCP training comparison.
-    pub train_shard_counts: Vec<usize>,
-}
-
-impl Default for NetBenchConfig {
-    fn default() -> Self {
-        NetBenchConfig {
-            shard_counts: vec![1, 4],
-            synthetic_values: 100_000_000,
-            train_updates: 300,
-            train_shard_counts: vec![1, 2],
-        }
-    }
 }
 
 /// Transfers and codecs, and with `training` (the cluster to launch and the data, needed only

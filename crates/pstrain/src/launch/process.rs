@@ -60,5 +60,8 @@ pub(crate) fn read_address(name: &str, stdout: ChildStdout) -> Result<String, Tr
     line.trim()
         .strip_prefix("listening on ")
         .map(str::to_string)
-        .ok_or_else(|| TrainError::Launch(format!("{name} failed to start (said {line:?})")))
+        .ok_or_else(|| match line.trim() {
+            "" => TrainError::Launch(format!("{name} failed to start (its error is above)")),
+            said => TrainError::Launch(format!("{name} failed to start (said {said:?})")),
+        })
 }

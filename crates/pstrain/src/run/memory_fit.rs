@@ -55,6 +55,19 @@ fn check_against(
     )))
 }
 
+/// Checks that `bytes`, what `what` holds at the least, fit in the memory the kernel says is
+/// available (no check where it does not say); the refusal ends with `advice`.
+pub fn check_bytes_fit(what: &str, bytes: u128, advice: &str) -> Result<(), TrainError> {
+    match available_bytes() {
+        Some(available) if bytes > u128::from(available) => Err(TrainError::Memory(format!(
+            "{what} needs at least {} and this machine has {} available: {advice}",
+            gigabytes(bytes),
+            gigabytes(u128::from(available)),
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// `bytes` in GB, or in MB below one GB.
 fn gigabytes(bytes: u128) -> String {
     let bytes = bytes as f64;
