@@ -3,6 +3,7 @@ bad input from Python gets a clear error while the server keeps serving."""
 
 import importlib.util
 import math
+import os
 import re
 import sys
 import time
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import pstrain
-from conftest import REPO
+from conftest import REPO, run
 
 
 def load_example():
@@ -281,6 +282,20 @@ def test_clear_errors_for_bad_flags_addresses_and_params():
         # Two shards named where there is one: refused before any tensor moves.
         with pytest.raises(pstrain.PstrainError, match="shard"):
             pstrain.Client([server.address, server.address], connect_timeout=1)
+
+
+def test_a_pstrain_worker_against_a_python_model_is_told_what_trains_it():
+    """`pstrain worker` cannot compute a model given as arrays: it says which clients can
+    (it said the plan's model name `custom` was not cnn or convnet)."""
+    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
+    if not os.path.exists(exe):
+        pytest.skip(f"{exe} not built (cargo build --release)")
+    with pstrain.Server(small_params(), workers=1) as server:
+        p, _ = run([exe, "worker", "--servers", server.address, "--rank", "0"], timeout=60,
+                   check=False)
+        assert p.returncode == 1, p.stderr
+        assert "Python clients (`pstrain.Client`, `pstrain.torch`)" in p.stderr, p.stderr
+        server.stop()
 
 
 def test_two_shards_split_the_parameters():

@@ -6,6 +6,7 @@ use crate::data::{load_own_shard, train_shape};
 use crate::flags::parse_flags;
 use crate::flags::seconds;
 use crate::flags::worker::WorkerArgs;
+use crate::launch::shard::CUSTOM_MODEL;
 use crate::run::worker::{run_worker, WorkerData, WorkerReport};
 use crate::run::TrainConfig;
 use anyhow::{bail, Context, Result};
@@ -29,6 +30,12 @@ fn adopt(args: &WorkerArgs, plan: pstrain_core::RunPlan) -> Result<TrainConfig> 
         bail!(
             "this worker's flags contradict the shards' run plan ({}); leave them out to adopt it",
             list.join("; ")
+        );
+    }
+    if plan.model == CUSTOM_MODEL {
+        bail!(
+            "the shards serve a model of their own (a Python `pstrain.Server`): its workers are \
+             Python clients (`pstrain.Client`, `pstrain.torch`), not `pstrain worker`"
         );
     }
     let cfg = args.device.configure(TrainConfig {

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 /// The training-set size a shard plans for unless told (MNIST's).
 const DEFAULT_TRAIN_SAMPLES: usize = 60_000;
+/// The model name of a plan whose layout a caller gave (`pstrain.Server`'s arrays).
+pub const CUSTOM_MODEL: &str = "custom";
 
 /// Weights of a model that is not built in (the Python API's own models): the layout and the
 /// values every shard starts from.
@@ -78,7 +80,7 @@ pub fn shard_setup(
                 );
             }
             let base = RunPlan {
-                model: "custom".into(),
+                model: CUSTOM_MODEL.into(),
                 ..base
             };
             (args.run.overlay(&base)?, c.layout, c.initial)
