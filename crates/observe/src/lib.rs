@@ -12,6 +12,6 @@ mod worker_numbers;
 
 pub use exposition::{render_metrics, Latencies};
 pub use http::{Source, WatchError, Watcher};
-pub use log_line::stderr_line;
+pub use log_line::{stderr_line, stdout_line};
 pub use snapshot::{plan_fields, EvalPoint, HistoryPoint, RunSnapshot, ShardView, WorkerView};
 pub use worker_numbers::{WorkerColumns, WorkerNumbers};

@@ -1,5 +1,7 @@
-//! Log lines to stderr in one write each, so that the lines of processes sharing a terminal
-//! or a pipe (a run's shards and worker processes) do not interleave mid-line.
+//! Lines to stderr and stdout in one write each, so that the lines of processes sharing a
+//! terminal or a pipe (a run's shards and worker processes) do not interleave mid-line; and
+//! stdout closed by its reader (`pstrain train | head`) ends the process as it ends a Unix
+//! tool, not in a panic.
 
 use std::io::Write;
 
@@ -9,6 +11,17 @@ use std::io::Write;
 pub fn stderr_line(line: &str) {
     // Nowhere to report a failed log write to.
     let _ = write_line(&mut std::io::stderr().lock(), line);
+}
+
+/// Writes `line` and a newline to stdout in one write. If nobody reads stdout any more (a
+/// closed pipe, or a launcher that died), the process ends with status 141, as a shell shows
+/// a tool ended by SIGPIPE: Rust ignores that signal, and `println!` would panic instead.
+pub fn stdout_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let written = write_line(&mut out, line).and_then(|()| out.flush());
+    if written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+        std::process::exit(141);
+    }
 }
 
 fn write_line(out: &mut impl Write, line: &str) -> std::io::Result<()> {
@@ -23,6 +36,15 @@ fn write_line(out: &mut impl Write, line: &str) -> std::io::Result<()> {
 macro_rules! log_line {
     ($($arg:tt)*) => {
         $crate::stderr_line(&::std::format!($($arg)*))
+    };
+}
+
+/// `println!` that reaches stdout whole and ends the process quietly if stdout is closed
+/// (see `stdout_line`).
+#[macro_export]
+macro_rules! out_line {
+    ($($arg:tt)*) => {
+        $crate::stdout_line(&::std::format!($($arg)*))
     };
 }
 

@@ -11,6 +11,7 @@ use crate::launch::cluster::{train_tcp, ClusterConfig};
 use crate::launch::light_workers::light_workers;
 use crate::launch::remote_worker::worker;
 use crate::launch::shard::run_server;
+use crate::launch::stop_signal::stop_on_signal;
 use crate::run::train;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -18,8 +19,6 @@ use pstrain_compute::{ModelKind, ModelSpec};
 use pstrain_core::Layout;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -155,7 +154,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             // One JSON line per worker on stdout: the launcher of a local cluster reads them.
             for report in reports {
-                println!("{}", serde_json::to_string(&report)?);
+                pstrain_observe::out_line!("{}", serde_json::to_string(&report)?);
             }
             Ok(())
         }
@@ -172,16 +171,6 @@ pub fn help(name: &str) -> Option<String> {
     let mut cmd = Cli::command();
     let sub = cmd.find_subcommand_mut(name)?;
     Some(sub.render_help().to_string())
-}
-
-/// A flag set by Ctrl-C or SIGTERM, for a clean stop (final checkpoint, summary).
-fn stop_on_signal() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)) {
-        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
-    }
-    stop
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
@@ -216,7 +205,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
         bar.finish_and_clear();
     }
     reporter.record(&outcome.summary);
-    println!("{}", outcome.summary.render());
+    pstrain_observe::out_line!("{}", outcome.summary.render());
     reporter.close()
 }
 
@@ -231,7 +220,9 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
         threads: args.threads,
         ..BenchConfig::default()
     };
-    let mut report = run_bench(&cfg, &data, &mut |line| println!("{line}"))?;
+    let mut report = run_bench(&cfg, &data, &mut |line| {
+        pstrain_observe::out_line!("{line}")
+    })?;
     if args.memory_updates > 0 {
         let exe = std::env::current_exe().context("cannot find this program")?;
         let dir = args.data.dir();
@@ -242,7 +233,7 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
                 .iter()
                 .map(|p| format!("{} {:.0} MB", p.process, p.peak_rss_mb))
                 .collect();
-            println!(
+            pstrain_observe::out_line!(
                 "memory, default run, {} {}: {} (total {:.0} MB)",
                 run.model,
                 run.transport,
@@ -254,7 +245,7 @@ fn run_bench_cmd(args: BenchArgs) -> Result<()> {
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&args.out, json + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    pstrain_observe::out_line!("wrote {}", args.out.display());
     Ok(())
 }
 
@@ -276,11 +267,12 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
             Ok((cluster, data))
         })
         .transpose()?;
-    let report =
-        crate::bench::net::run_net_bench(&cfg, training.as_ref(), &mut |l| println!("{l}"))?;
+    let report = crate::bench::net::run_net_bench(&cfg, training.as_ref(), &mut |l| {
+        pstrain_observe::out_line!("{l}")
+    })?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    pstrain_observe::out_line!("wrote {}", args.out.display());
     Ok(())
 }
 
@@ -349,7 +341,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.data.dir().display()))?;
     let mut model = kind.build(Default::default());
     let e = data.test.evaluate(model.as_mut(), &assembled.params)?;
-    println!(
+    pstrain_observe::out_line!(
         "{kind} at version {:?}: test accuracy {:.2}% ({} of {}), test loss {:.4}",
         assembled.versions,
         e.accuracy() * 100.0,
@@ -388,7 +380,7 @@ fn run_export(args: ExportArgs) -> Result<()> {
         w.flush()
     })
     .with_context(|| format!("cannot write {}", args.out.display()))?;
-    println!(
+    pstrain_observe::out_line!(
         "wrote {} ({kind}, {} tensors, {} values)",
         args.out.display(),
         tensors.len(),

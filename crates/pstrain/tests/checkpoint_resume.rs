@@ -166,6 +166,39 @@ fn damaged_newest_checkpoint_falls_back_to_the_previous() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A run launched over TCP without a token of the user's (the launcher makes one for the
+/// launch) resumes with `--resume` too: its checkpoints are not sealed with that token, which
+/// the next launch does not have. With a token of the user's they are sealed, and resume.
+#[test]
+fn a_tcp_launch_resumes_with_or_without_a_token_of_the_users() {
+    let token = tempfile::tempdir().unwrap();
+    let token_file = token.path().join("run.token");
+    let (ok, _, err) = pstrain(&["token", "-o", token_file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for with_token in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let run = |extra: &[&str]| {
+            let mut args = CONVNET.to_vec();
+            args.extend_from_slice(&["--transport", "tcp"]);
+            if with_token {
+                args.extend_from_slice(&["--token-file", token_file.to_str().unwrap()]);
+            }
+            args.extend_from_slice(extra);
+            pstrain(&args)
+        };
+        let (ok, _, err) = run(&["--iterations", "20", "--checkpoint-dir", d]);
+        assert!(ok, "{err}");
+        let (ok, out, err) = run(&["--iterations", "40", "--resume", d]);
+        assert!(ok, "token {with_token}: {err}");
+        assert!(
+            err.contains("restored") && err.contains("version 20"),
+            "{err}"
+        );
+        assert!(out.contains("updates        40"), "{out}");
+    }
+}
+
 #[test]
 fn export_opens_in_python_safetensors() {
     let dir = tempfile::tempdir().unwrap();

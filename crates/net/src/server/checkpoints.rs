@@ -114,7 +114,10 @@ pub(super) fn restore(
     // With a run token, files and manifests are sealed with its key, and only sealed ones
     // are restored: whoever can write the folder but lacks the token cannot choose them.
     let policy = &CheckpointPolicy {
-        key: (policy.key.clone()).or_else(|| cfg.token.as_ref().map(|t| t.file_key())),
+        key: (policy.key.clone()).or_else(|| {
+            let token = cfg.token.as_ref().filter(|_| cfg.seal_checkpoints);
+            token.map(|t| t.file_key())
+        }),
         ..policy.clone()
     };
     let mut saver = Saver::new(

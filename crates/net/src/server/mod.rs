@@ -56,6 +56,10 @@ pub struct ShardConfig {
     /// Start from the initial weights even if the checkpoint folder holds files this shard
     /// cannot use (without it such a folder is an error).
     pub fresh: bool,
+    /// Seal checkpoints with the token's key (and restore only sealed ones). Off for a token
+    /// made for one launch (`pstrain train --transport tcp` without `--token-file`): the
+    /// checkpoints must outlive it for `--resume`, as an in-process run's do.
+    pub seal_checkpoints: bool,
     /// The run's secret: every peer must prove it holds it before anything else. Without
     /// one the shard serves loopback only (protected mode).
     pub token: Option<RunToken>,
@@ -112,6 +116,7 @@ impl ShardConfig {
             exit_when_finished: true,
             checkpoint: None,
             fresh: false,
+            seal_checkpoints: true,
             token: None,
             tls: None,
             handshake_timeout: Duration::from_secs(10),

@@ -8,7 +8,7 @@
 //! waited for its last gradient (the longest wait at the gate of that step's workers).
 
 use crate::flags::token::TOKEN_ENV;
-use crate::launch::process::{read_address, Proc};
+use crate::launch::process::{read_address, Ending, Proc};
 use crate::report::usage::{cpu_seconds, rss_mb};
 use crate::run::TrainError;
 use pstrain_core::{ParameterClient, PushMeta};
@@ -65,14 +65,14 @@ pub fn run_fleet_cmd(args: &FleetArgs) -> anyhow::Result<()> {
         sync: args.mode == "sync",
         seconds: args.seconds,
     };
-    let points = run_fleet_bench(&cfg, &mut |l| println!("{l}"))?;
+    let points = run_fleet_bench(&cfg, &mut |l| pstrain_observe::out_line!("{l}"))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&points)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    pstrain_observe::out_line!("wrote {}", args.out.display());
     if let Some(md) = &args.md {
         std::fs::write(md, markdown(&points))
             .with_context(|| format!("cannot write {}", md.display()))?;
-        println!("wrote {}", md.display());
+        pstrain_observe::out_line!("wrote {}", md.display());
     }
     Ok(())
 }
@@ -213,7 +213,7 @@ fn start_shard(
             "3600",
         ])
         .env(TOKEN_ENV, token.to_hex());
-    let mut shard = Proc::spawn("the fleet's shard".into(), &mut cmd, false)?;
+    let mut shard = Proc::spawn("the fleet's shard".into(), &mut cmd, false, Ending::Stop)?;
     let stdout = shard.child.stdout.take().ok_or_else(no_stdout)?;
     let servers = vec![read_address("the fleet's shard", stdout)?];
     let served = describe(&servers, IO, IO, Some(token), None).map_err(launch_error)?;

@@ -59,6 +59,10 @@ pub struct ServerArgs {
     /// cannot use (damaged, another run's); without it the shard refuses to start
     #[arg(long, requires = "checkpoint_dir")]
     pub fresh: bool,
+    /// Do not seal checkpoints with the run token's key: for a token made for one launch
+    /// (the local launcher's), whose checkpoints a later `--resume` must still read
+    #[arg(long, requires = "checkpoint_dir")]
+    pub unsealed: bool,
     /// Serve Prometheus `/metrics` and a live page at `/` on HOST:PORT (off loopback, the run
     /// token is required: `Authorization: Bearer HEX` or `?token=HEX`) [default: off]
     #[arg(long, value_name = "HOST:PORT")]

@@ -59,7 +59,7 @@ pub struct TokenOutArgs {
 pub fn make_token(args: &TokenOutArgs) -> Result<()> {
     let hex = RunToken::generate()?.to_hex();
     let Some(path) = &args.out else {
-        println!("{hex}");
+        pstrain_observe::out_line!("{hex}");
         if let Some(mode) = stdout_shared_mode() {
             eprintln!(
                 "warning: the token went to a file others than its owner may read (mode \

@@ -131,7 +131,7 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
 /// The line a run starts with.
 pub fn announce(cfg: &TrainConfig) -> Result<()> {
     let p = &cfg.plan;
-    println!(
+    pstrain_observe::out_line!(
         "training {} ({} parameters), {} mode, {} workers, batch {}, {:?}",
         p.model,
         cfg.model()?.build(Default::default()).layout().len(),

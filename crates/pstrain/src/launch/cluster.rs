@@ -8,7 +8,7 @@ use crate::flags::worker::worker_argv;
 use crate::launch::churn::ChurnTrace;
 pub use crate::launch::cluster_config::{ClusterConfig, Relay, WORKER_RESTARTS};
 pub use crate::launch::fault::Fault;
-use crate::launch::process::{read_address, Proc};
+use crate::launch::process::{read_address, Ending, Proc};
 use crate::launch::supervisor::Supervisor;
 use crate::launch::worker_procs::WorkerProc;
 use crate::report::usage::UsageTracker;
@@ -100,11 +100,16 @@ impl<'a> LocalCluster<'a> {
         if let Some(t) = self.cluster.heartbeat_timeout {
             cmd.args(["--heartbeat-timeout", &t.as_secs_f64().to_string()]);
         }
+        // A token made for this launch dies with it: checkpoints sealed with it could not be
+        // resumed (`--resume` launches with a new one). A token of the user's seals them.
+        if self.cluster.token.is_none() && self.cluster.checkpoint.is_some() {
+            cmd.arg("--unsealed");
+        }
         // Shard 0 serves the run's /metrics and live page.
         if let (0, Some(addr)) = (shard, &self.metrics_addr) {
             cmd.args(["--metrics-addr", addr]);
         }
-        let mut proc = Proc::spawn(name.clone(), &mut cmd, false)?;
+        let mut proc = Proc::spawn(name.clone(), &mut cmd, false, Ending::Stop)?;
         let stdout = proc
             .child
             .stdout

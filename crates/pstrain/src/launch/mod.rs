@@ -11,5 +11,6 @@ pub mod light_workers;
 pub mod process;
 pub mod remote_worker;
 pub mod shard;
+pub mod stop_signal;
 pub mod supervisor;
 mod worker_procs;

@@ -10,6 +10,16 @@ use std::time::Duration;
 /// How long a shard may take to print its address.
 const ADDRESS_GRACE: Duration = Duration::from_secs(30);
 
+/// How a child ends when its launcher dies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ending {
+    /// SIGTERM: a shard stops as on Ctrl-C and writes its final checkpoint.
+    Stop,
+    /// SIGKILL: a worker holds nothing the run needs, and may be waiting on a shard that is
+    /// gone.
+    Kill,
+}
+
 /// A child process that is killed if it is still running when this guard drops.
 pub(crate) struct Proc {
     pub name: String,
@@ -26,8 +36,21 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    /// Starts `cmd` with its stdout piped, and its stdin piped if `stdin` (else empty).
-    pub fn spawn(name: String, cmd: &mut Command, stdin: bool) -> Result<Proc, TrainError> {
+    /// Starts `cmd` with its stdout piped, and its stdin piped if `stdin` (else empty). On
+    /// Linux the child is sent `ending`'s signal if this thread ends, so that the processes
+    /// of a run end with their launcher even when it is killed outright (SIGKILL runs no
+    /// `Drop`): an orphan never goes on training, or writing the checkpoint folder a
+    /// `--resume` is about to use.
+    pub fn spawn(
+        name: String,
+        cmd: &mut Command,
+        stdin: bool,
+        ending: Ending,
+    ) -> Result<Proc, TrainError> {
+        #[cfg(target_os = "linux")]
+        end_with_this_thread(cmd, ending);
+        #[cfg(not(target_os = "linux"))]
+        let _ = ending;
         let child = cmd
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -40,6 +63,33 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes the child of `cmd` receive `ending`'s signal when the thread that starts it ends
+/// (Linux's parent-death signal); launchers start their children from the thread that runs
+/// the run.
+#[cfg(target_os = "linux")]
+fn end_with_this_thread(cmd: &mut Command, ending: Ending) {
+    use std::os::unix::process::CommandExt;
+    let launcher = std::process::id();
+    let signal = match ending {
+        Ending::Stop => libc::SIGTERM,
+        Ending::Kill => libc::SIGKILL,
+    };
+    // SAFETY: the closure runs in the forked child before `exec` and only makes two system
+    // calls (async-signal-safe) and, if the launcher is already gone, `_exit`.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher may have died before the call above: then no signal will come.
+            if libc::getppid() as u32 != launcher {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }
 

@@ -109,6 +109,7 @@ pub fn shard_setup(
     config.token = token;
     config.metrics_addr = args.metrics_addr.clone();
     config.fresh = args.fresh;
+    config.seal_checkpoints = !args.unsealed;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(TlsServer::from_pem_files(cert, key)?);
     }
@@ -162,7 +163,7 @@ pub fn run_server(args: &ServerArgs, stop: &AtomicBool) -> Result<()> {
     let shard = setup.config.shard;
     let handle = setup.start()?;
     // The launcher (and people) read the bound address from this line.
-    println!("listening on {}", handle.address());
+    pstrain_observe::out_line!("listening on {}", handle.address());
     use std::io::Write;
     std::io::stdout().flush()?;
     let report = loop {

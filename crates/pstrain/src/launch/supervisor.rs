@@ -247,7 +247,7 @@ impl RemoteRun {
             stopped,
         )?;
         self.reporter.record(&out.summary);
-        println!("{}", out.summary.render());
+        pstrain_observe::out_line!("{}", out.summary.render());
         self.reporter.close()?;
         Ok(out.summary)
     }

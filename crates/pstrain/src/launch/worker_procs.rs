@@ -5,7 +5,7 @@
 use super::cluster::LocalCluster;
 use crate::flags::token::TOKEN_ENV;
 use crate::launch::churn::{Churn, ChurnTrace};
-use crate::launch::process::Proc;
+use crate::launch::process::{Ending, Proc};
 use crate::run::compute_gate::device_cores;
 use crate::run::worker::parse_reports;
 use crate::run::TrainError;
@@ -130,7 +130,7 @@ impl LocalCluster<'_> {
             true => format!("workers {rank_arg}+{count}"),
             false => format!("worker {rank_arg}"),
         };
-        let mut proc = Proc::spawn(name, &mut cmd, light)?;
+        let mut proc = Proc::spawn(name, &mut cmd, light, Ending::Kill)?;
         let control = proc.child.stdin.take();
         let mut out = proc.child.stdout.take();
         let output = std::thread::spawn(move || {

@@ -312,7 +312,7 @@ pub fn run(args: &PlotArgs) -> Result<()> {
         .map(|p| read_curve(p))
         .collect::<Result<Vec<_>>>()?;
     plot(&curves, &args.out)?;
-    println!(
+    pstrain_observe::out_line!(
         "wrote {} ({} run{})",
         args.out.display(),
         curves.len(),

@@ -83,7 +83,7 @@ impl Observer for Reporter {
                 bar.set_message(line);
             }
             None if self.last_line.elapsed() >= Duration::from_secs(5) => {
-                println!("{line}");
+                pstrain_observe::out_line!("{line}");
                 self.last_line = Instant::now();
             }
             None => {}
@@ -109,7 +109,7 @@ impl Observer for Reporter {
         );
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => println!("{line}"),
+            None => pstrain_observe::out_line!("{line}"),
         }
         self.record(r);
     }
