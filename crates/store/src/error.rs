@@ -22,8 +22,9 @@ pub enum StoreError {
     #[error("{path}: {why}")]
     Invalid { path: PathBuf, why: String },
     #[error(
-        "{path}: not sealed with this run's key (forged, or written by another run or \
-         without its token): refused"
+        "{path}: not sealed with this run's key (forged, written by another run or without \
+         its token, or by a launch of this run under another token: give the token it ran \
+         with, --token-file): refused"
     )]
     Unsealed { path: PathBuf },
     #[error("{path}: belongs to another run ({why})")]
