@@ -94,9 +94,11 @@ impl RawClient {
                 )))
             }
         };
-        let (connect, io) = (
+        // Every argument checked before joining: a refusal after it would leave a rank held.
+        let (connect, io, every) = (
             seconds("connect_timeout", connect_timeout)?,
             seconds("io_timeout", io_timeout)?,
+            seconds("heartbeat", heartbeat)?,
         );
         let (client, served) = py
             .detach(|| {
@@ -120,7 +122,6 @@ impl RawClient {
             .map_err(err)?;
         // Heartbeats are required of workers: a shard evicts one whose heartbeats stop.
         let heartbeat = if role == Role::Worker {
-            let every = seconds("heartbeat", heartbeat)?;
             Some(
                 // The client's configuration carries the rank the shards assigned.
                 py.detach(|| Heartbeat::start(client.config(), every))

@@ -264,6 +264,8 @@ def test_clear_errors_for_bad_flags_addresses_and_params():
     with pstrain.Server(small_params(), workers=1) as server:
         with pytest.raises(pstrain.PstrainError, match="out of range"):
             pstrain.Client([server.address], rank=5)
+        with pytest.raises(ValueError, match="heartbeat must be a positive number"):
+            pstrain.Client([server.address], rank=0, heartbeat=0)
         with pstrain.Client([server.address], rank=0) as client:
             flat, _ = client.flat_zeros()
             for samples in (0, -1, 2**40):
