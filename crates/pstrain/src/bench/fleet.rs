@@ -9,6 +9,7 @@
 
 use crate::flags::token::TOKEN_ENV;
 use crate::launch::process::{read_address, Ending, Proc};
+use crate::launch::shard::DEFAULT_TRAIN_SAMPLES;
 use crate::report::usage::{cpu_seconds, rss_mb};
 use crate::run::TrainError;
 use pstrain_core::{ParameterClient, PushMeta};
@@ -203,7 +204,10 @@ fn start_shard(
         .args(["--iterations", "1000000000000"])
         .args(["--workers", &workers.to_string(), "--model", &cfg.model])
         // A fleet's clients carry no data, but a plan needs a sample for every worker.
-        .args(["--train-samples", &workers.max(60_000).to_string()])
+        .args([
+            "--train-samples",
+            &workers.max(DEFAULT_TRAIN_SAMPLES).to_string(),
+        ])
         .args([
             "--optimizer",
             "sgd",

@@ -66,9 +66,7 @@ impl CheckpointArgs {
             key: None,
         }))
     }
-}
 
-impl CheckpointArgs {
     /// The first flag given that only means something with a checkpoint folder.
     fn given_without_a_folder(&self) -> Option<&'static str> {
         [

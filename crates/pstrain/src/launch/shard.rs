@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The training-set size a shard plans for unless told (MNIST's).
-const DEFAULT_TRAIN_SAMPLES: usize = 60_000;
+pub(crate) const DEFAULT_TRAIN_SAMPLES: usize = 60_000;
 /// The model name of a plan whose layout a caller gave (`pstrain.Server`'s arrays).
 pub const CUSTOM_MODEL: &str = "custom";
 
@@ -164,8 +164,6 @@ pub fn run_server(args: &ServerArgs, stop: &AtomicBool) -> Result<()> {
     let handle = setup.start()?;
     // The launcher (and people) read the bound address from this line.
     pstrain_observe::out_line!("listening on {}", handle.address());
-    use std::io::Write;
-    std::io::stdout().flush()?;
     let report = loop {
         if stop.load(Ordering::Relaxed) {
             handle.stop();

@@ -40,32 +40,43 @@ fn check_against(
     available: u64,
 ) -> Result<(), TrainError> {
     let each = worker_bytes(model, batch);
-    let needed = each.saturating_mul(workers as u128);
-    if needed <= u128::from(available) {
-        return Ok(());
-    }
-    Err(TrainError::Memory(format!(
-        "{workers} worker{s} at a batch of {batch} need at least {} ({} each: the batch's \
-         images and activations, the weights and the gradient) and this machine has {} \
-         available: lower --batch-size or the number of workers",
-        gigabytes(needed),
-        gigabytes(each),
-        gigabytes(u128::from(available)),
-        s = if workers == 1 { "" } else { "s" },
-    )))
+    let what = format!(
+        "{workers} worker{s} at a batch of {batch} need",
+        s = if workers == 1 { "" } else { "s" }
+    );
+    let advice = format!(
+        "lower --batch-size or the number of workers ({} each: the batch's images and \
+         activations, the weights and the gradient)",
+        gigabytes(each)
+    );
+    refuse_past(
+        available,
+        each.saturating_mul(workers as u128),
+        &what,
+        &advice,
+    )
 }
 
 /// Checks that `bytes`, what `what` holds at the least, fit in the memory the kernel says is
 /// available (no check where it does not say); the refusal ends with `advice`.
 pub fn check_bytes_fit(what: &str, bytes: u128, advice: &str) -> Result<(), TrainError> {
     match available_bytes() {
-        Some(available) if bytes > u128::from(available) => Err(TrainError::Memory(format!(
-            "{what} needs at least {} and this machine has {} available: {advice}",
-            gigabytes(bytes),
-            gigabytes(u128::from(available)),
-        ))),
-        _ => Ok(()),
+        Some(available) => refuse_past(available, bytes, &format!("{what} needs"), advice),
+        None => Ok(()),
     }
+}
+
+/// `needed` bytes against `available`: within, or a refusal saying who needs how much
+/// (`what`, ending in its verb) and what to do (`advice`).
+fn refuse_past(available: u64, needed: u128, what: &str, advice: &str) -> Result<(), TrainError> {
+    if needed <= u128::from(available) {
+        return Ok(());
+    }
+    Err(TrainError::Memory(format!(
+        "{what} at least {} and this machine has {} available: {advice}",
+        gigabytes(needed),
+        gigabytes(u128::from(available)),
+    )))
 }
 
 /// `bytes` in GB, or in MB below one GB.
