@@ -131,3 +131,59 @@ fn a_plan_of_more_workers_than_samples_is_invalid() {
     let err = past.validate().unwrap_err().to_string();
     assert!(err.contains("16 for 10 samples"), "{err}");
 }
+
+#[test]
+fn a_record_names_what_a_later_plan_changed() {
+    let saved = RunPlan::default();
+    let record = saved.record();
+    assert_eq!(saved.differences_from_record(&record), Some(vec![]));
+    assert_eq!(saved.changes_since(&record), None);
+    let later = RunPlan {
+        workers: 3,
+        optimizer: OptimizerConfig::adam(0.02),
+        ..saved.clone()
+    };
+    assert_eq!(
+        later.changes_since(&record).as_deref(),
+        Some(
+            "workers 2 -> 3; optimizer adam (lr 0.001, betas 0.9/0.999, eps 1e-8, weight decay \
+             0) -> adam (lr 0.02, betas 0.9/0.999, eps 1e-8, weight decay 0)"
+        )
+    );
+    // A field the record lacks (a file of an older version) is not compared; a text that is
+    // no record (the older free-form description) compares nothing.
+    let without_workers: String = record
+        .lines()
+        .filter(|l| !l.starts_with("workers="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let fields: Vec<_> = later
+        .differences_from_record(&without_workers)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(fields, vec!["optimizer"]);
+    assert_eq!(later.differences_from_record(&format!("{saved:?}")), None);
+    assert_eq!(later.differences_from_record(""), None);
+}
+
+#[test]
+fn every_field_is_compared_the_clip_included() {
+    let a = RunPlan::default();
+    let b = RunPlan {
+        clip: Some(crate::GradientClip {
+            max_norm: 5.0,
+            refuse: true,
+        }),
+        ..a.clone()
+    };
+    assert_eq!(
+        a.differences(&b),
+        vec![(
+            "max_grad_norm",
+            "none".to_string(),
+            "5 (refuse)".to_string()
+        )]
+    );
+}

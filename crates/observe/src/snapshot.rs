@@ -147,25 +147,8 @@ impl ShardView {
 
 /// The plan's fields for the live page.
 pub fn plan_fields(plan: &pstrain_core::RunPlan) -> Vec<(String, String)> {
-    let iterations = plan
-        .iterations
-        .map_or_else(|| "-".to_string(), |i| i.to_string());
-    [
-        ("model", plan.model.clone()),
-        ("mode", plan.mode.to_string()),
-        ("workers", plan.workers.to_string()),
-        ("batch size", plan.batch_size.to_string()),
-        ("epochs", plan.epochs.to_string()),
-        ("iterations", iterations),
-        ("optimizer", format!("{:?}", plan.optimizer)),
-        ("schedule", plan.schedule.name().to_string()),
-        ("aggregate", format!("{:?}", plan.aggregate)),
-        ("seed", plan.seed.to_string()),
-        ("training samples", plan.train_samples.to_string()),
-        ("staleness-aware lr", plan.staleness_aware_lr.to_string()),
-        ("balanced batches", plan.balance_batches.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    plan.fields()
+        .into_iter()
+        .map(|(field, value)| (field.replace('_', " "), value))
+        .collect()
 }

@@ -166,6 +166,86 @@ fn damaged_newest_checkpoint_falls_back_to_the_previous() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A resume with other flags says what it changed from the checkpoint's run, in process and
+/// over TCP; one whose optimizer state cannot carry over is refused naming the change.
+#[test]
+fn a_resume_says_what_it_changed_from_the_checkpoints_run() {
+    for transport in ["inproc", "tcp"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let run_with = |optimizer: &str, extra: &[&str]| {
+            let mut args = CONVNET[..5].to_vec();
+            args.extend_from_slice(&["--optimizer", optimizer, "--transport", transport]);
+            args.extend_from_slice(extra);
+            pstrain(&args)
+        };
+        let run = |extra: &[&str]| run_with("momentum", extra);
+        let (ok, _, err) = run(&["--iterations", "20", "--checkpoint-dir", d]);
+        assert!(ok, "{err}");
+        let (ok, _, err) = run(&["--iterations", "30", "--resume", d]);
+        assert!(ok, "{transport}: {err}");
+        assert!(
+            err.contains("changed from the checkpoint's run: iterations 20 -> 30\n"),
+            "{err}"
+        );
+        let (ok, out, err) = run(&["--iterations", "40", "--lr", "0.02", "--resume", d]);
+        assert!(ok, "{transport}: {err}");
+        assert!(
+            err.contains(
+                "changed from the checkpoint's run: iterations 30 -> 40; optimizer momentum \
+                 (lr 0.01, momentum 0.9, weight decay 0) -> momentum (lr 0.02, momentum 0.9, \
+                 weight decay 0)"
+            ),
+            "{transport}: {err}"
+        );
+        assert!(out.contains("updates        40"), "{out}");
+        let (ok, _, err) = run_with("adam", &["--iterations", "50", "--resume", d]);
+        assert!(!ok, "{transport}: a momentum checkpoint resumed under Adam");
+        assert!(err.contains("is not used by this optimizer"), "{err}");
+        assert!(
+            err.contains("optimizer momentum (lr 0.02, momentum 0.9, weight decay 0) -> adam"),
+            "{transport}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// A run's files hold one shard's slice each: a resume with another shard count is refused
+/// saying so (it once started every shard from the initial weights, under the run's id).
+#[test]
+fn a_resume_with_another_shard_count_is_refused_not_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = CONVNET.to_vec();
+        args.extend_from_slice(&["--iterations", "20", "--checkpoint-every", "10"]);
+        args.extend_from_slice(extra);
+        pstrain(&args)
+    };
+    let (ok, _, err) = run(&["--transport", "tcp", "--shards", "2", "--checkpoint-dir", d]);
+    assert!(ok, "{err}");
+    for (extra, has, advice) in [
+        (
+            &["--transport", "tcp", "--shards", "3"][..],
+            3,
+            "resume with the shard count",
+        ),
+        (&[][..], 1, "(--transport tcp --shards 2)"),
+    ] {
+        let mut args = extra.to_vec();
+        args.extend_from_slice(&["--resume", d]);
+        let (ok, _, err) = run(&args);
+        assert!(!ok, "resumed a 2-shard run with {has} shards: {err}");
+        assert!(
+            err.contains(&format!("checkpoints for 2 shards, and this run has {has}")),
+            "{err}"
+        );
+        assert!(err.contains(advice), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!dir.path().join(format!("shard-0-of-{has}")).exists());
+    }
+}
+
 /// A run launched over TCP without a token of the user's (the launcher makes one for the
 /// launch) resumes with `--resume` too: its checkpoints are not sealed with that token, which
 /// the next launch does not have. With a token of the user's they are sealed, and resume.
@@ -282,28 +362,33 @@ fn a_shard_refuses_checkpoints_it_cannot_use_unless_told_fresh() {
             .spawn()
             .unwrap()
     };
-    // A file of another run (this server's run id is derived from its token and plan),
-    // then the run's own file damaged.
-    for (extra, why) in [
-        (&[][..], "belongs to another run"),
-        (&["--run-id", run_id.as_str()][..], "checksum mismatch"),
+    // Files of another run only (this server's run id is derived from its token and plan):
+    // refused naming that run, what this plan changed from it, and how to continue it.
+    let refused = server(&[]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    for part in [
+        format!("holds checkpoints of run {run_id} (up to version 20)"),
+        "its plan changed workers 2 -> 1; iterations 20 -> none".into(),
+        format!("add --run-id {run_id}"),
+        "--fresh".into(),
     ] {
-        if why == "checksum mismatch" {
-            let mut bytes = std::fs::read(&file).unwrap();
-            let n = bytes.len();
-            bytes[n - 3] ^= 0x01;
-            std::fs::write(&file, &bytes).unwrap();
-        }
-        let refused = server(extra).wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&refused.stderr);
-        assert!(!refused.status.success(), "{err}");
-        assert!(
-            err.contains("cannot use the checkpoints") && err.contains("--fresh"),
-            "{err}"
-        );
-        assert!(err.contains(why), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains(&part), "{part}: {err}");
     }
+    // The run's own file damaged.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let refused = server(&["--run-id", &run_id]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("cannot use the checkpoints") && err.contains("--fresh"),
+        "{err}"
+    );
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     // With --fresh it starts (and says why); the damaged file is left where it was.
     let mut fresh = server(&["--run-id", &run_id, "--fresh"]);
     let mut line = String::new();

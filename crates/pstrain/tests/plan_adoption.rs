@@ -90,7 +90,7 @@ fn a_worker_whose_flags_contradict_the_plan_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("--iterations: given Some(300), the shards' plan has None"),
+        stderr.contains("--iterations: given 300, the shards' plan has none"),
         "{stderr}"
     );
     let out = worker(

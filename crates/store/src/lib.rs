@@ -18,6 +18,6 @@ pub use beacon::{resume_from, Beacon, ResumeFrom};
 pub use checkpoint::CheckpointHeader;
 pub use checkpoint::{Checkpoint, ShardIdentity, StoreError, TensorShapes};
 pub use folder::{is_plain_run_id, CheckpointDir};
-pub use manifest::{runs_in, Manifest, ManifestEntry};
+pub use manifest::{newest_header_of_run, runs_in, shard_counts_of_run, Manifest, ManifestEntry};
 pub use saver::{CheckpointPolicy, Restored, ResumeError, Saver};
 pub use seal::FileKey;

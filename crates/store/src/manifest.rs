@@ -304,19 +304,42 @@ pub fn runs_in(root: &Path) -> Vec<(String, u64)> {
             note(&m.run_id, m.version);
         }
     }
-    let shard_dirs = std::fs::read_dir(root).into_iter().flatten().flatten();
-    for dir in shard_dirs.filter(|e| e.file_name().to_string_lossy().starts_with("shard-")) {
-        let files = std::fs::read_dir(dir.path())
-            .into_iter()
-            .flatten()
-            .flatten();
-        for file in files {
-            if let Ok(h) = CheckpointHeader::read(&file.path()) {
-                note(&h.identity.run_id, h.version);
-            }
-        }
+    for h in shard_file_headers(root) {
+        note(&h.identity.run_id, h.version);
     }
     let mut found: Vec<(String, u64)> = runs.into_iter().collect();
     found.sort_by_key(|(_, v)| std::cmp::Reverse(*v));
     found
+}
+
+/// The header of the newest checkpoint file of `run` under `root` (what it records of the
+/// run's configuration and its shard count), for messages: read unverified, never restored
+/// from.
+pub fn newest_header_of_run(root: &Path, run: &str) -> Option<CheckpointHeader> {
+    shard_file_headers(root)
+        .filter(|h| h.identity.run_id == run)
+        .max_by_key(|h| h.version)
+}
+
+/// The shard counts `run`'s checkpoint files under `root` were written for, smallest first.
+pub fn shard_counts_of_run(root: &Path, run: &str) -> Vec<usize> {
+    let counts: std::collections::BTreeSet<usize> = shard_file_headers(root)
+        .filter(|h| h.identity.run_id == run)
+        .map(|h| h.identity.shards)
+        .collect();
+    counts.into_iter().collect()
+}
+
+/// The headers of the checkpoint files in every shard folder under `root` that can be read.
+fn shard_file_headers(root: &Path) -> impl Iterator<Item = CheckpointHeader> {
+    let shard_dirs = std::fs::read_dir(root).into_iter().flatten().flatten();
+    shard_dirs
+        .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+        .flat_map(|dir| {
+            std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter_map(|file| CheckpointHeader::read(&file.path()).ok())
 }

@@ -7,7 +7,7 @@ use crate::checkpoint::{Checkpoint, CheckpointHeader, ShardIdentity, StoreError,
 use crate::folder::CheckpointDir;
 use crate::manifest::{self, Manifest};
 use crate::seal::FileKey;
-use pstrain_core::{RestoreError, ShardSnapshot};
+use pstrain_core::{RestoreError, RunPlan, ShardSnapshot};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,6 +41,8 @@ pub struct Restored {
     pub from_manifest: bool,
     /// Newer files that were passed over, and why.
     pub skipped: Vec<StoreError>,
+    /// The restored file's description of the run that wrote it (`Checkpoint::config`).
+    pub config: String,
 }
 
 #[derive(Debug)]
@@ -50,9 +52,19 @@ pub enum ResumeError {
         dir: PathBuf,
         skipped: Vec<StoreError>,
     },
+    /// Nothing of this shard's, but the run's files were written for other shard counts
+    /// (each file holds one shard's slice, so they cannot be restored here).
+    OtherShardCount {
+        root: PathBuf,
+        run: String,
+        shards: usize,
+        found: Vec<usize>,
+    },
     Restore {
         path: PathBuf,
         source: RestoreError,
+        /// The file's description of the run that wrote it (`Checkpoint::config`).
+        config: String,
     },
 }
 
@@ -66,12 +78,48 @@ impl std::fmt::Display for ResumeError {
                 }
                 Ok(())
             }
-            ResumeError::Restore { path, source } => write!(f, "{}: {source}", path.display()),
+            ResumeError::OtherShardCount {
+                root,
+                run,
+                shards,
+                found,
+            } => {
+                let found: Vec<String> = found.iter().map(|n| n.to_string()).collect();
+                write!(
+                    f,
+                    "{} holds run {run}'s checkpoints for {} shards, and this run has {shards}: \
+                     a file holds one shard's slice of the model, so resume with the shard \
+                     count the run had",
+                    root.display(),
+                    found.join(" and ")
+                )
+            }
+            ResumeError::Restore { path, source, .. } => {
+                write!(f, "{}: {source}", path.display())
+            }
         }
     }
 }
 
 impl std::error::Error for ResumeError {}
+
+impl ResumeError {
+    /// The error, with what `plan` changed from the checkpoint's run when the file was intact
+    /// but could not be restored (the likely cause: another optimizer, say).
+    pub fn explained_for(&self, plan: &RunPlan) -> String {
+        let changes = match self {
+            ResumeError::Restore { config, .. } => plan.changes_since(config),
+            ResumeError::NothingValid { .. } | ResumeError::OtherShardCount { .. } => None,
+        };
+        match changes {
+            Some(changes) => format!(
+                "{self} (this run changed {changes} from the checkpoint's run: resume with the \
+                 checkpoint's flags, or start a fresh run)"
+            ),
+            None => self.to_string(),
+        }
+    }
+}
 
 pub struct Saver {
     policy: CheckpointPolicy,
@@ -169,15 +217,15 @@ impl Saver {
             chosen = found.map(|(p, c)| (p, c, false));
         }
         let Some((path, ckpt, from_manifest)) = chosen else {
-            return Err(ResumeError::NothingValid {
-                dir: self.dir.path().to_owned(),
-                skipped,
-            });
+            return Err(self.nothing_to_restore(root, skipped));
         };
-        restore(&ckpt.state).map_err(|source| ResumeError::Restore {
-            path: path.clone(),
-            source,
-        })?;
+        if let Err(source) = restore(&ckpt.state) {
+            return Err(ResumeError::Restore {
+                path,
+                source,
+                config: ckpt.config,
+            });
+        }
         let version = ckpt.state.version;
         self.last_version = version;
         for (v, newer) in self.dir.list().into_iter().filter(|_| from_manifest) {
@@ -191,7 +239,28 @@ impl Saver {
             version,
             from_manifest,
             skipped,
+            config: ckpt.config,
         })
+    }
+
+    /// Why nothing of this shard's could be restored: the run's files are there for other
+    /// shard counts only, or none is valid.
+    fn nothing_to_restore(&self, root: PathBuf, skipped: Vec<StoreError>) -> ResumeError {
+        let run = &self.identity.run_id;
+        let mut found = manifest::shard_counts_of_run(&root, run);
+        found.retain(|&n| n != self.identity.shards);
+        if found.is_empty() {
+            return ResumeError::NothingValid {
+                dir: self.dir.path().to_owned(),
+                skipped,
+            };
+        }
+        ResumeError::OtherShardCount {
+            root,
+            run: run.clone(),
+            shards: self.identity.shards,
+            found,
+        }
     }
 
     /// Saves `state` unless nothing changed since the last save; returns the file written.

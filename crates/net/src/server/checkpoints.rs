@@ -124,7 +124,7 @@ pub(super) fn restore(
         policy,
         identity,
         &cfg.plan.model,
-        format!("{:?}", cfg.plan),
+        cfg.plan.record(),
         cfg.layout.shapes(),
     );
     match saver.restore_into(from_point, |state| engine.restore(state, Duration::ZERO)) {
@@ -143,6 +143,9 @@ pub(super) fn restore(
                 r.path.display(),
                 r.version
             ));
+            if let Some(changes) = cfg.plan.changes_since(&r.config) {
+                log(format!("changed from the checkpoint's run: {changes}"));
+            }
         }
         Err(ResumeError::NothingValid { skipped, .. }) if skipped.is_empty() => {
             log("no checkpoint yet; starting from the initial weights".into());
@@ -152,10 +155,11 @@ pub(super) fn restore(
         )),
         Err(e) => {
             return Err(NetError::Restore(format!(
-                "shard {} cannot use the checkpoints in {}: {e}. Move them aside, or start \
+                "shard {} cannot use the checkpoints in {}: {}. Move them aside, or start \
                  with --fresh to begin from the initial weights",
                 cfg.shard,
-                policy.dir.display()
+                policy.dir.display(),
+                e.explained_for(&cfg.plan)
             )))
         }
     }

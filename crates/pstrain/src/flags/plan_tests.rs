@@ -176,8 +176,8 @@ fn contradictions_name_the_flag_and_both_values() {
             "--iterations"
         ]
     );
-    assert_eq!(found[1].1, "Some(300)");
-    assert_eq!(found[1].2, "None");
+    assert_eq!(found[1].1, "300");
+    assert_eq!(found[1].2, "none");
 }
 
 #[test]

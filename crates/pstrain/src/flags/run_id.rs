@@ -61,6 +61,52 @@ pub fn for_train(dir: &Path, given: Option<&str>, resume: bool) -> Result<String
     fresh()
 }
 
+/// A shard whose run id was derived (no `--run-id`) and whose folder holds checkpoints of
+/// another run only: refused naming that run and what this plan changed from it, since a
+/// changed flag derives another id and the shard would otherwise refuse the files without
+/// saying how to continue them.
+pub fn refuse_unrelated_folder(
+    dir: &Path,
+    ours: &str,
+    plan: &RunPlan,
+    shards: usize,
+) -> Result<()> {
+    let runs = pstrain_store::runs_in(dir);
+    let Some((other, version)) = runs
+        .first()
+        .filter(|_| !runs.iter().any(|(r, _)| r == ours))
+    else {
+        return Ok(());
+    };
+    let header = pstrain_store::newest_header_of_run(dir, other);
+    let record = header.as_ref().map_or("", |h| h.config.as_str());
+    let mut why = Vec::new();
+    if let Some(theirs) = header.as_ref().map(|h| h.identity.shards) {
+        if theirs != shards {
+            why.push(format!(
+                "it has {shards} shards where that run had {theirs}"
+            ));
+        }
+    }
+    if let Some(changes) = plan.changes_since(record) {
+        why.push(format!("its plan changed {changes} from that run's"));
+    }
+    let why = if why.is_empty() {
+        "its token differs from that run's (files sealed with a token are restored under \
+         that token only: --token-file)"
+            .to_string()
+    } else {
+        why.join(", and ")
+    };
+    bail!(
+        "{} holds checkpoints of run {other} (up to version {version}), not of this shard's \
+         run {ours}: a shard's run id derives from its token, plan and shard count, and {why}. \
+         To continue run {other} with these flags, add --run-id {other}; to start over, \
+         --fresh or another folder",
+        dir.display()
+    )
+}
+
 /// The run a `pstrain server` shard belongs to: `given`, else derived from the token and the
 /// plan (the same for every shard of the run and every restart of one).
 pub fn for_server(

@@ -132,7 +132,7 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
 pub fn announce(cfg: &TrainConfig) -> Result<()> {
     let p = &cfg.plan;
     pstrain_observe::out_line!(
-        "training {} ({} parameters), {} mode, {} workers, batch {}, {:?}",
+        "training {} ({} parameters), {} mode, {} workers, batch {}, {}",
         p.model,
         cfg.model()?.build(Default::default()).layout().len(),
         p.mode.name(),

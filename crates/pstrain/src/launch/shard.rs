@@ -106,6 +106,10 @@ pub fn shard_setup(
     config.checkpoint = args.checkpoints.policy(None, true, |_| {
         run_id::for_server(given, token.as_ref(), &config.plan, args.shards)
     })?;
+    let derived = given.is_none() && !args.fresh;
+    if let Some(policy) = config.checkpoint.as_ref().filter(|_| derived) {
+        run_id::refuse_unrelated_folder(&policy.dir, &policy.run_id, &config.plan, args.shards)?;
+    }
     config.token = token;
     config.metrics_addr = args.metrics_addr.clone();
     config.fresh = args.fresh;

@@ -11,7 +11,7 @@ use pstrain_compute::mnist::{Mnist, Split};
 use pstrain_compute::{ModelOptions, ModelSpec};
 use pstrain_core::{EngineConfig, Layout, ShardCounters, ShardEngine, ShardSnapshot, WorkerStats};
 use pstrain_observe::{plan_fields, EvalPoint, RunSnapshot, Watcher};
-use pstrain_store::{Saver, ShardIdentity};
+use pstrain_store::{ResumeError, Saver, ShardIdentity};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,7 +95,16 @@ fn start_engine(
     if let Some(saver) = saver.as_mut().filter(|s| s.policy().resume) {
         let restored = saver
             .restore_into(false, |state| engine.restore(state, Duration::ZERO))
-            .map_err(|e| TrainError::Resume(e.to_string()))?;
+            .map_err(|e| {
+                // One process is one shard: the way back to a run of several is over TCP.
+                let hint = match &e {
+                    ResumeError::OtherShardCount { found, .. } => found.first(),
+                    _ => None,
+                };
+                let hint = hint.map(|n| format!(" (--transport tcp --shards {n})"));
+                let why = e.explained_for(&cfg.plan);
+                TrainError::Resume(why + &hint.unwrap_or_default())
+            })?;
         for p in &restored.skipped {
             observer.note(&format!("skipping checkpoint: {p}"));
         }
@@ -104,6 +113,9 @@ fn start_engine(
             restored.path.display(),
             restored.version
         ));
+        if let Some(changes) = cfg.plan.changes_since(&restored.config) {
+            observer.note(&format!("changed from the checkpoint's run: {changes}"));
+        }
     }
     Ok((engine, saver))
 }
@@ -282,7 +294,7 @@ fn saver_for(policy: &CheckpointPolicy, cfg: &TrainConfig, layout: &Layout) -> S
         policy,
         identity,
         &cfg.plan.model,
-        format!("{:?}", cfg.plan),
+        cfg.plan.record(),
         layout.shapes(),
     )
 }
