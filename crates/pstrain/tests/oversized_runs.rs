@@ -121,3 +121,20 @@ fn a_worker_told_a_batch_it_cannot_hold_is_refused_and_the_shard_serves_on() {
     .expect("the refused worker's shard still answers");
     assert_eq!(served.plan.batch_size, 100_000_000);
 }
+
+/// A batch larger than a worker's share of a small set trains (each batch repeats samples)
+/// and says so; a batch that fits says nothing.
+#[test]
+fn a_batch_past_a_workers_share_trains_and_says_it_repeats_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_synthetic_set(dir.path(), 50, 20);
+    let note = "a batch of 64 is more than a worker's 25 training samples";
+    let out = train(dir.path(), &["--model", "convnet", "--batch-size", "64"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(note), "{stderr}");
+    let out = train(dir.path(), &["--model", "convnet", "--batch-size", "25"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("training samples: each"), "{stderr}");
+}

@@ -140,6 +140,15 @@ pub fn announce(cfg: &TrainConfig) -> Result<()> {
         p.batch_size,
         p.optimizer
     );
+    let smallest_shard = p.train_samples / p.workers.max(1);
+    if p.batch_size > smallest_shard {
+        pstrain_observe::log_line!(
+            "note: a batch of {} is more than a worker's {smallest_shard} training samples: each \
+             batch repeats some of them (lower --batch-size or --workers for batches of \
+             distinct samples)",
+            p.batch_size
+        );
+    }
     Ok(())
 }
 
