@@ -12,13 +12,13 @@ use crate::launch::light_workers::light_workers;
 use crate::launch::remote_worker::worker;
 use crate::launch::shard::run_server;
 use crate::launch::stop_signal::stop_on_signal;
+use crate::run::saved_model::{checkpoint_layout, load_checkpoint, load_checkpoint_model};
 use crate::run::train;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pstrain_compute::{ModelKind, ModelSpec};
-use pstrain_core::Layout;
+use pstrain_compute::ModelKind;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -273,64 +273,6 @@ fn run_bench_net(args: BenchNetArgs) -> Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     pstrain_observe::out_line!("wrote {}", args.out.display());
-    Ok(())
-}
-
-/// The weights joined from every shard of a checkpoint folder (with the run's token, from
-/// files sealed with its key only).
-fn load_checkpoint(
-    dir: &Path,
-    token: &crate::flags::token::TokenArgs,
-) -> Result<pstrain_store::Assembled> {
-    let key = token.token()?.map(|t| t.file_key());
-    let assembled = pstrain_store::assemble(dir, key.as_ref())?;
-    for p in &assembled.problems {
-        eprintln!("skipping checkpoint: {p}");
-    }
-    Ok(assembled)
-}
-
-/// The built-in model a checkpoint folder holds, with its weights.
-fn load_checkpoint_model(
-    dir: &Path,
-    token: &crate::flags::token::TokenArgs,
-) -> Result<(ModelSpec, pstrain_store::Assembled)> {
-    let assembled = load_checkpoint(dir, token)?;
-    let kind: ModelSpec = assembled
-        .model
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    checkpoint_layout(dir, &assembled)?;
-    Ok((kind, assembled))
-}
-
-/// The layout of the model a checkpoint folder holds: a built-in model's, else the one the
-/// files record (a model served from Python, e.g. a PyTorch module's parameters).
-fn checkpoint_layout(dir: &Path, assembled: &pstrain_store::Assembled) -> Result<Layout> {
-    let layout = match assembled.model.parse::<ModelSpec>() {
-        Ok(kind) => kind.build(Default::default()).layout().clone(),
-        Err(_) if !assembled.layout.is_empty() => {
-            let shapes = assembled.layout.iter().map(|(n, s)| (n.clone(), &s[..]));
-            Layout::new(shapes)
-                .with_context(|| format!("{}: the recorded layout", dir.display()))?
-        }
-        Err(e) => bail!(
-            "{}: {e}, and the files record no layout (written by an older pstrain)",
-            dir.display()
-        ),
-    };
-    check_layout(dir, &layout, assembled)?;
-    Ok(layout)
-}
-
-fn check_layout(dir: &Path, layout: &Layout, assembled: &pstrain_store::Assembled) -> Result<()> {
-    if layout.fingerprint() != assembled.fingerprint || layout.len() != assembled.params.len() {
-        bail!(
-            "{}: the checkpoint's layout does not match the model `{}`",
-            dir.display(),
-            assembled.model
-        );
-    }
     Ok(())
 }
 

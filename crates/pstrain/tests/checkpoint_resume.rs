@@ -246,6 +246,44 @@ fn a_resume_with_another_shard_count_is_refused_not_restarted() {
     }
 }
 
+/// `pstrain eval` of a folder holding two runs' files names the run it evaluates.
+#[test]
+fn eval_of_a_folder_of_two_runs_names_the_one_it_took() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for (dir, updates) in dirs.iter().zip(["20", "30"]) {
+        let mut args = CONVNET.to_vec();
+        args.extend_from_slice(&["--iterations", updates, "--checkpoint-dir"]);
+        args.push(dir.path().to_str().unwrap());
+        let (ok, _, err) = pstrain(&args);
+        assert!(ok, "{err}");
+    }
+    let newer = checkpoint_file(dirs[1].path(), 30);
+    let into = dirs[0]
+        .path()
+        .join("shard-0-of-1")
+        .join(newer.file_name().unwrap());
+    std::fs::copy(&newer, into).unwrap();
+    for m in std::fs::read_dir(dirs[1].path()).unwrap().flatten() {
+        if m.file_name().to_string_lossy().starts_with("manifest-") {
+            std::fs::copy(m.path(), dirs[0].path().join(m.file_name())).unwrap();
+        }
+    }
+    let d = dirs[0].path().to_str().unwrap();
+    let (ok, out, err) = pstrain(&["eval", "--checkpoint", d]);
+    assert!(ok, "{err}");
+    let run = run_of(&newer);
+    assert!(
+        err.contains(&format!(
+            "holds checkpoints of 2 runs; this is run {run} at version 30"
+        )),
+        "{err}"
+    );
+    assert!(out.contains("at version [30]"), "{out}");
+    // One run's folder: no note.
+    let (ok, _, err) = pstrain(&["eval", "--checkpoint", dirs[1].path().to_str().unwrap()]);
+    assert!(ok && !err.contains("runs; this is"), "{err}");
+}
+
 /// A run launched over TCP without a token of the user's (the launcher makes one for the
 /// launch) resumes with `--resume` too: its checkpoints are not sealed with that token, which
 /// the next launch does not have. With a token of the user's they are sealed, and resume.
