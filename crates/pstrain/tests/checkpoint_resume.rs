@@ -284,6 +284,61 @@ fn eval_of_a_folder_of_two_runs_names_the_one_it_took() {
     assert!(ok && !err.contains("runs; this is"), "{err}");
 }
 
+/// A resumed run given the first run's `--metrics` file goes on after its records (it once
+/// started the file over), its times after theirs, and the file still plots.
+#[test]
+fn a_resumed_run_continues_its_metrics_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("ckpt");
+    let metrics = dir.path().join("m.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = CONVNET.to_vec();
+        args.extend_from_slice(&["--eval-every", "0", "--metrics", metrics.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        pstrain(&args)
+    };
+    let (ok, _, err) = run(&[
+        "--iterations",
+        "20",
+        "--checkpoint-dir",
+        d.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["--iterations", "40", "--resume", d.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |event: &str| -> Vec<&serde_json::Value> {
+        records.iter().filter(|r| r["event"] == event).collect()
+    };
+    let evals: Vec<u64> = of("eval")
+        .iter()
+        .map(|r| r["updates"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [20, 40], "{text}");
+    assert_eq!(of("resumed").len(), 1, "{text}");
+    assert_eq!(of("summary").len(), 2, "{text}");
+    let times: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r["time_s"].as_f64())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "times go back: {times:?}"
+    );
+    let png = dir.path().join("m.png");
+    let (ok, _, err) = pstrain(&[
+        "plot",
+        metrics.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok && png.exists(), "{err}");
+}
+
 /// A run launched over TCP without a token of the user's (the launcher makes one for the
 /// launch) resumes with `--resume` too: its checkpoints are not sealed with that token, which
 /// the next launch does not have. With a token of the user's they are sealed, and resume.

@@ -124,7 +124,7 @@ pub fn prepare_train(args: &TrainArgs) -> Result<(TrainConfig, Mnist, Reporter)>
     cfg.check_data(data.train.len())
         .context("--train-samples must match the data set")?;
     let total_samples = cfg.plan.planned_updates() * cfg.plan.samples_per_update();
-    let reporter = Reporter::new(total_samples, args.metrics.as_deref())?;
+    let reporter = Reporter::new(total_samples, args.metrics.as_deref(), resume)?;
     Ok((cfg, data, reporter))
 }
 

@@ -313,6 +313,13 @@ impl<W: Write> MetricsWriter<W> {
         self.out.write_all(b"\n")?;
         self.out.flush()
     }
+
+    /// Writes a record already serialized as one line of JSON.
+    pub fn write_raw(&mut self, line: &str) -> std::io::Result<()> {
+        self.out.write_all(line.as_bytes())?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
 }
 
 #[cfg(test)]

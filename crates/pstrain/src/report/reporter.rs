@@ -1,12 +1,12 @@
 //! How a run shows itself: a progress bar on a terminal, plain log lines elsewhere, and every
 //! record mirrored into the `--metrics` JSON-lines file.
 
-use crate::report::records::{EvalRecord, MetricsWriter, ProgressRecord, WorkersRecord};
+use crate::report::metrics_file::MetricsFile;
+use crate::report::records::{EvalRecord, ProgressRecord, WorkersRecord};
 use crate::report::Observer;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::fs::File;
-use std::io::{BufWriter, IsTerminal};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// record into the metrics file.
 pub struct Reporter {
     pub bar: Option<ProgressBar>,
-    metrics: Option<MetricsWriter<BufWriter<File>>>,
+    metrics: Option<MetricsFile>,
     pub metrics_error: Option<std::io::Error>,
     last_line: Instant,
     last_accuracy: Option<f64>,
@@ -22,7 +22,9 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(total_samples: u64, metrics: Option<&Path>) -> Result<Self> {
+    /// A reporter of a run of `total_samples`; a resumed run (`resume`) continues its
+    /// metrics file instead of starting it over.
+    pub fn new(total_samples: u64, metrics: Option<&Path>, resume: bool) -> Result<Self> {
         let bar = std::io::stdout().is_terminal().then(|| {
             let bar = ProgressBar::new(total_samples);
             if let Ok(style) = ProgressStyle::with_template(
@@ -32,13 +34,7 @@ impl Reporter {
             }
             bar
         });
-        let metrics = metrics
-            .map(|p| {
-                File::create(p)
-                    .with_context(|| format!("cannot create metrics file {}", p.display()))
-                    .map(|f| MetricsWriter::new(BufWriter::new(f)))
-            })
-            .transpose()?;
+        let metrics = metrics.map(|p| MetricsFile::open(p, resume)).transpose()?;
         Ok(Reporter {
             bar,
             metrics,

@@ -1,0 +1,148 @@
+//! The `--metrics` file: made anew for a new run; a resumed run goes on after the records
+//! the file holds (a partial last line, from a process killed mid-write, is dropped), its
+//! times carrying on from the last record's, so one file holds the whole run's history.
+
+use crate::report::records::MetricsWriter;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::BufWriter;
+use std::path::Path;
+
+pub struct MetricsFile {
+    out: MetricsWriter<BufWriter<File>>,
+    /// Seconds the file's earlier records cover, added to this process's records' times.
+    time_offset: f64,
+}
+
+impl MetricsFile {
+    /// The file at `path`: continued when `resume` and it holds records, else made anew.
+    pub fn open(path: &Path, resume: bool) -> Result<Self> {
+        let what = || format!("cannot write metrics file {}", path.display());
+        let held = std::fs::read(path).ok().filter(|b| resume && !b.is_empty());
+        let Some(bytes) = held else {
+            let file = File::create(path).with_context(what)?;
+            return Ok(Self::over(file, 0.0));
+        };
+        let whole_lines = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(what)?;
+        file.set_len(whole_lines as u64).with_context(what)?;
+        let time_offset = last_time(&bytes[..whole_lines]);
+        let mut metrics = Self::over(file, time_offset);
+        metrics
+            .out
+            .write(&Resumed {
+                event: "resumed",
+                time_s: time_offset,
+            })
+            .with_context(what)?;
+        Ok(metrics)
+    }
+
+    fn over(file: File, time_offset: f64) -> Self {
+        MetricsFile {
+            out: MetricsWriter::new(BufWriter::new(file)),
+            time_offset,
+        }
+    }
+
+    /// Writes `record` as one line, its `time_s` moved past the file's earlier records (in
+    /// the text, so that the fields keep their order).
+    pub fn write<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
+        if self.time_offset == 0.0 {
+            return self.out.write(record);
+        }
+        let text = serde_json::to_string(record)?;
+        self.out.write_raw(&shift_time(&text, self.time_offset))
+    }
+}
+
+/// `text` with its first `"time_s":` number (the record's own: it comes before any nested
+/// record) moved by `offset`; unchanged when it has none.
+fn shift_time(text: &str, offset: f64) -> String {
+    const KEY: &str = "\"time_s\":";
+    let Some(at) = text.find(KEY).map(|i| i + KEY.len()) else {
+        return text.to_string();
+    };
+    let len = text[at..].find([',', '}']).unwrap_or(text.len() - at);
+    match text[at..at + len].parse::<f64>() {
+        Ok(secs) => format!("{}{}{}", &text[..at], secs + offset, &text[at + len..]),
+        Err(_) => text.to_string(),
+    }
+}
+
+/// Where a resumed run's records start in a continued file.
+#[derive(Serialize)]
+struct Resumed {
+    event: &'static str,
+    time_s: f64,
+}
+
+/// The latest time the records name: their `time_s`, or a summary's `wall_time_s` (0 if
+/// none does).
+fn last_time(lines: &[u8]) -> f64 {
+    String::from_utf8_lossy(lines)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .flat_map(|rec| {
+            let time = |key: &str| rec.get(key).and_then(serde_json::Value::as_f64);
+            [time("time_s"), time("wall_time_s")]
+        })
+        .flatten()
+        .filter(|t| t.is_finite() && *t >= 0.0)
+        .fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_file_keeps_its_records_and_carries_the_time_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.jsonl");
+        // Two records and a partial third, as a killed process leaves them.
+        std::fs::write(
+            &path,
+            "{\"event\":\"eval\",\"time_s\":1.5}\n{\"event\":\"summary\",\"time_s\":4.0}\n{\"ev",
+        )
+        .unwrap();
+        let mut m = MetricsFile::open(&path, true).unwrap();
+        m.write(&serde_json::json!({"event": "eval", "time_s": 0.5}))
+            .unwrap();
+        drop(m);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "{\"event\":\"eval\",\"time_s\":1.5}",
+                "{\"event\":\"summary\",\"time_s\":4.0}",
+                "{\"event\":\"resumed\",\"time_s\":4.0}",
+                "{\"event\":\"eval\",\"time_s\":4.5}",
+            ]
+        );
+        // Fields keep their order; a record without a time is left as it is.
+        assert_eq!(
+            shift_time(
+                "{\"event\":\"x\",\"time_s\":1.25,\"n\":[{\"time_s\":9}]}",
+                2.0
+            ),
+            "{\"event\":\"x\",\"time_s\":3.25,\"n\":[{\"time_s\":9}]}"
+        );
+        assert_eq!(
+            shift_time("{\"wall_time_s\":1.0}", 2.0),
+            "{\"wall_time_s\":1.0}"
+        );
+        // A new run's file starts over.
+        let mut m = MetricsFile::open(&path, false).unwrap();
+        m.write(&serde_json::json!({"event": "eval", "time_s": 0.5}))
+            .unwrap();
+        drop(m);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"event\":\"eval\",\"time_s\":0.5}\n");
+    }
+}
