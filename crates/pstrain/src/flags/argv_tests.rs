@@ -5,6 +5,7 @@
 use super::device::DeviceArgs;
 use super::parse_flags;
 use super::server::{server_argv, ServerArgs};
+use super::train::TrainArgs;
 use super::worker::{worker_argv, WorkerArgs};
 use crate::run::device_speed::DeviceSpeed;
 use crate::run::{CheckpointPolicy, TrainConfig, DEFAULT_LOOKAHEAD};
@@ -377,4 +378,27 @@ fn checkpoint_flags_without_a_folder_are_refused() {
     // Clap's own rule: --fresh only with a folder.
     assert!(server(&["--fresh"]).is_err());
     assert!(server(&["--fresh", "--checkpoint-dir", "/tmp/x"]).is_ok());
+}
+
+#[test]
+fn a_resume_beside_another_checkpoint_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let args = |folder: &Path| {
+        let argv = ["--checkpoint-dir".to_string(), folder.display().to_string()];
+        parse_flags::<TrainArgs>("train", &argv).unwrap()
+    };
+    let refused = args(&b)
+        .checkpoints
+        .policy(Some(&a), true, |_| Ok("r".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("would be ignored"), "{refused}");
+    // The same folder, named either way, is taken.
+    std::fs::create_dir(&a).unwrap();
+    let same = a.join("..").join("a");
+    let policy = args(&same)
+        .checkpoints
+        .policy(Some(&a), true, |_| Ok("r".into()));
+    assert_eq!(policy.unwrap().unwrap().dir, a);
 }

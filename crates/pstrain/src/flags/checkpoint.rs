@@ -39,6 +39,18 @@ impl CheckpointArgs {
         resume: bool,
         run_id: impl FnOnce(&Path) -> Result<String>,
     ) -> Result<Option<CheckpointPolicy>> {
+        if let (Some(resumed), Some(other)) = (dir, self.checkpoint_dir.as_deref()) {
+            let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+            if same(resumed) != same(other) {
+                bail!(
+                    "--resume {} keeps checkpointing in that folder; --checkpoint-dir {} would \
+                     be ignored: give one of them (to continue in another folder, copy the \
+                     first there and resume that)",
+                    resumed.display(),
+                    other.display()
+                );
+            }
+        }
         let Some(dir) = dir.or(self.checkpoint_dir.as_deref()) else {
             // Said, and nowhere to act: refused rather than ignored.
             if let Some(flag) = self.given_without_a_folder() {
