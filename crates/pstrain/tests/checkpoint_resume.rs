@@ -339,6 +339,28 @@ fn a_resumed_run_continues_its_metrics_file() {
     assert!(ok && png.exists(), "{err}");
 }
 
+/// A checkpoint folder that cannot take files (a file in its place) fails the start, in
+/// process and over TCP, instead of the first save a minute into the run.
+#[test]
+fn a_checkpoint_folder_that_cannot_take_files_fails_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-folder");
+    std::fs::write(&file, b"x").unwrap();
+    for transport in ["inproc", "tcp"] {
+        let mut args = CONVNET.to_vec();
+        args.extend_from_slice(&["--transport", transport, "--iterations", "1000000"]);
+        args.extend_from_slice(&["--checkpoint-dir", file.to_str().unwrap()]);
+        let (ok, out, err) = pstrain(&args);
+        assert!(!ok, "{transport}: {out}");
+        assert!(err.contains("Not a directory"), "{transport}: {err}");
+        assert!(
+            !out.contains("eval:") && !err.contains("eval:"),
+            "{transport} trained: {out}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 /// A run launched over TCP without a token of the user's (the launcher makes one for the
 /// launch) resumes with `--resume` too: its checkpoints are not sealed with that token, which
 /// the next launch does not have. With a token of the user's they are sealed, and resume.

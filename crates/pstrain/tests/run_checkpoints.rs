@@ -147,12 +147,15 @@ fn a_failing_disk_backs_off_and_fails_the_shard_at_the_end() {
     let _guard = common::one_at_a_time();
     let token = pstrain_net::RunToken::generate().unwrap().to_hex();
     let dir = tempfile::tempdir().unwrap();
-    // Shard 0's folder cannot be made (a file has its name): every save of shard 0 fails.
-    std::fs::write(dir.path().join("shard-0-of-2"), b"in the way").unwrap();
     let (updates, every) = (3000, 5);
     let mut shards: Vec<_> = (0..2)
         .map(|i| shard_with(dir.path(), i, &token, updates, every, "sync"))
         .collect();
+    // Once the shards serve (each checked its folder at the start), shard 0's folder is
+    // replaced by a file of its name, before any worker: every save of shard 0 fails.
+    let folder = dir.path().join("shard-0-of-2");
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::write(&folder, b"in the way").unwrap();
     let servers = format!("{},{}", shards[0].1, shards[1].1);
     let mut workers = workers(&servers, &token);
     for w in &mut workers {

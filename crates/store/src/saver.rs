@@ -168,6 +168,13 @@ impl Saver {
         &self.policy
     }
 
+    /// Makes this shard's folder and checks that it takes files, so that a folder that cannot
+    /// (a file in its place, no space for a name, read-only) fails the start, not the first
+    /// save a minute into the run.
+    pub fn check_folder(&self) -> Result<(), StoreError> {
+        self.dir.check_writable()
+    }
+
     /// Hands the checkpoint to continue from to `restore` (which puts it into the shard's
     /// engine or core). With `from_point` (the run, or part of it, is restarting: see
     /// `beacon.rs`) that is this shard's file of the newest complete point of the run, and its

@@ -163,6 +163,10 @@ pub(super) fn restore(
             )))
         }
     }
+    // After the restore, whose refusals leave nothing behind (not even an empty folder).
+    saver.check_folder().map_err(|e| {
+        NetError::Restore(format!("shard {} cannot write checkpoints: {e}", cfg.shard))
+    })?;
     Ok((Some(saver), restored_point))
 }
 

@@ -117,6 +117,10 @@ fn start_engine(
             observer.note(&format!("changed from the checkpoint's run: {changes}"));
         }
     }
+    // After the restore, whose refusals leave nothing behind (not even an empty folder).
+    if let Some(saver) = &saver {
+        saver.check_folder()?;
+    }
     Ok((engine, saver))
 }
 
