@@ -48,7 +48,7 @@ pub use layout::{Layout, TensorSpec};
 pub use membership::{Departure, JoinError, Membership, Presence, RankRequest, Seat};
 pub use optimizer::{LrSchedule, Optimizer, OptimizerConfig, ScaledGrad};
 pub use plan::{RunPlan, ScheduleKind};
-pub use plan_fields::{describe_changes, PlanDifference};
+pub use plan_fields::PlanDifference;
 pub use replay::{ReplayError, Replayer};
 pub use rng::Rng;
 pub use server::{PushMeta, PushOutcome, ServerCore, ShardCounters, ShardSnapshot};

@@ -130,15 +130,10 @@ impl RunPlan {
     /// anything and the record is one.
     pub fn changes_since(&self, record: &str) -> Option<String> {
         let changes = self.differences_from_record(record)?;
-        (!changes.is_empty()).then(|| describe_changes(&changes))
+        let parts: Vec<String> = changes
+            .iter()
+            .map(|(field, was, now)| format!("{field} {was} -> {now}"))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
-}
-
-/// `a -> b` for each difference, `; `-separated: for messages.
-pub fn describe_changes(changes: &[PlanDifference]) -> String {
-    let parts: Vec<String> = changes
-        .iter()
-        .map(|(field, was, now)| format!("{field} {was} -> {now}"))
-        .collect();
-    parts.join("; ")
 }

@@ -56,14 +56,6 @@ impl CheckpointDir {
         self.keep
     }
 
-    /// Makes the folder and checks that it takes files.
-    pub fn check_writable(&self) -> Result<(), StoreError> {
-        crate::atomic::check_writable(&self.dir).map_err(|source| StoreError::Io {
-            path: self.dir.clone(),
-            source,
-        })
-    }
-
     /// Writes `ckpt` (atomically). Pruning is the writer's: only files it wrote itself may
     /// go, whatever else the folder holds (see `Saver::save`).
     pub fn save(&self, ckpt: &Checkpoint, key: Option<&FileKey>) -> Result<PathBuf, StoreError> {

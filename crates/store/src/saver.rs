@@ -172,7 +172,11 @@ impl Saver {
     /// (a file in its place, no space for a name, read-only) fails the start, not the first
     /// save a minute into the run.
     pub fn check_folder(&self) -> Result<(), StoreError> {
-        self.dir.check_writable()
+        let dir = self.dir.path();
+        crate::atomic::check_writable(dir).map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })
     }
 
     /// Hands the checkpoint to continue from to `restore` (which puts it into the shard's
