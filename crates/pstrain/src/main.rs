@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     match cli::run(cli::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("Error: {}", with_causes(&error));
+            pstrain_observe::log_line!("Error: {}", with_causes(&error));
             ExitCode::FAILURE
         }
     }

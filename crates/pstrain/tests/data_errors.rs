@@ -308,3 +308,19 @@ fn a_worker_whose_data_does_not_fit_the_shards_model_is_refused_with_the_one_tha
     let report = common::worker_report(&worker(&fits.addr));
     assert_eq!(report.steps, 30, "{report:?}");
 }
+
+/// An error reported to a stderr nobody reads any more (`pstrain train 2>&1 | head -0`, a
+/// closed log pipe) still ends the process with the error's status, not a panic's 101.
+#[test]
+fn an_error_with_nobody_reading_stderr_exits_as_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(common::pstrain_bin())
+        .args(["train", "--iterations", "2", "--data-dir"])
+        .arg(dir.path().join("absent"))
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
+}

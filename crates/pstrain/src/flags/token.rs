@@ -26,7 +26,7 @@ impl TokenArgs {
         if let Some(path) = &self.token_file {
             let token = RunToken::from_file(path)?;
             if let Some(mode) = shared_mode(path) {
-                eprintln!(
+                pstrain_observe::log_line!(
                     "warning: token file {} is readable by others than its owner (mode {mode:03o}): \
                      anyone who can read it can join this run; `chmod 600 {}`",
                     path.display(),
@@ -61,7 +61,7 @@ pub fn make_token(args: &TokenOutArgs) -> Result<()> {
     let Some(path) = &args.out else {
         pstrain_observe::out_line!("{hex}");
         if let Some(mode) = stdout_shared_mode() {
-            eprintln!(
+            pstrain_observe::log_line!(
                 "warning: the token went to a file others than its owner may read (mode \
                  {mode:03o}); `chmod 600` it, or use `pstrain token -o FILE`"
             );

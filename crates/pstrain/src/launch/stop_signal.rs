@@ -24,7 +24,7 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
         Some(_) => {}
     };
     if let Err(e) = ctrlc::set_handler(handler) {
-        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
+        pstrain_observe::log_line!("warning: cannot install the Ctrl-C handler: {e}");
     }
     stop
 }

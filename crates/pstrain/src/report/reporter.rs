@@ -90,7 +90,7 @@ impl Observer for Reporter {
     fn note(&mut self, message: &str) {
         match &self.bar {
             Some(bar) => bar.println(message),
-            None => eprintln!("{message}"),
+            None => pstrain_observe::log_line!("{message}"),
         }
     }
 
