@@ -240,6 +240,81 @@ def test_a_module_with_a_scalar_parameter_is_served_with_its_shape_and_exports(t
         assert torch.equal(a, b), name
 
 
+class FineTuned(Tiny):
+    """A fine-tuned network: `fc1` (the "backbone") frozen, `fc2` trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1.requires_grad_(False)
+
+
+def test_frozen_parameters_stay_as_built_under_weight_decay_and_never_travel(tmp_path):
+    """Parameters with requires_grad=False are not served: the servers' optimizer cannot move
+    them (Adam's weight decay moved a served frozen layer by 0.23 in 50 steps though its
+    gradient was zero), they cross no link, a worker that froze another set is refused by
+    name, and an export loads the trained ones beside them."""
+    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
+    assert list(parameters_of(FineTuned())) == ["fc2.weight", "fc2.bias"]
+    ckpt = tmp_path / "ckpt"
+    server = pstrain.Server.from_module(
+        FineTuned(), workers=1, mode="async", optimizer="adam", lr=0.05, weight_decay=0.1,
+        iterations=30, batch_size=8, checkpoint_dir=str(ckpt), checkpoint_secs=0)
+    client = pstrain.Client([server.address])
+    assert list(client.layout) == ["fc2.weight", "fc2.bias"]
+    unfrozen = Tiny()
+    with pytest.raises(ValueError, match=r"`fc2.weight` is frozen in the module \(requires_grad"
+                       r"=False\) but trained on the servers"):
+        all_frozen = FineTuned()
+        all_frozen.fc2.weight.requires_grad_(False)
+        ModuleWorker(client, all_frozen)
+    with pytest.raises(ValueError, match="`fc1.weight` is not on the servers"):
+        ModuleWorker(client, unfrozen)
+    worker = ModuleWorker(client, FineTuned())
+    module = worker.module
+    built = {n: p.detach().clone() for n, p in FineTuned().named_parameters()}
+    worker.pull()
+    torch.manual_seed(1)
+    for _ in range(30):
+        worker.zero_grad()
+        F.mse_loss(module(torch.randn(8, 4)), torch.ones(8, 2)).backward()
+        assert worker.push(8)["outcome"] == "applied"
+        worker.pull()
+    assert torch.equal(module.fc1.weight, built["fc1.weight"]), "the frozen layer stayed"
+    assert torch.equal(module.fc1.bias, built["fc1.bias"])
+    assert not torch.equal(module.fc2.weight, built["fc2.weight"]), "the trained one moved"
+    client.leave()
+    assert server.wait(10)["version"] == 30
+    if not os.path.exists(exe):
+        pytest.skip(f"{exe} not built (cargo build --release)")
+    out = tmp_path / "model.safetensors"
+    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    loaded = FineTuned()
+    assert sorted(load_export(loaded, str(out))) == ["fc1.bias", "fc1.weight"]
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), module.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_build_model_whose_frozen_parameters_differ_each_call_is_refused():
+    """Frozen parameters are each worker's own: a build_model that draws them afresh on each
+    call (no seed) would have every worker train beside another frozen network."""
+    from pstrain.torch import train_worker
+
+    def unseeded():
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        model[0].requires_grad_(False)
+        return model
+
+    with pstrain.Server.from_module(unseeded(), workers=1, mode="async",
+                                    keep_running=True) as server:
+        with pytest.raises(ValueError, match=r"other values of the frozen parameters .*"
+                           r"`0.weight`, `0.bias`.*seed"):
+            train_worker([server.address], unseeded, lambda r, w, e: iter(()), F.mse_loss)
+        # The worker left on the way out: its rank is free again.
+        with pstrain.Client([server.address], rank=0) as again:
+            assert again.rank == 0
+        server.stop()
+
+
 def test_the_command_line_form_says_what_is_wrong_with_the_script(tmp_path):
     from pstrain.ray_torch import _load_script
 

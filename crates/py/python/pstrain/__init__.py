@@ -293,8 +293,9 @@ class Server:
 
     @classmethod
     def from_module(cls, module, **kwargs: object) -> "Server":
-        """A shard serving a PyTorch module's parameters (``named_parameters()``: names and
-        shapes as PyTorch writes them, initial values from the module); the other keywords
+        """A shard serving a PyTorch module's trainable parameters (``named_parameters()``
+        with ``requires_grad``: names and shapes as PyTorch writes them, initial values from
+        the module; see ``pstrain.torch`` for frozen ones and buffers); the other keywords
         are ``Server``'s. Needs torch (see ``pstrain.torch``)."""
         from .torch import parameters_of
 

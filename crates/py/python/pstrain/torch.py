@@ -9,12 +9,21 @@
   copy) and ``push()`` sends the gradients ``backward()`` accumulated there.
 - ``train_worker(...)``: a whole worker: pull, forward, backward, push, until the run is done.
 
-Only parameters travel. Buffers that are not parameters (BatchNorm's running mean and
-variance, counters) stay **local** to each worker: every worker keeps the statistics of the
-batches it saw, the servers never hold them, and ``pstrain export`` writes parameters only. A
-module with such buffers therefore loads an export with ``load_state_dict(..., strict=False)``
-(``load_export`` below does that and says which keys it left as they were); a module without
-buffers (the MNIST example's network) loads it with ``strict=True``.
+Only trainable parameters travel (``requires_grad``, as an optimizer given
+``filter(lambda p: p.requires_grad, ...)`` sees them). Everything else stays **local** to each
+worker, as the module built it:
+- buffers that are not parameters (BatchNorm's running mean and variance, counters): every
+  worker keeps the statistics of the batches it saw;
+- frozen parameters (``requires_grad=False``, a fine-tuned model's backbone): the servers'
+  optimizer never touches them (weight decay would move a served one though its gradient is
+  zero), and they never cross the link. ``build_model`` must give every worker the same
+  values (load them, or seed): ``train_worker`` builds the module twice and refuses one whose
+  frozen parameters differ between the two.
+``pstrain export`` writes the trainable parameters only. A module with buffers or frozen
+parameters therefore loads an export with ``load_state_dict(..., strict=False)``
+(``load_export`` below does that and says which keys it left as they were); a module with
+neither (the MNIST example's network) loads it with ``strict=True``. Which parameters are
+trainable is fixed when the servers start: unfreezing one later is a different layout.
 
 The module must be on the CPU in float32 (pstrain's wire format); a module whose parameters
 do not match the servers' layout is refused by name and shape before anything is sent, and a
@@ -38,14 +47,20 @@ except ImportError as e:  # pragma: no cover - depends on the machine
     ) from e
 
 from . import Client
+from ._torch_loops import Tally, in_turn, overlapped
 
 __all__ = ["parameters_of", "ModuleWorker", "train_worker", "load_export", "evaluate"]
 
 
 def _named(module: "torch.nn.Module") -> List[Tuple[str, "torch.nn.Parameter"]]:
-    named = list(module.named_parameters())
-    if not named:
+    """The parameters the servers hold: the trainable ones, in ``named_parameters()`` order."""
+    every = list(module.named_parameters())
+    if not every:
         raise ValueError("the module has no parameters")
+    named = [(name, p) for name, p in every if p.requires_grad]
+    if not named:
+        raise ValueError(f"every parameter of the module is frozen (requires_grad=False, "
+                         f"{len(every)} of them): there is nothing to train")
     for name, p in named:
         if isinstance(p, torch.nn.parameter.UninitializedParameter):
             raise ValueError(
@@ -61,22 +76,29 @@ def _named(module: "torch.nn.Module") -> List[Tuple[str, "torch.nn.Parameter"]]:
 
 
 def parameters_of(module: "torch.nn.Module") -> Dict[str, np.ndarray]:
-    """``{name: float32 array}`` of the module's parameters, in ``named_parameters()`` order
-    (the servers' layout order), copied from their current values."""
+    """``{name: float32 array}`` of the module's trainable parameters, in
+    ``named_parameters()`` order (the servers' layout order), copied from their current
+    values."""
     return {
         name: p.detach().numpy().astype(np.float32, copy=True) for name, p in _named(module)
     }
 
 
-def _check_layout(client: Client, named: List[Tuple[str, "torch.nn.Parameter"]]) -> None:
+def _check_layout(client: Client, module: "torch.nn.Module",
+                  named: List[Tuple[str, "torch.nn.Parameter"]]) -> None:
     theirs = [(name, tuple(shape)) for name, shape in client.layout.items()]
     ours = [(name, tuple(p.shape)) for name, p in named]
     if ours == theirs:
         return
     their_names = dict(theirs)
     our_names = dict(ours)
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
     problems = [f"`{n}` is not on the servers" for n in our_names if n not in their_names]
-    problems += [f"`{n}` is missing from the module" for n in their_names if n not in our_names]
+    problems += [
+        f"`{n}` is frozen in the module (requires_grad=False) but trained on the servers"
+        if n in frozen else f"`{n}` is missing from the module"
+        for n in their_names if n not in our_names
+    ]
     problems += [
         f"`{n}` has shape {list(s)} in the module, {list(their_names[n])} on the servers"
         for n, s in ours
@@ -104,7 +126,7 @@ class ModuleWorker:
         self.client = client
         self.module = module
         self._named = _named(module)
-        _check_layout(client, self._named)
+        _check_layout(client, module, self._named)
         # On the shard's host the buffers are the shared-memory lane itself, so pulls and
         # pushes copy nothing on this side (unless `in_lane=False`: a worker that computes
         # while its last gradient is pushed needs buffers the lane does not write);
@@ -209,13 +231,18 @@ def train_worker(
         client.leave()
         raise ValueError(f"overlap=True needs an async or buffered run; this one is "
                          f"{client.mode}")
-    model = build_model()
+    try:
+        model = build_model()
+        _check_frozen_repeat(model, build_model)
+    except BaseException:
+        client.leave()
+        raise
     model.train()
     worker = ModuleWorker(client, model, in_lane=not overlap)
-    tally = _Tally(step_times)
+    tally = Tally(step_times)
     started = time.perf_counter()
     try:
-        loop = functools.partial(_overlapped, lookahead=lookahead) if overlap else _in_turn
+        loop = functools.partial(overlapped, lookahead=lookahead) if overlap else in_turn
         loop(worker, model, lambda epoch: batches(client.rank, client.workers, epoch), loss_fn,
              max_epochs, tally)
     finally:
@@ -238,141 +265,22 @@ def train_worker(
     return report
 
 
-class _Tally:
-    """What a worker loop did: steps, samples, epochs, seconds computing and on the path."""
-
-    def __init__(self, step_times: bool = False) -> None:
-        self.steps = self.samples = self.epochs = 0
-        self.compute_s = self.path_s = 0.0
-        self.losses: List[float] = []
-        self.step_s: Optional[List[float]] = [] if step_times else None
-        self._t = 0.0
-
-    def start(self) -> None:
-        self._t = time.perf_counter()
-
-    def computed(self, samples: int, loss: float) -> None:
-        seconds = time.perf_counter() - self._t
-        self.compute_s += seconds
-        if self.step_s is not None:
-            self.step_s.append(seconds)
-        self.steps += 1
-        self.samples += samples
-        self.losses.append(loss)
-
-    def on_path(self) -> None:
-        self.path_s += time.perf_counter() - self._t
-
-
-def _step(worker: ModuleWorker, model, loss_fn, inputs, targets, tally: _Tally) -> float:
-    """Forward and backward on one batch into the worker's gradient buffer; the loss."""
-    tally.start()
-    worker.zero_grad()
-    loss = loss_fn(model(inputs), targets)
-    loss.backward()
-    value = float(loss.detach())
-    tally.computed(len(targets), value)
-    return value
-
-
-def _nonempty(batches: Iterable, epoch: int) -> Iterable:
-    """``batches`` as they come; ``ValueError`` if an epoch brings none (the loop would spin
-    without ever pushing, and the run would never end)."""
-    empty = True
-    for batch in batches:
-        empty = False
-        yield batch
-    if empty:
-        raise ValueError(f"batches(rank, workers, epoch) yielded no batch for epoch {epoch}: "
-                         "each worker needs at least one batch per epoch")
-
-
-def _in_turn(worker, model, epoch_batches, loss_fn, max_epochs, tally) -> None:
-    """Pull, compute, push, in turn."""
-    client = worker.client
-    tally.start()
-    worker.pull()
-    tally.on_path()
-    while not client.done and (max_epochs is None or tally.epochs < max_epochs):
-        for inputs, targets in _nonempty(epoch_batches(tally.epochs), tally.epochs):
-            value = _step(worker, model, loss_fn, inputs, targets, tally)
-            tally.start()
-            outcome = worker.push(len(targets), value)
-            if client.done or outcome.get("outcome") == "done":
-                tally.on_path()
-                return
-            worker.pull()
-            tally.on_path()
-            if client.done:
-                return
-        tally.epochs += 1
-
-
-def _overlapped(worker, model, epoch_batches, loss_fn, max_epochs, tally, lookahead) -> None:
-    """Compute each gradient while a helper thread pushes the one before and pulls (into a
-    buffer of its own, placed into the module between steps)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    client = worker.client
-    pulled = np.empty_like(worker.params)
-    outgoing = np.empty_like(worker.grads)
-    place = _Lookahead(worker, pulled, lookahead)
-    tally.start()
-    client.pull_flat(out=pulled, update=True)
-    place(client.version)
-    tally.on_path()
-
-    def exchange(samples: int, loss: float, base: int) -> bool:
-        outcome = client.push(outgoing, samples, loss, base_version=base)
-        if client.done or outcome.get("outcome") == "done":
-            return False
-        client.pull_flat(out=pulled, update=True)
-        return not client.done
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pstrain-link") as link:
-        in_flight = None
-        while max_epochs is None or tally.epochs < max_epochs:
-            for inputs, targets in _nonempty(epoch_batches(tally.epochs), tally.epochs):
-                computed_on = place.version
-                value = _step(worker, model, loss_fn, inputs, targets, tally)
-                tally.start()
-                if in_flight is not None:
-                    if not in_flight.result():
-                        tally.on_path()
-                        return
-                    place(client.version)
-                worker.copy_grads_into(outgoing)
-                in_flight = link.submit(exchange, len(targets), value, computed_on)
-                tally.on_path()
-            tally.epochs += 1
-        if in_flight is not None:
-            in_flight.result()
-
-
-class _Lookahead:
-    """Places the pulled weights into the module's parameters: as pulled, or moved
-    ``rounds`` rounds further along the last round's move (where they will be when the
-    gradient computed on them arrives: weight prediction, as ``pstrain worker --lookahead``)."""
-
-    def __init__(self, worker: ModuleWorker, pulled: np.ndarray, rounds: float) -> None:
-        self.params = worker._params_t
-        self.pulled = torch.from_numpy(pulled)
-        self.rounds = float(rounds)
-        self.last: Optional["torch.Tensor"] = None
-        self.version = -1
-
-    def __call__(self, version: int) -> None:
-        if version == self.version:
-            return  # nothing newer came: the parameters hold it already
-        with torch.no_grad():
-            if self.rounds > 0 and self.last is not None and version > self.version:
-                torch.lerp(self.last, self.pulled, 1.0 + self.rounds, out=self.params)
-                self.last.copy_(self.pulled)
-            else:
-                self.params.copy_(self.pulled)
-                if self.rounds > 0:
-                    self.last = self.pulled.clone()
-        self.version = version
+def _check_frozen_repeat(model: "torch.nn.Module", build_model: Callable) -> None:
+    """Frozen parameters stay each worker's own, so every worker must build the same:
+    ``ValueError`` if a second ``build_model()`` gives other values (an unseeded
+    initialisation), which would have each worker train against another frozen network."""
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return
+    again = dict(build_model().named_parameters())
+    differ = [name for name, p in frozen
+              if name not in again or not torch.equal(p.detach(), again[name].detach())]
+    if differ:
+        raise ValueError(
+            f"build_model() gives other values of the frozen parameters each time it is called "
+            f"({', '.join(f'`{n}`' for n in differ[:4])}): they are not served, so every worker "
+            "must build the same ones; load them, or seed the initialisation "
+            "(torch.manual_seed) inside build_model")
 
 
 def evaluate(model: "torch.nn.Module", batches: Iterable[Tuple["torch.Tensor", "torch.Tensor"]]
@@ -388,12 +296,14 @@ def evaluate(model: "torch.nn.Module", batches: Iterable[Tuple["torch.Tensor", "
 
 
 def load_export(module: "torch.nn.Module", path: str, strict: Optional[bool] = None) -> List[str]:
-    """Loads a ``pstrain export`` file into ``module``: strictly when the module has no
-    buffers (or ``strict=True``), else parameters only; returns the keys left as they were."""
+    """Loads a ``pstrain export`` file into ``module``: strictly when the module has neither
+    buffers nor frozen parameters (or ``strict=True``), else the trainable parameters only;
+    returns the keys left as they were."""
     from safetensors.torch import load_file
 
     state = load_file(path)
-    has_buffers = any(True for _ in module.buffers())
-    strict = (not has_buffers) if strict is None else strict
+    local = any(True for _ in module.buffers()) or any(
+        not p.requires_grad for p in module.parameters())
+    strict = (not local) if strict is None else strict
     result = module.load_state_dict(state, strict=strict)
     return list(getattr(result, "missing_keys", []))
