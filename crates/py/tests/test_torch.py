@@ -315,6 +315,60 @@ def test_a_build_model_whose_frozen_parameters_differ_each_call_is_refused():
         server.stop()
 
 
+class Tied(nn.Module):
+    """Tied weights (a language model's input embedding and output layer): one parameter
+    under two names."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
+def test_tied_weights_are_served_once_train_as_in_pytorch_and_their_export_loads(tmp_path):
+    """A parameter shared under two names is one tensor on the servers, trains as PyTorch's
+    own SGD trains it (both uses' gradients), and an export (which names it once) loads into
+    the module with strict=True (it was refused: the second name was missing)."""
+    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
+    ckpt = tmp_path / "ckpt"
+    assert list(parameters_of(Tied())) == ["emb.weight"]
+    server = pstrain.Server.from_module(
+        Tied(), workers=1, mode="async", optimizer="sgd", lr=0.5, lr_schedule="constant",
+        iterations=10, batch_size=16, checkpoint_dir=str(ckpt), checkpoint_secs=0)
+    client = pstrain.Client([server.address])
+    worker = ModuleWorker(client, Tied())
+    module = worker.module
+    reference = Tied()
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.5)
+    x = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    worker.pull()
+    for _ in range(10):
+        worker.zero_grad()
+        F.cross_entropy(module(x), x).backward()
+        worker.push(16)
+        worker.pull()
+        sgd.zero_grad()
+        F.cross_entropy(reference(x), x).backward()
+        sgd.step()
+    assert module.out.weight is module.emb.weight
+    assert torch.allclose(module.emb.weight, reference.emb.weight, atol=1e-6)
+    client.leave()
+    assert server.wait(10)["version"] == 10
+    if not os.path.exists(exe):
+        pytest.skip(f"{exe} not built (cargo build --release)")
+    out = tmp_path / "model.safetensors"
+    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    loaded = Tied()
+    assert load_export(loaded, str(out), strict=True) == []
+    assert loaded.out.weight is loaded.emb.weight
+    assert torch.equal(loaded.emb.weight, module.emb.weight)
+
+
 def test_the_command_line_form_says_what_is_wrong_with_the_script(tmp_path):
     from pstrain.ray_torch import _load_script
 

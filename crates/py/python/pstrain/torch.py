@@ -298,10 +298,16 @@ def evaluate(model: "torch.nn.Module", batches: Iterable[Tuple["torch.Tensor", "
 def load_export(module: "torch.nn.Module", path: str, strict: Optional[bool] = None) -> List[str]:
     """Loads a ``pstrain export`` file into ``module``: strictly when the module has neither
     buffers nor frozen parameters (or ``strict=True``), else the trainable parameters only;
-    returns the keys left as they were."""
+    returns the keys left as they were. A parameter the module shares under several names
+    (tied embeddings) is served, and exported, under its first name; it loads under all."""
     from safetensors.torch import load_file
 
     state = load_file(path)
+    first_name: Dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(p), name)
+        if first != name and first in state and name not in state:
+            state[name] = state[first]
     local = any(True for _ in module.buffers()) or any(
         not p.requires_grad for p in module.parameters())
     strict = (not local) if strict is None else strict
