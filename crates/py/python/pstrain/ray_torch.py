@@ -58,16 +58,26 @@ class TorchWorkerActor:
                             threads=threads, max_epochs=max_epochs)
 
 
-def _evaluate_now(servers: List[str], token: str, build_model, evaluate) -> Optional[float]:
-    """The servers' current weights in a fresh module, scored by ``evaluate``."""
+def _evaluate_now(servers: List[str], token: str, build_model, evaluate,
+                  recalibrate: Optional[Callable] = None) -> Optional[float]:
+    """The servers' current weights in a fresh module, scored by ``evaluate``; its batch-norm
+    statistics first recomputed under those weights over ``recalibrate()``'s batches (a
+    fresh module's are as built)."""
     if evaluate is None:
         return None
-    from .torch import ModuleWorker
+    from .torch import ModuleWorker, recompute_buffers
 
     model = build_model()
     with Client(servers, role="observer", token=token) as observer:
         ModuleWorker(observer, model).pull(wait=False)
+    if recalibrate is not None:
+        recompute_buffers(model, recalibrate(), RECALIBRATION_BATCHES)
     return float(evaluate(model))
+
+
+# Batches of rank 0's first epoch that recompute a module's batch-norm statistics before it
+# is evaluated (`pstrain.torch.recompute_buffers`).
+RECALIBRATION_BATCHES = 50
 
 
 def train_module(
@@ -97,7 +107,8 @@ def train_module(
     ``batches(rank, workers, epoch)`` yields a worker's ``(inputs, targets)`` for one epoch;
     ``loss(output, target)`` is the loss to minimise; ``evaluate(model)`` (optional) returns
     the test accuracy of a module holding the weights, at the end and every ``eval_every``
-    seconds. Every other keyword is a ``pstrain server`` flag (``optimizer``, ``lr``,
+    seconds (its batch-norm statistics, which stay each worker's own, first recomputed under
+    those weights over rank 0's first batches: ``pstrain.torch.recompute_buffers``). Every other keyword is a ``pstrain server`` flag (``optimizer``, ``lr``,
     ``lr_schedule``, ``epochs``, ``iterations``, ``batch_size``, ``train_samples``,
     ``checkpoint_dir``, ``checkpoint_every``, ``metrics_addr``, ...): with ``iterations`` the
     run ends when the shards have made that many updates, else when every worker has made
@@ -146,6 +157,9 @@ def train_module(
             "workers": [{"rank": r, **p} for r, p in enumerate(worker_places)],
         })
 
+        def recalibrate():
+            return batches(0, workers, 0)
+
         training_started = time.time()
         pending = {
             w.run.remote(servers, r, token, build_model, batches, loss, threads, max_epochs): r
@@ -174,7 +188,7 @@ def train_module(
                     next_progress = now + progress_every
                 if next_eval is not None and now >= next_eval and pending:
                     t = time.time()
-                    acc = _evaluate_now(servers, token, build_model, evaluate)
+                    acc = _evaluate_now(servers, token, build_model, evaluate, recalibrate)
                     spent = time.time() - t
                     evaluations.append({"time_s": round(t - training_started - eval_s, 3),
                                         "test_accuracy": acc, "eval_s": round(spent, 3)})
@@ -182,7 +196,7 @@ def train_module(
                     eval_s += spent
                     next_eval = time.time() + eval_every
         training = time.time() - training_started - eval_s
-        accuracy = _evaluate_now(servers, token, build_model, evaluate)
+        accuracy = _evaluate_now(servers, token, build_model, evaluate, recalibrate)
         ray.get([s.stop.remote() for s in shard_actors])
         shard_stats = ray.get([s.wait.remote(30.0) for s in shard_actors])
         worker_pids = [p["pid"] for p in ray.get([w.where.remote() for w in worker_actors])]

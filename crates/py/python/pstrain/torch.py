@@ -19,6 +19,12 @@ worker, as the module built it:
   zero), and they never cross the link. ``build_model`` must give every worker the same
   values (load them, or seed): ``train_worker`` builds the module twice and refuses one whose
   frozen parameters differ between the two.
+Normalisation statistics kept local are not the servers' weights' statistics: a module
+holding the servers' weights (an evaluation, an export loaded back) has its BatchNorm running
+mean and variance as built, and evaluates worse for it. ``recompute_buffers(module,
+batches)`` recomputes them from training batches under those weights (as
+``torch.optim.swa_utils.update_bn`` does after weight averaging); ``pstrain.ray_torch``
+does so before each evaluation.
 ``pstrain export`` writes the trainable parameters only. A module with buffers or frozen
 parameters therefore loads an export with ``load_state_dict(..., strict=False)``
 (``load_export`` below does that and says which keys it left as they were); a module with
@@ -49,7 +55,8 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 from . import Client
 from ._torch_loops import Tally, in_turn, overlapped
 
-__all__ = ["parameters_of", "ModuleWorker", "train_worker", "load_export", "evaluate"]
+__all__ = ["parameters_of", "ModuleWorker", "train_worker", "load_export", "evaluate",
+           "recompute_buffers"]
 
 
 def _named(module: "torch.nn.Module") -> List[Tuple[str, "torch.nn.Parameter"]]:
@@ -293,6 +300,39 @@ def evaluate(model: "torch.nn.Module", batches: Iterable[Tuple["torch.Tensor", "
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     return correct / max(1, total)
+
+
+def recompute_buffers(module: "torch.nn.Module",
+                      batches: Iterable[Tuple["torch.Tensor", "torch.Tensor"]],
+                      max_batches: int = 50) -> int:
+    """Recomputes the running statistics of the module's batch-norm layers as the plain
+    average over up to ``max_batches`` of ``(inputs, targets)`` batches, forward only, under
+    the module's current weights; returns the batches used (0, touching nothing, for a module
+    without such layers). The module is left in the mode it was in."""
+    norms = [m for m in module.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.running_mean is not None]
+    if not norms or max_batches <= 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: every batch counts the same
+    was_training = module.training
+    module.train()
+    used = 0
+    try:
+        with torch.no_grad():
+            for inputs, _ in batches:
+                module(inputs)
+                used += 1
+                if used >= max_batches:
+                    break
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        module.train(was_training)
+    return used
 
 
 def load_export(module: "torch.nn.Module", path: str, strict: Optional[bool] = None) -> List[str]:
