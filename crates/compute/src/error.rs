@@ -91,6 +91,8 @@ pub enum DataError {
          PSTRAIN_DATA_DIR"
     )]
     Missing { dir: PathBuf, missing: String },
+    #[error("{path} is a file, not a folder: --data-dir (or PSTRAIN_DATA_DIR) names the folder that holds the IDX files")]
+    NotAFolder { path: PathBuf },
 }
 
 impl DataError {

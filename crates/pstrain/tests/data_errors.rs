@@ -324,3 +324,17 @@ fn an_error_with_nobody_reading_stderr_exits_as_an_error() {
         .unwrap();
     assert_eq!(status.code(), Some(1), "{status}");
 }
+
+/// `--data-dir` naming a file says so, not that the four files are missing from it (and to
+/// download them there).
+#[test]
+fn a_data_dir_that_is_a_file_is_named_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("train-images-idx3-ubyte.gz");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let err = load_dir(&file).unwrap_err().to_string();
+    assert!(err.contains("is a file, not a folder"), "{err}");
+    let cli = cli_error(&file);
+    assert!(cli.contains("is a file, not a folder"), "{cli}");
+    assert!(!cli.contains("download"), "{cli}");
+}

@@ -160,8 +160,19 @@ pub fn missing_files(dir: &Path) -> Vec<&'static str> {
         .collect()
 }
 
+/// `NotAFolder` when `dir` is a file (its files would all be "missing" otherwise).
+fn check_folder(dir: &Path) -> Result<(), DataError> {
+    match dir.is_file() {
+        true => Err(DataError::NotAFolder {
+            path: dir.to_owned(),
+        }),
+        false => Ok(()),
+    }
+}
+
 /// Loads and validates both splits from `dir`.
 pub fn load_dir(dir: &Path) -> Result<Mnist, DataError> {
+    check_folder(dir)?;
     let missing = missing_files(dir);
     if !missing.is_empty() {
         return Err(DataError::Missing {
@@ -219,6 +230,7 @@ pub fn load_split(images: &Path, labels: &Path, training: bool) -> Result<Split,
 /// How many training images the folder holds and their shape, from the image file's header
 /// and the label file (no image is read).
 pub fn train_shape(dir: &Path) -> Result<(usize, DataShape), DataError> {
+    check_folder(dir)?;
     let path = |stem| find_file(dir, stem).unwrap_or_else(|| dir.join(stem));
     let (_, _, count, shape) = open_split(&path(FILES[0]), &path(FILES[1]), true)?;
     Ok((count, shape))
@@ -231,6 +243,7 @@ pub fn load_train_picked(
     dir: &Path,
     pick: impl FnOnce(usize) -> Vec<usize>,
 ) -> Result<(Split, usize), DataError> {
+    check_folder(dir)?;
     let missing: Vec<_> = FILES[..2]
         .iter()
         .filter(|stem| find_file(dir, stem).is_none())
