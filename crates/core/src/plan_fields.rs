@@ -24,11 +24,11 @@ impl fmt::Display for OptimizerConfig {
                     (true, false) => "momentum",
                     (true, true) => "nesterov momentum",
                 };
-                write!(f, "{name} (lr {lr}")?;
+                write!(f, "{name} (lr {}", Short(lr))?;
                 if momentum > 0.0 {
                     write!(f, ", momentum {momentum}")?;
                 }
-                write!(f, ", weight decay {weight_decay})")
+                write!(f, ", weight decay {})", Short(weight_decay))
             }
             OptimizerConfig::Adam {
                 lr,
@@ -38,8 +38,23 @@ impl fmt::Display for OptimizerConfig {
                 weight_decay,
             } => write!(
                 f,
-                "adam (lr {lr}, betas {beta1}/{beta2}, eps {eps:e}, weight decay {weight_decay})"
+                "adam (lr {}, betas {beta1}/{beta2}, eps {eps:e}, weight decay {})",
+                Short(lr),
+                Short(weight_decay)
             ),
+        }
+    }
+}
+
+/// A number as people write it: `0.001`, but `1e-7` and `1e30` rather than their digits.
+struct Short(f32);
+
+impl fmt::Display for Short {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let x = self.0.abs();
+        match x != 0.0 && !(1e-4..1e6).contains(&x) {
+            true => write!(f, "{:e}", self.0),
+            false => write!(f, "{}", self.0),
         }
     }
 }

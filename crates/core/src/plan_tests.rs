@@ -187,3 +187,21 @@ fn every_field_is_compared_the_clip_included() {
         )]
     );
 }
+
+#[test]
+fn an_optimizer_reads_as_people_write_its_numbers() {
+    assert_eq!(
+        OptimizerConfig::adam(1e30).to_string(),
+        "adam (lr 1e30, betas 0.9/0.999, eps 1e-8, weight decay 0)"
+    );
+    let sgd = OptimizerConfig::Sgd {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-5,
+        nesterov: false,
+    };
+    assert_eq!(
+        sgd.to_string(),
+        "momentum (lr 0.05, momentum 0.9, weight decay 5e-5)"
+    );
+}

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             pstrain_observe::log_line!("Error: {}", with_causes(&error));
-            ExitCode::FAILURE
+            ExitCode::from(pstrain::run::error::exit_status(&error))
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::flags::token::TOKEN_ENV;
 use crate::launch::churn::{Churn, ChurnTrace};
 use crate::launch::process::{Ending, Proc};
 use crate::run::compute_gate::device_cores;
+use crate::run::error::EXIT_NOT_RESTARTABLE;
 use crate::run::worker::parse_reports;
 use crate::run::TrainError;
 use std::io::{Read, Write};
@@ -185,6 +186,13 @@ impl LocalCluster<'_> {
                 Ok(None) => running += 1,
                 Ok(Some(status)) if status.success() => finished = true,
                 Ok(Some(_)) if stopped || w.killed => {}
+                Ok(Some(status)) if status.code() == Some(EXIT_NOT_RESTARTABLE.into()) => {
+                    return Err(TrainError::Launch(format!(
+                        "{} ended the run with an error that starting it again cannot mend \
+                         (above)",
+                        w.proc.name
+                    )));
+                }
                 Ok(Some(status)) => failed.push((i, status)),
                 Err(e) => return Err(TrainError::Launch(format!("{}: {e}", w.proc.name))),
             }

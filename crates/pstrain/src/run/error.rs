@@ -36,3 +36,25 @@ pub enum TrainError {
     #[error("{0}")]
     Join(#[from] pstrain_core::JoinError),
 }
+
+/// The exit status of a process whose failure starting it again cannot mend (its training
+/// diverged): a supervisor ends the run instead of restarting it.
+pub const EXIT_NOT_RESTARTABLE: u8 = 3;
+
+/// The process's exit status for `error`: `EXIT_NOT_RESTARTABLE` when the run itself went
+/// wrong (the weights diverged), else 1.
+pub fn exit_status(error: &anyhow::Error) -> u8 {
+    let diverged = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<TrainError>(),
+            Some(TrainError::Worker(WorkerError::Diverged { .. }))
+        ) || matches!(
+            cause.downcast_ref::<WorkerError>(),
+            Some(WorkerError::Diverged { .. })
+        )
+    });
+    match diverged {
+        true => EXIT_NOT_RESTARTABLE,
+        false => 1,
+    }
+}

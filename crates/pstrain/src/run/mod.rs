@@ -11,6 +11,7 @@ pub mod inproc;
 pub mod memory_fit;
 pub mod monitor;
 mod overlapped;
+pub mod push_answer;
 pub mod saved_model;
 pub mod speed_trace;
 pub mod worker;

@@ -65,7 +65,7 @@ pub(super) fn train_overlapped(
                 buffers.compute(model, data, &mut rng, &device)
             });
         if let Some((pushed, pull)) = exchanged {
-            if !goes_on(pushed, &mut report).map_err(client_err)? {
+            if !goes_on(pushed, &mut report)? {
                 return Ok(Overlapped::Ended(report));
             }
             if let Some(reply) = pull {
@@ -81,7 +81,7 @@ pub(super) fn train_overlapped(
         step += 1;
     }
     if let Some((meta, _)) = unsent {
-        if !goes_on(client.push(meta, &outgoing), &mut report).map_err(client_err)? {
+        if !goes_on(client.push(meta, &outgoing), &mut report)? {
             return Ok(Overlapped::Ended(report));
         }
     }

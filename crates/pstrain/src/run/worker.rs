@@ -2,10 +2,11 @@
 
 use crate::data::sampler::EpochSampler;
 use crate::run::device_speed::{DeviceSpeed, SpeedClock};
+pub(super) use crate::run::push_answer::{continues, goes_on};
 use pstrain_compute::mnist::Split;
 use pstrain_compute::{ComputeError, Model};
 use pstrain_core::client::{ClientError, ParameterClient};
-use pstrain_core::{PushError, PushMeta, PushOutcome, Rng};
+use pstrain_core::{PushMeta, Rng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use thiserror::Error;
@@ -80,6 +81,9 @@ pub struct WorkerReport {
     /// Gradients the server did not apply (stale, late or non-finite).
     pub not_applied: u64,
     pub last_loss: f32,
+    /// This worker's gradients refused as non-finite or too large since the last one applied.
+    #[serde(skip)]
+    pub refused_in_a_row: u32,
 }
 
 impl WorkerReport {
@@ -120,6 +124,17 @@ pub enum WorkerError {
     Client { rank: usize, source: ClientError },
     #[error("worker {rank}: {source}")]
     Compute { rank: usize, source: ComputeError },
+    #[error(
+        "worker {rank}: training diverged: its last {in_a_row} gradients were non-finite or too \
+         large (last loss {last_loss}) and the shards refused each one: the weights are where \
+         the loss is no longer finite. Lower --lr and start again, or resume from a checkpoint \
+         taken before"
+    )]
+    Diverged {
+        rank: usize,
+        in_a_row: u32,
+        last_loss: f32,
+    },
 }
 
 /// Runs until the epochs are done, the server says the run is over, or `stop` is set; then
@@ -243,7 +258,7 @@ fn train_exact(
         }
         let computed = buffers.compute(model, data, &mut dropout_seed.fork(step), &device);
         let meta = counted(computed, version, cfg, &mut report)?;
-        if !goes_on(client.push(meta, &buffers.grads), &mut report).map_err(client_err)? {
+        if !goes_on(client.push(meta, &buffers.grads), &mut report)? {
             return Ok(report);
         }
         let reply = client
@@ -353,36 +368,6 @@ impl Buffers {
         )?;
         device.pace(started.elapsed());
         Ok((n, stats.loss))
-    }
-}
-
-/// Whether the worker goes on after the shards' answer to its push (false: the run is
-/// over), counting a gradient that was not applied.
-pub(super) fn goes_on(
-    answer: Result<PushOutcome, ClientError>,
-    report: &mut WorkerReport,
-) -> Result<bool, ClientError> {
-    if !continues(&answer) {
-        return answer.map(|_| false);
-    }
-    if !matches!(
-        answer,
-        Ok(PushOutcome::Applied { .. } | PushOutcome::Buffered { .. })
-    ) {
-        report.not_applied += 1;
-    }
-    Ok(true)
-}
-
-/// Whether a push's answer lets the worker go on: anything but the run's end or a failure;
-/// a gradient the shards did not take (stale, late, or our own overflow, which they
-/// skipped) just leaves the worker to carry on from fresh weights.
-pub(super) fn continues(answer: &Result<PushOutcome, ClientError>) -> bool {
-    match answer {
-        Ok(PushOutcome::Done) => false,
-        Ok(_) => true,
-        Err(ClientError::Refused(PushError::NonFinite { .. } | PushError::TooLarge { .. })) => true,
-        Err(_) => false,
     }
 }
 
