@@ -11,12 +11,33 @@ pub const HEADER_LEN: usize = 16;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("bad magic {0:#010x}: not a pstrain peer")]
+    #[error("bad magic {0:#010x}: not a pstrain peer{hint}", hint = stranger_hint(*.0))]
     BadMagic(u32),
     #[error("protocol version {theirs}, this build speaks {ours}")]
     Version { ours: u16, theirs: u16 },
     #[error("payload of {len} bytes exceeds the {limit}-byte limit")]
     TooLarge { len: u64, limit: u64 },
+}
+
+/// What a peer whose first bytes are not pstrain's most likely is (a port mixed up with
+/// another service's is the usual cause), or nothing.
+fn stranger_hint(magic: u32) -> &'static str {
+    let bytes = magic.to_le_bytes();
+    match &bytes {
+        b"HTTP" => {
+            " (it answered in HTTP: a web server, such as a shard's metrics page, not its port)"
+        }
+        b"GET " | b"POST" | b"HEAD" | b"PUT " | b"OPTI" => {
+            " (it sent an HTTP request: a browser or scraper; a shard's live page and /metrics \
+             are on its --metrics-addr)"
+        }
+        b"SSH-" => " (an SSH server)",
+        [0x16, 0x03, ..] => {
+            " (it speaks TLS: give every process of the run --tls-cert/--tls-key or --tls-ca \
+             alike, or none of them)"
+        }
+        _ => "",
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +107,29 @@ mod tests {
                 ours: PROTOCOL_VERSION,
                 theirs: PROTOCOL_VERSION - 1
             })
+        );
+    }
+}
+
+#[cfg(test)]
+mod stranger_tests {
+    use super::*;
+
+    fn first_bytes(bytes: &[u8; 4]) -> String {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(bytes);
+        Header::decode(&header, 1).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_stranger_is_named_by_its_first_bytes_where_they_say_what_it_is() {
+        assert!(first_bytes(b"HTTP").contains("answered in HTTP"));
+        assert!(first_bytes(b"GET ").contains("--metrics-addr"));
+        assert!(first_bytes(&[0x16, 0x03, 0x01, 0x02]).contains("speaks TLS"));
+        assert!(first_bytes(b"SSH-").contains("SSH server"));
+        assert_eq!(
+            first_bytes(b"abcd"),
+            "bad magic 0x64636261: not a pstrain peer"
         );
     }
 }

@@ -114,3 +114,56 @@ fn a_run_over_tls_reaches_its_threshold() {
     println!("over TLS: {out}");
     assert!(accuracy >= 85.0, "{accuracy}");
 }
+
+/// `pstrain worker --servers ADDR --rank 0 EXTRA...` against `addr`; its stderr.
+fn worker_error(addr: &str, extra: &[&str]) -> String {
+    let out = Command::new(common::pstrain_bin())
+        .args([
+            "worker",
+            "--servers",
+            addr,
+            "--rank",
+            "0",
+            "--connect-timeout",
+            "2",
+        ])
+        .arg("--data-dir")
+        .arg(common::mnist_dir())
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// TLS on one side only is named as the likely cause, from either side, not left as "peer
+/// closed the connection reading a frame header" or "received corrupt message".
+#[test]
+fn tls_on_one_side_only_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("shard.pem"), dir.path().join("shard.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let with_tls = common::shard(&[
+        "--model",
+        "convnet",
+        "--workers",
+        "1",
+        "--tls-cert",
+        &path(&cert),
+        "--tls-key",
+        &path(&key),
+    ]);
+    let plain = common::shard(&["--model", "convnet", "--workers", "1"]);
+
+    let err = worker_error(&with_tls.addr, &[]);
+    assert!(
+        err.contains("closed the connection before answering the handshake")
+            && err.contains("without --tls-ca"),
+        "{err}"
+    );
+    let err = worker_error(&plain.addr, &["--tls-ca", &path(&cert)]);
+    assert!(err.contains("the shard answered without TLS"), "{err}");
+}

@@ -63,7 +63,9 @@ pub fn describe(
                 conn.shutdown().await;
                 Ok(me)
             };
-            let me = asked.await.map_err(|e| silent(i, addr, io_timeout, e))?;
+            let me = asked
+                .await
+                .map_err(|e| silent(i, addr, io_timeout, tls.is_some(), e))?;
             served_by(i, servers.len(), addr, me)
         },
     )))?;
@@ -172,15 +174,16 @@ pub(super) async fn connect_shard(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            Err(e) => return Err(silent(shard, addr, cfg.io_timeout, e)),
+            Err(e) => return Err(silent(shard, addr, cfg.io_timeout, cfg.tls.is_some(), e)),
             ok => return ok,
         }
     }
 }
 
-/// A handshake that timed out, said with where and what it may mean: a port that accepts
-/// connections and never answers is most often not a pstrain shard at all.
-fn silent(shard: usize, addr: &str, io: Duration, e: NetError) -> NetError {
+/// A handshake that timed out or was cut, said with where and what it may mean: a port that
+/// accepts connections and never answers is most often not a pstrain shard at all, and one
+/// that closes each plain connection at once most often serves TLS.
+fn silent(shard: usize, addr: &str, io: Duration, tls: bool, e: NetError) -> NetError {
     match e {
         NetError::Timeout(_) => NetError::NoAnswer(format!(
             "shard {shard} at {addr} accepted the connection but did not answer the handshake \
@@ -188,8 +191,23 @@ fn silent(shard: usize, addr: &str, io: Duration, e: NetError) -> NetError {
              service)?",
             io.as_secs_f64()
         )),
+        NetError::Closed(_) if !tls => NetError::NoAnswer(format!(
+            "shard {shard} at {addr} closed the connection before answering the handshake: a \
+             shard serving TLS (--tls-cert) does so to a worker without --tls-ca; otherwise \
+             its log says why"
+        )),
         other => other,
     }
+}
+
+/// A failed TLS handshake, with the likeliest cause when the shard answered in plain frames.
+fn tls_failed(shard: usize, addr: &str, e: std::io::Error) -> NetError {
+    let text = e.to_string();
+    let hint = match text.contains("InvalidContentType") {
+        true => " (the shard answered without TLS: if the run's shards have no --tls-cert, drop --tls-ca)",
+        false => "",
+    };
+    NetError::Handshake(format!("TLS with shard {shard} at {addr}: {text}{hint}"))
 }
 
 /// Opens a TCP connection to a shard (TLS over it with `tls`), retrying with backoff until
@@ -214,9 +232,7 @@ pub(super) async fn dial(
                 let secure = tokio::time::timeout(io_timeout, tls.connect(addr, s))
                     .await
                     .map_err(|_| NetError::Timeout("in the TLS handshake"))?
-                    .map_err(|e| {
-                        NetError::Handshake(format!("TLS with shard {shard} at {addr}: {e}"))
-                    })?;
+                    .map_err(|e| tls_failed(shard, addr, e))?;
                 let conn = Connection::over(secure, addr.to_string(), io_timeout);
                 return Ok(conn.on_same_host(same_host));
             }
