@@ -249,7 +249,7 @@ class FineTuned(Tiny):
         self.fc1.requires_grad_(False)
 
 
-def test_frozen_parameters_stay_as_built_under_weight_decay_and_never_travel(tmp_path):
+def test_frozen_parameters_stay_as_built_under_weight_decay_and_never_travel(tmp_path, data_dir):
     """Parameters with requires_grad=False are not served: the servers' optimizer cannot move
     them (Adam's weight decay moved a served frozen layer by 0.23 in 50 steps though its
     gradient was zero), they cross no link, a worker that froze another set is refused by
@@ -293,6 +293,12 @@ def test_frozen_parameters_stay_as_built_under_weight_decay_and_never_travel(tmp
     assert sorted(load_export(loaded, str(out))) == ["fc1.bias", "fc1.weight"]
     for (name, a), (_, b) in zip(loaded.state_dict().items(), module.state_dict().items()):
         assert torch.equal(a, b), name
+    # The CLI's built-in-model commands say what such a folder is, and where it resumes.
+    p, _ = run([exe, "eval", "--checkpoint", str(ckpt)], check=False)
+    assert p.returncode != 0 and "a model of your own, served from Python" in p.stderr, p.stderr
+    assert "pstrain export --checkpoint" in p.stderr, p.stderr
+    p, _ = run([exe, "train", "--resume", str(ckpt), "--data-dir", str(data_dir)], check=False)
+    assert p.returncode != 0 and "a model of your own, served from Python" in p.stderr, p.stderr
 
 
 def test_a_build_model_whose_frozen_parameters_differ_each_call_is_refused():

@@ -32,12 +32,15 @@ pub fn for_train(dir: &Path, given: Option<&str>, resume: bool) -> Result<String
         if resume && !runs.iter().any(|(r, _)| r == id) {
             bail!("{} holds no checkpoint of run {id}", dir.display());
         }
+        if resume {
+            refuse_a_model_of_ones_own(dir, id)?;
+        }
         return Ok(id.to_string());
     }
     if resume {
         return match &runs[..] {
             [] => bail!("{} holds no checkpoint to resume", dir.display()),
-            [(only, _)] => Ok(only.clone()),
+            [(only, _)] => refuse_a_model_of_ones_own(dir, only).map(|()| only.clone()),
             [(newest, v), ..] => bail!(
                 "{} holds checkpoints of {} runs ({}); say which to resume with --run-id \
                  (the newest, at version {v}, is {newest})",
@@ -59,6 +62,22 @@ pub fn for_train(dir: &Path, given: Option<&str>, resume: bool) -> Result<String
         );
     }
     fresh()
+}
+
+/// `pstrain train` trains the built-in models: a run of a model served from Python (its
+/// layout a module's) is resumed where it ran, not here, where it would be refused file by
+/// file as "another run's".
+fn refuse_a_model_of_ones_own(dir: &Path, run: &str) -> Result<()> {
+    let header = pstrain_store::newest_header_of_run(dir, run);
+    if header.is_some_and(|h| h.model == crate::launch::shard::CUSTOM_MODEL) {
+        bail!(
+            "{} holds run {run} of a model of your own, served from Python: `pstrain train` \
+             trains the built-in models. Resume it where it ran, with the same folder \
+             (`pstrain.Server(..., checkpoint_dir=...)` or `Server.from_module`)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// A shard whose run id was derived (no `--run-id`) and whose folder holds checkpoints of

@@ -44,6 +44,20 @@ pub fn load_checkpoint_model(
     token: &crate::flags::token::TokenArgs,
 ) -> Result<(ModelSpec, pstrain_store::Assembled)> {
     let assembled = load_checkpoint(dir, token)?;
+    if assembled.model == crate::launch::shard::CUSTOM_MODEL {
+        let names: Vec<&str> = assembled.layout.iter().map(|(n, _)| n.as_str()).collect();
+        bail!(
+            "{} holds a model of your own, served from Python ({} tensors: {}{}): `pstrain \
+             eval` runs the built-in models only. `pstrain export --checkpoint {} --out \
+             model.safetensors` writes its weights for your framework (PyTorch: \
+             pstrain.torch.load_export)",
+            dir.display(),
+            names.len(),
+            names[..names.len().min(4)].join(", "),
+            if names.len() > 4 { ", ..." } else { "" },
+            dir.display()
+        );
+    }
     let kind: ModelSpec = assembled
         .model
         .parse()
