@@ -74,6 +74,35 @@ def test_client_adopts_layout_and_round_trips_values():
         client.leave()
 
 
+def test_a_model_of_many_named_tensors_is_served_and_checkpointed(tmp_path):
+    """A layout of 20,000 tensors with long names (an MoE's experts) describes in 1.7 MB:
+    the handshake took 1 MiB at most (`payload of 1749018 bytes exceeds the 1048576-byte
+    limit`), and a checkpoint recording the names was refused at the restore as larger than
+    one of its layout could be."""
+    params = {f"layers.{i // 64}.experts.{i % 64}.feed_forward.up_projection.weight":
+              np.full(2, float(i), np.float32) for i in range(20_000)}
+    ckpt = str(tmp_path / "ckpt")
+    flags = dict(workers=1, mode="async", optimizer="sgd", lr=0.5, lr_schedule="constant",
+                 iterations=2, run_id="many", checkpoint_dir=ckpt, checkpoint_secs=0)
+    server = pstrain.Server(params, **flags)
+    client = pstrain.Client([server.address])
+    assert len(client.layout) == 20_000
+    ones = {name: np.ones(2, np.float32) for name in params}
+    assert client.push(ones, samples=1)["outcome"] == "applied"
+    pulled = client.pull()
+    np.testing.assert_allclose(pulled["layers.312.experts.31.feed_forward.up_projection.weight"],
+                               19999.0 - 0.5)
+    client.push(ones, samples=1)
+    client.leave()
+    assert server.wait(10)["version"] == 2
+    again = pstrain.Server(params, keep_running=True, **flags)  # restores version 2
+    with pstrain.Client([again.address], role="observer") as observer:
+        assert observer.version == 2
+        np.testing.assert_allclose(observer.pull(wait=False)["layers.0.experts.0.feed_forward"
+                                                             ".up_projection.weight"], -1.0)
+    again.stop()
+
+
 def test_a_worker_on_the_shards_host_trains_through_a_lane_as_over_tcp():
     def train(lanes):
         with pstrain.Server(small_params(), workers=1, mode="async", optimizer="adam",

@@ -140,13 +140,15 @@ impl Checkpoint {
         Self::read_bounded(path, DEFAULT_MAX_BYTES, key)
     }
 
-    /// Reads `identity`'s checkpoint file, no larger than one of its slice can be.
+    /// Reads `identity`'s checkpoint file, no larger than one of its slice can be with
+    /// `metadata` bytes of names and records (`metadata_bound`).
     pub fn read_for(
         path: &Path,
         identity: &ShardIdentity,
+        metadata: u64,
         key: Option<&FileKey>,
     ) -> Result<Self, StoreError> {
-        Self::read_bounded(path, max_bytes_for(identity), key)
+        Self::read_bounded(path, max_bytes_for(identity, metadata), key)
     }
 
     /// Reads a checkpoint file of at most `max` bytes.
@@ -278,10 +280,21 @@ impl CheckpointHeader {
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 36;
 
 /// The most a checkpoint of `identity`'s slice can take: its parameters and at most two
-/// optimizer tensors as large (Adam's moments), plus a megabyte for names and metadata.
-pub fn max_bytes_for(identity: &ShardIdentity) -> u64 {
+/// optimizer tensors as large (Adam's moments), `metadata` bytes for the model's names and
+/// shapes (`metadata_bound`), plus a megabyte for the rest of the metadata.
+pub fn max_bytes_for(identity: &ShardIdentity, metadata: u64) -> u64 {
     let values = identity.range.len() as u64;
-    values.saturating_mul(4 * 3).saturating_add(1 << 20)
+    values
+        .saturating_mul(4 * 3)
+        .saturating_add(1 << 20)
+        .saturating_add(metadata)
+}
+
+/// The most the record of `layout` (every tensor's name and shape) takes in a file's
+/// metadata: a model of many tensors, or of long names, writes more than the fixed megabyte
+/// (its JSON is escaped once more inside the header, each byte into at most six).
+pub fn metadata_bound(layout: &TensorShapes) -> u64 {
+    6 * layout_json(layout).len() as u64
 }
 
 /// The CRC-32 over everything must match the one stored in the metadata, and with a key so

@@ -78,15 +78,17 @@ impl CheckpointDir {
     /// The newest checkpoint that reads back intact (sealed with `key`, if given) and
     /// belongs to `identity`; every file passed over is reported in the returned list of
     /// problems.
+    /// `metadata` bounds the names and records a file of `identity` holds (`metadata_bound`).
     pub fn load_newest(
         &self,
         identity: &ShardIdentity,
+        metadata: u64,
         key: Option<&FileKey>,
     ) -> (Option<(PathBuf, Checkpoint)>, Vec<StoreError>) {
         let accept = |c: &Checkpoint| &c.identity == identity;
         // A refused file says how it differs from this shard.
         let why = |c: &Checkpoint| unlike(c, identity);
-        self.newest(max_bytes_for(identity), key, accept, why)
+        self.newest(max_bytes_for(identity, metadata), key, accept, why)
     }
 
     /// The newest intact checkpoint accepted by `accept`.
@@ -214,6 +216,53 @@ mod tests {
         }
     }
 
+    /// A model of many tensors with long names records more than the fixed megabyte of
+    /// metadata a file was allowed: its own checkpoints were refused at the restore as
+    /// larger than a checkpoint of its layout could be.
+    #[test]
+    fn a_checkpoint_of_a_hundred_thousand_named_tensors_restores() {
+        let root = tempfile::tempdir().unwrap();
+        let tensors = 100_000;
+        let layout: crate::checkpoint::TensorShapes = (0..tensors)
+            .map(|i| (format!("blocks.{i}.attention.query_projection.weight"), vec![1]))
+            .collect();
+        let identity = ShardIdentity {
+            run_id: "run-a".into(),
+            shard: 0,
+            shards: 1,
+            range: 0..tensors,
+            fingerprint: 0xabc,
+        };
+        let policy = crate::CheckpointPolicy {
+            run_id: "run-a".into(),
+            dir: root.path().to_owned(),
+            every_updates: None,
+            every: None,
+            keep: 2,
+            resume: true,
+            key: None,
+        };
+        let mut saver = crate::Saver::new(&policy, identity, "custom", String::new(), layout);
+        let state = ShardSnapshot {
+            params: vec![0.5; tensors],
+            version: 3,
+            ..ckpt(3).state
+        };
+        let state = ShardSnapshot {
+            optimizer: vec![],
+            ..state
+        };
+        saver.save(&state).unwrap();
+        let mut restored = None;
+        let r = saver
+            .restore_into(false, |s| {
+                restored = Some(s.params.len());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((r.version, restored), (3, Some(tensors)));
+    }
+
     #[test]
     fn keeps_the_newest_and_falls_back_past_damage() {
         let root = tempfile::tempdir().unwrap();
@@ -236,7 +285,7 @@ mod tests {
         let versions: Vec<u64> = dir.list().iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, vec![15, 10], "only the newest two are kept");
         let id = ckpt(0).identity;
-        let (found, problems) = dir.load_newest(&id, None);
+        let (found, problems) = dir.load_newest(&id, 0, None);
         assert_eq!(found.unwrap().1, ckpt(15));
         assert!(problems.is_empty());
 
@@ -246,7 +295,7 @@ mod tests {
         let n = bytes.len();
         bytes[n - 3] ^= 0x40;
         std::fs::write(&newest, &bytes).unwrap();
-        let (found, problems) = dir.load_newest(&id, None);
+        let (found, problems) = dir.load_newest(&id, 0, None);
         assert_eq!(found.unwrap().1.state.version, 10);
         assert!(
             matches!(problems[0], StoreError::Checksum { .. }),
@@ -256,7 +305,7 @@ mod tests {
 
         // Truncate it instead: a format error, same fallback.
         std::fs::write(&newest, &bytes[..n / 2]).unwrap();
-        let (found, problems) = dir.load_newest(&id, None);
+        let (found, problems) = dir.load_newest(&id, 0, None);
         assert_eq!(found.unwrap().1.state.version, 10);
         assert!(
             matches!(problems[0], StoreError::Format { .. }),
@@ -269,7 +318,7 @@ mod tests {
             shard: 0,
             ..id.clone()
         };
-        let (found, problems) = dir.load_newest(&other, None);
+        let (found, problems) = dir.load_newest(&other, 0, None);
         assert!(found.is_none());
         let mismatch = |problems: &[StoreError]| {
             (problems.iter())
@@ -289,7 +338,7 @@ mod tests {
             fingerprint: 0xdef,
             ..id
         };
-        let (_, problems) = dir.load_newest(&wider, None);
+        let (_, problems) = dir.load_newest(&wider, 0, None);
         let said = mismatch(&problems);
         assert!(
             said.contains("its model (`convnet`) has values 10..14 here, this run's 10..20"),
@@ -316,11 +365,11 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         std::os::unix::fs::symlink("/dev/zero", name(40)).unwrap();
         let big = std::fs::File::create(name(50)).unwrap();
-        big.set_len(crate::checkpoint::max_bytes_for(&id) + 1)
+        big.set_len(crate::checkpoint::max_bytes_for(&id, 0) + 1)
             .unwrap();
 
         let started = std::time::Instant::now();
-        let (found, problems) = dir.load_newest(&id, None);
+        let (found, problems) = dir.load_newest(&id, 0, None);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert_eq!(found.unwrap().1.state.version, 10);
         let said: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -348,7 +397,7 @@ mod tests {
         other.state.params = vec![-5.0; 4];
         dir.save(&other, Some(&theirs)).unwrap();
 
-        let (found, problems) = dir.load_newest(&id, Some(&ours));
+        let (found, problems) = dir.load_newest(&id, 0, Some(&ours));
         assert_eq!(found.unwrap().1, ckpt(10));
         let said: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(said.len(), 2, "{said:?}");
@@ -357,6 +406,6 @@ mod tests {
             .all(|s| s.contains("not sealed with this run's key")));
         assert!(said[0].contains("000000000030") && said[1].contains("000000000020"));
         // Without the key only the CRC is checked: the newest intact file is read.
-        assert_eq!(dir.load_newest(&id, None).0.unwrap().1, other);
+        assert_eq!(dir.load_newest(&id, 0, None).0.unwrap().1, other);
     }
 }

@@ -194,6 +194,7 @@ impl Saver {
         let key = self.policy.key.as_ref();
         let (mut skipped, mut unreadable) = (Vec::new(), Vec::new());
         let mut chosen = None;
+        let metadata = crate::checkpoint::metadata_bound(&self.layout);
         // Only when restoring a point: listing and verifying manifests reads files.
         let points = from_point
             .then(|| manifest::verified_points(&root, Some(&self.identity), key, &mut skipped))
@@ -204,7 +205,7 @@ impl Saver {
                 continue; // verified_points gives this run's points only
             };
             let path = root.join(&entry.file);
-            match Checkpoint::read_for(&path, &self.identity, key) {
+            match Checkpoint::read_for(&path, &self.identity, metadata, key) {
                 Ok(c) if c.identity == self.identity && c.state.version == m.version => {
                     chosen = Some((path, c, true));
                     break;
@@ -223,7 +224,7 @@ impl Saver {
         }
         skipped.append(&mut unreadable);
         if chosen.is_none() {
-            let (found, mut problems) = self.dir.load_newest(&self.identity, key);
+            let (found, mut problems) = self.dir.load_newest(&self.identity, metadata, key);
             skipped.append(&mut problems);
             chosen = found.map(|(p, c)| (p, c, false));
         }

@@ -9,7 +9,7 @@ use crate::auth::{
 use crate::connection::Connection;
 use crate::error::NetError;
 use crate::lane::{Lane, LANE_NONCE_LEN};
-use crate::message::{Description, Hello, Reply, Request, Role, HELLO_LIMIT, REPLY_LIMIT};
+use crate::message::{Description, Hello, Reply, Request, Role, DESCRIBE_LIMIT, REPLY_LIMIT};
 use crate::tls::TlsClient;
 use futures_util::future::try_join_all;
 use pstrain_core::{shard_ranges, Layout, RunPlan};
@@ -51,7 +51,7 @@ pub fn describe(
                 };
                 conn.send_request(&Request::Describe { proof }, 0, &[])
                     .await?;
-                let me = match conn.read_reply(io_timeout, HELLO_LIMIT, 0).await? {
+                let me = match conn.read_reply(io_timeout, DESCRIBE_LIMIT, 0).await? {
                     Reply::Described(d) => d,
                     other => {
                         return Err(NetError::Unexpected {

@@ -18,6 +18,8 @@ pub use push::{mask_len, PushHead, PushReply, StepMembers};
 pub use reply::{Pulled, Reply, StatsReply, PULLED_LEN, WORKER_STATS_LEN};
 pub use request::Request;
 
+use pstrain_core::{Layout, RunPlan};
+
 pub mod kind {
     pub const HELLO: u16 = 0x01;
     pub const PULL: u16 = 0x02;
@@ -41,8 +43,22 @@ pub mod kind {
     pub const ERROR: u16 = 0xff;
 }
 
-/// The largest handshake accepted (names and shapes of every tensor).
+/// The smallest limit on a handshake (names and shapes of every tensor): a shard takes a
+/// hello up to its own layout's description and some more when that is larger
+/// (`hello_limit`), so a model of many tensors can be served.
 pub const HELLO_LIMIT: u64 = 1 << 20;
+/// The largest description of a run a client reads from a shard it asked (the client chose
+/// to connect there; a layout of some hundred thousand tensors fits).
+pub const DESCRIBE_LIMIT: u64 = 64 << 20;
+
+/// The largest hello a shard serving `layout` takes: what a worker's hello for that layout
+/// is, with room for its proof and the plan, and never under `HELLO_LIMIT`.
+pub fn hello_limit(shard: usize, shards: usize, plan: &RunPlan, layout: &Layout) -> u64 {
+    let own = Hello::new(Role::Worker, 0, shard, shards, plan, layout)
+        .encode()
+        .len() as u64;
+    HELLO_LIMIT.max(own + (64 << 10))
+}
 /// The largest fixed-size reply (stats, push verdicts, errors).
 pub const REPLY_LIMIT: u64 = 1 << 16;
 

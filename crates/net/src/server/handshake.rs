@@ -8,9 +8,7 @@ use crate::auth::{
 };
 use crate::connection::Connection;
 use crate::error::NetError;
-use crate::message::{
-    kind, Description, Hello, HelloOk, Reply, Request, Role, HELLO_LIMIT, WIRE_ANY_RANK,
-};
+use crate::message::{kind, Description, Hello, HelloOk, Reply, Request, Role, WIRE_ANY_RANK};
 use pstrain_core::{RankRequest, Seat};
 
 /// Who is on the other end, once the handshake is done.
@@ -64,7 +62,7 @@ async fn read_hello_frames(
     let mut described = false;
     loop {
         // Only the header is read here; its payload is read below, within the limits.
-        let Some(header) = conn.read_header(cfg.io_timeout, HELLO_LIMIT).await? else {
+        let Some(header) = conn.read_header(cfg.io_timeout, shared.hello_limit).await? else {
             return Ok(None);
         };
         if cfg.token.is_some() && nonces.is_none() {

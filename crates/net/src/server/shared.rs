@@ -105,6 +105,8 @@ pub(super) struct Shared {
     pub finished: Notify,
     /// Permits to read an unproven hello larger than `handshake::SMALL_HELLO`.
     pub large_hellos: Semaphore,
+    /// The largest hello read (`message::hello_limit` of this shard's layout).
+    pub hello_limit: u64,
     /// Buffers lent to pushes being received (a connection holds none between requests),
     /// kept for reuse, so the steady state allocates nothing: as many as the receive budget
     /// let in at once.
@@ -147,7 +149,10 @@ impl Shared {
             .metrics_addr
             .is_some()
             .then(|| Latencies::new(cfg.shard));
+        let hello_limit =
+            crate::message::hello_limit(cfg.shard, cfg.shards, &cfg.plan, &cfg.layout);
         Shared {
+            hello_limit,
             threads,
             latencies,
             lane_bytes: std::sync::atomic::AtomicU64::new(0),
