@@ -174,7 +174,7 @@ pub fn help(name: &str) -> Option<String> {
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
-    let (cfg, data, mut reporter) = prepare_train(&args)?;
+    let (mut cfg, data, mut reporter) = prepare_train(&args)?;
     // Ctrl-C ends the run cleanly: workers stop, the weights reached are evaluated.
     let stop = stop_on_signal();
     announce(&cfg)?;
@@ -185,6 +185,13 @@ fn run_train(args: TrainArgs) -> Result<()> {
         TransportArg::Inproc => {
             if args.shards != 1 {
                 bail!("--shards applies to --transport tcp");
+            }
+            // As a TCP run's shards do: with the run's token, checkpoints are sealed with its
+            // key and only sealed ones are restored (`pstrain eval --token-file` reads them).
+            if let Some(token) = args.token.token()? {
+                if let Some(policy) = cfg.checkpoint.as_mut() {
+                    policy.key = Some(token.file_key());
+                }
             }
             train(&cfg, &data, &mut reporter, &stop)?
         }

@@ -394,6 +394,54 @@ fn a_tcp_launch_resumes_with_or_without_a_token_of_the_users() {
     }
 }
 
+/// A run in one process given the run's token seals its checkpoints as TCP shards do: `pstrain
+/// eval --token-file` reads them (it refused them, unsealed, with only `no valid checkpoint`),
+/// another token is refused saying why, and a token file that is not there fails the start
+/// (it was ignored without a word).
+#[test]
+fn a_run_in_one_process_seals_its_checkpoints_with_the_runs_token() {
+    let tokens = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (tokens.path().join("ours"), tokens.path().join("theirs"));
+    for t in [&ours, &theirs] {
+        let (ok, _, err) = pstrain(&["token", "-o", t.to_str().unwrap()]);
+        assert!(ok, "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut args = CONVNET.to_vec();
+    args.extend_from_slice(&["--iterations", "20", "--checkpoint-dir", d]);
+    args.extend_from_slice(&["--token-file", ours.to_str().unwrap()]);
+    let (ok, _, err) = pstrain(&args);
+    assert!(ok, "{err}");
+    let (ok, out, err) = pstrain(&[
+        "eval",
+        "--checkpoint",
+        d,
+        "--token-file",
+        ours.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("at version [20]"), "{out}{err}");
+    let (ok, _, err) = pstrain(&[
+        "eval",
+        "--checkpoint",
+        d,
+        "--token-file",
+        theirs.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("not sealed with this run's key"),
+        "{err}"
+    );
+    let (ok, _, err) = pstrain(&[
+        "train",
+        "--iterations",
+        "5",
+        "--token-file",
+        "/nonexistent/token",
+    ]);
+    assert!(!ok && err.contains("cannot read the token file"), "{err}");
+}
+
 #[test]
 fn export_opens_in_python_safetensors() {
     let dir = tempfile::tempdir().unwrap();

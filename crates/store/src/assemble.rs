@@ -108,9 +108,17 @@ fn assemble_newest(root: &Path, key: Option<&FileKey>) -> Result<Assembled, Stor
         let (found, mut p) = dir.load_newest_where(key, |c| {
             c.identity.shard == shard && c.identity.shards == shards
         });
+        let Some((_, c)) = found else {
+            let why: Vec<String> = p.iter().take(3).map(|e| e.to_string()).collect();
+            return Err(invalid(match why.is_empty() {
+                true => format!("no checkpoint for shard {shard} of {shards}"),
+                false => format!(
+                    "no valid checkpoint for shard {shard} of {shards}: {}",
+                    why.join("; ")
+                ),
+            }));
+        };
         problems.append(&mut p);
-        let (_, c) = found
-            .ok_or_else(|| invalid(format!("no valid checkpoint for shard {shard} of {shards}")))?;
         parts.push(c);
     }
     let mut a = join(root, parts)?;

@@ -224,7 +224,12 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let tensors = 100_000;
         let layout: crate::checkpoint::TensorShapes = (0..tensors)
-            .map(|i| (format!("blocks.{i}.attention.query_projection.weight"), vec![1]))
+            .map(|i| {
+                (
+                    format!("blocks.{i}.attention.query_projection.weight"),
+                    vec![1],
+                )
+            })
             .collect();
         let identity = ShardIdentity {
             run_id: "run-a".into(),
