@@ -111,7 +111,7 @@ fn assemble_newest(root: &Path, key: Option<&FileKey>) -> Result<Assembled, Stor
         let Some((_, c)) = found else {
             let why: Vec<String> = p.iter().take(3).map(|e| e.to_string()).collect();
             return Err(invalid(match why.is_empty() {
-                true => format!("no checkpoint for shard {shard} of {shards}"),
+                true => format!("no valid checkpoint for shard {shard} of {shards}"),
                 false => format!(
                     "no valid checkpoint for shard {shard} of {shards}: {}",
                     why.join("; ")
