@@ -1,7 +1,7 @@
 """Your own PyTorch module on pstrain's servers.
 
-- ``parameters_of(module)``: the module's parameters as pstrain serves them: names and shapes
-  as ``named_parameters()`` gives them, in that order, with their current values.
+- ``parameters_of(module)``: the module's trainable parameters as pstrain serves them: names
+  and shapes as ``named_parameters()`` gives them, in that order, with their current values.
 - ``Server.from_module(module, ...)`` (in ``pstrain``): a shard serving that module.
 - ``ModuleWorker(client, module)``: the module's parameters and gradients become views into two
   flat float32 buffers; ``pull()`` reads the servers' weights straight into the parameters
@@ -19,12 +19,14 @@ worker, as the module built it:
   zero), and they never cross the link. ``build_model`` must give every worker the same
   values (load them, or seed): ``train_worker`` builds the module twice and refuses one whose
   frozen parameters differ between the two.
+
 Normalisation statistics kept local are not the servers' weights' statistics: a module
 holding the servers' weights (an evaluation, an export loaded back) has its BatchNorm running
 mean and variance as built, and evaluates worse for it. ``recompute_buffers(module,
 batches)`` recomputes them from training batches under those weights (as
 ``torch.optim.swa_utils.update_bn`` does after weight averaging); ``pstrain.ray_torch``
 does so before each evaluation.
+
 ``pstrain export`` writes the trainable parameters only. A module with buffers or frozen
 parameters therefore loads an export with ``load_state_dict(..., strict=False)``
 (``load_export`` below does that and says which keys it left as they were); a module with
