@@ -32,6 +32,21 @@ from pstrain.torch import ModuleWorker, load_export, parameters_of
 from conftest import REPO, events, run
 
 EXAMPLE = REPO / "examples" / "torch_mnist.py"
+EXE = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
+
+
+def need_exe():
+    """Skips the calling test where the `pstrain` binary is not built."""
+    if not os.path.exists(EXE):
+        pytest.skip(f"{EXE} not built (cargo build --release)")
+
+
+def exported(ckpt, tmp_path):
+    """`pstrain export` of the run whose checkpoints are in `ckpt`: the file's path."""
+    need_exe()
+    out = tmp_path / "model.safetensors"
+    run([EXE, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    return str(out)
 
 
 def load_example(data_dir, net="cnn"):
@@ -170,9 +185,7 @@ def test_export_of_a_module_run_loads_with_strict_true(data_dir, tmp_path):
     """`Server.from_module` with checkpoints, 60 updates from the example's cnn, then
     `pstrain export`: the file loads into a fresh module with strict=True and holds exactly
     the weights the servers ended with."""
-    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
-    if not os.path.exists(exe):
-        pytest.skip(f"{exe} not built (cargo build --release)")
+    need_exe()
     example = load_example(data_dir)
     ckpt = tmp_path / "ckpt"
     server = pstrain.Server.from_module(
@@ -187,10 +200,8 @@ def test_export_of_a_module_run_loads_with_strict_true(data_dir, tmp_path):
         ModuleWorker(observer, final).pull(wait=False)
     server.stop()
     assert server.wait(10)["version"] == 60
-    out = tmp_path / "model.safetensors"
-    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
     loaded = example.build_model()
-    assert load_export(loaded, str(out), strict=True) == []
+    assert load_export(loaded, exported(ckpt, tmp_path), strict=True) == []
     for (name, a), (_, b) in zip(loaded.state_dict().items(), final.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -212,7 +223,6 @@ def test_a_module_with_a_scalar_parameter_is_served_with_its_shape_and_exports(t
     """A 0-d parameter keeps its shape `()` on the servers (it was served as `[1]`, and the
     module that had built the server was then refused by it), trains, and an export loads
     back with strict=True."""
-    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
     ckpt = tmp_path / "ckpt"
     server = pstrain.Server.from_module(
         WithScalar(), workers=1, mode="sync", optimizer="sgd", lr=0.1, lr_schedule="constant",
@@ -231,12 +241,9 @@ def test_a_module_with_a_scalar_parameter_is_served_with_its_shape_and_exports(t
     assert module.scale.shape == () and float(module.scale) != 2.0, "the scalar moved"
     client.leave()
     assert server.wait(10)["version"] == 6
-    if not os.path.exists(exe):
-        pytest.skip(f"{exe} not built (cargo build --release)")
-    out = tmp_path / "model.safetensors"
-    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    out = exported(ckpt, tmp_path)
     loaded = WithScalar()
-    assert load_export(loaded, str(out), strict=True) == []
+    assert load_export(loaded, out, strict=True) == []
     for (name, a), (_, b) in zip(loaded.state_dict().items(), module.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -254,7 +261,6 @@ def test_frozen_parameters_stay_as_built_under_weight_decay_and_never_travel(tmp
     them (Adam's weight decay moved a served frozen layer by 0.23 in 50 steps though its
     gradient was zero), they cross no link, a worker that froze another set is refused by
     name, and an export loads the trained ones beside them."""
-    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
     assert list(parameters_of(FineTuned())) == ["fc2.weight", "fc2.bias"]
     ckpt = tmp_path / "ckpt"
     server = pstrain.Server.from_module(
@@ -285,19 +291,16 @@ def test_frozen_parameters_stay_as_built_under_weight_decay_and_never_travel(tmp
     assert not torch.equal(module.fc2.weight, built["fc2.weight"]), "the trained one moved"
     client.leave()
     assert server.wait(10)["version"] == 30
-    if not os.path.exists(exe):
-        pytest.skip(f"{exe} not built (cargo build --release)")
-    out = tmp_path / "model.safetensors"
-    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    out = exported(ckpt, tmp_path)
     loaded = FineTuned()
-    assert sorted(load_export(loaded, str(out))) == ["fc1.bias", "fc1.weight"]
+    assert sorted(load_export(loaded, out)) == ["fc1.bias", "fc1.weight"]
     for (name, a), (_, b) in zip(loaded.state_dict().items(), module.state_dict().items()):
         assert torch.equal(a, b), name
     # The CLI's built-in-model commands say what such a folder is, and where it resumes.
-    p, _ = run([exe, "eval", "--checkpoint", str(ckpt)], check=False)
+    p, _ = run([EXE, "eval", "--checkpoint", str(ckpt)], check=False)
     assert p.returncode != 0 and "a model of your own, served from Python" in p.stderr, p.stderr
     assert "pstrain export --checkpoint" in p.stderr, p.stderr
-    p, _ = run([exe, "train", "--resume", str(ckpt), "--data-dir", str(data_dir)], check=False)
+    p, _ = run([EXE, "train", "--resume", str(ckpt), "--data-dir", str(data_dir)], check=False)
     assert p.returncode != 0 and "a model of your own, served from Python" in p.stderr, p.stderr
 
 
@@ -341,7 +344,6 @@ def test_tied_weights_are_served_once_train_as_in_pytorch_and_their_export_loads
     """A parameter shared under two names is one tensor on the servers, trains as PyTorch's
     own SGD trains it (both uses' gradients), and an export (which names it once) loads into
     the module with strict=True (it was refused: the second name was missing)."""
-    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
     ckpt = tmp_path / "ckpt"
     assert list(parameters_of(Tied())) == ["emb.weight"]
     server = pstrain.Server.from_module(
@@ -366,12 +368,9 @@ def test_tied_weights_are_served_once_train_as_in_pytorch_and_their_export_loads
     assert torch.allclose(module.emb.weight, reference.emb.weight, atol=1e-6)
     client.leave()
     assert server.wait(10)["version"] == 10
-    if not os.path.exists(exe):
-        pytest.skip(f"{exe} not built (cargo build --release)")
-    out = tmp_path / "model.safetensors"
-    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(out)])
+    out = exported(ckpt, tmp_path)
     loaded = Tied()
-    assert load_export(loaded, str(out), strict=True) == []
+    assert load_export(loaded, out, strict=True) == []
     assert loaded.out.weight is loaded.emb.weight
     assert torch.equal(loaded.emb.weight, module.emb.weight)
 
@@ -428,13 +427,11 @@ def test_pytorch_mnist_example_trains_sync_through_a_ray_job_and_exports(
 
     # The export of the run loads into the user's module with strict=True and scores what
     # the job reported.
-    exe = os.environ.get("PSTRAIN_BIN", str(REPO / "target" / "release" / "pstrain"))
-    exported = tmp_path / "model.safetensors"
-    run([exe, "export", "--checkpoint", str(ckpt), "--out", str(exported)])
+    export = exported(ckpt, tmp_path)
     example = load_example(data_dir)
     model = example.Net()
     model.load_state_dict(
-        __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(exported)),
+        __import__("safetensors.torch", fromlist=["load_file"]).load_file(export),
         strict=True)
     assert math.isclose(example.evaluate(model), summary["test_accuracy"], abs_tol=1e-9)
 

@@ -216,6 +216,19 @@ mod tests {
         }
     }
 
+    /// Run `run-a`'s checkpoints in `root`, the newest two kept.
+    fn policy(root: &Path, resume: bool) -> crate::CheckpointPolicy {
+        crate::CheckpointPolicy {
+            run_id: "run-a".into(),
+            dir: root.to_owned(),
+            every_updates: None,
+            every: None,
+            keep: 2,
+            resume,
+            key: None,
+        }
+    }
+
     /// A model of many tensors with long names records more than the fixed megabyte of
     /// metadata a file was allowed: its own checkpoints were refused at the restore as
     /// larger than a checkpoint of its layout could be.
@@ -238,16 +251,13 @@ mod tests {
             range: 0..tensors,
             fingerprint: 0xabc,
         };
-        let policy = crate::CheckpointPolicy {
-            run_id: "run-a".into(),
-            dir: root.path().to_owned(),
-            every_updates: None,
-            every: None,
-            keep: 2,
-            resume: true,
-            key: None,
-        };
-        let mut saver = crate::Saver::new(&policy, identity, "custom", String::new(), layout);
+        let mut saver = crate::Saver::new(
+            &policy(root.path(), true),
+            identity,
+            "custom",
+            String::new(),
+            layout,
+        );
         let state = ShardSnapshot {
             params: vec![0.5; tensors],
             version: 3,
@@ -273,16 +283,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = CheckpointDir::for_shard(root.path(), 1, 2, 2);
         // The writer prunes its own files down to the newest two.
-        let policy = crate::CheckpointPolicy {
-            run_id: "run-a".into(),
-            dir: root.path().to_owned(),
-            every_updates: None,
-            every: None,
-            keep: 2,
-            resume: false,
-            key: None,
-        };
         let c0 = ckpt(0);
+        let policy = policy(root.path(), false);
         let mut saver = crate::Saver::new(&policy, c0.identity, &c0.model, c0.config, c0.layout);
         for v in [5, 10, 15] {
             saver.save(&ckpt(v).state).unwrap();
