@@ -181,6 +181,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let churn = args.churn(cfg.plan.seed)?;
     let workers_per_process = args.workers_per_process(cfg.plan.workers)?;
     let late = args.late(cfg.plan.workers)?;
+    let token = args.token.token()?;
     let outcome = match args.transport {
         TransportArg::Inproc => {
             if args.shards != 1 {
@@ -188,10 +189,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
             }
             // As a TCP run's shards do: with the run's token, checkpoints are sealed with its
             // key and only sealed ones are restored (`pstrain eval --token-file` reads them).
-            if let Some(token) = args.token.token()? {
-                if let Some(policy) = cfg.checkpoint.as_mut() {
-                    policy.key = Some(token.file_key());
-                }
+            if let (Some(token), Some(policy)) = (&token, cfg.checkpoint.as_mut()) {
+                policy.key = Some(token.file_key());
             }
             train(&cfg, &data, &mut reporter, &stop)?
         }
@@ -200,7 +199,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
                 .context("cannot find the pstrain executable or the data folder")?;
             // The shards checkpoint, and restore what they find, themselves.
             cluster.checkpoint = cfg.checkpoint.clone();
-            cluster.token = args.token.token()?;
+            cluster.token = token;
             cluster.worker_restarts = args.worker_restarts;
             cluster.churn = churn;
             cluster.workers_per_process = workers_per_process;
