@@ -287,6 +287,15 @@ def test_clear_errors_for_bad_flags_addresses_and_params():
         pstrain.Client(["127.0.0.1:1"], role="boss")
     with pytest.raises(ValueError, match=r"rank must be 0 or more .* got -1"):
         pstrain.Client(["127.0.0.1:1"], rank=-1)
+    # Server's keywords are `pstrain server` flags: one that is none is refused as Python
+    # refuses a keyword, and a negative value reaches its flag's own check (it was taken
+    # for a flag: "unexpected argument '-1'").
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        pstrain.Server(small_params(), learning_rate=0.1)
+    with pytest.raises(pstrain.PstrainError, match="lr must be finite and > 0, got -1"):
+        pstrain.Server(small_params(), lr=-1.0)
+    with pytest.raises(pstrain.PstrainError, match="invalid value '-2' for '--max-staleness"):
+        pstrain.Server(small_params(), max_staleness=-2)
     nan = {"w": np.zeros((2, 3), np.float32), "b": np.array([0, np.nan, 0], np.float32)}
     with pytest.raises(ValueError, match="`b` holds NaN at flat index 1"):
         pstrain.Server(nan, workers=1)

@@ -244,7 +244,9 @@ def _check_out(out: object) -> None:
 
 def _flags(values: Mapping[str, object]) -> List[str]:
     """``pstrain server`` flags from keyword arguments: ``lr_schedule="constant"`` becomes
-    ``--lr-schedule constant``; ``True`` is a bare switch, ``False`` and ``None`` are left out."""
+    ``--lr-schedule=constant``; ``True`` is a bare switch, ``False`` and ``None`` are left out.
+    The value is joined with ``=`` so that a negative one (``lr=-1.0``) is read as the flag's
+    value, and refused by the flag's own check, not taken for a flag of its own."""
     argv: List[str] = []
     for key, value in values.items():
         if value is None or value is False:
@@ -253,10 +255,22 @@ def _flags(values: Mapping[str, object]) -> List[str]:
         if value is True:
             argv.append(flag)
         elif isinstance(value, float):
-            argv += [flag, repr(value)]
+            argv.append(f"{flag}={value!r}")
         else:
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")
     return argv
+
+
+def _unknown_keyword(error: Exception, flags: Mapping[str, object],
+                     called: str) -> Optional[TypeError]:
+    """The flag parser's refusal of a flag made from one of ``flags``' keywords, said as Python
+    says it of a keyword no function takes; ``None`` for any other error."""
+    for key in flags:
+        if f"unexpected argument '--{key.replace('_', '-')}'" in str(error):
+            return TypeError(f"{called}() got an unexpected keyword argument '{key}' "
+                             "(every keyword is a `pstrain server` flag: "
+                             "`pstrain server --help` lists them)")
+    return None
 
 
 class Server:
@@ -289,7 +303,13 @@ class Server:
         arrays = {name: np.asarray(v, dtype=np.float32, order="C") for name, v in params.items()}
         argv = ["--listen", listen, "--shard", str(shard), "--shards", str(shards)]
         argv += _flags(flags) + list(extra_args)
-        self._shard = ShardServer(argv, arrays, token)
+        try:
+            self._shard = ShardServer(argv, arrays, token)
+        except PstrainError as e:
+            unknown = _unknown_keyword(e, flags, "Server")
+            if unknown is None:
+                raise
+            raise unknown from None
 
     @classmethod
     def from_module(cls, module, **kwargs: object) -> "Server":
