@@ -388,6 +388,21 @@ def test_the_command_line_form_says_what_is_wrong_with_the_script(tmp_path):
         _load_script(str(partial))
 
 
+
+def test_a_keyword_that_is_no_server_flag_is_refused_before_anything_starts():
+    """A typo among the server's keywords (``learning_rate`` for ``lr``) is refused as Python
+    refuses a keyword, before a Ray job asks the cluster for room or a shard binds a port."""
+    import ray
+    from pstrain.ray_torch import train_module
+
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(TypeError, match="train_module.. got an unexpected keyword argument "
+                                        "'learning_rate'"):
+        train_module(nn.Linear, lambda *a: iter(()), F.cross_entropy, learning_rate=0.1)
+    assert ray.is_initialized() == ray_was_up  # no ray.init for a typo
+    with pytest.raises(TypeError, match="Server.. got an unexpected keyword argument 'lrs'"):
+        pstrain.Server.from_module(nn.Linear(2, 2), lrs=0.1)
+
 # --- the Ray job (the two-node cluster from conftest) ------------------------------------
 
 CNN_THRESHOLD = 0.985

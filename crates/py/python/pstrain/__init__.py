@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import collections.abc
 import math
+import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._pstrain import PstrainError, RawClient, RemoteRun, ShardServer, new_token, run_worker
+from ._pstrain import help as _command_help
 
 __all__ = [
     "Client",
@@ -261,16 +263,15 @@ def _flags(values: Mapping[str, object]) -> List[str]:
     return argv
 
 
-def _unknown_keyword(error: Exception, flags: Mapping[str, object],
-                     called: str) -> Optional[TypeError]:
-    """The flag parser's refusal of a flag made from one of ``flags``' keywords, said as Python
-    says it of a keyword no function takes; ``None`` for any other error."""
+def _check_server_keywords(flags: Mapping[str, object], called: str) -> None:
+    """Refuses a keyword that is no ``pstrain server`` flag as Python refuses a keyword no
+    function takes (before anything binds a port or asks a cluster for room)."""
+    known = set(re.findall(r"--([a-z0-9][a-z0-9-]*)", _command_help("server")))
     for key in flags:
-        if f"unexpected argument '--{key.replace('_', '-')}'" in str(error):
-            return TypeError(f"{called}() got an unexpected keyword argument '{key}' "
-                             "(every keyword is a `pstrain server` flag: "
-                             "`pstrain server --help` lists them)")
-    return None
+        if key.replace("_", "-") not in known:
+            raise TypeError(f"{called}() got an unexpected keyword argument '{key}' "
+                            "(every other keyword is a `pstrain server` flag: "
+                            "`pstrain server --help` lists them)")
 
 
 class Server:
@@ -302,14 +303,9 @@ class Server:
         # module's.
         arrays = {name: np.asarray(v, dtype=np.float32, order="C") for name, v in params.items()}
         argv = ["--listen", listen, "--shard", str(shard), "--shards", str(shards)]
+        _check_server_keywords(flags, "Server")
         argv += _flags(flags) + list(extra_args)
-        try:
-            self._shard = ShardServer(argv, arrays, token)
-        except PstrainError as e:
-            unknown = _unknown_keyword(e, flags, "Server")
-            if unknown is None:
-                raise
-            raise unknown from None
+        self._shard = ShardServer(argv, arrays, token)
 
     @classmethod
     def from_module(cls, module, **kwargs: object) -> "Server":

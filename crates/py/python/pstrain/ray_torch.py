@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import ray
 
-from . import Client, _flags, _pstrain
+from . import Client, _check_server_keywords, _flags, _pstrain
 from .ray import STRATEGIES, Placement, ShardActor, _log, _node_id
 
 
@@ -118,6 +118,7 @@ def train_module(
 
     if placement not in STRATEGIES:
         raise ValueError(f"placement must be one of {sorted(STRATEGIES)}, not {placement!r}")
+    _check_server_keywords(server_flags, "train_module")
     started = time.time()
     params = parameters_of(build_model())
     token = token or _pstrain.new_token()
