@@ -558,3 +558,23 @@ fn an_observers_push_is_refused_as_such() {
     let report = server.finish().unwrap();
     assert_eq!(report.stats.gradients_applied, 0);
 }
+
+/// An address that cannot be one (no port, a port past 65535) is refused by name at once,
+/// not retried until the connect timeout as a shard that is not up yet would be.
+#[test]
+fn an_address_of_the_wrong_form_is_refused_at_once() {
+    for addr in ["nowhere", "127.0.0.1:99999"] {
+        let mut cfg =
+            ClientConfig::new(vec![addr.into()], Role::Worker, 0, plan(ASYNC, 1), layout());
+        cfg.connect_timeout = Duration::from_secs(30);
+        let started = std::time::Instant::now();
+        let err = TcpClient::connect(&cfg).err().expect("refused").to_string();
+        assert!(err.contains(&format!("`{addr}` is not HOST:PORT")), "{err}");
+        // A retry loop would have taken the 30 s; a refusal takes no wait at all.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

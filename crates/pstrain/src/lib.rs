@@ -27,4 +27,5 @@ pub mod facade {
     pub use crate::launch::remote_worker::run_worker_from;
     pub use crate::launch::shard::{log_shard_report, shard_setup, CustomModel};
     pub use crate::launch::supervisor;
+    pub use crate::report::error_text::one_line;
 }

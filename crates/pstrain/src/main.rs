@@ -20,14 +20,7 @@ fn main() -> ExitCode {
 /// message quotes its source, `invalid run plan: {0}`) is not said twice.
 fn with_causes(error: &anyhow::Error) -> String {
     let mut text = error.to_string();
-    let mut above = text.clone();
-    let mut causes: Vec<String> = Vec::new();
-    for cause in error.chain().skip(1).map(|c| c.to_string()) {
-        if !above.contains(&cause) {
-            causes.push(cause.clone());
-        }
-        above = cause;
-    }
+    let causes = pstrain::report::error_text::causes_not_said_above(error);
     if !causes.is_empty() {
         text.push_str("\n\nCaused by:");
         for (i, cause) in causes.iter().enumerate() {

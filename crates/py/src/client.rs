@@ -296,7 +296,7 @@ impl RawClient {
     ) -> PyResult<Bound<'py, PyDict>> {
         self.still_in()?;
         if self.role != Role::Worker {
-            return Err(err(
+            return Err(crate::PstrainError::new_err(
                 "an observer does not push: connect with role=\"worker\" to send gradients",
             ));
         }
@@ -382,7 +382,7 @@ impl RawClient {
     /// Refuses a call after `leave`.
     fn still_in(&self) -> PyResult<()> {
         if self.left.load(Ordering::Relaxed) {
-            return Err(err(
+            return Err(crate::PstrainError::new_err(
                 "this client has left the run (leave()); make a new Client to join it again",
             ));
         }

@@ -21,8 +21,9 @@ create_exception!(
     "A pstrain operation failed (bad flags, unreachable or refusing servers, bad data)."
 );
 
-pub(crate) fn err(e: impl std::fmt::Display) -> PyErr {
-    PstrainError::new_err(format!("{e:#}"))
+/// A failure as `PstrainError`: its causes on one line, each said once.
+pub(crate) fn err(e: impl Into<anyhow::Error>) -> PyErr {
+    PstrainError::new_err(pstrain::facade::one_line(&e.into()))
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -296,6 +296,13 @@ def test_clear_errors_for_bad_flags_addresses_and_params():
         pstrain.Server(small_params(), lr=-1.0)
     with pytest.raises(pstrain.PstrainError, match="invalid value '-2' for '--max-staleness"):
         pstrain.Server(small_params(), max_staleness=-2)
+    # A cause the error already quotes is said once (it was "... got 0: workers must be ...").
+    with pytest.raises(pstrain.PstrainError) as said:
+        pstrain.Server(small_params(), workers=0)
+    assert str(said.value) == "invalid run plan: workers must be >= 1, got 0"
+    # An address that cannot be one is refused at once, not retried for connect_timeout.
+    with pytest.raises(pstrain.PstrainError, match="`nowhere` is not HOST:PORT"):
+        pstrain.Client(["nowhere"], connect_timeout=600)
     nan = {"w": np.zeros((2, 3), np.float32), "b": np.array([0, np.nan, 0], np.float32)}
     with pytest.raises(ValueError, match="`b` holds NaN at flat index 1"):
         pstrain.Server(nan, workers=1)

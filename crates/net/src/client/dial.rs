@@ -236,6 +236,14 @@ pub(super) async fn dial(
                 let conn = Connection::over(secure, addr.to_string(), io_timeout);
                 return Ok(conn.on_same_host(same_host));
             }
+            // No wait makes an address of the wrong form (no port, a port past 65535) right:
+            // say so now rather than after the connect timeout. A name that does not resolve
+            // yet is still retried (a cluster's DNS can come up after its workers).
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return Err(NetError::Handshake(format!(
+                    "shard {shard}'s address `{addr}` is not HOST:PORT ({e})"
+                )));
+            }
             result => {
                 if started.elapsed() + backoff > connect_timeout {
                     let why = match result {

@@ -2,6 +2,7 @@
 //! the summary), the observers that hear them, the progress bar and metrics file, each
 //! process's memory and CPU, and the plots. Nothing here knows how a run is carried out.
 
+pub mod error_text;
 pub mod metrics_file;
 pub mod observer;
 pub mod plot;
