@@ -244,34 +244,30 @@ def _check_out(out: object) -> None:
                          f"contiguous={out.flags.c_contiguous}, writeable={out.flags.writeable}")
 
 
-def _flags(values: Mapping[str, object]) -> List[str]:
-    """``pstrain server`` flags from keyword arguments: ``lr_schedule="constant"`` becomes
-    ``--lr-schedule=constant``; ``True`` is a bare switch, ``False`` and ``None`` are left out.
-    The value is joined with ``=`` so that a negative one (``lr=-1.0``) is read as the flag's
-    value, and refused by the flag's own check, not taken for a flag of its own."""
+def _flags(values: Mapping[str, object], called: str) -> List[str]:
+    """``pstrain server`` flags from keyword arguments of ``called``: ``lr_schedule="constant"``
+    becomes ``--lr-schedule=constant``; ``True`` is a bare switch, ``False`` and ``None`` are
+    left out. The value is joined with ``=`` so that a negative one (``lr=-1.0``) is read as
+    the flag's value, and refused by the flag's own check, not taken for a flag of its own. A
+    keyword that is no flag is refused as Python refuses a keyword no function takes (before
+    anything binds a port or asks a cluster for room)."""
+    known = set(re.findall(r"--([a-z0-9][a-z0-9-]*)", _command_help("server")))
     argv: List[str] = []
     for key, value in values.items():
-        if value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, float):
-            argv.append(f"{flag}={value!r}")
-        else:
-            argv.append(f"{flag}={value}")
-    return argv
-
-
-def _check_server_keywords(flags: Mapping[str, object], called: str) -> None:
-    """Refuses a keyword that is no ``pstrain server`` flag as Python refuses a keyword no
-    function takes (before anything binds a port or asks a cluster for room)."""
-    known = set(re.findall(r"--([a-z0-9][a-z0-9-]*)", _command_help("server")))
-    for key in flags:
-        if key.replace("_", "-") not in known:
+        name = key.replace("_", "-")
+        if name not in known:
             raise TypeError(f"{called}() got an unexpected keyword argument '{key}' "
                             "(every other keyword is a `pstrain server` flag: "
                             "`pstrain server --help` lists them)")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(f"--{name}")
+        elif isinstance(value, float):
+            argv.append(f"--{name}={value!r}")
+        else:
+            argv.append(f"--{name}={value}")
+    return argv
 
 
 class Server:
@@ -303,8 +299,7 @@ class Server:
         # module's.
         arrays = {name: np.asarray(v, dtype=np.float32, order="C") for name, v in params.items()}
         argv = ["--listen", listen, "--shard", str(shard), "--shards", str(shards)]
-        _check_server_keywords(flags, "Server")
-        argv += _flags(flags) + list(extra_args)
+        argv += _flags(flags, "Server") + list(extra_args)
         self._shard = ShardServer(argv, arrays, token)
 
     @classmethod

@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import ray
 
-from . import Client, _check_server_keywords, _flags, _pstrain
+from . import Client, _flags, _pstrain
 from .ray import STRATEGIES, Placement, ShardActor, _log, _node_id
 
 
@@ -118,14 +118,13 @@ def train_module(
 
     if placement not in STRATEGIES:
         raise ValueError(f"placement must be one of {sorted(STRATEGIES)}, not {placement!r}")
-    _check_server_keywords(server_flags, "train_module")
-    started = time.time()
-    params = parameters_of(build_model())
-    token = token or _pstrain.new_token()
     # The shards keep serving after the workers are done, so the final weights can be read
     # and evaluated; the driver stops them then (their final checkpoint is written at stop).
     server_argv = (["--mode", mode, "--workers", str(workers), "--shards", str(shards),
-                    "--keep-running"] + _flags(server_flags) + list(extra_args))
+                    "--keep-running"] + _flags(server_flags, "train_module") + list(extra_args))
+    started = time.time()
+    params = parameters_of(build_model())
+    token = token or _pstrain.new_token()
     checkpointing = server_flags.get("checkpoint_dir") is not None
     epochs = server_flags.get("epochs")
     max_epochs = None if server_flags.get("iterations") else int(epochs or 5)  # type: ignore
