@@ -32,6 +32,8 @@ pub(crate) const DESCRIBE_LABEL: &[u8] = b"pstrain/5 describe";
 const TOKEN_BYTES: usize = 32;
 /// The shortest secret accepted.
 const MIN_TOKEN_BYTES: usize = 16;
+/// A token file longer than this is refused unread (a token is 64 hex digits and a newline).
+const MAX_TOKEN_FILE_BYTES: u64 = 64 << 10;
 
 #[derive(Debug, Error)]
 pub enum TokenError {
@@ -92,10 +94,13 @@ impl RunToken {
 
     /// A token from a file holding its hex form.
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::File {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text =
+            pstrain_store::read_text_at_most(path, MAX_TOKEN_FILE_BYTES).map_err(|source| {
+                TokenError::File {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
         Self::parse(&text)
     }
 

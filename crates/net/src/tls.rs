@@ -12,6 +12,9 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
+/// A PEM file longer than this is refused unread (a certificate chain is a few KiB).
+const MAX_PEM_BYTES: u64 = 4 << 20;
+
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("{what}: {why}")]
@@ -42,7 +45,7 @@ fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, 
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::Pem {
+    pstrain_store::read_at_most(path, MAX_PEM_BYTES).map_err(|e| TlsError::Pem {
         what: path.display().to_string(),
         why: e.to_string(),
     })

@@ -91,3 +91,16 @@ fn a_token_printed_into_a_readable_file_or_read_from_one_is_warned_about() {
     let quiet = worker_with_token(&path);
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("readable by others"));
 }
+
+#[test]
+fn a_token_file_without_end_is_refused_unread() {
+    // `/dev/zero` reads for ever: refused after a token file's bound, not read until memory
+    // runs out.
+    let out = worker_with_token(std::path::Path::new("/dev/zero"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the token file /dev/zero: longer than 65536 bytes"),
+        "{stderr}"
+    );
+}

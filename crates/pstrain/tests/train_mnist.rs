@@ -181,3 +181,46 @@ fn cli_defaults_reach_99() {
     assert!(evals >= 3, "{evals} evaluations");
     assert!(records.iter().any(|r| r["event"] == "progress"));
 }
+
+#[test]
+fn metrics_into_a_pipe_or_a_full_device() {
+    let _guard = common::one_at_a_time();
+    let train = |metrics: &str| {
+        std::process::Command::new(common::pstrain_bin())
+            .args(["train", "--iterations", "30", "--metrics", metrics])
+            .env("PSTRAIN_DATA_DIR", common::mnist_dir())
+            .output()
+            .unwrap()
+    };
+    // `/dev/stdout` as the file, stdout a pipe (as `output()` makes it): the records come down
+    // the pipe beside the log (before, opening the file read the pipe and waited forever).
+    let out = train("/dev/stdout");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["event"] == "summary")
+        .unwrap_or_else(|| panic!("no summary record in {stdout}"));
+    assert_eq!(summary["updates"], 30);
+    // A device that refuses every write: said when it happens, the run still trains to its
+    // end, and ends with the error.
+    let out = train("/dev/full");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stdout.contains("test accuracy"), "{stdout}");
+    assert!(
+        stderr.contains("writing the metrics file failed (No space left on device")
+            && stderr.contains("training goes on without it"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("training finished but writing the metrics file failed"),
+        "{stderr}"
+    );
+}

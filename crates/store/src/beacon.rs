@@ -40,11 +40,7 @@ impl Beacon {
     }
 
     pub fn read(path: &Path) -> Option<Beacon> {
-        let len = std::fs::metadata(path).ok()?.len();
-        if len > MAX_BEACON_BYTES {
-            return None;
-        }
-        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+        serde_json::from_slice(&crate::read_at_most(path, MAX_BEACON_BYTES).ok()?).ok()
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod assemble;
 pub mod atomic;
 pub mod beacon;
+pub mod bounded_read;
 pub mod checkpoint;
 pub mod error;
 pub mod folder;
@@ -15,6 +16,7 @@ pub mod seal;
 
 pub use assemble::{assemble, Assembled};
 pub use beacon::{resume_from, Beacon, ResumeFrom};
+pub use bounded_read::{read_at_most, read_text_at_most};
 pub use checkpoint::CheckpointHeader;
 pub use checkpoint::{Checkpoint, ShardIdentity, StoreError, TensorShapes};
 pub use folder::{is_plain_run_id, CheckpointDir};

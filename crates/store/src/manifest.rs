@@ -84,13 +84,7 @@ impl Manifest {
             path: path.to_owned(),
             source,
         };
-        let len = std::fs::metadata(path).map_err(io)?.len();
-        if len > MAX_MANIFEST_BYTES {
-            return Err(invalid(format!(
-                "manifest of {len} bytes is over the limit"
-            )));
-        }
-        let bytes = std::fs::read(path).map_err(io)?;
+        let bytes = crate::read_at_most(path, MAX_MANIFEST_BYTES).map_err(io)?;
         let m: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not a manifest: {e}")))?;
         if m.format != FORMAT {

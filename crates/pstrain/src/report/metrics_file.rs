@@ -6,8 +6,11 @@ use crate::report::records::MetricsWriter;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
-use std::io::BufWriter;
+use std::io::{BufWriter, Read, Seek, SeekFrom};
 use std::path::Path;
+
+/// How much of a continued file's end is read: many records' worth.
+const RESUME_TAIL_BYTES: u64 = 1 << 20;
 
 pub struct MetricsFile {
     out: MetricsWriter<BufWriter<File>>,
@@ -16,21 +19,43 @@ pub struct MetricsFile {
 }
 
 impl MetricsFile {
-    /// The file at `path`: continued when `resume` and it holds records, else made anew.
+    /// The file at `path`: continued when `resume` and it is a regular file holding
+    /// records, else made anew. Anything else, a device or a pipe (`/dev/stdout`) included,
+    /// is only written, never read: a continued file's end is all that is read.
     pub fn open(path: &Path, resume: bool) -> Result<Self> {
         let what = || format!("cannot write metrics file {}", path.display());
-        let held = std::fs::read(path).ok().filter(|b| resume && !b.is_empty());
-        let Some(bytes) = held else {
+        let held = std::fs::metadata(path)
+            .ok()
+            .filter(|meta| resume && meta.is_file() && meta.len() > 0);
+        let Some(len) = held.map(|meta| meta.len()) else {
             let file = File::create(path).with_context(what)?;
             return Ok(Self::over(file, 0.0));
         };
-        let whole_lines = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
+            .read(true)
             .append(true)
             .open(path)
             .with_context(what)?;
-        file.set_len(whole_lines as u64).with_context(what)?;
-        let time_offset = last_time(&bytes[..whole_lines]);
+        // The latest records are at the end: where a partial last line starts, and the
+        // time they reached.
+        let tail_start = len.saturating_sub(RESUME_TAIL_BYTES);
+        let mut tail = Vec::new();
+        file.seek(SeekFrom::Start(tail_start)).with_context(what)?;
+        (&mut file)
+            .take(len - tail_start)
+            .read_to_end(&mut tail)
+            .with_context(what)?;
+        let whole_lines = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole_lines == 0 && tail_start > 0 {
+            anyhow::bail!(
+                "{}: its last {RESUME_TAIL_BYTES} bytes hold no whole line, so it is no \
+                 metrics file to continue: give --metrics another path",
+                path.display()
+            );
+        }
+        file.set_len(tail_start + whole_lines as u64)
+            .with_context(what)?;
+        let time_offset = last_time(&tail[..whole_lines]);
         let mut metrics = Self::over(file, time_offset);
         metrics
             .out
@@ -144,5 +169,49 @@ mod tests {
         drop(m);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, "{\"event\":\"eval\",\"time_s\":0.5}\n");
+    }
+
+    #[test]
+    fn a_long_file_is_continued_from_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.jsonl");
+        // More records than the tail read on resuming, each later than the one before.
+        let mut text = String::new();
+        for i in 0..40_000 {
+            text.push_str(&format!("{{\"event\":\"progress\",\"time_s\":{i}.5}}\n"));
+        }
+        assert!(text.len() as u64 > RESUME_TAIL_BYTES);
+        std::fs::write(&path, format!("{text}{{\"event\":\"pro")).unwrap();
+        let mut m = MetricsFile::open(&path, true).unwrap();
+        m.write(&serde_json::json!({"event": "eval", "time_s": 1.0}))
+            .unwrap();
+        drop(m);
+        let after = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            after,
+            format!(
+                "{text}{{\"event\":\"resumed\",\"time_s\":39999.5}}\n\
+                 {{\"event\":\"eval\",\"time_s\":40000.5}}\n"
+            )
+        );
+        // Its last MiB without a line break: no metrics file; refused, left as it was.
+        let odd = dir.path().join("odd.jsonl");
+        let one_line = "x".repeat(RESUME_TAIL_BYTES as usize + 10);
+        std::fs::write(&odd, &one_line).unwrap();
+        let err = MetricsFile::open(&odd, true).err().unwrap().to_string();
+        assert!(err.contains("hold no whole line"), "{err}");
+        assert_eq!(std::fs::read_to_string(&odd).unwrap(), one_line);
+    }
+
+    #[test]
+    fn a_device_is_written_never_read() {
+        // `/dev/zero` reads without end: reading it to resume would fill memory. It (like
+        // `/dev/stdout` or a pipe) is only written.
+        for resume in [true, false] {
+            let mut m = MetricsFile::open(Path::new("/dev/zero"), resume).unwrap();
+            assert_eq!(m.time_offset, 0.0);
+            m.write(&serde_json::json!({"event": "eval", "time_s": 0.5}))
+                .unwrap();
+        }
     }
 }

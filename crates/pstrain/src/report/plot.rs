@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 /// The plot's size in pixels.
 pub const WIDTH: u32 = 1200;
 pub const HEIGHT: u32 = 800;
+/// A metrics file longer than this is not plotted (a day of records is tens of MB).
+const MAX_METRICS_FILE_BYTES: u64 = 1 << 30;
+/// A font file longer than this is not loaded (the largest families are tens of MB).
+const MAX_FONT_BYTES: u64 = 256 << 20;
 
 /// Fonts tried in order when `PSTRAIN_FONT` is not set.
 const FONT_PATHS: &[&str] = &[
@@ -47,8 +51,8 @@ pub struct Curve {
 
 /// The evaluations of one `--metrics` file, labelled from its summary (or its file name).
 pub fn read_curve(path: &Path) -> Result<Curve> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = pstrain_store::read_text_at_most(path, MAX_METRICS_FILE_BYTES)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let mut points = Vec::new();
     let mut label = path
         .file_stem()
@@ -116,7 +120,7 @@ fn load_font() -> Result<()> {
             .chain(FONT_PATHS.iter().map(PathBuf::from))
             .collect();
         for path in &candidates {
-            if let Ok(bytes) = std::fs::read(path) {
+            if let Ok(bytes) = pstrain_store::read_at_most(path, MAX_FONT_BYTES) {
                 // Fonts live as long as the process: plotters keeps a reference.
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
                 if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {

@@ -46,13 +46,17 @@ impl Reporter {
     }
 
     pub fn record<T: serde::Serialize>(&mut self, record: &T) {
-        if let Some(m) = &mut self.metrics {
-            if let Err(e) = m.write(record) {
-                // Keep training; report the metrics failure once at the end.
-                self.metrics_error.get_or_insert(e);
-                self.metrics = None;
-            }
-        }
+        let Some(Err(e)) = self.metrics.as_mut().map(|m| m.write(record)) else {
+            return;
+        };
+        // Keep training, say so now (a long run should not hide it until its end), and end
+        // the run with the error.
+        self.note(&format!(
+            "writing the metrics file failed ({e}): training goes on without it, and the \
+             run will end with this error"
+        ));
+        self.metrics_error.get_or_insert(e);
+        self.metrics = None;
     }
 
     fn line(&self, r: &ProgressRecord) -> String {

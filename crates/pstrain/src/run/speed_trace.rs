@@ -9,7 +9,6 @@
 //! end. A factor is a device's step time over this machine's step time for the same model
 //! and batch (the run's summary prints this machine's compute seconds per step).
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,18 +48,7 @@ impl SpeedTrace {
             path: path.display().to_string(),
             source,
         };
-        let mut text = String::new();
-        // One byte past the bound tells a file that is too big without reading all of it.
-        (std::fs::File::open(path).map_err(failed)?)
-            .take(MAX_TRACE_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(failed)?;
-        if text.len() as u64 > MAX_TRACE_BYTES {
-            return Err(SpeedTraceError::Shape(format!(
-                "{} is larger than {MAX_TRACE_BYTES} bytes",
-                path.display()
-            )));
-        }
+        let text = pstrain_store::read_text_at_most(path, MAX_TRACE_BYTES).map_err(failed)?;
         Ok(Arc::new(Self::parse(&text)?))
     }
 
