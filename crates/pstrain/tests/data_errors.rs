@@ -173,6 +173,20 @@ fn corrupt_and_truncated_gzip() {
 }
 
 #[test]
+fn a_name_that_is_no_regular_file_is_called_what_it_is() {
+    // A folder, or a device that reads without end, under a data file's name: refused as not
+    // a regular file (not "missing", and never read).
+    let dir = fresh_set();
+    let path = dir.path().join("train-images-idx3-ubyte");
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    expect_error(dir.path(), "train-images-idx3-ubyte", &["not a regular file"]);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    expect_error(dir.path(), "train-images-idx3-ubyte", &["not a regular file"]);
+}
+
+#[test]
 fn missing_files_say_what_to_put_where() {
     let dir = tempfile::tempdir().unwrap();
     expect_error(

@@ -141,14 +141,16 @@ impl Mnist {
     }
 }
 
-/// The path under which `stem` exists in `dir`, trying `.gz` and the dotted spelling.
+/// The path under which `stem` exists in `dir`, trying `.gz` and the dotted spelling. A name
+/// that exists but is no regular file (a folder, a device) is found, and refused by the
+/// reader as what it is rather than called missing.
 pub fn find_file(dir: &Path, stem: &str) -> Option<PathBuf> {
     let dotted = stem.replacen("-idx", ".idx", 1);
     [stem.to_string(), dotted]
         .iter()
         .flat_map(|s| [format!("{s}.gz"), s.clone()])
         .map(|name| dir.join(name))
-        .find(|p| p.is_file())
+        .find(|p| p.exists())
 }
 
 /// Which of the four files are missing from `dir`.
