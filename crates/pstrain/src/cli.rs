@@ -165,6 +165,13 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The `pstrain` command line, each subcommand's value flags taking negative numbers
+/// (`negative_values`).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().mut_subcommands(crate::flags::negative_values)
+}
+
 /// The help text of one subcommand (`pstrain NAME --help`), for front ends that take its flags.
 pub fn help(name: &str) -> Option<String> {
     use clap::CommandFactory;

@@ -1,11 +1,13 @@
 //! The `pstrain` command line (defined in the library's `cli` module).
 
-use clap::Parser;
+use clap::FromArgMatches;
 use pstrain::cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match cli::run(cli::Cli::parse()) {
+    let flags = cli::command().get_matches();
+    let parsed = cli::Cli::from_arg_matches(&flags).unwrap_or_else(|e| e.exit());
+    match cli::run(parsed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             pstrain_observe::log_line!("Error: {}", with_causes(&error));

@@ -180,10 +180,18 @@ fn a_name_that_is_no_regular_file_is_called_what_it_is() {
     let path = dir.path().join("train-images-idx3-ubyte");
     std::fs::remove_file(&path).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
-    expect_error(dir.path(), "train-images-idx3-ubyte", &["not a regular file"]);
+    expect_error(
+        dir.path(),
+        "train-images-idx3-ubyte",
+        &["not a regular file"],
+    );
     std::fs::remove_file(&path).unwrap();
     std::fs::create_dir(&path).unwrap();
-    expect_error(dir.path(), "train-images-idx3-ubyte", &["not a regular file"]);
+    expect_error(
+        dir.path(),
+        "train-images-idx3-ubyte",
+        &["not a regular file"],
+    );
 }
 
 #[test]
@@ -216,6 +224,33 @@ fn flags_wrong_whatever_the_data_are_refused_before_it_is_read() {
         !stderr.contains("download") && !stderr.contains("missing"),
         "{stderr}"
     );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    // A negative number is a flag's value, refused by the check that says why (clap alone
+    // took `-0.1` for an unknown flag `-0`), for `train` and for `server`.
+    let data = dir.path().to_str().unwrap();
+    for (args, said) in [
+        (
+            &["train", "--data-dir", data, "--lr", "-0.1"][..],
+            "lr must be finite and > 0, got -0.1",
+        ),
+        (
+            &["train", "--data-dir", data, "--weight-decay", "-1"],
+            "weight_decay must be finite and >= 0, got -1",
+        ),
+        (
+            &["server", "--workers", "1", "--lr", "-2"],
+            "lr must be finite and > 0, got -2",
+        ),
+    ] {
+        let out = Command::new(common::pstrain_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+    }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 

@@ -240,7 +240,7 @@ pub(super) async fn dial(
             // say so now rather than after the connect timeout. A name that does not resolve
             // yet is still retried (a cluster's DNS can come up after its workers).
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                return Err(NetError::Handshake(format!(
+                return Err(NetError::Config(format!(
                     "shard {shard}'s address `{addr}` is not HOST:PORT ({e})"
                 )));
             }

@@ -23,11 +23,26 @@ use std::time::Duration;
 
 /// Parses `argv` as the flags of `pstrain NAME`; the error carries clap's message (with usage).
 pub fn parse_flags<T: Args + FromArgMatches>(name: &'static str, argv: &[String]) -> Result<T> {
-    let cmd = T::augment_args(clap::Command::new(name).no_binary_name(true));
+    let cmd = negative_values(T::augment_args(
+        clap::Command::new(name).no_binary_name(true),
+    ));
     let matches = cmd
         .try_get_matches_from(argv)
         .map_err(|e| anyhow::anyhow!("{}", e.render()))?;
     T::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{}", e.render()))
+}
+
+/// `cmd` with every flag that takes a value taking a negative number too: `--lr -0.1`
+/// reaches the check that says why it is refused, where clap alone reads `-0.1` as an
+/// unknown flag (`unexpected argument '-0' found`).
+pub fn negative_values(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|arg| {
+        if arg.get_action().takes_values() {
+            arg.allow_negative_numbers(true)
+        } else {
+            arg
+        }
+    })
 }
 
 /// Seconds from a flag, refusing what `Duration` cannot hold.
