@@ -329,17 +329,32 @@ fn run_export(args: ExportArgs) -> Result<()> {
         ),
     ]
     .into();
-    pstrain_store::atomic::write_atomically(&args.out, |f| {
+    let write = |f: &mut std::fs::File| {
         let mut w = std::io::BufWriter::new(f);
         pstrain_store::safetensors::write(&mut w, &tensors, &metadata)?;
         w.flush()
-    })
-    .with_context(|| format!("cannot write {}", args.out.display()))?;
-    pstrain_observe::out_line!(
+    };
+    // A device or a pipe (`-o /dev/stdout`) is written in place: a new file renamed over it
+    // would replace the name (`/dev/stdout` itself, for root) instead of writing into it.
+    let stream = std::fs::metadata(&args.out).is_ok_and(|m| !m.is_file() && !m.is_dir());
+    let done = format!(
         "wrote {} ({kind}, {} tensors, {} values)",
         args.out.display(),
         tensors.len(),
         assembled.params.len()
     );
+    if stream {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&args.out)
+            .and_then(|mut f| write(&mut f))
+            .with_context(|| format!("cannot write {}", args.out.display()))?;
+        // Not on stdout, which may be the stream written.
+        pstrain_observe::log_line!("{done}");
+    } else {
+        pstrain_store::atomic::write_atomically(&args.out, write)
+            .with_context(|| format!("cannot write {}", args.out.display()))?;
+        pstrain_observe::out_line!("{done}");
+    }
     Ok(())
 }

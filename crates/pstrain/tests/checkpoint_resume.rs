@@ -456,6 +456,16 @@ fn export_opens_in_python_safetensors() {
     let file = dir.path().join("model.safetensors");
     let (ok, _, err) = pstrain(&["export", "--checkpoint", d, "--out", file.to_str().unwrap()]);
     assert!(ok, "{err}");
+    // Into a pipe (`--out /dev/stdout`, stdout a pipe here): the same bytes come down it, the
+    // note goes to stderr, and the name is written into, not replaced.
+    let piped = Command::new(common::pstrain_bin())
+        .args(["export", "--checkpoint", d, "--out", "/dev/stdout"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "{stderr}");
+    assert!(piped.stdout == std::fs::read(&file).unwrap(), "{stderr}");
+    assert!(stderr.contains("wrote /dev/stdout"), "{stderr}");
 
     let script = "import sys\n\
 from safetensors.numpy import load_file\n\
