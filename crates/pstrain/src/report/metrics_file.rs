@@ -26,8 +26,10 @@ impl MetricsFile {
         let what = || format!("cannot write metrics file {}", path.display());
         let held = std::fs::metadata(path)
             .ok()
-            .filter(|meta| resume && meta.is_file() && meta.len() > 0);
-        let Some(len) = held.map(|meta| meta.len()) else {
+            .filter(|meta| resume && meta.is_file())
+            .map(|meta| meta.len())
+            .filter(|&len| len > 0);
+        let Some(len) = held else {
             let file = File::create(path).with_context(what)?;
             return Ok(Self::over(file, 0.0));
         };
